@@ -1,0 +1,171 @@
+//! Conditions per Kubernetes API conventions. `lastTransitionTime` moves only when a condition's
+//! status flips, so an unchanged outcome produces an identical status and no write.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+/// Condition reasons: CamelCase constants users can search for (documented in the README).
+pub mod reason {
+    pub const READY: &str = "Ready";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const PAUSED: &str = "Paused";
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
+    pub const DATABASE_UNREACHABLE: &str = "DatabaseUnreachable";
+    pub const DATABASE_ERROR: &str = "DatabaseError";
+    pub const SCHEMA_MISMATCH: &str = "SchemaMismatch";
+    pub const SCHEMA_MISSING: &str = "SchemaMissing";
+    pub const SCHEMA_UP_TO_DATE: &str = "SchemaUpToDate";
+    pub const PURGE_HEALTHY: &str = "PurgeHealthy";
+    pub const PURGE_PENDING: &str = "PurgePending";
+    pub const PURGE_FAILED: &str = "PurgeFailed";
+    pub const RETENTION_CLAMPED: &str = "RetentionClamped";
+    pub const WITHIN_POLICY: &str = "WithinPolicy";
+    pub const NO_POLICY: &str = "NoPolicy";
+    pub const POLICY_VIOLATION: &str = "PolicyViolation";
+    pub const TOPICS_CONFIGURED: &str = "TopicsConfigured";
+    pub const TOPIC_CONFIG_DRIFT: &str = "TopicConfigDrift";
+    pub const PARTITION_CHANGE_REFUSED: &str = "PartitionChangeRefused";
+    pub const TOPIC_OPERATION_FAILED: &str = "TopicOperationFailed";
+    pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";
+    pub const RETENTION_COVERS_REDELIVERY: &str = "RetentionCoversRedelivery";
+    pub const RETENTION_BELOW_TOPIC_RETENTION: &str = "RetentionBelowTopicRetention";
+    pub const NO_SOURCES: &str = "NoSourcesDeclared";
+    pub const TOPIC_NOT_FOUND: &str = "TopicNotFound";
+}
+
+/// A condition as computed by a reconcile, before timestamps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cond {
+    pub type_: &'static str,
+    pub status: Status,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    True,
+    False,
+    Unknown,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::True => "True",
+            Status::False => "False",
+            Status::Unknown => "Unknown",
+        }
+    }
+}
+
+impl Cond {
+    pub fn new(type_: &'static str, status: Status, reason: &'static str, message: impl Into<String>) -> Self {
+        Cond {
+            type_,
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+    pub fn yes(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self::new(type_, Status::True, reason, message)
+    }
+    pub fn no(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self::new(type_, Status::False, reason, message)
+    }
+    pub fn unknown(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self::new(type_, Status::Unknown, reason, message)
+    }
+}
+
+/// Merge computed conditions into the previous ones: keep `lastTransitionTime` unless the status
+/// flipped. Conditions not computed this time are kept as they were. Returns the new list and the
+/// conditions whose status changed (for Events).
+pub fn merge(previous: &[Condition], computed: &[Cond], generation: Option<i64>, now: &Time) -> (Vec<Condition>, Vec<Cond>) {
+    let mut out: Vec<Condition> = Vec::new();
+    let mut flipped = Vec::new();
+    for c in computed {
+        let prev = previous.iter().find(|p| p.type_ == c.type_);
+        let changed = prev.is_none_or(|p| p.status != c.status.as_str());
+        if changed {
+            flipped.push(c.clone());
+        }
+        out.push(Condition {
+            type_: c.type_.to_owned(),
+            status: c.status.as_str().to_owned(),
+            reason: c.reason.to_owned(),
+            message: c.message.clone(),
+            observed_generation: generation,
+            last_transition_time: if changed {
+                now.clone()
+            } else {
+                prev.map(|p| p.last_transition_time.clone()).unwrap_or_else(|| now.clone())
+            },
+        });
+    }
+    for p in previous {
+        if !computed.iter().any(|c| c.type_ == p.type_) {
+            out.push(p.clone());
+        }
+    }
+    (out, flipped)
+}
+
+/// Ready summarises: the first condition that is not True (in the given order) decides.
+pub fn ready(parts: &[&Cond], ready_message: impl Into<String>) -> Cond {
+    match parts.iter().find(|c| c.status != Status::True) {
+        Some(c) => Cond::new(
+            crate::crd::condition::READY,
+            if c.status == Status::False {
+                Status::False
+            } else {
+                Status::Unknown
+            },
+            c.reason,
+            format!("{}: {}", c.type_, c.message),
+        ),
+        None => Cond::yes(crate::crd::condition::READY, reason::READY, ready_message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> Time {
+        Time(s.parse().unwrap())
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_status_flips() {
+        let c1 = [Cond::no("SchemaReady", reason::DATABASE_UNREACHABLE, "down")];
+        let (a, f) = merge(&[], &c1, Some(1), &t("2026-01-01T00:00:00Z"));
+        assert_eq!(f.len(), 1);
+        // Same status, other message: time kept, nothing flipped.
+        let c2 = [Cond::no("SchemaReady", reason::DATABASE_UNREACHABLE, "still down")];
+        let (b, f) = merge(&a, &c2, Some(1), &t("2026-01-01T00:01:00Z"));
+        assert!(f.is_empty());
+        assert_eq!(b[0].last_transition_time, t("2026-01-01T00:00:00Z"));
+        assert_eq!(b[0].message, "still down");
+        // Flip: time moves.
+        let c3 = [Cond::yes("SchemaReady", reason::SCHEMA_UP_TO_DATE, "v1")];
+        let (c, f) = merge(&b, &c3, Some(2), &t("2026-01-01T00:02:00Z"));
+        assert_eq!(f, c3.to_vec());
+        assert_eq!(c[0].last_transition_time, t("2026-01-01T00:02:00Z"));
+        assert_eq!(c[0].observed_generation, Some(2));
+        // Recomputing the same outcome gives an identical list: no status write needed.
+        let (d, _) = merge(&c, &c3, Some(2), &t("2026-01-01T00:09:00Z"));
+        assert_eq!(c, d);
+    }
+
+    #[test]
+    fn ready_takes_the_first_failure() {
+        let a = Cond::yes("SchemaReady", reason::SCHEMA_UP_TO_DATE, "ok");
+        let b = Cond::no("RetentionEnforced", reason::PURGE_FAILED, "boom");
+        let r = ready(&[&a, &b], "fine");
+        assert_eq!((r.status, r.reason), (Status::False, reason::PURGE_FAILED));
+        assert!(r.message.contains("RetentionEnforced: boom"));
+        assert_eq!(ready(&[&a], "fine").status, Status::True);
+    }
+}

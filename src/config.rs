@@ -1,0 +1,340 @@
+//! Configuration of the `operator` and `relay` commands, from flags and environment (what a Pod
+//! gets). Secrets (the database URL) are wrapped so they never reach a log line.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf};
+
+use clap::{Args, ValueEnum};
+
+use crate::{
+    crd::{
+        Cleanup, Compression, DatabaseSpec, KafkaSpec, LagSpec, OutboxRelaySpec, ProducerSpec, RelaySpec, RoutingSpec, SecretKeyRef,
+        ValidOutboxRelay,
+    },
+    duration::Duration,
+    routing::OutboxColumn,
+    validation::ValidationErrors,
+};
+
+/// A secret string: Debug and Display print a placeholder.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redacted(String);
+
+impl Redacted {
+    pub fn new(s: impl Into<String>) -> Self {
+        Redacted(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Redacted {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Redacted(s.to_owned()))
+    }
+}
+
+/// The host part of a database URL, for messages; user, password and query are dropped.
+pub fn describe_database_url(url: &str) -> String {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
+    rest.split('?').next().unwrap_or_default().to_owned()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OperatorArgs {
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "LOCKSTEP_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "LOCKSTEP_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Elect a leader through a Lease so several operator replicas are safe.
+    #[arg(long, env = "LOCKSTEP_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    #[arg(long, env = "LOCKSTEP_LEASE_NAME", default_value = "lockstep-operator")]
+    pub lease_name: String,
+    /// Namespace of the Lease (in a Pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Identity in the Lease (in a Pod: its name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Image relay Deployments run unless an OutboxRelay names one.
+    #[arg(long, env = "LOCKSTEP_RELAY_IMAGE", default_value = "ghcr.io/lockstep-dev/lockstep:latest")]
+    pub relay_image: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CleanupArg {
+    Delete,
+    MarkPublished,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompressionArg {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyArg {
+    Id,
+    Aggregatetype,
+    Aggregateid,
+    Type,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RelayArgs {
+    /// PostgreSQL URL (postgres://user:pass@host:5432/db). Never logged.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, conflicts_with = "database_url_file")]
+    pub database_url: Option<Redacted>,
+    /// File holding the PostgreSQL URL (a mounted Secret).
+    #[arg(long, env = "DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+    #[arg(long, env = "LOCKSTEP_SCHEMA", default_value = "public")]
+    pub schema: String,
+    #[arg(long, env = "LOCKSTEP_TABLE", default_value = "outbox")]
+    pub table: String,
+    /// Kafka bootstrap servers, host:port[,host:port...].
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    pub bootstrap_servers: Option<String>,
+    /// Extra librdkafka setting KEY=VALUE (repeatable); SASL/TLS settings go here.
+    #[arg(long = "kafka-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub kafka_config: Vec<(String, String)>,
+    /// Directory whose files are librdkafka settings: file name = key, content = value (a mounted Secret).
+    #[arg(long, env = "LOCKSTEP_KAFKA_CONFIG_DIR")]
+    pub kafka_config_dir: Option<PathBuf>,
+    /// Topic name or template over {aggregatetype}, {aggregateid}, {type}.
+    #[arg(long, env = "LOCKSTEP_TOPIC", default_value = "outbox.event.{aggregatetype}")]
+    pub topic: String,
+    /// Column used as the message key.
+    #[arg(long, env = "LOCKSTEP_KEY", value_enum, default_value = "aggregateid")]
+    pub key: KeyArg,
+    #[arg(long, env = "LOCKSTEP_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: i32,
+    #[arg(long, env = "LOCKSTEP_POLL_INTERVAL", default_value = "1s")]
+    pub poll_interval: String,
+    #[arg(long, env = "LOCKSTEP_MAX_ATTEMPTS", default_value_t = 10)]
+    pub max_attempts: i32,
+    #[arg(long, env = "LOCKSTEP_LINGER_MS", default_value_t = 5)]
+    pub linger_ms: u32,
+    #[arg(long, env = "LOCKSTEP_COMPRESSION", value_enum, default_value = "lz4")]
+    pub compression: CompressionArg,
+    #[arg(long, env = "LOCKSTEP_CLEANUP", value_enum, default_value = "delete")]
+    pub cleanup: CleanupArg,
+    #[arg(long, env = "LOCKSTEP_PUBLISHED_RETENTION")]
+    pub published_retention: Option<String>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "LOCKSTEP_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+    /// Create or migrate the outbox and dead-letter tables (false: only verify them).
+    #[arg(long, env = "LOCKSTEP_MANAGE_SCHEMA", default_value_t = true, action = clap::ArgAction::Set)]
+    pub manage_schema: bool,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.trim().is_empty())
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayConfigError {
+    #[error("no database URL: set DATABASE_URL, --database-url or --database-url-file")]
+    NoDatabaseUrl,
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("no Kafka bootstrap servers: set KAFKA_BOOTSTRAP_SERVERS or --bootstrap-servers")]
+    NoBootstrapServers,
+    #[error("invalid relay configuration: {}", describe_cli_errors(.0))]
+    Invalid(ValidationErrors),
+}
+
+/// Name CLI flags instead of spec fields in messages.
+fn describe_cli_errors(e: &ValidationErrors) -> String {
+    const FLAGS: [(&str, &str); 12] = [
+        ("spec.database.schema", "--schema"),
+        ("spec.database.table", "--table"),
+        ("spec.kafka.bootstrapServers", "--bootstrap-servers"),
+        ("spec.kafka.producer.config", "--kafka-config"),
+        ("spec.kafka.producer.lingerMs", "--linger-ms"),
+        ("spec.routing.topic", "--topic"),
+        ("spec.relay.batchSize", "--batch-size"),
+        ("spec.relay.pollInterval", "--poll-interval"),
+        ("spec.relay.maxAttempts", "--max-attempts"),
+        ("spec.relay.publishedRetention", "--published-retention"),
+        ("spec.relay.replicas", "(replicas)"),
+        ("spec.lag.maxOldestAge", "(maxOldestAge)"),
+    ];
+    e.0.iter()
+        .map(|fe| {
+            let flag = FLAGS
+                .iter()
+                .find(|(f, _)| fe.field.starts_with(f))
+                .map(|(_, fl)| *fl)
+                .unwrap_or(fe.field.as_str());
+            format!("{flag}: {}", fe.message)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The relay's resolved configuration.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub database_url: Redacted,
+    pub bootstrap_servers: String,
+    /// librdkafka settings from --kafka-config and --kafka-config-dir (may hold credentials).
+    pub kafka_config: BTreeMap<String, Redacted>,
+    pub spec: OutboxRelaySpec,
+    pub resolved: ValidOutboxRelay,
+    pub metrics_addr: SocketAddr,
+}
+
+impl RelayArgs {
+    /// Read secrets from files, then validate with the same rules an OutboxRelay spec gets.
+    pub fn resolve(&self) -> Result<RelayConfig, RelayConfigError> {
+        let database_url = match (&self.database_url, &self.database_url_file) {
+            (Some(u), _) => u.clone(),
+            (None, Some(path)) => Redacted::new(read_trimmed(path)?),
+            (None, None) => return Err(RelayConfigError::NoDatabaseUrl),
+        };
+        let bootstrap_servers = self
+            .bootstrap_servers
+            .clone()
+            .filter(|s| !s.trim().is_empty())
+            .ok_or(RelayConfigError::NoBootstrapServers)?;
+        let mut kafka_config = BTreeMap::new();
+        if let Some(dir) = &self.kafka_config_dir {
+            let entries = std::fs::read_dir(dir).map_err(|source| RelayConfigError::Read { path: dir.clone(), source })?;
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                // Secret volumes hold ..data and friends: links that are not keys.
+                if name.starts_with('.') || !entry.path().is_file() {
+                    continue;
+                }
+                kafka_config.insert(name, Redacted::new(read_trimmed(&entry.path())?));
+            }
+        }
+        for (k, v) in &self.kafka_config {
+            kafka_config.insert(k.clone(), Redacted::new(v.clone()));
+        }
+        let spec = OutboxRelaySpec {
+            database: DatabaseSpec {
+                url_secret_ref: SecretKeyRef {
+                    name: "cli".into(),
+                    key: "url".into(),
+                },
+                schema: self.schema.clone(),
+                table: self.table.clone(),
+                manage_schema: false,
+            },
+            kafka: KafkaSpec {
+                bootstrap_servers: bootstrap_servers.clone(),
+                auth_secret_ref: None,
+                producer: ProducerSpec {
+                    linger_ms: self.linger_ms,
+                    compression: match self.compression {
+                        CompressionArg::None => Compression::None,
+                        CompressionArg::Gzip => Compression::Gzip,
+                        CompressionArg::Snappy => Compression::Snappy,
+                        CompressionArg::Lz4 => Compression::Lz4,
+                        CompressionArg::Zstd => Compression::Zstd,
+                    },
+                    config: kafka_config.iter().map(|(k, v)| (k.clone(), v.expose().to_owned())).collect(),
+                },
+            },
+            routing: RoutingSpec {
+                topic: self.topic.clone(),
+                key: match self.key {
+                    KeyArg::Id => OutboxColumn::Id,
+                    KeyArg::Aggregatetype => OutboxColumn::Aggregatetype,
+                    KeyArg::Aggregateid => OutboxColumn::Aggregateid,
+                    KeyArg::Type => OutboxColumn::Type,
+                },
+            },
+            topics: vec![],
+            relay: RelaySpec {
+                replicas: 1,
+                batch_size: self.batch_size,
+                poll_interval: Duration::new(self.poll_interval.clone()),
+                max_attempts: self.max_attempts,
+                cleanup: match self.cleanup {
+                    CleanupArg::Delete => Cleanup::Delete,
+                    CleanupArg::MarkPublished => Cleanup::MarkPublished,
+                },
+                published_retention: self.published_retention.clone().map(Duration::new),
+                ..RelaySpec::default()
+            },
+            lag: LagSpec::default(),
+            deletion_policy: Default::default(),
+        };
+        let resolved = spec.validate().map_err(RelayConfigError::Invalid)?;
+        Ok(RelayConfig {
+            database_url,
+            bootstrap_servers,
+            kafka_config,
+            spec,
+            resolved,
+            metrics_addr: self.metrics_addr,
+        })
+    }
+}
+
+fn read_trimmed(path: &std::path::Path) -> Result<String, RelayConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+        .map_err(|source| RelayConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacted_never_prints() {
+        let r = Redacted::new("postgres://u:hunter2@db/x");
+        assert!(!format!("{r:?} {r}").contains("hunter2"));
+    }
+
+    #[test]
+    fn describes_url_without_credentials() {
+        assert_eq!(describe_database_url("postgres://u:hunter2@db:5432/x?sslmode=require"), "db:5432/x");
+        assert_eq!(describe_database_url("postgres://db/x"), "db/x");
+    }
+
+    #[test]
+    fn key_value_parser() {
+        assert_eq!(parse_key_value("a.b=c=d").unwrap(), ("a.b".into(), "c=d".into()));
+        assert!(parse_key_value("novalue").is_err());
+        assert!(parse_key_value("=x").is_err());
+    }
+}

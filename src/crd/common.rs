@@ -1,0 +1,128 @@
+//! Types shared by the lockstep custom resources.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    sql::{Ident, QualifiedName},
+    validation::Problems,
+};
+
+pub const GROUP: &str = "lockstep.dev";
+pub const VERSION: &str = "v1alpha1";
+
+/// Kubernetes object names (RFC 1123 subdomain).
+pub const DNS_SUBDOMAIN_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// Secret data keys.
+pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
+
+/// A key in a Secret in the resource's own namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+    /// Key within the Secret.
+    #[serde(default = "default_url_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
+    pub key: String,
+}
+
+fn default_url_key() -> String {
+    "url".into()
+}
+
+/// A whole Secret in the resource's own namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+}
+
+/// Where a table lives. The connection URL (postgres://...) is read from a Secret and never logged.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    /// Secret key holding the connection URL, e.g. postgres://user:pass@host:5432/db.
+    pub url_secret_ref: SecretKeyRef,
+    /// Schema of the table. Immutable.
+    #[serde(default = "default_schema")]
+    #[schemars(regex(pattern = crate::sql::IDENT_PATTERN))]
+    pub schema: String,
+    /// Table name. Immutable.
+    #[schemars(regex(pattern = crate::sql::IDENT_PATTERN))]
+    pub table: String,
+    /// true: lockstep creates and migrates the table. false: the application owns it and lockstep
+    /// only verifies it matches the contract.
+    #[serde(default = "default_true")]
+    pub manage_schema: bool,
+}
+
+fn default_schema() -> String {
+    "public".into()
+}
+
+pub(crate) fn default_true() -> bool {
+    true
+}
+
+impl DatabaseSpec {
+    pub(crate) fn validate_into(&self, p: &mut Problems, field: &str) -> Option<QualifiedName> {
+        let schema = p.check(format!("{field}.schema"), Ident::parse(&self.schema));
+        let table = p.check(format!("{field}.table"), Ident::parse(&self.table));
+        validate_secret_key_ref(&self.url_secret_ref, p, &format!("{field}.urlSecretRef"));
+        Some(QualifiedName {
+            schema: schema?,
+            table: table?,
+        })
+    }
+}
+
+pub(crate) fn validate_object_name(name: &str, p: &mut Problems, field: &str) {
+    let re = regex::Regex::new(DNS_SUBDOMAIN_PATTERN).expect("static pattern");
+    if name.is_empty() || name.len() > 253 || !re.is_match(name) {
+        p.add(
+            field,
+            format!("{name:?} is not a valid Kubernetes object name (lowercase letters, digits, '-' and '.')"),
+        );
+    }
+}
+
+pub(crate) fn validate_secret_key_ref(r: &SecretKeyRef, p: &mut Problems, field: &str) {
+    validate_object_name(&r.name, p, &format!("{field}.name"));
+    let re = regex::Regex::new(SECRET_KEY_PATTERN).expect("static pattern");
+    if r.key.is_empty() || !re.is_match(&r.key) {
+        p.add(format!("{field}.key"), format!("{:?} is not a valid Secret key", r.key));
+    }
+}
+
+/// What happens to tables and topics when the resource is deleted.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Keep tables and topics (default): data outlives the resource.
+    #[default]
+    Retain,
+    /// Drop the tables lockstep created and delete the topics it created.
+    Delete,
+}
+
+/// Conditions as Kubernetes API conventions define them.
+pub type Conditions = Vec<Condition>;
+
+/// Condition types.
+pub mod condition {
+    pub const READY: &str = "Ready";
+    pub const SCHEMA_READY: &str = "SchemaReady";
+    pub const TOPICS_READY: &str = "TopicsReady";
+    pub const RELAY_AVAILABLE: &str = "RelayAvailable";
+    pub const LAG_HEALTHY: &str = "LagHealthy";
+    pub const RETENTION_ENFORCED: &str = "RetentionEnforced";
+    pub const POLICY_COMPLIANT: &str = "PolicyCompliant";
+    pub const DEDUP_COVERED: &str = "DedupCovered";
+}
+
+/// The annotation that pauses reconciling a resource.
+pub const PAUSED_ANNOTATION: &str = "lockstep.dev/paused";

@@ -1,0 +1,210 @@
+//! DedupPolicy: retention bounds a platform team sets for InboxTables.
+// clippy reads repeated `printcolumn(type_ = ...)` arguments of the kube derive as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
+use std::time::Duration as StdDuration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::common::{validate_object_name, Conditions};
+use crate::{
+    duration::Duration,
+    validation::{Problems, ValidationErrors},
+};
+
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "lockstep.dev",
+    version = "v1alpha1",
+    kind = "DedupPolicy",
+    status = "DedupPolicyStatus",
+    shortname = "ddp",
+    category = "lockstep",
+    cel,
+    printcolumn(name = "Enforcement", type_ = "string", json_path = ".spec.enforcement"),
+    printcolumn(name = "Min", type_ = "string", json_path = ".spec.minRetention"),
+    printcolumn(name = "Max", type_ = "string", json_path = ".spec.maxRetention"),
+    printcolumn(name = "Matched", type_ = "integer", json_path = ".status.matched"),
+    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DedupPolicySpec {
+    /// Namespaces whose InboxTables this policy covers; empty selects all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_retention: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retention: Option<Duration>,
+    /// Applied to InboxTables that set no retention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_retention: Option<Duration>,
+    #[serde(default)]
+    pub enforcement: Enforcement,
+    /// DedupCovered must hold for an InboxTable to be Ready.
+    #[serde(default)]
+    pub require_coverage: bool,
+    /// Per-table exceptions, each until its expiry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exceptions: Vec<PolicyException>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+pub enum Enforcement {
+    /// Out-of-bounds retention is clamped into the bounds, and the condition says so.
+    #[default]
+    Enforce,
+    /// Out-of-bounds retention is only reported (PolicyCompliant=False).
+    Audit,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyException {
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The lower bound for this table instead of the policy's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_retention: Option<Duration>,
+    /// The upper bound for this table instead of the policy's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retention: Option<Duration>,
+    /// When the exception stops applying (RFC 3339).
+    pub expires: Time,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DedupPolicyStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub conditions: Conditions,
+    #[serde(default)]
+    pub matched: i32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub non_compliant: Vec<NonCompliant>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub struct NonCompliant {
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidDedupPolicy {
+    pub min_retention: Option<StdDuration>,
+    pub max_retention: Option<StdDuration>,
+    pub default_retention: Option<StdDuration>,
+    pub enforcement: Enforcement,
+    pub require_coverage: bool,
+    pub exceptions: Vec<ValidException>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidException {
+    pub namespace: String,
+    pub name: String,
+    pub min_retention: Option<StdDuration>,
+    pub max_retention: Option<StdDuration>,
+    pub expires: Time,
+}
+
+impl DedupPolicySpec {
+    pub fn validate(&self) -> Result<ValidDedupPolicy, ValidationErrors> {
+        let mut p = Problems::new();
+        let dur = |p: &mut Problems, field: &str, d: &Option<Duration>| -> (bool, Option<StdDuration>) {
+            match d {
+                None => (true, None),
+                Some(d) => match p.check(field, d.parse()) {
+                    Some(v) => (true, Some(v)),
+                    None => (false, None),
+                },
+            }
+        };
+        let (min_ok, min) = dur(&mut p, "spec.minRetention", &self.min_retention);
+        let (max_ok, max) = dur(&mut p, "spec.maxRetention", &self.max_retention);
+        let (def_ok, def) = dur(&mut p, "spec.defaultRetention", &self.default_retention);
+        if let (Some(lo), Some(hi)) = (min, max) {
+            if lo > hi {
+                p.add(
+                    "spec.minRetention",
+                    format!("{} is above maxRetention {}", fmt(&self.min_retention), fmt(&self.max_retention)),
+                );
+            }
+        }
+        if let (Some(lo), Some(d)) = (min, def) {
+            if d < lo {
+                p.add(
+                    "spec.defaultRetention",
+                    format!(
+                        "{} is below minRetention {}",
+                        fmt(&self.default_retention),
+                        fmt(&self.min_retention)
+                    ),
+                );
+            }
+        }
+        if let (Some(d), Some(hi)) = (def, max) {
+            if d > hi {
+                p.add(
+                    "spec.defaultRetention",
+                    format!(
+                        "{} is above maxRetention {}",
+                        fmt(&self.default_retention),
+                        fmt(&self.max_retention)
+                    ),
+                );
+            }
+        }
+        if matches!(def, Some(d) if d.is_zero()) {
+            p.add("spec.defaultRetention", "must be greater than zero");
+        }
+        let mut exceptions = Vec::new();
+        for (i, e) in self.exceptions.iter().enumerate() {
+            let f = format!("spec.exceptions[{i}]");
+            validate_object_name(&e.namespace, &mut p, &format!("{f}.namespace"));
+            validate_object_name(&e.name, &mut p, &format!("{f}.name"));
+            let (a, emin) = dur(&mut p, &format!("{f}.minRetention"), &e.min_retention);
+            let (b, emax) = dur(&mut p, &format!("{f}.maxRetention"), &e.max_retention);
+            if e.min_retention.is_none() && e.max_retention.is_none() {
+                p.add(&f, "an exception sets minRetention, maxRetention or both");
+            }
+            if let (Some(lo), Some(hi)) = (emin, emax) {
+                if lo > hi {
+                    p.add(format!("{f}.minRetention"), "is above the exception's maxRetention");
+                }
+            }
+            if a && b {
+                exceptions.push(ValidException {
+                    namespace: e.namespace.clone(),
+                    name: e.name.clone(),
+                    min_retention: emin,
+                    max_retention: emax,
+                    expires: e.expires.clone(),
+                });
+            }
+        }
+        p.finish(|| {
+            (min_ok && max_ok && def_ok).then_some(ValidDedupPolicy {
+                min_retention: min,
+                max_retention: max,
+                default_retention: def,
+                enforcement: self.enforcement,
+                require_coverage: self.require_coverage,
+                exceptions,
+            })
+        })
+    }
+}
+
+fn fmt(d: &Option<Duration>) -> String {
+    d.as_ref().map(|d| d.0.clone()).unwrap_or_default()
+}

@@ -1,0 +1,201 @@
+//! InboxTable: a dedup table for an idempotent consumer, purged on its retention.
+// clippy reads repeated `printcolumn(type_ = ...)` arguments of the kube derive as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
+use std::time::Duration as StdDuration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::common::{Conditions, DatabaseSpec, DeletionPolicy, SecretRef};
+use crate::{
+    duration::Duration,
+    routing::validate_topic_name,
+    sql::QualifiedName,
+    validation::{Problems, ValidationErrors},
+};
+
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "lockstep.dev",
+    version = "v1alpha1",
+    kind = "InboxTable",
+    namespaced,
+    status = "InboxTableStatus",
+    shortname = "ibt",
+    category = "lockstep",
+    cel,
+    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+    printcolumn(name = "Reason", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].reason"#),
+    printcolumn(name = "Table", type_ = "string", json_path = ".spec.database.table"),
+    printcolumn(name = "Retention", type_ = "string", json_path = ".status.effectiveRetention"),
+    printcolumn(name = "Rows", type_ = "integer", json_path = ".status.rows", description = "estimated row count"),
+    printcolumn(name = "Oldest", type_ = "integer", json_path = ".status.oldestEntryAgeSeconds", priority = "1"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct InboxTableSpec {
+    #[x_kube(validation = Rule::new("self.schema == oldSelf.schema && self.table == oldSelf.table").message("database.schema and database.table are immutable; create a new InboxTable for another table"))]
+    pub database: DatabaseSpec,
+    /// Rows older than this are purged. Unset: the matching DedupPolicy's default, else 7d.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Duration>,
+    #[serde(default)]
+    pub purge: PurgeSpec,
+    /// What this inbox deduplicates; used to check that retention covers redelivery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources: Option<SourcesSpec>,
+    /// The longest time after which a message can still be redelivered, when smaller than
+    /// the source topics' retention (e.g. consumers never reset to earliest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redelivery_window: Option<Duration>,
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PurgeSpec {
+    #[serde(default = "default_purge_interval")]
+    pub interval: Duration,
+    /// Rows deleted per statement; small batches keep locks short.
+    #[serde(default = "default_purge_batch")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub batch_size: i32,
+}
+
+fn default_purge_interval() -> Duration {
+    Duration::new("1m")
+}
+fn default_purge_batch() -> i32 {
+    5000
+}
+
+impl Default for PurgeSpec {
+    fn default() -> Self {
+        PurgeSpec {
+            interval: default_purge_interval(),
+            batch_size: default_purge_batch(),
+        }
+    }
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SourcesSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaSourceSpec>,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSourceSpec {
+    #[schemars(length(min = 1, max = 2048))]
+    pub bootstrap_servers: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_secret_ref: Option<SecretRef>,
+    #[schemars(length(min = 1))]
+    pub topics: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer_group: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InboxTableStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub conditions: Conditions,
+    /// The retention the purge applies, after DedupPolicy bounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_retention: Option<String>,
+    /// The DedupPolicies that set or bound the retention.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
+    /// Estimated row count (from PostgreSQL statistics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_entry_age_seconds: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_purge: Option<PurgeStatus>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PurgeStatus {
+    pub time: Time,
+    pub rows_deleted: i64,
+    pub duration_seconds: f64,
+}
+
+/// Retention when neither the spec nor a policy sets one.
+pub const DEFAULT_RETENTION: StdDuration = StdDuration::from_secs(7 * 86_400);
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidInboxTable {
+    pub table: QualifiedName,
+    pub retention: Option<StdDuration>,
+    pub purge_interval: StdDuration,
+    pub purge_batch_size: i64,
+    pub redelivery_window: Option<StdDuration>,
+}
+
+impl InboxTableSpec {
+    pub fn validate(&self) -> Result<ValidInboxTable, ValidationErrors> {
+        let mut p = Problems::new();
+        let table = self.database.validate_into(&mut p, "spec.database");
+        let retention = self.retention.as_ref().and_then(|r| p.check("spec.retention", positive(r)));
+        let retention_ok = self.retention.is_none() || retention.is_some();
+        let purge_interval = p.check("spec.purge.interval", self.purge.interval.parse());
+        if let Some(i) = purge_interval {
+            if i < StdDuration::from_secs(1) || i > StdDuration::from_secs(86_400) {
+                p.add(
+                    "spec.purge.interval",
+                    format!("must be between 1s and 24h (got {})", self.purge.interval),
+                );
+            }
+        }
+        p.range("spec.purge.batchSize", self.purge.batch_size, 1, 100_000);
+        let redelivery_window = self
+            .redelivery_window
+            .as_ref()
+            .and_then(|r| p.check("spec.redeliveryWindow", positive(r)));
+        let window_ok = self.redelivery_window.is_none() || redelivery_window.is_some();
+        if let Some(k) = self.sources.as_ref().and_then(|s| s.kafka.as_ref()) {
+            if k.topics.is_empty() {
+                p.add("spec.sources.kafka.topics", "list at least one topic");
+            }
+            for (i, t) in k.topics.iter().enumerate() {
+                p.check(format!("spec.sources.kafka.topics[{i}]"), validate_topic_name(t));
+            }
+            for (i, server) in k.bootstrap_servers.split(',').map(str::trim).enumerate() {
+                if !super::outbox_relay::valid_host_port(server) {
+                    p.add(
+                        "spec.sources.kafka.bootstrapServers",
+                        format!("entry {i} ({server:?}) is not host:port"),
+                    );
+                }
+            }
+        }
+        p.finish(|| {
+            Some(ValidInboxTable {
+                table: table?,
+                retention: if retention_ok { retention } else { None? },
+                purge_interval: purge_interval?,
+                purge_batch_size: i64::from(self.purge.batch_size),
+                redelivery_window: if window_ok { redelivery_window } else { None? },
+            })
+        })
+    }
+}
+
+fn positive(d: &Duration) -> Result<StdDuration, String> {
+    let v = d.parse()?;
+    if v.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(v)
+}

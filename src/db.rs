@@ -1,0 +1,71 @@
+//! Connection pools, one per database URL, shared by every resource that points at it and bounded
+//! in size. URLs are secrets: they are keyed by hash and never logged.
+
+use std::{collections::HashMap, str::FromStr, sync::Mutex, time::Duration};
+
+use sha2::{Digest, Sha256};
+use sqlx::{
+    postgres::{PgConnectOptions, PgPoolOptions},
+    PgPool,
+};
+
+use crate::config::{describe_database_url, Redacted};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("the database URL in the Secret is not a valid postgres:// URL ({0})")]
+    InvalidUrl(String),
+}
+
+pub struct Pools {
+    pools: Mutex<HashMap<[u8; 32], PgPool>>,
+    max_connections: u32,
+}
+
+impl Pools {
+    pub fn new(max_connections: u32) -> Self {
+        Pools {
+            pools: Mutex::new(HashMap::new()),
+            max_connections,
+        }
+    }
+
+    /// The pool for a URL; created lazily, so an unreachable database shows up on first use.
+    pub fn get(&self, url: &Redacted) -> Result<PgPool, DbError> {
+        let key: [u8; 32] = Sha256::digest(url.expose().as_bytes()).into();
+        let mut pools = self.pools.lock().expect("pool map lock");
+        if let Some(p) = pools.get(&key) {
+            return Ok(p.clone());
+        }
+        let opts = PgConnectOptions::from_str(url.expose())
+            .map_err(|_| DbError::InvalidUrl(describe_database_url(url.expose())))?
+            .application_name("lockstep");
+        let pool = PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(5))
+            .idle_timeout(Duration::from_secs(60))
+            .connect_lazy_with(opts);
+        pools.insert(key, pool.clone());
+        Ok(pool)
+    }
+}
+
+/// A stable, non-secret identity for a database URL (a purge loop restarts on a new one).
+pub fn url_key(url: &Redacted) -> String {
+    Sha256::digest(url.expose().as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether an error means the database cannot be reached (as opposed to refusing a statement).
+pub fn is_unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed => true,
+        // 57P01..57P03: shutting down, crash recovery, not accepting connections yet; 08xxx: connection
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
+        _ => false,
+    }
+}

@@ -1,0 +1,124 @@
+//! Human durations in specs ("30s", "1h30m", "7d"), kept as the user wrote them and parsed with
+//! `humantime` when validated.
+
+use std::{borrow::Cow, fmt, time::Duration as StdDuration};
+
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Serialize};
+
+/// The pattern the CRD schemas enforce: one or more `<number><unit>` groups.
+pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h|d|w))+$";
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Duration(pub String);
+
+impl Duration {
+    pub fn new(s: impl Into<String>) -> Self {
+        Duration(s.into())
+    }
+
+    /// Parse to a std duration; errors say what is accepted.
+    pub fn parse(&self) -> Result<StdDuration, String> {
+        parse(&self.0)
+    }
+}
+
+impl fmt::Display for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Duration {
+    fn from(s: &str) -> Self {
+        Duration(s.to_owned())
+    }
+}
+
+/// ```
+/// assert_eq!(lockstep::duration::parse("7d").unwrap().as_secs(), 7 * 86_400);
+/// assert!(lockstep::duration::parse("7 days").is_err());
+/// ```
+pub fn parse(s: &str) -> Result<StdDuration, String> {
+    let ok_shape = !s.is_empty()
+        && s.chars().all(|c| c.is_ascii_digit() || "mshdw".contains(c))
+        && s.chars().next().is_some_and(|c| c.is_ascii_digit())
+        && !s.ends_with(|c: char| c.is_ascii_digit());
+    if !ok_shape {
+        return Err(format!(
+            "{s:?} is not a duration; use a number and a unit, e.g. 30s, 5m, 24h, 7d (units: ms, s, m, h, d, w)"
+        ));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))
+}
+
+/// Render a duration the way users write them ("7d", "1h30m", "250ms").
+pub fn format(d: StdDuration) -> String {
+    let mut ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    let mut out = String::new();
+    for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)] {
+        if ms >= size {
+            out.push_str(&format!("{}{}", ms / size, unit));
+            ms %= size;
+        }
+    }
+    out
+}
+
+impl JsonSchema for Duration {
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+            "description": "A duration such as 30s, 5m, 24h or 7d (units: ms, s, m, h, d, w)."
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_compact_forms() {
+        assert_eq!(parse("30s").unwrap(), StdDuration::from_secs(30));
+        assert_eq!(parse("7d").unwrap(), StdDuration::from_secs(7 * 86400));
+        assert_eq!(parse("1h30m").unwrap(), StdDuration::from_secs(5400));
+        assert_eq!(parse("250ms").unwrap(), StdDuration::from_millis(250));
+        assert_eq!(parse("2w").unwrap(), StdDuration::from_secs(14 * 86400));
+    }
+
+    #[test]
+    fn rejects_everything_else() {
+        for bad in ["", "7", "d", "7 days", "-1s", "1.5h", "7D", "1y", "s30"] {
+            assert!(parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn pattern_agrees_with_parser() {
+        let re = regex::Regex::new(DURATION_PATTERN).unwrap();
+        for s in ["30s", "7d", "1h30m", "250ms", "2w", "7", "7 days", "1y", "1.5h", ""] {
+            assert_eq!(re.is_match(s), parse(s).is_ok(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn format_round_trips() {
+        for s in ["7d", "1h30m", "250ms", "14d", "1d1h1m1s"] {
+            assert_eq!(format(parse(s).unwrap()), s);
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! Kafka admin operations behind a small typed API: describe topics and their config, create
+//! topics, change config incrementally, add partitions.
+//!
+//! Config changes use IncrementalAlterConfigs, which changes only the keys named; the legacy
+//! AlterConfigs replaces a topic's whole config and would drop keys other tools set. rdkafka 0.39
+//! does not wrap IncrementalAlterConfigs, so [`incremental_alter_configs`] calls librdkafka's
+//! through rdkafka-sys, in this one place.
+
+use std::{collections::BTreeMap, ffi::CStr, ffi::CString, sync::Arc, time::Duration};
+
+use rdkafka::{
+    admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication},
+    bindings as rd,
+    client::DefaultClientContext,
+    config::ClientConfig,
+    consumer::{BaseConsumer, Consumer},
+    error::{KafkaError, RDKafkaErrorCode},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot reach the Kafka brokers at {bootstrap}: {message}")]
+    Unreachable { bootstrap: String, message: String },
+    #[error("the broker refused {operation} on topic {topic}: {message}")]
+    Refused {
+        operation: &'static str,
+        topic: String,
+        message: String,
+    },
+    #[error("invalid Kafka client settings: {0}")]
+    Config(String),
+}
+
+impl AdminError {
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, AdminError::Unreachable { .. })
+    }
+}
+
+/// A topic as the broker describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ObservedTopic {
+    pub partitions: i32,
+    /// Replicas of partition 0 (None when the broker does not say).
+    pub replication_factor: Option<i32>,
+    /// Config entries the broker reports (brokers differ on whether defaults are included).
+    pub config: BTreeMap<String, String>,
+}
+
+pub struct Admin {
+    admin: Arc<AdminClient<DefaultClientContext>>,
+    metadata: Arc<BaseConsumer>,
+    bootstrap: String,
+    timeout: Duration,
+}
+
+impl Admin {
+    /// `settings` are extra librdkafka settings (SASL/TLS); they may hold secrets and are never logged.
+    pub fn new(bootstrap: &str, settings: &BTreeMap<String, String>, timeout: Duration) -> Result<Self, AdminError> {
+        let mut cfg = ClientConfig::new();
+        for (k, v) in settings {
+            cfg.set(k, v);
+        }
+        cfg.set("bootstrap.servers", bootstrap)
+            .set("socket.timeout.ms", (timeout.as_millis() as u64).max(1000).to_string());
+        let admin = cfg.create().map_err(|e: KafkaError| AdminError::Config(e.to_string()))?;
+        let metadata = cfg.create().map_err(|e: KafkaError| AdminError::Config(e.to_string()))?;
+        Ok(Admin {
+            admin: Arc::new(admin),
+            metadata: Arc::new(metadata),
+            bootstrap: bootstrap.to_owned(),
+            timeout,
+        })
+    }
+
+    fn opts(&self) -> AdminOptions {
+        AdminOptions::new()
+            .request_timeout(Some(self.timeout))
+            .operation_timeout(Some(self.timeout))
+    }
+
+    fn unreachable(&self, e: impl std::fmt::Display) -> AdminError {
+        AdminError::Unreachable {
+            bootstrap: self.bootstrap.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Describe topics; a topic that does not exist is absent from the result.
+    pub async fn describe(&self, names: &[String]) -> Result<BTreeMap<String, ObservedTopic>, AdminError> {
+        let consumer = self.metadata.clone();
+        let timeout = self.timeout;
+        let md = tokio::task::spawn_blocking(move || {
+            consumer.fetch_metadata(None, timeout).map(|m| {
+                m.topics()
+                    .iter()
+                    .filter(|t| t.error().is_none())
+                    .map(|t| {
+                        (
+                            t.name().to_owned(),
+                            (
+                                t.partitions().len() as i32,
+                                t.partitions().first().map(|p| p.replicas().len() as i32),
+                            ),
+                        )
+                    })
+                    .collect::<BTreeMap<_, _>>()
+            })
+        })
+        .await
+        .map_err(|e| self.unreachable(e))?
+        .map_err(|e| self.unreachable(e))?;
+        let present: Vec<&String> = names.iter().filter(|n| md.contains_key(*n)).collect();
+        let mut out = BTreeMap::new();
+        if present.is_empty() {
+            return Ok(out);
+        }
+        let specs: Vec<ResourceSpecifier> = present.iter().map(|n| ResourceSpecifier::Topic(n.as_str())).collect();
+        let described = self
+            .admin
+            .describe_configs(specs.iter(), &self.opts())
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        for (name, res) in present.into_iter().zip(described) {
+            let res = res.map_err(|e| AdminError::Refused {
+                operation: "DescribeConfigs",
+                topic: name.clone(),
+                message: e.to_string(),
+            })?;
+            let config = res.entries.into_iter().filter_map(|e| e.value.map(|v| (e.name, v))).collect();
+            let (partitions, replication_factor) = md[name];
+            out.insert(
+                name.clone(),
+                ObservedTopic {
+                    partitions,
+                    replication_factor,
+                    config,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: i32,
+        replication_factor: i32,
+        config: &BTreeMap<String, String>,
+    ) -> Result<(), AdminError> {
+        let mut t = NewTopic::new(name, partitions, TopicReplication::Fixed(replication_factor));
+        for (k, v) in config {
+            t = t.set(k, v);
+        }
+        let r = self
+            .admin
+            .create_topics([&t], &self.opts())
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        match r.into_iter().next() {
+            Some(Ok(_)) | None => Ok(()),
+            Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(()),
+            Some(Err((_, code))) => Err(AdminError::Refused {
+                operation: "CreateTopics",
+                topic: name.into(),
+                message: code.to_string(),
+            }),
+        }
+    }
+
+    /// Set `set` keys on a topic and leave every other key as it is.
+    pub async fn alter_configs(&self, topic: &str, set: &[(String, String)]) -> Result<(), AdminError> {
+        let admin = self.admin.clone();
+        let (topic_owned, set_owned, timeout) = (topic.to_owned(), set.to_vec(), self.timeout);
+        tokio::task::spawn_blocking(move || incremental_alter_configs(&admin, &topic_owned, &set_owned, timeout))
+            .await
+            .map_err(|e| self.unreachable(e))?
+            .map_err(|e| match e {
+                IncrementalError::Timeout | IncrementalError::Transport(_) => self.unreachable(e),
+                other => AdminError::Refused {
+                    operation: "IncrementalAlterConfigs",
+                    topic: topic.into(),
+                    message: other.to_string(),
+                },
+            })
+    }
+
+    pub async fn create_partitions(&self, topic: &str, total: i32) -> Result<(), AdminError> {
+        let p = NewPartitions::new(topic, total as usize);
+        let r = self
+            .admin
+            .create_partitions([&p], &self.opts())
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        match r.into_iter().next() {
+            Some(Err((_, code))) => Err(AdminError::Refused {
+                operation: "CreatePartitions",
+                topic: topic.into(),
+                message: code.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IncrementalError {
+    #[error("invalid config entry {key}: {message}")]
+    Entry { key: String, message: String },
+    #[error("no answer from the broker in time")]
+    Timeout,
+    #[error("{0}")]
+    Transport(String),
+    #[error("{0}")]
+    Resource(String),
+    #[error("names and values cannot contain NUL bytes")]
+    Nul,
+}
+
+unsafe fn cstr(p: *const std::os::raw::c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        CStr::from_ptr(p).to_string_lossy().into_owned()
+    }
+}
+
+/// Owns the librdkafka objects of one call and frees them however the call ends.
+struct Call {
+    queue: *mut rd::rd_kafka_queue_t,
+    options: *mut rd::rd_kafka_AdminOptions_t,
+    resource: *mut rd::rd_kafka_ConfigResource_t,
+    event: *mut rd::rd_kafka_event_t,
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        // SAFETY: each pointer is either null or was created by librdkafka for this call and is
+        // destroyed exactly once, here.
+        unsafe {
+            if !self.event.is_null() {
+                rd::rd_kafka_event_destroy(self.event);
+            }
+            if !self.resource.is_null() {
+                rd::rd_kafka_ConfigResource_destroy(self.resource);
+            }
+            if !self.options.is_null() {
+                rd::rd_kafka_AdminOptions_destroy(self.options);
+            }
+            if !self.queue.is_null() {
+                rd::rd_kafka_queue_destroy(self.queue);
+            }
+        }
+    }
+}
+
+/// IncrementalAlterConfigs (SET) for one topic, blocking until the broker answers or `timeout`.
+pub fn incremental_alter_configs(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+    set: &[(String, String)],
+    timeout: Duration,
+) -> Result<(), IncrementalError> {
+    let name = CString::new(topic).map_err(|_| IncrementalError::Nul)?;
+    let entries: Vec<(CString, CString)> = set
+        .iter()
+        .map(|(k, v)| Ok((CString::new(k.as_str())?, CString::new(v.as_str())?)))
+        .collect::<Result<_, std::ffi::NulError>>()
+        .map_err(|_| IncrementalError::Nul)?;
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    let rk = admin.inner().native_ptr();
+    // SAFETY: rk is the live handle owned by `admin`, borrowed for this call. Every object created
+    // here is owned by `call` and freed by its Drop; C strings outlive the calls that read them.
+    unsafe {
+        let mut call = Call {
+            queue: rd::rd_kafka_queue_new(rk),
+            options: rd::rd_kafka_AdminOptions_new(rk, rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_INCREMENTALALTERCONFIGS),
+            resource: rd::rd_kafka_ConfigResource_new(rd::rd_kafka_ResourceType_t::RD_KAFKA_RESOURCE_TOPIC, name.as_ptr()),
+            event: std::ptr::null_mut(),
+        };
+        let mut errbuf = [0 as std::os::raw::c_char; 256];
+        rd::rd_kafka_AdminOptions_set_request_timeout(call.options, ms, errbuf.as_mut_ptr(), errbuf.len());
+        for (k, v) in &entries {
+            let err = rd::rd_kafka_ConfigResource_add_incremental_config(
+                call.resource,
+                k.as_ptr(),
+                rd::rd_kafka_AlterConfigOpType_t::RD_KAFKA_ALTER_CONFIG_OP_TYPE_SET,
+                v.as_ptr(),
+            );
+            if !err.is_null() {
+                let message = cstr(rd::rd_kafka_error_string(err));
+                rd::rd_kafka_error_destroy(err);
+                return Err(IncrementalError::Entry {
+                    key: k.to_string_lossy().into_owned(),
+                    message,
+                });
+            }
+        }
+        let mut resources = [call.resource];
+        rd::rd_kafka_IncrementalAlterConfigs(rk, resources.as_mut_ptr(), 1, call.options, call.queue);
+        call.event = rd::rd_kafka_queue_poll(call.queue, ms.saturating_add(1000));
+        if call.event.is_null() {
+            return Err(IncrementalError::Timeout);
+        }
+        let code = rd::rd_kafka_event_error(call.event);
+        if code != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return Err(IncrementalError::Transport(cstr(rd::rd_kafka_event_error_string(call.event))));
+        }
+        let result = rd::rd_kafka_event_IncrementalAlterConfigs_result(call.event);
+        if result.is_null() {
+            return Err(IncrementalError::Transport("unexpected event type".into()));
+        }
+        let mut cnt = 0usize;
+        let res = rd::rd_kafka_IncrementalAlterConfigs_result_resources(result, &mut cnt);
+        for i in 0..cnt {
+            let r = *res.add(i);
+            if rd::rd_kafka_ConfigResource_error(r) != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                let msg = cstr(rd::rd_kafka_ConfigResource_error_string(r));
+                let code = cstr(rd::rd_kafka_err2str(rd::rd_kafka_ConfigResource_error(r)));
+                return Err(IncrementalError::Resource(if msg.is_empty() {
+                    code
+                } else {
+                    format!("{code}: {msg}")
+                }));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Admin clients shared per (bootstrap servers, settings); settings may hold credentials, so the
+/// key is a hash.
+#[derive(Default)]
+pub struct AdminCache {
+    admins: std::sync::Mutex<std::collections::HashMap<[u8; 32], Arc<Admin>>>,
+}
+
+impl AdminCache {
+    pub fn get(&self, bootstrap: &str, settings: &BTreeMap<String, String>) -> Result<Arc<Admin>, AdminError> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(bootstrap.as_bytes());
+        for (k, v) in settings {
+            h.update([0]);
+            h.update(k.as_bytes());
+            h.update([0]);
+            h.update(v.as_bytes());
+        }
+        let key: [u8; 32] = h.finalize().into();
+        let mut admins = self.admins.lock().expect("admin cache lock");
+        if let Some(a) = admins.get(&key) {
+            return Ok(a.clone());
+        }
+        let a = Arc::new(Admin::new(bootstrap, settings, Duration::from_secs(5))?);
+        admins.insert(key, a.clone());
+        Ok(a)
+    }
+}

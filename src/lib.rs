@@ -1,0 +1,26 @@
+//! lockstep: reliable messaging plumbing for PostgreSQL + Kafka services, as a Kubernetes operator.
+//!
+//! - [`crd`]: the OutboxRelay, InboxTable and DedupPolicy resources and their validation.
+//! - [`crdgen`]: CRD YAML generated from those types.
+//! - [`config`]: configuration of the `operator` and `relay` commands.
+//! - [`sql`], [`duration`], [`routing`]: pure building blocks shared by all of them.
+
+pub mod conditions;
+pub mod config;
+pub mod controller;
+pub mod crd;
+pub mod crdgen;
+pub mod db;
+pub mod duration;
+pub mod inbox;
+pub mod kafka;
+pub mod leader;
+pub mod metrics;
+pub mod purge;
+pub mod relay;
+pub mod retention;
+pub mod routing;
+pub mod schema;
+pub mod sql;
+pub mod topics;
+pub mod validation;

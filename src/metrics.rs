@@ -1,0 +1,135 @@
+//! Prometheus metrics and the /metrics, /healthz, /readyz endpoints.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
+
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabel {
+    pub controller: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabel {
+    pub controller: &'static str,
+    pub reason: String,
+}
+
+pub struct Metrics {
+    pub reconciles: Family<ControllerLabel, Counter>,
+    pub failures: Family<FailureLabel, Counter>,
+    pub reconcile_duration: Family<ControllerLabel, Histogram>,
+    pub leader: Gauge,
+    pub purged_rows: Counter,
+    pub purge_failures: Counter,
+    pub purge_duration: Histogram,
+    pub registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("lockstep");
+        let reconciles = Family::<ControllerLabel, Counter>::default();
+        let failures = Family::<FailureLabel, Counter>::default();
+        let reconcile_duration = Family::<ControllerLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+        });
+        let leader = Gauge::default();
+        let purged_rows = Counter::default();
+        let purge_failures = Counter::default();
+        let purge_duration = Histogram::new([0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]);
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that ended in a failure condition or error, by reason",
+            failures.clone(),
+        );
+        registry.register("reconcile_duration_seconds", "Reconcile duration", reconcile_duration.clone());
+        registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
+        registry.register("inbox_purged_rows", "Expired inbox rows deleted", purged_rows.clone());
+        registry.register("inbox_purge_failures", "Purge runs that failed", purge_failures.clone());
+        registry.register("inbox_purge_duration_seconds", "Purge run duration", purge_duration.clone());
+        Metrics {
+            reconciles,
+            failures,
+            reconcile_duration,
+            leader,
+            purged_rows,
+            purge_failures,
+            purge_duration,
+            registry,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("encoding metrics into a String cannot fail");
+        out
+    }
+}
+
+/// Health shared with the HTTP endpoints.
+#[derive(Default)]
+pub struct Health {
+    /// Set once the process can serve: controllers running, or standing by for the Lease.
+    pub ready: AtomicBool,
+}
+
+/// Renders the metrics text; the operator and the relay each have their own registry.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+#[derive(Clone)]
+struct AppState {
+    render: Render,
+    health: Arc<Health>,
+}
+
+async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        (s.render)(),
+    )
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    if s.health.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+/// Serve /metrics, /healthz and /readyz until `shutdown` completes. Returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    render: Render,
+    health: Arc<Health>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<SocketAddr> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { render, health });
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(bound)
+}

@@ -1,0 +1,199 @@
+//! Purging expired inbox rows in bounded batches. Each batch is its own short statement, so
+//! writers claiming new ids are never blocked for long.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch};
+
+use crate::sql::QualifiedName;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PurgeResult {
+    pub rows_deleted: i64,
+    pub duration: Duration,
+    pub batches: u32,
+}
+
+/// How long the purge pauses after each batch, as a multiple of the batch's own duration. At 9 the
+/// purge is busy a tenth of the time and leaves the database to the writers (see
+/// docs/benchmarks.md); it still deletes tens of thousands of rows a second.
+pub const PAUSE_RATIO: f64 = 9.0;
+
+/// Delete rows older than `retention`, `batch` rows per statement, until none are left, pausing
+/// `pause_ratio` times each batch's duration between batches.
+/// The cutoff is fixed at the start, so rows that expire meanwhile wait for the next run.
+pub async fn purge_expired(
+    pool: &PgPool,
+    table: &QualifiedName,
+    retention: Duration,
+    batch: i64,
+    pause_ratio: f64,
+) -> Result<PurgeResult, sqlx::Error> {
+    let started = Instant::now();
+    let cutoff: sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc> = sqlx::query_scalar("select now() - make_interval(secs => $1)")
+        .bind(retention.as_secs_f64())
+        .fetch_one(pool)
+        .await?;
+    let sql = format!("delete from {table} where ctid = any(array(select ctid from {table} where received_at < $1 limit $2))");
+    let mut total = 0i64;
+    let mut batches = 0u32;
+    loop {
+        let t = Instant::now();
+        let n = sqlx::query(&sql).bind(cutoff).bind(batch).execute(pool).await?.rows_affected() as i64;
+        total += n;
+        batches += 1;
+        if n < batch {
+            break;
+        }
+        tokio::time::sleep(t.elapsed().mul_f64(pause_ratio)).await;
+    }
+    Ok(PurgeResult {
+        rows_deleted: total,
+        duration: started.elapsed(),
+        batches,
+    })
+}
+
+/// Table size and age figures for status. The row count is PostgreSQL's estimate once the table
+/// has been analyzed (exact count before that).
+pub async fn measure(pool: &PgPool, table: &QualifiedName) -> Result<(i64, Option<i64>), sqlx::Error> {
+    let estimate: f32 = sqlx::query_scalar("select reltuples from pg_class where oid = $1::regclass")
+        .bind(table.to_string())
+        .fetch_one(pool)
+        .await?;
+    let rows = if estimate < 0.0 {
+        sqlx::query_scalar(&format!("select count(*) from {table}")).fetch_one(pool).await?
+    } else {
+        estimate as i64
+    };
+    let oldest: Option<f64> = sqlx::query_scalar(&format!("select extract(epoch from now() - min(received_at))::float8 from {table}"))
+        .fetch_one(pool)
+        .await?;
+    Ok((rows, oldest.map(|s| s.max(0.0) as i64)))
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PurgeParams {
+    /// Identifies the database URL (not the URL itself): a changed Secret swaps the pool.
+    pub pool_key: String,
+    pub table: QualifiedName,
+    pub retention: Duration,
+    pub interval: Duration,
+    pub batch: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum LastPurge {
+    Done { at: Time, result: PurgeResult },
+    Failed { at: Time, error: String, unreachable: bool },
+}
+
+struct Handle {
+    params: watch::Sender<(PurgeParams, PgPool)>,
+    last: Arc<Mutex<Option<LastPurge>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// One purge loop per InboxTable, keyed by the object's uid.
+pub struct Purges<K: Clone + Send + 'static> {
+    loops: Mutex<HashMap<String, Handle>>,
+    /// Told after each purge, so the controller refreshes that object's status.
+    done: mpsc::UnboundedSender<K>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl<K: Clone + Send + Sync + 'static> Purges<K> {
+    pub fn new(done: mpsc::UnboundedSender<K>, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Purges {
+            loops: Mutex::new(HashMap::new()),
+            done,
+            metrics,
+        }
+    }
+
+    /// Start the loop for `uid`, or hand it new parameters.
+    pub fn ensure(&self, uid: &str, key: K, pool: PgPool, params: PurgeParams) {
+        let mut loops = self.loops.lock().expect("purge map lock");
+        if let Some(h) = loops.get(uid) {
+            if !h.task.is_finished() {
+                h.params.send_if_modified(|(p, pl)| {
+                    let changed = *p != params;
+                    if changed {
+                        *p = params.clone();
+                        *pl = pool.clone();
+                    }
+                    changed
+                });
+                return;
+            }
+        }
+        let (tx, mut rx) = watch::channel((params, pool));
+        let last = Arc::new(Mutex::new(None));
+        let last2 = last.clone();
+        let done = self.done.clone();
+        let metrics = self.metrics.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let (p, pool) = rx.borrow_and_update().clone();
+                let outcome = match purge_expired(&pool, &p.table, p.retention, p.batch, PAUSE_RATIO).await {
+                    Ok(result) => {
+                        metrics.purged_rows.inc_by(result.rows_deleted as u64);
+                        metrics.purge_duration.observe(result.duration.as_secs_f64());
+                        LastPurge::Done {
+                            at: Time(Timestamp::now()),
+                            result,
+                        }
+                    }
+                    Err(e) => {
+                        metrics.purge_failures.inc();
+                        LastPurge::Failed {
+                            at: Time(Timestamp::now()),
+                            error: e.to_string(),
+                            unreachable: crate::db::is_unreachable(&e),
+                        }
+                    }
+                };
+                *last2.lock().expect("last purge lock") = Some(outcome);
+                if done.send(key.clone()).is_err() {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(p.interval) => {}
+                    changed = rx.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        loops.insert(uid.to_owned(), Handle { params: tx, last, task });
+    }
+
+    pub fn last(&self, uid: &str) -> Option<LastPurge> {
+        self.loops
+            .lock()
+            .expect("purge map lock")
+            .get(uid)
+            .and_then(|h| h.last.lock().expect("last purge lock").clone())
+    }
+
+    pub fn stop(&self, uid: &str) {
+        if let Some(h) = self.loops.lock().expect("purge map lock").remove(uid) {
+            h.task.abort();
+        }
+    }
+
+    /// Stop loops whose object is gone.
+    pub fn retain(&self, alive: impl Fn(&str) -> bool) {
+        self.loops.lock().expect("purge map lock").retain(|uid, h| {
+            let keep = alive(uid);
+            if !keep {
+                h.task.abort();
+            }
+            keep
+        });
+    }
+}

@@ -1,0 +1,380 @@
+//! Helpers for integration tests against the real servers `scripts/testenv up` starts.
+//! Every test gets its own namespace, database schema and topic names.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    api::{Api, DeleteParams, PostParams},
+    Client,
+};
+
+/// A variable `scripts/testenv up` writes; a missing one fails the test loudly.
+pub fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with scripts/test, or `source target/testenv/env` after `scripts/testenv up`")
+    })
+}
+
+/// A short random suffix for names.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+}
+
+pub async fn kube_client() -> Client {
+    env("KUBECONFIG");
+    Client::try_default().await.expect("connect to the test kube-apiserver")
+}
+
+/// Apply lockstep's CRDs the way `lockstep crds --apply` does (CEL rules stripped: the 1.20 test
+/// server predates them) and wait until each is Established.
+pub async fn install_crds(client: &Client) {
+    let stripped = lockstep::crdgen::apply(client).await.expect("apply CRDs");
+    assert!(stripped, "the 1.20 test server should get CRDs without CEL rules");
+}
+
+/// A namespace of its own for one test; deleted by [`TestNamespace::delete`].
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    pub async fn new(client: &Client, prefix: &str) -> Self {
+        let name = unique(prefix);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create test namespace");
+        TestNamespace {
+            name,
+            client: client.clone(),
+        }
+    }
+
+    pub async fn delete(self) {
+        let _ = Api::<Namespace>::all(self.client.clone())
+            .delete(&self.name, &DeleteParams::default())
+            .await;
+    }
+}
+
+/// Poll `f` until it returns Some, or panic naming what was awaited.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A connection pool on the test PostgreSQL with a schema of its own as search_path.
+pub struct TestSchema {
+    pub pool: sqlx::PgPool,
+    pub schema: String,
+}
+
+pub async fn pg_schema(prefix: &str) -> TestSchema {
+    let url = env("DATABASE_URL");
+    let schema = format!("t_{}", unique(prefix).replace('-', "_"));
+    let admin = sqlx::PgPool::connect(&url).await.expect("connect to the test PostgreSQL");
+    sqlx::query(&format!("create schema {}", lockstep::sql::quote_ident(&schema)))
+        .execute(&admin)
+        .await
+        .expect("create schema");
+    admin.close().await;
+    let s = schema.clone();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .after_connect(move |conn, _| {
+            let s = s.clone();
+            Box::pin(async move {
+                sqlx::query(&format!("set search_path to {}", lockstep::sql::quote_ident(&s)))
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await
+        .expect("connect to the test PostgreSQL");
+    TestSchema { pool, schema }
+}
+
+pub fn kafka_bootstrap() -> String {
+    env("KAFKA_BOOTSTRAP_SERVERS")
+}
+
+/// The operator under test: one per test binary, on a runtime of its own so it outlives each
+/// test's runtime, with leader election on (a Lease of its own). Returns its metrics address.
+pub fn operator() -> std::net::SocketAddr {
+    static ADDR: std::sync::OnceLock<std::net::SocketAddr> = std::sync::OnceLock::new();
+    *ADDR.get_or_init(|| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let lease = unique("lockstep-test-operator");
+        // The operator's log, for when a test fails: target/testenv/<binary>-operator.log
+        let log_path = std::path::PathBuf::from(env("LOCKSTEP_TESTENV_DIR")).join(format!(
+            "{}-operator.log",
+            std::env::current_exe().unwrap().file_stem().unwrap().to_string_lossy()
+        ));
+        let file = std::fs::File::create(&log_path).expect("operator log file");
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info,lockstep=debug"))
+            .with_writer(std::sync::Mutex::new(file))
+            .with_ansi(false)
+            .try_init();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let client = kube_client().await;
+                install_crds(&client).await;
+                let args = lockstep::config::OperatorArgs {
+                    metrics_addr: addr,
+                    watch_namespace: None,
+                    leader_election: true,
+                    lease_name: lease,
+                    lease_namespace: "default".into(),
+                    identity: None,
+                    relay_image: "lockstep:test".into(),
+                };
+                lockstep::controller::run(client, args, tokio_util::sync::CancellationToken::new())
+                    .await
+                    .expect("operator run");
+            });
+        });
+        addr
+    })
+}
+
+/// Wait until condition `type_` has `status` (and `reason`, when given); returns the object.
+pub async fn wait_condition<K>(api: &Api<K>, name: &str, type_: &str, status: &str, reason: Option<&str>, timeout: Duration) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + serde::Serialize,
+{
+    let mut last = String::new();
+    let what = format!("{name}: {type_}={status} {}", reason.unwrap_or(""));
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Ok(obj) = api.get(name).await {
+            let v = serde_json::to_value(&obj).unwrap();
+            let conds = v["status"]["conditions"].as_array().cloned().unwrap_or_default();
+            if let Some(c) = conds.iter().find(|c| c["type"] == type_) {
+                if c["status"] == status && reason.is_none_or(|r| c["reason"] == r) {
+                    return obj;
+                }
+            }
+            last = serde_json::to_string_pretty(&v["status"]).unwrap();
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}; last status: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub fn condition<'a>(
+    conds: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    conds
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {conds:?}"))
+}
+
+pub async fn create_secret(client: &Client, ns: &str, name: &str, url: &str) {
+    let s: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "stringData": {"url": url}})).unwrap();
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &s)
+        .await
+        .expect("create Secret");
+}
+
+/// A PostgreSQL of a test's own, for tests that stop and start the database.
+pub struct PrivatePostgres {
+    pub dir: std::path::PathBuf,
+    pub port: u16,
+    bin: std::path::PathBuf,
+}
+
+fn run_as_postgres(cmd: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let root = unsafe { libc_geteuid() } == 0;
+    let out = if root {
+        std::process::Command::new("runuser")
+            .arg("-u")
+            .arg("postgres")
+            .arg("--")
+            .arg(cmd)
+            .args(args)
+            .output()
+    } else {
+        std::process::Command::new(cmd).args(args).output()
+    }
+    .expect("run a PostgreSQL command");
+    assert!(
+        out.status.success(),
+        "{} {:?} failed: {}",
+        cmd.display(),
+        args,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+impl PrivatePostgres {
+    pub fn start() -> Self {
+        let bin = std::path::PathBuf::from(env("LOCKSTEP_PG_BIN"));
+        let base = std::path::PathBuf::from(env("LOCKSTEP_TESTENV_DIR")).join("private-pg");
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = base.join(unique("pg"));
+        std::fs::create_dir_all(&dir).unwrap();
+        if unsafe { libc_geteuid() } == 0 {
+            let st = std::process::Command::new("chown")
+                .args(["-R", "postgres:", base.to_str().unwrap()])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        run_as_postgres(
+            &bin.join("initdb"),
+            &["-D", dir.join("data").to_str().unwrap(), "-A", "trust", "-U", "postgres"],
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let pg = PrivatePostgres { dir, port, bin };
+        pg.start_again();
+        pg
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn start_again(&self) {
+        let data = self.dir.join("data");
+        let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, data.display());
+        run_as_postgres(
+            &self.bin.join("pg_ctl"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                data.join("log").to_str().unwrap(),
+                "-w",
+                "-o",
+                &opts,
+                "start",
+            ],
+        );
+    }
+
+    pub fn stop(&self) {
+        run_as_postgres(
+            &self.bin.join("pg_ctl"),
+            &["-D", self.dir.join("data").to_str().unwrap(), "-m", "fast", "-w", "stop"],
+        );
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let pg_ctl = self.bin.join("pg_ctl");
+        let args = ["-D", data.to_str().unwrap(), "-m", "immediate", "stop"];
+        let _ = if unsafe { libc_geteuid() } == 0 {
+            std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&pg_ctl)
+                .args(args)
+                .output()
+        } else {
+            std::process::Command::new(&pg_ctl).args(args).output()
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A tansu broker of a test's own, for tests that stop and start the broker.
+pub struct PrivateBroker {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateBroker {
+    pub fn start() -> Self {
+        let dir = std::path::PathBuf::from(env("LOCKSTEP_TESTENV_DIR"))
+            .join("private-tansu")
+            .join(unique("b"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut b = PrivateBroker { port, dir, child: None };
+        b.start_again();
+        b
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn start_again(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = std::process::Command::new(env("LOCKSTEP_TANSU_BIN"))
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "sqlite://tansu.db",
+            ])
+            .current_dir(&self.dir)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("log")).unwrap())
+            .spawn()
+            .expect("start tansu");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "private tansu did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

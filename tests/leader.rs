@@ -1,0 +1,57 @@
+//! Leader election on a real Lease: one holder at a time; a released lease is taken at once, an
+//! abandoned one after its duration.
+
+mod common;
+
+use std::time::Duration;
+
+use lockstep::leader::LeaderElector;
+
+#[tokio::test]
+async fn one_leader_then_handover() {
+    let client = common::kube_client().await;
+    let ns = common::TestNamespace::new(&client, "lease").await;
+    let lease = "lockstep-operator";
+    let a = LeaderElector::new(client.clone(), &ns.name, lease, "replica-a", Duration::from_secs(3));
+    let b = LeaderElector::new(client.clone(), &ns.name, lease, "replica-b", Duration::from_secs(3));
+
+    assert!(a.try_acquire().await.unwrap(), "the first replica takes the free lease");
+    assert!(!b.try_acquire().await.unwrap(), "the second stands by");
+    assert!(a.try_acquire().await.unwrap(), "the holder renews");
+    assert!(!b.try_acquire().await.unwrap());
+
+    // Released on shutdown: taken over at once.
+    a.release().await.unwrap();
+    assert!(b.try_acquire().await.unwrap(), "a released lease is taken at once");
+    assert!(!a.try_acquire().await.unwrap());
+
+    // Abandoned (holder died without releasing): taken over after the lease duration, not before.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!a.try_acquire().await.unwrap(), "still held within its duration");
+    common::wait_until(Duration::from_secs(10), "takeover after expiry", || async {
+        a.try_acquire().await.unwrap().then_some(())
+    })
+    .await;
+    assert!(!b.try_acquire().await.unwrap(), "the old holder does not get it back");
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn run_reports_leadership_and_releases_on_stop() {
+    let client = common::kube_client().await;
+    let ns = common::TestNamespace::new(&client, "lease-run").await;
+    let a = LeaderElector::new(client.clone(), &ns.name, "op", "a", Duration::from_secs(3));
+    let (tx, mut rx) = tokio::sync::watch::channel(false);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(a.run(tx, stop.clone()));
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|l| *l))
+        .await
+        .expect("becomes leader")
+        .unwrap();
+    stop.cancel();
+    task.await.unwrap();
+    assert!(!*rx.borrow(), "not leading after stop");
+    let b = LeaderElector::new(client.clone(), &ns.name, "op", "b", Duration::from_secs(3));
+    assert!(b.try_acquire().await.unwrap(), "released on stop");
+    ns.delete().await;
+}

@@ -1,0 +1,421 @@
+//! The operator against the real API server and PostgreSQL: InboxTable and DedupPolicy.
+//! One operator runs for this test binary (with leader election); each test has its own
+//! namespace, database schema and, where it uses one, DedupPolicy selecting only its namespace.
+
+mod common;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    api::{Api, Patch, PatchParams, PostParams},
+    Client,
+};
+use lockstep::crd::{DedupPolicy, InboxTable};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(60);
+
+struct Env {
+    client: Client,
+    ns: common::TestNamespace,
+    inboxes: Api<InboxTable>,
+}
+
+async fn setup(prefix: &str) -> Env {
+    common::operator();
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::TestNamespace::new(&client, prefix).await;
+    // A label only this namespace carries, for policies that must select it alone.
+    let patch = json!({"metadata": {"labels": {"lockstep.dev/test": ns.name}}});
+    Api::<Namespace>::all(client.clone())
+        .patch(&ns.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let inboxes = Api::namespaced(client.clone(), &ns.name);
+    Env { client, ns, inboxes }
+}
+
+fn inbox(name: &str, secret: &str, schema: &str, extra: serde_json::Value) -> InboxTable {
+    let mut v = json!({
+        "apiVersion": "lockstep.dev/v1alpha1", "kind": "InboxTable", "metadata": {"name": name},
+        "spec": {"database": {"urlSecretRef": {"name": secret}, "schema": schema, "table": "inbox"}}
+    });
+    for (k, val) in extra.as_object().unwrap() {
+        v["spec"][k] = val.clone();
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+fn schema_name(ns: &str) -> String {
+    ns.replace('-', "_")
+}
+
+#[tokio::test]
+async fn inbox_table_creates_its_table_and_a_second_reconcile_changes_nothing() {
+    let e = setup("ibt-create").await;
+    let url = common::env("DATABASE_URL");
+    common::create_secret(&e.client, &e.ns.name, "db", &url).await;
+    let schema = schema_name(&e.ns.name);
+    e.inboxes
+        .create(&PostParams::default(), &inbox("billing", "db", &schema, json!({"retention": "8d"})))
+        .await
+        .unwrap();
+    let first = common::wait_condition(&e.inboxes, "billing", "Ready", "True", Some("Ready"), T).await;
+    let st = first.status.clone().unwrap();
+    assert_eq!(st.effective_retention.as_deref(), Some("8d"));
+    assert_eq!(common::condition(&st.conditions, "SchemaReady").reason, "SchemaUpToDate");
+
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let cols: Vec<String> = sqlx::query_scalar("select column_name::text from information_schema.columns where table_schema = $1 and table_name = 'inbox' order by ordinal_position")
+        .bind(&schema)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(cols, ["consumer", "message_id", "received_at"]);
+    let idx: Vec<String> =
+        sqlx::query_scalar("select indexname::text from pg_indexes where schemaname = $1 and tablename = 'inbox' order by 1")
+            .bind(&schema)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(idx, ["inbox_pkey", "inbox_received_at_idx"]);
+
+    // Another reconcile (an annotation change triggers one) changes nothing.
+    let history = |pool: sqlx::PgPool, schema: String| async move {
+        sqlx::query_as::<_, (i32, String)>(&format!(
+            "select version, applied_at::text from \"{schema}\".lockstep_schema_history"
+        ))
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let before = history(pool.clone(), schema.clone()).await;
+    assert_eq!(before.len(), 1);
+    e.inboxes
+        .patch(
+            "billing",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": {"touch": "1"}}})),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = history(pool.clone(), schema.clone()).await;
+    assert_eq!(before, after, "history unchanged by a second reconcile");
+    let again = e.inboxes.get("billing").await.unwrap().status.unwrap();
+    for (a, b) in st.conditions.iter().zip(again.conditions.iter()) {
+        assert_eq!(
+            (&a.type_, &a.status, &a.last_transition_time),
+            (&b.type_, &b.status, &b.last_transition_time),
+            "conditions did not flip"
+        );
+    }
+    e.ns.delete().await;
+}
+
+#[tokio::test]
+async fn a_mismatched_table_is_reported_and_its_data_kept() {
+    let e = setup("ibt-mismatch").await;
+    let url = common::env("DATABASE_URL");
+    let schema = schema_name(&e.ns.name);
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(&format!("create schema \"{schema}\"; create table \"{schema}\".inbox (consumer text, message_id integer); insert into \"{schema}\".inbox values ('c', 42);"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    common::create_secret(&e.client, &e.ns.name, "db", &url).await;
+    e.inboxes
+        .create(&PostParams::default(), &inbox("legacy", "db", &schema, json!({})))
+        .await
+        .unwrap();
+    let obj = common::wait_condition(&e.inboxes, "legacy", "SchemaReady", "False", Some("SchemaMismatch"), T).await;
+    let msg = common::condition(&obj.status.as_ref().unwrap().conditions, "SchemaReady")
+        .message
+        .clone();
+    assert!(msg.contains("column message_id is int4, expected text or varchar"), "{msg}");
+    assert!(msg.contains("missing column received_at"), "{msg}");
+    assert!(
+        msg.contains("no primary key or unique constraint on (consumer, message_id)"),
+        "{msg}"
+    );
+    let ready = common::condition(&obj.status.as_ref().unwrap().conditions, "Ready");
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "SchemaMismatch"));
+    let rows: Vec<(String, i32)> = sqlx::query_as(&format!("select consumer, message_id from \"{schema}\".inbox"))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![("c".to_string(), 42)]);
+    e.ns.delete().await;
+}
+
+#[tokio::test]
+async fn a_missing_secret_heals_once_created() {
+    let e = setup("ibt-secret").await;
+    let schema = schema_name(&e.ns.name);
+    e.inboxes
+        .create(&PostParams::default(), &inbox("orders", "orders-db", &schema, json!({})))
+        .await
+        .unwrap();
+    let obj = common::wait_condition(&e.inboxes, "orders", "Ready", "False", Some("SecretNotFound"), T).await;
+    let msg = &common::condition(&obj.status.as_ref().unwrap().conditions, "SchemaReady").message;
+    assert!(msg.contains("orders-db"), "{msg}");
+    let url = common::env("DATABASE_URL");
+    assert!(
+        !serde_json::to_string(&obj).unwrap().contains(&url),
+        "the URL never appears in status"
+    );
+    common::create_secret(&e.client, &e.ns.name, "orders-db", &url).await;
+    common::wait_condition(&e.inboxes, "orders", "Ready", "True", None, T).await;
+    e.ns.delete().await;
+}
+
+#[tokio::test]
+async fn a_database_outage_is_reported_and_heals() {
+    let e = setup("ibt-dbdown").await;
+    let pg = common::PrivatePostgres::start();
+    common::create_secret(&e.client, &e.ns.name, "db", &pg.url()).await;
+    e.inboxes
+        .create(
+            &PostParams::default(),
+            &inbox("inbox", "db", "app", json!({"purge": {"interval": "2s"}})),
+        )
+        .await
+        .unwrap();
+    common::wait_condition(&e.inboxes, "inbox", "Ready", "True", None, T).await;
+    pg.stop();
+    // The purge loop (every 2s) or the next reconcile notices.
+    let obj = common::wait_condition(&e.inboxes, "inbox", "Ready", "False", Some("DatabaseUnreachable"), T).await;
+    let text = serde_json::to_string(&obj.status).unwrap();
+    assert!(
+        text.contains(&format!("127.0.0.1:{}", pg.port)),
+        "the message names the database: {text}"
+    );
+    pg.start_again();
+    common::wait_condition(&e.inboxes, "inbox", "Ready", "True", None, T).await;
+    e.ns.delete().await;
+}
+
+async fn policy(client: &Client, name: &str, ns_label: &str, spec: serde_json::Value) -> Api<DedupPolicy> {
+    let api: Api<DedupPolicy> = Api::all(client.clone());
+    let mut s = spec;
+    s["namespaceSelector"] = json!({"matchLabels": {"lockstep.dev/test": ns_label}});
+    let p: DedupPolicy = serde_json::from_value(
+        json!({"apiVersion": "lockstep.dev/v1alpha1", "kind": "DedupPolicy", "metadata": {"name": name}, "spec": s}),
+    )
+    .unwrap();
+    api.create(&PostParams::default(), &p).await.unwrap();
+    api
+}
+
+#[tokio::test]
+async fn policies_clamp_or_report_and_exceptions_expire_on_time() {
+    let e = setup("ibt-policy").await;
+    let url = common::env("DATABASE_URL");
+    common::create_secret(&e.client, &e.ns.name, "db", &url).await;
+    let pname = common::unique("floor");
+    let policies = policy(
+        &e.client,
+        &pname,
+        &e.ns.name,
+        json!({"minRetention": "24h", "enforcement": "Enforce"}),
+    )
+    .await;
+    let schema = schema_name(&e.ns.name);
+    e.inboxes
+        .create(&PostParams::default(), &inbox("short", "db", &schema, json!({"retention": "1h"})))
+        .await
+        .unwrap();
+
+    // Enforce: clamped to the policy's minimum.
+    let obj = common::wait_condition(&e.inboxes, "short", "PolicyCompliant", "True", Some("RetentionClamped"), T).await;
+    let st = obj.status.unwrap();
+    assert_eq!(st.effective_retention.as_deref(), Some("24h"));
+    assert_eq!(st.policies, std::slice::from_ref(&pname));
+    // The policy lists it.
+    let p = common::wait_until(T, "policy status", || {
+        let policies = policies.clone();
+        let pname = pname.clone();
+        async move {
+            let s = policies.get(&pname).await.ok()?.status?;
+            (s.matched == 1 && s.non_compliant.len() == 1).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(p.non_compliant[0].name, "short");
+
+    // Audit: reported, not clamped.
+    policies
+        .patch(
+            &pname,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"enforcement": "Audit"}})),
+        )
+        .await
+        .unwrap();
+    let obj = common::wait_condition(&e.inboxes, "short", "PolicyCompliant", "False", Some("PolicyViolation"), T).await;
+    let st = obj.status.unwrap();
+    assert_eq!(st.effective_retention.as_deref(), Some("1h"));
+    assert!(common::condition(&st.conditions, "PolicyCompliant")
+        .message
+        .contains("below minRetention 24h"));
+    assert_eq!(
+        common::condition(&st.conditions, "Ready").status,
+        "True",
+        "Audit does not block Ready"
+    );
+
+    // An exception already expired changes nothing; one expiring in a few seconds applies until then.
+    let expired = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(60);
+    let soon = k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(8);
+    policies
+        .patch(
+            &pname,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"enforcement": "Enforce", "exceptions": [
+                {"namespace": e.ns.name, "name": "short", "minRetention": "1h", "expires": expired.to_string()}
+            ]}})),
+        )
+        .await
+        .unwrap();
+    common::wait_condition(&e.inboxes, "short", "PolicyCompliant", "True", Some("RetentionClamped"), T).await;
+    policies
+        .patch(
+            &pname,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"exceptions": [
+                {"namespace": e.ns.name, "name": "short", "minRetention": "1h", "expires": soon.to_string()}
+            ]}})),
+        )
+        .await
+        .unwrap();
+    let obj = common::wait_condition(&e.inboxes, "short", "PolicyCompliant", "True", Some("WithinPolicy"), T).await;
+    assert_eq!(obj.status.unwrap().effective_retention.as_deref(), Some("1h"));
+    // Re-evaluated when it expires, without any other event (refresh is 15s; expiry is sooner).
+    let obj = common::wait_condition(
+        &e.inboxes,
+        "short",
+        "PolicyCompliant",
+        "True",
+        Some("RetentionClamped"),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(obj.status.unwrap().effective_retention.as_deref(), Some("24h"));
+    let elapsed_after_expiry = k8s_openapi::jiff::Timestamp::now().duration_since(soon);
+    assert!(
+        elapsed_after_expiry.as_secs() < 12,
+        "re-evaluated {elapsed_after_expiry:?} after expiry"
+    );
+    policies.delete(&pname, &Default::default()).await.unwrap();
+    e.ns.delete().await;
+}
+
+#[tokio::test]
+async fn purge_deletes_expired_rows_and_keeps_fresh_ones() {
+    let e = setup("ibt-purge").await;
+    let url = common::env("DATABASE_URL");
+    let schema = schema_name(&e.ns.name);
+    common::create_secret(&e.client, &e.ns.name, "db", &url).await;
+    e.inboxes
+        .create(
+            &PostParams::default(),
+            &inbox(
+                "p",
+                "db",
+                &schema,
+                json!({"retention": "1h", "purge": {"interval": "1s", "batchSize": 100}}),
+            ),
+        )
+        .await
+        .unwrap();
+    common::wait_condition(&e.inboxes, "p", "SchemaReady", "True", None, T).await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(&format!(
+        "insert into \"{schema}\".inbox (consumer, message_id, received_at)
+         select 'c', 'old-' || g, now() - interval '2 hours' from generate_series(1, 1000) g
+         union all select 'c', 'fresh-' || g, now() - interval '10 minutes' from generate_series(1, 50) g"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    common::wait_until(T, "expired rows purged", || {
+        let pool = pool.clone();
+        let schema = schema.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(&format!("select count(*) from \"{schema}\".inbox where message_id like 'old-%'"))
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+            (n == 0).then_some(())
+        }
+    })
+    .await;
+    let fresh: i64 = sqlx::query_scalar(&format!("select count(*) from \"{schema}\".inbox"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(fresh, 50, "fresh rows are kept");
+    let obj = common::wait_condition(&e.inboxes, "p", "RetentionEnforced", "True", Some("PurgeHealthy"), T).await;
+    assert!(obj.status.unwrap().last_purge.is_some());
+    e.ns.delete().await;
+}
+
+#[tokio::test]
+async fn one_invalid_inbox_does_not_stop_the_others() {
+    let e = setup("ibt-invalid").await;
+    let url = common::env("DATABASE_URL");
+    let schema = schema_name(&e.ns.name);
+    common::create_secret(&e.client, &e.ns.name, "db", &url).await;
+    // Passes the schema, fails validate(): the source broker has no port.
+    let bad = inbox(
+        "bad",
+        "db",
+        &schema,
+        json!({"sources": {"kafka": {"bootstrapServers": "kafka", "topics": ["t"]}}}),
+    );
+    e.inboxes.create(&PostParams::default(), &bad).await.unwrap();
+    for name in ["good-a", "good-b"] {
+        let mut ok = inbox(name, "db", &schema, json!({}));
+        ok.spec.database.table = name.replace('-', "_");
+        e.inboxes.create(&PostParams::default(), &ok).await.unwrap();
+    }
+    let obj = common::wait_condition(&e.inboxes, "bad", "Ready", "False", Some("InvalidSpec"), T).await;
+    let msg = &common::condition(&obj.status.as_ref().unwrap().conditions, "Ready").message;
+    assert!(msg.contains("spec.sources.kafka.bootstrapServers"), "{msg}");
+    common::wait_condition(&e.inboxes, "good-a", "Ready", "True", None, T).await;
+    common::wait_condition(&e.inboxes, "good-b", "Ready", "True", None, T).await;
+    e.ns.delete().await;
+}
+
+#[tokio::test]
+async fn metrics_and_health_are_served() {
+    let addr = common::operator();
+    let e = setup("ibt-metrics").await;
+    common::create_secret(&e.client, &e.ns.name, "db", &common::env("DATABASE_URL")).await;
+    e.inboxes
+        .create(&PostParams::default(), &inbox("m", "db", &schema_name(&e.ns.name), json!({})))
+        .await
+        .unwrap();
+    common::wait_condition(&e.inboxes, "m", "Ready", "True", None, T).await;
+    let get = |path: &str| {
+        let path = path.to_owned();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        }
+    };
+    let m = get("/metrics").await;
+    assert!(m.contains("lockstep_reconciles_total{controller=\"inboxtable\"}"), "{m}");
+    assert!(m.contains("lockstep_leader 1"), "{m}");
+    assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+    assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+    e.ns.delete().await;
+}

@@ -1,0 +1,271 @@
+//! The OutboxRelay controller (tables and topics) and DedupCovered, against the real API server,
+//! PostgreSQL and Kafka-protocol broker.
+
+mod common;
+
+use std::time::Duration;
+
+use kube::{
+    api::{Api, Patch, PatchParams, PostParams},
+    Client,
+};
+use lockstep::{
+    crd::{InboxTable, OutboxRelay},
+    kafka::Admin,
+};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(60);
+
+fn relay(name: &str, schema: &str, bootstrap: &str, topics: serde_json::Value) -> OutboxRelay {
+    serde_json::from_value(json!({
+        "apiVersion": "lockstep.dev/v1alpha1", "kind": "OutboxRelay", "metadata": {"name": name},
+        "spec": {
+            "database": {"urlSecretRef": {"name": "db"}, "schema": schema, "table": "outbox"},
+            "kafka": {"bootstrapServers": bootstrap},
+            "topics": topics
+        }
+    }))
+    .unwrap()
+}
+
+async fn setup(prefix: &str) -> (Client, common::TestNamespace, Api<OutboxRelay>, String) {
+    common::operator();
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::TestNamespace::new(&client, prefix).await;
+    common::create_secret(&client, &ns.name, "db", &common::env("DATABASE_URL")).await;
+    let api = Api::namespaced(client.clone(), &ns.name);
+    let schema = ns.name.replace('-', "_");
+    (client, ns, api, schema)
+}
+
+fn admin(bootstrap: &str) -> Admin {
+    Admin::new(bootstrap, &Default::default(), Duration::from_secs(10)).unwrap()
+}
+
+async fn touch(api: &Api<OutboxRelay>, name: &str) {
+    let v = uuid::Uuid::new_v4().to_string();
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"metadata": {"annotations": {"test/touch": v}}})),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn creates_tables_and_topics_then_restores_drift_but_not_ignored_keys() {
+    let (_c, ns, api, schema) = setup("obr-topics").await;
+    let bootstrap = common::kafka_bootstrap();
+    let topic = common::unique("orders.events");
+    let spec_topics = json!([{"name": topic, "partitions": 3, "replicationFactor": 1,
+        "config": {"retention.ms": "604800000", "cleanup.policy": "delete"}, "ignoreConfig": ["segment.bytes"]}]);
+    api.create(&PostParams::default(), &relay("orders", &schema, &bootstrap, spec_topics))
+        .await
+        .unwrap();
+    let obj = common::wait_condition(&api, "orders", "Ready", "True", None, T).await;
+    let st = obj.status.unwrap();
+    assert_eq!(st.topics[0].partitions, Some(3));
+    assert!(st.topics[0].ready);
+    assert_eq!(st.guarantees.len(), 3);
+
+    // The tables exist.
+    let pool = sqlx::PgPool::connect(&common::env("DATABASE_URL")).await.unwrap();
+    let tables: Vec<String> =
+        sqlx::query_scalar("select table_name::text from information_schema.tables where table_schema = $1 order by 1")
+            .bind(&schema)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(tables, ["lockstep_schema_history", "outbox", "outbox_dead_letter"]);
+
+    // The topic, as asked.
+    let a = admin(&bootstrap);
+    let d = a.describe(std::slice::from_ref(&topic)).await.unwrap();
+    assert_eq!(d[&topic].partitions, 3);
+    assert_eq!(d[&topic].config.get("retention.ms").map(String::as_str), Some("604800000"));
+    assert_eq!(d[&topic].config.get("cleanup.policy").map(String::as_str), Some("delete"));
+
+    // Someone changes a managed key and an ignored one behind lockstep's back.
+    a.alter_configs(
+        &topic,
+        &[("retention.ms".into(), "1000".into()), ("segment.bytes".into(), "2097152".into())],
+    )
+    .await
+    .unwrap();
+    touch(&api, "orders").await;
+    let obj = common::wait_condition(&api, "orders", "TopicsReady", "True", Some("TopicConfigDrift"), T).await;
+    let st = obj.status.unwrap();
+    assert_eq!(st.topics[0].drift, ["retention.ms: 1000 -> 604800000"], "drift shown in status");
+    let d = a.describe(std::slice::from_ref(&topic)).await.unwrap();
+    assert_eq!(
+        d[&topic].config.get("retention.ms").map(String::as_str),
+        Some("604800000"),
+        "restored"
+    );
+    assert_eq!(
+        d[&topic].config.get("segment.bytes").map(String::as_str),
+        Some("2097152"),
+        "an ignored key is left as set"
+    );
+    touch(&api, "orders").await;
+    let obj = common::wait_condition(&api, "orders", "TopicsReady", "True", Some("TopicsConfigured"), T).await;
+    assert!(obj.status.unwrap().topics[0].drift.is_empty(), "drift cleared");
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn a_partition_decrease_is_refused_and_nothing_changes() {
+    let (_c, ns, api, schema) = setup("obr-partitions").await;
+    let bootstrap = common::kafka_bootstrap();
+    let topic = common::unique("orders.p");
+    api.create(
+        &PostParams::default(),
+        &relay(
+            "r",
+            &schema,
+            &bootstrap,
+            json!([{"name": topic, "partitions": 4, "replicationFactor": 1}]),
+        ),
+    )
+    .await
+    .unwrap();
+    common::wait_condition(&api, "r", "Ready", "True", None, T).await;
+    let patch = json!({"spec": {"topics": [{"name": topic, "partitions": 2, "replicationFactor": 1}]}});
+    api.patch("r", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let obj = common::wait_condition(&api, "r", "TopicsReady", "False", Some("PartitionChangeRefused"), T).await;
+    let st = obj.status.unwrap();
+    let msg = &common::condition(&st.conditions, "TopicsReady").message;
+    assert!(msg.contains("has 4 partitions, spec asks for 2"), "{msg}");
+    assert!(!st.topics[0].ready);
+    assert_eq!(common::condition(&st.conditions, "Ready").reason, "PartitionChangeRefused");
+    assert_eq!(
+        admin(&bootstrap).describe(std::slice::from_ref(&topic)).await.unwrap()[&topic].partitions,
+        4
+    );
+    // An increase on a keyed topic is refused too, unless allowed.
+    let patch = json!({"spec": {"topics": [{"name": topic, "partitions": 6, "replicationFactor": 1}]}});
+    api.patch("r", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    common::wait_until(T, "increase refused", || {
+        let api = api.clone();
+        async move {
+            let st = api.get("r").await.ok()?.status?;
+            let c = common::condition(&st.conditions, "TopicsReady");
+            (c.status == "False" && c.reason == "PartitionChangeRefused" && c.message.contains("allowPartitionIncrease")).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        admin(&bootstrap).describe(std::slice::from_ref(&topic)).await.unwrap()[&topic].partitions,
+        4
+    );
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn a_broker_outage_is_reported_and_heals() {
+    let (_c, ns, api, schema) = setup("obr-broker").await;
+    let mut broker = common::PrivateBroker::start();
+    let topic = common::unique("orders.b");
+    api.create(
+        &PostParams::default(),
+        &relay(
+            "r",
+            &schema,
+            &broker.bootstrap(),
+            json!([{"name": topic, "partitions": 1, "replicationFactor": 1}]),
+        ),
+    )
+    .await
+    .unwrap();
+    common::wait_condition(&api, "r", "Ready", "True", None, T).await;
+    broker.stop();
+    touch(&api, "r").await;
+    let obj = common::wait_condition(&api, "r", "TopicsReady", "False", Some("BrokerUnreachable"), T).await;
+    assert!(common::condition(&obj.status.unwrap().conditions, "TopicsReady")
+        .message
+        .contains(&broker.bootstrap()));
+    broker.start_again();
+    common::wait_condition(&api, "r", "Ready", "True", None, T).await;
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn weakening_producer_settings_are_rejected() {
+    let (_c, ns, api, schema) = setup("obr-producer").await;
+    let mut r = relay("weak", &schema, &common::kafka_bootstrap(), json!([]));
+    r.spec.kafka.producer.config.insert("acks".into(), "1".into());
+    api.create(&PostParams::default(), &r).await.unwrap();
+    let obj = common::wait_condition(&api, "weak", "Ready", "False", Some("InvalidSpec"), T).await;
+    let msg = common::condition(&obj.status.unwrap().conditions, "Ready").message.clone();
+    assert!(
+        msg.contains("spec.kafka.producer.config[acks]") && msg.contains("acks=1 would weaken delivery"),
+        "{msg}"
+    );
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn dedup_covered_compares_inbox_retention_with_topic_retention() {
+    let (client, ns, _api, schema) = setup("ibt-covered").await;
+    let bootstrap = common::kafka_bootstrap();
+    let topic = common::unique("orders.c");
+    admin(&bootstrap)
+        .create_topic(&topic, 1, 1, &[("retention.ms".to_string(), "604800000".to_string())].into())
+        .await
+        .unwrap();
+    let inboxes: Api<InboxTable> = Api::namespaced(client.clone(), &ns.name);
+    let ibt: InboxTable = serde_json::from_value(json!({
+        "apiVersion": "lockstep.dev/v1alpha1", "kind": "InboxTable", "metadata": {"name": "billing"},
+        "spec": {"database": {"urlSecretRef": {"name": "db"}, "schema": schema, "table": "inbox"}, "retention": "1d",
+                 "sources": {"kafka": {"bootstrapServers": bootstrap, "topics": [topic]}}}
+    }))
+    .unwrap();
+    inboxes.create(&PostParams::default(), &ibt).await.unwrap();
+    let obj = common::wait_condition(
+        &inboxes,
+        "billing",
+        "DedupCovered",
+        "False",
+        Some("RetentionBelowTopicRetention"),
+        T,
+    )
+    .await;
+    let msg = common::condition(&obj.status.unwrap().conditions, "DedupCovered").message.clone();
+    assert!(
+        msg.contains("86400000 ms") && msg.contains("retention.ms=604800000"),
+        "both numbers: {msg}"
+    );
+    let ready = common::condition(&inboxes.get("billing").await.unwrap().status.unwrap().conditions, "Ready")
+        .status
+        .clone();
+    assert_eq!(ready, "True", "no policy requires coverage yet");
+
+    // A DedupPolicy with requireCoverage makes DedupCovered part of Ready.
+    let label = json!({"metadata": {"labels": {"lockstep.dev/test": ns.name}}});
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .patch(&ns.name, &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .unwrap();
+    let pname = common::unique("coverage");
+    let policies: Api<lockstep::crd::DedupPolicy> = Api::all(client.clone());
+    let p: lockstep::crd::DedupPolicy = serde_json::from_value(json!({"apiVersion": "lockstep.dev/v1alpha1", "kind": "DedupPolicy",
+        "metadata": {"name": pname}, "spec": {"namespaceSelector": {"matchLabels": {"lockstep.dev/test": ns.name}}, "requireCoverage": true}}))
+    .unwrap();
+    policies.create(&PostParams::default(), &p).await.unwrap();
+    common::wait_condition(&inboxes, "billing", "Ready", "False", Some("RetentionBelowTopicRetention"), T).await;
+
+    let patch = json!({"spec": {"retention": "8d"}});
+    inboxes
+        .patch("billing", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    common::wait_condition(&inboxes, "billing", "Ready", "True", None, T).await;
+    let obj = common::wait_condition(&inboxes, "billing", "DedupCovered", "True", Some("RetentionCoversRedelivery"), T).await;
+    let msg = common::condition(&obj.status.unwrap().conditions, "DedupCovered").message.clone();
+    assert!(msg.contains("691200000 ms") && msg.contains("604800000"), "{msg}");
+    policies.delete(&pname, &Default::default()).await.unwrap();
+    ns.delete().await;
+}

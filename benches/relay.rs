@@ -2,8 +2,11 @@
 //! (same settings, same messages), and D, the SQL alone (the relay's own select and delete
 //! statements). Reports R / min(P, D) and the relay's CPU time per event.
 //!
-//!   scripts/bench relay            (BENCH_EVENTS, default 200000; BENCH_BATCH, default 500;
-//!                                   payload 256 bytes; 1000 keys)
+//! Then measures commit-to-acknowledgement latency at 60% of R, woken by NOTIFY and by polling.
+//!
+//!   scripts/bench relay   (BENCH_EVENTS, default 200000; BENCH_BATCH, default 500; BENCH_IN_FLIGHT,
+//!                          default 4; BENCH_POLL, default 100ms; BENCH_LATENCY_SECS, default 10;
+//!                          payload ~256 bytes; 1000 keys)
 
 use std::{
     sync::Arc,
@@ -13,7 +16,7 @@ use std::{
 use clap::Parser;
 use lockstep::{
     config::RelayArgs,
-    relay::{producer_config, Relay, RelayMetrics},
+    relay::{producer_config, run_with_metrics, Relay, RelayMetrics},
     schema::{migrate, TableKind},
 };
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -52,6 +55,51 @@ async fn load(pool: &sqlx::PgPool, table: &str, n: i64) {
     println!("loaded {n} events in {:.1}s", t.elapsed().as_secs_f64());
 }
 
+/// Commit events at `rate` per second for `dur`: every 10 ms, one transaction per writer connection
+/// inserts its share. Returns how many were written.
+async fn write_at(pool: &sqlx::PgPool, table: &str, rate: f64, dur: Duration) -> u64 {
+    const WRITERS: usize = 4;
+    let per_tick = rate / 100.0 / WRITERS as f64;
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let pool = pool.clone();
+            let sql = format!(
+                "insert into {table} (id, aggregatetype, aggregateid, type, payload)
+                 select gen_random_uuid(), 'order', 'k-' || (g % 1000), 'created', jsonb_build_object('n', g, 'pad', repeat('x', 230))
+                 from generate_series($1::bigint, $1::bigint + $2::bigint - 1) g"
+            );
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let end = Instant::now() + dur;
+                let (mut owed, mut written) = (0.0f64, 0u64);
+                while Instant::now() < end {
+                    tick.tick().await;
+                    owed += per_tick;
+                    let k = owed.floor() as i64;
+                    if k == 0 {
+                        continue;
+                    }
+                    owed -= k as f64;
+                    sqlx::query(&sql)
+                        .bind((w as i64) << 40 | written as i64)
+                        .bind(k)
+                        .execute(&pool)
+                        .await
+                        .expect("insert");
+                    written += k as u64;
+                }
+                written
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total
+}
+
 #[tokio::main]
 async fn main() {
     let n: i64 = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
@@ -60,6 +108,8 @@ async fn main() {
     let schema = format!("bench_relay_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let topic = format!("bench.relay.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let batch = std::env::var("BENCH_BATCH").unwrap_or_else(|_| "500".into());
+    let in_flight = std::env::var("BENCH_IN_FLIGHT").unwrap_or_else(|_| "4".into());
+    let poll = std::env::var("BENCH_POLL").unwrap_or_else(|_| "100ms".into());
     let args = Wrap::parse_from([
         "bench",
         "--schema",
@@ -70,10 +120,12 @@ async fn main() {
         &topic,
         "--metrics-addr",
         "127.0.0.1:0",
-        "--poll-interval",
-        "100ms",
         "--batch-size",
         &batch,
+        "--max-batches-in-flight",
+        &in_flight,
+        "--poll-interval",
+        &poll,
     ]);
     let cfg = args.relay.resolve().expect("config");
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await.unwrap();
@@ -126,6 +178,8 @@ async fn main() {
         let ids: Vec<uuid::Uuid> = sqlx::query(select_sql)
             .bind(i64::from(cfg.spec.relay.batch_size))
             .bind(&empty)
+            .bind(i64::MAX)
+            .bind(i64::MIN)
             .fetch_all(&mut *conn)
             .await
             .unwrap()
@@ -140,31 +194,32 @@ async fn main() {
     let d_rate = n as f64 / started.elapsed().as_secs_f64();
     drop(conn);
 
-    // R: the relay draining the same number of events.
+    // R: the relay draining the same number of events. Progress comes from the relay's own
+    // counter, so the bench puts no load on the database while it measures.
     load(&pool, &table, n).await;
+    let metrics = Arc::new(RelayMetrics::default());
     let stop = tokio_util::sync::CancellationToken::new();
     let cpu0 = cpu_seconds();
     let started = Instant::now();
-    let task = tokio::spawn(lockstep::relay::run(cfg.clone(), true, stop.clone()));
-    loop {
-        let left: i64 = sqlx::query_scalar(&format!("select count(*) from {table}"))
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let task = tokio::spawn(run_with_metrics(cfg.clone(), true, stop.clone(), metrics.clone()));
+    while metrics.published.get() < n as u64 {
+        assert!(!task.is_finished(), "relay stopped early");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
     stop.cancel();
     task.await.unwrap().unwrap();
+    let left: i64 = sqlx::query_scalar(&format!("select count(*) from {table}"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "published counter reached {n} but rows are left");
     let r_rate = n as f64 / elapsed;
 
     println!(
-        "events: {n}, payload ~256 B, 1000 keys, 6 partitions, batch {}",
-        cfg.spec.relay.batch_size
+        "events: {n}, payload ~256 B, 1000 keys, 6 partitions, batch {}, batches in flight {}",
+        cfg.spec.relay.batch_size, cfg.max_batches_in_flight
     );
     println!("P producer only:        {p_rate:>10.0} events/s");
     println!("D SQL read+delete only: {d_rate:>10.0} events/s");
@@ -174,7 +229,42 @@ async fn main() {
         "relay CPU: {:.1} us/event (this process; includes librdkafka threads)",
         cpu * 1e6 / n as f64
     );
-    println!("not measured yet: commit-to-ack latency p50/p99 at 60% of R, NOTIFY vs polling");
+
+    // Latency: writers commit events at 60% of R while the relay runs, once woken by NOTIFY and
+    // once by polling alone. Latency = broker acknowledgement time - created_at (the writer's
+    // transaction start), so it includes the commit itself.
+    let rate = 0.6 * r_rate;
+    let secs: f64 = std::env::var("BENCH_LATENCY_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10.0);
+    println!("commit-to-ack latency at {rate:.0} events/s (60% of R), {secs}s each, writers commit every 10 ms:");
+    for (label, listen) in [("NOTIFY", true), ("polling", false)] {
+        let mut c = cfg.clone();
+        c.listen = listen;
+        let metrics = Arc::new(RelayMetrics::with_latency_samples());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(run_with_metrics(c, true, stop.clone(), metrics.clone()));
+        // Let it take the lock and settle before measuring.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        metrics.take_latency_samples();
+        let written = write_at(&pool, &table, rate, Duration::from_secs_f64(secs)).await;
+        while metrics.published.get() < written {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        task.await.unwrap().unwrap();
+        let mut l = metrics.take_latency_samples();
+        l.sort_by(f64::total_cmp);
+        let pct = |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)] * 1e3;
+        println!(
+            "  {label:<8} (poll interval {}): p50 {:>7.1} ms   p99 {:>7.1} ms   ({} events)",
+            cfg.spec.relay.poll_interval,
+            pct(0.50),
+            pct(0.99),
+            l.len()
+        );
+    }
     sqlx::query(&format!("drop schema \"{schema}\" cascade"))
         .execute(&pool)
         .await

@@ -151,6 +151,12 @@ pub struct RelayArgs {
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "LOCKSTEP_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
+    /// Wake on LISTEN/NOTIFY from the outbox trigger (false: poll only, at --poll-interval).
+    #[arg(long, env = "LOCKSTEP_LISTEN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub listen: bool,
+    /// Batches published but not yet acknowledged at once; reading and deleting overlap with them.
+    #[arg(long, env = "LOCKSTEP_MAX_BATCHES_IN_FLIGHT", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_batches_in_flight: u16,
     /// Create or migrate the outbox and dead-letter tables (false: only verify them).
     #[arg(long, env = "LOCKSTEP_MANAGE_SCHEMA", default_value_t = true, action = clap::ArgAction::Set)]
     pub manage_schema: bool,
@@ -214,6 +220,8 @@ pub struct RelayConfig {
     pub spec: OutboxRelaySpec,
     pub resolved: ValidOutboxRelay,
     pub metrics_addr: SocketAddr,
+    pub listen: bool,
+    pub max_batches_in_flight: usize,
 }
 
 impl RelayArgs {
@@ -302,6 +310,8 @@ impl RelayArgs {
             spec,
             resolved,
             metrics_addr: self.metrics_addr,
+            listen: self.listen,
+            max_batches_in_flight: usize::from(self.max_batches_in_flight),
         })
     }
 }

@@ -15,11 +15,11 @@
 //!   topic name the routing cannot build), it moves to the dead-letter table with its error.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     io::IsTerminal,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -34,7 +34,7 @@ use rdkafka::{
     config::ClientConfig,
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord, Producer},
+    producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
 };
 use sha2::{Digest, Sha256};
 use sqlx::{postgres::PgListener, Connection, PgConnection, Row};
@@ -62,7 +62,9 @@ pub struct RelayMetrics {
     pub commit_to_ack_seconds: Histogram,
     pub pending: Gauge,
     pub oldest_pending_seconds: Gauge<f64, AtomicU64>,
+    pub oldest_transaction_seconds: Gauge<f64, AtomicU64>,
     pub active: Gauge,
+    latency_samples: Option<Mutex<Vec<f64>>>,
     registry: Registry,
 }
 
@@ -77,7 +79,9 @@ impl Default for RelayMetrics {
             commit_to_ack_seconds: Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0]),
             pending: Gauge::default(),
             oldest_pending_seconds: Gauge::default(),
+            oldest_transaction_seconds: Gauge::default(),
             active: Gauge::default(),
+            latency_samples: None,
             registry: Registry::default(),
         };
         registry.register(
@@ -103,12 +107,42 @@ impl Default for RelayMetrics {
             "Age of the oldest unpublished row",
             m.oldest_pending_seconds.clone(),
         );
+        registry.register(
+            "oldest_transaction_age_seconds",
+            "Age of the oldest open write transaction; rows committed after it started wait for it to end",
+            m.oldest_transaction_seconds.clone(),
+        );
         registry.register("active", "1 while this relay holds the outbox lock", m.active.clone());
         RelayMetrics { registry, ..m }
     }
 }
 
 impl RelayMetrics {
+    /// Metrics that also keep every commit-to-acknowledgement latency, for benchmarks.
+    pub fn with_latency_samples() -> Self {
+        RelayMetrics {
+            latency_samples: Some(Mutex::new(Vec::new())),
+            ..Self::default()
+        }
+    }
+
+    fn observe_commit_to_ack(&self, seconds: &[f64]) {
+        for s in seconds {
+            self.commit_to_ack_seconds.observe(*s);
+        }
+        if let Some(samples) = &self.latency_samples {
+            samples.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(seconds);
+        }
+    }
+
+    /// The latencies kept so far (empty unless built by `with_latency_samples`), leaving none.
+    pub fn take_latency_samples(&self) -> Vec<f64> {
+        self.latency_samples
+            .as_ref()
+            .map(|s| std::mem::take(&mut *s.lock().unwrap_or_else(|e| e.into_inner())))
+            .unwrap_or_default()
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding into a String");
@@ -174,6 +208,7 @@ pub fn producer_config(cfg: &RelayConfig) -> ClientConfig {
 
 struct Row0 {
     id: uuid::Uuid,
+    seq: i64,
     aggregatetype: String,
     aggregateid: String,
     type_: String,
@@ -195,13 +230,47 @@ impl Row0 {
     }
 }
 
-/// What one batch did.
+/// What one batch, or one drain, did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchOutcome {
     pub read: usize,
     pub published: usize,
     pub retried: usize,
     pub quarantined: usize,
+}
+
+impl std::ops::AddAssign for BatchOutcome {
+    fn add_assign(&mut self, o: Self) {
+        self.read += o.read;
+        self.published += o.published;
+        self.retried += o.retried;
+        self.quarantined += o.quarantined;
+    }
+}
+
+/// A batch handed to the producer whose delivery reports are not all in yet.
+struct InFlight {
+    rows: Vec<Row0>,
+    /// Row index and delivery report of each message the producer accepted.
+    sent: Vec<(usize, DeliveryFuture)>,
+    /// Row index, error, and whether no retry can fix it.
+    failures: Vec<(usize, String, bool)>,
+    /// The batch's seq range: rows in flight are never read again.
+    seqs: (i64, i64),
+    started: Instant,
+}
+
+/// The seq range the next read must skip: from the lowest to the highest seq in flight. Rows
+/// inside it that are not in flight (a blocked key, a row not yet visible) wait until it moves on.
+fn excluded_range(in_flight: impl IntoIterator<Item = (i64, i64)>) -> Option<(i64, i64)> {
+    in_flight.into_iter().reduce(|(lo, hi), (l, h)| (lo.min(l), hi.max(h)))
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 pub struct Relay {
@@ -232,10 +301,12 @@ impl Relay {
         } else {
             ""
         };
+        // $3/$4: the seq range in flight (empty when $3 > $4).
         let select_sql = format!(
-            "select id, aggregatetype, aggregateid, type, {payload} as payload, headers::jsonb as headers, attempts,
+            "select id, seq, aggregatetype, aggregateid, type, {payload} as payload, headers::jsonb as headers, attempts,
                     extract(epoch from created_at)::float8 as created from {t}
              where txid < pg_snapshot_xmin(pg_current_snapshot()) {unpublished} and not ({key}::text = any($2))
+               and (seq < $3 or seq > $4)
              order by seq limit $1"
         );
         let done_sql = match cfg.spec.relay.cleanup {
@@ -267,25 +338,58 @@ impl Relay {
     }
 
     /// The statements a batch runs (select, then delete or mark), for the SQL-only baseline.
+    /// The select takes: $1 limit, $2 blocked keys (text[]), $3 and $4 the seq range to skip.
     pub fn statements(&self) -> (&str, &str) {
         (&self.select_sql, &self.done_sql)
     }
 
-    /// Read one batch, publish it, wait for every delivery report, then remove what was
-    /// acknowledged and record what failed.
-    pub async fn batch(&mut self, conn: &mut PgConnection) -> Result<BatchOutcome, RelayError> {
-        let started = Instant::now();
+    /// Publish until the outbox has nothing more to read and every batch sent is acknowledged and
+    /// removed. Up to `max_batches_in_flight` batches are with the producer at once, so reading
+    /// and deleting overlap with publishing. Stops reading (and finishes what is in flight) when
+    /// `stop` fires.
+    pub async fn drain(&mut self, conn: &mut PgConnection, stop: &CancellationToken) -> Result<BatchOutcome, RelayError> {
+        let depth = self.cfg.max_batches_in_flight.max(1);
+        let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(depth);
+        let mut total = BatchOutcome::default();
+        // Set when a read finds nothing; cleared when a batch completes (rows may have come since).
+        let mut empty = false;
+        loop {
+            while !empty && in_flight.len() < depth && !stop.is_cancelled() {
+                let started = Instant::now();
+                let range = excluded_range(in_flight.iter().map(|b| b.seqs));
+                let rows = self.fetch(conn, range).await?;
+                total.read += rows.len();
+                if rows.is_empty() {
+                    empty = true;
+                } else {
+                    in_flight.push_back(self.send(rows, started).await);
+                }
+            }
+            let Some(batch) = in_flight.pop_front() else {
+                return Ok(total);
+            };
+            total += self.complete(conn, batch).await?;
+            empty = false;
+        }
+    }
+
+    /// Rows to publish next, in seq order: visible to every snapshot, not of a blocked key, not in flight.
+    async fn fetch(&mut self, conn: &mut PgConnection, skip: Option<(i64, i64)>) -> Result<Vec<Row0>, RelayError> {
         let now = Instant::now();
         self.blocked.retain(|_, until| *until > now);
         let blocked: Vec<String> = self.blocked.keys().cloned().collect();
-        let rows: Vec<Row0> = sqlx::query(&self.select_sql)
+        let (lo, hi) = skip.unwrap_or((i64::MAX, i64::MIN));
+        let rows = sqlx::query(&self.select_sql)
             .bind(i64::from(self.cfg.spec.relay.batch_size))
             .bind(&blocked)
+            .bind(lo)
+            .bind(hi)
             .fetch_all(&mut *conn)
             .await?
             .into_iter()
             .map(|r| Row0 {
                 id: r.get("id"),
+                seq: r.get("seq"),
                 aggregatetype: r.get("aggregatetype"),
                 aggregateid: r.get("aggregateid"),
                 type_: r.get("type"),
@@ -295,19 +399,17 @@ impl Relay {
                 created: r.get("created"),
             })
             .collect();
-        let mut out = BatchOutcome {
-            read: rows.len(),
-            ..Default::default()
-        };
-        if rows.is_empty() {
-            return Ok(out);
-        }
+        Ok(rows)
+    }
+
+    /// Hand a batch to the producer. A row whose send fails holds back the later rows of its key.
+    async fn send(&mut self, rows: Vec<Row0>, started: Instant) -> InFlight {
         let key_col = self.cfg.resolved.key;
-        let template = self.cfg.resolved.topic_template.clone();
-        // Keys with a failed row in this batch: their later rows are not sent.
+        let template = &self.cfg.resolved.topic_template;
+        let seqs = (rows[0].seq, rows[rows.len() - 1].seq);
         let mut failed_keys: HashSet<String> = HashSet::new();
-        let mut failures: Vec<(usize, String, bool)> = Vec::new();
-        let mut pending = Vec::with_capacity(rows.len());
+        let mut failures = Vec::new();
+        let mut sent = Vec::with_capacity(rows.len());
         for (i, row) in rows.iter().enumerate() {
             let key = row.column(key_col);
             if failed_keys.contains(&key) {
@@ -322,7 +424,7 @@ impl Relay {
                 }
             };
             let id = row.id.to_string();
-            let mut headers = OwnedHeaders::new()
+            let mut headers = OwnedHeaders::new_with_capacity(2 + row.headers.as_ref().and_then(|h| h.as_object()).map_or(0, |h| h.len()))
                 .insert(Header {
                     key: "id",
                     value: Some(id.as_bytes()),
@@ -350,13 +452,13 @@ impl Relay {
             loop {
                 match self.producer.send_result(record) {
                     Ok(f) => {
-                        pending.push((i, f));
+                        sent.push((i, f));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        // The broker is slow or away: wait for the queue to drain.
                         record = r;
-                        self.producer.poll(Duration::from_millis(10));
-                        tokio::task::yield_now().await;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((e, _)) => {
                         self.metrics.failures.get_or_create(&ReasonLabel { reason: error_reason(&e) }).inc();
@@ -367,15 +469,31 @@ impl Relay {
                 }
             }
         }
-        let mut acked = Vec::with_capacity(pending.len());
-        for (i, f) in pending {
+        InFlight {
+            rows,
+            sent,
+            failures,
+            seqs,
+            started,
+        }
+    }
+
+    /// Wait for every delivery report of a batch, remove what was acknowledged in one statement,
+    /// record what failed (retry later, or dead-letter).
+    async fn complete(&mut self, conn: &mut PgConnection, batch: InFlight) -> Result<BatchOutcome, RelayError> {
+        let InFlight {
+            rows,
+            sent,
+            mut failures,
+            started,
+            ..
+        } = batch;
+        let mut acked = Vec::with_capacity(sent.len());
+        let mut latencies = Vec::with_capacity(sent.len());
+        for (i, f) in sent {
             match f.await {
                 Ok(Ok(_)) => {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs_f64())
-                        .unwrap_or(0.0);
-                    self.metrics.commit_to_ack_seconds.observe((now - rows[i].created).max(0.0));
+                    latencies.push((unix_now() - rows[i].created).max(0.0));
                     acked.push(rows[i].id)
                 }
                 Ok(Err((e, _))) => {
@@ -388,8 +506,14 @@ impl Relay {
         if !acked.is_empty() {
             sqlx::query(&self.done_sql).bind(&acked).execute(&mut *conn).await?;
         }
-        out.published = acked.len();
+        self.metrics.observe_commit_to_ack(&latencies);
+        let mut out = BatchOutcome {
+            read: 0,
+            published: acked.len(),
+            ..Default::default()
+        };
         self.metrics.published.inc_by(acked.len() as u64);
+        let key_col = self.cfg.resolved.key;
         for (i, error, permanent) in failures {
             let row = &rows[i];
             let attempts = row.attempts + 1;
@@ -431,6 +555,18 @@ pub async fn measure(pool: &sqlx::PgPool, t: &QualifiedName, cleanup: Cleanup) -
     Ok((row.get("pending"), row.get("oldest")))
 }
 
+/// Age of the oldest open transaction that holds a transaction id (anywhere in the cluster): rows
+/// committed after it started stay invisible to the relay until it ends. Sessions of other roles
+/// count only where this role may see them (pg_read_all_stats).
+pub async fn oldest_transaction_age(pool: &sqlx::PgPool) -> Result<f64, sqlx::Error> {
+    sqlx::query_scalar(
+        "select coalesce(extract(epoch from now() - min(xact_start))::float8, 0) from pg_stat_activity
+         where backend_xid is not null and pid <> pg_backend_pid()",
+    )
+    .fetch_one(pool)
+    .await
+}
+
 async fn payload_is_bytea(pool: &sqlx::PgPool, t: &QualifiedName) -> Result<bool, sqlx::Error> {
     let udt: Option<String> = sqlx::query_scalar(
         "select udt_name::text from information_schema.columns where table_schema = $1 and table_name = $2 and column_name = 'payload'",
@@ -444,7 +580,16 @@ async fn payload_is_bytea(pool: &sqlx::PgPool, t: &QualifiedName) -> Result<bool
 
 /// Run the relay until `stop`: migrate (or verify), wait for the lock, publish, repeat.
 pub async fn run(cfg: RelayConfig, manage_schema: bool, stop: CancellationToken) -> anyhow::Result<()> {
-    let metrics = Arc::new(RelayMetrics::default());
+    run_with_metrics(cfg, manage_schema, stop, Arc::new(RelayMetrics::default())).await
+}
+
+/// `run`, recording into the caller's metrics.
+pub async fn run_with_metrics(
+    cfg: RelayConfig,
+    manage_schema: bool,
+    stop: CancellationToken,
+    metrics: Arc<RelayMetrics>,
+) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
     let m = metrics.clone();
     let addr = crate::metrics::serve(
@@ -537,23 +682,26 @@ pub async fn run(cfg: RelayConfig, manage_schema: bool, stop: CancellationToken)
         active.store(true, Ordering::Relaxed);
         metrics.active.set(1);
         failures = 0;
-        let mut listener = match PgListener::connect_with(&pool).await {
-            Ok(mut l) => match l.listen(&channel).await {
-                Ok(()) => Some(l),
-                Err(_) => None,
-            },
-            Err(_) => None,
+        let mut listener = if cfg.listen {
+            let l = async {
+                let mut l = PgListener::connect_with(&pool).await?;
+                l.listen(&channel).await?;
+                Ok::<_, sqlx::Error>(l)
+            };
+            match l.await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot LISTEN for new rows; polling every {:?}", cfg.resolved.poll_interval);
+                    None
+                }
+            }
+        } else {
+            None
         };
         let poll = cfg.resolved.poll_interval;
         let result: Result<(), RelayError> = async {
             loop {
-                // Drain: batch after batch while rows come back full.
-                loop {
-                    let out = relay.batch(&mut conn).await?;
-                    if out.read < cfg.spec.relay.batch_size as usize || stop.is_cancelled() {
-                        break;
-                    }
-                }
+                relay.drain(&mut conn, &stop).await?;
                 if stop.is_cancelled() {
                     return Ok(());
                 }
@@ -610,6 +758,9 @@ fn spawn_measurements(
                 metrics.pending.set(pending);
                 metrics.oldest_pending_seconds.set(oldest);
             }
+            if let Ok(age) = oldest_transaction_age(&pool).await {
+                metrics.oldest_transaction_seconds.set(age);
+            }
             let p = producer.clone();
             let reachable = tokio::task::spawn_blocking(move || p.client().fetch_metadata(None, Duration::from_secs(2)).is_ok())
                 .await
@@ -619,10 +770,11 @@ fn spawn_measurements(
                 let published = metrics.published.get();
                 let rate = (published - last.1) as f64 / last.0.elapsed().as_secs_f64().max(0.001);
                 eprintln!(
-                    "lockstep relay: {} | published {published} ({rate:.0}/s) | pending ~{} | oldest {:.1}s | quarantined {} | broker {}",
+                    "lockstep relay: {} | published {published} ({rate:.0}/s) | pending ~{} | oldest {:.1}s | oldest transaction {:.1}s | quarantined {} | broker {}",
                     if active.load(Ordering::Relaxed) { "active" } else { "standby" },
                     metrics.pending.get(),
                     metrics.oldest_pending_seconds.get(),
+                    metrics.oldest_transaction_seconds.get(),
                     metrics.quarantined.get(),
                     if reachable { "ok" } else { "UNREACHABLE" },
                 );
@@ -644,6 +796,13 @@ mod tests {
         assert_eq!(backoff(5), Duration::from_secs(16));
         assert_eq!(backoff(30), Duration::from_secs(300));
         assert_eq!(backoff(0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn excluded_range_covers_every_batch_in_flight() {
+        assert_eq!(excluded_range([]), None);
+        assert_eq!(excluded_range([(5, 9)]), Some((5, 9)));
+        assert_eq!(excluded_range([(10, 20), (3, 4), (21, 40)]), Some((3, 40)));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //!
 //! Then measures commit-to-acknowledgement latency at 60% of R, woken by NOTIFY and by polling.
 //!
-//!   scripts/bench relay   (BENCH_EVENTS, default 200000; BENCH_BATCH, default 500; BENCH_IN_FLIGHT,
-//!                          default 4; BENCH_POLL, default 100ms; BENCH_LATENCY_SECS, default 10;
+//!   scripts/bench relay   (BENCH_EVENTS, default 1000000; BENCH_BATCH, default 500; BENCH_IN_FLIGHT,
+//!                          default 4; BENCH_POLL, default 1s; BENCH_LATENCY_SECS, default 10;
 //!                          payload ~256 bytes; 1000 keys)
 
 use std::{
@@ -19,7 +19,10 @@ use lockstep::{
     relay::{producer_config, run_with_metrics, Relay, RelayMetrics},
     schema::{migrate, TableKind},
 };
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+};
 use sqlx::Row;
 
 #[derive(Parser)]
@@ -102,14 +105,14 @@ async fn write_at(pool: &sqlx::PgPool, table: &str, rate: f64, dur: Duration) ->
 
 #[tokio::main]
 async fn main() {
-    let n: i64 = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let n: i64 = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let url = std::env::var("DATABASE_URL").expect("DATABASE_URL: run through scripts/bench");
     let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS").expect("KAFKA_BOOTSTRAP_SERVERS");
     let schema = format!("bench_relay_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let topic = format!("bench.relay.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let batch = std::env::var("BENCH_BATCH").unwrap_or_else(|_| "500".into());
     let in_flight = std::env::var("BENCH_IN_FLIGHT").unwrap_or_else(|_| "4".into());
-    let poll = std::env::var("BENCH_POLL").unwrap_or_else(|_| "100ms".into());
+    let poll = std::env::var("BENCH_POLL").unwrap_or_else(|_| "1s".into());
     let args = Wrap::parse_from([
         "bench",
         "--schema",
@@ -145,15 +148,26 @@ async fn main() {
     .unwrap();
     let table = t.to_string();
 
-    // P: the producer alone, same settings, same-sized messages, whole run in flight.
+    // P: the producer alone, same settings, same messages (key, ~256-byte payload, headers id and
+    // type), whole run in flight.
     let producer: FutureProducer = producer_config(&cfg).create().unwrap();
     let payload = format!("{{\"n\": 0, \"pad\": \"{}\"}}", "x".repeat(230));
     let started = Instant::now();
     let mut pending = Vec::with_capacity(n as usize);
     for i in 0..n {
         let key = format!("k-{}", i % 1000);
+        let id = uuid::Uuid::new_v4().to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "id",
+                value: Some(id.as_bytes()),
+            })
+            .insert(Header {
+                key: "type",
+                value: Some("created".as_bytes()),
+            });
         loop {
-            match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&payload)) {
+            match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&payload).headers(headers.clone())) {
                 Ok(f) => {
                     pending.push(f);
                     break;
@@ -239,7 +253,8 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10.0);
     println!("commit-to-ack latency at {rate:.0} events/s (60% of R), {secs}s each, writers commit every 10 ms:");
-    for (label, listen) in [("NOTIFY", true), ("polling", false)] {
+    let modes: &[(&str, bool)] = if secs > 0.0 { &[("NOTIFY", true), ("polling", false)] } else { &[] };
+    for &(label, listen) in modes {
         let mut c = cfg.clone();
         c.listen = listen;
         let metrics = Arc::new(RelayMetrics::with_latency_samples());

@@ -362,6 +362,25 @@ impl PrivateBroker {
             assert!(std::time::Instant::now() < deadline, "private tansu did not listen");
             std::thread::sleep(Duration::from_millis(50));
         }
+        // As scripts/testenv does: index tansu's header table, or every fetch scans all headers.
+        loop {
+            let ok = std::process::Command::new("sqlite3")
+                .arg(self.dir.join("tansu.db"))
+                .arg("pragma busy_timeout = 30000; create index if not exists lockstep_header_record on header (topition, offset_id);")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("run sqlite3")
+                .success();
+            if ok {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cannot index the private tansu's header table"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn stop(&mut self) {

@@ -418,3 +418,37 @@ async fn a_standby_takes_over_when_the_active_relay_dies() {
     let got = consume(&o.bootstrap, &o.topic, 200, Duration::from_secs(60));
     check(&got, 200, 10);
 }
+
+#[tokio::test]
+async fn sigterm_finishes_the_batches_in_flight_and_hands_over_without_duplicates() {
+    const EVENTS: i64 = 100_000;
+    let o = outbox("sigterm", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 4).await;
+    o.insert(0, EVENTS, 1000).await;
+    let mut a = o.relay("relay-sigterm-a.log");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while o.remaining().await == EVENTS {
+        assert!(Instant::now() < deadline, "relay a never started publishing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut b = o.relay("relay-sigterm-b.log");
+    let left = o.remaining().await;
+    let status = Command::new("kill").args(["-TERM", &a.0.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let exit = loop {
+        if let Some(s) = a.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "relay a did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(left > 0, "SIGTERM arrived mid-run ({left} events left)");
+    assert_eq!(exit.code(), Some(0), "SIGTERM exits 0");
+    // b takes the released lock and publishes the rest.
+    o.wait_drained(Duration::from_secs(120)).await;
+    b.kill();
+    let got = consume(&o.bootstrap, &o.topic, EVENTS as usize, Duration::from_secs(120));
+    let dups = check(&got, EVENTS as usize, 1000);
+    println!("SIGTERM with {left} events left: {} messages, {dups} duplicates", got.len());
+    assert_eq!(dups, 0, "a clean stop acknowledges and removes what it sent: no duplicates");
+}

@@ -452,3 +452,37 @@ async fn sigterm_finishes_the_batches_in_flight_and_hands_over_without_duplicate
     println!("SIGTERM with {left} events left: {} messages, {dups} duplicates", got.len());
     assert_eq!(dups, 0, "a clean stop acknowledges and removes what it sent: no duplicates");
 }
+
+#[tokio::test]
+async fn an_open_transaction_holds_back_later_rows_in_order_and_is_reported() {
+    let o = outbox("longtx", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
+    // One event (key k-100) committed before: it shows the relay is running meanwhile.
+    o.insert(100, 1, 1000).await;
+    // The first event of key k-0 (n = 0) is written by a transaction that stays open.
+    let mut tx = o.pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        "insert into \"{}\".outbox (id, aggregatetype, aggregateid, type, payload, headers)
+         values (gen_random_uuid(), 'order', 'k-0', 'created', '{{\"key\": 0, \"n\": 0}}', '{{\"source\": \"test\"}}')",
+        o.schema
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    // Later events of the same key commit while it is open.
+    o.insert(1, 10, 1).await;
+    let mut relay = o.relay("relay-longtx.log");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        o.remaining().await,
+        10,
+        "rows committed after the open transaction began wait for it"
+    );
+    let age = lockstep::relay::oldest_transaction_age(&o.pool).await.unwrap();
+    assert!(age >= 2.0, "the blocking transaction's age is reported: {age}");
+    tx.commit().await.unwrap();
+    o.wait_drained(Duration::from_secs(30)).await;
+    relay.kill();
+    let got = consume(&o.bootstrap, &o.topic, 12, Duration::from_secs(60));
+    // Per key in order: k-0's held-back first event went out before its later ones.
+    check(&got, 12, 2);
+}

@@ -40,20 +40,25 @@ fn cpu_seconds() -> f64 {
     ticks / 100.0
 }
 
+/// Insert $2 events numbered from $1: ~256-byte JSON payloads over 1,000 keys.
+fn insert_sql(table: &str) -> String {
+    format!(
+        "insert into {table} (id, aggregatetype, aggregateid, type, payload)
+             select gen_random_uuid(), 'order', 'k-' || (g % 1000), 'created', jsonb_build_object('n', g, 'pad', repeat('x', 230))
+             from generate_series($1::bigint, $1::bigint + $2::bigint - 1) g"
+    )
+}
+
 async fn load(pool: &sqlx::PgPool, table: &str, n: i64) {
     let t = Instant::now();
     for start in (0..n).step_by(50_000) {
         let count = 50_000.min(n - start);
-        sqlx::query(&format!(
-            "insert into {table} (id, aggregatetype, aggregateid, type, payload)
-             select gen_random_uuid(), 'order', 'k-' || (g % 1000), 'created', jsonb_build_object('n', g, 'pad', repeat('x', 230))
-             from generate_series($1::bigint, $1::bigint + $2::bigint - 1) g"
-        ))
-        .bind(start)
-        .bind(count)
-        .execute(pool)
-        .await
-        .expect("load");
+        sqlx::query(&insert_sql(table))
+            .bind(start)
+            .bind(count)
+            .execute(pool)
+            .await
+            .expect("load");
     }
     println!("loaded {n} events in {:.1}s", t.elapsed().as_secs_f64());
 }
@@ -66,11 +71,7 @@ async fn write_at(pool: &sqlx::PgPool, table: &str, rate: f64, dur: Duration) ->
     let tasks: Vec<_> = (0..WRITERS)
         .map(|w| {
             let pool = pool.clone();
-            let sql = format!(
-                "insert into {table} (id, aggregatetype, aggregateid, type, payload)
-                 select gen_random_uuid(), 'order', 'k-' || (g % 1000), 'created', jsonb_build_object('n', g, 'pad', repeat('x', 230))
-                 from generate_series($1::bigint, $1::bigint + $2::bigint - 1) g"
-            );
+            let sql = insert_sql(table);
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_millis(10));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);

@@ -230,24 +230,6 @@ impl Row0 {
     }
 }
 
-/// What one batch, or one drain, did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct BatchOutcome {
-    pub read: usize,
-    pub published: usize,
-    pub retried: usize,
-    pub quarantined: usize,
-}
-
-impl std::ops::AddAssign for BatchOutcome {
-    fn add_assign(&mut self, o: Self) {
-        self.read += o.read;
-        self.published += o.published;
-        self.retried += o.retried;
-        self.quarantined += o.quarantined;
-    }
-}
-
 /// A batch handed to the producer whose delivery reports are not all in yet.
 struct InFlight {
     rows: Vec<Row0>,
@@ -347,10 +329,9 @@ impl Relay {
     /// removed. Up to `max_batches_in_flight` batches are with the producer at once, so reading
     /// and deleting overlap with publishing. Stops reading (and finishes what is in flight) when
     /// `stop` fires.
-    pub async fn drain(&mut self, conn: &mut PgConnection, stop: &CancellationToken) -> Result<BatchOutcome, RelayError> {
+    pub async fn drain(&mut self, conn: &mut PgConnection, stop: &CancellationToken) -> Result<(), RelayError> {
         let depth = self.cfg.max_batches_in_flight.max(1);
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(depth);
-        let mut total = BatchOutcome::default();
         // Set when a read finds nothing; cleared when a batch completes (rows may have come since).
         let mut empty = false;
         loop {
@@ -358,7 +339,6 @@ impl Relay {
                 let started = Instant::now();
                 let range = excluded_range(in_flight.iter().map(|b| b.seqs));
                 let rows = self.fetch(conn, range).await?;
-                total.read += rows.len();
                 if rows.is_empty() {
                     empty = true;
                 } else {
@@ -366,9 +346,9 @@ impl Relay {
                 }
             }
             let Some(batch) = in_flight.pop_front() else {
-                return Ok(total);
+                return Ok(());
             };
-            total += self.complete(conn, batch).await?;
+            self.complete(conn, batch).await?;
             empty = false;
         }
     }
@@ -480,7 +460,7 @@ impl Relay {
 
     /// Wait for every delivery report of a batch, remove what was acknowledged in one statement,
     /// record what failed (retry later, or dead-letter).
-    async fn complete(&mut self, conn: &mut PgConnection, batch: InFlight) -> Result<BatchOutcome, RelayError> {
+    async fn complete(&mut self, conn: &mut PgConnection, batch: InFlight) -> Result<(), RelayError> {
         let InFlight {
             rows,
             sent,
@@ -507,11 +487,6 @@ impl Relay {
             sqlx::query(&self.done_sql).bind(&acked).execute(&mut *conn).await?;
         }
         self.metrics.observe_commit_to_ack(&latencies);
-        let mut out = BatchOutcome {
-            read: 0,
-            published: acked.len(),
-            ..Default::default()
-        };
         self.metrics.published.inc_by(acked.len() as u64);
         let key_col = self.cfg.resolved.key;
         for (i, error, permanent) in failures {
@@ -524,17 +499,15 @@ impl Relay {
                     .execute(&mut *conn)
                     .await?;
                 self.metrics.quarantined.inc();
-                out.quarantined += 1;
                 tracing::warn!(id = %row.id, attempts, %error, "moved to the dead-letter table");
             } else {
                 sqlx::query(&self.fail_sql).bind(row.id).bind(&error).execute(&mut *conn).await?;
                 self.blocked.insert(row.column(key_col), Instant::now() + backoff(attempts));
-                out.retried += 1;
                 tracing::info!(id = %row.id, attempts, %error, retry_in = ?backoff(attempts), "publish failed; will retry");
             }
         }
         self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
-        Ok(out)
+        Ok(())
     }
 }
 

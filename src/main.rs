@@ -177,3 +177,59 @@ fn established(crd: &CustomResourceDefinition) -> bool {
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every flag and environment variable of every command: deployments and scripts depend on them.
+    #[test]
+    fn cli_flags_and_environment_are_exact() {
+        let cli = Cli::command();
+        let mut lines = Vec::new();
+        let mut describe = |cmd: &str, c: &clap::Command| {
+            for a in c.get_arguments() {
+                let long = a.get_long().map(|l| format!("--{l}")).unwrap_or_else(|| a.get_id().to_string());
+                let env = a.get_env().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
+                let default: Vec<String> = a.get_default_values().iter().map(|v| v.to_string_lossy().into_owned()).collect();
+                lines.push(format!("{cmd} {long} env={env} default={}", default.join(",")));
+            }
+        };
+        describe("lockstep", &cli);
+        for sub in cli.get_subcommands() {
+            describe(sub.get_name(), sub);
+        }
+        assert_eq!(lines.join("\n"), r#"lockstep --log-format env=LOCKSTEP_LOG_FORMAT default=text
+operator --metrics-addr env=LOCKSTEP_METRICS_ADDR default=0.0.0.0:8080
+operator --watch-namespace env=LOCKSTEP_WATCH_NAMESPACE default=
+operator --leader-election env=LOCKSTEP_LEADER_ELECTION default=true
+operator --lease-name env=LOCKSTEP_LEASE_NAME default=lockstep-operator
+operator --lease-namespace env=POD_NAMESPACE default=default
+operator --identity env=POD_NAME default=
+operator --relay-image env=LOCKSTEP_RELAY_IMAGE default=ghcr.io/lockstep-dev/lockstep:latest
+relay --database-url env=DATABASE_URL default=
+relay --database-url-file env=DATABASE_URL_FILE default=
+relay --schema env=LOCKSTEP_SCHEMA default=public
+relay --table env=LOCKSTEP_TABLE default=outbox
+relay --bootstrap-servers env=KAFKA_BOOTSTRAP_SERVERS default=
+relay --kafka-config env= default=
+relay --kafka-config-dir env=LOCKSTEP_KAFKA_CONFIG_DIR default=
+relay --topic env=LOCKSTEP_TOPIC default=outbox.event.{aggregatetype}
+relay --key env=LOCKSTEP_KEY default=aggregateid
+relay --batch-size env=LOCKSTEP_BATCH_SIZE default=500
+relay --poll-interval env=LOCKSTEP_POLL_INTERVAL default=1s
+relay --max-attempts env=LOCKSTEP_MAX_ATTEMPTS default=10
+relay --linger-ms env=LOCKSTEP_LINGER_MS default=5
+relay --compression env=LOCKSTEP_COMPRESSION default=lz4
+relay --cleanup env=LOCKSTEP_CLEANUP default=delete
+relay --published-retention env=LOCKSTEP_PUBLISHED_RETENTION default=
+relay --metrics-addr env=LOCKSTEP_METRICS_ADDR default=0.0.0.0:9090
+relay --listen env=LOCKSTEP_LISTEN default=true
+relay --max-batches-in-flight env=LOCKSTEP_MAX_BATCHES_IN_FLIGHT default=4
+relay --manage-schema env=LOCKSTEP_MANAGE_SCHEMA default=true
+crds --out env= default=
+crds --apply env= default="#);
+    }
+}

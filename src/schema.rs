@@ -307,7 +307,8 @@ pub struct MigrationOutcome {
     pub adopted: bool,
 }
 
-fn lock_key(t: &QualifiedName) -> i64 {
+/// The advisory lock key migrations of a table run under.
+pub fn lock_key(t: &QualifiedName) -> i64 {
     let d = Sha256::digest(format!("lockstep:{}.{}", t.schema.as_str(), t.table.as_str()).as_bytes());
     i64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
 }
@@ -359,6 +360,26 @@ pub async fn observe(conn: &mut PgConnection, t: &QualifiedName) -> Result<Optio
     .fetch_all(&mut *conn)
     .await?;
     Ok(Some((columns, keys)))
+}
+
+/// The schema and the migration history table, created before the first migration of a schema.
+pub fn history_ddl(schema: &Ident) -> String {
+    let history = QualifiedName {
+        schema: schema.clone(),
+        table: Ident::parse(HISTORY_TABLE).expect("valid"),
+    };
+    format!(
+        "create schema if not exists {schema};
+         create table if not exists {history} (
+             table_schema text not null,
+             table_name text not null,
+             kind text not null,
+             version integer not null,
+             checksum text not null,
+             applied_at timestamptz not null default now(),
+             primary key (table_schema, table_name, version)
+         );"
+    )
 }
 
 /// A migration rendered for one table (no function pointers held across awaits).
@@ -428,19 +449,7 @@ pub async fn migrate(conn: &mut PgConnection, kind: TableKind, t: &QualifiedName
         return outcome;
     }
 
-    let setup_sql = format!(
-        "create schema if not exists {s};
-         create table if not exists {history} (
-             table_schema text not null,
-             table_name text not null,
-             kind text not null,
-             version integer not null,
-             checksum text not null,
-             applied_at timestamptz not null default now(),
-             primary key (table_schema, table_name, version)
-         );",
-        s = t.schema
-    );
+    let setup_sql = history_ddl(&t.schema);
     sqlx::Executor::execute(&mut *tx, setup_sql.as_str()).await?;
 
     let history_sql = format!("select version, checksum from {history} where table_schema = $1 and table_name = $2 order by version");

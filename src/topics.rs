@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::{crd::TopicSpec, kafka::ObservedTopic};
+use crate::kafka::ObservedTopic;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
@@ -20,26 +20,6 @@ pub struct Desired {
     pub allow_partition_increase: bool,
     /// Messages carry keys whose order matters (always true for an outbox relay).
     pub keyed: bool,
-}
-
-impl Desired {
-    pub fn from_spec(t: &TopicSpec, keyed: bool) -> Self {
-        Desired {
-            name: t.name.clone(),
-            partitions: t.partitions,
-            replication_factor: t.replication_factor,
-            // A key both set and ignored is rejected by validation; ignore wins here regardless.
-            config: t
-                .config
-                .iter()
-                .filter(|(k, _)| !t.ignore_config.contains(k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            ignore: t.ignore_config.iter().cloned().collect(),
-            allow_partition_increase: t.allow_partition_increase,
-            keyed,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,16 +225,6 @@ mod tests {
         d.ignore.insert("segment.bytes".into());
         let p = plan(&[d], &one("a", observed(6, 3, &[("retention.ms", "5"), ("segment.bytes", "9")])));
         assert!(p.actions.is_empty() && p.drift.is_empty(), "{p:?}");
-        // from_spec drops ignored keys from the desired config too.
-        let spec = TopicSpec {
-            name: "a".into(),
-            partitions: 1,
-            replication_factor: 1,
-            config: [("retention.ms".to_string(), "1".to_string())].into(),
-            ignore_config: vec!["retention.ms".into()],
-            allow_partition_increase: false,
-        };
-        assert!(Desired::from_spec(&spec, true).config.is_empty());
     }
 
     #[test]

@@ -23,7 +23,8 @@ use crate::{
     retention::{self, Compliance, PolicyView},
 };
 
-const MANAGER: &str = "lockstep-deduppolicy";
+/// The server-side apply field manager of this controller's status writes.
+pub const MANAGER: &str = "lockstep-deduppolicy";
 const NAME: &str = "deduppolicy";
 
 type Guarded = DeserializeGuard<DedupPolicy>;

@@ -26,7 +26,8 @@ use crate::{
     schema::{migrate, SchemaError, TableKind},
 };
 
-const MANAGER: &str = "lockstep-inboxtable";
+/// The server-side apply field manager of this controller's status writes.
+pub const MANAGER: &str = "lockstep-inboxtable";
 const NAME: &str = "inboxtable";
 
 type Guarded = DeserializeGuard<InboxTable>;

@@ -25,7 +25,8 @@ use crate::{
     topics::{plan, Action as TopicAction, Desired},
 };
 
-const MANAGER: &str = "lockstep-outboxrelay";
+/// The server-side apply field manager of this controller's status writes.
+pub const MANAGER: &str = "lockstep-outboxrelay";
 const NAME: &str = "outboxrelay";
 
 type Guarded = DeserializeGuard<OutboxRelay>;
@@ -225,7 +226,7 @@ async fn topics(ctx: &Context, ns: &str, relay: &OutboxRelay) -> (Cond, Vec<Topi
         Ok(o) => o,
         Err(e) => return unknown(broker_err(e)),
     };
-    let desired: Vec<Desired> = relay.spec.topics.iter().map(|t| Desired::from_spec(t, true)).collect();
+    let desired: Vec<Desired> = relay.spec.validate().map(|v| v.topics).unwrap_or_default();
     let p = plan(&desired, &observed);
     let mut failed: Vec<(String, AdminError)> = Vec::new();
     for a in &p.actions {

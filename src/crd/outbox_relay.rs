@@ -8,11 +8,12 @@ use k8s_openapi::{api::core::v1::ResourceRequirements, apimachinery::pkg::apis::
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::common::{Conditions, DatabaseSpec, DeletionPolicy, SecretRef};
+use super::common::{Conditions, DatabaseSpec, DeletionPolicy, SecretKeyRef, SecretRef};
 use crate::{
     duration::Duration,
     routing::{validate_topic_name, OutboxColumn, TopicTemplate},
     sql::QualifiedName,
+    topics::Desired,
     validation::{Problems, ValidationErrors},
 };
 
@@ -334,16 +335,60 @@ const FORCED_PRODUCER_SETTINGS: [(&str, &[&str]); 2] = [("enable.idempotence", &
 /// Settings that would break idempotence or ordering guarantees.
 const FORBIDDEN_PRODUCER_SETTINGS: [&str; 3] = ["transactional.id", "bootstrap.servers", "enable.gapless.guarantee"];
 
-/// An OutboxRelay spec that passed validation, with parsed values.
+/// An OutboxRelay spec that passed validation: every value later steps need, parsed, so nothing
+/// reads the raw spec after `validate()`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidOutboxRelay {
     pub table: QualifiedName,
     pub dead_letter_table: QualifiedName,
+    pub url_secret: SecretKeyRef,
+    /// Create or migrate the tables (false: only verify them).
+    pub manage_schema: bool,
+    pub bootstrap_servers: String,
+    /// Secret whose keys are librdkafka settings (SASL/TLS).
+    pub auth_secret: Option<String>,
+    pub producer: ValidProducer,
     pub topic_template: TopicTemplate,
     pub key: OutboxColumn,
+    /// Topics lockstep creates and keeps configured, as the topic plan wants them.
+    pub topics: Vec<Desired>,
+    pub replicas: i32,
+    pub batch_size: i32,
+    pub max_attempts: i32,
     pub poll_interval: StdDuration,
-    pub max_oldest_age: StdDuration,
+    pub cleanup: Cleanup,
     pub published_retention: Option<StdDuration>,
+    pub max_oldest_age: StdDuration,
+}
+
+/// Producer settings that passed validation (idempotence and acks=all are added when building).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidProducer {
+    pub linger_ms: u32,
+    pub compression: Compression,
+    pub config: BTreeMap<String, String>,
+}
+
+impl TopicSpec {
+    /// The topic as the plan wants it. Every outbox message is keyed, so partition changes are
+    /// refused unless the spec allows them.
+    fn desired(&self) -> Desired {
+        Desired {
+            name: self.name.clone(),
+            partitions: self.partitions,
+            replication_factor: self.replication_factor,
+            // A key both set and ignored is rejected by validation; ignore wins here regardless.
+            config: self
+                .config
+                .iter()
+                .filter(|(k, _)| !self.ignore_config.contains(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ignore: self.ignore_config.iter().cloned().collect(),
+            allow_partition_increase: self.allow_partition_increase,
+            keyed: true,
+        }
+    }
 }
 
 impl OutboxRelaySpec {
@@ -460,11 +505,25 @@ impl OutboxRelaySpec {
             Some(ValidOutboxRelay {
                 table: table?,
                 dead_letter_table: dead_letter_table?,
+                url_secret: self.database.url_secret_ref.clone(),
+                manage_schema: self.database.manage_schema,
+                bootstrap_servers: self.kafka.bootstrap_servers.clone(),
+                auth_secret: self.kafka.auth_secret_ref.as_ref().map(|r| r.name.clone()),
+                producer: ValidProducer {
+                    linger_ms: pr.linger_ms,
+                    compression: pr.compression,
+                    config: pr.config.clone(),
+                },
                 topic_template: topic_template?,
                 key: self.routing.key,
+                topics: self.topics.iter().map(TopicSpec::desired).collect(),
+                replicas: r.replicas,
+                batch_size: r.batch_size,
+                max_attempts: r.max_attempts,
                 poll_interval: poll_interval?,
-                max_oldest_age: max_oldest_age?,
+                cleanup: r.cleanup,
                 published_retention,
+                max_oldest_age: max_oldest_age?,
             })
         })
     }
@@ -482,5 +541,26 @@ pub(crate) fn valid_host_port(s: &str) -> bool {
                 && port.parse::<u16>().is_ok_and(|p| p > 0)
         }
         None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn desired_topic_drops_ignored_keys_and_is_keyed() {
+        let spec = TopicSpec {
+            name: "a".into(),
+            partitions: 1,
+            replication_factor: 1,
+            config: [("retention.ms".to_string(), "1".to_string())].into(),
+            ignore_config: vec!["retention.ms".into()],
+            allow_partition_increase: false,
+        };
+        let d = spec.desired();
+        assert!(d.config.is_empty());
+        assert!(d.ignore.contains("retention.ms"));
+        assert!(d.keyed);
     }
 }

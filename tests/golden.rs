@@ -1,0 +1,282 @@
+//! Golden values that must never change by accident: a changed migration checksum refuses every
+//! table already migrated, a changed advisory-lock key lets two relays run during an upgrade, a
+//! changed NOTIFY channel leaves relays deaf to new rows, and condition reasons, field managers,
+//! metric names and the relay's SQL are what users, dashboards and alerts depend on.
+//! (CRD YAML is pinned by crd_drift.rs; CLI flags and environment variables by src/main.rs.)
+//! Pure: needs no server.
+
+use std::collections::BTreeMap;
+
+use lockstep::{
+    conditions::reason,
+    crd::condition,
+    schema::{self, TableKind},
+    sql::{Ident, QualifiedName},
+};
+
+fn q(schema: &str, table: &str) -> QualifiedName {
+    QualifiedName {
+        schema: Ident::parse(schema).unwrap(),
+        table: Ident::parse(table).unwrap(),
+    }
+}
+
+fn checksum(kind: TableKind, version: i32) -> String {
+    let m = schema::migrations(kind).iter().find(|m| m.version == version).unwrap();
+    m.checksum()
+}
+
+#[test]
+fn migration_checksums_are_exact() {
+    assert_eq!(
+        checksum(TableKind::Outbox, 1),
+        "7eeb6167e984f604657261cf1b75d90a81dc96ea05d3263746ca45a1dfd75b55"
+    );
+    assert_eq!(
+        checksum(TableKind::DeadLetter, 1),
+        "0763cadeee3ef43d5ba187be655515e1ea9267feb372807516fd8da6cae250d9"
+    );
+    assert_eq!(
+        checksum(TableKind::Inbox, 1),
+        "289e773e89b2b81cf477a0eab3972f1881f61dcbe942e3ae4dcfaf2879a16c66"
+    );
+    let versions = |k: TableKind| schema::migrations(k).iter().map(|m| m.version).collect::<Vec<_>>();
+    assert_eq!(
+        [
+            versions(TableKind::Outbox),
+            versions(TableKind::DeadLetter),
+            versions(TableKind::Inbox)
+        ],
+        [[1], [1], [1]]
+    );
+}
+
+#[test]
+fn migration_sql_is_byte_for_byte() {
+    let t = q("billing", "orders_outbox");
+    let render = |k: TableKind| (schema::migrations(k)[0].render)(&t);
+    assert_eq!(
+        render(TableKind::Outbox),
+        r#"create table "billing"."orders_outbox" (
+    id uuid primary key,
+    aggregatetype text not null,
+    aggregateid text not null,
+    type text not null,
+    payload jsonb,
+    headers jsonb,
+    created_at timestamptz not null default now(),
+    seq bigint generated always as identity unique,
+    txid xid8 not null default pg_current_xact_id(),
+    attempts integer not null default 0,
+    last_error text,
+    published_at timestamptz
+);
+create or replace function "billing"."orders_outbox_notify"() returns trigger language plpgsql as $$
+begin
+    perform pg_notify('lockstep_outbox_b3d26c7397ee7db6', '');
+    return null;
+end $$;
+create trigger "orders_outbox_notify_trg" after insert on "billing"."orders_outbox" for each statement execute function "billing"."orders_outbox_notify"();"#
+    );
+    assert_eq!(
+        render(TableKind::DeadLetter),
+        r#"create table "billing"."orders_outbox" (
+    id uuid primary key,
+    aggregatetype text not null,
+    aggregateid text not null,
+    type text not null,
+    payload jsonb,
+    headers jsonb,
+    created_at timestamptz not null,
+    seq bigint not null,
+    attempts integer not null,
+    last_error text not null,
+    failed_at timestamptz not null default now()
+);"#
+    );
+    assert_eq!(
+        render(TableKind::Inbox),
+        r#"create table "billing"."orders_outbox" (
+    consumer text not null,
+    message_id text not null,
+    received_at timestamptz not null default now(),
+    primary key (consumer, message_id)
+);
+create index "orders_outbox_received_at_idx" on "billing"."orders_outbox" (received_at);"#
+    );
+    assert_eq!(
+        schema::history_ddl(&t.schema),
+        r#"create schema if not exists "billing";
+         create table if not exists "billing"."lockstep_schema_history" (
+             table_schema text not null,
+             table_name text not null,
+             kind text not null,
+             version integer not null,
+             checksum text not null,
+             applied_at timestamptz not null default now(),
+             primary key (table_schema, table_name, version)
+         );"#
+    );
+    assert_eq!(schema::HISTORY_TABLE, "lockstep_schema_history");
+}
+
+#[test]
+fn lock_keys_and_channels_are_exact() {
+    let (public, billing) = (q("public", "outbox"), q("billing", "orders_outbox"));
+    assert_eq!(schema::lock_key(&public), -767470055278674281_i64);
+    assert_eq!(schema::lock_key(&billing), -5532591153421518849_i64);
+    assert_eq!(lockstep::relay::lock_key(&public), -5365579470686561255_i64);
+    assert_eq!(lockstep::relay::lock_key(&billing), -4820294839793297651_i64);
+    assert_eq!(schema::notify_channel(&public), "lockstep_outbox_bbcbd30709eeccfa");
+    assert_eq!(schema::notify_channel(&billing), "lockstep_outbox_b3d26c7397ee7db6");
+}
+
+#[test]
+fn condition_types_and_reasons_are_exact() {
+    let types = [
+        condition::READY,
+        condition::SCHEMA_READY,
+        condition::TOPICS_READY,
+        condition::RELAY_AVAILABLE,
+        condition::LAG_HEALTHY,
+        condition::RETENTION_ENFORCED,
+        condition::POLICY_COMPLIANT,
+        condition::DEDUP_COVERED,
+    ];
+    assert_eq!(
+        types.join(","),
+        "Ready,SchemaReady,TopicsReady,RelayAvailable,LagHealthy,RetentionEnforced,PolicyCompliant,DedupCovered"
+    );
+    let reasons = [
+        reason::READY,
+        reason::INVALID_SPEC,
+        reason::PAUSED,
+        reason::SECRET_NOT_FOUND,
+        reason::SECRET_KEY_MISSING,
+        reason::DATABASE_UNREACHABLE,
+        reason::DATABASE_ERROR,
+        reason::SCHEMA_MISMATCH,
+        reason::SCHEMA_MISSING,
+        reason::SCHEMA_UP_TO_DATE,
+        reason::PURGE_HEALTHY,
+        reason::PURGE_PENDING,
+        reason::PURGE_FAILED,
+        reason::RETENTION_CLAMPED,
+        reason::WITHIN_POLICY,
+        reason::NO_POLICY,
+        reason::POLICY_VIOLATION,
+        reason::TOPICS_CONFIGURED,
+        reason::TOPIC_CONFIG_DRIFT,
+        reason::PARTITION_CHANGE_REFUSED,
+        reason::TOPIC_OPERATION_FAILED,
+        reason::BROKER_UNREACHABLE,
+        reason::RETENTION_COVERS_REDELIVERY,
+        reason::RETENTION_BELOW_TOPIC_RETENTION,
+        reason::NO_SOURCES,
+        reason::TOPIC_NOT_FOUND,
+    ];
+    assert_eq!(
+        reasons.join(","),
+        "Ready,InvalidSpec,Paused,SecretNotFound,SecretKeyMissing,DatabaseUnreachable,DatabaseError,\
+         SchemaMismatch,SchemaMissing,SchemaUpToDate,PurgeHealthy,PurgePending,PurgeFailed,RetentionClamped,\
+         WithinPolicy,NoPolicy,PolicyViolation,TopicsConfigured,TopicConfigDrift,PartitionChangeRefused,\
+         TopicOperationFailed,BrokerUnreachable,RetentionCoversRedelivery,RetentionBelowTopicRetention,\
+         NoSourcesDeclared,TopicNotFound"
+    );
+    assert_eq!(lockstep::crd::PAUSED_ANNOTATION, "lockstep.dev/paused");
+}
+
+#[test]
+fn field_managers_are_exact() {
+    use lockstep::controller::{dedup_policy, inbox_table, outbox_relay};
+    assert_eq!(
+        [inbox_table::MANAGER, outbox_relay::MANAGER, dedup_policy::MANAGER],
+        ["lockstep-inboxtable", "lockstep-outboxrelay", "lockstep-deduppolicy"]
+    );
+}
+
+/// `# TYPE <name> <type>` lines of a Prometheus text rendering.
+fn metric_types(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(n, t)| (n.to_owned(), t.to_owned()))
+        .collect()
+}
+
+fn names(m: &BTreeMap<String, String>) -> String {
+    m.iter().map(|(n, t)| format!("{n} {t}\n")).collect()
+}
+
+#[test]
+fn metric_names_are_exact() {
+    let operator = metric_types(&lockstep::metrics::Metrics::default().render());
+    assert_eq!(
+        names(&operator),
+        r#"lockstep_inbox_purge_duration_seconds histogram
+lockstep_inbox_purge_failures counter
+lockstep_inbox_purged_rows counter
+lockstep_leader gauge
+"#
+    );
+    let relay = metric_types(&lockstep::relay::RelayMetrics::default().render());
+    assert_eq!(
+        names(&relay),
+        r#"lockstep_relay_active gauge
+lockstep_relay_batch_duration_seconds histogram
+lockstep_relay_commit_to_ack_seconds histogram
+lockstep_relay_oldest_pending_age_seconds gauge
+lockstep_relay_oldest_transaction_age_seconds gauge
+lockstep_relay_pending_events gauge
+lockstep_relay_published counter
+lockstep_relay_quarantined counter
+"#
+    );
+}
+
+#[derive(clap::Parser)]
+struct RelayCli {
+    #[command(flatten)]
+    args: lockstep::config::RelayArgs,
+}
+
+fn relay_statements(extra: &[&str]) -> (String, String) {
+    use clap::Parser;
+    let mut argv = vec![
+        "relay",
+        "--database-url",
+        "postgres://u:p@127.0.0.1/db",
+        "--bootstrap-servers",
+        "127.0.0.1:9092",
+    ];
+    argv.extend_from_slice(extra);
+    let cfg = RelayCli::parse_from(argv).args.resolve().unwrap();
+    let relay = lockstep::relay::Relay::new(cfg, std::sync::Arc::new(lockstep::relay::RelayMetrics::default()), false).unwrap();
+    let (select, done) = relay.statements();
+    (select.to_owned(), done.to_owned())
+}
+
+/// Reads only below the snapshot's xmin, in seq order, skipping blocked keys and rows in flight.
+#[test]
+fn relay_sql_is_exact() {
+    let (select, delete) = relay_statements(&[]);
+    assert_eq!(
+        select,
+        r#"select id, seq, aggregatetype, aggregateid, type, convert_to(payload::text, 'UTF8') as payload, headers::jsonb as headers, attempts,
+                    extract(epoch from created_at)::float8 as created from "public"."outbox"
+             where txid < pg_snapshot_xmin(pg_current_snapshot())  and not (aggregateid::text = any($2))
+               and (seq < $3 or seq > $4)
+             order by seq limit $1"#
+    );
+    assert_eq!(delete, r#"delete from "public"."outbox" where id = any($1)"#);
+    let (select, mark) = relay_statements(&["--cleanup", "mark-published", "--published-retention", "1d", "--key", "type"]);
+    assert_eq!(
+        select,
+        r#"select id, seq, aggregatetype, aggregateid, type, convert_to(payload::text, 'UTF8') as payload, headers::jsonb as headers, attempts,
+                    extract(epoch from created_at)::float8 as created from "public"."outbox"
+             where txid < pg_snapshot_xmin(pg_current_snapshot()) and published_at is null and not (type::text = any($2))
+               and (seq < $3 or seq > $4)
+             order by seq limit $1"#
+    );
+    assert_eq!(mark, r#"update "public"."outbox" set published_at = now() where id = any($1)"#);
+}

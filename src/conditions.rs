@@ -3,6 +3,18 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+/// Condition types.
+pub mod condition {
+    pub const READY: &str = "Ready";
+    pub const SCHEMA_READY: &str = "SchemaReady";
+    pub const TOPICS_READY: &str = "TopicsReady";
+    pub const RELAY_AVAILABLE: &str = "RelayAvailable";
+    pub const LAG_HEALTHY: &str = "LagHealthy";
+    pub const RETENTION_ENFORCED: &str = "RetentionEnforced";
+    pub const POLICY_COMPLIANT: &str = "PolicyCompliant";
+    pub const DEDUP_COVERED: &str = "DedupCovered";
+}
+
 /// Condition reasons: CamelCase constants users can search for (documented in the README).
 pub mod reason {
     pub const READY: &str = "Ready";
@@ -116,7 +128,7 @@ pub fn merge(previous: &[Condition], computed: &[Cond], generation: Option<i64>,
 pub fn ready(parts: &[&Cond], ready_message: impl Into<String>) -> Cond {
     match parts.iter().find(|c| c.status != Status::True) {
         Some(c) => Cond::new(
-            crate::crd::condition::READY,
+            condition::READY,
             if c.status == Status::False {
                 Status::False
             } else {
@@ -125,7 +137,7 @@ pub fn ready(parts: &[&Cond], ready_message: impl Into<String>) -> Cond {
             c.reason,
             format!("{}: {}", c.type_, c.message),
         ),
-        None => Cond::yes(crate::crd::condition::READY, reason::READY, ready_message),
+        None => Cond::yes(condition::READY, reason::READY, ready_message),
     }
 }
 

@@ -36,6 +36,20 @@ impl From<&str> for Duration {
     }
 }
 
+/// A duration that passed validation: as the user wrote it (for messages) and its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Given {
+    pub text: String,
+    pub value: StdDuration,
+}
+
+impl Given {
+    /// (text, value), the shape retention and coverage take.
+    pub fn pair(&self) -> (&str, StdDuration) {
+        (&self.text, self.value)
+    }
+}
+
 /// ```
 /// assert_eq!(lockstep::duration::parse("7d").unwrap().as_secs(), 7 * 86_400);
 /// assert!(lockstep::duration::parse("7 days").is_err());

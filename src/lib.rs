@@ -16,6 +16,7 @@ pub mod inbox;
 pub mod kafka;
 pub mod leader;
 pub mod metrics;
+pub mod operator;
 pub mod purge;
 pub mod relay;
 pub mod retention;

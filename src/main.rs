@@ -151,7 +151,7 @@ async fn operator(args: OperatorArgs) -> ExitCode {
         tracing::info!("shutting down");
         s.cancel();
     });
-    match lockstep::controller::run(client, args, stop).await {
+    match lockstep::operator::run(client, args, stop).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e.to_string()),
     }
@@ -201,7 +201,9 @@ mod tests {
         for sub in cli.get_subcommands() {
             describe(sub.get_name(), sub);
         }
-        assert_eq!(lines.join("\n"), r#"lockstep --log-format env=LOCKSTEP_LOG_FORMAT default=text
+        assert_eq!(
+            lines.join("\n"),
+            r#"lockstep --log-format env=LOCKSTEP_LOG_FORMAT default=text
 operator --metrics-addr env=LOCKSTEP_METRICS_ADDR default=0.0.0.0:8080
 operator --watch-namespace env=LOCKSTEP_WATCH_NAMESPACE default=
 operator --leader-election env=LOCKSTEP_LEADER_ELECTION default=true
@@ -230,6 +232,7 @@ relay --listen env=LOCKSTEP_LISTEN default=true
 relay --max-batches-in-flight env=LOCKSTEP_MAX_BATCHES_IN_FLIGHT default=4
 relay --manage-schema env=LOCKSTEP_MANAGE_SCHEMA default=true
 crds --out env= default=
-crds --apply env= default="#);
+crds --apply env= default="#
+        );
     }
 }

@@ -8,8 +8,7 @@
 use std::collections::BTreeMap;
 
 use lockstep::{
-    conditions::reason,
-    crd::condition,
+    conditions::{condition, reason},
     schema::{self, TableKind},
     sql::{Ident, QualifiedName},
 };

@@ -1,9 +1,9 @@
 //! DedupPolicy: which InboxTables a policy selects and which of them are out of its bounds.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
-use futures::FutureExt;
-
+use futures::{future::BoxFuture, FutureExt};
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     api::Api,
     core::DeserializeGuard,
@@ -11,150 +11,244 @@ use kube::{
         controller::{Action, Controller},
         predicates,
         reflector::ObjectRef,
-        watcher, WatchStreamExt,
+        WatchStreamExt,
     },
-    Client, Resource, ResourceExt,
+    ResourceExt,
 };
 
-use super::{apply_status, now, requeue, Context, Error};
+use super::{
+    inbox_table::changed_policies,
+    reconciler::{self, Outcome, Reconciler},
+    status::requeue,
+    watches::Watches,
+    Context, Error,
+};
 use crate::{
-    conditions::{self, reason, Cond},
-    crd::{condition, DedupPolicy, DedupPolicyStatus, InboxTable, NonCompliant},
+    conditions::{condition, reason, Cond},
+    crd::{DedupPolicy, DedupPolicyStatus, NonCompliant, ValidDedupPolicy},
     retention::{self, Compliance, PolicyView},
 };
 
-/// The server-side apply field manager of this controller's status writes.
+/// The server-side apply field manager of DedupPolicy status writes.
 pub const MANAGER: &str = "lockstep-deduppolicy";
-const NAME: &str = "deduppolicy";
 
-type Guarded = DeserializeGuard<DedupPolicy>;
+pub struct DedupPolicies;
 
-pub async fn controller(
-    client: &Client,
-    namespace: Option<&str>,
+/// Wire the controller: its own objects, and every InboxTable or namespace-label change (each may
+/// change what a policy selects) re-reconciles every policy.
+pub fn controller(
+    watches: &mut Watches,
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let api: Api<Guarded> = Api::all(client.clone());
-    let inbox_api: Api<DeserializeGuard<InboxTable>> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let c = Controller::new(api, watcher::Config::default());
-    let store = c.store();
-    let all = store.clone();
-    let all2 = store.clone();
-    let inbox_changes = watcher(inbox_api, watcher::Config::default())
-        .default_backoff()
+) -> impl std::future::Future<Output = ()> {
+    let store = watches.policies.store();
+    let own = changed_policies(watches.policies.subscribe());
+    let tables = watches
+        .inboxes
+        .subscribe()
         .touched_objects()
         .predicate_filter(predicates::generation, Default::default());
-    let ns_changes = watcher(
-        Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .touched_objects()
-    .predicate_filter(predicates::labels, Default::default());
-    let c = c
-        // An InboxTable appearing, changing or going away changes what a policy matches.
-        .watches_stream(inbox_changes, move |_| {
-            all.state().iter().map(|p| ObjectRef::from_obj(&**p)).collect::<Vec<_>>()
-        })
-        .watches_stream(ns_changes, move |_| {
-            all2.state().iter().map(|p| ObjectRef::from_obj(&**p)).collect::<Vec<_>>()
-        })
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx);
-    super::drain(NAME, c).await;
-}
-
-fn error_policy(_obj: Arc<Guarded>, e: &Error, ctx: Arc<Context>) -> Action {
-    super::on_error(NAME, e, &ctx)
-}
-
-pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
-    // Boxed so the compiler checks Send with concrete lifetimes (rust-lang/rust#100013).
-    super::timed(&ctx, NAME, (obj.name_any(), obj.namespace()), reconcile_inner(&obj, &ctx).boxed()).await
-}
-
-async fn reconcile_inner(obj: &Guarded, ctx: &Context) -> Result<(Action, Option<String>), Error> {
-    let name = obj.name_any();
-    let api: Api<DedupPolicy> = Api::all(ctx.client.clone());
-    let policy = match &obj.0 {
-        Ok(p) => p,
-        Err(invalid) => {
-            return super::report_unreadable(&api, &name, MANAGER, obj.meta().generation, &invalid.error).await;
-        }
+    let namespaces = watches
+        .namespaces
+        .subscribe()
+        .touched_objects()
+        .predicate_filter(predicates::labels, Default::default());
+    let (all, all_too) = (store.clone(), store.clone());
+    let every = move |s: &kube::runtime::reflector::Store<DeserializeGuard<DedupPolicy>>| {
+        s.state().iter().map(|p| ObjectRef::from_obj(&**p)).collect::<Vec<_>>()
     };
-    let previous = policy.status.clone().unwrap_or_default();
-    let generation = policy.metadata.generation;
+    let c = Controller::for_stream(own, store)
+        .watches_stream(tables, move |_| every(&all))
+        .watches_stream(namespaces, move |_| every(&all_too))
+        .graceful_shutdown_on(shutdown)
+        .run(
+            reconciler::reconcile::<DedupPolicies>,
+            reconciler::error_policy::<DedupPolicies>,
+            ctx,
+        );
+    super::drain(DedupPolicies::NAME, c)
+}
 
-    let (ready, matched, non_compliant, next_change) = match policy.spec.validate() {
-        Err(e) => (Cond::no(condition::READY, reason::INVALID_SPEC, e.to_string()), 0, vec![], None),
-        Ok(_) => {
-            let inboxes_ready = tokio::time::timeout(std::time::Duration::from_secs(2), ctx.inboxes.wait_until_ready())
-                .await
-                .is_ok();
-            if !ctx.caches_ready().await || !inboxes_ready {
-                return Ok((Action::requeue(std::time::Duration::from_secs(1)), None));
+impl Reconciler for DedupPolicies {
+    type K = DedupPolicy;
+    type Status = DedupPolicyStatus;
+    type Valid = ValidDedupPolicy;
+    const NAME: &'static str = "deduppolicy";
+    const MANAGER: &'static str = MANAGER;
+    const PAUSED: Option<&'static str> = None;
+
+    fn api(ctx: &Context, _namespace: Option<&str>) -> Result<Api<DedupPolicy>, Error> {
+        Ok(Api::all(ctx.client.clone()))
+    }
+    fn status(obj: &DedupPolicy) -> DedupPolicyStatus {
+        obj.status.clone().unwrap_or_default()
+    }
+    fn validate(obj: &DedupPolicy) -> Result<ValidDedupPolicy, crate::validation::ValidationErrors> {
+        obj.spec.validate()
+    }
+    fn reconcile<'a>(
+        obj: &'a DedupPolicy,
+        _valid: ValidDedupPolicy,
+        previous: &'a DedupPolicyStatus,
+        ctx: &'a Context,
+    ) -> BoxFuture<'a, Result<Outcome<DedupPolicyStatus>, Error>> {
+        async move {
+            if !ctx.caches_ready().await {
+                return Ok(Outcome::Later(Action::requeue(ctx.timing.caches_filling)));
             }
             let view = PolicyView {
-                name: name.clone(),
-                spec: policy.spec.clone(),
+                name: obj.name_any(),
+                spec: obj.spec.clone(),
             };
-            let now_ts = k8s_openapi::jiff::Timestamp::now();
-            let mut matched = 0;
-            let mut non_compliant = Vec::new();
-            let mut next_change = None;
-            let mut tables: Vec<_> = ctx.inboxes.state();
-            tables.sort_by_key(|t| (t.namespace(), t.name_any()));
-            for t in tables {
-                let (Some(ns), Ok(inbox)) = (t.namespace(), t.0.as_ref()) else {
-                    continue;
-                };
-                let labels = ctx.namespace_labels(&ns);
-                if !retention::selector_matches(policy.spec.namespace_selector.as_ref(), &labels) {
-                    continue;
-                }
-                matched += 1;
-                let Ok(valid) = inbox.spec.validate() else { continue };
-                let requested = inbox.spec.retention.as_ref().zip(valid.retention).map(|(d, v)| (d.0.as_str(), v));
-                // This policy alone: which tables ask for something outside its bounds.
-                let eff = retention::effective(&ns, &inbox.name_any(), &labels, requested, std::slice::from_ref(&view), now_ts);
-                if let Some(t) = eff.next_change {
-                    next_change = Some(next_change.map_or(
-                        t.clone(),
-                        |n: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time| if t.0 < n.0 { t } else { n },
-                    ));
-                }
-                let reason = match eff.compliance {
-                    Compliance::Clamped { .. } => Some(format!("{} (Enforce)", eff.message)),
-                    Compliance::Violation { messages } => Some(messages.join("; ")),
-                    _ => None,
-                };
-                if let Some(reason) = reason {
-                    non_compliant.push(NonCompliant {
-                        namespace: ns,
-                        name: inbox.name_any(),
-                        reason,
-                    });
-                }
-            }
-            let msg = format!("selects {matched} InboxTable(s), {} outside its bounds", non_compliant.len());
-            (Cond::yes(condition::READY, reason::READY, msg), matched, non_compliant, next_change)
+            let tables = selectable_tables(ctx);
+            let a = assess(&view, &tables, Timestamp::now());
+            let msg = format!("selects {} InboxTable(s), {} outside its bounds", a.matched, a.non_compliant.len());
+            let status = DedupPolicyStatus {
+                matched: a.matched,
+                non_compliant: a.non_compliant,
+                ..previous.clone()
+            };
+            Ok(Outcome::Status {
+                conditions: vec![Cond::yes(condition::READY, reason::READY, msg)],
+                status,
+                action: requeue(ctx.timing.policy_refresh, a.next_change.as_ref()),
+            })
         }
-    };
-    let failure = (ready.status != conditions::Status::True).then(|| ready.reason.to_string());
-    let (conds, flipped) = conditions::merge(&previous.conditions, &[ready], generation, &now());
-    let status = DedupPolicyStatus {
-        observed_generation: generation,
-        conditions: conds,
-        matched,
-        non_compliant,
-    };
-    if status != previous {
-        apply_status(&api, &name, MANAGER, &status).await?;
+        .boxed()
     }
-    ctx.publish_flips(policy, &flipped).await;
-    Ok((requeue(std::time::Duration::from_secs(60), next_change.as_ref()), failure))
+}
+
+/// An InboxTable as a policy sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableView {
+    pub namespace: String,
+    pub name: String,
+    pub namespace_labels: BTreeMap<String, String>,
+    /// The requested retention as written and parsed; None: none requested. Err: invalid spec.
+    pub requested: Result<Option<(String, std::time::Duration)>, ()>,
+}
+
+fn selectable_tables(ctx: &Context) -> Vec<TableView> {
+    let mut tables: Vec<TableView> = ctx
+        .caches
+        .inboxes
+        .state()
+        .iter()
+        .filter_map(|t| {
+            let (ns, inbox) = (t.namespace()?, t.0.as_ref().ok()?);
+            let requested = inbox
+                .spec
+                .validate()
+                .map(|v| v.retention.map(|r| (r.text, r.value)))
+                .map_err(|_| ());
+            Some(TableView {
+                namespace_labels: ctx.namespace_labels(&ns),
+                namespace: ns,
+                name: inbox.name_any(),
+                requested,
+            })
+        })
+        .collect();
+    tables.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    tables
+}
+
+/// What one policy makes of the tables it selects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assessment {
+    pub matched: i32,
+    pub non_compliant: Vec<NonCompliant>,
+    /// The next time the outcome can change by itself (an exception expiring).
+    pub next_change: Option<Time>,
+}
+
+/// Which tables the policy selects, and which of them ask for a retention outside its bounds
+/// (judged by this policy alone). A table with an invalid spec counts as selected. Pure.
+pub fn assess(policy: &PolicyView, tables: &[TableView], now: Timestamp) -> Assessment {
+    let mut a = Assessment {
+        matched: 0,
+        non_compliant: Vec::new(),
+        next_change: None,
+    };
+    for t in tables {
+        if !retention::selector_matches(policy.spec.namespace_selector.as_ref(), &t.namespace_labels) {
+            continue;
+        }
+        a.matched += 1;
+        let Ok(requested) = &t.requested else { continue };
+        let requested = requested.as_ref().map(|(text, v)| (text.as_str(), *v));
+        let eff = retention::effective(
+            &t.namespace,
+            &t.name,
+            &t.namespace_labels,
+            requested,
+            std::slice::from_ref(policy),
+            now,
+        );
+        if let Some(c) = eff.next_change {
+            a.next_change = Some(match a.next_change.take() {
+                Some(n) if n.0 <= c.0 => n,
+                _ => c,
+            });
+        }
+        let reason = match eff.compliance {
+            Compliance::Clamped { .. } => Some(format!("{} (Enforce)", eff.message)),
+            Compliance::Violation { messages } => Some(messages.join("; ")),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            a.non_compliant.push(NonCompliant {
+                namespace: t.namespace.clone(),
+                name: t.name.clone(),
+                reason,
+            });
+        }
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{controller::fixtures::*, crd::Enforcement};
+
+    #[test]
+    fn selects_by_namespace_labels_and_lists_tables_out_of_bounds() {
+        let p = policy("payments-floor", Some("24h"), Some("payments"), Enforcement::Enforce);
+        let tables = [
+            table("pay", "short", "payments", Ok(Some("1h"))),
+            table("pay", "long", "payments", Ok(Some("7d"))),
+            table("pay", "default", "payments", Ok(None)),
+            table("pay", "broken", "payments", Err(())),
+            table("web", "short", "web", Ok(Some("1h"))),
+        ];
+        let a = assess(&p, &tables, now());
+        assert_eq!(a.matched, 4, "invalid tables count as selected; other teams do not");
+        assert_eq!(a.non_compliant.len(), 1);
+        let nc = &a.non_compliant[0];
+        assert_eq!((nc.namespace.as_str(), nc.name.as_str()), ("pay", "short"));
+        assert!(nc.reason.ends_with("(Enforce)"), "{}", nc.reason);
+        assert_eq!(a.next_change, None);
+    }
+
+    #[test]
+    fn audit_reports_violations() {
+        let p = policy("audit", Some("24h"), None, Enforcement::Audit);
+        let a = assess(&p, &[table("a", "t", "x", Ok(Some("1h")))], now());
+        assert_eq!(a.matched, 1);
+        assert!(!a.non_compliant[0].reason.contains("(Enforce)"), "{}", a.non_compliant[0].reason);
+    }
+
+    #[test]
+    fn earliest_exception_expiry_is_the_next_change() {
+        let mut p = policy("floor", Some("24h"), None, Enforcement::Enforce);
+        p.spec.exceptions = vec![
+            exception("a", "t1", "1h", "2026-06-03T00:00:00Z"),
+            exception("a", "t2", "1h", "2026-06-02T00:00:00Z"),
+        ];
+        let tables = [table("a", "t1", "x", Ok(Some("1h"))), table("a", "t2", "x", Ok(Some("1h")))];
+        let a = assess(&p, &tables, now());
+        assert!(a.non_compliant.is_empty(), "{:?}", a.non_compliant);
+        assert_eq!(a.next_change, Some(Time("2026-06-02T00:00:00Z".parse().unwrap())));
+    }
 }

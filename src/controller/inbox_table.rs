@@ -1,417 +1,452 @@
-//! InboxTable: Secret -> database -> migrate -> effective retention -> purge loop -> status.
+//! InboxTable: guard -> validate -> effective retention -> database and schema -> purge loop and
+//! measurements -> coverage of the source topics -> pure verdict -> status.
 
-use std::sync::Arc;
-
-use futures::{FutureExt, Stream, StreamExt};
-use k8s_openapi::api::core::v1::Namespace;
+use futures::{future::BoxFuture, FutureExt, StreamExt};
 use kube::{
     api::Api,
-    core::{DeserializeGuard, PartialObjectMeta},
+    core::DeserializeGuard,
     runtime::{
         controller::{Action, Controller},
         predicates,
-        reflector::{self, ObjectRef, Store},
+        reflector::ObjectRef,
         utils::Predicate,
-        watcher, WatchStreamExt,
+        WatchStreamExt,
     },
-    Client, Resource, ResourceExt,
+    ResourceExt,
 };
+use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::{is_paused, now, requeue, secret_url, Context, Error};
+use super::{
+    deps::{self, Reporting},
+    reconciler::{self, Outcome, Reconciler},
+    status::requeue,
+    watches::{Events, Watches},
+    Context, Error,
+};
 use crate::{
-    conditions::{self, reason, Cond},
-    crd::{condition, DedupPolicy, InboxTable, InboxTableStatus, PurgeStatus},
+    conditions::{self, condition, reason, Cond, Status},
+    crd::{InboxTable, InboxTableStatus, PurgeStatus, ValidInboxTable},
     purge::{LastPurge, PurgeParams},
-    retention::{self, Compliance},
-    schema::{migrate, SchemaError, TableKind},
+    retention::{self, Compliance, Effective},
+    schema::TableKind,
 };
 
-/// The server-side apply field manager of this controller's status writes.
+/// The server-side apply field manager of InboxTable status writes.
 pub const MANAGER: &str = "lockstep-inboxtable";
-const NAME: &str = "inboxtable";
+
+pub struct InboxTables;
 
 type Guarded = DeserializeGuard<InboxTable>;
-type BoxStream<T> = std::pin::Pin<Box<dyn Stream<Item = T> + Send>>;
 
-/// Watches and caches the InboxTable controller uses, built before the shared context.
-pub struct Parts {
-    pub inboxes: Store<Guarded>,
-    pub policies: Store<DeserializeGuard<DedupPolicy>>,
-    pub namespaces: Store<PartialObjectMeta<Namespace>>,
-    inbox_stream: BoxStream<Result<Guarded, watcher::Error>>,
-    policy_stream: BoxStream<Result<DeserializeGuard<DedupPolicy>, watcher::Error>>,
-    ns_stream: BoxStream<Result<PartialObjectMeta<Namespace>, watcher::Error>>,
-}
-
-impl Parts {
-    pub fn new(client: &Client, namespace: Option<&str>) -> Self {
-        let inbox_api: Api<Guarded> = match namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        };
-        let (inboxes, w1) = reflector::store();
-        let (policies, w2) = reflector::store();
-        let (namespaces, w3) = reflector::store();
-        // Spec and annotation changes only: our own status writes must not start reconciles.
-        let inbox_stream = watcher(inbox_api, watcher::Config::default())
-            .default_backoff()
-            .reflect(w1)
-            .applied_objects()
-            .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default())
-            .boxed();
-        let policy_stream = watcher(
-            Api::<DeserializeGuard<DedupPolicy>>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .reflect(w2)
-        .touched_objects()
-        .predicate_filter(predicates::generation, Default::default())
-        .boxed();
-        let ns_stream = watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watcher::Config::default())
-            .default_backoff()
-            .reflect(w3)
-            .touched_objects()
-            .predicate_filter(predicates::labels, Default::default())
-            .boxed();
-        Parts {
-            inboxes,
-            policies,
-            namespaces,
-            inbox_stream,
-            policy_stream,
-            ns_stream,
-        }
-    }
-}
-
-pub async fn controller(
-    parts: Parts,
-    purged: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<Guarded>>,
-    ctx: Arc<Context>,
+/// Wire the controller to the shared watches: its own objects (spec and annotation changes only,
+/// so status writes start nothing), every policy change (a selector may now match or not), the
+/// labels of namespaces (they decide which policies select a table), and finished purges.
+pub fn controller(
+    watches: &mut Watches,
+    purged: UnboundedReceiver<ObjectRef<Guarded>>,
+    ctx: std::sync::Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let all = parts.inboxes.clone();
-    let in_ns = parts.inboxes.clone();
+) -> impl std::future::Future<Output = ()> {
+    let store = watches.inboxes.store();
+    let own = watches
+        .inboxes
+        .subscribe()
+        .applied_objects()
+        .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
+    let policies = changed_policies(watches.policies.subscribe());
+    let namespaces = watches
+        .namespaces
+        .subscribe()
+        .touched_objects()
+        .predicate_filter(predicates::labels, Default::default());
+    let (all, in_ns) = (store.clone(), store.clone());
     let purged = futures::stream::unfold(purged, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
-    let c = Controller::for_stream(parts.inbox_stream, parts.inboxes)
-        // A policy change re-reconciles every InboxTable (its selector may now match or not).
-        .watches_stream(parts.policy_stream, move |_| {
+    let c = Controller::for_stream(own, store)
+        .watches_stream(policies, move |_| {
             all.state().iter().map(|o| ObjectRef::from_obj(&**o)).collect::<Vec<_>>()
         })
-        // A namespace's labels decide which policies select its tables.
-        .watches_stream(parts.ns_stream, move |ns| {
+        .watches_stream(namespaces, move |ns| {
             let name = ns.name_any();
-            in_ns
-                .state()
-                .iter()
-                .filter(|o| o.namespace().as_deref() == Some(&name))
-                .map(|o| ObjectRef::from_obj(&**o))
-                .collect::<Vec<_>>()
+            let tables = in_ns.state();
+            let here = tables.iter().filter(|o| o.namespace().as_deref() == Some(&name));
+            here.map(|o| ObjectRef::from_obj(&**o)).collect::<Vec<_>>()
         })
         .reconcile_on(purged)
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx);
-    super::drain(NAME, c).await;
+        .run(reconciler::reconcile::<InboxTables>, reconciler::error_policy::<InboxTables>, ctx);
+    super::drain(InboxTables::NAME, c)
 }
 
-fn error_policy(_obj: Arc<Guarded>, e: &Error, ctx: Arc<Context>) -> Action {
-    super::on_error(NAME, e, &ctx)
+/// Policy changes that matter to the tables they may select: spec changes and deletions.
+pub fn changed_policies(
+    events: Events<DeserializeGuard<crate::crd::DedupPolicy>>,
+) -> impl futures::Stream<Item = Result<DeserializeGuard<crate::crd::DedupPolicy>, kube::runtime::watcher::Error>> + Send {
+    events
+        .touched_objects()
+        .predicate_filter(predicates::generation, Default::default())
+        .boxed()
 }
 
-pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
-    // Boxed so the compiler checks Send with concrete lifetimes (rust-lang/rust#100013).
-    super::timed(&ctx, NAME, (obj.name_any(), obj.namespace()), reconcile_inner(&obj, &ctx).boxed()).await
-}
+impl Reconciler for InboxTables {
+    type K = InboxTable;
+    type Status = InboxTableStatus;
+    type Valid = ValidInboxTable;
+    const NAME: &'static str = "inboxtable";
+    const MANAGER: &'static str = MANAGER;
+    const PAUSED: Option<&'static str> = Some("not reconciling, not purging");
 
-/// Returns the action and, when Ready is not True, its reason (for the failure metric).
-async fn reconcile_inner(obj: &Guarded, ctx: &Context) -> Result<(Action, Option<String>), Error> {
-    let ns = obj.namespace().ok_or(Error::MissingNamespace)?;
-    let name = obj.name_any();
-    let uid = obj.uid().unwrap_or_default();
-    let api: Api<InboxTable> = Api::namespaced(ctx.client.clone(), &ns);
-
-    let inbox = match &obj.0 {
-        Ok(i) => i,
-        Err(invalid) => {
-            ctx.purges.stop(&uid);
-            return super::report_unreadable(&api, &name, MANAGER, obj.meta().generation, &invalid.error).await;
-        }
-    };
-    let previous = inbox.status.clone().unwrap_or_default();
-    let generation = inbox.metadata.generation;
-    tracing::debug!(%ns, %name, "reconcile start");
-
-    if is_paused(inbox) {
-        ctx.purges.stop(&uid);
-        let c = Cond::no(
-            condition::READY,
-            reason::PAUSED,
-            format!("annotation {}=true: not reconciling, not purging", crate::crd::PAUSED_ANNOTATION),
-        );
-        let (status, flipped) = finish(&previous, generation, vec![c]);
-        super::write_status(ctx, &api, inbox, MANAGER, status != previous, &status, &flipped)
-            .boxed()
-            .await?;
-        return Ok((Action::await_change(), Some(reason::PAUSED.into())));
+    fn api(ctx: &Context, namespace: Option<&str>) -> Result<Api<InboxTable>, Error> {
+        reconciler::namespaced(ctx, namespace)
     }
+    fn status(obj: &InboxTable) -> InboxTableStatus {
+        obj.status.clone().unwrap_or_default()
+    }
+    fn validate(obj: &InboxTable) -> Result<ValidInboxTable, crate::validation::ValidationErrors> {
+        obj.spec.validate()
+    }
+    fn halt(ctx: &Context, uid: &str) {
+        ctx.purges.stop(uid);
+    }
+    fn reconcile<'a>(
+        obj: &'a InboxTable,
+        valid: ValidInboxTable,
+        previous: &'a InboxTableStatus,
+        ctx: &'a Context,
+    ) -> BoxFuture<'a, Result<Outcome<InboxTableStatus>, Error>> {
+        reconcile_valid(obj, valid, previous, ctx).boxed()
+    }
+}
 
-    let valid = match inbox.spec.validate() {
-        Ok(v) => v,
-        Err(e) => {
-            ctx.purges.stop(&uid);
-            let c = Cond::no(condition::READY, reason::INVALID_SPEC, e.to_string());
-            let (status, flipped) = finish(&previous, generation, vec![c]);
-            super::write_status(ctx, &api, inbox, MANAGER, status != previous, &status, &flipped)
-                .boxed()
-                .await?;
-            return Ok((Action::await_change(), Some(reason::INVALID_SPEC.into())));
-        }
-    };
+/// What the purge loop of a table has to say.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Purging {
+    /// No loop runs: the schema is not ready.
+    WaitingForSchema,
+    /// A loop runs; its last result, if it finished one.
+    Running(Option<LastPurge>),
+}
 
-    // Retention under the policies that select this table.
+async fn reconcile_valid(
+    obj: &InboxTable,
+    valid: ValidInboxTable,
+    previous: &InboxTableStatus,
+    ctx: &Context,
+) -> Result<Outcome<InboxTableStatus>, Error> {
     if !ctx.caches_ready().await {
-        tracing::debug!(%ns, %name, "caches not ready; requeue");
-        return Ok((Action::requeue(std::time::Duration::from_secs(1)), None));
+        return Ok(Outcome::Later(Action::requeue(ctx.timing.caches_filling)));
     }
-    let requested = inbox.spec.retention.as_ref().zip(valid.retention).map(|(d, v)| (d.0.as_str(), v));
+    let (ns, name, uid) = (obj.namespace().unwrap_or_default(), obj.name_any(), obj.uid().unwrap_or_default());
+    let requested = valid.retention.as_ref().map(|r| r.pair());
+    let policies = ctx.valid_policies();
     let eff = retention::effective(
         &ns,
         &name,
         &ctx.namespace_labels(&ns),
         requested,
-        &ctx.valid_policies(),
+        &policies,
         k8s_openapi::jiff::Timestamp::now(),
     );
-    let policy_cond = match &eff.compliance {
-        Compliance::NoPolicy => Cond::yes(condition::POLICY_COMPLIANT, reason::NO_POLICY, eff.message.clone()),
-        Compliance::Within => Cond::yes(condition::POLICY_COMPLIANT, reason::WITHIN_POLICY, eff.message.clone()),
-        Compliance::Clamped { .. } => Cond::yes(condition::POLICY_COMPLIANT, reason::RETENTION_CLAMPED, eff.message.clone()),
-        Compliance::Violation { .. } => Cond::no(condition::POLICY_COMPLIANT, reason::POLICY_VIOLATION, eff.message.clone()),
-    };
 
-    tracing::debug!(%ns, %name, retention = %eff.text, "retention computed");
-    // Database and schema.
-    let table = &valid.table;
-    let mut pool = None;
-    let schema_cond = match secret_url(&ctx.client, &ns, &inbox.spec.database.url_secret_ref).boxed().await {
-        Err(c) => c,
-        Ok(url) => match ctx.pools.get(&url) {
-            Err(e) => Cond::no(condition::SCHEMA_READY, reason::DATABASE_ERROR, e.to_string()),
-            Ok(p) => {
-                let where_ = crate::config::describe_database_url(url.expose());
-                match p.acquire().await {
-                    Err(e) => Cond::no(
-                        condition::SCHEMA_READY,
-                        super::db_reason(&e),
-                        format!("cannot connect to {where_}: {e}"),
-                    ),
-                    Ok(mut conn) => match migrate(&mut conn, TableKind::Inbox, table, inbox.spec.database.manage_schema)
-                        .boxed()
-                        .await
-                    {
-                        Ok(o) => {
-                            pool = Some((p.clone(), crate::db::url_key(&url)));
-                            let how = if o.adopted { "adopted an existing matching table, " } else { "" };
-                            Cond::yes(
-                                condition::SCHEMA_READY,
-                                reason::SCHEMA_UP_TO_DATE,
-                                format!("{table}: {how}schema version {}", o.version),
-                            )
-                        }
-                        Err(SchemaError::Mismatch { differences, .. }) => Cond::no(
-                            condition::SCHEMA_READY,
-                            reason::SCHEMA_MISMATCH,
-                            format!(
-                                "{table} exists but does not match the inbox contract, left untouched: {}",
-                                differences.join("; ")
-                            ),
-                        ),
-                        Err(e @ SchemaError::Missing { .. }) => Cond::no(condition::SCHEMA_READY, reason::SCHEMA_MISSING, e.to_string()),
-                        Err(SchemaError::Database(e)) => Cond::no(condition::SCHEMA_READY, super::db_reason(&e), format!("{where_}: {e}")),
-                        Err(e) => Cond::no(condition::SCHEMA_READY, reason::SCHEMA_MISMATCH, e.to_string()),
-                    },
-                }
-            }
-        },
+    let schema = match deps::connect(ctx, &ns, &valid.url_secret).await {
+        Err(c) => Err(c),
+        Ok((db, mut conn)) => deps::migrate_tables(&mut conn, &[(TableKind::Inbox, &valid.table)], valid.manage_schema, &db.location)
+            .await
+            .map(|o| (db, o)),
     };
-
-    tracing::debug!(%ns, %name, schema = ?schema_cond.reason, "schema checked");
-    // Purge and measurements.
-    let mut rows = None;
-    let mut oldest = None;
-    let retention_cond = match &pool {
-        None => {
+    let mut status = previous.clone();
+    let (schema_cond, purging) = match &schema {
+        Err(c) => {
             ctx.purges.stop(&uid);
-            Cond::unknown(condition::RETENTION_ENFORCED, reason::PURGE_PENDING, "waiting for SchemaReady")
+            (c.clone(), Purging::WaitingForSchema)
         }
-        Some((p, url_key)) => {
-            ctx.purges.ensure(
-                &uid,
-                ObjectRef::from_obj(obj),
-                p.clone(),
-                PurgeParams {
-                    pool_key: url_key.clone(),
-                    table: table.clone(),
-                    retention: eff.retention,
-                    interval: valid.purge_interval,
-                    batch: valid.purge_batch_size,
-                },
-            );
-            if let Ok((r, o)) = crate::purge::measure(p, table).boxed().await {
-                rows = Some(r);
-                oldest = o;
+        Ok((db, outcomes)) => {
+            let params = PurgeParams {
+                pool_key: db.url_key.clone(),
+                table: valid.table.clone(),
+                retention: eff.retention,
+                interval: valid.purge_interval.value,
+                batch: valid.purge_batch_size,
+            };
+            ctx.purges.ensure(&uid, ObjectRef::new(&name).within(&ns), db.pool.clone(), params);
+            if let Ok((rows, oldest)) = crate::purge::measure(&db.pool, &valid.table).boxed().await {
+                status.rows = Some(rows);
+                status.oldest_entry_age_seconds = oldest;
             }
-            match ctx.purges.last(&uid) {
-                None => Cond::unknown(
-                    condition::RETENTION_ENFORCED,
-                    reason::PURGE_PENDING,
-                    "the first purge has not finished yet",
-                ),
-                Some(LastPurge::Done { result, .. }) => Cond::yes(
-                    condition::RETENTION_ENFORCED,
-                    reason::PURGE_HEALTHY,
-                    format!(
-                        "purging rows older than {} every {}; last run deleted {} rows",
-                        eff.text, inbox.spec.purge.interval, result.rows_deleted
-                    ),
-                ),
-                Some(LastPurge::Failed { error, unreachable, .. }) => Cond::no(
-                    condition::RETENTION_ENFORCED,
-                    if unreachable {
-                        reason::DATABASE_UNREACHABLE
-                    } else {
-                        reason::PURGE_FAILED
-                    },
-                    format!("the last purge failed: {error}"),
-                ),
-            }
+            let how = if outcomes[0].adopted {
+                "adopted an existing matching table, "
+            } else {
+                ""
+            };
+            let message = format!("{}: {how}schema version {}", valid.table, outcomes[0].version);
+            (
+                Cond::yes(condition::SCHEMA_READY, reason::SCHEMA_UP_TO_DATE, message),
+                Purging::Running(ctx.purges.last(&uid)),
+            )
         }
     };
-    let last_purge = match ctx.purges.last(&uid) {
-        Some(LastPurge::Done { at, result }) => Some(PurgeStatus {
-            time: at,
-            rows_deleted: result.rows_deleted,
-            duration_seconds: (result.duration.as_secs_f64() * 1000.0).round() / 1000.0,
-        }),
-        _ => previous.last_purge.clone(),
-    };
-
-    let covered_cond = dedup_covered(ctx, &ns, inbox, &valid, &eff).boxed().await;
-    let mut parts = vec![&schema_cond, &retention_cond];
-    if eff.require_coverage {
-        parts.push(&covered_cond);
-    }
-    let ready = conditions::ready(&parts, format!("{table} deduplicates with retention {}", eff.text));
-    let failure = (ready.status != conditions::Status::True).then(|| ready.reason.to_string());
-    let healing = schema_cond.status != conditions::Status::True;
-    let (mut status, flipped) = finish(
-        &previous,
-        generation,
-        vec![ready, schema_cond, retention_cond, policy_cond, covered_cond],
-    );
+    let covered = dedup_covered(ctx, &ns, &valid, &eff).boxed().await;
+    let healing = schema_cond.status != Status::True;
+    let conditions = verdict(&valid, &eff, schema_cond, &purging, covered);
     status.effective_retention = Some(eff.text.clone());
     status.policies = eff.policies.clone();
-    status.rows = rows.or(status.rows);
-    status.oldest_entry_age_seconds = oldest;
-    status.last_purge = last_purge;
-    super::write_status(ctx, &api, inbox, MANAGER, status != previous, &status, &flipped)
-        .boxed()
-        .await?;
+    if let Purging::Running(Some(LastPurge::Done { at, result })) = &purging {
+        status.last_purge = Some(PurgeStatus {
+            time: at.clone(),
+            rows_deleted: result.rows_deleted,
+            duration_seconds: (result.duration.as_secs_f64() * 1000.0).round() / 1000.0,
+        });
+    }
     let action = if healing {
-        Action::requeue(ctx.retry)
+        Action::requeue(ctx.timing.retry)
     } else {
-        requeue(ctx.refresh, eff.next_change.as_ref())
+        requeue(ctx.timing.refresh, eff.next_change.as_ref())
     };
-    Ok((action, failure))
+    Ok(Outcome::Status {
+        conditions,
+        status,
+        action,
+    })
+}
+
+/// The table's conditions, Ready first, from what was found. Pure.
+pub fn verdict(valid: &ValidInboxTable, eff: &Effective, schema: Cond, purging: &Purging, covered: Cond) -> Vec<Cond> {
+    let retention = retention_condition(eff, &valid.purge_interval.text, purging);
+    let mut parts = vec![&schema, &retention];
+    if eff.require_coverage {
+        parts.push(&covered);
+    }
+    let ready = conditions::ready(&parts, format!("{} deduplicates with retention {}", valid.table, eff.text));
+    vec![ready, schema, retention, policy_condition(eff), covered]
+}
+
+/// PolicyCompliant: what the selecting policies made of the requested retention. Pure.
+pub fn policy_condition(eff: &Effective) -> Cond {
+    let m = eff.message.clone();
+    match &eff.compliance {
+        Compliance::NoPolicy => Cond::yes(condition::POLICY_COMPLIANT, reason::NO_POLICY, m),
+        Compliance::Within => Cond::yes(condition::POLICY_COMPLIANT, reason::WITHIN_POLICY, m),
+        Compliance::Clamped { .. } => Cond::yes(condition::POLICY_COMPLIANT, reason::RETENTION_CLAMPED, m),
+        Compliance::Violation { .. } => Cond::no(condition::POLICY_COMPLIANT, reason::POLICY_VIOLATION, m),
+    }
+}
+
+/// RetentionEnforced: is the purge loop running and healthy. Pure.
+pub fn retention_condition(eff: &Effective, interval: &str, purging: &Purging) -> Cond {
+    const T: &str = condition::RETENTION_ENFORCED;
+    match purging {
+        Purging::WaitingForSchema => Cond::unknown(T, reason::PURGE_PENDING, "waiting for SchemaReady"),
+        Purging::Running(None) => Cond::unknown(T, reason::PURGE_PENDING, "the first purge has not finished yet"),
+        Purging::Running(Some(LastPurge::Done { result, .. })) => Cond::yes(
+            T,
+            reason::PURGE_HEALTHY,
+            format!(
+                "purging rows older than {} every {interval}; last run deleted {} rows",
+                eff.text, result.rows_deleted
+            ),
+        ),
+        Purging::Running(Some(LastPurge::Failed { error, unreachable, .. })) => {
+            let r = if *unreachable {
+                reason::DATABASE_UNREACHABLE
+            } else {
+                reason::PURGE_FAILED
+            };
+            Cond::no(T, r, format!("the last purge failed: {error}"))
+        }
+    }
 }
 
 /// DedupCovered: does the effective retention outlive every redelivery from the source topics?
-async fn dedup_covered(
-    ctx: &Context,
-    ns: &str,
-    inbox: &InboxTable,
-    valid: &crate::crd::ValidInboxTable,
-    eff: &retention::Effective,
-) -> Cond {
-    let window = inbox
-        .spec
-        .redelivery_window
-        .as_ref()
-        .zip(valid.redelivery_window)
-        .map(|(d, v)| (d.0.as_str(), v));
-    let Some(k) = inbox.spec.sources.as_ref().and_then(|s| s.kafka.as_ref()) else {
-        return match window {
-            Some(_) => verdict(retention::coverage(eff.retention, &eff.text, window, &[])),
-            None => Cond::unknown(
-                condition::DEDUP_COVERED,
-                reason::NO_SOURCES,
-                "no spec.sources.kafka and no redeliveryWindow: lockstep cannot check that the retention outlives redelivery",
-            ),
-        };
+async fn dedup_covered(ctx: &Context, ns: &str, valid: &ValidInboxTable, eff: &Effective) -> Cond {
+    let window = valid.redelivery_window.as_ref().map(|w| w.pair());
+    let Some(k) = &valid.sources else {
+        return coverage_condition(eff, window, None);
     };
-    let settings = match &k.auth_secret_ref {
-        None => Default::default(),
-        Some(r) => match super::secret_settings(&ctx.client, ns, &r.name).await {
-            Ok(s) => s,
-            Err(m) => return Cond::unknown(condition::DEDUP_COVERED, reason::SECRET_NOT_FOUND, m),
-        },
+    let on = Reporting {
+        type_: condition::DEDUP_COVERED,
+        status: Status::Unknown,
     };
-    let described = match ctx.admins.get(&k.bootstrap_servers, &settings) {
-        Ok(a) => a.describe(&k.topics).await,
-        Err(e) => Err(e),
-    };
-    let observed = match described {
-        Ok(o) => o,
-        Err(e) => {
-            let r = if e.is_unreachable() {
-                reason::BROKER_UNREACHABLE
-            } else {
-                reason::TOPIC_OPERATION_FAILED
-            };
-            return Cond::unknown(condition::DEDUP_COVERED, r, e.to_string());
-        }
-    };
-    if window.is_none() {
-        let missing: Vec<&String> = k.topics.iter().filter(|t| !observed.contains_key(*t)).collect();
-        if !missing.is_empty() {
-            let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
-            return Cond::unknown(
-                condition::DEDUP_COVERED,
-                reason::TOPIC_NOT_FOUND,
-                format!("source topic(s) not found: {}", names.join(", ")),
-            );
-        }
-    }
-    let topics: Vec<(String, Option<i64>)> = k
-        .topics
-        .iter()
-        .map(|t| {
-            (
-                t.clone(),
+    match deps::describe_topics(ctx, ns, &k.bootstrap_servers, k.auth_secret.as_deref(), &k.topics, on).await {
+        Err(c) => c,
+        Ok((_, observed)) => {
+            let retention = |t: &String| {
                 observed
                     .get(t)
                     .and_then(|o| o.config.get("retention.ms"))
-                    .and_then(|v| v.parse().ok()),
-            )
-        })
-        .collect();
-    verdict(retention::coverage(eff.retention, &eff.text, window, &topics))
-}
-
-fn verdict(c: retention::Coverage) -> Cond {
-    if c.covered {
-        Cond::yes(condition::DEDUP_COVERED, reason::RETENTION_COVERS_REDELIVERY, c.message)
-    } else {
-        Cond::no(condition::DEDUP_COVERED, reason::RETENTION_BELOW_TOPIC_RETENTION, c.message)
+                    .and_then(|v| v.parse().ok())
+            };
+            let found = SourceTopics {
+                retention_ms: k.topics.iter().map(|t| (t.clone(), retention(t))).collect(),
+                missing: k.topics.iter().filter(|t| !observed.contains_key(*t)).cloned().collect(),
+            };
+            coverage_condition(eff, window, Some(&found))
+        }
     }
 }
 
-/// The previous status with newly computed conditions merged in.
-fn finish(previous: &InboxTableStatus, generation: Option<i64>, computed: Vec<Cond>) -> (InboxTableStatus, Vec<Cond>) {
-    let (conds, flipped) = conditions::merge(&previous.conditions, &computed, generation, &now());
-    let mut status = previous.clone();
-    status.observed_generation = generation;
-    status.conditions = conds;
-    (status, flipped)
+/// The source topics as the broker describes them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SourceTopics {
+    /// Each topic's retention.ms as reported (None: not reported, Kafka's default assumed).
+    pub retention_ms: Vec<(String, Option<i64>)>,
+    /// Topics the broker does not know.
+    pub missing: Vec<String>,
+}
+
+/// DedupCovered from the topics' retention (None: no sources declared). Pure.
+pub fn coverage_condition(eff: &Effective, window: Option<(&str, std::time::Duration)>, sources: Option<&SourceTopics>) -> Cond {
+    const T: &str = condition::DEDUP_COVERED;
+    let c = match (sources, window) {
+        (None, None) => {
+            return Cond::unknown(
+                T,
+                reason::NO_SOURCES,
+                "no spec.sources.kafka and no redeliveryWindow: lockstep cannot check that the retention outlives redelivery",
+            )
+        }
+        (None, Some(_)) => retention::coverage(eff.retention, &eff.text, window, &[]),
+        (Some(s), None) if !s.missing.is_empty() => {
+            return Cond::unknown(
+                T,
+                reason::TOPIC_NOT_FOUND,
+                format!("source topic(s) not found: {}", s.missing.join(", ")),
+            )
+        }
+        (Some(s), _) => retention::coverage(eff.retention, &eff.text, window, &s.retention_ms),
+    };
+    if c.covered {
+        Cond::yes(T, reason::RETENTION_COVERS_REDELIVERY, c.message)
+    } else {
+        Cond::no(T, reason::RETENTION_BELOW_TOPIC_RETENTION, c.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::fixtures::*;
+
+    fn types(c: &[Cond]) -> Vec<&str> {
+        c.iter().map(|c| c.type_).collect()
+    }
+
+    fn covered() -> Cond {
+        Cond::yes(condition::DEDUP_COVERED, reason::RETENTION_COVERS_REDELIVERY, "covers")
+    }
+
+    #[test]
+    fn healthy_table_is_ready_with_every_condition_in_order() {
+        let eff = effective("7d", Compliance::NoPolicy, false);
+        let c = verdict(
+            &inbox(Some("7d")),
+            &eff,
+            schema_ok(),
+            &Purging::Running(Some(purged(12))),
+            covered(),
+        );
+        assert_eq!(
+            types(&c),
+            ["Ready", "SchemaReady", "RetentionEnforced", "PolicyCompliant", "DedupCovered"]
+        );
+        assert_eq!((c[0].status, c[0].reason), (Status::True, reason::READY));
+        assert_eq!(c[0].message, r#""billing"."inbox" deduplicates with retention 7d"#);
+        assert_eq!(c[2].reason, reason::PURGE_HEALTHY);
+        assert_eq!(c[2].message, "purging rows older than 7d every 1m; last run deleted 12 rows");
+        assert_eq!(c[3].reason, reason::NO_POLICY);
+    }
+
+    #[test]
+    fn schema_failure_decides_ready_and_holds_the_purge() {
+        let eff = effective("7d", Compliance::NoPolicy, false);
+        let down = Cond::no(
+            condition::SCHEMA_READY,
+            reason::DATABASE_UNREACHABLE,
+            "db:5432/x: connection refused",
+        );
+        let c = verdict(&inbox(None), &eff, down, &Purging::WaitingForSchema, covered());
+        assert_eq!((c[0].status, c[0].reason), (Status::False, reason::DATABASE_UNREACHABLE));
+        assert_eq!(c[0].message, "SchemaReady: db:5432/x: connection refused");
+        assert_eq!((c[2].status, c[2].reason), (Status::Unknown, reason::PURGE_PENDING));
+        assert_eq!(c[2].message, "waiting for SchemaReady");
+    }
+
+    #[test]
+    fn first_purge_pending_makes_ready_unknown() {
+        let eff = effective("7d", Compliance::NoPolicy, false);
+        let c = verdict(&inbox(None), &eff, schema_ok(), &Purging::Running(None), covered());
+        assert_eq!((c[0].status, c[0].reason), (Status::Unknown, reason::PURGE_PENDING));
+    }
+
+    #[test]
+    fn failed_purges_say_why() {
+        let eff = effective("7d", Compliance::NoPolicy, false);
+        let failed = |unreachable| {
+            let last = LastPurge::Failed {
+                at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now()),
+                error: "boom".into(),
+                unreachable,
+            };
+            retention_condition(&eff, "1m", &Purging::Running(Some(last)))
+        };
+        assert_eq!(
+            (failed(true).status, failed(true).reason),
+            (Status::False, reason::DATABASE_UNREACHABLE)
+        );
+        assert_eq!(failed(false).reason, reason::PURGE_FAILED);
+        assert_eq!(failed(false).message, "the last purge failed: boom");
+    }
+
+    #[test]
+    fn coverage_counts_for_ready_only_when_a_policy_requires_it() {
+        let short = Cond::no(condition::DEDUP_COVERED, reason::RETENTION_BELOW_TOPIC_RETENTION, "1d < 7d");
+        let purge = Purging::Running(Some(purged(0)));
+        let free = effective("1d", Compliance::NoPolicy, false);
+        let c = verdict(&inbox(Some("1d")), &free, schema_ok(), &purge, short.clone());
+        assert_eq!(c[0].status, Status::True);
+        assert_eq!(c[4], short);
+        let required = effective("1d", Compliance::Within, true);
+        let c = verdict(&inbox(Some("1d")), &required, schema_ok(), &purge, short);
+        assert_eq!((c[0].status, c[0].reason), (Status::False, reason::RETENTION_BELOW_TOPIC_RETENTION));
+    }
+
+    #[test]
+    fn policy_condition_per_compliance() {
+        let r = |c: Compliance| {
+            let p = policy_condition(&effective("7d", c, false));
+            (p.status, p.reason)
+        };
+        assert_eq!(r(Compliance::NoPolicy), (Status::True, reason::NO_POLICY));
+        assert_eq!(r(Compliance::Within), (Status::True, reason::WITHIN_POLICY));
+        let clamped = Compliance::Clamped { requested: "1h".into() };
+        assert_eq!(r(clamped), (Status::True, reason::RETENTION_CLAMPED));
+        let violation = Compliance::Violation {
+            messages: vec!["below 24h".into()],
+        };
+        assert_eq!(r(violation), (Status::False, reason::POLICY_VIOLATION));
+    }
+
+    #[test]
+    fn coverage_from_sources() {
+        let eff = effective("1d", Compliance::NoPolicy, false);
+        let none = coverage_condition(&eff, None, None);
+        assert_eq!((none.status, none.reason), (Status::Unknown, reason::NO_SOURCES));
+        let week = SourceTopics {
+            retention_ms: vec![("orders".into(), Some(7 * 86_400_000))],
+            missing: vec![],
+        };
+        let c = coverage_condition(&eff, None, Some(&week));
+        assert_eq!((c.status, c.reason), (Status::False, reason::RETENTION_BELOW_TOPIC_RETENTION));
+        let gone = SourceTopics {
+            retention_ms: vec![("orders".into(), None)],
+            missing: vec!["orders".into()],
+        };
+        let c = coverage_condition(&eff, None, Some(&gone));
+        assert_eq!((c.status, c.reason), (Status::Unknown, reason::TOPIC_NOT_FOUND));
+        assert_eq!(c.message, "source topic(s) not found: orders");
+        // A stated redelivery window decides, whatever the topics say.
+        let window = given("12h");
+        let c = coverage_condition(&eff, Some(window.pair()), Some(&gone));
+        assert_eq!((c.status, c.reason), (Status::True, reason::RETENTION_COVERS_REDELIVERY));
+        let c = coverage_condition(&eff, Some(given("2d").pair()), None);
+        assert_eq!(c.status, Status::False);
+    }
 }

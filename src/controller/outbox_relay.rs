@@ -1,67 +1,104 @@
-//! OutboxRelay, first half: validate -> migrate the outbox and dead-letter tables -> plan and apply
-//! topics -> status. (The relay Deployment and lag come with the relay.)
+//! OutboxRelay, first half: guard -> validate -> migrate the outbox and dead-letter tables ->
+//! plan and apply topics -> pure verdict -> status. (The relay Deployment and lag come next.)
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
-use futures::FutureExt;
+use futures::{future::BoxFuture, FutureExt};
 use kube::{
     api::Api,
-    core::DeserializeGuard,
     runtime::{
         controller::{Action, Controller},
-        predicates, reflector,
+        predicates,
         utils::Predicate,
-        watcher, WatchStreamExt,
+        WatchStreamExt,
     },
-    Client, Resource, ResourceExt,
 };
 
-use super::{is_paused, now, secret_settings, secret_url, Context, Error};
+use super::{
+    deps::{self, Reporting},
+    reconciler::{self, Outcome, Reconciler},
+    watches::Watches,
+    Context, Error,
+};
 use crate::{
-    conditions::{self, reason, Cond, Status},
-    crd::{condition, Guarantee, OutboxRelay, OutboxRelayStatus, TopicStatus, ValidOutboxRelay},
-    kafka::AdminError,
-    schema::{migrate, SchemaError, TableKind},
-    topics::{plan, Action as TopicAction, Desired},
+    conditions::{self, condition, reason, Cond, Status},
+    crd::{Guarantee, OutboxRelay, OutboxRelayStatus, TopicStatus, ValidOutboxRelay},
+    kafka::{Admin, AdminError, ObservedTopic},
+    schema::TableKind,
+    topics::{plan, Action as TopicAction, Desired, Plan},
 };
 
-/// The server-side apply field manager of this controller's status writes.
+/// The server-side apply field manager of OutboxRelay status writes.
 pub const MANAGER: &str = "lockstep-outboxrelay";
-const NAME: &str = "outboxrelay";
 
-type Guarded = DeserializeGuard<OutboxRelay>;
+pub struct OutboxRelays;
 
-pub async fn controller(
-    client: &Client,
-    namespace: Option<&str>,
+/// Wire the controller: its own objects, spec and annotation changes only.
+pub fn controller(
+    watches: &mut Watches,
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let api: Api<Guarded> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
+) -> impl std::future::Future<Output = ()> {
+    let own = watches
+        .relays
+        .subscribe()
         .applied_objects()
         .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
-    let c = Controller::for_stream(stream, reader)
+    let c = Controller::for_stream(own, watches.relays.store())
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx);
-    super::drain(NAME, c).await;
+        .run(reconciler::reconcile::<OutboxRelays>, reconciler::error_policy::<OutboxRelays>, ctx);
+    super::drain(OutboxRelays::NAME, c)
 }
 
-fn error_policy(_obj: Arc<Guarded>, e: &Error, ctx: Arc<Context>) -> Action {
-    super::on_error(NAME, e, &ctx)
+impl Reconciler for OutboxRelays {
+    type K = OutboxRelay;
+    type Status = OutboxRelayStatus;
+    type Valid = ValidOutboxRelay;
+    const NAME: &'static str = "outboxrelay";
+    const MANAGER: &'static str = MANAGER;
+    const PAUSED: Option<&'static str> = Some("not reconciling");
+
+    fn api(ctx: &Context, namespace: Option<&str>) -> Result<Api<OutboxRelay>, Error> {
+        reconciler::namespaced(ctx, namespace)
+    }
+    fn status(obj: &OutboxRelay) -> OutboxRelayStatus {
+        obj.status.clone().unwrap_or_default()
+    }
+    fn validate(obj: &OutboxRelay) -> Result<ValidOutboxRelay, crate::validation::ValidationErrors> {
+        obj.spec.validate()
+    }
+    fn reconcile<'a>(
+        obj: &'a OutboxRelay,
+        valid: ValidOutboxRelay,
+        previous: &'a OutboxRelayStatus,
+        ctx: &'a Context,
+    ) -> BoxFuture<'a, Result<Outcome<OutboxRelayStatus>, Error>> {
+        async move {
+            let ns = obj.metadata.namespace.clone().unwrap_or_default();
+            let (schema_cond, schema_version) = schema(ctx, &ns, &valid).boxed().await;
+            let (topics_cond, topics) = self::topics(ctx, &ns, &valid).boxed().await;
+            let healing = schema_cond.status != Status::True || topics_cond.status != Status::True;
+            let ready = conditions::ready(
+                &[&schema_cond, &topics_cond],
+                format!("{} is migrated and its topics are configured", valid.table),
+            );
+            let status = OutboxRelayStatus {
+                schema_version: schema_version.or(previous.schema_version),
+                topics,
+                guarantees: guarantees(),
+                ..previous.clone()
+            };
+            Ok(Outcome::Status {
+                conditions: vec![ready, schema_cond, topics_cond],
+                status,
+                action: Action::requeue(if healing { ctx.timing.retry } else { ctx.timing.refresh }),
+            })
+        }
+        .boxed()
+    }
 }
 
-pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
-    // Boxed so the compiler checks Send with concrete lifetimes (rust-lang/rust#100013).
-    super::timed(&ctx, NAME, (obj.name_any(), obj.namespace()), reconcile_inner(&obj, &ctx).boxed()).await
-}
-
+/// What holds on each hop, stated plainly.
 pub fn guarantees() -> Vec<Guarantee> {
     let g = |hop: &str, guarantee: &str| Guarantee {
         hop: hop.into(),
@@ -74,161 +111,63 @@ pub fn guarantees() -> Vec<Guarantee> {
     ]
 }
 
-async fn reconcile_inner(obj: &Guarded, ctx: &Context) -> Result<(Action, Option<String>), Error> {
-    let ns = obj.namespace().ok_or(Error::MissingNamespace)?;
-    let name = obj.name_any();
-    let api: Api<OutboxRelay> = Api::namespaced(ctx.client.clone(), &ns);
-    let relay = match &obj.0 {
-        Ok(r) => r,
-        Err(invalid) => {
-            return super::report_unreadable(&api, &name, MANAGER, obj.meta().generation, &invalid.error).await;
-        }
-    };
-    let previous = relay.status.clone().unwrap_or_default();
-    let generation = relay.metadata.generation;
-
-    let early = |c: Cond| {
-        let (conds, flipped) = conditions::merge(&previous.conditions, &[c], generation, &now());
-        let status = OutboxRelayStatus {
-            observed_generation: generation,
-            conditions: conds,
-            ..previous.clone()
-        };
-        (status, flipped)
-    };
-    if is_paused(relay) {
-        let (status, flipped) = early(Cond::no(
-            condition::READY,
-            reason::PAUSED,
-            format!("annotation {}=true: not reconciling", crate::crd::PAUSED_ANNOTATION),
-        ));
-        super::write_status(ctx, &api, relay, MANAGER, status != previous, &status, &flipped)
-            .boxed()
-            .await?;
-        return Ok((Action::await_change(), Some(reason::PAUSED.into())));
-    }
-    let valid = match relay.spec.validate() {
-        Ok(v) => v,
-        Err(e) => {
-            let (status, flipped) = early(Cond::no(condition::READY, reason::INVALID_SPEC, e.to_string()));
-            super::write_status(ctx, &api, relay, MANAGER, status != previous, &status, &flipped)
-                .boxed()
-                .await?;
-            return Ok((Action::await_change(), Some(reason::INVALID_SPEC.into())));
-        }
-    };
-
-    let schema_cond = schema(ctx, &ns, relay, &valid).boxed().await;
-    let (topics_cond, topic_status) = topics(ctx, &ns, relay).boxed().await;
-
-    let ready = conditions::ready(
-        &[&schema_cond, &topics_cond],
-        format!("{} is migrated and its topics are configured", valid.table),
-    );
-    let failure = (ready.status != Status::True).then(|| ready.reason.to_string());
-    let healing = schema_cond.status != Status::True || topics_cond.status != Status::True;
-    let (conds, flipped) = conditions::merge(&previous.conditions, &[ready, schema_cond, topics_cond], generation, &now());
-    let status = OutboxRelayStatus {
-        observed_generation: generation,
-        conditions: conds,
-        schema_version: Some(crate::schema::migrations(TableKind::Outbox).last().map(|m| m.version).unwrap_or(0)),
-        topics: topic_status,
-        lag: previous.lag.clone(),
-        guarantees: guarantees(),
-    };
-    super::write_status(ctx, &api, relay, MANAGER, status != previous, &status, &flipped)
-        .boxed()
-        .await?;
-    Ok((Action::requeue(if healing { ctx.retry } else { ctx.refresh }), failure))
-}
-
-async fn schema(ctx: &Context, ns: &str, relay: &OutboxRelay, valid: &ValidOutboxRelay) -> Cond {
-    let url = match secret_url(&ctx.client, ns, &relay.spec.database.url_secret_ref).boxed().await {
-        Ok(u) => u,
-        Err(c) => return c,
-    };
-    let pool = match ctx.pools.get(&url) {
-        Ok(p) => p,
-        Err(e) => return Cond::no(condition::SCHEMA_READY, reason::DATABASE_ERROR, e.to_string()),
-    };
-    let where_ = crate::config::describe_database_url(url.expose());
-    let mut conn = match pool.acquire().await {
+/// SchemaReady, and the schema version when the tables are migrated.
+async fn schema(ctx: &Context, ns: &str, valid: &ValidOutboxRelay) -> (Cond, Option<i32>) {
+    let (db, mut conn) = match deps::connect(ctx, ns, &valid.url_secret).await {
         Ok(c) => c,
-        Err(e) => {
-            return Cond::no(
-                condition::SCHEMA_READY,
-                super::db_reason(&e),
-                format!("cannot connect to {where_}: {e}"),
+        Err(c) => return (c, None),
+    };
+    let tables = [(TableKind::Outbox, &valid.table), (TableKind::DeadLetter, &valid.dead_letter_table)];
+    match deps::migrate_tables(&mut conn, &tables, valid.manage_schema, &db.location).await {
+        Err(c) => (c, None),
+        Ok(outcomes) => {
+            let version = outcomes[0].version;
+            let message = format!("{} and {}: schema version {version}", valid.table, valid.dead_letter_table);
+            (
+                Cond::yes(condition::SCHEMA_READY, reason::SCHEMA_UP_TO_DATE, message),
+                Some(version),
             )
         }
-    };
-    let manage = relay.spec.database.manage_schema;
-    for (kind, table) in [(TableKind::Outbox, &valid.table), (TableKind::DeadLetter, &valid.dead_letter_table)] {
-        match migrate(&mut conn, kind, table, manage).boxed().await {
-            Ok(_) => {}
-            Err(SchemaError::Mismatch { differences, .. }) => {
-                return Cond::no(
-                    condition::SCHEMA_READY,
-                    reason::SCHEMA_MISMATCH,
-                    format!(
-                        "{table} exists but does not match the {kind} contract, left untouched: {}",
-                        differences.join("; ")
-                    ),
-                )
-            }
-            Err(e @ SchemaError::Missing { .. }) => return Cond::no(condition::SCHEMA_READY, reason::SCHEMA_MISSING, e.to_string()),
-            Err(SchemaError::Database(e)) => return Cond::no(condition::SCHEMA_READY, super::db_reason(&e), format!("{where_}: {e}")),
-            Err(e) => return Cond::no(condition::SCHEMA_READY, reason::SCHEMA_MISMATCH, e.to_string()),
-        }
     }
-    Cond::yes(
-        condition::SCHEMA_READY,
-        reason::SCHEMA_UP_TO_DATE,
-        format!("{} and {}: schema version 1", valid.table, valid.dead_letter_table),
-    )
 }
 
-async fn topics(ctx: &Context, ns: &str, relay: &OutboxRelay) -> (Cond, Vec<TopicStatus>) {
-    let k = &relay.spec.kafka;
-    let names: Vec<String> = relay.spec.topics.iter().map(|t| t.name.clone()).collect();
-    let unknown = |c: Cond| {
-        let st = names
-            .iter()
-            .map(|n| TopicStatus {
-                name: n.clone(),
-                partitions: None,
-                ready: false,
-                drift: vec![],
-            })
-            .collect();
-        (c, st)
+/// A topic action the broker refused or could not take.
+#[derive(Debug)]
+pub struct Failed {
+    pub topic: String,
+    pub error: AdminError,
+}
+
+/// TopicsReady and each topic's status: describe, plan, apply the plan, judge.
+async fn topics(ctx: &Context, ns: &str, valid: &ValidOutboxRelay) -> (Cond, Vec<TopicStatus>) {
+    let names: Vec<String> = valid.topics.iter().map(|t| t.name.clone()).collect();
+    let on = Reporting {
+        type_: condition::TOPICS_READY,
+        status: Status::False,
     };
-    let settings = match &k.auth_secret_ref {
-        None => Default::default(),
-        Some(r) => match secret_settings(&ctx.client, ns, &r.name).await {
-            Ok(s) => s,
-            Err(m) => return unknown(Cond::no(condition::TOPICS_READY, reason::SECRET_NOT_FOUND, m)),
-        },
+    let described = deps::describe_topics(ctx, ns, &valid.bootstrap_servers, valid.auth_secret.as_deref(), &names, on).await;
+    let (admin, observed) = match described {
+        Ok(d) => d,
+        Err(c) => return (c, unknown_topics(&names)),
     };
-    let admin = match ctx.admins.get(&k.bootstrap_servers, &settings) {
-        Ok(a) => a,
-        Err(e) => return unknown(Cond::no(condition::TOPICS_READY, reason::TOPIC_OPERATION_FAILED, e.to_string())),
+    let p = plan(&valid.topics, &observed);
+    let failed = apply(&admin, &p).await;
+    topics_verdict(&valid.topics, &observed, &p, &failed)
+}
+
+fn unknown_topics(names: &[String]) -> Vec<TopicStatus> {
+    let unknown = |n: &String| TopicStatus {
+        name: n.clone(),
+        partitions: None,
+        ready: false,
+        drift: vec![],
     };
-    let broker_err = |e: AdminError| {
-        let r = if e.is_unreachable() {
-            reason::BROKER_UNREACHABLE
-        } else {
-            reason::TOPIC_OPERATION_FAILED
-        };
-        Cond::no(condition::TOPICS_READY, r, e.to_string())
-    };
-    let observed = match admin.describe(&names).await {
-        Ok(o) => o,
-        Err(e) => return unknown(broker_err(e)),
-    };
-    let desired: Vec<Desired> = relay.spec.validate().map(|v| v.topics).unwrap_or_default();
-    let p = plan(&desired, &observed);
-    let mut failed: Vec<(String, AdminError)> = Vec::new();
+    names.iter().map(unknown).collect()
+}
+
+/// Take the plan's actions, in order; collect what failed.
+async fn apply(admin: &Admin, p: &Plan) -> Vec<Failed> {
+    let mut failed = Vec::new();
     for a in &p.actions {
         let (topic, r) = match a {
             TopicAction::Create {
@@ -240,18 +179,31 @@ async fn topics(ctx: &Context, ns: &str, relay: &OutboxRelay) -> (Cond, Vec<Topi
             TopicAction::SetConfig { name, set } => (name, admin.alter_configs(name, set).await),
             TopicAction::AddPartitions { name, total } => (name, admin.create_partitions(name, *total).await),
         };
-        if let Err(e) = r {
-            failed.push((topic.clone(), e));
+        if let Err(error) = r {
+            failed.push(Failed {
+                topic: topic.clone(),
+                error,
+            });
         }
     }
-    let status: Vec<TopicStatus> = desired
+    failed
+}
+
+/// TopicsReady and each topic's status, from the plan and what failed. Pure.
+pub fn topics_verdict(
+    desired: &[Desired],
+    observed: &BTreeMap<String, ObservedTopic>,
+    p: &Plan,
+    failed: &[Failed],
+) -> (Cond, Vec<TopicStatus>) {
+    let status = desired
         .iter()
         .map(|d| {
             let created = p
                 .actions
                 .iter()
                 .any(|a| matches!(a, TopicAction::Create { name, .. } if name == &d.name));
-            let bad = failed.iter().any(|(t, _)| t == &d.name) || p.refusals.iter().any(|r| r.topic == d.name);
+            let bad = failed.iter().any(|f| f.topic == d.name) || p.refusals.iter().any(|r| r.topic == d.name);
             TopicStatus {
                 name: d.name.clone(),
                 partitions: observed.get(&d.name).map(|o| o.partitions).or(created.then_some(d.partitions)),
@@ -260,40 +212,141 @@ async fn topics(ctx: &Context, ns: &str, relay: &OutboxRelay) -> (Cond, Vec<Topi
             }
         })
         .collect();
+    (topics_condition(desired.len(), p, failed), status)
+}
+
+fn topics_condition(count: usize, p: &Plan, failed: &[Failed]) -> Cond {
+    const T: &str = condition::TOPICS_READY;
     let warn = if p.warnings.is_empty() {
         String::new()
     } else {
         format!(" Warnings: {}", p.warnings.join("; "))
     };
-    let cond = if let Some((_, e)) = failed.iter().find(|(_, e)| e.is_unreachable()) {
-        Cond::no(condition::TOPICS_READY, reason::BROKER_UNREACHABLE, e.to_string())
-    } else if !failed.is_empty() {
-        let msgs: Vec<String> = failed.iter().map(|(_, e)| e.to_string()).collect();
-        Cond::no(
-            condition::TOPICS_READY,
-            reason::TOPIC_OPERATION_FAILED,
-            format!("{}{warn}", msgs.join("; ")),
-        )
-    } else if !p.refusals.is_empty() {
+    if let Some(f) = failed.iter().find(|f| f.error.is_unreachable()) {
+        return Cond::no(T, reason::BROKER_UNREACHABLE, f.error.to_string());
+    }
+    if !failed.is_empty() {
+        let msgs: Vec<String> = failed.iter().map(|f| f.error.to_string()).collect();
+        return Cond::no(T, reason::TOPIC_OPERATION_FAILED, format!("{}{warn}", msgs.join("; ")));
+    }
+    if !p.refusals.is_empty() {
         let msgs: Vec<&str> = p.refusals.iter().map(|r| r.message.as_str()).collect();
-        Cond::no(
-            condition::TOPICS_READY,
-            reason::PARTITION_CHANGE_REFUSED,
-            format!("{}; nothing was changed on those topics{warn}", msgs.join("; ")),
-        )
-    } else if !p.drift.is_empty() {
+        let m = format!("{}; nothing was changed on those topics{warn}", msgs.join("; "));
+        return Cond::no(T, reason::PARTITION_CHANGE_REFUSED, m);
+    }
+    if !p.drift.is_empty() {
         let msgs: Vec<String> = p.drift.iter().map(|(t, d)| format!("{t}: {}", d.join(", "))).collect();
-        Cond::yes(
-            condition::TOPICS_READY,
-            reason::TOPIC_CONFIG_DRIFT,
-            format!("restored config changed outside lockstep: {}{warn}", msgs.join("; ")),
-        )
-    } else {
-        Cond::yes(
-            condition::TOPICS_READY,
-            reason::TOPICS_CONFIGURED,
-            format!("{} topic(s) as specified{warn}", desired.len()),
-        )
-    };
-    (cond, status)
+        let m = format!("restored config changed outside lockstep: {}{warn}", msgs.join("; "));
+        return Cond::yes(T, reason::TOPIC_CONFIG_DRIFT, m);
+    }
+    Cond::yes(T, reason::TOPICS_CONFIGURED, format!("{count} topic(s) as specified{warn}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(name: &str, partitions: i32, config: &[(&str, &str)]) -> Desired {
+        Desired {
+            name: name.into(),
+            partitions,
+            replication_factor: 3,
+            config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ignore: Default::default(),
+            allow_partition_increase: false,
+            keyed: true,
+        }
+    }
+
+    fn observed(name: &str, partitions: i32, config: &[(&str, &str)]) -> BTreeMap<String, ObservedTopic> {
+        let o = ObservedTopic {
+            partitions,
+            replication_factor: Some(3),
+            config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        BTreeMap::from([(name.to_string(), o)])
+    }
+
+    /// Plan against what the broker has, then judge as if every action succeeded but `failed`.
+    fn judge(d: &[Desired], o: &BTreeMap<String, ObservedTopic>, failed: &[Failed]) -> (Cond, Vec<TopicStatus>) {
+        topics_verdict(d, o, &plan(d, o), failed)
+    }
+
+    #[test]
+    fn created_and_matching_topics_are_configured() {
+        let d = [desired("new", 6, &[]), desired("old", 3, &[("retention.ms", "1000")])];
+        let (c, st) = judge(&d, &observed("old", 3, &[("retention.ms", "1000")]), &[]);
+        assert_eq!(
+            (c.status, c.reason, c.message.as_str()),
+            (Status::True, reason::TOPICS_CONFIGURED, "2 topic(s) as specified")
+        );
+        assert_eq!(
+            st[0].partitions,
+            Some(6),
+            "a created topic reports the partitions it was created with"
+        );
+        assert!(st.iter().all(|t| t.ready && t.drift.is_empty()));
+    }
+
+    #[test]
+    fn drift_is_restored_and_reported() {
+        let d = [desired("t", 3, &[("retention.ms", "1000")])];
+        let (c, st) = judge(&d, &observed("t", 3, &[("retention.ms", "5")]), &[]);
+        assert_eq!((c.status, c.reason), (Status::True, reason::TOPIC_CONFIG_DRIFT));
+        assert_eq!(c.message, "restored config changed outside lockstep: t: retention.ms: 5 -> 1000");
+        assert_eq!(st[0].drift, vec!["retention.ms: 5 -> 1000"]);
+    }
+
+    #[test]
+    fn partition_changes_are_refused_and_the_topic_not_ready() {
+        let d = [desired("t", 12, &[])];
+        let (c, st) = judge(&d, &observed("t", 6, &[]), &[]);
+        assert_eq!((c.status, c.reason), (Status::False, reason::PARTITION_CHANGE_REFUSED));
+        assert!(c.message.ends_with("nothing was changed on those topics"), "{}", c.message);
+        assert_eq!((st[0].ready, st[0].partitions), (false, Some(6)));
+    }
+
+    #[test]
+    fn failures_unreachable_first_then_refused() {
+        let d = [desired("a", 3, &[]), desired("b", 3, &[])];
+        let refused = || Failed {
+            topic: "a".into(),
+            error: AdminError::Refused {
+                operation: "create",
+                topic: "a".into(),
+                message: "policy".into(),
+            },
+        };
+        let down = Failed {
+            topic: "b".into(),
+            error: AdminError::Unreachable {
+                bootstrap: "k:9092".into(),
+                message: "timeout".into(),
+            },
+        };
+        let (c, st) = judge(&d, &BTreeMap::new(), &[refused(), down]);
+        assert_eq!((c.status, c.reason), (Status::False, reason::BROKER_UNREACHABLE));
+        assert!(st.iter().all(|t| !t.ready));
+        let (c, st) = judge(&d, &BTreeMap::new(), &[refused()]);
+        assert_eq!((c.status, c.reason), (Status::False, reason::TOPIC_OPERATION_FAILED));
+        assert_eq!((st[0].ready, st[1].ready), (false, true));
+    }
+
+    #[test]
+    fn durability_warnings_ride_along() {
+        let d = [desired("t", 3, &[("min.insync.replicas", "3")])];
+        let (c, _) = judge(&d, &observed("t", 3, &[("min.insync.replicas", "3")]), &[]);
+        assert_eq!(c.reason, reason::TOPICS_CONFIGURED);
+        assert!(
+            c.message.contains(" Warnings: t: min.insync.replicas=3 with replication factor 3"),
+            "{}",
+            c.message
+        );
+    }
+
+    #[test]
+    fn unknown_topics_when_the_broker_cannot_be_asked() {
+        let st = unknown_topics(&["a".into()]);
+        assert_eq!((st[0].ready, st[0].partitions), (false, None));
+    }
 }

@@ -112,17 +112,5 @@ pub enum DeletionPolicy {
 /// Conditions as Kubernetes API conventions define them.
 pub type Conditions = Vec<Condition>;
 
-/// Condition types.
-pub mod condition {
-    pub const READY: &str = "Ready";
-    pub const SCHEMA_READY: &str = "SchemaReady";
-    pub const TOPICS_READY: &str = "TopicsReady";
-    pub const RELAY_AVAILABLE: &str = "RelayAvailable";
-    pub const LAG_HEALTHY: &str = "LagHealthy";
-    pub const RETENTION_ENFORCED: &str = "RetentionEnforced";
-    pub const POLICY_COMPLIANT: &str = "PolicyCompliant";
-    pub const DEDUP_COVERED: &str = "DedupCovered";
-}
-
 /// The annotation that pauses reconciling a resource.
 pub const PAUSED_ANNOTATION: &str = "lockstep.dev/paused";

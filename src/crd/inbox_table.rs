@@ -8,9 +8,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::common::{Conditions, DatabaseSpec, DeletionPolicy, SecretRef};
+use super::common::{Conditions, DatabaseSpec, DeletionPolicy, SecretKeyRef, SecretRef};
 use crate::{
-    duration::Duration,
+    duration::{Duration, Given},
     routing::validate_topic_name,
     sql::QualifiedName,
     validation::{Problems, ValidationErrors},
@@ -137,10 +137,24 @@ pub const DEFAULT_RETENTION: StdDuration = StdDuration::from_secs(7 * 86_400);
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidInboxTable {
     pub table: QualifiedName,
-    pub retention: Option<StdDuration>,
-    pub purge_interval: StdDuration,
+    pub url_secret: SecretKeyRef,
+    /// Create or migrate the table (false: only verify it).
+    pub manage_schema: bool,
+    /// The requested retention; None: the policies' default or lockstep's.
+    pub retention: Option<Given>,
+    pub purge_interval: Given,
     pub purge_batch_size: i64,
-    pub redelivery_window: Option<StdDuration>,
+    pub redelivery_window: Option<Given>,
+    pub sources: Option<ValidKafkaSource>,
+}
+
+/// The Kafka topics an inbox deduplicates, to check that its retention covers their redelivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidKafkaSource {
+    pub bootstrap_servers: String,
+    pub topics: Vec<String>,
+    /// Secret whose keys are librdkafka settings (SASL/TLS).
+    pub auth_secret: Option<String>,
 }
 
 impl InboxTableSpec {
@@ -181,12 +195,28 @@ impl InboxTableSpec {
             }
         }
         p.finish(|| {
+            let given = |d: &Duration, value| Given { text: d.0.clone(), value };
             Some(ValidInboxTable {
                 table: table?,
-                retention: if retention_ok { retention } else { None? },
-                purge_interval: purge_interval?,
+                url_secret: self.database.url_secret_ref.clone(),
+                manage_schema: self.database.manage_schema,
+                retention: if retention_ok {
+                    self.retention.as_ref().zip(retention).map(|(d, v)| given(d, v))
+                } else {
+                    None?
+                },
+                purge_interval: given(&self.purge.interval, purge_interval?),
                 purge_batch_size: i64::from(self.purge.batch_size),
-                redelivery_window: if window_ok { redelivery_window } else { None? },
+                redelivery_window: if window_ok {
+                    self.redelivery_window.as_ref().zip(redelivery_window).map(|(d, v)| given(d, v))
+                } else {
+                    None?
+                },
+                sources: self.sources.as_ref().and_then(|s| s.kafka.as_ref()).map(|k| ValidKafkaSource {
+                    bootstrap_servers: k.bootstrap_servers.clone(),
+                    topics: k.topics.clone(),
+                    auth_secret: k.auth_secret_ref.as_ref().map(|r| r.name.clone()),
+                }),
             })
         })
     }

@@ -153,7 +153,7 @@ pub fn operator() -> std::net::SocketAddr {
                     identity: None,
                     relay_image: "lockstep:test".into(),
                 };
-                lockstep::controller::run(client, args, tokio_util::sync::CancellationToken::new())
+                lockstep::operator::run(client, args, tokio_util::sync::CancellationToken::new())
                     .await
                     .expect("operator run");
             });

@@ -1,0 +1,156 @@
+//! What the controllers share: clients, caches, pools, metrics, timing, and the error type with
+//! its policy (permanent errors wait for a change, transient ones are retried).
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    core::{DeserializeGuard, PartialObjectMeta},
+    runtime::{
+        controller::Action,
+        events::Recorder,
+        reflector::{ObjectRef, Store},
+    },
+    Client, ResourceExt,
+};
+
+use crate::{
+    crd::{DedupPolicy, InboxTable},
+    db::Pools,
+    kafka::AdminCache,
+    metrics::{ControllerLabel, FailureLabel, Metrics},
+    purge::Purges,
+    retention::PolicyView,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the object has no namespace")]
+    MissingNamespace,
+}
+
+impl Error {
+    pub fn metric_label(&self) -> String {
+        match self {
+            Error::Kube(_) => "KubeError".into(),
+            Error::MissingNamespace => "MissingNamespace".into(),
+        }
+    }
+
+    /// Permanent errors wait for the object to change; transient ones are retried.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Error::MissingNamespace)
+    }
+}
+
+/// How often things are looked at again.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Measured status (rows, ages, purge results, topics) is refreshed this often.
+    pub refresh: Duration,
+    /// Retry delay for conditions that heal by themselves (database down, Secret missing).
+    pub retry: Duration,
+    /// DedupPolicy status is recomputed this often (and when an exception expires).
+    pub policy_refresh: Duration,
+    /// Requeue delay while the shared caches are still filling.
+    pub caches_filling: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            refresh: Duration::from_secs(15),
+            retry: Duration::from_secs(5),
+            policy_refresh: Duration::from_secs(60),
+            caches_filling: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The shared caches the controllers read.
+#[derive(Clone)]
+pub struct Caches {
+    pub inboxes: Store<DeserializeGuard<InboxTable>>,
+    pub policies: Store<DeserializeGuard<DedupPolicy>>,
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub pools: Pools,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub purges: Purges<ObjectRef<DeserializeGuard<InboxTable>>>,
+    pub admins: AdminCache,
+    pub caches: Caches,
+    pub timing: Timing,
+}
+
+impl Context {
+    /// Policy, namespace and InboxTable caches must be filled before any retention is computed:
+    /// an empty cache would look like "no policy" and purge with a shorter retention than a
+    /// policy demands. Bounded: a reconcile that finds them not ready yet requeues instead of
+    /// waiting (an unbounded wait here was seen to never wake, holding the object's slot forever).
+    pub async fn caches_ready(&self) -> bool {
+        let c = &self.caches;
+        let wait = async {
+            let _ = c.policies.wait_until_ready().await;
+            let _ = c.namespaces.wait_until_ready().await;
+            let _ = c.inboxes.wait_until_ready().await;
+        };
+        tokio::time::timeout(Duration::from_secs(2), wait).await.is_ok()
+    }
+
+    pub fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
+        self.caches
+            .namespaces
+            .get(&ObjectRef::new(ns))
+            .map(|n| n.labels().clone())
+            .unwrap_or_default()
+    }
+
+    /// Valid policies, for retention computation.
+    pub fn valid_policies(&self) -> Vec<PolicyView> {
+        self.caches
+            .policies
+            .state()
+            .iter()
+            .filter_map(|p| {
+                let p = p.0.as_ref().ok()?;
+                p.spec.validate().ok()?;
+                Some(PolicyView {
+                    name: p.name_any(),
+                    spec: p.spec.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Count a reconcile, its duration and its failure reason.
+    pub fn observe(&self, controller: &'static str, elapsed: Duration, failure: Option<String>) {
+        let l = ControllerLabel { controller };
+        self.metrics.reconciles.get_or_create(&l).inc();
+        self.metrics.reconcile_duration.get_or_create(&l).observe(elapsed.as_secs_f64());
+        if let Some(reason) = failure {
+            self.metrics.failures.get_or_create(&FailureLabel { controller, reason }).inc();
+        }
+    }
+
+    /// The error policy every controller shares.
+    pub fn on_error(&self, controller: &'static str, e: &Error) -> Action {
+        self.metrics
+            .failures
+            .get_or_create(&FailureLabel {
+                controller,
+                reason: e.metric_label(),
+            })
+            .inc();
+        if e.is_permanent() {
+            Action::await_change()
+        } else {
+            Action::requeue(self.timing.retry)
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Small builders for the controllers' unit tests: objects and findings, no cluster.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+
+use super::dedup_policy::TableView;
+use crate::{
+    conditions::{condition, reason, Cond},
+    crd::{DedupPolicySpec, Enforcement, PolicyException, SecretKeyRef, ValidInboxTable},
+    duration::Given,
+    purge::{LastPurge, PurgeResult},
+    retention::{Compliance, Effective, PolicyView},
+    sql::{Ident, QualifiedName},
+};
+
+pub fn now() -> Timestamp {
+    "2026-06-01T00:00:00Z".parse().unwrap()
+}
+
+pub fn given(text: &str) -> Given {
+    Given {
+        text: text.into(),
+        value: crate::duration::parse(text).unwrap(),
+    }
+}
+
+pub fn inbox(retention: Option<&str>) -> ValidInboxTable {
+    ValidInboxTable {
+        table: QualifiedName {
+            schema: Ident::parse("billing").unwrap(),
+            table: Ident::parse("inbox").unwrap(),
+        },
+        url_secret: SecretKeyRef {
+            name: "db".into(),
+            key: "url".into(),
+        },
+        manage_schema: true,
+        retention: retention.map(given),
+        purge_interval: given("1m"),
+        purge_batch_size: 5000,
+        redelivery_window: None,
+        sources: None,
+    }
+}
+
+/// The retention a table got: `text`, with `compliance`.
+pub fn effective(text: &str, compliance: Compliance, require_coverage: bool) -> Effective {
+    Effective {
+        retention: crate::duration::parse(text).unwrap(),
+        text: text.into(),
+        policies: vec![],
+        message: format!("retention {text}"),
+        compliance,
+        require_coverage,
+        next_change: None,
+    }
+}
+
+pub fn schema_ok() -> Cond {
+    Cond::yes(condition::SCHEMA_READY, reason::SCHEMA_UP_TO_DATE, "schema version 1")
+}
+
+pub fn purged(rows: i64) -> LastPurge {
+    LastPurge::Done {
+        at: Time(now()),
+        result: PurgeResult {
+            rows_deleted: rows,
+            duration: Duration::from_millis(20),
+            batches: 1,
+        },
+    }
+}
+
+pub fn policy(name: &str, min: Option<&str>, team: Option<&str>, enforcement: Enforcement) -> PolicyView {
+    let selector = team.map(|t| k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+        match_labels: Some([("team".to_string(), t.to_string())].into()),
+        ..Default::default()
+    });
+    PolicyView {
+        name: name.into(),
+        spec: DedupPolicySpec {
+            namespace_selector: selector,
+            min_retention: min.map(Into::into),
+            max_retention: None,
+            default_retention: None,
+            enforcement,
+            require_coverage: false,
+            exceptions: vec![],
+        },
+    }
+}
+
+pub fn exception(namespace: &str, name: &str, min: &str, expires: &str) -> PolicyException {
+    PolicyException {
+        namespace: namespace.into(),
+        name: name.into(),
+        min_retention: Some(min.into()),
+        max_retention: None,
+        expires: Time(expires.parse().unwrap()),
+    }
+}
+
+/// A table in namespace `ns` labelled team=`team`, asking for `retention` (Err: invalid spec).
+pub fn table(ns: &str, name: &str, team: &str, retention: Result<Option<&str>, ()>) -> TableView {
+    TableView {
+        namespace: ns.into(),
+        name: name.into(),
+        namespace_labels: BTreeMap::from([("team".to_string(), team.to_string())]),
+        requested: retention.map(|r| r.map(|r| (r.to_string(), crate::duration::parse(r).unwrap()))),
+    }
+}

@@ -1,0 +1,156 @@
+//! The steps every controller shares, in order: guard (unreadable, paused) -> validate -> the
+//! kind's own fetch and verdict -> merge into status -> write if changed -> Events -> metrics.
+
+use std::{fmt::Debug, sync::Arc, time::Instant};
+
+use futures::{future::BoxFuture, FutureExt};
+use kube::{api::Api, core::DeserializeGuard, runtime::controller::Action, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+use super::{
+    status::{self, Conditioned},
+    Context, Error,
+};
+use crate::{
+    conditions::{condition, reason, Cond, Status},
+    validation::ValidationErrors,
+};
+
+/// What a kind's reconcile decided.
+pub enum Outcome<S> {
+    /// New conditions (Ready first) over `status`, which carries the measured fields.
+    Status { conditions: Vec<Cond>, status: S, action: Action },
+    /// Nothing can be said yet (caches filling): look again later, write nothing.
+    Later(Action),
+}
+
+/// One kind's controller: what differs between kinds; `reconcile` below does the rest.
+pub trait Reconciler: Send + Sync + 'static {
+    type K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static;
+    type Status: Conditioned;
+    type Valid: Send;
+    /// The controller's name in metrics and logs.
+    const NAME: &'static str;
+    /// The server-side apply field manager of its status writes.
+    const MANAGER: &'static str;
+    /// The Ready message when paused; None: the kind cannot be paused.
+    const PAUSED: Option<&'static str>;
+
+    fn api(ctx: &Context, namespace: Option<&str>) -> Result<Api<Self::K>, Error>;
+    fn status(obj: &Self::K) -> Self::Status;
+    fn validate(obj: &Self::K) -> Result<Self::Valid, ValidationErrors>;
+    /// The object is no longer reconciled (unreadable, paused, invalid): stop what runs for it.
+    fn halt(_ctx: &Context, _uid: &str) {}
+    /// Fetch what the object depends on and decide its conditions.
+    fn reconcile<'a>(
+        obj: &'a Self::K,
+        valid: Self::Valid,
+        previous: &'a Self::Status,
+        ctx: &'a Context,
+    ) -> BoxFuture<'a, Result<Outcome<Self::Status>, Error>>;
+}
+
+/// The reconcile function handed to kube's Controller.
+pub async fn reconcile<R: Reconciler>(obj: Arc<DeserializeGuard<R::K>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    // Boxed so the compiler checks Send with concrete lifetimes (rust-lang/rust#100013).
+    let r = run::<R>(&obj, &ctx).boxed().await;
+    let failure = match &r {
+        Ok((_, f)) => f.clone(),
+        Err(e) => Some(e.metric_label()),
+    };
+    let (name, namespace) = (obj.name_any(), obj.namespace());
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    tracing::debug!(controller = R::NAME, %name, ?namespace, elapsed_ms, ?failure, "reconciled");
+    ctx.observe(R::NAME, started.elapsed(), failure);
+    r.map(|(a, _)| a)
+}
+
+/// The error policy handed to kube's Controller.
+pub fn error_policy<R: Reconciler>(_obj: Arc<DeserializeGuard<R::K>>, e: &Error, ctx: Arc<Context>) -> Action {
+    ctx.on_error(R::NAME, e)
+}
+
+/// Returns the action and, when Ready is not True, its reason (for the failure metric).
+async fn run<R: Reconciler>(obj: &DeserializeGuard<R::K>, ctx: &Context) -> Result<(Action, Option<String>), Error> {
+    let api = R::api(ctx, obj.meta().namespace.as_deref())?;
+    let uid = obj.uid().unwrap_or_default();
+    let k = match &obj.0 {
+        Ok(k) => k,
+        Err(invalid) => {
+            R::halt(ctx, &uid);
+            status::report_unreadable(&api, &obj.name_any(), R::MANAGER, obj.meta().generation, &invalid.error).await?;
+            return Ok((Action::await_change(), Some(reason::INVALID_SPEC.into())));
+        }
+    };
+    let previous = R::status(k);
+    let stopped = |reason: &'static str, message: String| Outcome::Status {
+        conditions: vec![Cond::no(condition::READY, reason, message)],
+        status: previous.clone(),
+        action: Action::await_change(),
+    };
+    let outcome = match (R::PAUSED, R::validate(k)) {
+        (Some(message), _) if is_paused(k) => {
+            R::halt(ctx, &uid);
+            stopped(
+                reason::PAUSED,
+                format!("annotation {}=true: {message}", crate::crd::PAUSED_ANNOTATION),
+            )
+        }
+        (_, Err(e)) => {
+            R::halt(ctx, &uid);
+            stopped(reason::INVALID_SPEC, e.to_string())
+        }
+        (_, Ok(valid)) => R::reconcile(k, valid, &previous, ctx).await?,
+    };
+    let (conditions, status, action) = match outcome {
+        Outcome::Later(action) => return Ok((action, None)),
+        Outcome::Status {
+            conditions,
+            status,
+            action,
+        } => (conditions, status, action),
+    };
+    let failure = failure_reason(&conditions);
+    let (status, flipped) = status::merged(status, k.meta().generation, &conditions, &status::now());
+    status::write(ctx, &api, k, R::MANAGER, &previous, &status, &flipped)
+        .boxed()
+        .await?;
+    Ok((action, failure))
+}
+
+/// Ready's reason when Ready is not True.
+fn failure_reason(conditions: &[Cond]) -> Option<String> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == condition::READY)
+        .filter(|c| c.status != Status::True)
+        .map(|c| c.reason.to_owned())
+}
+
+pub fn is_paused<K: ResourceExt>(obj: &K) -> bool {
+    obj.annotations().get(crate::crd::PAUSED_ANNOTATION).is_some_and(|v| v == "true")
+}
+
+/// An Api for a namespaced kind in the object's namespace.
+pub fn namespaced<K>(ctx: &Context, namespace: Option<&str>) -> Result<Api<K>, Error>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    Ok(Api::namespaced(ctx.client.clone(), namespace.ok_or(Error::MissingNamespace)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_is_readys_reason_unless_ready() {
+        let schema = Cond::no(condition::SCHEMA_READY, reason::SCHEMA_MISMATCH, "x");
+        let ready = Cond::no(condition::READY, reason::SCHEMA_MISMATCH, "x");
+        assert_eq!(failure_reason(&[ready, schema.clone()]).as_deref(), Some("SchemaMismatch"));
+        let ok = Cond::yes(condition::READY, reason::READY, "ok");
+        assert_eq!(failure_reason(&[ok, schema]), None);
+        assert_eq!(failure_reason(&[]), None);
+    }
+}

@@ -1,0 +1,130 @@
+//! One watch per kind, shared by every controller that needs it: the API server sees one watch
+//! per kind, and every controller reads the same cache. Each subscriber gets every event
+//! (deletions too) and applies its own filter.
+
+use std::{fmt::Debug, hash::Hash};
+
+use futures::{channel::mpsc, stream::BoxStream, SinkExt, StreamExt};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    api::Api,
+    core::{DeserializeGuard, PartialObjectMeta},
+    runtime::{
+        reflector::{self, Store},
+        watcher, WatchStreamExt,
+    },
+    Client, Resource,
+};
+use serde::de::DeserializeOwned;
+
+use crate::crd::{DedupPolicy, InboxTable, OutboxRelay};
+
+/// Events a subscriber has not taken yet; a full buffer holds the watch back (backpressure).
+const BUFFER: usize = 256;
+
+/// What subscribers receive: the watcher's events (errors are retried by the watch itself).
+pub type Events<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+
+/// A watch and its cache, with the subscribers that share it.
+pub struct SharedWatch<K: Resource + Clone + 'static>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    api: Api<K>,
+    store: Store<K>,
+    writer: reflector::store::Writer<K>,
+    subscribers: Vec<mpsc::Sender<watcher::Event<K>>>,
+}
+
+impl<K> SharedWatch<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Default,
+{
+    pub fn new(api: Api<K>) -> Self {
+        let (store, writer) = reflector::store();
+        SharedWatch {
+            api,
+            store,
+            writer,
+            subscribers: Vec::new(),
+        }
+    }
+
+    pub fn store(&self) -> Store<K> {
+        self.store.clone()
+    }
+
+    /// A stream of every event of this watch, from its start.
+    pub fn subscribe(&mut self) -> Events<K> {
+        let (tx, rx) = mpsc::channel(BUFFER);
+        self.subscribers.push(tx);
+        rx.map(Ok).boxed()
+    }
+
+    /// Run the watch: fill the cache, then hand each event to every subscriber.
+    pub async fn run(self) {
+        let SharedWatch {
+            api,
+            writer,
+            mut subscribers,
+            ..
+        } = self;
+        let mut events = watcher(api, watcher::Config::default()).default_backoff().reflect(writer).boxed();
+        while let Some(event) = events.next().await {
+            let event = match event {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(kind = %K::kind(&Default::default()), error = %e, "watch failed; retrying");
+                    continue;
+                }
+            };
+            // A subscriber that is gone (its controller stopped) is dropped.
+            let mut live = Vec::with_capacity(subscribers.len());
+            for mut s in subscribers {
+                if s.send(event.clone()).await.is_ok() {
+                    live.push(s);
+                }
+            }
+            subscribers = live;
+        }
+    }
+}
+
+/// The watches the operator opens, one per kind.
+pub struct Watches {
+    pub inboxes: SharedWatch<DeserializeGuard<InboxTable>>,
+    pub policies: SharedWatch<DeserializeGuard<DedupPolicy>>,
+    pub relays: SharedWatch<DeserializeGuard<OutboxRelay>>,
+    pub namespaces: SharedWatch<PartialObjectMeta<Namespace>>,
+}
+
+impl Watches {
+    /// `namespace`: watch namespaced kinds in this namespace only (policies and namespaces are
+    /// cluster-wide).
+    pub fn new(client: &Client, namespace: Option<&str>) -> Self {
+        Watches {
+            inboxes: SharedWatch::new(scoped(client, namespace)),
+            policies: SharedWatch::new(Api::all(client.clone())),
+            relays: SharedWatch::new(scoped(client, namespace)),
+            namespaces: SharedWatch::new(Api::all(client.clone())),
+        }
+    }
+
+    /// Run every watch until the process ends.
+    pub async fn run(self) {
+        futures::future::join4(self.inboxes.run(), self.policies.run(), self.relays.run(), self.namespaces.run()).await;
+    }
+}
+
+/// An Api over one namespace, or over all of them.
+pub fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}

@@ -1,0 +1,123 @@
+//! `lockstep operator`: /metrics, /healthz and /readyz; the leader Lease; and, while leading, the
+//! controllers on shared watches with the sweep that ends purge loops of deleted InboxTables.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use kube::{
+    runtime::events::{Recorder, Reporter},
+    Client, ResourceExt,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::OperatorArgs,
+    controller::{dedup_policy, inbox_table, outbox_relay, watches::Watches, Caches, Context, Timing},
+    db::Pools,
+    leader::LeaderElector,
+    metrics::{Health, Metrics},
+    purge::Purges,
+};
+
+/// How long a Lease holds without renewal.
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+/// How often purge loops of deleted InboxTables are looked for.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Run the operator until `stop` is cancelled. With leader election, controllers run only while
+/// this replica holds the Lease; losing it ends the run with an error (the Pod restarts).
+pub async fn run(client: Client, args: OperatorArgs, stop: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    let render = {
+        let m = metrics.clone();
+        Arc::new(move || m.render())
+    };
+    let addr = crate::metrics::serve(args.metrics_addr, render, health.clone(), stop.clone().cancelled_owned()).await?;
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("lockstep-{}", uuid::Uuid::new_v4().simple()));
+    let (lead_tx, mut leading) = watch::channel(!args.leader_election);
+    let elector_stop = CancellationToken::new();
+    let elector = args.leader_election.then(|| {
+        let e = LeaderElector::new(client.clone(), &args.lease_namespace, &args.lease_name, &identity, LEASE_DURATION);
+        tokio::spawn(e.run(lead_tx, elector_stop.clone()))
+    });
+    health.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    tracing::info!(%identity, "waiting for leadership");
+    tokio::select! {
+        _ = stop.cancelled() => { elector_stop.cancel(); return Ok(()); }
+        r = leading.wait_for(|l| *l) => { r?; }
+    }
+    metrics.leader.set(1);
+    tracing::info!(%identity, "leading: starting controllers");
+
+    let ctl_stop = CancellationToken::new();
+    let controllers = tokio::spawn(run_controllers(client, args, metrics.clone(), identity, ctl_stop.clone()));
+    let lost = tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = leading.wait_for(|l| !*l) => true,
+    };
+    ctl_stop.cancel();
+    let _ = controllers.await;
+    metrics.leader.set(0);
+    elector_stop.cancel();
+    if let Some(e) = elector {
+        let _ = e.await;
+    }
+    if lost {
+        anyhow::bail!("lost the leader Lease; exiting so a fresh replica can take over");
+    }
+    Ok(())
+}
+
+async fn run_controllers(client: Client, args: OperatorArgs, metrics: Arc<Metrics>, identity: String, stop: CancellationToken) {
+    let reporter = Reporter {
+        controller: "lockstep-operator".into(),
+        instance: Some(identity),
+    };
+    let mut watches = Watches::new(&client, args.watch_namespace.as_deref());
+    let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        pools: Pools::new(4),
+        metrics: metrics.clone(),
+        purges: Purges::new(done_tx, metrics),
+        admins: Default::default(),
+        caches: Caches {
+            inboxes: watches.inboxes.store(),
+            policies: watches.policies.store(),
+            namespaces: watches.namespaces.store(),
+        },
+        timing: Timing::default(),
+    });
+    let shutdown = || stop.clone().cancelled_owned();
+    let inbox = inbox_table::controller(&mut watches, done_rx, ctx.clone(), shutdown());
+    let policy = dedup_policy::controller(&mut watches, ctx.clone(), shutdown());
+    let relay = outbox_relay::controller(&mut watches, ctx.clone(), shutdown());
+    let watching = async {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = watches.run() => {}
+        }
+    };
+    futures::future::join5(inbox, policy, relay, sweep(&ctx, &stop), watching).await;
+    ctx.purges.retain(|_| false);
+}
+
+/// End the purge loops of InboxTables that are gone.
+async fn sweep(ctx: &Context, stop: &CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
+        }
+        let live: HashSet<String> = ctx.caches.inboxes.state().iter().filter_map(|o| o.uid()).collect();
+        ctx.purges.retain(|uid| live.contains(uid));
+    }
+}

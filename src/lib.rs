@@ -8,6 +8,7 @@
 pub mod conditions;
 pub mod config;
 pub mod controller;
+pub mod coverage;
 pub mod crd;
 pub mod crdgen;
 pub mod db;

@@ -84,6 +84,48 @@ pub struct Effective {
     pub next_change: Option<Time>,
 }
 
+/// The bounds the selecting policies set for one table.
+#[derive(Default)]
+struct Bounds {
+    lows: Vec<Bound>,
+    highs: Vec<Bound>,
+    defaults: Vec<Bound>,
+    /// The earliest expiry of an exception in force.
+    next_change: Option<Timestamp>,
+}
+
+fn parse(d: &Option<crate::duration::Duration>) -> Option<(StdDuration, String)> {
+    d.as_ref().and_then(|d| d.parse().ok().map(|v| (v, d.0.clone())))
+}
+
+/// Each policy's bounds, with the table's exceptions in force applied.
+fn bounds(matched: &[&PolicyView], namespace: &str, name: &str, now: Timestamp) -> Bounds {
+    let mut b = Bounds::default();
+    for p in matched {
+        let enforce = p.spec.enforcement == Enforcement::Enforce;
+        let (mut min, mut max) = (parse(&p.spec.min_retention), parse(&p.spec.max_retention));
+        let mut label = p.name.clone();
+        for e in p.spec.exceptions.iter().filter(|e| e.namespace == namespace && e.name == name) {
+            if e.expires.0 > now {
+                b.next_change = Some(b.next_change.map_or(e.expires.0, |n| n.min(e.expires.0)));
+                min = parse(&e.min_retention).or(min);
+                max = parse(&e.max_retention).or(max);
+                label = format!("{} (exception until {})", p.name, e.expires.0);
+            }
+        }
+        let bound = |(value, text): (StdDuration, String), policy: &str| Bound {
+            value,
+            text,
+            policy: policy.to_owned(),
+            enforce,
+        };
+        b.lows.extend(min.map(|m| bound(m, &label)));
+        b.highs.extend(max.map(|m| bound(m, &label)));
+        b.defaults.extend(parse(&p.spec.default_retention).map(|d| bound(d, &p.name)));
+    }
+    b
+}
+
 /// The retention a table gets. `requested` is the spec's retention (text and parsed value).
 pub fn effective(
     namespace: &str,
@@ -98,58 +140,9 @@ pub fn effective(
         .filter(|p| selector_matches(p.spec.namespace_selector.as_ref(), namespace_labels))
         .collect();
     matched.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut lows: Vec<Bound> = Vec::new();
-    let mut highs: Vec<Bound> = Vec::new();
-    let mut defaults: Vec<Bound> = Vec::new();
-    let mut next_change: Option<Timestamp> = None;
-    let parse = |d: &Option<crate::duration::Duration>| d.as_ref().and_then(|d| d.parse().ok().map(|v| (v, d.0.clone())));
-    for p in &matched {
-        let enforce = p.spec.enforcement == Enforcement::Enforce;
-        let mut min = parse(&p.spec.min_retention);
-        let mut max = parse(&p.spec.max_retention);
-        let mut label = p.name.clone();
-        for e in p.spec.exceptions.iter().filter(|e| e.namespace == namespace && e.name == name) {
-            if e.expires.0 > now {
-                next_change = Some(next_change.map_or(e.expires.0, |n| n.min(e.expires.0)));
-                if let Some(m) = parse(&e.min_retention) {
-                    min = Some(m);
-                }
-                if let Some(m) = parse(&e.max_retention) {
-                    max = Some(m);
-                }
-                label = format!("{} (exception until {})", p.name, e.expires.0);
-            }
-        }
-        if let Some((value, text)) = min {
-            lows.push(Bound {
-                value,
-                text,
-                policy: label.clone(),
-                enforce,
-            });
-        }
-        if let Some((value, text)) = max {
-            highs.push(Bound {
-                value,
-                text,
-                policy: label.clone(),
-                enforce,
-            });
-        }
-        if let Some((value, text)) = parse(&p.spec.default_retention) {
-            defaults.push(Bound {
-                value,
-                text,
-                policy: p.name.clone(),
-                enforce,
-            });
-        }
-    }
-    let policy_names: Vec<String> = matched.iter().map(|p| p.name.clone()).collect();
-    let require_coverage = matched.iter().any(|p| p.spec.require_coverage);
-    let next_change = next_change.map(Time);
-
-    let (mut value, mut text, origin) = match (requested, defaults.iter().max_by_key(|b| b.value)) {
+    let b = bounds(&matched, namespace, name, now);
+    let policies: Vec<String> = matched.iter().map(|p| p.name.clone()).collect();
+    let (value, text, origin) = match (requested, b.defaults.iter().max_by_key(|b| b.value)) {
         (Some((t, v)), _) => (v, t.to_owned(), "spec.retention".to_owned()),
         (None, Some(d)) => (d.value, d.text.clone(), format!("defaultRetention of DedupPolicy {}", d.policy)),
         (None, None) => (
@@ -158,73 +151,58 @@ pub fn effective(
             "the built-in default".to_owned(),
         ),
     };
-    if matched.is_empty() {
-        return Effective {
-            retention: value,
-            message: format!("retention {text} from {origin}; no DedupPolicy selects this table"),
-            text,
-            policies: policy_names,
-            compliance: Compliance::NoPolicy,
-            require_coverage,
-            next_change,
-        };
+    let (retention, text, compliance, message) = if matched.is_empty() {
+        let message = format!("retention {text} from {origin}; no DedupPolicy selects this table");
+        (value, text, Compliance::NoPolicy, message)
+    } else {
+        judge(value, text, &origin, &b, &policies)
+    };
+    Effective {
+        retention,
+        text,
+        require_coverage: matched.iter().any(|p| p.spec.require_coverage),
+        policies,
+        compliance,
+        message,
+        next_change: b.next_change.map(Time),
     }
-    let requested_text = text.clone();
+}
+
+/// Clamp into the enforced bounds (upper first, then lower: on a conflict the minimum wins), then
+/// report every bound still broken.
+fn judge(value: StdDuration, text: String, origin: &str, b: &Bounds, policies: &[String]) -> (StdDuration, String, Compliance, String) {
+    let (mut value, mut text, requested) = (value, text.clone(), text);
     let mut clamped = false;
-    // Upper bounds first, then lower: on a conflict the minimum wins.
-    if let Some(hi) = highs.iter().filter(|b| b.enforce).min_by_key(|b| b.value) {
+    if let Some(hi) = b.highs.iter().filter(|b| b.enforce).min_by_key(|b| b.value) {
         if value > hi.value {
             (value, text, clamped) = (hi.value, hi.text.clone(), true);
         }
     }
-    if let Some(lo) = lows.iter().filter(|b| b.enforce).max_by_key(|b| b.value) {
+    if let Some(lo) = b.lows.iter().filter(|b| b.enforce).max_by_key(|b| b.value) {
         if value < lo.value {
             (value, text, clamped) = (lo.value, lo.text.clone(), true);
         }
     }
-    let mut messages = Vec::new();
-    for lo in lows.iter().filter(|b| value < b.value) {
-        messages.push(format!(
-            "retention {text} is below minRetention {} of DedupPolicy {}",
-            lo.text, lo.policy
-        ));
-    }
-    for hi in highs.iter().filter(|b| value > b.value) {
-        messages.push(format!(
-            "retention {text} is above maxRetention {} of DedupPolicy {}",
-            hi.text, hi.policy
-        ));
-    }
-    let compliance = if !messages.is_empty() {
-        Compliance::Violation {
-            messages: messages.clone(),
-        }
+    let below = b.lows.iter().filter(|b| value < b.value);
+    let above = b.highs.iter().filter(|b| value > b.value);
+    let messages: Vec<String> = below
+        .map(|lo| format!("retention {text} is below minRetention {} of DedupPolicy {}", lo.text, lo.policy))
+        .chain(above.map(|hi| format!("retention {text} is above maxRetention {} of DedupPolicy {}", hi.text, hi.policy)))
+        .collect();
+    let names = policies.join(", ");
+    let (compliance, message) = if !messages.is_empty() {
+        let m = messages.join("; ");
+        (Compliance::Violation { messages }, m)
     } else if clamped {
-        Compliance::Clamped {
-            requested: requested_text.clone(),
-        }
+        let m = format!("{origin} {requested} is outside the bounds of DedupPolicy {names}; clamped to {text}");
+        (Compliance::Clamped { requested }, m)
     } else {
-        Compliance::Within
+        (
+            Compliance::Within,
+            format!("retention {text} from {origin} is within DedupPolicy {names}"),
+        )
     };
-    let message = match &compliance {
-        Compliance::Clamped { requested } => {
-            format!(
-                "{origin} {requested} is outside the bounds of DedupPolicy {}; clamped to {text}",
-                policy_names.join(", ")
-            )
-        }
-        Compliance::Violation { messages } => messages.join("; "),
-        _ => format!("retention {text} from {origin} is within DedupPolicy {}", policy_names.join(", ")),
-    };
-    Effective {
-        retention: value,
-        text,
-        policies: policy_names,
-        compliance,
-        message,
-        require_coverage,
-        next_change,
-    }
+    (value, text, compliance, message)
 }
 
 #[cfg(test)]
@@ -368,120 +346,5 @@ mod tests {
         assert!(selector_matches(Some(&sel(None, Some(("team", "Exists", vec![])))), &labels));
         assert!(!selector_matches(Some(&sel(None, Some(("env", "Exists", vec![])))), &labels));
         assert!(selector_matches(Some(&sel(None, Some(("env", "DoesNotExist", vec![])))), &labels));
-    }
-}
-
-/// Kafka's default topic retention (log.retention.hours=168), assumed when a broker does not report
-/// retention.ms for a topic.
-pub const KAFKA_DEFAULT_RETENTION_MS: i64 = 7 * 86_400_000;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Coverage {
-    pub covered: bool,
-    pub message: String,
-}
-
-/// Whether an inbox's retention outlives every redelivery of its source topics: at least each
-/// topic's retention.ms (a consumer reset to earliest replays that far back), unless the spec
-/// states a smaller redelivery window. `topics` holds each topic's retention.ms as reported
-/// (None: not reported, Kafka's default assumed; -1: kept forever). Pure.
-pub fn coverage(
-    retention: StdDuration,
-    retention_text: &str,
-    window: Option<(&str, StdDuration)>,
-    topics: &[(String, Option<i64>)],
-) -> Coverage {
-    let ret_ms = retention.as_millis() as i64;
-    if let Some((wtext, w)) = window {
-        let wms = w.as_millis() as i64;
-        return if ret_ms >= wms {
-            Coverage {
-                covered: true,
-                message: format!("retention {retention_text} ({ret_ms} ms) covers the stated redeliveryWindow {wtext} ({wms} ms)"),
-            }
-        } else {
-            Coverage {
-                covered: false,
-                message: format!("retention {retention_text} ({ret_ms} ms) is shorter than the stated redeliveryWindow {wtext} ({wms} ms): ids are purged while their messages can still be redelivered"),
-            }
-        };
-    }
-    let mut short = Vec::new();
-    let mut parts = Vec::new();
-    for (name, r) in topics {
-        let (ms, note) = match r {
-            Some(ms) => (*ms, ""),
-            None => (KAFKA_DEFAULT_RETENTION_MS, " (not reported; Kafka's default assumed)"),
-        };
-        if ms < 0 {
-            short.push(format!(
-                "topic {name} keeps messages forever (retention.ms=-1); state a redeliveryWindow"
-            ));
-        } else if ret_ms < ms {
-            short.push(format!(
-                "topic {name} retention.ms={ms}{note} ({})",
-                crate::duration::format(StdDuration::from_millis(ms as u64))
-            ));
-        } else {
-            parts.push(format!("{name} retention.ms={ms}{note}"));
-        }
-    }
-    if short.is_empty() {
-        Coverage {
-            covered: true,
-            message: format!("retention {retention_text} ({ret_ms} ms) covers {}", parts.join(", ")),
-        }
-    } else {
-        Coverage {
-            covered: false,
-            message: format!(
-                "retention {retention_text} ({ret_ms} ms) is shorter than {}: a consumer reset to earliest redelivers messages whose ids were already purged",
-                short.join("; ")
-            ),
-        }
-    }
-}
-
-#[cfg(test)]
-mod coverage_tests {
-    use super::*;
-
-    const DAY: StdDuration = StdDuration::from_secs(86_400);
-
-    #[test]
-    fn one_day_does_not_cover_seven() {
-        let c = coverage(DAY, "1d", None, &[("orders".into(), Some(604_800_000))]);
-        assert!(!c.covered);
-        assert!(
-            c.message.contains("86400000 ms") && c.message.contains("604800000"),
-            "{}",
-            c.message
-        );
-        assert!(coverage(DAY * 8, "8d", None, &[("orders".into(), Some(604_800_000))]).covered);
-        assert!(
-            coverage(DAY * 7, "7d", None, &[("orders".into(), Some(604_800_000))]).covered,
-            "equal is enough"
-        );
-    }
-
-    #[test]
-    fn the_longest_topic_decides_and_defaults_are_assumed() {
-        let topics = [("a".to_string(), Some(3_600_000)), ("b".to_string(), None)];
-        let c = coverage(DAY, "1d", None, &topics);
-        assert!(
-            !c.covered && c.message.contains("topic b") && c.message.contains("default assumed"),
-            "{}",
-            c.message
-        );
-        assert!(coverage(DAY * 7, "7d", None, &topics).covered);
-    }
-
-    #[test]
-    fn infinite_retention_needs_a_window() {
-        let topics = [("a".to_string(), Some(-1))];
-        assert!(!coverage(DAY * 365, "365d", None, &topics).covered);
-        assert!(coverage(DAY * 2, "2d", Some(("1d", DAY)), &topics).covered);
-        let c = coverage(DAY, "1d", Some(("2d", DAY * 2)), &topics);
-        assert!(!c.covered && c.message.contains("redeliveryWindow 2d"));
     }
 }

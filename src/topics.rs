@@ -59,89 +59,83 @@ pub struct Plan {
 pub fn plan(desired: &[Desired], observed: &BTreeMap<String, ObservedTopic>) -> Plan {
     let mut p = Plan::default();
     for d in desired {
-        let rf = observed
-            .get(&d.name)
-            .and_then(|o| o.replication_factor)
-            .unwrap_or(d.replication_factor);
-        let effective = |k: &str| {
-            d.config
-                .get(k)
-                .cloned()
-                .or_else(|| observed.get(&d.name).and_then(|o| o.config.get(k).cloned()))
-        };
-        if let Some(misr) = effective("min.insync.replicas").and_then(|v| v.parse::<i32>().ok()) {
-            if misr >= rf && rf > 1 || misr > rf {
-                p.warnings.push(format!(
-                    "{}: min.insync.replicas={misr} with replication factor {rf}: a single unavailable replica blocks acks=all writes",
-                    d.name
-                ));
-            }
-        }
-        if effective("unclean.leader.election.enable").as_deref() == Some("true") {
-            p.warnings.push(format!(
-                "{}: unclean.leader.election.enable=true: acknowledged writes can be lost on leader failover",
-                d.name
-            ));
-        }
-        let Some(o) = observed.get(&d.name) else {
-            p.actions.push(Action::Create {
+        p.warnings.extend(durability_warnings(d, observed.get(&d.name)));
+        match observed.get(&d.name) {
+            None => p.actions.push(Action::Create {
                 name: d.name.clone(),
                 partitions: d.partitions,
                 replication_factor: d.replication_factor,
                 config: d.config.clone(),
-            });
-            continue;
-        };
-        let mut set = Vec::new();
-        let mut drift = Vec::new();
-        for (k, want) in &d.config {
-            if d.ignore.contains(k) {
-                continue;
-            }
-            let actual = o.config.get(k);
-            if actual != Some(want) {
-                drift.push(format!("{k}: {} -> {want}", actual.map(String::as_str).unwrap_or("(unset)")));
-                set.push((k.clone(), want.clone()));
-            }
-        }
-        if !set.is_empty() {
-            p.actions.push(Action::SetConfig { name: d.name.clone(), set });
-            p.drift.insert(d.name.clone(), drift);
-        }
-        if o.partitions > d.partitions {
-            p.refusals.push(Refusal {
-                topic: d.name.clone(),
-                message: format!(
-                    "{}: has {} partitions, spec asks for {}; Kafka cannot remove partitions",
-                    d.name, o.partitions, d.partitions
-                ),
-            });
-        } else if o.partitions < d.partitions {
-            if d.keyed && !d.allow_partition_increase {
-                p.refusals.push(Refusal {
-                    topic: d.name.clone(),
-                    message: format!(
-                        "{}: raising partitions {} -> {} remaps keys and breaks per-key order; set allowPartitionIncrease: true to do it anyway",
-                        d.name, o.partitions, d.partitions
-                    ),
-                });
-            } else {
-                p.actions.push(Action::AddPartitions {
-                    name: d.name.clone(),
-                    total: d.partitions,
-                });
-            }
-        }
-        if let Some(actual) = o.replication_factor {
-            if actual != d.replication_factor {
-                p.warnings.push(format!(
-                    "{}: replication factor is {actual}, spec asks for {}; lockstep does not reassign replicas",
-                    d.name, d.replication_factor
-                ));
-            }
+            }),
+            Some(o) => plan_existing(d, o, &mut p),
         }
     }
     p
+}
+
+/// Settings (wanted, or else present) that make acknowledged writes block or get lost.
+fn durability_warnings(d: &Desired, observed: Option<&ObservedTopic>) -> Vec<String> {
+    let rf = observed.and_then(|o| o.replication_factor).unwrap_or(d.replication_factor);
+    let effective = |k: &str| d.config.get(k).cloned().or_else(|| observed.and_then(|o| o.config.get(k).cloned()));
+    let mut w = Vec::new();
+    if let Some(misr) = effective("min.insync.replicas").and_then(|v| v.parse::<i32>().ok()) {
+        if misr >= rf && rf > 1 || misr > rf {
+            w.push(format!(
+                "{}: min.insync.replicas={misr} with replication factor {rf}: a single unavailable replica blocks acks=all writes",
+                d.name
+            ));
+        }
+    }
+    if effective("unclean.leader.election.enable").as_deref() == Some("true") {
+        w.push(format!(
+            "{}: unclean.leader.election.enable=true: acknowledged writes can be lost on leader failover",
+            d.name
+        ));
+    }
+    w
+}
+
+/// Config to restore, partitions to add or refuse, for a topic that exists.
+fn plan_existing(d: &Desired, o: &ObservedTopic, p: &mut Plan) {
+    let mut set = Vec::new();
+    let mut drift = Vec::new();
+    for (k, want) in d.config.iter().filter(|(k, _)| !d.ignore.contains(*k)) {
+        let actual = o.config.get(k);
+        if actual != Some(want) {
+            drift.push(format!("{k}: {} -> {want}", actual.map(String::as_str).unwrap_or("(unset)")));
+            set.push((k.clone(), want.clone()));
+        }
+    }
+    if !set.is_empty() {
+        p.actions.push(Action::SetConfig { name: d.name.clone(), set });
+        p.drift.insert(d.name.clone(), drift);
+    }
+    let refuse = |message: String| Refusal {
+        topic: d.name.clone(),
+        message,
+    };
+    if o.partitions > d.partitions {
+        p.refusals.push(refuse(format!(
+            "{}: has {} partitions, spec asks for {}; Kafka cannot remove partitions",
+            d.name, o.partitions, d.partitions
+        )));
+    } else if o.partitions < d.partitions && d.keyed && !d.allow_partition_increase {
+        p.refusals.push(refuse(format!(
+            "{}: raising partitions {} -> {} remaps keys and breaks per-key order; set allowPartitionIncrease: true to do it anyway",
+            d.name, o.partitions, d.partitions
+        )));
+    } else if o.partitions < d.partitions {
+        p.actions.push(Action::AddPartitions {
+            name: d.name.clone(),
+            total: d.partitions,
+        });
+    }
+    if let Some(actual) = o.replication_factor.filter(|a| *a != d.replication_factor) {
+        p.warnings.push(format!(
+            "{}: replication factor is {actual}, spec asks for {}; lockstep does not reassign replicas",
+            d.name, d.replication_factor
+        ));
+    }
 }
 
 #[cfg(test)]

@@ -17,10 +17,9 @@ use kube::{
 };
 
 use super::{
-    inbox_table::changed_policies,
     reconciler::{self, Outcome, Reconciler},
     status::requeue,
-    watches::Watches,
+    watches::{spec_changes, Watches},
     Context, Error,
 };
 use crate::{
@@ -42,12 +41,8 @@ pub fn controller(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> impl std::future::Future<Output = ()> {
     let store = watches.policies.store();
-    let own = changed_policies(watches.policies.subscribe());
-    let tables = watches
-        .inboxes
-        .subscribe()
-        .touched_objects()
-        .predicate_filter(predicates::generation, Default::default());
+    let own = spec_changes(watches.policies.subscribe());
+    let tables = spec_changes(watches.inboxes.subscribe());
     let namespaces = watches
         .namespaces
         .subscribe()

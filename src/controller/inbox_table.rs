@@ -1,7 +1,7 @@
 //! InboxTable: guard -> validate -> effective retention -> database and schema -> purge loop and
 //! measurements -> coverage of the source topics -> pure verdict -> status.
 
-use futures::{future::BoxFuture, FutureExt, StreamExt};
+use futures::{future::BoxFuture, FutureExt};
 use kube::{
     api::Api,
     core::DeserializeGuard,
@@ -20,11 +20,12 @@ use super::{
     deps::{self, Reporting},
     reconciler::{self, Outcome, Reconciler},
     status::requeue,
-    watches::{Events, Watches},
+    watches::{spec_changes, Watches},
     Context, Error,
 };
 use crate::{
     conditions::{self, condition, reason, Cond, Status},
+    coverage,
     crd::{InboxTable, InboxTableStatus, PurgeStatus, ValidInboxTable},
     purge::{LastPurge, PurgeParams},
     retention::{self, Compliance, Effective},
@@ -53,7 +54,7 @@ pub fn controller(
         .subscribe()
         .applied_objects()
         .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
-    let policies = changed_policies(watches.policies.subscribe());
+    let policies = spec_changes(watches.policies.subscribe());
     let namespaces = watches
         .namespaces
         .subscribe()
@@ -75,16 +76,6 @@ pub fn controller(
         .graceful_shutdown_on(shutdown)
         .run(reconciler::reconcile::<InboxTables>, reconciler::error_policy::<InboxTables>, ctx);
     super::drain(InboxTables::NAME, c)
-}
-
-/// Policy changes that matter to the tables they may select: spec changes and deletions.
-pub fn changed_policies(
-    events: Events<DeserializeGuard<crate::crd::DedupPolicy>>,
-) -> impl futures::Stream<Item = Result<DeserializeGuard<crate::crd::DedupPolicy>, kube::runtime::watcher::Error>> + Send {
-    events
-        .touched_objects()
-        .predicate_filter(predicates::generation, Default::default())
-        .boxed()
 }
 
 impl Reconciler for InboxTables {
@@ -147,19 +138,13 @@ async fn reconcile_valid(
         k8s_openapi::jiff::Timestamp::now(),
     );
 
-    let schema = match deps::connect(ctx, &ns, &valid.url_secret).await {
-        Err(c) => Err(c),
-        Ok((db, mut conn)) => deps::migrate_tables(&mut conn, &[(TableKind::Inbox, &valid.table)], valid.manage_schema, &db.location)
-            .await
-            .map(|o| (db, o)),
-    };
     let mut status = previous.clone();
-    let (schema_cond, purging) = match &schema {
+    let (schema_cond, purging) = match schema(ctx, &ns, &valid).await {
         Err(c) => {
             ctx.purges.stop(&uid);
-            (c.clone(), Purging::WaitingForSchema)
+            (c, Purging::WaitingForSchema)
         }
-        Ok((db, outcomes)) => {
+        Ok((db, cond)) => {
             let params = PurgeParams {
                 pool_key: db.url_key.clone(),
                 table: valid.table.clone(),
@@ -172,16 +157,7 @@ async fn reconcile_valid(
                 status.rows = Some(rows);
                 status.oldest_entry_age_seconds = oldest;
             }
-            let how = if outcomes[0].adopted {
-                "adopted an existing matching table, "
-            } else {
-                ""
-            };
-            let message = format!("{}: {how}schema version {}", valid.table, outcomes[0].version);
-            (
-                Cond::yes(condition::SCHEMA_READY, reason::SCHEMA_UP_TO_DATE, message),
-                Purging::Running(ctx.purges.last(&uid)),
-            )
+            (cond, Purging::Running(ctx.purges.last(&uid)))
         }
     };
     let covered = dedup_covered(ctx, &ns, &valid, &eff).boxed().await;
@@ -206,6 +182,22 @@ async fn reconcile_valid(
         status,
         action,
     })
+}
+
+/// Secret -> database -> migrate: the database and SchemaReady, or why not.
+async fn schema(ctx: &Context, ns: &str, valid: &ValidInboxTable) -> Result<(deps::Database, Cond), Cond> {
+    let (db, mut conn) = deps::connect(ctx, ns, &valid.url_secret).await?;
+    let tables = [(TableKind::Inbox, &valid.table)];
+    let outcome = deps::migrate_tables(&mut conn, &tables, valid.manage_schema, &db.location)
+        .await?
+        .remove(0);
+    let how = if outcome.adopted {
+        "adopted an existing matching table, "
+    } else {
+        ""
+    };
+    let message = format!("{}: {how}schema version {}", valid.table, outcome.version);
+    Ok((db, Cond::yes(condition::SCHEMA_READY, reason::SCHEMA_UP_TO_DATE, message)))
 }
 
 /// The table's conditions, Ready first, from what was found. Pure.
@@ -303,7 +295,7 @@ pub fn coverage_condition(eff: &Effective, window: Option<(&str, std::time::Dura
                 "no spec.sources.kafka and no redeliveryWindow: lockstep cannot check that the retention outlives redelivery",
             )
         }
-        (None, Some(_)) => retention::coverage(eff.retention, &eff.text, window, &[]),
+        (None, Some(_)) => coverage::coverage(eff.retention, &eff.text, window, &[]),
         (Some(s), None) if !s.missing.is_empty() => {
             return Cond::unknown(
                 T,
@@ -311,7 +303,7 @@ pub fn coverage_condition(eff: &Effective, window: Option<(&str, std::time::Dura
                 format!("source topic(s) not found: {}", s.missing.join(", ")),
             )
         }
-        (Some(s), _) => retention::coverage(eff.retention, &eff.text, window, &s.retention_ms),
+        (Some(s), _) => coverage::coverage(eff.retention, &eff.text, window, &s.retention_ms),
     };
     if c.covered {
         Cond::yes(T, reason::RETENTION_COVERS_REDELIVERY, c.message)

@@ -4,12 +4,13 @@
 
 use std::{fmt::Debug, hash::Hash};
 
-use futures::{channel::mpsc, stream::BoxStream, SinkExt, StreamExt};
+use futures::{channel::mpsc, stream::BoxStream, SinkExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     api::Api,
     core::{DeserializeGuard, PartialObjectMeta},
     runtime::{
+        predicates,
         reflector::{self, Store},
         watcher, WatchStreamExt,
     },
@@ -127,4 +128,14 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
+}
+
+/// Spec changes and deletions only: status writes (ours or anyone's) start nothing.
+pub fn spec_changes<K>(events: Events<K>) -> impl Stream<Item = Result<K, watcher::Error>> + Send
+where
+    K: Resource + Send + 'static,
+{
+    events
+        .touched_objects()
+        .predicate_filter(predicates::generation, Default::default())
 }

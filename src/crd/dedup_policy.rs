@@ -120,18 +120,9 @@ pub struct ValidException {
 impl DedupPolicySpec {
     pub fn validate(&self) -> Result<ValidDedupPolicy, ValidationErrors> {
         let mut p = Problems::new();
-        let dur = |p: &mut Problems, field: &str, d: &Option<Duration>| -> (bool, Option<StdDuration>) {
-            match d {
-                None => (true, None),
-                Some(d) => match p.check(field, d.parse()) {
-                    Some(v) => (true, Some(v)),
-                    None => (false, None),
-                },
-            }
-        };
-        let (min_ok, min) = dur(&mut p, "spec.minRetention", &self.min_retention);
-        let (max_ok, max) = dur(&mut p, "spec.maxRetention", &self.max_retention);
-        let (def_ok, def) = dur(&mut p, "spec.defaultRetention", &self.default_retention);
+        let (min_ok, min) = optional_duration(&mut p, "spec.minRetention", &self.min_retention);
+        let (max_ok, max) = optional_duration(&mut p, "spec.maxRetention", &self.max_retention);
+        let (def_ok, def) = optional_duration(&mut p, "spec.defaultRetention", &self.default_retention);
         if let (Some(lo), Some(hi)) = (min, max) {
             if lo > hi {
                 p.add(
@@ -167,31 +158,12 @@ impl DedupPolicySpec {
         if matches!(def, Some(d) if d.is_zero()) {
             p.add("spec.defaultRetention", "must be greater than zero");
         }
-        let mut exceptions = Vec::new();
-        for (i, e) in self.exceptions.iter().enumerate() {
-            let f = format!("spec.exceptions[{i}]");
-            validate_object_name(&e.namespace, &mut p, &format!("{f}.namespace"));
-            validate_object_name(&e.name, &mut p, &format!("{f}.name"));
-            let (a, emin) = dur(&mut p, &format!("{f}.minRetention"), &e.min_retention);
-            let (b, emax) = dur(&mut p, &format!("{f}.maxRetention"), &e.max_retention);
-            if e.min_retention.is_none() && e.max_retention.is_none() {
-                p.add(&f, "an exception sets minRetention, maxRetention or both");
-            }
-            if let (Some(lo), Some(hi)) = (emin, emax) {
-                if lo > hi {
-                    p.add(format!("{f}.minRetention"), "is above the exception's maxRetention");
-                }
-            }
-            if a && b {
-                exceptions.push(ValidException {
-                    namespace: e.namespace.clone(),
-                    name: e.name.clone(),
-                    min_retention: emin,
-                    max_retention: emax,
-                    expires: e.expires.clone(),
-                });
-            }
-        }
+        let exceptions = self
+            .exceptions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.validate(&mut p, &format!("spec.exceptions[{i}]")))
+            .collect();
         p.finish(|| {
             (min_ok && max_ok && def_ok).then_some(ValidDedupPolicy {
                 min_retention: min,
@@ -202,6 +174,42 @@ impl DedupPolicySpec {
                 exceptions,
             })
         })
+    }
+}
+
+impl PolicyException {
+    /// Problems go to `p` under `f`; the exception when its durations parse.
+    fn validate(&self, p: &mut Problems, f: &str) -> Option<ValidException> {
+        validate_object_name(&self.namespace, p, &format!("{f}.namespace"));
+        validate_object_name(&self.name, p, &format!("{f}.name"));
+        let (a, emin) = optional_duration(p, &format!("{f}.minRetention"), &self.min_retention);
+        let (b, emax) = optional_duration(p, &format!("{f}.maxRetention"), &self.max_retention);
+        if self.min_retention.is_none() && self.max_retention.is_none() {
+            p.add(f, "an exception sets minRetention, maxRetention or both");
+        }
+        if let (Some(lo), Some(hi)) = (emin, emax) {
+            if lo > hi {
+                p.add(format!("{f}.minRetention"), "is above the exception's maxRetention");
+            }
+        }
+        (a && b).then(|| ValidException {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            min_retention: emin,
+            max_retention: emax,
+            expires: self.expires.clone(),
+        })
+    }
+}
+
+/// An optional duration: (whether it is absent or valid, its value).
+fn optional_duration(p: &mut Problems, field: &str, d: &Option<Duration>) -> (bool, Option<StdDuration>) {
+    match d {
+        None => (true, None),
+        Some(d) => match p.check(field, d.parse()) {
+            Some(v) => (true, Some(v)),
+            None => (false, None),
+        },
     }
 }
 

@@ -1,0 +1,259 @@
+//! OutboxRelay validation: every problem at once, each naming its field, or the resolved spec
+//! that every later step reads instead of the raw one.
+
+use std::{collections::BTreeMap, time::Duration as StdDuration};
+
+use super::{Cleanup, Compression, KafkaSpec, OutboxRelaySpec, RelaySpec, TopicSpec, DEAD_LETTER_SUFFIX};
+use crate::{
+    crd::common::{validate_object_name, SecretKeyRef},
+    routing::{validate_topic_name, OutboxColumn, TopicTemplate},
+    sql::QualifiedName,
+    topics::Desired,
+    validation::{Problems, ValidationErrors},
+};
+
+/// librdkafka producer settings that lockstep owns; a spec may repeat them only with the forced value.
+const FORCED_PRODUCER_SETTINGS: [(&str, &[&str]); 2] = [("enable.idempotence", &["true"]), ("acks", &["all", "-1"])];
+/// Settings that would break idempotence or ordering guarantees.
+const FORBIDDEN_PRODUCER_SETTINGS: [&str; 3] = ["transactional.id", "bootstrap.servers", "enable.gapless.guarantee"];
+
+/// An OutboxRelay spec that passed validation: every value later steps need, parsed, so nothing
+/// reads the raw spec after `validate()`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidOutboxRelay {
+    pub table: QualifiedName,
+    pub dead_letter_table: QualifiedName,
+    pub url_secret: SecretKeyRef,
+    /// Create or migrate the tables (false: only verify them).
+    pub manage_schema: bool,
+    pub bootstrap_servers: String,
+    /// Secret whose keys are librdkafka settings (SASL/TLS).
+    pub auth_secret: Option<String>,
+    pub producer: ValidProducer,
+    pub topic_template: TopicTemplate,
+    pub key: OutboxColumn,
+    /// Topics lockstep creates and keeps configured, as the topic plan wants them.
+    pub topics: Vec<Desired>,
+    pub replicas: i32,
+    pub batch_size: i32,
+    pub max_attempts: i32,
+    pub poll_interval: StdDuration,
+    pub cleanup: Cleanup,
+    pub published_retention: Option<StdDuration>,
+    pub max_oldest_age: StdDuration,
+}
+
+/// Producer settings that passed validation (idempotence and acks=all are added when building).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidProducer {
+    pub linger_ms: u32,
+    pub compression: Compression,
+    pub config: BTreeMap<String, String>,
+}
+
+impl TopicSpec {
+    /// The topic as the plan wants it. Every outbox message is keyed, so partition changes are
+    /// refused unless the spec allows them.
+    fn desired(&self) -> Desired {
+        Desired {
+            name: self.name.clone(),
+            partitions: self.partitions,
+            replication_factor: self.replication_factor,
+            // A key both set and ignored is rejected by validation; ignore wins here regardless.
+            config: self
+                .config
+                .iter()
+                .filter(|(k, _)| !self.ignore_config.contains(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ignore: self.ignore_config.iter().cloned().collect(),
+            allow_partition_increase: self.allow_partition_increase,
+            keyed: true,
+        }
+    }
+}
+
+impl OutboxRelaySpec {
+    /// Every problem in the spec at once, each naming its field; or the resolved spec.
+    pub fn validate(&self) -> Result<ValidOutboxRelay, ValidationErrors> {
+        let mut p = Problems::new();
+        let table = self.database.validate_into(&mut p, "spec.database");
+        let dead_letter_table = table.as_ref().and_then(|t| {
+            p.check(
+                "spec.database.table",
+                t.table
+                    .with_suffix(DEAD_LETTER_SUFFIX)
+                    .map_err(|e| format!("the dead-letter table name {}{DEAD_LETTER_SUFFIX} {e}", t.table.as_str())),
+            )
+            .map(|dl| QualifiedName {
+                schema: t.schema.clone(),
+                table: dl,
+            })
+        });
+        validate_kafka(&self.kafka, &mut p);
+        let topic_template = p.check("spec.routing.topic", TopicTemplate::parse(&self.routing.topic));
+        validate_topics(&self.topics, &mut p);
+        let relay = validate_relay(&self.relay, &mut p);
+        let max_oldest_age = p.check("spec.lag.maxOldestAge", self.lag.max_oldest_age.parse());
+
+        let (r, pr) = (&self.relay, &self.kafka.producer);
+        p.finish(|| {
+            let (poll_interval, published_retention) = relay?;
+            Some(ValidOutboxRelay {
+                table: table?,
+                dead_letter_table: dead_letter_table?,
+                url_secret: self.database.url_secret_ref.clone(),
+                manage_schema: self.database.manage_schema,
+                bootstrap_servers: self.kafka.bootstrap_servers.clone(),
+                auth_secret: self.kafka.auth_secret_ref.as_ref().map(|r| r.name.clone()),
+                producer: ValidProducer {
+                    linger_ms: pr.linger_ms,
+                    compression: pr.compression,
+                    config: pr.config.clone(),
+                },
+                topic_template: topic_template?,
+                key: self.routing.key,
+                topics: self.topics.iter().map(TopicSpec::desired).collect(),
+                replicas: r.replicas,
+                batch_size: r.batch_size,
+                max_attempts: r.max_attempts,
+                poll_interval,
+                cleanup: r.cleanup,
+                published_retention,
+                max_oldest_age: max_oldest_age?,
+            })
+        })
+    }
+}
+
+fn validate_kafka(k: &KafkaSpec, p: &mut Problems) {
+    if k.bootstrap_servers.trim().is_empty() {
+        p.add("spec.kafka.bootstrapServers", "must name at least one host:port");
+    }
+    for (i, server) in k.bootstrap_servers.split(',').map(str::trim).enumerate() {
+        if !server.is_empty() && !valid_host_port(server) {
+            p.add("spec.kafka.bootstrapServers", format!("entry {i} ({server:?}) is not host:port"));
+        }
+    }
+    if let Some(a) = &k.auth_secret_ref {
+        validate_object_name(&a.name, p, "spec.kafka.authSecretRef.name");
+    }
+    let pr = &k.producer;
+    p.range("spec.kafka.producer.lingerMs", pr.linger_ms, 0, 60_000);
+    for (key, value) in &pr.config {
+        let field = format!("spec.kafka.producer.config[{key}]");
+        if let Some((_, allowed)) = FORCED_PRODUCER_SETTINGS.iter().find(|(k, _)| k == key) {
+            if !allowed.contains(&value.as_str()) {
+                p.add(
+                    field,
+                    format!("{key}={value} would weaken delivery; lockstep forces {key}={}", allowed[0]),
+                );
+            }
+        } else if FORBIDDEN_PRODUCER_SETTINGS.contains(&key.as_str()) {
+            p.add(field, format!("{key} is managed by lockstep and cannot be set"));
+        } else if key == "max.in.flight.requests.per.connection" && !value.parse::<u32>().is_ok_and(|n| (1..=5).contains(&n)) {
+            p.add(field, format!("must be 1 to 5 with the idempotent producer (got {value:?})"));
+        }
+    }
+}
+
+fn validate_topics(topics: &[TopicSpec], p: &mut Problems) {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, t) in topics.iter().enumerate() {
+        let f = format!("spec.topics[{i}]");
+        p.check(format!("{f}.name"), validate_topic_name(&t.name));
+        if !seen.insert(t.name.as_str()) {
+            p.add(format!("{f}.name"), format!("topic {:?} is listed twice", t.name));
+        }
+        p.range(format!("{f}.partitions"), t.partitions, 1, 10_000);
+        p.range(format!("{f}.replicationFactor"), t.replication_factor, 1, 32);
+        for key in t.config.keys() {
+            if !valid_config_key(key) {
+                p.add(
+                    format!("{f}.config[{key}]"),
+                    "not a Kafka config key (lowercase letters, digits and '.')",
+                );
+            }
+            if t.ignore_config.contains(key) {
+                p.add(format!("{f}.config[{key}]"), "set in config and listed in ignoreConfig; choose one");
+            }
+        }
+        if let Some(v) = t.config.get("min.insync.replicas") {
+            if v.parse::<u32>().map(|n| n == 0).unwrap_or(true) {
+                p.add(
+                    format!("{f}.config[min.insync.replicas]"),
+                    format!("must be a positive integer (got {v:?})"),
+                );
+            }
+        }
+        if let Some(v) = t.config.get("retention.ms") {
+            if v.parse::<i64>().map(|n| n < -1).unwrap_or(true) {
+                p.add(format!("{f}.config[retention.ms]"), format!("must be an integer >= -1 (got {v:?})"));
+            }
+        }
+    }
+}
+
+/// The relay's poll interval and published-row retention, when they parse.
+fn validate_relay(r: &RelaySpec, p: &mut Problems) -> Option<(StdDuration, Option<StdDuration>)> {
+    p.range("spec.relay.replicas", r.replicas, 0, 10);
+    p.range("spec.relay.batchSize", r.batch_size, 1, 10_000);
+    p.range("spec.relay.maxAttempts", r.max_attempts, 1, 1000);
+    let poll_interval = p.check("spec.relay.pollInterval", r.poll_interval.parse());
+    if let Some(pi) = poll_interval {
+        if pi < StdDuration::from_millis(10) || pi > StdDuration::from_secs(3600) {
+            p.add(
+                "spec.relay.pollInterval",
+                format!("must be between 10ms and 1h (got {})", r.poll_interval),
+            );
+        }
+    }
+    let published_retention = match (r.cleanup, &r.published_retention) {
+        (Cleanup::MarkPublished, None) => {
+            p.add("spec.relay.publishedRetention", "required when cleanup is MarkPublished");
+            None
+        }
+        (_, Some(d)) => p.check("spec.relay.publishedRetention", d.parse()),
+        (Cleanup::Delete, None) => None,
+    };
+    if matches!(&r.image, Some(i) if i.trim().is_empty()) {
+        p.add("spec.relay.image", "must not be empty; omit it to use the operator's image");
+    }
+    Some((poll_interval?, published_retention))
+}
+
+fn valid_config_key(k: &str) -> bool {
+    !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.') && !k.starts_with('.') && !k.ends_with('.')
+}
+
+pub(crate) fn valid_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && host.chars().all(|c| c.is_ascii_alphanumeric() || ".-_[]:".contains(c))
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn desired_topic_drops_ignored_keys_and_is_keyed() {
+        let spec = TopicSpec {
+            name: "a".into(),
+            partitions: 1,
+            replication_factor: 1,
+            config: [("retention.ms".to_string(), "1".to_string())].into(),
+            ignore_config: vec!["retention.ms".into()],
+            allow_partition_increase: false,
+        };
+        let d = spec.desired();
+        assert!(d.config.is_empty());
+        assert!(d.ignore.contains("retention.ms"));
+        assert!(d.keyed);
+    }
+}

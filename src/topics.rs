@@ -139,10 +139,10 @@ fn plan_existing(d: &Desired, o: &ObservedTopic, p: &mut Plan) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn desired(name: &str, partitions: i32, config: &[(&str, &str)]) -> Desired {
+    pub(crate) fn desired(name: &str, partitions: i32, config: &[(&str, &str)]) -> Desired {
         Desired {
             name: name.into(),
             partitions,
@@ -154,7 +154,7 @@ mod tests {
         }
     }
 
-    fn observed(partitions: i32, rf: i32, config: &[(&str, &str)]) -> ObservedTopic {
+    pub(crate) fn observed(partitions: i32, rf: i32, config: &[(&str, &str)]) -> ObservedTopic {
         ObservedTopic {
             partitions,
             replication_factor: Some(rf),
@@ -162,7 +162,7 @@ mod tests {
         }
     }
 
-    fn one(name: &str, o: ObservedTopic) -> BTreeMap<String, ObservedTopic> {
+    pub(crate) fn one(name: &str, o: ObservedTopic) -> BTreeMap<String, ObservedTopic> {
         [(name.to_string(), o)].into()
     }
 

@@ -6,20 +6,14 @@ use futures::{future::BoxFuture, FutureExt};
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     api::Api,
-    core::DeserializeGuard,
-    runtime::{
-        controller::{Action, Controller},
-        predicates,
-        reflector::ObjectRef,
-        WatchStreamExt,
-    },
+    runtime::controller::{Action, Controller},
     ResourceExt,
 };
 
 use super::{
     reconciler::{self, Outcome, Reconciler},
     status::requeue,
-    watches::{spec_changes, Watches},
+    watches::{every, label_changes, spec_changes, Watches},
     Context, Error,
 };
 use crate::{
@@ -43,15 +37,8 @@ pub fn controller(
     let store = watches.policies.store();
     let own = spec_changes(watches.policies.subscribe());
     let tables = spec_changes(watches.inboxes.subscribe());
-    let namespaces = watches
-        .namespaces
-        .subscribe()
-        .touched_objects()
-        .predicate_filter(predicates::labels, Default::default());
+    let namespaces = label_changes(watches.namespaces.subscribe());
     let (all, all_too) = (store.clone(), store.clone());
-    let every = move |s: &kube::runtime::reflector::Store<DeserializeGuard<DedupPolicy>>| {
-        s.state().iter().map(|p| ObjectRef::from_obj(&**p)).collect::<Vec<_>>()
-    };
     let c = Controller::for_stream(own, store)
         .watches_stream(tables, move |_| every(&all))
         .watches_stream(namespaces, move |_| every(&all_too))
@@ -66,20 +53,12 @@ pub fn controller(
 
 impl Reconciler for DedupPolicies {
     type K = DedupPolicy;
-    type Status = DedupPolicyStatus;
-    type Valid = ValidDedupPolicy;
     const NAME: &'static str = "deduppolicy";
     const MANAGER: &'static str = MANAGER;
     const PAUSED: Option<&'static str> = None;
 
     fn api(ctx: &Context, _namespace: Option<&str>) -> Result<Api<DedupPolicy>, Error> {
         Ok(Api::all(ctx.client.clone()))
-    }
-    fn status(obj: &DedupPolicy) -> DedupPolicyStatus {
-        obj.status.clone().unwrap_or_default()
-    }
-    fn validate(obj: &DedupPolicy) -> Result<ValidDedupPolicy, crate::validation::ValidationErrors> {
-        obj.spec.validate()
     }
     fn reconcile<'a>(
         obj: &'a DedupPolicy,

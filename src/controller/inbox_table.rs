@@ -7,10 +7,7 @@ use kube::{
     core::DeserializeGuard,
     runtime::{
         controller::{Action, Controller},
-        predicates,
         reflector::ObjectRef,
-        utils::Predicate,
-        WatchStreamExt,
     },
     ResourceExt,
 };
@@ -20,7 +17,7 @@ use super::{
     deps::{self, Reporting},
     reconciler::{self, Outcome, Reconciler},
     status::requeue,
-    watches::{spec_changes, Watches},
+    watches::{every, label_changes, own_changes, spec_changes, Watches},
     Context, Error,
 };
 use crate::{
@@ -49,23 +46,13 @@ pub fn controller(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> impl std::future::Future<Output = ()> {
     let store = watches.inboxes.store();
-    let own = watches
-        .inboxes
-        .subscribe()
-        .applied_objects()
-        .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
+    let own = own_changes(watches.inboxes.subscribe());
     let policies = spec_changes(watches.policies.subscribe());
-    let namespaces = watches
-        .namespaces
-        .subscribe()
-        .touched_objects()
-        .predicate_filter(predicates::labels, Default::default());
+    let namespaces = label_changes(watches.namespaces.subscribe());
     let (all, in_ns) = (store.clone(), store.clone());
     let purged = futures::stream::unfold(purged, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
     let c = Controller::for_stream(own, store)
-        .watches_stream(policies, move |_| {
-            all.state().iter().map(|o| ObjectRef::from_obj(&**o)).collect::<Vec<_>>()
-        })
+        .watches_stream(policies, move |_| every(&all))
         .watches_stream(namespaces, move |ns| {
             let name = ns.name_any();
             let tables = in_ns.state();
@@ -80,20 +67,12 @@ pub fn controller(
 
 impl Reconciler for InboxTables {
     type K = InboxTable;
-    type Status = InboxTableStatus;
-    type Valid = ValidInboxTable;
     const NAME: &'static str = "inboxtable";
     const MANAGER: &'static str = MANAGER;
     const PAUSED: Option<&'static str> = Some("not reconciling, not purging");
 
     fn api(ctx: &Context, namespace: Option<&str>) -> Result<Api<InboxTable>, Error> {
         reconciler::namespaced(ctx, namespace)
-    }
-    fn status(obj: &InboxTable) -> InboxTableStatus {
-        obj.status.clone().unwrap_or_default()
-    }
-    fn validate(obj: &InboxTable) -> Result<ValidInboxTable, crate::validation::ValidationErrors> {
-        obj.spec.validate()
     }
     fn halt(ctx: &Context, uid: &str) {
         ctx.purges.stop(uid);

@@ -6,18 +6,13 @@ use std::{collections::BTreeMap, sync::Arc};
 use futures::{future::BoxFuture, FutureExt};
 use kube::{
     api::Api,
-    runtime::{
-        controller::{Action, Controller},
-        predicates,
-        utils::Predicate,
-        WatchStreamExt,
-    },
+    runtime::controller::{Action, Controller},
 };
 
 use super::{
     deps::{self, Reporting},
     reconciler::{self, Outcome, Reconciler},
-    watches::Watches,
+    watches::{own_changes, Watches},
     Context, Error,
 };
 use crate::{
@@ -39,11 +34,7 @@ pub fn controller(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> impl std::future::Future<Output = ()> {
-    let own = watches
-        .relays
-        .subscribe()
-        .applied_objects()
-        .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
+    let own = own_changes(watches.relays.subscribe());
     let c = Controller::for_stream(own, watches.relays.store())
         .graceful_shutdown_on(shutdown)
         .run(reconciler::reconcile::<OutboxRelays>, reconciler::error_policy::<OutboxRelays>, ctx);
@@ -52,20 +43,12 @@ pub fn controller(
 
 impl Reconciler for OutboxRelays {
     type K = OutboxRelay;
-    type Status = OutboxRelayStatus;
-    type Valid = ValidOutboxRelay;
     const NAME: &'static str = "outboxrelay";
     const MANAGER: &'static str = MANAGER;
     const PAUSED: Option<&'static str> = Some("not reconciling");
 
     fn api(ctx: &Context, namespace: Option<&str>) -> Result<Api<OutboxRelay>, Error> {
         reconciler::namespaced(ctx, namespace)
-    }
-    fn status(obj: &OutboxRelay) -> OutboxRelayStatus {
-        obj.status.clone().unwrap_or_default()
-    }
-    fn validate(obj: &OutboxRelay) -> Result<ValidOutboxRelay, crate::validation::ValidationErrors> {
-        obj.spec.validate()
     }
     fn reconcile<'a>(
         obj: &'a OutboxRelay,
@@ -245,26 +228,13 @@ fn topics_condition(count: usize, p: &Plan, failed: &[Failed]) -> Cond {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn desired(name: &str, partitions: i32, config: &[(&str, &str)]) -> Desired {
-        Desired {
-            name: name.into(),
-            partitions,
-            replication_factor: 3,
-            config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            ignore: Default::default(),
-            allow_partition_increase: false,
-            keyed: true,
-        }
-    }
+    use crate::topics::{
+        self,
+        tests::{desired, one},
+    };
 
     fn observed(name: &str, partitions: i32, config: &[(&str, &str)]) -> BTreeMap<String, ObservedTopic> {
-        let o = ObservedTopic {
-            partitions,
-            replication_factor: Some(3),
-            config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        };
-        BTreeMap::from([(name.to_string(), o)])
+        one(name, topics::tests::observed(partitions, 3, config))
     }
 
     /// Plan against what the broker has, then judge as if every action succeeded but `failed`.

@@ -12,7 +12,11 @@ use super::{
     Context, Error,
 };
 use crate::{
-    conditions::{condition, reason, Cond, Status},
+    conditions::{condition, reason, Cond},
+    crd::{
+        DedupPolicy, DedupPolicyStatus, InboxTable, InboxTableStatus, OutboxRelay, OutboxRelayStatus, ValidDedupPolicy, ValidInboxTable,
+        ValidOutboxRelay,
+    },
     validation::ValidationErrors,
 };
 
@@ -24,11 +28,38 @@ pub enum Outcome<S> {
     Later(Action),
 }
 
-/// One kind's controller: what differs between kinds; `reconcile` below does the rest.
-pub trait Reconciler: Send + Sync + 'static {
-    type K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static;
+/// A lockstep resource: its status, and its spec validated into the resolved type.
+pub trait Kind: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
     type Status: Conditioned;
     type Valid: Send;
+    /// The current status (empty when none was written yet).
+    fn current_status(&self) -> Self::Status;
+    fn validate(&self) -> Result<Self::Valid, ValidationErrors>;
+}
+
+macro_rules! kind {
+    ($($k:ty => $status:ty, $valid:ty;)*) => {$(
+        impl Kind for $k {
+            type Status = $status;
+            type Valid = $valid;
+            fn current_status(&self) -> $status {
+                self.status.clone().unwrap_or_default()
+            }
+            fn validate(&self) -> Result<$valid, ValidationErrors> {
+                self.spec.validate()
+            }
+        }
+    )*};
+}
+kind! {
+    InboxTable => InboxTableStatus, ValidInboxTable;
+    OutboxRelay => OutboxRelayStatus, ValidOutboxRelay;
+    DedupPolicy => DedupPolicyStatus, ValidDedupPolicy;
+}
+
+/// One kind's controller: what differs between kinds; `reconcile` below does the rest.
+pub trait Reconciler: Send + Sync + 'static {
+    type K: Kind;
     /// The controller's name in metrics and logs.
     const NAME: &'static str;
     /// The server-side apply field manager of its status writes.
@@ -37,18 +68,19 @@ pub trait Reconciler: Send + Sync + 'static {
     const PAUSED: Option<&'static str>;
 
     fn api(ctx: &Context, namespace: Option<&str>) -> Result<Api<Self::K>, Error>;
-    fn status(obj: &Self::K) -> Self::Status;
-    fn validate(obj: &Self::K) -> Result<Self::Valid, ValidationErrors>;
     /// The object is no longer reconciled (unreadable, paused, invalid): stop what runs for it.
     fn halt(_ctx: &Context, _uid: &str) {}
     /// Fetch what the object depends on and decide its conditions.
     fn reconcile<'a>(
         obj: &'a Self::K,
-        valid: Self::Valid,
-        previous: &'a Self::Status,
+        valid: Valid<Self>,
+        previous: &'a Status<Self>,
         ctx: &'a Context,
-    ) -> BoxFuture<'a, Result<Outcome<Self::Status>, Error>>;
+    ) -> BoxFuture<'a, Result<Outcome<Status<Self>>, Error>>;
 }
+
+pub type Status<R> = <<R as Reconciler>::K as Kind>::Status;
+pub type Valid<R> = <<R as Reconciler>::K as Kind>::Valid;
 
 /// The reconcile function handed to kube's Controller.
 pub async fn reconcile<R: Reconciler>(obj: Arc<DeserializeGuard<R::K>>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -83,13 +115,13 @@ async fn run<R: Reconciler>(obj: &DeserializeGuard<R::K>, ctx: &Context) -> Resu
             return Ok((Action::await_change(), Some(reason::INVALID_SPEC.into())));
         }
     };
-    let previous = R::status(k);
+    let previous = k.current_status();
     let stopped = |reason: &'static str, message: String| Outcome::Status {
         conditions: vec![Cond::no(condition::READY, reason, message)],
         status: previous.clone(),
         action: Action::await_change(),
     };
-    let outcome = match (R::PAUSED, R::validate(k)) {
+    let outcome = match (R::PAUSED, k.validate()) {
         (Some(message), _) if is_paused(k) => {
             R::halt(ctx, &uid);
             stopped(
@@ -124,7 +156,7 @@ fn failure_reason(conditions: &[Cond]) -> Option<String> {
     conditions
         .iter()
         .find(|c| c.type_ == condition::READY)
-        .filter(|c| c.status != Status::True)
+        .filter(|c| c.status != crate::conditions::Status::True)
         .map(|c| c.reason.to_owned())
 }
 

@@ -11,7 +11,8 @@ use kube::{
     core::{DeserializeGuard, PartialObjectMeta},
     runtime::{
         predicates,
-        reflector::{self, Store},
+        reflector::{self, Lookup, ObjectRef, Store},
+        utils::Predicate,
         watcher, WatchStreamExt,
     },
     Client, Resource,
@@ -138,4 +139,32 @@ where
     events
         .touched_objects()
         .predicate_filter(predicates::generation, Default::default())
+}
+
+/// A controller's own objects: spec and annotation (pause) changes only, so status writes start
+/// nothing.
+pub fn own_changes<K>(events: Events<K>) -> impl Stream<Item = Result<K, watcher::Error>> + Send
+where
+    K: Resource + Send + 'static,
+{
+    events
+        .applied_objects()
+        .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default())
+}
+
+/// Label changes (they decide which policies select a namespace's tables).
+pub fn label_changes<K>(events: Events<K>) -> impl Stream<Item = Result<K, watcher::Error>> + Send
+where
+    K: Resource + Send + 'static,
+{
+    events.touched_objects().predicate_filter(predicates::labels, Default::default())
+}
+
+/// Every object in a cache, to reconcile them all.
+pub fn every<K>(store: &Store<K>) -> Vec<ObjectRef<K>>
+where
+    K: Lookup + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone + Default,
+{
+    store.state().iter().map(|o| o.to_object_ref(Default::default())).collect()
 }

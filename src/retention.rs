@@ -13,15 +13,15 @@ use k8s_openapi::{
 };
 
 use crate::{
-    crd::{DedupPolicySpec, Enforcement, DEFAULT_RETENTION},
-    duration,
+    crd::{Enforcement, ValidDedupPolicy, DEFAULT_RETENTION},
+    duration::{self, Given},
 };
 
-/// A valid DedupPolicy, as the retention logic needs it.
+/// A valid DedupPolicy and its name, as the retention logic needs it.
 #[derive(Debug, Clone)]
 pub struct PolicyView {
     pub name: String,
-    pub spec: DedupPolicySpec,
+    pub policy: ValidDedupPolicy,
 }
 
 /// Whether a label selector selects a set of labels. None or an empty selector selects everything.
@@ -94,34 +94,30 @@ struct Bounds {
     next_change: Option<Timestamp>,
 }
 
-fn parse(d: &Option<crate::duration::Duration>) -> Option<(StdDuration, String)> {
-    d.as_ref().and_then(|d| d.parse().ok().map(|v| (v, d.0.clone())))
-}
-
 /// Each policy's bounds, with the table's exceptions in force applied.
 fn bounds(matched: &[&PolicyView], namespace: &str, name: &str, now: Timestamp) -> Bounds {
     let mut b = Bounds::default();
     for p in matched {
-        let enforce = p.spec.enforcement == Enforcement::Enforce;
-        let (mut min, mut max) = (parse(&p.spec.min_retention), parse(&p.spec.max_retention));
+        let enforce = p.policy.enforcement == Enforcement::Enforce;
+        let (mut min, mut max) = (p.policy.min_retention.as_ref(), p.policy.max_retention.as_ref());
         let mut label = p.name.clone();
-        for e in p.spec.exceptions.iter().filter(|e| e.namespace == namespace && e.name == name) {
+        for e in p.policy.exceptions.iter().filter(|e| e.namespace == namespace && e.name == name) {
             if e.expires.0 > now {
                 b.next_change = Some(b.next_change.map_or(e.expires.0, |n| n.min(e.expires.0)));
-                min = parse(&e.min_retention).or(min);
-                max = parse(&e.max_retention).or(max);
+                min = e.min_retention.as_ref().or(min);
+                max = e.max_retention.as_ref().or(max);
                 label = format!("{} (exception until {})", p.name, e.expires.0);
             }
         }
-        let bound = |(value, text): (StdDuration, String), policy: &str| Bound {
-            value,
-            text,
+        let bound = |g: &Given, policy: &str| Bound {
+            value: g.value,
+            text: g.text.clone(),
             policy: policy.to_owned(),
             enforce,
         };
         b.lows.extend(min.map(|m| bound(m, &label)));
         b.highs.extend(max.map(|m| bound(m, &label)));
-        b.defaults.extend(parse(&p.spec.default_retention).map(|d| bound(d, &p.name)));
+        b.defaults.extend(p.policy.default_retention.as_ref().map(|d| bound(d, &p.name)));
     }
     b
 }
@@ -137,7 +133,7 @@ pub fn effective(
 ) -> Effective {
     let mut matched: Vec<&PolicyView> = policies
         .iter()
-        .filter(|p| selector_matches(p.spec.namespace_selector.as_ref(), namespace_labels))
+        .filter(|p| selector_matches(p.policy.namespace_selector.as_ref(), namespace_labels))
         .collect();
     matched.sort_by(|a, b| a.name.cmp(&b.name));
     let b = bounds(&matched, namespace, name, now);
@@ -160,7 +156,7 @@ pub fn effective(
     Effective {
         retention,
         text,
-        require_coverage: matched.iter().any(|p| p.spec.require_coverage),
+        require_coverage: matched.iter().any(|p| p.policy.require_coverage),
         policies,
         compliance,
         message,
@@ -208,22 +204,30 @@ fn judge(value: StdDuration, text: String, origin: &str, b: &Bounds, policies: &
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::PolicyException;
+    use crate::crd::{DedupPolicySpec, PolicyException};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
-    fn policy(name: &str, min: Option<&str>, max: Option<&str>, enforcement: Enforcement) -> PolicyView {
+    fn spec(min: Option<&str>, max: Option<&str>, enforcement: Enforcement) -> DedupPolicySpec {
+        DedupPolicySpec {
+            namespace_selector: None,
+            min_retention: min.map(Into::into),
+            max_retention: max.map(Into::into),
+            default_retention: None,
+            enforcement,
+            require_coverage: false,
+            exceptions: vec![],
+        }
+    }
+
+    fn view(name: &str, spec: DedupPolicySpec) -> PolicyView {
         PolicyView {
             name: name.into(),
-            spec: DedupPolicySpec {
-                namespace_selector: None,
-                min_retention: min.map(Into::into),
-                max_retention: max.map(Into::into),
-                default_retention: None,
-                enforcement,
-                require_coverage: false,
-                exceptions: vec![],
-            },
+            policy: spec.validate().unwrap(),
         }
+    }
+
+    fn policy(name: &str, min: Option<&str>, max: Option<&str>, enforcement: Enforcement) -> PolicyView {
+        view(name, spec(min, max, enforcement))
     }
 
     fn now() -> Timestamp {
@@ -283,14 +287,15 @@ mod tests {
 
     #[test]
     fn exceptions_apply_until_they_expire() {
-        let mut p = policy("p", Some("24h"), None, Enforcement::Enforce);
-        p.spec.exceptions.push(PolicyException {
+        let mut s = spec(Some("24h"), None, Enforcement::Enforce);
+        s.exceptions.push(PolicyException {
             namespace: "ns".into(),
             name: "inbox".into(),
             min_retention: Some("1h".into()),
             max_retention: None,
             expires: Time("2026-06-02T00:00:00Z".parse().unwrap()),
         });
+        let p = view("p", s);
         let e = eff("1h", std::slice::from_ref(&p));
         assert_eq!(e.text, "1h");
         assert_eq!(e.compliance, Compliance::Within);
@@ -310,8 +315,9 @@ mod tests {
 
     #[test]
     fn defaults_come_from_policy_then_builtin() {
-        let mut p = policy("p", None, None, Enforcement::Enforce);
-        p.spec.default_retention = Some("3d".into());
+        let mut s = spec(None, None, Enforcement::Enforce);
+        s.default_retention = Some("3d".into());
+        let p = view("p", s);
         let e = effective("ns", "inbox", &BTreeMap::new(), None, &[p], now());
         assert_eq!(e.text, "3d");
         let e = effective("ns", "inbox", &BTreeMap::new(), None, &[], now());

@@ -119,10 +119,9 @@ impl Context {
             .iter()
             .filter_map(|p| {
                 let p = p.0.as_ref().ok()?;
-                p.spec.validate().ok()?;
                 Some(PolicyView {
                     name: p.name_any(),
-                    spec: p.spec.clone(),
+                    policy: p.spec.validate().ok()?,
                 })
             })
             .collect()

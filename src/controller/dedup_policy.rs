@@ -62,7 +62,7 @@ impl Reconciler for DedupPolicies {
     }
     fn reconcile<'a>(
         obj: &'a DedupPolicy,
-        _valid: ValidDedupPolicy,
+        valid: ValidDedupPolicy,
         previous: &'a DedupPolicyStatus,
         ctx: &'a Context,
     ) -> BoxFuture<'a, Result<Outcome<DedupPolicyStatus>, Error>> {
@@ -72,7 +72,7 @@ impl Reconciler for DedupPolicies {
             }
             let view = PolicyView {
                 name: obj.name_any(),
-                spec: obj.spec.clone(),
+                policy: valid,
             };
             let tables = selectable_tables(ctx);
             let a = assess(&view, &tables, Timestamp::now());
@@ -145,7 +145,7 @@ pub fn assess(policy: &PolicyView, tables: &[TableView], now: Timestamp) -> Asse
         next_change: None,
     };
     for t in tables {
-        if !retention::selector_matches(policy.spec.namespace_selector.as_ref(), &t.namespace_labels) {
+        if !retention::selector_matches(policy.policy.namespace_selector.as_ref(), &t.namespace_labels) {
             continue;
         }
         a.matched += 1;
@@ -215,11 +215,11 @@ mod tests {
 
     #[test]
     fn earliest_exception_expiry_is_the_next_change() {
-        let mut p = policy("floor", Some("24h"), None, Enforcement::Enforce);
-        p.spec.exceptions = vec![
+        let exceptions = vec![
             exception("a", "t1", "1h", "2026-06-03T00:00:00Z"),
             exception("a", "t2", "1h", "2026-06-02T00:00:00Z"),
         ];
+        let p = policy_with("floor", Some("24h"), None, Enforcement::Enforce, exceptions);
         let tables = [table("a", "t1", "x", Ok(Some("1h"))), table("a", "t2", "x", Ok(Some("1h")))];
         let a = assess(&p, &tables, now());
         assert!(a.non_compliant.is_empty(), "{:?}", a.non_compliant);

@@ -73,21 +73,32 @@ pub fn purged(rows: i64) -> LastPurge {
 }
 
 pub fn policy(name: &str, min: Option<&str>, team: Option<&str>, enforcement: Enforcement) -> PolicyView {
+    policy_with(name, min, team, enforcement, vec![])
+}
+
+pub fn policy_with(
+    name: &str,
+    min: Option<&str>,
+    team: Option<&str>,
+    enforcement: Enforcement,
+    exceptions: Vec<PolicyException>,
+) -> PolicyView {
     let selector = team.map(|t| k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
         match_labels: Some([("team".to_string(), t.to_string())].into()),
         ..Default::default()
     });
+    let spec = DedupPolicySpec {
+        namespace_selector: selector,
+        min_retention: min.map(Into::into),
+        max_retention: None,
+        default_retention: None,
+        enforcement,
+        require_coverage: false,
+        exceptions,
+    };
     PolicyView {
         name: name.into(),
-        spec: DedupPolicySpec {
-            namespace_selector: selector,
-            min_retention: min.map(Into::into),
-            max_retention: None,
-            default_retention: None,
-            enforcement,
-            require_coverage: false,
-            exceptions: vec![],
-        },
+        policy: spec.validate().unwrap(),
     }
 }
 

@@ -2,15 +2,13 @@
 // clippy reads repeated `printcolumn(type_ = ...)` arguments of the kube derive as duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
 
-use std::time::Duration as StdDuration;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::common::{validate_object_name, Conditions};
 use crate::{
-    duration::Duration,
+    duration::{Duration, Given},
     validation::{Problems, ValidationErrors},
 };
 
@@ -100,9 +98,10 @@ pub struct NonCompliant {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidDedupPolicy {
-    pub min_retention: Option<StdDuration>,
-    pub max_retention: Option<StdDuration>,
-    pub default_retention: Option<StdDuration>,
+    pub namespace_selector: Option<LabelSelector>,
+    pub min_retention: Option<Given>,
+    pub max_retention: Option<Given>,
+    pub default_retention: Option<Given>,
     pub enforcement: Enforcement,
     pub require_coverage: bool,
     pub exceptions: Vec<ValidException>,
@@ -112,8 +111,8 @@ pub struct ValidDedupPolicy {
 pub struct ValidException {
     pub namespace: String,
     pub name: String,
-    pub min_retention: Option<StdDuration>,
-    pub max_retention: Option<StdDuration>,
+    pub min_retention: Option<Given>,
+    pub max_retention: Option<Given>,
     pub expires: Time,
 }
 
@@ -123,7 +122,8 @@ impl DedupPolicySpec {
         let (min_ok, min) = optional_duration(&mut p, "spec.minRetention", &self.min_retention);
         let (max_ok, max) = optional_duration(&mut p, "spec.maxRetention", &self.max_retention);
         let (def_ok, def) = optional_duration(&mut p, "spec.defaultRetention", &self.default_retention);
-        if let (Some(lo), Some(hi)) = (min, max) {
+        let value = |g: &Option<Given>| g.as_ref().map(|g| g.value);
+        if let (Some(lo), Some(hi)) = (value(&min), value(&max)) {
             if lo > hi {
                 p.add(
                     "spec.minRetention",
@@ -131,7 +131,7 @@ impl DedupPolicySpec {
                 );
             }
         }
-        if let (Some(lo), Some(d)) = (min, def) {
+        if let (Some(lo), Some(d)) = (value(&min), value(&def)) {
             if d < lo {
                 p.add(
                     "spec.defaultRetention",
@@ -143,7 +143,7 @@ impl DedupPolicySpec {
                 );
             }
         }
-        if let (Some(d), Some(hi)) = (def, max) {
+        if let (Some(d), Some(hi)) = (value(&def), value(&max)) {
             if d > hi {
                 p.add(
                     "spec.defaultRetention",
@@ -155,7 +155,7 @@ impl DedupPolicySpec {
                 );
             }
         }
-        if matches!(def, Some(d) if d.is_zero()) {
+        if matches!(&def, Some(d) if d.value.is_zero()) {
             p.add("spec.defaultRetention", "must be greater than zero");
         }
         let exceptions = self
@@ -166,6 +166,7 @@ impl DedupPolicySpec {
             .collect();
         p.finish(|| {
             (min_ok && max_ok && def_ok).then_some(ValidDedupPolicy {
+                namespace_selector: self.namespace_selector.clone(),
                 min_retention: min,
                 max_retention: max,
                 default_retention: def,
@@ -187,8 +188,8 @@ impl PolicyException {
         if self.min_retention.is_none() && self.max_retention.is_none() {
             p.add(f, "an exception sets minRetention, maxRetention or both");
         }
-        if let (Some(lo), Some(hi)) = (emin, emax) {
-            if lo > hi {
+        if let (Some(lo), Some(hi)) = (&emin, &emax) {
+            if lo.value > hi.value {
                 p.add(format!("{f}.minRetention"), "is above the exception's maxRetention");
             }
         }
@@ -203,11 +204,11 @@ impl PolicyException {
 }
 
 /// An optional duration: (whether it is absent or valid, its value).
-fn optional_duration(p: &mut Problems, field: &str, d: &Option<Duration>) -> (bool, Option<StdDuration>) {
+fn optional_duration(p: &mut Problems, field: &str, d: &Option<Duration>) -> (bool, Option<Given>) {
     match d {
         None => (true, None),
         Some(d) => match p.check(field, d.parse()) {
-            Some(v) => (true, Some(v)),
+            Some(value) => (true, Some(Given { text: d.0.clone(), value })),
             None => (false, None),
         },
     }

@@ -168,7 +168,10 @@ mod tests {
         // The same values golden.rs pins through schema::lock_key and relay::lock_key.
         assert_eq!(advisory_key("lockstep:public.outbox"), -767470055278674281);
         assert_eq!(advisory_key("lockstep-relay:public.outbox"), -5365579470686561255);
-        assert_eq!(advisory_key("abc"), i64::from_be_bytes([0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea]));
+        assert_eq!(
+            advisory_key("abc"),
+            i64::from_be_bytes([0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea])
+        );
     }
 
     /// Undo quote_ident: strip the outer quotes and undouble inner ones; None if malformed.

@@ -4,13 +4,15 @@
 //! advisory lock keyed by the table, are recorded with checksums in `lockstep_schema_history` (in
 //! the table's schema), are idempotent, and never drop or rewrite data. A table that exists without
 //! history is verified against the contract; a mismatch is reported and the table left alone.
-//! What the tables look like (DDL, contracts, derived names) is in [`tables`].
+//! What the tables look like (DDL, contracts, derived names) is in `tables.rs`.
 
 mod tables;
 
 use futures::FutureExt;
 use sqlx::{PgConnection, Row};
 
+#[cfg(test)]
+pub(crate) use self::tables::qualified;
 pub use self::tables::{
     compare, contract, derived_name, migrations, notify_channel, ColumnContract, Contract, Migration, ObservedColumn, PayloadColumn,
     TableKind,
@@ -377,14 +379,7 @@ fn assert_migrate_is_send(conn: &mut PgConnection, t: &QualifiedName) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    fn q(s: &str, t: &str) -> QualifiedName {
-        QualifiedName {
-            schema: Ident::parse(s).unwrap(),
-            table: Ident::parse(t).unwrap(),
-        }
-    }
+    use super::{qualified as q, *};
 
     #[test]
     fn lock_key_is_exact() {

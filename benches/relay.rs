@@ -15,9 +15,9 @@ use std::{
 
 use clap::Parser;
 use lockstep::{
-    config::RelayArgs,
-    relay::{producer_config, run_with_metrics, Relay, RelayMetrics},
-    schema::{migrate, TableKind},
+    config::{RelayArgs, RelayConfig},
+    relay::{producer_config, run_with_metrics, PayloadColumn, Relay, RelayMetrics},
+    schema::prepare_outbox,
 };
 use rdkafka::{
     message::{Header, OwnedHeaders},
@@ -104,24 +104,19 @@ async fn write_at(pool: &sqlx::PgPool, table: &str, rate: f64, dur: Duration) ->
     total
 }
 
-#[tokio::main]
-async fn main() {
-    let n: i64 = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
-    let url = std::env::var("DATABASE_URL").expect("DATABASE_URL: run through scripts/bench");
-    let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS").expect("KAFKA_BOOTSTRAP_SERVERS");
-    let schema = format!("bench_relay_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let topic = format!("bench.relay.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+/// The relay configuration the bench runs with: its own schema and topic, BENCH_* settings.
+fn config(schema: &str, topic: &str) -> RelayConfig {
     let batch = std::env::var("BENCH_BATCH").unwrap_or_else(|_| "500".into());
     let in_flight = std::env::var("BENCH_IN_FLIGHT").unwrap_or_else(|_| "4".into());
     let poll = std::env::var("BENCH_POLL").unwrap_or_else(|_| "1s".into());
     let args = Wrap::parse_from([
         "bench",
         "--schema",
-        &schema,
+        schema,
         "--table",
         "outbox",
         "--topic",
-        &topic,
+        topic,
         "--metrics-addr",
         "127.0.0.1:0",
         "--batch-size",
@@ -131,27 +126,13 @@ async fn main() {
         "--poll-interval",
         &poll,
     ]);
-    let cfg = args.relay.resolve().expect("config");
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await.unwrap();
-    let admin = lockstep::kafka::Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
-    admin.create_topic(&topic, 6, 1, &Default::default()).await.unwrap();
-    let t = &cfg.resolved.table;
-    migrate(&mut pool.acquire().await.unwrap(), TableKind::Outbox, t, true)
-        .await
-        .unwrap();
-    migrate(
-        &mut pool.acquire().await.unwrap(),
-        TableKind::DeadLetter,
-        &cfg.resolved.dead_letter_table,
-        true,
-    )
-    .await
-    .unwrap();
-    let table = t.to_string();
+    args.relay.resolve().expect("config")
+}
 
-    // P: the producer alone, same settings, same messages (key, ~256-byte payload, headers id and
-    // type), whole run in flight.
-    let producer: FutureProducer = producer_config(&cfg).create().unwrap();
+/// P: the producer alone, same settings, same messages (key, ~256-byte payload, headers id and
+/// type), whole run in flight. Events per second.
+async fn producer_rate(cfg: &RelayConfig, topic: &str, n: i64) -> f64 {
+    let producer: FutureProducer = producer_config(cfg).create().unwrap();
     let payload = format!("{{\"n\": 0, \"pad\": \"{}\"}}", "x".repeat(230));
     let started = Instant::now();
     let mut pending = Vec::with_capacity(n as usize);
@@ -168,7 +149,7 @@ async fn main() {
                 value: Some("created".as_bytes()),
             });
         loop {
-            match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&payload).headers(headers.clone())) {
+            match producer.send_result(FutureRecord::to(topic).key(&key).payload(&payload).headers(headers.clone())) {
                 Ok(f) => {
                     pending.push(f);
                     break;
@@ -180,18 +161,20 @@ async fn main() {
     for f in pending {
         f.await.unwrap().unwrap();
     }
-    let p_rate = n as f64 / started.elapsed().as_secs_f64();
+    n as f64 / started.elapsed().as_secs_f64()
+}
 
-    // D: the relay's own select + delete statements, no Kafka.
-    load(&pool, &table, n).await;
-    let relay = Relay::new(cfg.clone(), Arc::new(RelayMetrics::default()), false).unwrap();
+/// D: the relay's own select + delete statements over `n` loaded events, no Kafka.
+async fn sql_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, payload: PayloadColumn, n: i64) -> f64 {
+    load(pool, &cfg.resolved.table.to_string(), n).await;
+    let relay = Relay::new(cfg.clone(), Arc::new(RelayMetrics::default()), payload).unwrap();
     let (select_sql, done_sql) = relay.statements();
     let mut conn = pool.acquire().await.unwrap();
     let started = Instant::now();
     let empty: Vec<String> = vec![];
     loop {
         let ids: Vec<uuid::Uuid> = sqlx::query(select_sql)
-            .bind(i64::from(cfg.spec.relay.batch_size))
+            .bind(i64::from(cfg.resolved.batch_size))
             .bind(&empty)
             .bind(i64::MAX)
             .bind(i64::MIN)
@@ -206,17 +189,19 @@ async fn main() {
         }
         sqlx::query(done_sql).bind(&ids).execute(&mut *conn).await.unwrap();
     }
-    let d_rate = n as f64 / started.elapsed().as_secs_f64();
-    drop(conn);
+    n as f64 / started.elapsed().as_secs_f64()
+}
 
-    // R: the relay draining the same number of events. Progress comes from the relay's own
-    // counter, so the bench puts no load on the database while it measures.
-    load(&pool, &table, n).await;
+/// R: the relay draining `n` loaded events. Progress comes from the relay's own counter, so the
+/// bench puts no load on the database while it measures. Events per second and CPU seconds.
+async fn relay_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, n: i64) -> (f64, f64) {
+    let table = cfg.resolved.table.to_string();
+    load(pool, &table, n).await;
     let metrics = Arc::new(RelayMetrics::default());
     let stop = tokio_util::sync::CancellationToken::new();
     let cpu0 = cpu_seconds();
     let started = Instant::now();
-    let task = tokio::spawn(run_with_metrics(cfg.clone(), true, stop.clone(), metrics.clone()));
+    let task = tokio::spawn(run_with_metrics(cfg.clone(), stop.clone(), metrics.clone()));
     while metrics.published.get() < n as u64 {
         assert!(!task.is_finished(), "relay stopped early");
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -226,15 +211,69 @@ async fn main() {
     stop.cancel();
     task.await.unwrap().unwrap();
     let left: i64 = sqlx::query_scalar(&format!("select count(*) from {table}"))
-        .fetch_one(&pool)
+        .fetch_one(pool)
         .await
         .unwrap();
     assert_eq!(left, 0, "published counter reached {n} but rows are left");
-    let r_rate = n as f64 / elapsed;
+    (n as f64 / elapsed, cpu)
+}
 
+/// Latency: writers commit events at `rate` while the relay runs, once woken by NOTIFY and once by
+/// polling alone. Latency = broker acknowledgement time - created_at (the writer's transaction
+/// start), so it includes the commit itself.
+async fn latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, rate: f64, secs: f64) {
+    let table = cfg.resolved.table.to_string();
+    let modes: &[(&str, bool)] = if secs > 0.0 { &[("NOTIFY", true), ("polling", false)] } else { &[] };
+    for &(label, listen) in modes {
+        let mut c = cfg.clone();
+        c.listen = listen;
+        let metrics = Arc::new(RelayMetrics::with_latency_samples());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(run_with_metrics(c, stop.clone(), metrics.clone()));
+        // Let it take the lock and settle before measuring.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        metrics.take_latency_samples();
+        let written = write_at(pool, &table, rate, Duration::from_secs_f64(secs)).await;
+        while metrics.published.get() < written {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        task.await.unwrap().unwrap();
+        let mut l = metrics.take_latency_samples();
+        l.sort_by(f64::total_cmp);
+        let pct = |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)] * 1e3;
+        println!(
+            "  {label:<8} (poll interval {:?}): p50 {:>7.1} ms   p99 {:>7.1} ms   ({} events)",
+            cfg.resolved.poll_interval,
+            pct(0.50),
+            pct(0.99),
+            l.len()
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let n: i64 = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let url = std::env::var("DATABASE_URL").expect("DATABASE_URL: run through scripts/bench");
+    let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS").expect("KAFKA_BOOTSTRAP_SERVERS");
+    let schema = format!("bench_relay_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let topic = format!("bench.relay.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let cfg = config(&schema, &topic);
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await.unwrap();
+    let admin = lockstep::kafka::Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
+    admin.create_topic(&topic, 6, 1, &Default::default()).await.unwrap();
+    let r = &cfg.resolved;
+    let tables = prepare_outbox(&mut pool.acquire().await.unwrap(), &r.table, &r.dead_letter_table, true)
+        .await
+        .unwrap();
+
+    let p_rate = producer_rate(&cfg, &topic, n).await;
+    let d_rate = sql_rate(&pool, &cfg, tables.payload, n).await;
+    let (r_rate, cpu) = relay_rate(&pool, &cfg, n).await;
     println!(
         "events: {n}, payload ~256 B, 1000 keys, 6 partitions, batch {}, batches in flight {}",
-        cfg.spec.relay.batch_size, cfg.max_batches_in_flight
+        r.batch_size, cfg.max_batches_in_flight
     );
     println!("P producer only:        {p_rate:>10.0} events/s");
     println!("D SQL read+delete only: {d_rate:>10.0} events/s");
@@ -245,42 +284,13 @@ async fn main() {
         cpu * 1e6 / n as f64
     );
 
-    // Latency: writers commit events at 60% of R while the relay runs, once woken by NOTIFY and
-    // once by polling alone. Latency = broker acknowledgement time - created_at (the writer's
-    // transaction start), so it includes the commit itself.
     let rate = 0.6 * r_rate;
     let secs: f64 = std::env::var("BENCH_LATENCY_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10.0);
     println!("commit-to-ack latency at {rate:.0} events/s (60% of R), {secs}s each, writers commit every 10 ms:");
-    let modes: &[(&str, bool)] = if secs > 0.0 { &[("NOTIFY", true), ("polling", false)] } else { &[] };
-    for &(label, listen) in modes {
-        let mut c = cfg.clone();
-        c.listen = listen;
-        let metrics = Arc::new(RelayMetrics::with_latency_samples());
-        let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(run_with_metrics(c, true, stop.clone(), metrics.clone()));
-        // Let it take the lock and settle before measuring.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        metrics.take_latency_samples();
-        let written = write_at(&pool, &table, rate, Duration::from_secs_f64(secs)).await;
-        while metrics.published.get() < written {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        stop.cancel();
-        task.await.unwrap().unwrap();
-        let mut l = metrics.take_latency_samples();
-        l.sort_by(f64::total_cmp);
-        let pct = |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)] * 1e3;
-        println!(
-            "  {label:<8} (poll interval {}): p50 {:>7.1} ms   p99 {:>7.1} ms   ({} events)",
-            cfg.spec.relay.poll_interval,
-            pct(0.50),
-            pct(0.99),
-            l.len()
-        );
-    }
+    latencies(&pool, &cfg, rate, secs).await;
     sqlx::query(&format!("drop schema \"{schema}\" cascade"))
         .execute(&pool)
         .await

@@ -217,7 +217,7 @@ pub struct RelayConfig {
     pub bootstrap_servers: String,
     /// librdkafka settings from --kafka-config and --kafka-config-dir (may hold credentials).
     pub kafka_config: BTreeMap<String, Redacted>,
-    pub spec: OutboxRelaySpec,
+    /// Everything else, validated by the rules an OutboxRelay spec gets.
     pub resolved: ValidOutboxRelay,
     pub metrics_addr: SocketAddr,
     pub listen: bool,
@@ -237,6 +237,24 @@ impl RelayArgs {
             .clone()
             .filter(|s| !s.trim().is_empty())
             .ok_or(RelayConfigError::NoBootstrapServers)?;
+        let kafka_config = self.kafka_settings()?;
+        let resolved = self
+            .as_spec(&bootstrap_servers, &kafka_config)
+            .validate()
+            .map_err(RelayConfigError::Invalid)?;
+        Ok(RelayConfig {
+            database_url,
+            bootstrap_servers,
+            kafka_config,
+            resolved,
+            metrics_addr: self.metrics_addr,
+            listen: self.listen,
+            max_batches_in_flight: usize::from(self.max_batches_in_flight),
+        })
+    }
+
+    /// librdkafka settings: files of --kafka-config-dir, then --kafka-config (which wins).
+    fn kafka_settings(&self) -> Result<BTreeMap<String, Redacted>, RelayConfigError> {
         let mut kafka_config = BTreeMap::new();
         if let Some(dir) = &self.kafka_config_dir {
             let entries = std::fs::read_dir(dir).map_err(|source| RelayConfigError::Read { path: dir.clone(), source })?;
@@ -252,7 +270,12 @@ impl RelayArgs {
         for (k, v) in &self.kafka_config {
             kafka_config.insert(k.clone(), Redacted::new(v.clone()));
         }
-        let spec = OutboxRelaySpec {
+        Ok(kafka_config)
+    }
+
+    /// The flags as an OutboxRelay spec, so that validating it resolves them.
+    fn as_spec(&self, bootstrap_servers: &str, kafka_config: &BTreeMap<String, Redacted>) -> OutboxRelaySpec {
+        OutboxRelaySpec {
             database: DatabaseSpec {
                 url_secret_ref: SecretKeyRef {
                     name: "cli".into(),
@@ -260,10 +283,10 @@ impl RelayArgs {
                 },
                 schema: self.schema.clone(),
                 table: self.table.clone(),
-                manage_schema: false,
+                manage_schema: self.manage_schema,
             },
             kafka: KafkaSpec {
-                bootstrap_servers: bootstrap_servers.clone(),
+                bootstrap_servers: bootstrap_servers.to_owned(),
                 auth_secret_ref: None,
                 producer: ProducerSpec {
                     linger_ms: self.linger_ms,
@@ -301,18 +324,7 @@ impl RelayArgs {
             },
             lag: LagSpec::default(),
             deletion_policy: Default::default(),
-        };
-        let resolved = spec.validate().map_err(RelayConfigError::Invalid)?;
-        Ok(RelayConfig {
-            database_url,
-            bootstrap_servers,
-            kafka_config,
-            spec,
-            resolved,
-            metrics_addr: self.metrics_addr,
-            listen: self.listen,
-            max_batches_in_flight: usize::from(self.max_batches_in_flight),
-        })
+        }
     }
 }
 
@@ -339,6 +351,62 @@ mod tests {
     fn describes_url_without_credentials() {
         assert_eq!(describe_database_url("postgres://u:hunter2@db:5432/x?sslmode=require"), "db:5432/x");
         assert_eq!(describe_database_url("postgres://db/x"), "db/x");
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: RelayArgs,
+    }
+
+    fn resolve(extra: &[&str]) -> Result<RelayConfig, RelayConfigError> {
+        use clap::Parser;
+        let mut argv = vec!["relay", "--database-url", "postgres://u:p@db/x", "--bootstrap-servers", "k:9092"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).unwrap().args.resolve()
+    }
+
+    #[test]
+    fn flags_resolve_into_the_validated_config() {
+        let cfg = resolve(&[
+            "--schema",
+            "billing",
+            "--batch-size",
+            "7",
+            "--max-attempts",
+            "3",
+            "--poll-interval",
+            "250ms",
+            "--cleanup",
+            "mark-published",
+            "--published-retention",
+            "1d",
+            "--kafka-config",
+            "client.id=x",
+            "--manage-schema",
+            "false",
+        ])
+        .unwrap();
+        let r = &cfg.resolved;
+        assert_eq!(r.table.to_string(), r#""billing"."outbox""#);
+        assert_eq!(r.dead_letter_table.to_string(), r#""billing"."outbox_dead_letter""#);
+        assert_eq!((r.batch_size, r.max_attempts, r.replicas), (7, 3, 1));
+        assert_eq!(r.poll_interval, std::time::Duration::from_millis(250));
+        assert_eq!(
+            (r.cleanup, r.published_retention),
+            (Cleanup::MarkPublished, Some(std::time::Duration::from_secs(86400)))
+        );
+        assert!(!r.manage_schema);
+        assert_eq!(r.producer.config.get("client.id").map(String::as_str), Some("x"));
+        assert_eq!((r.producer.linger_ms, r.producer.compression), (5, Compression::Lz4));
+        assert_eq!(r.key, OutboxColumn::Aggregateid);
+        assert!(resolve(&[]).unwrap().resolved.manage_schema);
+    }
+
+    #[test]
+    fn invalid_flags_are_named() {
+        let e = resolve(&["--batch-size", "0"]).unwrap_err().to_string();
+        assert!(e.contains("--batch-size"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,10 @@ use sqlx::{
     PgPool,
 };
 
-use crate::config::{describe_database_url, Redacted};
+use crate::{
+    config::{describe_database_url, Redacted},
+    sql::hex,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -53,11 +56,7 @@ impl Pools {
 
 /// A stable, non-secret identity for a database URL (a purge loop restarts on a new one).
 pub fn url_key(url: &Redacted) -> String {
-    Sha256::digest(url.expose().as_bytes())
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(url.expose().as_bytes())[..8])
 }
 
 /// Whether an error means the database cannot be reached (as opposed to refusing a statement).
@@ -67,5 +66,17 @@ pub fn is_unreachable(e: &sqlx::Error) -> bool {
         // 57P01..57P03: shutting down, crash recovery, not accepting connections yet; 08xxx: connection
         sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_key_is_the_first_8_bytes_of_the_digest() {
+        let url = Redacted::new("postgres://u:p@db/x");
+        assert_eq!(url_key(&url), crate::sql::sha256_hex("postgres://u:p@db/x")[..16]);
+        assert_eq!(url_key(&Redacted::new("abc")), "ba7816bf8f01cfea");
     }
 }

@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{Api, Client};
 use lockstep::{
-    config::{describe_database_url, LogFormat, OperatorArgs, RelayArgs},
+    config::{LogFormat, OperatorArgs, RelayArgs},
     crdgen,
 };
 use tokio_util::sync::CancellationToken;
@@ -72,16 +72,7 @@ async fn main() -> ExitCode {
         },
         Command::Relay(args) => match args.resolve() {
             Ok(cfg) => {
-                eprintln!(
-                    "lockstep relay: {} -> {} (key {}) on {}, database {}, batch {}, poll {:?}",
-                    cfg.resolved.table,
-                    cfg.spec.routing.topic,
-                    cfg.resolved.key,
-                    cfg.bootstrap_servers,
-                    describe_database_url(cfg.database_url.expose()),
-                    cfg.spec.relay.batch_size,
-                    cfg.resolved.poll_interval,
-                );
+                eprintln!("{}", lockstep::relay::banner(&cfg));
                 let stop = CancellationToken::new();
                 let s = stop.clone();
                 tokio::spawn(async move {
@@ -89,7 +80,7 @@ async fn main() -> ExitCode {
                     tracing::info!("stopping: finishing the batch in flight");
                     s.cancel();
                 });
-                match lockstep::relay::run(cfg, args.manage_schema, stop).await {
+                match lockstep::relay::run(cfg, stop).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => fail(e.to_string()),
                 }

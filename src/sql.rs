@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use sha2::{Digest, Sha256};
+
 /// Maximum identifier length in PostgreSQL (NAMEDATALEN - 1).
 pub const MAX_IDENT_LEN: usize = 63;
 
@@ -98,6 +100,23 @@ impl fmt::Display for QualifiedName {
     }
 }
 
+/// Lowercase hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Lowercase hex of the SHA-256 of a string.
+pub fn sha256_hex(text: &str) -> String {
+    hex(&Sha256::digest(text.as_bytes()))
+}
+
+/// A PostgreSQL advisory lock key for a string: the first 8 bytes of its SHA-256, big-endian.
+/// Keys are shared with running deployments: what is hashed must never change.
+pub fn advisory_key(text: &str) -> i64 {
+    let d = Sha256::digest(text.as_bytes());
+    i64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +155,23 @@ mod tests {
         assert_eq!(q.to_string(), r#""public"."outbox""#);
         assert_eq!(quote_ident(r#"a"b"#), r#""a""b""#);
         assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn digests_are_exact() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xab, 0xff]), "000fabff");
+        assert_eq!(hex(&[]), "");
+        assert_eq!(
+            sha256_hex("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        // The same values golden.rs pins through schema::lock_key and relay::lock_key.
+        assert_eq!(advisory_key("lockstep:public.outbox"), -767470055278674281);
+        assert_eq!(advisory_key("lockstep-relay:public.outbox"), -5365579470686561255);
+        assert_eq!(
+            advisory_key("abc"),
+            i64::from_be_bytes([0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea])
+        );
     }
 
     /// Undo quote_ident: strip the outer quotes and undouble inner ones; None if malformed.

@@ -250,7 +250,12 @@ fn relay_statements(extra: &[&str]) -> (String, String) {
     ];
     argv.extend_from_slice(extra);
     let cfg = RelayCli::parse_from(argv).args.resolve().unwrap();
-    let relay = lockstep::relay::Relay::new(cfg, std::sync::Arc::new(lockstep::relay::RelayMetrics::default()), false).unwrap();
+    let relay = lockstep::relay::Relay::new(
+        cfg,
+        std::sync::Arc::new(lockstep::relay::RelayMetrics::default()),
+        lockstep::relay::PayloadColumn::Json,
+    )
+    .unwrap();
     let (select, done) = relay.statements();
     (select.to_owned(), done.to_owned())
 }

@@ -1,0 +1,220 @@
+//! The relay's Prometheus metrics, and the loop that measures the outbox every 5 s (pending rows,
+//! oldest row, oldest open transaction, broker reachable) for /metrics, /readyz and a terminal.
+
+use std::{
+    io::IsTerminal,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use rdkafka::{
+    error::KafkaError,
+    producer::{FutureProducer, Producer},
+};
+use tokio_util::sync::CancellationToken;
+
+use super::store::{measure, oldest_transaction_age};
+use crate::{config::RelayConfig, metrics::Health};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+pub struct RelayMetrics {
+    pub published: Counter,
+    pub failures: Family<ReasonLabel, Counter>,
+    pub quarantined: Counter,
+    pub batch_seconds: Histogram,
+    pub commit_to_ack_seconds: Histogram,
+    pub pending: Gauge,
+    pub oldest_pending_seconds: Gauge<f64, AtomicU64>,
+    pub oldest_transaction_seconds: Gauge<f64, AtomicU64>,
+    pub active: Gauge,
+    latency_samples: Option<Mutex<Vec<f64>>>,
+    registry: Registry,
+}
+
+/// `registry.register(name, help, m.field.clone())` for each `field: name, help;`, one line each.
+macro_rules! register {
+    ($registry:ident, $m:ident, { $($field:ident: $name:literal, $help:literal;)* }) => {
+        $($registry.register($name, $help, $m.$field.clone());)*
+    };
+}
+
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("lockstep_relay");
+        let m = RelayMetrics {
+            published: Counter::default(),
+            failures: Family::default(),
+            quarantined: Counter::default(),
+            batch_seconds: Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+            commit_to_ack_seconds: Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0]),
+            pending: Gauge::default(),
+            oldest_pending_seconds: Gauge::default(),
+            oldest_transaction_seconds: Gauge::default(),
+            active: Gauge::default(),
+            latency_samples: None,
+            registry: Registry::default(),
+        };
+        register!(registry, m, {
+            published: "published", "Events acknowledged by the broker and removed from the outbox";
+            failures: "failures", "Failed publishes, by reason";
+            quarantined: "quarantined", "Rows moved to the dead-letter table";
+            batch_seconds: "batch_duration_seconds", "Read, publish, acknowledge and delete one batch";
+            commit_to_ack_seconds: "commit_to_ack_seconds", "From the row's created_at to the broker's acknowledgement";
+            pending: "pending_events", "Unpublished rows (estimate from seq)";
+            oldest_pending_seconds: "oldest_pending_age_seconds", "Age of the oldest unpublished row";
+            oldest_transaction_seconds: "oldest_transaction_age_seconds", "Age of the oldest open write transaction; rows committed after it started wait for it to end";
+            active: "active", "1 while this relay holds the outbox lock";
+        });
+        RelayMetrics { registry, ..m }
+    }
+}
+
+impl RelayMetrics {
+    /// Metrics that also keep every commit-to-acknowledgement latency, for benchmarks.
+    pub fn with_latency_samples() -> Self {
+        RelayMetrics {
+            latency_samples: Some(Mutex::new(Vec::new())),
+            ..Self::default()
+        }
+    }
+
+    pub(super) fn observe_commit_to_ack(&self, seconds: &[f64]) {
+        for s in seconds {
+            self.commit_to_ack_seconds.observe(*s);
+        }
+        if let Some(samples) = &self.latency_samples {
+            samples.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(seconds);
+        }
+    }
+
+    /// A publish the producer refused or the broker failed, counted by its error code.
+    pub(super) fn count_failure(&self, e: &KafkaError) {
+        self.failures.get_or_create(&ReasonLabel { reason: error_reason(e) }).inc();
+    }
+
+    /// The latencies kept so far (empty unless built by `with_latency_samples`), leaving none.
+    pub fn take_latency_samples(&self) -> Vec<f64> {
+        self.latency_samples
+            .as_ref()
+            .map(|s| std::mem::take(&mut *s.lock().unwrap_or_else(|e| e.into_inner())))
+            .unwrap_or_default()
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding into a String");
+        out
+    }
+}
+
+fn error_reason(e: &KafkaError) -> String {
+    e.rdkafka_error_code().map(|c| format!("{c:?}")).unwrap_or_else(|| "Other".into())
+}
+
+/// Every 5 s until `stop`: pending rows, oldest row and oldest transaction into the gauges; ready
+/// while this relay holds the lock and the broker answers; a status line when stderr is a terminal.
+pub(super) fn spawn_measurements(
+    pool: sqlx::PgPool,
+    cfg: RelayConfig,
+    metrics: Arc<RelayMetrics>,
+    producer: FutureProducer,
+    active: Arc<AtomicBool>,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let tty = std::io::stderr().is_terminal();
+        let mut last = (Instant::now(), metrics.published.get());
+        loop {
+            if let Ok((pending, oldest)) = measure(&pool, &cfg.resolved.table, cfg.resolved.cleanup).await {
+                metrics.pending.set(pending);
+                metrics.oldest_pending_seconds.set(oldest);
+            }
+            if let Ok(age) = oldest_transaction_age(&pool).await {
+                metrics.oldest_transaction_seconds.set(age);
+            }
+            let p = producer.clone();
+            let reachable = tokio::task::spawn_blocking(move || p.client().fetch_metadata(None, Duration::from_secs(2)).is_ok())
+                .await
+                .unwrap_or(false);
+            let active = active.load(Ordering::Relaxed);
+            health.ready.store(active && reachable, Ordering::Relaxed);
+            if tty {
+                eprintln!("{}", status_line(&metrics, last, active, reachable));
+                last = (Instant::now(), metrics.published.get());
+            }
+            tokio::select! { _ = stop.cancelled() => break, _ = tokio::time::sleep(Duration::from_secs(5)) => {} }
+        }
+    });
+}
+
+/// The terminal status line; the rate is over the time since `last` (when, published then).
+fn status_line(metrics: &RelayMetrics, last: (Instant, u64), active: bool, reachable: bool) -> String {
+    let published = metrics.published.get();
+    let rate = (published - last.1) as f64 / last.0.elapsed().as_secs_f64().max(0.001);
+    format!(
+        "lockstep relay: {} | published {published} ({rate:.0}/s) | pending ~{} | oldest {:.1}s | oldest transaction {:.1}s | quarantined {} | broker {}",
+        if active { "active" } else { "standby" },
+        metrics.pending.get(),
+        metrics.oldest_pending_seconds.get(),
+        metrics.oldest_transaction_seconds.get(),
+        metrics.quarantined.get(),
+        if reachable { "ok" } else { "UNREACHABLE" },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::RDKafkaErrorCode;
+
+    use super::*;
+
+    #[test]
+    fn failures_are_counted_by_error_code() {
+        let m = RelayMetrics::default();
+        m.count_failure(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge));
+        m.count_failure(&KafkaError::Canceled);
+        let text = m.render();
+        assert!(
+            text.contains(r#"lockstep_relay_failures_total{reason="MessageSizeTooLarge"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"lockstep_relay_failures_total{reason="Other"} 1"#), "{text}");
+    }
+
+    #[test]
+    fn latency_samples_are_kept_only_when_asked() {
+        let plain = RelayMetrics::default();
+        plain.observe_commit_to_ack(&[0.5]);
+        assert!(plain.take_latency_samples().is_empty());
+        let bench = RelayMetrics::with_latency_samples();
+        bench.observe_commit_to_ack(&[0.5, 1.5]);
+        assert_eq!(bench.take_latency_samples(), [0.5, 1.5]);
+        assert!(bench.take_latency_samples().is_empty());
+    }
+
+    #[test]
+    fn status_line_says_what_the_relay_does() {
+        let m = RelayMetrics::default();
+        m.published.inc_by(10);
+        m.quarantined.inc();
+        let line = status_line(&m, (Instant::now(), 10), false, false);
+        assert!(
+            line.starts_with("lockstep relay: standby | published 10 (0/s) | pending ~0 |"),
+            "{line}"
+        );
+        assert!(line.ends_with("| quarantined 1 | broker UNREACHABLE"), "{line}");
+    }
+}

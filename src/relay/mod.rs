@@ -1,0 +1,367 @@
+//! The outbox relay: publishes outbox rows to Kafka at least once, in per-key order, and removes
+//! them once the broker acknowledged them.
+//!
+//! - One active relay per outbox: the one holding a PostgreSQL session advisory lock. Batches run
+//!   on that same connection, so a relay that lost its session (and so its lock) cannot go on.
+//! - Woken by NOTIFY (the outbox trigger) or the poll interval; reads rows in `seq` order, only
+//!   those below the snapshot's xmin (a transaction still open cannot later commit a smaller seq
+//!   behind rows already published).
+//! - Produces a batch through an idempotent producer (acks=all) with many messages in flight,
+//!   waits for every delivery report, then deletes (or marks) the acknowledged rows in one
+//!   statement. A crash between acknowledgement and delete republishes those rows: duplicates,
+//!   never loss; consumers deduplicate with an inbox.
+//! - A failed row is retried with exponential backoff, and later rows of its key wait behind it;
+//!   after maxAttempts, or at once for errors no retry can fix (a message over the size limit, a
+//!   topic name the routing cannot build), it moves to the dead-letter table with its error.
+//!
+//! This file is the session (tables, lock, LISTEN, reconnect, stop); `publisher` the batch
+//! pipeline, `store` its SQL, `metrics` what it reports.
+
+mod metrics;
+mod publisher;
+mod store;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use futures::FutureExt;
+use rdkafka::producer::Producer;
+use sqlx::{
+    postgres::{PgConnectOptions, PgListener, PgPoolOptions},
+    Connection, PgConnection, PgPool,
+};
+use tokio_util::sync::CancellationToken;
+
+pub use self::{
+    metrics::{ReasonLabel, RelayMetrics},
+    publisher::{is_permanent, producer_config, Relay},
+    store::{measure, oldest_transaction_age},
+};
+pub use crate::schema::PayloadColumn;
+use crate::{
+    config::{describe_database_url, RelayConfig},
+    metrics::Health,
+    routing::{Part, TopicTemplate},
+    schema::{self, OutboxTables},
+    sql::{advisory_key, QualifiedName},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("schema: {0}")]
+    Schema(#[from] schema::SchemaError),
+    #[error("Kafka producer: {0}")]
+    Producer(String),
+}
+
+/// The advisory lock key of an outbox table.
+pub fn lock_key(t: &QualifiedName) -> i64 {
+    advisory_key(&format!("lockstep-relay:{}.{}", t.schema.as_str(), t.table.as_str()))
+}
+
+/// Backoff before retry `attempts` (1-based): 1s, 2s, 4s ... capped at 5 min.
+pub fn backoff(attempts: i32) -> Duration {
+    let exp = attempts.clamp(1, 20) as u32 - 1;
+    Duration::from_secs(1u64.checked_shl(exp).unwrap_or(u64::MAX).min(300))
+}
+
+/// The template as written: `outbox.event.{aggregatetype}`.
+fn template_text(t: &TopicTemplate) -> String {
+    t.parts
+        .iter()
+        .map(|p| match p {
+            Part::Literal(l) => l.clone(),
+            Part::Column(c) => format!("{{{c}}}"),
+        })
+        .collect()
+}
+
+/// The line `lockstep relay` prints when it starts.
+pub fn banner(cfg: &RelayConfig) -> String {
+    let r = &cfg.resolved;
+    format!(
+        "lockstep relay: {} -> {} (key {}) on {}, database {}, batch {}, poll {:?}",
+        r.table,
+        template_text(&r.topic_template),
+        r.key,
+        cfg.bootstrap_servers,
+        describe_database_url(cfg.database_url.expose()),
+        r.batch_size,
+        r.poll_interval,
+    )
+}
+
+/// Run the relay until `stop`: migrate (or verify), wait for the lock, publish, repeat.
+pub async fn run(cfg: RelayConfig, stop: CancellationToken) -> anyhow::Result<()> {
+    run_with_metrics(cfg, stop, Arc::new(RelayMetrics::default())).await
+}
+
+/// `run`, recording into the caller's metrics.
+pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics: Arc<RelayMetrics>) -> anyhow::Result<()> {
+    let health = Arc::new(Health::default());
+    let m = metrics.clone();
+    let addr = crate::metrics::serve(
+        cfg.metrics_addr,
+        Arc::new(move || m.render()),
+        health.clone(),
+        stop.clone().cancelled_owned(),
+    )
+    .await?;
+    let where_ = describe_database_url(cfg.database_url.expose());
+    tracing::info!(%addr, table = %cfg.resolved.table, database = %where_, "relay starting");
+    let opts: PgConnectOptions = cfg.database_url.expose().parse()?;
+    let opts = opts.application_name("lockstep-relay");
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(opts.clone());
+
+    let Some(tables) = prepare_tables(&pool, &cfg, &stop).await? else {
+        return Ok(());
+    };
+    let mut relay = Relay::new(cfg.clone(), metrics.clone(), tables.payload)?;
+    let active = Arc::new(AtomicBool::new(false));
+    metrics::spawn_measurements(
+        pool.clone(),
+        cfg.clone(),
+        metrics.clone(),
+        relay.producer().clone(),
+        active.clone(),
+        health,
+        stop.clone(),
+    );
+    let session = Session {
+        key: lock_key(&cfg.resolved.table),
+        cfg: &cfg,
+        opts,
+        pool,
+        channel: tables.channel,
+        active,
+        metrics,
+        stop: &stop,
+    };
+    session.run(&mut relay).await;
+    let _ = relay.producer().flush(Duration::from_secs(10));
+    tracing::info!("relay stopped");
+    Ok(())
+}
+
+/// Migrate (or verify) the tables, retrying while the database is unreachable; None when stopped.
+async fn prepare_tables(pool: &PgPool, cfg: &RelayConfig, stop: &CancellationToken) -> anyhow::Result<Option<OutboxTables>> {
+    let r = &cfg.resolved;
+    loop {
+        let result = async {
+            let mut c = pool.acquire().await?;
+            let tables = schema::prepare_outbox(&mut c, &r.table, &r.dead_letter_table, r.manage_schema)
+                .boxed()
+                .await?;
+            Ok::<_, RelayError>(tables)
+        }
+        .await;
+        match result {
+            Ok(tables) => return Ok(Some(tables)),
+            Err(RelayError::Schema(e)) if e.is_permanent() => anyhow::bail!("{e}"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot prepare the outbox tables; retrying in 2s");
+                tokio::select! { _ = stop.cancelled() => return Ok(None), _ = tokio::time::sleep(Duration::from_secs(2)) => {} }
+            }
+        }
+    }
+}
+
+/// One relay's sessions: connect, wait for the lock, relay on that connection; start over when
+/// the connection is lost.
+struct Session<'a> {
+    cfg: &'a RelayConfig,
+    opts: PgConnectOptions,
+    /// For LISTEN; batches never run on it.
+    pool: PgPool,
+    key: i64,
+    channel: String,
+    active: Arc<AtomicBool>,
+    metrics: Arc<RelayMetrics>,
+    stop: &'a CancellationToken,
+}
+
+impl Session<'_> {
+    async fn run(&self, relay: &mut Relay) {
+        let mut failures = 0u32;
+        while !self.stop.is_cancelled() {
+            // One connection holds the lock and runs every batch.
+            let mut conn = match PgConnection::connect_with(&self.opts).await {
+                Ok(c) => c,
+                Err(e) => {
+                    failures += 1;
+                    let wait = backoff(failures as i32).min(Duration::from_secs(10));
+                    tracing::warn!(error = %e, ?wait, "database unreachable");
+                    if self.stopped_during(wait).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            match self.lock(&mut conn).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "lost the database while waiting for the lock");
+                    continue;
+                }
+            }
+            tracing::info!(table = %self.cfg.resolved.table, "holding the outbox lock: relaying");
+            self.set_active(true);
+            failures = 0;
+            let result = self.relay(relay, &mut conn).await;
+            self.set_active(false);
+            match result {
+                Ok(()) => {
+                    let _ = sqlx::query("select pg_advisory_unlock($1)").bind(self.key).execute(&mut conn).await;
+                    let _ = conn.close().await;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay session ended; reconnecting");
+                    failures += 1;
+                    if self.stopped_during(backoff(failures as i32).min(Duration::from_secs(5))).await {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleep; true when `stop` fired first.
+    async fn stopped_during(&self, wait: Duration) -> bool {
+        tokio::select! { _ = self.stop.cancelled() => true, _ = tokio::time::sleep(wait) => false }
+    }
+
+    fn set_active(&self, active: bool) {
+        self.active.store(active, Ordering::Relaxed);
+        self.metrics.active.set(i64::from(active));
+    }
+
+    /// Wait until this connection holds the outbox lock; false when stopped first.
+    async fn lock(&self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+        let mut announced = false;
+        loop {
+            let held = sqlx::query_scalar::<_, bool>("select pg_try_advisory_lock($1)")
+                .bind(self.key)
+                .fetch_one(&mut *conn)
+                .await?;
+            if held {
+                return Ok(true);
+            }
+            if !announced {
+                tracing::info!(table = %self.cfg.resolved.table, "another relay is active; standing by");
+                announced = true;
+            }
+            if self.stopped_during(Duration::from_secs(1)).await {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// LISTEN on the outbox's channel, unless disabled; without it the relay polls.
+    async fn listen(&self) -> Option<PgListener> {
+        if !self.cfg.listen {
+            return None;
+        }
+        let l = async {
+            let mut l = PgListener::connect_with(&self.pool).await?;
+            l.listen(&self.channel).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        match l.await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let poll = self.cfg.resolved.poll_interval;
+                tracing::warn!(error = %e, "cannot LISTEN for new rows; polling every {poll:?}");
+                None
+            }
+        }
+    }
+
+    /// Drain, then wait for NOTIFY or the poll interval, until `stop` (Ok) or an error.
+    async fn relay(&self, relay: &mut Relay, conn: &mut PgConnection) -> Result<(), RelayError> {
+        let mut listener = self.listen().await;
+        let poll = self.cfg.resolved.poll_interval;
+        loop {
+            relay.drain(conn, self.stop).await?;
+            if self.stop.is_cancelled() {
+                return Ok(());
+            }
+            let wake = async {
+                match listener.as_mut() {
+                    Some(l) => {
+                        let _ = l.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(poll) => {}
+                _ = wake => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(30), Duration::from_secs(300));
+        assert_eq!(backoff(0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn lock_key_is_exact_and_not_the_migration_key() {
+        let t = schema::qualified("public", "outbox");
+        assert_eq!(lock_key(&t), -5365579470686561255);
+        assert_ne!(lock_key(&t), schema::lock_key(&t));
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: crate::config::RelayArgs,
+    }
+
+    #[test]
+    fn banner_names_table_topic_key_servers_database_batch_and_poll() {
+        use clap::Parser;
+        let argv = [
+            "relay",
+            "--database-url",
+            "postgres://u:secret@db:5432/app",
+            "--bootstrap-servers",
+            "k1:9092,k2:9092",
+            "--topic",
+            "orders.{type}.v1",
+            "--key",
+            "id",
+            "--batch-size",
+            "200",
+            "--poll-interval",
+            "250ms",
+        ];
+        let cfg = Cli::parse_from(argv).args.resolve().unwrap();
+        assert_eq!(
+            banner(&cfg),
+            r#"lockstep relay: "public"."outbox" -> orders.{type}.v1 (key id) on k1:9092,k2:9092, database db:5432/app, batch 200, poll 250ms"#
+        );
+    }
+}

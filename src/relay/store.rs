@@ -1,0 +1,294 @@
+//! The relay's own SQL over the outbox. Every statement is rendered from one list of the event
+//! columns, so what a batch reads and what a failed row takes to the dead-letter table agree.
+
+use sqlx::{postgres::PgRow, PgConnection, Row};
+use uuid::Uuid;
+
+use crate::{
+    crd::{Cleanup, ValidOutboxRelay},
+    routing::OutboxColumn,
+    schema::PayloadColumn,
+    sql::QualifiedName,
+};
+
+/// How the select reads a column.
+#[derive(Clone, Copy)]
+enum Read {
+    AsIs,
+    /// The payload's bytes, whatever its type (see [`payload_bytes`]).
+    Payload,
+    Expr(&'static str),
+}
+
+/// An outbox column an event consists of.
+struct Column {
+    name: &'static str,
+    read: Read,
+    /// What the dead-letter row gets instead of the value as is.
+    moved: Option<&'static str>,
+}
+
+impl Column {
+    const fn read(name: &'static str, read: Read) -> Self {
+        Column { name, read, moved: None }
+    }
+
+    const fn plain(name: &'static str) -> Self {
+        Column::read(name, Read::AsIs)
+    }
+
+    const fn moved_as(self, value: &'static str) -> Self {
+        Column {
+            moved: Some(value),
+            ..self
+        }
+    }
+}
+
+/// The event columns, in the order the select reads them.
+const COLUMNS: [Column; 9] = [
+    Column::plain("id"),
+    Column::plain("seq"),
+    Column::plain("aggregatetype"),
+    Column::plain("aggregateid"),
+    Column::plain("type"),
+    Column::read("payload", Read::Payload),
+    Column::read("headers", Read::Expr("headers::jsonb as headers")),
+    // The attempt that failed last counts.
+    Column::plain("attempts").moved_as("attempts + 1"),
+    Column::read("created_at", Read::Expr("extract(epoch from created_at)::float8 as created")),
+];
+
+/// The payload as bytes: bytea as is, json and jsonb as their UTF-8 text.
+fn payload_bytes(payload: PayloadColumn) -> &'static str {
+    match payload {
+        PayloadColumn::Bytea => "payload",
+        PayloadColumn::Json => "convert_to(payload::text, 'UTF8')",
+    }
+}
+
+const UNPUBLISHED: &str = "published_at is null";
+
+/// Rows to publish next, in seq order, only below the snapshot's xmin. $1 limit, $2 blocked keys
+/// (text[]), $3 and $4 the seq range in flight (empty when $3 > $4).
+fn select_sql(t: &QualifiedName, key: OutboxColumn, payload: PayloadColumn, cleanup: Cleanup) -> String {
+    let reads: Vec<String> = COLUMNS
+        .iter()
+        .map(|c| match c.read {
+            Read::AsIs => c.name.to_owned(),
+            Read::Payload => format!("{} as payload", payload_bytes(payload)),
+            Read::Expr(e) => e.to_owned(),
+        })
+        .collect();
+    // The last column on a line of its own: the statement's text is pinned (tests/golden.rs).
+    let (last, first) = reads.split_last().expect("columns");
+    let first = first.join(", ");
+    let unpublished = match cleanup {
+        Cleanup::MarkPublished => format!("and {UNPUBLISHED}"),
+        Cleanup::Delete => String::new(),
+    };
+    let key = key.name();
+    format!(
+        "select {first},
+                    {last} from {t}
+             where txid < pg_snapshot_xmin(pg_current_snapshot()) {unpublished} and not ({key}::text = any($2))
+               and (seq < $3 or seq > $4)
+             order by seq limit $1"
+    )
+}
+
+/// Move row $1 to the dead-letter table with error $2; a row already there is left as is.
+fn quarantine_sql(t: &QualifiedName, dead_letter: &QualifiedName) -> String {
+    let names = COLUMNS.iter().map(|c| c.name).collect::<Vec<_>>().join(", ");
+    let values = COLUMNS.iter().map(|c| c.moved.unwrap_or(c.name)).collect::<Vec<_>>().join(", ");
+    format!(
+        "with moved as (delete from {t} where id = $1
+                 returning {names})
+             insert into {dead_letter} ({names}, last_error)
+             select {values}, $2 from moved
+             on conflict (id) do nothing"
+    )
+}
+
+/// An outbox row as the select reads it.
+pub(super) struct OutboxRow {
+    pub id: Uuid,
+    pub seq: i64,
+    pub aggregatetype: String,
+    pub aggregateid: String,
+    pub type_: String,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Option<serde_json::Value>,
+    pub attempts: i32,
+    /// created_at as seconds since the epoch.
+    pub created: f64,
+}
+
+impl OutboxRow {
+    fn from_row(r: &PgRow) -> Self {
+        OutboxRow {
+            id: r.get("id"),
+            seq: r.get("seq"),
+            aggregatetype: r.get("aggregatetype"),
+            aggregateid: r.get("aggregateid"),
+            type_: r.get("type"),
+            payload: r.get("payload"),
+            headers: r.get("headers"),
+            attempts: r.get("attempts"),
+            created: r.get("created"),
+        }
+    }
+
+    pub fn column(&self, c: OutboxColumn) -> String {
+        match c {
+            OutboxColumn::Id => self.id.to_string(),
+            OutboxColumn::Aggregatetype => self.aggregatetype.clone(),
+            OutboxColumn::Aggregateid => self.aggregateid.clone(),
+            OutboxColumn::Type => self.type_.clone(),
+        }
+    }
+}
+
+/// The statements a relay runs, rendered once.
+pub(super) struct Statements {
+    pub select: String,
+    /// Delete (or mark published) the acknowledged rows $1.
+    pub done: String,
+    /// Count a failed attempt of row $1, with error $2.
+    fail: String,
+    quarantine: String,
+}
+
+impl Statements {
+    pub fn new(cfg: &ValidOutboxRelay, payload: PayloadColumn) -> Self {
+        let t = &cfg.table;
+        Statements {
+            select: select_sql(t, cfg.key, payload, cfg.cleanup),
+            done: match cfg.cleanup {
+                Cleanup::Delete => format!("delete from {t} where id = any($1)"),
+                Cleanup::MarkPublished => format!("update {t} set published_at = now() where id = any($1)"),
+            },
+            fail: format!("update {t} set attempts = attempts + 1, last_error = $2 where id = $1"),
+            quarantine: quarantine_sql(t, &cfg.dead_letter_table),
+        }
+    }
+
+    /// Up to `limit` rows, skipping `blocked` keys and the seq range `skip` (the batches in flight).
+    pub async fn fetch(
+        &self,
+        conn: &mut PgConnection,
+        limit: i32,
+        blocked: &[String],
+        skip: Option<(i64, i64)>,
+    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        let (lo, hi) = skip.unwrap_or((i64::MAX, i64::MIN));
+        let rows = sqlx::query(&self.select)
+            .bind(i64::from(limit))
+            .bind(blocked)
+            .bind(lo)
+            .bind(hi)
+            .fetch_all(conn)
+            .await?;
+        Ok(rows.iter().map(OutboxRow::from_row).collect())
+    }
+
+    pub async fn done(&self, conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
+        sqlx::query(&self.done).bind(ids).execute(conn).await.map(drop)
+    }
+
+    pub async fn fail(&self, conn: &mut PgConnection, id: Uuid, error: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(&self.fail).bind(id).bind(error).execute(conn).await.map(drop)
+    }
+
+    pub async fn quarantine(&self, conn: &mut PgConnection, id: Uuid, error: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(&self.quarantine).bind(id).bind(error).execute(conn).await.map(drop)
+    }
+}
+
+/// Pending estimate and oldest pending age, from the seq index.
+pub async fn measure(pool: &sqlx::PgPool, t: &QualifiedName, cleanup: Cleanup) -> Result<(i64, f64), sqlx::Error> {
+    let filter = match cleanup {
+        Cleanup::MarkPublished => format!("where {UNPUBLISHED}"),
+        Cleanup::Delete => String::new(),
+    };
+    let row = sqlx::query(&format!(
+        "select coalesce(max(seq) - min(seq) + 1, 0) as pending,
+                coalesce(extract(epoch from now() - (select created_at from {t} {filter} order by seq limit 1))::float8, 0) as oldest
+         from {t} {filter}"
+    ))
+    .fetch_one(pool)
+    .await?;
+    Ok((row.get("pending"), row.get("oldest")))
+}
+
+/// Age of the oldest open transaction that holds a transaction id (anywhere in the cluster): rows
+/// committed after it started stay invisible to the relay until it ends. Sessions of other roles
+/// count only where this role may see them (pg_read_all_stats).
+pub async fn oldest_transaction_age(pool: &sqlx::PgPool) -> Result<f64, sqlx::Error> {
+    sqlx::query_scalar(
+        "select coalesce(extract(epoch from now() - min(xact_start))::float8, 0) from pg_stat_activity
+         where backend_xid is not null and pid <> pg_backend_pid()",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::qualified as q;
+
+    #[test]
+    fn select_reads_every_event_column_below_the_snapshot_xmin() {
+        let sql = select_sql(&q("billing", "orders"), OutboxColumn::Id, PayloadColumn::Bytea, Cleanup::Delete);
+        assert_eq!(
+            sql,
+            r#"select id, seq, aggregatetype, aggregateid, type, payload as payload, headers::jsonb as headers, attempts,
+                    extract(epoch from created_at)::float8 as created from "billing"."orders"
+             where txid < pg_snapshot_xmin(pg_current_snapshot())  and not (id::text = any($2))
+               and (seq < $3 or seq > $4)
+             order by seq limit $1"#
+        );
+        let json = select_sql(
+            &q("billing", "orders"),
+            OutboxColumn::Type,
+            PayloadColumn::Json,
+            Cleanup::MarkPublished,
+        );
+        assert!(
+            json.contains("type, convert_to(payload::text, 'UTF8') as payload, headers"),
+            "{json}"
+        );
+        assert!(
+            json.contains("(pg_current_snapshot()) and published_at is null and not (type::text = any($2))"),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn quarantine_moves_every_event_column_and_counts_the_last_attempt() {
+        assert_eq!(
+            quarantine_sql(&q("public", "outbox"), &q("public", "outbox_dead_letter")),
+            r#"with moved as (delete from "public"."outbox" where id = $1
+                 returning id, seq, aggregatetype, aggregateid, type, payload, headers, attempts, created_at)
+             insert into "public"."outbox_dead_letter" (id, seq, aggregatetype, aggregateid, type, payload, headers, attempts, created_at, last_error)
+             select id, seq, aggregatetype, aggregateid, type, payload, headers, attempts + 1, created_at, $2 from moved
+             on conflict (id) do nothing"#
+        );
+    }
+
+    #[test]
+    fn every_dead_letter_column_but_its_own_is_moved() {
+        // The dead-letter table's columns, less those it fills itself, are exactly what is moved.
+        let moved: Vec<&str> = COLUMNS.iter().map(|c| c.name).collect();
+        let mut wanted: Vec<&str> = crate::schema::contract(crate::schema::TableKind::DeadLetter)
+            .columns()
+            .map(|c| c.name)
+            .filter(|n| !["last_error", "failed_at"].contains(n))
+            .collect();
+        let mut moved_sorted = moved.clone();
+        moved_sorted.sort_unstable();
+        wanted.sort_unstable();
+        assert_eq!(moved_sorted, wanted);
+    }
+}

@@ -167,7 +167,12 @@ async fn producer_rate(cfg: &RelayConfig, topic: &str, n: i64) -> f64 {
 /// D: the relay's own select + delete statements over `n` loaded events, no Kafka.
 async fn sql_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, payload: PayloadColumn, n: i64) -> f64 {
     load(pool, &cfg.resolved.table.to_string(), n).await;
-    let relay = Relay::new(cfg.clone(), Arc::new(RelayMetrics::default()), payload).unwrap();
+    let tables = lockstep::schema::OutboxTables {
+        payload,
+        dead_letter_payload: payload,
+        channel: String::new(),
+    };
+    let relay = Relay::new(cfg.clone(), Arc::new(RelayMetrics::default()), &tables).unwrap();
     let (select_sql, done_sql) = relay.statements();
     let mut conn = pool.acquire().await.unwrap();
     let started = Instant::now();
@@ -176,8 +181,6 @@ async fn sql_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, payload: PayloadColumn
         let ids: Vec<uuid::Uuid> = sqlx::query(select_sql)
             .bind(i64::from(cfg.resolved.batch_size))
             .bind(&empty)
-            .bind(i64::MAX)
-            .bind(i64::MIN)
             .fetch_all(&mut *conn)
             .await
             .unwrap()

@@ -66,6 +66,10 @@ impl Drop for RelayProc {
 
 impl Outbox {
     fn relay(&self, log: &str) -> RelayProc {
+        self.relay_with(log, &[])
+    }
+
+    fn relay_with(&self, log: &str, extra: &[&str]) -> RelayProc {
         let log = std::fs::File::create(std::path::PathBuf::from(common::env("LOCKSTEP_TESTENV_DIR")).join(log)).unwrap();
         Command::new(env!("CARGO_BIN_EXE_lockstep"))
             .args([
@@ -81,6 +85,7 @@ impl Outbox {
             ])
             .args(["--poll-interval", "200ms"])
             .args(std::env::var("RELAY_TEST_ARGS").unwrap_or_default().split_whitespace())
+            .args(extra)
             .env("DATABASE_URL", &self.url)
             .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
             .env("RUST_LOG", "info")
@@ -485,4 +490,180 @@ async fn an_open_transaction_holds_back_later_rows_in_order_and_is_reported() {
     let got = consume(&o.bootstrap, &o.topic, 12, Duration::from_secs(60));
     // Per key in order: k-0's held-back first event went out before its later ones.
     check(&got, 12, 2);
+}
+
+async fn dead_letters(o: &Outbox) -> Vec<(String, String, i32, String)> {
+    sqlx::query_as(&format!(
+        "select id::text, aggregateid, attempts, last_error from \"{}\".outbox_dead_letter order by failed_at",
+        o.schema
+    ))
+    .fetch_all(&o.pool)
+    .await
+    .unwrap()
+}
+
+/// A broker (or network) outage is not a poison message: with a 5 s message timeout and two
+/// attempts, three minutes without a broker dead-letter nothing, and every event arrives in order.
+#[tokio::test]
+async fn a_three_minute_broker_outage_dead_letters_nothing() {
+    let mut broker = common::PrivateBroker::start();
+    let o = outbox("long-outage", &common::env("DATABASE_URL"), &broker.bootstrap(), 3).await;
+    o.insert(0, 2_000, 100).await;
+    let args = ["--kafka-config", "message.timeout.ms=5000", "--max-attempts", "2"];
+    let mut relay = o.relay_with("relay-long-outage.log", &args);
+    o.wait_drained(Duration::from_secs(120)).await;
+
+    broker.stop();
+    o.insert(2_000, 2_000, 100).await;
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(180) {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(dead_letters(&o).await, vec![], "nothing is dead-lettered during an outage");
+    }
+    assert!(o.remaining().await > 0, "nothing can be acknowledged while the broker is down");
+    broker.start_again();
+    let back = Instant::now();
+    o.wait_drained(Duration::from_secs(240)).await;
+    println!("outbox drained {:?} after the broker came back", back.elapsed());
+    relay.kill();
+    assert_eq!(dead_letters(&o).await, vec![]);
+    let got = consume(&o.bootstrap, &o.topic, 4_000, Duration::from_secs(120));
+    let dups = check(&got, 4_000, 100);
+    println!("3-minute outage: {} messages for 4000 events ({dups} duplicates)", got.len());
+}
+
+/// Replaying a dead-lettered row (copy it back, it fails again) must not lose it: the move stores
+/// first, replaces the earlier failure, and deletes only what it stored.
+#[tokio::test]
+async fn a_replayed_poison_row_that_fails_again_is_kept() {
+    let o = outbox("replay", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
+    let mut relay = o.relay("relay-replay.log");
+    let id = uuid::Uuid::new_v4();
+    let big = format!(
+        "insert into \"{}\".outbox (id, aggregatetype, aggregateid, type, payload) values ($1, 'order', 'big', 'created', jsonb_build_object('blob', repeat('x', 2000000)))",
+        o.schema
+    );
+    sqlx::query(&big).bind(id).execute(&o.pool).await.unwrap();
+    o.wait_drained(Duration::from_secs(60)).await;
+    let first = dead_letters(&o).await;
+    assert_eq!(first.len(), 1);
+    // The usual replay: copy it back while its dead-letter row stays.
+    sqlx::query(&format!(
+        "update \"{}\".outbox_dead_letter set last_error = 'first failure' where id = $1",
+        o.schema
+    ))
+    .bind(id)
+    .execute(&o.pool)
+    .await
+    .unwrap();
+    sqlx::query(&big).bind(id).execute(&o.pool).await.unwrap();
+    o.insert(0, 10, 1).await;
+    o.wait_drained(Duration::from_secs(60)).await;
+    relay.kill();
+    let again = dead_letters(&o).await;
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0].0, id.to_string());
+    assert!(
+        again[0].3.to_lowercase().contains("too large"),
+        "the new failure replaced the old: {}",
+        again[0].3
+    );
+    assert_eq!(consume(&o.bootstrap, &o.topic, 10, Duration::from_secs(60)).len(), 10);
+}
+
+/// A bytea outbox beside a lockstep-made (jsonb) dead-letter table: a poison row moves, its bytes
+/// kept as base64, and the relay goes on.
+#[tokio::test]
+async fn a_poison_row_of_a_bytea_outbox_moves_to_a_jsonb_dead_letter_table() {
+    let schema = format!("t_{}", common::unique("bytea").replace('-', "_"));
+    let topic = common::unique("relay.bytea");
+    let bootstrap = common::kafka_bootstrap();
+    let admin = Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
+    admin.create_topic(&topic, 1, 1, &Default::default()).await.unwrap();
+    let url = common::env("DATABASE_URL");
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url).await.unwrap();
+    // The contract with a bytea payload, made by the application.
+    sqlx::raw_sql(&format!(
+        "create schema \"{schema}\";
+         create table \"{schema}\".outbox (
+             id uuid primary key, aggregatetype text not null, aggregateid text not null, type text not null,
+             payload bytea, headers jsonb, created_at timestamptz not null default now(),
+             seq bigint generated always as identity unique, txid xid8 not null default pg_current_xact_id(),
+             attempts integer not null default 0, last_error text, published_at timestamptz);
+         insert into \"{schema}\".outbox (id, aggregatetype, aggregateid, type, payload)
+             values (gen_random_uuid(), 'order', 'big', 'created', convert_to(repeat('x', 2000000), 'UTF8')),
+                    (gen_random_uuid(), 'order', 'small', 'created', '\\x7b7d');"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let o = Outbox {
+        schema,
+        topic,
+        url,
+        bootstrap,
+        pool,
+    };
+    let mut relay = o.relay("relay-bytea.log");
+    o.wait_drained(Duration::from_secs(60)).await;
+    relay.kill();
+    let payload: serde_json::Value = sqlx::query_scalar(&format!("select payload from \"{}\".outbox_dead_letter", o.schema))
+        .fetch_one(&o.pool)
+        .await
+        .unwrap();
+    let text = payload.as_str().expect("bytes kept as a base64 JSON string");
+    assert!(text.starts_with("eHh4eHh4"), "base64 of the original bytes: {}", &text[..16]);
+}
+
+/// A fatal idempotent-producer error makes every send fail: the relay replaces the producer and
+/// goes on from the outbox, losing nothing.
+#[tokio::test]
+async fn a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing() {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: lockstep::config::RelayArgs,
+    }
+    let o = outbox("fatal", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 3).await;
+    let url = o.url.clone();
+    let argv = [
+        "relay",
+        "--database-url",
+        &url,
+        "--bootstrap-servers",
+        &o.bootstrap,
+        "--schema",
+        &o.schema,
+        "--topic",
+        &o.topic,
+    ];
+    let cfg = Cli::parse_from(argv).args.resolve().unwrap();
+    let mut conn = o.pool.acquire().await.unwrap();
+    let r = &cfg.resolved;
+    let tables = lockstep::schema::prepare_outbox(&mut conn, &r.table, &r.dead_letter_table, true)
+        .await
+        .unwrap();
+    let metrics = std::sync::Arc::new(lockstep::relay::RelayMetrics::default());
+    let mut relay = lockstep::relay::Relay::new(cfg, metrics.clone(), &tables).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    o.insert(0, 500, 10).await;
+    relay.drain(&mut conn, &stop).await.unwrap();
+    assert_eq!(o.remaining().await, 0);
+
+    let reason = std::ffi::CString::new("injected by the test").unwrap();
+    let code = rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER;
+    // SAFETY: the producer's native handle is alive for the duration of the call.
+    let client = rdkafka::producer::Producer::client(relay.producer());
+    unsafe { rdkafka::bindings::rd_kafka_test_fatal_error(client.native_ptr(), code, reason.as_ptr()) };
+    o.insert(500, 500, 10).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while o.remaining().await > 0 {
+        assert!(Instant::now() < deadline, "the outbox did not drain after the fatal error");
+        relay.drain(&mut conn, &stop).await.unwrap();
+    }
+    assert_eq!(metrics.producer_rebuilds.get(), 1, "the producer was rebuilt once");
+    assert_eq!(dead_letters(&o).await, vec![]);
+    let got = consume(&o.bootstrap, &o.topic, 1_000, Duration::from_secs(60));
+    check(&got, 1_000, 10);
 }

@@ -39,6 +39,9 @@ pub struct RelayMetrics {
     pub oldest_pending_seconds: Gauge<f64, AtomicU64>,
     pub oldest_transaction_seconds: Gauge<f64, AtomicU64>,
     pub active: Gauge,
+    pub blocked_keys: Gauge,
+    pub broker_failing: Gauge,
+    pub producer_rebuilds: Counter,
     latency_samples: Option<Mutex<Vec<f64>>>,
     registry: Registry,
 }
@@ -63,6 +66,9 @@ impl Default for RelayMetrics {
             oldest_pending_seconds: Gauge::default(),
             oldest_transaction_seconds: Gauge::default(),
             active: Gauge::default(),
+            blocked_keys: Gauge::default(),
+            broker_failing: Gauge::default(),
+            producer_rebuilds: Counter::default(),
             latency_samples: None,
             registry: Registry::default(),
         };
@@ -76,6 +82,9 @@ impl Default for RelayMetrics {
             oldest_pending_seconds: "oldest_pending_age_seconds", "Age of the oldest unpublished row";
             oldest_transaction_seconds: "oldest_transaction_age_seconds", "Age of the oldest open write transaction; rows committed after it started wait for it to end";
             active: "active", "1 while this relay holds the outbox lock";
+            blocked_keys: "blocked_keys", "Keys whose oldest row waits for a retry";
+            broker_failing: "broker_failing", "1 while publishes fail for broker or network reasons (retried, never dead-lettered)";
+            producer_rebuilds: "producer_rebuilds", "Producers replaced after a fatal producer error";
         });
         RelayMetrics { registry, ..m }
     }
@@ -150,7 +159,8 @@ pub(super) fn spawn_measurements(
                 .await
                 .unwrap_or(false);
             let active = active.load(Ordering::Relaxed);
-            health.ready.store(active && reachable, Ordering::Relaxed);
+            let failing = metrics.broker_failing.get() != 0;
+            health.ready.store(active && reachable && !failing, Ordering::Relaxed);
             if tty {
                 eprintln!("{}", status_line(&metrics, last, active, reachable));
                 last = (Instant::now(), metrics.published.get());

@@ -17,6 +17,8 @@
 //! This file is the session (tables, lock, LISTEN, reconnect, stop); `publisher` the batch
 //! pipeline, `store` its SQL, `metrics` what it reports.
 
+mod failure;
+mod gate;
 mod metrics;
 mod publisher;
 mod store;
@@ -38,8 +40,9 @@ use sqlx::{
 use tokio_util::sync::CancellationToken;
 
 pub use self::{
+    failure::{cause, is_permanent, transport_backoff, Cause},
     metrics::{ReasonLabel, RelayMetrics},
-    publisher::{is_permanent, producer_config, Relay},
+    publisher::{producer_config, Relay},
     store::{measure, oldest_transaction_age},
 };
 pub use crate::schema::PayloadColumn;
@@ -126,7 +129,7 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
     let Some(tables) = prepare_tables(&pool, &cfg, &stop).await? else {
         return Ok(());
     };
-    let mut relay = Relay::new(cfg.clone(), metrics.clone(), tables.payload)?;
+    let mut relay = Relay::new(cfg.clone(), metrics.clone(), &tables)?;
     let active = Arc::new(AtomicBool::new(false));
     metrics::spawn_measurements(
         pool.clone(),

@@ -3,7 +3,7 @@
 //! or dead-letter what failed. A failed row holds back the later rows of its key.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashSet, VecDeque},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -12,32 +12,19 @@ use rdkafka::{
     config::ClientConfig,
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
-    producer::{DeliveryFuture, FutureProducer, FutureRecord},
+    producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
 };
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    backoff,
+    failure::{transport_backoff, Cause, Failure, Verdict},
+    gate::KeyGate,
     metrics::RelayMetrics,
     store::{OutboxRow, Statements},
     RelayError,
 };
-use crate::{config::RelayConfig, schema::PayloadColumn};
-
-/// Errors no retry can fix: the row goes to the dead-letter table at once.
-pub fn is_permanent(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidTopic
-                | RDKafkaErrorCode::MessageBatchTooLarge
-                | RDKafkaErrorCode::InvalidRecord
-        )
-    )
-}
+use crate::{config::RelayConfig, schema::OutboxTables};
 
 pub fn producer_config(cfg: &RelayConfig) -> ClientConfig {
     let p = &cfg.resolved.producer;
@@ -55,74 +42,13 @@ pub fn producer_config(cfg: &RelayConfig) -> ClientConfig {
     c
 }
 
-/// A row of a batch that was not published.
-#[derive(Debug, PartialEq)]
-struct Failure {
-    /// Index of the row in its batch.
-    row: usize,
-    error: String,
-    /// No retry can fix it.
-    permanent: bool,
-}
-
-/// What becomes of a failed row.
-#[derive(Debug, PartialEq)]
-enum Verdict {
-    /// Count the attempt; the row and the later rows of its key wait this long.
-    Retry(Duration),
-    DeadLetter,
-}
-
-impl Failure {
-    fn routing(row: usize, e: String) -> Self {
-        Failure {
-            row,
-            error: format!("routing: {e}"),
-            permanent: true,
-        }
-    }
-
-    fn kafka(row: usize, e: &KafkaError) -> Self {
-        Failure {
-            row,
-            error: e.to_string(),
-            permanent: is_permanent(e),
-        }
-    }
-
-    fn report_lost(row: usize) -> Self {
-        Failure {
-            row,
-            error: "delivery report lost (producer closed)".into(),
-            permanent: false,
-        }
-    }
-
-    /// After the row's `attempts`-th failed attempt (this one included).
-    fn verdict(&self, attempts: i32, max_attempts: i32) -> Verdict {
-        if self.permanent || attempts >= max_attempts {
-            Verdict::DeadLetter
-        } else {
-            Verdict::Retry(backoff(attempts))
-        }
-    }
-}
-
 /// A batch handed to the producer whose delivery reports are not all in yet.
 struct InFlight {
     rows: Vec<OutboxRow>,
     /// Row index and delivery report of each message the producer accepted.
     sent: Vec<(usize, DeliveryFuture)>,
     failures: Vec<Failure>,
-    /// The batch's seq range: rows in flight are never read again.
-    seqs: (i64, i64),
     started: Instant,
-}
-
-/// The seq range the next read must skip: from the lowest to the highest seq in flight. Rows
-/// inside it that are not in flight (a blocked key, a row not yet visible) wait until it moves on.
-fn excluded_range(in_flight: impl IntoIterator<Item = (i64, i64)>) -> Option<(i64, i64)> {
-    in_flight.into_iter().reduce(|(lo, hi), (l, h)| (lo.min(l), hi.max(h)))
 }
 
 fn unix_now() -> f64 {
@@ -163,19 +89,21 @@ pub struct Relay {
     metrics: Arc<RelayMetrics>,
     producer: FutureProducer,
     sql: Statements,
-    /// Keys whose oldest row waits for a retry, until when. Later rows of the key wait too.
-    blocked: HashMap<String, Instant>,
+    /// Keys the next read leaves out: in flight, or waiting for a retry.
+    gate: KeyGate<Instant>,
+    /// Broker or network failures in a row (reset by an acknowledgement).
+    transport_failures: u32,
 }
 
 impl Relay {
-    pub fn new(cfg: RelayConfig, metrics: Arc<RelayMetrics>, payload: PayloadColumn) -> Result<Self, RelayError> {
-        let producer: FutureProducer = producer_config(&cfg).create().map_err(|e| RelayError::Producer(e.to_string()))?;
+    pub fn new(cfg: RelayConfig, metrics: Arc<RelayMetrics>, tables: &OutboxTables) -> Result<Self, RelayError> {
         Ok(Relay {
-            sql: Statements::new(&cfg.resolved, payload),
+            producer: create_producer(&cfg)?,
+            sql: Statements::new(&cfg.resolved, tables.payload, tables.dead_letter_payload),
             cfg,
             metrics,
-            producer,
-            blocked: HashMap::new(),
+            gate: KeyGate::default(),
+            transport_failures: 0,
         })
     }
 
@@ -184,7 +112,7 @@ impl Relay {
     }
 
     /// The statements a batch runs (select, then delete or mark), for the SQL-only baseline.
-    /// The select takes: $1 limit, $2 blocked keys (text[]), $3 and $4 the seq range to skip.
+    /// The select takes: $1 limit, $2 the keys to leave out (text[]).
     pub fn statements(&self) -> (&str, &str) {
         (&self.sql.select, &self.sql.done)
     }
@@ -192,17 +120,21 @@ impl Relay {
     /// Publish until the outbox has nothing more to read and every batch sent is acknowledged and
     /// removed. Up to `max_batches_in_flight` batches are with the producer at once, so reading
     /// and deleting overlap with publishing. Stops reading (and finishes what is in flight) when
-    /// `stop` fires.
+    /// `stop` fires. A fatal producer error drops what is in flight (those rows stay in the
+    /// outbox and are read again) and rebuilds the producer.
     pub async fn drain(&mut self, conn: &mut PgConnection, stop: &CancellationToken) -> Result<(), RelayError> {
         let depth = self.cfg.max_batches_in_flight.max(1);
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(depth);
         // Set when a read finds nothing; cleared when a batch completes (rows may have come since).
         let mut empty = false;
         loop {
+            if self.rebuild_if_fatal()? {
+                in_flight.clear();
+                self.gate.abandon_in_flight();
+            }
             while !empty && in_flight.len() < depth && !stop.is_cancelled() {
                 let started = Instant::now();
-                let range = excluded_range(in_flight.iter().map(|b| b.seqs));
-                let rows = self.fetch(conn, range).await?;
+                let rows = self.fetch(conn).await?;
                 if rows.is_empty() {
                     empty = true;
                 } else {
@@ -217,27 +149,38 @@ impl Relay {
         }
     }
 
-    /// Rows to publish next, in seq order: visible to every snapshot, not of a blocked key, not in flight.
-    async fn fetch(&mut self, conn: &mut PgConnection, skip: Option<(i64, i64)>) -> Result<Vec<OutboxRow>, RelayError> {
-        let now = Instant::now();
-        self.blocked.retain(|_, until| *until > now);
-        let blocked: Vec<String> = self.blocked.keys().cloned().collect();
-        Ok(self.sql.fetch(conn, self.cfg.resolved.batch_size, &blocked, skip).await?)
+    /// After a fatal error (the idempotent producer can no longer guarantee order or no
+    /// duplicates) every send fails: replace the producer. True when it did.
+    fn rebuild_if_fatal(&mut self) -> Result<bool, RelayError> {
+        let Some((code, reason)) = self.producer.client().fatal_error() else {
+            return Ok(false);
+        };
+        tracing::error!(?code, %reason, "fatal producer error: rebuilding the producer; rows in flight will be read again");
+        self.producer = create_producer(&self.cfg)?;
+        self.metrics.producer_rebuilds.inc();
+        Ok(true)
+    }
+
+    /// Rows to publish next, in seq order: visible to every snapshot, of no key in flight or waiting.
+    async fn fetch(&mut self, conn: &mut PgConnection) -> Result<Vec<OutboxRow>, RelayError> {
+        let excluded = self.gate.excluded(Instant::now());
+        self.metrics.blocked_keys.set(self.gate.blocked() as i64);
+        Ok(self.sql.fetch(conn, self.cfg.resolved.batch_size, &excluded).await?)
     }
 
     /// Hand a batch to the producer. A row whose send fails holds back the later rows of its key.
     async fn send(&mut self, rows: Vec<OutboxRow>, started: Instant) -> InFlight {
         let key_col = self.cfg.resolved.key;
-        let seqs = (rows[0].seq, rows[rows.len() - 1].seq);
-        let mut failed_keys: HashSet<String> = HashSet::new();
+        let keys: Vec<String> = rows.iter().map(|r| r.column(key_col)).collect();
+        self.gate.dispatch(keys.iter().map(String::as_str));
+        let mut failed_keys: HashSet<&str> = HashSet::new();
         let mut failures = Vec::new();
         let mut sent = Vec::with_capacity(rows.len());
-        for (i, row) in rows.iter().enumerate() {
-            let key = row.column(key_col);
-            if failed_keys.contains(&key) {
+        for (i, (row, key)) in rows.iter().zip(&keys).enumerate() {
+            if failed_keys.contains(key.as_str()) {
                 continue;
             }
-            match self.send_row(i, row, &key).await {
+            match self.send_row(i, row, key).await {
                 Ok(f) => sent.push((i, f)),
                 Err(failure) => {
                     failed_keys.insert(key);
@@ -249,7 +192,6 @@ impl Relay {
             rows,
             sent,
             failures,
-            seqs,
             started,
         }
     }
@@ -283,14 +225,13 @@ impl Relay {
     }
 
     /// Wait for every delivery report of a batch, remove what was acknowledged in one statement,
-    /// record what failed (retry later, or dead-letter).
+    /// record what failed (retry later, or dead-letter), and let the batch's keys be read again.
     async fn complete(&mut self, conn: &mut PgConnection, batch: InFlight) -> Result<(), RelayError> {
         let InFlight {
             rows,
             sent,
             mut failures,
             started,
-            ..
         } = batch;
         let mut acked = Vec::with_capacity(sent.len());
         let mut latencies = Vec::with_capacity(sent.len());
@@ -309,79 +250,66 @@ impl Relay {
         }
         if !acked.is_empty() {
             self.sql.done(conn, &acked).await?;
+            self.transport_failures = 0;
+            self.metrics.broker_failing.set(0);
         }
         self.metrics.observe_commit_to_ack(&latencies);
         self.metrics.published.inc_by(acked.len() as u64);
+        let key_col = self.cfg.resolved.key;
+        let mut waits = Vec::with_capacity(failures.len());
         for failure in failures {
-            self.settle(conn, &rows[failure.row], failure).await?;
+            let row = &rows[failure.row];
+            if let Some(until) = self.settle(conn, row, failure).await? {
+                waits.push((row.column(key_col), until));
+            }
         }
+        let keys: Vec<String> = rows.iter().map(|r| r.column(key_col)).collect();
+        self.gate
+            .complete(keys.iter().map(String::as_str), waits.iter().map(|(k, t)| (k.as_str(), *t)));
         self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 
-    /// Record a failed row: count the attempt and block its key for a while, or dead-letter it.
-    async fn settle(&mut self, conn: &mut PgConnection, row: &OutboxRow, failure: Failure) -> Result<(), RelayError> {
-        let attempts = row.attempts + 1;
+    /// Record a failed row: dead-letter it, or say until when its key waits.
+    async fn settle(&mut self, conn: &mut PgConnection, row: &OutboxRow, failure: Failure) -> Result<Option<Instant>, RelayError> {
         let error = failure.error.as_str();
-        match failure.verdict(attempts, self.cfg.resolved.max_attempts) {
+        let attempts = row.attempts + i32::from(failure.cause != Cause::Transport);
+        let wait = match failure.verdict(attempts, self.cfg.resolved.max_attempts) {
             Verdict::DeadLetter => {
                 self.sql.quarantine(conn, row.id, error).await?;
                 self.metrics.quarantined.inc();
                 tracing::warn!(id = %row.id, attempts, %error, "moved to the dead-letter table");
+                return Ok(None);
             }
             Verdict::Retry(wait) => {
                 self.sql.fail(conn, row.id, error).await?;
-                self.blocked.insert(row.column(self.cfg.resolved.key), Instant::now() + wait);
-                tracing::info!(id = %row.id, attempts, %error, retry_in = ?wait, "publish failed; will retry");
+                tracing::info!(id = %row.id, attempts, %error, retry_in = ?wait, "the broker rejected the message; will retry");
+                wait
             }
-        }
-        Ok(())
+            Verdict::Wait => {
+                self.transport_failures += 1;
+                self.metrics.broker_failing.set(1);
+                let wait = transport_backoff(self.transport_failures);
+                tracing::warn!(id = %row.id, %error, retry_in = ?wait, "broker or network failed; will retry (not counted toward maxAttempts)");
+                wait
+            }
+        };
+        Ok(Some(Instant::now() + wait))
     }
+}
+
+/// A producer from the relay's configuration.
+fn create_producer(cfg: &RelayConfig) -> Result<FutureProducer, RelayError> {
+    producer_config(cfg).create().map_err(|e| RelayError::Producer(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn excluded_range_covers_every_batch_in_flight() {
-        assert_eq!(excluded_range([]), None);
-        assert_eq!(excluded_range([(5, 9)]), Some((5, 9)));
-        assert_eq!(excluded_range([(10, 20), (3, 4), (21, 40)]), Some((3, 40)));
-    }
-
-    #[test]
-    fn permanent_errors() {
-        assert!(is_permanent(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)));
-        assert!(!is_permanent(&KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)));
-        assert!(!is_permanent(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)));
-    }
-
-    #[test]
-    fn failures_are_classified() {
-        let too_large = Failure::kafka(3, &KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge));
-        assert_eq!((too_large.row, too_large.permanent), (3, true));
-        let timed_out = Failure::kafka(0, &KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut));
-        assert!(!timed_out.permanent);
-        let routing = Failure::routing(1, "column type is null; it routes the message".into());
-        assert_eq!(routing.error, "routing: column type is null; it routes the message");
-        assert!(routing.permanent);
-        assert!(!Failure::report_lost(2).permanent);
-    }
-
-    #[test]
-    fn a_failure_is_retried_until_max_attempts_unless_permanent() {
-        let transient = Failure::report_lost(0);
-        assert_eq!(transient.verdict(1, 10), Verdict::Retry(Duration::from_secs(1)));
-        assert_eq!(transient.verdict(3, 10), Verdict::Retry(Duration::from_secs(4)));
-        assert_eq!(transient.verdict(10, 10), Verdict::DeadLetter);
-        assert_eq!(Failure::routing(0, "x".into()).verdict(1, 10), Verdict::DeadLetter);
-    }
-
     fn row(headers: Option<serde_json::Value>) -> OutboxRow {
         OutboxRow {
             id: uuid::Uuid::nil(),
-            seq: 1,
             aggregatetype: "order".into(),
             aggregateid: "42".into(),
             type_: "created".into(),

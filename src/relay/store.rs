@@ -69,8 +69,8 @@ fn payload_bytes(payload: PayloadColumn) -> &'static str {
 
 const UNPUBLISHED: &str = "published_at is null";
 
-/// Rows to publish next, in seq order, only below the snapshot's xmin. $1 limit, $2 blocked keys
-/// (text[]), $3 and $4 the seq range in flight (empty when $3 > $4).
+/// Rows to publish next, in seq order, only below the snapshot's xmin. $1 limit, $2 the keys to
+/// leave out (text[]: keys in flight or waiting for a retry; see `gate`).
 fn select_sql(t: &QualifiedName, key: OutboxColumn, payload: PayloadColumn, cleanup: Cleanup) -> String {
     let reads: Vec<String> = COLUMNS
         .iter()
@@ -92,28 +92,50 @@ fn select_sql(t: &QualifiedName, key: OutboxColumn, payload: PayloadColumn, clea
         "select {first},
                     {last} from {t}
              where txid < pg_snapshot_xmin(pg_current_snapshot()) {unpublished} and not ({key}::text = any($2))
-               and (seq < $3 or seq > $4)
              order by seq limit $1"
     )
 }
 
-/// Move row $1 to the dead-letter table with error $2; a row already there is left as is.
-fn quarantine_sql(t: &QualifiedName, dead_letter: &QualifiedName) -> String {
+/// The payload as the dead-letter table stores it: as is when the types agree; bytes into a
+/// json(b) column as a base64 JSON string (any bytes fit); json(b) into bytea as its UTF-8 text.
+fn moved_payload(outbox: PayloadColumn, dead_letter: PayloadColumn) -> &'static str {
+    match (outbox, dead_letter) {
+        (PayloadColumn::Bytea, PayloadColumn::Json) => "to_jsonb(encode(payload, 'base64'))",
+        (PayloadColumn::Json, PayloadColumn::Bytea) => "convert_to(payload::text, 'UTF8')",
+        _ => "payload",
+    }
+}
+
+/// Move row $1 to the dead-letter table with error $2: stored first, then deleted, and deleted
+/// only if stored. A row already there (replayed, failed again) is replaced by the new failure.
+fn quarantine_sql(t: &QualifiedName, dead_letter: &QualifiedName, outbox: PayloadColumn, dl: PayloadColumn) -> String {
     let names = COLUMNS.iter().map(|c| c.name).collect::<Vec<_>>().join(", ");
-    let values = COLUMNS.iter().map(|c| c.moved.unwrap_or(c.name)).collect::<Vec<_>>().join(", ");
+    let values = COLUMNS
+        .iter()
+        .map(|c| match c.name {
+            "payload" => moved_payload(outbox, dl),
+            _ => c.moved.unwrap_or(c.name),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let updates: String = COLUMNS
+        .iter()
+        .filter(|c| c.name != "id")
+        .map(|c| format!("{0} = excluded.{0}, ", c.name))
+        .collect();
     format!(
-        "with moved as (delete from {t} where id = $1
-                 returning {names})
-             insert into {dead_letter} ({names}, last_error)
-             select {values}, $2 from moved
-             on conflict (id) do nothing"
+        "with moved as (select {names} from {t} where id = $1),
+             stored as (insert into {dead_letter} ({names}, last_error)
+                 select {values}, $2 from moved
+                 on conflict (id) do update set {updates}last_error = excluded.last_error, failed_at = now()
+                 returning id)
+             delete from {t} where id in (select id from stored)"
     )
 }
 
 /// An outbox row as the select reads it.
 pub(super) struct OutboxRow {
     pub id: Uuid,
-    pub seq: i64,
     pub aggregatetype: String,
     pub aggregateid: String,
     pub type_: String,
@@ -128,7 +150,6 @@ impl OutboxRow {
     fn from_row(r: &PgRow) -> Self {
         OutboxRow {
             id: r.get("id"),
-            seq: r.get("seq"),
             aggregatetype: r.get("aggregatetype"),
             aggregateid: r.get("aggregateid"),
             type_: r.get("type"),
@@ -160,7 +181,7 @@ pub(super) struct Statements {
 }
 
 impl Statements {
-    pub fn new(cfg: &ValidOutboxRelay, payload: PayloadColumn) -> Self {
+    pub fn new(cfg: &ValidOutboxRelay, payload: PayloadColumn, dead_letter_payload: PayloadColumn) -> Self {
         let t = &cfg.table;
         Statements {
             select: select_sql(t, cfg.key, payload, cfg.cleanup),
@@ -169,24 +190,15 @@ impl Statements {
                 Cleanup::MarkPublished => format!("update {t} set published_at = now() where id = any($1)"),
             },
             fail: format!("update {t} set attempts = attempts + 1, last_error = $2 where id = $1"),
-            quarantine: quarantine_sql(t, &cfg.dead_letter_table),
+            quarantine: quarantine_sql(t, &cfg.dead_letter_table, payload, dead_letter_payload),
         }
     }
 
-    /// Up to `limit` rows, skipping `blocked` keys and the seq range `skip` (the batches in flight).
-    pub async fn fetch(
-        &self,
-        conn: &mut PgConnection,
-        limit: i32,
-        blocked: &[String],
-        skip: Option<(i64, i64)>,
-    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-        let (lo, hi) = skip.unwrap_or((i64::MAX, i64::MIN));
+    /// Up to `limit` rows, leaving out the `excluded` keys.
+    pub async fn fetch(&self, conn: &mut PgConnection, limit: i32, excluded: &[String]) -> Result<Vec<OutboxRow>, sqlx::Error> {
         let rows = sqlx::query(&self.select)
             .bind(i64::from(limit))
-            .bind(blocked)
-            .bind(lo)
-            .bind(hi)
+            .bind(excluded)
             .fetch_all(conn)
             .await?;
         Ok(rows.iter().map(OutboxRow::from_row).collect())
@@ -246,7 +258,6 @@ mod tests {
             r#"select id, seq, aggregatetype, aggregateid, type, payload as payload, headers::jsonb as headers, attempts,
                     extract(epoch from created_at)::float8 as created from "billing"."orders"
              where txid < pg_snapshot_xmin(pg_current_snapshot())  and not (id::text = any($2))
-               and (seq < $3 or seq > $4)
              order by seq limit $1"#
         );
         let json = select_sql(
@@ -266,14 +277,26 @@ mod tests {
     }
 
     #[test]
-    fn quarantine_moves_every_event_column_and_counts_the_last_attempt() {
+    fn quarantine_stores_before_it_deletes_and_counts_the_last_attempt() {
+        let (o, dl) = (q("public", "outbox"), q("public", "outbox_dead_letter"));
         assert_eq!(
-            quarantine_sql(&q("public", "outbox"), &q("public", "outbox_dead_letter")),
-            r#"with moved as (delete from "public"."outbox" where id = $1
-                 returning id, seq, aggregatetype, aggregateid, type, payload, headers, attempts, created_at)
-             insert into "public"."outbox_dead_letter" (id, seq, aggregatetype, aggregateid, type, payload, headers, attempts, created_at, last_error)
-             select id, seq, aggregatetype, aggregateid, type, payload, headers, attempts + 1, created_at, $2 from moved
-             on conflict (id) do nothing"#
+            quarantine_sql(&o, &dl, PayloadColumn::Json, PayloadColumn::Json),
+            r#"with moved as (select id, seq, aggregatetype, aggregateid, type, payload, headers, attempts, created_at from "public"."outbox" where id = $1),
+             stored as (insert into "public"."outbox_dead_letter" (id, seq, aggregatetype, aggregateid, type, payload, headers, attempts, created_at, last_error)
+                 select id, seq, aggregatetype, aggregateid, type, payload, headers, attempts + 1, created_at, $2 from moved
+                 on conflict (id) do update set seq = excluded.seq, aggregatetype = excluded.aggregatetype, aggregateid = excluded.aggregateid, type = excluded.type, payload = excluded.payload, headers = excluded.headers, attempts = excluded.attempts, created_at = excluded.created_at, last_error = excluded.last_error, failed_at = now()
+                 returning id)
+             delete from "public"."outbox" where id in (select id from stored)"#
+        );
+        let bytes_into_json = quarantine_sql(&o, &dl, PayloadColumn::Bytea, PayloadColumn::Json);
+        assert!(
+            bytes_into_json.contains("type, to_jsonb(encode(payload, 'base64')), headers"),
+            "{bytes_into_json}"
+        );
+        let json_into_bytes = quarantine_sql(&o, &dl, PayloadColumn::Json, PayloadColumn::Bytea);
+        assert!(
+            json_into_bytes.contains("type, convert_to(payload::text, 'UTF8'), headers"),
+            "{json_into_bytes}"
         );
     }
 

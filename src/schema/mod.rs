@@ -341,6 +341,8 @@ async fn apply(conn: &mut PgConnection, p: &Plan<'_>) -> Result<MigrationOutcome
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxTables {
     pub payload: PayloadColumn,
+    /// The dead-letter table's payload column (a user-made one may differ from the outbox's).
+    pub dead_letter_payload: PayloadColumn,
     /// The NOTIFY channel the outbox trigger signals.
     pub channel: String,
 }
@@ -354,17 +356,22 @@ pub async fn prepare_outbox(
 ) -> Result<OutboxTables, SchemaError> {
     migrate(conn, TableKind::Outbox, outbox, manage).boxed().await?;
     migrate(conn, TableKind::DeadLetter, dead_letter, manage).boxed().await?;
+    Ok(OutboxTables {
+        payload: payload_column(conn, outbox).await?,
+        dead_letter_payload: payload_column(conn, dead_letter).await?,
+        channel: notify_channel(outbox),
+    })
+}
+
+async fn payload_column(conn: &mut PgConnection, t: &QualifiedName) -> Result<PayloadColumn, sqlx::Error> {
     let udt: Option<String> = sqlx::query_scalar(
         "select udt_name::text from information_schema.columns where table_schema = $1 and table_name = $2 and column_name = 'payload'",
     )
-    .bind(outbox.schema.as_str())
-    .bind(outbox.table.as_str())
+    .bind(t.schema.as_str())
+    .bind(t.table.as_str())
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(OutboxTables {
-        payload: PayloadColumn::from_type_name(udt.as_deref()),
-        channel: notify_channel(outbox),
-    })
+    Ok(PayloadColumn::from_type_name(udt.as_deref()))
 }
 
 /// Compile-time guard: the migration future must stay Send (controllers run it on tokio's pool).

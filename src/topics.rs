@@ -54,12 +54,18 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// Per topic: config keys that differ from the spec, as "key: actual -> wanted".
     pub drift: BTreeMap<String, Vec<String>>,
+    /// Topics where acks=all is acknowledged by the leader alone (min.insync.replicas=1 with
+    /// replicas): an acknowledged write can be lost with the leader.
+    pub leader_only_acks: Vec<String>,
 }
 
 pub fn plan(desired: &[Desired], observed: &BTreeMap<String, ObservedTopic>) -> Plan {
     let mut p = Plan::default();
     for d in desired {
         p.warnings.extend(durability_warnings(d, observed.get(&d.name)));
+        if leader_only_acks(d, observed.get(&d.name)) {
+            p.leader_only_acks.push(d.name.clone());
+        }
         match observed.get(&d.name) {
             None => p.actions.push(Action::Create {
                 name: d.name.clone(),
@@ -73,10 +79,20 @@ pub fn plan(desired: &[Desired], observed: &BTreeMap<String, ObservedTopic>) -> 
     p
 }
 
+/// The setting as it will be: wanted, or else as the broker has it.
+fn effective_config(d: &Desired, observed: Option<&ObservedTopic>, k: &str) -> Option<String> {
+    d.config.get(k).cloned().or_else(|| observed.and_then(|o| o.config.get(k).cloned()))
+}
+
+fn leader_only_acks(d: &Desired, observed: Option<&ObservedTopic>) -> bool {
+    let rf = observed.and_then(|o| o.replication_factor).unwrap_or(d.replication_factor);
+    effective_config(d, observed, "min.insync.replicas").as_deref() == Some("1") && rf > 1
+}
+
 /// Settings (wanted, or else present) that make acknowledged writes block or get lost.
 fn durability_warnings(d: &Desired, observed: Option<&ObservedTopic>) -> Vec<String> {
     let rf = observed.and_then(|o| o.replication_factor).unwrap_or(d.replication_factor);
-    let effective = |k: &str| d.config.get(k).cloned().or_else(|| observed.and_then(|o| o.config.get(k).cloned()));
+    let effective = |k: &str| effective_config(d, observed, k);
     let mut w = Vec::new();
     if let Some(misr) = effective("min.insync.replicas").and_then(|v| v.parse::<i32>().ok()) {
         if misr >= rf && rf > 1 || misr > rf {
@@ -85,6 +101,12 @@ fn durability_warnings(d: &Desired, observed: Option<&ObservedTopic>) -> Vec<Str
                 d.name
             ));
         }
+    }
+    if leader_only_acks(d, observed) {
+        w.push(format!(
+            "{}: min.insync.replicas=1 with replication factor {rf}: acks=all waits for the leader alone, so an acknowledged write is lost if the leader fails before a follower copies it; set min.insync.replicas=2",
+            d.name
+        ));
     }
     if effective("unclean.leader.election.enable").as_deref() == Some("true") {
         w.push(format!(
@@ -283,6 +305,13 @@ pub(crate) mod tests {
             &one("a", observed(1, 3, &[("unclean.leader.election.enable", "true")])),
         );
         assert!(p.warnings.iter().any(|w| w.contains("unclean.leader.election.enable=true")));
+        let p = plan(&[desired("a", 1, &[("min.insync.replicas", "1")])], &BTreeMap::new());
+        assert!(
+            p.warnings.iter().any(|w| w.contains("acks=all waits for the leader alone")),
+            "{:?}",
+            p.warnings
+        );
+        assert_eq!(p.leader_only_acks, ["a"]);
         let p = plan(&[desired("a", 1, &[])], &one("a", observed(1, 1, &[])));
         assert!(p.warnings.iter().any(|w| w.contains("replication factor is 1, spec asks for 3")));
     }

@@ -59,7 +59,7 @@ impl Reconciler for OutboxRelays {
         async move {
             let ns = obj.metadata.namespace.clone().unwrap_or_default();
             let (schema_cond, schema_version) = schema(ctx, &ns, &valid).boxed().await;
-            let (topics_cond, topics) = self::topics(ctx, &ns, &valid).boxed().await;
+            let (topics_cond, topics, leader_only) = self::topics(ctx, &ns, &valid).boxed().await;
             let healing = schema_cond.status != Status::True || topics_cond.status != Status::True;
             let ready = conditions::ready(
                 &[&schema_cond, &topics_cond],
@@ -68,7 +68,7 @@ impl Reconciler for OutboxRelays {
             let status = OutboxRelayStatus {
                 schema_version: schema_version.or(previous.schema_version),
                 topics,
-                guarantees: guarantees(),
+                guarantees: guarantees(&leader_only),
                 ..previous.clone()
             };
             Ok(Outcome::Status {
@@ -81,16 +81,28 @@ impl Reconciler for OutboxRelays {
     }
 }
 
-/// What holds on each hop, stated plainly.
-pub fn guarantees() -> Vec<Guarantee> {
-    let g = |hop: &str, guarantee: &str| Guarantee {
+/// What holds on each hop, stated plainly; `leader_only` names topics whose acks=all is the
+/// leader's alone (min.insync.replicas=1), where an acknowledged event can still be lost.
+pub fn guarantees(leader_only: &[String]) -> Vec<Guarantee> {
+    let g = |hop: &str, guarantee: String| Guarantee {
         hop: hop.into(),
-        guarantee: guarantee.into(),
+        guarantee,
+    };
+    let broker = if leader_only.is_empty() {
+        "at-least-once, per-key order; idempotent producer, acks=all".to_owned()
+    } else {
+        format!(
+            "at-least-once, per-key order; idempotent producer, acks=all, but on {} min.insync.replicas=1 makes an acknowledgement the leader's alone: an event is lost if the leader fails before a follower copies it",
+            leader_only.join(", ")
+        )
     };
     vec![
-        g("service -> database", "atomic with the business write (transactional outbox)"),
-        g("database -> broker", "at-least-once, per-key order; idempotent producer, acks=all"),
-        g("broker -> consumer", "at-least-once; deduplicate with an InboxTable"),
+        g(
+            "service -> database",
+            "atomic with the business write (transactional outbox)".into(),
+        ),
+        g("database -> broker", broker),
+        g("broker -> consumer", "at-least-once; deduplicate with an InboxTable".into()),
     ]
 }
 
@@ -121,8 +133,9 @@ pub struct Failed {
     pub error: AdminError,
 }
 
-/// TopicsReady and each topic's status: describe, plan, apply the plan, judge.
-async fn topics(ctx: &Context, ns: &str, valid: &ValidOutboxRelay) -> (Cond, Vec<TopicStatus>) {
+/// TopicsReady, each topic's status, and the topics whose acknowledgements are the leader's alone:
+/// describe, plan, apply the plan, judge.
+async fn topics(ctx: &Context, ns: &str, valid: &ValidOutboxRelay) -> (Cond, Vec<TopicStatus>, Vec<String>) {
     let names: Vec<String> = valid.topics.iter().map(|t| t.name.clone()).collect();
     let on = Reporting {
         type_: condition::TOPICS_READY,
@@ -131,11 +144,12 @@ async fn topics(ctx: &Context, ns: &str, valid: &ValidOutboxRelay) -> (Cond, Vec
     let described = deps::describe_topics(ctx, ns, &valid.bootstrap_servers, valid.auth_secret.as_deref(), &names, on).await;
     let (admin, observed) = match described {
         Ok(d) => d,
-        Err(c) => return (c, unknown_topics(&names)),
+        Err(c) => return (c, unknown_topics(&names), vec![]),
     };
     let p = plan(&valid.topics, &observed);
     let failed = apply(&admin, &p).await;
-    topics_verdict(&valid.topics, &observed, &p, &failed)
+    let (cond, status) = topics_verdict(&valid.topics, &observed, &p, &failed);
+    (cond, status, p.leader_only_acks)
 }
 
 fn unknown_topics(names: &[String]) -> Vec<TopicStatus> {
@@ -312,6 +326,18 @@ mod tests {
             "{}",
             c.message
         );
+    }
+
+    #[test]
+    fn guarantees_do_not_promise_what_min_insync_replicas_1_cannot_keep() {
+        assert!(guarantees(&[])[1].guarantee.ends_with("acks=all"));
+        let weak = guarantees(&["orders".into()]);
+        assert!(
+            weak[1].guarantee.contains("on orders min.insync.replicas=1"),
+            "{}",
+            weak[1].guarantee
+        );
+        assert_eq!(weak.len(), 3);
     }
 
     #[test]

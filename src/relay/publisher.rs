@@ -58,6 +58,8 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
+const RESERVED_HEADERS: [&str; 2] = ["id", "type"];
+
 /// The message headers: `id` and `type`, then each entry of the row's `headers` object as text.
 fn headers(row: &OutboxRow) -> OwnedHeaders {
     let extra = row.headers.as_ref().and_then(|h| h.as_object());
@@ -71,7 +73,9 @@ fn headers(row: &OutboxRow) -> OwnedHeaders {
             key: "type",
             value: Some(row.type_.as_bytes()),
         });
-    for (k, v) in extra.into_iter().flatten() {
+    // The relay's own `id` and `type` are what consumers deduplicate and route on: a row header
+    // of the same name is left out rather than sent twice.
+    for (k, v) in extra.into_iter().flatten().filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_str())) {
         let text = match v {
             serde_json::Value::String(s) => s.clone(),
             other => other.to_string(),
@@ -339,5 +343,8 @@ mod tests {
         ];
         assert_eq!(pairs, want.map(|(k, v)| (k.to_owned(), v.to_owned())));
         assert_eq!(header_pairs(&headers(&row(None))).len(), 2);
+        let clash = headers(&row(Some(serde_json::json!({"id": "forged", "type": "other", "trace": "abc"}))));
+        let keys: Vec<String> = header_pairs(&clash).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["id", "type", "trace"], "a row's own id/type headers are not sent twice");
     }
 }

@@ -233,13 +233,15 @@ pub async fn measure(pool: &sqlx::PgPool, t: &QualifiedName, cleanup: Cleanup) -
     Ok((row.get("pending"), row.get("oldest")))
 }
 
-/// Age of the oldest open transaction that holds a transaction id (anywhere in the cluster): rows
-/// committed after it started stay invisible to the relay until it ends. Sessions of other roles
-/// count only where this role may see them (pg_read_all_stats).
+/// Age of the oldest open transaction that holds a transaction id (anywhere in the cluster),
+/// prepared (two-phase) transactions included: rows committed after it started stay invisible to
+/// the relay until it ends. Sessions of other roles count only where this role may see them
+/// (pg_read_all_stats).
 pub async fn oldest_transaction_age(pool: &sqlx::PgPool) -> Result<f64, sqlx::Error> {
     sqlx::query_scalar(
-        "select coalesce(extract(epoch from now() - min(xact_start))::float8, 0) from pg_stat_activity
-         where backend_xid is not null and pid <> pg_backend_pid()",
+        "select coalesce(extract(epoch from now() - least(
+                    (select min(xact_start) from pg_stat_activity where backend_xid is not null and pid <> pg_backend_pid()),
+                    (select min(prepared) from pg_prepared_xacts)))::float8, 0)",
     )
     .fetch_one(pool)
     .await

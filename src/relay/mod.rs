@@ -40,6 +40,7 @@ use self::session::Session;
 pub use self::{
     metrics::{ReasonLabel, RelayMetrics},
     publisher::{is_permanent, producer_config, Relay},
+    session::{keepalive_sql, DEAD_PEER_TIMEOUT},
     store::{measure, oldest_transaction_age},
 };
 pub use crate::schema::PayloadColumn;
@@ -59,6 +60,30 @@ pub enum RelayError {
     Schema(#[from] schema::SchemaError),
     #[error("Kafka producer: {0}")]
     Producer(String),
+    #[error(
+        "the database is a read-only hot standby (pg_is_in_recovery() is true): the relay must write \
+         to the outbox; point DATABASE_URL at the primary"
+    )]
+    Standby,
+    #[error(
+        "the lock connection now reaches another PostgreSQL server process (backend pid {locked}, \
+         now {now}): a transaction-pooling proxy (PgBouncer pool_mode=transaction or statement) is \
+         between the relay and the database, and it voids the session advisory lock that keeps a \
+         single relay active; connect the relay directly or through session pooling \
+         (pool_mode=session)"
+    )]
+    BackendChanged { locked: i32, now: i32 },
+    #[error("the database did not answer within {after:?} while {doing}")]
+    Unresponsive { doing: &'static str, after: Duration },
+}
+
+impl RelayError {
+    /// Errors no reconnect can fix: the relay stops and `lockstep relay` exits non-zero. A changed
+    /// backend is one: reconnecting through the same pooler would take the lock on a pooled server
+    /// connection again and lose it again, while another relay may be active.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, RelayError::Standby | RelayError::BackendChanged { .. })
+    }
 }
 
 /// The advisory lock key of an outbox table.
@@ -118,9 +143,11 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
     tracing::info!(%addr, table = %cfg.resolved.table, database = %where_, "relay starting");
     let opts: PgConnectOptions = cfg.database_url.expose().parse()?;
     let opts = opts.application_name("lockstep-relay");
+    // LISTEN and the measurements: a dead relay's sessions go within DEAD_PEER_TIMEOUT too.
     let pool = PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(5))
+        .after_connect(|conn, _| Box::pin(session::set_keepalives(conn)))
         .connect_lazy_with(opts.clone());
 
     let Some(tables) = prepare_tables(&pool, &cfg, &stop).await? else {
@@ -147,10 +174,10 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
         metrics,
         stop: &stop,
     };
-    session.run(&mut relay).await;
+    let result = session.run(&mut relay).await;
     let _ = relay.producer().flush(Duration::from_secs(10));
     tracing::info!("relay stopped");
-    Ok(())
+    Ok(result?)
 }
 
 /// Migrate (or verify) the tables, retrying while the database is unreachable; None when stopped.
@@ -159,6 +186,7 @@ async fn prepare_tables(pool: &PgPool, cfg: &RelayConfig, stop: &CancellationTok
     loop {
         let result = async {
             let mut c = pool.acquire().await?;
+            session::refuse_standby(&mut c).await?;
             let tables = schema::prepare_outbox(&mut c, &r.table, &r.dead_letter_table, r.manage_schema)
                 .boxed()
                 .await?;
@@ -168,6 +196,7 @@ async fn prepare_tables(pool: &PgPool, cfg: &RelayConfig, stop: &CancellationTok
         match result {
             Ok(tables) => return Ok(Some(tables)),
             Err(RelayError::Schema(e)) if e.is_permanent() => anyhow::bail!("{e}"),
+            Err(e) if e.is_fatal() => anyhow::bail!("{e}"),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot prepare the outbox tables; retrying in 2s");
                 tokio::select! { _ = stop.cancelled() => return Ok(None), _ = tokio::time::sleep(Duration::from_secs(2)) => {} }

@@ -14,35 +14,36 @@
 //!   after maxAttempts, or at once for errors no retry can fix (a message over the size limit, a
 //!   topic name the routing cannot build), it moves to the dead-letter table with its error.
 //!
-//! This file is the session (tables, lock, LISTEN, reconnect, stop); `publisher` the batch
-//! pipeline, `store` its SQL, `metrics` what it reports.
+//! This file starts the relay (tables, producer, measurements); `session` the session (lock,
+//! LISTEN, reconnect, stop), `publisher` the batch pipeline, `store` its SQL, `metrics` what it
+//! reports.
 
 mod failure;
 mod gate;
 mod metrics;
 mod publisher;
+mod session;
 mod store;
 
 use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::{atomic::AtomicBool, Arc},
     time::Duration,
 };
 
 use futures::FutureExt;
 use rdkafka::producer::Producer;
 use sqlx::{
-    postgres::{PgConnectOptions, PgListener, PgPoolOptions},
-    Connection, PgConnection, PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+    PgPool,
 };
 use tokio_util::sync::CancellationToken;
 
+use self::session::Session;
 pub use self::{
     failure::{cause, is_permanent, transport_backoff, Cause},
     metrics::{ReasonLabel, RelayMetrics},
     publisher::{producer_config, Relay},
+    session::{keepalive_sql, DEAD_PEER_TIMEOUT},
     store::{measure, oldest_transaction_age},
 };
 pub use crate::schema::PayloadColumn;
@@ -62,6 +63,30 @@ pub enum RelayError {
     Schema(#[from] schema::SchemaError),
     #[error("Kafka producer: {0}")]
     Producer(String),
+    #[error(
+        "the database is a read-only hot standby (pg_is_in_recovery() is true): the relay must write \
+         to the outbox; point DATABASE_URL at the primary"
+    )]
+    Standby,
+    #[error(
+        "the lock connection now reaches another PostgreSQL server process (backend pid {locked}, \
+         now {now}): a transaction-pooling proxy (PgBouncer pool_mode=transaction or statement) is \
+         between the relay and the database, and it voids the session advisory lock that keeps a \
+         single relay active; connect the relay directly or through session pooling \
+         (pool_mode=session)"
+    )]
+    BackendChanged { locked: i32, now: i32 },
+    #[error("the database did not answer within {after:?} while {doing}")]
+    Unresponsive { doing: &'static str, after: Duration },
+}
+
+impl RelayError {
+    /// Errors no reconnect can fix: the relay stops and `lockstep relay` exits non-zero. A changed
+    /// backend is one: reconnecting through the same pooler would take the lock on a pooled server
+    /// connection again and lose it again, while another relay may be active.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, RelayError::Standby | RelayError::BackendChanged { .. })
+    }
 }
 
 /// The advisory lock key of an outbox table.
@@ -121,9 +146,11 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
     tracing::info!(%addr, table = %cfg.resolved.table, database = %where_, "relay starting");
     let opts: PgConnectOptions = cfg.database_url.expose().parse()?;
     let opts = opts.application_name("lockstep-relay");
+    // LISTEN and the measurements: a dead relay's sessions go within DEAD_PEER_TIMEOUT too.
     let pool = PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(5))
+        .after_connect(|conn, _| Box::pin(session::set_keepalives(conn)))
         .connect_lazy_with(opts.clone());
 
     let Some(tables) = prepare_tables(&pool, &cfg, &stop).await? else {
@@ -150,10 +177,10 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
         metrics,
         stop: &stop,
     };
-    session.run(&mut relay).await;
+    let result = session.run(&mut relay).await;
     let _ = relay.producer().flush(Duration::from_secs(10));
     tracing::info!("relay stopped");
-    Ok(())
+    Ok(result?)
 }
 
 /// Migrate (or verify) the tables, retrying while the database is unreachable; None when stopped.
@@ -162,6 +189,7 @@ async fn prepare_tables(pool: &PgPool, cfg: &RelayConfig, stop: &CancellationTok
     loop {
         let result = async {
             let mut c = pool.acquire().await?;
+            session::refuse_standby(&mut c).await?;
             let tables = schema::prepare_outbox(&mut c, &r.table, &r.dead_letter_table, r.manage_schema)
                 .boxed()
                 .await?;
@@ -171,147 +199,10 @@ async fn prepare_tables(pool: &PgPool, cfg: &RelayConfig, stop: &CancellationTok
         match result {
             Ok(tables) => return Ok(Some(tables)),
             Err(RelayError::Schema(e)) if e.is_permanent() => anyhow::bail!("{e}"),
+            Err(e) if e.is_fatal() => anyhow::bail!("{e}"),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot prepare the outbox tables; retrying in 2s");
                 tokio::select! { _ = stop.cancelled() => return Ok(None), _ = tokio::time::sleep(Duration::from_secs(2)) => {} }
-            }
-        }
-    }
-}
-
-/// One relay's sessions: connect, wait for the lock, relay on that connection; start over when
-/// the connection is lost.
-struct Session<'a> {
-    cfg: &'a RelayConfig,
-    opts: PgConnectOptions,
-    /// For LISTEN; batches never run on it.
-    pool: PgPool,
-    key: i64,
-    channel: String,
-    active: Arc<AtomicBool>,
-    metrics: Arc<RelayMetrics>,
-    stop: &'a CancellationToken,
-}
-
-impl Session<'_> {
-    async fn run(&self, relay: &mut Relay) {
-        let mut failures = 0u32;
-        while !self.stop.is_cancelled() {
-            // One connection holds the lock and runs every batch.
-            let mut conn = match PgConnection::connect_with(&self.opts).await {
-                Ok(c) => c,
-                Err(e) => {
-                    failures += 1;
-                    let wait = backoff(failures as i32).min(Duration::from_secs(10));
-                    tracing::warn!(error = %e, ?wait, "database unreachable");
-                    if self.stopped_during(wait).await {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            match self.lock(&mut conn).await {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "lost the database while waiting for the lock");
-                    continue;
-                }
-            }
-            tracing::info!(table = %self.cfg.resolved.table, "holding the outbox lock: relaying");
-            self.set_active(true);
-            failures = 0;
-            let result = self.relay(relay, &mut conn).await;
-            self.set_active(false);
-            match result {
-                Ok(()) => {
-                    let _ = sqlx::query("select pg_advisory_unlock($1)").bind(self.key).execute(&mut conn).await;
-                    let _ = conn.close().await;
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "relay session ended; reconnecting");
-                    failures += 1;
-                    if self.stopped_during(backoff(failures as i32).min(Duration::from_secs(5))).await {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Sleep; true when `stop` fired first.
-    async fn stopped_during(&self, wait: Duration) -> bool {
-        tokio::select! { _ = self.stop.cancelled() => true, _ = tokio::time::sleep(wait) => false }
-    }
-
-    fn set_active(&self, active: bool) {
-        self.active.store(active, Ordering::Relaxed);
-        self.metrics.active.set(i64::from(active));
-    }
-
-    /// Wait until this connection holds the outbox lock; false when stopped first.
-    async fn lock(&self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
-        let mut announced = false;
-        loop {
-            let held = sqlx::query_scalar::<_, bool>("select pg_try_advisory_lock($1)")
-                .bind(self.key)
-                .fetch_one(&mut *conn)
-                .await?;
-            if held {
-                return Ok(true);
-            }
-            if !announced {
-                tracing::info!(table = %self.cfg.resolved.table, "another relay is active; standing by");
-                announced = true;
-            }
-            if self.stopped_during(Duration::from_secs(1)).await {
-                return Ok(false);
-            }
-        }
-    }
-
-    /// LISTEN on the outbox's channel, unless disabled; without it the relay polls.
-    async fn listen(&self) -> Option<PgListener> {
-        if !self.cfg.listen {
-            return None;
-        }
-        let l = async {
-            let mut l = PgListener::connect_with(&self.pool).await?;
-            l.listen(&self.channel).await?;
-            Ok::<_, sqlx::Error>(l)
-        };
-        match l.await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                let poll = self.cfg.resolved.poll_interval;
-                tracing::warn!(error = %e, "cannot LISTEN for new rows; polling every {poll:?}");
-                None
-            }
-        }
-    }
-
-    /// Drain, then wait for NOTIFY or the poll interval, until `stop` (Ok) or an error.
-    async fn relay(&self, relay: &mut Relay, conn: &mut PgConnection) -> Result<(), RelayError> {
-        let mut listener = self.listen().await;
-        let poll = self.cfg.resolved.poll_interval;
-        loop {
-            relay.drain(conn, self.stop).await?;
-            if self.stop.is_cancelled() {
-                return Ok(());
-            }
-            let wake = async {
-                match listener.as_mut() {
-                    Some(l) => {
-                        let _ = l.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                _ = self.stop.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(poll) => {}
-                _ = wake => {}
             }
         }
     }

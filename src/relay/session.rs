@@ -1,0 +1,332 @@
+//! The relay's session on PostgreSQL: connect, wait for the outbox lock, relay on that same
+//! connection, start over when it is lost.
+//!
+//! Failover when the active relay did not exit cleanly (its node was lost, or the network cut it
+//! off): PostgreSQL keeps a session, and so its advisory lock, until TCP reports the client gone,
+//! which with the server's defaults takes hours when no packet comes back. The lock session
+//! therefore sets the server's TCP keepalives and `tcp_user_timeout` (per-session settings any
+//! user may change), so that the server drops a silent relay's session, and releases its lock,
+//! within [`DEAD_PEER_TIMEOUT`]; a standby polls the lock every second and takes over. The relay
+//! itself bounds every session statement it runs by the same timeout, so a relay cut off from the
+//! database stops claiming to be active and reconnects.
+//!
+//! Two setups that would void the lock are refused: a hot standby (read-only; the relay would
+//! publish a replica's rows it can never remove), and a transaction-pooling proxy, which runs each
+//! transaction on any of its server connections, so the server process that took the session lock
+//! is not the one running the batches (seen as `pg_backend_pid()` changing under the lock).
+
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use sqlx::{
+    postgres::{PgConnectOptions, PgListener},
+    Connection, Executor, PgConnection, PgPool,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{backoff, Relay, RelayError, RelayMetrics};
+use crate::config::RelayConfig;
+
+/// How long a dead peer of a relay's connection goes unnoticed, at most (plus timer slack): the
+/// server drops the session of a relay that stopped answering, which releases its lock; a relay
+/// gives up on a server that did not answer a session statement within it.
+pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Keepalive probes before the server gives up on a silent relay.
+const KEEPALIVE_PROBES: u64 = 3;
+
+/// The server-side TCP settings of a relay's session, derived from `t`: the first keepalive probe
+/// after `t`/4 of silence, then one every `t`/4, the connection dropped when 3 went unanswered
+/// (`t`/4 + 3 x `t`/4 = `t`); `tcp_user_timeout` = `t` bounds what keepalives do not cover, data
+/// the server sent and the relay never acknowledged (such as the answer to its last query), and
+/// on Linux also caps the keepalive wait at `t`. Set with SET rather than as startup options, which
+/// PgBouncer refuses even in session pooling.
+pub fn keepalive_sql(t: Duration) -> String {
+    let every = (t.as_secs() / (KEEPALIVE_PROBES + 1)).max(1);
+    format!(
+        "set tcp_keepalives_idle = {every}; set tcp_keepalives_interval = {every}; \
+         set tcp_keepalives_count = {KEEPALIVE_PROBES}; set tcp_user_timeout = {}",
+        t.as_millis()
+    )
+}
+
+/// A hot standby cannot take the relay's writes (marking, deleting, quarantining rows), and its
+/// outbox is a replica of the primary's, which a relay there publishes already.
+pub fn require_primary(in_recovery: bool) -> Result<(), RelayError> {
+    if in_recovery {
+        return Err(RelayError::Standby);
+    }
+    Ok(())
+}
+
+/// The session lock belongs to the server process that took it: if this connection now reaches
+/// another one, a pooler moved it and the lock no longer guards the batches.
+pub fn require_same_backend(locked: i32, now: i32) -> Result<(), RelayError> {
+    if locked != now {
+        return Err(RelayError::BackendChanged { locked, now });
+    }
+    Ok(())
+}
+
+/// Fail with `RelayError::Standby` on a hot standby.
+pub(super) async fn refuse_standby(conn: &mut PgConnection) -> Result<(), RelayError> {
+    let in_recovery: bool = sqlx::query_scalar("select pg_is_in_recovery()")
+        .persistent(false)
+        .fetch_one(&mut *conn)
+        .await?;
+    require_primary(in_recovery)
+}
+
+/// Set the server-side TCP settings on a new connection (`keepalive_sql`).
+pub(super) async fn set_keepalives(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    conn.execute(keepalive_sql(DEAD_PEER_TIMEOUT).as_str()).await.map(drop)
+}
+
+/// `f`, or `RelayError::Unresponsive` when the database did not answer within DEAD_PEER_TIMEOUT.
+async fn answered<T>(doing: &'static str, f: impl Future<Output = Result<T, RelayError>>) -> Result<T, RelayError> {
+    match tokio::time::timeout(DEAD_PEER_TIMEOUT, f).await {
+        Ok(r) => r,
+        Err(_) => Err(RelayError::Unresponsive {
+            doing,
+            after: DEAD_PEER_TIMEOUT,
+        }),
+    }
+}
+
+/// One relay's sessions: connect, wait for the lock, relay on that connection; start over when
+/// the connection is lost.
+pub(super) struct Session<'a> {
+    pub(super) cfg: &'a RelayConfig,
+    pub(super) opts: PgConnectOptions,
+    /// For LISTEN; batches never run on it.
+    pub(super) pool: PgPool,
+    pub(super) key: i64,
+    pub(super) channel: String,
+    pub(super) active: Arc<AtomicBool>,
+    pub(super) metrics: Arc<RelayMetrics>,
+    pub(super) stop: &'a CancellationToken,
+}
+
+impl Session<'_> {
+    /// Until `stop` (Ok), or an error no reconnect can fix (a standby, a transaction pooler).
+    pub(super) async fn run(&self, relay: &mut Relay) -> Result<(), RelayError> {
+        let mut failures = 0u32;
+        while !self.stop.is_cancelled() {
+            // One connection holds the lock and runs every batch.
+            let mut conn = match self.connect().await {
+                Ok(c) => c,
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    let wait = backoff(failures as i32).min(Duration::from_secs(10));
+                    tracing::warn!(error = %e, ?wait, "database unreachable");
+                    if self.stopped_during(wait).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let pid = match self.lock(&mut conn).await {
+                Ok(Some(pid)) => pid,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "lost the database while waiting for the lock");
+                    continue;
+                }
+            };
+            tracing::info!(table = %self.cfg.resolved.table, pid, "holding the outbox lock: relaying");
+            self.set_active(true);
+            failures = 0;
+            let result = self.relay(relay, &mut conn, pid).await;
+            self.set_active(false);
+            match result {
+                Ok(()) => {
+                    let _ = sqlx::query("select pg_advisory_unlock($1)").bind(self.key).execute(&mut conn).await;
+                    let _ = conn.close().await;
+                    break;
+                }
+                // Not unlocked: through a pooler, the unlock would run on some other session.
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay session ended; reconnecting");
+                    failures += 1;
+                    if self.stopped_during(backoff(failures as i32).min(Duration::from_secs(5))).await {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A new connection for the lock: server-side TCP settings set, standby refused.
+    async fn connect(&self) -> Result<PgConnection, RelayError> {
+        answered("connecting", async {
+            let mut conn = PgConnection::connect_with(&self.opts).await?;
+            set_keepalives(&mut conn).await?;
+            refuse_standby(&mut conn).await?;
+            Ok(conn)
+        })
+        .await
+    }
+
+    /// Sleep; true when `stop` fired first.
+    async fn stopped_during(&self, wait: Duration) -> bool {
+        tokio::select! { _ = self.stop.cancelled() => true, _ = tokio::time::sleep(wait) => false }
+    }
+
+    fn set_active(&self, active: bool) {
+        self.active.store(active, Ordering::Relaxed);
+        self.metrics.active.set(i64::from(active));
+    }
+
+    /// Wait until this connection holds the outbox lock; the pid of the server process that holds
+    /// it (taken in the same statement), or None when stopped first.
+    async fn lock(&self, conn: &mut PgConnection) -> Result<Option<i32>, RelayError> {
+        let mut announced = false;
+        loop {
+            let (held, pid) = answered("taking the outbox lock", async {
+                Ok(
+                    sqlx::query_as::<_, (bool, i32)>("select pg_try_advisory_lock($1), pg_backend_pid()")
+                        .bind(self.key)
+                        .fetch_one(&mut *conn)
+                        .await?,
+                )
+            })
+            .await?;
+            if held {
+                return Ok(Some(pid));
+            }
+            if !announced {
+                tracing::info!(table = %self.cfg.resolved.table, "another relay is active; standing by");
+                announced = true;
+            }
+            if self.stopped_during(Duration::from_secs(1)).await {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// LISTEN on the outbox's channel, unless disabled; without it the relay polls.
+    async fn listen(&self) -> Option<PgListener> {
+        if !self.cfg.listen {
+            return None;
+        }
+        let l = async {
+            let mut l = PgListener::connect_with(&self.pool).await?;
+            l.listen(&self.channel).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        match l.await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let poll = self.cfg.resolved.poll_interval;
+                tracing::warn!(error = %e, "cannot LISTEN for new rows; polling every {poll:?}");
+                None
+            }
+        }
+    }
+
+    /// Check the session, drain, then wait for NOTIFY or the poll interval, until `stop` (Ok) or
+    /// an error.
+    async fn relay(&self, relay: &mut Relay, conn: &mut PgConnection, locked: i32) -> Result<(), RelayError> {
+        let mut listener = self.listen().await;
+        let poll = self.cfg.resolved.poll_interval;
+        loop {
+            self.check(conn, locked).await?;
+            relay.drain(conn, self.stop).await?;
+            if self.stop.is_cancelled() {
+                return Ok(());
+            }
+            let wake = async {
+                match listener.as_mut() {
+                    Some(l) => {
+                        let _ = l.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(poll) => {}
+                _ = wake => {}
+            }
+        }
+    }
+
+    /// Before each drain (one query per wake-up): the server still answers, and this connection
+    /// still reaches the server process holding the lock. Unnamed (not a prepared statement), so
+    /// through a pooler it runs on whichever server connection it lands and reports that one.
+    async fn check(&self, conn: &mut PgConnection, locked: i32) -> Result<(), RelayError> {
+        let now = answered("checking the lock session", async {
+            Ok(sqlx::query_scalar::<_, i32>("select pg_backend_pid()")
+                .persistent(false)
+                .fetch_one(&mut *conn)
+                .await?)
+        })
+        .await?;
+        require_same_backend(locked, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_drops_a_silent_relay_within_the_dead_peer_timeout() {
+        assert_eq!(
+            keepalive_sql(DEAD_PEER_TIMEOUT),
+            "set tcp_keepalives_idle = 5; set tcp_keepalives_interval = 5; \
+             set tcp_keepalives_count = 3; set tcp_user_timeout = 20000"
+        );
+        // Idle, then every probe unanswered: the whole timeout, no more.
+        assert_eq!(5 + 3 * 5, DEAD_PEER_TIMEOUT.as_secs());
+        assert!(keepalive_sql(Duration::from_secs(2)).starts_with("set tcp_keepalives_idle = 1;"));
+    }
+
+    #[test]
+    fn a_standby_is_refused_with_what_to_do() {
+        assert!(require_primary(false).is_ok());
+        let e = require_primary(true).unwrap_err();
+        assert!(e.is_fatal());
+        let msg = e.to_string();
+        assert!(msg.contains("read-only hot standby"), "{msg}");
+        assert!(msg.contains("point DATABASE_URL at the primary"), "{msg}");
+    }
+
+    #[test]
+    fn a_changed_backend_voids_the_lock_and_names_transaction_pooling() {
+        assert!(require_same_backend(4242, 4242).is_ok());
+        let e = require_same_backend(4242, 4343).unwrap_err();
+        assert!(e.is_fatal());
+        let msg = e.to_string();
+        for part in [
+            "backend pid 4242, now 4343",
+            "PgBouncer pool_mode=transaction",
+            "session pooling",
+            "directly",
+        ] {
+            assert!(msg.contains(part), "{part:?} in {msg}");
+        }
+    }
+
+    #[test]
+    fn an_unresponsive_database_is_not_fatal() {
+        let e = RelayError::Unresponsive {
+            doing: "checking the lock session",
+            after: DEAD_PEER_TIMEOUT,
+        };
+        assert!(!e.is_fatal());
+        assert_eq!(
+            e.to_string(),
+            "the database did not answer within 20s while checking the lock session"
+        );
+    }
+}

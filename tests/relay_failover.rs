@@ -1,0 +1,288 @@
+//! Failover when the active relay did not exit cleanly, with relays run as the binary a Pod would
+//! run and a proxy of the test's own (common/proxy.rs) between relay A and PostgreSQL: a relay cut
+//! off by a partition is replaced within 30 s and nothing is lost; a transaction pooler that moves
+//! the relay's session to another server process stops the relay with a clear error.
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::proxy::Proxy;
+use lockstep::kafka::Admin;
+use rdkafka::{
+    config::ClientConfig,
+    consumer::{BaseConsumer, Consumer},
+    message::{Headers, Message},
+};
+
+/// What the issue asks: a relay whose packets are dropped is replaced within this.
+const TAKEOVER_BOUND: Duration = Duration::from_secs(30);
+
+struct Outbox {
+    schema: String,
+    topic: String,
+    bootstrap: String,
+    pool: sqlx::PgPool,
+}
+
+async fn outbox(prefix: &str) -> Outbox {
+    let url = common::env("DATABASE_URL");
+    let bootstrap = common::kafka_bootstrap();
+    let schema = format!("t_{}", common::unique(prefix).replace('-', "_"));
+    let topic = common::unique(&format!("relay.{prefix}"));
+    let admin = Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
+    admin.create_topic(&topic, 1, 1, &Default::default()).await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await.unwrap();
+    let t = lockstep::sql::QualifiedName {
+        schema: lockstep::sql::Ident::parse(&schema).unwrap(),
+        table: lockstep::sql::Ident::parse("outbox").unwrap(),
+    };
+    let mut c = pool.acquire().await.unwrap();
+    lockstep::schema::migrate(&mut c, lockstep::schema::TableKind::Outbox, &t, true)
+        .await
+        .unwrap();
+    Outbox {
+        schema,
+        topic,
+        bootstrap,
+        pool,
+    }
+}
+
+/// A relay process; killed with SIGKILL and reaped on drop, so a failing test leaves none behind.
+struct RelayProc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl RelayProc {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} not in {} after {timeout:?}:\n{}",
+                self.log.display(),
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "the relay did not exit:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Outbox {
+    fn relay(&self, log: &str, database_url: &str) -> RelayProc {
+        let log = PathBuf::from(common::env("LOCKSTEP_TESTENV_DIR")).join(log);
+        let child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args(["relay", "--schema", &self.schema, "--table", "outbox", "--topic", &self.topic])
+            .args(["--metrics-addr", "127.0.0.1:0", "--poll-interval", "200ms"])
+            .env("DATABASE_URL", database_url)
+            .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start lockstep relay");
+        RelayProc { child, log }
+    }
+
+    /// `n` events over `keys` keys.
+    async fn insert(&self, from: i64, n: i64, keys: i64) {
+        sqlx::query(&format!(
+            "insert into \"{}\".outbox (id, aggregatetype, aggregateid, type, payload)
+             select gen_random_uuid(), 'order', 'k-' || (g % $3), 'created', jsonb_build_object('key', g % $3, 'n', g / $3)
+             from generate_series($1, $1 + $2 - 1) g",
+            self.schema
+        ))
+        .bind(from)
+        .bind(n)
+        .bind(keys)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+
+    async fn remaining(&self) -> i64 {
+        sqlx::query_scalar(&format!("select count(*) from \"{}\".outbox", self.schema))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn wait_drained(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = self.remaining().await;
+            if left == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{left} events still in the outbox after {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The server process holding this outbox's relay lock, if any.
+    async fn lock_holder(&self) -> Option<i32> {
+        let t = lockstep::sql::QualifiedName {
+            schema: lockstep::sql::Ident::parse(&self.schema).unwrap(),
+            table: lockstep::sql::Ident::parse("outbox").unwrap(),
+        };
+        // A bigint advisory key is stored as classid (high 32 bits) and objid (low 32 bits).
+        let key = lockstep::relay::lock_key(&t) as u64;
+        sqlx::query_scalar(
+            "select pid from pg_locks where locktype = 'advisory' and granted and objsubid = 1
+             and database = (select oid from pg_database where datname = current_database())
+             and classid::bigint = $1 and objid::bigint = $2",
+        )
+        .bind((key >> 32) as i64)
+        .bind((key & 0xffff_ffff) as i64)
+        .fetch_optional(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    async fn backend_alive(&self, pid: i32) -> bool {
+        sqlx::query_scalar("select exists (select 1 from pg_stat_activity where pid = $1)")
+            .bind(pid)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+/// The test PostgreSQL's address, for the proxy.
+fn upstream() -> SocketAddr {
+    let opts: sqlx::postgres::PgConnectOptions = common::env("DATABASE_URL").parse().unwrap();
+    format!("{}:{}", opts.get_host(), opts.get_port()).parse().unwrap()
+}
+
+/// The distinct event ids on the topic (read from the beginning until `want` or timeout).
+fn consume_ids(bootstrap: &str, topic: &str, want: usize, timeout: Duration) -> HashSet<String> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", common::unique("check"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
+    c.assign(&tpl).unwrap();
+    let mut ids = HashSet::new();
+    let deadline = Instant::now() + timeout;
+    while ids.len() < want && Instant::now() < deadline {
+        if let Some(m) = c.poll(Duration::from_millis(200)) {
+            let m = m.expect("consume");
+            let headers = m.headers().expect("headers");
+            let id = headers.iter().find(|h| h.key == "id").and_then(|h| h.value).expect("id header");
+            ids.insert(String::from_utf8_lossy(id).into_owned());
+        }
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_relay_is_replaced_within_30s_and_nothing_is_lost() {
+    let url = common::env("DATABASE_URL");
+    let o = outbox("partition").await;
+    let proxy = Proxy::start(upstream()).await;
+    let mut a = o.relay("relay-partition-a.log", &proxy.url(&url));
+    o.insert(0, 100, 10).await;
+    o.wait_drained(Duration::from_secs(120)).await;
+    let holder = o.lock_holder().await.expect("relay a holds the lock");
+    let mut b = o.relay("relay-partition-b.log", &url);
+    b.wait_log("another relay is active; standing by", Duration::from_secs(120)).await;
+
+    // The partition: relay a's packets go nowhere, and nothing answers them.
+    proxy.blackhole().await;
+    let cut = Instant::now();
+    o.insert(100, 100, 10).await;
+    let mut session_dropped = None;
+    let took = loop {
+        if session_dropped.is_none() && !o.backend_alive(holder).await {
+            session_dropped = Some(cut.elapsed());
+        }
+        if o.remaining().await == 0 {
+            break cut.elapsed();
+        }
+        // Past the bound only to measure how far past.
+        assert!(
+            cut.elapsed() < TAKEOVER_BOUND * 3,
+            "no takeover within {:?} of the partition (server dropped relay a's session after: {session_dropped:?})",
+            cut.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "partition: the server dropped relay a's session after {session_dropped:?}; relay b published the pending rows {took:?} after the partition (bound {TAKEOVER_BOUND:?}, server-side detection {:?})",
+        lockstep::relay::DEAD_PEER_TIMEOUT
+    );
+    assert!(took < TAKEOVER_BOUND, "takeover took {took:?}");
+    assert!(b.log().contains("holding the outbox lock"), "relay b took over:\n{}", b.log());
+    if let Some(line) = a.log().lines().find(|l| l.contains("did not answer")) {
+        println!("relay a noticed: {line}");
+    }
+    a.kill();
+    b.kill();
+    let ids = consume_ids(&o.bootstrap, &o.topic, 200, Duration::from_secs(120));
+    assert_eq!(ids.len(), 200, "every committed event reached the broker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_pooler_moving_the_session_stops_the_relay_with_a_clear_error() {
+    let url = common::env("DATABASE_URL");
+    let o = outbox("pooler").await;
+    // The relay's own session check runs on the relay's server connection; a pooler may hand it
+    // another one, as the proxy now does (the old one, holding the lock, stays in its pool).
+    let proxy = Proxy::start(upstream()).await;
+    let mut a = o.relay("relay-pooler-a.log", &proxy.url(&url));
+    o.insert(0, 10, 2).await;
+    o.wait_drained(Duration::from_secs(120)).await;
+    proxy.repin_at(b"select pg_backend_pid()\0");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.repinned() == 0 {
+        assert!(Instant::now() < deadline, "relay a never checked its session");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    o.insert(10, 10, 2).await;
+    let status = a.wait_exit(Duration::from_secs(60)).await;
+    let log = a.log();
+    println!("relay a: {status}; {}", log.lines().last().unwrap_or_default());
+    assert_eq!(status.code(), Some(1), "exits non-zero:\n{log}");
+    for part in ["transaction-pooling proxy", "PgBouncer pool_mode=transaction", "session pooling"] {
+        assert!(log.contains(part), "{part:?} in the relay's error:\n{log}");
+    }
+    assert_eq!(o.remaining().await, 10, "nothing relayed on a server process without the lock");
+    assert_eq!(proxy.repinned(), 1);
+}

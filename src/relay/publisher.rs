@@ -169,7 +169,9 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(cfg: RelayConfig, metrics: Arc<RelayMetrics>, payload: PayloadColumn) -> Result<Self, RelayError> {
-        let producer: FutureProducer = producer_config(&cfg).create().map_err(|e| RelayError::Producer(e.to_string()))?;
+        let producer: FutureProducer = producer_config(&cfg)
+            .create()
+            .map_err(|e| RelayError::Producer(crate::kafka::config_error_text(&e, cfg.kafka_config.values().map(|v| v.expose()))))?;
         Ok(Relay {
             sql: Statements::new(&cfg.resolved, payload),
             cfg,

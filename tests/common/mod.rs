@@ -2,6 +2,8 @@
 //! Every test gets its own namespace, database schema and topic names.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;

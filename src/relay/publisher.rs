@@ -304,7 +304,9 @@ impl Relay {
 
 /// A producer from the relay's configuration.
 fn create_producer(cfg: &RelayConfig) -> Result<FutureProducer, RelayError> {
-    producer_config(cfg).create().map_err(|e| RelayError::Producer(e.to_string()))
+    producer_config(cfg)
+        .create()
+        .map_err(|e| RelayError::Producer(crate::kafka::config_error_text(&e, cfg.kafka_config.values().map(|v| v.expose()))))
 }
 
 #[cfg(test)]

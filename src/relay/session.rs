@@ -83,9 +83,12 @@ pub(super) async fn refuse_standby(conn: &mut PgConnection) -> Result<(), RelayE
     require_primary(in_recovery)
 }
 
-/// Set the server-side TCP settings on a new connection (`keepalive_sql`).
+/// Set the server-side TCP settings on a new connection (`keepalive_sql`), and plan each read
+/// with its parameters: the keys to leave out are then a constant array PostgreSQL hashes,
+/// instead of a list searched row by row.
 pub(super) async fn set_keepalives(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    conn.execute(keepalive_sql(DEAD_PEER_TIMEOUT).as_str()).await.map(drop)
+    conn.execute(keepalive_sql(DEAD_PEER_TIMEOUT).as_str()).await?;
+    conn.execute("set plan_cache_mode = force_custom_plan").await.map(drop)
 }
 
 /// `f`, or `RelayError::Unresponsive` when the database did not answer within DEAD_PEER_TIMEOUT.

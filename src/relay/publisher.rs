@@ -128,6 +128,9 @@ impl Relay {
     /// outbox and are read again) and rebuilds the producer.
     pub async fn drain(&mut self, conn: &mut PgConnection, stop: &CancellationToken) -> Result<(), RelayError> {
         let depth = self.cfg.max_batches_in_flight.max(1);
+        // Batches of a drain that ended in an error are gone (their rows are still in the
+        // outbox): their keys must not stay out of reads.
+        self.gate.abandon_in_flight();
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(depth);
         // Set when a read finds nothing; cleared when a batch completes (rows may have come since).
         let mut empty = false;

@@ -97,6 +97,9 @@ pub struct Relay {
     gate: KeyGate<Instant>,
     /// Broker or network failures in a row (reset by an acknowledgement).
     transport_failures: u32,
+    /// A message timed out: the idempotent producer's sequence state for its partition is unknown
+    /// (and some brokers never accept that producer again), so start over with a fresh one.
+    stale_producer: bool,
 }
 
 impl Relay {
@@ -108,6 +111,7 @@ impl Relay {
             metrics,
             gate: KeyGate::default(),
             transport_failures: 0,
+            stale_producer: false,
         })
     }
 
@@ -135,7 +139,7 @@ impl Relay {
         // Set when a read finds nothing; cleared when a batch completes (rows may have come since).
         let mut empty = false;
         loop {
-            if self.rebuild_if_fatal()? {
+            if self.rebuild_if_needed()? {
                 in_flight.clear();
                 self.gate.abandon_in_flight();
             }
@@ -157,13 +161,19 @@ impl Relay {
     }
 
     /// After a fatal error (the idempotent producer can no longer guarantee order or no
-    /// duplicates) every send fails: replace the producer. True when it did.
-    fn rebuild_if_fatal(&mut self) -> Result<bool, RelayError> {
-        let Some((code, reason)) = self.producer.client().fatal_error() else {
+    /// duplicates) every send fails, and after a local message timeout its state is unknown:
+    /// replace the producer. True when it did.
+    fn rebuild_if_needed(&mut self) -> Result<bool, RelayError> {
+        let fatal = self.producer.client().fatal_error();
+        if fatal.is_none() && !self.stale_producer {
             return Ok(false);
-        };
-        tracing::error!(?code, %reason, "fatal producer error: rebuilding the producer; rows in flight will be read again");
+        }
+        match fatal {
+            Some((code, reason)) => tracing::error!(?code, %reason, "fatal producer error: rebuilding the producer; rows in flight will be read again"),
+            None => tracing::warn!("a message timed out: rebuilding the producer; rows in flight will be read again"),
+        }
         self.producer = create_producer(&self.cfg)?;
+        self.stale_producer = false;
         self.metrics.producer_rebuilds.inc();
         Ok(true)
     }
@@ -250,6 +260,7 @@ impl Relay {
                 }
                 Ok(Err((e, _))) => {
                     self.metrics.count_failure(&e);
+                    self.stale_producer |= e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut);
                     failures.push(Failure::kafka(i, &e));
                 }
                 Err(_) => failures.push(Failure::report_lost(i)),

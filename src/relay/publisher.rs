@@ -169,7 +169,9 @@ impl Relay {
             return Ok(false);
         }
         match fatal {
-            Some((code, reason)) => tracing::error!(?code, %reason, "fatal producer error: rebuilding the producer; rows in flight will be read again"),
+            Some((code, reason)) => {
+                tracing::error!(?code, %reason, "fatal producer error: rebuilding the producer; rows in flight will be read again")
+            }
             None => tracing::warn!("a message timed out: rebuilding the producer; rows in flight will be read again"),
         }
         self.producer = create_producer(&self.cfg)?;

@@ -125,40 +125,37 @@ fn a_sasl_ssl_scram_zstd_producer_can_be_created() {
 // ---------------------------------------------------------------- the relay binary, for real
 
 struct Outbox {
-    schema: String,
+    table: common::outbox::OutboxTable,
     topic: String,
-    pool: sqlx::PgPool,
+}
+
+impl std::ops::Deref for Outbox {
+    type Target = common::outbox::OutboxTable;
+    fn deref(&self) -> &Self::Target {
+        &self.table
+    }
 }
 
 /// An outbox table of its own on the test PostgreSQL, `n` events over 10 keys, and the topic.
 async fn outbox(prefix: &str, admin: Option<&Admin>, n: i64) -> Outbox {
-    let schema = format!("t_{}", common::unique(prefix).replace('-', "_"));
     let topic = common::unique(&format!("tls.{prefix}"));
     if let Some(admin) = admin {
         admin.create_topic(&topic, 3, 1, &Default::default()).await.expect("create topic");
     }
-    let pool = sqlx::PgPool::connect(&common::env("DATABASE_URL")).await.unwrap();
-    let t = lockstep::sql::QualifiedName {
-        schema: lockstep::sql::Ident::parse(&schema).unwrap(),
-        table: lockstep::sql::Ident::parse("outbox").unwrap(),
-    };
-    let mut c = pool.acquire().await.unwrap();
-    lockstep::schema::migrate(&mut c, lockstep::schema::TableKind::Outbox, &t, true)
-        .await
-        .unwrap();
+    let table = common::outbox::OutboxTable::create(prefix, &common::env("DATABASE_URL")).await;
     sqlx::query(&format!(
-        "insert into \"{schema}\".outbox (id, aggregatetype, aggregateid, type, payload)
+        "insert into \"{}\".outbox (id, aggregatetype, aggregateid, type, payload)
          select gen_random_uuid(), 'order', 'k-' || (g % 10), 'created', jsonb_build_object('n', g, 'pad', repeat('x', 200))
-         from generate_series(1, $1) g"
+         from generate_series(1, $1) g",
+        table.schema
     ))
     .bind(n)
-    .execute(&pool)
+    .execute(&table.pool)
     .await
     .unwrap();
-    Outbox { schema, topic, pool }
+    Outbox { table, topic }
 }
 
-/// A relay process, killed and reaped on drop, so a failing test leaves none behind.
 struct RelayProc(std::process::Child);
 
 impl Drop for RelayProc {
@@ -185,21 +182,6 @@ impl Outbox {
             .spawn()
             .map(RelayProc)
             .expect("start lockstep relay")
-    }
-
-    async fn wait_drained(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left: i64 = sqlx::query_scalar(&format!("select count(*) from \"{}\".outbox", self.schema))
-                .fetch_one(&self.pool)
-                .await
-                .unwrap();
-            if left == 0 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{left} events still in the outbox after {timeout:?}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
     }
 }
 

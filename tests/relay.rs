@@ -18,33 +18,28 @@ use rdkafka::{
 };
 
 struct Outbox {
-    schema: String,
+    table: common::outbox::OutboxTable,
     topic: String,
     url: String,
     bootstrap: String,
-    pool: sqlx::PgPool,
+}
+
+impl std::ops::Deref for Outbox {
+    type Target = common::outbox::OutboxTable;
+    fn deref(&self) -> &Self::Target {
+        &self.table
+    }
 }
 
 async fn outbox(prefix: &str, url: &str, bootstrap: &str, partitions: i32) -> Outbox {
-    let schema = format!("t_{}", common::unique(prefix).replace('-', "_"));
     let topic = common::unique(&format!("relay.{prefix}"));
     let admin = Admin::new(bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
     admin.create_topic(&topic, partitions, 1, &Default::default()).await.unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(url).await.unwrap();
-    let t = lockstep::sql::QualifiedName {
-        schema: lockstep::sql::Ident::parse(&schema).unwrap(),
-        table: lockstep::sql::Ident::parse("outbox").unwrap(),
-    };
-    let mut c = pool.acquire().await.unwrap();
-    lockstep::schema::migrate(&mut c, lockstep::schema::TableKind::Outbox, &t, true)
-        .await
-        .unwrap();
     Outbox {
-        schema,
+        table: common::outbox::OutboxTable::create(prefix, url).await,
         topic,
         url: url.into(),
         bootstrap: bootstrap.into(),
-        pool,
     }
 }
 
@@ -110,25 +105,6 @@ impl Outbox {
         .execute(&self.pool)
         .await
         .unwrap();
-    }
-
-    async fn remaining(&self) -> i64 {
-        sqlx::query_scalar(&format!("select count(*) from \"{}\".outbox", self.schema))
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
-    }
-
-    async fn wait_drained(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = self.remaining().await;
-            if left == 0 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{left} events still in the outbox after {timeout:?}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
     }
 }
 
@@ -237,11 +213,13 @@ async fn survives_sigkill_and_an_inbox_consumer_applies_each_event_once() {
         tokio::spawn(async move {
             for step in 0..STEPS {
                 let o2 = Outbox {
-                    schema: schema.clone(),
+                    table: common::outbox::OutboxTable {
+                        schema: schema.clone(),
+                        pool: pool.clone(),
+                    },
                     topic: String::new(),
                     url: String::new(),
                     bootstrap: String::new(),
-                    pool: pool.clone(),
                 };
                 o2.insert(step * EVENTS / STEPS, EVENTS / STEPS, 1000).await;
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -598,11 +576,10 @@ async fn a_poison_row_of_a_bytea_outbox_moves_to_a_jsonb_dead_letter_table() {
     .await
     .unwrap();
     let o = Outbox {
-        schema,
+        table: common::outbox::OutboxTable { schema, pool },
         topic,
         url,
         bootstrap,
-        pool,
     };
     let mut relay = o.relay("relay-bytea.log");
     o.wait_drained(Duration::from_secs(60)).await;

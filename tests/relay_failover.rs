@@ -25,37 +25,30 @@ use rdkafka::{
 const TAKEOVER_BOUND: Duration = Duration::from_secs(30);
 
 struct Outbox {
-    schema: String,
+    table: common::outbox::OutboxTable,
     topic: String,
     bootstrap: String,
-    pool: sqlx::PgPool,
 }
 
-async fn outbox(prefix: &str) -> Outbox {
-    let url = common::env("DATABASE_URL");
-    let bootstrap = common::kafka_bootstrap();
-    let schema = format!("t_{}", common::unique(prefix).replace('-', "_"));
-    let topic = common::unique(&format!("relay.{prefix}"));
-    let admin = Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
-    admin.create_topic(&topic, 1, 1, &Default::default()).await.unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await.unwrap();
-    let t = lockstep::sql::QualifiedName {
-        schema: lockstep::sql::Ident::parse(&schema).unwrap(),
-        table: lockstep::sql::Ident::parse("outbox").unwrap(),
-    };
-    let mut c = pool.acquire().await.unwrap();
-    lockstep::schema::migrate(&mut c, lockstep::schema::TableKind::Outbox, &t, true)
-        .await
-        .unwrap();
-    Outbox {
-        schema,
-        topic,
-        bootstrap,
-        pool,
+impl std::ops::Deref for Outbox {
+    type Target = common::outbox::OutboxTable;
+    fn deref(&self) -> &Self::Target {
+        &self.table
     }
 }
 
-/// A relay process; killed with SIGKILL and reaped on drop, so a failing test leaves none behind.
+async fn outbox(prefix: &str) -> Outbox {
+    let bootstrap = common::kafka_bootstrap();
+    let topic = common::unique(&format!("relay.{prefix}"));
+    let admin = Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
+    admin.create_topic(&topic, 1, 1, &Default::default()).await.unwrap();
+    Outbox {
+        table: common::outbox::OutboxTable::create(prefix, &common::env("DATABASE_URL")).await,
+        topic,
+        bootstrap,
+    }
+}
+
 struct RelayProc {
     child: Child,
     log: PathBuf,
@@ -134,26 +127,6 @@ impl Outbox {
         .unwrap();
     }
 
-    async fn remaining(&self) -> i64 {
-        sqlx::query_scalar(&format!("select count(*) from \"{}\".outbox", self.schema))
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
-    }
-
-    async fn wait_drained(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = self.remaining().await;
-            if left == 0 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{left} events still in the outbox after {timeout:?}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// The server process holding this outbox's relay lock, if any.
     async fn lock_holder(&self) -> Option<i32> {
         let t = lockstep::sql::QualifiedName {
             schema: lockstep::sql::Ident::parse(&self.schema).unwrap(),

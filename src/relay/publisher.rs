@@ -45,6 +45,8 @@ pub fn producer_config(cfg: &RelayConfig) -> ClientConfig {
 /// A batch handed to the producer whose delivery reports are not all in yet.
 struct InFlight {
     rows: Vec<OutboxRow>,
+    /// Each row's message key, as the gate knows them.
+    keys: Vec<String>,
     /// Row index and delivery report of each message the producer accepted.
     sent: Vec<(usize, DeliveryFuture)>,
     failures: Vec<Failure>,
@@ -209,6 +211,7 @@ impl Relay {
         }
         InFlight {
             rows,
+            keys,
             sent,
             failures,
             started,
@@ -248,6 +251,7 @@ impl Relay {
     async fn complete(&mut self, conn: &mut PgConnection, batch: InFlight) -> Result<(), RelayError> {
         let InFlight {
             rows,
+            keys,
             sent,
             mut failures,
             started,
@@ -275,17 +279,14 @@ impl Relay {
         }
         self.metrics.observe_commit_to_ack(&latencies);
         self.metrics.published.inc_by(acked.len() as u64);
-        let key_col = self.cfg.resolved.key;
         let mut waits = Vec::with_capacity(failures.len());
         for failure in failures {
-            let row = &rows[failure.row];
-            if let Some(until) = self.settle(conn, row, failure).await? {
-                waits.push((row.column(key_col), until));
+            let key = keys[failure.row].as_str();
+            if let Some(until) = self.settle(conn, &rows[failure.row], failure).await? {
+                waits.push((key, until));
             }
         }
-        let keys: Vec<String> = rows.iter().map(|r| r.column(key_col)).collect();
-        self.gate
-            .complete(keys.iter().map(String::as_str), waits.iter().map(|(k, t)| (k.as_str(), *t)));
+        self.gate.complete(keys.iter().map(String::as_str), waits);
         self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
         Ok(())
     }

@@ -1,0 +1,44 @@
+//! An outbox table of a test's own (a fresh schema), and what every relay test asks of it.
+
+use std::time::{Duration, Instant};
+
+pub struct OutboxTable {
+    pub schema: String,
+    pub pool: sqlx::PgPool,
+}
+
+impl OutboxTable {
+    /// A fresh schema named after `prefix` on `url`, with a migrated outbox table.
+    pub async fn create(prefix: &str, url: &str) -> Self {
+        let schema = format!("t_{}", super::unique(prefix).replace('-', "_"));
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(url).await.unwrap();
+        let t = lockstep::sql::QualifiedName {
+            schema: lockstep::sql::Ident::parse(&schema).unwrap(),
+            table: lockstep::sql::Ident::parse("outbox").unwrap(),
+        };
+        let mut c = pool.acquire().await.unwrap();
+        lockstep::schema::migrate(&mut c, lockstep::schema::TableKind::Outbox, &t, true)
+            .await
+            .unwrap();
+        OutboxTable { schema, pool }
+    }
+
+    pub async fn remaining(&self) -> i64 {
+        sqlx::query_scalar(&format!("select count(*) from \"{}\".outbox", self.schema))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    pub async fn wait_drained(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = self.remaining().await;
+            if left == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{left} events still in the outbox after {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

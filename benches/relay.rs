@@ -2,11 +2,14 @@
 //! (same settings, same messages), and D, the SQL alone (the relay's own select and delete
 //! statements). Reports R / min(P, D) and the relay's CPU time per event.
 //!
-//! Then measures commit-to-acknowledgement latency at 60% of R, woken by NOTIFY and by polling.
+//! Then measures commit-to-acknowledgement latency at 60% of R, woken by NOTIFY and by polling,
+//! against the producer alone at the same rate (send to acknowledgement); and, with cleanup
+//! MarkPublished, R with 1M published rows kept in the table against R with none.
 //!
 //!   scripts/bench relay   (BENCH_EVENTS, default 1000000; BENCH_BATCH, default 500; BENCH_IN_FLIGHT,
 //!                          default 4; BENCH_POLL, default 1s; BENCH_LATENCY_SECS, default 10;
-//!                          payload ~256 bytes; 1000 keys)
+//!                          BENCH_MARKED_EVENTS, default BENCH_EVENTS/4; BENCH_KEPT, default
+//!                          1000000; payload ~256 bytes; 1000 keys)
 
 use std::{
     sync::Arc,
@@ -105,11 +108,11 @@ async fn write_at(pool: &sqlx::PgPool, table: &str, rate: f64, dur: Duration) ->
 }
 
 /// The relay configuration the bench runs with: its own schema and topic, BENCH_* settings.
-fn config(schema: &str, topic: &str) -> RelayConfig {
+fn config(schema: &str, topic: &str, extra: &[&str]) -> RelayConfig {
     let batch = std::env::var("BENCH_BATCH").unwrap_or_else(|_| "500".into());
     let in_flight = std::env::var("BENCH_IN_FLIGHT").unwrap_or_else(|_| "4".into());
     let poll = std::env::var("BENCH_POLL").unwrap_or_else(|_| "1s".into());
-    let args = Wrap::parse_from([
+    let base = [
         "bench",
         "--schema",
         schema,
@@ -125,8 +128,8 @@ fn config(schema: &str, topic: &str) -> RelayConfig {
         &in_flight,
         "--poll-interval",
         &poll,
-    ]);
-    args.relay.resolve().expect("config")
+    ];
+    Wrap::parse_from(base.iter().chain(extra)).relay.resolve().expect("config")
 }
 
 /// P: the producer alone, same settings, same messages (key, ~256-byte payload, headers id and
@@ -162,6 +165,58 @@ async fn producer_rate(cfg: &RelayConfig, topic: &str, n: i64) -> f64 {
         f.await.unwrap().unwrap();
     }
     n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The producer alone at `rate` for `secs`, sending each 10 ms tick's share at once (as the relay
+/// sends a batch): send-to-acknowledgement latencies, in seconds.
+async fn producer_latencies(cfg: &RelayConfig, topic: &str, rate: f64, secs: f64) -> Vec<f64> {
+    let producer: FutureProducer = producer_config(cfg).create().unwrap();
+    let payload = format!("{{\"n\": 0, \"pad\": \"{}\"}}", "x".repeat(230));
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let (mut owed, mut i) = (0.0f64, 0u64);
+    let mut acks = Vec::new();
+    while Instant::now() < end {
+        tick.tick().await;
+        owed += rate / 100.0;
+        while owed >= 1.0 {
+            owed -= 1.0;
+            i += 1;
+            let key = format!("k-{}", i % 1000);
+            let id = uuid::Uuid::new_v4().to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "id",
+                    value: Some(id.as_bytes()),
+                })
+                .insert(Header {
+                    key: "type",
+                    value: Some("created".as_bytes()),
+                });
+            let sent = Instant::now();
+            let f = producer
+                .send_result(FutureRecord::to(topic).key(&key).payload(&payload).headers(headers))
+                .map_err(|_| ())
+                .expect("queue full at the latency rate");
+            acks.push(tokio::spawn(async move {
+                f.await.unwrap().unwrap();
+                sent.elapsed().as_secs_f64()
+            }));
+        }
+    }
+    let mut l = Vec::with_capacity(acks.len());
+    for a in acks {
+        l.push(a.await.unwrap());
+    }
+    l
+}
+
+/// p50 and p99 in milliseconds.
+fn percentiles(mut l: Vec<f64>) -> (f64, f64) {
+    l.sort_by(f64::total_cmp);
+    let pct = |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)] * 1e3;
+    (pct(0.50), pct(0.99))
 }
 
 /// D: the relay's own select + delete statements over `n` loaded events, no Kafka.
@@ -213,7 +268,7 @@ async fn relay_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, n: i64) -> (f64, f64
     let cpu = cpu_seconds() - cpu0;
     stop.cancel();
     task.await.unwrap().unwrap();
-    let left: i64 = sqlx::query_scalar(&format!("select count(*) from {table}"))
+    let left: i64 = sqlx::query_scalar(&format!("select count(*) from {table} where published_at is null"))
         .fetch_one(pool)
         .await
         .unwrap();
@@ -223,11 +278,11 @@ async fn relay_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, n: i64) -> (f64, f64
 
 /// Latency: writers commit events at `rate` while the relay runs, once woken by NOTIFY and once by
 /// polling alone. Latency = broker acknowledgement time - created_at (the writer's transaction
-/// start), so it includes the commit itself.
-async fn latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, rate: f64, secs: f64) {
+/// start), so it includes the commit itself. Returns (label, p50 ms, p99 ms) per mode.
+async fn latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, rate: f64, secs: f64) -> Vec<(&'static str, f64, f64)> {
     let table = cfg.resolved.table.to_string();
-    let modes: &[(&str, bool)] = if secs > 0.0 { &[("NOTIFY", true), ("polling", false)] } else { &[] };
-    for &(label, listen) in modes {
+    let mut out = Vec::new();
+    for (label, listen) in [("NOTIFY", true), ("polling", false)] {
         let mut c = cfg.clone();
         c.listen = listen;
         let metrics = Arc::new(RelayMetrics::with_latency_samples());
@@ -242,17 +297,56 @@ async fn latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, rate: f64, secs: f64)
         }
         stop.cancel();
         task.await.unwrap().unwrap();
-        let mut l = metrics.take_latency_samples();
-        l.sort_by(f64::total_cmp);
-        let pct = |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)] * 1e3;
+        let l = metrics.take_latency_samples();
+        let n = l.len();
+        let (p50, p99) = percentiles(l);
         println!(
-            "  {label:<8} (poll interval {:?}): p50 {:>7.1} ms   p99 {:>7.1} ms   ({} events)",
+            "  relay, {label:<8} (poll interval {:?}): p50 {p50:>7.1} ms   p99 {p99:>7.1} ms   ({n} events)",
             cfg.resolved.poll_interval,
-            pct(0.50),
-            pct(0.99),
-            l.len()
         );
+        out.push((label, p50, p99));
     }
+    out
+}
+
+/// Cleanup MarkPublished: R with `kept` published rows in the table (kept for publishedRetention)
+/// against R with none, `n` events each, in fresh tables.
+async fn marked_rates(pool: &sqlx::PgPool, topic: &str, n: i64, kept: i64) {
+    let mut rates = Vec::new();
+    for k in [0, kept] {
+        let schema = format!("bench_marked_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let cfg = config(&schema, topic, &["--cleanup", "mark-published", "--published-retention", "7d"]);
+        let r = &cfg.resolved;
+        let mut c = pool.acquire().await.unwrap();
+        prepare_outbox(&mut c, &r.table, &r.dead_letter_table, true).await.unwrap();
+        lockstep::schema::ensure_published_indexes(&mut c, &r.table, true).await.unwrap();
+        drop(c);
+        let table = r.table.to_string();
+        for start in (0..k).step_by(100_000) {
+            sqlx::query(&format!(
+                "insert into {table} (id, aggregatetype, aggregateid, type, payload, published_at)
+                 select gen_random_uuid(), 'order', 'k-' || (g % 1000), 'created', jsonb_build_object('n', g, 'pad', repeat('x', 230)), now()
+                 from generate_series($1::bigint, $1::bigint + $2::bigint - 1) g"
+            ))
+            .bind(start)
+            .bind(100_000.min(k - start))
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+        sqlx::query(&format!("vacuum analyze {table}")).execute(pool).await.unwrap();
+        let (rate, _) = relay_rate(pool, &cfg, n).await;
+        println!("  {k:>8} published rows kept: R {rate:>8.0} events/s");
+        rates.push(rate);
+        sqlx::query(&format!("drop schema \"{schema}\" cascade"))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    println!(
+        "  R with {kept} kept / R with none = {:.2} (goal >= 0.90: flat)",
+        rates[1] / rates[0]
+    );
 }
 
 #[tokio::main]
@@ -262,7 +356,7 @@ async fn main() {
     let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS").expect("KAFKA_BOOTSTRAP_SERVERS");
     let schema = format!("bench_relay_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let topic = format!("bench.relay.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let cfg = config(&schema, &topic);
+    let cfg = config(&schema, &topic, &[]);
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await.unwrap();
     let admin = lockstep::kafka::Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
     admin.create_topic(&topic, 6, 1, &Default::default()).await.unwrap();
@@ -281,7 +375,7 @@ async fn main() {
     println!("P producer only:        {p_rate:>10.0} events/s");
     println!("D SQL read+delete only: {d_rate:>10.0} events/s");
     println!("R relay drain:          {r_rate:>10.0} events/s");
-    println!("R / min(P, D) = {:.2} (goal >= 0.85)", r_rate / p_rate.min(d_rate));
+    println!("R / min(P, D) = {:.2} (goal >= 0.90)", r_rate / p_rate.min(d_rate));
     println!(
         "relay CPU: {:.1} us/event (this process; includes librdkafka threads)",
         cpu * 1e6 / n as f64
@@ -292,10 +386,29 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10.0);
-    println!("commit-to-ack latency at {rate:.0} events/s (60% of R), {secs}s each, writers commit every 10 ms:");
-    latencies(&pool, &cfg, rate, secs).await;
+    if secs > 0.0 {
+        println!("latency at {rate:.0} events/s (60% of R), {secs}s each, sent every 10 ms:");
+        let (p50, p99) = percentiles(producer_latencies(&cfg, &topic, rate, secs).await);
+        println!("  producer only (send to ack):        p50 {p50:>7.1} ms   p99 {p99:>7.1} ms");
+        let relay = latencies(&pool, &cfg, rate, secs).await;
+        let notify_p99 = relay[0].2;
+        println!(
+            "  added by the relay (NOTIFY p99 - producer-only p99) = {:.1} ms (goal <= 10 ms)",
+            notify_p99 - p99
+        );
+    }
     sqlx::query(&format!("drop schema \"{schema}\" cascade"))
         .execute(&pool)
         .await
         .unwrap();
+
+    let marked: i64 = std::env::var("BENCH_MARKED_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n / 4);
+    let kept: i64 = std::env::var("BENCH_KEPT").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    if marked > 0 {
+        println!("cleanup MarkPublished, {marked} events:");
+        marked_rates(&pool, &topic, marked, kept).await;
+    }
 }

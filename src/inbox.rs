@@ -27,6 +27,7 @@ pub struct Inbox {
     table: QualifiedName,
     consumer: String,
     claim_sql: String,
+    claim_all_sql: String,
 }
 
 impl Inbox {
@@ -42,10 +43,14 @@ impl Inbox {
 
     pub fn for_table(table: QualifiedName, consumer: impl Into<String>) -> Self {
         let claim_sql = format!("insert into {table} (consumer, message_id) values ($1, $2) on conflict do nothing");
+        let claim_all_sql = format!(
+            "insert into {table} (consumer, message_id) select $1, m from unnest($2::text[]) m on conflict do nothing returning message_id"
+        );
         Inbox {
             table,
             consumer: consumer.into(),
             claim_sql,
+            claim_all_sql,
         }
     }
 
@@ -63,5 +68,18 @@ impl Inbox {
             .execute(tx)
             .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    /// `claim` for a batch of messages in one statement (one round trip): for each id, in order,
+    /// true when this is its first claim. An id repeated within the batch is new only the first
+    /// time.
+    pub async fn claim_all(&self, tx: &mut PgConnection, message_ids: &[&str]) -> Result<Vec<bool>, sqlx::Error> {
+        let new: Vec<String> = sqlx::query_scalar(&self.claim_all_sql)
+            .bind(&self.consumer)
+            .bind(message_ids)
+            .fetch_all(tx)
+            .await?;
+        let mut new: std::collections::HashSet<String> = new.into_iter().collect();
+        Ok(message_ids.iter().map(|id| new.remove(*id)).collect())
     }
 }

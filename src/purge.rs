@@ -35,17 +35,30 @@ pub async fn purge_expired(
     batch: i64,
     pause_ratio: f64,
 ) -> Result<PurgeResult, sqlx::Error> {
+    let sql = format!("delete from {table} where ctid = any(array(select ctid from {table} where received_at < $1 limit $2))");
+    purge_batches(pool, &sql, retention, batch, pause_ratio).await
+}
+
+/// Run `sql` (deletes at most $2 rows older than the cutoff $1) until it deletes fewer than
+/// `batch`, pausing `pause_ratio` times each batch's duration between batches. The cutoff is
+/// now - `retention` by the database's clock, fixed at the start.
+pub async fn purge_batches(
+    pool: &PgPool,
+    sql: &str,
+    retention: Duration,
+    batch: i64,
+    pause_ratio: f64,
+) -> Result<PurgeResult, sqlx::Error> {
     let started = Instant::now();
     let cutoff: sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc> = sqlx::query_scalar("select now() - make_interval(secs => $1)")
         .bind(retention.as_secs_f64())
         .fetch_one(pool)
         .await?;
-    let sql = format!("delete from {table} where ctid = any(array(select ctid from {table} where received_at < $1 limit $2))");
     let mut total = 0i64;
     let mut batches = 0u32;
     loop {
         let t = Instant::now();
-        let n = sqlx::query(&sql).bind(cutoff).bind(batch).execute(pool).await?.rows_affected() as i64;
+        let n = sqlx::query(sql).bind(cutoff).bind(batch).execute(pool).await?.rows_affected() as i64;
         total += n;
         batches += 1;
         if n < batch {

@@ -207,6 +207,23 @@ fn names(m: &BTreeMap<String, String>) -> String {
     m.iter().map(|(n, t)| format!("{n} {t}\n")).collect()
 }
 
+/// Cleanup MarkPublished's indexes: their names are how an existing index is found again.
+#[test]
+fn published_indexes_are_exact() {
+    let t = lockstep::sql::QualifiedName {
+        schema: lockstep::sql::Ident::parse("billing").unwrap(),
+        table: lockstep::sql::Ident::parse("orders_outbox").unwrap(),
+    };
+    let ddl: Vec<String> = lockstep::schema::published_indexes(&t).into_iter().map(|(_, d)| d).collect();
+    assert_eq!(
+        ddl,
+        [
+            r#"create index concurrently if not exists "orders_outbox_unpublished_idx" on "billing"."orders_outbox" (seq) where published_at is null"#,
+            r#"create index concurrently if not exists "orders_outbox_published_at_idx" on "billing"."orders_outbox" (published_at) where published_at is not null"#,
+        ]
+    );
+}
+
 #[test]
 fn metric_names_are_exact() {
     let operator = metric_types(&lockstep::metrics::Metrics::default().render());
@@ -226,12 +243,16 @@ lockstep_relay_batch_duration_seconds histogram
 lockstep_relay_blocked_keys gauge
 lockstep_relay_broker_failing gauge
 lockstep_relay_commit_to_ack_seconds histogram
+lockstep_relay_notifications counter
 lockstep_relay_oldest_pending_age_seconds gauge
 lockstep_relay_oldest_transaction_age_seconds gauge
 lockstep_relay_pending_events gauge
 lockstep_relay_producer_rebuilds counter
 lockstep_relay_published counter
+lockstep_relay_published_rows_purged counter
+lockstep_relay_purge_failures counter
 lockstep_relay_quarantined counter
+lockstep_relay_wakeups counter
 "#
     );
 }

@@ -594,28 +594,34 @@ async fn a_poison_row_of_a_bytea_outbox_moves_to_a_jsonb_dead_letter_table() {
 
 /// A fatal idempotent-producer error makes every send fail: the relay replaces the producer and
 /// goes on from the outbox, losing nothing.
-#[tokio::test]
-async fn a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing() {
+/// The relay's configuration for `o`, as `lockstep relay` would parse it from `extra` arguments.
+fn config(o: &Outbox, extra: &[&str]) -> lockstep::config::RelayConfig {
     use clap::Parser;
     #[derive(clap::Parser)]
     struct Cli {
         #[command(flatten)]
         args: lockstep::config::RelayArgs,
     }
-    let o = outbox("fatal", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 3).await;
-    let url = o.url.clone();
     let argv = [
         "relay",
         "--database-url",
-        &url,
+        &o.url,
         "--bootstrap-servers",
         &o.bootstrap,
         "--schema",
         &o.schema,
         "--topic",
         &o.topic,
+        "--metrics-addr",
+        "127.0.0.1:0",
     ];
-    let cfg = Cli::parse_from(argv).args.resolve().unwrap();
+    Cli::parse_from(argv.iter().chain(extra)).args.resolve().unwrap()
+}
+
+#[tokio::test]
+async fn a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing() {
+    let o = outbox("fatal", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 3).await;
+    let cfg = config(&o, &[]);
     let mut conn = o.pool.acquire().await.unwrap();
     let r = &cfg.resolved;
     let tables = lockstep::schema::prepare_outbox(&mut conn, &r.table, &r.dead_letter_table, true)
@@ -643,4 +649,142 @@ async fn a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing() {
     assert_eq!(dead_letters(&o).await, vec![]);
     let got = consume(&o.bootstrap, &o.topic, 1_000, Duration::from_secs(60));
     check(&got, 1_000, 10);
+}
+
+/// Under sustained load NOTIFYs arrive while a drain runs; the relay takes all that arrived in
+/// one wake-up instead of running one (mostly empty) drain per writer transaction.
+#[tokio::test]
+async fn notifications_that_arrive_during_a_drain_wake_one_drain() {
+    const WRITERS: i64 = 8;
+    const EACH: i64 = 250;
+    let o = outbox("notify", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 3).await;
+    // A long poll interval: every wake-up here is a NOTIFY.
+    let cfg = config(&o, &["--poll-interval", "60s"]);
+    let metrics = std::sync::Arc::new(lockstep::relay::RelayMetrics::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn(lockstep::relay::run_with_metrics(cfg, stop.clone(), metrics.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metrics.active.get() == 0 {
+        assert!(Instant::now() < deadline, "the relay did not take the lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One row per transaction: one NOTIFY each.
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let pool = o.pool.clone();
+            let sql = format!(
+                "insert into \"{}\".outbox (id, aggregatetype, aggregateid, type, payload)
+                 values (gen_random_uuid(), 'order', 'k-' || $1::text, 'created', jsonb_build_object('key', $1::bigint, 'n', $2::bigint))",
+                o.schema
+            );
+            tokio::spawn(async move {
+                for n in 0..EACH {
+                    sqlx::query(&sql).bind(w).bind(n).execute(&pool).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    o.wait_drained(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    relay.await.unwrap().unwrap();
+
+    let notified = metrics.notifications.get();
+    let wakeups = metrics.wakeups.get_or_create(&lockstep::relay::WakeLabel { by: "notify" }).get();
+    println!("{} transactions: {notified} NOTIFYs received, {wakeups} wake-ups", WRITERS * EACH);
+    assert!(notified >= (WRITERS * EACH / 2) as u64, "NOTIFYs arrive: {notified}");
+    assert!(
+        wakeups * 4 <= notified,
+        "NOTIFYs that piled up during a drain woke one drain: {wakeups} wake-ups for {notified} NOTIFYs"
+    );
+    let got = consume(&o.bootstrap, &o.topic, (WRITERS * EACH) as usize, Duration::from_secs(60));
+    check(&got, (WRITERS * EACH) as usize, WRITERS as usize);
+}
+
+/// Cleanup MarkPublished: the relay reads past published rows through the partial index, keeps
+/// published rows for publishedRetention, then purges them; unpublished rows are never purged.
+#[tokio::test]
+async fn mark_published_keeps_rows_for_the_retention_then_purges_them() {
+    const OLD: i64 = 60_000;
+    const NEW: i64 = 1_000;
+    let o = outbox("marked", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
+    let table = lockstep::sql::QualifiedName {
+        schema: lockstep::sql::Ident::parse(&o.schema).unwrap(),
+        table: lockstep::sql::Ident::parse("outbox").unwrap(),
+    };
+    let mut conn = o.pool.acquire().await.unwrap();
+    let missing = lockstep::schema::ensure_published_indexes(&mut conn, &table, false).await.unwrap();
+    assert_eq!(
+        missing,
+        ["outbox_unpublished_idx", "outbox_published_at_idx"],
+        "manageSchema false changes nothing"
+    );
+    // Rows published two hours ago (older than the retention), then events to publish.
+    sqlx::query(&format!(
+        "insert into {table} (id, aggregatetype, aggregateid, type, payload, published_at)
+         select gen_random_uuid(), 'order', 'old-' || g, 'created', '{{}}', now() - interval '2 hours'
+         from generate_series(1, $1) g"
+    ))
+    .bind(OLD)
+    .execute(&o.pool)
+    .await
+    .unwrap();
+    o.insert(0, NEW, 10).await;
+
+    let cfg = config(&o, &["--cleanup", "mark-published", "--published-retention", "1m"]);
+    let (select, _) = {
+        let mut c = o.pool.acquire().await.unwrap();
+        assert_eq!(
+            lockstep::schema::ensure_published_indexes(&mut c, &table, true).await.unwrap(),
+            Vec::<String>::new()
+        );
+        let r = &cfg.resolved;
+        let tables = lockstep::schema::prepare_outbox(&mut c, &r.table, &r.dead_letter_table, true)
+            .await
+            .unwrap();
+        let relay = lockstep::relay::Relay::new(cfg.clone(), Default::default(), &tables).unwrap();
+        let (s, d) = relay.statements();
+        (s.to_owned(), d.to_owned())
+    };
+    sqlx::query(&format!("analyze {table}")).execute(&o.pool).await.unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(&format!("explain {select}"))
+        .bind(500i64)
+        .bind(Vec::<String>::new())
+        .fetch_all(&o.pool)
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("outbox_unpublished_idx"),
+        "the read skips published rows by index:\n{plan}"
+    );
+
+    let metrics = std::sync::Arc::new(lockstep::relay::RelayMetrics::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn(lockstep::relay::run_with_metrics(cfg, stop.clone(), metrics.clone()));
+    let count = |filter: &'static str| {
+        let sql = format!("select count(*) from {table} where {filter}");
+        let pool = o.pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(&sql).fetch_one(&pool).await.unwrap() }
+    };
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while count("published_at is null").await > 0 || count("published_at < now() - interval '1 hour'").await > 0 {
+        assert!(Instant::now() < deadline, "not published and purged within 45s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Published within the retention: kept.
+    assert_eq!(
+        count("published_at is not null").await,
+        NEW,
+        "rows published within the retention are kept"
+    );
+    stop.cancel();
+    relay.await.unwrap().unwrap();
+    assert_eq!(metrics.purged.get(), OLD as u64);
+    assert_eq!(metrics.purge_failures.get(), 0);
+    let got = consume(&o.bootstrap, &o.topic, NEW as usize, Duration::from_secs(60));
+    check(&got, NEW as usize, 10);
 }

@@ -210,3 +210,33 @@ async fn fifty_concurrent_claims_of_one_id_succeed_exactly_once() {
     assert!(other.claim(&mut tx, "msg-1").await.unwrap());
     tx.commit().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_batch_claim_is_new_once_per_id_including_repeats_in_the_batch() {
+    let s = common::pg_schema("claim_all").await;
+    let t = qn(&s.schema, "inbox");
+    migrate(&mut s.pool.acquire().await.unwrap(), TableKind::Inbox, &t, true)
+        .await
+        .unwrap();
+    let inbox = Inbox::for_table(t.clone(), "billing");
+    let mut tx = s.pool.begin().await.unwrap();
+    assert!(inbox.claim(&mut tx, "m-2").await.unwrap());
+    tx.commit().await.unwrap();
+    let mut tx = s.pool.begin().await.unwrap();
+    let new = inbox.claim_all(&mut tx, &["m-1", "m-2", "m-3", "m-1"]).await.unwrap();
+    assert_eq!(new, [true, false, true, false]);
+    tx.rollback().await.unwrap();
+    // Rolled back: the ids are free again, for this consumer and every other.
+    let mut tx = s.pool.begin().await.unwrap();
+    assert_eq!(inbox.claim_all(&mut tx, &["m-1", "m-3"]).await.unwrap(), [true, true]);
+    tx.commit().await.unwrap();
+    let mut tx = s.pool.begin().await.unwrap();
+    assert_eq!(inbox.claim_all(&mut tx, &[]).await.unwrap(), Vec::<bool>::new());
+    assert_eq!(inbox.claim_all(&mut tx, &["m-1", "m-4"]).await.unwrap(), [false, true]);
+    tx.commit().await.unwrap();
+    let rows: i64 = sqlx::query_scalar(&format!("select count(*) from {t}"))
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 4);
+}

@@ -29,6 +29,12 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// What started a drain.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WakeLabel {
+    pub by: &'static str,
+}
+
 pub struct RelayMetrics {
     pub published: Counter,
     pub failures: Family<ReasonLabel, Counter>,
@@ -42,6 +48,10 @@ pub struct RelayMetrics {
     pub blocked_keys: Gauge,
     pub broker_failing: Gauge,
     pub producer_rebuilds: Counter,
+    pub wakeups: Family<WakeLabel, Counter>,
+    pub notifications: Counter,
+    pub purged: Counter,
+    pub purge_failures: Counter,
     latency_samples: Option<Mutex<Vec<f64>>>,
     registry: Registry,
 }
@@ -69,6 +79,10 @@ impl Default for RelayMetrics {
             blocked_keys: Gauge::default(),
             broker_failing: Gauge::default(),
             producer_rebuilds: Counter::default(),
+            wakeups: Family::default(),
+            notifications: Counter::default(),
+            purged: Counter::default(),
+            purge_failures: Counter::default(),
             latency_samples: None,
             registry: Registry::default(),
         };
@@ -85,7 +99,15 @@ impl Default for RelayMetrics {
             blocked_keys: "blocked_keys", "Keys whose oldest row waits for a retry";
             broker_failing: "broker_failing", "1 while publishes fail for broker or network reasons (retried, never dead-lettered)";
             producer_rebuilds: "producer_rebuilds", "Producers replaced after a fatal producer error";
+            wakeups: "wakeups", "Drains started after a wait, by what ended it (notify, poll)";
+            notifications: "notifications", "NOTIFYs received; those that arrived together woke one drain";
+            purged: "published_rows_purged", "Published rows deleted after publishedRetention (cleanup MarkPublished)";
+            purge_failures: "purge_failures", "Purges of published rows that failed (retried at the next interval)";
         });
+        // Both series from the start, so a rate over them is defined before the first wake-up.
+        for by in ["notify", "poll"] {
+            m.wakeups.get_or_create(&WakeLabel { by });
+        }
         RelayMetrics { registry, ..m }
     }
 }

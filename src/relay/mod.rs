@@ -18,6 +18,7 @@
 //! LISTEN, reconnect, stop), `publisher` the batch pipeline, `store` its SQL, `metrics` what it
 //! reports.
 
+mod cleanup;
 mod failure;
 mod gate;
 mod metrics;
@@ -41,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use self::session::Session;
 pub use self::{
     failure::{cause, is_permanent, transport_backoff, Cause},
-    metrics::{ReasonLabel, RelayMetrics},
+    metrics::{ReasonLabel, RelayMetrics, WakeLabel},
     publisher::{producer_config, Relay},
     session::{keepalive_sql, DEAD_PEER_TIMEOUT},
     store::{measure, oldest_transaction_age},
@@ -49,6 +50,7 @@ pub use self::{
 pub use crate::schema::PayloadColumn;
 use crate::{
     config::{describe_database_url, RelayConfig},
+    crd::Cleanup,
     metrics::Health,
     routing::{Part, TopicTemplate},
     schema::{self, OutboxTables},
@@ -148,7 +150,8 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
     let opts = opts.application_name("lockstep-relay");
     // LISTEN and the measurements: a dead relay's sessions go within DEAD_PEER_TIMEOUT too.
     let pool = PgPoolOptions::new()
-        .max_connections(2)
+        // LISTEN, the measurements, the MarkPublished purge.
+        .max_connections(3)
         .acquire_timeout(Duration::from_secs(5))
         .after_connect(|conn, _| Box::pin(session::set_keepalives(conn)))
         .connect_lazy_with(opts.clone());
@@ -158,6 +161,16 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
     };
     let mut relay = Relay::new(cfg.clone(), metrics.clone(), &tables)?;
     let active = Arc::new(AtomicBool::new(false));
+    if let (Cleanup::MarkPublished, Some(retention)) = (cfg.resolved.cleanup, cfg.resolved.published_retention) {
+        cleanup::spawn_purge(
+            pool.clone(),
+            cfg.resolved.table.clone(),
+            retention,
+            metrics.clone(),
+            active.clone(),
+            stop.clone(),
+        );
+    }
     metrics::spawn_measurements(
         pool.clone(),
         cfg.clone(),
@@ -193,6 +206,19 @@ async fn prepare_tables(pool: &PgPool, cfg: &RelayConfig, stop: &CancellationTok
             let tables = schema::prepare_outbox(&mut c, &r.table, &r.dead_letter_table, r.manage_schema)
                 .boxed()
                 .await?;
+            if r.cleanup == Cleanup::MarkPublished {
+                let missing = schema::ensure_published_indexes(&mut c, &r.table, r.manage_schema).await?;
+                if !missing.is_empty() {
+                    let ddl: Vec<String> = schema::published_indexes(&r.table).into_iter().map(|(_, d)| d).collect();
+                    tracing::warn!(
+                        table = %r.table,
+                        ?missing,
+                        "cleanup MarkPublished without its indexes (manageSchema is false): every read scans the published \
+                         rows; create them with: {}",
+                        ddl.join("; ")
+                    );
+                }
+            }
             Ok::<_, RelayError>(tables)
         }
         .await;

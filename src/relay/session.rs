@@ -24,13 +24,14 @@ use std::{
     time::Duration,
 };
 
+use futures::FutureExt;
 use sqlx::{
     postgres::{PgConnectOptions, PgListener},
     Connection, Executor, PgConnection, PgPool,
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{backoff, Relay, RelayError, RelayMetrics};
+use super::{backoff, metrics::WakeLabel, Relay, RelayError, RelayMetrics};
 use crate::config::RelayConfig;
 
 /// How long a dead peer of a relay's connection goes unnoticed, at most (plus timer slack): the
@@ -100,6 +101,18 @@ async fn answered<T>(doing: &'static str, f: impl Future<Output = Result<T, Rela
             after: DEAD_PEER_TIMEOUT,
         }),
     }
+}
+
+/// Take every notification already received, without waiting; how many. They all stand for rows
+/// the next drain reads anyway: under sustained load, NOTIFYs arrive during each drain, and
+/// answering them one wake-up at a time would run one (mostly empty) drain per writer
+/// transaction. `try_recv` is cancel-safe: a message half read stays buffered.
+fn take_received(l: &mut PgListener) -> u64 {
+    let mut n = 0;
+    while let Some(Ok(Some(_))) = l.try_recv().now_or_never() {
+        n += 1;
+    }
+    n
 }
 
 /// One relay's sessions: connect, wait for the lock, relay on that connection; start over when
@@ -247,7 +260,7 @@ impl Session<'_> {
             if self.stop.is_cancelled() {
                 return Ok(());
             }
-            let wake = async {
+            let notified = async {
                 match listener.as_mut() {
                     Some(l) => {
                         let _ = l.recv().await;
@@ -255,11 +268,16 @@ impl Session<'_> {
                     None => std::future::pending::<()>().await,
                 }
             };
-            tokio::select! {
+            let by = tokio::select! {
                 _ = self.stop.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(poll) => {}
-                _ = wake => {}
+                _ = tokio::time::sleep(poll) => "poll",
+                _ = notified => "notify",
+            };
+            if by == "notify" {
+                let piled = listener.as_mut().map_or(0, take_received);
+                self.metrics.notifications.inc_by(1 + piled);
             }
+            self.metrics.wakeups.get_or_create(&WakeLabel { by }).inc();
         }
     }
 

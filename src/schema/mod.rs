@@ -9,13 +9,13 @@
 mod tables;
 
 use futures::FutureExt;
-use sqlx::{PgConnection, Row};
+use sqlx::{Executor, PgConnection, Row};
 
 #[cfg(test)]
 pub(crate) use self::tables::qualified;
 pub use self::tables::{
-    compare, contract, derived_name, migrations, notify_channel, ColumnContract, Contract, Migration, ObservedColumn, PayloadColumn,
-    TableKind,
+    compare, contract, derived_name, migrations, notify_channel, published_indexes, ColumnContract, Contract, Migration, ObservedColumn,
+    PayloadColumn, TableKind,
 };
 use crate::sql::{advisory_key, Ident, QualifiedName};
 
@@ -361,6 +361,54 @@ pub async fn prepare_outbox(
         dead_letter_payload: payload_column(conn, dead_letter).await?,
         channel: notify_channel(outbox),
     })
+}
+
+/// Make sure the MarkPublished indexes exist and are valid ([`published_indexes`]), under the
+/// table's migration lock (a session lock: CONCURRENTLY runs outside a transaction). An invalid
+/// index is what a build that was interrupted leaves behind: dropped and built again. With
+/// `manage` false nothing is changed; the names of the missing (or invalid) indexes are returned.
+pub async fn ensure_published_indexes(conn: &mut PgConnection, t: &QualifiedName, manage: bool) -> Result<Vec<String>, sqlx::Error> {
+    let key = lock_key(t);
+    if manage {
+        sqlx::query("select pg_advisory_lock($1)").bind(key).execute(&mut *conn).await?;
+    }
+    let result = async {
+        let mut missing = Vec::new();
+        for (name, ddl) in published_indexes(t) {
+            let valid: Option<bool> = sqlx::query_scalar(
+                "select i.indisvalid from pg_index i
+                 join pg_class c on c.oid = i.indexrelid
+                 join pg_namespace n on n.oid = c.relnamespace
+                 where n.nspname = $1 and c.relname = $2",
+            )
+            .bind(t.schema.as_str())
+            .bind(name.as_str())
+            .fetch_optional(&mut *conn)
+            .await?;
+            if valid == Some(true) {
+                continue;
+            }
+            if !manage {
+                missing.push(name.as_str().to_owned());
+                continue;
+            }
+            if valid == Some(false) {
+                let index = QualifiedName {
+                    schema: t.schema.clone(),
+                    table: name.clone(),
+                };
+                conn.execute(format!("drop index concurrently if exists {index}").as_str()).await?;
+            }
+            tracing::info!(table = %t, index = %name, "creating an index for cleanup MarkPublished");
+            conn.execute(ddl.as_str()).await?;
+        }
+        Ok(missing)
+    }
+    .await;
+    if manage {
+        sqlx::query("select pg_advisory_unlock($1)").bind(key).execute(&mut *conn).await?;
+    }
+    result
 }
 
 async fn payload_column(conn: &mut PgConnection, t: &QualifiedName) -> Result<PayloadColumn, sqlx::Error> {

@@ -36,18 +36,20 @@ pub async fn purge_expired(
     pause_ratio: f64,
 ) -> Result<PurgeResult, sqlx::Error> {
     let sql = format!("delete from {table} where ctid = any(array(select ctid from {table} where received_at < $1 limit $2))");
-    purge_batches(pool, &sql, retention, batch, pause_ratio).await
+    purge_batches(pool, &sql, retention, batch, pause_ratio, |_| {}).await
 }
 
 /// Run `sql` (deletes at most $2 rows older than the cutoff $1) until it deletes fewer than
 /// `batch`, pausing `pause_ratio` times each batch's duration between batches. The cutoff is
-/// now - `retention` by the database's clock, fixed at the start.
+/// now - `retention` by the database's clock, fixed at the start. `deleted` hears of each batch
+/// as it commits (a purge may be cancelled between batches).
 pub async fn purge_batches(
     pool: &PgPool,
     sql: &str,
     retention: Duration,
     batch: i64,
     pause_ratio: f64,
+    mut deleted: impl FnMut(u64),
 ) -> Result<PurgeResult, sqlx::Error> {
     let started = Instant::now();
     let cutoff: sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc> = sqlx::query_scalar("select now() - make_interval(secs => $1)")
@@ -59,6 +61,7 @@ pub async fn purge_batches(
     loop {
         let t = Instant::now();
         let n = sqlx::query(sql).bind(cutoff).bind(batch).execute(pool).await?.rows_affected() as i64;
+        deleted(n as u64);
         total += n;
         batches += 1;
         if n < batch {

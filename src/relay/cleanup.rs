@@ -55,11 +55,10 @@ pub(super) fn spawn_purge(
             }
             let result = tokio::select! {
                 _ = stop.cancelled() => return,
-                r = purge_batches(&pool, &sql, retention, PURGE_BATCH, PAUSE_RATIO) => r,
+                r = purge_batches(&pool, &sql, retention, PURGE_BATCH, PAUSE_RATIO, |n| drop(metrics.purged.inc_by(n))) => r,
             };
             match result {
                 Ok(r) => {
-                    metrics.purged.inc_by(r.rows_deleted as u64);
                     if r.rows_deleted > 0 {
                         tracing::debug!(%table, rows = r.rows_deleted, batches = r.batches, took = ?r.duration, "purged published rows");
                     }

@@ -55,7 +55,9 @@ pub(super) fn spawn_purge(
             }
             let result = tokio::select! {
                 _ = stop.cancelled() => return,
-                r = purge_batches(&pool, &sql, retention, PURGE_BATCH, PAUSE_RATIO, |n| drop(metrics.purged.inc_by(n))) => r,
+                r = purge_batches(&pool, &sql, retention, PURGE_BATCH, PAUSE_RATIO, |n| {
+                    metrics.purged.inc_by(n);
+                }) => r,
             };
             match result {
                 Ok(r) => {

@@ -6,16 +6,18 @@
 //! history is verified against the contract; a mismatch is reported and the table left alone.
 //! What the tables look like (DDL, contracts, derived names) is in `tables.rs`.
 
+mod outbox;
 mod tables;
 
 use futures::FutureExt;
-use sqlx::{Executor, PgConnection, Row};
+use sqlx::{PgConnection, Row};
 
+pub use self::outbox::{ensure_published_indexes, prepare_outbox, published_indexes, OutboxTables};
 #[cfg(test)]
 pub(crate) use self::tables::qualified;
 pub use self::tables::{
-    compare, contract, derived_name, migrations, notify_channel, published_indexes, ColumnContract, Contract, Migration, ObservedColumn,
-    PayloadColumn, TableKind,
+    compare, contract, derived_name, migrations, notify_channel, ColumnContract, Contract, Migration, ObservedColumn, PayloadColumn,
+    TableKind,
 };
 use crate::sql::{advisory_key, Ident, QualifiedName};
 
@@ -335,91 +337,6 @@ async fn apply(conn: &mut PgConnection, p: &Plan<'_>) -> Result<MigrationOutcome
         None => return Err(p.mismatch(vec!["the table was dropped after lockstep created it".into()])),
     }
     Ok(outcome)
-}
-
-/// What the relay needs to know about its tables once they are ready.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxTables {
-    pub payload: PayloadColumn,
-    /// The dead-letter table's payload column (a user-made one may differ from the outbox's).
-    pub dead_letter_payload: PayloadColumn,
-    /// The NOTIFY channel the outbox trigger signals.
-    pub channel: String,
-}
-
-/// Migrate (or verify) an outbox and its dead-letter table and describe them: the relay's one call.
-pub async fn prepare_outbox(
-    conn: &mut PgConnection,
-    outbox: &QualifiedName,
-    dead_letter: &QualifiedName,
-    manage: bool,
-) -> Result<OutboxTables, SchemaError> {
-    migrate(conn, TableKind::Outbox, outbox, manage).boxed().await?;
-    migrate(conn, TableKind::DeadLetter, dead_letter, manage).boxed().await?;
-    Ok(OutboxTables {
-        payload: payload_column(conn, outbox).await?,
-        dead_letter_payload: payload_column(conn, dead_letter).await?,
-        channel: notify_channel(outbox),
-    })
-}
-
-/// Make sure the MarkPublished indexes exist and are valid ([`published_indexes`]), under the
-/// table's migration lock (a session lock: CONCURRENTLY runs outside a transaction). An invalid
-/// index is what a build that was interrupted leaves behind: dropped and built again. With
-/// `manage` false nothing is changed; the names of the missing (or invalid) indexes are returned.
-pub async fn ensure_published_indexes(conn: &mut PgConnection, t: &QualifiedName, manage: bool) -> Result<Vec<String>, sqlx::Error> {
-    let key = lock_key(t);
-    if manage {
-        sqlx::query("select pg_advisory_lock($1)").bind(key).execute(&mut *conn).await?;
-    }
-    let result = async {
-        let mut missing = Vec::new();
-        for (name, ddl) in published_indexes(t) {
-            let valid: Option<bool> = sqlx::query_scalar(
-                "select i.indisvalid from pg_index i
-                 join pg_class c on c.oid = i.indexrelid
-                 join pg_namespace n on n.oid = c.relnamespace
-                 where n.nspname = $1 and c.relname = $2",
-            )
-            .bind(t.schema.as_str())
-            .bind(name.as_str())
-            .fetch_optional(&mut *conn)
-            .await?;
-            if valid == Some(true) {
-                continue;
-            }
-            if !manage {
-                missing.push(name.as_str().to_owned());
-                continue;
-            }
-            if valid == Some(false) {
-                let index = QualifiedName {
-                    schema: t.schema.clone(),
-                    table: name.clone(),
-                };
-                conn.execute(format!("drop index concurrently if exists {index}").as_str()).await?;
-            }
-            tracing::info!(table = %t, index = %name, "creating an index for cleanup MarkPublished");
-            conn.execute(ddl.as_str()).await?;
-        }
-        Ok(missing)
-    }
-    .await;
-    if manage {
-        sqlx::query("select pg_advisory_unlock($1)").bind(key).execute(&mut *conn).await?;
-    }
-    result
-}
-
-async fn payload_column(conn: &mut PgConnection, t: &QualifiedName) -> Result<PayloadColumn, sqlx::Error> {
-    let udt: Option<String> = sqlx::query_scalar(
-        "select udt_name::text from information_schema.columns where table_schema = $1 and table_name = $2 and column_name = 'payload'",
-    )
-    .bind(t.schema.as_str())
-    .bind(t.table.as_str())
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(PayloadColumn::from_type_name(udt.as_deref()))
 }
 
 /// Compile-time guard: the migration future must stay Send (controllers run it on tokio's pool).

@@ -149,27 +149,6 @@ pub fn migrations(kind: TableKind) -> &'static [Migration] {
     }
 }
 
-/// The indexes an outbox needs when the relay marks rows published instead of deleting them
-/// (cleanup MarkPublished), as (name, DDL): the relay reads and measures only unpublished rows,
-/// and the purge finds the oldest published ones, neither scanning the rows kept for
-/// publishedRetention. Not a versioned migration: an outbox whose rows are deleted needs neither
-/// (every row is unpublished there), and CONCURRENTLY (writers keep writing while an existing
-/// table is indexed) cannot run in the migration's transaction.
-pub fn published_indexes(t: &QualifiedName) -> [(Ident, String); 2] {
-    let unpublished = derived_name(&t.table, "_unpublished_idx");
-    let published = derived_name(&t.table, "_published_at_idx");
-    [
-        (
-            unpublished.clone(),
-            format!("create index concurrently if not exists {unpublished} on {t} (seq) where published_at is null"),
-        ),
-        (
-            published.clone(),
-            format!("create index concurrently if not exists {published} on {t} (published_at) where published_at is not null"),
-        ),
-    ]
-}
-
 /// How an outbox stores payloads; the contract allows jsonb, json and bytea.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PayloadColumn {

@@ -106,7 +106,7 @@ impl Default for RelayMetrics {
         });
         // Both series from the start, so a rate over them is defined before the first wake-up.
         for by in ["notify", "poll"] {
-            m.wakeups.get_or_create(&WakeLabel { by });
+            let _ = m.wakeups.get_or_create(&WakeLabel { by });
         }
         RelayMetrics { registry, ..m }
     }

@@ -116,6 +116,17 @@ impl TopicTemplate {
         Ok(t)
     }
 
+    /// The template as written: `outbox.event.{aggregatetype}` (what `parse` reads back).
+    pub fn text(&self) -> String {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Literal(l) => l.clone(),
+                Part::Column(c) => format!("{{{c}}}"),
+            })
+            .collect()
+    }
+
     /// The topic name when the template has no columns.
     pub fn fixed(&self) -> Option<String> {
         self.parts
@@ -165,6 +176,13 @@ mod tests {
         assert!(t.render(|_| None).is_err());
         assert_eq!(TopicTemplate::parse("orders").unwrap().fixed().as_deref(), Some("orders"));
         assert_eq!(TopicTemplate::parse("{type}-{aggregatetype}").unwrap().columns().count(), 2);
+    }
+
+    #[test]
+    fn text_is_what_parse_read() {
+        for s in ["outbox.event.{aggregatetype}", "orders", "{type}-{aggregateid}.v1"] {
+            assert_eq!(TopicTemplate::parse(s).unwrap().text(), s);
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use super::dedup_policy::TableView;
 use crate::{
     conditions::{condition, reason, Cond},
-    crd::{DedupPolicySpec, Enforcement, PolicyException, SecretKeyRef, ValidInboxTable},
+    crd::{DedupPolicySpec, Enforcement, OutboxRelay, PolicyException, SecretKeyRef, ValidInboxTable},
     duration::Given,
     purge::{LastPurge, PurgeResult},
     retention::{Compliance, Effective, PolicyView},
@@ -120,4 +120,59 @@ pub fn table(ns: &str, name: &str, team: &str, retention: Result<Option<&str>, (
         namespace_labels: BTreeMap::from([("team".to_string(), team.to_string())]),
         requested: retention.map(|r| r.map(|r| (r.to_string(), crate::duration::parse(r).unwrap()))),
     }
+}
+
+/// An OutboxRelay as read from the API (namespace, uid) with the given spec (JSON, defaults apply).
+pub fn outbox_relay_with(name: &str, spec: serde_json::Value) -> OutboxRelay {
+    let mut o = OutboxRelay::new(name, serde_json::from_value(spec).unwrap());
+    o.metadata.namespace = Some("shop".into());
+    o.metadata.uid = Some("3f1c2a4e-8d0b-4c6e-9a7f-1b2c3d4e5f60".into());
+    o
+}
+
+/// Only the required fields: every relay setting at its default, no Kafka auth Secret.
+pub fn outbox_relay_minimal(name: &str) -> OutboxRelay {
+    outbox_relay_with(
+        name,
+        serde_json::json!({
+            "database": {"urlSecretRef": {"name": "db"}, "table": "outbox"},
+            "kafka": {"bootstrapServers": "kafka:9092"},
+        }),
+    )
+}
+
+/// Every relay setting away from its default, a Kafka auth Secret, a producer value starting with '-'.
+pub fn outbox_relay(name: &str) -> OutboxRelay {
+    outbox_relay_with(
+        name,
+        serde_json::json!({
+            "database": {
+                "urlSecretRef": {"name": "orders-db", "key": "dsn"},
+                "schema": "billing",
+                "table": "orders_outbox",
+                "manageSchema": false,
+            },
+            "kafka": {
+                "bootstrapServers": "k1:9092,k2:9093",
+                "authSecretRef": {"name": "kafka-auth"},
+                "producer": {
+                    "lingerMs": 20,
+                    "compression": "zstd",
+                    "config": {"client.id": "-orders", "acks": "all", "message.max.bytes": "2000000"},
+                },
+            },
+            "routing": {"topic": "orders.{type}.v1", "key": "id"},
+            "topics": [{"name": "orders.created.v1", "partitions": 6}],
+            "relay": {
+                "replicas": 3,
+                "batchSize": 200,
+                "pollInterval": "1m30s",
+                "maxAttempts": 3,
+                "cleanup": "MarkPublished",
+                "publishedRetention": "1d",
+                "image": "registry.example/lockstep:1.2.3",
+            },
+            "lag": {"maxOldestAge": "1m"},
+        }),
+    )
 }

@@ -7,6 +7,8 @@ pub mod deps;
 pub mod inbox_table;
 pub mod outbox_relay;
 pub mod reconciler;
+pub mod relay_deployment;
+pub mod relay_pod;
 pub mod status;
 pub mod watches;
 

@@ -52,7 +52,6 @@ use crate::{
     config::{describe_database_url, RelayConfig},
     crd::Cleanup,
     metrics::Health,
-    routing::{Part, TopicTemplate},
     schema::{self, OutboxTables},
     sql::{advisory_key, QualifiedName},
 };
@@ -102,24 +101,13 @@ pub fn backoff(attempts: i32) -> Duration {
     Duration::from_secs(1u64.checked_shl(exp).unwrap_or(u64::MAX).min(300))
 }
 
-/// The template as written: `outbox.event.{aggregatetype}`.
-fn template_text(t: &TopicTemplate) -> String {
-    t.parts
-        .iter()
-        .map(|p| match p {
-            Part::Literal(l) => l.clone(),
-            Part::Column(c) => format!("{{{c}}}"),
-        })
-        .collect()
-}
-
 /// The line `lockstep relay` prints when it starts.
 pub fn banner(cfg: &RelayConfig) -> String {
     let r = &cfg.resolved;
     format!(
         "lockstep relay: {} -> {} (key {}) on {}, database {}, batch {}, poll {:?}",
         r.table,
-        template_text(&r.topic_template),
+        r.topic_template.text(),
         r.key,
         cfg.bootstrap_servers,
         describe_database_url(cfg.database_url.expose()),

@@ -3,6 +3,8 @@
 
 use std::{collections::BTreeMap, time::Duration as StdDuration};
 
+use k8s_openapi::api::core::v1::ResourceRequirements;
+
 use super::{Cleanup, Compression, KafkaSpec, OutboxRelaySpec, RelaySpec, TopicSpec, DEAD_LETTER_SUFFIX};
 use crate::{
     crd::common::{validate_object_name, SecretKeyRef},
@@ -41,6 +43,12 @@ pub struct ValidOutboxRelay {
     pub cleanup: Cleanup,
     pub published_retention: Option<StdDuration>,
     pub max_oldest_age: StdDuration,
+    /// The relay image the spec names; None: the operator's default.
+    pub image: Option<String>,
+    /// The relay container's resources as the spec gives them; None: lockstep's defaults.
+    pub resources: Option<ResourceRequirements>,
+    /// Relaying stopped: the relay Deployment is scaled to 0 (`replicas` keeps the asked count).
+    pub paused: bool,
 }
 
 /// Producer settings that passed validation (idempotence and acks=all are added when building).
@@ -121,6 +129,9 @@ impl OutboxRelaySpec {
                 cleanup: r.cleanup,
                 published_retention,
                 max_oldest_age: max_oldest_age?,
+                image: r.image.clone(),
+                resources: r.resources.clone(),
+                paused: r.paused,
             })
         })
     }

@@ -236,6 +236,7 @@ async fn sql_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, payload: PayloadColumn
         let ids: Vec<uuid::Uuid> = sqlx::query(select_sql)
             .bind(i64::from(cfg.resolved.batch_size))
             .bind(&empty)
+            .bind(Vec::<i64>::new())
             .fetch_all(&mut *conn)
             .await
             .unwrap()

@@ -753,6 +753,7 @@ async fn mark_published_keeps_rows_for_the_retention_then_purges_them() {
     let plan: Vec<String> = sqlx::query_scalar(&format!("explain {select}"))
         .bind(500i64)
         .bind(Vec::<String>::new())
+        .bind(Vec::<i64>::new())
         .fetch_all(&o.pool)
         .await
         .unwrap();

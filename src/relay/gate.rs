@@ -1,22 +1,32 @@
-//! Which keys the next read must leave out, so each key's messages reach the broker in seq order:
-//! keys with a row in a batch still in flight (a later row of the key must not overtake it,
-//! whatever becomes of it), and keys whose oldest row waits for a retry. Pure; the time type is a
-//! parameter so the model test below can drive it with plain numbers.
+//! What the next read must leave out: the rows already in flight (they are still in the outbox
+//! until their batch completes), and every row of a key whose oldest row waits for a retry. Pure;
+//! the time type is a parameter so the model test below can drive it with plain numbers.
+//!
+//! Later rows of a key in flight may be read into later batches: the idempotent producer keeps a
+//! partition's messages in the order they were handed to it, across batches as within one (the
+//! broker refuses a sequence gap), so pipelining batches does not reorder a key. Leaving out every
+//! key in flight instead would cap the rows in flight at one batch per key: with 1,000 keys and
+//! 500-row batches, two batches, and every read that found nothing scanned the whole outbox.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 #[derive(Debug)]
 pub(super) struct KeyGate<T> {
-    /// Key -> batches in flight holding a row of it.
-    in_flight: HashMap<String, usize>,
-    /// Key -> until when its oldest row waits for a retry.
-    blocked: HashMap<String, T>,
+    /// Batches in flight, by dispatch number: the seqs of their rows.
+    in_flight: BTreeMap<u64, Vec<i64>>,
+    next: u64,
+    /// Key -> until when its oldest row waits for a retry, and the last batch dispatched when it
+    /// failed: batches up to that one may carry later rows of the key that the producer fails
+    /// with it, so the key stays out until they completed too (else each of them would block it
+    /// again, and a key could keep failing behind its own earlier failures).
+    blocked: HashMap<String, (T, u64)>,
 }
 
 impl<T> Default for KeyGate<T> {
     fn default() -> Self {
         KeyGate {
-            in_flight: HashMap::new(),
+            in_flight: BTreeMap::new(),
+            next: 0,
             blocked: HashMap::new(),
         }
     }
@@ -24,41 +34,37 @@ impl<T> Default for KeyGate<T> {
 
 impl<T: Ord + Copy> KeyGate<T> {
     /// The keys a read at `now` must skip.
-    pub fn excluded(&mut self, now: T) -> Vec<String> {
-        self.blocked.retain(|_, until| *until > now);
-        let mut keys: Vec<String> = self.in_flight.keys().chain(self.blocked.keys()).cloned().collect();
+    pub fn excluded_keys(&mut self, now: T) -> Vec<String> {
+        let oldest = self.in_flight.keys().next().copied();
+        self.blocked
+            .retain(|_, (until, last)| *until > now || oldest.is_some_and(|o| o <= *last));
+        let mut keys: Vec<String> = self.blocked.keys().cloned().collect();
         keys.sort_unstable();
-        keys.dedup();
         keys
     }
 
-    /// A batch with rows of these keys was read: they stay out of reads until it completes,
-    /// including the keys of rows the batch did not manage to send.
-    pub fn dispatch<'a>(&mut self, keys: impl IntoIterator<Item = &'a str>) {
-        let mut seen: Vec<&str> = keys.into_iter().collect();
-        seen.sort_unstable();
-        seen.dedup();
-        for k in seen {
-            *self.in_flight.entry(k.to_owned()).or_default() += 1;
-        }
+    /// The rows a read must skip: those in flight.
+    pub fn excluded_seqs(&self) -> Vec<i64> {
+        let mut seqs: Vec<i64> = self.in_flight.values().flatten().copied().collect();
+        seqs.sort_unstable();
+        seqs
     }
 
-    /// The batch holding rows of `keys` completed; `failed` keys wait until the given time.
-    pub fn complete<'a>(&mut self, keys: impl IntoIterator<Item = &'a str>, failed: impl IntoIterator<Item = (&'a str, T)>) {
-        let mut seen: Vec<&str> = keys.into_iter().collect();
-        seen.sort_unstable();
-        seen.dedup();
-        for k in seen {
-            if let Some(n) = self.in_flight.get_mut(k) {
-                *n -= 1;
-                if *n == 0 {
-                    self.in_flight.remove(k);
-                }
-            }
-        }
+    /// A batch of these rows was read: they stay out of reads until it completes. Its number.
+    pub fn dispatch(&mut self, seqs: impl IntoIterator<Item = i64>) -> u64 {
+        let n = self.next;
+        self.next += 1;
+        self.in_flight.insert(n, seqs.into_iter().collect());
+        n
+    }
+
+    /// Batch `n` completed; `failed` keys wait until the given time.
+    pub fn complete<'a>(&mut self, n: u64, failed: impl IntoIterator<Item = (&'a str, T)>) {
+        self.in_flight.remove(&n);
+        let last = self.next.saturating_sub(1);
         for (k, until) in failed {
-            let e = self.blocked.entry(k.to_owned()).or_insert(until);
-            *e = (*e).max(until);
+            let e = self.blocked.entry(k.to_owned()).or_insert((until, last));
+            *e = (e.0.max(until), e.1.max(last));
         }
     }
 
@@ -79,8 +85,10 @@ mod tests {
     //! seq order, which is what reading below the snapshot's xmin gives), batches are read in seq
     //! order leaving out the gate's keys, messages are acknowledged or fail at random, batches
     //! complete oldest first (as `Relay::drain` awaits them). The producer is modelled as an
-    //! idempotent producer is specified: within a batch, once a message of a key fails, the later
-    //! messages of that key fail too. Property: each key's acknowledged seqs only grow.
+    //! idempotent producer is specified: a partition's messages are acknowledged in the order they
+    //! were handed to it, and once a message of a key fails, the later messages of that key handed
+    //! to it before the failure was reported (in the same batch or a later one) fail too.
+    //! Property: each key's acknowledged seqs only grow.
 
     use std::collections::{BTreeMap, VecDeque};
 
@@ -98,7 +106,7 @@ mod tests {
     /// How the next read chooses rows.
     #[derive(Clone, Copy, PartialEq)]
     enum Rule {
-        /// Today's: skip keys in flight or blocked.
+        /// Today's: skip the rows in flight and the blocked keys.
         Gate,
         /// The rule this replaced: skip the seq range from the lowest to the highest seq in
         /// flight, and blocked keys (known only once a batch completed).
@@ -106,6 +114,7 @@ mod tests {
     }
 
     struct Batch {
+        n: u64,
         rows: Vec<Row>,
         /// Per row: acknowledged?
         outcome: Vec<bool>,
@@ -146,20 +155,20 @@ mod tests {
             }
             // Read while there is room.
             while in_flight.len() < depth {
-                let excluded = gate.excluded(now);
+                let keys = gate.excluded_keys(now);
+                let seqs = gate.excluded_seqs();
                 let range = in_flight
                     .iter()
                     .flat_map(|b| b.rows.iter().map(|r| r.seq))
                     .fold(None, |acc: Option<(i64, i64)>, s| {
                         Some(acc.map_or((s, s), |(lo, hi)| (lo.min(s), hi.max(s))))
                     });
-                let in_flight_seqs: Vec<i64> = in_flight.iter().flat_map(|b| b.rows.iter().map(|r| r.seq)).collect();
                 let batch: Vec<Row> = pending
                     .iter()
-                    .filter(|r| r.visible_at <= now && !in_flight_seqs.contains(&r.seq))
+                    .filter(|r| r.visible_at <= now && !keys.contains(&r.key))
                     .filter(|r| match rule {
-                        Rule::Gate => !excluded.contains(&r.key),
-                        Rule::SeqRange => !excluded.contains(&r.key) && range.is_none_or(|(lo, hi)| r.seq < lo || r.seq > hi),
+                        Rule::Gate => !seqs.contains(&r.seq),
+                        Rule::SeqRange => range.is_none_or(|(lo, hi)| r.seq < lo || r.seq > hi),
                     })
                     .take(limit)
                     .cloned()
@@ -167,24 +176,26 @@ mod tests {
                 if batch.is_empty() {
                     break;
                 }
-                if rule == Rule::Gate {
-                    gate.dispatch(batch.iter().map(|r| r.key.as_str()));
-                }
-                // The producer: a failed message fails the later ones of its key in the batch.
-                let mut failed_keys: Vec<&str> = Vec::new();
+                let n = gate.dispatch(batch.iter().map(|r| r.seq));
+                // The producer: a failed message fails the later ones of its key handed to it
+                // while the failure is in flight (this batch or an earlier one still in flight).
+                let mut failing: Vec<String> = in_flight
+                    .iter()
+                    .flat_map(|b| b.rows.iter().zip(&b.outcome).filter(|(_, ok)| !**ok).map(|(r, _)| r.key.clone()))
+                    .collect();
                 let outcome = batch
                     .iter()
                     .map(|r| {
                         let lucky = *dice.next().unwrap() || failures.get(&r.seq).is_some_and(|n| *n >= 3);
-                        let ok = !failed_keys.contains(&r.key.as_str()) && lucky;
+                        let ok = !failing.contains(&r.key) && lucky;
                         if !ok {
-                            failed_keys.push(&r.key);
+                            failing.push(r.key.clone());
                             *failures.entry(r.seq).or_default() += 1;
                         }
                         ok
                     })
                     .collect();
-                in_flight.push_back(Batch { rows: batch, outcome });
+                in_flight.push_back(Batch { n, rows: batch, outcome });
             }
             if let Some(b) = in_flight.pop_front() {
                 let mut failed = Vec::new();
@@ -196,12 +207,7 @@ mod tests {
                         failed.push((r.key.as_str(), now + 2));
                     }
                 }
-                let keys: Vec<&str> = if rule == Rule::Gate {
-                    b.rows.iter().map(|r| r.key.as_str()).collect()
-                } else {
-                    vec![]
-                };
-                gate.complete(keys, failed);
+                gate.complete(b.n, failed);
             }
         }
         assert!(pending.is_empty(), "the model ran out of time with rows left: {pending:?}");
@@ -244,22 +250,39 @@ mod tests {
     #[test]
     fn a_failure_holds_back_the_key_in_later_batches() {
         let rows = outbox(&[(0, 0), (0, 0), (1, 0), (0, 0)]);
-        // Limit 2: batch [1, 2] (k0 fails at seq 1, so seq 2 fails too), batch [3, 4] read before
-        // it completes must not carry k0's seq 4.
+        // Limit 2: batch [1, 2] (k0 fails at seq 1, so seq 2 fails too); batch [3, 4], read before
+        // it completes, carries k0's seq 4, which the producer fails with them; all three are read
+        // again once k0's wait is over, in order.
         let acked = run(rows, &[false, true, true, true, true, true], Rule::Gate, 2, 3);
         assert_eq!(acked["k0"], vec![1, 2, 4]);
     }
 
     #[test]
-    fn gate_releases_keys_and_expires_blocks() {
+    fn gate_releases_rows_and_expires_blocks() {
         let mut g = KeyGate::<u32>::default();
-        g.dispatch(["a", "b", "a"]);
-        g.dispatch(["a"]);
-        assert_eq!(g.excluded(0), ["a", "b"]);
-        g.complete(["a", "b", "a"], [("b", 5)]);
-        assert_eq!(g.excluded(1), ["a", "b"], "a is still in a second batch; b waits until 5");
-        g.complete(["a"], []);
-        assert_eq!(g.excluded(5), Vec::<String>::new());
+        let a = g.dispatch([1, 2]);
+        let b = g.dispatch([3]);
+        assert_eq!(g.excluded_seqs(), [1, 2, 3]);
+        assert_eq!(g.excluded_keys(0), Vec::<String>::new(), "keys in flight may be read again");
+        g.complete(a, [("k", 5)]);
+        assert_eq!(g.excluded_seqs(), [3]);
+        assert_eq!(g.excluded_keys(1), ["k"], "k waits until 5");
+        assert_eq!(
+            g.excluded_keys(6),
+            ["k"],
+            "and until batch b, which may carry k's later rows, completed"
+        );
+        let c = g.dispatch([4]);
+        g.complete(b, []);
+        assert_eq!(
+            g.excluded_keys(6),
+            Vec::<String>::new(),
+            "c was read while k was out: it has no row of k"
+        );
         assert_eq!(g.blocked(), 0);
+        g.complete(c, []);
+        g.dispatch([5]);
+        g.abandon_in_flight();
+        assert_eq!(g.excluded_seqs(), Vec::<i64>::new());
     }
 }

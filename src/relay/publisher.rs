@@ -44,8 +44,10 @@ pub fn producer_config(cfg: &RelayConfig) -> ClientConfig {
 
 /// A batch handed to the producer whose delivery reports are not all in yet.
 struct InFlight {
+    /// The gate's number for the batch.
+    n: u64,
     rows: Vec<OutboxRow>,
-    /// Each row's message key, as the gate knows them.
+    /// Each row's message key.
     keys: Vec<String>,
     /// Row index and delivery report of each message the producer accepted.
     sent: Vec<(usize, DeliveryFuture)>,
@@ -182,18 +184,20 @@ impl Relay {
         Ok(true)
     }
 
-    /// Rows to publish next, in seq order: visible to every snapshot, of no key in flight or waiting.
+    /// Rows to publish next, in seq order: visible to every snapshot, not in flight, of no key
+    /// waiting for a retry.
     async fn fetch(&mut self, conn: &mut PgConnection) -> Result<Vec<OutboxRow>, RelayError> {
-        let excluded = self.gate.excluded(Instant::now());
+        let keys = self.gate.excluded_keys(Instant::now());
         self.metrics.blocked_keys.set(self.gate.blocked() as i64);
-        Ok(self.sql.fetch(conn, self.cfg.resolved.batch_size, &excluded).await?)
+        let seqs = self.gate.excluded_seqs();
+        Ok(self.sql.fetch(conn, self.cfg.resolved.batch_size, &keys, &seqs).await?)
     }
 
     /// Hand a batch to the producer. A row whose send fails holds back the later rows of its key.
     async fn send(&mut self, rows: Vec<OutboxRow>, started: Instant) -> InFlight {
         let key_col = self.cfg.resolved.key;
         let keys: Vec<String> = rows.iter().map(|r| r.column(key_col)).collect();
-        self.gate.dispatch(keys.iter().map(String::as_str));
+        let n = self.gate.dispatch(rows.iter().map(|r| r.seq));
         let mut failed_keys: HashSet<&str> = HashSet::new();
         let mut failures = Vec::new();
         let mut sent = Vec::with_capacity(rows.len());
@@ -210,6 +214,7 @@ impl Relay {
             }
         }
         InFlight {
+            n,
             rows,
             keys,
             sent,
@@ -250,6 +255,7 @@ impl Relay {
     /// record what failed (retry later, or dead-letter), and let the batch's keys be read again.
     async fn complete(&mut self, conn: &mut PgConnection, batch: InFlight) -> Result<(), RelayError> {
         let InFlight {
+            n,
             rows,
             keys,
             sent,
@@ -286,7 +292,7 @@ impl Relay {
                 waits.push((key, until));
             }
         }
-        self.gate.complete(keys.iter().map(String::as_str), waits);
+        self.gate.complete(n, waits);
         self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
         Ok(())
     }
@@ -333,6 +339,7 @@ mod tests {
     fn row(headers: Option<serde_json::Value>) -> OutboxRow {
         OutboxRow {
             id: uuid::Uuid::nil(),
+            seq: 1,
             aggregatetype: "order".into(),
             aggregateid: "42".into(),
             type_: "created".into(),

@@ -70,7 +70,7 @@ fn payload_bytes(payload: PayloadColumn) -> &'static str {
 const UNPUBLISHED: &str = "published_at is null";
 
 /// Rows to publish next, in seq order, only below the snapshot's xmin. $1 limit, $2 the keys to
-/// leave out (text[]: keys in flight or waiting for a retry; see `gate`).
+/// leave out (text[]: keys waiting for a retry), $3 the rows in flight (bigint[] of seq); see `gate`.
 fn select_sql(t: &QualifiedName, key: OutboxColumn, payload: PayloadColumn, cleanup: Cleanup) -> String {
     let reads: Vec<String> = COLUMNS
         .iter()
@@ -92,6 +92,7 @@ fn select_sql(t: &QualifiedName, key: OutboxColumn, payload: PayloadColumn, clea
         "select {first},
                     {last} from {t}
              where txid < pg_snapshot_xmin(pg_current_snapshot()) {unpublished} and not ({key}::text = any($2))
+               and not (seq = any($3))
              order by seq limit $1"
     )
 }
@@ -136,6 +137,7 @@ fn quarantine_sql(t: &QualifiedName, dead_letter: &QualifiedName, outbox: Payloa
 /// An outbox row as the select reads it.
 pub(super) struct OutboxRow {
     pub id: Uuid,
+    pub seq: i64,
     pub aggregatetype: String,
     pub aggregateid: String,
     pub type_: String,
@@ -150,6 +152,7 @@ impl OutboxRow {
     fn from_row(r: &PgRow) -> Self {
         OutboxRow {
             id: r.get("id"),
+            seq: r.get("seq"),
             aggregatetype: r.get("aggregatetype"),
             aggregateid: r.get("aggregateid"),
             type_: r.get("type"),
@@ -194,11 +197,12 @@ impl Statements {
         }
     }
 
-    /// Up to `limit` rows, leaving out the `excluded` keys.
-    pub async fn fetch(&self, conn: &mut PgConnection, limit: i32, excluded: &[String]) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    /// Up to `limit` rows, leaving out the `keys` and the rows `seqs`.
+    pub async fn fetch(&self, conn: &mut PgConnection, limit: i32, keys: &[String], seqs: &[i64]) -> Result<Vec<OutboxRow>, sqlx::Error> {
         let rows = sqlx::query(&self.select)
             .bind(i64::from(limit))
-            .bind(excluded)
+            .bind(keys)
+            .bind(seqs)
             .fetch_all(conn)
             .await?;
         Ok(rows.iter().map(OutboxRow::from_row).collect())
@@ -260,6 +264,7 @@ mod tests {
             r#"select id, seq, aggregatetype, aggregateid, type, payload as payload, headers::jsonb as headers, attempts,
                     extract(epoch from created_at)::float8 as created from "billing"."orders"
              where txid < pg_snapshot_xmin(pg_current_snapshot())  and not (id::text = any($2))
+               and not (seq = any($3))
              order by seq limit $1"#
         );
         let json = select_sql(

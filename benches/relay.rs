@@ -172,6 +172,19 @@ async fn producer_rate(cfg: &RelayConfig, topic: &str, n: i64) -> f64 {
 async fn producer_latencies(cfg: &RelayConfig, topic: &str, rate: f64, secs: f64) -> Vec<f64> {
     let producer: FutureProducer = producer_config(cfg).create().unwrap();
     let payload = format!("{{\"n\": 0, \"pad\": \"{}\"}}", "x".repeat(230));
+    // Warm up (metadata, connections to every partition leader), as the relay is before it is measured.
+    let warm: Vec<_> = (0..1000)
+        .map(|i| {
+            let key = format!("k-{i}");
+            producer
+                .send_result(FutureRecord::to(topic).key(&key).payload(&payload))
+                .map_err(|_| ())
+                .unwrap()
+        })
+        .collect();
+    for f in warm {
+        f.await.unwrap().unwrap();
+    }
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let end = Instant::now() + Duration::from_secs_f64(secs);
@@ -256,6 +269,8 @@ async fn sql_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, payload: PayloadColumn
 async fn relay_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, n: i64) -> (f64, f64) {
     let table = cfg.resolved.table.to_string();
     load(pool, &table, n).await;
+    // Statistics as autovacuum would have them once the rows have been there a while.
+    sqlx::query(&format!("analyze {table}")).execute(pool).await.unwrap();
     let metrics = Arc::new(RelayMetrics::default());
     let stop = tokio_util::sync::CancellationToken::new();
     let cpu0 = cpu_seconds();
@@ -335,7 +350,6 @@ async fn marked_rates(pool: &sqlx::PgPool, topic: &str, n: i64, kept: i64) {
             .await
             .unwrap();
         }
-        sqlx::query(&format!("vacuum analyze {table}")).execute(pool).await.unwrap();
         let (rate, _) = relay_rate(pool, &cfg, n).await;
         println!("  {k:>8} published rows kept: R {rate:>8.0} events/s");
         rates.push(rate);

@@ -15,6 +15,7 @@ use rdkafka::{
     producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
 };
 use sqlx::PgConnection;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -51,8 +52,23 @@ struct InFlight {
     keys: Vec<String>,
     /// Row index and delivery report of each message the producer accepted.
     sent: Vec<(usize, DeliveryFuture)>,
+    /// Reports received so far, in the order of `sent`, with when (see `delivered`).
+    reports: Vec<(Report, f64)>,
     failures: Vec<Failure>,
     started: Instant,
+}
+
+type Report = Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>;
+
+impl InFlight {
+    /// Wait for every delivery report. Cancel-safe: reports already received are kept.
+    async fn delivered(&mut self) {
+        while self.reports.len() < self.sent.len() {
+            let i = self.reports.len();
+            let report = (&mut self.sent[i].1).await;
+            self.reports.push((report, unix_now()));
+        }
+    }
 }
 
 fn unix_now() -> f64 {
@@ -97,8 +113,10 @@ pub struct Relay {
     metrics: Arc<RelayMetrics>,
     producer: FutureProducer,
     sql: Statements,
-    /// Keys the next read leaves out: in flight, or waiting for a retry.
+    /// Rows and keys the next read leaves out: in flight, or waiting for a retry.
     gate: KeyGate<Instant>,
+    /// Told when new rows were committed (NOTIFY); see `drain`.
+    new_rows: Arc<Notify>,
     /// Broker or network failures in a row (reset by an acknowledgement).
     transport_failures: u32,
     /// A message timed out: the idempotent producer's sequence state for its partition is unknown
@@ -114,6 +132,7 @@ impl Relay {
             cfg,
             metrics,
             gate: KeyGate::default(),
+            new_rows: Arc::new(Notify::new()),
             transport_failures: 0,
             stale_producer: false,
         })
@@ -121,6 +140,12 @@ impl Relay {
 
     pub fn producer(&self) -> &FutureProducer {
         &self.producer
+    }
+
+    /// What to tell when new rows were committed: a waiting drain reads them at once instead of
+    /// after the oldest batch in flight is acknowledged; an idle relay starts a drain.
+    pub fn new_rows(&self) -> Arc<Notify> {
+        self.new_rows.clone()
     }
 
     /// The statements a batch runs (select, then delete or mark), for the SQL-only baseline.
@@ -156,9 +181,23 @@ impl Relay {
                     in_flight.push_back(self.send(rows, started).await);
                 }
             }
-            let Some(batch) = in_flight.pop_front() else {
+            let Some(mut batch) = in_flight.pop_front() else {
                 return Ok(());
             };
+            // Nothing more to read: wait for the oldest batch's reports, or for new rows, which
+            // are read at once rather than after an acknowledgement (the latency of a steady flow).
+            if empty && in_flight.len() + 1 < depth && !stop.is_cancelled() {
+                let new_rows = self.new_rows.clone();
+                let woken = tokio::select! {
+                    _ = batch.delivered() => false,
+                    _ = new_rows.notified() => true,
+                };
+                if woken {
+                    in_flight.push_front(batch);
+                    empty = false;
+                    continue;
+                }
+            }
             self.complete(conn, batch).await?;
             empty = false;
         }
@@ -217,6 +256,7 @@ impl Relay {
             n,
             rows,
             keys,
+            reports: Vec::with_capacity(sent.len()),
             sent,
             failures,
             started,
@@ -253,21 +293,23 @@ impl Relay {
 
     /// Wait for every delivery report of a batch, remove what was acknowledged in one statement,
     /// record what failed (retry later, or dead-letter), and let the batch's keys be read again.
-    async fn complete(&mut self, conn: &mut PgConnection, batch: InFlight) -> Result<(), RelayError> {
+    async fn complete(&mut self, conn: &mut PgConnection, mut batch: InFlight) -> Result<(), RelayError> {
+        batch.delivered().await;
         let InFlight {
             n,
             rows,
             keys,
             sent,
+            reports,
             mut failures,
             started,
         } = batch;
         let mut acked = Vec::with_capacity(sent.len());
         let mut latencies = Vec::with_capacity(sent.len());
-        for (i, f) in sent {
-            match f.await {
+        for ((i, _), (report, at)) in sent.into_iter().zip(reports) {
+            match report {
                 Ok(Ok(_)) => {
-                    latencies.push((unix_now() - rows[i].created).max(0.0));
+                    latencies.push((at - rows[i].created).max(0.0));
                     acked.push(rows[i].id)
                 }
                 Ok(Err((e, _))) => {

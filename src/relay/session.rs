@@ -24,11 +24,11 @@ use std::{
     time::Duration,
 };
 
-use futures::FutureExt;
 use sqlx::{
     postgres::{PgConnectOptions, PgListener},
     Connection, Executor, PgConnection, PgPool,
 };
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{backoff, metrics::WakeLabel, Relay, RelayError, RelayMetrics};
@@ -103,16 +103,13 @@ async fn answered<T>(doing: &'static str, f: impl Future<Output = Result<T, Rela
     }
 }
 
-/// Take every notification already received, without waiting; how many. They all stand for rows
-/// the next drain reads anyway: under sustained load, NOTIFYs arrive during each drain, and
-/// answering them one wake-up at a time would run one (mostly empty) drain per writer
-/// transaction. `try_recv` is cancel-safe: a message half read stays buffered.
-fn take_received(l: &mut PgListener) -> u64 {
-    let mut n = 0;
-    while let Some(Ok(Some(_))) = l.try_recv().now_or_never() {
-        n += 1;
+/// The task forwarding NOTIFYs, stopped with the session.
+struct Listening(tokio::task::JoinHandle<()>);
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.abort();
     }
-    n
 }
 
 /// One relay's sessions: connect, wait for the lock, relay on that connection; start over when
@@ -229,8 +226,11 @@ impl Session<'_> {
         }
     }
 
-    /// LISTEN on the outbox's channel, unless disabled; without it the relay polls.
-    async fn listen(&self) -> Option<PgListener> {
+    /// LISTEN on the outbox's channel, unless disabled (the relay then polls), and tell
+    /// `new_rows` of each NOTIFY. Notifications that arrive together wake one drain (a Notify
+    /// keeps one permit): under sustained load NOTIFYs arrive during every drain, and answering
+    /// them one by one would run a mostly empty drain per writer transaction.
+    async fn listen(&self, new_rows: Arc<Notify>) -> Option<Listening> {
         if !self.cfg.listen {
             return None;
         }
@@ -239,20 +239,38 @@ impl Session<'_> {
             l.listen(&self.channel).await?;
             Ok::<_, sqlx::Error>(l)
         };
-        match l.await {
-            Ok(l) => Some(l),
+        let mut l = match l.await {
+            Ok(l) => l,
             Err(e) => {
                 let poll = self.cfg.resolved.poll_interval;
                 tracing::warn!(error = %e, "cannot LISTEN for new rows; polling every {poll:?}");
-                None
+                return None;
             }
-        }
+        };
+        let metrics = self.metrics.clone();
+        Some(Listening(tokio::spawn(async move {
+            loop {
+                match l.try_recv().await {
+                    Ok(Some(_)) => {
+                        metrics.notifications.inc();
+                    }
+                    // Reconnected: rows may have come meanwhile, unannounced.
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN connection failed; retrying in 1s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+                new_rows.notify_one();
+            }
+        })))
     }
 
     /// Check the session, drain, then wait for NOTIFY or the poll interval, until `stop` (Ok) or
     /// an error.
     async fn relay(&self, relay: &mut Relay, conn: &mut PgConnection, locked: i32) -> Result<(), RelayError> {
-        let mut listener = self.listen().await;
+        let new_rows = relay.new_rows();
+        let _listening = self.listen(new_rows.clone()).await;
         let poll = self.cfg.resolved.poll_interval;
         loop {
             self.check(conn, locked).await?;
@@ -260,23 +278,11 @@ impl Session<'_> {
             if self.stop.is_cancelled() {
                 return Ok(());
             }
-            let notified = async {
-                match listener.as_mut() {
-                    Some(l) => {
-                        let _ = l.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
             let by = tokio::select! {
                 _ = self.stop.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(poll) => "poll",
-                _ = notified => "notify",
+                _ = new_rows.notified() => "notify",
             };
-            if by == "notify" {
-                let piled = listener.as_mut().map_or(0, take_received);
-                self.metrics.notifications.inc_by(1 + piled);
-            }
             self.metrics.wakeups.get_or_create(&WakeLabel { by }).inc();
         }
     }

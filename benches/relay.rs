@@ -7,7 +7,7 @@
 //! MarkPublished, R with 1M published rows kept in the table against R with none.
 //!
 //!   scripts/bench relay   (BENCH_EVENTS, default 1000000; BENCH_BATCH, default 500; BENCH_IN_FLIGHT,
-//!                          default 4; BENCH_POLL, default 1s; BENCH_LATENCY_SECS, default 10;
+//!                          default 16; BENCH_POLL, default 1s; BENCH_LATENCY_SECS, default 10;
 //!                          BENCH_MARKED_EVENTS, default BENCH_EVENTS/4; BENCH_KEPT, default
 //!                          1000000; payload ~256 bytes; 1000 keys)
 
@@ -67,8 +67,9 @@ async fn load(pool: &sqlx::PgPool, table: &str, n: i64) {
 }
 
 /// Commit events at `rate` per second for `dur`: every 10 ms, one transaction per writer connection
-/// inserts its share. Returns how many were written.
-async fn write_at(pool: &sqlx::PgPool, table: &str, rate: f64, dur: Duration) -> u64 {
+/// inserts its share. Returns how many were written, and each transaction's duration (insert and
+/// commit: part of the relay's latency, which starts at the row's created_at, the transaction's start).
+async fn write_at(pool: &sqlx::PgPool, table: &str, rate: f64, dur: Duration) -> (u64, Vec<f64>) {
     const WRITERS: usize = 4;
     let per_tick = rate / 100.0 / WRITERS as f64;
     let tasks: Vec<_> = (0..WRITERS)
@@ -79,7 +80,7 @@ async fn write_at(pool: &sqlx::PgPool, table: &str, rate: f64, dur: Duration) ->
                 let mut tick = tokio::time::interval(Duration::from_millis(10));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 let end = Instant::now() + dur;
-                let (mut owed, mut written) = (0.0f64, 0u64);
+                let (mut owed, mut written, mut took) = (0.0f64, 0u64, Vec::new());
                 while Instant::now() < end {
                     tick.tick().await;
                     owed += per_tick;
@@ -88,29 +89,33 @@ async fn write_at(pool: &sqlx::PgPool, table: &str, rate: f64, dur: Duration) ->
                         continue;
                     }
                     owed -= k as f64;
+                    let t = Instant::now();
                     sqlx::query(&sql)
                         .bind((w as i64) << 40 | written as i64)
                         .bind(k)
                         .execute(&pool)
                         .await
                         .expect("insert");
+                    took.push(t.elapsed().as_secs_f64());
                     written += k as u64;
                 }
-                written
+                (written, took)
             })
         })
         .collect();
-    let mut total = 0;
+    let (mut total, mut took) = (0, Vec::new());
     for t in tasks {
-        total += t.await.unwrap();
+        let (w, d) = t.await.unwrap();
+        total += w;
+        took.extend(d);
     }
-    total
+    (total, took)
 }
 
 /// The relay configuration the bench runs with: its own schema and topic, BENCH_* settings.
 fn config(schema: &str, topic: &str, extra: &[&str]) -> RelayConfig {
     let batch = std::env::var("BENCH_BATCH").unwrap_or_else(|_| "500".into());
-    let in_flight = std::env::var("BENCH_IN_FLIGHT").unwrap_or_else(|_| "4".into());
+    let in_flight = std::env::var("BENCH_IN_FLIGHT").unwrap_or_else(|_| "16".into());
     let poll = std::env::var("BENCH_POLL").unwrap_or_else(|_| "1s".into());
     let base = [
         "bench",
@@ -307,7 +312,7 @@ async fn latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, rate: f64, secs: f64)
         // Let it take the lock and settle before measuring.
         tokio::time::sleep(Duration::from_secs(1)).await;
         metrics.take_latency_samples();
-        let written = write_at(pool, &table, rate, Duration::from_secs_f64(secs)).await;
+        let (written, took) = write_at(pool, &table, rate, Duration::from_secs_f64(secs)).await;
         while metrics.published.get() < written {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -320,6 +325,8 @@ async fn latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, rate: f64, secs: f64)
             "  relay, {label:<8} (poll interval {:?}): p50 {p50:>7.1} ms   p99 {p99:>7.1} ms   ({n} events)",
             cfg.resolved.poll_interval,
         );
+        let (w50, w99) = percentiles(took);
+        println!("    writer transactions meanwhile (insert + commit): p50 {w50:>5.1} ms   p99 {w99:>5.1} ms");
         out.push((label, p50, p99));
     }
     out

@@ -155,7 +155,8 @@ pub struct RelayArgs {
     #[arg(long, env = "LOCKSTEP_LISTEN", default_value_t = true, action = clap::ArgAction::Set)]
     pub listen: bool,
     /// Batches published but not yet acknowledged at once; reading and deleting overlap with them.
-    #[arg(long, env = "LOCKSTEP_MAX_BATCHES_IN_FLIGHT", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    /// Under a steady flow batches are small (rows are read as they commit), so there are many.
+    #[arg(long, env = "LOCKSTEP_MAX_BATCHES_IN_FLIGHT", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub max_batches_in_flight: u16,
     /// Create or migrate the outbox and dead-letter tables (false: only verify them).
     #[arg(long, env = "LOCKSTEP_MANAGE_SCHEMA", default_value_t = true, action = clap::ArgAction::Set)]

@@ -220,7 +220,7 @@ relay --cleanup env=LOCKSTEP_CLEANUP default=delete
 relay --published-retention env=LOCKSTEP_PUBLISHED_RETENTION default=
 relay --metrics-addr env=LOCKSTEP_METRICS_ADDR default=0.0.0.0:9090
 relay --listen env=LOCKSTEP_LISTEN default=true
-relay --max-batches-in-flight env=LOCKSTEP_MAX_BATCHES_IN_FLIGHT default=4
+relay --max-batches-in-flight env=LOCKSTEP_MAX_BATCHES_IN_FLIGHT default=16
 relay --manage-schema env=LOCKSTEP_MANAGE_SCHEMA default=true
 crds --out env= default=
 crds --apply env= default="#

@@ -159,14 +159,62 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
             samples
         })
     };
-    let with_relay = run_for(writers, secs, write).await;
+    let with_relay = run_for(writers, secs, write.clone()).await;
     let backlog = sampler.await.unwrap();
     stop.cancel();
     relay.await.unwrap().unwrap();
+    // The broker's share: the same writers while the producer alone publishes what the relay
+    // published, at the same rate, on this machine.
+    let producer: rdkafka::producer::FutureProducer = lockstep::relay::producer_config(&cfg).create().unwrap();
+    let publishing = {
+        let (topic, stop) = (topic.clone(), Arc::new(AtomicBool::new(false)));
+        let s2 = stop.clone();
+        let task = tokio::spawn(async move {
+            let payload = format!("{{\"customer\": \"c-0\", \"pad\": \"{}\"}}", "x".repeat(150));
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut owed = 0.0f64;
+            let mut acks = Vec::new();
+            while !s2.load(Ordering::Relaxed) {
+                tick.tick().await;
+                owed += with_relay / 100.0;
+                while owed >= 1.0 {
+                    owed -= 1.0;
+                    let id = uuid::Uuid::new_v4().to_string();
+                    let headers = rdkafka::message::OwnedHeaders::new()
+                        .insert(rdkafka::message::Header {
+                            key: "id",
+                            value: Some(id.as_bytes()),
+                        })
+                        .insert(rdkafka::message::Header {
+                            key: "type",
+                            value: Some("created".as_bytes()),
+                        });
+                    let record = rdkafka::producer::FutureRecord::to(&topic)
+                        .key("c-0")
+                        .payload(&payload)
+                        .headers(headers);
+                    if let Ok(f) = producer.send_result(record) {
+                        acks.push(f);
+                    }
+                }
+            }
+            for f in acks {
+                let _ = f.await;
+            }
+        });
+        (stop, task)
+    };
+    let with_producer = run_for(writers, secs, write).await;
+    publishing.0.store(true, Ordering::Relaxed);
+    publishing.1.await.unwrap();
     println!("ingest: {writers} writers, each transaction = 1 order row + 1 outbox row (~256 B payload), {secs}s each");
     println!("  writer TPS without relay: {alone:>8.0}");
     println!("  writer TPS, relay draining: {with_relay:>6.0}");
     println!("  ratio = {:.2} (goal >= 0.90)", with_relay / alone);
+    println!(
+        "  writer TPS, the producer alone publishing {with_relay:.0}/s (the broker's share): {with_producer:.0} ({:.2} of alone)",
+        with_producer / alone
+    );
     println!("  outbox backlog each second while relaying: {backlog:?}");
     sqlx::query(&format!("drop schema \"{schema}\" cascade"))
         .execute(pool)

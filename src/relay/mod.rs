@@ -141,7 +141,7 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
         // LISTEN, the measurements, the MarkPublished purge.
         .max_connections(3)
         .acquire_timeout(Duration::from_secs(5))
-        .after_connect(|conn, _| Box::pin(session::set_keepalives(conn)))
+        .after_connect(|conn, _| Box::pin(session::configure(conn)))
         .connect_lazy_with(opts.clone());
 
     let Some(tables) = prepare_tables(&pool, &cfg, &stop).await? else {

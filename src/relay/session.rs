@@ -84,12 +84,16 @@ pub(super) async fn refuse_standby(conn: &mut PgConnection) -> Result<(), RelayE
     require_primary(in_recovery)
 }
 
-/// Set the server-side TCP settings on a new connection (`keepalive_sql`), and plan each read
-/// with its parameters: the keys to leave out are then a constant array PostgreSQL hashes,
-/// instead of a list searched row by row.
-pub(super) async fn set_keepalives(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+/// Set up a new connection: the server-side TCP settings (`keepalive_sql`); each read planned
+/// with its parameters (the keys and rows to leave out are then constant arrays PostgreSQL hashes,
+/// instead of lists searched row by row); and commits that do not wait for the WAL flush. The
+/// relay only removes, marks or moves rows it has published: a commit lost in a database crash
+/// brings those rows back, to be published again (a duplicate consumers drop, never a loss), and
+/// not waiting for the disk leaves the writers' commits the log to themselves.
+pub(super) async fn configure(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     conn.execute(keepalive_sql(DEAD_PEER_TIMEOUT).as_str()).await?;
-    conn.execute("set plan_cache_mode = force_custom_plan").await.map(drop)
+    conn.execute("set plan_cache_mode = force_custom_plan").await?;
+    conn.execute("set synchronous_commit = off").await.map(drop)
 }
 
 /// `f`, or `RelayError::Unresponsive` when the database did not answer within DEAD_PEER_TIMEOUT.
@@ -182,7 +186,7 @@ impl Session<'_> {
     async fn connect(&self) -> Result<PgConnection, RelayError> {
         answered("connecting", async {
             let mut conn = PgConnection::connect_with(&self.opts).await?;
-            set_keepalives(&mut conn).await?;
+            configure(&mut conn).await?;
             refuse_standby(&mut conn).await?;
             Ok(conn)
         })

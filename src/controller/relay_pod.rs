@@ -256,7 +256,11 @@ mod tests {
     /// Secret files, and compare with the spec's own resolved config.
     fn parses_back(o: &OutboxRelay, tag: &str) {
         let v = valid(o);
-        let mut args = Cli::try_parse_from(command_line(&container(&v, "img"))).unwrap().args;
+        // Only the container's own args and env count: the test process's environment (DATABASE_URL
+        // is set where the integration tests run) must not fill in flags.
+        let command = Cli::command().mut_args(|a| a.env(None::<&str>));
+        let matches = command.try_get_matches_from(command_line(&container(&v, "img"))).unwrap();
+        let mut args = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap().args;
         assert_eq!(args.database_url_file, Some(PathBuf::from(DATABASE_URL_FILE)));
         let expected_dir = v.auth_secret.as_ref().map(|_| PathBuf::from(KAFKA_CONFIG_DIR));
         assert_eq!(args.kafka_config_dir, expected_dir);

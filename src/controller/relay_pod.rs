@@ -206,7 +206,7 @@ pub fn pod_spec(v: &ValidOutboxRelay, image: &str) -> PodSpec {
 mod tests {
     use std::{path::PathBuf, time::Duration};
 
-    use clap::{CommandFactory, Parser};
+    use clap::CommandFactory;
 
     use super::*;
     use crate::{

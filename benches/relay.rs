@@ -137,6 +137,20 @@ fn config(schema: &str, topic: &str, extra: &[&str]) -> RelayConfig {
     Wrap::parse_from(base.iter().chain(extra)).relay.resolve().expect("config")
 }
 
+/// The headers the relay sends: a fresh `id`, and `type`.
+pub fn relay_headers() -> OwnedHeaders {
+    let id = uuid::Uuid::new_v4().to_string();
+    OwnedHeaders::new()
+        .insert(Header {
+            key: "id",
+            value: Some(id.as_bytes()),
+        })
+        .insert(Header {
+            key: "type",
+            value: Some("created".as_bytes()),
+        })
+}
+
 /// P: the producer alone, same settings, same messages (key, ~256-byte payload, headers id and
 /// type), whole run in flight. Events per second.
 async fn producer_rate(cfg: &RelayConfig, topic: &str, n: i64) -> f64 {
@@ -146,16 +160,7 @@ async fn producer_rate(cfg: &RelayConfig, topic: &str, n: i64) -> f64 {
     let mut pending = Vec::with_capacity(n as usize);
     for i in 0..n {
         let key = format!("k-{}", i % 1000);
-        let id = uuid::Uuid::new_v4().to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "id",
-                value: Some(id.as_bytes()),
-            })
-            .insert(Header {
-                key: "type",
-                value: Some("created".as_bytes()),
-            });
+        let headers = relay_headers();
         loop {
             match producer.send_result(FutureRecord::to(topic).key(&key).payload(&payload).headers(headers.clone())) {
                 Ok(f) => {
@@ -202,16 +207,7 @@ async fn producer_latencies(cfg: &RelayConfig, topic: &str, rate: f64, secs: f64
             owed -= 1.0;
             i += 1;
             let key = format!("k-{}", i % 1000);
-            let id = uuid::Uuid::new_v4().to_string();
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "id",
-                    value: Some(id.as_bytes()),
-                })
-                .insert(Header {
-                    key: "type",
-                    value: Some("created".as_bytes()),
-                });
+            let headers = relay_headers();
             let sent = Instant::now();
             let f = producer
                 .send_result(FutureRecord::to(topic).key(&key).payload(&payload).headers(headers))

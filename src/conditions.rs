@@ -43,6 +43,9 @@ pub mod reason {
     pub const RETENTION_BELOW_TOPIC_RETENTION: &str = "RetentionBelowTopicRetention";
     pub const NO_SOURCES: &str = "NoSourcesDeclared";
     pub const TOPIC_NOT_FOUND: &str = "TopicNotFound";
+    pub const LAG_WITHIN_THRESHOLD: &str = "LagWithinThreshold";
+    pub const LAG_ABOVE_THRESHOLD: &str = "LagAboveThreshold";
+    pub const LONG_TRANSACTION: &str = "LongTransaction";
 }
 
 /// A condition as computed by a reconcile, before timestamps.

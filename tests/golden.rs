@@ -173,6 +173,9 @@ fn condition_types_and_reasons_are_exact() {
         reason::RETENTION_BELOW_TOPIC_RETENTION,
         reason::NO_SOURCES,
         reason::TOPIC_NOT_FOUND,
+        reason::LAG_WITHIN_THRESHOLD,
+        reason::LAG_ABOVE_THRESHOLD,
+        reason::LONG_TRANSACTION,
     ];
     assert_eq!(
         reasons.join(","),
@@ -180,17 +183,27 @@ fn condition_types_and_reasons_are_exact() {
          SchemaMismatch,SchemaMissing,SchemaUpToDate,PurgeHealthy,PurgePending,PurgeFailed,RetentionClamped,\
          WithinPolicy,NoPolicy,PolicyViolation,TopicsConfigured,TopicConfigDrift,PartitionChangeRefused,\
          TopicOperationFailed,BrokerUnreachable,RetentionCoversRedelivery,RetentionBelowTopicRetention,\
-         NoSourcesDeclared,TopicNotFound"
+         NoSourcesDeclared,TopicNotFound,LagWithinThreshold,LagAboveThreshold,LongTransaction"
     );
     assert_eq!(lockstep::crd::PAUSED_ANNOTATION, "lockstep.dev/paused");
 }
 
 #[test]
 fn field_managers_are_exact() {
-    use lockstep::controller::{dedup_policy, inbox_table, outbox_relay};
+    use lockstep::controller::{dedup_policy, inbox_table, outbox_relay, relay_deployment};
     assert_eq!(
-        [inbox_table::MANAGER, outbox_relay::MANAGER, dedup_policy::MANAGER],
-        ["lockstep-inboxtable", "lockstep-outboxrelay", "lockstep-deduppolicy"]
+        [
+            inbox_table::MANAGER,
+            outbox_relay::MANAGER,
+            dedup_policy::MANAGER,
+            relay_deployment::MANAGER
+        ],
+        [
+            "lockstep-inboxtable",
+            "lockstep-outboxrelay",
+            "lockstep-deduppolicy",
+            "lockstep-relay-deployment"
+        ]
     );
 }
 

@@ -269,3 +269,56 @@ async fn dedup_covered_compares_inbox_retention_with_topic_retention() {
     policies.delete(&pname, &Default::default()).await.unwrap();
     ns.delete().await;
 }
+
+/// LagHealthy from the operator's own measurements: False while nothing relays and the oldest
+/// event passes `lag.maxOldestAge`, True again once a relay drained the outbox, and its own
+/// reason when an open transaction holds the rows back.
+#[tokio::test]
+async fn lag_healthy_follows_the_oldest_event_and_names_a_blocking_transaction() {
+    let (_c, ns, api, schema) = setup("obr-lag").await;
+    let bootstrap = common::kafka_bootstrap();
+    let topic = common::unique("lag.events");
+    admin(&bootstrap).create_topic(&topic, 1, 1, &Default::default()).await.unwrap();
+    let mut obr = relay("lagged", &schema, &bootstrap, json!([]));
+    obr.spec.routing.topic = topic.clone();
+    obr.spec.lag.max_oldest_age = lockstep::duration::Duration::new("4s");
+    api.create(&PostParams::default(), &obr).await.unwrap();
+    let slow = Duration::from_secs(60);
+    common::wait_condition(&api, "lagged", "LagHealthy", "True", Some("LagWithinThreshold"), slow).await;
+
+    let pool = sqlx::PgPool::connect(&common::env("DATABASE_URL")).await.unwrap();
+    let insert = format!(
+        "insert into \"{schema}\".outbox (id, aggregatetype, aggregateid, type, payload)
+         select gen_random_uuid(), 'order', 'k-' || g, 'created', '{{}}' from generate_series(1, 10) g"
+    );
+    sqlx::query(&insert).execute(&pool).await.unwrap();
+    // Nothing relays: past 4 s (plus a refresh), the lag is reported.
+    let obj = common::wait_condition(&api, "lagged", "LagHealthy", "False", Some("LagAboveThreshold"), slow).await;
+    let lag = obj.status.unwrap().lag.unwrap();
+    assert!(lag.pending_events >= 10 && lag.oldest_pending_age_seconds > 4.0, "{lag:?}");
+
+    // A relay drains it: healthy again.
+    let log = std::fs::File::create(std::path::PathBuf::from(common::env("LOCKSTEP_TESTENV_DIR")).join("obr-lag-relay.log")).unwrap();
+    let mut relay = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["relay", "--schema", &schema, "--table", "outbox", "--topic", &topic])
+        .args(["--metrics-addr", "127.0.0.1:0", "--poll-interval", "200ms"])
+        .env("DATABASE_URL", common::env("DATABASE_URL"))
+        .env("KAFKA_BOOTSTRAP_SERVERS", &bootstrap)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    common::wait_condition(&api, "lagged", "LagHealthy", "True", Some("LagWithinThreshold"), slow).await;
+
+    // An open transaction that wrote to the outbox holds back every row committed after it began.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(&insert).execute(&mut *tx).await.unwrap();
+    sqlx::query(&insert).execute(&pool).await.unwrap();
+    let obj = common::wait_condition(&api, "lagged", "LagHealthy", "False", Some("LongTransaction"), slow).await;
+    let lag = obj.status.unwrap().lag.unwrap();
+    assert!(lag.blocking_transaction_age_seconds.unwrap_or(0.0) > 4.0, "{lag:?}");
+    tx.commit().await.unwrap();
+    common::wait_condition(&api, "lagged", "LagHealthy", "True", Some("LagWithinThreshold"), slow).await;
+    let _ = relay.kill();
+    let _ = relay.wait();
+    ns.delete().await;
+}

@@ -5,6 +5,7 @@ pub mod context;
 pub mod dedup_policy;
 pub mod deps;
 pub mod inbox_table;
+pub mod lag;
 pub mod outbox_relay;
 pub mod reconciler;
 pub mod relay_deployment;

@@ -1,5 +1,5 @@
-//! OutboxRelay, first half: guard -> validate -> migrate the outbox and dead-letter tables ->
-//! plan and apply topics -> pure verdict -> status. (The relay Deployment and lag come next.)
+//! OutboxRelay: guard -> validate -> migrate the outbox and dead-letter tables -> plan and apply
+//! topics -> measure the lag -> pure verdicts -> status. (The relay Deployment comes next.)
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -9,15 +9,19 @@ use kube::{
     runtime::controller::{Action, Controller},
 };
 
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use sqlx::PgPool;
+
 use super::{
     deps::{self, Reporting},
+    lag,
     reconciler::{self, Outcome, Reconciler},
     watches::{own_changes, Watches},
     Context, Error,
 };
 use crate::{
     conditions::{self, condition, reason, Cond, Status},
-    crd::{Guarantee, OutboxRelay, OutboxRelayStatus, TopicStatus, ValidOutboxRelay},
+    crd::{Guarantee, LagStatus, OutboxRelay, OutboxRelayStatus, TopicStatus, ValidOutboxRelay},
     kafka::{Admin, AdminError, ObservedTopic},
     schema::TableKind,
     topics::{plan, Action as TopicAction, Desired, Plan},
@@ -58,21 +62,24 @@ impl Reconciler for OutboxRelays {
     ) -> BoxFuture<'a, Result<Outcome<OutboxRelayStatus>, Error>> {
         async move {
             let ns = obj.metadata.namespace.clone().unwrap_or_default();
-            let (schema_cond, schema_version) = schema(ctx, &ns, &valid).boxed().await;
+            let (schema_cond, schema_version, pool) = schema(ctx, &ns, &valid).boxed().await;
             let (topics_cond, topics, leader_only) = self::topics(ctx, &ns, &valid).boxed().await;
             let healing = schema_cond.status != Status::True || topics_cond.status != Status::True;
             let ready = conditions::ready(
                 &[&schema_cond, &topics_cond],
                 format!("{} is migrated and its topics are configured", valid.table),
             );
+            // Lag is health, not readiness: it stays out of Ready, which `kubectl wait` watches.
+            let (lag_cond, lag) = self::lag(pool.as_ref(), &valid, previous).await;
             let status = OutboxRelayStatus {
                 schema_version: schema_version.or(previous.schema_version),
                 topics,
                 guarantees: guarantees(&leader_only),
+                lag: lag.or_else(|| previous.lag.clone()),
                 ..previous.clone()
             };
             Ok(Outcome::Status {
-                conditions: vec![ready, schema_cond, topics_cond],
+                conditions: vec![ready, schema_cond, topics_cond, lag_cond],
                 status,
                 action: Action::requeue(if healing { ctx.timing.retry } else { ctx.timing.refresh }),
             })
@@ -106,21 +113,42 @@ pub fn guarantees(leader_only: &[String]) -> Vec<Guarantee> {
     ]
 }
 
-/// SchemaReady, and the schema version when the tables are migrated.
-async fn schema(ctx: &Context, ns: &str, valid: &ValidOutboxRelay) -> (Cond, Option<i32>) {
+/// LagHealthy and the measured lag, once the tables are ready (`pool`).
+async fn lag(pool: Option<&PgPool>, valid: &ValidOutboxRelay, previous: &OutboxRelayStatus) -> (Cond, Option<LagStatus>) {
+    let t = condition::LAG_HEALTHY;
+    let Some(pool) = pool else {
+        return (Cond::unknown(t, reason::SCHEMA_MISSING, "waiting for SchemaReady"), None);
+    };
+    let was = previous.conditions.iter().find(|c| c.type_ == t).map(|c| match c.status.as_str() {
+        "True" => Status::True,
+        "False" => Status::False,
+        _ => Status::Unknown,
+    });
+    match lag::measure_lag(pool, valid).await {
+        Ok(l) => (lag::verdict(was, &l, valid.max_oldest_age), Some(l.status(Time(Timestamp::now())))),
+        Err(e) => (
+            Cond::unknown(t, reason::DATABASE_ERROR, format!("cannot measure the outbox: {e}")),
+            None,
+        ),
+    }
+}
+
+/// SchemaReady, the schema version when the tables are migrated, and the database's pool then.
+async fn schema(ctx: &Context, ns: &str, valid: &ValidOutboxRelay) -> (Cond, Option<i32>, Option<PgPool>) {
     let (db, mut conn) = match deps::connect(ctx, ns, &valid.url_secret).await {
         Ok(c) => c,
-        Err(c) => return (c, None),
+        Err(c) => return (c, None, None),
     };
     let tables = [(TableKind::Outbox, &valid.table), (TableKind::DeadLetter, &valid.dead_letter_table)];
     match deps::migrate_tables(&mut conn, &tables, valid.manage_schema, &db.location).await {
-        Err(c) => (c, None),
+        Err(c) => (c, None, None),
         Ok(outcomes) => {
             let version = outcomes[0].version;
             let message = format!("{} and {}: schema version {version}", valid.table, valid.dead_letter_table);
             (
                 Cond::yes(condition::SCHEMA_READY, reason::SCHEMA_UP_TO_DATE, message),
                 Some(version),
+                Some(db.pool),
             )
         }
     }

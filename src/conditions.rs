@@ -46,6 +46,11 @@ pub mod reason {
     pub const LAG_WITHIN_THRESHOLD: &str = "LagWithinThreshold";
     pub const LAG_ABOVE_THRESHOLD: &str = "LagAboveThreshold";
     pub const LONG_TRANSACTION: &str = "LongTransaction";
+    pub const AVAILABLE: &str = "Available";
+    pub const DEPLOYMENT_UNAVAILABLE: &str = "DeploymentUnavailable";
+    pub const NO_ACTIVE_RELAY: &str = "NoActiveRelay";
+    pub const SCALED_TO_ZERO: &str = "ScaledToZero";
+    pub const DEPLOYMENT_FAILED: &str = "DeploymentFailed";
 }
 
 /// A condition as computed by a reconcile, before timestamps.

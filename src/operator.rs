@@ -95,6 +95,7 @@ async fn run_controllers(client: Client, args: OperatorArgs, metrics: Arc<Metric
             namespaces: watches.namespaces.store(),
         },
         timing: Timing::default(),
+        relay_image: args.relay_image.clone(),
     });
     let shutdown = || stop.clone().cancelled_owned();
     let inbox = inbox_table::controller(&mut watches, done_rx, ctx.clone(), shutdown());

@@ -176,6 +176,11 @@ fn condition_types_and_reasons_are_exact() {
         reason::LAG_WITHIN_THRESHOLD,
         reason::LAG_ABOVE_THRESHOLD,
         reason::LONG_TRANSACTION,
+        reason::AVAILABLE,
+        reason::DEPLOYMENT_UNAVAILABLE,
+        reason::NO_ACTIVE_RELAY,
+        reason::SCALED_TO_ZERO,
+        reason::DEPLOYMENT_FAILED,
     ];
     assert_eq!(
         reasons.join(","),
@@ -183,7 +188,8 @@ fn condition_types_and_reasons_are_exact() {
          SchemaMismatch,SchemaMissing,SchemaUpToDate,PurgeHealthy,PurgePending,PurgeFailed,RetentionClamped,\
          WithinPolicy,NoPolicy,PolicyViolation,TopicsConfigured,TopicConfigDrift,PartitionChangeRefused,\
          TopicOperationFailed,BrokerUnreachable,RetentionCoversRedelivery,RetentionBelowTopicRetention,\
-         NoSourcesDeclared,TopicNotFound,LagWithinThreshold,LagAboveThreshold,LongTransaction"
+         NoSourcesDeclared,TopicNotFound,LagWithinThreshold,LagAboveThreshold,LongTransaction,\
+         Available,DeploymentUnavailable,NoActiveRelay,ScaledToZero,DeploymentFailed"
     );
     assert_eq!(lockstep::crd::PAUSED_ANNOTATION, "lockstep.dev/paused");
 }

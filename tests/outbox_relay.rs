@@ -23,7 +23,9 @@ fn relay(name: &str, schema: &str, bootstrap: &str, topics: serde_json::Value) -
         "spec": {
             "database": {"urlSecretRef": {"name": "db"}, "schema": schema, "table": "outbox"},
             "kafka": {"bootstrapServers": bootstrap},
-            "topics": topics
+            "topics": topics,
+            // No relay pods unless a test asks (the test cluster has no node to run them).
+            "relay": {"replicas": 0}
         }
     }))
     .unwrap()
@@ -320,5 +322,126 @@ async fn lag_healthy_follows_the_oldest_event_and_names_a_blocking_transaction()
     common::wait_condition(&api, "lagged", "LagHealthy", "True", Some("LagWithinThreshold"), slow).await;
     let _ = relay.kill();
     let _ = relay.wait();
+    ns.delete().await;
+}
+
+/// The relay Deployment: built as the spec says, owned by the OutboxRelay, Secrets mounted and
+/// hashed, never copied; a relay run with exactly its container's args and env (the mounted
+/// Secret stood in by a file, the metrics port made local) relays, and RelayAvailable sees it in
+/// pg_locks. A rotated Secret changes the pod template's hash.
+#[tokio::test]
+async fn the_relay_deployment_is_what_the_spec_says_and_its_relay_becomes_available() {
+    use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
+    let (client, ns, api, schema) = setup("obr-deploy").await;
+    let bootstrap = common::kafka_bootstrap();
+    let topic = common::unique("deploy.events");
+    admin(&bootstrap).create_topic(&topic, 1, 1, &Default::default()).await.unwrap();
+    let mut obr = relay("orders", &schema, &bootstrap, json!([]));
+    obr.spec.routing.topic = topic.clone();
+    obr.spec.relay.replicas = 1;
+    api.create(&PostParams::default(), &obr).await.unwrap();
+    // No node runs the pods here: the Deployment exists but is not available.
+    common::wait_condition(&api, "orders", "RelayAvailable", "False", Some("DeploymentUnavailable"), T).await;
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let d = deployments.get("orders-relay").await.unwrap();
+    let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("OutboxRelay", "orders", Some(true))
+    );
+    let spec = d.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(1));
+    let template = spec.template.clone();
+    let hash = |t: &k8s_openapi::api::core::v1::PodTemplateSpec| {
+        t.metadata.as_ref().unwrap().annotations.as_ref().unwrap()["lockstep.dev/secret-hash"].clone()
+    };
+    let first_hash = hash(&template);
+    let pod = template.spec.unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("lockstep:test"), "the operator's --relay-image");
+    let args = c.args.clone().unwrap();
+    for want in [
+        format!("--schema={schema}"),
+        format!("--topic={topic}"),
+        format!("--bootstrap-servers={bootstrap}"),
+    ] {
+        assert!(args.contains(&want), "{want} in {args:?}");
+    }
+    let url = common::env("DATABASE_URL");
+    let object = serde_json::to_string(&d).unwrap();
+    assert!(
+        !object.contains(&url),
+        "the database URL is mounted, never copied into the Deployment"
+    );
+    let env: Vec<(String, String)> = c
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| (e.name, e.value.unwrap_or_default()))
+        .collect();
+    assert_eq!(env, [("DATABASE_URL_FILE".to_string(), "/etc/lockstep/database/url".to_string())]);
+
+    // The relay, as the pod would run it.
+    let dir = std::path::PathBuf::from(common::env("LOCKSTEP_TESTENV_DIR")).join(format!("{}-secret", ns.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("url"), &url).unwrap();
+    let args: Vec<String> = args
+        .into_iter()
+        .map(|a| {
+            if a.starts_with("--metrics-addr=") {
+                "--metrics-addr=127.0.0.1:0".into()
+            } else {
+                a
+            }
+        })
+        .collect();
+    let log = std::fs::File::create(dir.join("relay.log")).unwrap();
+    let mut relay = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(&args)
+        .env_clear()
+        .env("DATABASE_URL_FILE", dir.join("url"))
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(&format!(
+        "insert into \"{schema}\".outbox (id, aggregatetype, aggregateid, type, payload)
+         select gen_random_uuid(), 'order', 'k-' || g, 'created', '{{}}' from generate_series(1, 100) g"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    common::wait_condition(&api, "orders", "RelayAvailable", "True", Some("Available"), T).await;
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let left: i64 = sqlx::query_scalar(&format!("select count(*) from \"{schema}\".outbox"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{left} events not relayed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = relay.kill();
+    let _ = relay.wait();
+
+    // A rotated password rolls the pods: the template's hash changes.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let rotated = json!({"stringData": {"url": format!("{url}?application_name=rotated")}});
+    secrets.patch("db", &PatchParams::default(), &Patch::Merge(&rotated)).await.unwrap();
+    touch(&api, "orders").await;
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let d = deployments.get("orders-relay").await.unwrap();
+        if hash(&d.spec.unwrap().template) != first_hash {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the secret hash did not change");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     ns.delete().await;
 }

@@ -86,6 +86,8 @@ pub struct Context {
     pub admins: AdminCache,
     pub caches: Caches,
     pub timing: Timing,
+    /// The image relay Deployments run unless an OutboxRelay names one.
+    pub relay_image: String,
 }
 
 impl Context {

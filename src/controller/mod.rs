@@ -8,6 +8,7 @@ pub mod inbox_table;
 pub mod lag;
 pub mod outbox_relay;
 pub mod reconciler;
+pub mod relay_available;
 pub mod relay_deployment;
 pub mod relay_pod;
 pub mod status;

@@ -16,6 +16,7 @@ use super::{
     deps::{self, Reporting},
     lag,
     reconciler::{self, Outcome, Reconciler},
+    relay_available, relay_deployment,
     watches::{own_changes, Watches},
     Context, Error,
 };
@@ -64,10 +65,17 @@ impl Reconciler for OutboxRelays {
             let ns = obj.metadata.namespace.clone().unwrap_or_default();
             let (schema_cond, schema_version, pool) = schema(ctx, &ns, &valid).boxed().await;
             let (topics_cond, topics, leader_only) = self::topics(ctx, &ns, &valid).boxed().await;
-            let healing = schema_cond.status != Status::True || topics_cond.status != Status::True;
+
+            let relay_cond = relays(ctx, obj, &ns, &valid, pool.as_ref()).await;
+            let healing = [&schema_cond, &topics_cond, &relay_cond].iter().any(|c| c.status != Status::True);
+            // A relay scaled to zero on purpose does not make the resource unready.
+            let mut parts = vec![&schema_cond, &topics_cond];
+            if relay_cond.reason != reason::SCALED_TO_ZERO {
+                parts.push(&relay_cond);
+            }
             let ready = conditions::ready(
-                &[&schema_cond, &topics_cond],
-                format!("{} is migrated and its topics are configured", valid.table),
+                &parts,
+                format!("{} is migrated, its topics are configured and a relay is active", valid.table),
             );
             // Lag is health, not readiness: it stays out of Ready, which `kubectl wait` watches.
             let (lag_cond, lag) = self::lag(pool.as_ref(), &valid, previous).await;
@@ -79,7 +87,7 @@ impl Reconciler for OutboxRelays {
                 ..previous.clone()
             };
             Ok(Outcome::Status {
-                conditions: vec![ready, schema_cond, topics_cond, lag_cond],
+                conditions: vec![ready, schema_cond, topics_cond, relay_cond, lag_cond],
                 status,
                 action: Action::requeue(if healing { ctx.timing.retry } else { ctx.timing.refresh }),
             })
@@ -111,6 +119,32 @@ pub fn guarantees(leader_only: &[String]) -> Vec<Guarantee> {
         g("database -> broker", broker),
         g("broker -> consumer", "at-least-once; deduplicate with an InboxTable".into()),
     ]
+}
+
+/// Apply the relay Deployment and judge RelayAvailable (the lock is seen once the tables are ready).
+async fn relays(ctx: &Context, obj: &OutboxRelay, ns: &str, valid: &ValidOutboxRelay, pool: Option<&PgPool>) -> Cond {
+    let available = match relay_available::apply(ctx, obj, ns, valid).await {
+        Ok(n) => n,
+        Err(c) => return c,
+    };
+    let active = match pool {
+        Some(p) => match relay_available::lock_held(p, valid).await {
+            Ok(held) => held,
+            Err(e) => {
+                return Cond::unknown(
+                    condition::RELAY_AVAILABLE,
+                    reason::DATABASE_ERROR,
+                    format!("cannot read pg_locks: {e}"),
+                )
+            }
+        },
+        None => false,
+    };
+    relay_available::verdict(&relay_available::Seen {
+        wanted: relay_deployment::replicas(valid),
+        available,
+        active,
+    })
 }
 
 /// LagHealthy and the measured lag, once the tables are ready (`pool`).

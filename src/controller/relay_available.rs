@@ -1,0 +1,142 @@
+//! The relay Deployment of an OutboxRelay, applied, and RelayAvailable: the Deployment is there
+//! and one relay holds the outbox's advisory lock, which the operator sees in `pg_locks` without
+//! asking any pod.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{apps::v1::Deployment, core::v1::Secret},
+    ByteString,
+};
+use kube::api::{Api, Patch, PatchParams};
+use sqlx::PgPool;
+
+use super::{
+    relay_deployment::{self, MANAGER},
+    Context,
+};
+use crate::{
+    conditions::{condition, reason, Cond},
+    crd::{OutboxRelay, ValidOutboxRelay},
+    relay::lock_key,
+};
+
+/// What the operator saw of the relays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// Pods the Deployment asks for (0: scaled to zero or paused).
+    pub wanted: i32,
+    pub available: i32,
+    /// A session holds the outbox's relay lock.
+    pub active: bool,
+}
+
+/// RelayAvailable. Pure. Relaying happens when some relay holds the lock; the Deployment's
+/// availability says whether lockstep's own relays are up (standbys included).
+pub fn verdict(seen: &Seen) -> Cond {
+    let t = condition::RELAY_AVAILABLE;
+    let pods = format!("{}/{} relay pods available", seen.available, seen.wanted);
+    match (seen.wanted, seen.available, seen.active) {
+        (0, _, active) => Cond::no(
+            t,
+            reason::SCALED_TO_ZERO,
+            format!(
+                "spec.relay.replicas is 0 or the relay is paused{}",
+                if active {
+                    "; a relay outside this Deployment holds the outbox lock"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        (_, _, true) => Cond::yes(t, reason::AVAILABLE, format!("a relay holds the outbox lock; {pods}")),
+        (_, 0, false) => Cond::no(
+            t,
+            reason::DEPLOYMENT_UNAVAILABLE,
+            format!("{pods}: see the Deployment's pods (image, scheduling, crash loops)"),
+        ),
+        (_, _, false) => Cond::no(
+            t,
+            reason::NO_ACTIVE_RELAY,
+            format!("{pods} but none holds the outbox lock: they cannot reach the database or are preparing the tables; see their logs"),
+        ),
+    }
+}
+
+/// A session holds the relay lock of the outbox (a bigint advisory lock shows in `pg_locks` as
+/// classid = high 32 bits, objid = low 32 bits, objsubid = 1).
+pub async fn lock_held(pool: &PgPool, v: &ValidOutboxRelay) -> Result<bool, sqlx::Error> {
+    let key = lock_key(&v.table) as u64;
+    sqlx::query_scalar(
+        "select exists (select 1 from pg_locks where locktype = 'advisory' and granted and objsubid = 1
+             and classid::bigint = $1 and objid::bigint = $2
+             and database = (select oid from pg_database where datname = current_database()))",
+    )
+    .bind((key >> 32) as i64)
+    .bind((key & 0xffff_ffff) as i64)
+    .fetch_one(pool)
+    .await
+}
+
+/// The data the relay pods read from Secrets, for the pod template's hash: the database URL key,
+/// and the whole Kafka auth Secret (mounted as a directory). None when one cannot be read.
+async fn secret_data(ctx: &Context, ns: &str, v: &ValidOutboxRelay) -> Option<Vec<BTreeMap<String, ByteString>>> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let db = secrets.get_opt(&v.url_secret.name).await.ok()??;
+    let url = db.data?.remove(&v.url_secret.key)?;
+    let mut data = vec![BTreeMap::from([(v.url_secret.key.clone(), url)])];
+    if let Some(auth) = &v.auth_secret {
+        data.push(secrets.get_opt(auth).await.ok()??.data.unwrap_or_default());
+    }
+    Some(data)
+}
+
+/// Apply the relay Deployment (server-side apply, one field manager) and read back how many of
+/// its pods are available; a condition when it cannot be applied.
+pub async fn apply(ctx: &Context, obj: &OutboxRelay, ns: &str, v: &ValidOutboxRelay) -> Result<i32, Cond> {
+    let failed = |m: String| Cond::no(condition::RELAY_AVAILABLE, reason::DEPLOYMENT_FAILED, m);
+    let Some(data) = secret_data(ctx, ns, v).await else {
+        return Err(Cond::no(
+            condition::RELAY_AVAILABLE,
+            reason::SECRET_NOT_FOUND,
+            "the relay's Secrets (database URL key, kafka.authSecretRef) cannot be read yet; the Deployment waits for them",
+        ));
+    };
+    let hash = relay_deployment::secret_hash(data.iter());
+    let d = relay_deployment::deployment(obj, v, &ctx.relay_image, &hash).map_err(|e| failed(e.to_string()))?;
+    let name = d.metadata.name.clone().unwrap_or_default();
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let applied = api
+        .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&d))
+        .await
+        .map_err(|e| failed(format!("cannot apply Deployment {ns}/{name}: {e}")))?;
+    Ok(applied.status.and_then(|s| s.available_replicas).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conditions::Status;
+
+    fn seen(wanted: i32, available: i32, active: bool) -> Seen {
+        Seen { wanted, available, active }
+    }
+
+    #[test]
+    fn available_means_a_relay_holds_the_lock() {
+        let c = verdict(&seen(2, 2, true));
+        assert_eq!((c.status, c.reason), (Status::True, reason::AVAILABLE));
+        assert!(c.message.contains("2/2 relay pods available"), "{}", c.message);
+        // The lock counts even while the Deployment's pods are not (yet) available.
+        assert_eq!(verdict(&seen(2, 0, true)).status, Status::True);
+    }
+
+    #[test]
+    fn each_way_of_not_relaying_has_its_reason() {
+        assert_eq!(verdict(&seen(2, 0, false)).reason, reason::DEPLOYMENT_UNAVAILABLE);
+        assert_eq!(verdict(&seen(2, 1, false)).reason, reason::NO_ACTIVE_RELAY);
+        let zero = verdict(&seen(0, 0, false));
+        assert_eq!((zero.status, zero.reason), (Status::False, reason::SCALED_TO_ZERO));
+        assert!(verdict(&seen(0, 0, true)).message.contains("outside this Deployment"));
+    }
+}

@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{Api, Client};
 use lockstep::{
-    config::{LogFormat, OperatorArgs, RelayArgs},
+    config::{LogFormat, OperatorArgs, RelayArgs, ReplayArgs},
     crdgen,
 };
 use tokio_util::sync::CancellationToken;
@@ -29,6 +29,9 @@ enum Command {
     Operator(OperatorArgs),
     /// Run the outbox relay: publish outbox rows to Kafka, at least once, in per-key order.
     Relay(RelayArgs),
+    /// Move dead-lettered events back into the outbox, to be published again (after the cause was
+    /// fixed). Each replayed event goes out after the events of its key already published.
+    Replay(ReplayArgs),
     /// Print the CRD YAML, or write one file per CRD with --out.
     Crds {
         /// Write one YAML file per CRD into this directory.
@@ -88,7 +91,39 @@ async fn main() -> ExitCode {
             Err(e) => fail(e.to_string()),
         },
         Command::Operator(args) => operator(args).await,
+        Command::Replay(args) => match replay(&args).await {
+            Ok(n) => {
+                eprintln!("replayed {n} dead-lettered events into {}.{}", args.schema, args.table);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
     }
+}
+
+/// Verify the two tables (nothing is created), then move the rows.
+async fn replay(args: &ReplayArgs) -> Result<u64, String> {
+    use sqlx::Connection;
+    let url = args.database_url().map_err(|e| e.to_string())?;
+    let name = |t: &str| -> Result<lockstep::sql::QualifiedName, String> {
+        Ok(lockstep::sql::QualifiedName {
+            schema: lockstep::sql::Ident::parse(&args.schema).map_err(|e| format!("--schema: {e}"))?,
+            table: lockstep::sql::Ident::parse(t).map_err(|e| format!("--table: {e}"))?,
+        })
+    };
+    let outbox = name(&args.table)?;
+    let dead_letter = name(&format!("{}{}", args.table, lockstep::crd::DEAD_LETTER_SUFFIX))?;
+    let where_ = lockstep::config::describe_database_url(url.expose());
+    let mut conn = sqlx::PgConnection::connect(url.expose())
+        .await
+        .map_err(|e| format!("cannot connect to {where_}: {e}"))?;
+    let tables = lockstep::schema::prepare_outbox(&mut conn, &outbox, &dead_letter, false)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ids = (!args.all).then_some(args.id.as_slice());
+    lockstep::relay::replay::replay(&mut conn, &outbox, &dead_letter, (tables.payload, tables.dead_letter_payload), ids)
+        .await
+        .map_err(|e| format!("replay failed (nothing was moved): {e}"))
 }
 
 async fn apply_crds() -> ExitCode {
@@ -222,6 +257,12 @@ relay --metrics-addr env=LOCKSTEP_METRICS_ADDR default=0.0.0.0:9090
 relay --listen env=LOCKSTEP_LISTEN default=true
 relay --max-batches-in-flight env=LOCKSTEP_MAX_BATCHES_IN_FLIGHT default=16
 relay --manage-schema env=LOCKSTEP_MANAGE_SCHEMA default=true
+replay --database-url env=DATABASE_URL default=
+replay --database-url-file env=DATABASE_URL_FILE default=
+replay --schema env=LOCKSTEP_SCHEMA default=public
+replay --table env=LOCKSTEP_TABLE default=outbox
+replay --id env= default=
+replay --all env= default=
 crds --out env= default=
 crds --apply env= default="#
         );

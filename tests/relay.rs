@@ -789,3 +789,75 @@ async fn mark_published_keeps_rows_for_the_retention_then_purges_them() {
     let got = consume(&o.bootstrap, &o.topic, NEW as usize, Duration::from_secs(60));
     check(&got, NEW as usize, 10);
 }
+
+/// Dead-letter replay: poison rows dead-lettered, fixed in place, replayed with `lockstep replay`,
+/// delivered. A row whose id the outbox still holds stays in the dead-letter table.
+#[tokio::test]
+async fn dead_lettered_rows_fixed_and_replayed_are_delivered() {
+    let o = outbox("replay-cli", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
+    let (t, dl) = (format!("\"{}\".outbox", o.schema), format!("\"{}\".outbox_dead_letter", o.schema));
+    // Three oversized events (over the 1 MB message limit) between good ones.
+    o.insert(0, 5, 1).await;
+    sqlx::query(&format!(
+        "insert into {t} (id, aggregatetype, aggregateid, type, payload)
+         select gen_random_uuid(), 'order', 'big-' || g, 'created', jsonb_build_object('n', g, 'blob', repeat('x', 2000000))
+         from generate_series(1, 3) g"
+    ))
+    .execute(&o.pool)
+    .await
+    .unwrap();
+    o.insert(5, 5, 1).await;
+    let mut relay = o.relay("relay-replay-cli.log");
+    o.wait_drained(Duration::from_secs(60)).await;
+    relay.kill();
+    let count = |sql: String| {
+        let pool = o.pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(&sql).fetch_one(&pool).await.unwrap() }
+    };
+    assert_eq!(count(format!("select count(*) from {dl}")).await, 3);
+
+    // Fixed in place (the blob dropped); one of them also still in the outbox, as if copied back by hand.
+    sqlx::query(&format!("update {dl} set payload = payload - 'blob'"))
+        .execute(&o.pool)
+        .await
+        .unwrap();
+    let kept: uuid::Uuid = sqlx::query_scalar(&format!(
+        "insert into {t} (id, aggregatetype, aggregateid, type, payload)
+         select id, aggregatetype, aggregateid, type, payload from {dl} where aggregateid = 'big-1' returning id"
+    ))
+    .fetch_one(&o.pool)
+    .await
+    .unwrap();
+    let replay = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args(["replay", "--schema", &o.schema, "--table", "outbox"])
+            .args(extra)
+            .env("DATABASE_URL", &o.url)
+            .output()
+            .unwrap()
+    };
+    let refused = replay(&[]);
+    assert!(!refused.status.success(), "--all or --id is required");
+    let out = replay(&["--all"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("replayed 2 dead-lettered events"), "{stderr}");
+    let left: Vec<uuid::Uuid> = sqlx::query_scalar(&format!("select id from {dl}"))
+        .fetch_all(&o.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, [kept], "the row the outbox already held stays in the dead-letter table");
+    assert_eq!(
+        count(format!("select count(*) from {t} where attempts = 0 and last_error is null")).await,
+        3
+    );
+
+    let mut relay = o.relay("relay-replay-cli-2.log");
+    o.wait_drained(Duration::from_secs(60)).await;
+    relay.kill();
+    let got = consume(&o.bootstrap, &o.topic, 13, Duration::from_secs(60));
+    let keys: HashSet<&str> = got.iter().map(|g| g.key.as_str()).collect();
+    for k in ["big-1", "big-2", "big-3"] {
+        assert!(keys.contains(k), "{k} delivered after the replay");
+    }
+}

@@ -23,6 +23,7 @@ mod failure;
 mod gate;
 mod metrics;
 mod publisher;
+pub mod replay;
 mod session;
 mod store;
 

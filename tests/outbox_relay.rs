@@ -445,3 +445,89 @@ async fn the_relay_deployment_is_what_the_spec_says_and_its_relay_becomes_availa
     }
     ns.delete().await;
 }
+
+/// Dead-lettered rows: a Warning Event when more arrive, and `lockstep.dev/replay` moves them back
+/// into the outbox once per new value, recorded in `status.lastReplay`.
+#[tokio::test]
+async fn dead_lettered_rows_raise_an_event_and_the_replay_annotation_moves_them_back() {
+    use k8s_openapi::api::core::v1::Event;
+    let (client, ns, api, schema) = setup("obr-replay").await;
+    api.create(
+        &PostParams::default(),
+        &relay("orders", &schema, &common::kafka_bootstrap(), json!([])),
+    )
+    .await
+    .unwrap();
+    let obj = common::wait_condition(&api, "orders", "LagHealthy", "True", None, T).await;
+    assert_eq!(obj.status.unwrap().lag.unwrap().quarantined, 0);
+
+    // A row the relay dead-lettered (written here as the relay would).
+    let pool = sqlx::PgPool::connect(&common::env("DATABASE_URL")).await.unwrap();
+    let id: uuid::Uuid = sqlx::query_scalar(&format!(
+        "insert into \"{schema}\".outbox_dead_letter (id, aggregatetype, aggregateid, type, payload, created_at, seq, attempts, last_error)
+         values (gen_random_uuid(), 'order', 'k-1', 'created', '{{\"n\": 1}}', now(), 7, 10, 'Message size too large') returning id"
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    touch(&api, "orders").await;
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let list = events.list(&Default::default()).await.unwrap();
+        if list
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("DeadLettered") && e.type_.as_deref() == Some("Warning"))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no DeadLettered Warning Event");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Replay by annotation: once per value.
+    api.patch(
+        "orders",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"metadata": {"annotations": {"lockstep.dev/replay": "2026-11-25T1"}}})),
+    )
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + T;
+    let replayed = loop {
+        let st = api.get("orders").await.unwrap().status.unwrap_or_default();
+        if let Some(r) = st.last_replay {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no replay recorded");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!((replayed.token.as_str(), replayed.rows), ("2026-11-25T1", 1));
+    let back: Vec<uuid::Uuid> = sqlx::query_scalar(&format!("select id from \"{schema}\".outbox"))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(back, [id], "the row is back in the outbox");
+    let left: i64 = sqlx::query_scalar(&format!("select count(*) from \"{schema}\".outbox_dead_letter"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    // The same value again replays nothing: a row dead-lettered since stays put.
+    sqlx::query(&format!(
+        "insert into \"{schema}\".outbox_dead_letter (id, aggregatetype, aggregateid, type, payload, created_at, seq, attempts, last_error)
+         values (gen_random_uuid(), 'order', 'k-2', 'created', '{{}}', now(), 8, 10, 'x')"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    touch(&api, "orders").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let left: i64 = sqlx::query_scalar(&format!("select count(*) from \"{schema}\".outbox_dead_letter"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 1, "a value already replayed does not replay again");
+    ns.delete().await;
+}

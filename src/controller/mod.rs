@@ -2,6 +2,7 @@
 //! status) around its own fetch (`deps`) and pure verdict.
 
 pub mod context;
+pub mod dead_letters;
 pub mod dedup_policy;
 pub mod deps;
 pub mod inbox_table;

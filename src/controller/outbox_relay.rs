@@ -13,6 +13,7 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use sqlx::PgPool;
 
 use super::{
+    dead_letters,
     deps::{self, Reporting},
     lag,
     reconciler::{self, Outcome, Reconciler},
@@ -22,7 +23,7 @@ use super::{
 };
 use crate::{
     conditions::{self, condition, reason, Cond, Status},
-    crd::{Guarantee, LagStatus, OutboxRelay, OutboxRelayStatus, TopicStatus, ValidOutboxRelay},
+    crd::{Guarantee, LagStatus, OutboxRelay, OutboxRelayStatus, ReplayStatus, TopicStatus, ValidOutboxRelay},
     kafka::{Admin, AdminError, ObservedTopic},
     schema::TableKind,
     topics::{plan, Action as TopicAction, Desired, Plan},
@@ -78,12 +79,18 @@ impl Reconciler for OutboxRelays {
                 format!("{} is migrated, its topics are configured and a relay is active", valid.table),
             );
             // Lag is health, not readiness: it stays out of Ready, which `kubectl wait` watches.
+            let last_replay = replay(ctx, obj, &valid, pool.as_ref(), previous).await;
             let (lag_cond, lag) = self::lag(pool.as_ref(), &valid, previous).await;
+            if let Some(l) = &lag {
+                let before = previous.lag.as_ref().map(|p| p.quarantined);
+                dead_letters::report_new(ctx, obj, &valid, before, l.quarantined).await;
+            }
             let status = OutboxRelayStatus {
                 schema_version: schema_version.or(previous.schema_version),
                 topics,
                 guarantees: guarantees(&leader_only),
                 lag: lag.or_else(|| previous.lag.clone()),
+                last_replay,
                 ..previous.clone()
             };
             Ok(Outcome::Status {
@@ -119,6 +126,23 @@ pub fn guarantees(leader_only: &[String]) -> Vec<Guarantee> {
         g("database -> broker", broker),
         g("broker -> consumer", "at-least-once; deduplicate with an InboxTable".into()),
     ]
+}
+
+/// The replay the annotation asks for, once the tables are ready; the new `status.lastReplay`
+/// (unchanged when none ran or it failed: a failure is an Event and is retried).
+async fn replay(
+    ctx: &Context,
+    obj: &OutboxRelay,
+    v: &ValidOutboxRelay,
+    pool: Option<&PgPool>,
+    previous: &OutboxRelayStatus,
+) -> Option<ReplayStatus> {
+    let last = previous.last_replay.clone();
+    let Some(pool) = pool else { return last };
+    match dead_letters::replay_if_asked(ctx, obj, v, pool, last.as_ref()).await {
+        Some(Ok(done)) => Some(done),
+        _ => last,
+    }
 }
 
 /// Apply the relay Deployment and judge RelayAvailable (the lock is seen once the tables are ready).

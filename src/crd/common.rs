@@ -114,3 +114,6 @@ pub type Conditions = Vec<Condition>;
 
 /// The annotation that pauses reconciling a resource.
 pub const PAUSED_ANNOTATION: &str = "lockstep.dev/paused";
+/// On an OutboxRelay: set to a new value (any text, e.g. a timestamp) to move every dead-lettered
+/// row back into the outbox once; the value replayed last is in `status.lastReplay`.
+pub const REPLAY_ANNOTATION: &str = "lockstep.dev/replay";

@@ -12,7 +12,7 @@ mod tables;
 use futures::FutureExt;
 use sqlx::{PgConnection, Row};
 
-pub use self::outbox::{ensure_published_indexes, prepare_outbox, published_indexes, OutboxTables};
+pub use self::outbox::{describe_outbox, ensure_published_indexes, prepare_outbox, published_indexes, OutboxTables};
 #[cfg(test)]
 pub(crate) use self::tables::qualified;
 pub use self::tables::{

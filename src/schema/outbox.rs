@@ -47,6 +47,15 @@ pub async fn prepare_outbox(
 ) -> Result<OutboxTables, SchemaError> {
     migrate(conn, TableKind::Outbox, outbox, manage).boxed().await?;
     migrate(conn, TableKind::DeadLetter, dead_letter, manage).boxed().await?;
+    Ok(describe_outbox(conn, outbox, dead_letter).await?)
+}
+
+/// What the relay needs to know about tables that exist: their payload types, the channel.
+pub async fn describe_outbox(
+    conn: &mut PgConnection,
+    outbox: &QualifiedName,
+    dead_letter: &QualifiedName,
+) -> Result<OutboxTables, sqlx::Error> {
     Ok(OutboxTables {
         payload: payload_column(conn, outbox).await?,
         dead_letter_payload: payload_column(conn, dead_letter).await?,

@@ -296,6 +296,19 @@ pub struct OutboxRelayStatus {
     /// What holds on each hop, stated plainly.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub guarantees: Vec<Guarantee>,
+    /// The last dead-letter replay asked for with the `lockstep.dev/replay` annotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_replay: Option<ReplayStatus>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayStatus {
+    /// The annotation's value that was replayed.
+    pub token: String,
+    /// Rows moved back into the outbox.
+    pub rows: i64,
+    pub at: Time,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]

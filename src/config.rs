@@ -107,36 +107,12 @@ pub enum KeyArg {
     Type,
 }
 
-/// `lockstep replay`: dead-lettered rows back into the outbox.
-#[derive(Debug, Clone, Args)]
-#[command(group = clap::ArgGroup::new("which").required(true).args(["id", "all"]))]
-pub struct ReplayArgs {
-    /// PostgreSQL URL. Never logged.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true, conflicts_with = "database_url_file")]
-    pub database_url: Option<Redacted>,
-    /// File holding the PostgreSQL URL.
-    #[arg(long, env = "DATABASE_URL_FILE")]
-    pub database_url_file: Option<PathBuf>,
-    #[arg(long, env = "LOCKSTEP_SCHEMA", default_value = "public")]
-    pub schema: String,
-    /// The outbox table; its dead-letter table is `<table>_dead_letter`.
-    #[arg(long, env = "LOCKSTEP_TABLE", default_value = "outbox")]
-    pub table: String,
-    /// A dead-lettered event to replay (repeatable).
-    #[arg(long)]
-    pub id: Vec<uuid::Uuid>,
-    /// Replay every dead-lettered event.
-    #[arg(long)]
-    pub all: bool,
-}
-
-impl ReplayArgs {
-    pub fn database_url(&self) -> Result<Redacted, RelayConfigError> {
-        match (&self.database_url, &self.database_url_file) {
-            (Some(u), _) => Ok(u.clone()),
-            (None, Some(path)) => Ok(Redacted::new(read_trimmed(path)?)),
-            (None, None) => Err(RelayConfigError::NoDatabaseUrl),
-        }
+/// The URL given, or read from the file given.
+pub(crate) fn database_url(url: &Option<Redacted>, file: &Option<PathBuf>) -> Result<Redacted, RelayConfigError> {
+    match (url, file) {
+        (Some(u), _) => Ok(u.clone()),
+        (None, Some(path)) => Ok(Redacted::new(read_trimmed(path)?)),
+        (None, None) => Err(RelayConfigError::NoDatabaseUrl),
     }
 }
 
@@ -261,11 +237,7 @@ pub struct RelayConfig {
 impl RelayArgs {
     /// Read secrets from files, then validate with the same rules an OutboxRelay spec gets.
     pub fn resolve(&self) -> Result<RelayConfig, RelayConfigError> {
-        let database_url = match (&self.database_url, &self.database_url_file) {
-            (Some(u), _) => u.clone(),
-            (None, Some(path)) => Redacted::new(read_trimmed(path)?),
-            (None, None) => return Err(RelayConfigError::NoDatabaseUrl),
-        };
+        let database_url = database_url(&self.database_url, &self.database_url_file)?;
         let bootstrap_servers = self
             .bootstrap_servers
             .clone()

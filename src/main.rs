@@ -4,8 +4,9 @@ use clap::{Parser, Subcommand};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{Api, Client};
 use lockstep::{
-    config::{LogFormat, OperatorArgs, RelayArgs, ReplayArgs},
+    config::{LogFormat, OperatorArgs, RelayArgs},
     crdgen,
+    relay::replay::ReplayArgs,
 };
 use tokio_util::sync::CancellationToken;
 

@@ -41,10 +41,12 @@ pub async fn run(client: Client, args: OperatorArgs, stop: CancellationToken) ->
         .clone()
         .unwrap_or_else(|| format!("lockstep-{}", uuid::Uuid::new_v4().simple()));
     let (lead_tx, mut leading) = watch::channel(!args.leader_election);
+    // Without leader election the sender is kept here: dropped, it would read as leadership lost.
+    let mut lead_tx = Some(lead_tx);
     let elector_stop = CancellationToken::new();
     let elector = args.leader_election.then(|| {
         let e = LeaderElector::new(client.clone(), &args.lease_namespace, &args.lease_name, &identity, LEASE_DURATION);
-        tokio::spawn(e.run(lead_tx, elector_stop.clone()))
+        tokio::spawn(e.run(lead_tx.take().expect("the sender"), elector_stop.clone()))
     });
     health.ready.store(true, std::sync::atomic::Ordering::Relaxed);
 
@@ -69,6 +71,7 @@ pub async fn run(client: Client, args: OperatorArgs, stop: CancellationToken) ->
     if let Some(e) = elector {
         let _ = e.await;
     }
+    drop(lead_tx);
     if lost {
         anyhow::bail!("lost the leader Lease; exiting so a fresh replica can take over");
     }

@@ -55,3 +55,32 @@ async fn run_reports_leadership_and_releases_on_stop() {
     assert!(b.try_acquire().await.unwrap(), "released on stop");
     ns.delete().await;
 }
+
+/// `--leader-election=false` runs the controllers until stopped (it used to exit at once, reading
+/// the absent elector as a lost Lease).
+#[tokio::test]
+async fn without_leader_election_the_operator_runs_until_stopped() {
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::TestNamespace::new(&client, "no-election").await;
+    let args = lockstep::config::OperatorArgs {
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        watch_namespace: Some(ns.name.clone()),
+        leader_election: false,
+        lease_name: "unused".into(),
+        lease_namespace: ns.name.clone(),
+        identity: None,
+        relay_image: "lockstep:test".into(),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(lockstep::operator::run(client, args, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!run.is_finished(), "the operator stopped by itself: {:?}", run.await);
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("stops when asked")
+        .unwrap()
+        .expect("a clean stop");
+    ns.delete().await;
+}

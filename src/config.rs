@@ -107,17 +107,9 @@ pub enum KeyArg {
     Type,
 }
 
-/// The URL given, or read from the file given.
-pub(crate) fn database_url(url: &Option<Redacted>, file: &Option<PathBuf>) -> Result<Redacted, RelayConfigError> {
-    match (url, file) {
-        (Some(u), _) => Ok(u.clone()),
-        (None, Some(path)) => Ok(Redacted::new(read_trimmed(path)?)),
-        (None, None) => Err(RelayConfigError::NoDatabaseUrl),
-    }
-}
-
+/// The database and the outbox table, as `lockstep relay` and `lockstep replay` take them.
 #[derive(Debug, Clone, Args)]
-pub struct RelayArgs {
+pub struct OutboxArgs {
     /// PostgreSQL URL (postgres://user:pass@host:5432/db). Never logged.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, conflicts_with = "database_url_file")]
     pub database_url: Option<Redacted>,
@@ -126,8 +118,26 @@ pub struct RelayArgs {
     pub database_url_file: Option<PathBuf>,
     #[arg(long, env = "LOCKSTEP_SCHEMA", default_value = "public")]
     pub schema: String,
+    /// The outbox table; its dead-letter table is `<table>_dead_letter`.
     #[arg(long, env = "LOCKSTEP_TABLE", default_value = "outbox")]
     pub table: String,
+}
+
+impl OutboxArgs {
+    /// The URL given, or read from the file given.
+    pub fn database_url(&self) -> Result<Redacted, RelayConfigError> {
+        match (&self.database_url, &self.database_url_file) {
+            (Some(u), _) => Ok(u.clone()),
+            (None, Some(path)) => Ok(Redacted::new(read_trimmed(path)?)),
+            (None, None) => Err(RelayConfigError::NoDatabaseUrl),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RelayArgs {
+    #[command(flatten)]
+    pub outbox: OutboxArgs,
     /// Kafka bootstrap servers, host:port[,host:port...].
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
     pub bootstrap_servers: Option<String>,
@@ -237,7 +247,7 @@ pub struct RelayConfig {
 impl RelayArgs {
     /// Read secrets from files, then validate with the same rules an OutboxRelay spec gets.
     pub fn resolve(&self) -> Result<RelayConfig, RelayConfigError> {
-        let database_url = database_url(&self.database_url, &self.database_url_file)?;
+        let database_url = self.outbox.database_url()?;
         let bootstrap_servers = self
             .bootstrap_servers
             .clone()
@@ -287,8 +297,8 @@ impl RelayArgs {
                     name: "cli".into(),
                     key: "url".into(),
                 },
-                schema: self.schema.clone(),
-                table: self.table.clone(),
+                schema: self.outbox.schema.clone(),
+                table: self.outbox.table.clone(),
                 manage_schema: self.manage_schema,
             },
             kafka: KafkaSpec {

@@ -94,7 +94,10 @@ async fn main() -> ExitCode {
         Command::Operator(args) => operator(args).await,
         Command::Replay(args) => match replay(&args).await {
             Ok(n) => {
-                eprintln!("replayed {n} dead-lettered events into {}.{}", args.schema, args.table);
+                eprintln!(
+                    "replayed {n} dead-lettered events into {}.{}",
+                    args.outbox.schema, args.outbox.table
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => fail(e),
@@ -105,15 +108,15 @@ async fn main() -> ExitCode {
 /// Verify the two tables (nothing is created), then move the rows.
 async fn replay(args: &ReplayArgs) -> Result<u64, String> {
     use sqlx::Connection;
-    let url = args.database_url().map_err(|e| e.to_string())?;
+    let url = args.outbox.database_url().map_err(|e| e.to_string())?;
     let name = |t: &str| -> Result<lockstep::sql::QualifiedName, String> {
         Ok(lockstep::sql::QualifiedName {
-            schema: lockstep::sql::Ident::parse(&args.schema).map_err(|e| format!("--schema: {e}"))?,
+            schema: lockstep::sql::Ident::parse(&args.outbox.schema).map_err(|e| format!("--schema: {e}"))?,
             table: lockstep::sql::Ident::parse(t).map_err(|e| format!("--table: {e}"))?,
         })
     };
-    let outbox = name(&args.table)?;
-    let dead_letter = name(&format!("{}{}", args.table, lockstep::crd::DEAD_LETTER_SUFFIX))?;
+    let outbox = name(&args.outbox.table)?;
+    let dead_letter = name(&format!("{}{}", args.outbox.table, lockstep::crd::DEAD_LETTER_SUFFIX))?;
     let where_ = lockstep::config::describe_database_url(url.expose());
     let mut conn = sqlx::PgConnection::connect(url.expose())
         .await

@@ -261,13 +261,13 @@ mod tests {
         let command = Cli::command().mut_args(|a| a.env(None::<&str>));
         let matches = command.try_get_matches_from(command_line(&container(&v, "img"))).unwrap();
         let mut args = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap().args;
-        assert_eq!(args.database_url_file, Some(PathBuf::from(DATABASE_URL_FILE)));
+        assert_eq!(args.outbox.database_url_file, Some(PathBuf::from(DATABASE_URL_FILE)));
         let expected_dir = v.auth_secret.as_ref().map(|_| PathBuf::from(KAFKA_CONFIG_DIR));
         assert_eq!(args.kafka_config_dir, expected_dir);
 
         let dir = scratch(tag);
         std::fs::write(dir.join("url"), "postgres://u:p@db/x\n").unwrap();
-        args.database_url_file = Some(dir.join("url"));
+        args.outbox.database_url_file = Some(dir.join("url"));
         let mut config = v.producer.config.clone();
         if args.kafka_config_dir.is_some() {
             std::fs::create_dir_all(dir.join("kafka")).unwrap();

@@ -6,45 +6,24 @@
 //! events of its key, published while it sat in the dead-letter table, went out before it; it is
 //! published after them.
 
-use std::path::PathBuf;
-
 use clap::Args;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{
-    config::{Redacted, RelayConfigError},
-    schema::PayloadColumn,
-    sql::QualifiedName,
-};
+use crate::{config::OutboxArgs, schema::PayloadColumn, sql::QualifiedName};
 
 /// `lockstep replay`: dead-lettered rows back into the outbox.
 #[derive(Debug, Clone, Args)]
 #[command(group = clap::ArgGroup::new("which").required(true).args(["id", "all"]))]
 pub struct ReplayArgs {
-    /// PostgreSQL URL. Never logged.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true, conflicts_with = "database_url_file")]
-    pub database_url: Option<Redacted>,
-    /// File holding the PostgreSQL URL.
-    #[arg(long, env = "DATABASE_URL_FILE")]
-    pub database_url_file: Option<PathBuf>,
-    #[arg(long, env = "LOCKSTEP_SCHEMA", default_value = "public")]
-    pub schema: String,
-    /// The outbox table; its dead-letter table is `<table>_dead_letter`.
-    #[arg(long, env = "LOCKSTEP_TABLE", default_value = "outbox")]
-    pub table: String,
+    #[command(flatten)]
+    pub outbox: OutboxArgs,
     /// A dead-lettered event to replay (repeatable).
     #[arg(long)]
     pub id: Vec<uuid::Uuid>,
     /// Replay every dead-lettered event.
     #[arg(long)]
     pub all: bool,
-}
-
-impl ReplayArgs {
-    pub fn database_url(&self) -> Result<Redacted, RelayConfigError> {
-        crate::config::database_url(&self.database_url, &self.database_url_file)
-    }
 }
 
 /// The dead-letter payload as the outbox stores it, undoing the move (`store::moved_payload`):

@@ -51,6 +51,7 @@ pub mod reason {
     pub const NO_ACTIVE_RELAY: &str = "NoActiveRelay";
     pub const SCALED_TO_ZERO: &str = "ScaledToZero";
     pub const DEPLOYMENT_FAILED: &str = "DeploymentFailed";
+    pub const DELETION_BLOCKED: &str = "DeletionBlocked";
 }
 
 /// A condition as computed by a reconcile, before timestamps.

@@ -1,5 +1,5 @@
 //! Kafka admin operations behind a small typed API: describe topics and their config, create
-//! topics, change config incrementally, add partitions.
+//! topics, change config incrementally, add partitions, delete topics.
 //!
 //! Config changes use IncrementalAlterConfigs, which changes only the keys named; the legacy
 //! AlterConfigs replaces a topic's whole config and would drop keys other tools set. rdkafka 0.39
@@ -212,6 +212,23 @@ impl Admin {
             Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(()),
             Some(Err((_, code))) => Err(AdminError::Refused {
                 operation: "CreateTopics",
+                topic: name.into(),
+                message: code.to_string(),
+            }),
+        }
+    }
+
+    /// Delete a topic; one that is already gone counts as deleted.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), AdminError> {
+        let r = self
+            .admin
+            .delete_topics(&[name], &self.opts())
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        match r.into_iter().next() {
+            Some(Ok(_)) | None | Some(Err((_, RDKafkaErrorCode::UnknownTopicOrPartition))) => Ok(()),
+            Some(Err((_, code))) => Err(AdminError::Refused {
+                operation: "DeleteTopics",
                 topic: name.into(),
                 message: code.to_string(),
             }),

@@ -7,6 +7,7 @@
 
 pub mod conditions;
 pub mod config;
+pub mod consumer_lag;
 pub mod controller;
 pub mod coverage;
 pub mod crd;

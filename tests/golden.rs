@@ -181,6 +181,7 @@ fn condition_types_and_reasons_are_exact() {
         reason::NO_ACTIVE_RELAY,
         reason::SCALED_TO_ZERO,
         reason::DEPLOYMENT_FAILED,
+        reason::DELETION_BLOCKED,
     ];
     assert_eq!(
         reasons.join(","),
@@ -189,9 +190,11 @@ fn condition_types_and_reasons_are_exact() {
          WithinPolicy,NoPolicy,PolicyViolation,TopicsConfigured,TopicConfigDrift,PartitionChangeRefused,\
          TopicOperationFailed,BrokerUnreachable,RetentionCoversRedelivery,RetentionBelowTopicRetention,\
          NoSourcesDeclared,TopicNotFound,LagWithinThreshold,LagAboveThreshold,LongTransaction,\
-         Available,DeploymentUnavailable,NoActiveRelay,ScaledToZero,DeploymentFailed"
+         Available,DeploymentUnavailable,NoActiveRelay,ScaledToZero,DeploymentFailed,DeletionBlocked"
     );
     assert_eq!(lockstep::crd::PAUSED_ANNOTATION, "lockstep.dev/paused");
+    assert_eq!(lockstep::crd::DELETE_UNPUBLISHED_ANNOTATION, "lockstep.dev/delete-unpublished");
+    assert_eq!(lockstep::controller::lifecycle::FINALIZER, "lockstep.dev/cleanup");
 }
 
 #[test]

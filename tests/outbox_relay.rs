@@ -46,17 +46,6 @@ fn admin(bootstrap: &str) -> Admin {
     Admin::new(bootstrap, &Default::default(), Duration::from_secs(10)).unwrap()
 }
 
-async fn touch(api: &Api<OutboxRelay>, name: &str) {
-    let v = uuid::Uuid::new_v4().to_string();
-    api.patch(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(&json!({"metadata": {"annotations": {"test/touch": v}}})),
-    )
-    .await
-    .unwrap();
-}
-
 #[tokio::test]
 async fn creates_tables_and_topics_then_restores_drift_but_not_ignored_keys() {
     let (_c, ns, api, schema) = setup("obr-topics").await;
@@ -97,7 +86,7 @@ async fn creates_tables_and_topics_then_restores_drift_but_not_ignored_keys() {
     )
     .await
     .unwrap();
-    touch(&api, "orders").await;
+    common::touch(&api, "orders").await;
     let obj = common::wait_condition(&api, "orders", "TopicsReady", "True", Some("TopicConfigDrift"), T).await;
     let st = obj.status.unwrap();
     assert_eq!(st.topics[0].drift, ["retention.ms: 1000 -> 604800000"], "drift shown in status");
@@ -112,7 +101,7 @@ async fn creates_tables_and_topics_then_restores_drift_but_not_ignored_keys() {
         Some("2097152"),
         "an ignored key is left as set"
     );
-    touch(&api, "orders").await;
+    common::touch(&api, "orders").await;
     let obj = common::wait_condition(&api, "orders", "TopicsReady", "True", Some("TopicsConfigured"), T).await;
     assert!(obj.status.unwrap().topics[0].drift.is_empty(), "drift cleared");
     ns.delete().await;
@@ -184,7 +173,7 @@ async fn a_broker_outage_is_reported_and_heals() {
     .unwrap();
     common::wait_condition(&api, "r", "Ready", "True", None, T).await;
     broker.stop();
-    touch(&api, "r").await;
+    common::touch(&api, "r").await;
     let obj = common::wait_condition(&api, "r", "TopicsReady", "False", Some("BrokerUnreachable"), T).await;
     assert!(common::condition(&obj.status.unwrap().conditions, "TopicsReady")
         .message
@@ -433,7 +422,7 @@ async fn the_relay_deployment_is_what_the_spec_says_and_its_relay_becomes_availa
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
     let rotated = json!({"stringData": {"url": format!("{url}?application_name=rotated")}});
     secrets.patch("db", &PatchParams::default(), &Patch::Merge(&rotated)).await.unwrap();
-    touch(&api, "orders").await;
+    common::touch(&api, "orders").await;
     let deadline = std::time::Instant::now() + T;
     loop {
         let d = deployments.get("orders-relay").await.unwrap();
@@ -470,7 +459,7 @@ async fn dead_lettered_rows_raise_an_event_and_the_replay_annotation_moves_them_
     .fetch_one(&pool)
     .await
     .unwrap();
-    touch(&api, "orders").await;
+    common::touch(&api, "orders").await;
     let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
     let deadline = std::time::Instant::now() + T;
     loop {
@@ -522,12 +511,92 @@ async fn dead_lettered_rows_raise_an_event_and_the_replay_annotation_moves_them_
     .execute(&pool)
     .await
     .unwrap();
-    touch(&api, "orders").await;
+    common::touch(&api, "orders").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let left: i64 = sqlx::query_scalar(&format!("select count(*) from \"{schema}\".outbox_dead_letter"))
         .fetch_one(&pool)
         .await
         .unwrap();
     assert_eq!(left, 1, "a value already replayed does not replay again");
+    ns.delete().await;
+}
+
+/// More than one relay: a PodDisruptionBudget (policy/v1, or v1beta1 on servers before 1.21)
+/// lets a drain evict one at a time; back to one relay, it goes. A relay Deployment someone
+/// deletes comes back without waiting for the next refresh (the operator watches them).
+#[tokio::test]
+async fn a_budget_guards_several_relays_and_a_deleted_deployment_comes_back() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::{
+        api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind},
+        discovery,
+    };
+    let (client, ns, api, schema) = setup("obr-pdb").await;
+    let mut obr = relay("orders", &schema, &common::kafka_bootstrap(), json!([]));
+    obr.spec.relay.replicas = 2;
+    api.create(&PostParams::default(), &obr).await.unwrap();
+    let version = match discovery::group(&client, "policy")
+        .await
+        .unwrap()
+        .recommended_kind("PodDisruptionBudget")
+    {
+        Some((ar, _)) => ar.version,
+        None => panic!("the API server serves no PodDisruptionBudget"),
+    };
+    let gvk = GroupVersionKind::gvk("policy", &version, "PodDisruptionBudget");
+    let budgets: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &ApiResource::from_gvk_with_plural(&gvk, "poddisruptionbudgets"),
+    );
+    let pdb = common::wait_until(T, "the PodDisruptionBudget", || async {
+        budgets.get_opt("orders-relay").await.unwrap()
+    })
+    .await;
+    assert_eq!(pdb.data["spec"]["maxUnavailable"], 1);
+    assert_eq!(pdb.data["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"], "orders");
+    assert_eq!(pdb.metadata.owner_references.unwrap()[0].kind, "OutboxRelay");
+
+    api.patch(
+        "orders",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"relay": {"replicas": 1}}})),
+    )
+    .await
+    .unwrap();
+    common::wait_until(T, "the budget deleted", || async {
+        budgets.get_opt("orders-relay").await.unwrap().is_none().then_some(())
+    })
+    .await;
+
+    // Scaled to zero, every condition settles and the next refresh is 15 s away: just after a
+    // reconcile (its lag measurement is new), a deleted Deployment comes back well before the
+    // timer would bring it, because the operator watches the Deployments.
+    api.patch(
+        "orders",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"relay": {"replicas": 0}}})),
+    )
+    .await
+    .unwrap();
+    common::wait_condition(&api, "orders", "RelayAvailable", "False", Some("ScaledToZero"), T).await;
+    let measured = || async {
+        api.get("orders")
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.lag)
+            .and_then(|l| l.measured_at)
+    };
+    let before = measured().await;
+    common::wait_until(T, "a fresh reconcile", || async { (measured().await != before).then_some(()) }).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let first = deployments.get("orders-relay").await.unwrap().metadata.uid;
+    deployments.delete("orders-relay", &DeleteParams::default()).await.unwrap();
+    common::wait_until(Duration::from_secs(5), "the Deployment recreated", || async {
+        let d = deployments.get_opt("orders-relay").await.unwrap()?;
+        (d.metadata.uid != first && d.metadata.deletion_timestamp.is_none()).then_some(())
+    })
+    .await;
     ns.delete().await;
 }

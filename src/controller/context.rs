@@ -29,6 +29,12 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("the object has no namespace")]
     MissingNamespace,
+    /// The Delete policy's cleanup cannot finish yet; the finalizer stays and it is retried.
+    #[error("deletion waits: {0}")]
+    DeletionBlocked(String),
+    /// Adding or removing the finalizer failed (a conflict, most often): retried.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
 }
 
 impl Error {
@@ -36,6 +42,8 @@ impl Error {
         match self {
             Error::Kube(_) => "KubeError".into(),
             Error::MissingNamespace => "MissingNamespace".into(),
+            Error::DeletionBlocked(_) => "DeletionBlocked".into(),
+            Error::Finalizer(_) => "FinalizerError".into(),
         }
     }
 

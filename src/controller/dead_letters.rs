@@ -4,7 +4,7 @@
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     runtime::events::{Event, EventType},
-    Resource, ResourceExt,
+    ResourceExt,
 };
 use sqlx::PgPool;
 
@@ -85,9 +85,7 @@ async fn publish(ctx: &Context, obj: &OutboxRelay, type_: EventType, reason: &st
         action: "Relay".into(),
         secondary: None,
     };
-    if let Err(err) = ctx.recorder.publish(&e, &obj.object_ref(&())).await {
-        tracing::warn!(error = %err, "cannot publish Event");
-    }
+    super::status::publish(ctx, obj, e).await;
 }
 
 #[cfg(test)]

@@ -77,6 +77,12 @@ impl Reconciler for InboxTables {
     fn halt(ctx: &Context, uid: &str) {
         ctx.purges.stop(uid);
     }
+    fn deletion_policy(obj: &InboxTable) -> Option<crate::crd::DeletionPolicy> {
+        Some(obj.spec.deletion_policy)
+    }
+    fn cleanup<'a>(obj: &'a InboxTable, valid: ValidInboxTable, ctx: &'a Context) -> BoxFuture<'a, Result<(), String>> {
+        async move { super::cleanup::inbox_table(ctx, obj, &valid).await }.boxed()
+    }
     fn reconcile<'a>(
         obj: &'a InboxTable,
         valid: ValidInboxTable,
@@ -140,6 +146,9 @@ async fn reconcile_valid(
         }
     };
     let covered = dedup_covered(ctx, &ns, &valid, &eff).boxed().await;
+    status.consumer_lag = super::group_lag::measure(ctx, &ns, &valid, previous.consumer_lag.as_ref())
+        .boxed()
+        .await;
     let healing = schema_cond.status != Status::True;
     let conditions = verdict(&valid, &eff, schema_cond, &purging, covered);
     status.effective_retention = Some(eff.text.clone());

@@ -1,12 +1,15 @@
 //! The controllers, one per kind. Each runs the shared steps in `reconciler` (guard, validate,
 //! status) around its own fetch (`deps`) and pure verdict.
 
+pub mod cleanup;
 pub mod context;
 pub mod dead_letters;
 pub mod dedup_policy;
 pub mod deps;
+pub mod group_lag;
 pub mod inbox_table;
 pub mod lag;
+pub mod lifecycle;
 pub mod outbox_relay;
 pub mod reconciler;
 pub mod relay_available;

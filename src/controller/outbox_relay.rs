@@ -1,5 +1,6 @@
 //! OutboxRelay: guard -> validate -> migrate the outbox and dead-letter tables -> plan and apply
-//! topics -> measure the lag -> pure verdicts -> status. (The relay Deployment comes next.)
+//! topics -> apply the relay Deployment -> measure the lag -> pure verdicts -> status. Deletion
+//! (deletionPolicy) is in `lifecycle` and `cleanup`.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -18,7 +19,7 @@ use super::{
     lag,
     reconciler::{self, Outcome, Reconciler},
     relay_available, relay_deployment,
-    watches::{own_changes, Watches},
+    watches::{own_changes, relay_deployment_changes, Watches},
     Context, Error,
 };
 use crate::{
@@ -34,14 +35,17 @@ pub const MANAGER: &str = "lockstep-outboxrelay";
 
 pub struct OutboxRelays;
 
-/// Wire the controller: its own objects, spec and annotation changes only.
+/// Wire the controller: its own objects (spec, annotation, finalizer and deletion changes) and
+/// their relay Deployments.
 pub fn controller(
     watches: &mut Watches,
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> impl std::future::Future<Output = ()> {
     let own = own_changes(watches.relays.subscribe());
+    let deployments = relay_deployment_changes(watches.relay_deployments.clone());
     let c = Controller::for_stream(own, watches.relays.store())
+        .owns_stream(deployments)
         .graceful_shutdown_on(shutdown)
         .run(reconciler::reconcile::<OutboxRelays>, reconciler::error_policy::<OutboxRelays>, ctx);
     super::drain(OutboxRelays::NAME, c)
@@ -56,6 +60,12 @@ impl Reconciler for OutboxRelays {
     fn api(ctx: &Context, namespace: Option<&str>) -> Result<Api<OutboxRelay>, Error> {
         reconciler::namespaced(ctx, namespace)
     }
+    fn deletion_policy(obj: &OutboxRelay) -> Option<crate::crd::DeletionPolicy> {
+        Some(obj.spec.deletion_policy)
+    }
+    fn cleanup<'a>(obj: &'a OutboxRelay, valid: ValidOutboxRelay, ctx: &'a Context) -> BoxFuture<'a, Result<(), String>> {
+        async move { super::cleanup::outbox_relay(ctx, obj, &valid).await }.boxed()
+    }
     fn reconcile<'a>(
         obj: &'a OutboxRelay,
         valid: ValidOutboxRelay,
@@ -68,12 +78,13 @@ impl Reconciler for OutboxRelays {
             let (topics_cond, topics, leader_only) = self::topics(ctx, &ns, &valid).boxed().await;
 
             let relay_cond = relays(ctx, obj, &ns, &valid, pool.as_ref()).await;
-            let healing = [&schema_cond, &topics_cond, &relay_cond].iter().any(|c| c.status != Status::True);
-            // A relay scaled to zero on purpose does not make the resource unready.
+            // A relay scaled to zero on purpose does not make the resource unready, nor is it
+            // something to look at again soon.
             let mut parts = vec![&schema_cond, &topics_cond];
             if relay_cond.reason != reason::SCALED_TO_ZERO {
                 parts.push(&relay_cond);
             }
+            let healing = parts.iter().any(|c| c.status != Status::True);
             let ready = conditions::ready(
                 &parts,
                 format!("{} is migrated, its topics are configured and a relay is active", valid.table),

@@ -8,14 +8,15 @@ use kube::{api::Api, core::DeserializeGuard, runtime::controller::Action, Resour
 use serde::de::DeserializeOwned;
 
 use super::{
+    lifecycle::{self, Route},
     status::{self, Conditioned},
     Context, Error,
 };
 use crate::{
     conditions::{condition, reason, Cond},
     crd::{
-        DedupPolicy, DedupPolicyStatus, InboxTable, InboxTableStatus, OutboxRelay, OutboxRelayStatus, ValidDedupPolicy, ValidInboxTable,
-        ValidOutboxRelay,
+        DedupPolicy, DedupPolicyStatus, DeletionPolicy, InboxTable, InboxTableStatus, OutboxRelay, OutboxRelayStatus, ValidDedupPolicy,
+        ValidInboxTable, ValidOutboxRelay,
     },
     validation::ValidationErrors,
 };
@@ -29,7 +30,7 @@ pub enum Outcome<S> {
 }
 
 /// A lockstep resource: its status, and its spec validated into the resolved type.
-pub trait Kind: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
+pub trait Kind: Resource<DynamicType = ()> + Clone + DeserializeOwned + serde::Serialize + Debug + Send + Sync + 'static {
     type Status: Conditioned;
     type Valid: Send;
     /// The current status (empty when none was written yet).
@@ -70,6 +71,15 @@ pub trait Reconciler: Send + Sync + 'static {
     fn api(ctx: &Context, namespace: Option<&str>) -> Result<Api<Self::K>, Error>;
     /// The object is no longer reconciled (unreadable, paused, invalid): stop what runs for it.
     fn halt(_ctx: &Context, _uid: &str) {}
+    /// The object's deletionPolicy; None: the kind keeps nothing outside Kubernetes.
+    fn deletion_policy(_obj: &Self::K) -> Option<DeletionPolicy> {
+        None
+    }
+    /// deletionPolicy Delete: clean up outside Kubernetes before the object goes. Err says why
+    /// it cannot finish yet (shown in Ready, retried; the finalizer stays).
+    fn cleanup<'a>(_obj: &'a Self::K, _valid: Valid<Self>, _ctx: &'a Context) -> BoxFuture<'a, Result<(), String>> {
+        futures::future::ready(Ok(())).boxed()
+    }
     /// Fetch what the object depends on and decide its conditions.
     fn reconcile<'a>(
         obj: &'a Self::K,
@@ -115,6 +125,29 @@ async fn run<R: Reconciler>(obj: &DeserializeGuard<R::K>, ctx: &Context) -> Resu
             return Ok((Action::await_change(), Some(reason::INVALID_SPEC.into())));
         }
     };
+    match lifecycle::route_of::<R>(k) {
+        Route::Gone => {
+            R::halt(ctx, &uid);
+            return Ok((Action::await_change(), None));
+        }
+        Route::DropFinalizer => lifecycle::drop_finalizer(k, &api).await?,
+        Route::Finalized => {
+            let mut failure = None;
+            let apply = async {
+                let (action, f) = reconcile_object::<R>(k, &uid, &api, ctx).boxed().await?;
+                failure = f;
+                Ok::<Action, Error>(action)
+            };
+            let action = lifecycle::finalized::<R, _>(k, &api, ctx, apply).await?;
+            return Ok((action, failure));
+        }
+        Route::Plain => {}
+    }
+    reconcile_object::<R>(k, &uid, &api, ctx).boxed().await
+}
+
+/// Guard, validate, the kind's reconcile, status.
+async fn reconcile_object<R: Reconciler>(k: &R::K, uid: &str, api: &Api<R::K>, ctx: &Context) -> Result<(Action, Option<String>), Error> {
     let previous = k.current_status();
     let stopped = |reason: &'static str, message: String| Outcome::Status {
         conditions: vec![Cond::no(condition::READY, reason, message)],
@@ -123,14 +156,14 @@ async fn run<R: Reconciler>(obj: &DeserializeGuard<R::K>, ctx: &Context) -> Resu
     };
     let outcome = match (R::PAUSED, k.validate()) {
         (Some(message), _) if is_paused(k) => {
-            R::halt(ctx, &uid);
+            R::halt(ctx, uid);
             stopped(
                 reason::PAUSED,
                 format!("annotation {}=true: {message}", crate::crd::PAUSED_ANNOTATION),
             )
         }
         (_, Err(e)) => {
-            R::halt(ctx, &uid);
+            R::halt(ctx, uid);
             stopped(reason::INVALID_SPEC, e.to_string())
         }
         (_, Ok(valid)) => R::reconcile(k, valid, &previous, ctx).await?,
@@ -145,9 +178,7 @@ async fn run<R: Reconciler>(obj: &DeserializeGuard<R::K>, ctx: &Context) -> Resu
     };
     let failure = failure_reason(&conditions);
     let (status, flipped) = status::merged(status, k.meta().generation, &conditions, &status::now());
-    status::write(ctx, &api, k, R::MANAGER, &previous, &status, &flipped)
-        .boxed()
-        .await?;
+    status::write(ctx, api, k, R::MANAGER, &previous, &status, &flipped).boxed().await?;
     Ok((action, failure))
 }
 

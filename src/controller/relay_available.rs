@@ -8,7 +8,10 @@ use k8s_openapi::{
     api::{apps::v1::Deployment, core::v1::Secret},
     ByteString,
 };
-use kube::api::{Api, Patch, PatchParams};
+use kube::{
+    api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams},
+    ResourceExt,
+};
 use sqlx::PgPool;
 
 use super::{
@@ -110,7 +113,53 @@ pub async fn apply(ctx: &Context, obj: &OutboxRelay, ns: &str, v: &ValidOutboxRe
         .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&d))
         .await
         .map_err(|e| failed(format!("cannot apply Deployment {ns}/{name}: {e}")))?;
+    apply_budget(ctx, obj, ns, v)
+        .await
+        .map_err(|e| failed(format!("cannot apply PodDisruptionBudget {ns}/{name}: {e}")))?;
     Ok(applied.status.and_then(|s| s.available_replicas).unwrap_or(0))
+}
+
+/// The policy version the API server serves PodDisruptionBudgets at: v1, or v1beta1 before
+/// Kubernetes 1.21 (same spec fields for what lockstep sets).
+static BUDGET_VERSION: tokio::sync::OnceCell<&'static str> = tokio::sync::OnceCell::const_new();
+
+async fn budget_api(ctx: &Context, ns: &str) -> Result<(Api<DynamicObject>, &'static str), kube::Error> {
+    let version = BUDGET_VERSION
+        .get_or_try_init(|| async {
+            match ctx.client.list_api_group_resources("policy/v1").await {
+                Ok(r) if r.resources.iter().any(|r| r.name == "poddisruptionbudgets") => Ok("v1"),
+                Ok(_) => Ok("v1beta1"),
+                Err(kube::Error::Api(s)) if s.code == 404 => Ok("v1beta1"),
+                Err(e) => Err(e),
+            }
+        })
+        .await?;
+    let gvk = GroupVersionKind::gvk("policy", version, "PodDisruptionBudget");
+    let ar = ApiResource::from_gvk_with_plural(&gvk, "poddisruptionbudgets");
+    Ok((Api::namespaced_with(ctx.client.clone(), ns, &ar), version))
+}
+
+/// The relays' PodDisruptionBudget while there is more than one relay; deleted otherwise.
+async fn apply_budget(ctx: &Context, obj: &OutboxRelay, ns: &str, v: &ValidOutboxRelay) -> Result<(), kube::Error> {
+    let (api, version) = budget_api(ctx, ns).await?;
+    let name = relay_deployment::relay_name(&obj.name_any());
+    let built = relay_deployment::pod_disruption_budget(obj, v).ok().flatten();
+    match built {
+        Some(pdb) => {
+            let mut value = serde_json::to_value(&pdb).map_err(kube::Error::SerdeError)?;
+            value["apiVersion"] = format!("policy/{version}").into();
+            value["kind"] = "PodDisruptionBudget".into();
+            api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&value))
+                .await?;
+        }
+        None => match api.delete(&name, &DeleteParams::default()).await {
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            other => {
+                other?;
+            }
+        },
+    }
+    Ok(())
 }
 
 #[cfg(test)]

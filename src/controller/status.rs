@@ -116,9 +116,14 @@ async fn publish_flips<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, fl
         return;
     }
     for c in flipped {
-        if let Err(e) = ctx.recorder.publish(&event(c), &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, "cannot publish Event");
-        }
+        publish(ctx, obj, event(c)).await;
+    }
+}
+
+/// Publish an Event about `obj`; a failure is logged, never fatal.
+pub async fn publish<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, e: Event) {
+    if let Err(err) = ctx.recorder.publish(&e, &obj.object_ref(&())).await {
+        tracing::warn!(error = %err, "cannot publish Event");
     }
 }
 

@@ -5,7 +5,7 @@
 use std::{fmt::Debug, hash::Hash};
 
 use futures::{channel::mpsc, stream::BoxStream, SinkExt, Stream, StreamExt};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Namespace};
 use kube::{
     api::Api,
     core::{DeserializeGuard, PartialObjectMeta},
@@ -99,6 +99,8 @@ pub struct Watches {
     pub policies: SharedWatch<DeserializeGuard<DedupPolicy>>,
     pub relays: SharedWatch<DeserializeGuard<OutboxRelay>>,
     pub namespaces: SharedWatch<PartialObjectMeta<Namespace>>,
+    /// Relay Deployments, watched by metadata (their availability is read on reconcile).
+    pub relay_deployments: Api<PartialObjectMeta<Deployment>>,
 }
 
 impl Watches {
@@ -110,6 +112,7 @@ impl Watches {
             policies: SharedWatch::new(Api::all(client.clone())),
             relays: SharedWatch::new(scoped(client, namespace)),
             namespaces: SharedWatch::new(Api::all(client.clone())),
+            relay_deployments: scoped(client, namespace),
         }
     }
 
@@ -141,15 +144,27 @@ where
         .predicate_filter(predicates::generation, Default::default())
 }
 
-/// A controller's own objects: spec and annotation (pause) changes only, so status writes start
-/// nothing.
+/// A controller's own objects: spec, annotation (pause, replay), finalizer and deletion changes
+/// only, so status writes start nothing.
 pub fn own_changes<K>(events: Events<K>) -> impl Stream<Item = Result<K, watcher::Error>> + Send
 where
     K: Resource + Send + 'static,
 {
-    events
-        .applied_objects()
-        .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default())
+    let deleting = |k: &K| Some(k.meta().deletion_timestamp.is_some() as u64);
+    let changes = predicates::generation
+        .combine(predicates::annotations)
+        .combine(predicates::finalizers)
+        .combine(deleting);
+    events.applied_objects().predicate_filter(changes, Default::default())
+}
+
+/// Every change (status included) of the relay Deployments, by metadata only: a Deployment
+/// becoming available, or deleted by someone, starts its OutboxRelay's reconcile.
+pub fn relay_deployment_changes(
+    api: Api<PartialObjectMeta<Deployment>>,
+) -> impl Stream<Item = Result<PartialObjectMeta<Deployment>, watcher::Error>> + Send {
+    let relays = watcher::Config::default().labels("app.kubernetes.io/name=lockstep,app.kubernetes.io/component=relay");
+    watcher(api, relays).default_backoff().touched_objects()
 }
 
 /// Label changes (they decide which policies select a namespace's tables).

@@ -117,3 +117,6 @@ pub const PAUSED_ANNOTATION: &str = "lockstep.dev/paused";
 /// On an OutboxRelay: set to a new value (any text, e.g. a timestamp) to move every dead-lettered
 /// row back into the outbox once; the value replayed last is in `status.lastReplay`.
 pub const REPLAY_ANNOTATION: &str = "lockstep.dev/replay";
+/// On an OutboxRelay with `deletionPolicy: Delete`: "true" lets the deletion drop the outbox
+/// although some of its events were never published (or were dead-lettered).
+pub const DELETE_UNPUBLISHED_ANNOTATION: &str = "lockstep.dev/delete-unpublished";

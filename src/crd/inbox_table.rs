@@ -97,7 +97,10 @@ pub struct KafkaSourceSpec {
     pub auth_secret_ref: Option<SecretRef>,
     #[schemars(length(min = 1))]
     pub topics: Vec<String>,
+    /// The consumers' group: its lag on `topics` is reported in `status.consumerLag` (read
+    /// from the broker; the group is never joined and nothing is committed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
     pub consumer_group: Option<String>,
 }
 
@@ -121,6 +124,33 @@ pub struct InboxTableStatus {
     pub oldest_entry_age_seconds: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_purge: Option<PurgeStatus>,
+    /// The lag of `sources.kafka.consumerGroup` on the source topics, measured each refresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer_lag: Option<ConsumerLagStatus>,
+}
+
+/// A consumer group's lag: committed offset against high watermark, summed over partitions.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerLagStatus {
+    pub group: String,
+    /// Messages not consumed yet, over every source topic.
+    pub messages: i64,
+    /// Age of the oldest unconsumed message (from its Kafka timestamp), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_unconsumed_age_seconds: Option<f64>,
+    pub topics: Vec<TopicLag>,
+    /// Why the lag could not be measured last time (the figures are from before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub measured_at: Time,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicLag {
+    pub topic: String,
+    pub messages: i64,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
@@ -155,6 +185,8 @@ pub struct ValidKafkaSource {
     pub topics: Vec<String>,
     /// Secret whose keys are librdkafka settings (SASL/TLS).
     pub auth_secret: Option<String>,
+    /// The group whose lag is reported in `status.consumerLag`.
+    pub consumer_group: Option<String>,
 }
 
 impl InboxTableSpec {
@@ -216,6 +248,7 @@ impl InboxTableSpec {
                     bootstrap_servers: k.bootstrap_servers.clone(),
                     topics: k.topics.clone(),
                     auth_secret: k.auth_secret_ref.as_ref().map(|r| r.name.clone()),
+                    consumer_group: k.consumer_group.clone(),
                 }),
             })
         })

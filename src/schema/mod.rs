@@ -6,12 +6,14 @@
 //! history is verified against the contract; a mismatch is reported and the table left alone.
 //! What the tables look like (DDL, contracts, derived names) is in `tables.rs`.
 
+mod drop;
 mod outbox;
 mod tables;
 
 use futures::FutureExt;
 use sqlx::{PgConnection, Row};
 
+pub use self::drop::{drop_ddl, drop_tables};
 pub use self::outbox::{describe_outbox, ensure_published_indexes, prepare_outbox, published_indexes, OutboxTables};
 #[cfg(test)]
 pub(crate) use self::tables::qualified;

@@ -166,6 +166,18 @@ pub fn operator() -> std::net::SocketAddr {
     })
 }
 
+/// Change an annotation, which starts a reconcile now instead of at the next refresh.
+pub async fn touch<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let v = uuid::Uuid::new_v4().to_string();
+    let patch = serde_json::json!({"metadata": {"annotations": {"test/touch": v}}});
+    api.patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
 /// Wait until condition `type_` has `status` (and `reason`, when given); returns the object.
 pub async fn wait_condition<K>(api: &Api<K>, name: &str, type_: &str, status: &str, reason: Option<&str>, timeout: Duration) -> K
 where

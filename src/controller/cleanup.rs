@@ -1,0 +1,215 @@
+//! What `deletionPolicy: Delete` removes outside Kubernetes before the object goes.
+//!
+//! OutboxRelay: refuse while events are unpublished (the relay keeps running so they drain),
+//! stop the relay (delete its Deployment, then wait until no session holds the outbox's relay
+//! lock), drop the outbox and dead-letter tables under that lock after counting once more, delete
+//! the topics in `spec.topics`. InboxTable: stop the purge, drop the table. Tables are dropped
+//! only when lockstep manages them (manageSchema). Every step is idempotent: a cleanup cut short
+//! starts again from the top.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::{
+    api::{Api, DeleteParams},
+    runtime::events::{Event, EventType},
+    Resource, ResourceExt,
+};
+use sqlx::{Connection, PgConnection};
+
+use super::{deps, relay_available, relay_deployment::relay_name, Context};
+use crate::{
+    crd::{InboxTable, OutboxRelay, ValidInboxTable, ValidOutboxRelay, DELETE_UNPUBLISHED_ANNOTATION},
+    schema::{drop_tables, TableKind},
+    sql::QualifiedName,
+};
+
+/// Why the outbox cannot be dropped yet, if it cannot. Pure.
+pub fn refusal(table: &QualifiedName, pending: i64, dead_lettered: i64, forced: bool) -> Option<String> {
+    if forced || pending + dead_lettered == 0 {
+        return None;
+    }
+    Some(format!(
+        "{table} holds {pending} unpublished and {dead_lettered} dead-lettered events; the relay keeps running until \
+         they are published (replay dead-lettered ones with the lockstep.dev/replay annotation). To drop them \
+         unpublished, annotate {DELETE_UNPUBLISHED_ANNOTATION}=true"
+    ))
+}
+
+pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay) -> Result<(), String> {
+    let ns = obj.namespace().unwrap_or_default();
+    let forced = obj.annotations().get(DELETE_UNPUBLISHED_ANNOTATION).is_some_and(|a| a == "true");
+    let mut done = Vec::new();
+    if v.manage_schema {
+        let (db, mut conn) = deps::connect(ctx, &ns, &v.url_secret).await.map_err(|c| c.message)?;
+        let failed = |e: sqlx::Error| format!("cannot drop the outbox at {}: {e}", db.location);
+        let (pending, dead) = unpublished(&mut conn, v).await.map_err(failed)?;
+        if let Some(m) = refusal(&v.table, pending, dead, forced) {
+            // The relay may have been stopped by an earlier attempt: run it again so they drain.
+            let _ = relay_available::apply(ctx, obj, &ns, v).await;
+            return Err(m);
+        }
+        stop_relay(ctx, &ns, obj).await?;
+        drop_outbox(&mut conn, v, forced).await.map_err(|e| match e {
+            Dropped::Refused(m) => m,
+            Dropped::Database(e) => failed(e),
+        })?;
+        done.push(format!("dropped {} and {}", v.table, v.dead_letter_table));
+    } else {
+        stop_relay(ctx, &ns, obj).await?;
+        done.push("kept the tables (manageSchema: false)".into());
+    }
+    let names: Vec<String> = v.topics.iter().map(|t| t.name.clone()).collect();
+    if !names.is_empty() {
+        let settings = deps::kafka_settings(
+            &ctx.client,
+            &ns,
+            v.auth_secret.as_deref(),
+            deps::Reporting {
+                type_: crate::conditions::condition::READY,
+                status: crate::conditions::Status::False,
+            },
+        )
+        .await
+        .map_err(|c| c.message)?;
+        let admin = ctx.admins.get(&v.bootstrap_servers, &settings).map_err(|e| e.to_string())?;
+        for n in &names {
+            admin.delete_topic(n).await.map_err(|e| e.to_string())?;
+        }
+        done.push(format!("deleted topics {}", names.join(", ")));
+    }
+    cleaned(ctx, obj, done.join("; ")).await;
+    Ok(())
+}
+
+pub async fn inbox_table(ctx: &Context, obj: &InboxTable, v: &ValidInboxTable) -> Result<(), String> {
+    ctx.purges.stop(&obj.uid().unwrap_or_default());
+    if !v.manage_schema {
+        cleaned(ctx, obj, "kept the table (manageSchema: false)".into()).await;
+        return Ok(());
+    }
+    let ns = obj.namespace().unwrap_or_default();
+    let (db, mut conn) = deps::connect(ctx, &ns, &v.url_secret).await.map_err(|c| c.message)?;
+    let dropped = async {
+        let mut tx = conn.begin().await?;
+        sqlx::query("set local lock_timeout = '5s'").execute(&mut *tx).await?;
+        drop_tables(&mut tx, &[(TableKind::Inbox, &v.table)]).await?;
+        tx.commit().await
+    };
+    dropped
+        .await
+        .map_err(|e| format!("cannot drop {} at {}: {e}", v.table, db.location))?;
+    cleaned(ctx, obj, format!("dropped {}", v.table)).await;
+    Ok(())
+}
+
+/// Delete the relay Deployment (the garbage collector would only after the object is gone), so
+/// the relays stop; `drop_outbox` then checks that none still holds the lock.
+async fn stop_relay(ctx: &Context, ns: &str, obj: &OutboxRelay) -> Result<(), String> {
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let name = relay_name(&obj.name_any());
+    match api.delete(&name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(format!("cannot delete Deployment {ns}/{name}: {e}")),
+    }
+}
+
+enum Dropped {
+    Refused(String),
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for Dropped {
+    fn from(e: sqlx::Error) -> Self {
+        Dropped::Database(e)
+    }
+}
+
+/// In one transaction: take the relay lock (no relay runs, none can start), lock the tables so
+/// no writer commits meanwhile, count once more, drop.
+async fn drop_outbox(conn: &mut PgConnection, v: &ValidOutboxRelay, forced: bool) -> Result<(), Dropped> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("set local lock_timeout = '5s'").execute(&mut *tx).await?;
+    let free: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
+        .bind(crate::relay::lock_key(&v.table))
+        .fetch_one(&mut *tx)
+        .await?;
+    if !free {
+        return Err(Dropped::Refused(format!(
+            "waiting for the relays to stop: a session still holds the relay lock of {} (its Deployment is deleted; \
+             a relay run outside it must be stopped)",
+            v.table
+        )));
+    }
+    for t in [&v.table, &v.dead_letter_table] {
+        if exists(&mut tx, t).await? {
+            sqlx::query(&format!("lock table {t} in access exclusive mode"))
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    let (pending, dead) = unpublished(&mut tx, v).await?;
+    if let Some(m) = refusal(&v.table, pending, dead, forced) {
+        return Err(Dropped::Refused(format!("events were committed after the relay stopped: {m}")));
+    }
+    drop_tables(
+        &mut tx,
+        &[(TableKind::Outbox, &v.table), (TableKind::DeadLetter, &v.dead_letter_table)],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn exists(conn: &mut PgConnection, t: &QualifiedName) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("select to_regclass($1) is not null")
+        .bind(t.to_string())
+        .fetch_one(&mut *conn)
+        .await
+}
+
+/// Unpublished outbox rows and dead-lettered rows (0 for a table that does not exist).
+async fn unpublished(conn: &mut PgConnection, v: &ValidOutboxRelay) -> Result<(i64, i64), sqlx::Error> {
+    let pending = count(conn, &v.table, " where published_at is null").await?;
+    let dead = count(conn, &v.dead_letter_table, "").await?;
+    Ok((pending, dead))
+}
+
+async fn count(conn: &mut PgConnection, t: &QualifiedName, filter: &str) -> Result<i64, sqlx::Error> {
+    if !exists(conn, t).await? {
+        return Ok(0);
+    }
+    sqlx::query_scalar(&format!("select count(*) from {t}{filter}"))
+        .fetch_one(&mut *conn)
+        .await
+}
+
+async fn cleaned<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, note: String) {
+    let e = Event {
+        type_: EventType::Normal,
+        reason: "CleanedUp".into(),
+        note: Some(format!("deletionPolicy Delete: {note}")),
+        action: "Delete".into(),
+        secondary: None,
+    };
+    super::status::publish(ctx, obj, e).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::qualified;
+
+    #[test]
+    fn unpublished_or_dead_lettered_events_refuse_the_drop_unless_forced() {
+        let t = qualified("app", "outbox");
+        assert_eq!(refusal(&t, 0, 0, false), None);
+        let m = refusal(&t, 3, 1, false).unwrap();
+        assert!(
+            m.starts_with("\"app\".\"outbox\" holds 3 unpublished and 1 dead-lettered events"),
+            "{m}"
+        );
+        assert!(m.contains("lockstep.dev/delete-unpublished=true"), "{m}");
+        assert!(refusal(&t, 0, 2, false).is_some(), "dead-lettered events are unpublished too");
+        assert_eq!(refusal(&t, 3, 1, true), None);
+    }
+}

@@ -1,0 +1,69 @@
+//! Dropping what the migrations made, for `deletionPolicy: Delete`.
+
+use sqlx::PgConnection;
+
+use super::{lock_key, tables::derived_name, TableKind, HISTORY_TABLE};
+use crate::sql::{Ident, QualifiedName};
+
+/// The statements that drop a table of `kind` and what its migrations made beside it (the
+/// outbox's NOTIFY function; triggers and indexes go with their table). Pure.
+pub fn drop_ddl(kind: TableKind, t: &QualifiedName) -> String {
+    match kind {
+        TableKind::Outbox => {
+            let func = QualifiedName {
+                schema: t.schema.clone(),
+                table: derived_name(&t.table, "_notify"),
+            };
+            format!("drop table if exists {t};\ndrop function if exists {func}();")
+        }
+        TableKind::DeadLetter | TableKind::Inbox => format!("drop table if exists {t};"),
+    }
+}
+
+/// Drop `tables` and forget their migration history, inside the caller's transaction, each under
+/// its migration lock (a migration of the same table waits, then starts from nothing).
+pub async fn drop_tables(conn: &mut PgConnection, tables: &[(TableKind, &QualifiedName)]) -> Result<(), sqlx::Error> {
+    for (kind, t) in tables {
+        sqlx::query("select pg_advisory_xact_lock($1)")
+            .bind(lock_key(t))
+            .execute(&mut *conn)
+            .await?;
+        sqlx::Executor::execute(&mut *conn, drop_ddl(*kind, t).as_str()).await?;
+        let history = QualifiedName {
+            schema: t.schema.clone(),
+            table: Ident::parse(HISTORY_TABLE).expect("valid"),
+        };
+        let exists: bool = sqlx::query_scalar("select to_regclass($1) is not null")
+            .bind(history.to_string())
+            .fetch_one(&mut *conn)
+            .await?;
+        if exists {
+            sqlx::query(&format!("delete from {history} where table_schema = $1 and table_name = $2"))
+                .bind(t.schema.as_str())
+                .bind(t.table.as_str())
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::qualified;
+
+    #[test]
+    fn the_outbox_takes_its_notify_function_along() {
+        let sql = drop_ddl(TableKind::Outbox, &qualified("billing", "outbox"));
+        assert!(
+            sql.starts_with("drop table if exists \"billing\".\"outbox\";\ndrop function if exists \"billing\".\"outbox_"),
+            "{sql}"
+        );
+        assert!(sql.ends_with("_notify\"();"), "{sql}");
+        assert_eq!(
+            drop_ddl(TableKind::Inbox, &qualified("a", "in")),
+            "drop table if exists \"a\".\"in\";"
+        );
+    }
+}

@@ -282,23 +282,58 @@ async fn lag_healthy_follows_the_oldest_event_and_names_a_blocking_transaction()
         "insert into \"{schema}\".outbox (id, aggregatetype, aggregateid, type, payload)
          select gen_random_uuid(), 'order', 'k-' || g, 'created', '{{}}' from generate_series(1, 10) g"
     );
-    sqlx::query(&insert).execute(&pool).await.unwrap();
-    // Nothing relays: past 4 s (plus a refresh), the lag is reported.
-    let obj = common::wait_condition(&api, "lagged", "LagHealthy", "False", Some("LagAboveThreshold"), slow).await;
-    let lag = obj.status.unwrap().lag.unwrap();
-    assert!(lag.pending_events >= 10 && lag.oldest_pending_age_seconds > 4.0, "{lag:?}");
-
-    // A relay drains it: healthy again.
-    let log = std::fs::File::create(std::path::PathBuf::from(common::env("LOCKSTEP_TESTENV_DIR")).join("obr-lag-relay.log")).unwrap();
-    let mut relay = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
-        .args(["relay", "--schema", &schema, "--table", "outbox", "--topic", &topic])
-        .args(["--metrics-addr", "127.0.0.1:0", "--poll-interval", "200ms"])
-        .env("DATABASE_URL", common::env("DATABASE_URL"))
-        .env("KAFKA_BOOTSTRAP_SERVERS", &bootstrap)
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    // Events keep arriving, five a second, while a relay runs, is killed, and runs again.
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let (pool, writing) = (pool.clone(), writing.clone());
+        let one = insert.replace("generate_series(1, 10)", "generate_series(1, 1)");
+        tokio::spawn(async move {
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                sqlx::query(&one).execute(&pool).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let dir = std::path::PathBuf::from(common::env("LOCKSTEP_TESTENV_DIR"));
+    let start_relay = |n: usize| {
+        let log = std::fs::File::create(dir.join(format!("obr-lag-relay-{n}.log"))).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args(["relay", "--schema", &schema, "--table", "outbox", "--topic", &topic])
+            .args(["--metrics-addr", "127.0.0.1:0", "--poll-interval", "200ms"])
+            .env("DATABASE_URL", common::env("DATABASE_URL"))
+            .env("KAFKA_BOOTSTRAP_SERVERS", &bootstrap)
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let mut relay = start_relay(1);
+    tokio::time::sleep(Duration::from_secs(3)).await;
     common::wait_condition(&api, "lagged", "LagHealthy", "True", Some("LagWithinThreshold"), slow).await;
+
+    // The relay stops: within the threshold (4 s) plus one refresh (15 s), and a little slack.
+    let _ = relay.kill();
+    let _ = relay.wait();
+    let within = Duration::from_secs(4 + 15 + 5);
+    let obj = common::wait_condition(&api, "lagged", "LagHealthy", "False", Some("LagAboveThreshold"), within).await;
+    let lag = obj.status.unwrap().lag.unwrap();
+    assert!(lag.pending_events >= 1 && lag.oldest_pending_age_seconds > 4.0, "{lag:?}");
+
+    // It runs again: True again, once; events still arriving do not make it flap.
+    let mut relay = start_relay(2);
+    let obj = common::wait_condition(&api, "lagged", "LagHealthy", "True", Some("LagWithinThreshold"), slow).await;
+    let since = common::condition(&obj.status.unwrap().conditions, "LagHealthy")
+        .last_transition_time
+        .clone();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let obj = api.get("lagged").await.unwrap();
+    let c = common::condition(&obj.status.as_ref().unwrap().conditions, "LagHealthy").clone();
+    assert_eq!(
+        (c.status.as_str(), &c.last_transition_time),
+        ("True", &since),
+        "no flip since: {c:?}"
+    );
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
 
     // An open transaction that wrote to the outbox holds back every row committed after it began.
     let mut tx = pool.begin().await.unwrap();

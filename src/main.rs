@@ -33,11 +33,15 @@ enum Command {
     /// Move dead-lettered events back into the outbox, to be published again (after the cause was
     /// fixed). Each replayed event goes out after the events of its key already published.
     Replay(ReplayArgs),
-    /// Print the CRD YAML, or write one file per CRD with --out.
+    /// Print the CRD YAML, or write one file per CRD with --out (or as Helm templates with --helm).
     Crds {
         /// Write one YAML file per CRD into this directory.
-        #[arg(long, conflicts_with = "apply")]
+        #[arg(long, conflicts_with_all = ["apply", "helm"])]
         out: Option<PathBuf>,
+        /// Write one Helm template per CRD into this directory (charts/lockstep/templates/crds):
+        /// created with `crds.create`, kept on uninstall, CEL rules only on Kubernetes 1.25+.
+        #[arg(long, conflicts_with = "apply")]
+        helm: Option<PathBuf>,
         /// Apply the CRDs to the cluster (KUBECONFIG) with server-side apply and wait until they are
         /// Established; CEL rules are left out on API servers older than 1.25.
         #[arg(long)]
@@ -60,6 +64,13 @@ async fn main() -> ExitCode {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Crds { apply: true, .. } => apply_crds().await,
+        Command::Crds { helm: Some(dir), .. } => match crdgen::write_helm(&dir) {
+            Ok(paths) => {
+                paths.iter().for_each(|p| eprintln!("wrote {p}"));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(format!("cannot write CRD templates to {}: {e}", dir.display())),
+        },
         Command::Crds { out: None, .. } => match crdgen::render_all() {
             Ok(yaml) => {
                 print!("{yaml}");
@@ -268,6 +279,7 @@ replay --table env=LOCKSTEP_TABLE default=outbox
 replay --id env= default=
 replay --all env= default=
 crds --out env= default=
+crds --helm env= default=
 crds --apply env= default="#
         );
     }

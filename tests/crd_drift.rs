@@ -1,4 +1,4 @@
-//! The committed CRD YAML in crds/ must be exactly what `lockstep crds --out crds/` writes.
+//! The committed CRD YAML in crds/ (and the chart's CRD templates) must be exactly what `lockstep crds` writes.
 
 use std::{collections::BTreeSet, fs, path::Path};
 
@@ -42,4 +42,33 @@ fn crds_carry_printer_columns_short_names_and_category() {
             names.kind
         );
     }
+}
+
+/// The chart's CRD templates must be exactly what `lockstep crds --helm` writes.
+#[test]
+fn chart_crd_templates_match_generated() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(lockstep::crdgen::HELM_DIR);
+    let fix = "run `cargo run -- crds --helm charts/lockstep/templates/crds` and commit the result";
+    let mut expected = BTreeSet::new();
+    for crd in lockstep::crdgen::all() {
+        let name = lockstep::crdgen::file_name(&crd);
+        let generated = lockstep::crdgen::render_helm(&crd).unwrap();
+        let committed = fs::read_to_string(dir.join(&name)).unwrap_or_else(|e| panic!("{}/{name} is missing ({e}); {fix}", dir.display()));
+        assert!(
+            committed == generated,
+            "{}/{name} differs from the Rust types; {fix}",
+            dir.display()
+        );
+        expected.insert(name);
+    }
+    let present: BTreeSet<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        present,
+        expected,
+        "{} holds files that `lockstep crds --helm` does not generate",
+        dir.display()
+    );
 }

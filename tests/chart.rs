@@ -17,19 +17,20 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Run scripts/chart-check; its stdout, or a panic with its stderr.
-fn chart_check(args: &[&str]) -> String {
-    let out = Command::new(repo().join("scripts/chart-check"))
-        .args(args)
-        .output()
-        .expect("run scripts/chart-check");
+/// Run scripts/chart-check; its stdout, or what it printed when it failed.
+fn try_chart_check(args: &[&str]) -> Result<String, String> {
+    let mut cmd = Command::new(repo().join("scripts/chart-check"));
+    let out = cmd.args(args).output().expect("run scripts/chart-check");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "chart-check {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    out.status
+        .success()
+        .then_some(stdout.clone())
+        .ok_or(format!("chart-check {args:?} failed:\n{stdout}\n{stderr}"))
+}
+
+fn chart_check(args: &[&str]) -> String {
+    try_chart_check(args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 struct Release {
@@ -37,12 +38,26 @@ struct Release {
     name: String,
     docs: Vec<Value>,
     notes: String,
+    installed: bool,
+}
+
+/// A test that fails midway still removes its release (its ClusterRole outlives the namespace).
+impl Drop for Release {
+    fn drop(&mut self) {
+        if self.installed {
+            let _ = try_chart_check(&["uninstall", &self.ns, &self.name]);
+        }
+    }
 }
 
 impl Release {
     fn install(ns: &str, values: Value, chart: &Path) -> Release {
         let name = common::unique("ls");
-        let out = chart_check(&["install", ns, &name, &values.to_string(), chart.to_str().unwrap()]);
+        let out = try_chart_check(&["install", ns, &name, &values.to_string(), chart.to_str().unwrap()]).unwrap_or_else(|e| {
+            // A failed install leaves what it created: take it away before failing.
+            let _ = try_chart_check(&["uninstall", ns, &name]);
+            panic!("{e}")
+        });
         let r: Value = serde_json::from_str(&out).unwrap();
         let docs = serde_yaml::Deserializer::from_str(r["manifest"].as_str().unwrap())
             .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
@@ -53,10 +68,12 @@ impl Release {
             name,
             docs,
             notes: r["notes"].as_str().unwrap_or_default().into(),
+            installed: true,
         }
     }
 
-    fn uninstall(&self) {
+    fn uninstall(mut self) {
+        self.installed = false;
         chart_check(&["uninstall", &self.ns, &self.name]);
     }
 
@@ -86,11 +103,7 @@ impl Release {
 
 /// RBAC rules as comparable lines: `group resource verbs [names]`, one per resource, sorted.
 fn rules(role: &Value) -> BTreeSet<String> {
-    let strs = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .map(|a| a.iter().map(|s| s.as_str().unwrap().to_owned()).collect())
-            .unwrap_or_default()
-    };
+    let strs = |v: &Value| -> Vec<String> { serde_json::from_value(v.clone()).unwrap_or_default() };
     let mut out = BTreeSet::new();
     for r in role["rules"].as_array().unwrap() {
         for g in strs(&r["apiGroups"]) {
@@ -184,9 +197,13 @@ fn check_operator_deployment(r: &Release) {
     assert_eq!((parsed.relay_image.as_str(), parsed.leader_election), (image.as_str(), true));
     assert_eq!(parsed.metrics_addr.to_string(), "0.0.0.0:8080");
     assert_eq!(c["ports"], json!([{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]));
+    let probes = (&c["livenessProbe"]["httpGet"], &c["readinessProbe"]["httpGet"]);
     assert_eq!(
-        (&c["livenessProbe"]["httpGet"]["path"], &c["readinessProbe"]["httpGet"]["path"]),
-        (&json!("/healthz"), &json!("/readyz"))
+        probes,
+        (
+            &json!({"path": "/healthz", "port": "metrics"}),
+            &json!({"path": "/readyz", "port": "metrics"})
+        )
     );
     assert!(c["resources"]["requests"]["memory"].is_string() && c["resources"]["limits"]["memory"].is_string());
 }
@@ -200,13 +217,11 @@ async fn default_install_is_cluster_wide_and_least_privilege() {
     assert_eq!(rules(r.one("ClusterRole", &r.fullname())), lines(&all_rules));
     let lease = r.one("Role", "-leader-election");
     assert_eq!(lease["metadata"]["namespace"], ns.name);
-    assert_eq!(
-        rules(lease),
-        lines(&[
-            "coordination.k8s.io/leases create",
-            r#"coordination.k8s.io/leases get,update ["lockstep-operator"]"#
-        ])
-    );
+    let lease_rules = [
+        "coordination.k8s.io/leases create",
+        r#"coordination.k8s.io/leases get,update ["lockstep-operator"]"#,
+    ];
+    assert_eq!(rules(lease), lines(&lease_rules));
     assert_eq!(r.all("Role").len(), 1, "only the Lease Role without watchNamespace");
     let binding = r.one("ClusterRoleBinding", &r.fullname());
     assert_eq!(binding["subjects"], r.subjects());
@@ -306,36 +321,23 @@ async fn every_option_on_installs_on_the_server_it_finds() {
 /// Every `lockstep_*` series named in `text` is one the operator or the relay exposes.
 fn assert_real_metrics(text: &str, at_least: usize) {
     use lockstep::metrics::{ControllerLabel, FailureLabel};
-    let op = lockstep::metrics::Metrics::default();
-    op.reconciles.get_or_create(&ControllerLabel { controller: "c" }).inc();
-    op.reconcile_duration
-        .get_or_create(&ControllerLabel { controller: "c" })
-        .observe(0.1);
-    op.failures
-        .get_or_create(&FailureLabel {
-            controller: "c",
-            reason: "r".into(),
-        })
-        .inc();
-    let relay = lockstep::relay::RelayMetrics::default();
-    relay
-        .failures
-        .get_or_create(&lockstep::relay::ReasonLabel { reason: "r".into() })
-        .inc();
-    let exposed: BTreeSet<String> = [op.render(), relay.render()]
-        .iter()
-        .flat_map(|t| {
-            t.lines()
-                .filter(|l| !l.starts_with('#'))
-                .map(|l| l.split(['{', ' ']).next().unwrap().to_owned())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    let used: BTreeSet<String> = regex::Regex::new(r"\blockstep_[a-z_]+")
-        .unwrap()
-        .find_iter(text)
-        .map(|m| m.as_str().to_owned())
-        .collect();
+    // Families render only once they have a series.
+    let (op, relay) = (lockstep::metrics::Metrics::default(), lockstep::relay::RelayMetrics::default());
+    let c = ControllerLabel { controller: "c" };
+    op.reconciles.get_or_create(&c).inc();
+    op.reconcile_duration.get_or_create(&c).observe(0.1);
+    let reason = "r".to_string();
+    let failure = FailureLabel {
+        controller: "c",
+        reason: reason.clone(),
+    };
+    op.failures.get_or_create(&failure).inc();
+    relay.failures.get_or_create(&lockstep::relay::ReasonLabel { reason }).inc();
+    let text_of = [op.render(), relay.render()].join("\n");
+    let samples = text_of.lines().filter(|l| !l.starts_with('#'));
+    let exposed: BTreeSet<&str> = samples.map(|l| l.split(['{', ' ']).next().unwrap()).collect();
+    let series = regex::Regex::new(r"\blockstep_[a-z_]+").unwrap();
+    let used: BTreeSet<&str> = series.find_iter(text).map(|m| m.as_str()).collect();
     assert!(used.len() >= at_least, "{used:?}");
     let unknown: Vec<_> = used.difference(&exposed).collect();
     assert!(unknown.is_empty(), "series nobody exposes: {unknown:?} (exposed: {exposed:?})");
@@ -380,7 +382,7 @@ async fn crd_and_monitoring_templates_render_with_helm() {
     let crd_dir = repo().join(lockstep::crdgen::HELM_DIR);
     let mut files: Vec<(String, String)> = lockstep::crdgen::all()
         .iter()
-        .map(|crd| lockstep::crdgen::file_name(crd))
+        .map(lockstep::crdgen::file_name)
         .map(|n| (n.clone(), std::fs::read_to_string(crd_dir.join(&n)).unwrap()))
         .collect();
     // The 1.20 server does not serve monitoring.coreos.com/v1: only that gate is lifted.

@@ -66,6 +66,17 @@ pub struct Timing {
     pub caches_filling: Duration,
 }
 
+impl Timing {
+    /// The refresh delay spread over ±10%, so objects created together do not refresh in one
+    /// burst that a spec change then waits behind.
+    pub fn refresh_spread(&self) -> Duration {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        self.refresh.mul_f64(0.9 + 0.2 * f64::from(nanos % 1000) / 1000.0)
+    }
+}
+
 impl Default for Timing {
     fn default() -> Self {
         Timing {

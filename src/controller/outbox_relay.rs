@@ -107,7 +107,7 @@ impl Reconciler for OutboxRelays {
             Ok(Outcome::Status {
                 conditions: vec![ready, schema_cond, topics_cond, relay_cond, lag_cond],
                 status,
-                action: Action::requeue(if healing { ctx.timing.retry } else { ctx.timing.refresh }),
+                action: Action::requeue(if healing { ctx.timing.retry } else { ctx.timing.refresh_spread() }),
             })
         }
         .boxed()

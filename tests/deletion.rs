@@ -292,3 +292,37 @@ async fn inbox_table_delete_drops_its_table_and_retain_keeps_it() {
     assert!(table_exists(&env.pool, &env.schema, "kept").await);
     env.ns.delete().await;
 }
+
+/// Deleting the namespace deletes its Secrets too: a Delete-policy OutboxRelay whose Secret is
+/// gone cannot reach its database, and waiting would hold the namespace in Terminating forever.
+/// It lets go and keeps the tables; the unpublished events are still there.
+#[tokio::test]
+async fn a_deleted_namespace_is_not_held_and_unpublished_events_are_kept() {
+    use k8s_openapi::api::core::v1::Namespace;
+    let env = setup("del-ns").await;
+    let topic = common::unique("ns.events");
+    env.relays
+        .create(&PostParams::default(), &relay("orders", &env.schema, &topic, "Delete"))
+        .await
+        .unwrap();
+    wait_configured(&env, "orders").await;
+    common::wait_until(T, "the finalizer", || async {
+        let obj = env.relays.get("orders").await.unwrap();
+        obj.finalizers().iter().any(|f| f == FINALIZER).then_some(())
+    })
+    .await;
+    insert_events(&env.pool, &env.schema, 3).await;
+
+    let namespaces: Api<Namespace> = Api::all(env.client.clone());
+    let name = env.ns.name.clone();
+    namespaces.delete(&name, &DeleteParams::default()).await.unwrap();
+    common::wait_until(Duration::from_secs(120), "the namespace deleted", || async {
+        namespaces.get_opt(&name).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let kept: i64 = sqlx::query_scalar(&format!("select count(*) from \"{}\".outbox", env.schema))
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 3, "unpublished events are never dropped unseen");
+}

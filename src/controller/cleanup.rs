@@ -8,15 +8,23 @@
 //! starts again from the top.
 
 use k8s_openapi::api::apps::v1::Deployment;
+use kube::runtime::reflector::ObjectRef;
 use kube::{
     api::{Api, DeleteParams},
     runtime::events::{Event, EventType},
     Resource, ResourceExt,
 };
-use sqlx::{Connection, PgConnection};
+use sqlx::{pool::PoolConnection, Connection, PgConnection, Postgres};
 
-use super::{deps, relay_available, relay_deployment::relay_name, Context};
+use super::{
+    deps::{self, Database},
+    relay_available,
+    relay_deployment::relay_name,
+    Context,
+};
 use crate::{
+    conditions::{reason, Cond},
+    crd::SecretKeyRef,
     crd::{InboxTable, OutboxRelay, ValidInboxTable, ValidOutboxRelay, DELETE_UNPUBLISHED_ANNOTATION},
     schema::{drop_tables, TableKind},
     sql::QualifiedName,
@@ -38,8 +46,12 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
     let ns = obj.namespace().unwrap_or_default();
     let forced = obj.annotations().get(DELETE_UNPUBLISHED_ANNOTATION).is_some_and(|a| a == "true");
     let mut done = Vec::new();
-    if v.manage_schema {
-        let (db, mut conn) = deps::connect(ctx, &ns, &v.url_secret).await.map_err(|c| c.message)?;
+    let connected = if v.manage_schema {
+        connect(ctx, &ns, &v.url_secret).await?
+    } else {
+        None
+    };
+    if let Some((db, mut conn)) = connected {
         let failed = |e: sqlx::Error| format!("cannot drop the outbox at {}: {e}", db.location);
         let (pending, dead) = unpublished(&mut conn, v).await.map_err(failed)?;
         if let Some(m) = refusal(&v.table, pending, dead, forced) {
@@ -55,21 +67,19 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
         done.push(format!("dropped {} and {}", v.table, v.dead_letter_table));
     } else {
         stop_relay(ctx, &ns, obj).await?;
-        done.push("kept the tables (manageSchema: false)".into());
+        done.push(format!("kept the tables ({})", kept_because(v.manage_schema)));
     }
     let names: Vec<String> = v.topics.iter().map(|t| t.name.clone()).collect();
-    if !names.is_empty() {
-        let settings = deps::kafka_settings(
-            &ctx.client,
-            &ns,
-            v.auth_secret.as_deref(),
-            deps::Reporting {
-                type_: crate::conditions::condition::READY,
-                status: crate::conditions::Status::False,
-            },
-        )
-        .await
-        .map_err(|c| c.message)?;
+    let on = deps::Reporting {
+        type_: crate::conditions::condition::READY,
+        status: crate::conditions::Status::False,
+    };
+    let settings = match deps::kafka_settings(&ctx.client, &ns, v.auth_secret.as_deref(), on).await {
+        Ok(s) => Some(s),
+        Err(c) if orphaned(ctx, &ns, &c) => None,
+        Err(c) => return Err(c.message),
+    };
+    if let (false, Some(settings)) = (names.is_empty(), settings) {
         let admin = ctx.admins.get(&v.bootstrap_servers, &settings).map_err(|e| e.to_string())?;
         for n in &names {
             admin.delete_topic(n).await.map_err(|e| e.to_string())?;
@@ -82,12 +92,17 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
 
 pub async fn inbox_table(ctx: &Context, obj: &InboxTable, v: &ValidInboxTable) -> Result<(), String> {
     ctx.purges.stop(&obj.uid().unwrap_or_default());
-    if !v.manage_schema {
-        cleaned(ctx, obj, "kept the table (manageSchema: false)".into()).await;
-        return Ok(());
-    }
     let ns = obj.namespace().unwrap_or_default();
-    let (db, mut conn) = deps::connect(ctx, &ns, &v.url_secret).await.map_err(|c| c.message)?;
+    let connected = if v.manage_schema {
+        connect(ctx, &ns, &v.url_secret).await?
+    } else {
+        None
+    };
+    let Some((db, mut conn)) = connected else {
+        let note = format!("kept the table ({})", kept_because(v.manage_schema));
+        cleaned(ctx, obj, note).await;
+        return Ok(());
+    };
     let dropped = async {
         let mut tx = conn.begin().await?;
         sqlx::query("set local lock_timeout = '5s'").execute(&mut *tx).await?;
@@ -99,6 +114,35 @@ pub async fn inbox_table(ctx: &Context, obj: &InboxTable, v: &ValidInboxTable) -
         .map_err(|e| format!("cannot drop {} at {}: {e}", v.table, db.location))?;
     cleaned(ctx, obj, format!("dropped {}", v.table)).await;
     Ok(())
+}
+
+/// The database, or None when its Secret went with a namespace being deleted: waiting would hold
+/// the namespace in Terminating forever, so the tables are kept (and the Event says so).
+async fn connect(ctx: &Context, ns: &str, r: &SecretKeyRef) -> Result<Option<(Database, PoolConnection<Postgres>)>, String> {
+    match deps::connect(ctx, ns, r).await {
+        Ok(c) => Ok(Some(c)),
+        Err(c) if orphaned(ctx, ns, &c) => Ok(None),
+        Err(c) => Err(c.message),
+    }
+}
+
+/// A Secret is missing because the namespace is being deleted.
+fn orphaned(ctx: &Context, ns: &str, c: &Cond) -> bool {
+    let terminating = ctx
+        .caches
+        .namespaces
+        .get(&ObjectRef::new(ns))
+        .is_some_and(|n| n.metadata.deletion_timestamp.is_some());
+    terminating && [reason::SECRET_NOT_FOUND, reason::SECRET_KEY_MISSING].contains(&c.reason)
+}
+
+/// Why tables were kept under deletionPolicy Delete. Pure.
+fn kept_because(manage_schema: bool) -> &'static str {
+    if manage_schema {
+        "their Secret was deleted with the namespace, so they cannot be reached"
+    } else {
+        "manageSchema: false"
+    }
 }
 
 /// Delete the relay Deployment (the garbage collector would only after the object is gone), so

@@ -123,5 +123,16 @@ async fn sweep(ctx: &Context, stop: &CancellationToken) {
         }
         let live: HashSet<String> = ctx.caches.inboxes.state().iter().filter_map(|o| o.uid()).collect();
         ctx.purges.retain(|uid| live.contains(uid));
+        release_free_memory();
+    }
+}
+
+/// Hand memory freed after a burst of reconciles back to the OS: glibc keeps freed pages in its
+/// arenas, so the resident size would stay at the burst's peak.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -84,7 +84,10 @@ impl Reconciler for OutboxRelays {
             if relay_cond.reason != reason::SCALED_TO_ZERO {
                 parts.push(&relay_cond);
             }
-            let healing = parts.iter().any(|c| c.status != Status::True);
+            // Deployment availability arrives through the Deployment watch: no need to poll it.
+            let healing = parts
+                .iter()
+                .any(|c| c.status != Status::True && c.reason != reason::DEPLOYMENT_UNAVAILABLE);
             let ready = conditions::ready(
                 &parts,
                 format!("{} is migrated, its topics are configured and a relay is active", valid.table),

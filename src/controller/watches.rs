@@ -72,7 +72,12 @@ where
             mut subscribers,
             ..
         } = self;
-        let mut events = watcher(api, watcher::Config::default()).default_backoff().reflect(writer).boxed();
+        // managedFields are never read here and are a good part of each cached object.
+        let mut events = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(|o| o.meta_mut().managed_fields = None)
+            .reflect(writer)
+            .boxed();
         while let Some(event) = events.next().await {
             let event = match event {
                 Ok(e) => e,

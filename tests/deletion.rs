@@ -120,9 +120,30 @@ async fn wait_blocked(api: &Api<OutboxRelay>, name: &str, text: &str) -> String 
     .await
 }
 
-async fn wait_configured(env: &Env, name: &str) {
-    common::wait_condition(&env.relays, name, "SchemaReady", "True", None, T).await;
-    common::wait_condition(&env.relays, name, "TopicsReady", "True", None, T).await;
+/// Wait until our finalizer is on `name` (`want`) or off.
+async fn wait_finalizer<K>(api: &Api<K>, name: &str, want: bool)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    common::wait_until(T, &format!("{name}: finalizer present: {want}"), || async {
+        let obj = api.get(name).await.unwrap();
+        (obj.finalizers().iter().any(|f| f == FINALIZER) == want).then_some(())
+    })
+    .await
+}
+
+/// Create OutboxRelay "orders" on `topic` with `policy`; wait until its tables and topic are
+/// there, and, under Delete, its finalizer.
+async fn create_orders(env: &Env, topic: &str, policy: &str) {
+    env.relays
+        .create(&PostParams::default(), &relay("orders", &env.schema, topic, policy))
+        .await
+        .unwrap();
+    common::wait_condition(&env.relays, "orders", "SchemaReady", "True", None, T).await;
+    common::wait_condition(&env.relays, "orders", "TopicsReady", "True", None, T).await;
+    if policy == "Delete" {
+        wait_finalizer(&env.relays, "orders", true).await;
+    }
 }
 
 /// Retain (the default): no finalizer; deleting the OutboxRelay leaves its tables and topic, and
@@ -131,11 +152,7 @@ async fn wait_configured(env: &Env, name: &str) {
 async fn retain_keeps_the_tables_and_topics() {
     let env = setup("del-retain").await;
     let topic = common::unique("retain.events");
-    env.relays
-        .create(&PostParams::default(), &relay("orders", &env.schema, &topic, "Retain"))
-        .await
-        .unwrap();
-    wait_configured(&env, "orders").await;
+    create_orders(&env, &topic, "Retain").await;
     let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns.name);
     assert!(deployments.get_opt("orders-relay").await.unwrap().is_some());
     assert!(
@@ -164,16 +181,7 @@ async fn retain_keeps_the_tables_and_topics() {
 async fn delete_waits_for_unpublished_events_and_the_relay_then_drops_everything() {
     let env = setup("del-delete").await;
     let topic = common::unique("delete.events");
-    env.relays
-        .create(&PostParams::default(), &relay("orders", &env.schema, &topic, "Delete"))
-        .await
-        .unwrap();
-    wait_configured(&env, "orders").await;
-    common::wait_until(T, "the finalizer", || async {
-        let obj = env.relays.get("orders").await.unwrap();
-        obj.finalizers().iter().any(|f| f == FINALIZER).then_some(())
-    })
-    .await;
+    create_orders(&env, &topic, "Delete").await;
     insert_events(&env.pool, &env.schema, 10).await;
 
     env.relays.delete("orders", &DeleteParams::default()).await.unwrap();
@@ -219,22 +227,7 @@ async fn delete_waits_for_unpublished_events_and_the_relay_then_drops_everything
 async fn delete_unpublished_drops_pending_events_and_retain_drops_the_finalizer() {
     let env = setup("del-force").await;
     let topic = common::unique("force.events");
-    env.relays
-        .create(&PostParams::default(), &relay("orders", &env.schema, &topic, "Delete"))
-        .await
-        .unwrap();
-    wait_configured(&env, "orders").await;
-    let has_finalizer = |want: bool| {
-        let api = env.relays.clone();
-        async move {
-            common::wait_until(T, &format!("finalizer present: {want}"), || async {
-                let obj = api.get("orders").await.unwrap();
-                (obj.finalizers().iter().any(|f| f == FINALIZER) == want).then_some(())
-            })
-            .await
-        }
-    };
-    has_finalizer(true).await;
+    create_orders(&env, &topic, "Delete").await;
     let set_policy = |p: &'static str| {
         let api = env.relays.clone();
         async move {
@@ -248,9 +241,9 @@ async fn delete_unpublished_drops_pending_events_and_retain_drops_the_finalizer(
         }
     };
     set_policy("Retain").await;
-    has_finalizer(false).await;
+    wait_finalizer(&env.relays, "orders", false).await;
     set_policy("Delete").await;
-    has_finalizer(true).await;
+    wait_finalizer(&env.relays, "orders", true).await;
 
     insert_events(&env.pool, &env.schema, 3).await;
     let force = json!({"metadata": {"annotations": {"lockstep.dev/delete-unpublished": "true"}}});
@@ -279,11 +272,7 @@ async fn inbox_table_delete_drops_its_table_and_retain_keeps_it() {
         inboxes.create(&PostParams::default(), &obj).await.unwrap();
         common::wait_condition(&inboxes, name, "SchemaReady", "True", None, T).await;
     }
-    common::wait_until(T, "the finalizer", || async {
-        let obj = inboxes.get("dropped").await.unwrap();
-        obj.finalizers().iter().any(|f| f == FINALIZER).then_some(())
-    })
-    .await;
+    wait_finalizer(&inboxes, "dropped", true).await;
     for name in ["dropped", "kept"] {
         inboxes.delete(name, &DeleteParams::default()).await.unwrap();
         wait_gone(&inboxes, name).await;
@@ -301,16 +290,7 @@ async fn a_deleted_namespace_is_not_held_and_unpublished_events_are_kept() {
     use k8s_openapi::api::core::v1::Namespace;
     let env = setup("del-ns").await;
     let topic = common::unique("ns.events");
-    env.relays
-        .create(&PostParams::default(), &relay("orders", &env.schema, &topic, "Delete"))
-        .await
-        .unwrap();
-    wait_configured(&env, "orders").await;
-    common::wait_until(T, "the finalizer", || async {
-        let obj = env.relays.get("orders").await.unwrap();
-        obj.finalizers().iter().any(|f| f == FINALIZER).then_some(())
-    })
-    .await;
+    create_orders(&env, &topic, "Delete").await;
     insert_events(&env.pool, &env.schema, 3).await;
 
     let namespaces: Api<Namespace> = Api::all(env.client.clone());

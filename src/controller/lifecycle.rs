@@ -14,14 +14,8 @@ use kube::{
     Resource, ResourceExt,
 };
 
-use super::{
-    reconciler::{is_paused, Kind, Reconciler},
-    status, Context, Error,
-};
-use crate::{
-    conditions::{condition, reason, Cond},
-    crd::DeletionPolicy,
-};
+use super::Error;
+use crate::crd::DeletionPolicy;
 
 /// The finalizer of objects with `deletionPolicy: Delete`.
 pub const FINALIZER: &str = "lockstep.dev/cleanup";
@@ -51,24 +45,25 @@ pub fn route(policy: Option<DeletionPolicy>, has_finalizer: bool, deleting: bool
     }
 }
 
-pub fn route_of<R: Reconciler>(obj: &R::K) -> Route {
+pub fn route_of<K: Resource>(obj: &K, policy: Option<DeletionPolicy>) -> Route {
     route(
-        R::deletion_policy(obj),
+        policy,
         obj.finalizers().iter().any(|f| f == FINALIZER),
         obj.meta().deletion_timestamp.is_some(),
     )
 }
 
-/// Run `apply` (the usual reconcile) or the cleanup, through kube's finalizer helper.
-pub async fn finalized<R, F>(obj: &R::K, api: &Api<R::K>, ctx: &Context, apply: F) -> Result<Action, Error>
+/// Run `apply` (the usual reconcile) or `cleanup` (on deletion), through kube's finalizer helper.
+pub async fn finalized<K, A, C>(obj: &K, api: &Api<K>, apply: A, cleanup: C) -> Result<Action, Error>
 where
-    R: Reconciler,
-    F: std::future::Future<Output = Result<Action, Error>>,
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    A: std::future::Future<Output = Result<Action, Error>>,
+    C: std::future::Future<Output = Result<Action, Error>>,
 {
     let r = finalizer(api, FINALIZER, Arc::new(obj.clone()), |event| async move {
         match event {
             Event::Apply(_) => apply.await,
-            Event::Cleanup(k) => clean::<R>(&k, api, ctx).await,
+            Event::Cleanup(_) => cleanup.await,
         }
     })
     .await;
@@ -96,37 +91,6 @@ where
         .await
         .map_err(|e| Error::Finalizer(e.to_string()))?;
     Ok(())
-}
-
-/// The cleanup on deletion: nothing under Retain; otherwise the kind's own, which must finish
-/// before the finalizer is removed. Paused or invalid objects wait, and say so.
-async fn clean<R: Reconciler>(obj: &R::K, api: &Api<R::K>, ctx: &Context) -> Result<Action, Error> {
-    if R::deletion_policy(obj) != Some(DeletionPolicy::Delete) {
-        return Ok(Action::await_change());
-    }
-    let blocked = if is_paused(obj) {
-        Err(format!(
-            "the object is paused ({}=true): its cleanup (deletionPolicy: Delete) waits until it is unpaused",
-            crate::crd::PAUSED_ANNOTATION
-        ))
-    } else {
-        match obj.validate() {
-            Err(e) => Err(format!(
-                "cannot clean up with an invalid spec ({e}); fix it, or set deletionPolicy: Retain to delete without cleaning up"
-            )),
-            Ok(valid) => R::cleanup(obj, valid, ctx).await,
-        }
-    };
-    match blocked {
-        Ok(()) => Ok(Action::await_change()),
-        Err(message) => {
-            let c = Cond::no(condition::READY, reason::DELETION_BLOCKED, message.clone());
-            let previous = obj.current_status();
-            let (st, flipped) = status::merged(previous.clone(), obj.meta().generation, &[c], &status::now());
-            status::write(ctx, api, obj, R::MANAGER, &previous, &st, &flipped).await?;
-            Err(Error::DeletionBlocked(message))
-        }
-    }
 }
 
 #[cfg(test)]

@@ -125,7 +125,7 @@ async fn run<R: Reconciler>(obj: &DeserializeGuard<R::K>, ctx: &Context) -> Resu
             return Ok((Action::await_change(), Some(reason::INVALID_SPEC.into())));
         }
     };
-    match lifecycle::route_of::<R>(k) {
+    match lifecycle::route_of(k, R::deletion_policy(k)) {
         Route::Gone => {
             R::halt(ctx, &uid);
             return Ok((Action::await_change(), None));
@@ -138,12 +138,43 @@ async fn run<R: Reconciler>(obj: &DeserializeGuard<R::K>, ctx: &Context) -> Resu
                 failure = f;
                 Ok::<Action, Error>(action)
             };
-            let action = lifecycle::finalized::<R, _>(k, &api, ctx, apply).await?;
+            let action = lifecycle::finalized(k, &api, apply, clean::<R>(k, &api, ctx)).await?;
             return Ok((action, failure));
         }
         Route::Plain => {}
     }
     reconcile_object::<R>(k, &uid, &api, ctx).boxed().await
+}
+
+/// The cleanup on deletion: nothing under Retain; otherwise the kind's own, which must finish
+/// before the finalizer is removed. Paused or invalid objects wait, and say so.
+async fn clean<R: Reconciler>(obj: &R::K, api: &Api<R::K>, ctx: &Context) -> Result<Action, Error> {
+    if R::deletion_policy(obj) != Some(DeletionPolicy::Delete) {
+        return Ok(Action::await_change());
+    }
+    let blocked = if is_paused(obj) {
+        Err(format!(
+            "the object is paused ({}=true): its cleanup (deletionPolicy: Delete) waits until it is unpaused",
+            crate::crd::PAUSED_ANNOTATION
+        ))
+    } else {
+        match obj.validate() {
+            Err(e) => Err(format!(
+                "cannot clean up with an invalid spec ({e}); fix it, or set deletionPolicy: Retain to delete without cleaning up"
+            )),
+            Ok(valid) => R::cleanup(obj, valid, ctx).await,
+        }
+    };
+    match blocked {
+        Ok(()) => Ok(Action::await_change()),
+        Err(message) => {
+            let c = Cond::no(condition::READY, reason::DELETION_BLOCKED, message.clone());
+            let previous = obj.current_status();
+            let (st, flipped) = status::merged(previous.clone(), obj.meta().generation, &[c], &status::now());
+            status::write(ctx, api, obj, R::MANAGER, &previous, &st, &flipped).await?;
+            Err(Error::DeletionBlocked(message))
+        }
+    }
 }
 
 /// Guard, validate, the kind's reconcile, status.

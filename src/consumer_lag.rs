@@ -72,23 +72,30 @@ pub async fn measure(
     topics: &[String],
     timeout: Duration,
 ) -> Result<GroupLag, String> {
+    let (group, bootstrap) = (group.to_owned(), bootstrap.to_owned());
     let mut cfg = ClientConfig::new();
     for (k, v) in settings {
         cfg.set(k, v);
     }
-    cfg.set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
+    cfg.set("bootstrap.servers", &bootstrap)
+        .set("group.id", &group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false");
-    let consumer: BaseConsumer = cfg
-        .create()
-        .map_err(|e: KafkaError| config_error_text(&e, settings.values().map(String::as_str)))?;
+    let values: Vec<String> = settings.values().cloned().collect();
     let topics = topics.to_vec();
-    tokio::task::spawn_blocking(move || measure_blocking(&consumer, &topics, timeout))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot read the offsets of consumer group {group:?} from {bootstrap}: {e}"))
+    // Creating the client and every call after it block: none of it on an async worker.
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = cfg
+            .create()
+            .map_err(|e: KafkaError| config_error_text(&e, values.iter().map(String::as_str)))?;
+        measure_blocking(&consumer, &topics, timeout).map_err(|e| {
+            let text = crate::kafka::scrub(&e.to_string(), values.iter().map(String::as_str));
+            format!("cannot read the offsets of consumer group {group:?} from {bootstrap}: {text}")
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 fn measure_blocking(c: &BaseConsumer, topics: &[String], timeout: Duration) -> Result<GroupLag, KafkaError> {
@@ -140,8 +147,10 @@ fn oldest_unconsumed(c: &BaseConsumer, partitions: &[PartitionLag], timeout: Dur
     let mut oldest: Option<i64> = None;
     let deadline = std::time::Instant::now() + timeout;
     while waiting > 0 && std::time::Instant::now() < deadline {
-        let Some(m) = c.poll(Duration::from_millis(200)) else { continue };
-        let m = m?;
+        // A partition that cannot be read (reset, deleted) just gives no timestamp.
+        let Some(Ok(m)) = c.poll(Duration::from_millis(200)) else {
+            continue;
+        };
         if seen.insert((m.topic().to_owned(), m.partition())) {
             waiting -= 1;
             if let Some(ts) = m.timestamp().to_millis() {

@@ -23,7 +23,7 @@ use super::{
     Context,
 };
 use crate::{
-    conditions::{reason, Cond},
+    conditions::{reason, Cond, Status},
     crd::SecretKeyRef,
     crd::{InboxTable, OutboxRelay, ValidInboxTable, ValidOutboxRelay, DELETE_UNPUBLISHED_ANNOTATION},
     schema::{drop_tables, TableKind},
@@ -51,10 +51,18 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
     } else {
         None
     };
+    // Tables kept because their Secret went with the namespace: keep the topics with them.
+    let orphan = v.manage_schema && connected.is_none();
     if let Some((db, mut conn)) = connected {
         let failed = |e: sqlx::Error| format!("cannot drop the outbox at {}: {e}", db.location);
         let (pending, dead) = unpublished(&mut conn, v).await.map_err(failed)?;
         if let Some(m) = refusal(&v.table, pending, dead, forced) {
+            if foreground(obj) {
+                return Err(format!(
+                    "{m}. It was deleted with foreground propagation, so its relay Deployment cannot run to \
+                     publish them: delete it with --cascade=background instead"
+                ));
+            }
             // The relay may have been stopped by an earlier attempt: run it again so they drain.
             let _ = relay_available::apply(ctx, obj, &ns, v).await;
             return Err(m);
@@ -79,7 +87,7 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
         Err(c) if orphaned(ctx, &ns, &c) => None,
         Err(c) => return Err(c.message),
     };
-    if let (false, Some(settings)) = (names.is_empty(), settings) {
+    if let (false, false, Some(settings)) = (orphan, names.is_empty(), settings) {
         let admin = ctx.admins.get(&v.bootstrap_servers, &settings).map_err(|e| e.to_string())?;
         for n in &names {
             admin.delete_topic(n).await.map_err(|e| e.to_string())?;
@@ -133,7 +141,8 @@ fn orphaned(ctx: &Context, ns: &str, c: &Cond) -> bool {
         .namespaces
         .get(&ObjectRef::new(ns))
         .is_some_and(|n| n.metadata.deletion_timestamp.is_some());
-    terminating && [reason::SECRET_NOT_FOUND, reason::SECRET_KEY_MISSING].contains(&c.reason)
+    // Status False: the Secret (or its key) is known to be gone, not merely unreadable just now.
+    terminating && c.status == Status::False && [reason::SECRET_NOT_FOUND, reason::SECRET_KEY_MISSING].contains(&c.reason)
 }
 
 /// Why tables were kept under deletionPolicy Delete. Pure.
@@ -150,11 +159,24 @@ fn kept_because(manage_schema: bool) -> &'static str {
 async fn stop_relay(ctx: &Context, ns: &str, obj: &OutboxRelay) -> Result<(), String> {
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let name = relay_name(&obj.name_any());
-    match api.delete(&name, &DeleteParams::background()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(format!("cannot delete Deployment {ns}/{name}: {e}")),
+    // Foreground: the Deployment stays until its pods are gone, so a standby (which holds no
+    // lock) cannot start after the drop and create the tables again.
+    match api.delete(&name, &DeleteParams::foreground()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+        Err(e) => return Err(format!("cannot delete Deployment {ns}/{name}: {e}")),
     }
+    match api.get_opt(&name).await {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err(format!("waiting for the relay pods of Deployment {ns}/{name} to stop")),
+        Err(e) => Err(format!("cannot read Deployment {ns}/{name}: {e}")),
+    }
+}
+
+/// Deleted with foreground propagation: the garbage collector would delete a relay Deployment
+/// re-created to drain the outbox, again and again.
+fn foreground(obj: &OutboxRelay) -> bool {
+    obj.finalizers().iter().any(|f| f == "foregroundDeletion")
 }
 
 enum Dropped {
@@ -185,6 +207,11 @@ async fn drop_outbox(conn: &mut PgConnection, v: &ValidOutboxRelay, forced: bool
         )));
     }
     for t in [&v.table, &v.dead_letter_table] {
+        // The migration lock first: a migration creating the table meanwhile is waited for.
+        sqlx::query("select pg_advisory_xact_lock($1)")
+            .bind(crate::schema::lock_key(t))
+            .execute(&mut *tx)
+            .await?;
         if exists(&mut tx, t).await? {
             sqlx::query(&format!("lock table {t} in access exclusive mode"))
                 .execute(&mut *tx)

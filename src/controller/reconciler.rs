@@ -149,6 +149,7 @@ async fn run<R: Reconciler>(obj: &DeserializeGuard<R::K>, ctx: &Context) -> Resu
 /// The cleanup on deletion: nothing under Retain; otherwise the kind's own, which must finish
 /// before the finalizer is removed. Paused or invalid objects wait, and say so.
 async fn clean<R: Reconciler>(obj: &R::K, api: &Api<R::K>, ctx: &Context) -> Result<Action, Error> {
+    R::halt(ctx, &obj.uid().unwrap_or_default());
     if R::deletion_policy(obj) != Some(DeletionPolicy::Delete) {
         return Ok(Action::await_change());
     }

@@ -143,7 +143,7 @@ async fn budget_api(ctx: &Context, ns: &str) -> Result<(Api<DynamicObject>, &'st
 async fn apply_budget(ctx: &Context, obj: &OutboxRelay, ns: &str, v: &ValidOutboxRelay) -> Result<(), kube::Error> {
     let (api, version) = budget_api(ctx, ns).await?;
     let name = relay_deployment::relay_name(&obj.name_any());
-    let built = relay_deployment::pod_disruption_budget(obj, v).ok().flatten();
+    let built = relay_deployment::pod_disruption_budget(obj, v).map_err(|e| kube::Error::Service(e.to_string().into()))?;
     match built {
         Some(pdb) => {
             let mut value = serde_json::to_value(&pdb).map_err(kube::Error::SerdeError)?;
@@ -152,12 +152,25 @@ async fn apply_budget(ctx: &Context, obj: &OutboxRelay, ns: &str, v: &ValidOutbo
             api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&value))
                 .await?;
         }
-        None => match api.delete(&name, &DeleteParams::default()).await {
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            other => {
-                other?;
+        // Only one lockstep made (ours or from an earlier replica count) is deleted; reading
+        // first keeps the common single-relay case to one GET.
+        None => {
+            let ours = api.get_metadata_opt(&name).await?.is_some_and(|m| {
+                m.metadata
+                    .owner_references
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|o| Some(&o.uid) == obj.metadata.uid.as_ref())
+            });
+            if ours {
+                match api.delete(&name, &DeleteParams::default()).await {
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    other => {
+                        other?;
+                    }
+                }
             }
-        },
+        }
     }
     Ok(())
 }

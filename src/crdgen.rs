@@ -30,13 +30,17 @@ pub fn render_all() -> Result<String, serde_yaml::Error> {
 
 /// Write each CRD to `dir/<name>.yaml`; returns the paths written.
 pub fn write_all(dir: &Path) -> io::Result<Vec<String>> {
+    write_each(dir, render)
+}
+
+/// Each CRD rendered by `render` into `dir/<name>.yaml`; the paths written.
+fn write_each(dir: &Path, render: fn(&CustomResourceDefinition) -> Result<String, serde_yaml::Error>) -> io::Result<Vec<String>> {
     fs::create_dir_all(dir)?;
     all()
         .iter()
         .map(|crd| {
             let path = dir.join(file_name(crd));
-            let text = render(crd).map_err(io::Error::other)?;
-            fs::write(&path, text)?;
+            fs::write(&path, render(crd).map_err(io::Error::other)?)?;
             Ok(path.display().to_string())
         })
         .collect()
@@ -65,15 +69,7 @@ pub fn render_helm(crd: &CustomResourceDefinition) -> Result<String, serde_yaml:
 
 /// Write each CRD template to `dir/<name>.yaml`; returns the paths written.
 pub fn write_helm(dir: &Path) -> io::Result<Vec<String>> {
-    fs::create_dir_all(dir)?;
-    all()
-        .iter()
-        .map(|crd| {
-            let path = dir.join(file_name(crd));
-            fs::write(&path, render_helm(crd).map_err(io::Error::other)?)?;
-            Ok(path.display().to_string())
-        })
-        .collect()
+    write_each(dir, render_helm)
 }
 
 /// Wrap every `x-kubernetes-validations:` block (the key line, then its deeper-indented lines and

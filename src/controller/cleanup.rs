@@ -26,7 +26,7 @@ use crate::{
     conditions::{reason, Cond, Status},
     crd::SecretKeyRef,
     crd::{InboxTable, OutboxRelay, ValidInboxTable, ValidOutboxRelay, DELETE_UNPUBLISHED_ANNOTATION},
-    schema::{drop_tables, TableKind},
+    schema::{drop_tables, table_exists, TableKind},
     sql::QualifiedName,
 };
 
@@ -212,7 +212,7 @@ async fn drop_outbox(conn: &mut PgConnection, v: &ValidOutboxRelay, forced: bool
             .bind(crate::schema::lock_key(t))
             .execute(&mut *tx)
             .await?;
-        if exists(&mut tx, t).await? {
+        if table_exists(&mut tx, t).await? {
             sqlx::query(&format!("lock table {t} in access exclusive mode"))
                 .execute(&mut *tx)
                 .await?;
@@ -231,13 +231,6 @@ async fn drop_outbox(conn: &mut PgConnection, v: &ValidOutboxRelay, forced: bool
     Ok(())
 }
 
-async fn exists(conn: &mut PgConnection, t: &QualifiedName) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("select to_regclass($1) is not null")
-        .bind(t.to_string())
-        .fetch_one(&mut *conn)
-        .await
-}
-
 /// Unpublished outbox rows and dead-lettered rows (0 for a table that does not exist).
 async fn unpublished(conn: &mut PgConnection, v: &ValidOutboxRelay) -> Result<(i64, i64), sqlx::Error> {
     let pending = count(conn, &v.table, " where published_at is null").await?;
@@ -246,7 +239,7 @@ async fn unpublished(conn: &mut PgConnection, v: &ValidOutboxRelay) -> Result<(i
 }
 
 async fn count(conn: &mut PgConnection, t: &QualifiedName, filter: &str) -> Result<i64, sqlx::Error> {
-    if !exists(conn, t).await? {
+    if !table_exists(conn, t).await? {
         return Ok(0);
     }
     sqlx::query_scalar(&format!("select count(*) from {t}{filter}"))

@@ -20,6 +20,14 @@ pub fn drop_ddl(kind: TableKind, t: &QualifiedName) -> String {
     }
 }
 
+/// The table exists (as the session's search path and privileges see it).
+pub async fn table_exists(conn: &mut PgConnection, t: &QualifiedName) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("select to_regclass($1) is not null")
+        .bind(t.to_string())
+        .fetch_one(&mut *conn)
+        .await
+}
+
 /// Drop `tables` and forget their migration history, inside the caller's transaction, each under
 /// its migration lock (a migration of the same table waits, then starts from nothing).
 pub async fn drop_tables(conn: &mut PgConnection, tables: &[(TableKind, &QualifiedName)]) -> Result<(), sqlx::Error> {
@@ -33,11 +41,7 @@ pub async fn drop_tables(conn: &mut PgConnection, tables: &[(TableKind, &Qualifi
             schema: t.schema.clone(),
             table: Ident::parse(HISTORY_TABLE).expect("valid"),
         };
-        let exists: bool = sqlx::query_scalar("select to_regclass($1) is not null")
-            .bind(history.to_string())
-            .fetch_one(&mut *conn)
-            .await?;
-        if exists {
+        if table_exists(conn, &history).await? {
             sqlx::query(&format!("delete from {history} where table_schema = $1 and table_name = $2"))
                 .bind(t.schema.as_str())
                 .bind(t.table.as_str())

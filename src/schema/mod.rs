@@ -13,7 +13,7 @@ mod tables;
 use futures::FutureExt;
 use sqlx::{PgConnection, Row};
 
-pub use self::drop::{drop_ddl, drop_tables};
+pub use self::drop::{drop_ddl, drop_tables, table_exists};
 pub use self::outbox::{describe_outbox, ensure_published_indexes, prepare_outbox, published_indexes, OutboxTables};
 #[cfg(test)]
 pub(crate) use self::tables::qualified;

@@ -1,34 +1,29 @@
 //! Connection pools, one per database URL, shared by every resource that points at it and bounded
 //! in size. URLs are secrets: they are keyed by hash and never logged.
 
-use std::{collections::HashMap, str::FromStr, sync::Mutex, time::Duration};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use sqlx::{
-    postgres::{PgConnectOptions, PgPoolOptions},
-    PgPool,
-};
+use sqlx::{postgres::PgPoolOptions, PgPool};
 
-use crate::{
-    config::{describe_database_url, Redacted},
-    sql::hex,
-};
+use crate::{cache::IdleCache, config::Redacted, sql::hex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("the database URL in the Secret is not a valid postgres:// URL ({0})")]
-    InvalidUrl(String),
+    /// The text is not shown: a key holding a bare password is the usual cause.
+    #[error("the database URL in the Secret does not parse as a postgres:// URL (its text is not shown)")]
+    InvalidUrl,
 }
 
 pub struct Pools {
-    pools: Mutex<HashMap<[u8; 32], PgPool>>,
+    pools: IdleCache<PgPool>,
     max_connections: u32,
 }
 
 impl Pools {
     pub fn new(max_connections: u32) -> Self {
         Pools {
-            pools: Mutex::new(HashMap::new()),
+            pools: IdleCache::default(),
             max_connections,
         }
     }
@@ -36,21 +31,30 @@ impl Pools {
     /// The pool for a URL; created lazily, so an unreachable database shows up on first use.
     pub fn get(&self, url: &Redacted) -> Result<PgPool, DbError> {
         let key: [u8; 32] = Sha256::digest(url.expose().as_bytes()).into();
-        let mut pools = self.pools.lock().expect("pool map lock");
-        if let Some(p) = pools.get(&key) {
-            return Ok(p.clone());
-        }
-        let opts = PgConnectOptions::from_str(url.expose())
-            .map_err(|_| DbError::InvalidUrl(describe_database_url(url.expose())))?
-            .application_name("lockstep");
-        let pool = PgPoolOptions::new()
-            .max_connections(self.max_connections)
-            .min_connections(0)
-            .acquire_timeout(Duration::from_secs(5))
-            .idle_timeout(Duration::from_secs(60))
-            .connect_lazy_with(opts);
-        pools.insert(key, pool.clone());
-        Ok(pool)
+        self.pools.get_or_try_insert(key, || {
+            let opts = crate::config::parse_database_url(url.expose())
+                .map_err(|_| DbError::InvalidUrl)?
+                .application_name("lockstep");
+            Ok(PgPoolOptions::new()
+                .max_connections(self.max_connections)
+                .min_connections(0)
+                .acquire_timeout(Duration::from_secs(5))
+                .idle_timeout(Duration::from_secs(60))
+                .connect_lazy_with(opts))
+        })
+    }
+
+    /// Forget pools no resource asked for in `idle` (a rotated or mistyped URL); returns how many.
+    pub fn evict_idle(&self, idle: Duration) -> usize {
+        self.pools.evict_idle(idle)
+    }
+
+    pub fn len(&self) -> usize {
+        self.pools.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty()
     }
 }
 

@@ -64,8 +64,20 @@ pub fn parse(s: &str) -> Result<StdDuration, String> {
             "{s:?} is not a duration; use a number and a unit, e.g. 30s, 5m, 24h, 7d (units: ms, s, m, h, d, w)"
         ));
     }
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))?;
+    if d > MAX {
+        return Err(format!(
+            "{s:?} is longer than the longest duration lockstep accepts ({})",
+            format(MAX)
+        ));
+    }
+    Ok(d)
 }
+
+/// The longest duration a spec may give: 100 years. PostgreSQL's `now() - interval` leaves its
+/// timestamp range not far beyond (a retention of 10^6 days failed the purge with "timestamp out of
+/// range" instead of being reported as an invalid spec).
+pub const MAX: StdDuration = StdDuration::from_secs(36_500 * 86_400);
 
 /// Render a duration the way users write them ("7d", "1h30m", "250ms").
 pub fn format(d: StdDuration) -> String {
@@ -96,6 +108,7 @@ impl JsonSchema for Duration {
         json_schema!({
             "type": "string",
             "pattern": DURATION_PATTERN,
+            "maxLength": 32,
             "description": "A duration such as 30s, 5m, 24h or 7d (units: ms, s, m, h, d, w)."
         })
     }
@@ -104,6 +117,14 @@ impl JsonSchema for Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refuses_durations_beyond_a_hundred_years() {
+        assert_eq!(parse("36500d").unwrap(), MAX);
+        let e = parse("36501d").unwrap_err();
+        assert!(e.contains("longer than the longest"), "{e}");
+        assert!(parse("1000000d").is_err());
+    }
 
     #[test]
     fn parses_compact_forms() {

@@ -399,7 +399,7 @@ pub fn incremental_alter_configs(
 /// key is a hash.
 #[derive(Default)]
 pub struct AdminCache {
-    admins: std::sync::Mutex<std::collections::HashMap<[u8; 32], Arc<Admin>>>,
+    admins: crate::cache::IdleCache<Arc<Admin>>,
 }
 
 impl AdminCache {
@@ -414,12 +414,20 @@ impl AdminCache {
             h.update(v.as_bytes());
         }
         let key: [u8; 32] = h.finalize().into();
-        let mut admins = self.admins.lock().expect("admin cache lock");
-        if let Some(a) = admins.get(&key) {
-            return Ok(a.clone());
-        }
-        let a = Arc::new(Admin::new(bootstrap, settings, Duration::from_secs(5))?);
-        admins.insert(key, a.clone());
-        Ok(a)
+        self.admins
+            .get_or_try_insert(key, || Ok(Arc::new(Admin::new(bootstrap, settings, Duration::from_secs(5))?)))
+    }
+
+    /// Forget clients no resource asked for in `idle` (rotated credentials, a mistyped address).
+    pub fn evict_idle(&self, idle: Duration) -> usize {
+        self.admins.evict_idle(idle)
+    }
+
+    pub fn len(&self) -> usize {
+        self.admins.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.admins.is_empty()
     }
 }

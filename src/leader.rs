@@ -1,6 +1,11 @@
 //! Leader election with a coordination.k8s.io Lease, so several operator replicas are safe: only the
 //! holder reconciles. The holder renews every third of the lease duration; a standby takes over
 //! once the lease has not been renewed for a whole duration, or at once when the holder releases it.
+//!
+//! Two clocks are involved: the standby takes over at `renewTime + duration` by its own, so the
+//! holder must stop leading earlier by its own. It steps down at two thirds of the duration after
+//! the start of its last successful renewal (client-go's renew deadline), even while a renewal is
+//! still hanging on a partitioned network; the last third is the margin for clock skew.
 
 use std::time::Duration;
 
@@ -13,7 +18,7 @@ use kube::{
     api::{Api, PostParams},
     Client,
 };
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 pub struct LeaderElector {
@@ -100,25 +105,49 @@ impl LeaderElector {
     }
 
     /// Keep trying to acquire and renew until `stop`; `leading` says whether we hold the lease.
-    /// A holder that cannot renew for a whole lease duration reports that it lost the lease.
+    /// A holder that cannot renew within the renew deadline reports that it lost the lease, at the
+    /// deadline, whether or not its renewal has answered.
     pub async fn run(self, leading: watch::Sender<bool>, stop: CancellationToken) {
-        let every = self.duration / 3;
-        let mut last_renew: Option<tokio::time::Instant> = None;
+        let renew_deadline = self.duration * 2 / 3;
+        let renew_every = self.duration / 3;
+        let retry = (self.duration / 7).max(Duration::from_millis(200));
+        let set = |holding: bool| {
+            leading.send_if_modified(|l| std::mem::replace(l, holding) != holding);
+        };
+        let mut valid_until: Option<Instant> = None;
         loop {
-            match self.try_acquire().await {
-                Ok(true) => last_renew = Some(tokio::time::Instant::now()),
-                Ok(false) => last_renew = None,
-                Err(e) => tracing::warn!(error = %e, lease = %self.name, "leader election: cannot reach the Lease"),
+            let started = Instant::now();
+            let attempt = tokio::time::timeout(renew_deadline, self.try_acquire());
+            tokio::pin!(attempt);
+            let outcome = loop {
+                let expiry = valid_until.filter(|u| *u > Instant::now());
+                tokio::select! {
+                    r = &mut attempt => break r,
+                    _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
+                        set(false);
+                        valid_until = None;
+                    }
+                }
+            };
+            let renewed = matches!(outcome, Ok(Ok(true)));
+            match outcome {
+                Ok(Ok(true)) => valid_until = Some(started + renew_deadline),
+                Ok(Ok(false)) => valid_until = None,
+                Ok(Err(e)) => tracing::warn!(error = %e, lease = %self.name, "leader election: cannot reach the Lease"),
+                Err(_) => tracing::warn!(lease = %self.name, "leader election: no answer from the API server"),
             }
-            let holding = last_renew.is_some_and(|t| t.elapsed() < self.duration);
-            leading.send_if_modified(|l| {
-                let changed = *l != holding;
-                *l = holding;
-                changed
-            });
+            let holding = valid_until.is_some_and(|u| u > Instant::now());
+            set(holding);
+            // Renewed: again in a third of the duration. Failed or standing by: retry soon.
+            let next = started + if renewed { renew_every } else { retry };
+            let expiry = valid_until.filter(|_| holding);
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep_until(next) => {}
+                _ = tokio::time::sleep_until(expiry.unwrap_or(next)), if expiry.is_some_and(|u| u < next) => {
+                    set(false);
+                    valid_until = None;
+                }
             }
         }
         if *leading.borrow() {

@@ -5,6 +5,7 @@
 //! - [`config`]: configuration of the `operator` and `relay` commands.
 //! - [`sql`], [`duration`], [`routing`]: pure building blocks shared by all of them.
 
+pub mod cache;
 pub mod conditions;
 pub mod config;
 pub mod consumer_lag;
@@ -20,6 +21,7 @@ pub mod leader;
 pub mod metrics;
 pub mod operator;
 pub mod purge;
+pub mod quantity;
 pub mod relay;
 pub mod retention;
 pub mod routing;

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    cache::IDLE_EVICTION,
     config::OperatorArgs,
     controller::{dedup_policy, inbox_table, outbox_relay, watches::Watches, Caches, Context, Timing},
     db::Pools,
@@ -114,15 +115,23 @@ async fn run_controllers(client: Client, args: OperatorArgs, metrics: Arc<Metric
     ctx.purges.retain(|_| false);
 }
 
-/// End the purge loops of InboxTables that are gone.
+/// End the purge loops of InboxTables that are gone; forget clients no resource uses any more.
 async fn sweep(ctx: &Context, stop: &CancellationToken) {
     loop {
         tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = stop.cancelled() => {
+                // Leadership lost (or shutdown): no purge may run on while controllers drain.
+                ctx.purges.retain(|_| false);
+                break;
+            }
             _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
         }
         let live: HashSet<String> = ctx.caches.inboxes.state().iter().filter_map(|o| o.uid()).collect();
         ctx.purges.retain(|uid| live.contains(uid));
+        let (pools, admins) = (ctx.pools.evict_idle(IDLE_EVICTION), ctx.admins.evict_idle(IDLE_EVICTION));
+        if pools + admins > 0 {
+            tracing::info!(pools, admins, "dropped clients no resource used for {IDLE_EVICTION:?}");
+        }
         release_free_memory();
     }
 }

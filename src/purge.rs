@@ -35,14 +35,36 @@ pub async fn purge_expired(
     batch: i64,
     pause_ratio: f64,
 ) -> Result<PurgeResult, sqlx::Error> {
-    let sql = format!("delete from {table} where ctid = any(array(select ctid from {table} where received_at < $1 limit $2))");
-    purge_batches(pool, &sql, retention, batch, pause_ratio, |_| {}).await
+    purge_expired_until(pool, table, retention, batch, pause_ratio, || false).await
+}
+
+/// [`purge_expired`] that stops before the next batch once `stop()` says so (new parameters: a
+/// raised retention must not go on deleting by the old cutoff).
+pub async fn purge_expired_until(
+    pool: &PgPool,
+    table: &QualifiedName,
+    retention: Duration,
+    batch: i64,
+    pause_ratio: f64,
+    stop: impl FnMut() -> bool,
+) -> Result<PurgeResult, sqlx::Error> {
+    purge_batches(pool, &inbox_purge_sql(table), retention, batch, pause_ratio, |_| {}, stop).await
+}
+
+/// Deletes by the primary key, with the age checked again in the delete itself: a `ctid` is unique
+/// only within one partition, so on a partitioned inbox it could name a fresh row of another one.
+pub fn inbox_purge_sql(table: &QualifiedName) -> String {
+    format!(
+        "delete from {table} t using (select consumer, message_id from {table} where received_at < $1 limit $2) e \
+         where t.consumer = e.consumer and t.message_id = e.message_id and t.received_at < $1"
+    )
 }
 
 /// Run `sql` (deletes at most $2 rows older than the cutoff $1) until it deletes fewer than
 /// `batch`, pausing `pause_ratio` times each batch's duration between batches. The cutoff is
 /// now - `retention` by the database's clock, fixed at the start. `deleted` hears of each batch
-/// as it commits (a purge may be cancelled between batches).
+/// as it commits (a purge may be cancelled between batches); `stop` is asked before every batch
+/// after the first.
 pub async fn purge_batches(
     pool: &PgPool,
     sql: &str,
@@ -50,6 +72,7 @@ pub async fn purge_batches(
     batch: i64,
     pause_ratio: f64,
     mut deleted: impl FnMut(u64),
+    mut stop: impl FnMut() -> bool,
 ) -> Result<PurgeResult, sqlx::Error> {
     let started = Instant::now();
     let cutoff: sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc> = sqlx::query_scalar("select now() - make_interval(secs => $1)")
@@ -68,6 +91,9 @@ pub async fn purge_batches(
             break;
         }
         tokio::time::sleep(t.elapsed().mul_f64(pause_ratio)).await;
+        if stop() {
+            break;
+        }
     }
     Ok(PurgeResult {
         rows_deleted: total,
@@ -157,7 +183,10 @@ impl<K: Clone + Send + Sync + 'static> Purges<K> {
         let task = tokio::spawn(async move {
             loop {
                 let (p, pool) = rx.borrow_and_update().clone();
-                let outcome = match purge_expired(&pool, &p.table, p.retention, p.batch, PAUSE_RATIO).await {
+                // New parameters (a raised retention) stop a running purge before its next batch.
+                let changed = || rx.has_changed().unwrap_or(true);
+                let run = purge_expired_until(&pool, &p.table, p.retention, p.batch, PAUSE_RATIO, changed).await;
+                let outcome = match run {
                     Ok(result) => {
                         metrics.purged_rows.inc_by(result.rows_deleted as u64);
                         metrics.purge_duration.observe(result.duration.as_secs_f64());
@@ -178,6 +207,9 @@ impl<K: Clone + Send + Sync + 'static> Purges<K> {
                 *last2.lock().expect("last purge lock") = Some(outcome);
                 if done.send(key.clone()).is_err() {
                     return;
+                }
+                if rx.has_changed().unwrap_or(false) {
+                    continue;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(p.interval) => {}

@@ -72,3 +72,53 @@ fn chart_crd_templates_match_generated() {
         dir.display()
     );
 }
+
+/// Issue 12 item 9: a 1.25+ API server prices every CEL rule by the largest input it could see and
+/// refuses the CRD when a list, map or string under the rule is unbounded. Every list and map in a
+/// spec, and every string inside an object that carries a rule, must have a bound.
+#[test]
+fn everything_a_cel_rule_can_reach_is_bounded() {
+    fn walk(path: &str, s: &serde_json::Value, under_rule: bool, missing: &mut Vec<String>) {
+        let under_rule = under_rule || s.get("x-kubernetes-validations").is_some();
+        match s.get("type").and_then(|t| t.as_str()) {
+            Some("array") => {
+                if s.get("maxItems").is_none() {
+                    missing.push(format!("{path}: array without maxItems"));
+                }
+                if let Some(items) = s.get("items") {
+                    walk(&format!("{path}[]"), items, under_rule, missing);
+                }
+            }
+            Some("object") => {
+                if let Some(ap) = s.get("additionalProperties").filter(|a| a.is_object()) {
+                    if s.get("maxProperties").is_none() {
+                        missing.push(format!("{path}: map without maxProperties"));
+                    }
+                    walk(&format!("{path}{{}}"), ap, under_rule, missing);
+                }
+                for (k, v) in s.get("properties").and_then(|p| p.as_object()).into_iter().flatten() {
+                    walk(&format!("{path}.{k}"), v, under_rule, missing);
+                }
+            }
+            Some("string") if under_rule && s.get("maxLength").is_none() && s.get("enum").is_none() => {
+                missing.push(format!("{path}: string without maxLength under a CEL rule"));
+            }
+            _ => {}
+        }
+    }
+    let mut missing = Vec::new();
+    for crd in lockstep::crdgen::all() {
+        let kind = crd.spec.names.kind.clone();
+        let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+        let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
+        assert!(spec.is_object(), "{kind} has a spec");
+        // Kubernetes' own types (a LabelSelector, a container's resources) are read by no rule.
+        let mut spec = spec.clone();
+        spec["properties"].as_object_mut().unwrap().remove("namespaceSelector");
+        if let Some(relay) = spec["properties"]["relay"]["properties"].as_object_mut() {
+            relay.remove("resources");
+        }
+        walk(&format!("{kind}.spec"), &spec, false, &mut missing);
+    }
+    assert!(missing.is_empty(), "unbounded for CEL cost:\n{}", missing.join("\n"));
+}

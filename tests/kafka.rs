@@ -136,3 +136,25 @@ async fn an_unreachable_broker_is_reported_as_such() {
     let err = admin.describe(&["x".into()]).await.unwrap_err();
     assert!(err.is_unreachable(), "{err}");
 }
+
+/// Issue 12 item 8: admin clients are cached per (bootstrap, settings); a client whose settings no
+/// resource uses any more (rotated credentials, a mistyped address) is dropped after the idle window.
+#[tokio::test]
+async fn admin_clients_nobody_uses_any_more_are_evicted() {
+    use std::{collections::BTreeMap, sync::Arc};
+    let cache = lockstep::kafka::AdminCache::default();
+    let bootstrap = common::kafka_bootstrap();
+    let settings = |id: &str| BTreeMap::from([("client.id".to_owned(), id.to_owned())]);
+    let a = cache.get(&bootstrap, &settings("old-credentials")).unwrap();
+    let b = cache.get(&bootstrap, &settings("typo")).unwrap();
+    assert!(!Arc::ptr_eq(&a, &b));
+    assert!(Arc::ptr_eq(&a, &cache.get(&bootstrap, &settings("old-credentials")).unwrap()));
+    assert_eq!(cache.len(), 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let live = cache.get(&bootstrap, &settings("current")).unwrap();
+    assert_eq!(cache.evict_idle(Duration::from_millis(200)), 2);
+    assert_eq!(cache.len(), 1);
+    assert!(Arc::ptr_eq(&live, &cache.get(&bootstrap, &settings("current")).unwrap()));
+    // The surviving client still works against the broker.
+    live.describe(&[common::unique("t.none")]).await.unwrap();
+}

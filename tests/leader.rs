@@ -84,3 +84,53 @@ async fn without_leader_election_the_operator_runs_until_stopped() {
         .expect("a clean stop");
     ns.delete().await;
 }
+
+/// Issue 12 item 7: a holder cut off from the API server (its renewals hang) must stop leading
+/// before a standby can take over by its own clock, not a whole lease duration after its last
+/// renewal, and not only once the hanging request gives up.
+#[tokio::test]
+async fn a_partitioned_holder_steps_down_before_the_standby_takes_over() {
+    let client = common::kube_client().await;
+    let ns = common::TestNamespace::new(&client, "lease-cut").await;
+    let mut cfg = kube::Config::infer().await.expect("kubeconfig");
+    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], cfg.cluster_url.port_u16().expect("API server port")));
+    let proxy = common::proxy::Proxy::start(upstream).await;
+    cfg.cluster_url = format!("https://{}", proxy.addr).parse().unwrap();
+    let cut_off = kube::Client::try_from(cfg).expect("client through the proxy");
+    let lease_duration = Duration::from_secs(6);
+
+    let (a_tx, mut a_rx) = tokio::sync::watch::channel(false);
+    let (b_tx, mut b_rx) = tokio::sync::watch::channel(false);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let a = LeaderElector::new(cut_off, &ns.name, "op", "a", lease_duration);
+    let b = LeaderElector::new(client.clone(), &ns.name, "op", "b", lease_duration);
+    let a_task = tokio::spawn(a.run(a_tx, stop.clone()));
+    tokio::time::timeout(Duration::from_secs(10), a_rx.wait_for(|l| *l))
+        .await
+        .expect("a leads")
+        .unwrap();
+    let b_task = tokio::spawn(b.run(b_tx, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(*a_rx.borrow() && !*b_rx.borrow(), "a leads, b stands by");
+
+    proxy.blackhole().await;
+    let cut = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), a_rx.wait_for(|l| !*l))
+        .await
+        .expect("a steps down")
+        .unwrap();
+    let a_stopped = cut.elapsed();
+    assert!(!*b_rx.borrow(), "b took over while a still led");
+    tokio::time::timeout(Duration::from_secs(30), b_rx.wait_for(|l| *l))
+        .await
+        .expect("b takes over")
+        .unwrap();
+    let b_started = cut.elapsed();
+    println!("cut at 0 s: a stepped down at {a_stopped:?}, b took over at {b_started:?}");
+    assert!(a_stopped <= lease_duration * 2 / 3, "a stepped down {a_stopped:?} after the cut");
+    assert!(b_started > a_stopped);
+    stop.cancel();
+    b_task.await.unwrap();
+    a_task.abort();
+    ns.delete().await;
+}

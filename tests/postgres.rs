@@ -42,3 +42,38 @@ async fn connects_over_tcp_in_its_own_schema() {
         .unwrap();
     assert!(ok);
 }
+
+/// Issue 12 item 8: a rotated password (or a typo) must not leave its pool cached forever. The
+/// pool a live resource keeps asking for stays; the others go once unused for the idle window.
+#[tokio::test]
+async fn pools_of_urls_nobody_uses_any_more_are_evicted() {
+    use lockstep::{config::Redacted, db::Pools};
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL (source target/testenv/env)");
+    let sep = if base.contains('?') { '&' } else { '?' };
+    // Three spellings of one database: to the cache, three credentials.
+    let urls: Vec<Redacted> = (0..3)
+        .map(|i| Redacted::new(format!("{base}{sep}connect_timeout={}", 10 + i)))
+        .collect();
+    let pools = Pools::new(2);
+    for u in &urls {
+        let p = pools.get(u).unwrap();
+        let one: i32 = sqlx::query_scalar("select 1").fetch_one(&p).await.unwrap();
+        assert_eq!(one, 1);
+    }
+    assert_eq!(pools.len(), 3);
+    // Asking again hands out the same pool, not a new one.
+    pools.get(&urls[0]).unwrap();
+    assert_eq!(pools.len(), 3);
+    assert_eq!(pools.evict_idle(std::time::Duration::from_secs(600)), 0, "all were used just now");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    pools.get(&urls[2]).unwrap(); // the URL a resource still points at
+    assert_eq!(pools.evict_idle(std::time::Duration::from_millis(200)), 2);
+    assert_eq!(pools.len(), 1);
+    // The survivor is the one still in use (asking for it adds nothing), and it still works.
+    let p = pools.get(&urls[2]).unwrap();
+    assert_eq!(pools.len(), 1);
+    let one: i32 = sqlx::query_scalar("select 1").fetch_one(&p).await.unwrap();
+    assert_eq!(one, 1);
+    pools.get(&urls[0]).unwrap();
+    assert_eq!(pools.len(), 2, "an evicted URL asked for again gets a new pool");
+}

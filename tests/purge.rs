@@ -88,3 +88,103 @@ async fn writers_keep_working_while_a_million_expired_rows_are_purged() {
     assert!(left.iter().all(|(c, _)| c != "old"), "no expired row left: {left:?}");
     assert!(left.iter().any(|(c, n)| c == "writer" && *n as u64 >= writes));
 }
+
+fn inbox_in(s: &common::TestSchema, name: &str) -> QualifiedName {
+    QualifiedName {
+        schema: Ident::parse(&s.schema).unwrap(),
+        table: Ident::parse(name).unwrap(),
+    }
+}
+
+/// Issue 12 item 3: a `ctid` is unique only inside one partition. On a partitioned inbox the first
+/// row of each partition has ctid (0,1): deleting "the expired rows' ctids" took the fresh row of
+/// the other partition with it.
+#[tokio::test]
+async fn a_partitioned_inbox_loses_only_its_expired_rows() {
+    let s = common::pg_schema("purgepart").await;
+    let table = inbox_in(&s, "inbox");
+    sqlx::raw_sql(&format!(
+        "create table {table} (consumer text not null, message_id text not null,
+                               received_at timestamptz not null default now(),
+                               primary key (consumer, message_id)) partition by list (consumer);
+         create table {s}.inbox_old partition of {table} for values in ('old');
+         create table {s}.inbox_new partition of {table} for values in ('new');
+         insert into {table} values ('old', 'm1', now() - interval '2 days');
+         insert into {table} values ('new', 'm1', now());",
+        s = lockstep::sql::quote_ident(&s.schema)
+    ))
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    // Both rows sit at the same ctid, each in its own partition.
+    let ctids: Vec<String> = sqlx::query_scalar(&format!("select ctid::text from {table} order by consumer"))
+        .fetch_all(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(ctids, ["(0,1)", "(0,1)"]);
+    let r = purge_expired(&s.pool, &table, Duration::from_secs(86_400), 100, 0.0).await.unwrap();
+    assert_eq!(r.rows_deleted, 1);
+    let left: Vec<String> = sqlx::query_scalar(&format!("select consumer from {table}"))
+        .fetch_all(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, ["new"], "the fresh row of the other partition stays");
+}
+
+/// Issue 12 item 2: a purge working through a backlog reads new parameters before its next batch.
+/// Raising the retention above the rows' age must stop the deleting within one batch, not after the
+/// backlog is gone.
+#[tokio::test]
+async fn a_raised_retention_stops_a_running_purge_within_one_batch() {
+    use lockstep::purge::{PurgeParams, Purges};
+    let s = common::pg_schema("purgeraise").await;
+    let table = inbox_in(&s, "inbox");
+    migrate(&mut s.pool.acquire().await.unwrap(), TableKind::Inbox, &table, true)
+        .await
+        .unwrap();
+    const ROWS: i64 = 200_000;
+    const BATCH: i64 = 500;
+    sqlx::query(&format!(
+        "insert into {table} (consumer, message_id, received_at)
+         select 'c', 'm-' || g, now() - interval '2 hours' from generate_series(1, {ROWS}) g"
+    ))
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    let count = || async {
+        sqlx::query_scalar::<_, i64>(&format!("select count(*) from {table}"))
+            .fetch_one(&s.pool)
+            .await
+            .unwrap()
+    };
+    let (done_tx, _done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let purges: Purges<String> = Purges::new(done_tx, Arc::new(lockstep::metrics::Metrics::default()));
+    let params = |retention| PurgeParams {
+        pool_key: "k".into(),
+        table: table.clone(),
+        retention,
+        interval: Duration::from_secs(3600),
+        batch: BATCH,
+    };
+    purges.ensure("uid", "key".into(), s.pool.clone(), params(Duration::from_secs(3600)));
+    // Wait until the purge is well into the backlog.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while count().await > ROWS - 5 * BATCH {
+        assert!(tokio::time::Instant::now() < deadline, "the purge did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    purges.ensure("uid", "key".into(), s.pool.clone(), params(Duration::from_secs(86_400)));
+    let at_change = count().await;
+    assert!(
+        at_change > ROWS / 2,
+        "the backlog was nearly gone before the change ({at_change} left)"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = count().await;
+    purges.stop("uid");
+    assert!(
+        at_change - after <= BATCH,
+        "{} rows deleted after the retention was raised (at most one batch of {BATCH} may finish)",
+        at_change - after
+    );
+}

@@ -47,6 +47,7 @@ pub struct DedupPolicySpec {
     pub require_coverage: bool,
     /// Per-table exceptions, each until its expiry.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
     pub exceptions: Vec<PolicyException>,
 }
 
@@ -116,6 +117,32 @@ pub struct ValidException {
     pub expires: Time,
 }
 
+/// A selector the API server stores as given: an unknown operator would select nothing, and the
+/// policy would fail open (its floor applied to no table).
+fn validate_selector(sel: Option<&LabelSelector>, p: &mut Problems) {
+    let exprs = sel.and_then(|s| s.match_expressions.as_deref()).unwrap_or_default();
+    for (i, e) in exprs.iter().enumerate() {
+        let f = format!("spec.namespaceSelector.matchExpressions[{i}]");
+        let values = e.values.as_deref().unwrap_or_default();
+        if e.key.trim().is_empty() {
+            p.add(format!("{f}.key"), "must not be empty");
+        }
+        match e.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => {
+                p.add(format!("{f}.values"), format!("operator {} needs at least one value", e.operator))
+            }
+            "Exists" | "DoesNotExist" if !values.is_empty() => {
+                p.add(format!("{f}.values"), format!("must be empty with operator {}", e.operator))
+            }
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            other => p.add(
+                format!("{f}.operator"),
+                format!("{other:?} is not an operator; use In, NotIn, Exists or DoesNotExist"),
+            ),
+        }
+    }
+}
+
 impl DedupPolicySpec {
     pub fn validate(&self) -> Result<ValidDedupPolicy, ValidationErrors> {
         let mut p = Problems::new();
@@ -155,6 +182,7 @@ impl DedupPolicySpec {
                 );
             }
         }
+        validate_selector(self.namespace_selector.as_ref(), &mut p);
         if matches!(&def, Some(d) if d.value.is_zero()) {
             p.add("spec.defaultRetention", "must be greater than zero");
         }

@@ -95,7 +95,7 @@ pub struct KafkaSourceSpec {
     pub bootstrap_servers: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_secret_ref: Option<SecretRef>,
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 100), inner(length(min = 1, max = 249)))]
     pub topics: Vec<String>,
     /// The consumers' group: its lag on `topics` is reported in `status.consumerLag` (read
     /// from the broker; the group is never joined and nothing is committed).

@@ -57,7 +57,7 @@ pub(super) fn spawn_purge(
                 _ = stop.cancelled() => return,
                 r = purge_batches(&pool, &sql, retention, PURGE_BATCH, PAUSE_RATIO, |n| {
                     metrics.purged.inc_by(n);
-                }) => r,
+                }, || false) => r,
             };
             match result {
                 Ok(r) => {

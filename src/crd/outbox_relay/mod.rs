@@ -52,7 +52,7 @@ pub struct OutboxRelaySpec {
     pub routing: RoutingSpec,
     /// Topics lockstep creates and keeps configured.
     #[serde(default)]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[schemars(length(max = 100), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub topics: Vec<TopicSpec>,
     #[serde(default)]
     pub relay: RelaySpec,
@@ -89,8 +89,14 @@ pub struct ProducerSpec {
     /// Further librdkafka producer settings. enable.idempotence=true and acks=all are forced;
     /// settings that would weaken delivery are rejected.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = MAX_CONFIG_KEYS, "additionalProperties" = {"type": "string", "maxLength": MAX_CONFIG_VALUE}))]
     pub config: BTreeMap<String, String>,
 }
+
+/// Bounds on librdkafka/topic setting maps: the API server prices CEL rules over a map or list by
+/// its largest possible size, and rejects the CRD when that is unbounded (1.25+).
+const MAX_CONFIG_KEYS: u32 = 64;
+const MAX_CONFIG_VALUE: u32 = 4096;
 
 fn default_linger_ms() -> u32 {
     5
@@ -174,9 +180,11 @@ pub struct TopicSpec {
     pub replication_factor: i32,
     /// Topic config lockstep sets and keeps (only these keys).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = MAX_CONFIG_KEYS, "additionalProperties" = {"type": "string", "maxLength": MAX_CONFIG_VALUE}))]
     pub config: BTreeMap<String, String>,
     /// Keys owned by someone else: never changed or reverted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_CONFIG_KEYS), inner(length(min = 1, max = 249)))]
     pub ignore_config: Vec<String>,
     /// Allow raising partitions on this topic. Off by default: it remaps keys to partitions
     /// and so breaks per-key order for events in flight.

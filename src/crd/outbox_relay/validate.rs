@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, time::Duration as StdDuration};
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::{api::core::v1::ResourceRequirements, apimachinery::pkg::api::resource::Quantity};
 
 use super::{Cleanup, Compression, KafkaSpec, OutboxRelaySpec, RelaySpec, TopicSpec, DEAD_LETTER_SUFFIX};
 use crate::{
@@ -141,9 +141,13 @@ fn validate_kafka(k: &KafkaSpec, p: &mut Problems) {
     if k.bootstrap_servers.trim().is_empty() {
         p.add("spec.kafka.bootstrapServers", "must name at least one host:port");
     }
-    for (i, server) in k.bootstrap_servers.split(',').map(str::trim).enumerate() {
-        if !server.is_empty() && !valid_host_port(server) {
-            p.add("spec.kafka.bootstrapServers", format!("entry {i} ({server:?}) is not host:port"));
+    if !k.bootstrap_servers.trim().is_empty() {
+        for (i, server) in k.bootstrap_servers.split(',').map(str::trim).enumerate() {
+            if server.is_empty() {
+                p.add("spec.kafka.bootstrapServers", format!("entry {i} is empty (a stray comma?)"));
+            } else if !valid_host_port(server) {
+                p.add("spec.kafka.bootstrapServers", format!("entry {i} ({server:?}) is not host:port"));
+            }
         }
     }
     if let Some(a) = &k.auth_secret_ref {
@@ -227,10 +231,41 @@ fn validate_relay(r: &RelaySpec, p: &mut Problems) -> Option<(StdDuration, Optio
         (_, Some(d)) => p.check("spec.relay.publishedRetention", d.parse()),
         (Cleanup::Delete, None) => None,
     };
+    validate_resources(r.resources.as_ref(), p);
     if matches!(&r.image, Some(i) if i.trim().is_empty()) {
         p.add("spec.relay.image", "must not be empty; omit it to use the operator's image");
     }
     Some((poll_interval?, published_retention))
+}
+
+/// Quantities that parse, and requests no larger than limits (the pods would be refused).
+fn validate_resources(r: Option<&ResourceRequirements>, p: &mut Problems) {
+    let Some(r) = r else { return };
+    let mut parsed = |kind: &str, m: &Option<BTreeMap<String, Quantity>>| -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        for (name, q) in m.iter().flatten() {
+            match crate::quantity::parse(&q.0) {
+                Some(v) => {
+                    out.insert(name.clone(), v);
+                }
+                None => p.add(
+                    format!("spec.relay.resources.{kind}[{name}]"),
+                    format!("{:?} is not a quantity (e.g. 500m, 128Mi, 1Gi)", q.0),
+                ),
+            }
+        }
+        out
+    };
+    let limits = parsed("limits", &r.limits);
+    let requests = parsed("requests", &r.requests);
+    for (name, req) in &requests {
+        if limits.get(name).is_some_and(|lim| req > lim) {
+            p.add(
+                format!("spec.relay.resources.requests[{name}]"),
+                format!("is above limits[{name}]; Kubernetes refuses such a pod"),
+            );
+        }
+    }
 }
 
 fn valid_config_key(k: &str) -> bool {

@@ -52,6 +52,8 @@ pub mod reason {
     pub const SCALED_TO_ZERO: &str = "ScaledToZero";
     pub const DEPLOYMENT_FAILED: &str = "DeploymentFailed";
     pub const DELETION_BLOCKED: &str = "DeletionBlocked";
+    /// A DedupPolicy that may select the table is invalid and has no earlier valid spec.
+    pub const POLICY_INVALID: &str = "PolicyInvalid";
 }
 
 /// A condition as computed by a reconcile, before timestamps.

@@ -13,7 +13,7 @@ use k8s_openapi::{
 };
 
 use crate::{
-    crd::{Enforcement, ValidDedupPolicy, DEFAULT_RETENTION},
+    crd::{DedupPolicySpec, Enforcement, ValidDedupPolicy, DEFAULT_RETENTION},
     duration::{self, Given},
 };
 
@@ -22,6 +22,46 @@ use crate::{
 pub struct PolicyView {
     pub name: String,
     pub policy: ValidDedupPolicy,
+}
+
+/// The DedupPolicies retention is computed from. A policy whose spec is invalid counts by its
+/// last valid spec (`status.appliedSpec`); one that never had a valid spec holds the purges of
+/// every table it may select: a broken policy must not let tables purge early (fail closed).
+#[derive(Debug, Clone, Default)]
+pub struct Policies {
+    pub valid: Vec<PolicyView>,
+    /// Invalid policies without a valid earlier spec, with the selector they may select by
+    /// (None: every namespace, when the selector itself is unusable).
+    pub holding: Vec<(String, Option<LabelSelector>)>,
+}
+
+impl Policies {
+    /// Sort one DedupPolicy in. `spec` is None when the object does not even deserialize.
+    pub fn add(&mut self, name: String, spec: Option<&DedupPolicySpec>, applied: Option<&DedupPolicySpec>) {
+        let valid = spec
+            .and_then(|s| s.validate().ok())
+            .or_else(|| applied.and_then(|s| s.validate().ok()));
+        match valid {
+            Some(policy) => self.valid.push(PolicyView { name, policy }),
+            None => {
+                // An unusable selector selects everything: its tables cannot be told apart.
+                let selector = match spec {
+                    Some(s) if s.selector_is_valid() => s.namespace_selector.clone(),
+                    _ => None,
+                };
+                self.holding.push((name, selector));
+            }
+        }
+    }
+
+    /// The invalid policies (without a valid earlier spec) that may select a namespace.
+    pub fn holding(&self, namespace_labels: &BTreeMap<String, String>) -> Vec<String> {
+        self.holding
+            .iter()
+            .filter(|(_, sel)| selector_matches(sel.as_ref(), namespace_labels))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
 }
 
 /// Whether a label selector selects a set of labels. None or an empty selector selects everything.
@@ -352,5 +392,43 @@ mod tests {
         assert!(selector_matches(Some(&sel(None, Some(("team", "Exists", vec![])))), &labels));
         assert!(!selector_matches(Some(&sel(None, Some(("env", "Exists", vec![])))), &labels));
         assert!(selector_matches(Some(&sel(None, Some(("env", "DoesNotExist", vec![])))), &labels));
+    }
+
+    #[test]
+    fn an_invalid_policy_counts_by_its_last_valid_spec_or_holds_purges() {
+        let labels = |team: &str| BTreeMap::from([("team".to_string(), team.to_string())]);
+        let selecting = |team: &str, min: &str| DedupPolicySpec {
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some(labels(team)),
+                ..Default::default()
+            }),
+            ..spec(Some(min), None, Enforcement::Enforce)
+        };
+        let broken = |team: &str| selecting(team, "not-a-duration");
+        let mut p = Policies::default();
+        p.add("fixed".into(), Some(&selecting("a", "1d")), Some(&selecting("a", "2d")));
+        p.add("edited".into(), Some(&broken("b")), Some(&selecting("b", "3d")));
+        p.add("never-valid".into(), Some(&broken("c")), None);
+        let mut bad_selector = broken("d");
+        bad_selector.namespace_selector = Some(LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "team".into(),
+                operator: "Sometimes".into(),
+                values: None,
+            }]),
+            ..Default::default()
+        });
+        p.add("unusable-selector".into(), Some(&bad_selector), None);
+        p.add("undeserializable".into(), None, None);
+        // The current spec when valid; the last valid one when not.
+        let mins: Vec<(String, String)> = p
+            .valid
+            .iter()
+            .map(|v| (v.name.clone(), v.policy.min_retention.as_ref().unwrap().text.clone()))
+            .collect();
+        assert_eq!(mins, [("fixed".into(), "1d".into()), ("edited".into(), "3d".into())]);
+        // Never valid: holds the tables its selector picks; with no usable selector, all tables.
+        assert_eq!(p.holding(&labels("c")), ["never-valid", "unusable-selector", "undeserializable"]);
+        assert_eq!(p.holding(&labels("a")), ["unusable-selector", "undeserializable"]);
     }
 }

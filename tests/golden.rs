@@ -182,6 +182,7 @@ fn condition_types_and_reasons_are_exact() {
         reason::SCALED_TO_ZERO,
         reason::DEPLOYMENT_FAILED,
         reason::DELETION_BLOCKED,
+        reason::POLICY_INVALID,
     ];
     assert_eq!(
         reasons.join(","),
@@ -190,7 +191,8 @@ fn condition_types_and_reasons_are_exact() {
          WithinPolicy,NoPolicy,PolicyViolation,TopicsConfigured,TopicConfigDrift,PartitionChangeRefused,\
          TopicOperationFailed,BrokerUnreachable,RetentionCoversRedelivery,RetentionBelowTopicRetention,\
          NoSourcesDeclared,TopicNotFound,LagWithinThreshold,LagAboveThreshold,LongTransaction,\
-         Available,DeploymentUnavailable,NoActiveRelay,ScaledToZero,DeploymentFailed,DeletionBlocked"
+         Available,DeploymentUnavailable,NoActiveRelay,ScaledToZero,DeploymentFailed,DeletionBlocked,\
+         PolicyInvalid"
     );
     assert_eq!(lockstep::crd::PAUSED_ANNOTATION, "lockstep.dev/paused");
     assert_eq!(lockstep::crd::DELETE_UNPUBLISHED_ANNOTATION, "lockstep.dev/delete-unpublished");

@@ -312,6 +312,86 @@ async fn policies_clamp_or_report_and_exceptions_expire_on_time() {
     e.ns.delete().await;
 }
 
+/// Issue 12 item 2: a DedupPolicy must fail closed. Broken by an edit, its last valid spec stays
+/// in force (the floor holds); invalid from the start, it holds the purges of the tables it
+/// selects. Either way rows the floor protects survive, and the policy reports InvalidSpec.
+#[tokio::test]
+async fn an_invalid_policy_keeps_its_floor_or_holds_the_purge() {
+    let e = setup("ibt-failclosed").await;
+    let url = common::env("DATABASE_URL");
+    common::create_secret(&e.client, &e.ns.name, "db", &url).await;
+    let schema = schema_name(&e.ns.name);
+    let pname = common::unique("floor");
+    let policies = policy(&e.client, &pname, &e.ns.name, json!({"minRetention": "24h"})).await;
+    let purge = json!({"retention": "1h", "purge": {"interval": "1s", "batchSize": 100}});
+    e.inboxes
+        .create(&PostParams::default(), &inbox("short", "db", &schema, purge))
+        .await
+        .unwrap();
+    common::wait_condition(&e.inboxes, "short", "PolicyCompliant", "True", Some("RetentionClamped"), T).await;
+    common::wait_until(T, "the policy's applied spec", || {
+        let (policies, pname) = (policies.clone(), pname.clone());
+        async move { policies.get(&pname).await.ok()?.status?.applied_spec }
+    })
+    .await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(&format!(
+        "insert into \"{schema}\".inbox (consumer, message_id, received_at)
+         select 'c', 'two-hours-' || g, now() - interval '2 hours' from generate_series(1, 500) g"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let count = || {
+        let (pool, schema) = (pool.clone(), schema.clone());
+        async move {
+            sqlx::query_scalar::<_, i64>(&format!("select count(*) from \"{schema}\".inbox"))
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    // Broken by an edit (a duration the schema's pattern takes and validate() refuses).
+    let bad = json!({"spec": {"minRetention": "1000000d"}});
+    policies.patch(&pname, &PatchParams::default(), &Patch::Merge(&bad)).await.unwrap();
+    common::wait_condition(&policies, &pname, "Ready", "False", Some("InvalidSpec"), T).await;
+    common::touch(&e.inboxes, "short").await;
+    tokio::time::sleep(Duration::from_secs(4)).await; // several 1 s purge intervals
+    let obj = common::wait_condition(&e.inboxes, "short", "RetentionEnforced", "True", Some("PurgeHealthy"), T).await;
+    assert_eq!(
+        obj.status.unwrap().effective_retention.as_deref(),
+        Some("24h"),
+        "the last valid floor holds"
+    );
+    assert_eq!(count().await, 500, "rows inside the last valid floor survive");
+
+    // Invalid from the start: no floor to go by, so the purge is held. (Created before the first
+    // policy goes, so the table is never without a floor.)
+    let never = common::unique("never-valid");
+    let never_api = policy(&e.client, &never, &e.ns.name, json!({"minRetention": "1000000d"})).await;
+    common::wait_condition(&never_api, &never, "Ready", "False", Some("InvalidSpec"), T).await;
+    policies.delete(&pname, &Default::default()).await.unwrap();
+    let obj = common::wait_condition(&e.inboxes, "short", "RetentionEnforced", "False", Some("PolicyInvalid"), T).await;
+    let msg = common::condition(&obj.status.unwrap().conditions, "RetentionEnforced")
+        .message
+        .clone();
+    assert!(msg.contains(&never), "{msg}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(count().await, 500, "a held purge deletes nothing");
+
+    // Fixed: the floor applies again and the purge resumes (nothing here is older than 24h).
+    let fixed = json!({"spec": {"minRetention": "24h"}});
+    never_api
+        .patch(&never, &PatchParams::default(), &Patch::Merge(&fixed))
+        .await
+        .unwrap();
+    common::wait_condition(&e.inboxes, "short", "RetentionEnforced", "True", Some("PurgeHealthy"), T).await;
+    assert_eq!(count().await, 500);
+    never_api.delete(&never, &Default::default()).await.unwrap();
+    e.ns.delete().await;
+}
+
 #[tokio::test]
 async fn purge_deletes_expired_rows_and_keeps_fresh_ones() {
     let e = setup("ibt-purge").await;

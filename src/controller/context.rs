@@ -20,7 +20,7 @@ use crate::{
     kafka::AdminCache,
     metrics::{ControllerLabel, FailureLabel, Metrics},
     purge::Purges,
-    retention::PolicyView,
+    retention::Policies,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -132,20 +132,17 @@ impl Context {
             .unwrap_or_default()
     }
 
-    /// Valid policies, for retention computation.
-    pub fn valid_policies(&self) -> Vec<PolicyView> {
-        self.caches
-            .policies
-            .state()
-            .iter()
-            .filter_map(|p| {
-                let p = p.0.as_ref().ok()?;
-                Some(PolicyView {
-                    name: p.name_any(),
-                    policy: p.spec.validate().ok()?,
-                })
-            })
-            .collect()
+    /// The policies for retention computation: an invalid one by its last valid spec, or
+    /// holding purges when it never had one (see [`Policies`]).
+    pub fn policies(&self) -> Policies {
+        let mut out = Policies::default();
+        for p in self.caches.policies.state().iter() {
+            match &p.0 {
+                Ok(p) => out.add(p.name_any(), Some(&p.spec), p.status.as_ref().and_then(|s| s.applied_spec.as_ref())),
+                Err(invalid) => out.add(invalid.metadata.name.clone().unwrap_or_default(), None, None),
+            }
+        }
+        out
     }
 
     /// Count a reconcile, its duration and its failure reason.

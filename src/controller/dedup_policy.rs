@@ -80,6 +80,7 @@ impl Reconciler for DedupPolicies {
             let status = DedupPolicyStatus {
                 matched: a.matched,
                 non_compliant: a.non_compliant,
+                applied_spec: Some(obj.spec.clone()),
                 ..previous.clone()
             };
             Ok(Outcome::Status {

@@ -100,6 +100,9 @@ pub enum Purging {
     WaitingForSchema,
     /// A loop runs; its last result, if it finished one.
     Running(Option<LastPurge>),
+    /// No loop runs: these DedupPolicies may select the table and are invalid, with no earlier
+    /// valid spec to go by.
+    HeldByInvalidPolicy(Vec<String>),
 }
 
 async fn reconcile_valid(
@@ -113,21 +116,20 @@ async fn reconcile_valid(
     }
     let (ns, name, uid) = (obj.namespace().unwrap_or_default(), obj.name_any(), obj.uid().unwrap_or_default());
     let requested = valid.retention.as_ref().map(|r| r.pair());
-    let policies = ctx.valid_policies();
-    let eff = retention::effective(
-        &ns,
-        &name,
-        &ctx.namespace_labels(&ns),
-        requested,
-        &policies,
-        k8s_openapi::jiff::Timestamp::now(),
-    );
+    let policies = ctx.policies();
+    let labels = ctx.namespace_labels(&ns);
+    let eff = retention::effective(&ns, &name, &labels, requested, &policies.valid, k8s_openapi::jiff::Timestamp::now());
+    let held_by = policies.holding(&labels);
 
     let mut status = previous.clone();
     let (schema_cond, purging) = match schema(ctx, &ns, &valid).await {
         Err(c) => {
             ctx.purges.stop(&uid);
             (c, Purging::WaitingForSchema)
+        }
+        Ok((_, cond)) if !held_by.is_empty() => {
+            ctx.purges.stop(&uid);
+            (cond, Purging::HeldByInvalidPolicy(held_by))
         }
         Ok((db, cond)) => {
             let params = PurgeParams {
@@ -216,6 +218,16 @@ pub fn retention_condition(eff: &Effective, interval: &str, purging: &Purging) -
     match purging {
         Purging::WaitingForSchema => Cond::unknown(T, reason::PURGE_PENDING, "waiting for SchemaReady"),
         Purging::Running(None) => Cond::unknown(T, reason::PURGE_PENDING, "the first purge has not finished yet"),
+        Purging::HeldByInvalidPolicy(names) => Cond::no(
+            T,
+            reason::POLICY_INVALID,
+            format!(
+                "purges held: DedupPolicy {} may select this table, is invalid and has no earlier valid spec; \
+                 fix it (kubectl describe deduppolicy {})",
+                names.join(", "),
+                names[0]
+            ),
+        ),
         Purging::Running(Some(LastPurge::Done { result, .. })) => Cond::yes(
             T,
             reason::PURGE_HEALTHY,

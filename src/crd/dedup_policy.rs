@@ -88,6 +88,10 @@ pub struct DedupPolicyStatus {
     pub matched: i32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub non_compliant: Vec<NonCompliant>,
+    /// The last spec that passed validation. While the current spec is invalid this one stays in
+    /// force, so a broken edit never lifts a retention floor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_spec: Option<DedupPolicySpec>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
@@ -115,6 +119,15 @@ pub struct ValidException {
     pub min_retention: Option<Given>,
     pub max_retention: Option<Given>,
     pub expires: Time,
+}
+
+impl DedupPolicySpec {
+    /// Whether the namespace selector alone is usable (the rest of the spec may not be).
+    pub fn selector_is_valid(&self) -> bool {
+        let mut p = Problems::new();
+        validate_selector(self.namespace_selector.as_ref(), &mut p);
+        p.finish(|| Some(())).is_ok()
+    }
 }
 
 /// A selector the API server stores as given: an unknown operator would select nothing, and the

@@ -54,6 +54,8 @@ pub mod reason {
     pub const DELETION_BLOCKED: &str = "DeletionBlocked";
     /// A DedupPolicy that may select the table is invalid and has no earlier valid spec.
     pub const POLICY_INVALID: &str = "PolicyInvalid";
+    /// The spec names another table than the one the object manages.
+    pub const TABLE_CHANGE_REFUSED: &str = "TableChangeRefused";
 }
 
 /// A condition as computed by a reconcile, before timestamps.

@@ -183,6 +183,7 @@ fn condition_types_and_reasons_are_exact() {
         reason::DEPLOYMENT_FAILED,
         reason::DELETION_BLOCKED,
         reason::POLICY_INVALID,
+        reason::TABLE_CHANGE_REFUSED,
     ];
     assert_eq!(
         reasons.join(","),
@@ -192,7 +193,7 @@ fn condition_types_and_reasons_are_exact() {
          TopicOperationFailed,BrokerUnreachable,RetentionCoversRedelivery,RetentionBelowTopicRetention,\
          NoSourcesDeclared,TopicNotFound,LagWithinThreshold,LagAboveThreshold,LongTransaction,\
          Available,DeploymentUnavailable,NoActiveRelay,ScaledToZero,DeploymentFailed,DeletionBlocked,\
-         PolicyInvalid"
+         PolicyInvalid,TableChangeRefused"
     );
     assert_eq!(lockstep::crd::PAUSED_ANNOTATION, "lockstep.dev/paused");
     assert_eq!(lockstep::crd::DELETE_UNPUBLISHED_ANNOTATION, "lockstep.dev/delete-unpublished");

@@ -392,6 +392,42 @@ async fn an_invalid_policy_keeps_its_floor_or_holds_the_purge() {
     e.ns.delete().await;
 }
 
+/// Issue 12 item 4: without CEL (this 1.20 API server stores any edit), renaming the table must
+/// not move the purge to another table: the object keeps managing the table it recorded, refuses
+/// the new name in a condition, and never creates it.
+#[tokio::test]
+async fn a_table_rename_is_refused_without_cel() {
+    let e = setup("ibt-rename").await;
+    let url = common::env("DATABASE_URL");
+    common::create_secret(&e.client, &e.ns.name, "db", &url).await;
+    let schema = schema_name(&e.ns.name);
+    e.inboxes
+        .create(&PostParams::default(), &inbox("t", "db", &schema, json!({"retention": "1h"})))
+        .await
+        .unwrap();
+    let obj = common::wait_condition(&e.inboxes, "t", "Ready", "True", None, T).await;
+    assert_eq!(obj.status.unwrap().table, Some(format!("{schema}.inbox")));
+    let rename = json!({"spec": {"database": {"table": "inbox_renamed"}}});
+    e.inboxes.patch("t", &PatchParams::default(), &Patch::Merge(&rename)).await.unwrap();
+    let obj = common::wait_condition(&e.inboxes, "t", "Ready", "False", Some("TableChangeRefused"), T).await;
+    let st = obj.status.unwrap();
+    assert_eq!(st.table, Some(format!("{schema}.inbox")), "the recorded table stays");
+    let msg = &common::condition(&st.conditions, "Ready").message;
+    assert!(msg.contains(&format!("{schema}.inbox_renamed")), "{msg}");
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let created: Option<String> = sqlx::query_scalar("select to_regclass($1)::text")
+        .bind(format!("\"{schema}\".inbox_renamed"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(created, None, "the new name was never created");
+    // Put back: reconciled as before.
+    let back = json!({"spec": {"database": {"table": "inbox"}}});
+    e.inboxes.patch("t", &PatchParams::default(), &Patch::Merge(&back)).await.unwrap();
+    common::wait_condition(&e.inboxes, "t", "Ready", "True", None, T).await;
+    e.ns.delete().await;
+}
+
 #[tokio::test]
 async fn purge_deletes_expired_rows_and_keeps_fresh_ones() {
     let e = setup("ibt-purge").await;

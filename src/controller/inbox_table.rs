@@ -14,7 +14,7 @@ use kube::{
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::{
-    deps::{self, Reporting},
+    dedup_covered, deps,
     reconciler::{self, Outcome, Reconciler},
     status::requeue,
     watches::{every, label_changes, own_changes, spec_changes, Watches},
@@ -22,7 +22,6 @@ use super::{
 };
 use crate::{
     conditions::{self, condition, reason, Cond, Status},
-    coverage,
     crd::{InboxTable, InboxTableStatus, PurgeStatus, ValidInboxTable},
     purge::{LastPurge, PurgeParams},
     retention::{self, Compliance, Effective},
@@ -76,6 +75,9 @@ impl Reconciler for InboxTables {
     }
     fn halt(ctx: &Context, uid: &str) {
         ctx.purges.stop(uid);
+    }
+    fn table_change(obj: &InboxTable) -> Option<(String, String)> {
+        obj.spec.database.table_change(obj.status.as_ref().and_then(|s| s.table.as_deref()))
     }
     fn deletion_policy(obj: &InboxTable) -> Option<crate::crd::DeletionPolicy> {
         Some(obj.spec.deletion_policy)
@@ -147,11 +149,14 @@ async fn reconcile_valid(
             (cond, Purging::Running(ctx.purges.last(&uid)))
         }
     };
-    let covered = dedup_covered(ctx, &ns, &valid, &eff).boxed().await;
+    let covered = dedup_covered::dedup_covered(ctx, &ns, &valid, &eff).boxed().await;
     status.consumer_lag = super::group_lag::measure(ctx, &ns, &valid, previous.consumer_lag.as_ref())
         .boxed()
         .await;
     let healing = schema_cond.status != Status::True;
+    if !healing {
+        status.table = Some(obj.spec.database.table_name());
+    }
     let conditions = verdict(&valid, &eff, schema_cond, &purging, covered);
     status.effective_retention = Some(eff.text.clone());
     status.policies = eff.policies.clone();
@@ -244,71 +249,6 @@ pub fn retention_condition(eff: &Effective, interval: &str, purging: &Purging) -
             };
             Cond::no(T, r, format!("the last purge failed: {error}"))
         }
-    }
-}
-
-/// DedupCovered: does the effective retention outlive every redelivery from the source topics?
-async fn dedup_covered(ctx: &Context, ns: &str, valid: &ValidInboxTable, eff: &Effective) -> Cond {
-    let window = valid.redelivery_window.as_ref().map(|w| w.pair());
-    let Some(k) = &valid.sources else {
-        return coverage_condition(eff, window, None);
-    };
-    let on = Reporting {
-        type_: condition::DEDUP_COVERED,
-        status: Status::Unknown,
-    };
-    match deps::describe_topics(ctx, ns, &k.bootstrap_servers, k.auth_secret.as_deref(), &k.topics, on).await {
-        Err(c) => c,
-        Ok((_, observed)) => {
-            let retention = |t: &String| {
-                observed
-                    .get(t)
-                    .and_then(|o| o.config.get("retention.ms"))
-                    .and_then(|v| v.parse().ok())
-            };
-            let found = SourceTopics {
-                retention_ms: k.topics.iter().map(|t| (t.clone(), retention(t))).collect(),
-                missing: k.topics.iter().filter(|t| !observed.contains_key(*t)).cloned().collect(),
-            };
-            coverage_condition(eff, window, Some(&found))
-        }
-    }
-}
-
-/// The source topics as the broker describes them.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SourceTopics {
-    /// Each topic's retention.ms as reported (None: not reported, Kafka's default assumed).
-    pub retention_ms: Vec<(String, Option<i64>)>,
-    /// Topics the broker does not know.
-    pub missing: Vec<String>,
-}
-
-/// DedupCovered from the topics' retention (None: no sources declared). Pure.
-pub fn coverage_condition(eff: &Effective, window: Option<(&str, std::time::Duration)>, sources: Option<&SourceTopics>) -> Cond {
-    const T: &str = condition::DEDUP_COVERED;
-    let c = match (sources, window) {
-        (None, None) => {
-            return Cond::unknown(
-                T,
-                reason::NO_SOURCES,
-                "no spec.sources.kafka and no redeliveryWindow: lockstep cannot check that the retention outlives redelivery",
-            )
-        }
-        (None, Some(_)) => coverage::coverage(eff.retention, &eff.text, window, &[]),
-        (Some(s), None) if !s.missing.is_empty() => {
-            return Cond::unknown(
-                T,
-                reason::TOPIC_NOT_FOUND,
-                format!("source topic(s) not found: {}", s.missing.join(", ")),
-            )
-        }
-        (Some(s), _) => coverage::coverage(eff.retention, &eff.text, window, &s.retention_ms),
-    };
-    if c.covered {
-        Cond::yes(T, reason::RETENTION_COVERS_REDELIVERY, c.message)
-    } else {
-        Cond::no(T, reason::RETENTION_BELOW_TOPIC_RETENTION, c.message)
     }
 }
 
@@ -414,31 +354,5 @@ mod tests {
             messages: vec!["below 24h".into()],
         };
         assert_eq!(r(violation), (Status::False, reason::POLICY_VIOLATION));
-    }
-
-    #[test]
-    fn coverage_from_sources() {
-        let eff = effective("1d", Compliance::NoPolicy, false);
-        let none = coverage_condition(&eff, None, None);
-        assert_eq!((none.status, none.reason), (Status::Unknown, reason::NO_SOURCES));
-        let week = SourceTopics {
-            retention_ms: vec![("orders".into(), Some(7 * 86_400_000))],
-            missing: vec![],
-        };
-        let c = coverage_condition(&eff, None, Some(&week));
-        assert_eq!((c.status, c.reason), (Status::False, reason::RETENTION_BELOW_TOPIC_RETENTION));
-        let gone = SourceTopics {
-            retention_ms: vec![("orders".into(), None)],
-            missing: vec!["orders".into()],
-        };
-        let c = coverage_condition(&eff, None, Some(&gone));
-        assert_eq!((c.status, c.reason), (Status::Unknown, reason::TOPIC_NOT_FOUND));
-        assert_eq!(c.message, "source topic(s) not found: orders");
-        // A stated redelivery window decides, whatever the topics say.
-        let window = given("12h");
-        let c = coverage_condition(&eff, Some(window.pair()), Some(&gone));
-        assert_eq!((c.status, c.reason), (Status::True, reason::RETENTION_COVERS_REDELIVERY));
-        let c = coverage_condition(&eff, Some(given("2d").pair()), None);
-        assert_eq!(c.status, Status::False);
     }
 }

@@ -4,6 +4,7 @@
 pub mod cleanup;
 pub mod context;
 pub mod dead_letters;
+pub mod dedup_covered;
 pub mod dedup_policy;
 pub mod deps;
 pub mod group_lag;
@@ -15,6 +16,7 @@ pub mod reconciler;
 pub mod relay_available;
 pub mod relay_deployment;
 pub mod relay_pod;
+pub mod relay_topics;
 pub mod status;
 pub mod watches;
 

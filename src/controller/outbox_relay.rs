@@ -2,7 +2,7 @@
 //! topics -> apply the relay Deployment -> measure the lag -> pure verdicts -> status. Deletion
 //! (deletionPolicy) is in `lifecycle` and `cleanup`.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::sync::Arc;
 
 use futures::{future::BoxFuture, FutureExt};
 use kube::{
@@ -14,20 +14,16 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use sqlx::PgPool;
 
 use super::{
-    dead_letters,
-    deps::{self, Reporting},
-    lag,
+    dead_letters, deps, lag,
     reconciler::{self, Outcome, Reconciler},
-    relay_available, relay_deployment,
+    relay_available, relay_deployment, relay_topics,
     watches::{own_changes, relay_deployment_changes, Watches},
     Context, Error,
 };
 use crate::{
     conditions::{self, condition, reason, Cond, Status},
-    crd::{Guarantee, LagStatus, OutboxRelay, OutboxRelayStatus, ReplayStatus, TopicStatus, ValidOutboxRelay},
-    kafka::{Admin, AdminError, ObservedTopic},
+    crd::{Guarantee, LagStatus, OutboxRelay, OutboxRelayStatus, ReplayStatus, ValidOutboxRelay},
     schema::TableKind,
-    topics::{plan, Action as TopicAction, Desired, Plan},
 };
 
 /// The server-side apply field manager of OutboxRelay status writes.
@@ -63,6 +59,9 @@ impl Reconciler for OutboxRelays {
     fn deletion_policy(obj: &OutboxRelay) -> Option<crate::crd::DeletionPolicy> {
         Some(obj.spec.deletion_policy)
     }
+    fn table_change(obj: &OutboxRelay) -> Option<(String, String)> {
+        obj.spec.database.table_change(obj.status.as_ref().and_then(|s| s.table.as_deref()))
+    }
     fn cleanup<'a>(obj: &'a OutboxRelay, valid: ValidOutboxRelay, ctx: &'a Context) -> BoxFuture<'a, Result<(), String>> {
         async move { super::cleanup::outbox_relay(ctx, obj, &valid).await }.boxed()
     }
@@ -75,7 +74,7 @@ impl Reconciler for OutboxRelays {
         async move {
             let ns = obj.metadata.namespace.clone().unwrap_or_default();
             let (schema_cond, schema_version, pool) = schema(ctx, &ns, &valid).boxed().await;
-            let (topics_cond, topics, leader_only) = self::topics(ctx, &ns, &valid).boxed().await;
+            let (topics_cond, topics, leader_only) = relay_topics::topics(ctx, &ns, &valid).boxed().await;
 
             let relay_cond = relays(ctx, obj, &ns, &valid, pool.as_ref()).await;
             // A relay scaled to zero on purpose does not make the resource unready, nor is it
@@ -105,6 +104,9 @@ impl Reconciler for OutboxRelays {
                 guarantees: guarantees(&leader_only),
                 lag: lag.or_else(|| previous.lag.clone()),
                 last_replay,
+                table: Some(obj.spec.database.table_name())
+                    .filter(|_| schema_cond.status == Status::True)
+                    .or_else(|| previous.table.clone()),
                 ..previous.clone()
             };
             Ok(Outcome::Status {
@@ -226,207 +228,9 @@ async fn schema(ctx: &Context, ns: &str, valid: &ValidOutboxRelay) -> (Cond, Opt
     }
 }
 
-/// A topic action the broker refused or could not take.
-#[derive(Debug)]
-pub struct Failed {
-    pub topic: String,
-    pub error: AdminError,
-}
-
-/// TopicsReady, each topic's status, and the topics whose acknowledgements are the leader's alone:
-/// describe, plan, apply the plan, judge.
-async fn topics(ctx: &Context, ns: &str, valid: &ValidOutboxRelay) -> (Cond, Vec<TopicStatus>, Vec<String>) {
-    let names: Vec<String> = valid.topics.iter().map(|t| t.name.clone()).collect();
-    let on = Reporting {
-        type_: condition::TOPICS_READY,
-        status: Status::False,
-    };
-    let described = deps::describe_topics(ctx, ns, &valid.bootstrap_servers, valid.auth_secret.as_deref(), &names, on).await;
-    let (admin, observed) = match described {
-        Ok(d) => d,
-        Err(c) => return (c, unknown_topics(&names), vec![]),
-    };
-    let p = plan(&valid.topics, &observed);
-    let failed = apply(&admin, &p).await;
-    let (cond, status) = topics_verdict(&valid.topics, &observed, &p, &failed);
-    (cond, status, p.leader_only_acks)
-}
-
-fn unknown_topics(names: &[String]) -> Vec<TopicStatus> {
-    let unknown = |n: &String| TopicStatus {
-        name: n.clone(),
-        partitions: None,
-        ready: false,
-        drift: vec![],
-    };
-    names.iter().map(unknown).collect()
-}
-
-/// Take the plan's actions, in order; collect what failed.
-async fn apply(admin: &Admin, p: &Plan) -> Vec<Failed> {
-    let mut failed = Vec::new();
-    for a in &p.actions {
-        let (topic, r) = match a {
-            TopicAction::Create {
-                name,
-                partitions,
-                replication_factor,
-                config,
-            } => (name, admin.create_topic(name, *partitions, *replication_factor, config).await),
-            TopicAction::SetConfig { name, set } => (name, admin.alter_configs(name, set).await),
-            TopicAction::AddPartitions { name, total } => (name, admin.create_partitions(name, *total).await),
-        };
-        if let Err(error) = r {
-            failed.push(Failed {
-                topic: topic.clone(),
-                error,
-            });
-        }
-    }
-    failed
-}
-
-/// TopicsReady and each topic's status, from the plan and what failed. Pure.
-pub fn topics_verdict(
-    desired: &[Desired],
-    observed: &BTreeMap<String, ObservedTopic>,
-    p: &Plan,
-    failed: &[Failed],
-) -> (Cond, Vec<TopicStatus>) {
-    let status = desired
-        .iter()
-        .map(|d| {
-            let created = p
-                .actions
-                .iter()
-                .any(|a| matches!(a, TopicAction::Create { name, .. } if name == &d.name));
-            let bad = failed.iter().any(|f| f.topic == d.name) || p.refusals.iter().any(|r| r.topic == d.name);
-            TopicStatus {
-                name: d.name.clone(),
-                partitions: observed.get(&d.name).map(|o| o.partitions).or(created.then_some(d.partitions)),
-                ready: !bad,
-                drift: p.drift.get(&d.name).cloned().unwrap_or_default(),
-            }
-        })
-        .collect();
-    (topics_condition(desired.len(), p, failed), status)
-}
-
-fn topics_condition(count: usize, p: &Plan, failed: &[Failed]) -> Cond {
-    const T: &str = condition::TOPICS_READY;
-    let warn = if p.warnings.is_empty() {
-        String::new()
-    } else {
-        format!(" Warnings: {}", p.warnings.join("; "))
-    };
-    if let Some(f) = failed.iter().find(|f| f.error.is_unreachable()) {
-        return Cond::no(T, reason::BROKER_UNREACHABLE, f.error.to_string());
-    }
-    if !failed.is_empty() {
-        let msgs: Vec<String> = failed.iter().map(|f| f.error.to_string()).collect();
-        return Cond::no(T, reason::TOPIC_OPERATION_FAILED, format!("{}{warn}", msgs.join("; ")));
-    }
-    if !p.refusals.is_empty() {
-        let msgs: Vec<&str> = p.refusals.iter().map(|r| r.message.as_str()).collect();
-        let m = format!("{}; nothing was changed on those topics{warn}", msgs.join("; "));
-        return Cond::no(T, reason::PARTITION_CHANGE_REFUSED, m);
-    }
-    if !p.drift.is_empty() {
-        let msgs: Vec<String> = p.drift.iter().map(|(t, d)| format!("{t}: {}", d.join(", "))).collect();
-        let m = format!("restored config changed outside lockstep: {}{warn}", msgs.join("; "));
-        return Cond::yes(T, reason::TOPIC_CONFIG_DRIFT, m);
-    }
-    Cond::yes(T, reason::TOPICS_CONFIGURED, format!("{count} topic(s) as specified{warn}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topics::{
-        self,
-        tests::{desired, one},
-    };
-
-    fn observed(name: &str, partitions: i32, config: &[(&str, &str)]) -> BTreeMap<String, ObservedTopic> {
-        one(name, topics::tests::observed(partitions, 3, config))
-    }
-
-    /// Plan against what the broker has, then judge as if every action succeeded but `failed`.
-    fn judge(d: &[Desired], o: &BTreeMap<String, ObservedTopic>, failed: &[Failed]) -> (Cond, Vec<TopicStatus>) {
-        topics_verdict(d, o, &plan(d, o), failed)
-    }
-
-    #[test]
-    fn created_and_matching_topics_are_configured() {
-        let d = [desired("new", 6, &[]), desired("old", 3, &[("retention.ms", "1000")])];
-        let (c, st) = judge(&d, &observed("old", 3, &[("retention.ms", "1000")]), &[]);
-        assert_eq!(
-            (c.status, c.reason, c.message.as_str()),
-            (Status::True, reason::TOPICS_CONFIGURED, "2 topic(s) as specified")
-        );
-        assert_eq!(
-            st[0].partitions,
-            Some(6),
-            "a created topic reports the partitions it was created with"
-        );
-        assert!(st.iter().all(|t| t.ready && t.drift.is_empty()));
-    }
-
-    #[test]
-    fn drift_is_restored_and_reported() {
-        let d = [desired("t", 3, &[("retention.ms", "1000")])];
-        let (c, st) = judge(&d, &observed("t", 3, &[("retention.ms", "5")]), &[]);
-        assert_eq!((c.status, c.reason), (Status::True, reason::TOPIC_CONFIG_DRIFT));
-        assert_eq!(c.message, "restored config changed outside lockstep: t: retention.ms: 5 -> 1000");
-        assert_eq!(st[0].drift, vec!["retention.ms: 5 -> 1000"]);
-    }
-
-    #[test]
-    fn partition_changes_are_refused_and_the_topic_not_ready() {
-        let d = [desired("t", 12, &[])];
-        let (c, st) = judge(&d, &observed("t", 6, &[]), &[]);
-        assert_eq!((c.status, c.reason), (Status::False, reason::PARTITION_CHANGE_REFUSED));
-        assert!(c.message.ends_with("nothing was changed on those topics"), "{}", c.message);
-        assert_eq!((st[0].ready, st[0].partitions), (false, Some(6)));
-    }
-
-    #[test]
-    fn failures_unreachable_first_then_refused() {
-        let d = [desired("a", 3, &[]), desired("b", 3, &[])];
-        let refused = || Failed {
-            topic: "a".into(),
-            error: AdminError::Refused {
-                operation: "create",
-                topic: "a".into(),
-                message: "policy".into(),
-            },
-        };
-        let down = Failed {
-            topic: "b".into(),
-            error: AdminError::Unreachable {
-                bootstrap: "k:9092".into(),
-                message: "timeout".into(),
-            },
-        };
-        let (c, st) = judge(&d, &BTreeMap::new(), &[refused(), down]);
-        assert_eq!((c.status, c.reason), (Status::False, reason::BROKER_UNREACHABLE));
-        assert!(st.iter().all(|t| !t.ready));
-        let (c, st) = judge(&d, &BTreeMap::new(), &[refused()]);
-        assert_eq!((c.status, c.reason), (Status::False, reason::TOPIC_OPERATION_FAILED));
-        assert_eq!((st[0].ready, st[1].ready), (false, true));
-    }
-
-    #[test]
-    fn durability_warnings_ride_along() {
-        let d = [desired("t", 3, &[("min.insync.replicas", "3")])];
-        let (c, _) = judge(&d, &observed("t", 3, &[("min.insync.replicas", "3")]), &[]);
-        assert_eq!(c.reason, reason::TOPICS_CONFIGURED);
-        assert!(
-            c.message.contains(" Warnings: t: min.insync.replicas=3 with replication factor 3"),
-            "{}",
-            c.message
-        );
-    }
 
     #[test]
     fn guarantees_do_not_promise_what_min_insync_replicas_1_cannot_keep() {
@@ -438,11 +242,5 @@ mod tests {
             weak[1].guarantee
         );
         assert_eq!(weak.len(), 3);
-    }
-
-    #[test]
-    fn unknown_topics_when_the_broker_cannot_be_asked() {
-        let st = unknown_topics(&["a".into()]);
-        assert_eq!((st[0].ready, st[0].partitions), (false, None));
     }
 }

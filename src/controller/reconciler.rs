@@ -80,6 +80,10 @@ pub trait Reconciler: Send + Sync + 'static {
     fn cleanup<'a>(_obj: &'a Self::K, _valid: Valid<Self>, _ctx: &'a Context) -> BoxFuture<'a, Result<(), String>> {
         futures::future::ready(Ok(())).boxed()
     }
+    /// (recorded, named now) when the spec names another table than the one the object manages.
+    fn table_change(_obj: &Self::K) -> Option<(String, String)> {
+        None
+    }
     /// Fetch what the object depends on and decide its conditions.
     fn reconcile<'a>(
         obj: &'a Self::K,
@@ -153,7 +157,12 @@ async fn clean<R: Reconciler>(obj: &R::K, api: &Api<R::K>, ctx: &Context) -> Res
     if R::deletion_policy(obj) != Some(DeletionPolicy::Delete) {
         return Ok(Action::await_change());
     }
-    let blocked = if is_paused(obj) {
+    let blocked = if let Some((was, now)) = R::table_change(obj) {
+        Err(format!(
+            "{}; cleanup (deletionPolicy: Delete) waits",
+            table_change_message(&was, &now)
+        ))
+    } else if is_paused(obj) {
         Err(format!(
             "the object is paused ({}=true): its cleanup (deletionPolicy: Delete) waits until it is unpaused",
             crate::crd::PAUSED_ANNOTATION
@@ -187,6 +196,11 @@ async fn reconcile_object<R: Reconciler>(k: &R::K, uid: &str, api: &Api<R::K>, c
         action: Action::await_change(),
     };
     let outcome = match (R::PAUSED, k.validate()) {
+        // What runs for the recorded table goes on; nothing touches the one named now.
+        _ if R::table_change(k).is_some() => {
+            let (was, now) = R::table_change(k).unwrap_or_default();
+            stopped(reason::TABLE_CHANGE_REFUSED, table_change_message(&was, &now))
+        }
         (Some(message), _) if is_paused(k) => {
             R::halt(ctx, uid);
             stopped(
@@ -212,6 +226,13 @@ async fn reconcile_object<R: Reconciler>(k: &R::K, uid: &str, api: &Api<R::K>, c
     let (status, flipped) = status::merged(status, k.meta().generation, &conditions, &status::now());
     status::write(ctx, api, k, R::MANAGER, &previous, &status, &flipped).boxed().await?;
     Ok((action, failure))
+}
+
+fn table_change_message(was: &str, now: &str) -> String {
+    format!(
+        "this object manages table {was}; the spec now names {now}, which is refused (tables are immutable). \
+         Put spec.database back to {was}, or create a new object for {now}"
+    )
 }
 
 /// Ready's reason when Ready is not True.

@@ -70,6 +70,18 @@ pub(crate) fn default_true() -> bool {
 }
 
 impl DatabaseSpec {
+    /// `schema.table`, as recorded in status.
+    pub fn table_name(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+
+    /// (recorded, named now) when the spec names another table than the one the object manages.
+    /// The CEL rule refuses the edit on 1.25+; older API servers store it, and this catches it.
+    pub fn table_change(&self, recorded: Option<&str>) -> Option<(String, String)> {
+        let now = self.table_name();
+        recorded.filter(|r| *r != now).map(|r| (r.to_owned(), now))
+    }
+
     pub(crate) fn validate_into(&self, p: &mut Problems, field: &str) -> Option<QualifiedName> {
         let schema = p.check(format!("{field}.schema"), Ident::parse(&self.schema));
         let table = p.check(format!("{field}.table"), Ident::parse(&self.table));

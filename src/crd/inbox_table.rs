@@ -127,6 +127,9 @@ pub struct InboxTableStatus {
     /// The lag of `sources.kafka.consumerGroup` on the source topics, measured each refresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumer_lag: Option<ConsumerLagStatus>,
+    /// The table this object manages (`schema.table`), recorded once its schema is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
 }
 
 /// A consumer group's lag: committed offset against high watermark, summed over partitions.

@@ -307,6 +307,9 @@ pub struct OutboxRelayStatus {
     /// The last dead-letter replay asked for with the `lockstep.dev/replay` annotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_replay: Option<ReplayStatus>,
+    /// The outbox this object manages (`schema.table`), recorded once its schema is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]

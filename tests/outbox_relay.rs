@@ -203,8 +203,9 @@ async fn dedup_covered_compares_inbox_retention_with_topic_retention() {
     let (client, ns, _api, schema) = setup("ibt-covered").await;
     let bootstrap = common::kafka_bootstrap();
     let topic = common::unique("orders.c");
+    let config = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     admin(&bootstrap)
-        .create_topic(&topic, 1, 1, &[("retention.ms".to_string(), "604800000".to_string())].into())
+        .create_topic(&topic, 1, 1, &config(&[("retention.ms", "604800000"), ("segment.ms", "86400000")]))
         .await
         .unwrap();
     let inboxes: Api<InboxTable> = Api::namespaced(client.clone(), &ns.name);
@@ -248,7 +249,34 @@ async fn dedup_covered_compares_inbox_retention_with_topic_retention() {
     policies.create(&PostParams::default(), &p).await.unwrap();
     common::wait_condition(&inboxes, "billing", "Ready", "False", Some("RetentionBelowTopicRetention"), T).await;
 
+    // Issue 12 item 6: Kafka deletes whole segments, so a record lives up to retention.ms +
+    // segment.ms + the 5 min retention check: 8d does not cover 7d + 1d segments, 9d does.
     let patch = json!({"spec": {"retention": "8d"}});
+    inboxes
+        .patch("billing", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let obj = common::wait_until(T, "8d judged", || {
+        let inboxes = inboxes.clone();
+        async move {
+            let st = inboxes.get("billing").await.ok()?.status?;
+            (st.effective_retention.as_deref() == Some("8d")).then_some(st)
+        }
+    })
+    .await;
+    let c = common::condition(&obj.conditions, "DedupCovered");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "RetentionBelowTopicRetention"),
+        "{}",
+        c.message
+    );
+    assert!(
+        c.message.contains("segment.ms=86400000") && c.message.contains("= 8d5m"),
+        "{}",
+        c.message
+    );
+    let patch = json!({"spec": {"retention": "9d"}});
     inboxes
         .patch("billing", &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -256,7 +284,30 @@ async fn dedup_covered_compares_inbox_retention_with_topic_retention() {
     common::wait_condition(&inboxes, "billing", "Ready", "True", None, T).await;
     let obj = common::wait_condition(&inboxes, "billing", "DedupCovered", "True", Some("RetentionCoversRedelivery"), T).await;
     let msg = common::condition(&obj.status.unwrap().conditions, "DedupCovered").message.clone();
-    assert!(msg.contains("691200000 ms") && msg.contains("604800000"), "{msg}");
+    assert!(msg.contains("777600000 ms") && msg.contains("604800000"), "{msg}");
+
+    // A compacted topic replays each key's latest record however old: no retention covers it.
+    let compacted = common::unique("orders.k");
+    admin(&bootstrap)
+        .create_topic(&compacted, 1, 1, &config(&[("cleanup.policy", "compact")]))
+        .await
+        .unwrap();
+    let patch = json!({"spec": {"sources": {"kafka": {"topics": [topic, compacted]}}}});
+    inboxes
+        .patch("billing", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let obj = common::wait_condition(
+        &inboxes,
+        "billing",
+        "DedupCovered",
+        "False",
+        Some("RetentionBelowTopicRetention"),
+        T,
+    )
+    .await;
+    let msg = common::condition(&obj.status.unwrap().conditions, "DedupCovered").message.clone();
+    assert!(msg.contains(&format!("topic {compacted} is compacted")), "{msg}");
     policies.delete(&pname, &Default::default()).await.unwrap();
     ns.delete().await;
 }

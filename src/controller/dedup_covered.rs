@@ -7,7 +7,7 @@ use super::{
 };
 use crate::{
     conditions::{condition, reason, Cond, Status},
-    coverage,
+    coverage::{self, TopicRetention},
     crd::ValidInboxTable,
     retention::Effective,
 };
@@ -25,14 +25,18 @@ pub async fn dedup_covered(ctx: &Context, ns: &str, valid: &ValidInboxTable, eff
     match deps::describe_topics(ctx, ns, &k.bootstrap_servers, k.auth_secret.as_deref(), &k.topics, on).await {
         Err(c) => c,
         Ok((_, observed)) => {
-            let retention = |t: &String| {
-                observed
-                    .get(t)
-                    .and_then(|o| o.config.get("retention.ms"))
-                    .and_then(|v| v.parse().ok())
-            };
+            let setting = |t: &String, key: &str| observed.get(t).and_then(|o| o.config.get(key)).cloned();
             let found = SourceTopics {
-                retention_ms: k.topics.iter().map(|t| (t.clone(), retention(t))).collect(),
+                topics: k
+                    .topics
+                    .iter()
+                    .map(|t| TopicRetention {
+                        name: t.clone(),
+                        retention_ms: setting(t, "retention.ms").and_then(|v| v.parse().ok()),
+                        segment_ms: setting(t, "segment.ms").and_then(|v| v.parse().ok()),
+                        cleanup_policy: setting(t, "cleanup.policy"),
+                    })
+                    .collect(),
                 missing: k.topics.iter().filter(|t| !observed.contains_key(*t)).cloned().collect(),
             };
             coverage_condition(eff, window, Some(&found))
@@ -43,8 +47,8 @@ pub async fn dedup_covered(ctx: &Context, ns: &str, valid: &ValidInboxTable, eff
 /// The source topics as the broker describes them.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SourceTopics {
-    /// Each topic's retention.ms as reported (None: not reported, Kafka's default assumed).
-    pub retention_ms: Vec<(String, Option<i64>)>,
+    /// Each topic's settings that bound redelivery, as reported.
+    pub topics: Vec<TopicRetention>,
     /// Topics the broker does not know.
     pub missing: Vec<String>,
 }
@@ -68,7 +72,7 @@ pub fn coverage_condition(eff: &Effective, window: Option<(&str, std::time::Dura
                 format!("source topic(s) not found: {}", s.missing.join(", ")),
             )
         }
-        (Some(s), _) => coverage::coverage(eff.retention, &eff.text, window, &s.retention_ms),
+        (Some(s), _) => coverage::coverage(eff.retention, &eff.text, window, &s.topics),
     };
     if c.covered {
         Cond::yes(T, reason::RETENTION_COVERS_REDELIVERY, c.message)
@@ -88,13 +92,20 @@ mod tests {
         let none = coverage_condition(&eff, None, None);
         assert_eq!((none.status, none.reason), (Status::Unknown, reason::NO_SOURCES));
         let week = SourceTopics {
-            retention_ms: vec![("orders".into(), Some(7 * 86_400_000))],
+            topics: vec![TopicRetention {
+                name: "orders".into(),
+                retention_ms: Some(7 * 86_400_000),
+                ..Default::default()
+            }],
             missing: vec![],
         };
         let c = coverage_condition(&eff, None, Some(&week));
         assert_eq!((c.status, c.reason), (Status::False, reason::RETENTION_BELOW_TOPIC_RETENTION));
         let gone = SourceTopics {
-            retention_ms: vec![("orders".into(), None)],
+            topics: vec![TopicRetention {
+                name: "orders".into(),
+                ..Default::default()
+            }],
             missing: vec!["orders".into()],
         };
         let c = coverage_condition(&eff, None, Some(&gone));

@@ -56,6 +56,8 @@ pub mod reason {
     pub const POLICY_INVALID: &str = "PolicyInvalid";
     /// The spec names another table than the one the object manages.
     pub const TABLE_CHANGE_REFUSED: &str = "TableChangeRefused";
+    /// The database refused the role (privilege, password): retried only at the refresh interval.
+    pub const PERMISSION_DENIED: &str = "PermissionDenied";
 }
 
 /// A condition as computed by a reconcile, before timestamps.

@@ -63,6 +63,12 @@ pub fn url_key(url: &Redacted) -> String {
     hex(&Sha256::digest(url.expose().as_bytes())[..8])
 }
 
+/// Whether the database refused who we are or what we asked (insufficient privilege, bad
+/// password, unknown role): no retry heals it, only a GRANT or a fixed Secret.
+pub fn is_permission_denied(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| matches!(c.as_ref(), "42501" | "28P01" | "28000")))
+}
+
 /// Whether an error means the database cannot be reached (as opposed to refusing a statement).
 pub fn is_unreachable(e: &sqlx::Error) -> bool {
     match e {

@@ -184,6 +184,7 @@ fn condition_types_and_reasons_are_exact() {
         reason::DELETION_BLOCKED,
         reason::POLICY_INVALID,
         reason::TABLE_CHANGE_REFUSED,
+        reason::PERMISSION_DENIED,
     ];
     assert_eq!(
         reasons.join(","),
@@ -193,7 +194,7 @@ fn condition_types_and_reasons_are_exact() {
          TopicOperationFailed,BrokerUnreachable,RetentionCoversRedelivery,RetentionBelowTopicRetention,\
          NoSourcesDeclared,TopicNotFound,LagWithinThreshold,LagAboveThreshold,LongTransaction,\
          Available,DeploymentUnavailable,NoActiveRelay,ScaledToZero,DeploymentFailed,DeletionBlocked,\
-         PolicyInvalid,TableChangeRefused"
+         PolicyInvalid,TableChangeRefused,PermissionDenied"
     );
     assert_eq!(lockstep::crd::PAUSED_ANNOTATION, "lockstep.dev/paused");
     assert_eq!(lockstep::crd::DELETE_UNPUBLISHED_ANNOTATION, "lockstep.dev/delete-unpublished");

@@ -240,3 +240,150 @@ async fn a_batch_claim_is_new_once_per_id_including_repeats_in_the_batch() {
         .unwrap();
     assert_eq!(rows, 4);
 }
+
+// ---- Issue 12 item 5: migrations that must not overwrite, race, hang, retry forever or adopt
+// what the relay cannot order by.
+
+const OUTBOX_COLUMNS: &str = "id uuid primary key, aggregatetype text not null, aggregateid text not null,
+    type text not null, payload jsonb, headers jsonb, created_at timestamptz not null default now(),
+    attempts integer not null default 0, last_error text, published_at timestamptz";
+
+fn mismatch(r: Result<lockstep::schema::MigrationOutcome, SchemaError>) -> Vec<String> {
+    match r {
+        Err(SchemaError::Mismatch { differences, .. }) => differences,
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_users_function_of_the_notify_name_is_not_replaced() {
+    let s = common::pg_schema("fnclash").await;
+    let mine = "create function outbox_notify() returns trigger language plpgsql as $$ begin return null; end $$";
+    sqlx::query(mine).execute(&s.pool).await.unwrap();
+    let t = qn(&s.schema, "outbox");
+    let d = mismatch(migrate(&mut s.pool.acquire().await.unwrap(), TableKind::Outbox, &t, true).await);
+    assert!(d[0].contains("outbox_notify\"() already exists"), "{d:?}");
+    let body: String = sqlx::query_scalar("select prosrc from pg_proc where proname = 'outbox_notify'")
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert!(!body.contains("pg_notify"), "the user's function is untouched: {body}");
+    let created: Option<String> = sqlx::query_scalar("select to_regclass($1)::text")
+        .bind(format!("\"{}\".outbox", s.schema))
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(created, None, "nothing was created");
+}
+
+#[tokio::test]
+async fn first_migrations_of_many_tables_in_one_new_schema_do_not_race() {
+    let url = common::env("DATABASE_URL");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(12)
+        .connect(&url)
+        .await
+        .unwrap();
+    for round in 0..5 {
+        // A schema nobody created yet: each migration creates it and its history table.
+        let schema = format!("t_{}", common::unique(&format!("race{round}")).replace('-', "_"));
+        let runs: Vec<_> = (0..8)
+            .map(|i| {
+                let (pool, t) = (pool.clone(), qn(&schema, &format!("inbox{i}")));
+                tokio::spawn(async move { migrate(&mut pool.acquire().await.unwrap(), TableKind::Inbox, &t, true).await })
+            })
+            .collect();
+        for r in runs {
+            let outcome = r.await.unwrap().unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(outcome.applied, vec![1]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_migration_waiting_on_a_lock_gives_up_instead_of_hanging() {
+    let s = common::pg_schema("locktimeout").await;
+    let t = qn(&s.schema, "inbox");
+    // Another session holds the table's migration lock and never lets go.
+    let mut holder = s.pool.acquire().await.unwrap();
+    sqlx::query("select pg_advisory_lock($1)")
+        .bind(lockstep::schema::lock_key(&t))
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        migrate(&mut s.pool.acquire().await.unwrap(), TableKind::Inbox, &t, true),
+    )
+    .await
+    .expect("the migration hung on the lock");
+    match r {
+        Err(SchemaError::Database(e)) => assert!(e.to_string().contains("lock timeout"), "{e}"),
+        other => panic!("expected a lock timeout, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(10),
+        "gave up at the lock timeout, not at once"
+    );
+}
+
+#[tokio::test]
+async fn a_role_without_privileges_is_reported_as_permission_denied() {
+    let s = common::pg_schema("noperm").await;
+    let role = format!("r_{}", common::unique("noperm").replace('-', "_"));
+    sqlx::raw_sql(&format!(
+        "create role \"{role}\" login; revoke create on schema \"{}\" from public",
+        s.schema
+    ))
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    let url = common::env("DATABASE_URL");
+    let rest = url.split_once("://").unwrap().1;
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&format!("postgres://{role}@{host}")).await.unwrap();
+    let t = qn(&s.schema, "inbox");
+    match migrate(&mut conn, TableKind::Inbox, &t, true).await {
+        Err(SchemaError::Database(e)) => {
+            assert!(lockstep::db::is_permission_denied(&e), "{e}");
+            let c = lockstep::controller::deps::schema_failure(TableKind::Inbox, &t, "db", SchemaError::Database(e));
+            assert_eq!(c.reason, "PermissionDenied");
+        }
+        other => panic!("expected permission denied, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_adopted_outbox_must_order_by_identity_and_transaction_id() {
+    let s = common::pg_schema("adopt").await;
+    let mut conn = s.pool.acquire().await.unwrap();
+    // seq a plain bigserial, txid without the default: both refused, nothing changed.
+    sqlx::raw_sql(&format!(
+        "create table wrong ({OUTBOX_COLUMNS}, seq bigserial not null unique, txid xid8 not null)"
+    ))
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    let d = mismatch(migrate(&mut conn, TableKind::Outbox, &qn(&s.schema, "wrong"), true).await);
+    assert!(d.iter().any(|x| x.contains("seq is not an identity")), "{d:?}");
+    assert!(
+        d.iter().any(|x| x.contains("txid does not default to pg_current_xact_id()")),
+        "{d:?}"
+    );
+    // Right columns, no trigger: verified (manageSchema false) it is refused with the DDL to add;
+    // adopted (true), lockstep adds its trigger.
+    sqlx::raw_sql(&format!(
+        "create table mine ({OUTBOX_COLUMNS}, seq bigint generated always as identity unique,
+                             txid xid8 not null default pg_current_xact_id())"
+    ))
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    let t = qn(&s.schema, "mine");
+    let d = mismatch(migrate(&mut conn, TableKind::Outbox, &t, false).await);
+    assert!(d.len() == 1 && d[0].contains("no trigger") && d[0].contains("pg_notify("), "{d:?}");
+    let adopted = migrate(&mut conn, TableKind::Outbox, &t, true).await.unwrap();
+    assert!(adopted.adopted);
+    migrate(&mut conn, TableKind::Outbox, &t, false).await.expect("wired now");
+}

@@ -119,6 +119,8 @@ pub fn schema_failure(kind: TableKind, table: &QualifiedName, location: &str, e:
 pub fn db_reason(e: &sqlx::Error) -> &'static str {
     if crate::db::is_unreachable(e) {
         reason::DATABASE_UNREACHABLE
+    } else if crate::db::is_permission_denied(e) {
+        reason::PERMISSION_DENIED
     } else {
         reason::DATABASE_ERROR
     }

@@ -153,8 +153,9 @@ async fn reconcile_valid(
     status.consumer_lag = super::group_lag::measure(ctx, &ns, &valid, previous.consumer_lag.as_ref())
         .boxed()
         .await;
-    let healing = schema_cond.status != Status::True;
-    if !healing {
+    // A refused role does not heal by retrying: it waits for the refresh like a healthy table.
+    let healing = schema_cond.status != Status::True && schema_cond.reason != reason::PERMISSION_DENIED;
+    if schema_cond.status == Status::True {
         status.table = Some(obj.spec.database.table_name());
     }
     let conditions = verdict(&valid, &eff, schema_cond, &purging, covered);

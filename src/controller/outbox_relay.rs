@@ -86,7 +86,7 @@ impl Reconciler for OutboxRelays {
             // Deployment availability arrives through the Deployment watch: no need to poll it.
             let healing = parts
                 .iter()
-                .any(|c| c.status != Status::True && c.reason != reason::DEPLOYMENT_UNAVAILABLE);
+                .any(|c| c.status != Status::True && ![reason::DEPLOYMENT_UNAVAILABLE, reason::PERMISSION_DENIED].contains(&c.reason));
             let ready = conditions::ready(
                 &parts,
                 format!("{} is migrated, its topics are configured and a relay is active", valid.table),

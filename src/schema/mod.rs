@@ -9,6 +9,7 @@
 mod drop;
 mod outbox;
 mod tables;
+mod wiring;
 
 use futures::FutureExt;
 use sqlx::{PgConnection, Row};
@@ -69,6 +70,17 @@ pub struct MigrationOutcome {
 pub fn lock_key(t: &QualifiedName) -> i64 {
     advisory_key(&format!("lockstep:{}.{}", t.schema.as_str(), t.table.as_str()))
 }
+
+/// Taken before a table's lock: the first migrations of two tables in one schema both create the
+/// schema and its history table, and `create ... if not exists` races.
+pub fn schema_lock_key(schema: &Ident) -> i64 {
+    advisory_key(&format!("lockstep-schema:{}", schema.as_str()))
+}
+
+/// A migration waits at most this long for a lock (another migration, a long transaction on the
+/// table) and runs at most [`STATEMENT_TIMEOUT`]: a reconcile must not block forever.
+pub const LOCK_TIMEOUT: &str = "15s";
+pub const STATEMENT_TIMEOUT: &str = "120s";
 
 /// Read the table's columns and unique keys; None when the table does not exist.
 pub async fn observe(conn: &mut PgConnection, t: &QualifiedName) -> Result<Option<(Vec<ObservedColumn>, Vec<Vec<String>>)>, sqlx::Error> {
@@ -198,6 +210,19 @@ impl<'a> Plan<'a> {
         }
     }
 
+    /// An outbox not made by lockstep must also be wired as the relay needs.
+    async fn check_wiring(&self, conn: &mut PgConnection) -> Result<(), SchemaError> {
+        if self.kind != TableKind::Outbox {
+            return Ok(());
+        }
+        let differences = wiring::outbox_wiring(conn, self.table).await?;
+        if differences.is_empty() {
+            Ok(())
+        } else {
+            Err(self.mismatch(differences))
+        }
+    }
+
     /// The observed table against the contract.
     fn check(&self, (cols, keys): &(Vec<ObservedColumn>, Vec<Vec<String>>)) -> Result<(), SchemaError> {
         let differences = compare(self.kind, cols, keys);
@@ -258,10 +283,11 @@ impl<'a> Plan<'a> {
 pub async fn migrate(conn: &mut PgConnection, kind: TableKind, t: &QualifiedName, manage: bool) -> Result<MigrationOutcome, SchemaError> {
     let plan = Plan::new(kind, t);
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    sqlx::query("select pg_advisory_xact_lock($1)")
-        .bind(lock_key(t))
-        .execute(&mut *tx)
-        .await?;
+    let limits = format!("set local lock_timeout = '{LOCK_TIMEOUT}'; set local statement_timeout = '{STATEMENT_TIMEOUT}'");
+    sqlx::Executor::execute(&mut *tx, limits.as_str()).await?;
+    for key in [schema_lock_key(&t.schema), lock_key(t)] {
+        sqlx::query("select pg_advisory_xact_lock($1)").bind(key).execute(&mut *tx).await?;
+    }
     let result = if manage {
         apply(&mut tx, &plan).boxed().await
     } else {
@@ -288,7 +314,11 @@ async fn verify(conn: &mut PgConnection, p: &Plan<'_>) -> Result<MigrationOutcom
             table: p.name.clone(),
             kind: p.kind,
         }),
-        Some(observed) => p.check(&observed).map(|()| p.outcome()),
+        Some(observed) => {
+            p.check(&observed)?;
+            p.check_wiring(conn).boxed().await?;
+            Ok(p.outcome())
+        }
     }
 }
 
@@ -311,12 +341,23 @@ async fn apply(conn: &mut PgConnection, p: &Plan<'_>) -> Result<MigrationOutcome
             Some(observed) => {
                 // Someone else's table: adopt it only if it already satisfies the contract.
                 p.check(&observed)?;
+                if p.kind == TableKind::Outbox {
+                    if let Some(d) = wiring::add_notify_trigger(conn, p.table).await? {
+                        return Err(p.mismatch(vec![d]));
+                    }
+                }
+                p.check_wiring(conn).boxed().await?;
                 for m in &p.steps {
                     p.record(conn, m).boxed().await?;
                 }
                 outcome.adopted = true;
             }
             None => {
+                if p.kind == TableKind::Outbox {
+                    if let Some(d) = wiring::function_in_the_way(conn, p.table).await? {
+                        return Err(p.mismatch(vec![d]));
+                    }
+                }
                 for m in &p.steps {
                     p.run_step(conn, m).boxed().await?;
                     outcome.applied.push(m.version);

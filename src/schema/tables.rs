@@ -75,12 +75,6 @@ const EVENT_DDL: &str = "    id uuid primary key,
     headers jsonb,";
 
 fn outbox_v1(t: &QualifiedName) -> String {
-    let func = QualifiedName {
-        schema: t.schema.clone(),
-        table: derived_name(&t.table, "_notify"),
-    };
-    let trigger = derived_name(&t.table, "_notify_trg");
-    let channel = quote_literal(&notify_channel(t));
     format!(
         "create table {t} (
 {EVENT_DDL}
@@ -91,7 +85,21 @@ fn outbox_v1(t: &QualifiedName) -> String {
     last_error text,
     published_at timestamptz
 );
-create or replace function {func}() returns trigger language plpgsql as $$
+{}",
+        notify_trigger_ddl(t)
+    )
+}
+
+/// The function and trigger that NOTIFY the relay after each insert into the outbox.
+pub fn notify_trigger_ddl(t: &QualifiedName) -> String {
+    let func = QualifiedName {
+        schema: t.schema.clone(),
+        table: derived_name(&t.table, "_notify"),
+    };
+    let trigger = derived_name(&t.table, "_notify_trg");
+    let channel = quote_literal(&notify_channel(t));
+    format!(
+        "create or replace function {func}() returns trigger language plpgsql as $$
 begin
     perform pg_notify({channel}, '');
     return null;

@@ -51,12 +51,14 @@ pub async fn purge_expired_until(
     purge_batches(pool, &inbox_purge_sql(table), retention, batch, pause_ratio, |_| {}, stop).await
 }
 
-/// Deletes by the primary key, with the age checked again in the delete itself: a `ctid` is unique
-/// only within one partition, so on a partitioned inbox it could name a fresh row of another one.
+/// Deletes by `ctid` (a TID scan: a join on the key made the planner scan the whole table for
+/// each batch), with the age checked again in the delete itself: a `ctid` is unique only within
+/// one partition, so on a partitioned inbox it also names rows of other partitions, and only
+/// the expired ones among them may go.
 pub fn inbox_purge_sql(table: &QualifiedName) -> String {
     format!(
-        "delete from {table} t using (select consumer, message_id from {table} where received_at < $1 limit $2) e \
-         where t.consumer = e.consumer and t.message_id = e.message_id and t.received_at < $1"
+        "delete from {table} where ctid = any(array(select ctid from {table} where received_at < $1 limit $2)) \
+         and received_at < $1"
     )
 }
 

@@ -94,7 +94,7 @@ async fn a_partitioned_holder_steps_down_before_the_standby_takes_over() {
     let ns = common::TestNamespace::new(&client, "lease-cut").await;
     let mut cfg = kube::Config::infer().await.expect("kubeconfig");
     let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], cfg.cluster_url.port_u16().expect("API server port")));
-    let proxy = common::proxy::Proxy::start(upstream).await;
+    let proxy = common::proxy::Proxy::start_raw(upstream).await;
     cfg.cluster_url = format!("https://{}", proxy.addr).parse().unwrap();
     let cut_off = kube::Client::try_from(cfg).expect("client through the proxy");
     let lease_duration = Duration::from_secs(6);

@@ -34,6 +34,8 @@ pub struct Proxy {
 
 struct Shared {
     upstream: SocketAddr,
+    /// Bytes forwarded as they come (any protocol, TLS included), not PostgreSQL messages.
+    raw: bool,
     cut: CancellationToken,
     /// Connections forwarding (or being cut off), and those cut off; the listener counts as one.
     open: AtomicUsize,
@@ -45,12 +47,23 @@ struct Shared {
 }
 
 impl Proxy {
-    /// A proxy on 127.0.0.1 (a port of its own) to `upstream`.
+    /// A proxy on 127.0.0.1 (a port of its own) to `upstream`, a PostgreSQL server.
     pub async fn start(upstream: SocketAddr) -> Proxy {
+        Self::start_with(upstream, false).await
+    }
+
+    /// A proxy that forwards bytes unread (TLS to the API server, say): it can only be cut off.
+    #[allow(dead_code)]
+    pub async fn start_raw(upstream: SocketAddr) -> Proxy {
+        Self::start_with(upstream, true).await
+    }
+
+    async fn start_with(upstream: SocketAddr, raw: bool) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             upstream,
+            raw,
             cut: CancellationToken::new(),
             open: AtomicUsize::new(1),
             silenced: AtomicUsize::new(0),
@@ -178,6 +191,7 @@ impl Conn {
                 _ = shared.cut.cancelled() => return true,
                 r = self.client.read(&mut cbuf) => match r {
                     Ok(0) | Err(_) => return false,
+                    Ok(n) if shared.raw => if self.server.write_all(&cbuf[..n]).await.is_err() { return false },
                     Ok(n) => {
                         self.from_client.extend_from_slice(&cbuf[..n]);
                         if self.client_messages(shared).await.is_err() {
@@ -187,6 +201,7 @@ impl Conn {
                 },
                 r = self.server.read(&mut sbuf) => match r {
                     Ok(0) | Err(_) => return false,
+                    Ok(n) if shared.raw => if self.client.write_all(&sbuf[..n]).await.is_err() { return false },
                     Ok(n) => {
                         self.from_server.extend_from_slice(&sbuf[..n]);
                         if self.server_messages().await.is_err() {

@@ -52,26 +52,26 @@ impl std::str::FromStr for Redacted {
 /// is not a URL, and showing "the part after the @" would show the secret.
 pub fn describe_database_url(url: &str) -> String {
     match parse_database_url(url) {
-        Ok(o) => {
+        Some(o) => {
             let host = o.get_socket().map_or_else(|| o.get_host().to_owned(), |p| p.display().to_string());
             match o.get_database() {
                 Some(db) => format!("{host}:{}/{db}", o.get_port()),
                 None => format!("{host}:{}", o.get_port()),
             }
         }
-        Err(_) => "a database URL that does not parse (not shown)".into(),
+        None => "a database URL that does not parse (not shown)".into(),
     }
 }
 
 /// A postgres:// (or postgresql://) URL's connection options. sqlx alone takes any scheme, so
 /// "user:password@host" would parse, with the password read as part of a database name that
 /// the server then echoes in its "does not exist" error.
-pub fn parse_database_url(url: &str) -> Result<sqlx::postgres::PgConnectOptions, ()> {
+pub fn parse_database_url(url: &str) -> Option<sqlx::postgres::PgConnectOptions> {
     use std::str::FromStr;
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(());
+        return None;
     }
-    sqlx::postgres::PgConnectOptions::from_str(url).map_err(|_| ())
+    sqlx::postgres::PgConnectOptions::from_str(url).ok()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -165,7 +165,7 @@ mod coverage_tests {
         ] {
             let c = coverage(DAY * 365, "365d", None, std::slice::from_ref(&t));
             assert!(!c.covered && c.message.contains("redeliveryWindow"), "{}", c.message);
-            assert!(coverage(DAY * 2, "2d", Some(("1d", DAY)), &[t.clone()]).covered);
+            assert!(coverage(DAY * 2, "2d", Some(("1d", DAY)), std::slice::from_ref(&t)).covered);
             let c = coverage(DAY, "1d", Some(("2d", DAY * 2)), &[t]);
             assert!(!c.covered && c.message.contains("redeliveryWindow 2d"));
         }

@@ -33,7 +33,7 @@ impl Pools {
         let key: [u8; 32] = Sha256::digest(url.expose().as_bytes()).into();
         self.pools.get_or_try_insert(key, || {
             let opts = crate::config::parse_database_url(url.expose())
-                .map_err(|_| DbError::InvalidUrl)?
+                .ok_or(DbError::InvalidUrl)?
                 .application_name("lockstep");
             Ok(PgPoolOptions::new()
                 .max_connections(self.max_connections)

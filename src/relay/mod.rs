@@ -136,7 +136,7 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
     let where_ = describe_database_url(cfg.database_url.expose());
     tracing::info!(%addr, table = %cfg.resolved.table, database = %where_, "relay starting");
     let opts: PgConnectOptions = crate::config::parse_database_url(cfg.database_url.expose())
-        .map_err(|()| anyhow::anyhow!("the database URL does not parse as a postgres:// URL (its text is not shown)"))?;
+        .ok_or_else(|| anyhow::anyhow!("the database URL does not parse as a postgres:// URL (its text is not shown)"))?;
     let opts = opts.application_name("lockstep-relay");
     // LISTEN and the measurements: a dead relay's sessions go within DEAD_PEER_TIMEOUT too.
     let pool = PgPoolOptions::new()

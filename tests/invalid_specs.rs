@@ -1,10 +1,16 @@
 //! Invalid specs: each is rejected by the CRD schema on the real API server, by the CEL rules
 //! (evaluated client-side: the 1.20 test server predates CEL), and/or by `validate()`; every
-//! rejection names the field.
+//! rejection names the field. The operator under test reports every object the API server stores
+//! as Ready=False InvalidSpec naming the field, and still reconciles valid objects afterwards.
 
 mod common;
 
-use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use std::{collections::HashMap, time::Duration};
+
+use kube::{
+    api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams},
+    Client, ResourceExt,
+};
 use lockstep::crd::{DedupPolicy, InboxTable, OutboxRelay};
 use serde_json::{json, Value};
 
@@ -72,229 +78,238 @@ fn set(v: &mut Value, pointer: &str, value: Value) {
     }
 }
 
-fn cases() -> Vec<Case> {
-    use Kind::*;
-    let c = |name, kind, changes, field, schema, cel, validate| Case {
+/// A case rejected by the layers named in `by`: S the CRD schema (API server), C the CEL rules,
+/// V `validate()` (the operator's InvalidSpec).
+fn case(name: &'static str, kind: Kind, field: &'static str, by: &str, changes: Vec<(&'static str, Value)>) -> Case {
+    assert!(by.chars().all(|c| "SCV".contains(c)), "{name}: flags are S, C and V");
+    Case {
         name,
         kind,
         changes,
         field,
-        schema,
-        cel,
-        validate,
-    };
+        schema: by.contains('S'),
+        cel: by.contains('C'),
+        validate: by.contains('V'),
+    }
+}
+
+/// One change: `value` at `pointer` (Null removes).
+fn at(pointer: &'static str, value: impl Into<Value>) -> Vec<(&'static str, Value)> {
+    vec![(pointer, value.into())]
+}
+
+/// `n` distinct valid topics.
+fn topics(n: usize) -> Value {
+    (0..n)
+        .map(|i| json!({"name": format!("t{i}"), "partitions": 1, "replicationFactor": 1}))
+        .collect()
+}
+
+/// A settings map of `n` keys none of which validate() objects to.
+fn settings(n: usize) -> Value {
+    (0..n)
+        .map(|i| (format!("lockstep.test.k{i}"), json!("1")))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// `n` distinct names.
+fn names(n: usize) -> Value {
+    (0..n).map(|i| json!(format!("k{i}"))).collect()
+}
+
+// The case tables: one case a line, as rustfmt would spread each over six.
+#[rustfmt::skip]
+fn relay_cases() -> Vec<Case> {
+    let c = |name, field, by, changes| case(name, Kind::Relay, field, by, changes);
+    let null = Value::Null;
+    let cfg = |key: &str, value: &str| at("/spec/kafka/producer/config", json!({ key: value }));
+    let res = |r: Value| at("/spec/relay/resources", r);
     vec![
-        c(
-            "sql injection in table",
-            Relay,
-            vec![("/spec/database/table", json!("x; drop table y"))],
-            "spec.database.table",
-            true,
-            false,
-            true,
-        ),
-        c(
-            "quoted schema",
-            Relay,
-            vec![("/spec/database/schema", json!("\"quoted\""))],
-            "spec.database.schema",
-            true,
-            false,
-            true,
-        ),
-        c(
-            "zero partitions",
-            Relay,
-            vec![("/spec/topics/0/partitions", json!(0))],
-            "spec.topics[0].partitions",
-            true,
-            false,
-            true,
-        ),
-        c(
-            "batch too large",
-            Relay,
-            vec![("/spec/relay/batchSize", json!(100000))],
-            "spec.relay.batchSize",
-            true,
-            false,
-            true,
-        ),
-        c(
-            "unknown compression",
-            Relay,
-            vec![("/spec/kafka/producer/compression", json!("brotli"))],
-            "spec.kafka.producer.compression",
-            true,
-            false,
-            false,
-        ),
-        c(
-            "poll interval not a duration",
-            Relay,
-            vec![("/spec/relay/pollInterval", json!("soon"))],
-            "spec.relay.pollInterval",
-            true,
-            false,
-            true,
-        ),
-        c(
-            "routing over a non-routing column",
-            Relay,
-            vec![("/spec/routing/topic", json!("orders.{payload}"))],
-            "spec.routing.topic",
-            true,
-            false,
-            true,
-        ),
-        c(
-            "acks=1 weakens delivery",
-            Relay,
-            vec![("/spec/kafka/producer/config", json!({"acks": "1"}))],
-            "spec.kafka.producer.config[acks]",
-            false,
-            true,
-            true,
-        ),
-        c(
-            "idempotence off",
-            Relay,
-            vec![("/spec/kafka/producer/config", json!({"enable.idempotence": "false"}))],
-            "spec.kafka.producer.config[enable.idempotence]",
-            false,
-            true,
-            true,
-        ),
-        c(
-            "markPublished without retention",
-            Relay,
-            vec![("/spec/relay/cleanup", json!("MarkPublished"))],
-            "spec.relay.publishedRetention",
-            false,
-            true,
-            true,
-        ),
-        c(
-            "key both set and ignored",
-            Relay,
-            vec![("/spec/topics/0/ignoreConfig", json!(["retention.ms"]))],
-            "spec.topics[0].config[retention.ms]",
-            false,
-            true,
-            true,
-        ),
-        c(
-            "dead-letter name too long",
-            Relay,
-            vec![("/spec/database/table", json!("t".repeat(55)))],
-            "spec.database.table",
-            false,
-            false,
-            true,
-        ),
-        c(
-            "bootstrap without port",
-            Relay,
-            vec![("/spec/kafka/bootstrapServers", json!("kafka"))],
-            "spec.kafka.bootstrapServers",
-            false,
-            false,
-            true,
-        ),
-        c(
-            "secret name not a k8s name",
-            Relay,
-            vec![("/spec/database/urlSecretRef/name", json!("Orders_DB"))],
-            "spec.database.urlSecretRef.name",
-            true,
-            false,
-            true,
-        ),
-        c(
-            "replication factor zero",
-            Relay,
-            vec![("/spec/topics/0/replicationFactor", json!(0))],
-            "spec.topics[0].replicationFactor",
-            true,
-            false,
-            true,
-        ),
-        c(
-            "retention in words",
-            Inbox,
-            vec![("/spec/retention", json!("1 week"))],
-            "spec.retention",
-            true,
-            false,
-            true,
-        ),
-        c(
-            "purge batch zero",
-            Inbox,
-            vec![("/spec/purge/batchSize", json!(0))],
-            "spec.purge.batchSize",
-            true,
-            false,
-            true,
-        ),
-        c(
-            "source topic with a space",
-            Inbox,
-            vec![("/spec/sources/kafka/topics", json!(["bad topic"]))],
-            "spec.sources.kafka.topics[0]",
-            false,
-            false,
-            true,
-        ),
-        c(
-            "inbox table name uppercase",
-            Inbox,
-            vec![("/spec/database/table", json!("Inbox"))],
-            "spec.database.table",
-            true,
-            false,
-            true,
-        ),
-        c(
-            "min above max",
-            Policy,
-            vec![("/spec/minRetention", json!("60d"))],
-            "spec.minRetention",
-            false,
-            false,
-            true,
-        ),
-        c(
-            "default below min",
-            Policy,
-            vec![("/spec/defaultRetention", json!("1h"))],
-            "spec.defaultRetention",
-            false,
-            false,
-            true,
-        ),
-        c(
-            "exception without bounds",
-            Policy,
-            vec![(
-                "/spec/exceptions",
-                json!([{"namespace": "a", "name": "b", "expires": "2027-01-01T00:00:00Z"}]),
-            )],
-            "spec.exceptions[0]",
-            false,
-            false,
-            true,
-        ),
-        c(
-            "unknown enforcement",
-            Policy,
-            vec![("/spec/enforcement", json!("Sometimes"))],
-            "spec.enforcement",
-            true,
-            false,
-            false,
-        ),
+        c("sql injection in table", "spec.database.table", "SV", at("/spec/database/table", "x; drop table y")),
+        c("quoted schema", "spec.database.schema", "SV", at("/spec/database/schema", "\"quoted\"")),
+        c("reserved schema pg_temp", "spec.database.schema", "V", at("/spec/database/schema", "pg_temp")),
+        c("table name over 63 characters", "spec.database.table", "SV", at("/spec/database/table", "t".repeat(64))),
+        c("dead-letter name too long", "spec.database.table", "V", at("/spec/database/table", "t".repeat(55))),
+        c("secret name not a k8s name", "spec.database.urlSecretRef.name", "SV", at("/spec/database/urlSecretRef/name", "Orders_DB")),
+        c("secret key with a slash", "spec.database.urlSecretRef.key", "SV", at("/spec/database/urlSecretRef/key", "a/b")),
+        c("bootstrap without port", "spec.kafka.bootstrapServers", "V", at("/spec/kafka/bootstrapServers", "kafka")),
+        c("empty entry in bootstrap list", "spec.kafka.bootstrapServers", "V", at("/spec/kafka/bootstrapServers", "a:9092,,b:9092")),
+        c("bootstrap port zero", "spec.kafka.bootstrapServers", "V", at("/spec/kafka/bootstrapServers", "kafka:0")),
+        c("bootstrap port above 65535", "spec.kafka.bootstrapServers", "V", at("/spec/kafka/bootstrapServers", "kafka:70000")),
+        c("empty bootstrap", "spec.kafka.bootstrapServers", "SV", at("/spec/kafka/bootstrapServers", "")),
+        c("no kafka", "spec.kafka", "S", at("/spec/kafka", null.clone())),
+        c("auth secret not a k8s name", "spec.kafka.authSecretRef.name", "SV", at("/spec/kafka/authSecretRef/name", "Kafka_Auth")),
+        c("unknown compression", "spec.kafka.producer.compression", "S", at("/spec/kafka/producer/compression", "brotli")),
+        c("linger above a minute", "spec.kafka.producer.lingerMs", "SV", at("/spec/kafka/producer/lingerMs", 60_001)),
+        c("acks=1 weakens delivery", "spec.kafka.producer.config[acks]", "CV", cfg("acks", "1")),
+        c("acks=0 loses events", "spec.kafka.producer.config[acks]", "CV", cfg("acks", "0")),
+        c("idempotence off", "spec.kafka.producer.config[enable.idempotence]", "CV", cfg("enable.idempotence", "false")),
+        c("transactional producer", "spec.kafka.producer.config[transactional.id]", "V", cfg("transactional.id", "tx")),
+        c("bootstrap in producer config", "spec.kafka.producer.config[bootstrap.servers]", "V", cfg("bootstrap.servers", "b:9092")),
+        c("gapless guarantee", "spec.kafka.producer.config[enable.gapless.guarantee]", "V", cfg("enable.gapless.guarantee", "true")),
+        c("ten requests in flight", "spec.kafka.producer.config[max.in.flight.requests.per.connection]", "V",
+          cfg("max.in.flight.requests.per.connection", "10")),
+        c("65 producer settings", "spec.kafka.producer.config", "S", at("/spec/kafka/producer/config", settings(65))),
+        c("producer value over 4096 characters", "spec.kafka.producer.config[client.id]", "S", cfg("client.id", &"c".repeat(4097))),
+        c("routing over a non-routing column", "spec.routing.topic", "SV", at("/spec/routing/topic", "orders.{payload}")),
+        c("routing template unclosed", "spec.routing.topic", "SV", at("/spec/routing/topic", "orders.{type")),
+        c("routing to ..", "spec.routing.topic", "V", at("/spec/routing/topic", "..")),
+        c("routing key not a column", "spec.routing.key", "S", at("/spec/routing/key", "payload")),
+        c("101 topics", "spec.topics", "S", at("/spec/topics", topics(101))),
+        c("topic name with a space", "spec.topics[0].name", "SV", at("/spec/topics/0/name", "bad topic")),
+        c("topic named ..", "spec.topics[0].name", "V", at("/spec/topics/0/name", "..")),
+        c("topic name over 249 characters", "spec.topics[0].name", "SV", at("/spec/topics/0/name", "t".repeat(250))),
+        c("zero partitions", "spec.topics[0].partitions", "SV", at("/spec/topics/0/partitions", 0)),
+        c("partitions above 10000", "spec.topics[0].partitions", "SV", at("/spec/topics/0/partitions", 10_001)),
+        c("topic without partitions", "spec.topics[0].partitions", "S", at("/spec/topics/0/partitions", null.clone())),
+        c("replication factor zero", "spec.topics[0].replicationFactor", "SV", at("/spec/topics/0/replicationFactor", 0)),
+        c("replication factor above 32", "spec.topics[0].replicationFactor", "SV", at("/spec/topics/0/replicationFactor", 33)),
+        c("uppercase topic config key", "spec.topics[0].config[Retention.MS]", "V", at("/spec/topics/0/config/Retention.MS", "1")),
+        c("min.insync.replicas zero", "spec.topics[0].config[min.insync.replicas]", "V",
+          at("/spec/topics/0/config/min.insync.replicas", "0")),
+        c("retention.ms in words", "spec.topics[0].config[retention.ms]", "V", at("/spec/topics/0/config/retention.ms", "forever")),
+        c("retention.ms below -1", "spec.topics[0].config[retention.ms]", "V", at("/spec/topics/0/config/retention.ms", "-2")),
+        c("topic config value over 4096 characters", "spec.topics[0].config[compression.type]", "S",
+          at("/spec/topics/0/config/compression.type", "z".repeat(4097))),
+        c("65 ignored topic keys", "spec.topics[0].ignoreConfig", "S", at("/spec/topics/0/ignoreConfig", names(65))),
+        c("key both set and ignored", "spec.topics[0].config[retention.ms]", "CV", at("/spec/topics/0/ignoreConfig", vec!["retention.ms"])),
+        c("replicas above 10", "spec.relay.replicas", "SV", at("/spec/relay/replicas", 11)),
+        c("negative replicas", "spec.relay.replicas", "SV", at("/spec/relay/replicas", -1)),
+        c("batch too large", "spec.relay.batchSize", "SV", at("/spec/relay/batchSize", 100_000)),
+        c("max attempts zero", "spec.relay.maxAttempts", "SV", at("/spec/relay/maxAttempts", 0)),
+        c("poll interval not a duration", "spec.relay.pollInterval", "SV", at("/spec/relay/pollInterval", "soon")),
+        c("poll interval below 10ms", "spec.relay.pollInterval", "V", at("/spec/relay/pollInterval", "5ms")),
+        c("poll interval above 1h", "spec.relay.pollInterval", "V", at("/spec/relay/pollInterval", "2h")),
+        c("poll interval over 32 characters", "spec.relay.pollInterval", "S", at("/spec/relay/pollInterval", "1s".repeat(17))),
+        c("unknown cleanup", "spec.relay.cleanup", "S", at("/spec/relay/cleanup", "Archive")),
+        c("markPublished without retention", "spec.relay.publishedRetention", "CV", at("/spec/relay/cleanup", "MarkPublished")),
+        c("published retention over 100 years", "spec.relay.publishedRetention", "V",
+          at("/spec/relay", json!({"cleanup": "MarkPublished", "publishedRetention": "1000000d"}))),
+        c("memory: lots", "spec.relay.resources.limits[memory]", "V", res(json!({"limits": {"memory": "lots"}}))),
+        c("requests above limits", "spec.relay.resources.requests[cpu]", "V", res(json!({"requests": {"cpu": "2"}, "limits": {"cpu": 1}}))),
+        c("request quantity with a space", "spec.relay.resources.requests[memory]", "V", res(json!({"requests": {"memory": "1 Gi"}}))),
+        c("negative memory limit", "spec.relay.resources.limits[memory]", "V", res(json!({"limits": {"memory": "-1Gi"}}))),
+        c("resource no container can ask for", "spec.relay.resources.limits[Memory!]", "V", res(json!({"limits": {"Memory!": "1"}}))),
+        c("empty image", "spec.relay.image", "SV", at("/spec/relay/image", "")),
+        c("blank image", "spec.relay.image", "V", at("/spec/relay/image", "   ")),
+        c("max oldest age in words", "spec.lag.maxOldestAge", "SV", at("/spec/lag/maxOldestAge", "1 minute")),
+        c("max oldest age over 100 years", "spec.lag.maxOldestAge", "V", at("/spec/lag/maxOldestAge", "1000000d")),
+        c("unknown deletion policy", "spec.deletionPolicy", "S", at("/spec/deletionPolicy", "Purge")),
     ]
+}
+
+#[rustfmt::skip]
+fn inbox_cases() -> Vec<Case> {
+    let c = |name, field, by, changes| case(name, Kind::Inbox, field, by, changes);
+    let null = Value::Null;
+    let topics = |v: Value| at("/spec/sources/kafka/topics", v);
+    vec![
+        c("inbox table name uppercase", "spec.database.table", "SV", at("/spec/database/table", "Inbox")),
+        c("inbox table name over 63 characters", "spec.database.table", "SV", at("/spec/database/table", "i".repeat(64))),
+        c("inbox without a table", "spec.database.table", "S", at("/spec/database/table", null.clone())),
+        c("reserved schema pg_catalog", "spec.database.schema", "V", at("/spec/database/schema", "pg_catalog")),
+        c("schema starting with a digit", "spec.database.schema", "SV", at("/spec/database/schema", "1st")),
+        c("secret key with a space", "spec.database.urlSecretRef.key", "SV", at("/spec/database/urlSecretRef/key", "a b")),
+        c("manageSchema not a boolean", "spec.database.manageSchema", "S", at("/spec/database/manageSchema", "yes")),
+        c("retention in words", "spec.retention", "SV", at("/spec/retention", "1 week")),
+        c("retention zero", "spec.retention", "V", at("/spec/retention", "0s")),
+        c("retention over 100 years", "spec.retention", "V", at("/spec/retention", "1000000d")),
+        c("retention over 32 characters", "spec.retention", "S", at("/spec/retention", "1s".repeat(17))),
+        c("redelivery window zero", "spec.redeliveryWindow", "V", at("/spec/redeliveryWindow", "0s")),
+        c("redelivery window over 100 years", "spec.redeliveryWindow", "V", at("/spec/redeliveryWindow", "1000000d")),
+        c("redelivery window in words", "spec.redeliveryWindow", "SV", at("/spec/redeliveryWindow", "a day")),
+        c("purge interval below 1s", "spec.purge.interval", "V", at("/spec/purge/interval", "500ms")),
+        c("purge interval above 24h", "spec.purge.interval", "V", at("/spec/purge/interval", "2d")),
+        c("purge interval in words", "spec.purge.interval", "SV", at("/spec/purge/interval", "hourly")),
+        c("purge batch zero", "spec.purge.batchSize", "SV", at("/spec/purge/batchSize", 0)),
+        c("purge batch above 100000", "spec.purge.batchSize", "SV", at("/spec/purge/batchSize", 100_001)),
+        c("empty entry in source bootstrap list", "spec.sources.kafka.bootstrapServers", "V",
+          at("/spec/sources/kafka/bootstrapServers", "a:9092,,b:9092")),
+        c("source bootstrap without port", "spec.sources.kafka.bootstrapServers", "V", at("/spec/sources/kafka/bootstrapServers", "kafka")),
+        c("no source topics", "spec.sources.kafka.topics", "SV", topics(json!([]))),
+        c("source without topics", "spec.sources.kafka.topics", "S", topics(null.clone())),
+        c("101 source topics", "spec.sources.kafka.topics", "S", topics(names(101))),
+        c("source topic with a space", "spec.sources.kafka.topics[0]", "V", topics(json!(["bad topic"]))),
+        c("source topic named ..", "spec.sources.kafka.topics[0]", "V", topics(json!([".."]))),
+        c("empty source topic", "spec.sources.kafka.topics[0]", "SV", topics(json!([""]))),
+        c("source topic over 249 characters", "spec.sources.kafka.topics[0]", "SV", topics(json!(["t".repeat(250)]))),
+        c("empty consumer group", "spec.sources.kafka.consumerGroup", "SV", at("/spec/sources/kafka/consumerGroup", "")),
+        c("blank consumer group", "spec.sources.kafka.consumerGroup", "V", at("/spec/sources/kafka/consumerGroup", "  ")),
+        c("source auth secret not a k8s name", "spec.sources.kafka.authSecretRef.name", "SV",
+          at("/spec/sources/kafka/authSecretRef/name", "Kafka_Auth")),
+        c("unknown deletion policy", "spec.deletionPolicy", "S", at("/spec/deletionPolicy", "Destroy")),
+    ]
+}
+
+/// An exception, valid unless `changes` break it (a null removes a field).
+fn exception_item(changes: Value) -> Value {
+    let mut e = json!({"namespace": "team-a", "name": "inbox", "minRetention": "1d", "expires": "2099-01-01T00:00:00Z"});
+    for (k, v) in changes.as_object().unwrap() {
+        set(&mut e, &format!("/{k}"), v.clone());
+    }
+    e
+}
+
+fn exception(changes: Value) -> Vec<(&'static str, Value)> {
+    at("/spec/exceptions", json!([exception_item(changes)]))
+}
+
+/// A namespace selector expression (values omitted when null).
+fn expr(key: &str, operator: &str, values: Value) -> Vec<(&'static str, Value)> {
+    let mut e = json!({"key": key, "operator": operator, "values": values});
+    set(&mut e, "/values", values);
+    at("/spec/namespaceSelector/matchExpressions", json!([e]))
+}
+
+#[rustfmt::skip]
+fn policy_cases() -> Vec<Case> {
+    let c = |name, field, by, changes| case(name, Kind::Policy, field, by, changes);
+    let values = "spec.namespaceSelector.matchExpressions[0].values";
+    let many: Value = (0..101).map(|i| exception_item(json!({"namespace": format!("ns{i}")}))).collect();
+    vec![
+        c("min above max", "spec.minRetention", "V", at("/spec/minRetention", "60d")),
+        c("default below min", "spec.defaultRetention", "V", at("/spec/defaultRetention", "1h")),
+        c("default above max", "spec.defaultRetention", "V", at("/spec/defaultRetention", "60d")),
+        c("default zero", "spec.defaultRetention", "V", vec![("/spec/minRetention", Value::Null), ("/spec/defaultRetention", json!("0s"))]),
+        c("min over 100 years", "spec.minRetention", "V", at("/spec/minRetention", "1000000d")),
+        c("max over 100 years", "spec.maxRetention", "V", at("/spec/maxRetention", "1000000d")),
+        c("default over 100 years", "spec.defaultRetention", "V", at("/spec/defaultRetention", "1000000d")),
+        c("max in words", "spec.maxRetention", "SV", at("/spec/maxRetention", "a month")),
+        c("min over 32 characters", "spec.minRetention", "S", at("/spec/minRetention", "1h".repeat(17))),
+        c("unknown enforcement", "spec.enforcement", "S", at("/spec/enforcement", "Sometimes")),
+        c("requireCoverage not a boolean", "spec.requireCoverage", "S", at("/spec/requireCoverage", "yes")),
+        c("operator Sometimes", "spec.namespaceSelector.matchExpressions[0].operator", "V", expr("team", "Sometimes", json!(["a"]))),
+        c("selector In without values", values, "V", expr("team", "In", Value::Null)),
+        c("selector NotIn with empty values", values, "V", expr("team", "NotIn", json!([]))),
+        c("selector Exists with values", values, "V", expr("team", "Exists", json!(["a"]))),
+        c("selector DoesNotExist with values", values, "V", expr("team", "DoesNotExist", json!(["a"]))),
+        // Blank, not empty: the 1.20 test server refuses every "" as null ("must be of type string").
+        c("selector with a blank key", "spec.namespaceSelector.matchExpressions[0].key", "V", expr(" ", "Exists", Value::Null)),
+        c("exception without bounds", "spec.exceptions[0]", "V", exception(json!({"minRetention": null}))),
+        c("exception min over max", "spec.exceptions[0].minRetention", "V", exception(json!({"minRetention": "2d", "maxRetention": "1d"}))),
+        c("exception max over 100 years", "spec.exceptions[0].maxRetention", "V", exception(json!({"maxRetention": "1000000d"}))),
+        c("exception min in words", "spec.exceptions[0].minRetention", "SV", exception(json!({"minRetention": "two days"}))),
+        c("exception namespace not a name", "spec.exceptions[0].namespace", "V", exception(json!({"namespace": "Team_A"}))),
+        c("exception namespace over 63 characters", "spec.exceptions[0].namespace", "SV", exception(json!({"namespace": "n".repeat(64)}))),
+        c("exception namespace with a dot", "spec.exceptions[0].namespace", "V", exception(json!({"namespace": "a.b"}))),
+        c("matchLabels key not a label key", "spec.namespaceSelector.matchLabels[bad key!]", "V",
+          at("/spec/namespaceSelector/matchLabels", json!({"bad key!": "x"}))),
+        c("matchLabels value not a label value", "spec.namespaceSelector.matchLabels[team]", "V",
+          at("/spec/namespaceSelector/matchLabels", json!({"team": "not a value!"}))),
+        c("selector value not a label value", values, "V", expr("team", "In", json!(["not a value!"]))),
+        c("exception with an empty name", "spec.exceptions[0].name", "SV", exception(json!({"name": ""}))),
+        c("exception expiry not a timestamp", "spec.exceptions[0].expires", "S", exception(json!({"expires": "tomorrow"}))),
+        c("exception without expiry", "spec.exceptions[0].expires", "S", exception(json!({"expires": null}))),
+        c("101 exceptions", "spec.exceptions", "S", at("/spec/exceptions", many)),
+    ]
+}
+
+fn cases() -> Vec<Case> {
+    let mut all = relay_cases();
+    all.extend(inbox_cases());
+    all.extend(policy_cases());
+    all
 }
 
 fn strip_indexes(field: &str) -> String {
@@ -364,8 +379,13 @@ fn base_manifests_are_valid_everywhere() {
 #[test]
 fn validate_and_cel_reject_with_the_field_named() {
     let cases = cases();
-    assert!(cases.len() >= 10);
+    assert!(cases.len() >= 65, "only {} cases", cases.len());
+    for kind in [Kind::Relay, Kind::Inbox, Kind::Policy] {
+        let n = cases.iter().filter(|c| c.kind == kind).count();
+        assert!(n >= 12, "only {n} cases of {}", resource(kind).kind);
+    }
     for case in &cases {
+        assert!(case.schema || case.cel || case.validate, "{}: rejected by nothing", case.name);
         let v = manifest(case);
         match client_side(case.kind, &v) {
             None => assert!(case.schema && !case.validate, "{}: manifest does not deserialize", case.name),
@@ -379,7 +399,7 @@ fn validate_and_cel_reject_with_the_field_named() {
                         case.field
                     );
                 } else {
-                    assert!(validate.is_ok() || case.schema, "{}: unexpected validate() error", case.name);
+                    assert!(validate.is_ok(), "{}: unexpected validate() error: {validate:?}", case.name);
                 }
                 if case.cel {
                     let err = cel.expect_err(case.name);
@@ -403,56 +423,235 @@ fn cel_makes_the_table_immutable() {
     assert!(same.validate_cel_update(&old).is_ok());
 }
 
+fn resource(kind: Kind) -> ApiResource {
+    match kind {
+        Kind::Relay => ApiResource::erase::<OutboxRelay>(&()),
+        Kind::Inbox => ApiResource::erase::<InboxTable>(&()),
+        Kind::Policy => ApiResource::erase::<DedupPolicy>(&()),
+    }
+}
+
+/// Namespaced kinds in `ns`; DedupPolicy is cluster-scoped.
+fn api(client: &Client, ns: &str, kind: Kind) -> Api<DynamicObject> {
+    if kind == Kind::Policy {
+        Api::all_with(client.clone(), &resource(kind))
+    } else {
+        Api::namespaced_with(client.clone(), ns, &resource(kind))
+    }
+}
+
+/// `v` named `name`, with a label naming the test run (DedupPolicies are cluster-scoped: the run
+/// lists and deletes its own by it).
+fn object(mut v: Value, name: &str, run: &str) -> DynamicObject {
+    set(&mut v, "/metadata/name", json!(name));
+    set(&mut v, "/metadata/labels", json!({ RUN_LABEL: run }));
+    serde_json::from_value(v).unwrap()
+}
+
+const RUN_LABEL: &str = "lockstep.dev/invalid-specs-run";
+
+/// Create a schema case: the API server must refuse it with 422 and name the field.
+async fn schema_rejection(client: &Client, ns: &str, case: &Case) -> Result<(), String> {
+    let obj = object(manifest(case), &common::unique("bad"), ns);
+    match api(client, ns, case.kind).create(&PostParams::default(), &obj).await {
+        Ok(_) => Err(format!(
+            "{}: the API server accepted an invalid {}",
+            case.name,
+            resource(case.kind).kind
+        )),
+        Err(kube::Error::Api(s)) if s.code != 422 => Err(format!("{}: {} {}", case.name, s.code, s.message)),
+        // Kubernetes 1.20 names list items without their index (spec.topics.partitions).
+        Err(kube::Error::Api(s)) if s.message.contains(case.field) || s.message.contains(&strip_indexes(case.field)) => Ok(()),
+        Err(kube::Error::Api(s)) => Err(format!("{}: message does not name {}: {}", case.name, case.field, s.message)),
+        Err(e) => Err(format!("{}: unexpected error {e}", case.name)),
+    }
+}
+
+/// Delete the DedupPolicies this run created (cluster-scoped: the namespace does not take them).
+async fn delete_policies(client: &Client, run: &str) {
+    let policies = api(client, run, Kind::Policy);
+    let lp = ListParams::default().labels(&format!("{RUN_LABEL}={run}"));
+    for p in policies.list(&lp).await.unwrap() {
+        let _ = policies.delete(&p.name_any(), &DeleteParams::default()).await;
+    }
+}
+
 #[tokio::test]
 async fn api_server_schema_rejects_with_the_field_named() {
     let client = common::kube_client().await;
     common::install_crds(&client).await;
     let ns = common::TestNamespace::new(&client, "invalid").await;
-    let ar = |k: Kind| match k {
-        Kind::Relay => ApiResource::erase::<OutboxRelay>(&()),
-        Kind::Inbox => ApiResource::erase::<InboxTable>(&()),
-        Kind::Policy => ApiResource::erase::<DedupPolicy>(&()),
-    };
-    let api = |k: Kind| -> Api<DynamicObject> {
-        if k == Kind::Policy {
-            Api::all_with(client.clone(), &ar(k))
-        } else {
-            Api::namespaced_with(client.clone(), &ns.name, &ar(k))
-        }
-    };
     // The valid bases are accepted, so a rejection below is about the change.
     for kind in [Kind::Relay, Kind::Inbox, Kind::Policy] {
-        let mut v = base(kind);
-        set(&mut v, "/metadata/name", json!(common::unique("base")));
-        let obj: DynamicObject = serde_json::from_value(v).unwrap();
-        api(kind)
+        let obj = object(base(kind), &common::unique("base"), &ns.name);
+        api(&client, &ns.name, kind)
             .create(&PostParams::default(), &obj)
             .await
-            .unwrap_or_else(|e| panic!("valid base {kind:?} rejected: {e}", kind = ar(kind).kind));
+            .unwrap_or_else(|e| panic!("valid base {} rejected: {e}", resource(kind).kind));
     }
-    let mut rejected = 0;
-    for case in cases().iter().filter(|c| c.schema) {
-        let mut v = manifest(case);
-        set(&mut v, "/metadata/name", json!(common::unique("bad")));
-        let obj: DynamicObject = serde_json::from_value(v).unwrap();
-        match api(case.kind).create(&PostParams::default(), &obj).await {
-            Ok(_) => panic!("{}: the API server accepted an invalid {}", case.name, ar(case.kind).kind),
-            Err(kube::Error::Api(s)) => {
-                assert_eq!(s.code, 422, "{}: {}", case.name, s.message);
-                // Kubernetes 1.20 names list items without their index (spec.topics.partitions).
-                let unindexed = strip_indexes(case.field);
-                assert!(
-                    s.message.contains(case.field) || s.message.contains(&unindexed),
-                    "{}: message does not name {}: {}",
-                    case.name,
-                    case.field,
-                    s.message
-                );
-                rejected += 1;
-            }
-            Err(e) => panic!("{}: unexpected error {e}", case.name),
+    let mut failures = Vec::new();
+    let schema_cases: Vec<Case> = cases().into_iter().filter(|c| c.schema).collect();
+    for case in &schema_cases {
+        failures.extend(schema_rejection(&client, &ns.name, case).await.err());
+    }
+    delete_policies(&client, &ns.name).await;
+    ns.delete().await;
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(schema_cases.len() >= 10, "only {} schema rejections", schema_cases.len());
+}
+
+/// How long every object has, once all were created, to show the status it is awaited for.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// An object awaited on: InvalidSpec naming `field`, or (None) reconciled past validation.
+struct Awaited {
+    what: String,
+    kind: Kind,
+    name: String,
+    field: Option<&'static str>,
+}
+
+/// Why `obj` does not show what `a` awaits for its current generation; None when it does.
+fn problem(obj: &DynamicObject, a: &Awaited) -> Option<String> {
+    let status = &obj.data["status"];
+    let Some(ready) = status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+    else {
+        return Some(format!("no Ready condition yet (status: {status})"));
+    };
+    let (state, reason, message) = (&ready["status"], &ready["reason"], ready["message"].as_str().unwrap_or_default());
+    let wrong = match a.field {
+        Some(_) if state != "False" || reason != "InvalidSpec" => Some(format!("Ready={state} {reason}, not False InvalidSpec")),
+        Some(field) if !message.contains(field) => Some(format!("the message does not name {field}")),
+        None if reason == "InvalidSpec" => Some("a valid object reported InvalidSpec".into()),
+        None if a.kind == Kind::Policy && state != "True" => Some(format!("a valid DedupPolicy is Ready={state} {reason}")),
+        _ => None,
+    };
+    let observed = status["observedGeneration"].as_i64();
+    match wrong {
+        Some(w) => Some(format!("{w}: {message}")),
+        None if observed != obj.metadata.generation => Some(format!(
+            "status.observedGeneration {observed:?} is not metadata.generation {:?}",
+            obj.metadata.generation
+        )),
+        None => None,
+    }
+}
+
+/// Every object of the run by name: the namespace's OutboxRelays and InboxTables, the run's DedupPolicies.
+async fn objects(client: &Client, ns: &str) -> HashMap<String, DynamicObject> {
+    let mut out = HashMap::new();
+    let lp = ListParams::default().labels(&format!("{RUN_LABEL}={ns}"));
+    for kind in [Kind::Relay, Kind::Inbox, Kind::Policy] {
+        for o in api(client, ns, kind).list(&lp).await.unwrap() {
+            out.insert(o.name_any(), o);
         }
     }
-    assert!(rejected >= 10, "only {rejected} schema rejections");
+    out
+}
+
+/// Poll until every awaited object shows its status or [`WAIT`] passes; the failures, each with
+/// the last thing seen. A DedupPolicy is deleted as soon as it is confirmed: one with an unusable
+/// selector holds the purges of every InboxTable in the cluster while it exists (fail closed).
+async fn await_all(client: &Client, ns: &str, mut pending: Vec<Awaited>) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut last: HashMap<String, String> = HashMap::new();
+    loop {
+        let objs = objects(client, ns).await;
+        let mut still = Vec::new();
+        for a in pending {
+            match objs.get(&a.name).map(|o| problem(o, &a)) {
+                Some(None) if a.kind == Kind::Policy => {
+                    let _ = api(client, ns, a.kind).delete(&a.name, &DeleteParams::default()).await;
+                }
+                Some(None) => {}
+                Some(Some(p)) => {
+                    last.insert(a.name.clone(), p);
+                    still.push(a);
+                }
+                None => {
+                    last.insert(a.name.clone(), "not found".into());
+                    still.push(a);
+                }
+            }
+        }
+        pending = still;
+        if pending.is_empty() || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    pending
+        .iter()
+        .map(|a| format!("{} ({}): {}", a.what, a.name, last[&a.name]))
+        .collect()
+}
+
+/// Create `v` under a fresh name; what to await of it.
+async fn create(client: &Client, ns: &str, kind: Kind, v: Value, what: &str, field: Option<&'static str>) -> Result<Awaited, String> {
+    let name = common::unique(if field.is_some() { "bad" } else { "valid" });
+    match api(client, ns, kind).create(&PostParams::default(), &object(v, &name, ns)).await {
+        Ok(_) => Ok(Awaited {
+            what: what.to_string(),
+            kind,
+            name,
+            field,
+        }),
+        Err(e) => Err(format!("{what}: the API server refused it: {e}")),
+    }
+}
+
+#[tokio::test]
+async fn operator_reports_invalid_spec_naming_the_field_within_one_reconcile() {
+    common::operator();
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::TestNamespace::new(&client, "invalid-op").await;
+    let cases = cases();
+    let (mut rejected, mut skipped, mut awaited, mut failures) = (0, 0, Vec::new(), Vec::new());
+    for case in &cases {
+        let outcome = if case.schema {
+            schema_rejection(&client, &ns.name, case).await.map(|()| rejected += 1)
+        } else if case.validate {
+            create(&client, &ns.name, case.kind, manifest(case), case.name, Some(case.field))
+                .await
+                .map(|a| awaited.push(a))
+        } else {
+            // CEL-only: the 1.20 test server has no CEL and validate() leaves these to the CEL
+            // rules, so the server stores them; validate_and_cel_reject_with_the_field_named covers them.
+            skipped += 1;
+            Ok(())
+        };
+        failures.extend(outcome.err());
+    }
+    let total = awaited.len();
+    let not_reported = await_all(&client, &ns.name, awaited).await;
+    let reported = total - not_reported.len();
+    failures.extend(not_reported);
+
+    // The operator still reconciles valid objects afterwards: the relay and the inbox stop at
+    // their missing Secret (a condition other than InvalidSpec), the policy is Ready.
+    let mut valid = Vec::new();
+    for kind in [Kind::Relay, Kind::Inbox, Kind::Policy] {
+        let mut v = base(kind);
+        if kind == Kind::Relay {
+            set(&mut v, "/spec/relay/replicas", json!(0));
+        }
+        match create(&client, &ns.name, kind, v, &format!("valid {}", resource(kind).kind), None).await {
+            Ok(a) => valid.push(a),
+            Err(e) => failures.push(e),
+        }
+    }
+    failures.extend(await_all(&client, &ns.name, valid).await);
+
+    delete_policies(&client, &ns.name).await;
     ns.delete().await;
+    println!(
+        "{} malformed objects: {rejected} rejected by the API server, {reported} reported InvalidSpec ({skipped} CEL-only, not sent)",
+        cases.len()
+    );
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert_eq!(rejected + reported + skipped, cases.len());
+    assert!(rejected + reported + skipped >= 60);
 }

@@ -11,8 +11,9 @@ use sqlx::{pool::PoolConnection, PgPool, Postgres};
 use super::Context;
 use crate::{
     conditions::{condition, reason, Cond, Status},
-    config::{describe_database_url, Redacted},
+    config::Redacted,
     crd::SecretKeyRef,
+    db::describe_database_url,
     kafka::{Admin, AdminError, ObservedTopic},
     schema::{migrate, MigrationOutcome, SchemaError, TableKind},
     sql::QualifiedName,

@@ -93,6 +93,38 @@ impl DatabaseSpec {
     }
 }
 
+/// A label key: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters.
+pub(crate) fn valid_label_key(k: &str) -> bool {
+    let (prefix, name) = k.rsplit_once('/').map_or((None, k), |(p, n)| (Some(p), n));
+    let prefix_ok = prefix
+        .is_none_or(|p| !p.is_empty() && p.len() <= 253 && regex::Regex::new(DNS_SUBDOMAIN_PATTERN).expect("static pattern").is_match(p));
+    prefix_ok && !name.is_empty() && valid_label_value(name)
+}
+
+/// A label value: empty, or up to 63 alphanumerics with '-', '_' and '.' inside.
+pub(crate) fn valid_label_value(v: &str) -> bool {
+    let inner = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+    v.is_empty()
+        || (v.len() <= 63
+            && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && v.ends_with(|c: char| c.is_ascii_alphanumeric())
+            && v.chars().all(inner))
+}
+
+/// A namespace name (an RFC 1123 label: no dots, at most 63 characters).
+pub(crate) fn validate_namespace_name(name: &str, p: &mut Problems, field: &str) {
+    let ok = name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !ok {
+        p.add(
+            field,
+            format!("{name:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"),
+        );
+    }
+}
+
 pub(crate) fn validate_object_name(name: &str, p: &mut Problems, field: &str) {
     let re = regex::Regex::new(DNS_SUBDOMAIN_PATTERN).expect("static pattern");
     if name.is_empty() || name.len() > 253 || !re.is_match(name) {
@@ -132,3 +164,25 @@ pub const REPLAY_ANNOTATION: &str = "lockstep.dev/replay";
 /// On an OutboxRelay with `deletionPolicy: Delete`: "true" lets the deletion drop the outbox
 /// although some of its events were never published (or were dead-lettered).
 pub const DELETE_UNPUBLISHED_ANNOTATION: &str = "lockstep.dev/delete-unpublished";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_keys_values_and_namespace_names() {
+        for k in ["team", "lockstep.dev/test", "a.b-c_d", "x/y"] {
+            assert!(valid_label_key(k), "{k}");
+        }
+        for k in ["", "bad key!", "/x", "x/", "-a", "UPPER.example/x", &"a".repeat(64)] {
+            assert!(!valid_label_key(k), "{k}");
+        }
+        assert!(valid_label_value("") && valid_label_value("prod-1") && !valid_label_value("not a value!"));
+        let mut p = Problems::new();
+        validate_namespace_name("team-a", &mut p, "ns");
+        assert!(p.finish(|| Some(())).is_ok());
+        let mut p = Problems::new();
+        validate_namespace_name("a.b", &mut p, "ns");
+        assert!(p.finish(|| Some(())).is_err(), "a namespace has no dots");
+    }
+}

@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::common::{validate_object_name, Conditions};
+use super::common::{valid_label_key, valid_label_value, validate_namespace_name, validate_object_name, Conditions};
 use crate::{
     duration::{Duration, Given},
     validation::{Problems, ValidationErrors},
@@ -133,12 +133,26 @@ impl DedupPolicySpec {
 /// A selector the API server stores as given: an unknown operator would select nothing, and the
 /// policy would fail open (its floor applied to no table).
 fn validate_selector(sel: Option<&LabelSelector>, p: &mut Problems) {
+    for (k, v) in sel.and_then(|s| s.match_labels.as_ref()).into_iter().flatten() {
+        let f = format!("spec.namespaceSelector.matchLabels[{k}]");
+        if !valid_label_key(k) {
+            p.add(&f, format!("{k:?} is not a label key: the selector could match no namespace"));
+        } else if !valid_label_value(v) {
+            p.add(&f, format!("{v:?} is not a label value: the selector could match no namespace"));
+        }
+    }
     let exprs = sel.and_then(|s| s.match_expressions.as_deref()).unwrap_or_default();
     for (i, e) in exprs.iter().enumerate() {
         let f = format!("spec.namespaceSelector.matchExpressions[{i}]");
         let values = e.values.as_deref().unwrap_or_default();
-        if e.key.trim().is_empty() {
-            p.add(format!("{f}.key"), "must not be empty");
+        if !valid_label_key(&e.key) {
+            p.add(format!("{f}.key"), format!("{:?} is not a label key", e.key));
+        }
+        if let Some(bad) = values.iter().find(|v| !valid_label_value(v)) {
+            p.add(
+                format!("{f}.values"),
+                format!("{bad:?} is not a label value: it can match no namespace"),
+            );
         }
         match e.operator.as_str() {
             "In" | "NotIn" if values.is_empty() => {
@@ -222,7 +236,7 @@ impl DedupPolicySpec {
 impl PolicyException {
     /// Problems go to `p` under `f`; the exception when its durations parse.
     fn validate(&self, p: &mut Problems, f: &str) -> Option<ValidException> {
-        validate_object_name(&self.namespace, p, &format!("{f}.namespace"));
+        validate_namespace_name(&self.namespace, p, &format!("{f}.namespace"));
         validate_object_name(&self.name, p, &format!("{f}.name"));
         let (a, emin) = optional_duration(p, &format!("{f}.minRetention"), &self.min_retention);
         let (b, emax) = optional_duration(p, &format!("{f}.maxRetention"), &self.max_retention);

@@ -220,6 +220,15 @@ impl InboxTableSpec {
             for (i, t) in k.topics.iter().enumerate() {
                 p.check(format!("spec.sources.kafka.topics[{i}]"), validate_topic_name(t));
             }
+            if let Some(a) = &k.auth_secret_ref {
+                super::common::validate_object_name(&a.name, &mut p, "spec.sources.kafka.authSecretRef.name");
+            }
+            if k.consumer_group.as_deref().is_some_and(|g| g.trim().is_empty()) {
+                p.add(
+                    "spec.sources.kafka.consumerGroup",
+                    "must not be blank; omit it to skip consumer lag",
+                );
+            }
             for (i, server) in k.bootstrap_servers.split(',').map(str::trim).enumerate() {
                 if !super::outbox_relay::valid_host_port(server) {
                     p.add(

@@ -50,8 +50,9 @@ pub use self::{
 };
 pub use crate::schema::PayloadColumn;
 use crate::{
-    config::{describe_database_url, RelayConfig},
+    config::RelayConfig,
     crd::Cleanup,
+    db::describe_database_url,
     metrics::Health,
     schema::{self, OutboxTables},
     sql::{advisory_key, QualifiedName},
@@ -135,7 +136,7 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
     .await?;
     let where_ = describe_database_url(cfg.database_url.expose());
     tracing::info!(%addr, table = %cfg.resolved.table, database = %where_, "relay starting");
-    let opts: PgConnectOptions = crate::config::parse_database_url(cfg.database_url.expose())
+    let opts: PgConnectOptions = crate::db::parse_database_url(cfg.database_url.expose())
         .ok_or_else(|| anyhow::anyhow!("the database URL does not parse as a postgres:// URL (its text is not shown)"))?;
     let opts = opts.application_name("lockstep-relay");
     // LISTEN and the measurements: a dead relay's sessions go within DEAD_PEER_TIMEOUT too.

@@ -244,7 +244,17 @@ fn validate_resources(r: Option<&ResourceRequirements>, p: &mut Problems) {
     let mut parsed = |kind: &str, m: &Option<BTreeMap<String, Quantity>>| -> BTreeMap<String, f64> {
         let mut out = BTreeMap::new();
         for (name, q) in m.iter().flatten() {
+            let standard =
+                ["cpu", "memory", "ephemeral-storage"].contains(&name.as_str()) || name.starts_with("hugepages-") || name.contains('/');
+            if !standard {
+                p.add(
+                    format!("spec.relay.resources.{kind}[{name}]"),
+                    "is not a resource a container can ask for (cpu, memory, ephemeral-storage, hugepages-*, or domain/name)",
+                );
+                continue;
+            }
             match crate::quantity::parse(&q.0) {
+                Some(v) if v < 0.0 => p.add(format!("spec.relay.resources.{kind}[{name}]"), format!("{:?} is negative", q.0)),
                 Some(v) => {
                     out.insert(name.clone(), v);
                 }

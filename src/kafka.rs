@@ -136,30 +136,37 @@ impl Admin {
         }
     }
 
-    /// Describe topics; a topic that does not exist is absent from the result.
+    /// Describe topics; a topic that does not exist is absent from the result. A topic the
+    /// broker reports with another error (no leader yet, say) is an error, not an absence: read as
+    /// absent, it would be created again, or reported as not found.
     pub async fn describe(&self, names: &[String]) -> Result<BTreeMap<String, ObservedTopic>, AdminError> {
         let consumer = self.metadata.clone();
         let timeout = self.timeout;
-        let md = tokio::task::spawn_blocking(move || {
+        let (md, failing) = tokio::task::spawn_blocking(move || {
             consumer.fetch_metadata(None, timeout).map(|m| {
-                m.topics()
-                    .iter()
-                    .filter(|t| t.error().is_none())
-                    .map(|t| {
-                        (
-                            t.name().to_owned(),
-                            (
-                                t.partitions().len() as i32,
-                                t.partitions().first().map(|p| p.replicas().len() as i32),
-                            ),
-                        )
-                    })
-                    .collect::<BTreeMap<_, _>>()
+                let mut present = BTreeMap::new();
+                let mut failing = BTreeMap::new();
+                for t in m.topics() {
+                    match t.error() {
+                        None => {
+                            let replicas = t.partitions().first().map(|p| p.replicas().len() as i32);
+                            present.insert(t.name().to_owned(), (t.partitions().len() as i32, replicas));
+                        }
+                        Some(e) if RDKafkaErrorCode::from(e) == RDKafkaErrorCode::UnknownTopicOrPartition => {}
+                        Some(e) => {
+                            failing.insert(t.name().to_owned(), RDKafkaErrorCode::from(e));
+                        }
+                    }
+                }
+                (present, failing)
             })
         })
         .await
         .map_err(|e| self.unreachable(e))?
         .map_err(|e| self.unreachable(e))?;
+        if let Some((name, e)) = names.iter().find_map(|n| failing.get(n).map(|e| (n, e))) {
+            return Err(self.unreachable(format!("topic {name}: {e}")));
+        }
         let present: Vec<&String> = names.iter().filter(|n| md.contains_key(*n)).collect();
         let mut out = BTreeMap::new();
         if present.is_empty() {

@@ -66,8 +66,18 @@ fn admin() -> Admin {
     Admin::new(&common::kafka_bootstrap(), &Default::default(), Duration::from_secs(10)).unwrap()
 }
 
+/// Asked again on an error: a broker under the load of the parallel tests may answer a topic's
+/// metadata with a transient error, which is no answer to "does it exist".
 async fn topic_exists(topic: &str) -> bool {
-    admin().describe(&[topic.to_string()]).await.unwrap().contains_key(topic)
+    let mut last = None;
+    for _ in 0..10 {
+        match admin().describe(&[topic.to_string()]).await {
+            Ok(found) => return found.contains_key(topic),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("cannot describe {topic}: {last:?}")
 }
 
 async fn table_exists(pool: &PgPool, schema: &str, table: &str) -> bool {

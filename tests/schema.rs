@@ -263,7 +263,9 @@ async fn a_users_function_of_the_notify_name_is_not_replaced() {
     let t = qn(&s.schema, "outbox");
     let d = mismatch(migrate(&mut s.pool.acquire().await.unwrap(), TableKind::Outbox, &t, true).await);
     assert!(d[0].contains("outbox_notify\"() already exists"), "{d:?}");
-    let body: String = sqlx::query_scalar("select prosrc from pg_proc where proname = 'outbox_notify'")
+    // This schema's function: other tests' outboxes have functions of that name in theirs.
+    let body: String = sqlx::query_scalar("select prosrc from pg_proc where proname = 'outbox_notify' and pronamespace = $1::regnamespace")
+        .bind(format!("\"{}\"", s.schema))
         .fetch_one(&s.pool)
         .await
         .unwrap();

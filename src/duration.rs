@@ -22,6 +22,15 @@ impl Duration {
     pub fn parse(&self) -> Result<StdDuration, String> {
         parse(&self.0)
     }
+
+    /// Parse, refusing zero (a retention or threshold of 0s means "always", never what is meant).
+    pub fn parse_positive(&self) -> Result<StdDuration, String> {
+        let d = self.parse()?;
+        if d.is_zero() {
+            return Err("must be greater than zero".into());
+        }
+        Ok(d)
+    }
 }
 
 impl fmt::Display for Duration {

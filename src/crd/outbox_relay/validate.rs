@@ -102,7 +102,7 @@ impl OutboxRelaySpec {
         let topic_template = p.check("spec.routing.topic", TopicTemplate::parse(&self.routing.topic));
         validate_topics(&self.topics, &mut p);
         let relay = validate_relay(&self.relay, &mut p);
-        let max_oldest_age = p.check("spec.lag.maxOldestAge", self.lag.max_oldest_age.parse());
+        let max_oldest_age = p.check("spec.lag.maxOldestAge", self.lag.max_oldest_age.parse_positive());
 
         let (r, pr) = (&self.relay, &self.kafka.producer);
         p.finish(|| {
@@ -228,12 +228,14 @@ fn validate_relay(r: &RelaySpec, p: &mut Problems) -> Option<(StdDuration, Optio
             p.add("spec.relay.publishedRetention", "required when cleanup is MarkPublished");
             None
         }
-        (_, Some(d)) => p.check("spec.relay.publishedRetention", d.parse()),
+        (_, Some(d)) => p.check("spec.relay.publishedRetention", d.parse_positive()),
         (Cleanup::Delete, None) => None,
     };
     validate_resources(r.resources.as_ref(), p);
     if matches!(&r.image, Some(i) if i.trim().is_empty()) {
         p.add("spec.relay.image", "must not be empty; omit it to use the operator's image");
+    } else if matches!(&r.image, Some(i) if i.contains(char::is_whitespace)) {
+        p.add("spec.relay.image", "must not contain whitespace (an image reference has none)");
     }
     Some((poll_interval?, published_retention))
 }

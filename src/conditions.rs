@@ -58,6 +58,8 @@ pub mod reason {
     pub const TABLE_CHANGE_REFUSED: &str = "TableChangeRefused";
     /// The database refused the role (privilege, password): retried only at the refresh interval.
     pub const PERMISSION_DENIED: &str = "PermissionDenied";
+    /// Another object (any namespace or cluster) manages the table: this one leaves it alone.
+    pub const RESOURCE_CONFLICT: &str = "ResourceConflict";
 }
 
 /// A condition as computed by a reconcile, before timestamps.

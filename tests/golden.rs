@@ -185,6 +185,7 @@ fn condition_types_and_reasons_are_exact() {
         reason::POLICY_INVALID,
         reason::TABLE_CHANGE_REFUSED,
         reason::PERMISSION_DENIED,
+        reason::RESOURCE_CONFLICT,
     ];
     assert_eq!(
         reasons.join(","),
@@ -194,7 +195,7 @@ fn condition_types_and_reasons_are_exact() {
          TopicOperationFailed,BrokerUnreachable,RetentionCoversRedelivery,RetentionBelowTopicRetention,\
          NoSourcesDeclared,TopicNotFound,LagWithinThreshold,LagAboveThreshold,LongTransaction,\
          Available,DeploymentUnavailable,NoActiveRelay,ScaledToZero,DeploymentFailed,DeletionBlocked,\
-         PolicyInvalid,TableChangeRefused,PermissionDenied"
+         PolicyInvalid,TableChangeRefused,PermissionDenied,ResourceConflict"
     );
     assert_eq!(lockstep::crd::PAUSED_ANNOTATION, "lockstep.dev/paused");
     assert_eq!(lockstep::crd::DELETE_UNPUBLISHED_ANNOTATION, "lockstep.dev/delete-unpublished");

@@ -535,3 +535,81 @@ async fn metrics_and_health_are_served() {
     assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
     e.ns.delete().await;
 }
+
+#[tokio::test]
+async fn a_second_inbox_table_on_one_table_conflicts_purges_nothing_and_takes_over_once_alone() {
+    let a = setup("ibt-own-a").await;
+    let b = setup("ibt-own-b").await;
+    let url = common::env("DATABASE_URL");
+    common::create_secret(&a.client, &a.ns.name, "db", &url).await;
+    common::create_secret(&b.client, &b.ns.name, "db", &url).await;
+    let schema = schema_name(&a.ns.name);
+    let purging = |retention: &str| json!({"retention": retention, "purge": {"interval": "1s", "batchSize": 100}, "deletionPolicy": "Delete"});
+    a.inboxes
+        .create(&PostParams::default(), &inbox("first", "db", &schema, json!({"retention": "3h"})))
+        .await
+        .unwrap();
+    common::wait_condition(&a.inboxes, "first", "Ready", "True", None, T).await;
+    // The second names the same table from another namespace, with a shorter retention.
+    b.inboxes
+        .create(&PostParams::default(), &inbox("second", "db", &schema, purging("1h")))
+        .await
+        .unwrap();
+    let obj = common::wait_condition(&b.inboxes, "second", "Ready", "False", Some("ResourceConflict"), T).await;
+    let st = obj.status.unwrap();
+    let msg = &common::condition(&st.conditions, "SchemaReady").message;
+    assert!(msg.contains(&format!("InboxTable {}/first", a.ns.name)), "{msg}");
+    assert_eq!(st.table, None, "the table is not recorded as the second's");
+
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(&format!(
+        "insert into \"{schema}\".inbox (consumer, message_id, received_at)
+         select 'c', 'two-hours-' || g, now() - interval '2 hours' from generate_series(1, 300) g"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let count = || {
+        let (pool, schema) = (pool.clone(), schema.clone());
+        async move {
+            sqlx::query_scalar::<_, i64>(&format!("select count(*) from \"{schema}\".inbox"))
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    // The second would purge every second; touch it so it reconciles (and claims) again.
+    common::touch(&b.inboxes, "second").await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(count().await, 300, "the 1h retention of the conflicting object purged nothing");
+
+    // Deleting the conflicting object (deletionPolicy Delete) drops nothing.
+    b.inboxes.delete("second", &Default::default()).await.unwrap();
+    common::wait_until(T, "second deleted", || {
+        let api = b.inboxes.clone();
+        async move { api.get_opt("second").await.unwrap().is_none().then_some(()) }
+    })
+    .await;
+    assert_eq!(count().await, 300, "the owner's table survives the other's Delete cleanup");
+
+    // Once the owner is gone (Retain), a new object takes the table over and purges by its own retention.
+    b.inboxes
+        .create(&PostParams::default(), &inbox("third", "db", &schema, purging("1h")))
+        .await
+        .unwrap();
+    common::wait_condition(&b.inboxes, "third", "Ready", "False", Some("ResourceConflict"), T).await;
+    a.inboxes.delete("first", &Default::default()).await.unwrap();
+    common::wait_condition(&b.inboxes, "third", "Ready", "True", None, T).await;
+    common::wait_until(T, "the new owner purges", || {
+        let count = count();
+        async move { (count.await == 0).then_some(()) }
+    })
+    .await;
+    let owner: (String, String) = sqlx::query_as(&format!("select namespace, name from \"{schema}\".lockstep_owners where table_name = 'inbox'"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(owner, (b.ns.name.clone(), "third".to_owned()));
+    b.ns.delete().await;
+    a.ns.delete().await;
+}

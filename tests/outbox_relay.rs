@@ -70,7 +70,7 @@ async fn creates_tables_and_topics_then_restores_drift_but_not_ignored_keys() {
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(tables, ["lockstep_schema_history", "outbox", "outbox_dead_letter"]);
+    assert_eq!(tables, ["lockstep_owners", "lockstep_schema_history", "outbox", "outbox_dead_letter"]);
 
     // The topic, as asked.
     let a = admin(&bootstrap);
@@ -687,4 +687,56 @@ async fn a_budget_guards_several_relays_and_a_deleted_deployment_comes_back() {
     })
     .await;
     ns.delete().await;
+}
+
+#[tokio::test]
+async fn a_second_relay_on_one_outbox_conflicts_and_runs_nothing() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let (_c, a_ns, a, schema) = setup("obr-own-a").await;
+    let (client, b_ns, b, _) = setup("obr-own-b").await;
+    let bootstrap = common::kafka_bootstrap();
+    a.create(&PostParams::default(), &relay("orders", &schema, &bootstrap, json!([])))
+        .await
+        .unwrap();
+    common::wait_condition(&a, "orders", "SchemaReady", "True", None, T).await;
+    // Another namespace, the same outbox, its own topic, a relay and deletionPolicy Delete.
+    let topic = common::unique("conflict.events");
+    let mut second = relay(
+        "orders",
+        &schema,
+        &bootstrap,
+        json!([{"name": topic, "partitions": 1, "replicationFactor": 1}]),
+    );
+    second.spec.relay.replicas = 1;
+    second.spec.deletion_policy = lockstep::crd::DeletionPolicy::Delete;
+    b.create(&PostParams::default(), &second).await.unwrap();
+    let obj = common::wait_condition(&b, "orders", "Ready", "False", Some("ResourceConflict"), T).await;
+    let st = obj.status.unwrap();
+    let msg = &common::condition(&st.conditions, "SchemaReady").message;
+    assert!(msg.contains(&format!("OutboxRelay {}/orders", a_ns.name)), "{msg}");
+    for t in ["TopicsReady", "RelayAvailable"] {
+        assert_eq!(common::condition(&st.conditions, t).reason, "ResourceConflict", "{t}");
+    }
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &b_ns.name);
+    assert!(deployments.get_opt("orders-relay").await.unwrap().is_none(), "no relay for the second");
+    let seen = admin(&bootstrap).describe(std::slice::from_ref(&topic)).await.unwrap();
+    assert!(!seen.contains_key(&topic), "the second's topic was not created");
+
+    // Its Delete cleanup leaves the first's tables alone.
+    b.delete("orders", &Default::default()).await.unwrap();
+    common::wait_until(T, "second deleted", || {
+        let b = b.clone();
+        async move { b.get_opt("orders").await.unwrap().is_none().then_some(()) }
+    })
+    .await;
+    let pool = sqlx::PgPool::connect(&common::env("DATABASE_URL")).await.unwrap();
+    let kept: Option<String> = sqlx::query_scalar("select to_regclass($1)::text")
+        .bind(format!("\"{schema}\".outbox"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(kept.is_some(), "the outbox survives the conflicting object's cleanup");
+    common::wait_condition(&a, "orders", "SchemaReady", "True", None, T).await;
+    b_ns.delete().await;
+    a_ns.delete().await;
 }

@@ -4,8 +4,9 @@
 //! stop the relay (delete its Deployment, then wait until no session holds the outbox's relay
 //! lock), drop the outbox and dead-letter tables under that lock after counting once more, delete
 //! the topics in `spec.topics`. InboxTable: stop the purge, drop the table. Tables are dropped
-//! only when lockstep manages them (manageSchema). Every step is idempotent: a cleanup cut short
-//! starts again from the top.
+//! only when lockstep manages them (manageSchema), and never, nor topics, when another object
+//! owns the table (`ownership`). Every step is idempotent: a cleanup cut short starts again from
+//! the top.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::reflector::ObjectRef;
@@ -54,6 +55,12 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
     // Tables kept because their Secret went with the namespace: keep the topics with them.
     let orphan = v.manage_schema && connected.is_none();
     if let Some((db, mut conn)) = connected {
+        if let Some(h) = super::ownership::other_owner(ctx, &mut conn, &v.table, obj).await? {
+            stop_relay(ctx, &ns, obj).await?;
+            let note = format!("kept the tables and topics: {} is managed by {}", v.table, h.describe());
+            cleaned(ctx, obj, note).await;
+            return Ok(());
+        }
         let failed = |e: sqlx::Error| format!("cannot drop the outbox at {}: {e}", db.location);
         let (pending, dead) = unpublished(&mut conn, v).await.map_err(failed)?;
         if let Some(m) = refusal(&v.table, pending, dead, forced) {
@@ -111,6 +118,10 @@ pub async fn inbox_table(ctx: &Context, obj: &InboxTable, v: &ValidInboxTable) -
         cleaned(ctx, obj, note).await;
         return Ok(());
     };
+    if let Some(h) = super::ownership::other_owner(ctx, &mut conn, &v.table, obj).await? {
+        cleaned(ctx, obj, format!("kept {}: it is managed by {}", v.table, h.describe())).await;
+        return Ok(());
+    }
     let dropped = async {
         let mut tx = conn.begin().await?;
         sqlx::query("set local lock_timeout = '5s'").execute(&mut *tx).await?;
@@ -156,7 +167,7 @@ fn kept_because(manage_schema: bool) -> &'static str {
 
 /// Delete the relay Deployment (the garbage collector would only after the object is gone), so
 /// the relays stop; `drop_outbox` then checks that none still holds the lock.
-async fn stop_relay(ctx: &Context, ns: &str, obj: &OutboxRelay) -> Result<(), String> {
+pub(super) async fn stop_relay(ctx: &Context, ns: &str, obj: &OutboxRelay) -> Result<(), String> {
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let name = relay_name(&obj.name_any());
     // Foreground: the Deployment stays until its pods are gone, so a standby (which holds no

@@ -124,7 +124,7 @@ async fn reconcile_valid(
     let held_by = policies.holding(&labels);
 
     let mut status = previous.clone();
-    let (schema_cond, purging) = match schema(ctx, &ns, &valid).await {
+    let (schema_cond, purging) = match schema(ctx, obj, &ns, &valid).await {
         Err(c) => {
             ctx.purges.stop(&uid);
             (c, Purging::WaitingForSchema)
@@ -180,13 +180,14 @@ async fn reconcile_valid(
     })
 }
 
-/// Secret -> database -> migrate: the database and SchemaReady, or why not.
-async fn schema(ctx: &Context, ns: &str, valid: &ValidInboxTable) -> Result<(deps::Database, Cond), Cond> {
+/// Secret -> database -> migrate -> claim: the database and SchemaReady, or why not.
+async fn schema(ctx: &Context, obj: &InboxTable, ns: &str, valid: &ValidInboxTable) -> Result<(deps::Database, Cond), Cond> {
     let (db, mut conn) = deps::connect(ctx, ns, &valid.url_secret).await?;
     let tables = [(TableKind::Inbox, &valid.table)];
     let outcome = deps::migrate_tables(&mut conn, &tables, valid.manage_schema, &db.location)
         .await?
         .remove(0);
+    super::ownership::claim(ctx, &mut conn, &valid.table, valid.manage_schema, obj, &db.location).await?;
     let how = if outcome.adopted {
         "adopted an existing matching table, "
     } else {

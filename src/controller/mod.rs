@@ -12,6 +12,7 @@ pub mod inbox_table;
 pub mod lag;
 pub mod lifecycle;
 pub mod outbox_relay;
+pub mod ownership;
 pub mod reconciler;
 pub mod relay_available;
 pub mod relay_deployment;

@@ -73,7 +73,10 @@ impl Reconciler for OutboxRelays {
     ) -> BoxFuture<'a, Result<Outcome<OutboxRelayStatus>, Error>> {
         async move {
             let ns = obj.metadata.namespace.clone().unwrap_or_default();
-            let (schema_cond, schema_version, pool) = schema(ctx, &ns, &valid).boxed().await;
+            let (schema_cond, schema_version, pool) = schema(ctx, obj, &ns, &valid).boxed().await;
+            if schema_cond.reason == reason::RESOURCE_CONFLICT {
+                return Ok(conflicted(ctx, obj, &ns, schema_cond, previous).await);
+            }
             let (topics_cond, topics, leader_only) = relay_topics::topics(ctx, &ns, &valid).boxed().await;
 
             let relay_cond = relays(ctx, obj, &ns, &valid, pool.as_ref()).await;
@@ -207,8 +210,29 @@ async fn lag(pool: Option<&PgPool>, valid: &ValidOutboxRelay, previous: &OutboxR
     }
 }
 
+/// Another object manages the outbox: no topics, no relay (one left from before is deleted).
+async fn conflicted(ctx: &Context, obj: &OutboxRelay, ns: &str, schema: Cond, previous: &OutboxRelayStatus) -> Outcome<OutboxRelayStatus> {
+    let stopped = match super::cleanup::stop_relay(ctx, ns, obj).await {
+        Ok(()) => "no relay runs for this object".to_owned(),
+        Err(e) => format!("stopping this object's relay: {e}"),
+    };
+    let why = |type_, status, m: &str| Cond::new(type_, status, reason::RESOURCE_CONFLICT, m.to_owned());
+    let ready = conditions::ready(&[&schema], String::new());
+    Outcome::Status {
+        conditions: vec![
+            ready,
+            schema,
+            why(condition::TOPICS_READY, Status::Unknown, "topics are not configured while the table is another object's"),
+            why(condition::RELAY_AVAILABLE, Status::False, &stopped),
+            why(condition::LAG_HEALTHY, Status::Unknown, "not measured while the table is another object's"),
+        ],
+        status: previous.clone(),
+        action: Action::requeue(ctx.timing.retry),
+    }
+}
+
 /// SchemaReady, the schema version when the tables are migrated, and the database's pool then.
-async fn schema(ctx: &Context, ns: &str, valid: &ValidOutboxRelay) -> (Cond, Option<i32>, Option<PgPool>) {
+async fn schema(ctx: &Context, obj: &OutboxRelay, ns: &str, valid: &ValidOutboxRelay) -> (Cond, Option<i32>, Option<PgPool>) {
     let (db, mut conn) = match deps::connect(ctx, ns, &valid.url_secret).await {
         Ok(c) => c,
         Err(c) => return (c, None, None),
@@ -217,6 +241,9 @@ async fn schema(ctx: &Context, ns: &str, valid: &ValidOutboxRelay) -> (Cond, Opt
     match deps::migrate_tables(&mut conn, &tables, valid.manage_schema, &db.location).await {
         Err(c) => (c, None, None),
         Ok(outcomes) => {
+            if let Err(c) = super::ownership::claim(ctx, &mut conn, &valid.table, valid.manage_schema, obj, &db.location).await {
+                return (c, None, None);
+            }
             let version = outcomes[0].version;
             let message = format!("{} and {}: schema version {version}", valid.table, valid.dead_letter_table);
             (

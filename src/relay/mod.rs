@@ -25,6 +25,7 @@ mod metrics;
 mod publisher;
 pub mod replay;
 mod session;
+pub mod stamp;
 mod store;
 
 use std::{

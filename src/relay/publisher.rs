@@ -78,13 +78,14 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-const RESERVED_HEADERS: [&str; 2] = ["id", "type"];
+const RESERVED_HEADERS: [&str; 3] = ["id", "type", super::stamp::CREATED_AT_HEADER];
 
-/// The message headers: `id` and `type`, then each entry of the row's `headers` object as text.
-fn headers(row: &OutboxRow) -> OwnedHeaders {
+/// The message headers: `id` and `type`, `created_at` when the timestamp is not it (`stamp`),
+/// then each entry of the row's `headers` object as text.
+fn headers(row: &OutboxRow, created_ms: Option<i64>) -> OwnedHeaders {
     let extra = row.headers.as_ref().and_then(|h| h.as_object());
     let id = row.id.to_string();
-    let mut headers = OwnedHeaders::new_with_capacity(2 + extra.map_or(0, |h| h.len()))
+    let mut headers = OwnedHeaders::new_with_capacity(3 + extra.map_or(0, |h| h.len()))
         .insert(Header {
             key: "id",
             value: Some(id.as_bytes()),
@@ -93,6 +94,12 @@ fn headers(row: &OutboxRow) -> OwnedHeaders {
             key: "type",
             value: Some(row.type_.as_bytes()),
         });
+    if let Some(ms) = created_ms {
+        headers = headers.insert(Header {
+            key: super::stamp::CREATED_AT_HEADER,
+            value: Some(ms.to_string().as_bytes()),
+        });
+    }
     // The relay's own `id` and `type` are what consumers deduplicate and route on: a row header
     // of the same name is left out rather than sent twice.
     for (k, v) in extra.into_iter().flatten().filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_str())) {
@@ -271,7 +278,11 @@ impl Relay {
             .topic_template
             .render(|c| Some(row.column(c)))
             .map_err(|e| Failure::routing(i, e))?;
-        let mut record = FutureRecord::to(&topic).key(key.as_bytes()).headers(headers(row));
+        let (timestamp, created_ms) = super::stamp::stamp(row.created, super::stamp::now_ms());
+        let mut record = FutureRecord::to(&topic)
+            .key(key.as_bytes())
+            .timestamp(timestamp)
+            .headers(headers(row, created_ms));
         if let Some(p) = &row.payload {
             record = record.payload(p.as_slice());
         }
@@ -401,7 +412,7 @@ mod tests {
 
     #[test]
     fn headers_carry_id_type_and_the_row_headers_as_text() {
-        let h = headers(&row(Some(serde_json::json!({"n": 1, "trace": "abc"}))));
+        let h = headers(&row(Some(serde_json::json!({"n": 1, "trace": "abc"}))), None);
         let pairs = header_pairs(&h);
         let want = [
             ("id", "00000000-0000-0000-0000-000000000000"),
@@ -410,9 +421,11 @@ mod tests {
             ("trace", "abc"),
         ];
         assert_eq!(pairs, want.map(|(k, v)| (k.to_owned(), v.to_owned())));
-        assert_eq!(header_pairs(&headers(&row(None))).len(), 2);
-        let clash = headers(&row(Some(serde_json::json!({"id": "forged", "type": "other", "trace": "abc"}))));
-        let keys: Vec<String> = header_pairs(&clash).into_iter().map(|(k, _)| k).collect();
-        assert_eq!(keys, ["id", "type", "trace"], "a row's own id/type headers are not sent twice");
+        assert_eq!(header_pairs(&headers(&row(None), None)).len(), 2);
+        let clash = headers(&row(Some(serde_json::json!({"id": "forged", "type": "other", "lockstep-created-at": "1", "trace": "abc"}))), Some(7));
+        let pairs = header_pairs(&clash);
+        let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["id", "type", "lockstep-created-at", "trace"], "the relay's own headers are not sent twice");
+        assert_eq!(pairs[2].1, "7");
     }
 }

@@ -48,6 +48,7 @@ pub async fn drop_tables(conn: &mut PgConnection, tables: &[(TableKind, &Qualifi
                 .execute(&mut *conn)
                 .await?;
         }
+        super::owners::forget(conn, t).await?;
     }
     Ok(())
 }

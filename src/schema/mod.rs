@@ -8,6 +8,7 @@
 
 mod drop;
 mod outbox;
+mod owners;
 mod tables;
 mod wiring;
 
@@ -15,6 +16,7 @@ use futures::FutureExt;
 use sqlx::{PgConnection, Row};
 
 pub use self::drop::{drop_ddl, drop_tables, table_exists};
+pub use self::owners::{claim, holder, owners_table, take_over, Claimed, Owner, OWNERS_TABLE};
 pub use self::outbox::{describe_outbox, ensure_published_indexes, prepare_outbox, published_indexes, OutboxTables};
 #[cfg(test)]
 pub(crate) use self::tables::qualified;

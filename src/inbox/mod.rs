@@ -17,8 +17,13 @@
 //! `INSERT INTO billing.inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING`,
 //! then apply the effect only when one row was inserted, and commit both together.
 
+mod handler;
+mod metrics;
+
 use sqlx::PgConnection;
 
+pub use self::handler::{is_transient, BoxError, Delivery, HandleError, Handled, Retry};
+pub use self::metrics::InboxMetrics;
 use crate::sql::{Ident, IdentError, QualifiedName};
 
 /// An inbox table and the consumer name that claims ids in it (several consumers can share a table).
@@ -28,6 +33,7 @@ pub struct Inbox {
     consumer: String,
     claim_sql: String,
     claim_all_sql: String,
+    metrics: Option<InboxMetrics>,
 }
 
 impl Inbox {
@@ -51,7 +57,16 @@ impl Inbox {
             consumer: consumer.into(),
             claim_sql,
             claim_all_sql,
+            metrics: None,
         }
+    }
+
+    /// Count claims (and, through [`Inbox::handle`], retries, failures and end-to-end latency)
+    /// in `metrics`. A bare `claim` is counted when it returns, even if its transaction then
+    /// rolls back; `handle` counts only what committed.
+    pub fn with_metrics(mut self, metrics: InboxMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn table(&self) -> &QualifiedName {
@@ -62,6 +77,14 @@ impl Inbox {
     /// Call it inside the transaction that applies the side effect. A concurrent claim of the same id
     /// waits for this transaction and then returns false (or true, if this one rolled back).
     pub async fn claim(&self, tx: &mut PgConnection, message_id: &str) -> Result<bool, sqlx::Error> {
+        let new = self.claim_uncounted(tx, message_id).await?;
+        if let Some(m) = &self.metrics {
+            m.claimed(&self.consumer, new);
+        }
+        Ok(new)
+    }
+
+    async fn claim_uncounted(&self, tx: &mut PgConnection, message_id: &str) -> Result<bool, sqlx::Error> {
         let r = sqlx::query(&self.claim_sql)
             .bind(&self.consumer)
             .bind(message_id)
@@ -80,6 +103,12 @@ impl Inbox {
             .fetch_all(tx)
             .await?;
         let mut new: std::collections::HashSet<String> = new.into_iter().collect();
-        Ok(message_ids.iter().map(|id| new.remove(*id)).collect())
+        let claimed: Vec<bool> = message_ids.iter().map(|id| new.remove(*id)).collect();
+        if let Some(m) = &self.metrics {
+            for n in &claimed {
+                m.claimed(&self.consumer, *n);
+            }
+        }
+        Ok(claimed)
     }
 }

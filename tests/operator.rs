@@ -544,7 +544,8 @@ async fn a_second_inbox_table_on_one_table_conflicts_purges_nothing_and_takes_ov
     common::create_secret(&a.client, &a.ns.name, "db", &url).await;
     common::create_secret(&b.client, &b.ns.name, "db", &url).await;
     let schema = schema_name(&a.ns.name);
-    let purging = |retention: &str| json!({"retention": retention, "purge": {"interval": "1s", "batchSize": 100}, "deletionPolicy": "Delete"});
+    let purging =
+        |retention: &str| json!({"retention": retention, "purge": {"interval": "1s", "batchSize": 100}, "deletionPolicy": "Delete"});
     a.inboxes
         .create(&PostParams::default(), &inbox("first", "db", &schema, json!({"retention": "3h"})))
         .await
@@ -605,10 +606,12 @@ async fn a_second_inbox_table_on_one_table_conflicts_purges_nothing_and_takes_ov
         async move { (count.await == 0).then_some(()) }
     })
     .await;
-    let owner: (String, String) = sqlx::query_as(&format!("select namespace, name from \"{schema}\".lockstep_owners where table_name = 'inbox'"))
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let owner: (String, String) = sqlx::query_as(&format!(
+        "select namespace, name from \"{schema}\".lockstep_owners where table_name = 'inbox'"
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!(owner, (b.ns.name.clone(), "third".to_owned()));
     b.ns.delete().await;
     a.ns.delete().await;

@@ -70,7 +70,10 @@ async fn creates_tables_and_topics_then_restores_drift_but_not_ignored_keys() {
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(tables, ["lockstep_owners", "lockstep_schema_history", "outbox", "outbox_dead_letter"]);
+    assert_eq!(
+        tables,
+        ["lockstep_owners", "lockstep_schema_history", "outbox", "outbox_dead_letter"]
+    );
 
     // The topic, as asked.
     let a = admin(&bootstrap);
@@ -283,8 +286,23 @@ async fn dedup_covered_compares_inbox_retention_with_topic_retention() {
         .unwrap();
     common::wait_condition(&inboxes, "billing", "Ready", "True", None, T).await;
     let obj = common::wait_condition(&inboxes, "billing", "DedupCovered", "True", Some("RetentionCoversRedelivery"), T).await;
-    let msg = common::condition(&obj.status.unwrap().conditions, "DedupCovered").message.clone();
+    let st = obj.status.unwrap();
+    let msg = common::condition(&st.conditions, "DedupCovered").message.clone();
     assert!(msg.contains("777600000 ms") && msg.contains("604800000"), "{msg}");
+    // The guarantee map states the consumer's hops from that verdict.
+    let db_hop = st
+        .guarantees
+        .iter()
+        .find(|g| g.hop == "consumer -> database")
+        .expect("consumer -> database");
+    assert!(
+        db_hop
+            .guarantee
+            .starts_with("effect applied once per message id while the id is retained: retention 9d"),
+        "{}",
+        db_hop.guarantee
+    );
+    assert!(st.guarantees.iter().any(|g| g.hop == "consumer -> external APIs"));
 
     // A compacted topic replays each key's latest record however old: no retention covers it.
     let compacted = common::unique("orders.k");
@@ -718,7 +736,10 @@ async fn a_second_relay_on_one_outbox_conflicts_and_runs_nothing() {
         assert_eq!(common::condition(&st.conditions, t).reason, "ResourceConflict", "{t}");
     }
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &b_ns.name);
-    assert!(deployments.get_opt("orders-relay").await.unwrap().is_none(), "no relay for the second");
+    assert!(
+        deployments.get_opt("orders-relay").await.unwrap().is_none(),
+        "no relay for the second"
+    );
     let seen = admin(&bootstrap).describe(std::slice::from_ref(&topic)).await.unwrap();
     assert!(!seen.contains_key(&topic), "the second's topic was not created");
 

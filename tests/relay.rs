@@ -115,6 +115,9 @@ struct Got {
     key: String,
     n: i64,
     source_header: Option<String>,
+    /// The record timestamp (ms) and the relay's `lockstep-created-at` header.
+    timestamp: Option<i64>,
+    created_header: Option<i64>,
 }
 
 /// Read the topic from the beginning until `want` distinct ids were seen (or timeout).
@@ -153,6 +156,8 @@ fn consume(bootstrap: &str, topic: &str, want: usize, timeout: Duration) -> Vec<
                 key: String::from_utf8(m.key().unwrap().to_vec()).unwrap(),
                 n: payload["n"].as_i64().unwrap(),
                 source_header: header("source"),
+                timestamp: m.timestamp().to_millis(),
+                created_header: header("lockstep-created-at").map(|v| v.parse().unwrap()),
             };
             assert_eq!(header("type").as_deref(), Some("created"));
             ids.insert(g.id.clone());
@@ -865,5 +870,50 @@ async fn dead_lettered_rows_fixed_and_replayed_are_delivered() {
     let keys: HashSet<&str> = got.iter().map(|g| g.key.as_str()).collect();
     for k in ["big-1", "big-2", "big-3"] {
         assert!(keys.contains(k), "{k} delivered after the replay");
+    }
+}
+
+#[tokio::test]
+async fn messages_are_stamped_with_created_at_unless_older_than_an_hour() {
+    let o = outbox("stamp", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
+    o.insert(0, 20, 1).await;
+    // The first ten were written 5 minutes ago, the last ten 3 hours ago (a backlog, a replay).
+    sqlx::query(&format!(
+        "update \"{}\".outbox set created_at = now() - case when (payload->>'n')::int < 10
+             then interval '5 minutes' else interval '3 hours' end",
+        o.schema
+    ))
+    .execute(&o.pool)
+    .await
+    .unwrap();
+    let created: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(&format!(
+        "select id::text, (extract(epoch from created_at) * 1000)::bigint from \"{}\".outbox",
+        o.schema
+    ))
+    .fetch_all(&o.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut relay = o.relay("relay-stamp.log");
+    let got = consume(&o.bootstrap, &o.topic, 20, Duration::from_secs(60));
+    relay.kill();
+    check(&got, 20, 1);
+    for g in &got {
+        let c = created[&g.id];
+        if g.n < 10 {
+            assert_eq!(
+                (g.timestamp, g.created_header),
+                (Some(c), None),
+                "a fresh row's timestamp is its created_at"
+            );
+        } else {
+            assert_eq!(g.created_header, Some(c), "an old row carries created_at in a header");
+            assert!(g.timestamp.unwrap() >= started - 1000, "and is stamped when it was published");
+        }
     }
 }

@@ -158,6 +158,7 @@ async fn reconcile_valid(
     if schema_cond.status == Status::True {
         status.table = Some(obj.spec.database.table_name());
     }
+    status.guarantees = super::inbox_guarantees::guarantees(&eff.text, &covered);
     let conditions = verdict(&valid, &eff, schema_cond, &purging, covered);
     status.effective_retention = Some(eff.text.clone());
     status.policies = eff.policies.clone();

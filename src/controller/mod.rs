@@ -8,6 +8,7 @@ pub mod dedup_covered;
 pub mod dedup_policy;
 pub mod deps;
 pub mod group_lag;
+pub mod inbox_guarantees;
 pub mod inbox_table;
 pub mod lag;
 pub mod lifecycle;

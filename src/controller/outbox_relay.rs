@@ -222,9 +222,17 @@ async fn conflicted(ctx: &Context, obj: &OutboxRelay, ns: &str, schema: Cond, pr
         conditions: vec![
             ready,
             schema,
-            why(condition::TOPICS_READY, Status::Unknown, "topics are not configured while the table is another object's"),
+            why(
+                condition::TOPICS_READY,
+                Status::Unknown,
+                "topics are not configured while the table is another object's",
+            ),
             why(condition::RELAY_AVAILABLE, Status::False, &stopped),
-            why(condition::LAG_HEALTHY, Status::Unknown, "not measured while the table is another object's"),
+            why(
+                condition::LAG_HEALTHY,
+                Status::Unknown,
+                "not measured while the table is another object's",
+            ),
         ],
         status: previous.clone(),
         action: Action::requeue(ctx.timing.retry),

@@ -157,7 +157,11 @@ mod tests {
             r#""billing"."inbox" is managed by InboxTable shop/first, which claimed it first; this object leaves it alone (no purge, no relay, no cleanup). Delete one of the two, or point spec.database at another table"#
         );
         let c = conflict(&t, &owner("c2", "first"), &owner("c1", "second"));
-        assert!(c.message.contains("InboxTable shop/first of another cluster (kube-system uid c2)"), "{}", c.message);
+        assert!(
+            c.message.contains("InboxTable shop/first of another cluster (kube-system uid c2)"),
+            "{}",
+            c.message
+        );
         assert!(
             c.message.ends_with(
                 r#"release the table with: delete from "billing"."lockstep_owners" where table_schema = 'billing' and table_name = 'inbox'"#

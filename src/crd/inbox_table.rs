@@ -130,6 +130,11 @@ pub struct InboxTableStatus {
     /// The table this object manages (`schema.table`), recorded once its schema is ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table: Option<String>,
+    /// What holds on the consumer's hops (broker -> consumer, consumer -> database, consumer ->
+    /// external APIs), from the retention and DedupCovered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub guarantees: Vec<super::Guarantee>,
 }
 
 /// A consumer group's lag: committed offset against high watermark, summed over partitions.

@@ -216,8 +216,14 @@ mod tests {
     fn a_delivery_reads_the_relays_headers_and_prefers_the_created_at_header() {
         use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "id", value: Some("m-1") })
-            .insert(Header { key: "type", value: Some("order.created") });
+            .insert(Header {
+                key: "id",
+                value: Some("m-1"),
+            })
+            .insert(Header {
+                key: "type",
+                value: Some("order.created"),
+            });
         let msg = |h: Option<OwnedHeaders>| OwnedMessage::new(None, None, "t".into(), Timestamp::CreateTime(1_000), 0, 0, h);
         let m = msg(Some(headers.clone()));
         assert_eq!(

@@ -18,7 +18,7 @@
 //! then apply the effect only when one row was inserted, and commit both together.
 
 mod handler;
-mod metrics;
+pub mod metrics;
 
 use sqlx::PgConnection;
 

@@ -422,10 +422,19 @@ mod tests {
         ];
         assert_eq!(pairs, want.map(|(k, v)| (k.to_owned(), v.to_owned())));
         assert_eq!(header_pairs(&headers(&row(None), None)).len(), 2);
-        let clash = headers(&row(Some(serde_json::json!({"id": "forged", "type": "other", "lockstep-created-at": "1", "trace": "abc"}))), Some(7));
+        let clash = headers(
+            &row(Some(
+                serde_json::json!({"id": "forged", "type": "other", "lockstep-created-at": "1", "trace": "abc"}),
+            )),
+            Some(7),
+        );
         let pairs = header_pairs(&clash);
         let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, ["id", "type", "lockstep-created-at", "trace"], "the relay's own headers are not sent twice");
+        assert_eq!(
+            keys,
+            ["id", "type", "lockstep-created-at", "trace"],
+            "the relay's own headers are not sent twice"
+        );
         assert_eq!(pairs[2].1, "7");
     }
 }

@@ -181,7 +181,10 @@ mod tests {
     #[test]
     fn the_owners_table_lives_in_the_tables_schema() {
         let ddl = owners_ddl(&Ident::parse("billing").unwrap());
-        assert!(ddl.starts_with(r#"create table if not exists "billing"."lockstep_owners" ("#), "{ddl}");
+        assert!(
+            ddl.starts_with(r#"create table if not exists "billing"."lockstep_owners" ("#),
+            "{ddl}"
+        );
         assert!(ddl.contains("primary key (table_schema, table_name)"), "{ddl}");
     }
 }

@@ -6,6 +6,7 @@
 //! - [`sql`], [`duration`], [`routing`]: pure building blocks shared by all of them.
 
 pub mod cache;
+pub mod chaos;
 pub mod conditions;
 pub mod config;
 pub mod consumer_lag;

@@ -33,6 +33,13 @@ enum Command {
     /// Move dead-lettered events back into the outbox, to be published again (after the cause was
     /// fixed). Each replayed event goes out after the events of its key already published.
     Replay(ReplayArgs),
+    /// Measure effectively-once end to end under faults: orders written with outbox rows, relays
+    /// and consumers SIGKILLed, the broker paused and restarted, the database restarted; then
+    /// check every committed order's effect applied exactly once, in per-key order.
+    Chaos(lockstep::chaos::ChaosArgs),
+    /// A chaos run's consumer (started by `lockstep chaos`).
+    #[command(hide = true)]
+    ChaosConsumer(lockstep::chaos::ConsumeArgs),
     /// Print the CRD YAML, or write one file per CRD with --out (or as Helm templates with --helm).
     Crds {
         /// Write one YAML file per CRD into this directory.
@@ -103,6 +110,15 @@ async fn main() -> ExitCode {
             Err(e) => fail(e.to_string()),
         },
         Command::Operator(args) => operator(args).await,
+        Command::Chaos(args) => match lockstep::chaos::run(args).await {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => fail(format!("chaos run: {e:#}")),
+        },
+        Command::ChaosConsumer(args) => match lockstep::chaos::consume(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("chaos consumer: {e:#}")),
+        },
         Command::Replay(args) => match replay(&args).await {
             Ok(n) => {
                 eprintln!(

@@ -4,7 +4,9 @@
 //!   transaction) while the relay drains, against the same writers with no relay; and the backlog
 //!   (outbox rows) sampled every second while the relay runs: flat means the relay keeps up;
 //! - inbox: consumer transactions per second with `Inbox::claim` in the same transaction as the
-//!   side effect, against the side effect alone, at 1 and at 100 messages per transaction.
+//!   side effect, against the side effect alone, at 1 and at 100 messages per transaction;
+//! - inbox handler: `Inbox::handle` (claim, effect, commit, metrics counted, latency recorded)
+//!   against the same claim, effect and commit written by hand, one message per transaction.
 //!
 //!   scripts/bench throughput   (BENCH_WRITERS, default 4; BENCH_SECS, default 10)
 
@@ -293,4 +295,75 @@ async fn main() {
         .unwrap();
     ingest(&pool, &bootstrap, writers, secs).await;
     inbox(&pool, writers, secs).await;
+    handler(&pool, writers, secs).await;
+}
+
+/// `Inbox::handle` with metrics against claim + effect + commit by hand.
+async fn handler(pool: &sqlx::PgPool, consumers: u64, secs: u64) {
+    use futures::FutureExt;
+    let schema = format!("bench_handler_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let inbox_table = qualified(&schema, "inbox");
+    migrate(&mut pool.acquire().await.unwrap(), TableKind::Inbox, &inbox_table, true)
+        .await
+        .unwrap();
+    let effects = qualified(&schema, "effects");
+    sqlx::query(&format!(
+        "create table {effects} (message_id text primary key, amount bigint not null)"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+    let effect_sql = format!("insert into {effects} (message_id, amount) values ($1, $2)");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = lockstep::inbox::InboxMetrics::register(&mut registry);
+    let mut rates = [0.0f64; 2];
+    for (slot, helper) in [(0, false), (1, true)] {
+        let (pool, sql) = (pool.clone(), effect_sql.clone());
+        let inbox = Inbox::for_table(inbox_table.clone(), "bench").with_metrics(metrics.clone());
+        rates[slot] = run_for(consumers, secs, move |_, _| {
+            let (pool, inbox, sql) = (pool.clone(), inbox.clone(), sql.clone());
+            async move {
+                let id = uuid::Uuid::new_v4().to_string();
+                if helper {
+                    let created = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_millis() as i64;
+                    let d = lockstep::inbox::Delivery {
+                        id: &id,
+                        event_type: "order.created",
+                        created_ms: Some(created),
+                    };
+                    inbox
+                        .handle(&pool, &d, lockstep::inbox::Retry::default(), |tx| {
+                            let (sql, id) = (sql.clone(), id.clone());
+                            async move {
+                                sqlx::query(&sql).bind(id).bind(1i64).execute(&mut *tx).await?;
+                                Ok(())
+                            }
+                            .boxed()
+                        })
+                        .await
+                        .unwrap();
+                } else {
+                    let mut tx = pool.begin().await.unwrap();
+                    if inbox.claim(&mut tx, &id).await.unwrap() {
+                        sqlx::query(&sql).bind(&id).bind(1i64).execute(&mut *tx).await.unwrap();
+                    }
+                    tx.commit().await.unwrap();
+                }
+            }
+        })
+        .await;
+    }
+    println!(
+        "inbox handler: claim + effect + commit by hand {:>8.0} msg/s, Inbox::handle {:>8.0} msg/s, ratio {:.2}",
+        rates[0],
+        rates[1],
+        rates[1] / rates[0]
+    );
+    sqlx::query(&format!("drop schema \"{schema}\" cascade"))
+        .execute(pool)
+        .await
+        .unwrap();
 }

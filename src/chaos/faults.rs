@@ -148,7 +148,7 @@ impl Faults {
 
     async fn broker(&mut self) -> anyhow::Result<()> {
         let pause = match (&self.args.broker_pause, &self.args.broker_restart) {
-            (Some(_), Some(_)) => (self.broker_pauses + self.broker_restarts) % 2 == 0,
+            (Some(_), Some(_)) => (self.broker_pauses + self.broker_restarts).is_multiple_of(2),
             (Some(_), None) => true,
             _ => false,
         };
@@ -191,7 +191,9 @@ impl Faults {
 
     fn log(&mut self, what: &str) -> anyhow::Result<std::fs::File> {
         self.started += 1;
-        Ok(std::fs::File::create(self.args.work_dir.join(format!("{what}-{}.log", self.started)))?)
+        Ok(std::fs::File::create(
+            self.args.work_dir.join(format!("{what}-{}.log", self.started)),
+        )?)
     }
 
     fn command(&mut self, what: &str) -> anyhow::Result<Command> {
@@ -206,9 +208,17 @@ impl Faults {
 
     fn spawn_relay(&mut self) -> anyhow::Result<Proc> {
         let mut c = self.command("relay")?;
-        c.args(["relay", "--schema", &self.run.schema, "--table", "outbox", "--topic", &self.run.topic])
-            .args(["--metrics-addr", "127.0.0.1:0", "--poll-interval", "200ms"])
-            .stdout(Stdio::null());
+        c.args([
+            "relay",
+            "--schema",
+            &self.run.schema,
+            "--table",
+            "outbox",
+            "--topic",
+            &self.run.topic,
+        ])
+        .args(["--metrics-addr", "127.0.0.1:0", "--poll-interval", "200ms"])
+        .stdout(Stdio::null());
         Ok(Proc {
             child: c.spawn()?,
             metrics: None,

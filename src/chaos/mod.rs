@@ -86,6 +86,12 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         args.events, args.keys, run.schema, run.topic, args.partitions
     );
 
+    if args.broker_pause.is_none() && args.broker_restart.is_none() {
+        println!("no --broker-pause/--broker-restart: the broker is not faulted in this run");
+    }
+    if args.database_restart.is_none() {
+        println!("no --database-restart: the database is not restarted in this run");
+    }
     let mut faults = Faults::start(&args, &run)?;
     faults.start_consumers().await?;
     let started = std::time::Instant::now();
@@ -133,7 +139,11 @@ async fn prepare(pool: &sqlx::PgPool, args: &ChaosArgs, run: &Run) -> anyhow::Re
     ] {
         sqlx::query(&sql).execute(&mut *conn).await?;
     }
-    for (kind, table) in [(TableKind::Outbox, "outbox"), (TableKind::DeadLetter, "outbox_dead_letter"), (TableKind::Inbox, "inbox")] {
+    for (kind, table) in [
+        (TableKind::Outbox, "outbox"),
+        (TableKind::DeadLetter, "outbox_dead_letter"),
+        (TableKind::Inbox, "inbox"),
+    ] {
         let t = QualifiedName {
             schema: schema.clone(),
             table: Ident::parse(table)?,

@@ -156,7 +156,11 @@ impl Report {
             self.applied_twice,
             self.phantom,
             self.out_of_order,
-            if settled { "" } else { " (NOT SETTLED: effects still missing at the timeout)" },
+            if settled {
+                ""
+            } else {
+                " (NOT SETTLED: effects still missing at the timeout)"
+            },
             c.new,
             c.duplicate,
             ratio(c.duplicate as f64, self.committed as f64),
@@ -249,7 +253,10 @@ mod tests {
             ..Report::default()
         };
         let out = r.render(&c, true);
-        assert!(out.contains("duplicate delivery rate 0.1111 per event; dedup hit ratio 0.1000"), "{out}");
+        assert!(
+            out.contains("duplicate delivery rate 0.1111 per event; dedup hit ratio 0.1000"),
+            "{out}"
+        );
         assert!(out.contains("end-to-end mean 50 ms over 90 effects"), "{out}");
         assert!(out.ends_with("PASS: every committed order's effect applied exactly once"), "{out}");
         let bad = Report {

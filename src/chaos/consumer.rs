@@ -114,7 +114,7 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
         }
         pending.insert(m.partition(), m.offset() + 1);
         handled += 1;
-        if handled % 50 == 0 {
+        if handled.is_multiple_of(50) {
             commit(&consumer, &args.topic, &mut pending);
         }
     }

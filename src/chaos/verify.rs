@@ -28,7 +28,7 @@ pub async fn write(pool: PgPool, schema: String, events: u64, keys: u64, span: D
     let mut counters = vec![0i32; keys as usize];
     while committed < events {
         tx_no += 1;
-        let rollback = tx_no % 10 == 0;
+        let rollback = tx_no.is_multiple_of(10);
         let mut ids = Vec::new();
         let mut ks = Vec::new();
         let mut ns = Vec::new();

@@ -224,6 +224,9 @@ impl InboxTableSpec {
             }
             for (i, t) in k.topics.iter().enumerate() {
                 p.check(format!("spec.sources.kafka.topics[{i}]"), validate_topic_name(t));
+                if k.topics[..i].contains(t) {
+                    p.add(format!("spec.sources.kafka.topics[{i}]"), format!("topic {t:?} is listed twice"));
+                }
             }
             if let Some(a) = &k.auth_secret_ref {
                 super::common::validate_object_name(&a.name, &mut p, "spec.sources.kafka.authSecretRef.name");

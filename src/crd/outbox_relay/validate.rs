@@ -155,6 +155,11 @@ fn validate_kafka(k: &KafkaSpec, p: &mut Problems) {
     }
     let pr = &k.producer;
     p.range("spec.kafka.producer.lingerMs", pr.linger_ms, 0, 60_000);
+    if pr.config.len() > super::MAX_CONFIG_KEYS as usize {
+        // The schema refuses this too; per-key messages would only repeat it 65 times.
+        p.add("spec.kafka.producer.config", format!("at most {} settings", super::MAX_CONFIG_KEYS));
+        return;
+    }
     for (key, value) in &pr.config {
         let field = format!("spec.kafka.producer.config[{key}]");
         if let Some((_, allowed)) = FORCED_PRODUCER_SETTINGS.iter().find(|(k, _)| k == key) {
@@ -168,7 +173,27 @@ fn validate_kafka(k: &KafkaSpec, p: &mut Problems) {
             p.add(field, format!("{key} is managed by lockstep and cannot be set"));
         } else if key == "max.in.flight.requests.per.connection" && !value.parse::<u32>().is_ok_and(|n| (1..=5).contains(&n)) {
             p.add(field, format!("must be 1 to 5 with the idempotent producer (got {value:?})"));
+        } else if let Some(refused) = librdkafka_refuses(key, value) {
+            p.add(field, refused);
         }
+    }
+}
+
+/// Why librdkafka refuses a setting (an unknown key, a value out of range), without the value:
+/// the relay would otherwise fail at start with it. librdkafka echoes values, so it is scrubbed.
+fn librdkafka_refuses(key: &str, value: &str) -> Option<String> {
+    use rdkafka::{error::KafkaError, types::RDKafkaConfRes};
+    // Values are quoted in librdkafka's messages: replacing the quoted form leaves a short value
+    // that also occurs in the key's name ("1" in "k1") alone.
+    let quoted = format!("\"{value}\"");
+    match rdkafka::ClientConfig::new().set(key, value).create_native_config() {
+        Ok(_) => None,
+        Err(KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, ..)) => Some(format!("librdkafka has no setting {key:?}")),
+        Err(KafkaError::ClientConfig(_, description, _, _)) => Some(format!(
+            "librdkafka refuses the value: {}",
+            crate::kafka::scrub(&description, [quoted.as_str(), value])
+        )),
+        Err(e) => Some(crate::kafka::scrub(&e.to_string(), [quoted.as_str(), value])),
     }
 }
 

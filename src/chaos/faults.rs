@@ -110,7 +110,8 @@ impl Faults {
         (self.rng % below.max(1) as u64) as usize
     }
 
-    pub async fn inject(&mut self, fault: Fault) {
+    /// Inject one fault; false when it could not be (the command failed, a process would not start).
+    pub async fn inject(&mut self, fault: Fault) -> bool {
         let r = match fault {
             Fault::RelayKill => self.kill_relay().await,
             Fault::ConsumerKill => self.kill_consumer().await,
@@ -120,8 +121,12 @@ impl Faults {
                 shell(self.args.database_restart.as_deref().unwrap_or("true")).await
             }
         };
-        if let Err(e) = r {
-            eprintln!("chaos: {fault:?} failed: {e}");
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("chaos: {fault:?} failed: {e}");
+                false
+            }
         }
     }
 

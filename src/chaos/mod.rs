@@ -99,7 +99,16 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     let span = args.fault_every * (args.faults * faults.kinds().len() as u32).max(1);
     let writer = tokio::spawn(verify::write(pool.clone(), run.schema.clone(), args.events, args.keys, span));
     let mut db_restarted = args.database_restart.is_none();
+    let mut failed = 0;
     while !writer.is_finished() || !faults.reached(args.faults) {
+        if failed >= 10 {
+            faults.stop().await;
+            writer.abort();
+            anyhow::bail!(
+                "10 faults could not be injected (see the messages above); faults so far: {}",
+                faults.summary()
+            );
+        }
         tokio::time::sleep(args.fault_every).await;
         let written = verify::committed(&pool, &run.schema).await.unwrap_or(0);
         let fault = if !db_restarted && written >= args.events / 2 {
@@ -108,7 +117,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         } else {
             faults.next_kind()
         };
-        faults.inject(fault).await;
+        if !faults.inject(fault).await {
+            failed += 1;
+        }
     }
     let write_errors = writer.await??;
     println!(

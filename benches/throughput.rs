@@ -224,9 +224,9 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
         .unwrap();
 }
 
-/// Consumers apply side effects (an insert into `effects`) with and without `Inbox::claim`.
-async fn inbox(pool: &sqlx::PgPool, consumers: u64, secs: u64) {
-    let schema = format!("bench_inbox_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+/// A schema of its own with an inbox and an `effects` table: (schema, inbox, effects).
+async fn consumer_tables(pool: &sqlx::PgPool, prefix: &str) -> (String, QualifiedName, QualifiedName) {
+    let schema = format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let inbox_table = qualified(&schema, "inbox");
     migrate(&mut pool.acquire().await.unwrap(), TableKind::Inbox, &inbox_table, true)
         .await
@@ -238,6 +238,12 @@ async fn inbox(pool: &sqlx::PgPool, consumers: u64, secs: u64) {
     .execute(pool)
     .await
     .unwrap();
+    (schema, inbox_table, effects)
+}
+
+/// Consumers apply side effects (an insert into `effects`) with and without `Inbox::claim`.
+async fn inbox(pool: &sqlx::PgPool, consumers: u64, secs: u64) {
+    let (schema, inbox_table, effects) = consumer_tables(pool, "bench_inbox").await;
     println!("inbox: {consumers} consumers, side effect = insert one row per message, {secs}s each");
     for per_tx in [1u64, 100] {
         let mut rates = [0.0f64; 2];
@@ -301,18 +307,7 @@ async fn main() {
 /// `Inbox::handle` with metrics against claim + effect + commit by hand.
 async fn handler(pool: &sqlx::PgPool, consumers: u64, secs: u64) {
     use futures::FutureExt;
-    let schema = format!("bench_handler_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let inbox_table = qualified(&schema, "inbox");
-    migrate(&mut pool.acquire().await.unwrap(), TableKind::Inbox, &inbox_table, true)
-        .await
-        .unwrap();
-    let effects = qualified(&schema, "effects");
-    sqlx::query(&format!(
-        "create table {effects} (message_id text primary key, amount bigint not null)"
-    ))
-    .execute(pool)
-    .await
-    .unwrap();
+    let (schema, inbox_table, effects) = consumer_tables(pool, "bench_handler").await;
     let effect_sql = format!("insert into {effects} (message_id, amount) values ($1, $2)");
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = lockstep::inbox::InboxMetrics::register(&mut registry);

@@ -48,6 +48,23 @@ fn inbox(name: &str, secret: &str, schema: &str, extra: serde_json::Value) -> In
     serde_json::from_value(v).unwrap()
 }
 
+/// Insert `n` inbox rows received two hours ago; a counter of the table's rows.
+async fn two_hours_old_rows(pool: &sqlx::PgPool, schema: &str, n: i64) -> impl Fn() -> futures::future::BoxFuture<'static, i64> {
+    sqlx::query(&format!(
+        "insert into \"{schema}\".inbox (consumer, message_id, received_at)
+         select 'c', 'two-hours-' || g, now() - interval '2 hours' from generate_series(1, $1) g"
+    ))
+    .bind(n)
+    .execute(pool)
+    .await
+    .unwrap();
+    let (pool, schema) = (pool.clone(), schema.to_owned());
+    move || {
+        let (pool, sql) = (pool.clone(), format!("select count(*) from \"{schema}\".inbox"));
+        Box::pin(async move { sqlx::query_scalar::<_, i64>(&sql).fetch_one(&pool).await.unwrap() })
+    }
+}
+
 fn schema_name(ns: &str) -> String {
     ns.replace('-', "_")
 }
@@ -335,22 +352,7 @@ async fn an_invalid_policy_keeps_its_floor_or_holds_the_purge() {
     })
     .await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    sqlx::query(&format!(
-        "insert into \"{schema}\".inbox (consumer, message_id, received_at)
-         select 'c', 'two-hours-' || g, now() - interval '2 hours' from generate_series(1, 500) g"
-    ))
-    .execute(&pool)
-    .await
-    .unwrap();
-    let count = || {
-        let (pool, schema) = (pool.clone(), schema.clone());
-        async move {
-            sqlx::query_scalar::<_, i64>(&format!("select count(*) from \"{schema}\".inbox"))
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
+    let count = two_hours_old_rows(&pool, &schema, 500).await;
 
     // Broken by an edit (a duration the schema's pattern takes and validate() refuses).
     let bad = json!({"spec": {"minRetention": "1000000d"}});
@@ -563,22 +565,7 @@ async fn a_second_inbox_table_on_one_table_conflicts_purges_nothing_and_takes_ov
     assert_eq!(st.table, None, "the table is not recorded as the second's");
 
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    sqlx::query(&format!(
-        "insert into \"{schema}\".inbox (consumer, message_id, received_at)
-         select 'c', 'two-hours-' || g, now() - interval '2 hours' from generate_series(1, 300) g"
-    ))
-    .execute(&pool)
-    .await
-    .unwrap();
-    let count = || {
-        let (pool, schema) = (pool.clone(), schema.clone());
-        async move {
-            sqlx::query_scalar::<_, i64>(&format!("select count(*) from \"{schema}\".inbox"))
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
+    let count = two_hours_old_rows(&pool, &schema, 300).await;
     // The second would purge every second; touch it so it reconciles (and claims) again.
     common::touch(&b.inboxes, "second").await;
     tokio::time::sleep(Duration::from_secs(6)).await;

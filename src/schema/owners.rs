@@ -5,7 +5,6 @@
 
 use sqlx::PgConnection;
 
-use super::drop::table_exists;
 use crate::sql::{Ident, QualifiedName};
 
 pub const OWNERS_TABLE: &str = "lockstep_owners";
@@ -67,13 +66,21 @@ pub fn owners_ddl(schema: &Ident) -> String {
     )
 }
 
+/// The owners table of `schema` exists (it is made only where lockstep manages a table).
+async fn owners_exist(conn: &mut PgConnection, schema: &Ident) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("select to_regclass($1) is not null")
+        .bind(owners_table(schema).to_string())
+        .fetch_one(&mut *conn)
+        .await
+}
+
 /// Claim `t` for `me` unless another object holds it. With `manage` false the owners table is
 /// used when it exists and never created.
 pub async fn claim(conn: &mut PgConnection, t: &QualifiedName, me: &Owner, manage: bool) -> Result<Claimed, sqlx::Error> {
     let owners = owners_table(&t.schema);
     if manage {
         sqlx::Executor::execute(&mut *conn, owners_ddl(&t.schema).as_str()).await?;
-    } else if !table_exists(conn, &owners).await? {
+    } else if !owners_exist(conn, &t.schema).await? {
         return Ok(Claimed::Untracked);
     }
     // One statement: of two objects claiming at once, exactly one row wins.
@@ -105,10 +112,10 @@ pub async fn claim(conn: &mut PgConnection, t: &QualifiedName, me: &Owner, manag
 
 /// The object recorded as the table's owner, if any.
 pub async fn holder(conn: &mut PgConnection, t: &QualifiedName) -> Result<Option<Owner>, sqlx::Error> {
-    let owners = owners_table(&t.schema);
-    if !table_exists(conn, &owners).await? {
+    if !owners_exist(conn, &t.schema).await? {
         return Ok(None);
     }
+    let owners = owners_table(&t.schema);
     sqlx::query_as(&format!(
         "select cluster, kind, namespace, name, uid from {owners} where table_schema = $1 and table_name = $2"
     ))
@@ -141,7 +148,7 @@ pub async fn take_over(conn: &mut PgConnection, t: &QualifiedName, me: &Owner, f
 /// Forget the owner of a dropped table (inside the drop's transaction).
 pub async fn forget(conn: &mut PgConnection, t: &QualifiedName) -> Result<(), sqlx::Error> {
     let owners = owners_table(&t.schema);
-    if table_exists(conn, &owners).await? {
+    if owners_exist(conn, &t.schema).await? {
         sqlx::query(&format!("delete from {owners} where table_schema = $1 and table_name = $2"))
             .bind(t.schema.as_str())
             .bind(t.table.as_str())

@@ -230,3 +230,25 @@ async fn retries_run_out_or_a_refused_effect_fail_and_leave_the_id_unclaimed() {
         .unwrap();
     assert_eq!(ok, Handled::Applied("m-1".to_owned()));
 }
+
+#[tokio::test]
+async fn a_claim_the_database_refuses_is_not_retried_and_not_blamed_on_the_effect() {
+    let s = setup("claim-refused").await;
+    // The inbox table is gone: the claim fails with undefined_table, which no retry heals.
+    sqlx::query("drop table inbox").execute(&s.pool).await.unwrap();
+    let mut calls = 0;
+    let e = s
+        .inbox
+        .handle(&s.pool, &delivery("m-1", None), Retry::default(), |_| {
+            calls += 1;
+            async { Ok::<(), BoxError>(()) }.boxed()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, HandleError::Refused(_)), "{e}");
+    assert_eq!(calls, 0, "no effect without a claim");
+    let text = render(&s.registry);
+    let line = r#"lockstep_inbox_handler_failures_total{consumer="billing",reason="database"} 1"#;
+    assert!(text.contains(line), "{line} not in\n{text}");
+    assert!(!text.contains("lockstep_inbox_handler_retries_total{"), "not retried:\n{text}");
+}

@@ -743,6 +743,29 @@ async fn a_second_relay_on_one_outbox_conflicts_and_runs_nothing() {
     let seen = admin(&bootstrap).describe(std::slice::from_ref(&topic)).await.unwrap();
     assert!(!seen.contains_key(&topic), "the second's topic was not created");
 
+    // Its database out of reach, it cannot claim (nor learn it lost): still no relay, no topic.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &b_ns.name);
+    secrets.delete("db", &Default::default()).await.unwrap();
+    common::create_secret(&client, &b_ns.name, "db", "postgres://postgres@127.0.0.1:1/postgres").await;
+    common::touch(&b, "orders").await;
+    common::wait_until(T, "the conflict kept, with why it cannot claim again", || {
+        let b = b.clone();
+        async move {
+            let st = b.get("orders").await.ok()?.status?;
+            let c = common::condition(&st.conditions, "SchemaReady");
+            (c.reason == "ResourceConflict" && c.message.contains("(cannot claim again now: ")).then_some(())
+        }
+    })
+    .await;
+    common::touch(&b, "orders").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        deployments.get_opt("orders-relay").await.unwrap().is_none(),
+        "no relay while unsure"
+    );
+    let seen = admin(&bootstrap).describe(std::slice::from_ref(&topic)).await.unwrap();
+    assert!(!seen.contains_key(&topic), "nor its topic");
+
     // Its Delete cleanup leaves the first's tables alone.
     b.delete("orders", &Default::default()).await.unwrap();
     common::wait_until(T, "second deleted", || {

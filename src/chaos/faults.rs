@@ -39,6 +39,7 @@ pub struct Faults {
     pub broker_pauses: u32,
     pub broker_restarts: u32,
     pub database_restarts: u32,
+    pub exited: u32,
     /// Claims counted by consumers already killed.
     gone: Claims,
 }
@@ -64,6 +65,7 @@ impl Faults {
             broker_pauses: 0,
             broker_restarts: 0,
             database_restarts: 0,
+            exited: 0,
             gone: Claims::default(),
         };
         for _ in 0..args.relays {
@@ -117,8 +119,9 @@ impl Faults {
             Fault::ConsumerKill => self.kill_consumer().await,
             Fault::Broker => self.broker().await,
             Fault::DatabaseRestart => {
-                self.database_restarts += 1;
-                shell(self.args.database_restart.as_deref().unwrap_or("true")).await
+                let r = shell(self.args.database_restart.as_deref().unwrap_or("true")).await;
+                self.database_restarts += u32::from(r.is_ok());
+                r
             }
         };
         match r {
@@ -161,7 +164,12 @@ impl Faults {
             shell(self.args.broker_pause.as_deref().unwrap_or("true")).await?;
             let held = std::time::Duration::from_millis(1000 + self.random(2000) as u64);
             tokio::time::sleep(held).await;
-            shell(self.args.broker_resume.as_deref().unwrap_or("true")).await?;
+            let resume = self.args.broker_resume.as_deref().unwrap_or("true");
+            if shell(resume).await.is_err() {
+                // A broker left paused would fail the run for a reason of the run's own.
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                shell(resume).await?;
+            }
             self.broker_pauses += 1;
         } else {
             shell(self.args.broker_restart.as_deref().unwrap_or("true")).await?;
@@ -172,9 +180,30 @@ impl Faults {
 
     pub fn summary(&self) -> String {
         format!(
-            "relay SIGKILLs {}, consumer SIGKILLs {}, broker pauses {} and restarts {}, database restarts {}",
-            self.relay_kills, self.consumer_kills, self.broker_pauses, self.broker_restarts, self.database_restarts
+            "relay SIGKILLs {}, consumer SIGKILLs {}, broker pauses {} and restarts {}, database restarts {}; processes that exited by themselves {}",
+            self.relay_kills, self.consumer_kills, self.broker_pauses, self.broker_restarts, self.database_restarts, self.exited
         )
+    }
+
+    /// Start again a relay or consumer that exited by itself (a consumer gives up when the broker
+    /// is away at its start, say), and count it: the run reports it rather than waiting for
+    /// effects nobody is applying.
+    pub async fn restart_exited(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.relays.len() {
+            if let Some(st) = self.relays[i].child.try_wait()? {
+                eprintln!("chaos: relay exited by itself ({st}); started again");
+                self.exited += 1;
+                self.relays[i] = self.spawn_relay()?;
+            }
+        }
+        for i in 0..self.consumers.len() {
+            if let Some(st) = self.consumers[i].child.try_wait()? {
+                eprintln!("chaos: consumer exited by itself ({st}); started again");
+                self.exited += 1;
+                self.consumers[i] = self.spawn_consumer(i).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Claims over every consumer that ran: the killed ones' last scrape plus the running ones.

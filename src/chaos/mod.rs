@@ -111,13 +111,15 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         }
         tokio::time::sleep(args.fault_every).await;
         let written = verify::committed(&pool, &run.schema).await.unwrap_or(0);
+        faults.restart_exited().await?;
         let fault = if !db_restarted && written >= args.events / 2 {
-            db_restarted = true;
             Fault::DatabaseRestart
         } else {
             faults.next_kind()
         };
-        if !faults.inject(fault).await {
+        if faults.inject(fault).await {
+            db_restarted |= fault == Fault::DatabaseRestart;
+        } else {
             failed += 1;
         }
     }
@@ -127,7 +129,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         started.elapsed(),
         faults.summary()
     );
-    let settled = verify::settle(&pool, &run.schema, args.settle_timeout).await;
+    let settled = verify::settle(&pool, &run.schema, args.settle_timeout, &mut faults).await;
     let claims = faults.scrape_all().await;
     faults.stop().await;
     let report = verify::check(&pool, &run.schema).await?;

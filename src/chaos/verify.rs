@@ -78,7 +78,7 @@ pub async fn committed(pool: &PgPool, schema: &str) -> Result<u64, sqlx::Error> 
 }
 
 /// Wait until every committed order has an effect and the outbox is empty.
-pub async fn settle(pool: &PgPool, schema: &str, timeout: Duration) -> bool {
+pub async fn settle(pool: &PgPool, schema: &str, timeout: Duration, faults: &mut super::faults::Faults) -> bool {
     let q = quote_ident(schema);
     let sql = format!(
         "select (select count(*) from {q}.orders o where not exists (select 1 from {q}.effects e where e.order_id = o.id))
@@ -89,6 +89,9 @@ pub async fn settle(pool: &PgPool, schema: &str, timeout: Duration) -> bool {
         if let Ok(0i64) = sqlx::query_scalar(&sql).fetch_one(pool).await {
             // Redeliveries still in flight would add (deduplicated) claims, not effects.
             return true;
+        }
+        if let Err(e) = faults.restart_exited().await {
+            eprintln!("chaos: {e}");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -45,6 +45,11 @@ pub fn refusal(table: &QualifiedName, pending: i64, dead_lettered: i64, forced: 
 
 pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay) -> Result<(), String> {
     let ns = obj.namespace().unwrap_or_default();
+    if lost(obj.status.as_ref().map(|s| s.conditions.as_slice())) {
+        stop_relay(ctx, &ns, obj).await?;
+        cleaned(ctx, obj, format!("kept the tables and topics: {} is another object's", v.table)).await;
+        return Ok(());
+    }
     let forced = obj.annotations().get(DELETE_UNPUBLISHED_ANNOTATION).is_some_and(|a| a == "true");
     let mut done = Vec::new();
     let connected = if v.manage_schema {
@@ -108,6 +113,10 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
 pub async fn inbox_table(ctx: &Context, obj: &InboxTable, v: &ValidInboxTable) -> Result<(), String> {
     ctx.purges.stop(&obj.uid().unwrap_or_default());
     let ns = obj.namespace().unwrap_or_default();
+    if lost(obj.status.as_ref().map(|s| s.conditions.as_slice())) {
+        cleaned(ctx, obj, format!("kept {}: it is another object's", v.table)).await;
+        return Ok(());
+    }
     let connected = if v.manage_schema {
         connect(ctx, &ns, &v.url_secret).await?
     } else {
@@ -133,6 +142,12 @@ pub async fn inbox_table(ctx: &Context, obj: &InboxTable, v: &ValidInboxTable) -
         .map_err(|e| format!("cannot drop {} at {}: {e}", v.table, db.location))?;
     cleaned(ctx, obj, format!("dropped {}", v.table)).await;
     Ok(())
+}
+
+/// The object last saw its table held by another (ResourceConflict): whatever manageSchema says
+/// (with false there is no connection to ask), its cleanup touches neither tables nor topics.
+fn lost(conditions: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>) -> bool {
+    conditions.is_some_and(super::ownership::was_conflicted)
 }
 
 /// The database, or None when its Secret went with a namespace being deleted: waiting would hold

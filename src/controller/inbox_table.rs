@@ -127,7 +127,7 @@ async fn reconcile_valid(
     let (schema_cond, purging) = match schema(ctx, obj, &ns, &valid).await {
         Err(c) => {
             ctx.purges.stop(&uid);
-            (c, Purging::WaitingForSchema)
+            (super::ownership::sticky(&previous.conditions, c), Purging::WaitingForSchema)
         }
         Ok((_, cond)) if !held_by.is_empty() => {
             ctx.purges.stop(&uid);

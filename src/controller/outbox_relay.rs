@@ -74,6 +74,9 @@ impl Reconciler for OutboxRelays {
         async move {
             let ns = obj.metadata.namespace.clone().unwrap_or_default();
             let (schema_cond, schema_version, pool) = schema(ctx, obj, &ns, &valid).boxed().await;
+            // Lost to another object now, or before and not claimed since (the database is away):
+            // no relay, no topics either way.
+            let schema_cond = super::ownership::sticky(&previous.conditions, schema_cond);
             if schema_cond.reason == reason::RESOURCE_CONFLICT {
                 return Ok(conflicted(ctx, obj, &ns, schema_cond, previous).await);
             }

@@ -30,10 +30,11 @@ async fn cluster(ctx: &Context) -> Result<String, kube::Error> {
 
 /// `obj` as a table owner.
 pub async fn me<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K) -> Result<Owner, Cond> {
+    // Not a conflict: nothing is stopped for it, the claim is tried again at the next reconcile.
     let cluster = cluster(ctx).await.map_err(|e| {
         Cond::unknown(
             condition::SCHEMA_READY,
-            reason::RESOURCE_CONFLICT,
+            reason::DATABASE_ERROR,
             format!("cannot read the cluster's identity (namespace kube-system) to claim the table: {e}"),
         )
     })?;
@@ -118,6 +119,38 @@ pub fn conflict(table: &QualifiedName, holder: &Owner, me: &Owner) -> Cond {
     )
 }
 
+/// The object lost its table to another the last time it looked (SchemaReady said so): until a
+/// claim says otherwise it runs nothing and cleans nothing up.
+pub fn was_conflicted(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == condition::SCHEMA_READY && c.reason == reason::RESOURCE_CONFLICT)
+}
+
+/// SchemaReady of an object that lost its table and cannot claim again now (its database is
+/// away, its Secret gone): still the conflict, with what keeps it from looking again, so nothing
+/// runs for it and its cleanup touches nothing until a claim says otherwise. Pure.
+pub fn sticky(previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition], now: Cond) -> Cond {
+    const SINCE: &str = " (cannot claim again now: ";
+    if now.status == crate::conditions::Status::True || now.reason == reason::RESOURCE_CONFLICT {
+        return now;
+    }
+    match previous
+        .iter()
+        .find(|c| c.type_ == condition::SCHEMA_READY && c.reason == reason::RESOURCE_CONFLICT)
+    {
+        Some(c) => {
+            let base = c.message.split(SINCE).next().unwrap_or_default();
+            Cond::no(
+                condition::SCHEMA_READY,
+                reason::RESOURCE_CONFLICT,
+                format!("{base}{SINCE}{})", now.message),
+            )
+        }
+        None => now,
+    }
+}
+
 /// The table's owner when it is another object than `obj`: its cleanup must not touch the table.
 pub async fn other_owner<K: Resource<DynamicType = ()>>(
     ctx: &Context,
@@ -145,6 +178,36 @@ mod tests {
             name: name.into(),
             uid: format!("uid-{name}"),
         }
+    }
+
+    #[test]
+    fn a_lost_table_stays_lost_until_a_claim_says_otherwise() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+        let t = crate::schema::qualified("billing", "inbox");
+        let lost = conflict(&t, &owner("c1", "first"), &owner("c1", "second"));
+        let previous = vec![Condition {
+            type_: lost.type_.into(),
+            status: "False".into(),
+            reason: lost.reason.into(),
+            message: lost.message.clone(),
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+            observed_generation: None,
+        }];
+        let down = Cond::no(condition::SCHEMA_READY, reason::DATABASE_UNREACHABLE, "db:5432/x: refused");
+        let c = sticky(&previous, down.clone());
+        assert_eq!(c.reason, reason::RESOURCE_CONFLICT);
+        assert!(
+            c.message.starts_with(&lost.message) && c.message.ends_with("(cannot claim again now: db:5432/x: refused)"),
+            "{}",
+            c.message
+        );
+        // Said again, the reason is not repeated.
+        let mut again = previous.clone();
+        again[0].message = c.message.clone();
+        assert_eq!(sticky(&again, down.clone()).message, c.message);
+        let ok = Cond::yes(condition::SCHEMA_READY, reason::SCHEMA_UP_TO_DATE, "ok");
+        assert_eq!(sticky(&previous, ok.clone()), ok, "a claim that succeeds ends it");
+        assert_eq!(sticky(&[], down.clone()), down);
     }
 
     #[test]

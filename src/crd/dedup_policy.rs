@@ -213,16 +213,6 @@ impl DedupPolicySpec {
         if matches!(&def, Some(d) if d.value.is_zero()) {
             p.add("spec.defaultRetention", "must be greater than zero");
         }
-        let mut tables = std::collections::BTreeSet::new();
-        for (i, e) in self.exceptions.iter().enumerate() {
-            if !tables.insert((&e.namespace, &e.name)) {
-                // Two bounds for one table: which one holds would depend on the list's order.
-                p.add(
-                    format!("spec.exceptions[{i}]"),
-                    format!("InboxTable {}/{} has an exception already; keep one", e.namespace, e.name),
-                );
-            }
-        }
         let exceptions = self
             .exceptions
             .iter()

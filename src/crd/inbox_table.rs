@@ -224,9 +224,6 @@ impl InboxTableSpec {
             }
             for (i, t) in k.topics.iter().enumerate() {
                 p.check(format!("spec.sources.kafka.topics[{i}]"), validate_topic_name(t));
-                if k.topics[..i].contains(t) {
-                    p.add(format!("spec.sources.kafka.topics[{i}]"), format!("topic {t:?} is listed twice"));
-                }
             }
             if let Some(a) = &k.auth_secret_ref {
                 super::common::validate_object_name(&a.name, &mut p, "spec.sources.kafka.authSecretRef.name");
@@ -266,7 +263,13 @@ impl InboxTableSpec {
                 },
                 sources: self.sources.as_ref().and_then(|s| s.kafka.as_ref()).map(|k| ValidKafkaSource {
                     bootstrap_servers: k.bootstrap_servers.clone(),
-                    topics: k.topics.clone(),
+                    // A topic listed twice is the same topic (not refused: objects stored with it stay valid).
+                    topics: k.topics.iter().fold(Vec::new(), |mut seen, t| {
+                        if !seen.contains(t) {
+                            seen.push(t.clone());
+                        }
+                        seen
+                    }),
                     auth_secret: k.auth_secret_ref.as_ref().map(|r| r.name.clone()),
                     consumer_group: k.consumer_group.clone(),
                 }),

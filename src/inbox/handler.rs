@@ -62,6 +62,10 @@ pub enum HandleError {
     /// The database stayed unavailable through every attempt; nothing committed.
     #[error("database error after {attempts} attempts: {source}")]
     Database { attempts: u32, source: sqlx::Error },
+    /// The database refused the claim or the commit (not something a retry heals: a privilege,
+    /// a missing table). When the commit was refused its outcome is the database's to tell.
+    #[error("the database refused the claim or its commit: {0}")]
+    Refused(sqlx::Error),
 }
 
 /// How a transient database error is retried: backoff doubling from `first` up to `max`.
@@ -103,11 +107,18 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
 enum Attempt<T> {
     Done(Handled<T>),
     Transient(sqlx::Error),
+    /// The effect's own error.
     Failed(BoxError),
+    /// A non-transient error of begin, claim or commit.
+    Refused(sqlx::Error),
 }
 
 impl Inbox {
-    /// Claim `d.id`, run `effect` in the same transaction when the claim is new, commit. Transient
+    /// Claim `d.id`, run `effect` in the same transaction when the claim is new, commit. The effect
+    /// must return its database errors (`?`), never swallow them: a failed statement aborts the
+    /// transaction, and PostgreSQL answers the COMMIT of an aborted transaction with a rollback
+    /// that is not an error, so a swallowed error would read as applied. A commit whose outcome
+    /// was lost is retried and then reads as `Duplicate` (the effect did commit). Transient
     /// database errors (from the claim, the effect or the commit) retry the whole step per
     /// `retry`; any other error from the effect rolls back and is returned. Counted in the
     /// inbox's metrics ([`Inbox::with_metrics`]) once the outcome is committed.
@@ -126,6 +137,10 @@ impl Inbox {
                 Attempt::Failed(e) => {
                     self.count_failure("effect");
                     return Err(HandleError::Effect(e));
+                }
+                Attempt::Refused(e) => {
+                    self.count_failure("database");
+                    return Err(HandleError::Refused(e));
                 }
                 Attempt::Transient(e) if n >= retry.attempts => {
                     self.count_failure("retries_exhausted");
@@ -150,7 +165,7 @@ impl Inbox {
             if is_transient(&e) {
                 Attempt::Transient(e)
             } else {
-                Attempt::Failed(Box::new(e))
+                Attempt::Refused(e)
             }
         };
         let mut tx = match pool.begin().await {
@@ -164,7 +179,8 @@ impl Inbox {
                 Ok(t) => Handled::Applied(t),
                 Err(e) => {
                     return match e.downcast::<sqlx::Error>() {
-                        Ok(e) => sql(*e),
+                        Ok(e) if is_transient(&e) => Attempt::Transient(*e),
+                        Ok(e) => Attempt::Failed(e),
                         Err(e) => Attempt::Failed(e),
                     }
                 }

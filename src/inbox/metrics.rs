@@ -23,7 +23,8 @@ pub struct ConsumerLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
     pub consumer: String,
-    /// `retries_exhausted` (the database stayed unavailable) or `effect` (the side effect refused).
+    /// `retries_exhausted` (the database stayed unavailable), `effect` (the side effect refused) or
+    /// `database` (the database refused the claim or the commit).
     pub reason: &'static str,
 }
 

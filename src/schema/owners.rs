@@ -84,7 +84,7 @@ pub async fn claim(conn: &mut PgConnection, t: &QualifiedName, me: &Owner, manag
         return Ok(Claimed::Untracked);
     }
     // One statement: of two objects claiming at once, exactly one row wins.
-    sqlx::query(&format!(
+    let inserted = sqlx::query(&format!(
         "insert into {owners} (table_schema, table_name, cluster, kind, namespace, name, uid)
          values ($1, $2, $3, $4, $5, $6, $7) on conflict (table_schema, table_name) do nothing"
     ))
@@ -96,16 +96,26 @@ pub async fn claim(conn: &mut PgConnection, t: &QualifiedName, me: &Owner, manag
     .bind(&me.name)
     .bind(&me.uid)
     .execute(&mut *conn)
-    .await?;
+    .await;
+    match inserted {
+        Ok(_) => {}
+        // A role that only uses tables (manageSchema false) may read the owners but not write.
+        Err(e) if !manage && crate::db::is_permission_denied(&e) => {}
+        Err(e) => return Err(e),
+    }
     let Some(holder) = holder(conn, t).await? else {
         return Ok(Claimed::Untracked);
     };
     if !holder.same_object(me) {
         return Ok(Claimed::Held(holder));
     }
-    if holder.uid != me.uid {
-        // Deleted and created again under its name: the new object carries on.
-        take_over(conn, t, me, &holder).await?;
+    // Deleted and created again under its name: the new object carries on, unless another object
+    // moved the row first.
+    if holder.uid != me.uid && !take_over(conn, t, me, &holder).await? {
+        return Ok(match self::holder(conn, t).await? {
+            Some(h) if !h.same_object(me) => Claimed::Held(h),
+            _ => Claimed::Ours,
+        });
     }
     Ok(Claimed::Ours)
 }

@@ -16,8 +16,21 @@ use crate::{
 
 /// librdkafka producer settings that lockstep owns; a spec may repeat them only with the forced value.
 const FORCED_PRODUCER_SETTINGS: [(&str, &[&str]); 2] = [("enable.idempotence", &["true"]), ("acks", &["all", "-1"])];
-/// Settings that would break idempotence or ordering guarantees.
-const FORBIDDEN_PRODUCER_SETTINGS: [&str; 3] = ["transactional.id", "bootstrap.servers", "enable.gapless.guarantee"];
+/// Settings that would break idempotence or ordering guarantees, or (plugins, interceptors) load
+/// code into the operator when validation hands them to librdkafka.
+const FORBIDDEN_PRODUCER_SETTINGS: [&str; 5] = [
+    "transactional.id",
+    "bootstrap.servers",
+    "enable.gapless.guarantee",
+    "plugin.library.paths",
+    "interceptors",
+];
+/// librdkafka's other names for settings checked here.
+const PRODUCER_ALIASES: [(&str, &str); 3] = [
+    ("request.required.acks", "acks"),
+    ("max.in.flight", "max.in.flight.requests.per.connection"),
+    ("metadata.broker.list", "bootstrap.servers"),
+];
 
 /// An OutboxRelay spec that passed validation: every value later steps need, parsed, so nothing
 /// reads the raw spec after `validate()`.
@@ -160,20 +173,24 @@ fn validate_kafka(k: &KafkaSpec, p: &mut Problems) {
         p.add("spec.kafka.producer.config", format!("at most {} settings", super::MAX_CONFIG_KEYS));
         return;
     }
-    for (key, value) in &pr.config {
-        let field = format!("spec.kafka.producer.config[{key}]");
-        if let Some((_, allowed)) = FORCED_PRODUCER_SETTINGS.iter().find(|(k, _)| k == key) {
+    for (given, value) in &pr.config {
+        let field = format!("spec.kafka.producer.config[{given}]");
+        let key = PRODUCER_ALIASES
+            .iter()
+            .find(|(a, _)| a == given)
+            .map_or(given.as_str(), |(_, k)| *k);
+        if let Some((_, allowed)) = FORCED_PRODUCER_SETTINGS.iter().find(|(k, _)| *k == key) {
             if !allowed.contains(&value.as_str()) {
                 p.add(
                     field,
                     format!("{key}={value} would weaken delivery; lockstep forces {key}={}", allowed[0]),
                 );
             }
-        } else if FORBIDDEN_PRODUCER_SETTINGS.contains(&key.as_str()) {
+        } else if FORBIDDEN_PRODUCER_SETTINGS.contains(&key) {
             p.add(field, format!("{key} is managed by lockstep and cannot be set"));
         } else if key == "max.in.flight.requests.per.connection" && !value.parse::<u32>().is_ok_and(|n| (1..=5).contains(&n)) {
             p.add(field, format!("must be 1 to 5 with the idempotent producer (got {value:?})"));
-        } else if let Some(refused) = librdkafka_refuses(key, value) {
+        } else if let Some(refused) = librdkafka_refuses(given, value) {
             p.add(field, refused);
         }
     }

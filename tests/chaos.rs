@@ -19,11 +19,12 @@ fn every_committed_order_is_applied_once_through_faults_on_every_hop() {
     println!("{stdout}");
     assert!(out.status.success(), "chaos run failed ({}):\n{stdout}", out.status);
     let faults = stdout.lines().find_map(|l| l.split_once("faults: ")).expect("fault summary").1;
+    // "relay SIGKILLs 20, consumer SIGKILLs 20, broker pauses 10 and restarts 10, database restarts 1; ..."
     let count = |what: &str| -> u32 {
         faults
-            .split(", ")
+            .split([',', ';'])
             .flat_map(|part| part.split(" and "))
-            .find_map(|p| p.strip_prefix(what).map(|n| n.trim().parse().unwrap()))
+            .find_map(|p| p.trim().strip_prefix(what).map(|n| n.trim().parse().unwrap()))
             .unwrap_or_else(|| panic!("{what} not in {faults}"))
     };
     assert!(count("relay SIGKILLs ") >= 20, "{faults}");

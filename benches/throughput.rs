@@ -8,7 +8,10 @@
 //! - inbox handler: `Inbox::handle` (claim, effect, commit, metrics counted, latency recorded)
 //!   against the same claim, effect and commit written by hand, one message per transaction.
 //!
-//!   scripts/bench throughput   (BENCH_WRITERS, default 4; BENCH_SECS, default 10)
+//!   scripts/bench throughput
+//!
+//! Knobs: BENCH_WRITERS (4), BENCH_SECS (10), BENCH_ROUNDS (8, ingest), BENCH_ONLY (e.g.
+//! ingest,inbox: only those parts), BENCH_RELAY_ARGS (more relay flags, e.g. "--listen false").
 
 use std::{
     sync::{
@@ -68,6 +71,63 @@ where
     count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
+/// The machine's CPU time counters (/proc/stat, in ticks): all, busy (user, nice, system, irq,
+/// softirq) and stolen by the hypervisor.
+#[derive(Clone, Copy, Default)]
+struct CpuTimes {
+    all: u64,
+    busy: u64,
+    stolen: u64,
+}
+
+impl CpuTimes {
+    fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let f: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let at = |i: usize| f.get(i).copied().unwrap_or(0);
+        CpuTimes {
+            all: (0..8).map(at).sum(),
+            busy: at(0) + at(1) + at(2) + at(5) + at(6),
+            stolen: at(7),
+        }
+    }
+
+    fn since(self, earlier: CpuTimes) -> CpuTimes {
+        CpuTimes {
+            all: self.all - earlier.all,
+            busy: self.busy - earlier.busy,
+            stolen: self.stolen - earlier.stolen,
+        }
+    }
+}
+
+/// A window of `run_for` with the machine's CPU time it took: on a virtual machine another guest
+/// can take this one's CPU ("steal"), which moves a window's throughput by a third and more, while
+/// the CPU time spent per transaction stays put.
+async fn measured<F>(window: F) -> (f64, CpuTimes)
+where
+    F: std::future::Future<Output = f64>,
+{
+    let t0 = CpuTimes::now();
+    let tps = window.await;
+    (tps, CpuTimes::now().since(t0))
+}
+
+/// A sample's value in the relay's /metrics text.
+fn metric(m: &RelayMetrics, name: &str) -> f64 {
+    m.render()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn qualified(schema: &str, table: &str) -> QualifiedName {
     QualifiedName {
         schema: Ident::parse(schema).unwrap(),
@@ -81,19 +141,30 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
     let topic = format!("bench.ingest.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let admin = lockstep::kafka::Admin::new(bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
     admin.create_topic(&topic, 6, 1, &Default::default()).await.unwrap();
-    let cfg = Wrap::parse_from([
-        "bench",
-        "--database-url",
-        &std::env::var("DATABASE_URL").unwrap(),
-        "--bootstrap-servers",
-        bootstrap,
-        "--schema",
-        &schema,
-        "--topic",
-        &topic,
-        "--metrics-addr",
-        "127.0.0.1:0",
-    ])
+    let cfg = Wrap::parse_from(
+        [
+            "bench",
+            "--database-url",
+            &std::env::var("DATABASE_URL").unwrap(),
+            "--bootstrap-servers",
+            bootstrap,
+            "--schema",
+            &schema,
+            "--topic",
+            &topic,
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]
+        .into_iter()
+        .map(String::from)
+        // BENCH_RELAY_ARGS: more relay flags, e.g. "--listen false".
+        .chain(
+            std::env::var("BENCH_RELAY_ARGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(String::from),
+        ),
+    )
     .relay
     .resolve()
     .expect("config");
@@ -138,33 +209,60 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
         }
     };
     let backlog_sql = format!("select count(*) from {}", r.table);
-    let alone = run_for(writers, secs, write.clone()).await;
-    // The rows written alone are drained first, so the measured window starts empty.
-    let metrics = Arc::new(RelayMetrics::default());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let relay = tokio::spawn(run_with_metrics(cfg.clone(), stop.clone(), metrics.clone()));
-    loop {
-        let left: i64 = sqlx::query_scalar(&backlog_sql).fetch_one(pool).await.unwrap();
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let sampler = {
-        let (pool, sql) = (pool.clone(), backlog_sql.clone());
-        tokio::spawn(async move {
-            let mut samples = Vec::new();
-            for _ in 0..secs {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                samples.push(sqlx::query_scalar::<_, i64>(&sql).fetch_one(&pool).await.unwrap());
+    // Rounds of a window alone and a window with the relay, interleaved: a single pair of windows
+    // on this machine varies by a third from run to run (checkpoints, autovacuum, the disk), and
+    // alternating lets both sides see the same drift.
+    let rounds = env_num("BENCH_ROUNDS", 8);
+    let (mut alone_all, mut relay_all) = (Vec::new(), Vec::new());
+    let (mut backlog, mut batches, mut published, mut notifications) = (Vec::new(), 0.0, 0.0, 0.0);
+    let (mut cpu_alone, mut cpu_relay) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let (tps, cpu) = measured(run_for(writers, secs, write.clone())).await;
+        alone_all.push(tps);
+        cpu_alone.push(cpu);
+        // The rows written alone are drained first, so the measured window starts empty.
+        let metrics = Arc::new(RelayMetrics::default());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let relay = tokio::spawn(run_with_metrics(cfg.clone(), stop.clone(), metrics.clone()));
+        loop {
+            let left: i64 = sqlx::query_scalar(&backlog_sql).fetch_one(pool).await.unwrap();
+            if left == 0 {
+                break;
             }
-            samples
-        })
-    };
-    let with_relay = run_for(writers, secs, write.clone()).await;
-    let backlog = sampler.await.unwrap();
-    stop.cancel();
-    relay.await.unwrap().unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let sampler = {
+            let (pool, sql) = (pool.clone(), backlog_sql.clone());
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                for _ in 0..secs {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    samples.push(sqlx::query_scalar::<_, i64>(&sql).fetch_one(&pool).await.unwrap());
+                }
+                samples
+            })
+        };
+        let counts = || {
+            (
+                metric(&metrics, "lockstep_relay_batch_duration_seconds_count"),
+                metric(&metrics, "lockstep_relay_published_total"),
+                metric(&metrics, "lockstep_relay_notifications_total"),
+            )
+        };
+        let before = counts();
+        let (tps, cpu) = measured(run_for(writers, secs, write.clone())).await;
+        relay_all.push(tps);
+        cpu_relay.push(cpu);
+        backlog.extend(sampler.await.unwrap());
+        let after = counts();
+        batches += after.0 - before.0;
+        published += after.1 - before.1;
+        notifications += after.2 - before.2;
+        stop.cancel();
+        relay.await.unwrap().unwrap();
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (alone, with_relay) = (mean(&alone_all), mean(&relay_all));
     // The broker's share: the same writers while the producer alone publishes what the relay
     // published, at the same rate, on this machine.
     let producer: rdkafka::producer::FutureProducer = lockstep::relay::producer_config(&cfg).create().unwrap();
@@ -206,18 +304,69 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
         });
         (stop, task)
     };
-    let with_producer = run_for(writers, secs, write).await;
+    let (with_producer, cpu_producer) = measured(run_for(writers, secs, write)).await;
     publishing.0.store(true, Ordering::Relaxed);
     publishing.1.await.unwrap();
-    println!("ingest: {writers} writers, each transaction = 1 order row + 1 outbox row (~256 B payload), {secs}s each");
-    println!("  writer TPS without relay: {alone:>8.0}");
-    println!("  writer TPS, relay draining: {with_relay:>6.0}");
-    println!("  ratio = {:.2} (goal >= 0.90)", with_relay / alone);
+    println!(
+        "ingest: {writers} writers, each transaction = 1 order row + 1 outbox row (~256 B payload), \
+         {rounds} rounds of {secs}s alone then {secs}s with the relay"
+    );
+    let each = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+    println!("  writer TPS without relay:   {alone:>6.0}  (rounds: {})", each(&alone_all));
+    println!("  writer TPS, relay draining: {with_relay:>6.0}  (rounds: {})", each(&relay_all));
+    let per_round: Vec<String> = alone_all.iter().zip(&relay_all).map(|(a, r)| format!("{:.2}", r / a)).collect();
+    println!(
+        "  ratio = {:.2} (goal >= 0.90; per round: {})",
+        with_relay / alone,
+        per_round.join(", ")
+    );
+    // CPU per transaction (busy machine time over the window's transactions): steady under steal.
+    let per_tx = |cpu: &[CpuTimes], tps: &[f64]| {
+        let busy: u64 = cpu.iter().map(|c| c.busy).sum();
+        let ticks = 1e6 / 100.0; // microseconds per tick (USER_HZ is 100 on Linux)
+        busy as f64 * ticks / (tps.iter().sum::<f64>() * secs as f64)
+    };
+    let stolen = |cpu: &[CpuTimes]| {
+        let s: Vec<String> = cpu
+            .iter()
+            .map(|c| format!("{:.0}", 100.0 * c.stolen as f64 / c.all.max(1) as f64))
+            .collect();
+        s.join(", ")
+    };
+    let (us_alone, us_relay) = (per_tx(&cpu_alone, &alone_all), per_tx(&cpu_relay, &relay_all));
+    println!(
+        "  machine CPU per writer transaction: alone {us_alone:.0} us, relay draining {us_relay:.0} us; \
+         alone / relay = {:.2} (the TPS ratio where CPU is what limits)",
+        us_alone / us_relay
+    );
+    println!(
+        "  CPU stolen by the host (%), alone windows: {}; relay windows: {}",
+        stolen(&cpu_alone),
+        stolen(&cpu_relay)
+    );
     println!(
         "  writer TPS, the producer alone publishing {with_relay:.0}/s (the broker's share): {with_producer:.0} ({:.2} of alone)",
         with_producer / alone
     );
+    // Busy CPU per second = writers' cost x writer TPS + publishing's cost x events published.
+    // The writers' cost per transaction comes from the windows alone, the broker's (producer
+    // and broker) per event from the producer's window, and the rest of the relay windows' CPU
+    // is the relay's own: its process and its statements.
+    let busy_per_sec = |c: &CpuTimes| c.busy as f64 * 1e4 / secs as f64; // microseconds per second
+    let broker_us = (busy_per_sec(&cpu_producer) - us_alone * with_producer) / with_relay;
+    let relay_us = us_relay - us_alone - broker_us;
+    println!(
+        "  CPU per event: the broker's share (producer alone) {broker_us:.0} us, the relay's own {relay_us:.0} us; \
+         alone / (alone + relay's own) = {:.2} (the ratio where the broker has its own machine and CPU limits)",
+        us_alone / (us_alone + relay_us)
+    );
     println!("  outbox backlog each second while relaying: {backlog:?}");
+    println!(
+        "  relay batches while the writers ran: {batches:.0} ({:.0}/s), {:.1} rows each",
+        batches / (secs * rounds) as f64,
+        published / batches.max(1.0)
+    );
+    println!("  NOTIFYs the relay received while the writers ran: {notifications:.0}");
     sqlx::query(&format!("drop schema \"{schema}\" cascade"))
         .execute(pool)
         .await
@@ -299,9 +448,18 @@ async fn main() {
         .connect(&url)
         .await
         .unwrap();
-    ingest(&pool, &bootstrap, writers, secs).await;
-    inbox(&pool, writers, secs).await;
-    handler(&pool, writers, secs).await;
+    // BENCH_ONLY: a comma-separated subset of ingest, inbox, handler.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let part = |name: &str| only.is_empty() || only.split(',').any(|p| p.trim() == name);
+    if part("ingest") {
+        ingest(&pool, &bootstrap, writers, secs).await;
+    }
+    if part("inbox") {
+        inbox(&pool, writers, secs).await;
+    }
+    if part("handler") {
+        handler(&pool, writers, secs).await;
+    }
 }
 
 /// `Inbox::handle` with metrics against claim + effect + commit by hand.

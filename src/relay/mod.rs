@@ -21,6 +21,7 @@
 mod cleanup;
 mod failure;
 mod gate;
+mod headers;
 mod metrics;
 mod publisher;
 pub mod replay;

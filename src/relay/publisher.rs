@@ -11,11 +11,10 @@ use std::{
 use rdkafka::{
     config::ClientConfig,
     error::{KafkaError, RDKafkaErrorCode},
-    message::{Header, OwnedHeaders},
     producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
 };
 use sqlx::PgConnection;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -78,43 +77,6 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-const RESERVED_HEADERS: [&str; 3] = ["id", "type", super::stamp::CREATED_AT_HEADER];
-
-/// The message headers: `id` and `type`, `created_at` when the timestamp is not it (`stamp`),
-/// then each entry of the row's `headers` object as text.
-fn headers(row: &OutboxRow, created_ms: Option<i64>) -> OwnedHeaders {
-    let extra = row.headers.as_ref().and_then(|h| h.as_object());
-    let id = row.id.to_string();
-    let mut headers = OwnedHeaders::new_with_capacity(3 + extra.map_or(0, |h| h.len()))
-        .insert(Header {
-            key: "id",
-            value: Some(id.as_bytes()),
-        })
-        .insert(Header {
-            key: "type",
-            value: Some(row.type_.as_bytes()),
-        });
-    if let Some(ms) = created_ms {
-        headers = headers.insert(Header {
-            key: super::stamp::CREATED_AT_HEADER,
-            value: Some(ms.to_string().as_bytes()),
-        });
-    }
-    // The relay's own `id` and `type` are what consumers deduplicate and route on: a row header
-    // of the same name is left out rather than sent twice.
-    for (k, v) in extra.into_iter().flatten().filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_str())) {
-        let text = match v {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        headers = headers.insert(Header {
-            key: k.as_str(),
-            value: Some(text.as_bytes()),
-        });
-    }
-    headers
-}
-
 pub struct Relay {
     cfg: RelayConfig,
     metrics: Arc<RelayMetrics>,
@@ -122,14 +84,30 @@ pub struct Relay {
     sql: Statements,
     /// Rows and keys the next read leaves out: in flight, or waiting for a retry.
     gate: KeyGate<Instant>,
-    /// Told when new rows were committed (NOTIFY); see `drain`.
+    /// Told when new rows were committed (NOTIFY): an idle relay starts a drain.
     new_rows: Arc<Notify>,
+    /// Whether the session should LISTEN (see UNLISTEN_AFTER).
+    listening: watch::Sender<bool>,
     /// Broker or network failures in a row (reset by an acknowledgement).
     transport_failures: u32,
     /// A message timed out: the idempotent producer's sequence state for its partition is unknown
     /// (and some brokers never accept that producer again), so start over with a fresh one.
     stale_producer: bool,
+    /// No read starts before this (see GATHER).
+    next_read: Instant,
 }
+
+/// After a read that caught up (fewer rows than a batch), the next read starts no sooner than
+/// this after it. Under a steady flow of small transactions, reading at every NOTIFY reads a row
+/// or two per statement: a select and a delete per writer transaction, on the database the
+/// writers use. Spaced reads take what committed meanwhile in one batch. A row after a quiet
+/// spell is still read at once, and a backlog back to back; a row waits at most this long more.
+pub const GATHER: Duration = Duration::from_millis(5);
+
+/// A drain running this long is under a steady flow: the session stops listening until it ends.
+/// Every NOTIFY wakes the listening server process and the relay once per writer transaction,
+/// work that a drain polling every GATHER does not need.
+const UNLISTEN_AFTER: Duration = Duration::from_millis(50);
 
 impl Relay {
     pub fn new(cfg: RelayConfig, metrics: Arc<RelayMetrics>, tables: &OutboxTables) -> Result<Self, RelayError> {
@@ -140,8 +118,10 @@ impl Relay {
             metrics,
             gate: KeyGate::default(),
             new_rows: Arc::new(Notify::new()),
+            listening: watch::Sender::new(true),
             transport_failures: 0,
             stale_producer: false,
+            next_read: Instant::now(),
         })
     }
 
@@ -149,10 +129,21 @@ impl Relay {
         &self.producer
     }
 
-    /// What to tell when new rows were committed: a waiting drain reads them at once instead of
-    /// after the oldest batch in flight is acknowledged; an idle relay starts a drain.
+    /// What to tell when new rows were committed: an idle relay starts a drain.
     pub fn new_rows(&self) -> Arc<Notify> {
         self.new_rows.clone()
+    }
+
+    /// Whether the session should LISTEN for new rows now: false while a drain has been running
+    /// for UNLISTEN_AFTER (it polls), true again when it ends.
+    /// Starts as true: a new session listens.
+    pub(super) fn listening(&self) -> watch::Receiver<bool> {
+        self.set_listening(true);
+        self.listening.subscribe()
+    }
+
+    fn set_listening(&self, on: bool) {
+        self.listening.send_if_modified(|v| std::mem::replace(v, on) != on);
     }
 
     /// The statements a batch runs (select, then delete or mark), for the SQL-only baseline.
@@ -172,41 +163,55 @@ impl Relay {
         // outbox): their keys must not stay out of reads.
         self.gate.abandon_in_flight();
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(depth);
-        // Set when a read finds nothing; cleared when a batch completes (rows may have come since).
-        let mut empty = false;
+        // There may be rows to read: at the start, after a full batch, a NOTIFY or a completed
+        // batch (rows may have come since, keys may be free again). Cleared by a read that
+        // caught up; a read waits for `next_read` (see GATHER).
+        let mut want = true;
+        let began = Instant::now();
         loop {
             if self.rebuild_if_needed()? {
                 in_flight.clear();
                 self.gate.abandon_in_flight();
             }
-            while !empty && in_flight.len() < depth && !stop.is_cancelled() {
+            while want && in_flight.len() < depth && !stop.is_cancelled() && Instant::now() >= self.next_read {
                 let started = Instant::now();
                 let rows = self.fetch(conn).await?;
-                if rows.is_empty() {
-                    empty = true;
-                } else {
+                want = rows.len() >= self.cfg.resolved.batch_size as usize;
+                self.next_read = if want { started } else { started + GATHER };
+                if !rows.is_empty() {
                     in_flight.push_back(self.send(rows, started).await);
                 }
             }
             let Some(mut batch) = in_flight.pop_front() else {
-                return Ok(());
+                if !want || stop.is_cancelled() {
+                    self.set_listening(true);
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep_until(self.next_read.into()) => {}
+                }
+                continue;
             };
-            // Nothing more to read: wait for the oldest batch's reports, or for new rows, which
-            // are read at once rather than after an acknowledgement (the latency of a steady flow).
-            if empty && in_flight.len() + 1 < depth && !stop.is_cancelled() {
-                let new_rows = self.new_rows.clone();
+            // Room for another batch: wait for the oldest batch's reports, or read again once
+            // GATHER has passed. While batches are in flight the relay polls at that pace rather
+            // than waiting for NOTIFYs, which it stops listening for under a steady flow.
+            if in_flight.len() + 1 < depth && !stop.is_cancelled() {
                 let woken = tokio::select! {
                     _ = batch.delivered() => false,
-                    _ = new_rows.notified() => true,
+                    _ = tokio::time::sleep_until(self.next_read.into()) => true,
                 };
                 if woken {
                     in_flight.push_front(batch);
-                    empty = false;
+                    want = true;
                     continue;
                 }
             }
+            if began.elapsed() >= UNLISTEN_AFTER {
+                self.set_listening(false);
+            }
             self.complete(conn, batch).await?;
-            empty = false;
+            want = true;
         }
     }
 
@@ -282,7 +287,7 @@ impl Relay {
         let mut record = FutureRecord::to(&topic)
             .key(key.as_bytes())
             .timestamp(timestamp)
-            .headers(headers(row, created_ms));
+            .headers(super::headers::headers(row, created_ms));
         if let Some(p) = &row.payload {
             record = record.payload(p.as_slice());
         }
@@ -383,58 +388,4 @@ fn create_producer(cfg: &RelayConfig) -> Result<FutureProducer, RelayError> {
     producer_config(cfg)
         .create()
         .map_err(|e| RelayError::Producer(crate::kafka::config_error_text(&e, cfg.kafka_config.values().map(|v| v.expose()))))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(headers: Option<serde_json::Value>) -> OutboxRow {
-        OutboxRow {
-            id: uuid::Uuid::nil(),
-            seq: 1,
-            aggregatetype: "order".into(),
-            aggregateid: "42".into(),
-            type_: "created".into(),
-            payload: None,
-            headers,
-            attempts: 0,
-            created: 0.0,
-        }
-    }
-
-    fn header_pairs(h: &OwnedHeaders) -> Vec<(String, String)> {
-        use rdkafka::message::Headers;
-        h.iter()
-            .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
-            .collect()
-    }
-
-    #[test]
-    fn headers_carry_id_type_and_the_row_headers_as_text() {
-        let h = headers(&row(Some(serde_json::json!({"n": 1, "trace": "abc"}))), None);
-        let pairs = header_pairs(&h);
-        let want = [
-            ("id", "00000000-0000-0000-0000-000000000000"),
-            ("type", "created"),
-            ("n", "1"),
-            ("trace", "abc"),
-        ];
-        assert_eq!(pairs, want.map(|(k, v)| (k.to_owned(), v.to_owned())));
-        assert_eq!(header_pairs(&headers(&row(None), None)).len(), 2);
-        let clash = headers(
-            &row(Some(
-                serde_json::json!({"id": "forged", "type": "other", "lockstep-created-at": "1", "trace": "abc"}),
-            )),
-            Some(7),
-        );
-        let pairs = header_pairs(&clash);
-        let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(
-            keys,
-            ["id", "type", "lockstep-created-at", "trace"],
-            "the relay's own headers are not sent twice"
-        );
-        assert_eq!(pairs[2].1, "7");
-    }
 }

@@ -21,14 +21,14 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use sqlx::{
     postgres::{PgConnectOptions, PgListener},
     Connection, Executor, PgConnection, PgPool,
 };
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::{backoff, metrics::WakeLabel, Relay, RelayError, RelayMetrics};
@@ -38,6 +38,10 @@ use crate::config::RelayConfig;
 /// server drops the session of a relay that stopped answering, which releases its lock; a relay
 /// gives up on a server that did not answer a session statement within it.
 pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How often a relay checks that its lock session still answers and is still the one holding
+/// the lock (`Session::check`), at most.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Keepalive probes before the server gives up on a silent relay.
 const KEEPALIVE_PROBES: u64 = 3;
@@ -232,15 +236,17 @@ impl Session<'_> {
 
     /// LISTEN on the outbox's channel, unless disabled (the relay then polls), and tell
     /// `new_rows` of each NOTIFY. Notifications that arrive together wake one drain (a Notify
-    /// keeps one permit): under sustained load NOTIFYs arrive during every drain, and answering
-    /// them one by one would run a mostly empty drain per writer transaction.
-    async fn listen(&self, new_rows: Arc<Notify>) -> Option<Listening> {
+    /// keeps one permit). While `wanted` is false (a drain under a steady flow polls instead) the
+    /// channel is unlistened; listening again tells `new_rows` once, for the rows committed
+    /// meanwhile, which no NOTIFY announced.
+    async fn listen(&self, new_rows: Arc<Notify>, mut wanted: watch::Receiver<bool>) -> Option<Listening> {
         if !self.cfg.listen {
             return None;
         }
+        let channel = self.channel.clone();
         let l = async {
             let mut l = PgListener::connect_with(&self.pool).await?;
-            l.listen(&self.channel).await?;
+            l.listen(&channel).await?;
             Ok::<_, sqlx::Error>(l)
         };
         let mut l = match l.await {
@@ -253,16 +259,39 @@ impl Session<'_> {
         };
         let metrics = self.metrics.clone();
         Some(Listening(tokio::spawn(async move {
+            let mut on = true;
             loop {
-                match l.try_recv().await {
-                    Ok(Some(_)) => {
-                        metrics.notifications.inc();
-                    }
-                    // Reconnected: rows may have come meanwhile, unannounced.
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "LISTEN connection failed; retrying in 1s");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                // try_recv is cancel-safe: a notification is taken whole or left for the next call.
+                tokio::select! {
+                    r = l.try_recv() => match r {
+                        Ok(Some(_)) => {
+                            metrics.notifications.inc();
+                        }
+                        // Reconnected: rows may have come meanwhile, unannounced.
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "LISTEN connection failed; retrying in 1s");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    },
+                    changed = wanted.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let want = *wanted.borrow_and_update();
+                        if want == on {
+                            continue;
+                        }
+                        // Until it worked (the listener reconnects by itself): a relay that stopped
+                        // listening would otherwise wake only at the poll interval.
+                        while let Err(e) = if want { l.listen(&channel).await } else { l.unlisten(&channel).await } {
+                            tracing::warn!(error = %e, listen = want, "cannot change LISTEN; retrying in 1s");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        on = want;
+                        if !want {
+                            continue;
+                        }
                     }
                 }
                 new_rows.notify_one();
@@ -274,10 +303,15 @@ impl Session<'_> {
     /// an error.
     async fn relay(&self, relay: &mut Relay, conn: &mut PgConnection, locked: i32) -> Result<(), RelayError> {
         let new_rows = relay.new_rows();
-        let _listening = self.listen(new_rows.clone()).await;
+        let _listening = self.listen(new_rows.clone(), relay.listening()).await;
         let poll = self.cfg.resolved.poll_interval;
+        let mut checked: Option<Instant> = None;
         loop {
-            self.check(conn, locked).await?;
+            // Not before every drain: under a steady flow a drain starts every few milliseconds.
+            if checked.is_none_or(|at| at.elapsed() >= CHECK_EVERY) {
+                self.check(conn, locked).await?;
+                checked = Some(Instant::now());
+            }
             relay.drain(conn, self.stop).await?;
             if self.stop.is_cancelled() {
                 return Ok(());
@@ -291,7 +325,7 @@ impl Session<'_> {
         }
     }
 
-    /// Before each drain (one query per wake-up): the server still answers, and this connection
+    /// Before a drain, at most every CHECK_EVERY: the server still answers, and this connection
     /// still reaches the server process holding the lock. Unnamed (not a prepared statement), so
     /// through a pooler it runs on whichever server connection it lands and reports that one.
     async fn check(&self, conn: &mut PgConnection, locked: i32) -> Result<(), RelayError> {

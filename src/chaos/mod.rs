@@ -129,7 +129,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         started.elapsed(),
         faults.summary()
     );
-    let settled = verify::settle(&pool, &run.schema, args.settle_timeout, &mut faults).await;
+    let settled = settle(&pool, &run.schema, args.settle_timeout, &mut faults).await;
     let claims = faults.scrape_all().await;
     faults.stop().await;
     let report = verify::check(&pool, &run.schema).await?;
@@ -138,6 +138,23 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
 }
 
 /// The run's schema: orders, the outbox and inbox lockstep migrates, effects; and its topic.
+/// Wait until every committed order has an effect and the outbox is empty, restarting relays and
+/// consumers that exited meanwhile.
+async fn settle(pool: &sqlx::PgPool, schema: &str, timeout: Duration, faults: &mut Faults) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        // Redeliveries still in flight would add (deduplicated) claims, not effects.
+        if let Ok(0) = verify::unsettled(pool, schema).await {
+            return true;
+        }
+        if let Err(e) = faults.restart_exited().await {
+            eprintln!("chaos: {e}");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    false
+}
+
 async fn prepare(pool: &sqlx::PgPool, args: &ChaosArgs, run: &Run) -> anyhow::Result<()> {
     let schema = Ident::parse(&run.schema)?;
     let q = quote_ident(&run.schema);

@@ -77,25 +77,15 @@ pub async fn committed(pool: &PgPool, schema: &str) -> Result<u64, sqlx::Error> 
     Ok(n as u64)
 }
 
-/// Wait until every committed order has an effect and the outbox is empty.
-pub async fn settle(pool: &PgPool, schema: &str, timeout: Duration, faults: &mut super::faults::Faults) -> bool {
+/// Committed orders without an effect, plus rows still in the outbox: 0 once the run settled.
+pub async fn unsettled(pool: &PgPool, schema: &str) -> Result<i64, sqlx::Error> {
     let q = quote_ident(schema);
-    let sql = format!(
+    sqlx::query_scalar(&format!(
         "select (select count(*) from {q}.orders o where not exists (select 1 from {q}.effects e where e.order_id = o.id))
               + (select count(*) from {q}.outbox)"
-    );
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if let Ok(0i64) = sqlx::query_scalar(&sql).fetch_one(pool).await {
-            // Redeliveries still in flight would add (deduplicated) claims, not effects.
-            return true;
-        }
-        if let Err(e) = faults.restart_exited().await {
-            eprintln!("chaos: {e}");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    false
+    ))
+    .fetch_one(pool)
+    .await
 }
 
 /// The outcome, counted in the database.

@@ -73,7 +73,7 @@ where
 
 /// The machine's CPU time counters (/proc/stat, in ticks): all, busy (user, nice, system, irq,
 /// softirq) and stolen by the hypervisor.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct CpuTimes {
     all: u64,
     busy: u64,
@@ -97,6 +97,11 @@ impl CpuTimes {
             busy: at(0) + at(1) + at(2) + at(5) + at(6),
             stolen: at(7),
         }
+    }
+
+    /// Busy time in microseconds (a tick is 1/USER_HZ s, and USER_HZ is 100 on Linux).
+    fn busy_us(&self) -> f64 {
+        self.busy as f64 * 1e4
     }
 
     fn since(self, earlier: CpuTimes) -> CpuTimes {
@@ -210,8 +215,8 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
     };
     let backlog_sql = format!("select count(*) from {}", r.table);
     // Rounds of a window alone and a window with the relay, interleaved: a single pair of windows
-    // on this machine varies by a third from run to run (checkpoints, autovacuum, the disk), and
-    // alternating lets both sides see the same drift.
+    // on this machine varies by a third from run to run (mostly CPU the host steals, see
+    // `measured`), and alternating lets both sides see the same drift.
     let rounds = env_num("BENCH_ROUNDS", 8);
     let (mut alone_all, mut relay_all) = (Vec::new(), Vec::new());
     let (mut backlog, mut batches, mut published, mut notifications) = (Vec::new(), 0.0, 0.0, 0.0);
@@ -321,11 +326,7 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
         per_round.join(", ")
     );
     // CPU per transaction (busy machine time over the window's transactions): steady under steal.
-    let per_tx = |cpu: &[CpuTimes], tps: &[f64]| {
-        let busy: u64 = cpu.iter().map(|c| c.busy).sum();
-        let ticks = 1e6 / 100.0; // microseconds per tick (USER_HZ is 100 on Linux)
-        busy as f64 * ticks / (tps.iter().sum::<f64>() * secs as f64)
-    };
+    let per_tx = |cpu: &[CpuTimes], tps: &[f64]| cpu.iter().map(CpuTimes::busy_us).sum::<f64>() / (tps.iter().sum::<f64>() * secs as f64);
     let stolen = |cpu: &[CpuTimes]| {
         let s: Vec<String> = cpu
             .iter()
@@ -352,8 +353,7 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
     // The writers' cost per transaction comes from the windows alone, the broker's (producer
     // and broker) per event from the producer's window, and the rest of the relay windows' CPU
     // is the relay's own: its process and its statements.
-    let busy_per_sec = |c: &CpuTimes| c.busy as f64 * 1e4 / secs as f64; // microseconds per second
-    let broker_us = (busy_per_sec(&cpu_producer) - us_alone * with_producer) / with_relay;
+    let broker_us = (cpu_producer.busy_us() / secs as f64 - us_alone * with_producer) / with_relay;
     let relay_us = us_relay - us_alone - broker_us;
     println!(
         "  CPU per event: the broker's share (producer alone) {broker_us:.0} us, the relay's own {relay_us:.0} us; \

@@ -102,7 +102,7 @@ pub struct Relay {
 /// or two per statement: a select and a delete per writer transaction, on the database the
 /// writers use. Spaced reads take what committed meanwhile in one batch. A row after a quiet
 /// spell is still read at once, and a backlog back to back; a row waits at most this long more.
-pub const GATHER: Duration = Duration::from_millis(5);
+const GATHER: Duration = Duration::from_millis(5);
 
 /// A drain running this long is under a steady flow: the session stops listening until it ends.
 /// Every NOTIFY wakes the listening server process and the relay once per writer transaction,

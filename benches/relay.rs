@@ -3,11 +3,14 @@
 //! statements). Reports R / min(P, D) and the relay's CPU time per event.
 //!
 //! Then measures commit-to-acknowledgement latency at 60% of R, woken by NOTIFY and by polling,
-//! against the producer alone at the same rate (send to acknowledgement); and, with cleanup
+//! against two baselines at the same rate: the producer alone (send to acknowledgement), and the
+//! dual write (the same writers publish their events themselves after commit: transaction start to
+//! acknowledgement, the same span the relay's latency covers); and, with cleanup
 //! MarkPublished, R with 1M published rows kept in the table against R with none.
 //!
 //!   scripts/bench relay   (BENCH_EVENTS, default 1000000; BENCH_BATCH, default 500; BENCH_IN_FLIGHT,
 //!                          default 16; BENCH_POLL, default 1s; BENCH_LATENCY_SECS, default 10;
+//!                          BENCH_LATENCY_ROUNDS, default 4;
 //!                          BENCH_MARKED_EVENTS, default BENCH_EVENTS/4; BENCH_KEPT, default
 //!                          1000000; payload ~256 bytes; 1000 keys)
 
@@ -69,18 +72,32 @@ async fn load(pool: &sqlx::PgPool, table: &str, n: i64) {
 /// Commit events at `rate` per second for `dur`: every 10 ms, one transaction per writer connection
 /// inserts its share. Returns how many were written, and each transaction's duration (insert and
 /// commit: part of the relay's latency, which starts at the row's created_at, the transaction's start).
-async fn write_at(pool: &sqlx::PgPool, table: &str, rate: f64, dur: Duration) -> (u64, Vec<f64>) {
+///
+/// With `direct`, each writer also publishes its events itself right after the commit (the dual
+/// write the outbox replaces) and the third value holds each event's transaction start to
+/// acknowledgement: the baseline for the relay's commit-to-acknowledgement latency, under the
+/// same writer load on the database.
+async fn write_at(
+    pool: &sqlx::PgPool,
+    table: &str,
+    rate: f64,
+    dur: Duration,
+    direct: Option<(&FutureProducer, &str)>,
+) -> (u64, Vec<f64>, Vec<f64>) {
     const WRITERS: usize = 4;
     let per_tick = rate / 100.0 / WRITERS as f64;
+    let payload = format!("{{\"n\": 0, \"pad\": \"{}\"}}", "x".repeat(230));
     let tasks: Vec<_> = (0..WRITERS)
         .map(|w| {
             let pool = pool.clone();
             let sql = insert_sql(table);
+            let direct = direct.map(|(p, t)| (p.clone(), t.to_owned()));
+            let payload = payload.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_millis(10));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 let end = Instant::now() + dur;
-                let (mut owed, mut written, mut took) = (0.0f64, 0u64, Vec::new());
+                let (mut owed, mut written, mut took, mut acks) = (0.0f64, 0u64, Vec::new(), Vec::new());
                 while Instant::now() < end {
                     tick.tick().await;
                     owed += per_tick;
@@ -89,27 +106,28 @@ async fn write_at(pool: &sqlx::PgPool, table: &str, rate: f64, dur: Duration) ->
                         continue;
                     }
                     owed -= k as f64;
+                    let first = (w as i64) << 40 | written as i64;
                     let t = Instant::now();
-                    sqlx::query(&sql)
-                        .bind((w as i64) << 40 | written as i64)
-                        .bind(k)
-                        .execute(&pool)
-                        .await
-                        .expect("insert");
+                    sqlx::query(&sql).bind(first).bind(k).execute(&pool).await.expect("insert");
                     took.push(t.elapsed().as_secs_f64());
                     written += k as u64;
+                    let Some((producer, topic)) = &direct else { continue };
+                    for g in first..first + k {
+                        acks.push(send_timed(producer, topic, g, &payload, t));
+                    }
                 }
-                (written, took)
+                (written, took, acked(acks).await)
             })
         })
         .collect();
-    let (mut total, mut took) = (0, Vec::new());
+    let (mut total, mut took, mut latencies) = (0, Vec::new(), Vec::new());
     for t in tasks {
-        let (w, d) = t.await.unwrap();
+        let (w, d, l) = t.await.unwrap();
         total += w;
         took.extend(d);
+        latencies.extend(l);
     }
-    (total, took)
+    (total, took, latencies)
 }
 
 /// The relay configuration the bench runs with: its own schema and topic, BENCH_* settings.
@@ -177,12 +195,11 @@ async fn producer_rate(cfg: &RelayConfig, topic: &str, n: i64) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
-/// The producer alone at `rate` for `secs`, sending each 10 ms tick's share at once (as the relay
-/// sends a batch): send-to-acknowledgement latencies, in seconds.
-async fn producer_latencies(cfg: &RelayConfig, topic: &str, rate: f64, secs: f64) -> Vec<f64> {
+/// A producer with metadata and a connection to every partition leader, as the relay's is before
+/// it is measured.
+async fn warm_producer(cfg: &RelayConfig, topic: &str) -> FutureProducer {
     let producer: FutureProducer = producer_config(cfg).create().unwrap();
     let payload = format!("{{\"n\": 0, \"pad\": \"{}\"}}", "x".repeat(230));
-    // Warm up (metadata, connections to every partition leader), as the relay is before it is measured.
     let warm: Vec<_> = (0..1000)
         .map(|i| {
             let key = format!("k-{i}");
@@ -195,6 +212,25 @@ async fn producer_latencies(cfg: &RelayConfig, topic: &str, rate: f64, secs: f64
     for f in warm {
         f.await.unwrap().unwrap();
     }
+    producer
+}
+
+/// The dual write at `rate` for `secs`: the same writers commit the same rows, and each publishes
+/// its events right after its commit. Transaction start to acknowledgement, in seconds, and the
+/// writers' transaction durations. The rows are removed afterwards (no relay runs).
+async fn direct_latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &str, rate: f64, secs: f64) -> (Vec<f64>, Vec<f64>) {
+    let producer = warm_producer(cfg, topic).await;
+    let table = cfg.resolved.table.to_string();
+    let (_, took, l) = write_at(pool, &table, rate, Duration::from_secs_f64(secs), Some((&producer, topic))).await;
+    sqlx::query(&format!("truncate {table}")).execute(pool).await.unwrap();
+    (l, took)
+}
+
+/// The producer alone at `rate` for `secs`, sending each 10 ms tick's share at once (as the relay
+/// sends a batch): send-to-acknowledgement latencies, in seconds.
+async fn producer_latencies(cfg: &RelayConfig, topic: &str, rate: f64, secs: f64) -> Vec<f64> {
+    let producer = warm_producer(cfg, topic).await;
+    let payload = format!("{{\"n\": 0, \"pad\": \"{}\"}}", "x".repeat(230));
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let end = Instant::now() + Duration::from_secs_f64(secs);
@@ -206,19 +242,27 @@ async fn producer_latencies(cfg: &RelayConfig, topic: &str, rate: f64, secs: f64
         while owed >= 1.0 {
             owed -= 1.0;
             i += 1;
-            let key = format!("k-{}", i % 1000);
-            let headers = relay_headers();
-            let sent = Instant::now();
-            let f = producer
-                .send_result(FutureRecord::to(topic).key(&key).payload(&payload).headers(headers))
-                .map_err(|_| ())
-                .expect("queue full at the latency rate");
-            acks.push(tokio::spawn(async move {
-                f.await.unwrap().unwrap();
-                sent.elapsed().as_secs_f64()
-            }));
+            acks.push(send_timed(&producer, topic, i as i64, &payload, Instant::now()));
         }
     }
+    acked(acks).await
+}
+
+/// Send event `n` (key k-(n mod 1000), the relay's headers); the task yields the time from `since`
+/// to its acknowledgement, in seconds.
+fn send_timed(producer: &FutureProducer, topic: &str, n: i64, payload: &str, since: Instant) -> tokio::task::JoinHandle<f64> {
+    let key = format!("k-{}", n % 1000);
+    let f = producer
+        .send_result(FutureRecord::to(topic).key(&key).payload(payload).headers(relay_headers()))
+        .map_err(|_| ())
+        .expect("queue full at the latency rate");
+    tokio::spawn(async move {
+        f.await.unwrap().unwrap();
+        since.elapsed().as_secs_f64()
+    })
+}
+
+async fn acked(acks: Vec<tokio::task::JoinHandle<f64>>) -> Vec<f64> {
     let mut l = Vec::with_capacity(acks.len());
     for a in acks {
         l.push(a.await.unwrap());
@@ -293,39 +337,73 @@ async fn relay_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, n: i64) -> (f64, f64
     (n as f64 / elapsed, cpu)
 }
 
-/// Latency: writers commit events at `rate` while the relay runs, once woken by NOTIFY and once by
-/// polling alone. Latency = broker acknowledgement time - created_at (the writer's transaction
-/// start), so it includes the commit itself. Returns (label, p50 ms, p99 ms) per mode.
-async fn latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, rate: f64, secs: f64) -> Vec<(&'static str, f64, f64)> {
+/// Latency: writers commit events at `rate` for `secs` while the relay runs, woken by NOTIFY or
+/// by polling alone. Latency = broker acknowledgement time - created_at (the writer's transaction
+/// start), so it includes the commit itself. The latencies, in seconds, and the writers'
+/// transaction durations.
+async fn relay_latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, rate: f64, secs: f64, listen: bool) -> (Vec<f64>, Vec<f64>) {
     let table = cfg.resolved.table.to_string();
-    let mut out = Vec::new();
-    for (label, listen) in [("NOTIFY", true), ("polling", false)] {
-        let mut c = cfg.clone();
-        c.listen = listen;
-        let metrics = Arc::new(RelayMetrics::with_latency_samples());
-        let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(run_with_metrics(c, stop.clone(), metrics.clone()));
-        // Let it take the lock and settle before measuring.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        metrics.take_latency_samples();
-        let (written, took) = write_at(pool, &table, rate, Duration::from_secs_f64(secs)).await;
-        while metrics.published.get() < written {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        stop.cancel();
-        task.await.unwrap().unwrap();
-        let l = metrics.take_latency_samples();
-        let n = l.len();
-        let (p50, p99) = percentiles(l);
-        println!(
-            "  relay, {label:<8} (poll interval {:?}): p50 {p50:>7.1} ms   p99 {p99:>7.1} ms   ({n} events)",
-            cfg.resolved.poll_interval,
-        );
-        let (w50, w99) = percentiles(took);
-        println!("    writer transactions meanwhile (insert + commit): p50 {w50:>5.1} ms   p99 {w99:>5.1} ms");
-        out.push((label, p50, p99));
+    let mut c = cfg.clone();
+    c.listen = listen;
+    let metrics = Arc::new(RelayMetrics::with_latency_samples());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(run_with_metrics(c, stop.clone(), metrics.clone()));
+    // Let it take the lock and settle before measuring.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    metrics.take_latency_samples();
+    let (written, took, _) = write_at(pool, &table, rate, Duration::from_secs_f64(secs), None).await;
+    while metrics.published.get() < written {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    out
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    (metrics.take_latency_samples(), took)
+}
+
+/// The latency part: the producer alone once, then `rounds` pairs of windows, the dual write then
+/// the relay woken by NOTIFY (interleaved, so both see the same drift of a shared machine: a
+/// single window's p99 moves by tens of milliseconds from run to run here), then polling once.
+async fn latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &str, rate: f64, secs: f64, rounds: usize) {
+    println!("latency at {rate:.0} events/s (60% of R), windows of {secs}s, sent every 10 ms:");
+    let show = |label: &str, l: &[f64], took: &[f64]| {
+        let (p50, p99) = percentiles(l.to_vec());
+        let writers = match took {
+            [] => String::new(),
+            _ => {
+                let (w50, w99) = percentiles(took.to_vec());
+                format!("  (writer tx p50 {w50:.1} ms, p99 {w99:.1} ms)")
+            }
+        };
+        println!("  {label:<44} p50 {p50:>6.1} ms  p99 {p99:>6.1} ms{writers}");
+        p99
+    };
+    let alone = producer_latencies(cfg, topic, rate, secs).await;
+    show("producer only, no writers (send to ack)", &alone, &[]);
+    let (mut direct_all, mut relay_all, mut added) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let (direct, took) = direct_latencies(pool, cfg, topic, rate, secs).await;
+        let d99 = show(&format!("round {round}: dual write (tx start to ack)"), &direct, &took);
+        let (relay, took) = relay_latencies(pool, cfg, rate, secs, true).await;
+        let r99 = show(&format!("round {round}: relay, NOTIFY (created_at to ack)"), &relay, &took);
+        added.push(r99 - d99);
+        direct_all.extend(direct);
+        relay_all.extend(relay);
+    }
+    let (relay, took) = relay_latencies(pool, cfg, rate, secs, false).await;
+    show(
+        &format!("relay, polling only (poll interval {:?})", cfg.resolved.poll_interval),
+        &relay,
+        &took,
+    );
+    let d99 = show("all rounds: dual write", &direct_all, &[]);
+    let r99 = show("all rounds: relay, NOTIFY", &relay_all, &[]);
+    added.sort_by(f64::total_cmp);
+    let each: Vec<String> = added.iter().map(|a| format!("{a:.1}")).collect();
+    println!(
+        "  added by the relay (NOTIFY p99 - dual-write p99, all rounds) = {:.1} ms (goal <= 10 ms); per round, sorted: {} ms",
+        r99 - d99,
+        each.join(", ")
+    );
 }
 
 /// Cleanup MarkPublished: R with `kept` published rows in the table (kept for publishedRetention)
@@ -405,15 +483,8 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10.0);
     if secs > 0.0 {
-        println!("latency at {rate:.0} events/s (60% of R), {secs}s each, sent every 10 ms:");
-        let (p50, p99) = percentiles(producer_latencies(&cfg, &topic, rate, secs).await);
-        println!("  producer only (send to ack):        p50 {p50:>7.1} ms   p99 {p99:>7.1} ms");
-        let relay = latencies(&pool, &cfg, rate, secs).await;
-        let notify_p99 = relay[0].2;
-        println!(
-            "  added by the relay (NOTIFY p99 - producer-only p99) = {:.1} ms (goal <= 10 ms)",
-            notify_p99 - p99
-        );
+        let rounds = std::env::var("BENCH_LATENCY_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+        latencies(&pool, &cfg, &topic, rate, secs, rounds).await;
     }
     sqlx::query(&format!("drop schema \"{schema}\" cascade"))
         .execute(&pool)

@@ -10,8 +10,9 @@
 //!
 //!   scripts/bench throughput
 //!
-//! Knobs: BENCH_WRITERS (4), BENCH_SECS (10), BENCH_ROUNDS (8, ingest), BENCH_ONLY (e.g.
-//! ingest,inbox: only those parts), BENCH_RELAY_ARGS (more relay flags, e.g. "--listen false").
+//! Knobs: BENCH_WRITERS (4), BENCH_SECS (10), BENCH_ROUNDS (8 for ingest, half as many for each
+//! inbox size), BENCH_ONLY (e.g. ingest,inbox: only those parts), BENCH_RELAY_ARGS (more relay
+//! flags, e.g. "--listen false").
 
 use std::{
     sync::{
@@ -78,6 +79,8 @@ struct CpuTimes {
     all: u64,
     busy: u64,
     stolen: u64,
+    /// Per group of `GROUPS` (set by `measured`).
+    by_process: [u64; 3],
 }
 
 impl CpuTimes {
@@ -96,6 +99,7 @@ impl CpuTimes {
             all: (0..8).map(at).sum(),
             busy: at(0) + at(1) + at(2) + at(5) + at(6),
             stolen: at(7),
+            by_process: [0; 3],
         }
     }
 
@@ -109,7 +113,52 @@ impl CpuTimes {
             all: self.all - earlier.all,
             busy: self.busy - earlier.busy,
             stolen: self.stolen - earlier.stolen,
+            by_process: [0; 3],
         }
+    }
+}
+
+/// CPU time (user + system, in ticks) of the processes that share the machine, by what they are:
+/// PostgreSQL's, the broker's (tansu) and this one (the writers' client side and the relay, which
+/// runs in this process). Per process id, so a process that starts during a window counts from zero.
+#[derive(Default)]
+struct ProcessTimes(std::collections::HashMap<u32, (usize, u64)>);
+
+/// The groups of `ProcessTimes`, by index.
+const GROUPS: [&str; 3] = ["postgres", "broker", "this process"];
+
+impl ProcessTimes {
+    fn now() -> Self {
+        let me = std::process::id();
+        let mut times = std::collections::HashMap::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+            let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
+            let group = match comm {
+                _ if pid == me => 2,
+                "postgres" => 0,
+                "tansu" => 1,
+                _ => continue,
+            };
+            let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|v| v.parse().ok()).collect();
+            times.insert(pid, (group, f.iter().sum()));
+        }
+        ProcessTimes(times)
+    }
+
+    /// Ticks per group since `earlier`.
+    fn since(&self, earlier: &ProcessTimes) -> [u64; 3] {
+        let mut d = [0; 3];
+        for (pid, (group, ticks)) in &self.0 {
+            d[*group] += ticks - earlier.0.get(pid).map_or(0, |e| e.1.min(*ticks));
+        }
+        d
     }
 }
 
@@ -121,8 +170,11 @@ where
     F: std::future::Future<Output = f64>,
 {
     let t0 = CpuTimes::now();
+    let p0 = ProcessTimes::now();
     let tps = window.await;
-    (tps, CpuTimes::now().since(t0))
+    let mut cpu = CpuTimes::now().since(t0);
+    cpu.by_process = ProcessTimes::now().since(&p0);
+    (tps, cpu)
 }
 
 /// A sample's value in the relay's /metrics text.
@@ -294,8 +346,10 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
                             key: "type",
                             value: Some("created".as_bytes()),
                         });
+                    // The writers' keys, as the relay's messages have them.
+                    let key = format!("c-{}", acks.len() as u64 % writers);
                     let record = rdkafka::producer::FutureRecord::to(&topic)
-                        .key("c-0")
+                        .key(&key)
                         .payload(&payload)
                         .headers(headers);
                     if let Ok(f) = producer.send_result(record) {
@@ -309,7 +363,7 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
         });
         (stop, task)
     };
-    let (with_producer, cpu_producer) = measured(run_for(writers, secs, write)).await;
+    let with_producer = run_for(writers, secs, write).await;
     publishing.0.store(true, Ordering::Relaxed);
     publishing.1.await.unwrap();
     println!(
@@ -349,16 +403,23 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
         "  writer TPS, the producer alone publishing {with_relay:.0}/s (the broker's share): {with_producer:.0} ({:.2} of alone)",
         with_producer / alone
     );
-    // Busy CPU per second = writers' cost x writer TPS + publishing's cost x events published.
-    // The writers' cost per transaction comes from the windows alone, the broker's (producer
-    // and broker) per event from the producer's window, and the rest of the relay windows' CPU
-    // is the relay's own: its process and its statements.
-    let broker_us = (cpu_producer.busy_us() / secs as f64 - us_alone * with_producer) / with_relay;
-    let relay_us = us_relay - us_alone - broker_us;
+    // Where the relay's extra CPU goes, per group of processes: (ticks per transaction in the
+    // relay windows) - (ticks per transaction alone); one event per transaction.
+    let group_us = |cpu: &[CpuTimes], tps: &[f64], g: usize| {
+        cpu.iter().map(|c| c.by_process[g] as f64 * 1e4).sum::<f64>() / (tps.iter().sum::<f64>() * secs as f64)
+    };
+    let extra: Vec<f64> = (0..GROUPS.len())
+        .map(|g| group_us(&cpu_relay, &relay_all, g) - group_us(&cpu_alone, &alone_all, g))
+        .collect();
+    let split: Vec<String> = GROUPS.iter().zip(&extra).map(|(name, us)| format!("{name} +{us:.0}")).collect();
+    println!("  extra CPU per event by process (us): {}", split.join(", "));
+    // The relay's own: its statements (postgres) and its process. The broker's share would be on
+    // another machine in production.
+    let own = extra[0] + extra[2];
     println!(
-        "  CPU per event: the broker's share (producer alone) {broker_us:.0} us, the relay's own {relay_us:.0} us; \
-         alone / (alone + relay's own) = {:.2} (the ratio where the broker has its own machine and CPU limits)",
-        us_alone / (us_alone + relay_us)
+        "  the relay's own CPU per event {own:.0} us; alone / (alone + relay's own) = {:.2} \
+         (the ratio where CPU limits and the broker has its own machine)",
+        us_alone / (us_alone + own)
     );
     println!("  outbox backlog each second while relaying: {backlog:?}");
     println!(
@@ -390,45 +451,61 @@ async fn consumer_tables(pool: &sqlx::PgPool, prefix: &str) -> (String, Qualifie
     (schema, inbox_table, effects)
 }
 
-/// Consumers apply side effects (an insert into `effects`) with and without `Inbox::claim`.
+/// Consumers apply side effects (an insert into `effects`) with and without `Inbox::claim`, in
+/// interleaved rounds (see `ingest`), with the machine's CPU time per message.
 async fn inbox(pool: &sqlx::PgPool, consumers: u64, secs: u64) {
     let (schema, inbox_table, effects) = consumer_tables(pool, "bench_inbox").await;
-    println!("inbox: {consumers} consumers, side effect = insert one row per message, {secs}s each");
+    let rounds = env_num("BENCH_ROUNDS", 8).div_ceil(2);
+    println!("inbox: {consumers} consumers, side effect = insert one row per message, {rounds} rounds of {secs}s each way");
     for per_tx in [1u64, 100] {
-        let mut rates = [0.0f64; 2];
-        for (slot, claim) in [(0, false), (1, true)] {
-            let (pool, effects) = (pool.clone(), effects.clone());
-            let inbox = Inbox::for_table(inbox_table.clone(), "bench");
-            let effect_sql = format!("insert into {effects} (message_id, amount) values ($1, $2)");
-            let tps = run_for(consumers, secs, move |_, _| {
-                let (pool, inbox, sql) = (pool.clone(), inbox.clone(), effect_sql.clone());
-                async move {
-                    let ids: Vec<String> = (0..per_tx).map(|_| uuid::Uuid::new_v4().to_string()).collect();
-                    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    let mut tx = pool.begin().await.unwrap();
-                    // One message: `claim`; a batch: `claim_all`, one statement for the batch.
-                    let new = match (claim, per_tx) {
-                        (false, _) => vec![true; refs.len()],
-                        (true, 1) => vec![inbox.claim(&mut tx, refs[0]).await.unwrap()],
-                        (true, _) => inbox.claim_all(&mut tx, &refs).await.unwrap(),
-                    };
-                    for (k, (id, new)) in refs.iter().zip(new).enumerate() {
-                        if new {
-                            sqlx::query(&sql).bind(id).bind(k as i64).execute(&mut *tx).await.unwrap();
+        let (mut rates, mut cpus) = ([vec![], vec![]], [vec![], vec![]]);
+        for _ in 0..rounds {
+            for (slot, claim) in [(0, false), (1, true)] {
+                let (pool, effects) = (pool.clone(), effects.clone());
+                let inbox = Inbox::for_table(inbox_table.clone(), "bench");
+                let effect_sql = format!("insert into {effects} (message_id, amount) values ($1, $2)");
+                let (tps, cpu) = measured(run_for(consumers, secs, move |_, _| {
+                    let (pool, inbox, sql) = (pool.clone(), inbox.clone(), effect_sql.clone());
+                    async move {
+                        let ids: Vec<String> = (0..per_tx).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+                        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+                        let mut tx = pool.begin().await.unwrap();
+                        // One message: `claim`; a batch: `claim_all`, one statement for the batch.
+                        let new = match (claim, per_tx) {
+                            (false, _) => vec![true; refs.len()],
+                            (true, 1) => vec![inbox.claim(&mut tx, refs[0]).await.unwrap()],
+                            (true, _) => inbox.claim_all(&mut tx, &refs).await.unwrap(),
+                        };
+                        for (k, (id, new)) in refs.iter().zip(new).enumerate() {
+                            if new {
+                                sqlx::query(&sql).bind(id).bind(k as i64).execute(&mut *tx).await.unwrap();
+                            }
                         }
+                        tx.commit().await.unwrap();
                     }
-                    tx.commit().await.unwrap();
-                }
-            })
-            .await;
-            rates[slot] = tps * per_tx as f64;
+                }))
+                .await;
+                rates[slot].push(tps * per_tx as f64);
+                cpus[slot].push(cpu);
+            }
         }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let (alone, claimed) = (mean(&rates[0]), mean(&rates[1]));
+        let per_round: Vec<String> = rates[0].iter().zip(&rates[1]).map(|(a, c)| format!("{:.2}", c / a)).collect();
+        let us_per_msg =
+            |slot: usize| cpus[slot].iter().map(CpuTimes::busy_us).sum::<f64>() / (rates[slot].iter().sum::<f64>() * secs as f64);
         let goal = if per_tx == 1 { 0.8 } else { 0.9 };
         println!(
-            "  {per_tx:>3} per transaction: side effect only {:>8.0} msg/s, with claim {:>8.0} msg/s, ratio {:.2} (goal >= {goal})",
-            rates[0],
-            rates[1],
-            rates[1] / rates[0]
+            "  {per_tx:>3} per transaction: side effect only {alone:>8.0} msg/s, with claim {claimed:>8.0} msg/s, \
+             ratio {:.2} (goal >= {goal}; per round: {})",
+            claimed / alone,
+            per_round.join(", ")
+        );
+        println!(
+            "      machine CPU per message: side effect only {:.0} us, with claim {:.0} us; ratio {:.2}",
+            us_per_msg(0),
+            us_per_msg(1),
+            us_per_msg(0) / us_per_msg(1)
         );
     }
     sqlx::query(&format!("drop schema \"{schema}\" cascade"))

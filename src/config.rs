@@ -170,9 +170,24 @@ pub struct RelayArgs {
     /// Under a steady flow batches are small (rows are read as they commit), so there are many.
     #[arg(long, env = "LOCKSTEP_MAX_BATCHES_IN_FLIGHT", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub max_batches_in_flight: u16,
+    /// Under a steady flow, how long a read may wait after the previous one, at most, to take the
+    /// rows committed meanwhile in one batch (fewer statements on the database the writers use,
+    /// fewer produce requests). The wait adapts to the flow (see `relay::publisher`); a row after
+    /// a quiet spell is read at once. 0s: read again as soon as there may be rows.
+    #[arg(long, env = "LOCKSTEP_MAX_GATHER", default_value = "20ms", value_parser = parse_gather)]
+    pub max_gather: std::time::Duration,
     /// Create or migrate the outbox and dead-letter tables (false: only verify them).
     #[arg(long, env = "LOCKSTEP_MANAGE_SCHEMA", default_value_t = true, action = clap::ArgAction::Set)]
     pub manage_schema: bool,
+}
+
+/// --max-gather: a duration of at most a second (a longer wait is polling, --poll-interval's job).
+fn parse_gather(s: &str) -> Result<std::time::Duration, String> {
+    let d = crate::duration::parse(s)?;
+    if d > std::time::Duration::from_secs(1) {
+        return Err(format!("{s:?} is longer than 1s"));
+    }
+    Ok(d)
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -235,6 +250,7 @@ pub struct RelayConfig {
     pub metrics_addr: SocketAddr,
     pub listen: bool,
     pub max_batches_in_flight: usize,
+    pub max_gather: std::time::Duration,
 }
 
 impl RelayArgs {
@@ -259,6 +275,7 @@ impl RelayArgs {
             metrics_addr: self.metrics_addr,
             listen: self.listen,
             max_batches_in_flight: usize::from(self.max_batches_in_flight),
+            max_gather: self.max_gather,
         })
     }
 

@@ -289,6 +289,7 @@ relay --published-retention env=LOCKSTEP_PUBLISHED_RETENTION default=
 relay --metrics-addr env=LOCKSTEP_METRICS_ADDR default=0.0.0.0:9090
 relay --listen env=LOCKSTEP_LISTEN default=true
 relay --max-batches-in-flight env=LOCKSTEP_MAX_BATCHES_IN_FLIGHT default=16
+relay --max-gather env=LOCKSTEP_MAX_GATHER default=20ms
 relay --manage-schema env=LOCKSTEP_MANAGE_SCHEMA default=true
 replay --database-url env=DATABASE_URL default=
 replay --database-url-file env=DATABASE_URL_FILE default=

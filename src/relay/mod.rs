@@ -21,6 +21,7 @@
 mod cleanup;
 mod failure;
 mod gate;
+mod gather;
 mod headers;
 mod metrics;
 mod publisher;

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     failure::{transport_backoff, Cause, Failure, Verdict},
     gate::KeyGate,
+    gather::Gather,
     metrics::RelayMetrics,
     store::{OutboxRow, Statements},
     RelayError,
@@ -70,6 +71,27 @@ impl InFlight {
     }
 }
 
+/// Wait for the oldest batch's reports, or until `until` (true then). Meanwhile take the later
+/// batches' reports as they come, so each is stamped when it arrived, not when its batch became
+/// the oldest (the commit-to-acknowledgement latency).
+async fn oldest_delivered(oldest: &mut InFlight, later: &mut VecDeque<InFlight>, until: Option<Instant>) -> bool {
+    let later = async {
+        futures::future::join_all(later.iter_mut().map(InFlight::delivered)).await;
+        std::future::pending::<()>().await
+    };
+    let until = async {
+        match until {
+            Some(t) => tokio::time::sleep_until(t.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = oldest.delivered() => false,
+        _ = later => false,
+        _ = until => true,
+    }
+}
+
 fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -93,20 +115,17 @@ pub struct Relay {
     /// A message timed out: the idempotent producer's sequence state for its partition is unknown
     /// (and some brokers never accept that producer again), so start over with a fresh one.
     stale_producer: bool,
-    /// No read starts before this (see GATHER).
+    /// No read starts before this (see `gather`).
     next_read: Instant,
+    /// The flow's rate, for the wait after a read that caught up.
+    gather: Gather,
+    /// When the last read started.
+    last_read: Option<Instant>,
 }
-
-/// After a read that caught up (fewer rows than a batch), the next read starts no sooner than
-/// this after it. Under a steady flow of small transactions, reading at every NOTIFY reads a row
-/// or two per statement: a select and a delete per writer transaction, on the database the
-/// writers use. Spaced reads take what committed meanwhile in one batch. A row after a quiet
-/// spell is still read at once, and a backlog back to back; a row waits at most this long more.
-const GATHER: Duration = Duration::from_millis(5);
 
 /// A drain running this long is under a steady flow: the session stops listening until it ends.
 /// Every NOTIFY wakes the listening server process and the relay once per writer transaction,
-/// work that a drain polling every GATHER does not need.
+/// work that a drain reading every `gather` does not need.
 const UNLISTEN_AFTER: Duration = Duration::from_millis(50);
 
 impl Relay {
@@ -122,6 +141,8 @@ impl Relay {
             transport_failures: 0,
             stale_producer: false,
             next_read: Instant::now(),
+            gather: Gather::default(),
+            last_read: None,
         })
     }
 
@@ -165,7 +186,7 @@ impl Relay {
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(depth);
         // There may be rows to read: at the start, after a full batch, a NOTIFY or a completed
         // batch (rows may have come since, keys may be free again). Cleared by a read that
-        // caught up; a read waits for `next_read` (see GATHER).
+        // caught up; a read waits for `next_read` (see `gather`).
         let mut want = true;
         let began = Instant::now();
         loop {
@@ -177,7 +198,13 @@ impl Relay {
                 let started = Instant::now();
                 let rows = self.fetch(conn).await?;
                 want = rows.len() >= self.cfg.resolved.batch_size as usize;
-                self.next_read = if want { started } else { started + GATHER };
+                self.gather.read(rows.len(), self.last_read.map(|t| started - t));
+                self.last_read = Some(started);
+                self.next_read = if want {
+                    started
+                } else {
+                    started + self.gather.wait(self.cfg.max_gather)
+                };
                 if !rows.is_empty() {
                     in_flight.push_back(self.send(rows, started).await);
                 }
@@ -194,18 +221,13 @@ impl Relay {
                 continue;
             };
             // Room for another batch: wait for the oldest batch's reports, or read again once
-            // GATHER has passed. While batches are in flight the relay polls at that pace rather
+            // `gather` has passed. While batches are in flight the relay polls at that pace rather
             // than waiting for NOTIFYs, which it stops listening for under a steady flow.
-            if in_flight.len() + 1 < depth && !stop.is_cancelled() {
-                let woken = tokio::select! {
-                    _ = batch.delivered() => false,
-                    _ = tokio::time::sleep_until(self.next_read.into()) => true,
-                };
-                if woken {
-                    in_flight.push_front(batch);
-                    want = true;
-                    continue;
-                }
+            let room = in_flight.len() + 1 < depth && !stop.is_cancelled();
+            if oldest_delivered(&mut batch, &mut in_flight, room.then_some(self.next_read)).await {
+                in_flight.push_front(batch);
+                want = true;
+                continue;
             }
             if began.elapsed() >= UNLISTEN_AFTER {
                 self.set_listening(false);

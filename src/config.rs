@@ -172,7 +172,7 @@ pub struct RelayArgs {
     pub max_batches_in_flight: u16,
     /// Under a steady flow, how long a read may wait after the previous one, at most, to take the
     /// rows committed meanwhile in one batch (fewer statements on the database the writers use,
-    /// fewer produce requests). The wait adapts to the flow (see `relay::publisher`); a row after
+    /// fewer produce requests). The wait adapts to the flow (see `relay::gather`); a row after
     /// a quiet spell is read at once. 0s: read again as soon as there may be rows.
     #[arg(long, env = "LOCKSTEP_MAX_GATHER", default_value = "20ms", value_parser = parse_gather)]
     pub max_gather: std::time::Duration,

@@ -46,6 +46,11 @@ fn cpu_seconds() -> f64 {
     ticks / 100.0
 }
 
+/// The ~256-byte JSON payload the bench's messages carry (the rows' own, as `insert_sql` builds them).
+fn payload() -> String {
+    format!("{{\"n\": 0, \"pad\": \"{}\"}}", "x".repeat(230))
+}
+
 /// Insert $2 events numbered from $1: ~256-byte JSON payloads over 1,000 keys.
 fn insert_sql(table: &str) -> String {
     format!(
@@ -86,7 +91,7 @@ async fn write_at(
 ) -> (u64, Vec<f64>, Vec<f64>) {
     const WRITERS: usize = 4;
     let per_tick = rate / 100.0 / WRITERS as f64;
-    let payload = format!("{{\"n\": 0, \"pad\": \"{}\"}}", "x".repeat(230));
+    let payload = payload();
     let tasks: Vec<_> = (0..WRITERS)
         .map(|w| {
             let pool = pool.clone();
@@ -173,7 +178,7 @@ pub fn relay_headers() -> OwnedHeaders {
 /// type), whole run in flight. Events per second.
 async fn producer_rate(cfg: &RelayConfig, topic: &str, n: i64) -> f64 {
     let producer: FutureProducer = producer_config(cfg).create().unwrap();
-    let payload = format!("{{\"n\": 0, \"pad\": \"{}\"}}", "x".repeat(230));
+    let payload = payload();
     let started = Instant::now();
     let mut pending = Vec::with_capacity(n as usize);
     for i in 0..n {
@@ -199,7 +204,7 @@ async fn producer_rate(cfg: &RelayConfig, topic: &str, n: i64) -> f64 {
 /// it is measured.
 async fn warm_producer(cfg: &RelayConfig, topic: &str) -> FutureProducer {
     let producer: FutureProducer = producer_config(cfg).create().unwrap();
-    let payload = format!("{{\"n\": 0, \"pad\": \"{}\"}}", "x".repeat(230));
+    let payload = payload();
     let warm: Vec<_> = (0..1000)
         .map(|i| {
             let key = format!("k-{i}");
@@ -230,7 +235,7 @@ async fn direct_latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &str, r
 /// sends a batch): send-to-acknowledgement latencies, in seconds.
 async fn producer_latencies(cfg: &RelayConfig, topic: &str, rate: f64, secs: f64) -> Vec<f64> {
     let producer = warm_producer(cfg, topic).await;
-    let payload = format!("{{\"n\": 0, \"pad\": \"{}\"}}", "x".repeat(230));
+    let payload = payload();
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let end = Instant::now() + Duration::from_secs_f64(secs);

@@ -103,9 +103,8 @@ impl CpuTimes {
         }
     }
 
-    /// Busy time in microseconds (a tick is 1/USER_HZ s, and USER_HZ is 100 on Linux).
     fn busy_us(&self) -> f64 {
-        self.busy as f64 * 1e4
+        ticks_us(self.busy)
     }
 
     fn since(self, earlier: CpuTimes) -> CpuTimes {
@@ -116,6 +115,15 @@ impl CpuTimes {
             by_process: [0; 3],
         }
     }
+}
+
+/// Microseconds in `ticks` of CPU time (a tick is 1/USER_HZ s, and USER_HZ is 100 on Linux).
+fn ticks_us(ticks: u64) -> f64 {
+    ticks as f64 * 1e4
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
 }
 
 /// CPU time (user + system, in ticks) of the processes that share the machine, by what they are:
@@ -318,7 +326,6 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
         stop.cancel();
         relay.await.unwrap().unwrap();
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (alone, with_relay) = (mean(&alone_all), mean(&relay_all));
     // The broker's share: the same writers while the producer alone publishes what the relay
     // published, at the same rate, on this machine.
@@ -406,7 +413,7 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
     // Where the relay's extra CPU goes, per group of processes: (ticks per transaction in the
     // relay windows) - (ticks per transaction alone); one event per transaction.
     let group_us = |cpu: &[CpuTimes], tps: &[f64], g: usize| {
-        cpu.iter().map(|c| c.by_process[g] as f64 * 1e4).sum::<f64>() / (tps.iter().sum::<f64>() * secs as f64)
+        cpu.iter().map(|c| ticks_us(c.by_process[g])).sum::<f64>() / (tps.iter().sum::<f64>() * secs as f64)
     };
     let extra: Vec<f64> = (0..GROUPS.len())
         .map(|g| group_us(&cpu_relay, &relay_all, g) - group_us(&cpu_alone, &alone_all, g))
@@ -489,7 +496,6 @@ async fn inbox(pool: &sqlx::PgPool, consumers: u64, secs: u64) {
                 cpus[slot].push(cpu);
             }
         }
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
         let (alone, claimed) = (mean(&rates[0]), mean(&rates[1]));
         let per_round: Vec<String> = rates[0].iter().zip(&rates[1]).map(|(a, c)| format!("{:.2}", c / a)).collect();
         let us_per_msg =

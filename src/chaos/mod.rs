@@ -137,7 +137,6 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     Ok(report.passed() && settled && faults.reached(args.faults))
 }
 
-/// The run's schema: orders, the outbox and inbox lockstep migrates, effects; and its topic.
 /// Wait until every committed order has an effect and the outbox is empty, restarting relays and
 /// consumers that exited meanwhile.
 async fn settle(pool: &sqlx::PgPool, schema: &str, timeout: Duration, faults: &mut Faults) -> bool {
@@ -155,6 +154,7 @@ async fn settle(pool: &sqlx::PgPool, schema: &str, timeout: Duration, faults: &m
     false
 }
 
+/// The run's schema: orders, the outbox and inbox lockstep migrates, effects; and its topic.
 async fn prepare(pool: &sqlx::PgPool, args: &ChaosArgs, run: &Run) -> anyhow::Result<()> {
     let schema = Ident::parse(&run.schema)?;
     let q = quote_ident(&run.schema);

@@ -241,6 +241,62 @@ async fn a_batch_claim_is_new_once_per_id_including_repeats_in_the_batch() {
     assert_eq!(rows, 4);
 }
 
+#[tokio::test]
+async fn concurrent_batch_claims_that_share_ids_each_id_wins_once_and_none_deadlocks() {
+    let s = common::pg_schema("claim_all_race").await;
+    let t = qn(&s.schema, "inbox");
+    migrate(&mut s.pool.acquire().await.unwrap(), TableKind::Inbox, &t, true)
+        .await
+        .unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&common::env("DATABASE_URL"))
+        .await
+        .unwrap();
+    let inbox = Inbox::for_table(t.clone(), "billing");
+    // 8 consumers, each a batch of 2,000 of the same 3,000 ids in an order of its own (a
+    // rotation, reversed for odd ones), started together: lock order differs between batches
+    // unless claim_all orders it (batches this large overlap in time). Some ids were claimed
+    // before, so the fallback path runs too.
+    let ids: Vec<String> = (0..3000).map(|i| format!("m-{i:04}")).collect();
+    let mut tx = pool.begin().await.unwrap();
+    assert_eq!(inbox.claim_all(&mut tx, &["m-0007", "m-0500"]).await.unwrap(), [true, true]);
+    tx.commit().await.unwrap();
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+    let tasks: Vec<_> = (0..8usize)
+        .map(|k| {
+            let mut batch: Vec<String> = ids.iter().cycle().skip(k * 377).take(2000).cloned().collect();
+            if k % 2 == 1 {
+                batch.reverse();
+            }
+            let (pool, inbox, barrier) = (pool.clone(), inbox.clone(), barrier.clone());
+            tokio::spawn(async move {
+                let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+                let mut tx = pool.begin().await.unwrap();
+                barrier.wait().await;
+                let new = inbox.claim_all(&mut tx, &refs).await.expect("no deadlock, no error");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                tx.commit().await.unwrap();
+                batch.into_iter().zip(new).filter(|(_, n)| *n).map(|(id, _)| id).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut won: Vec<String> = Vec::new();
+    for task in tasks {
+        won.extend(task.await.unwrap());
+    }
+    won.sort();
+    let before = won.len();
+    won.dedup();
+    assert_eq!(before, won.len(), "an id won by two batches");
+    assert!(!won.contains(&"m-0007".to_string()) && !won.contains(&"m-0500".to_string()));
+    let rows: i64 = sqlx::query_scalar(&format!("select count(*) from {t}"))
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows as usize, won.len() + 2, "every claimed row was reported new exactly once");
+}
+
 // ---- Issue 12 item 5: migrations that must not overwrite, race, hang, retry forever or adopt
 // what the relay cannot order by.
 

@@ -2,7 +2,9 @@
 //!
 //! - ingest: writer transactions per second (a business row and its outbox row in one
 //!   transaction) while the relay drains, against the same writers with no relay; and the backlog
-//!   (outbox rows) sampled every second while the relay runs: flat means the relay keeps up;
+//!   (outbox rows) sampled every second while the relay runs: flat means the relay keeps up.
+//!   Twice: with every process on both cores, and split as a deployment has it (PostgreSQL and the
+//!   writers on one core, the relay and the broker on the other; see `Placement`);
 //! - inbox: consumer transactions per second with `Inbox::claim` in the same transaction as the
 //!   side effect, against the side effect alone, at 1 and at 100 messages per transaction;
 //! - inbox handler: `Inbox::handle` (claim, effect, commit, metrics counted, latency recorded)
@@ -11,8 +13,8 @@
 //!   scripts/bench throughput
 //!
 //! Knobs: BENCH_WRITERS (4), BENCH_SECS (10), BENCH_ROUNDS (8 for ingest, half as many for each
-//! inbox size), BENCH_ONLY (e.g. ingest,inbox: only those parts), BENCH_RELAY_ARGS (more relay
-//! flags, e.g. "--listen false").
+//! inbox size), BENCH_ONLY (e.g. ingest,inbox: only those parts), BENCH_PLACEMENT (shared or
+//! split: only that ingest), BENCH_RELAY_ARGS (more relay flags, e.g. "--listen false").
 
 use std::{
     sync::{
@@ -201,7 +203,79 @@ fn qualified(schema: &str, table: &str) -> QualifiedName {
 }
 
 /// Writers commit an order and its outbox row per transaction, without a relay and with one.
-async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
+/// Where the ingest's processes run. `Shared`: everything on every core, as a one-machine
+/// install has it. `Split`: PostgreSQL and the writers on the first core, the relay and the broker
+/// on the second, as a deployment has them (the relay in its own pod, the broker on its own
+/// machines): the writers then pay only for what the relay makes the database do.
+#[derive(Clone, Copy, PartialEq)]
+enum Placement {
+    Shared,
+    Split,
+}
+
+/// Pin one thread (or process: a pid is its main thread's id) to `cpus`; with `all_threads`,
+/// each of its threads. Threads created later inherit the mask of the thread that creates them.
+fn pin(pid: i32, cpus: &[usize], all_threads: bool) {
+    let tids: Vec<i32> = if all_threads {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    } else {
+        vec![pid]
+    };
+    for tid in tids {
+        // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for &c in cpus {
+                libc::CPU_SET(c, &mut set);
+            }
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}
+
+/// Every process named `comm` (PostgreSQL's postmaster and backends, tansu), pinned with all
+/// its threads.
+fn pin_processes(comm: &str, cpus: &[usize]) {
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_to_string(entry.path().join("comm")).is_ok_and(|c| c.trim() == comm) {
+            pin(pid, cpus, true);
+        }
+    }
+}
+
+/// Place the processes for `placement`; `Shared` undoes a `Split`.
+fn place(placement: Placement) {
+    let all: Vec<usize> = (0..std::thread::available_parallelism().map_or(2, |n| n.get()).max(2)).collect();
+    let (db, relay): (&[usize], &[usize]) = match placement {
+        Placement::Shared => (&all, &all),
+        Placement::Split => (&[0], &[1]),
+    };
+    pin_processes("postgres", db);
+    pin_processes("tansu", relay);
+    // This process's threads so far are the writers' runtime.
+    pin(std::process::id() as i32, db, true);
+}
+
+/// A runtime for the relay whose threads (and the producer's, which they start) run on the
+/// second core.
+fn relay_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(|| pin(0, &[1], false))
+        .build()
+        .unwrap()
+}
+
+async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64, placement: Placement) {
     let schema = format!("bench_ingest_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let topic = format!("bench.ingest.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let admin = lockstep::kafka::Admin::new(bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
@@ -278,6 +352,12 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
     // on this machine varies by a third from run to run (mostly CPU the host steals, see
     // `measured`), and alternating lets both sides see the same drift.
     let rounds = env_num("BENCH_ROUNDS", 8);
+    // Shared: the relay on the writers' runtime. Split: on its own, on the second core.
+    let own_rt = (placement == Placement::Split).then(relay_runtime);
+    let relay_rt = own_rt
+        .as_ref()
+        .map_or_else(tokio::runtime::Handle::current, |rt| rt.handle().clone());
+    place(placement);
     let (mut alone_all, mut relay_all) = (Vec::new(), Vec::new());
     let (mut backlog, mut batches, mut published, mut notifications) = (Vec::new(), 0.0, 0.0, 0.0);
     let (mut cpu_alone, mut cpu_relay) = (Vec::new(), Vec::new());
@@ -288,7 +368,7 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
         // The rows written alone are drained first, so the measured window starts empty.
         let metrics = Arc::new(RelayMetrics::default());
         let stop = tokio_util::sync::CancellationToken::new();
-        let relay = tokio::spawn(run_with_metrics(cfg.clone(), stop.clone(), metrics.clone()));
+        let relay = relay_rt.spawn(run_with_metrics(cfg.clone(), stop.clone(), metrics.clone()));
         loop {
             let left: i64 = sqlx::query_scalar(&backlog_sql).fetch_one(pool).await.unwrap();
             if left == 0 {
@@ -327,11 +407,100 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
         relay.await.unwrap().unwrap();
     }
     let (alone, with_relay) = (mean(&alone_all), mean(&relay_all));
-    // The broker's share: the same writers while the producer alone publishes what the relay
-    // published, at the same rate, on this machine.
-    let producer: rdkafka::producer::FutureProducer = lockstep::relay::producer_config(&cfg).create().unwrap();
+    place(Placement::Shared);
+    if let Some(rt) = own_rt {
+        rt.shutdown_background();
+    }
+    // The broker's share, where it shares the cores: the same writers while the producer alone
+    // publishes what the relay published, at the same rate.
+    let with_producer = match placement {
+        Placement::Shared => Some(producer_alone(&cfg, &topic, writers, secs, with_relay, write).await),
+        Placement::Split => None,
+    };
+    let cores = match placement {
+        Placement::Shared => "every process on both cores",
+        Placement::Split => "PostgreSQL and the writers on core 0, the relay and the broker on core 1",
+    };
+    println!(
+        "ingest ({cores}): {writers} writers, each transaction = 1 order row + 1 outbox row (~256 B payload), \
+         {rounds} rounds of {secs}s alone then {secs}s with the relay"
+    );
+    let each = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+    println!("  writer TPS without relay:   {alone:>6.0}  (rounds: {})", each(&alone_all));
+    println!("  writer TPS, relay draining: {with_relay:>6.0}  (rounds: {})", each(&relay_all));
+    let per_round: Vec<String> = alone_all.iter().zip(&relay_all).map(|(a, r)| format!("{:.2}", r / a)).collect();
+    println!(
+        "  ratio = {:.2} (goal >= 0.90; per round: {})",
+        with_relay / alone,
+        per_round.join(", ")
+    );
+    // CPU per transaction (busy machine time over the window's transactions): steady under steal.
+    let per_tx = |cpu: &[CpuTimes], tps: &[f64]| cpu.iter().map(CpuTimes::busy_us).sum::<f64>() / (tps.iter().sum::<f64>() * secs as f64);
+    let stolen = |cpu: &[CpuTimes]| {
+        let s: Vec<String> = cpu
+            .iter()
+            .map(|c| format!("{:.0}", 100.0 * c.stolen as f64 / c.all.max(1) as f64))
+            .collect();
+        s.join(", ")
+    };
+    let (us_alone, us_relay) = (per_tx(&cpu_alone, &alone_all), per_tx(&cpu_relay, &relay_all));
+    println!(
+        "  machine CPU per writer transaction: alone {us_alone:.0} us, relay draining {us_relay:.0} us; \
+         alone / relay = {:.2} (the TPS ratio where CPU is what limits)",
+        us_alone / us_relay
+    );
+    println!(
+        "  CPU stolen by the host (%), alone windows: {}; relay windows: {}",
+        stolen(&cpu_alone),
+        stolen(&cpu_relay)
+    );
+    if let Some(p) = with_producer {
+        println!(
+            "  writer TPS, the producer alone publishing {with_relay:.0}/s (the broker's share): {p:.0} ({:.2} of alone)",
+            p / alone
+        );
+    }
+    // Where the relay's extra CPU goes, per group of processes: (ticks per transaction in the
+    // relay windows) - (ticks per transaction alone); one event per transaction.
+    let group_us = |cpu: &[CpuTimes], tps: &[f64], g: usize| {
+        cpu.iter().map(|c| ticks_us(c.by_process[g])).sum::<f64>() / (tps.iter().sum::<f64>() * secs as f64)
+    };
+    let extra: Vec<f64> = (0..GROUPS.len())
+        .map(|g| group_us(&cpu_relay, &relay_all, g) - group_us(&cpu_alone, &alone_all, g))
+        .collect();
+    let split: Vec<String> = GROUPS.iter().zip(&extra).map(|(name, us)| format!("{name} +{us:.0}")).collect();
+    println!("  extra CPU per event by process (us): {}", split.join(", "));
+    // The relay's own: its statements (postgres) and its process. The broker's share would be on
+    // another machine in production.
+    let own = extra[0] + extra[2];
+    println!(
+        "  the relay's own CPU per event {own:.0} us; alone / (alone + relay's own) = {:.2} \
+         (the ratio where CPU limits and the broker has its own machine)",
+        us_alone / (us_alone + own)
+    );
+    println!("  outbox backlog each second while relaying: {backlog:?}");
+    println!(
+        "  relay batches while the writers ran: {batches:.0} ({:.0}/s), {:.1} rows each",
+        batches / (secs * rounds) as f64,
+        published / batches.max(1.0)
+    );
+    println!("  NOTIFYs the relay received while the writers ran: {notifications:.0}");
+    sqlx::query(&format!("drop schema \"{schema}\" cascade"))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Writer TPS while the producer alone publishes `rate` messages a second like the relay's.
+async fn producer_alone<F, Fut>(cfg: &lockstep::config::RelayConfig, topic: &str, writers: u64, secs: u64, rate: f64, write: F) -> f64
+where
+    F: Fn(u64, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let with_relay = rate;
+    let producer: rdkafka::producer::FutureProducer = lockstep::relay::producer_config(cfg).create().unwrap();
     let publishing = {
-        let (topic, stop) = (topic.clone(), Arc::new(AtomicBool::new(false)));
+        let (topic, stop) = (topic.to_owned(), Arc::new(AtomicBool::new(false)));
         let s2 = stop.clone();
         let task = tokio::spawn(async move {
             let payload = format!("{{\"customer\": \"c-0\", \"pad\": \"{}\"}}", "x".repeat(150));
@@ -373,72 +542,7 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64) {
     let with_producer = run_for(writers, secs, write).await;
     publishing.0.store(true, Ordering::Relaxed);
     publishing.1.await.unwrap();
-    println!(
-        "ingest: {writers} writers, each transaction = 1 order row + 1 outbox row (~256 B payload), \
-         {rounds} rounds of {secs}s alone then {secs}s with the relay"
-    );
-    let each = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
-    println!("  writer TPS without relay:   {alone:>6.0}  (rounds: {})", each(&alone_all));
-    println!("  writer TPS, relay draining: {with_relay:>6.0}  (rounds: {})", each(&relay_all));
-    let per_round: Vec<String> = alone_all.iter().zip(&relay_all).map(|(a, r)| format!("{:.2}", r / a)).collect();
-    println!(
-        "  ratio = {:.2} (goal >= 0.90; per round: {})",
-        with_relay / alone,
-        per_round.join(", ")
-    );
-    // CPU per transaction (busy machine time over the window's transactions): steady under steal.
-    let per_tx = |cpu: &[CpuTimes], tps: &[f64]| cpu.iter().map(CpuTimes::busy_us).sum::<f64>() / (tps.iter().sum::<f64>() * secs as f64);
-    let stolen = |cpu: &[CpuTimes]| {
-        let s: Vec<String> = cpu
-            .iter()
-            .map(|c| format!("{:.0}", 100.0 * c.stolen as f64 / c.all.max(1) as f64))
-            .collect();
-        s.join(", ")
-    };
-    let (us_alone, us_relay) = (per_tx(&cpu_alone, &alone_all), per_tx(&cpu_relay, &relay_all));
-    println!(
-        "  machine CPU per writer transaction: alone {us_alone:.0} us, relay draining {us_relay:.0} us; \
-         alone / relay = {:.2} (the TPS ratio where CPU is what limits)",
-        us_alone / us_relay
-    );
-    println!(
-        "  CPU stolen by the host (%), alone windows: {}; relay windows: {}",
-        stolen(&cpu_alone),
-        stolen(&cpu_relay)
-    );
-    println!(
-        "  writer TPS, the producer alone publishing {with_relay:.0}/s (the broker's share): {with_producer:.0} ({:.2} of alone)",
-        with_producer / alone
-    );
-    // Where the relay's extra CPU goes, per group of processes: (ticks per transaction in the
-    // relay windows) - (ticks per transaction alone); one event per transaction.
-    let group_us = |cpu: &[CpuTimes], tps: &[f64], g: usize| {
-        cpu.iter().map(|c| ticks_us(c.by_process[g])).sum::<f64>() / (tps.iter().sum::<f64>() * secs as f64)
-    };
-    let extra: Vec<f64> = (0..GROUPS.len())
-        .map(|g| group_us(&cpu_relay, &relay_all, g) - group_us(&cpu_alone, &alone_all, g))
-        .collect();
-    let split: Vec<String> = GROUPS.iter().zip(&extra).map(|(name, us)| format!("{name} +{us:.0}")).collect();
-    println!("  extra CPU per event by process (us): {}", split.join(", "));
-    // The relay's own: its statements (postgres) and its process. The broker's share would be on
-    // another machine in production.
-    let own = extra[0] + extra[2];
-    println!(
-        "  the relay's own CPU per event {own:.0} us; alone / (alone + relay's own) = {:.2} \
-         (the ratio where CPU limits and the broker has its own machine)",
-        us_alone / (us_alone + own)
-    );
-    println!("  outbox backlog each second while relaying: {backlog:?}");
-    println!(
-        "  relay batches while the writers ran: {batches:.0} ({:.0}/s), {:.1} rows each",
-        batches / (secs * rounds) as f64,
-        published / batches.max(1.0)
-    );
-    println!("  NOTIFYs the relay received while the writers ran: {notifications:.0}");
-    sqlx::query(&format!("drop schema \"{schema}\" cascade"))
-        .execute(pool)
-        .await
-        .unwrap();
+    with_producer
 }
 
 /// A schema of its own with an inbox and an `effects` table: (schema, inbox, effects).
@@ -534,8 +638,14 @@ async fn main() {
     // BENCH_ONLY: a comma-separated subset of ingest, inbox, handler.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let part = |name: &str| only.is_empty() || only.split(',').any(|p| p.trim() == name);
+    // BENCH_PLACEMENT: shared, split or both (the default).
+    let placement = std::env::var("BENCH_PLACEMENT").unwrap_or_default();
     if part("ingest") {
-        ingest(&pool, &bootstrap, writers, secs).await;
+        for (name, p) in [("shared", Placement::Shared), ("split", Placement::Split)] {
+            if placement.is_empty() || placement == name {
+                ingest(&pool, &bootstrap, writers, secs, p).await;
+            }
+        }
     }
     if part("inbox") {
         inbox(&pool, writers, secs).await;

@@ -234,11 +234,14 @@ async fn a_batch_claim_is_new_once_per_id_including_repeats_in_the_batch() {
     assert_eq!(inbox.claim_all(&mut tx, &[]).await.unwrap(), Vec::<bool>::new());
     assert_eq!(inbox.claim_all(&mut tx, &["m-1", "m-4"]).await.unwrap(), [false, true]);
     tx.commit().await.unwrap();
+    // Outside a transaction (no savepoint to be had) it still claims, each statement on its own.
+    let mut conn = s.pool.acquire().await.unwrap();
+    assert_eq!(inbox.claim_all(&mut conn, &["m-5", "m-1"]).await.unwrap(), [true, false]);
     let rows: i64 = sqlx::query_scalar(&format!("select count(*) from {t}"))
         .fetch_one(&s.pool)
         .await
         .unwrap();
-    assert_eq!(rows, 4);
+    assert_eq!(rows, 5);
 }
 
 #[tokio::test]

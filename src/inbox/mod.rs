@@ -134,9 +134,15 @@ impl Inbox {
     }
 
     /// Insert every id (sorted, distinct) in a savepoint: true when all were new, false when one
-    /// was not (rolled back to the savepoint, nothing inserted).
+    /// was not (rolled back to the savepoint, nothing inserted) or there is no transaction to
+    /// hold a savepoint.
     async fn insert_all(&self, tx: &mut PgConnection, ids: &[&str]) -> Result<bool, sqlx::Error> {
-        sqlx::query("savepoint lockstep_claim_all").execute(&mut *tx).await?;
+        match sqlx::query("savepoint lockstep_claim_all").execute(&mut *tx).await {
+            Ok(_) => {}
+            // Not in a transaction block (a bare connection): each statement commits on its own.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("25P01") => return Ok(false),
+            Err(e) => return Err(e),
+        }
         let inserted = sqlx::query(&self.insert_all_sql)
             .bind(&self.consumer)
             .bind(ids)

@@ -82,7 +82,7 @@ struct CpuTimes {
     busy: u64,
     stolen: u64,
     /// Per group of `GROUPS` (set by `measured`).
-    by_process: [u64; 3],
+    by_process: [u64; 4],
 }
 
 impl CpuTimes {
@@ -101,7 +101,7 @@ impl CpuTimes {
             all: (0..8).map(at).sum(),
             busy: at(0) + at(1) + at(2) + at(5) + at(6),
             stolen: at(7),
-            by_process: [0; 3],
+            by_process: [0; 4],
         }
     }
 
@@ -114,7 +114,7 @@ impl CpuTimes {
             all: self.all - earlier.all,
             busy: self.busy - earlier.busy,
             stolen: self.stolen - earlier.stolen,
-            by_process: [0; 3],
+            by_process: [0; 4],
         }
     }
 }
@@ -135,7 +135,7 @@ fn mean(v: &[f64]) -> f64 {
 struct ProcessTimes(std::collections::HashMap<u32, (usize, u64)>);
 
 /// The groups of `ProcessTimes`, by index.
-const GROUPS: [&str; 3] = ["postgres", "broker", "this process"];
+const GROUPS: [&str; 4] = ["postgres (the relay's sessions)", "postgres (the rest)", "broker", "this process"];
 
 impl ProcessTimes {
     fn now() -> Self {
@@ -151,9 +151,9 @@ impl ProcessTimes {
             let Some((head, rest)) = stat.rsplit_once(')') else { continue };
             let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
             let group = match comm {
-                _ if pid == me => 2,
-                "postgres" => 0,
-                "tansu" => 1,
+                _ if pid == me => 3,
+                "postgres" => 1,
+                "tansu" => 2,
                 _ => continue,
             };
             let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|v| v.parse().ok()).collect();
@@ -162,11 +162,13 @@ impl ProcessTimes {
         ProcessTimes(times)
     }
 
-    /// Ticks per group since `earlier`.
-    fn since(&self, earlier: &ProcessTimes) -> [u64; 3] {
-        let mut d = [0; 3];
+    /// Ticks per group since `earlier`; the server processes in `relay` (the relay's sessions)
+    /// are a group of their own.
+    fn since(&self, earlier: &ProcessTimes, relay: &[i32]) -> [u64; 4] {
+        let mut d = [0; 4];
         for (pid, (group, ticks)) in &self.0 {
-            d[*group] += ticks - earlier.0.get(pid).map_or(0, |e| e.1.min(*ticks));
+            let group = if *group == 1 && relay.contains(&(*pid as i32)) { 0 } else { *group };
+            d[group] += ticks - earlier.0.get(pid).map_or(0, |e| e.1.min(*ticks));
         }
         d
     }
@@ -175,7 +177,7 @@ impl ProcessTimes {
 /// A window of `run_for` with the machine's CPU time it took: on a virtual machine another guest
 /// can take this one's CPU ("steal"), which moves a window's throughput by a third and more, while
 /// the CPU time spent per transaction stays put.
-async fn measured<F>(window: F) -> (f64, CpuTimes)
+async fn measured<F>(pool: &sqlx::PgPool, window: F) -> (f64, CpuTimes)
 where
     F: std::future::Future<Output = f64>,
 {
@@ -183,7 +185,12 @@ where
     let p0 = ProcessTimes::now();
     let tps = window.await;
     let mut cpu = CpuTimes::now().since(t0);
-    cpu.by_process = ProcessTimes::now().since(&p0);
+    let p1 = ProcessTimes::now();
+    let relay: Vec<i32> = sqlx::query_scalar("select pid from pg_stat_activity where application_name = 'lockstep-relay'")
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+    cpu.by_process = p1.since(&p0, &relay);
     (tps, cpu)
 }
 
@@ -362,7 +369,7 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64, p
     let (mut backlog, mut batches, mut published, mut notifications) = (Vec::new(), 0.0, 0.0, 0.0);
     let (mut cpu_alone, mut cpu_relay) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let (tps, cpu) = measured(run_for(writers, secs, write.clone())).await;
+        let (tps, cpu) = measured(pool, run_for(writers, secs, write.clone())).await;
         alone_all.push(tps);
         cpu_alone.push(cpu);
         // The rows written alone are drained first, so the measured window starts empty.
@@ -395,7 +402,7 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64, p
             )
         };
         let before = counts();
-        let (tps, cpu) = measured(run_for(writers, secs, write.clone())).await;
+        let (tps, cpu) = measured(pool, run_for(writers, secs, write.clone())).await;
         relay_all.push(tps);
         cpu_relay.push(cpu);
         backlog.extend(sampler.await.unwrap());
@@ -470,9 +477,10 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64, p
         .collect();
     let split: Vec<String> = GROUPS.iter().zip(&extra).map(|(name, us)| format!("{name} +{us:.0}")).collect();
     println!("  extra CPU per event by process (us): {}", split.join(", "));
-    // The relay's own: its statements (postgres) and its process. The broker's share would be on
+    // The relay's own: what it makes PostgreSQL do (its sessions' statements, and the rest's
+    // extra: vacuum of the rows it deletes, WAL) and its process. The broker's share would be on
     // another machine in production.
-    let own = extra[0] + extra[2];
+    let own = extra[0] + extra[1] + extra[3];
     println!(
         "  the relay's own CPU per event {own:.0} us; alone / (alone + relay's own) = {:.2} \
          (the ratio where CPU limits and the broker has its own machine)",
@@ -566,6 +574,7 @@ async fn consumer_tables(pool: &sqlx::PgPool, prefix: &str) -> (String, Qualifie
 /// interleaved rounds (see `ingest`), with the machine's CPU time per message.
 async fn inbox(pool: &sqlx::PgPool, consumers: u64, secs: u64) {
     let (schema, inbox_table, effects) = consumer_tables(pool, "bench_inbox").await;
+    let db = pool;
     let rounds = env_num("BENCH_ROUNDS", 8).div_ceil(2);
     println!("inbox: {consumers} consumers, side effect = insert one row per message, {rounds} rounds of {secs}s each way");
     for per_tx in [1u64, 100] {
@@ -575,26 +584,29 @@ async fn inbox(pool: &sqlx::PgPool, consumers: u64, secs: u64) {
                 let (pool, effects) = (pool.clone(), effects.clone());
                 let inbox = Inbox::for_table(inbox_table.clone(), "bench");
                 let effect_sql = format!("insert into {effects} (message_id, amount) values ($1, $2)");
-                let (tps, cpu) = measured(run_for(consumers, secs, move |_, _| {
-                    let (pool, inbox, sql) = (pool.clone(), inbox.clone(), effect_sql.clone());
-                    async move {
-                        let ids: Vec<String> = (0..per_tx).map(|_| uuid::Uuid::new_v4().to_string()).collect();
-                        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-                        let mut tx = pool.begin().await.unwrap();
-                        // One message: `claim`; a batch: `claim_all`, one statement for the batch.
-                        let new = match (claim, per_tx) {
-                            (false, _) => vec![true; refs.len()],
-                            (true, 1) => vec![inbox.claim(&mut tx, refs[0]).await.unwrap()],
-                            (true, _) => inbox.claim_all(&mut tx, &refs).await.unwrap(),
-                        };
-                        for (k, (id, new)) in refs.iter().zip(new).enumerate() {
-                            if new {
-                                sqlx::query(&sql).bind(id).bind(k as i64).execute(&mut *tx).await.unwrap();
+                let (tps, cpu) = measured(
+                    db,
+                    run_for(consumers, secs, move |_, _| {
+                        let (pool, inbox, sql) = (pool.clone(), inbox.clone(), effect_sql.clone());
+                        async move {
+                            let ids: Vec<String> = (0..per_tx).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+                            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+                            let mut tx = pool.begin().await.unwrap();
+                            // One message: `claim`; a batch: `claim_all`, one statement for the batch.
+                            let new = match (claim, per_tx) {
+                                (false, _) => vec![true; refs.len()],
+                                (true, 1) => vec![inbox.claim(&mut tx, refs[0]).await.unwrap()],
+                                (true, _) => inbox.claim_all(&mut tx, &refs).await.unwrap(),
+                            };
+                            for (k, (id, new)) in refs.iter().zip(new).enumerate() {
+                                if new {
+                                    sqlx::query(&sql).bind(id).bind(k as i64).execute(&mut *tx).await.unwrap();
+                                }
                             }
+                            tx.commit().await.unwrap();
                         }
-                        tx.commit().await.unwrap();
-                    }
-                }))
+                    }),
+                )
                 .await;
                 rates[slot].push(tps * per_tx as f64);
                 cpus[slot].push(cpu);

@@ -250,7 +250,6 @@ pub struct RelayConfig {
     pub metrics_addr: SocketAddr,
     pub listen: bool,
     pub max_batches_in_flight: usize,
-    pub max_gather: std::time::Duration,
 }
 
 impl RelayArgs {
@@ -275,7 +274,6 @@ impl RelayArgs {
             metrics_addr: self.metrics_addr,
             listen: self.listen,
             max_batches_in_flight: usize::from(self.max_batches_in_flight),
-            max_gather: self.max_gather,
         })
     }
 
@@ -340,6 +338,7 @@ impl RelayArgs {
                 replicas: 1,
                 batch_size: self.batch_size,
                 poll_interval: Duration::new(self.poll_interval.clone()),
+                max_gather: Duration::new(crate::duration::format(self.max_gather)),
                 max_attempts: self.max_attempts,
                 cleanup: match self.cleanup {
                     CleanupArg::Delete => Cleanup::Delete,

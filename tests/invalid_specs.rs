@@ -186,6 +186,8 @@ fn relay_cases() -> Vec<Case> {
         c("poll interval below 10ms", "spec.relay.pollInterval", "V", at("/spec/relay/pollInterval", "5ms")),
         c("poll interval above 1h", "spec.relay.pollInterval", "V", at("/spec/relay/pollInterval", "2h")),
         c("poll interval over 32 characters", "spec.relay.pollInterval", "S", at("/spec/relay/pollInterval", "1s".repeat(17))),
+        c("max gather not a duration", "spec.relay.maxGather", "SV", at("/spec/relay/maxGather", "briefly")),
+        c("max gather above 1s", "spec.relay.maxGather", "V", at("/spec/relay/maxGather", "2s")),
         c("unknown cleanup", "spec.relay.cleanup", "S", at("/spec/relay/cleanup", "Archive")),
         c("markPublished without retention", "spec.relay.publishedRetention", "CV", at("/spec/relay/cleanup", "MarkPublished")),
         c("published retention over 100 years", "spec.relay.publishedRetention", "V",

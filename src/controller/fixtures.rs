@@ -167,6 +167,7 @@ pub fn outbox_relay(name: &str) -> OutboxRelay {
                 "replicas": 3,
                 "batchSize": 200,
                 "pollInterval": "1m30s",
+                "maxGather": "50ms",
                 "maxAttempts": 3,
                 "cleanup": "MarkPublished",
                 "publishedRetention": "1d",

@@ -49,6 +49,7 @@ pub fn relay_args(v: &ValidOutboxRelay) -> Vec<String> {
         ("key", v.key.name().to_owned()),
         ("batch-size", v.batch_size.to_string()),
         ("poll-interval", duration::format(v.poll_interval)),
+        ("max-gather", duration::format(v.max_gather)),
         ("max-attempts", v.max_attempts.to_string()),
         ("linger-ms", p.linger_ms.to_string()),
         ("compression", p.compression.as_str().to_owned()),
@@ -312,6 +313,7 @@ mod tests {
         assert_eq!((v.key.name(), v.batch_size, v.max_attempts, v.manage_schema), ("id", 200, 3, false));
         assert_eq!(v.published_retention, Some(Duration::from_secs(86_400)));
         assert_eq!(v.poll_interval, Duration::from_secs(90));
+        assert_eq!(v.max_gather, Duration::from_millis(50));
         parses_back(&o, "every-setting");
     }
 
@@ -331,6 +333,7 @@ mod tests {
             "--key=id",
             "--batch-size=200",
             "--poll-interval=1m30s",
+            "--max-gather=50ms",
             "--max-attempts=3",
             "--linger-ms=20",
             "--compression=zstd",

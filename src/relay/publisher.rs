@@ -203,7 +203,7 @@ impl Relay {
                 self.next_read = if want {
                     started
                 } else {
-                    started + self.gather.wait(self.cfg.max_gather)
+                    started + self.gather.wait(self.cfg.resolved.max_gather)
                 };
                 if !rows.is_empty() {
                     in_flight.push_back(self.send(rows, started).await);

@@ -53,6 +53,8 @@ pub struct ValidOutboxRelay {
     pub batch_size: i32,
     pub max_attempts: i32,
     pub poll_interval: StdDuration,
+    /// The longest wait between reads under a steady flow (`relay::gather`).
+    pub max_gather: StdDuration,
     pub cleanup: Cleanup,
     pub published_retention: Option<StdDuration>,
     pub max_oldest_age: StdDuration,
@@ -119,7 +121,11 @@ impl OutboxRelaySpec {
 
         let (r, pr) = (&self.relay, &self.kafka.producer);
         p.finish(|| {
-            let (poll_interval, published_retention) = relay?;
+            let RelayTimes {
+                poll_interval,
+                max_gather,
+                published_retention,
+            } = relay?;
             Some(ValidOutboxRelay {
                 table: table?,
                 dead_letter_table: dead_letter_table?,
@@ -139,6 +145,7 @@ impl OutboxRelaySpec {
                 batch_size: r.batch_size,
                 max_attempts: r.max_attempts,
                 poll_interval,
+                max_gather,
                 cleanup: r.cleanup,
                 published_retention,
                 max_oldest_age: max_oldest_age?,
@@ -251,8 +258,15 @@ fn validate_topics(topics: &[TopicSpec], p: &mut Problems) {
     }
 }
 
-/// The relay's poll interval and published-row retention, when they parse.
-fn validate_relay(r: &RelaySpec, p: &mut Problems) -> Option<(StdDuration, Option<StdDuration>)> {
+/// The relay's durations, parsed.
+struct RelayTimes {
+    poll_interval: StdDuration,
+    max_gather: StdDuration,
+    published_retention: Option<StdDuration>,
+}
+
+/// The relay's settings; its durations when they parse.
+fn validate_relay(r: &RelaySpec, p: &mut Problems) -> Option<RelayTimes> {
     p.range("spec.relay.replicas", r.replicas, 0, 10);
     p.range("spec.relay.batchSize", r.batch_size, 1, 10_000);
     p.range("spec.relay.maxAttempts", r.max_attempts, 1, 1000);
@@ -264,6 +278,16 @@ fn validate_relay(r: &RelaySpec, p: &mut Problems) -> Option<(StdDuration, Optio
                 format!("must be between 10ms and 1h (got {})", r.poll_interval),
             );
         }
+    }
+    let max_gather = p.check("spec.relay.maxGather", r.max_gather.parse());
+    if max_gather.is_some_and(|g| g > StdDuration::from_secs(1)) {
+        p.add(
+            "spec.relay.maxGather",
+            format!(
+                "must be at most 1s (got {}); a longer wait is what pollInterval is for",
+                r.max_gather
+            ),
+        );
     }
     let published_retention = match (r.cleanup, &r.published_retention) {
         (Cleanup::MarkPublished, None) => {
@@ -279,7 +303,11 @@ fn validate_relay(r: &RelaySpec, p: &mut Problems) -> Option<(StdDuration, Optio
     } else if matches!(&r.image, Some(i) if i.contains(char::is_whitespace)) {
         p.add("spec.relay.image", "must not contain whitespace (an image reference has none)");
     }
-    Some((poll_interval?, published_retention))
+    Some(RelayTimes {
+        poll_interval: poll_interval?,
+        max_gather: max_gather?,
+        published_retention,
+    })
 }
 
 /// Quantities that parse, and requests no larger than limits (the pods would be refused).

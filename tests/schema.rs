@@ -234,7 +234,7 @@ async fn a_batch_claim_is_new_once_per_id_including_repeats_in_the_batch() {
     assert_eq!(inbox.claim_all(&mut tx, &[]).await.unwrap(), Vec::<bool>::new());
     assert_eq!(inbox.claim_all(&mut tx, &["m-1", "m-4"]).await.unwrap(), [false, true]);
     tx.commit().await.unwrap();
-    // Outside a transaction (no savepoint to be had) it still claims, each statement on its own.
+    // Outside a transaction it still claims (the statement commits on its own).
     let mut conn = s.pool.acquire().await.unwrap();
     assert_eq!(inbox.claim_all(&mut conn, &["m-5", "m-1"]).await.unwrap(), [true, false]);
     let rows: i64 = sqlx::query_scalar(&format!("select count(*) from {t}"))
@@ -259,8 +259,8 @@ async fn concurrent_batch_claims_that_share_ids_each_id_wins_once_and_none_deadl
     let inbox = Inbox::for_table(t.clone(), "billing");
     // 8 consumers, each a batch of 2,000 of the same 3,000 ids in an order of its own (a
     // rotation, reversed for odd ones), started together: lock order differs between batches
-    // unless claim_all orders it (batches this large overlap in time). Some ids were claimed
-    // before, so the fallback path runs too.
+    // unless claim_all orders it (batches this large overlap in time). Two ids were claimed
+    // before.
     let ids: Vec<String> = (0..3000).map(|i| format!("m-{i:04}")).collect();
     let mut tx = pool.begin().await.unwrap();
     assert_eq!(inbox.claim_all(&mut tx, &["m-0007", "m-0500"]).await.unwrap(), [true, true]);

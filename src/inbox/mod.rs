@@ -33,7 +33,6 @@ pub struct Inbox {
     consumer: String,
     claim_sql: String,
     claim_all_sql: String,
-    insert_all_sql: String,
     metrics: Option<InboxMetrics>,
 }
 
@@ -53,13 +52,11 @@ impl Inbox {
         let claim_all_sql = format!(
             "insert into {table} (consumer, message_id) select $1, m from unnest($2::text[]) m on conflict do nothing returning message_id"
         );
-        let insert_all_sql = format!("insert into {table} (consumer, message_id) select $1, m from unnest($2::text[]) m");
         Inbox {
             table,
             consumer: consumer.into(),
             claim_sql,
             claim_all_sql,
-            insert_all_sql,
             metrics: None,
         }
     }
@@ -96,34 +93,25 @@ impl Inbox {
         Ok(r.rows_affected() == 1)
     }
 
-    /// `claim` for a batch of messages: for each id, in order, true when this is its first claim.
-    /// An id repeated within the batch is new only the first time.
-    ///
-    /// Most batches hold no id seen before, so it first inserts them all with a plain insert in a
-    /// savepoint: cheaper per row than `on conflict do nothing`, which checks the key before and
-    /// after each row (speculative insertion). A unique violation (an id claimed before, or by a
-    /// concurrent transaction that committed) rolls back to the savepoint, and the batch goes
-    /// through `on conflict do nothing`, which says which ids were new. The ids are inserted in
-    /// sorted order, so concurrent batches that share ids take their row locks in one order and do
-    /// not deadlock each other.
+    /// `claim` for a batch of messages in one statement (one round trip): for each id, in order,
+    /// true when this is its first claim. An id repeated within the batch is new only the first
+    /// time. The distinct ids are inserted in sorted order, so concurrent batches that share ids
+    /// take their locks in one order and do not deadlock each other (unsorted, two consumers
+    /// claiming overlapping batches at once, as in a rebalance, could).
     pub async fn claim_all(&self, tx: &mut PgConnection, message_ids: &[&str]) -> Result<Vec<bool>, sqlx::Error> {
         let mut unique: Vec<&str> = message_ids.to_vec();
         unique.sort_unstable();
         unique.dedup();
-        let new: std::collections::HashSet<String> = if unique.is_empty() {
-            Default::default()
-        } else if self.insert_all(tx, &unique).await? {
-            unique.iter().map(|id| id.to_string()).collect()
+        let new: Vec<String> = if unique.is_empty() {
+            Vec::new()
         } else {
             sqlx::query_scalar(&self.claim_all_sql)
                 .bind(&self.consumer)
                 .bind(&unique)
-                .fetch_all(&mut *tx)
+                .fetch_all(tx)
                 .await?
-                .into_iter()
-                .collect()
         };
-        let mut new = new;
+        let mut new: std::collections::HashSet<String> = new.into_iter().collect();
         let claimed: Vec<bool> = message_ids.iter().map(|id| new.remove(*id)).collect();
         if let Some(m) = &self.metrics {
             for n in &claimed {
@@ -131,34 +119,5 @@ impl Inbox {
             }
         }
         Ok(claimed)
-    }
-
-    /// Insert every id (sorted, distinct) in a savepoint: true when all were new, false when one
-    /// was not (rolled back to the savepoint, nothing inserted) or there is no transaction to
-    /// hold a savepoint.
-    async fn insert_all(&self, tx: &mut PgConnection, ids: &[&str]) -> Result<bool, sqlx::Error> {
-        match sqlx::query("savepoint lockstep_claim_all").execute(&mut *tx).await {
-            Ok(_) => {}
-            // Not in a transaction block (a bare connection): each statement commits on its own.
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("25P01") => return Ok(false),
-            Err(e) => return Err(e),
-        }
-        let inserted = sqlx::query(&self.insert_all_sql)
-            .bind(&self.consumer)
-            .bind(ids)
-            .execute(&mut *tx)
-            .await;
-        match inserted {
-            Ok(_) => {
-                sqlx::query("release savepoint lockstep_claim_all").execute(&mut *tx).await?;
-                Ok(true)
-            }
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
-                sqlx::query("rollback to savepoint lockstep_claim_all").execute(&mut *tx).await?;
-                sqlx::query("release savepoint lockstep_claim_all").execute(&mut *tx).await?;
-                Ok(false)
-            }
-            Err(e) => Err(e),
-        }
     }
 }

@@ -359,12 +359,13 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64, p
     // on this machine varies by a third from run to run (mostly CPU the host steals, see
     // `measured`), and alternating lets both sides see the same drift.
     let rounds = env_num("BENCH_ROUNDS", 8);
+    // Placed first: `place` pins every thread this process has so far to the database's core.
+    place(placement);
     // Shared: the relay on the writers' runtime. Split: on its own, on the second core.
     let own_rt = (placement == Placement::Split).then(relay_runtime);
     let relay_rt = own_rt
         .as_ref()
         .map_or_else(tokio::runtime::Handle::current, |rt| rt.handle().clone());
-    place(placement);
     let (mut alone_all, mut relay_all) = (Vec::new(), Vec::new());
     let (mut backlog, mut batches, mut published, mut notifications) = (Vec::new(), 0.0, 0.0, 0.0);
     let (mut cpu_alone, mut cpu_relay) = (Vec::new(), Vec::new());

@@ -158,3 +158,19 @@ async fn admin_clients_nobody_uses_any_more_are_evicted() {
     // The surviving client still works against the broker.
     live.describe(&[common::unique("t.none")]).await.unwrap();
 }
+
+/// Deleting a topic leaves every other topic alone. tansu 0.6.0 as published deleted all the
+/// topics of the cluster (scripts/testenv builds it with that fixed): a Delete-policy test then
+/// took the topics of the tests running beside it.
+#[tokio::test]
+async fn deleting_a_topic_leaves_the_others() {
+    let admin = lockstep::kafka::Admin::new(&common::kafka_bootstrap(), &Default::default(), Duration::from_secs(10)).expect("admin");
+    let (gone, kept) = (common::unique("t.delete.gone"), common::unique("t.delete.kept"));
+    for t in [&gone, &kept] {
+        admin.create_topic(t, 1, 1, &Default::default()).await.expect("create");
+    }
+    admin.delete_topic(&gone).await.expect("delete");
+    let found = admin.describe(&[gone.clone(), kept.clone()]).await.expect("describe");
+    assert!(!found.contains_key(&gone), "{gone} was deleted");
+    assert!(found.contains_key(&kept), "{kept} is still there after deleting {gone}");
+}

@@ -319,8 +319,8 @@ fn relay_sql_is_exact() {
         select,
         r#"select id, seq, aggregatetype, aggregateid, type, convert_to(payload::text, 'UTF8') as payload, headers::jsonb as headers, attempts,
                     extract(epoch from created_at)::float8 as created from "public"."outbox"
-             where txid < pg_snapshot_xmin(pg_current_snapshot())  and not (aggregateid::text = any($2))
-               and not (seq = any($3))
+             where txid < pg_snapshot_xmin(pg_current_snapshot())  and aggregateid::text not in (select unnest($2::text[]))
+               and seq not in (select unnest($3::bigint[]))
              order by seq limit $1"#
     );
     assert_eq!(delete, r#"delete from "public"."outbox" where id = any($1)"#);
@@ -329,8 +329,8 @@ fn relay_sql_is_exact() {
         select,
         r#"select id, seq, aggregatetype, aggregateid, type, convert_to(payload::text, 'UTF8') as payload, headers::jsonb as headers, attempts,
                     extract(epoch from created_at)::float8 as created from "public"."outbox"
-             where txid < pg_snapshot_xmin(pg_current_snapshot()) and published_at is null and not (type::text = any($2))
-               and not (seq = any($3))
+             where txid < pg_snapshot_xmin(pg_current_snapshot()) and published_at is null and type::text not in (select unnest($2::text[]))
+               and seq not in (select unnest($3::bigint[]))
              order by seq limit $1"#
     );
     assert_eq!(mark, r#"update "public"."outbox" set published_at = now() where id = any($1)"#);

@@ -71,6 +71,9 @@ const UNPUBLISHED: &str = "published_at is null";
 
 /// Rows to publish next, in seq order, only below the snapshot's xmin. $1 limit, $2 the keys to
 /// leave out (text[]: keys waiting for a retry), $3 the rows in flight (bigint[] of seq); see `gate`.
+/// `not in (select unnest(..))` is a hashed subplan even in a generic plan, so the statement is
+/// planned once per connection (see `session::configure`) and a long list is still not searched
+/// row by row.
 fn select_sql(t: &QualifiedName, key: OutboxColumn, payload: PayloadColumn, cleanup: Cleanup) -> String {
     let reads: Vec<String> = COLUMNS
         .iter()
@@ -91,8 +94,8 @@ fn select_sql(t: &QualifiedName, key: OutboxColumn, payload: PayloadColumn, clea
     format!(
         "select {first},
                     {last} from {t}
-             where txid < pg_snapshot_xmin(pg_current_snapshot()) {unpublished} and not ({key}::text = any($2))
-               and not (seq = any($3))
+             where txid < pg_snapshot_xmin(pg_current_snapshot()) {unpublished} and {key}::text not in (select unnest($2::text[]))
+               and seq not in (select unnest($3::bigint[]))
              order by seq limit $1"
     )
 }
@@ -263,8 +266,8 @@ mod tests {
             sql,
             r#"select id, seq, aggregatetype, aggregateid, type, payload as payload, headers::jsonb as headers, attempts,
                     extract(epoch from created_at)::float8 as created from "billing"."orders"
-             where txid < pg_snapshot_xmin(pg_current_snapshot())  and not (id::text = any($2))
-               and not (seq = any($3))
+             where txid < pg_snapshot_xmin(pg_current_snapshot())  and id::text not in (select unnest($2::text[]))
+               and seq not in (select unnest($3::bigint[]))
              order by seq limit $1"#
         );
         let json = select_sql(
@@ -278,7 +281,7 @@ mod tests {
             "{json}"
         );
         assert!(
-            json.contains("(pg_current_snapshot()) and published_at is null and not (type::text = any($2))"),
+            json.contains("(pg_current_snapshot()) and published_at is null and type::text not in (select unnest($2::text[]))"),
             "{json}"
         );
     }

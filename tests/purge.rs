@@ -14,20 +14,13 @@ use std::{
 use lockstep::{
     inbox::Inbox,
     purge::{purge_expired, PAUSE_RATIO},
-    schema::{migrate, TableKind},
     sql::{Ident, QualifiedName},
 };
 
 #[tokio::test]
 async fn writers_keep_working_while_a_million_expired_rows_are_purged() {
     let s = common::pg_schema("purge").await;
-    let table = QualifiedName {
-        schema: Ident::parse(&s.schema).unwrap(),
-        table: Ident::parse("inbox").unwrap(),
-    };
-    migrate(&mut s.pool.acquire().await.unwrap(), TableKind::Inbox, &table, true)
-        .await
-        .unwrap();
+    let table = s.inbox("inbox").await;
     sqlx::query(&format!(
         "insert into {table} (consumer, message_id, received_at)
          select 'old', 'm-' || g, now() - interval '2 days' from generate_series(1, 1000000) g
@@ -37,11 +30,7 @@ async fn writers_keep_working_while_a_million_expired_rows_are_purged() {
     .await
     .unwrap();
 
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&common::env("DATABASE_URL"))
-        .await
-        .unwrap();
+    let pool = common::pool(8).await;
     let inbox = Inbox::for_table(table.clone(), "writer");
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..4)
@@ -138,10 +127,7 @@ async fn a_partitioned_inbox_loses_only_its_expired_rows() {
 async fn a_raised_retention_stops_a_running_purge_within_one_batch() {
     use lockstep::purge::{PurgeParams, Purges};
     let s = common::pg_schema("purgeraise").await;
-    let table = inbox_in(&s, "inbox");
-    migrate(&mut s.pool.acquire().await.unwrap(), TableKind::Inbox, &table, true)
-        .await
-        .unwrap();
+    let table = s.inbox("inbox").await;
     const ROWS: i64 = 200_000;
     const BATCH: i64 = 500;
     sqlx::query(&format!(

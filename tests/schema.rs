@@ -247,15 +247,8 @@ async fn a_batch_claim_is_new_once_per_id_including_repeats_in_the_batch() {
 #[tokio::test]
 async fn concurrent_batch_claims_that_share_ids_each_id_wins_once_and_none_deadlocks() {
     let s = common::pg_schema("claim_all_race").await;
-    let t = qn(&s.schema, "inbox");
-    migrate(&mut s.pool.acquire().await.unwrap(), TableKind::Inbox, &t, true)
-        .await
-        .unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&common::env("DATABASE_URL"))
-        .await
-        .unwrap();
+    let t = s.inbox("inbox").await;
+    let pool = common::pool(8).await;
     let inbox = Inbox::for_table(t.clone(), "billing");
     // 8 consumers, each a batch of 2,000 of the same 3,000 ids in an order of its own (a
     // rotation, reversed for odd ones), started together: lock order differs between batches

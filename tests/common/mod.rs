@@ -116,6 +116,30 @@ pub async fn pg_schema(prefix: &str) -> TestSchema {
     TestSchema { pool, schema }
 }
 
+impl TestSchema {
+    /// `table` in this schema, migrated to lockstep's inbox contract.
+    pub async fn inbox(&self, table: &str) -> lockstep::sql::QualifiedName {
+        let t = lockstep::sql::QualifiedName {
+            schema: lockstep::sql::Ident::parse(&self.schema).unwrap(),
+            table: lockstep::sql::Ident::parse(table).unwrap(),
+        };
+        let mut conn = self.pool.acquire().await.unwrap();
+        lockstep::schema::migrate(&mut conn, lockstep::schema::TableKind::Inbox, &t, true)
+            .await
+            .expect("migrate the inbox");
+        t
+    }
+}
+
+/// A pool of up to `max` connections on the test PostgreSQL, for tests of many sessions at once.
+pub async fn pool(max: u32) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max)
+        .connect(&env("DATABASE_URL"))
+        .await
+        .expect("connect to the test PostgreSQL")
+}
+
 pub fn kafka_bootstrap() -> String {
     env("KAFKA_BOOTSTRAP_SERVERS")
 }

@@ -14,7 +14,6 @@ use std::{
 use lockstep::{
     inbox::Inbox,
     purge::{purge_expired, PAUSE_RATIO},
-    sql::{Ident, QualifiedName},
 };
 
 #[tokio::test]
@@ -78,20 +77,13 @@ async fn writers_keep_working_while_a_million_expired_rows_are_purged() {
     assert!(left.iter().any(|(c, n)| c == "writer" && *n as u64 >= writes));
 }
 
-fn inbox_in(s: &common::TestSchema, name: &str) -> QualifiedName {
-    QualifiedName {
-        schema: Ident::parse(&s.schema).unwrap(),
-        table: Ident::parse(name).unwrap(),
-    }
-}
-
 /// Issue 12 item 3: a `ctid` is unique only inside one partition. On a partitioned inbox the first
 /// row of each partition has ctid (0,1): deleting "the expired rows' ctids" took the fresh row of
 /// the other partition with it.
 #[tokio::test]
 async fn a_partitioned_inbox_loses_only_its_expired_rows() {
     let s = common::pg_schema("purgepart").await;
-    let table = inbox_in(&s, "inbox");
+    let table = s.table("inbox");
     sqlx::raw_sql(&format!(
         "create table {table} (consumer text not null, message_id text not null,
                                received_at timestamptz not null default now(),

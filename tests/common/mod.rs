@@ -117,12 +117,17 @@ pub async fn pg_schema(prefix: &str) -> TestSchema {
 }
 
 impl TestSchema {
-    /// `table` in this schema, migrated to lockstep's inbox contract.
-    pub async fn inbox(&self, table: &str) -> lockstep::sql::QualifiedName {
-        let t = lockstep::sql::QualifiedName {
+    /// `table` in this schema.
+    pub fn table(&self, table: &str) -> lockstep::sql::QualifiedName {
+        lockstep::sql::QualifiedName {
             schema: lockstep::sql::Ident::parse(&self.schema).unwrap(),
             table: lockstep::sql::Ident::parse(table).unwrap(),
-        };
+        }
+    }
+
+    /// `table` in this schema, migrated to lockstep's inbox contract.
+    pub async fn inbox(&self, table: &str) -> lockstep::sql::QualifiedName {
+        let t = self.table(table);
         let mut conn = self.pool.acquire().await.unwrap();
         lockstep::schema::migrate(&mut conn, lockstep::schema::TableKind::Inbox, &t, true)
             .await

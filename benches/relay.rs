@@ -22,7 +22,7 @@ use std::{
 use clap::Parser;
 use lockstep::{
     config::{RelayArgs, RelayConfig},
-    relay::{producer_config, run_with_metrics, PayloadColumn, Relay, RelayMetrics},
+    relay::{producer_config, run_with_metrics, PayloadColumn, Relay, RelayMetrics, Samples},
     schema::prepare_outbox,
 };
 use rdkafka::{
@@ -345,8 +345,8 @@ async fn relay_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, n: i64) -> (f64, f64
 /// Latency: writers commit events at `rate` for `secs` while the relay runs, woken by NOTIFY or
 /// by polling alone. Latency = broker acknowledgement time - created_at (the writer's transaction
 /// start), so it includes the commit itself. The latencies, in seconds, and the writers'
-/// transaction durations.
-async fn relay_latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, rate: f64, secs: f64, listen: bool) -> (Vec<f64>, Vec<f64>) {
+/// transaction durations (and, in the samples, created_at to the read that took the row).
+async fn relay_latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, rate: f64, secs: f64, listen: bool) -> (Samples, Vec<f64>) {
     let table = cfg.resolved.table.to_string();
     let mut c = cfg.clone();
     c.listen = listen;
@@ -384,24 +384,30 @@ async fn latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &str, rate: f6
     };
     let alone = producer_latencies(cfg, topic, rate, secs).await;
     show("producer only, no writers (send to ack)", &alone, &[]);
-    let (mut direct_all, mut relay_all, mut added) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut direct_all, mut relay_all, mut read_all, mut added) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
         let (direct, took) = direct_latencies(pool, cfg, topic, rate, secs).await;
         let d99 = show(&format!("round {round}: dual write (tx start to ack)"), &direct, &took);
         let (relay, took) = relay_latencies(pool, cfg, rate, secs, true).await;
-        let r99 = show(&format!("round {round}: relay, NOTIFY (created_at to ack)"), &relay, &took);
+        let r99 = show(
+            &format!("round {round}: relay, NOTIFY (created_at to ack)"),
+            &relay.commit_to_ack,
+            &took,
+        );
         added.push(r99 - d99);
         direct_all.extend(direct);
-        relay_all.extend(relay);
+        relay_all.extend(relay.commit_to_ack);
+        read_all.extend(relay.commit_to_read);
     }
     let (relay, took) = relay_latencies(pool, cfg, rate, secs, false).await;
     show(
         &format!("relay, polling only (poll interval {:?})", cfg.resolved.poll_interval),
-        &relay,
+        &relay.commit_to_ack,
         &took,
     );
     let d99 = show("all rounds: dual write", &direct_all, &[]);
     let r99 = show("all rounds: relay, NOTIFY", &relay_all, &[]);
+    show("  of which created_at to the relay's read", &read_all, &[]);
     added.sort_by(f64::total_cmp);
     let each: Vec<String> = added.iter().map(|a| format!("{a:.1}")).collect();
     println!(

@@ -14,7 +14,8 @@
 //!
 //! Knobs: BENCH_WRITERS (4), BENCH_SECS (10), BENCH_ROUNDS (8 for ingest, half as many for each
 //! inbox size), BENCH_ONLY (e.g. ingest,inbox: only those parts), BENCH_PLACEMENT (shared or
-//! split: only that ingest), BENCH_RELAY_ARGS (more relay flags, e.g. "--listen false").
+//! split: only that ingest), BENCH_RELAY_ARGS (more relay flags, e.g. "--listen false"),
+//! BENCH_INBOX_FLOOR (1: also the least a claim could cost, see `inbox`).
 
 use std::{
     sync::{
@@ -571,33 +572,62 @@ async fn consumer_tables(pool: &sqlx::PgPool, prefix: &str) -> (String, Qualifie
     (schema, inbox_table, effects)
 }
 
+/// What a consumer transaction writes besides its side effect.
+#[derive(Clone, Copy)]
+enum Claim {
+    None,
+    Inbox,
+    Floor,
+}
+
 /// Consumers apply side effects (an insert into `effects`) with and without `Inbox::claim`, in
 /// interleaved rounds (see `ingest`), with the machine's CPU time per message.
 async fn inbox(pool: &sqlx::PgPool, consumers: u64, secs: u64) {
     let (schema, inbox_table, effects) = consumer_tables(pool, "bench_inbox").await;
+    // BENCH_INBOX_FLOOR=1: also the ids inserted into a table with nothing but a one-column
+    // primary key, no ON CONFLICT: no dedup at all, the least any claim written to the database
+    // in the same transaction could cost.
+    let floor_table = qualified(&schema, "floor");
+    let floor = env_num("BENCH_INBOX_FLOOR", 0) == 1;
+    if floor {
+        sqlx::query(&format!("create table {floor_table} (message_id text primary key)"))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    let floor_sql = format!("insert into {floor_table} (message_id) select m from unnest($1::text[]) m");
     let db = pool;
     let rounds = env_num("BENCH_ROUNDS", 8).div_ceil(2);
     println!("inbox: {consumers} consumers, side effect = insert one row per message, {rounds} rounds of {secs}s each way");
     for per_tx in [1u64, 100] {
-        let (mut rates, mut cpus) = ([vec![], vec![]], [vec![], vec![]]);
+        let (mut rates, mut cpus) = ([vec![], vec![], vec![]], [vec![], vec![], vec![]]);
+        let slots: &[(usize, Claim)] = match floor {
+            false => &[(0, Claim::None), (1, Claim::Inbox)],
+            true => &[(0, Claim::None), (1, Claim::Inbox), (2, Claim::Floor)],
+        };
         for _ in 0..rounds {
-            for (slot, claim) in [(0, false), (1, true)] {
+            for &(slot, claim) in slots {
                 let (pool, effects) = (pool.clone(), effects.clone());
                 let inbox = Inbox::for_table(inbox_table.clone(), "bench");
                 let effect_sql = format!("insert into {effects} (message_id, amount) values ($1, $2)");
+                let floor_sql = floor_sql.clone();
                 let (tps, cpu) = measured(
                     db,
                     run_for(consumers, secs, move |_, _| {
-                        let (pool, inbox, sql) = (pool.clone(), inbox.clone(), effect_sql.clone());
+                        let (pool, inbox, sql, floor_sql) = (pool.clone(), inbox.clone(), effect_sql.clone(), floor_sql.clone());
                         async move {
                             let ids: Vec<String> = (0..per_tx).map(|_| uuid::Uuid::new_v4().to_string()).collect();
                             let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
                             let mut tx = pool.begin().await.unwrap();
                             // One message: `claim`; a batch: `claim_all`, one statement for the batch.
                             let new = match (claim, per_tx) {
-                                (false, _) => vec![true; refs.len()],
-                                (true, 1) => vec![inbox.claim(&mut tx, refs[0]).await.unwrap()],
-                                (true, _) => inbox.claim_all(&mut tx, &refs).await.unwrap(),
+                                (Claim::None, _) => vec![true; refs.len()],
+                                (Claim::Inbox, 1) => vec![inbox.claim(&mut tx, refs[0]).await.unwrap()],
+                                (Claim::Inbox, _) => inbox.claim_all(&mut tx, &refs).await.unwrap(),
+                                (Claim::Floor, _) => {
+                                    sqlx::query(&floor_sql).bind(&refs).execute(&mut *tx).await.unwrap();
+                                    vec![true; refs.len()]
+                                }
                             };
                             for (k, (id, new)) in refs.iter().zip(new).enumerate() {
                                 if new {
@@ -630,6 +660,16 @@ async fn inbox(pool: &sqlx::PgPool, consumers: u64, secs: u64) {
             us_per_msg(1),
             us_per_msg(0) / us_per_msg(1)
         );
+        if floor {
+            let per_round: Vec<String> = rates[0].iter().zip(&rates[2]).map(|(a, c)| format!("{:.2}", c / a)).collect();
+            println!(
+                "      floor (ids into a one-column primary key, no dedup) {:>8.0} msg/s, ratio {:.2} (per round: {}); CPU per message {:.0} us",
+                mean(&rates[2]),
+                mean(&rates[2]) / alone,
+                per_round.join(", "),
+                us_per_msg(2)
+            );
+        }
     }
     sqlx::query(&format!("drop schema \"{schema}\" cascade"))
         .execute(pool)

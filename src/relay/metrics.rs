@@ -41,6 +41,7 @@ pub struct RelayMetrics {
     pub quarantined: Counter,
     pub batch_seconds: Histogram,
     pub commit_to_ack_seconds: Histogram,
+    pub commit_to_read_seconds: Histogram,
     pub pending: Gauge,
     pub oldest_pending_seconds: Gauge<f64, AtomicU64>,
     pub oldest_transaction_seconds: Gauge<f64, AtomicU64>,
@@ -52,8 +53,17 @@ pub struct RelayMetrics {
     pub notifications: Counter,
     pub purged: Counter,
     pub purge_failures: Counter,
-    latency_samples: Option<Mutex<Vec<f64>>>,
+    latency_samples: Option<Mutex<Samples>>,
     registry: Registry,
+}
+
+const LATENCY_BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0];
+
+/// Latencies kept for benchmarks, in seconds.
+#[derive(Debug, Default)]
+pub struct Samples {
+    pub commit_to_ack: Vec<f64>,
+    pub commit_to_read: Vec<f64>,
 }
 
 /// `registry.register(name, help, m.field.clone())` for each `field: name, help;`, one line each.
@@ -71,7 +81,8 @@ impl Default for RelayMetrics {
             failures: Family::default(),
             quarantined: Counter::default(),
             batch_seconds: Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
-            commit_to_ack_seconds: Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0]),
+            commit_to_ack_seconds: Histogram::new(LATENCY_BUCKETS),
+            commit_to_read_seconds: Histogram::new(LATENCY_BUCKETS),
             pending: Gauge::default(),
             oldest_pending_seconds: Gauge::default(),
             oldest_transaction_seconds: Gauge::default(),
@@ -92,6 +103,7 @@ impl Default for RelayMetrics {
             quarantined: "quarantined", "Rows moved to the dead-letter table";
             batch_seconds: "batch_duration_seconds", "Read, publish, acknowledge and delete one batch";
             commit_to_ack_seconds: "commit_to_ack_seconds", "From the row's created_at to the broker's acknowledgement";
+            commit_to_read_seconds: "commit_to_read_seconds", "From the row's created_at to the read that took it (the database side of commit_to_ack: open older transactions, the wait between reads)";
             pending: "pending_events", "Unpublished rows (estimate from seq)";
             oldest_pending_seconds: "oldest_pending_age_seconds", "Age of the oldest unpublished row";
             oldest_transaction_seconds: "oldest_transaction_age_seconds", "Age of the oldest open write transaction; rows committed after it started wait for it to end";
@@ -116,7 +128,7 @@ impl RelayMetrics {
     /// Metrics that also keep every commit-to-acknowledgement latency, for benchmarks.
     pub fn with_latency_samples() -> Self {
         RelayMetrics {
-            latency_samples: Some(Mutex::new(Vec::new())),
+            latency_samples: Some(Mutex::new(Samples::default())),
             ..Self::default()
         }
     }
@@ -126,7 +138,21 @@ impl RelayMetrics {
             self.commit_to_ack_seconds.observe(*s);
         }
         if let Some(samples) = &self.latency_samples {
-            samples.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(seconds);
+            samples
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .commit_to_ack
+                .extend_from_slice(seconds);
+        }
+    }
+
+    pub(super) fn observe_commit_to_read(&self, seconds: impl Iterator<Item = f64>) {
+        let mut kept = self.latency_samples.as_ref().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()));
+        for s in seconds {
+            self.commit_to_read_seconds.observe(s);
+            if let Some(k) = kept.as_mut() {
+                k.commit_to_read.push(s);
+            }
         }
     }
 
@@ -136,7 +162,7 @@ impl RelayMetrics {
     }
 
     /// The latencies kept so far (empty unless built by `with_latency_samples`), leaving none.
-    pub fn take_latency_samples(&self) -> Vec<f64> {
+    pub fn take_latency_samples(&self) -> Samples {
         self.latency_samples
             .as_ref()
             .map(|s| std::mem::take(&mut *s.lock().unwrap_or_else(|e| e.into_inner())))
@@ -230,11 +256,17 @@ mod tests {
     fn latency_samples_are_kept_only_when_asked() {
         let plain = RelayMetrics::default();
         plain.observe_commit_to_ack(&[0.5]);
-        assert!(plain.take_latency_samples().is_empty());
+        plain.observe_commit_to_read([0.25].into_iter());
+        let none = plain.take_latency_samples();
+        assert!(none.commit_to_ack.is_empty() && none.commit_to_read.is_empty());
+        assert!(plain.render().contains("lockstep_relay_commit_to_read_seconds_count 1"));
         let bench = RelayMetrics::with_latency_samples();
         bench.observe_commit_to_ack(&[0.5, 1.5]);
-        assert_eq!(bench.take_latency_samples(), [0.5, 1.5]);
-        assert!(bench.take_latency_samples().is_empty());
+        bench.observe_commit_to_read([0.25].into_iter());
+        let kept = bench.take_latency_samples();
+        assert_eq!(kept.commit_to_ack, [0.5, 1.5]);
+        assert_eq!(kept.commit_to_read, [0.25]);
+        assert!(bench.take_latency_samples().commit_to_ack.is_empty());
     }
 
     #[test]

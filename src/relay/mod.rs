@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use self::session::Session;
 pub use self::{
     failure::{cause, is_permanent, transport_backoff, Cause},
-    metrics::{ReasonLabel, RelayMetrics, WakeLabel},
+    metrics::{ReasonLabel, RelayMetrics, Samples, WakeLabel},
     publisher::{producer_config, Relay},
     session::{keepalive_sql, DEAD_PEER_TIMEOUT},
     store::{measure, oldest_transaction_age},

@@ -50,35 +50,62 @@ struct InFlight {
     rows: Vec<OutboxRow>,
     /// Each row's message key.
     keys: Vec<String>,
-    /// Row index and delivery report of each message the producer accepted.
-    sent: Vec<(usize, DeliveryFuture)>,
-    /// Reports received so far, in the order of `sent`, with when (see `delivered`).
-    reports: Vec<(Report, f64)>,
+    /// Row index of each message the producer accepted, in the order of its reports.
+    sent: Vec<usize>,
+    reports: Reports,
     failures: Vec<Failure>,
     started: Instant,
 }
 
 type Report = Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>;
 
-impl InFlight {
-    /// Wait for every delivery report. Cancel-safe: reports already received are kept.
+/// A batch's delivery reports, each stamped when it arrived: a task of its own takes them as the
+/// producer delivers them, whatever the relay's task is doing meanwhile (reading, deleting), so
+/// the commit-to-acknowledgement latency is the broker's, not the relay's turn to look.
+struct Reports {
+    task: Option<tokio::task::JoinHandle<Vec<(Report, f64)>>>,
+    received: Option<Vec<(Report, f64)>>,
+}
+
+impl Reports {
+    fn collect(sent: Vec<DeliveryFuture>) -> Self {
+        // Each stamped as it resolves (a later partition's may come first), kept in send order.
+        let task = tokio::spawn(futures::future::join_all(sent.into_iter().map(|f| async move {
+            let report = f.await;
+            (report, unix_now())
+        })));
+        Reports {
+            task: Some(task),
+            received: None,
+        }
+    }
+
+    /// Wait for every report. Cancel-safe. A task that ended without its reports (the runtime
+    /// is shutting down) leaves none: those rows count as reports lost.
     async fn delivered(&mut self) {
-        while self.reports.len() < self.sent.len() {
-            let i = self.reports.len();
-            let report = (&mut self.sent[i].1).await;
-            self.reports.push((report, unix_now()));
+        if let Some(task) = &mut self.task {
+            let reports = task.await.unwrap_or_default();
+            self.task = None;
+            self.received = Some(reports);
+        }
+    }
+
+    fn take(&mut self) -> Vec<(Report, f64)> {
+        self.received.take().unwrap_or_default()
+    }
+}
+
+impl Drop for Reports {
+    fn drop(&mut self) {
+        // An abandoned batch (the producer was rebuilt): its rows are read again.
+        if let Some(task) = &self.task {
+            task.abort();
         }
     }
 }
 
-/// Wait for the oldest batch's reports, or until `until` (true then). Meanwhile take the later
-/// batches' reports as they come, so each is stamped when it arrived, not when its batch became
-/// the oldest (the commit-to-acknowledgement latency).
-async fn oldest_delivered(oldest: &mut InFlight, later: &mut VecDeque<InFlight>, until: Option<Instant>) -> bool {
-    let later = async {
-        futures::future::join_all(later.iter_mut().map(InFlight::delivered)).await;
-        std::future::pending::<()>().await
-    };
+/// Wait for the oldest batch's reports, or until `until` (true then).
+async fn oldest_delivered(oldest: &mut InFlight, until: Option<Instant>) -> bool {
     let until = async {
         match until {
             Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -86,8 +113,7 @@ async fn oldest_delivered(oldest: &mut InFlight, later: &mut VecDeque<InFlight>,
         }
     };
     tokio::select! {
-        _ = oldest.delivered() => false,
-        _ = later => false,
+        _ = oldest.reports.delivered() => false,
         _ = until => true,
     }
 }
@@ -224,7 +250,7 @@ impl Relay {
             // `gather` has passed. While batches are in flight the relay polls at that pace rather
             // than waiting for NOTIFYs, which it stops listening for under a steady flow.
             let room = in_flight.len() + 1 < depth && !stop.is_cancelled();
-            if oldest_delivered(&mut batch, &mut in_flight, room.then_some(self.next_read)).await {
+            if oldest_delivered(&mut batch, room.then_some(self.next_read)).await {
                 in_flight.push_front(batch);
                 want = true;
                 continue;
@@ -263,7 +289,10 @@ impl Relay {
         let keys = self.gate.excluded_keys(Instant::now());
         self.metrics.blocked_keys.set(self.gate.blocked() as i64);
         let seqs = self.gate.excluded_seqs();
-        Ok(self.sql.fetch(conn, self.cfg.resolved.batch_size, &keys, &seqs).await?)
+        let at = unix_now();
+        let rows = self.sql.fetch(conn, self.cfg.resolved.batch_size, &keys, &seqs).await?;
+        self.metrics.observe_commit_to_read(rows.iter().map(|r| (at - r.created).max(0.0)));
+        Ok(rows)
     }
 
     /// Hand a batch to the producer. A row whose send fails holds back the later rows of its key.
@@ -274,12 +303,16 @@ impl Relay {
         let mut failed_keys: HashSet<&str> = HashSet::new();
         let mut failures = Vec::new();
         let mut sent = Vec::with_capacity(rows.len());
+        let mut futures = Vec::with_capacity(rows.len());
         for (i, (row, key)) in rows.iter().zip(&keys).enumerate() {
             if failed_keys.contains(key.as_str()) {
                 continue;
             }
             match self.send_row(i, row, key).await {
-                Ok(f) => sent.push((i, f)),
+                Ok(f) => {
+                    sent.push(i);
+                    futures.push(f);
+                }
                 Err(failure) => {
                     failed_keys.insert(key);
                     failures.push(failure);
@@ -290,8 +323,8 @@ impl Relay {
             n,
             rows,
             keys,
-            reports: Vec::with_capacity(sent.len()),
             sent,
+            reports: Reports::collect(futures),
             failures,
             started,
         }
@@ -332,19 +365,25 @@ impl Relay {
     /// Wait for every delivery report of a batch, remove what was acknowledged in one statement,
     /// record what failed (retry later, or dead-letter), and let the batch's keys be read again.
     async fn complete(&mut self, conn: &mut PgConnection, mut batch: InFlight) -> Result<(), RelayError> {
-        batch.delivered().await;
+        batch.reports.delivered().await;
+        let reports = batch.reports.take();
         let InFlight {
             n,
             rows,
             keys,
             sent,
-            reports,
             mut failures,
             started,
+            ..
         } = batch;
         let mut acked = Vec::with_capacity(sent.len());
         let mut latencies = Vec::with_capacity(sent.len());
-        for ((i, _), (report, at)) in sent.into_iter().zip(reports) {
+        let mut reports = reports.into_iter();
+        for i in sent {
+            let Some((report, at)) = reports.next() else {
+                failures.push(Failure::report_lost(i));
+                continue;
+            };
             match report {
                 Ok(Ok(_)) => {
                     latencies.push((at - rows[i].created).max(0.0));

@@ -26,6 +26,7 @@ mod headers;
 mod metrics;
 mod publisher;
 pub mod replay;
+mod reports;
 mod session;
 pub mod stamp;
 mod store;

@@ -22,6 +22,7 @@ use super::{
     gate::KeyGate,
     gather::Gather,
     metrics::RelayMetrics,
+    reports::{unix_now, Reports},
     store::{OutboxRow, Statements},
     RelayError,
 };
@@ -57,53 +58,6 @@ struct InFlight {
     started: Instant,
 }
 
-type Report = Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>;
-
-/// A batch's delivery reports, each stamped when it arrived: a task of its own takes them as the
-/// producer delivers them, whatever the relay's task is doing meanwhile (reading, deleting), so
-/// the commit-to-acknowledgement latency is the broker's, not the relay's turn to look.
-struct Reports {
-    task: Option<tokio::task::JoinHandle<Vec<(Report, f64)>>>,
-    received: Option<Vec<(Report, f64)>>,
-}
-
-impl Reports {
-    fn collect(sent: Vec<DeliveryFuture>) -> Self {
-        // Each stamped as it resolves (a later partition's may come first), kept in send order.
-        let task = tokio::spawn(futures::future::join_all(sent.into_iter().map(|f| async move {
-            let report = f.await;
-            (report, unix_now())
-        })));
-        Reports {
-            task: Some(task),
-            received: None,
-        }
-    }
-
-    /// Wait for every report. Cancel-safe. A task that ended without its reports (the runtime
-    /// is shutting down) leaves none: those rows count as reports lost.
-    async fn delivered(&mut self) {
-        if let Some(task) = &mut self.task {
-            let reports = task.await.unwrap_or_default();
-            self.task = None;
-            self.received = Some(reports);
-        }
-    }
-
-    fn take(&mut self) -> Vec<(Report, f64)> {
-        self.received.take().unwrap_or_default()
-    }
-}
-
-impl Drop for Reports {
-    fn drop(&mut self) {
-        // An abandoned batch (the producer was rebuilt): its rows are read again.
-        if let Some(task) = &self.task {
-            task.abort();
-        }
-    }
-}
-
 /// Wait for the oldest batch's reports, or until `until` (true then).
 async fn oldest_delivered(oldest: &mut InFlight, until: Option<Instant>) -> bool {
     let until = async {
@@ -116,13 +70,6 @@ async fn oldest_delivered(oldest: &mut InFlight, until: Option<Instant>) -> bool
         _ = oldest.reports.delivered() => false,
         _ = until => true,
     }
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 pub struct Relay {

@@ -12,12 +12,17 @@
 //!                          default 16; BENCH_POLL, default 1s; BENCH_LATENCY_SECS, default 10;
 //!                          BENCH_LATENCY_ROUNDS, default 4;
 //!                          BENCH_MARKED_EVENTS, default BENCH_EVENTS/4; BENCH_KEPT, default
-//!                          1000000; payload ~256 bytes; 1000 keys)
+//!                          1000000; BENCH_PLACEMENT, shared (default) or split: PostgreSQL and the
+//!                          writers on core 0, the relay, every producer and the broker on core 1;
+//!                          payload ~256 bytes; 1000 keys)
 
 use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
+
+#[path = "support/placement.rs"]
+mod placement;
 
 use clap::Parser;
 use lockstep::{
@@ -25,11 +30,26 @@ use lockstep::{
     relay::{producer_config, run_with_metrics, PayloadColumn, Relay, RelayMetrics, Samples},
     schema::prepare_outbox,
 };
+use placement::{on_publisher, place, relay_runtime, Placement};
 use rdkafka::{
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
 };
 use sqlx::Row;
+
+/// The side that publishes: where the relay runs and every producer is made (see `Placement`).
+#[derive(Clone)]
+struct Side {
+    placement: Placement,
+    rt: tokio::runtime::Handle,
+}
+
+impl Side {
+    fn producer(&self, cfg: &RelayConfig) -> FutureProducer {
+        let config = producer_config(cfg);
+        on_publisher(self.placement, move || config.create().unwrap())
+    }
+}
 
 #[derive(Parser)]
 struct Wrap {
@@ -176,8 +196,8 @@ pub fn relay_headers() -> OwnedHeaders {
 
 /// P: the producer alone, same settings, same messages (key, ~256-byte payload, headers id and
 /// type), whole run in flight. Events per second.
-async fn producer_rate(cfg: &RelayConfig, topic: &str, n: i64) -> f64 {
-    let producer: FutureProducer = producer_config(cfg).create().unwrap();
+async fn producer_rate(side: &Side, cfg: &RelayConfig, topic: &str, n: i64) -> f64 {
+    let producer = side.producer(cfg);
     let payload = payload();
     let started = Instant::now();
     let mut pending = Vec::with_capacity(n as usize);
@@ -202,8 +222,8 @@ async fn producer_rate(cfg: &RelayConfig, topic: &str, n: i64) -> f64 {
 
 /// A producer with metadata and a connection to every partition leader, as the relay's is before
 /// it is measured.
-async fn warm_producer(cfg: &RelayConfig, topic: &str) -> FutureProducer {
-    let producer: FutureProducer = producer_config(cfg).create().unwrap();
+async fn warm_producer(side: &Side, cfg: &RelayConfig, topic: &str) -> FutureProducer {
+    let producer = side.producer(cfg);
     let payload = payload();
     let warm: Vec<_> = (0..1000)
         .map(|i| {
@@ -223,8 +243,8 @@ async fn warm_producer(cfg: &RelayConfig, topic: &str) -> FutureProducer {
 /// The dual write at `rate` for `secs`: the same writers commit the same rows, and each publishes
 /// its events right after its commit. Transaction start to acknowledgement, in seconds, and the
 /// writers' transaction durations. The rows are removed afterwards (no relay runs).
-async fn direct_latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &str, rate: f64, secs: f64) -> (Vec<f64>, Vec<f64>) {
-    let producer = warm_producer(cfg, topic).await;
+async fn direct_latencies(side: &Side, pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &str, rate: f64, secs: f64) -> (Vec<f64>, Vec<f64>) {
+    let producer = warm_producer(side, cfg, topic).await;
     let table = cfg.resolved.table.to_string();
     let (_, took, l) = write_at(pool, &table, rate, Duration::from_secs_f64(secs), Some((&producer, topic))).await;
     sqlx::query(&format!("truncate {table}")).execute(pool).await.unwrap();
@@ -233,8 +253,8 @@ async fn direct_latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &str, r
 
 /// The producer alone at `rate` for `secs`, sending each 10 ms tick's share at once (as the relay
 /// sends a batch): send-to-acknowledgement latencies, in seconds.
-async fn producer_latencies(cfg: &RelayConfig, topic: &str, rate: f64, secs: f64) -> Vec<f64> {
-    let producer = warm_producer(cfg, topic).await;
+async fn producer_latencies(side: &Side, cfg: &RelayConfig, topic: &str, rate: f64, secs: f64) -> Vec<f64> {
+    let producer = warm_producer(side, cfg, topic).await;
     let payload = payload();
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -316,7 +336,7 @@ async fn sql_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, payload: PayloadColumn
 
 /// R: the relay draining `n` loaded events. Progress comes from the relay's own counter, so the
 /// bench puts no load on the database while it measures. Events per second and CPU seconds.
-async fn relay_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, n: i64) -> (f64, f64) {
+async fn relay_rate(side: &Side, pool: &sqlx::PgPool, cfg: &RelayConfig, n: i64) -> (f64, f64) {
     let table = cfg.resolved.table.to_string();
     load(pool, &table, n).await;
     // Statistics as autovacuum would have them once the rows have been there a while.
@@ -325,7 +345,7 @@ async fn relay_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, n: i64) -> (f64, f64
     let stop = tokio_util::sync::CancellationToken::new();
     let cpu0 = cpu_seconds();
     let started = Instant::now();
-    let task = tokio::spawn(run_with_metrics(cfg.clone(), stop.clone(), metrics.clone()));
+    let task = side.rt.spawn(run_with_metrics(cfg.clone(), stop.clone(), metrics.clone()));
     while metrics.published.get() < n as u64 {
         assert!(!task.is_finished(), "relay stopped early");
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -346,13 +366,13 @@ async fn relay_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, n: i64) -> (f64, f64
 /// by polling alone. Latency = broker acknowledgement time - created_at (the writer's transaction
 /// start), so it includes the commit itself. The latencies, in seconds, and the writers'
 /// transaction durations (and, in the samples, created_at to the read that took the row).
-async fn relay_latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, rate: f64, secs: f64, listen: bool) -> (Samples, Vec<f64>) {
+async fn relay_latencies(side: &Side, pool: &sqlx::PgPool, cfg: &RelayConfig, rate: f64, secs: f64, listen: bool) -> (Samples, Vec<f64>) {
     let table = cfg.resolved.table.to_string();
     let mut c = cfg.clone();
     c.listen = listen;
     let metrics = Arc::new(RelayMetrics::with_latency_samples());
     let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(run_with_metrics(c, stop.clone(), metrics.clone()));
+    let task = side.rt.spawn(run_with_metrics(c, stop.clone(), metrics.clone()));
     // Let it take the lock and settle before measuring.
     tokio::time::sleep(Duration::from_secs(1)).await;
     metrics.take_latency_samples();
@@ -368,8 +388,11 @@ async fn relay_latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, rate: f64, secs
 /// The latency part: the producer alone once, then `rounds` pairs of windows, the dual write then
 /// the relay woken by NOTIFY (interleaved, so both see the same drift of a shared machine: a
 /// single window's p99 moves by tens of milliseconds from run to run here), then polling once.
-async fn latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &str, rate: f64, secs: f64, rounds: usize) {
-    println!("latency at {rate:.0} events/s (60% of R), windows of {secs}s, sent every 10 ms:");
+async fn latencies(side: &Side, pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &str, rate: f64, secs: f64, rounds: usize) {
+    println!(
+        "latency at {rate:.0} events/s (60% of R), windows of {secs}s, sent every 10 ms ({}):",
+        side.placement.describe()
+    );
     let show = |label: &str, l: &[f64], took: &[f64]| {
         let (p50, p99) = percentiles(l.to_vec());
         let writers = match took {
@@ -382,13 +405,13 @@ async fn latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &str, rate: f6
         println!("  {label:<44} p50 {p50:>6.1} ms  p99 {p99:>6.1} ms{writers}");
         p99
     };
-    let alone = producer_latencies(cfg, topic, rate, secs).await;
+    let alone = producer_latencies(side, cfg, topic, rate, secs).await;
     show("producer only, no writers (send to ack)", &alone, &[]);
     let (mut direct_all, mut relay_all, mut read_all, mut added) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let (direct, took) = direct_latencies(pool, cfg, topic, rate, secs).await;
+        let (direct, took) = direct_latencies(side, pool, cfg, topic, rate, secs).await;
         let d99 = show(&format!("round {round}: dual write (tx start to ack)"), &direct, &took);
-        let (relay, took) = relay_latencies(pool, cfg, rate, secs, true).await;
+        let (relay, took) = relay_latencies(side, pool, cfg, rate, secs, true).await;
         let r99 = show(
             &format!("round {round}: relay, NOTIFY (created_at to ack)"),
             &relay.commit_to_ack,
@@ -399,7 +422,7 @@ async fn latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &str, rate: f6
         relay_all.extend(relay.commit_to_ack);
         read_all.extend(relay.commit_to_read);
     }
-    let (relay, took) = relay_latencies(pool, cfg, rate, secs, false).await;
+    let (relay, took) = relay_latencies(side, pool, cfg, rate, secs, false).await;
     show(
         &format!("relay, polling only (poll interval {:?})", cfg.resolved.poll_interval),
         &relay.commit_to_ack,
@@ -419,7 +442,7 @@ async fn latencies(pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &str, rate: f6
 
 /// Cleanup MarkPublished: R with `kept` published rows in the table (kept for publishedRetention)
 /// against R with none, `n` events each, in fresh tables.
-async fn marked_rates(pool: &sqlx::PgPool, topic: &str, n: i64, kept: i64) {
+async fn marked_rates(side: &Side, pool: &sqlx::PgPool, topic: &str, n: i64, kept: i64) {
     let mut rates = Vec::new();
     for k in [0, kept] {
         let schema = format!("bench_marked_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
@@ -442,7 +465,7 @@ async fn marked_rates(pool: &sqlx::PgPool, topic: &str, n: i64, kept: i64) {
             .await
             .unwrap();
         }
-        let (rate, _) = relay_rate(pool, &cfg, n).await;
+        let (rate, _) = relay_rate(side, pool, &cfg, n).await;
         println!("  {k:>8} published rows kept: R {rate:>8.0} events/s");
         rates.push(rate);
         sqlx::query(&format!("drop schema \"{schema}\" cascade"))
@@ -464,6 +487,21 @@ async fn main() {
     let schema = format!("bench_relay_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let topic = format!("bench.relay.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let cfg = config(&schema, &topic, &[]);
+    let placement = match std::env::var("BENCH_PLACEMENT").as_deref() {
+        Ok("split") => Placement::Split,
+        Ok("shared") | Err(_) => Placement::Shared,
+        Ok(other) => panic!("BENCH_PLACEMENT={other}: shared or split"),
+    };
+    // Placed first: `place` pins every thread this process has so far (the writers' runtime,
+    // and any Kafka client's) to the database's core.
+    place(placement);
+    let own_rt = (placement == Placement::Split).then(|| relay_runtime(placement));
+    let side = Side {
+        placement,
+        rt: own_rt
+            .as_ref()
+            .map_or_else(tokio::runtime::Handle::current, |rt| rt.handle().clone()),
+    };
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await.unwrap();
     let admin = lockstep::kafka::Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
     admin.create_topic(&topic, 6, 1, &Default::default()).await.unwrap();
@@ -472,12 +510,14 @@ async fn main() {
         .await
         .unwrap();
 
-    let p_rate = producer_rate(&cfg, &topic, n).await;
+    let p_rate = producer_rate(&side, &cfg, &topic, n).await;
     let d_rate = sql_rate(&pool, &cfg, tables.payload, n).await;
-    let (r_rate, cpu) = relay_rate(&pool, &cfg, n).await;
+    let (r_rate, cpu) = relay_rate(&side, &pool, &cfg, n).await;
     println!(
-        "events: {n}, payload ~256 B, 1000 keys, 6 partitions, batch {}, batches in flight {}",
-        r.batch_size, cfg.max_batches_in_flight
+        "events: {n}, payload ~256 B, 1000 keys, 6 partitions, batch {}, batches in flight {}, {}",
+        r.batch_size,
+        cfg.max_batches_in_flight,
+        placement.describe()
     );
     println!("P producer only:        {p_rate:>10.0} events/s");
     println!("D SQL read+delete only: {d_rate:>10.0} events/s");
@@ -495,7 +535,7 @@ async fn main() {
         .unwrap_or(10.0);
     if secs > 0.0 {
         let rounds = std::env::var("BENCH_LATENCY_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
-        latencies(&pool, &cfg, &topic, rate, secs, rounds).await;
+        latencies(&side, &pool, &cfg, &topic, rate, secs, rounds).await;
     }
     sqlx::query(&format!("drop schema \"{schema}\" cascade"))
         .execute(&pool)
@@ -509,6 +549,10 @@ async fn main() {
     let kept: i64 = std::env::var("BENCH_KEPT").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     if marked > 0 {
         println!("cleanup MarkPublished, {marked} events:");
-        marked_rates(&pool, &topic, marked, kept).await;
+        marked_rates(&side, &pool, &topic, marked, kept).await;
+    }
+    place(Placement::Shared);
+    if let Some(rt) = own_rt {
+        rt.shutdown_background();
     }
 }

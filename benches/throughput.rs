@@ -25,6 +25,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+#[path = "support/placement.rs"]
+mod placement;
+
 use clap::Parser;
 use lockstep::{
     config::RelayArgs,
@@ -33,6 +36,7 @@ use lockstep::{
     schema::{migrate, prepare_outbox, TableKind},
     sql::{Ident, QualifiedName},
 };
+use placement::{place, relay_runtime, Placement};
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -211,78 +215,6 @@ fn qualified(schema: &str, table: &str) -> QualifiedName {
 }
 
 /// Writers commit an order and its outbox row per transaction, without a relay and with one.
-/// Where the ingest's processes run. `Shared`: everything on every core, as a one-machine
-/// install has it. `Split`: PostgreSQL and the writers on the first core, the relay and the broker
-/// on the second, as a deployment has them (the relay in its own pod, the broker on its own
-/// machines): the writers then pay only for what the relay makes the database do.
-#[derive(Clone, Copy, PartialEq)]
-enum Placement {
-    Shared,
-    Split,
-}
-
-/// Pin one thread (or process: a pid is its main thread's id) to `cpus`; with `all_threads`,
-/// each of its threads. Threads created later inherit the mask of the thread that creates them.
-fn pin(pid: i32, cpus: &[usize], all_threads: bool) {
-    let tids: Vec<i32> = if all_threads {
-        std::fs::read_dir(format!("/proc/{pid}/task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
-            .collect()
-    } else {
-        vec![pid]
-    };
-    for tid in tids {
-        // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            for &c in cpus {
-                libc::CPU_SET(c, &mut set);
-            }
-            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        }
-    }
-}
-
-/// Every process named `comm` (PostgreSQL's postmaster and backends, tansu), pinned with all
-/// its threads.
-fn pin_processes(comm: &str, cpus: &[usize]) {
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        if std::fs::read_to_string(entry.path().join("comm")).is_ok_and(|c| c.trim() == comm) {
-            pin(pid, cpus, true);
-        }
-    }
-}
-
-/// Place the processes for `placement`; `Shared` undoes a `Split`.
-fn place(placement: Placement) {
-    let all: Vec<usize> = (0..std::thread::available_parallelism().map_or(2, |n| n.get()).max(2)).collect();
-    let (db, relay): (&[usize], &[usize]) = match placement {
-        Placement::Shared => (&all, &all),
-        Placement::Split => (&[0], &[1]),
-    };
-    pin_processes("postgres", db);
-    pin_processes("tansu", relay);
-    // This process's threads so far are the writers' runtime.
-    pin(std::process::id() as i32, db, true);
-}
-
-/// A runtime for the relay whose threads (and the producer's, which they start) run on the
-/// second core.
-fn relay_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .on_thread_start(|| pin(0, &[1], false))
-        .build()
-        .unwrap()
-}
-
 async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64, placement: Placement) {
     let schema = format!("bench_ingest_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let topic = format!("bench.ingest.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
@@ -363,7 +295,7 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64, p
     // Placed first: `place` pins every thread this process has so far to the database's core.
     place(placement);
     // Shared: the relay on the writers' runtime. Split: on its own, on the second core.
-    let own_rt = (placement == Placement::Split).then(relay_runtime);
+    let own_rt = (placement == Placement::Split).then(|| relay_runtime(placement));
     let relay_rt = own_rt
         .as_ref()
         .map_or_else(tokio::runtime::Handle::current, |rt| rt.handle().clone());
@@ -426,10 +358,7 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64, p
         Placement::Shared => Some(producer_alone(&cfg, &topic, writers, secs, with_relay, write).await),
         Placement::Split => None,
     };
-    let cores = match placement {
-        Placement::Shared => "every process on both cores",
-        Placement::Split => "PostgreSQL and the writers on core 0, the relay and the broker on core 1",
-    };
+    let cores = placement.describe();
     println!(
         "ingest ({cores}): {writers} writers, each transaction = 1 order row + 1 outbox row (~256 B payload), \
          {rounds} rounds of {secs}s alone then {secs}s with the relay"

@@ -195,24 +195,21 @@ async fn reconcile_object<R: Reconciler>(k: &R::K, uid: &str, api: &Api<R::K>, c
         status: previous.clone(),
         action: Action::await_change(),
     };
-    let outcome = match (R::PAUSED, k.validate()) {
+    let outcome = match (R::table_change(k), R::PAUSED, k.validate()) {
         // What runs for the recorded table goes on; nothing touches the one named now.
-        _ if R::table_change(k).is_some() => {
-            let (was, now) = R::table_change(k).unwrap_or_default();
-            stopped(reason::TABLE_CHANGE_REFUSED, table_change_message(&was, &now))
-        }
-        (Some(message), _) if is_paused(k) => {
+        (Some((was, now)), _, _) => stopped(reason::TABLE_CHANGE_REFUSED, table_change_message(&was, &now)),
+        (None, Some(message), _) if is_paused(k) => {
             R::halt(ctx, uid);
             stopped(
                 reason::PAUSED,
                 format!("annotation {}=true: {message}", crate::crd::PAUSED_ANNOTATION),
             )
         }
-        (_, Err(e)) => {
+        (None, _, Err(e)) => {
             R::halt(ctx, uid);
             stopped(reason::INVALID_SPEC, e.to_string())
         }
-        (_, Ok(valid)) => R::reconcile(k, valid, &previous, ctx).await?,
+        (None, _, Ok(valid)) => R::reconcile(k, valid, &previous, ctx).await?,
     };
     let (conditions, status, action) = match outcome {
         Outcome::Later(action) => return Ok((action, None)),

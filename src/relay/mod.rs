@@ -15,8 +15,8 @@
 //!   topic name the routing cannot build), it moves to the dead-letter table with its error.
 //!
 //! This file starts the relay (tables, producer, measurements); `session` the session (lock,
-//! LISTEN, reconnect, stop), `publisher` the batch pipeline, `store` its SQL, `metrics` what it
-//! reports.
+//! LISTEN, reconnect, stop), `publisher` the batch pipeline, `reports` a batch's delivery reports
+//! (stamped as they arrive), `store` its SQL, `metrics` what it reports.
 
 mod cleanup;
 mod failure;

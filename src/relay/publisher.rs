@@ -311,18 +311,17 @@ impl Relay {
 
     /// Wait for every delivery report of a batch, remove what was acknowledged in one statement,
     /// record what failed (retry later, or dead-letter), and let the batch's keys be read again.
-    async fn complete(&mut self, conn: &mut PgConnection, mut batch: InFlight) -> Result<(), RelayError> {
-        batch.reports.delivered().await;
-        let reports = batch.reports.take();
+    async fn complete(&mut self, conn: &mut PgConnection, batch: InFlight) -> Result<(), RelayError> {
         let InFlight {
             n,
             rows,
             keys,
             sent,
+            reports,
             mut failures,
             started,
-            ..
         } = batch;
+        let reports = reports.all().await;
         let mut acked = Vec::with_capacity(sent.len());
         let mut latencies = Vec::with_capacity(sent.len());
         let mut reports = reports.into_iter();

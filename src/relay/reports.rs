@@ -35,7 +35,9 @@ impl Reports {
         }
     }
 
-    pub(super) fn take(&mut self) -> Vec<(Report, f64)> {
+    /// Every report, in send order, once all are in.
+    pub(super) async fn all(mut self) -> Vec<(Report, f64)> {
+        self.delivered().await;
         self.received.take().unwrap_or_default()
     }
 }

@@ -20,6 +20,10 @@ pub(super) struct KeyGate<T> {
     /// with it, so the key stays out until they completed too (else each of them would block it
     /// again, and a key could keep failing behind its own earlier failures).
     blocked: HashMap<String, (T, u64)>,
+    /// Key -> the batch whose send refused one of its rows. The producer never had that row, so
+    /// it fails none of the key's later rows: the key stays out of reads until that batch
+    /// completes and `complete` blocks it with its wait.
+    held: HashMap<String, u64>,
 }
 
 impl<T> Default for KeyGate<T> {
@@ -28,6 +32,7 @@ impl<T> Default for KeyGate<T> {
             in_flight: BTreeMap::new(),
             next: 0,
             blocked: HashMap::new(),
+            held: HashMap::new(),
         }
     }
 }
@@ -38,8 +43,9 @@ impl<T: Ord + Copy> KeyGate<T> {
         let oldest = self.in_flight.keys().next().copied();
         self.blocked
             .retain(|_, (until, last)| *until > now || oldest.is_some_and(|o| o <= *last));
-        let mut keys: Vec<String> = self.blocked.keys().cloned().collect();
+        let mut keys: Vec<String> = self.blocked.keys().chain(self.held.keys()).cloned().collect();
         keys.sort_unstable();
+        keys.dedup();
         keys
     }
 
@@ -58,9 +64,16 @@ impl<T: Ord + Copy> KeyGate<T> {
         n
     }
 
+    /// The send of batch `n` refused a row of `key`: no later row of the key may be read before
+    /// the batch completes.
+    pub fn hold(&mut self, n: u64, key: &str) {
+        self.held.entry(key.to_owned()).or_insert(n);
+    }
+
     /// Batch `n` completed; `failed` keys wait until the given time.
     pub fn complete<'a>(&mut self, n: u64, failed: impl IntoIterator<Item = (&'a str, T)>) {
         self.in_flight.remove(&n);
+        self.held.retain(|_, b| *b != n);
         let last = self.next.saturating_sub(1);
         for (k, until) in failed {
             let e = self.blocked.entry(k.to_owned()).or_insert((until, last));
@@ -70,12 +83,16 @@ impl<T: Ord + Copy> KeyGate<T> {
 
     /// Keys waiting for a retry (for the metric).
     pub fn blocked(&self) -> usize {
-        self.blocked.len()
+        self.blocked
+            .keys()
+            .chain(self.held.keys().filter(|k| !self.blocked.contains_key(*k)))
+            .count()
     }
 
     /// Forget everything in flight (the producer was rebuilt; those rows will be read again).
     pub fn abandon_in_flight(&mut self) {
         self.in_flight.clear();
+        self.held.clear();
     }
 }
 
@@ -83,11 +100,12 @@ impl<T: Ord + Copy> KeyGate<T> {
 mod tests {
     //! A model of the relay over a pure outbox: rows become visible at chosen times (per key in
     //! seq order, which is what reading below the snapshot's xmin gives), batches are read in seq
-    //! order leaving out the gate's keys, messages are acknowledged or fail at random, batches
-    //! complete oldest first (as `Relay::drain` awaits them). The producer is modelled as an
-    //! idempotent producer is specified: a partition's messages are acknowledged in the order they
-    //! were handed to it, and once a message of a key fails, the later messages of that key handed
-    //! to it before the failure was reported (in the same batch or a later one) fail too.
+    //! order leaving out the gate's keys, messages are acknowledged, fail in the producer or are
+    //! refused at send, at random; batches complete oldest first (as `Relay::drain` awaits them).
+    //! The producer is modelled as an idempotent producer is specified: a partition's messages are
+    //! acknowledged in the order they were handed to it, and once a message of a key fails, the
+    //! later messages of that key handed to it before the failure was reported (in the same batch
+    //! or a later one) fail too. A message refused at send never reached it and fails nothing.
     //! Property: each key's acknowledged seqs only grow.
 
     use std::collections::{BTreeMap, VecDeque};
@@ -106,18 +124,40 @@ mod tests {
     /// How the next read chooses rows.
     #[derive(Clone, Copy, PartialEq)]
     enum Rule {
-        /// Today's: skip the rows in flight and the blocked keys.
+        /// Today's: skip the rows in flight, the blocked keys and the keys a send refused.
         Gate,
+        /// Without `KeyGate::hold`: a key a send refused is left out only once its batch completed.
+        GateWithoutHold,
         /// The rule this replaced: skip the seq range from the lowest to the highest seq in
         /// flight, and blocked keys (known only once a batch completed).
         SeqRange,
     }
 
+    /// What became of a row handed to the producer.
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Outcome {
+        Acked,
+        /// Failed by the producer (its delivery report is an error).
+        Failed,
+        /// Refused at send: the producer never had it.
+        Refused,
+        /// Not sent: an earlier row of its key in the same batch failed at send.
+        Skipped,
+    }
+
+    /// The dice: 0 a refusal at send, 1 a failure in the producer, anything else an acknowledgement.
+    fn outcome(die: u8) -> Outcome {
+        match die {
+            0 => Outcome::Refused,
+            1 => Outcome::Failed,
+            _ => Outcome::Acked,
+        }
+    }
+
     struct Batch {
         n: u64,
         rows: Vec<Row>,
-        /// Per row: acknowledged?
-        outcome: Vec<bool>,
+        outcome: Vec<Outcome>,
     }
 
     fn outbox(keys_of_rows: &[(u8, u8)]) -> Vec<Row> {
@@ -138,14 +178,69 @@ mod tests {
             .collect()
     }
 
+    /// The send and the producer's outcome for each row of batch `n`. A message the producer
+    /// failed fails the later ones of its key handed to it while the failure is in flight (this
+    /// batch or an earlier one still in flight); a message refused at send fails nothing after
+    /// it, and, as `Relay::send` does, the key's later rows of the batch are not sent. With
+    /// `hold`, a refusal holds its key in the gate.
+    fn hand_over<'a>(
+        batch: &[Row],
+        n: u64,
+        in_flight: &VecDeque<Batch>,
+        dice: &mut impl Iterator<Item = &'a u8>,
+        failures: &mut BTreeMap<i64, u32>,
+        mut hold: Option<&mut KeyGate<u32>>,
+    ) -> Vec<Outcome> {
+        let mut failing: Vec<String> = in_flight
+            .iter()
+            .flat_map(|b| {
+                b.rows
+                    .iter()
+                    .zip(&b.outcome)
+                    .filter(|(_, o)| **o == Outcome::Failed)
+                    .map(|(r, _)| r.key.clone())
+            })
+            .collect();
+        let mut refused: Vec<String> = Vec::new();
+        batch
+            .iter()
+            .map(|r| {
+                if refused.contains(&r.key) {
+                    return Outcome::Skipped;
+                }
+                let mut o = outcome(*dice.next().unwrap());
+                // A row fails at most three times (the broker comes back).
+                if failures.get(&r.seq).is_some_and(|n| *n >= 3) {
+                    o = Outcome::Acked;
+                }
+                if failing.contains(&r.key) && o != Outcome::Refused {
+                    o = Outcome::Failed;
+                }
+                match o {
+                    Outcome::Failed => failing.push(r.key.clone()),
+                    Outcome::Refused => {
+                        refused.push(r.key.clone());
+                        if let Some(g) = hold.as_deref_mut() {
+                            g.hold(n, &r.key);
+                        }
+                    }
+                    _ => {}
+                }
+                if o != Outcome::Acked {
+                    *failures.entry(r.seq).or_default() += 1;
+                }
+                o
+            })
+            .collect()
+    }
+
     /// Run the model; returns each key's acknowledged seqs in acknowledgement order.
-    fn run(rows: Vec<Row>, acks: &[bool], rule: Rule, limit: usize, depth: usize) -> BTreeMap<String, Vec<i64>> {
+    fn run(rows: Vec<Row>, dice: &[u8], rule: Rule, limit: usize, depth: usize) -> BTreeMap<String, Vec<i64>> {
         let mut pending = rows;
         let mut gate = KeyGate::<u32>::default();
         let mut in_flight: VecDeque<Batch> = VecDeque::new();
         let mut acked: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-        let mut dice = acks.iter().cycle();
-        // A row fails at most three times (the broker comes back).
+        let mut dice = dice.iter().cycle();
         let mut failures: BTreeMap<i64, u32> = BTreeMap::new();
         // Each tick: read until `depth` batches are in flight or a read finds nothing, then wait
         // for the oldest, as `Relay::drain` does; rows become visible as ticks pass.
@@ -167,7 +262,7 @@ mod tests {
                     .iter()
                     .filter(|r| r.visible_at <= now && !keys.contains(&r.key))
                     .filter(|r| match rule {
-                        Rule::Gate => !seqs.contains(&r.seq),
+                        Rule::Gate | Rule::GateWithoutHold => !seqs.contains(&r.seq),
                         Rule::SeqRange => range.is_none_or(|(lo, hi)| r.seq < lo || r.seq > hi),
                     })
                     .take(limit)
@@ -177,34 +272,20 @@ mod tests {
                     break;
                 }
                 let n = gate.dispatch(batch.iter().map(|r| r.seq));
-                // The producer: a failed message fails the later ones of its key handed to it
-                // while the failure is in flight (this batch or an earlier one still in flight).
-                let mut failing: Vec<String> = in_flight
-                    .iter()
-                    .flat_map(|b| b.rows.iter().zip(&b.outcome).filter(|(_, ok)| !**ok).map(|(r, _)| r.key.clone()))
-                    .collect();
-                let outcome = batch
-                    .iter()
-                    .map(|r| {
-                        let lucky = *dice.next().unwrap() || failures.get(&r.seq).is_some_and(|n| *n >= 3);
-                        let ok = !failing.contains(&r.key) && lucky;
-                        if !ok {
-                            failing.push(r.key.clone());
-                            *failures.entry(r.seq).or_default() += 1;
-                        }
-                        ok
-                    })
-                    .collect();
+                let hold = (rule == Rule::Gate).then_some(&mut gate);
+                let outcome = hand_over(&batch, n, &in_flight, &mut dice, &mut failures, hold);
                 in_flight.push_back(Batch { n, rows: batch, outcome });
             }
             if let Some(b) = in_flight.pop_front() {
                 let mut failed = Vec::new();
-                for (r, ok) in b.rows.iter().zip(&b.outcome) {
-                    if *ok {
-                        acked.entry(r.key.clone()).or_default().push(r.seq);
-                        pending.retain(|p| p.seq != r.seq);
-                    } else {
-                        failed.push((r.key.as_str(), now + 2));
+                for (r, o) in b.rows.iter().zip(&b.outcome) {
+                    match o {
+                        Outcome::Acked => {
+                            acked.entry(r.key.clone()).or_default().push(r.seq);
+                            pending.retain(|p| p.seq != r.seq);
+                        }
+                        Outcome::Failed | Outcome::Refused => failed.push((r.key.as_str(), now + 2)),
+                        Outcome::Skipped => {}
                     }
                 }
                 gate.complete(b.n, failed);
@@ -223,11 +304,11 @@ mod tests {
         #[test]
         fn every_keys_acknowledged_messages_are_in_seq_order(
             rows in prop::collection::vec((0u8..4, 0u8..12), 1..60),
-            acks in prop::collection::vec(prop::bool::weighted(0.8), 1..50),
+            dice in prop::collection::vec(0u8..10, 1..50),
             limit in 1usize..8,
             depth in 1usize..5,
         ) {
-            let acked = run(outbox(&rows), &acks, Rule::Gate, limit, depth);
+            let acked = run(outbox(&rows), &dice, Rule::Gate, limit, depth);
             prop_assert!(in_order(&acked), "{acked:?}");
             prop_assert_eq!(acked.values().map(Vec::len).sum::<usize>(), rows.len());
         }
@@ -238,7 +319,7 @@ mod tests {
     #[test]
     fn the_seq_range_rule_loses_order_the_gate_keeps_it() {
         let rows = outbox(&[(0, 0), (0, 0), (0, 0), (1, 1), (0, 0), (1, 1)]);
-        let all_ack = [true];
+        let all_ack = [9];
         let old = run(rows.clone(), &all_ack, Rule::SeqRange, 2, 3);
         assert_eq!(old["k1"], vec![6, 4], "the old rule should reorder k1");
         let new = run(rows, &all_ack, Rule::Gate, 2, 3);
@@ -253,8 +334,22 @@ mod tests {
         // Limit 2: batch [1, 2] (k0 fails at seq 1, so seq 2 fails too); batch [3, 4], read before
         // it completes, carries k0's seq 4, which the producer fails with them; all three are read
         // again once k0's wait is over, in order.
-        let acked = run(rows, &[false, true, true, true, true, true], Rule::Gate, 2, 3);
+        let acked = run(rows, &[1, 9, 9, 9, 9, 9], Rule::Gate, 2, 3);
         assert_eq!(acked["k0"], vec![1, 2, 4]);
+    }
+
+    /// A row the send refused (the producer never had it) must hold back its key's later rows
+    /// from the batches read before its own batch completes: the producer fails none of them.
+    #[test]
+    fn a_refused_send_holds_back_the_key_at_once() {
+        let rows = outbox(&[(0, 0), (1, 0), (0, 0), (1, 0)]);
+        // Limit 2, depth 2: batch [1, 2], k0's seq 1 refused at send; batch [3, 4] is read before
+        // it completes. Without the hold it carries k0's seq 3, which is acknowledged before 1.
+        let dice = [0, 9, 9, 9, 9, 9];
+        let without = run(rows.clone(), &dice, Rule::GateWithoutHold, 2, 2);
+        assert_eq!(without["k0"], vec![3, 1], "without the hold k0 should be reordered");
+        let with = run(rows, &dice, Rule::Gate, 2, 2);
+        assert_eq!(with["k0"], vec![1, 3]);
     }
 
     #[test]

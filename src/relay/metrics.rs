@@ -186,7 +186,7 @@ pub(super) fn spawn_measurements(
     pool: sqlx::PgPool,
     cfg: RelayConfig,
     metrics: Arc<RelayMetrics>,
-    producer: FutureProducer,
+    producer: tokio::sync::watch::Receiver<FutureProducer>,
     active: Arc<AtomicBool>,
     health: Arc<Health>,
     stop: CancellationToken,
@@ -202,7 +202,8 @@ pub(super) fn spawn_measurements(
             if let Ok(age) = oldest_transaction_age(&pool).await {
                 metrics.oldest_transaction_seconds.set(age);
             }
-            let p = producer.clone();
+            // The producer in use: one rebuilt since must not be kept alive here.
+            let p = producer.borrow().clone();
             let reachable = tokio::task::spawn_blocking(move || p.client().fetch_metadata(None, Duration::from_secs(2)).is_ok())
                 .await
                 .unwrap_or(false);

@@ -170,7 +170,7 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
         pool.clone(),
         cfg.clone(),
         metrics.clone(),
-        relay.producer().clone(),
+        relay.current_producer(),
         active.clone(),
         health,
         stop.clone(),
@@ -278,5 +278,58 @@ mod tests {
             banner(&cfg),
             r#"lockstep relay: "public"."outbox" -> orders.{type}.v1 (key id) on k1:9092,k2:9092, database db:5432/app, batch 200, poll 250ms"#
         );
+    }
+
+    /// A rebuilt producer's messages must not outlive it in a clone someone else holds (the
+    /// readiness check held one): sent when the broker came back, after the new producer resent
+    /// their rows and later rows of their keys, they would put an old state last. The broker here
+    /// is a closed loopback port, so the messages stay queued until purged.
+    #[tokio::test]
+    async fn a_rebuilt_producer_keeps_no_message_queued() {
+        use clap::Parser;
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let argv = [
+            "relay",
+            "--database-url",
+            "postgres://h/db",
+            "--bootstrap-servers",
+            &closed.to_string(),
+        ];
+        let argv = argv.into_iter().chain(["--topic", "t"]);
+        let cfg = Cli::parse_from(argv).args.resolve().unwrap();
+        let tables = schema::OutboxTables {
+            payload: PayloadColumn::Json,
+            dead_letter_payload: PayloadColumn::Json,
+            channel: String::new(),
+        };
+        let mut relay = Relay::new(cfg, Arc::new(RelayMetrics::default()), &tables).unwrap();
+        let rows = (1..=5)
+            .map(|seq| store::OutboxRow {
+                id: uuid::Uuid::new_v4(),
+                seq,
+                aggregatetype: "order".into(),
+                aggregateid: "k".into(),
+                type_: "created".into(),
+                payload: Some(b"{}".to_vec()),
+                headers: None,
+                attempts: 0,
+                created: 0.0,
+            })
+            .collect();
+        let batch = relay.send(rows, std::time::Instant::now()).await;
+        // A copy of the producer, as the readiness check held one.
+        let held = relay.current_producer();
+        let old = held.borrow().clone();
+        relay.replace_producer().unwrap();
+        let reports = tokio::time::timeout(Duration::from_secs(10), batch.reports())
+            .await
+            .expect("the old producer still holds the messages (no report within 10 s)");
+        drop(old);
+        assert_eq!(reports.len(), 5);
+        for r in reports {
+            let code = r.unwrap().unwrap_err().0.rdkafka_error_code();
+            assert_eq!(code, Some(rdkafka::types::RDKafkaErrorCode::PurgeQueue), "purged, not sent");
+        }
+        assert!(held.has_changed().unwrap(), "the readiness check is given the new producer");
     }
 }

@@ -11,7 +11,7 @@ use std::{
 use rdkafka::{
     config::ClientConfig,
     error::{KafkaError, RDKafkaErrorCode},
-    producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
+    producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig},
 };
 use sqlx::PgConnection;
 use tokio::sync::{watch, Notify};
@@ -45,7 +45,7 @@ pub fn producer_config(cfg: &RelayConfig) -> ClientConfig {
 }
 
 /// A batch handed to the producer whose delivery reports are not all in yet.
-struct InFlight {
+pub(super) struct InFlight {
     /// The gate's number for the batch.
     n: u64,
     rows: Vec<OutboxRow>,
@@ -56,6 +56,14 @@ struct InFlight {
     reports: Reports,
     failures: Vec<Failure>,
     started: Instant,
+}
+
+#[cfg(test)]
+impl InFlight {
+    /// Every delivery report of the batch, in send order.
+    pub(super) async fn reports(self) -> Vec<super::reports::Report> {
+        self.reports.all().await.into_iter().map(|(r, _)| r).collect()
+    }
 }
 
 /// Wait for the oldest batch's reports, or until `until` (true then).
@@ -76,6 +84,8 @@ pub struct Relay {
     cfg: RelayConfig,
     metrics: Arc<RelayMetrics>,
     producer: FutureProducer,
+    /// The producer in use, for whoever checks the broker through it (readiness).
+    current: watch::Sender<FutureProducer>,
     sql: Statements,
     /// Rows and keys the next read leaves out: in flight, or waiting for a retry.
     gate: KeyGate<Instant>,
@@ -103,8 +113,10 @@ const UNLISTEN_AFTER: Duration = Duration::from_millis(50);
 
 impl Relay {
     pub fn new(cfg: RelayConfig, metrics: Arc<RelayMetrics>, tables: &OutboxTables) -> Result<Self, RelayError> {
+        let producer = create_producer(&cfg)?;
         Ok(Relay {
-            producer: create_producer(&cfg)?,
+            current: watch::Sender::new(producer.clone()),
+            producer,
             sql: Statements::new(&cfg.resolved, tables.payload, tables.dead_letter_payload),
             cfg,
             metrics,
@@ -121,6 +133,11 @@ impl Relay {
 
     pub fn producer(&self) -> &FutureProducer {
         &self.producer
+    }
+
+    /// The producer in use, replaced when it is rebuilt.
+    pub(super) fn current_producer(&self) -> watch::Receiver<FutureProducer> {
+        self.current.subscribe()
     }
 
     /// What to tell when new rows were committed: an idle relay starts a drain.
@@ -224,10 +241,20 @@ impl Relay {
             }
             None => tracing::warn!("a message timed out: rebuilding the producer; rows in flight will be read again"),
         }
-        self.producer = create_producer(&self.cfg)?;
+        self.replace_producer()?;
         self.stale_producer = false;
         self.metrics.producer_rebuilds.inc();
         Ok(true)
+    }
+
+    /// A new producer; the old one's queue is purged, whoever still holds it: a message left
+    /// there could reach the broker after the new producer resent its row and a later row of its
+    /// key, putting an old state last.
+    pub(super) fn replace_producer(&mut self) -> Result<(), RelayError> {
+        let old = std::mem::replace(&mut self.producer, create_producer(&self.cfg)?);
+        old.purge(PurgeConfig::default().queue().inflight());
+        drop(self.current.send_replace(self.producer.clone()));
+        Ok(())
     }
 
     /// Rows to publish next, in seq order: visible to every snapshot, not in flight, of no key
@@ -242,8 +269,9 @@ impl Relay {
         Ok(rows)
     }
 
-    /// Hand a batch to the producer. A row whose send fails holds back the later rows of its key.
-    async fn send(&mut self, rows: Vec<OutboxRow>, started: Instant) -> InFlight {
+    /// Hand a batch to the producer. A row whose send fails holds back the later rows of its key,
+    /// in this batch and in reads before it completes.
+    pub(super) async fn send(&mut self, rows: Vec<OutboxRow>, started: Instant) -> InFlight {
         let key_col = self.cfg.resolved.key;
         let keys: Vec<String> = rows.iter().map(|r| r.column(key_col)).collect();
         let n = self.gate.dispatch(rows.iter().map(|r| r.seq));
@@ -261,6 +289,9 @@ impl Relay {
                     futures.push(f);
                 }
                 Err(failure) => {
+                    // The producer never had this row, so it fails none of the key's later rows:
+                    // later reads must leave the key out from now on, not once the batch completes.
+                    self.gate.hold(n, key);
                     failed_keys.insert(key);
                     failures.push(failure);
                 }

@@ -84,9 +84,12 @@ fn effective_config(d: &Desired, observed: Option<&ObservedTopic>, k: &str) -> O
     d.config.get(k).cloned().or_else(|| observed.and_then(|o| o.config.get(k).cloned()))
 }
 
+/// acks=all waits for the leader alone: min.insync.replicas is 1, or neither wanted nor reported
+/// (before the topic exists, or a broker that leaves defaults out), where Kafka's default, 1,
+/// holds unless the broker's own setting says otherwise.
 fn leader_only_acks(d: &Desired, observed: Option<&ObservedTopic>) -> bool {
     let rf = observed.and_then(|o| o.replication_factor).unwrap_or(d.replication_factor);
-    effective_config(d, observed, "min.insync.replicas").as_deref() == Some("1") && rf > 1
+    effective_config(d, observed, "min.insync.replicas").is_none_or(|v| v == "1") && rf > 1
 }
 
 /// Settings (wanted, or else present) that make acknowledged writes block or get lost.
@@ -103,8 +106,12 @@ fn durability_warnings(d: &Desired, observed: Option<&ObservedTopic>) -> Vec<Str
         }
     }
     if leader_only_acks(d, observed) {
+        let misr = match effective("min.insync.replicas") {
+            Some(_) => "min.insync.replicas=1".to_owned(),
+            None => "min.insync.replicas unset (Kafka's default is 1; the broker may set another)".to_owned(),
+        };
         w.push(format!(
-            "{}: min.insync.replicas=1 with replication factor {rf}: acks=all waits for the leader alone, so an acknowledged write is lost if the leader fails before a follower copies it; set min.insync.replicas=2",
+            "{}: {misr} with replication factor {rf}: acks=all waits for the leader alone, so an acknowledged write is lost if the leader fails before a follower copies it; set min.insync.replicas=2",
             d.name
         ));
     }
@@ -207,7 +214,8 @@ pub(crate) mod tests {
     #[test]
     fn in_sync_topic_needs_nothing() {
         let d = desired("a", 6, &[("retention.ms", "1000")]);
-        let p = plan(&[d], &one("a", observed(6, 3, &[("retention.ms", "1000"), ("segment.bytes", "1")])));
+        let broker = [("retention.ms", "1000"), ("segment.bytes", "1"), ("min.insync.replicas", "2")];
+        let p = plan(&[d], &one("a", observed(6, 3, &broker)));
         assert_eq!(p, Plan::default());
     }
 
@@ -312,6 +320,19 @@ pub(crate) mod tests {
             p.warnings
         );
         assert_eq!(p.leader_only_acks, ["a"]);
+        // Neither wanted nor reported: Kafka's default, 1, is what holds.
+        let p = plan(&[desired("a", 1, &[])], &BTreeMap::new());
+        assert_eq!(p.leader_only_acks, ["a"]);
+        assert!(
+            p.warnings
+                .iter()
+                .any(|w| w.contains("min.insync.replicas unset (Kafka's default is 1")),
+            "{:?}",
+            p.warnings
+        );
+        // The broker reports its own setting (a broker-wide 2): nothing to warn about.
+        let p = plan(&[desired("a", 1, &[])], &one("a", observed(1, 3, &[("min.insync.replicas", "2")])));
+        assert!(p.leader_only_acks.is_empty() && p.warnings.is_empty(), "{:?}", p.warnings);
         let p = plan(&[desired("a", 1, &[])], &one("a", observed(1, 1, &[])));
         assert!(p.warnings.iter().any(|w| w.contains("replication factor is 1, spec asks for 3")));
     }

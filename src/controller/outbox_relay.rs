@@ -126,7 +126,7 @@ impl Reconciler for OutboxRelays {
 }
 
 /// What holds on each hop, stated plainly; `leader_only` names topics whose acks=all is the
-/// leader's alone (min.insync.replicas=1), where an acknowledged event can still be lost.
+/// leader's alone (min.insync.replicas=1, set or by default), where an acknowledged event can still be lost.
 pub fn guarantees(leader_only: &[String]) -> Vec<Guarantee> {
     let g = |hop: &str, guarantee: String| Guarantee {
         hop: hop.into(),
@@ -136,7 +136,7 @@ pub fn guarantees(leader_only: &[String]) -> Vec<Guarantee> {
         "at-least-once, per-key order; idempotent producer, acks=all".to_owned()
     } else {
         format!(
-            "at-least-once, per-key order; idempotent producer, acks=all, but on {} min.insync.replicas=1 makes an acknowledgement the leader's alone: an event is lost if the leader fails before a follower copies it",
+            "at-least-once, per-key order; idempotent producer, acks=all, but on {} min.insync.replicas=1 (set, or Kafka's default) makes an acknowledgement the leader's alone: an event is lost if the leader fails before a follower copies it",
             leader_only.join(", ")
         )
     };

@@ -146,8 +146,9 @@ mod tests {
 
     #[test]
     fn created_and_matching_topics_are_configured() {
-        let d = [desired("new", 6, &[]), desired("old", 3, &[("retention.ms", "1000")])];
-        let (c, st) = judge(&d, &observed("old", 3, &[("retention.ms", "1000")]), &[]);
+        let m = ("min.insync.replicas", "2");
+        let d = [desired("new", 6, &[m]), desired("old", 3, &[("retention.ms", "1000"), m])];
+        let (c, st) = judge(&d, &observed("old", 3, &[("retention.ms", "1000"), m]), &[]);
         assert_eq!(
             (c.status, c.reason, c.message.as_str()),
             (Status::True, reason::TOPICS_CONFIGURED, "2 topic(s) as specified")
@@ -163,7 +164,8 @@ mod tests {
     #[test]
     fn drift_is_restored_and_reported() {
         let d = [desired("t", 3, &[("retention.ms", "1000")])];
-        let (c, st) = judge(&d, &observed("t", 3, &[("retention.ms", "5")]), &[]);
+        let broker = [("retention.ms", "5"), ("min.insync.replicas", "2")];
+        let (c, st) = judge(&d, &observed("t", 3, &broker), &[]);
         assert_eq!((c.status, c.reason), (Status::True, reason::TOPIC_CONFIG_DRIFT));
         assert_eq!(c.message, "restored config changed outside lockstep: t: retention.ms: 5 -> 1000");
         assert_eq!(st[0].drift, vec!["retention.ms: 5 -> 1000"]);
@@ -172,7 +174,7 @@ mod tests {
     #[test]
     fn partition_changes_are_refused_and_the_topic_not_ready() {
         let d = [desired("t", 12, &[])];
-        let (c, st) = judge(&d, &observed("t", 6, &[]), &[]);
+        let (c, st) = judge(&d, &observed("t", 6, &[("min.insync.replicas", "2")]), &[]);
         assert_eq!((c.status, c.reason), (Status::False, reason::PARTITION_CHANGE_REFUSED));
         assert!(c.message.ends_with("nothing was changed on those topics"), "{}", c.message);
         assert_eq!((st[0].ready, st[0].partitions), (false, Some(6)));

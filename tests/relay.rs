@@ -475,6 +475,48 @@ async fn an_open_transaction_holds_back_later_rows_in_order_and_is_reported() {
     check(&got, 12, 2);
 }
 
+/// A prepared transaction (two-phase commit) holds back later rows as an open one does, and its
+/// age is the oldest transaction's: no session shows it in pg_stat_activity once prepared. (It
+/// writes a table of its own: the outbox trigger's NOTIFY cannot be prepared.)
+#[tokio::test]
+async fn a_prepared_transaction_holds_back_later_rows_and_is_reported() {
+    let o = outbox("prepared", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
+    let enabled: String = sqlx::query_scalar("show max_prepared_transactions")
+        .fetch_one(&o.pool)
+        .await
+        .unwrap();
+    assert_ne!(
+        enabled, "0",
+        "the test server runs without prepared transactions: restart it (scripts/testenv down; scripts/testenv up)"
+    );
+    let gid = format!("lockstep-test-{}", o.schema);
+    let other = format!("\"{}\".other", o.schema);
+    sqlx::query(&format!("create table {other} (n int)"))
+        .execute(&o.pool)
+        .await
+        .unwrap();
+    let mut c = o.pool.acquire().await.unwrap();
+    sqlx::query("begin").execute(&mut *c).await.unwrap();
+    sqlx::query(&format!("insert into {other} values (1)"))
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    sqlx::query(&format!("prepare transaction '{gid}'")).execute(&mut *c).await.unwrap();
+    drop(c);
+    o.insert(1, 10, 1).await;
+    let mut relay = o.relay("relay-prepared.log");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let remaining = o.remaining().await;
+    let age = lockstep::relay::oldest_transaction_age(&o.pool).await.unwrap();
+    sqlx::query(&format!("commit prepared '{gid}'")).execute(&o.pool).await.unwrap();
+    assert_eq!(remaining, 10, "rows committed after the prepared transaction began wait for it");
+    assert!(age >= 6.0, "the prepared transaction's age is reported: {age}");
+    o.wait_drained(Duration::from_secs(30)).await;
+    relay.kill();
+    let got = consume(&o.bootstrap, &o.topic, 10, Duration::from_secs(60));
+    check(&got, 10, 1);
+}
+
 async fn dead_letters(o: &Outbox) -> Vec<(String, String, i32, String)> {
     sqlx::query_as(&format!(
         "select id::text, aggregateid, attempts, last_error from \"{}\".outbox_dead_letter order by failed_at",

@@ -1,7 +1,8 @@
 //! Failover when the active relay did not exit cleanly, with relays run as the binary a Pod would
 //! run and a proxy of the test's own (common/proxy.rs) between relay A and PostgreSQL: a relay cut
 //! off by a partition is replaced within 30 s and nothing is lost; a transaction pooler that moves
-//! the relay's session to another server process stops the relay with a clear error.
+//! the relay's session to another server process stops the relay with a clear error; a relay
+//! pointed at a real hot standby (a base backup of the test server, started in recovery) refuses.
 
 mod common;
 
@@ -258,4 +259,101 @@ async fn a_transaction_pooler_moving_the_session_stops_the_relay_with_a_clear_er
     }
     assert_eq!(o.remaining().await, 10, "nothing relayed on a server process without the lock");
     assert_eq!(proxy.repinned(), 1);
+}
+
+/// A hot standby of the test server: a base backup (`pg_basebackup -R`) started in recovery on a
+/// port of its own; stopped and removed on drop. As root the server runs as `postgres`, as the
+/// test server does (PostgreSQL refuses to run as root).
+struct Standby {
+    dir: PathBuf,
+    port: u16,
+}
+
+fn pg_command(bin: &str) -> Command {
+    let path = PathBuf::from(common::env("LOCKSTEP_PG_BIN")).join(bin);
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } == 0 {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+impl Standby {
+    async fn start(primary: &str) -> Standby {
+        let pool = sqlx::PgPool::connect(primary).await.unwrap();
+        // A standby needs these at least as high as its primary's; the test server sets them on
+        // its command line, which a base backup does not copy.
+        let mut settings = Vec::new();
+        for name in [
+            "max_connections",
+            "max_prepared_transactions",
+            "max_worker_processes",
+            "max_wal_senders",
+        ] {
+            let v: String = sqlx::query_scalar(&format!("show {name}")).fetch_one(&pool).await.unwrap();
+            settings.push(format!("-c {name}={v}"));
+        }
+        let dir = std::env::temp_dir().join(common::unique("lockstep-standby"));
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let out = pg_command("pg_basebackup")
+            .args(["-d", primary, "-D"])
+            .arg(&dir)
+            .args(["-R", "-X", "stream", "-c", "fast"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+        let standby = Standby { dir, port };
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 {}",
+            standby.dir.display(),
+            settings.join(" ")
+        );
+        let out = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&standby.dir)
+            .arg("-l")
+            .arg(standby.dir.join("log"))
+            .args(["-w", "-o", &opts, "start"])
+            .output()
+            .unwrap();
+        let log = std::fs::read_to_string(standby.dir.join("log")).unwrap_or_default();
+        assert!(out.status.success(), "the standby did not start:\n{log}");
+        standby
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        let _ = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.dir)
+            .args(["-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn a_relay_on_a_hot_standby_refuses_with_what_to_do() {
+    let o = outbox("hotstandby").await;
+    o.insert(0, 5, 1).await;
+    let standby = Standby::start(&common::env("DATABASE_URL")).await;
+    let replica = sqlx::PgPool::connect(&standby.url()).await.unwrap();
+    let in_recovery: bool = sqlx::query_scalar("select pg_is_in_recovery()").fetch_one(&replica).await.unwrap();
+    assert!(in_recovery, "the base backup runs as a standby");
+    let mut a = o.relay("relay-hotstandby.log", &standby.url());
+    let status = a.wait_exit(Duration::from_secs(60)).await;
+    let log = a.log();
+    assert_eq!(status.code(), Some(1), "exits non-zero:\n{log}");
+    for part in ["read-only hot standby", "point DATABASE_URL at the primary"] {
+        assert!(log.contains(part), "{part:?} in the relay's error:\n{log}");
+    }
+    assert_eq!(o.remaining().await, 5, "nothing relayed from the replica");
 }

@@ -12,8 +12,9 @@
 //!                          default 16; BENCH_POLL, default 1s; BENCH_LATENCY_SECS, default 10;
 //!                          BENCH_LATENCY_ROUNDS, default 4;
 //!                          BENCH_MARKED_EVENTS, default BENCH_EVENTS/4; BENCH_KEPT, default
-//!                          1000000; BENCH_PLACEMENT, shared (default) or split: PostgreSQL and the
-//!                          writers on core 0, the relay, every producer and the broker on core 1;
+//!                          1000000; BENCH_PLACEMENT, shared (default), split: PostgreSQL and the
+//!                          writers on core 0, the relay, every producer and the broker on core 1,
+//!                          or broker-apart: the broker alone on core 1, the rest on core 0;
 //!                          payload ~256 bytes; 1000 keys)
 
 use std::{
@@ -102,13 +103,7 @@ async fn load(pool: &sqlx::PgPool, table: &str, n: i64) {
 /// write the outbox replaces) and the third value holds each event's transaction start to
 /// acknowledgement: the baseline for the relay's commit-to-acknowledgement latency, under the
 /// same writer load on the database.
-async fn write_at(
-    pool: &sqlx::PgPool,
-    table: &str,
-    rate: f64,
-    dur: Duration,
-    direct: Option<(&FutureProducer, &str)>,
-) -> (u64, Vec<f64>, Vec<f64>) {
+async fn write_at(pool: &sqlx::PgPool, table: &str, rate: f64, dur: Duration, direct: Option<(&Timed, &str)>) -> (u64, Vec<f64>, Vec<f64>) {
     const WRITERS: usize = 4;
     let per_tick = rate / 100.0 / WRITERS as f64;
     let payload = payload();
@@ -138,7 +133,7 @@ async fn write_at(
                     written += k as u64;
                     let Some((producer, topic)) = &direct else { continue };
                     for g in first..first + k {
-                        acks.push(send_timed(producer, topic, g, &payload, t));
+                        acks.push(producer.send(topic, g, &payload, t));
                     }
                 }
                 (written, took, acked(acks).await)
@@ -222,7 +217,7 @@ async fn producer_rate(side: &Side, cfg: &RelayConfig, topic: &str, n: i64) -> f
 
 /// A producer with metadata and a connection to every partition leader, as the relay's is before
 /// it is measured.
-async fn warm_producer(side: &Side, cfg: &RelayConfig, topic: &str) -> FutureProducer {
+async fn warm_producer(side: &Side, cfg: &RelayConfig, topic: &str) -> Timed {
     let producer = side.producer(cfg);
     let payload = payload();
     let warm: Vec<_> = (0..1000)
@@ -237,7 +232,10 @@ async fn warm_producer(side: &Side, cfg: &RelayConfig, topic: &str) -> FuturePro
     for f in warm {
         f.await.unwrap().unwrap();
     }
-    producer
+    Timed {
+        producer,
+        rt: side.rt.clone(),
+    }
 }
 
 /// The dual write at `rate` for `secs`: the same writers commit the same rows, and each publishes
@@ -267,24 +265,35 @@ async fn producer_latencies(side: &Side, cfg: &RelayConfig, topic: &str, rate: f
         while owed >= 1.0 {
             owed -= 1.0;
             i += 1;
-            acks.push(send_timed(&producer, topic, i as i64, &payload, Instant::now()));
+            acks.push(producer.send(topic, i as i64, &payload, Instant::now()));
         }
     }
     acked(acks).await
 }
 
-/// Send event `n` (key k-(n mod 1000), the relay's headers); the task yields the time from `since`
-/// to its acknowledgement, in seconds.
-fn send_timed(producer: &FutureProducer, topic: &str, n: i64, payload: &str, since: Instant) -> tokio::task::JoinHandle<f64> {
-    let key = format!("k-{}", n % 1000);
-    let f = producer
-        .send_result(FutureRecord::to(topic).key(&key).payload(payload).headers(relay_headers()))
-        .map_err(|_| ())
-        .expect("queue full at the latency rate");
-    tokio::spawn(async move {
-        f.await.unwrap().unwrap();
-        since.elapsed().as_secs_f64()
-    })
+/// A baseline's producer, whose acknowledgements are awaited and stamped on the publishing
+/// side's runtime, as the relay's are on its own.
+#[derive(Clone)]
+struct Timed {
+    producer: FutureProducer,
+    rt: tokio::runtime::Handle,
+}
+
+impl Timed {
+    /// Send event `n` (key k-(n mod 1000), the relay's headers); the task yields the time from
+    /// `since` to its acknowledgement, in seconds.
+    fn send(&self, topic: &str, n: i64, payload: &str, since: Instant) -> tokio::task::JoinHandle<f64> {
+        let key = format!("k-{}", n % 1000);
+        let f = self
+            .producer
+            .send_result(FutureRecord::to(topic).key(&key).payload(payload).headers(relay_headers()))
+            .map_err(|_| ())
+            .expect("queue full at the latency rate");
+        self.rt.spawn(async move {
+            f.await.unwrap().unwrap();
+            since.elapsed().as_secs_f64()
+        })
+    }
 }
 
 async fn acked(acks: Vec<tokio::task::JoinHandle<f64>>) -> Vec<f64> {
@@ -489,13 +498,14 @@ async fn main() {
     let cfg = config(&schema, &topic, &[]);
     let placement = match std::env::var("BENCH_PLACEMENT").as_deref() {
         Ok("split") => Placement::Split,
+        Ok("broker-apart") => Placement::BrokerApart,
         Ok("shared") | Err(_) => Placement::Shared,
-        Ok(other) => panic!("BENCH_PLACEMENT={other}: shared or split"),
+        Ok(other) => panic!("BENCH_PLACEMENT={other}: shared, split or broker-apart"),
     };
     // Placed first: `place` pins every thread this process has so far (the writers' runtime,
     // and any Kafka client's) to the database's core.
     place(placement);
-    let own_rt = (placement == Placement::Split).then(|| relay_runtime(placement));
+    let own_rt = placement.own_runtime().then(|| relay_runtime(placement));
     let side = Side {
         placement,
         rt: own_rt

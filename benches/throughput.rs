@@ -13,8 +13,8 @@
 //!   scripts/bench throughput
 //!
 //! Knobs: BENCH_WRITERS (4), BENCH_SECS (10), BENCH_ROUNDS (8 for ingest, half as many for each
-//! inbox size), BENCH_ONLY (e.g. ingest,inbox: only those parts), BENCH_PLACEMENT (shared or
-//! split: only that ingest), BENCH_RELAY_ARGS (more relay flags, e.g. "--listen false"),
+//! inbox size), BENCH_ONLY (e.g. ingest,inbox: only those parts), BENCH_PLACEMENT (shared,
+//! split or broker-apart: only that ingest), BENCH_RELAY_ARGS (more relay flags, e.g. "--listen false"),
 //! BENCH_INBOX_FLOOR (1: also the least a claim could cost, see `inbox`).
 
 use std::{
@@ -295,7 +295,7 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64, p
     // Placed first: `place` pins every thread this process has so far to the database's core.
     place(placement);
     // Shared: the relay on the writers' runtime. Split: on its own, on the second core.
-    let own_rt = (placement == Placement::Split).then(|| relay_runtime(placement));
+    let own_rt = placement.own_runtime().then(|| relay_runtime(placement));
     let relay_rt = own_rt
         .as_ref()
         .map_or_else(tokio::runtime::Handle::current, |rt| rt.handle().clone());
@@ -356,7 +356,7 @@ async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64, p
     // publishes what the relay published, at the same rate.
     let with_producer = match placement {
         Placement::Shared => Some(producer_alone(&cfg, &topic, writers, secs, with_relay, write).await),
-        Placement::Split => None,
+        Placement::Split | Placement::BrokerApart => None,
     };
     let cores = placement.describe();
     println!(
@@ -620,11 +620,17 @@ async fn main() {
     // BENCH_ONLY: a comma-separated subset of ingest, inbox, handler.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let part = |name: &str| only.is_empty() || only.split(',').any(|p| p.trim() == name);
-    // BENCH_PLACEMENT: shared, split or both (the default).
+    // BENCH_PLACEMENT: shared, split, broker-apart, or shared then split (the default).
     let placement = std::env::var("BENCH_PLACEMENT").unwrap_or_default();
     if part("ingest") {
-        for (name, p) in [("shared", Placement::Shared), ("split", Placement::Split)] {
-            if placement.is_empty() || placement == name {
+        let placements = [
+            ("shared", Placement::Shared),
+            ("split", Placement::Split),
+            ("broker-apart", Placement::BrokerApart),
+        ];
+        for (name, p) in placements {
+            // broker-apart only when asked for.
+            if placement == name || (placement.is_empty() && p != Placement::BrokerApart) {
                 ingest(&pool, &bootstrap, writers, secs, p).await;
             }
         }

@@ -3,10 +3,13 @@
 /// `Shared`: everything on every core, as a one-machine install has it. `Split`: PostgreSQL and
 /// the writers on the first core, the relay (or whatever publishes) and the broker on the second,
 /// as a deployment has them (the relay in its own pod, the broker on its own machines).
+/// `BrokerApart`: the broker alone on the second core, everything else on the first (the
+/// broker on machines of its own, the relay and the service sharing theirs).
 #[derive(Clone, Copy, PartialEq, Debug)]
 pub enum Placement {
     Shared,
     Split,
+    BrokerApart,
 }
 
 impl Placement {
@@ -14,6 +17,7 @@ impl Placement {
         match self {
             Placement::Shared => "every process on both cores",
             Placement::Split => "PostgreSQL and the writers on core 0, the relay and the broker on core 1",
+            Placement::BrokerApart => "the broker alone on core 1, PostgreSQL, the writers and the relay on core 0",
         }
     }
 
@@ -22,7 +26,13 @@ impl Placement {
         match self {
             Placement::Shared => all_cpus(),
             Placement::Split => vec![1],
+            Placement::BrokerApart => vec![0],
         }
+    }
+
+    /// The relay needs a runtime of its own, on its own cores.
+    pub fn own_runtime(self) -> bool {
+        self == Placement::Split
     }
 }
 
@@ -72,12 +82,12 @@ fn pin_processes(comm: &str, cpus: &[usize]) {
 /// later inherit the postmaster's mask.
 pub fn place(placement: Placement) {
     let all = all_cpus();
-    let (db, publisher): (&[usize], &[usize]) = match placement {
+    let (db, broker): (&[usize], &[usize]) = match placement {
         Placement::Shared => (&all, &all),
-        Placement::Split => (&[0], &[1]),
+        Placement::Split | Placement::BrokerApart => (&[0], &[1]),
     };
     pin_processes("postgres", db);
-    pin_processes("tansu", publisher);
+    pin_processes("tansu", broker);
     // This process's threads so far are the writers' runtime.
     pin(std::process::id() as i32, db, true);
 }

@@ -417,6 +417,7 @@ async fn latencies(side: &Side, pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &
     let alone = producer_latencies(side, cfg, topic, rate, secs).await;
     show("producer only, no writers (send to ack)", &alone, &[]);
     let (mut direct_all, mut relay_all, mut read_all, mut added) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut base99 = Vec::new();
     for round in 1..=rounds {
         let (direct, took) = direct_latencies(side, pool, cfg, topic, rate, secs).await;
         let d99 = show(&format!("round {round}: dual write (tx start to ack)"), &direct, &took);
@@ -427,6 +428,7 @@ async fn latencies(side: &Side, pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &
             &took,
         );
         added.push(r99 - d99);
+        base99.push(d99);
         direct_all.extend(direct);
         relay_all.extend(relay.commit_to_ack);
         read_all.extend(relay.commit_to_read);
@@ -447,6 +449,30 @@ async fn latencies(side: &Side, pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &
         r99 - d99,
         each.join(", ")
     );
+    let (mean, half) = mean_with_interval(&added);
+    base99.sort_by(f64::total_cmp);
+    println!(
+        "  per round: mean {mean:.1} ms, 95% interval +/- {half:.1} ms ({} rounds); the dual write's own p99 ranged {:.1} to {:.1} ms across rounds",
+        added.len(),
+        base99[0],
+        base99[base99.len() - 1]
+    );
+}
+
+/// The mean of `x` and the half-width of its 95% confidence interval (Student's t): how far a
+/// window-to-window difference can be trusted when each window's p99 moves by tens of ms.
+fn mean_with_interval(x: &[f64]) -> (f64, f64) {
+    const T975: [f64; 20] = [
+        12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11, 2.10, 2.09, 2.09,
+    ];
+    let n = x.len() as f64;
+    let mean = x.iter().sum::<f64>() / n;
+    if x.len() < 2 {
+        return (mean, f64::INFINITY);
+    }
+    let sd = (x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    let t = T975.get(x.len() - 2).copied().unwrap_or(2.0);
+    (mean, t * sd / n.sqrt())
 }
 
 /// Cleanup MarkPublished: R with `kept` published rows in the table (kept for publishedRetention)

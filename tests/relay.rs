@@ -489,6 +489,16 @@ async fn a_prepared_transaction_holds_back_later_rows_and_is_reported() {
         enabled, "0",
         "the test server runs without prepared transactions: restart it (scripts/testenv down; scripts/testenv up)"
     );
+    // A prepared transaction outlives its session and a server restart, and would hold back
+    // every later row of the server: one a killed run left behind goes first, and this one is
+    // ended before any assertion can panic.
+    let left: Vec<String> = sqlx::query_scalar("select gid from pg_prepared_xacts where gid like 'lockstep-test-%'")
+        .fetch_all(&o.pool)
+        .await
+        .unwrap();
+    for gid in left {
+        sqlx::query(&format!("rollback prepared '{gid}'")).execute(&o.pool).await.unwrap();
+    }
     let gid = format!("lockstep-test-{}", o.schema);
     let other = format!("\"{}\".other", o.schema);
     sqlx::query(&format!("create table {other} (n int)"))
@@ -503,12 +513,18 @@ async fn a_prepared_transaction_holds_back_later_rows_and_is_reported() {
         .unwrap();
     sqlx::query(&format!("prepare transaction '{gid}'")).execute(&mut *c).await.unwrap();
     drop(c);
-    o.insert(1, 10, 1).await;
-    let mut relay = o.relay("relay-prepared.log");
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let remaining = o.remaining().await;
-    let age = lockstep::relay::oldest_transaction_age(&o.pool).await.unwrap();
+    let held = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+        o.insert(1, 10, 1).await;
+        let relay = o.relay("relay-prepared.log");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let remaining = o.remaining().await;
+        let age = lockstep::relay::oldest_transaction_age(&o.pool).await;
+        (relay, remaining, age)
+    }))
+    .await;
     sqlx::query(&format!("commit prepared '{gid}'")).execute(&o.pool).await.unwrap();
+    let (mut relay, remaining, age) = held.unwrap_or_else(|p| std::panic::resume_unwind(p));
+    let age = age.unwrap();
     assert_eq!(remaining, 10, "rows committed after the prepared transaction began wait for it");
     assert!(age >= 6.0, "the prepared transaction's age is reported: {age}");
     o.wait_drained(Duration::from_secs(30)).await;

@@ -296,7 +296,15 @@ impl Standby {
             let v: String = sqlx::query_scalar(&format!("show {name}")).fetch_one(&pool).await.unwrap();
             settings.push(format!("-c {name}={v}"));
         }
-        let dir = std::env::temp_dir().join(common::unique("lockstep-standby"));
+        // Beside the tests' private servers, which `scripts/testenv down` stops if a killed run
+        // left them running; as root, postgres owns the folder (it writes the backup there).
+        let base = PathBuf::from(common::env("LOCKSTEP_TESTENV_DIR")).join("private-pg");
+        std::fs::create_dir_all(&base).unwrap();
+        // SAFETY: getuid has no preconditions.
+        if unsafe { libc::getuid() } == 0 {
+            assert!(Command::new("chown").arg("postgres:").arg(&base).status().unwrap().success());
+        }
+        let dir = base.join(common::unique("standby"));
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let out = pg_command("pg_basebackup")
             .args(["-d", primary, "-D"])
@@ -306,6 +314,11 @@ impl Standby {
             .unwrap();
         assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
         let standby = Standby { dir, port };
+        // The backup copied the primary's log (it lives in its data folder): start this one's afresh.
+        let log = standby.dir.join("log");
+        if log.exists() {
+            std::fs::write(&log, "").unwrap();
+        }
         let opts = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 {}",
             standby.dir.display(),

@@ -81,7 +81,8 @@ impl<T: Ord + Copy> KeyGate<T> {
         }
     }
 
-    /// Keys waiting for a retry (for the metric).
+    /// Keys left out of reads (for the metric): waiting for a retry, or behind a row refused at
+    /// send whose batch has not completed.
     pub fn blocked(&self) -> usize {
         self.blocked
             .keys()

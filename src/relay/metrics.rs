@@ -108,7 +108,7 @@ impl Default for RelayMetrics {
             oldest_pending_seconds: "oldest_pending_age_seconds", "Age of the oldest unpublished row";
             oldest_transaction_seconds: "oldest_transaction_age_seconds", "Age of the oldest open write transaction; rows committed after it started wait for it to end";
             active: "active", "1 while this relay holds the outbox lock";
-            blocked_keys: "blocked_keys", "Keys whose oldest row waits for a retry";
+            blocked_keys: "blocked_keys", "Keys left out of reads: their oldest row waits for a retry, or was refused at send";
             broker_failing: "broker_failing", "1 while publishes fail for broker or network reasons (retried, never dead-lettered)";
             producer_rebuilds: "producer_rebuilds", "Producers replaced after a fatal producer error";
             wakeups: "wakeups", "Drains started after a wait, by what ended it (notify, poll)";

@@ -280,12 +280,8 @@ mod tests {
         );
     }
 
-    /// A rebuilt producer's messages must not outlive it in a clone someone else holds (the
-    /// readiness check held one): sent when the broker came back, after the new producer resent
-    /// their rows and later rows of their keys, they would put an old state last. The broker here
-    /// is a closed loopback port, so the messages stay queued until purged.
-    #[tokio::test]
-    async fn a_rebuilt_producer_keeps_no_message_queued() {
+    /// A relay whose broker is a closed loopback port: what it sends stays queued.
+    fn relay_without_broker() -> Relay {
         use clap::Parser;
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let argv = [
@@ -302,25 +298,53 @@ mod tests {
             dead_letter_payload: PayloadColumn::Json,
             channel: String::new(),
         };
-        let mut relay = Relay::new(cfg, Arc::new(RelayMetrics::default()), &tables).unwrap();
-        let rows = (1..=5)
-            .map(|seq| store::OutboxRow {
+        Relay::new(cfg, Arc::new(RelayMetrics::default()), &tables).unwrap()
+    }
+
+    /// Outbox rows of `key` with these seqs and payloads.
+    fn rows(key: &str, payloads: Vec<Vec<u8>>) -> Vec<store::OutboxRow> {
+        payloads
+            .into_iter()
+            .zip(1..)
+            .map(|(payload, seq)| store::OutboxRow {
                 id: uuid::Uuid::new_v4(),
                 seq,
                 aggregatetype: "order".into(),
-                aggregateid: "k".into(),
+                aggregateid: key.into(),
                 type_: "created".into(),
-                payload: Some(b"{}".to_vec()),
+                payload: Some(payload),
                 headers: None,
                 attempts: 0,
                 created: 0.0,
             })
-            .collect();
+            .collect()
+    }
+
+    /// A row the producer refuses at send (over message.max.bytes) holds its key out of the reads
+    /// that follow, before its batch completes: the producer fails none of the key's later rows.
+    #[tokio::test]
+    async fn a_row_refused_at_send_holds_its_key_out_of_later_reads() {
+        let mut relay = relay_without_broker();
+        let batch = relay
+            .send(rows("k", vec![vec![b'x'; 2_000_000], b"{}".to_vec()]), std::time::Instant::now())
+            .await;
+        assert_eq!(relay.excluded_keys(), ["k"], "held while its batch is in flight");
+        drop(batch);
+    }
+
+    /// A rebuilt producer's messages must not outlive it in a clone someone else holds (the
+    /// readiness check held one): sent when the broker came back, after the new producer resent
+    /// their rows and later rows of their keys, they would put an old state last. The broker here
+    /// is a closed loopback port, so the messages stay queued until purged.
+    #[tokio::test]
+    async fn a_rebuilt_producer_keeps_no_message_queued() {
+        let mut relay = relay_without_broker();
+        let rows = rows("k", vec![b"{}".to_vec(); 5]);
         let batch = relay.send(rows, std::time::Instant::now()).await;
         // A copy of the producer, as the readiness check held one.
         let held = relay.current_producer();
         let old = held.borrow().clone();
-        relay.replace_producer().unwrap();
+        relay.replace_producer().await.unwrap();
         let reports = tokio::time::timeout(Duration::from_secs(10), batch.reports())
             .await
             .expect("the old producer still holds the messages (no report within 10 s)");

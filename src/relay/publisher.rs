@@ -59,6 +59,14 @@ pub(super) struct InFlight {
 }
 
 #[cfg(test)]
+impl Relay {
+    /// The keys the next read would leave out.
+    pub(super) fn excluded_keys(&mut self) -> Vec<String> {
+        self.gate.excluded_keys(Instant::now())
+    }
+}
+
+#[cfg(test)]
 impl InFlight {
     /// Every delivery report of the batch, in send order.
     pub(super) async fn reports(self) -> Vec<super::reports::Report> {
@@ -180,7 +188,7 @@ impl Relay {
         let mut want = true;
         let began = Instant::now();
         loop {
-            if self.rebuild_if_needed()? {
+            if self.rebuild_if_needed().await? {
                 in_flight.clear();
                 self.gate.abandon_in_flight();
             }
@@ -230,7 +238,7 @@ impl Relay {
     /// After a fatal error (the idempotent producer can no longer guarantee order or no
     /// duplicates) every send fails, and after a local message timeout its state is unknown:
     /// replace the producer. True when it did.
-    fn rebuild_if_needed(&mut self) -> Result<bool, RelayError> {
+    async fn rebuild_if_needed(&mut self) -> Result<bool, RelayError> {
         let fatal = self.producer.client().fatal_error();
         if fatal.is_none() && !self.stale_producer {
             return Ok(false);
@@ -241,7 +249,7 @@ impl Relay {
             }
             None => tracing::warn!("a message timed out: rebuilding the producer; rows in flight will be read again"),
         }
-        self.replace_producer()?;
+        self.replace_producer().await?;
         self.stale_producer = false;
         self.metrics.producer_rebuilds.inc();
         Ok(true)
@@ -250,10 +258,16 @@ impl Relay {
     /// A new producer; the old one's queue is purged, whoever still holds it: a message left
     /// there could reach the broker after the new producer resent its row and a later row of its
     /// key, putting an old state last.
-    pub(super) fn replace_producer(&mut self) -> Result<(), RelayError> {
+    pub(super) async fn replace_producer(&mut self) -> Result<(), RelayError> {
         let old = std::mem::replace(&mut self.producer, create_producer(&self.cfg)?);
-        old.purge(PurgeConfig::default().queue().inflight());
-        drop(self.current.send_replace(self.producer.clone()));
+        let stale = self.current.send_replace(self.producer.clone());
+        // Both wait for librdkafka's threads (the purge for every broker thread, the last drop
+        // for a flush and a join): off the runtime's workers, and done before anything is resent.
+        let _ = tokio::task::spawn_blocking(move || {
+            old.purge(PurgeConfig::default().queue().inflight());
+            drop((old, stale));
+        })
+        .await;
         Ok(())
     }
 

@@ -557,10 +557,33 @@ async fn a_three_minute_broker_outage_dead_letters_nothing() {
     broker.stop();
     o.insert(2_000, 2_000, 100).await;
     let outage = Instant::now();
+    let mut shown = false;
     while outage.elapsed() < Duration::from_secs(180) {
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(dead_letters(&o).await, vec![], "nothing is dead-lettered during an outage");
+        if !shown && outage.elapsed() >= Duration::from_secs(30) {
+            // Messages did time out, and the outage shows: not ready, broker_failing 1.
+            let log = std::fs::read_to_string(std::path::PathBuf::from(common::env("LOCKSTEP_TESTENV_DIR")).join("relay-long-outage.log"))
+                .unwrap();
+            assert!(
+                log.contains("a message timed out"),
+                "no message timed out during the outage:\n{log}"
+            );
+            let addr = log
+                .split("relay starting addr=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .expect("the relay's metrics address in its log");
+            assert!(
+                http_get(addr, "/readyz").await.starts_with("HTTP/1.1 503"),
+                "/readyz fails while the broker is down"
+            );
+            let metrics = http_get(addr, "/metrics").await;
+            assert!(metrics.contains("lockstep_relay_broker_failing 1"), "{metrics}");
+            shown = true;
+        }
     }
+    assert!(shown);
     assert!(o.remaining().await > 0, "nothing can be acknowledged while the broker is down");
     broker.start_again();
     let back = Instant::now();
@@ -571,6 +594,18 @@ async fn a_three_minute_broker_outage_dead_letters_nothing() {
     let got = consume(&o.bootstrap, &o.topic, 4_000, Duration::from_secs(120));
     let dups = check(&got, 4_000, 100);
     println!("3-minute outage: {} messages for 4000 events ({dups} duplicates)", got.len());
+}
+
+/// The response to a plain HTTP/1.1 GET of `path` at `addr`.
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 /// Replaying a dead-lettered row (copy it back, it fails again) must not lose it: the move stores

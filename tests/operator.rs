@@ -517,19 +517,8 @@ async fn metrics_and_health_are_served() {
         .await
         .unwrap();
     common::wait_condition(&e.inboxes, "m", "Ready", "True", None, T).await;
-    let get = |path: &str| {
-        let path = path.to_owned();
-        async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
-        }
-    };
+    let addr = addr.to_string();
+    let get = |path: &'static str| common::http_get(&addr, path);
     let m = get("/metrics").await;
     assert!(m.contains("lockstep_reconciles_total{controller=\"inboxtable\"}"), "{m}");
     assert!(m.contains("lockstep_leader 1"), "{m}");

@@ -575,10 +575,10 @@ async fn a_three_minute_broker_outage_dead_letters_nothing() {
                 .and_then(|r| r.split_whitespace().next())
                 .expect("the relay's metrics address in its log");
             assert!(
-                http_get(addr, "/readyz").await.starts_with("HTTP/1.1 503"),
+                common::http_get(addr, "/readyz").await.starts_with("HTTP/1.1 503"),
                 "/readyz fails while the broker is down"
             );
-            let metrics = http_get(addr, "/metrics").await;
+            let metrics = common::http_get(addr, "/metrics").await;
             assert!(metrics.contains("lockstep_relay_broker_failing 1"), "{metrics}");
             shown = true;
         }
@@ -594,18 +594,6 @@ async fn a_three_minute_broker_outage_dead_letters_nothing() {
     let got = consume(&o.bootstrap, &o.topic, 4_000, Duration::from_secs(120));
     let dups = check(&got, 4_000, 100);
     println!("3-minute outage: {} messages for 4000 events ({dups} duplicates)", got.len());
-}
-
-/// The response to a plain HTTP/1.1 GET of `path` at `addr`.
-async fn http_get(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 /// Replaying a dead-lettered row (copy it back, it fails again) must not lose it: the move stores

@@ -262,23 +262,10 @@ async fn a_transaction_pooler_moving_the_session_stops_the_relay_with_a_clear_er
 }
 
 /// A hot standby of the test server: a base backup (`pg_basebackup -R`) started in recovery on a
-/// port of its own; stopped and removed on drop. As root the server runs as `postgres`, as the
-/// test server does (PostgreSQL refuses to run as root).
+/// port of its own, beside the tests' private servers; stopped and removed on drop.
 struct Standby {
     dir: PathBuf,
     port: u16,
-}
-
-fn pg_command(bin: &str) -> Command {
-    let path = PathBuf::from(common::env("LOCKSTEP_PG_BIN")).join(bin);
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } == 0 {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(path);
-        c
-    } else {
-        Command::new(path)
-    }
 }
 
 impl Standby {
@@ -296,17 +283,9 @@ impl Standby {
             let v: String = sqlx::query_scalar(&format!("show {name}")).fetch_one(&pool).await.unwrap();
             settings.push(format!("-c {name}={v}"));
         }
-        // Beside the tests' private servers, which `scripts/testenv down` stops if a killed run
-        // left them running; as root, postgres owns the folder (it writes the backup there).
-        let base = PathBuf::from(common::env("LOCKSTEP_TESTENV_DIR")).join("private-pg");
-        std::fs::create_dir_all(&base).unwrap();
-        // SAFETY: getuid has no preconditions.
-        if unsafe { libc::getuid() } == 0 {
-            assert!(Command::new("chown").arg("postgres:").arg(&base).status().unwrap().success());
-        }
-        let dir = base.join(common::unique("standby"));
+        let dir = common::private_pg_dir("standby");
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let out = pg_command("pg_basebackup")
+        let out = common::pg_command("pg_basebackup")
             .args(["-d", primary, "-D"])
             .arg(&dir)
             .args(["-R", "-X", "stream", "-c", "fast"])
@@ -324,7 +303,7 @@ impl Standby {
             standby.dir.display(),
             settings.join(" ")
         );
-        let out = pg_command("pg_ctl")
+        let out = common::pg_command("pg_ctl")
             .arg("-D")
             .arg(&standby.dir)
             .arg("-l")
@@ -344,7 +323,7 @@ impl Standby {
 
 impl Drop for Standby {
     fn drop(&mut self) {
-        let _ = pg_command("pg_ctl")
+        let _ = common::pg_command("pg_ctl")
             .arg("-D")
             .arg(&self.dir)
             .args(["-m", "immediate", "stop"])

@@ -252,31 +252,61 @@ pub async fn create_secret(client: &Client, ns: &str, name: &str, url: &str) {
         .expect("create Secret");
 }
 
+/// The response to a plain HTTP/1.1 GET of `path` at `addr`.
+pub async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 /// A PostgreSQL of a test's own, for tests that stop and start the database.
 pub struct PrivatePostgres {
     pub dir: std::path::PathBuf,
     pub port: u16,
-    bin: std::path::PathBuf,
 }
 
-fn run_as_postgres(cmd: &std::path::Path, args: &[&str]) -> std::process::Output {
-    let root = unsafe { libc_geteuid() } == 0;
-    let out = if root {
-        std::process::Command::new("runuser")
-            .arg("-u")
-            .arg("postgres")
-            .arg("--")
-            .arg(cmd)
-            .args(args)
-            .output()
+/// A command running the PostgreSQL program `bin` of LOCKSTEP_PG_BIN, as `postgres` when root
+/// (PostgreSQL refuses to run as root).
+pub fn pg_command(bin: &str) -> std::process::Command {
+    let path = std::path::PathBuf::from(env("LOCKSTEP_PG_BIN")).join(bin);
+    if unsafe { libc_geteuid() } == 0 {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(path);
+        c
     } else {
-        std::process::Command::new(cmd).args(args).output()
+        std::process::Command::new(path)
     }
-    .expect("run a PostgreSQL command");
+}
+
+/// A new folder for a test's own server under `$LOCKSTEP_TESTENV_DIR/private-pg`, where
+/// `scripts/testenv down` stops what a killed run left running; as root, owned by postgres.
+pub fn private_pg_dir(name: &str) -> std::path::PathBuf {
+    let base = std::path::PathBuf::from(env("LOCKSTEP_TESTENV_DIR")).join("private-pg");
+    let dir = base.join(unique(name));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A data folder must be its owner's alone (pg_basebackup writes into this one as it is).
+    let private = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o700);
+    std::fs::set_permissions(&dir, private).unwrap();
+    if unsafe { libc_geteuid() } == 0 {
+        let st = std::process::Command::new("chown")
+            .args(["-R", "postgres:", base.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    dir
+}
+
+fn run_as_postgres(bin: &str, args: &[&str]) -> std::process::Output {
+    let out = pg_command(bin).args(args).output().expect("run a PostgreSQL command");
     assert!(
         out.status.success(),
-        "{} {:?} failed: {}",
-        cmd.display(),
+        "{bin} {:?} failed: {}",
         args,
         String::from_utf8_lossy(&out.stderr)
     );
@@ -290,24 +320,13 @@ extern "C" {
 
 impl PrivatePostgres {
     pub fn start() -> Self {
-        let bin = std::path::PathBuf::from(env("LOCKSTEP_PG_BIN"));
-        let base = std::path::PathBuf::from(env("LOCKSTEP_TESTENV_DIR")).join("private-pg");
-        std::fs::create_dir_all(&base).unwrap();
-        let dir = base.join(unique("pg"));
-        std::fs::create_dir_all(&dir).unwrap();
-        if unsafe { libc_geteuid() } == 0 {
-            let st = std::process::Command::new("chown")
-                .args(["-R", "postgres:", base.to_str().unwrap()])
-                .status()
-                .unwrap();
-            assert!(st.success());
-        }
+        let dir = private_pg_dir("pg");
         run_as_postgres(
-            &bin.join("initdb"),
+            "initdb",
             &["-D", dir.join("data").to_str().unwrap(), "-A", "trust", "-U", "postgres"],
         );
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let pg = PrivatePostgres { dir, port, bin };
+        let pg = PrivatePostgres { dir, port };
         pg.start_again();
         pg
     }
@@ -320,7 +339,7 @@ impl PrivatePostgres {
         let data = self.dir.join("data");
         let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, data.display());
         run_as_postgres(
-            &self.bin.join("pg_ctl"),
+            "pg_ctl",
             &[
                 "-D",
                 data.to_str().unwrap(),
@@ -336,7 +355,7 @@ impl PrivatePostgres {
 
     pub fn stop(&self) {
         run_as_postgres(
-            &self.bin.join("pg_ctl"),
+            "pg_ctl",
             &["-D", self.dir.join("data").to_str().unwrap(), "-m", "fast", "-w", "stop"],
         );
     }
@@ -345,17 +364,9 @@ impl PrivatePostgres {
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         let data = self.dir.join("data");
-        let pg_ctl = self.bin.join("pg_ctl");
-        let args = ["-D", data.to_str().unwrap(), "-m", "immediate", "stop"];
-        let _ = if unsafe { libc_geteuid() } == 0 {
-            std::process::Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(&pg_ctl)
-                .args(args)
-                .output()
-        } else {
-            std::process::Command::new(&pg_ctl).args(args).output()
-        };
+        let _ = pg_command("pg_ctl")
+            .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
+            .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,5 +1,6 @@
 //! Why a message was not published, and what becomes of its row: only a failure the message
-//! itself causes can lead to the dead-letter table; the broker or the network never does.
+//! itself causes can lead to the dead-letter table; the broker or the network never does, nor a
+//! producer that failed messages only because an earlier one failed.
 
 use std::time::Duration;
 
@@ -15,6 +16,15 @@ pub enum Cause {
     Poison,
     /// The message itself, rejected by the broker: retried, and dead-lettered after maxAttempts.
     Rejected,
+    /// The broker refused the record's timestamp (outside its `log.message.timestamp.*` bounds,
+    /// tighter than the relay's [`super::stamp::MAX_STAMP_AGE_MS`]): sent again stamped with the
+    /// publish time, not counted. A row already stamped so is `Transport` (the clocks differ).
+    Timestamp,
+    /// The producer failed the message for another's sake: it went fatal (with
+    /// `enable.gapless.guarantee`, after the broker rejected an earlier message) or was purged to
+    /// be rebuilt, or lost its sequence state. Read again once the producer is rebuilt, behind the
+    /// key's earlier rows; not counted, no wait.
+    Released,
     /// The broker or the network (timeouts, unknown topic or partition, leader moves, not enough
     /// replicas, brokers down, a closed producer): retried until it works; never counted toward
     /// maxAttempts, never dead-lettered. A missing topic or a slow broker is not a poison message.
@@ -27,6 +37,10 @@ pub fn cause(e: &KafkaError) -> Cause {
     match e.rdkafka_error_code() {
         Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidTopic | C::MessageBatchTooLarge) => Cause::Poison,
         Some(C::InvalidRecord | C::InvalidMessage | C::PolicyViolation | C::UnsupportedForMessageFormat) => Cause::Rejected,
+        Some(C::InvalidTimestamp) => Cause::Timestamp,
+        Some(
+            C::Fatal | C::PurgeQueue | C::PurgeInflight | C::GaplessGuarantee | C::Inconsistent | C::OutOfOrderSequenceNumber,
+        ) => Cause::Released,
         _ => Cause::Transport,
     }
 }
@@ -58,6 +72,9 @@ pub(super) enum Verdict {
     Retry(Duration),
     /// Do not count it: the key waits for the broker.
     Wait,
+    /// Do not count it: read again (stamped with the publish time for `Timestamp`) once the
+    /// producer is rebuilt and the batches in flight completed.
+    Again,
     DeadLetter,
 }
 
@@ -78,6 +95,21 @@ impl Failure {
         }
     }
 
+    /// A delivery report's error for a row sent with timestamp `stamped_now` (the publish time,
+    /// not its `created_at`): a refused timestamp that already was the publish time is no longer
+    /// the row's age but the clocks', which waiting may fix.
+    pub fn delivery(row: usize, e: &KafkaError, stamped_now: bool) -> Self {
+        let mut f = Failure::kafka(row, e);
+        if f.cause == Cause::Timestamp && stamped_now {
+            f.cause = Cause::Transport;
+            f.error.push_str(
+                " (stamped with the publish time: the relay's clock and the broker's differ by more than the topic's \
+                 message.timestamp bounds)",
+            );
+        }
+        f
+    }
+
     pub fn report_lost(row: usize) -> Self {
         Failure {
             row,
@@ -92,6 +124,7 @@ impl Failure {
             Cause::Poison => Verdict::DeadLetter,
             Cause::Rejected if attempts >= max_attempts => Verdict::DeadLetter,
             Cause::Rejected => Verdict::Retry(backoff(attempts)),
+            Cause::Timestamp | Cause::Released => Verdict::Again,
             Cause::Transport => Verdict::Wait,
         }
     }
@@ -120,9 +153,16 @@ mod tests {
             RDKafkaErrorCode::NotEnoughReplicas,
             RDKafkaErrorCode::AllBrokersDown,
             RDKafkaErrorCode::NotLeaderForPartition,
-            RDKafkaErrorCode::Fatal,
         ] {
             assert_eq!(kafka(transport).cause, Cause::Transport, "{transport:?}");
+        }
+        for released in [
+            RDKafkaErrorCode::Fatal,
+            RDKafkaErrorCode::PurgeQueue,
+            RDKafkaErrorCode::PurgeInflight,
+            RDKafkaErrorCode::OutOfOrderSequenceNumber,
+        ] {
+            assert_eq!(kafka(released).cause, Cause::Released, "{released:?}");
         }
         let routing = Failure::routing(1, "column type is null; it routes the message".into());
         assert_eq!(routing.error, "routing: column type is null; it routes the message");
@@ -140,6 +180,24 @@ mod tests {
         // However long the outage lasts.
         let timed_out = Failure::kafka(0, &KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut));
         assert_eq!(timed_out.verdict(1_000_000, 2), Verdict::Wait);
+        // Failed for another message's sake: however often, never counted or dead-lettered.
+        let purged = Failure::kafka(0, &KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue));
+        assert_eq!(purged.verdict(1_000_000, 2), Verdict::Again);
+    }
+
+    /// A backlog stamped with `created_at` that a broker with tighter timestamp bounds refuses is
+    /// sent again stamped now, not retried as a broker failure forever nor dead-lettered; a row
+    /// already stamped now that is refused points at the clocks, and waits.
+    #[test]
+    fn a_refused_timestamp_is_sent_again_stamped_now() {
+        let e = KafkaError::MessageProduction(RDKafkaErrorCode::InvalidTimestamp);
+        let created = Failure::delivery(0, &e, false);
+        assert_eq!(created.cause, Cause::Timestamp);
+        assert_eq!(created.verdict(1_000, 2), Verdict::Again);
+        let now = Failure::delivery(0, &e, true);
+        assert_eq!(now.cause, Cause::Transport);
+        assert_eq!(now.verdict(1_000, 2), Verdict::Wait);
+        assert!(now.error.contains("clock"), "{}", now.error);
     }
 
     #[test]

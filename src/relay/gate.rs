@@ -4,9 +4,25 @@
 //!
 //! Later rows of a key in flight may be read into later batches: the idempotent producer keeps a
 //! partition's messages in the order they were handed to it, across batches as within one (the
-//! broker refuses a sequence gap), so pipelining batches does not reorder a key. Leaving out every
-//! key in flight instead would cap the rows in flight at one batch per key: with 1,000 keys and
-//! 500-row batches, two batches, and every read that found nothing scanned the whole outbox.
+//! broker refuses a sequence gap), so pipelining batches does not reorder a key while messages
+//! are acknowledged. When one fails, no later message of its partition may be written before it:
+//! - A retriable error (leader moved, not enough replicas) the producer retries itself, in order.
+//! - A message the broker rejects (an invalid record, over the topic's size limit, a refused
+//!   timestamp) would, by librdkafka's default, bump the epoch, renumber the partition's later
+//!   messages and write them ahead of the rejected row's retry. The relay's producer runs with
+//!   `enable.gapless.guarantee`: the rejection makes it fatal instead, the later messages are
+//!   refused for the gap or purged, and `Relay::drain` completes every batch in flight from its
+//!   reports before it rebuilds the producer and reads again (behind the rejected row's wait).
+//! - A row refused at send never reached the producer: `hold` keeps its key out of reads.
+//! - A message that timed out in the producer's queue (message.timeout.ms) is not covered by
+//!   gapless: librdkafka bumps the epoch and may send the partition's later, not yet timed-out
+//!   messages if the broker answers again before the relay purged the producer (a window of the
+//!   gap between the two sends). The relay rebuilds the producer as soon as it completes the
+//!   timed-out row's batch.
+//!
+//! Leaving out every key in flight instead would cap the rows in flight at one batch per key:
+//! with 1,000 keys and 500-row batches, two batches, and every read that found nothing scanned
+//! the whole outbox.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -101,12 +117,18 @@ impl<T: Ord + Copy> KeyGate<T> {
 mod tests {
     //! A model of the relay over a pure outbox: rows become visible at chosen times (per key in
     //! seq order, which is what reading below the snapshot's xmin gives), batches are read in seq
-    //! order leaving out the gate's keys, messages are acknowledged, fail in the producer or are
+    //! order leaving out the gate's keys, messages are acknowledged, rejected by the broker or
     //! refused at send, at random; batches complete oldest first (as `Relay::drain` awaits them).
-    //! The producer is modelled as an idempotent producer is specified: a partition's messages are
-    //! acknowledged in the order they were handed to it, and once a message of a key fails, the
-    //! later messages of that key handed to it before the failure was reported (in the same batch
-    //! or a later one) fail too. A message refused at send never reached it and fails nothing.
+    //! The producer is modelled as librdkafka 2.12 behaves (rdkafka_request.c,
+    //! `rd_kafka_handle_Produce_error`), with or without `enable.gapless.guarantee`:
+    //! - gapless: a rejection makes it fatal. Every later message of the rejected key handed to it
+    //!   fails (refused for the sequence gap, purged, or refused at send), released for another's
+    //!   sake; other keys' later messages are acknowledged (another partition's request) or fail
+    //!   likewise, a key's once one did. The relay sees the fatal error before its next read round,
+    //!   completes every batch in flight and rebuilds the producer.
+    //! - renumbering (the default): the rejected message fails alone; the later ones are
+    //!   renumbered under a bumped epoch and acknowledged.
+    //! A message refused at send never reached it and fails nothing.
     //! Property: each key's acknowledged seqs only grow.
 
     use std::collections::{BTreeMap, VecDeque};
@@ -138,21 +160,28 @@ mod tests {
     #[derive(Clone, Copy, PartialEq, Debug)]
     enum Outcome {
         Acked,
-        /// Failed by the producer (its delivery report is an error).
-        Failed,
+        /// Rejected by the broker (its delivery report is the broker's error): counted.
+        Rejected,
+        /// Failed for another message's sake (gap, purge, fatal producer): read again.
+        Released,
         /// Refused at send: the producer never had it.
         Refused,
         /// Not sent: an earlier row of its key in the same batch failed at send.
         Skipped,
     }
 
-    /// The dice: 0 a refusal at send, 1 a failure in the producer, anything else an acknowledgement.
-    fn outcome(die: u8) -> Outcome {
-        match die {
-            0 => Outcome::Refused,
-            1 => Outcome::Failed,
-            _ => Outcome::Acked,
-        }
+    /// The producer's state between batches.
+    #[derive(Default)]
+    struct Producer {
+        /// Renumber after a rejection (librdkafka's default) instead of going fatal.
+        renumbering: bool,
+        /// Fatal since a rejection, until the relay rebuilds it.
+        fatal: bool,
+        /// The batch of the rejected message: the relay sees the fatal error once that batch
+        /// completed, or earlier if the broker's answer came before its next read round.
+        fatal_at: u64,
+        /// Keys whose messages fail until the rebuild.
+        dead: Vec<String>,
     }
 
     struct Batch {
@@ -179,29 +208,19 @@ mod tests {
             .collect()
     }
 
-    /// The send and the producer's outcome for each row of batch `n`. A message the producer
-    /// failed fails the later ones of its key handed to it while the failure is in flight (this
-    /// batch or an earlier one still in flight); a message refused at send fails nothing after
-    /// it, and, as `Relay::send` does, the key's later rows of the batch are not sent. With
-    /// `hold`, a refusal holds its key in the gate.
+    /// The send and the producer's outcome for each row of batch `n`. The dice: 0 a refusal at
+    /// send, 1 a rejection by the broker, anything else an acknowledgement; a fatal producer
+    /// fails a dead key's messages, and makes a key dead on a 0 or 1. As `Relay::send` does, a
+    /// key's later rows of the batch are not sent after a refusal, which holds the key in the gate
+    /// under `hold`.
     fn hand_over<'a>(
         batch: &[Row],
         n: u64,
-        in_flight: &VecDeque<Batch>,
+        producer: &mut Producer,
         dice: &mut impl Iterator<Item = &'a u8>,
         failures: &mut BTreeMap<i64, u32>,
         mut hold: Option<&mut KeyGate<u32>>,
     ) -> Vec<Outcome> {
-        let mut failing: Vec<String> = in_flight
-            .iter()
-            .flat_map(|b| {
-                b.rows
-                    .iter()
-                    .zip(&b.outcome)
-                    .filter(|(_, o)| **o == Outcome::Failed)
-                    .map(|(r, _)| r.key.clone())
-            })
-            .collect();
         let mut refused: Vec<String> = Vec::new();
         batch
             .iter()
@@ -209,16 +228,32 @@ mod tests {
                 if refused.contains(&r.key) {
                     return Outcome::Skipped;
                 }
-                let mut o = outcome(*dice.next().unwrap());
-                // A row fails at most three times (the broker comes back).
-                if failures.get(&r.seq).is_some_and(|n| *n >= 3) {
-                    o = Outcome::Acked;
-                }
-                if failing.contains(&r.key) && o != Outcome::Refused {
-                    o = Outcome::Failed;
-                }
+                let die = *dice.next().unwrap();
+                let o = if producer.dead.contains(&r.key) {
+                    Outcome::Released
+                } else if producer.fatal {
+                    if die <= 1 {
+                        producer.dead.push(r.key.clone());
+                        Outcome::Released
+                    } else {
+                        Outcome::Acked
+                    }
+                } else if failures.get(&r.seq).is_some_and(|n| *n >= 3) {
+                    // A row fails at most three times (the broker comes back).
+                    Outcome::Acked
+                } else {
+                    match die {
+                        0 => Outcome::Refused,
+                        1 => Outcome::Rejected,
+                        _ => Outcome::Acked,
+                    }
+                };
                 match o {
-                    Outcome::Failed => failing.push(r.key.clone()),
+                    Outcome::Rejected if !producer.renumbering => {
+                        producer.fatal_at = if producer.fatal { producer.fatal_at } else { n };
+                        producer.fatal = true;
+                        producer.dead.push(r.key.clone());
+                    }
                     Outcome::Refused => {
                         refused.push(r.key.clone());
                         if let Some(g) = hold.as_deref_mut() {
@@ -227,7 +262,7 @@ mod tests {
                     }
                     _ => {}
                 }
-                if o != Outcome::Acked {
+                if matches!(o, Outcome::Rejected | Outcome::Refused) {
                     *failures.entry(r.seq).or_default() += 1;
                 }
                 o
@@ -235,19 +270,50 @@ mod tests {
             .collect()
     }
 
+    /// Complete a batch: acknowledged rows leave the outbox; a rejected or refused row's key
+    /// waits, a released row's key only until the batches read before it completed.
+    fn complete(b: Batch, now: u32, gate: &mut KeyGate<u32>, pending: &mut Vec<Row>, acked: &mut BTreeMap<String, Vec<i64>>) {
+        let mut failed = Vec::new();
+        for (r, o) in b.rows.iter().zip(&b.outcome) {
+            match o {
+                Outcome::Acked => {
+                    acked.entry(r.key.clone()).or_default().push(r.seq);
+                    pending.retain(|p| p.seq != r.seq);
+                }
+                Outcome::Rejected | Outcome::Refused => failed.push((r.key.as_str(), now + 2)),
+                Outcome::Released => failed.push((r.key.as_str(), now)),
+                Outcome::Skipped => {}
+            }
+        }
+        gate.complete(b.n, failed);
+    }
+
     /// Run the model; returns each key's acknowledged seqs in acknowledgement order.
-    fn run(rows: Vec<Row>, dice: &[u8], rule: Rule, limit: usize, depth: usize) -> BTreeMap<String, Vec<i64>> {
+    fn run(rows: Vec<Row>, dice: &[u8], rule: Rule, renumbering: bool, limit: usize, depth: usize) -> BTreeMap<String, Vec<i64>> {
         let mut pending = rows;
         let mut gate = KeyGate::<u32>::default();
+        let mut producer = Producer {
+            renumbering,
+            ..Producer::default()
+        };
         let mut in_flight: VecDeque<Batch> = VecDeque::new();
         let mut acked: BTreeMap<String, Vec<i64>> = BTreeMap::new();
         let mut dice = dice.iter().cycle();
         let mut failures: BTreeMap<i64, u32> = BTreeMap::new();
-        // Each tick: read until `depth` batches are in flight or a read finds nothing, then wait
-        // for the oldest, as `Relay::drain` does; rows become visible as ticks pass.
+        // Each tick: rebuild a fatal producer once every batch in flight completed; read until
+        // `depth` batches are in flight or a read finds nothing, then wait for the oldest, as
+        // `Relay::drain` does; rows become visible as ticks pass.
         for now in 0..5000u32 {
             if pending.is_empty() && in_flight.is_empty() {
                 break;
+            }
+            let seen = || !in_flight.iter().any(|b| b.n == producer.fatal_at);
+            if producer.fatal && (seen() || dice.next().unwrap() % 2 == 0) {
+                while let Some(b) = in_flight.pop_front() {
+                    complete(b, now, &mut gate, &mut pending, &mut acked);
+                }
+                producer.fatal = false;
+                producer.dead.clear();
             }
             // Read while there is room.
             while in_flight.len() < depth {
@@ -274,22 +340,11 @@ mod tests {
                 }
                 let n = gate.dispatch(batch.iter().map(|r| r.seq));
                 let hold = (rule == Rule::Gate).then_some(&mut gate);
-                let outcome = hand_over(&batch, n, &in_flight, &mut dice, &mut failures, hold);
+                let outcome = hand_over(&batch, n, &mut producer, &mut dice, &mut failures, hold);
                 in_flight.push_back(Batch { n, rows: batch, outcome });
             }
             if let Some(b) = in_flight.pop_front() {
-                let mut failed = Vec::new();
-                for (r, o) in b.rows.iter().zip(&b.outcome) {
-                    match o {
-                        Outcome::Acked => {
-                            acked.entry(r.key.clone()).or_default().push(r.seq);
-                            pending.retain(|p| p.seq != r.seq);
-                        }
-                        Outcome::Failed | Outcome::Refused => failed.push((r.key.as_str(), now + 2)),
-                        Outcome::Skipped => {}
-                    }
-                }
-                gate.complete(b.n, failed);
+                complete(b, now, &mut gate, &mut pending, &mut acked);
             }
         }
         assert!(pending.is_empty(), "the model ran out of time with rows left: {pending:?}");
@@ -309,7 +364,7 @@ mod tests {
             limit in 1usize..8,
             depth in 1usize..5,
         ) {
-            let acked = run(outbox(&rows), &dice, Rule::Gate, limit, depth);
+            let acked = run(outbox(&rows), &dice, Rule::Gate, false, limit, depth);
             prop_assert!(in_order(&acked), "{acked:?}");
             prop_assert_eq!(acked.values().map(Vec::len).sum::<usize>(), rows.len());
         }
@@ -321,10 +376,25 @@ mod tests {
     fn the_seq_range_rule_loses_order_the_gate_keeps_it() {
         let rows = outbox(&[(0, 0), (0, 0), (0, 0), (1, 1), (0, 0), (1, 1)]);
         let all_ack = [9];
-        let old = run(rows.clone(), &all_ack, Rule::SeqRange, 2, 3);
+        let old = run(rows.clone(), &all_ack, Rule::SeqRange, false, 2, 3);
         assert_eq!(old["k1"], vec![6, 4], "the old rule should reorder k1");
-        let new = run(rows, &all_ack, Rule::Gate, 2, 3);
+        let new = run(rows, &all_ack, Rule::Gate, false, 2, 3);
         assert!(in_order(&new), "{new:?}");
+    }
+
+    /// The gate alone does not keep a key in order when the broker rejects a message: librdkafka
+    /// by default renumbers the key's later message, handed over in a later batch, and writes it
+    /// before the rejected row's retry. With the gapless producer (fatal, and the relay completes
+    /// every batch in flight before it rebuilds) the later message fails and waits its turn.
+    #[test]
+    fn a_rejection_in_a_pipelined_key_reorders_it_unless_the_producer_is_gapless() {
+        let rows = outbox(&[(0, 0), (0, 0)]);
+        // Limit 1, depth 2: k0's seq 1 and 2 in two batches in flight; the broker rejects seq 1.
+        let dice = [1, 9, 9, 9, 9, 9, 9, 9];
+        let renumbered = run(rows.clone(), &dice, Rule::Gate, true, 1, 2);
+        assert_eq!(renumbered["k0"], vec![2, 1], "a renumbering producer should reorder k0");
+        let gapless = run(rows, &dice, Rule::Gate, false, 1, 2);
+        assert_eq!(gapless["k0"], vec![1, 2]);
     }
 
     /// A retriable failure must hold back the key's later rows in the batches read before the
@@ -335,7 +405,7 @@ mod tests {
         // Limit 2: batch [1, 2] (k0 fails at seq 1, so seq 2 fails too); batch [3, 4], read before
         // it completes, carries k0's seq 4, which the producer fails with them; all three are read
         // again once k0's wait is over, in order.
-        let acked = run(rows, &[1, 9, 9, 9, 9, 9], Rule::Gate, 2, 3);
+        let acked = run(rows, &[1, 9, 9, 9, 9, 9], Rule::Gate, false, 2, 3);
         assert_eq!(acked["k0"], vec![1, 2, 4]);
     }
 
@@ -347,9 +417,9 @@ mod tests {
         // Limit 2, depth 2: batch [1, 2], k0's seq 1 refused at send; batch [3, 4] is read before
         // it completes. Without the hold it carries k0's seq 3, which is acknowledged before 1.
         let dice = [0, 9, 9, 9, 9, 9];
-        let without = run(rows.clone(), &dice, Rule::GateWithoutHold, 2, 2);
+        let without = run(rows.clone(), &dice, Rule::GateWithoutHold, false, 2, 2);
         assert_eq!(without["k0"], vec![3, 1], "without the hold k0 should be reordered");
-        let with = run(rows, &dice, Rule::Gate, 2, 2);
+        let with = run(rows, &dice, Rule::Gate, false, 2, 2);
         assert_eq!(with["k0"], vec![1, 3]);
     }
 

@@ -18,7 +18,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    failure::{transport_backoff, Cause, Failure, Verdict},
+    failure::Failure,
     gate::KeyGate,
     gather::Gather,
     metrics::RelayMetrics,
@@ -28,6 +28,10 @@ use super::{
 };
 use crate::{config::RelayConfig, schema::OutboxTables};
 
+// A child module in a file beside this one: it reads the relay's and the batch's private fields.
+#[path = "settle.rs"]
+mod settle;
+
 pub fn producer_config(cfg: &RelayConfig) -> ClientConfig {
     let p = &cfg.resolved.producer;
     let mut c = ClientConfig::new();
@@ -35,9 +39,12 @@ pub fn producer_config(cfg: &RelayConfig) -> ClientConfig {
     for (k, v) in &cfg.kafka_config {
         c.set(k, v.expose());
     }
-    // Forced last: validation already refused weaker values, this makes sure of it.
+    // Forced last: validation already refused weaker values, this makes sure of it. Gapless: a
+    // message the broker rejects makes the producer fatal instead of renumbering the partition's
+    // later messages and sending them, ahead of the rejected row's retry (see `gate`).
     c.set("bootstrap.servers", &cfg.bootstrap_servers)
         .set("enable.idempotence", "true")
+        .set("enable.gapless.guarantee", "true")
         .set("acks", "all")
         .set("linger.ms", p.linger_ms.to_string())
         .set("compression.type", p.compression.as_str());
@@ -53,6 +60,9 @@ pub(super) struct InFlight {
     keys: Vec<String>,
     /// Row index of each message the producer accepted, in the order of its reports.
     sent: Vec<usize>,
+    /// Per row: how far its `created_at` stamp was from the publish time (ms), None when it was
+    /// stamped with the publish time (or not sent).
+    ages: Vec<Option<i64>>,
     reports: Reports,
     failures: Vec<Failure>,
     started: Instant,
@@ -106,6 +116,9 @@ pub struct Relay {
     /// A message timed out: the idempotent producer's sequence state for its partition is unknown
     /// (and some brokers never accept that producer again), so start over with a fresh one.
     stale_producer: bool,
+    /// Rows whose `created_at` is further than this (ms) from the publish time are stamped with
+    /// the publish time: `stamp::MAX_STAMP_AGE_MS`, tightened by the broker's refusals.
+    stamp_bound: i64,
     /// No read starts before this (see `gather`).
     next_read: Instant,
     /// The flow's rate, for the wait after a read that caught up.
@@ -133,6 +146,7 @@ impl Relay {
             listening: watch::Sender::new(true),
             transport_failures: 0,
             stale_producer: false,
+            stamp_bound: super::stamp::MAX_STAMP_AGE_MS,
             next_read: Instant::now(),
             gather: Gather::default(),
             last_read: None,
@@ -174,8 +188,8 @@ impl Relay {
     /// Publish until the outbox has nothing more to read and every batch sent is acknowledged and
     /// removed. Up to `max_batches_in_flight` batches are with the producer at once, so reading
     /// and deleting overlap with publishing. Stops reading (and finishes what is in flight) when
-    /// `stop` fires. A fatal producer error drops what is in flight (those rows stay in the
-    /// outbox and are read again) and rebuilds the producer.
+    /// `stop` fires. A fatal producer error completes what is in flight from its reports (the
+    /// purged rows stay in the outbox and are read again) and rebuilds the producer.
     pub async fn drain(&mut self, conn: &mut PgConnection, stop: &CancellationToken) -> Result<(), RelayError> {
         let depth = self.cfg.max_batches_in_flight.max(1);
         // Batches of a drain that ended in an error are gone (their rows are still in the
@@ -188,10 +202,8 @@ impl Relay {
         let mut want = true;
         let began = Instant::now();
         loop {
-            if self.rebuild_if_needed().await? {
-                in_flight.clear();
-                self.gate.abandon_in_flight();
-            }
+            // Rebuilt after completing every batch in flight: their keys may be read again.
+            want |= self.rebuild_if_needed(conn, &mut in_flight).await?;
             while want && in_flight.len() < depth && !stop.is_cancelled() && Instant::now() >= self.next_read {
                 let started = Instant::now();
                 let rows = self.fetch(conn).await?;
@@ -235,19 +247,25 @@ impl Relay {
         }
     }
 
-    /// After a fatal error (the idempotent producer can no longer guarantee order or no
-    /// duplicates) every send fails, and after a local message timeout its state is unknown:
-    /// replace the producer. True when it did.
-    async fn rebuild_if_needed(&mut self) -> Result<bool, RelayError> {
+    /// After a fatal error (the broker rejected a message: gapless; or the idempotent producer
+    /// can no longer guarantee order or no duplicates) every send fails, and after a local message
+    /// timeout its state is unknown: replace the producer. First the batches in flight complete
+    /// from their reports, the old producer's queue purged so that they all come: the rejected
+    /// row's attempt is counted (or it is dead-lettered) and its key waits; the rows failed only
+    /// because the producer went fatal or was purged are read again, in order, behind their
+    /// keys' earlier rows. True when it did.
+    async fn rebuild_if_needed(&mut self, conn: &mut PgConnection, in_flight: &mut VecDeque<InFlight>) -> Result<bool, RelayError> {
         let fatal = self.producer.client().fatal_error();
         if fatal.is_none() && !self.stale_producer {
             return Ok(false);
         }
         match fatal {
-            Some((code, reason)) => {
-                tracing::error!(?code, %reason, "fatal producer error: rebuilding the producer; rows in flight will be read again")
-            }
-            None => tracing::warn!("a message timed out: rebuilding the producer; rows in flight will be read again"),
+            Some((code, reason)) => tracing::error!(?code, %reason, "fatal producer error: rebuilding the producer"),
+            None => tracing::warn!("a message timed out: rebuilding the producer"),
+        }
+        purge(self.producer.clone()).await;
+        while let Some(batch) = in_flight.pop_front() {
+            self.complete(conn, batch).await?;
         }
         self.replace_producer().await?;
         self.stale_producer = false;
@@ -292,14 +310,16 @@ impl Relay {
         let mut failed_keys: HashSet<&str> = HashSet::new();
         let mut failures = Vec::new();
         let mut sent = Vec::with_capacity(rows.len());
+        let mut ages = vec![None; rows.len()];
         let mut futures = Vec::with_capacity(rows.len());
         for (i, (row, key)) in rows.iter().zip(&keys).enumerate() {
             if failed_keys.contains(key.as_str()) {
                 continue;
             }
             match self.send_row(i, row, key).await {
-                Ok(f) => {
+                Ok((f, age)) => {
                     sent.push(i);
+                    ages[i] = age;
                     futures.push(f);
                 }
                 Err(failure) => {
@@ -316,21 +336,25 @@ impl Relay {
             rows,
             keys,
             sent,
+            ages,
             reports: Reports::collect(futures),
             failures,
             started,
         }
     }
 
-    /// Route one row and hand it to the producer, waiting while its queue is full.
-    async fn send_row(&self, i: usize, row: &OutboxRow, key: &str) -> Result<DeliveryFuture, Failure> {
+    /// Route one row and hand it to the producer, waiting while its queue is full. With the
+    /// distance of its `created_at` stamp from now, when it has one.
+    async fn send_row(&self, i: usize, row: &OutboxRow, key: &str) -> Result<(DeliveryFuture, Option<i64>), Failure> {
         let topic = self
             .cfg
             .resolved
             .topic_template
             .render(|c| Some(row.column(c)))
             .map_err(|e| Failure::routing(i, e))?;
-        let (timestamp, created_ms) = super::stamp::stamp(row.created, super::stamp::now_ms());
+        let now = super::stamp::now_ms();
+        let (timestamp, created_ms) = super::stamp::stamp(row.created, now, self.stamp_bound);
+        let age = created_ms.is_none().then_some(now - timestamp);
         let mut record = FutureRecord::to(&topic)
             .key(key.as_bytes())
             .timestamp(timestamp)
@@ -340,7 +364,7 @@ impl Relay {
         }
         loop {
             match self.producer.send_result(record) {
-                Ok(f) => return Ok(f),
+                Ok(f) => return Ok((f, age)),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     // The broker is slow or away: wait for the queue to drain.
                     record = r;
@@ -353,86 +377,12 @@ impl Relay {
             }
         }
     }
+}
 
-    /// Wait for every delivery report of a batch, remove what was acknowledged in one statement,
-    /// record what failed (retry later, or dead-letter), and let the batch's keys be read again.
-    async fn complete(&mut self, conn: &mut PgConnection, batch: InFlight) -> Result<(), RelayError> {
-        let InFlight {
-            n,
-            rows,
-            keys,
-            sent,
-            reports,
-            mut failures,
-            started,
-        } = batch;
-        let reports = reports.all().await;
-        let mut acked = Vec::with_capacity(sent.len());
-        let mut latencies = Vec::with_capacity(sent.len());
-        let mut reports = reports.into_iter();
-        for i in sent {
-            let Some((report, at)) = reports.next() else {
-                failures.push(Failure::report_lost(i));
-                continue;
-            };
-            match report {
-                Ok(Ok(_)) => {
-                    latencies.push((at - rows[i].created).max(0.0));
-                    acked.push(rows[i].id)
-                }
-                Ok(Err((e, _))) => {
-                    self.metrics.count_failure(&e);
-                    self.stale_producer |= e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut);
-                    failures.push(Failure::kafka(i, &e));
-                }
-                Err(_) => failures.push(Failure::report_lost(i)),
-            }
-        }
-        if !acked.is_empty() {
-            self.sql.done(conn, &acked).await?;
-            self.transport_failures = 0;
-            self.metrics.broker_failing.set(0);
-        }
-        self.metrics.observe_commit_to_ack(&latencies);
-        self.metrics.published.inc_by(acked.len() as u64);
-        let mut waits = Vec::with_capacity(failures.len());
-        for failure in failures {
-            let key = keys[failure.row].as_str();
-            if let Some(until) = self.settle(conn, &rows[failure.row], failure).await? {
-                waits.push((key, until));
-            }
-        }
-        self.gate.complete(n, waits);
-        self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
-        Ok(())
-    }
-
-    /// Record a failed row: dead-letter it, or say until when its key waits.
-    async fn settle(&mut self, conn: &mut PgConnection, row: &OutboxRow, failure: Failure) -> Result<Option<Instant>, RelayError> {
-        let error = failure.error.as_str();
-        let attempts = row.attempts + i32::from(failure.cause != Cause::Transport);
-        let wait = match failure.verdict(attempts, self.cfg.resolved.max_attempts) {
-            Verdict::DeadLetter => {
-                self.sql.quarantine(conn, row.id, error).await?;
-                self.metrics.quarantined.inc();
-                tracing::warn!(id = %row.id, attempts, %error, "moved to the dead-letter table");
-                return Ok(None);
-            }
-            Verdict::Retry(wait) => {
-                self.sql.fail(conn, row.id, error).await?;
-                tracing::info!(id = %row.id, attempts, %error, retry_in = ?wait, "the broker rejected the message; will retry");
-                wait
-            }
-            Verdict::Wait => {
-                self.transport_failures += 1;
-                self.metrics.broker_failing.set(1);
-                let wait = transport_backoff(self.transport_failures);
-                tracing::warn!(id = %row.id, %error, retry_in = ?wait, "broker or network failed; will retry (not counted toward maxAttempts)");
-                wait
-            }
-        };
-        Ok(Some(Instant::now() + wait))
-    }
+/// Fail every message the producer still holds (queued or in flight), off the runtime's workers:
+/// their reports come at once.
+async fn purge(producer: FutureProducer) {
+    let _ = tokio::task::spawn_blocking(move || producer.purge(PurgeConfig::default().queue().inflight())).await;
 }
 
 /// A producer from the relay's configuration.

@@ -38,9 +38,9 @@ pub fn cause(e: &KafkaError) -> Cause {
         Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidTopic | C::MessageBatchTooLarge) => Cause::Poison,
         Some(C::InvalidRecord | C::InvalidMessage | C::PolicyViolation | C::UnsupportedForMessageFormat) => Cause::Rejected,
         Some(C::InvalidTimestamp) => Cause::Timestamp,
-        Some(
-            C::Fatal | C::PurgeQueue | C::PurgeInflight | C::GaplessGuarantee | C::Inconsistent | C::OutOfOrderSequenceNumber,
-        ) => Cause::Released,
+        Some(C::Fatal | C::PurgeQueue | C::PurgeInflight | C::GaplessGuarantee | C::Inconsistent | C::OutOfOrderSequenceNumber) => {
+            Cause::Released
+        }
         _ => Cause::Transport,
     }
 }

@@ -48,7 +48,10 @@ impl Relay {
                     let failure = Failure::delivery(i, &e, ages[i].is_none());
                     if let (Cause::Timestamp, Some(age)) = (failure.cause, ages[i]) {
                         self.stamp_bound = crate::relay::stamp::tighten(self.stamp_bound, age);
-                        tracing::warn!(bound_ms = self.stamp_bound, "the broker refused a created_at timestamp: rows further from the publish time are stamped with it");
+                        tracing::warn!(
+                            bound_ms = self.stamp_bound,
+                            "the broker refused a created_at timestamp: rows further from the publish time are stamped with it"
+                        );
                     }
                     failures.push(failure);
                 }

@@ -14,11 +14,9 @@
 //!   refused for the gap or purged, and `Relay::drain` completes every batch in flight from its
 //!   reports before it rebuilds the producer and reads again (behind the rejected row's wait).
 //! - A row refused at send never reached the producer: `hold` keeps its key out of reads.
-//! - A message that timed out in the producer's queue (message.timeout.ms) is not covered by
-//!   gapless: librdkafka bumps the epoch and may send the partition's later, not yet timed-out
-//!   messages if the broker answers again before the relay purged the producer (a window of the
-//!   gap between the two sends). The relay rebuilds the producer as soon as it completes the
-//!   timed-out row's batch.
+//! - Not covered: a message that timed out in the producer's queue (message.timeout.ms). The
+//!   epoch is bumped and later messages, not yet timed out, may be sent if the broker answers
+//!   before the relay completed the timed-out row's batch and purged the producer.
 //!
 //! Leaving out every key in flight instead would cap the rows in flight at one batch per key:
 //! with 1,000 keys and 500-row batches, two batches, and every read that found nothing scanned
@@ -124,10 +122,12 @@ mod tests {
     //! - gapless: a rejection makes it fatal. Every later message of the rejected key handed to it
     //!   fails (refused for the sequence gap, purged, or refused at send), released for another's
     //!   sake; other keys' later messages are acknowledged (another partition's request) or fail
-    //!   likewise, a key's once one did. The relay sees the fatal error before its next read round,
-    //!   completes every batch in flight and rebuilds the producer.
+    //!   likewise, a key's once one did. The relay sees the fatal error once the rejected
+    //!   message's batch completed (or earlier, at random: the broker's answer came sooner), then
+    //!   completes every batch in flight and rebuilds the producer before it reads again.
     //! - renumbering (the default): the rejected message fails alone; the later ones are
     //!   renumbered under a bumped epoch and acknowledged.
+    //!
     //! A message refused at send never reached it and fails nothing.
     //! Property: each key's acknowledged seqs only grow.
 
@@ -175,10 +175,8 @@ mod tests {
     struct Producer {
         /// Renumber after a rejection (librdkafka's default) instead of going fatal.
         renumbering: bool,
-        /// Fatal since a rejection, until the relay rebuilds it.
+        /// Fatal since a rejection in batch `fatal_at`, until the relay rebuilds it.
         fatal: bool,
-        /// The batch of the rejected message: the relay sees the fatal error once that batch
-        /// completed, or earlier if the broker's answer came before its next read round.
         fatal_at: u64,
         /// Keys whose messages fail until the rebuild.
         dead: Vec<String>,
@@ -209,10 +207,9 @@ mod tests {
     }
 
     /// The send and the producer's outcome for each row of batch `n`. The dice: 0 a refusal at
-    /// send, 1 a rejection by the broker, anything else an acknowledgement; a fatal producer
-    /// fails a dead key's messages, and makes a key dead on a 0 or 1. As `Relay::send` does, a
-    /// key's later rows of the batch are not sent after a refusal, which holds the key in the gate
-    /// under `hold`.
+    /// send, 1 a rejection, else an acknowledgement; a fatal producer fails a dead key's messages
+    /// and makes a key dead on 0 or 1. As `Relay::send` does, a refusal skips the key's later rows
+    /// of the batch and (under `hold`) holds the key in the gate.
     fn hand_over<'a>(
         batch: &[Row],
         n: u64,
@@ -231,13 +228,11 @@ mod tests {
                 let die = *dice.next().unwrap();
                 let o = if producer.dead.contains(&r.key) {
                     Outcome::Released
+                } else if producer.fatal && die <= 1 {
+                    producer.dead.push(r.key.clone());
+                    Outcome::Released
                 } else if producer.fatal {
-                    if die <= 1 {
-                        producer.dead.push(r.key.clone());
-                        Outcome::Released
-                    } else {
-                        Outcome::Acked
-                    }
+                    Outcome::Acked
                 } else if failures.get(&r.seq).is_some_and(|n| *n >= 3) {
                     // A row fails at most three times (the broker comes back).
                     Outcome::Acked
@@ -308,7 +303,7 @@ mod tests {
                 break;
             }
             let seen = || !in_flight.iter().any(|b| b.n == producer.fatal_at);
-            if producer.fatal && (seen() || dice.next().unwrap() % 2 == 0) {
+            if producer.fatal && (seen() || dice.next().unwrap().is_multiple_of(2)) {
                 while let Some(b) = in_flight.pop_front() {
                     complete(b, now, &mut gate, &mut pending, &mut acked);
                 }

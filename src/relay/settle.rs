@@ -47,11 +47,14 @@ impl Relay {
                     self.stale_producer |= e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut);
                     let failure = Failure::delivery(i, &e, ages[i].is_none());
                     if let (Cause::Timestamp, Some(age)) = (failure.cause, ages[i]) {
-                        self.stamp_bound = crate::relay::stamp::tighten(self.stamp_bound, age);
-                        tracing::warn!(
-                            bound_ms = self.stamp_bound,
-                            "the broker refused a created_at timestamp: rows further from the publish time are stamped with it"
-                        );
+                        let bound = crate::relay::stamp::tighten(self.stamp_bound, age);
+                        if bound < self.stamp_bound {
+                            tracing::warn!(
+                                bound_ms = bound,
+                                "the broker refused a created_at timestamp: rows further from the publish time are stamped with it"
+                            );
+                        }
+                        self.stamp_bound = bound;
                     }
                     failures.push(failure);
                 }

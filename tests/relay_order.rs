@@ -105,7 +105,7 @@ fn reorders(got: &[Got]) -> Vec<String> {
 }
 
 /// The relay's configuration: the mock cluster, small batches, many in flight.
-fn config(t: &common::outbox::OutboxTable, bootstrap: &str, topic: &str) -> lockstep::config::RelayConfig {
+fn config(t: &common::outbox::OutboxTable, bootstrap: &str, topic: &str, extra: &[&str]) -> lockstep::config::RelayConfig {
     use clap::Parser;
     #[derive(clap::Parser)]
     struct Cli {
@@ -140,7 +140,7 @@ fn config(t: &common::outbox::OutboxTable, bootstrap: &str, topic: &str) -> lock
         "--kafka-config",
         "max.in.flight.requests.per.connection=1",
     ];
-    Cli::parse_from(argv).args.resolve().unwrap()
+    Cli::parse_from(argv.iter().chain(extra)).args.resolve().unwrap()
 }
 
 async fn dead_letters(t: &common::outbox::OutboxTable) -> i64 {
@@ -160,7 +160,7 @@ async fn a_rejected_message_mid_key_is_published_before_the_keys_later_rows() {
     let topic = common::unique("relay.order");
     mock.create_topic(&topic, 2, 1).unwrap();
     let t = common::outbox::OutboxTable::create("order_reject", &common::env("DATABASE_URL")).await;
-    let cfg = config(&t, &bootstrap, &topic);
+    let cfg = config(&t, &bootstrap, &topic, &[]);
     let metrics = Arc::new(lockstep::relay::RelayMetrics::default());
     let stop = tokio_util::sync::CancellationToken::new();
     let relay = tokio::spawn(lockstep::relay::run_with_metrics(cfg, stop.clone(), metrics.clone()));
@@ -231,7 +231,7 @@ async fn a_refused_timestamp_is_sent_again_stamped_now() {
     let metrics = Arc::new(lockstep::relay::RelayMetrics::default());
     let stop = tokio_util::sync::CancellationToken::new();
     let relay = tokio::spawn(lockstep::relay::run_with_metrics(
-        config(&t, &bootstrap, &topic),
+        config(&t, &bootstrap, &topic, &[]),
         stop.clone(),
         metrics.clone(),
     ));
@@ -251,4 +251,69 @@ async fn a_refused_timestamp_is_sent_again_stamped_now() {
         assert!(g.created.is_some(), "{} was sent again stamped with its created_at", g.id);
         assert!(g.timestamp.unwrap() >= started - 1_000, "{} is stamped with the publish time", g.id);
     }
+}
+
+/// The broker rejects a batch while an earlier batch is still in flight (to a slow broker): the
+/// relay sees the fatal producer before the rejected batch is the oldest. It still completes
+/// every batch from its reports before rebuilding: the rejected rows' attempt is counted (with
+/// maxAttempts 1 they are dead-lettered at once), the purged row is published without one.
+#[tokio::test]
+async fn a_rejection_behind_a_slower_batch_counts_its_attempt() {
+    let mock = MockCluster::new(2).unwrap();
+    let bootstrap = mock.bootstrap_servers();
+    let (slow, fast) = (common::unique("relay.slow"), common::unique("relay.fast"));
+    mock.create_topic(&slow, 1, 1).unwrap();
+    mock.create_topic(&fast, 1, 1).unwrap();
+    mock.partition_leader(&slow, 0, Some(2)).unwrap();
+    mock.partition_leader(&fast, 0, Some(1)).unwrap();
+    mock.broker_round_trip_time(2, Duration::from_secs(2)).unwrap();
+    let t = common::outbox::OutboxTable::create("order_slow", &common::env("DATABASE_URL")).await;
+    let insert = |topic: &str, key: &str, n: i64| {
+        let sql = format!(
+            "insert into \"{}\".outbox (id, aggregatetype, aggregateid, type, payload)
+             select gen_random_uuid(), $1, $2, 'created', jsonb_build_object('n', g) from generate_series(0, $3 - 1) g",
+            t.schema
+        );
+        let (pool, topic, key) = (t.pool.clone(), topic.to_owned(), key.to_owned());
+        async move { sqlx::query(&sql).bind(topic).bind(key).bind(n).execute(&pool).await.unwrap() }
+    };
+    let cfg = config(&t, &bootstrap, "{aggregatetype}", &["--max-attempts", "1"]);
+    let metrics = Arc::new(lockstep::relay::RelayMetrics::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn(lockstep::relay::run_with_metrics(cfg, stop.clone(), metrics.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metrics.active.get() == 0 {
+        assert!(Instant::now() < deadline, "the relay did not take the lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A row to the slow broker: its request is answered in 2 s.
+    insert(&slow, "x", 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The next request, to the other broker, is rejected meanwhile.
+    mock.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD]);
+    insert(&fast, "k", 5).await;
+    t.wait_drained(Duration::from_secs(60)).await;
+    stop.cancel();
+    relay.await.unwrap().unwrap();
+
+    let dead: Vec<(String, i32, String)> = sqlx::query_as(&format!(
+        "select aggregateid, attempts, last_error from \"{}\".outbox_dead_letter",
+        t.schema
+    ))
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert!(!dead.is_empty(), "the rejected rows were published without their attempt counted");
+    for (key, attempts, error) in &dead {
+        assert_eq!((key.as_str(), *attempts), ("k", 1), "{error}");
+    }
+    let got = consume(&bootstrap, &slow, 1, Duration::from_secs(30));
+    assert_eq!(got.len(), 1, "the slow row, in flight when the producer went fatal, is published");
+    let got = consume(&bootstrap, &fast, 5 - dead.len(), Duration::from_secs(30));
+    assert!(reorders(&got).is_empty(), "{:?}", reorders(&got));
+    println!(
+        "{} of k's 5 rows dead-lettered; {} producer rebuilds",
+        dead.len(),
+        metrics.producer_rebuilds.get()
+    );
 }

@@ -805,7 +805,8 @@ async fn a_deployment_made_by_hand_is_never_taken_over_nor_deleted() {
     obr.spec.deletion_policy = lockstep::crd::DeletionPolicy::Delete;
     api.create(&PostParams::default(), &obr).await.unwrap();
     let o = common::wait_condition(&api, "squat", "RelayAvailable", "False", Some("ResourceConflict"), T).await;
-    let msg = &common::condition(&o.status.unwrap().conditions, "RelayAvailable").message;
+    let st = o.status.unwrap();
+    let msg = &common::condition(&st.conditions, "RelayAvailable").message;
     assert!(
         msg.contains(&format!("Deployment {}/squat-relay", ns.name)) && msg.contains("created outside lockstep"),
         "{msg}"
@@ -845,7 +846,8 @@ async fn a_relay_image_outside_the_allow_list_is_invalid_spec() {
     evil.spec.relay.image = Some("lockstep-evil:1".into());
     api.create(&PostParams::default(), &evil).await.unwrap();
     let o = common::wait_condition(&api, "evil", "Ready", "False", Some("InvalidSpec"), T).await;
-    let msg = &common::condition(&o.status.unwrap().conditions, "Ready").message;
+    let st = o.status.unwrap();
+    let msg = &common::condition(&st.conditions, "Ready").message;
     assert!(msg.starts_with("spec.relay.image: \"lockstep-evil:1\""), "{msg}");
     assert!(deployments.get_opt("evil-relay").await.unwrap().is_none(), "no relay runs it");
 

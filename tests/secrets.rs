@@ -279,7 +279,8 @@ async fn auth_secret_keys_that_load_code_or_read_files_are_refused() {
             Duration::from_secs(60),
         )
         .await;
-        let m = &common::condition(&o.status.unwrap().conditions, "TopicsReady").message;
+        let st = o.status.unwrap();
+        let m = &common::condition(&st.conditions, "TopicsReady").message;
         assert!(
             m.contains(&format!("Secret {}/{name} (kafka.authSecretRef) has key {key:?}", ns.name)),
             "{m}"

@@ -116,6 +116,9 @@ pub async fn others(ctx: &Context, obj: &OutboxRelay, valid: &ValidOutboxRelay) 
         return Err("the operator's cache of OutboxRelays is not filled yet".into());
     }
     let mine: BTreeSet<&str> = valid.topics.iter().map(|t| t.name.as_str()).collect();
+    if mine.is_empty() {
+        return Ok(BTreeMap::new());
+    }
     let (ns, uid) = (obj.namespace().unwrap_or_default(), obj.uid());
     let mut my_id = None;
     let mut out: BTreeMap<String, Vec<Claimant>> = BTreeMap::new();

@@ -17,6 +17,10 @@ use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
 };
 
+mod cluster;
+mod secret_keys;
+pub use secret_keys::{operator_refuses, CODE_LOADING_SETTINGS};
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("cannot reach the Kafka brokers at {bootstrap}: {message}")]
@@ -86,35 +90,6 @@ pub fn scrub<'a>(text: &str, values: impl IntoIterator<Item = &'a str>) -> Strin
     out
 }
 
-/// librdkafka settings that load code or run a command (a plugin library, an OpenSSL engine or
-/// provider, the Kerberos kinit command). Refused in a spec, in `lockstep relay`'s settings and in
-/// any Secret the operator builds a client from; `Admin::new` refuses them too.
-pub const CODE_LOADING_SETTINGS: [&str; 6] = [
-    "plugin.library.paths",
-    "interceptors",
-    "ssl.engine.location",
-    "ssl.engine.id",
-    "ssl.providers",
-    "sasl.kerberos.kinit.cmd",
-];
-
-/// Why the operator will not build a Kafka client with `key` (from a user's Secret), if it will
-/// not: the key loads code or runs a command, or names a file, which in the operator is a file of
-/// the operator's own (its service-account token, say), never the user's. TLS material goes in
-/// inline (`ssl.ca.pem`, `ssl.certificate.pem`, `ssl.key.pem`); `ssl.ca.location=probe` (the
-/// system's CA bundle) is allowed. Pure.
-pub fn operator_refuses(key: &str, value: &str) -> Option<&'static str> {
-    let k = key.trim().to_ascii_lowercase();
-    if CODE_LOADING_SETTINGS.contains(&k.as_str()) {
-        return Some("loads code or runs a command in the operator");
-    }
-    let file = [".location", ".file", ".keytab"].iter().any(|s| k.ends_with(s)) || k == "ssl.ca.certificate.stores";
-    if file && !(k == "ssl.ca.location" && value.trim() == "probe") {
-        return Some("reads a file of the operator's own filesystem; put the PEM itself in the Secret (ssl.ca.pem, ssl.certificate.pem, ssl.key.pem)");
-    }
-    None
-}
-
 /// A topic as the broker describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ObservedTopic {
@@ -135,12 +110,7 @@ pub struct Admin {
 impl Admin {
     /// `settings` are extra librdkafka settings (SASL/TLS); they may hold secrets and are never logged.
     pub fn new(bootstrap: &str, settings: &BTreeMap<String, String>, timeout: Duration) -> Result<Self, AdminError> {
-        if let Some(k) = settings
-            .keys()
-            .find(|k| CODE_LOADING_SETTINGS.contains(&k.trim().to_ascii_lowercase().as_str()))
-        {
-            return Err(AdminError::Config(format!("{k}: loads code or runs a command; refused")));
-        }
+        secret_keys::refuse_code_loading(settings)?;
         let mut cfg = ClientConfig::new();
         for (k, v) in settings {
             cfg.set(k, v);
@@ -292,18 +262,6 @@ impl Admin {
                     message: other.to_string(),
                 },
             })
-    }
-
-    /// The cluster id the brokers report (None when they report none or cannot be reached): tells
-    /// Kafka clusters apart whatever address reaches them.
-    pub async fn cluster_id(&self) -> Option<String> {
-        let consumer = self.metadata.clone();
-        let timeout = self.timeout;
-        tokio::task::spawn_blocking(move || consumer.client().fetch_cluster_id(timeout))
-            .await
-            .ok()
-            .flatten()
-            .filter(|id| !id.is_empty())
     }
 
     pub async fn create_partitions(&self, topic: &str, total: i32) -> Result<(), AdminError> {

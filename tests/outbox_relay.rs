@@ -818,7 +818,13 @@ async fn a_deployment_made_by_hand_is_never_taken_over_nor_deleted() {
     // Its status moves (the Deployment controller); its spec and owners do not.
     assert_eq!(now.metadata.generation, made.metadata.generation, "not changed");
     assert!(now.metadata.owner_references.is_none());
-    let managers: Vec<_> = now.metadata.managed_fields.iter().flatten().filter_map(|m| m.manager.clone()).collect();
+    let managers: Vec<_> = now
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.clone())
+        .collect();
     assert!(!managers.iter().any(|m| m == "lockstep-relay-deployment"), "{managers:?}");
     // The Delete cleanup stops only its own relay.
     api.delete("squat", &Default::default()).await.unwrap();

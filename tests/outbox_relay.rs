@@ -957,3 +957,29 @@ async fn a_second_relay_naming_a_managed_topic_conflicts_and_never_alters_nor_de
     b_ns.delete().await;
     a_ns.delete().await;
 }
+
+/// The same Kafka cluster through another address (`localhost` for `127.0.0.1`): no bootstrap
+/// address in common, so the cluster id the brokers report tells that it is one cluster.
+#[tokio::test]
+async fn a_topic_named_through_another_address_of_the_same_cluster_conflicts_too() {
+    let (_c, a_ns, a, a_schema) = setup("obr-alias-a").await;
+    let (_c, b_ns, b, b_schema) = setup("obr-alias-b").await;
+    let bootstrap = common::kafka_bootstrap();
+    let alias = bootstrap.replace("127.0.0.1", "localhost");
+    assert_ne!(alias, bootstrap, "the test broker listens on 127.0.0.1");
+    let topic = common::unique("alias.events");
+    let spec = json!([{"name": topic, "partitions": 1, "replicationFactor": 1}]);
+    a.create(&PostParams::default(), &relay("orders", &a_schema, &bootstrap, spec.clone()))
+        .await
+        .unwrap();
+    common::wait_condition(&a, "orders", "TopicsReady", "True", None, T).await;
+    b.create(&PostParams::default(), &relay("orders", &b_schema, &alias, spec))
+        .await
+        .unwrap();
+    let obj = common::wait_condition(&b, "orders", "TopicsReady", "False", Some("ResourceConflict"), T).await;
+    let st = obj.status.unwrap();
+    let msg = &common::condition(&st.conditions, "TopicsReady").message;
+    assert!(msg.contains(&format!("managed by OutboxRelay {}/orders", a_ns.name)), "{msg}");
+    b_ns.delete().await;
+    a_ns.delete().await;
+}

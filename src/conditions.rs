@@ -60,6 +60,8 @@ pub mod reason {
     pub const PERMISSION_DENIED: &str = "PermissionDenied";
     /// Another object (any namespace or cluster) manages the table: this one leaves it alone.
     pub const RESOURCE_CONFLICT: &str = "ResourceConflict";
+    /// A Secret holds a key lockstep will not hand to librdkafka (it loads code or reads a file).
+    pub const SECRET_KEY_REFUSED: &str = "SecretKeyRefused";
 }
 
 /// A condition as computed by a reconcile, before timestamps.

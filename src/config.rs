@@ -75,6 +75,10 @@ pub struct OperatorArgs {
     /// Image relay Deployments run unless an OutboxRelay names one.
     #[arg(long, env = "LOCKSTEP_RELAY_IMAGE", default_value = "ghcr.io/lockstep-dev/lockstep:latest")]
     pub relay_image: String,
+    /// Image repositories an OutboxRelay's spec.relay.image may name, comma-separated (an entry
+    /// ending in '/' allows every repository under it). Empty: the repository of --relay-image.
+    #[arg(long, env = "LOCKSTEP_RELAY_IMAGE_PREFIXES", value_delimiter = ',')]
+    pub relay_image_prefixes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -17,6 +17,10 @@ use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
 };
 
+mod cluster;
+mod secret_keys;
+pub use secret_keys::{operator_refuses, CODE_LOADING_SETTINGS};
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("cannot reach the Kafka brokers at {bootstrap}: {message}")]
@@ -106,6 +110,7 @@ pub struct Admin {
 impl Admin {
     /// `settings` are extra librdkafka settings (SASL/TLS); they may hold secrets and are never logged.
     pub fn new(bootstrap: &str, settings: &BTreeMap<String, String>, timeout: Duration) -> Result<Self, AdminError> {
+        secret_keys::refuse_code_loading(settings)?;
         let mut cfg = ClientConfig::new();
         for (k, v) in settings {
             cfg.set(k, v);

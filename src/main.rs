@@ -274,6 +274,7 @@ operator --lease-name env=LOCKSTEP_LEASE_NAME default=lockstep-operator
 operator --lease-namespace env=POD_NAMESPACE default=default
 operator --identity env=POD_NAME default=
 operator --relay-image env=LOCKSTEP_RELAY_IMAGE default=ghcr.io/lockstep-dev/lockstep:latest
+operator --relay-image-prefixes env=LOCKSTEP_RELAY_IMAGE_PREFIXES default=
 relay --database-url env=DATABASE_URL default=
 relay --database-url-file env=DATABASE_URL_FILE default=
 relay --schema env=LOCKSTEP_SCHEMA default=public

@@ -97,9 +97,11 @@ async fn run_controllers(client: Client, args: OperatorArgs, metrics: Arc<Metric
             inboxes: watches.inboxes.store(),
             policies: watches.policies.store(),
             namespaces: watches.namespaces.store(),
+            relays: watches.relays.store(),
         },
         timing: Timing::default(),
         relay_image: args.relay_image.clone(),
+        relay_image_prefixes: crate::controller::relay_image::prefixes(&args.relay_image, &args.relay_image_prefixes),
     });
     let shutdown = || stop.clone().cancelled_owned();
     let inbox = inbox_table::controller(&mut watches, done_rx, ctx.clone(), shutdown());

@@ -195,6 +195,10 @@ fn check_operator_deployment(r: &Release) {
     let args: Vec<String> = serde_json::from_value(c["args"].clone()).unwrap();
     let parsed = operator_args(&args);
     assert_eq!((parsed.relay_image.as_str(), parsed.leader_election), (image.as_str(), true));
+    assert!(
+        parsed.relay_image_prefixes.is_empty(),
+        "by default the relay image's repository alone"
+    );
     assert_eq!(parsed.metrics_addr.to_string(), "0.0.0.0:8080");
     assert_eq!(c["ports"], json!([{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]));
     let probes = (&c["livenessProbe"]["httpGet"], &c["readinessProbe"]["httpGet"]);
@@ -294,6 +298,7 @@ async fn every_option_on_installs_on_the_server_it_finds() {
         "crds": {"create": false}, "replicaCount": 2, "networkPolicy": {"enabled": true},
         "metrics": {"serviceMonitor": {"enabled": true}, "podMonitor": {"enabled": true}, "prometheusRule": {"enabled": true}},
         "grafana": {"dashboard": {"enabled": true}}, "imagePullSecrets": [{"name": "registry"}],
+        "relayImagePrefixes": ["registry.example/team/", "ghcr.io/lockstep-dev/lockstep"],
     });
     let r = Release::install(&ns.name, values, &repo().join("charts/lockstep"));
     let pdb = r.one("PodDisruptionBudget", &r.fullname());
@@ -314,6 +319,12 @@ async fn every_option_on_installs_on_the_server_it_finds() {
     assert_real_metrics(&board.to_string(), 15);
     let pod = &r.one("Deployment", &r.fullname())["spec"]["template"]["spec"];
     assert_eq!(pod["imagePullSecrets"], json!([{"name": "registry"}]));
+    let args: Vec<String> = serde_json::from_value(pod["containers"][0]["args"].clone()).unwrap();
+    assert_eq!(
+        operator_args(&args).relay_image_prefixes,
+        ["registry.example/team/", "ghcr.io/lockstep-dev/lockstep"],
+        "relayImagePrefixes reaches --relay-image-prefixes"
+    );
     r.uninstall();
     ns.delete().await;
 }

@@ -186,6 +186,7 @@ fn condition_types_and_reasons_are_exact() {
         reason::TABLE_CHANGE_REFUSED,
         reason::PERMISSION_DENIED,
         reason::RESOURCE_CONFLICT,
+        reason::SECRET_KEY_REFUSED,
     ];
     assert_eq!(
         reasons.join(","),
@@ -195,7 +196,7 @@ fn condition_types_and_reasons_are_exact() {
          TopicOperationFailed,BrokerUnreachable,RetentionCoversRedelivery,RetentionBelowTopicRetention,\
          NoSourcesDeclared,TopicNotFound,LagWithinThreshold,LagAboveThreshold,LongTransaction,\
          Available,DeploymentUnavailable,NoActiveRelay,ScaledToZero,DeploymentFailed,DeletionBlocked,\
-         PolicyInvalid,TableChangeRefused,PermissionDenied,ResourceConflict"
+         PolicyInvalid,TableChangeRefused,PermissionDenied,ResourceConflict,SecretKeyRefused"
     );
     assert_eq!(lockstep::crd::PAUSED_ANNOTATION, "lockstep.dev/paused");
     assert_eq!(lockstep::crd::DELETE_UNPUBLISHED_ANNOTATION, "lockstep.dev/delete-unpublished");

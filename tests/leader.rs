@@ -71,6 +71,7 @@ async fn without_leader_election_the_operator_runs_until_stopped() {
         lease_namespace: ns.name.clone(),
         identity: None,
         relay_image: "lockstep:test".into(),
+        relay_image_prefixes: vec![],
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn(lockstep::operator::run(client, args, stop.clone()));

@@ -784,3 +784,202 @@ async fn a_second_relay_on_one_outbox_conflicts_and_runs_nothing() {
     b_ns.delete().await;
     a_ns.delete().await;
 }
+
+/// A Deployment named `<name>-relay` that is not the OutboxRelay's (made by hand) is neither
+/// taken over nor deleted: RelayAvailable says ResourceConflict and names it.
+#[tokio::test]
+async fn a_deployment_made_by_hand_is_never_taken_over_nor_deleted() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let (client, ns, api, schema) = setup("obr-squat").await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let squat: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "squat-relay"},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "squat"}},
+                 "template": {"metadata": {"labels": {"app": "squat"}},
+                              "spec": {"containers": [{"name": "c", "image": "example.org/squat:1"}]}}}
+    }))
+    .unwrap();
+    let made = deployments.create(&PostParams::default(), &squat).await.unwrap();
+    let mut obr = relay("squat", &schema, &common::kafka_bootstrap(), json!([]));
+    obr.spec.relay.replicas = 1;
+    obr.spec.deletion_policy = lockstep::crd::DeletionPolicy::Delete;
+    api.create(&PostParams::default(), &obr).await.unwrap();
+    let o = common::wait_condition(&api, "squat", "RelayAvailable", "False", Some("ResourceConflict"), T).await;
+    let st = o.status.unwrap();
+    let msg = &common::condition(&st.conditions, "RelayAvailable").message;
+    assert!(
+        msg.contains(&format!("Deployment {}/squat-relay", ns.name)) && msg.contains("created outside lockstep"),
+        "{msg}"
+    );
+    // Reconciled again (and the Deployment watch fired): still untouched.
+    common::touch(&api, "squat").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let now = deployments.get("squat-relay").await.unwrap();
+    // Its status moves (the Deployment controller); its spec and owners do not.
+    assert_eq!(now.metadata.generation, made.metadata.generation, "not changed");
+    assert!(now.metadata.owner_references.is_none());
+    let managers: Vec<_> = now
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert!(!managers.iter().any(|m| m == "lockstep-relay-deployment"), "{managers:?}");
+    // The Delete cleanup stops only its own relay.
+    api.delete("squat", &Default::default()).await.unwrap();
+    common::wait_until(T, "the OutboxRelay gone", || {
+        let api = api.clone();
+        async move { api.get_opt("squat").await.unwrap().is_none().then_some(()) }
+    })
+    .await;
+    let after = deployments
+        .get_opt("squat-relay")
+        .await
+        .unwrap()
+        .expect("the hand-made Deployment survives");
+    assert_eq!(after.metadata.uid, made.metadata.uid);
+    assert!(after.metadata.deletion_timestamp.is_none());
+    ns.delete().await;
+}
+
+/// spec.relay.image must be under the operator's --relay-image-prefixes (by default the
+/// repository of its --relay-image, `lockstep` here): anything else is InvalidSpec, no Deployment.
+#[tokio::test]
+async fn a_relay_image_outside_the_allow_list_is_invalid_spec() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let (client, ns, api, schema) = setup("obr-image").await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let mut evil = relay("evil", &schema, &common::kafka_bootstrap(), json!([]));
+    evil.spec.relay.replicas = 1;
+    evil.spec.relay.image = Some("lockstep-evil:1".into());
+    api.create(&PostParams::default(), &evil).await.unwrap();
+    let o = common::wait_condition(&api, "evil", "Ready", "False", Some("InvalidSpec"), T).await;
+    let st = o.status.unwrap();
+    let msg = &common::condition(&st.conditions, "Ready").message;
+    assert!(msg.starts_with("spec.relay.image: \"lockstep-evil:1\""), "{msg}");
+    assert!(deployments.get_opt("evil-relay").await.unwrap().is_none(), "no relay runs it");
+
+    let mut tagged = relay("tagged", &format!("{schema}_t"), &common::kafka_bootstrap(), json!([]));
+    tagged.spec.relay.replicas = 1;
+    tagged.spec.relay.image = Some("lockstep:other-tag".into());
+    api.create(&PostParams::default(), &tagged).await.unwrap();
+    common::wait_condition(&api, "tagged", "SchemaReady", "True", None, T).await;
+    let d = common::wait_until(T, "the relay Deployment", || {
+        let deployments = deployments.clone();
+        async move { deployments.get_opt("tagged-relay").await.unwrap() }
+    })
+    .await;
+    let image = d.spec.unwrap().template.spec.unwrap().containers[0].image.clone();
+    assert_eq!(
+        image.as_deref(),
+        Some("lockstep:other-tag"),
+        "another tag of the allowed repository"
+    );
+    ns.delete().await;
+}
+
+/// The high watermark of partition 0: records the topic holds (a deleted topic holds none).
+fn records(bootstrap: &str, topic: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    c.fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .map(|(_, high)| high)
+        .unwrap_or(0)
+}
+
+/// Step 11 item 5, as a new user tried it: A (namespace A) manages a topic with retention.ms of
+/// 7 days; B (namespace B, another table) names the same topic with retention.ms 60000 and
+/// deletionPolicy Delete. B reports ResourceConflict naming A, the topic keeps A's retention over
+/// repeated reconciles of both, and deleting B leaves the topic and a record no one consumed.
+#[tokio::test]
+async fn a_second_relay_naming_a_managed_topic_conflicts_and_never_alters_nor_deletes_it() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let (_c, a_ns, a, a_schema) = setup("obr-topic-a").await;
+    let (_c, b_ns, b, b_schema) = setup("obr-topic-b").await;
+    let bootstrap = common::kafka_bootstrap();
+    let topic = common::unique("shared.events");
+    let spec = |retention: &str| json!([{"name": topic, "partitions": 1, "replicationFactor": 1, "config": {"retention.ms": retention}}]);
+    a.create(&PostParams::default(), &relay("orders", &a_schema, &bootstrap, spec("604800000")))
+        .await
+        .unwrap();
+    common::wait_condition(&a, "orders", "TopicsReady", "True", None, T).await;
+    let mut second = relay("orders", &b_schema, &bootstrap, spec("60000"));
+    second.spec.deletion_policy = lockstep::crd::DeletionPolicy::Delete;
+    b.create(&PostParams::default(), &second).await.unwrap();
+    let obj = common::wait_condition(&b, "orders", "TopicsReady", "False", Some("ResourceConflict"), T).await;
+    let st = obj.status.unwrap();
+    let msg = &common::condition(&st.conditions, "TopicsReady").message;
+    assert!(
+        msg.contains(&format!("topic {topic} is managed by OutboxRelay {}/orders", a_ns.name)),
+        "{msg}"
+    );
+    let holder = format!("OutboxRelay {}/orders", a_ns.name);
+    assert_eq!(st.topics[0].managed_by.as_deref(), Some(holder.as_str()));
+    assert_eq!(
+        common::condition(&st.conditions, "SchemaReady").status,
+        "True",
+        "its own table is fine"
+    );
+
+    let producer: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+    producer
+        .send(FutureRecord::to(&topic).key("k").payload("unconsumed"), Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    assert_eq!(records(&bootstrap, &topic), 1);
+
+    // Both reconciled again and again: the retention stays A's (before, it flipped every reconcile).
+    let retention = || async {
+        let d = admin(&bootstrap).describe(std::slice::from_ref(&topic)).await.unwrap();
+        d[&topic].config.get("retention.ms").cloned()
+    };
+    for _ in 0..6 {
+        common::touch(&b, "orders").await;
+        common::touch(&a, "orders").await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(retention().await.as_deref(), Some("604800000"), "B changed A's topic");
+    }
+    common::wait_condition(&a, "orders", "TopicsReady", "True", Some("TopicsConfigured"), T).await;
+
+    // B's Delete cleanup drops B's tables and keeps the topic with its record.
+    b.delete("orders", &Default::default()).await.unwrap();
+    common::wait_until(T, "B deleted", || {
+        let b = b.clone();
+        async move { b.get_opt("orders").await.unwrap().is_none().then_some(()) }
+    })
+    .await;
+    let seen = admin(&bootstrap).describe(std::slice::from_ref(&topic)).await.unwrap();
+    assert!(seen.contains_key(&topic), "the topic survives B's cleanup");
+    assert_eq!(records(&bootstrap, &topic), 1, "with its unconsumed record");
+    assert_eq!(retention().await.as_deref(), Some("604800000"));
+    b_ns.delete().await;
+    a_ns.delete().await;
+}
+
+/// The same Kafka cluster through another address (`localhost` for `127.0.0.1`): no bootstrap
+/// address in common, so the cluster id the brokers report tells that it is one cluster.
+#[tokio::test]
+async fn a_topic_named_through_another_address_of_the_same_cluster_conflicts_too() {
+    let (_c, a_ns, a, a_schema) = setup("obr-alias-a").await;
+    let (_c, b_ns, b, b_schema) = setup("obr-alias-b").await;
+    let bootstrap = common::kafka_bootstrap();
+    let alias = bootstrap.replace("127.0.0.1", "localhost");
+    assert_ne!(alias, bootstrap, "the test broker listens on 127.0.0.1");
+    let topic = common::unique("alias.events");
+    let spec = json!([{"name": topic, "partitions": 1, "replicationFactor": 1}]);
+    a.create(&PostParams::default(), &relay("orders", &a_schema, &bootstrap, spec.clone()))
+        .await
+        .unwrap();
+    common::wait_condition(&a, "orders", "TopicsReady", "True", None, T).await;
+    b.create(&PostParams::default(), &relay("orders", &b_schema, &alias, spec))
+        .await
+        .unwrap();
+    let obj = common::wait_condition(&b, "orders", "TopicsReady", "False", Some("ResourceConflict"), T).await;
+    let st = obj.status.unwrap();
+    let msg = &common::condition(&st.conditions, "TopicsReady").message;
+    assert!(msg.contains(&format!("managed by OutboxRelay {}/orders", a_ns.name)), "{msg}");
+    b_ns.delete().await;
+    a_ns.delete().await;
+}

@@ -152,3 +152,140 @@ async fn no_secret_value_reaches_a_status_an_event_a_log_line_or_a_metric() {
     assert!(seen.is_empty(), "a Secret value leaked:\n{}", seen.join("\n"));
     ns.delete().await;
 }
+
+/// The digest the pod template carried before (SHA-256 over the Secrets' data, length-prefixed):
+/// anyone reading the Deployment could test password guesses against it.
+fn data_digest(secrets: &[&std::collections::BTreeMap<String, String>]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for data in secrets {
+        h.update((data.len() as u64).to_be_bytes());
+        for (k, v) in data.iter() {
+            for part in [k.as_bytes(), v.as_bytes()] {
+                h.update((part.len() as u64).to_be_bytes());
+                h.update(part);
+            }
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The relay pod template's Secret hash: nothing computed from the Secrets' data (the same data
+/// in a Secret made anew gives a new hash, so no guess can be tested against it), and still
+/// changed by every change to either Secret, which rolls the relays.
+#[tokio::test]
+async fn the_secret_hash_reveals_nothing_and_follows_every_secret_change() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::{Patch, PatchParams};
+    common::operator();
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::TestNamespace::new(&client, "secret-hash").await;
+    let url = common::env("DATABASE_URL");
+    let db = std::collections::BTreeMap::from([("url".to_string(), url.clone())]);
+    let auth = std::collections::BTreeMap::from([("client.id".to_string(), "hash-test".to_string())]);
+    secret(&client, &ns.name, "db", json!(db)).await;
+    secret(&client, &ns.name, "kafka", json!(auth)).await;
+    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns.name);
+    let obr: OutboxRelay = serde_json::from_value(json!({
+        "apiVersion": "lockstep.dev/v1alpha1", "kind": "OutboxRelay", "metadata": {"name": "hashed"},
+        "spec": {"database": {"urlSecretRef": {"name": "db"}, "schema": ns.name.replace('-', "_"), "table": "outbox"},
+                 "kafka": {"bootstrapServers": common::kafka_bootstrap(), "authSecretRef": {"name": "kafka"}},
+                 "relay": {"replicas": 1}}
+    }))
+    .unwrap();
+    relays.create(&PostParams::default(), &obr).await.unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let hash_now = || {
+        let deployments = deployments.clone();
+        async move {
+            let d = deployments.get_opt("hashed-relay").await.unwrap()?;
+            d.spec?.template.metadata?.annotations?.get("lockstep.dev/secret-hash").cloned()
+        }
+    };
+    let first = common::wait_until(Duration::from_secs(60), "the relay Deployment", hash_now).await;
+    let sha = |s: &str| {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    for guessable in [data_digest(&[&db, &auth]), data_digest(&[&db]), sha(&url)] {
+        assert_ne!(first, guessable, "the hash is a digest of the Secrets' data");
+    }
+    let changed = |from: String, what: &'static str| {
+        let relays = relays.clone();
+        async move {
+            common::touch(&relays, "hashed").await;
+            common::wait_until(Duration::from_secs(60), what, || {
+                let from = from.clone();
+                async move { hash_now().await.filter(|h| *h != from) }
+            })
+            .await
+        }
+    };
+    // The same data in a Secret made anew: a digest of the data could not tell them apart.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    secrets.delete("db", &Default::default()).await.unwrap();
+    secret(&client, &ns.name, "db", json!(db)).await;
+    let second = changed(first, "a new hash for the Secret made anew").await;
+    // A rotated auth Secret rolls the relays too.
+    let rotated = json!({"stringData": {"client.id": "hash-test-2"}});
+    secrets
+        .patch("kafka", &PatchParams::default(), &Patch::Merge(&rotated))
+        .await
+        .unwrap();
+    changed(second, "a new hash for the rotated auth Secret").await;
+    ns.delete().await;
+}
+
+/// Keys in an authSecretRef Secret that load code, run a command or read a file of the
+/// operator's own filesystem never reach the operator's librdkafka: a condition names the Secret
+/// and the key, never the value.
+#[tokio::test]
+async fn auth_secret_keys_that_load_code_or_read_files_are_refused() {
+    common::operator();
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::TestNamespace::new(&client, "secret-keys").await;
+    secret(&client, &ns.name, "db", json!({"url": common::env("DATABASE_URL")})).await;
+    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns.name);
+    let schema = ns.name.replace('-', "_");
+    let value = format!("/tmp/{SENTINEL}.so");
+    for (i, key) in [
+        "plugin.library.paths",
+        "ssl.engine.location",
+        "sasl.kerberos.kinit.cmd",
+        "ssl.key.location",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let name = format!("kafka-{i}");
+        secret(&client, &ns.name, &name, json!({ *key: value, "client.id": "x" })).await;
+        let obr: OutboxRelay = serde_json::from_value(json!({
+            "apiVersion": "lockstep.dev/v1alpha1", "kind": "OutboxRelay", "metadata": {"name": format!("keys-{i}")},
+            "spec": {"database": {"urlSecretRef": {"name": "db"}, "schema": schema, "table": format!("outbox{i}")},
+                     "kafka": {"bootstrapServers": common::kafka_bootstrap(), "authSecretRef": {"name": name}},
+                     "topics": [{"name": common::unique("keys.t"), "partitions": 1, "replicationFactor": 1}],
+                     "relay": {"replicas": 0}}
+        }))
+        .unwrap();
+        relays.create(&PostParams::default(), &obr).await.unwrap();
+        let o = common::wait_condition(
+            &relays,
+            &format!("keys-{i}"),
+            "TopicsReady",
+            "False",
+            Some("SecretKeyRefused"),
+            Duration::from_secs(60),
+        )
+        .await;
+        let st = o.status.unwrap();
+        let m = &common::condition(&st.conditions, "TopicsReady").message;
+        assert!(
+            m.contains(&format!("Secret {}/{name} (kafka.authSecretRef) has key {key:?}", ns.name)),
+            "{m}"
+        );
+        assert!(!m.contains(SENTINEL), "{m}");
+    }
+    ns.delete().await;
+}

@@ -11,7 +11,7 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::reflector::ObjectRef;
 use kube::{
-    api::{Api, DeleteParams},
+    api::{Api, DeleteParams, Preconditions},
     runtime::events::{Event, EventType},
     Resource, ResourceExt,
 };
@@ -100,11 +100,21 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
         Err(c) => return Err(c.message),
     };
     if let (false, false, Some(settings)) = (orphan, names.is_empty(), settings) {
+        // A topic another OutboxRelay names (and may manage, and whose records someone may not
+        // have read yet) is kept.
+        let others = super::topic_owners::others(ctx, obj, v).await?;
+        let (kept, names): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| others.contains_key(n));
         let admin = ctx.admins.get(&v.bootstrap_servers, &settings).map_err(|e| e.to_string())?;
         for n in &names {
             admin.delete_topic(n).await.map_err(|e| e.to_string())?;
         }
-        done.push(format!("deleted topics {}", names.join(", ")));
+        if !names.is_empty() {
+            done.push(format!("deleted topics {}", names.join(", ")));
+        }
+        for n in &kept {
+            let by: Vec<String> = others[n].iter().map(|c| c.describe()).collect();
+            done.push(format!("kept topic {n}: {} names it too", by.join(", ")));
+        }
     }
     cleaned(ctx, obj, done.join("; ")).await;
     Ok(())
@@ -181,15 +191,31 @@ fn kept_because(manage_schema: bool) -> &'static str {
 }
 
 /// Delete the relay Deployment (the garbage collector would only after the object is gone), so
-/// the relays stop; `drop_outbox` then checks that none still holds the lock.
+/// the relays stop; `drop_outbox` then checks that none still holds the lock. Only a Deployment
+/// this object controls: one of that name made otherwise is left alone.
 pub(super) async fn stop_relay(ctx: &Context, ns: &str, obj: &OutboxRelay) -> Result<(), String> {
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let name = relay_name(&obj.name_any());
+    let uid = obj.metadata.uid.as_deref().unwrap_or_default();
+    let found = match api.get_metadata_opt(&name).await {
+        Ok(Some(m)) if super::ownership::foreign_holder(&m.metadata, uid).is_none() => m,
+        Ok(_) => return Ok(()),
+        Err(e) => return Err(format!("cannot read Deployment {ns}/{name}: {e}")),
+    };
     // Foreground: the Deployment stays until its pods are gone, so a standby (which holds no
-    // lock) cannot start after the drop and create the tables again.
-    match api.delete(&name, &DeleteParams::foreground()).await {
+    // lock) cannot start after the drop and create the tables again. The uid precondition: only
+    // the Deployment just read, not one made under its name meanwhile.
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: found.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::foreground()
+    };
+    match api.delete(&name, &params).await {
         Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+        // Gone, or replaced meanwhile (409: the uid precondition failed): not this object's.
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => return Ok(()),
         Err(e) => return Err(format!("cannot delete Deployment {ns}/{name}: {e}")),
     }
     match api.get_opt(&name).await {

@@ -94,6 +94,7 @@ pub struct Caches {
     pub inboxes: Store<DeserializeGuard<InboxTable>>,
     pub policies: Store<DeserializeGuard<DedupPolicy>>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    pub relays: Store<DeserializeGuard<crate::crd::OutboxRelay>>,
 }
 
 pub struct Context {
@@ -107,6 +108,8 @@ pub struct Context {
     pub timing: Timing,
     /// The image relay Deployments run unless an OutboxRelay names one.
     pub relay_image: String,
+    /// What `spec.relay.image` may name (`relay_image::prefixes`).
+    pub relay_image_prefixes: Vec<String>,
 }
 
 impl Context {

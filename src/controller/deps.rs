@@ -142,17 +142,30 @@ pub async fn kafka_settings(client: &Client, ns: &str, secret: Option<&str>, on:
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let message = match secrets.get_opt(name).await {
         Ok(Some(s)) => {
-            return Ok(s
+            let settings: BTreeMap<String, String> = s
                 .data
                 .unwrap_or_default()
                 .into_iter()
                 .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).trim_end().to_owned()))
-                .collect())
+                .collect();
+            return match refused_key(ns, name, &settings) {
+                Some(m) => Err(Cond::new(on.type_, on.status, reason::SECRET_KEY_REFUSED, m)),
+                None => Ok(settings),
+            };
         }
         Ok(None) => format!("Secret {ns}/{name} (kafka.authSecretRef) not found"),
         Err(e) => format!("cannot read Secret {ns}/{name}: {e}"),
     };
     Err(Cond::new(on.type_, on.status, reason::SECRET_NOT_FOUND, message))
+}
+
+/// Why the operator builds no client from these settings of Secret `ns/name`, naming the key,
+/// never its value. Pure.
+pub fn refused_key(ns: &str, name: &str, settings: &BTreeMap<String, String>) -> Option<String> {
+    settings.iter().find_map(|(k, v)| {
+        crate::kafka::operator_refuses(k, v)
+            .map(|why| format!("Secret {ns}/{name} (kafka.authSecretRef) has key {k:?}, which {why}: refused, nothing is connected"))
+    })
 }
 
 /// Secret -> admin client -> the named topics as the broker describes them (absent: not found).
@@ -216,6 +229,41 @@ mod tests {
         assert!(c.message.starts_with("db:5432/x: "));
         let refused = SchemaError::Database(sqlx::Error::RowNotFound);
         assert_eq!(schema_failure(TableKind::Inbox, &t(), "db", refused).reason, reason::DATABASE_ERROR);
+    }
+
+    #[test]
+    fn secret_keys_that_load_code_or_read_files_are_refused_by_name_never_value() {
+        let s =
+            |pairs: &[(&str, &str)]| -> BTreeMap<String, String> { pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
+        let ok = s(&[
+            ("sasl.password", "p"),
+            ("ssl.ca.pem", "PEM"),
+            ("ssl.ca.location", "probe"),
+            ("security.protocol", "SSL"),
+        ]);
+        assert_eq!(refused_key("shop", "kafka", &ok), None);
+        for key in [
+            "plugin.library.paths",
+            "interceptors",
+            "ssl.engine.location",
+            "ssl.providers",
+            "sasl.kerberos.kinit.cmd",
+            "sasl.kerberos.keytab",
+            "ssl.ca.location",
+            "ssl.key.location",
+            "ssl.keystore.location",
+            "https.ca.location",
+            "sasl.oauthbearer.assertion.file",
+            "Plugin.Library.Paths",
+        ] {
+            let m = refused_key("shop", "kafka", &s(&[(key, "/var/run/secrets/S3CRET"), ("sasl.password", "p")]))
+                .unwrap_or_else(|| panic!("{key}"));
+            assert!(
+                m.starts_with(&format!("Secret shop/kafka (kafka.authSecretRef) has key {key:?}, which ")),
+                "{m}"
+            );
+            assert!(!m.contains("S3CRET"), "{m}");
+        }
     }
 
     #[test]

@@ -17,9 +17,11 @@ pub mod ownership;
 pub mod reconciler;
 pub mod relay_available;
 pub mod relay_deployment;
+pub mod relay_image;
 pub mod relay_pod;
 pub mod relay_topics;
 pub mod status;
+pub mod topic_owners;
 pub mod watches;
 
 #[cfg(test)]

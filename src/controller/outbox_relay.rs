@@ -72,6 +72,14 @@ impl Reconciler for OutboxRelays {
         ctx: &'a Context,
     ) -> BoxFuture<'a, Result<Outcome<OutboxRelayStatus>, Error>> {
         async move {
+            // An image outside the operator's allow-list is refused before anything is done for it.
+            if let Some(c) = super::relay_image::refused(valid.image.as_deref(), &ctx.relay_image, &ctx.relay_image_prefixes) {
+                return Ok(Outcome::Status {
+                    conditions: vec![c],
+                    status: previous.clone(),
+                    action: Action::await_change(),
+                });
+            }
             let ns = obj.metadata.namespace.clone().unwrap_or_default();
             let (schema_cond, schema_version, pool) = schema(ctx, obj, &ns, &valid).boxed().await;
             // Lost to another object now, or before and not claimed since (the database is away):
@@ -80,7 +88,7 @@ impl Reconciler for OutboxRelays {
             if schema_cond.reason == reason::RESOURCE_CONFLICT {
                 return Ok(conflicted(ctx, obj, &ns, schema_cond, previous).await);
             }
-            let (topics_cond, topics, leader_only) = relay_topics::topics(ctx, &ns, &valid).boxed().await;
+            let (topics_cond, topics, leader_only) = relay_topics::topics(ctx, obj, previous, &valid).boxed().await;
 
             let relay_cond = relays(ctx, obj, &ns, &valid, pool.as_ref()).await;
             // A relay scaled to zero on purpose does not make the resource unready, nor is it
@@ -237,7 +245,11 @@ async fn conflicted(ctx: &Context, obj: &OutboxRelay, ns: &str, schema: Cond, pr
                 "not measured while the table is another object's",
             ),
         ],
-        status: previous.clone(),
+        // It manages no topic now: none is recorded as its (`topic_owners`).
+        status: OutboxRelayStatus {
+            topics: vec![],
+            ..previous.clone()
+        },
         action: Action::requeue(ctx.timing.retry),
     }
 }

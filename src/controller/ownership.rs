@@ -3,7 +3,7 @@
 //! object leaves it alone: no purge, no relay, no topics, and its cleanup drops nothing. A holder
 //! that no longer exists in this cluster (deleted with deletionPolicy Retain) is taken over.
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{api::Api, Resource, ResourceExt};
 use sqlx::PgConnection;
 
@@ -165,6 +165,32 @@ pub async fn other_owner<K: Resource<DynamicType = ()>>(
     Ok(holder.filter(|h| !h.same_object(&me)))
 }
 
+/// Who holds a child object named as `obj`'s (`<name>-relay`) when `obj` does not control it
+/// (no ownerReference with its uid and controller true): its controller, or that it was made
+/// outside lockstep. None when it is `obj`'s. Pure.
+pub fn foreign_holder(meta: &ObjectMeta, uid: &str) -> Option<String> {
+    let refs = meta.owner_references.as_deref().unwrap_or_default();
+    if refs.iter().any(|o| o.controller == Some(true) && o.uid == uid) {
+        return None;
+    }
+    Some(match refs.iter().find(|o| o.controller == Some(true)) {
+        Some(o) => format!("controlled by {} {} (uid {})", o.kind, o.name, o.uid),
+        None => "created outside lockstep".to_owned(),
+    })
+}
+
+/// RelayAvailable when `<kind> ns/name` is not this object's: nothing is applied over it. Pure.
+pub fn foreign_child(kind: &str, ns: &str, name: &str, holder: &str) -> Cond {
+    Cond::no(
+        condition::RELAY_AVAILABLE,
+        reason::RESOURCE_CONFLICT,
+        format!(
+            "{kind} {ns}/{name} exists and is not this OutboxRelay's ({holder}); lockstep neither changes nor deletes it. \
+             Delete or rename it, or give this OutboxRelay another name"
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +255,45 @@ mod tests {
             c.message.ends_with(
                 r#"release the table with: delete from "billing"."lockstep_owners" where table_schema = 'billing' and table_name = 'inbox'"#
             ),
+            "{}",
+            c.message
+        );
+    }
+
+    #[test]
+    fn a_child_is_ours_only_under_our_controller_reference() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let r = |uid: &str, controller| OwnerReference {
+            api_version: "lockstep.dev/v1alpha1".into(),
+            kind: "OutboxRelay".into(),
+            name: "orders".into(),
+            uid: uid.into(),
+            controller,
+            block_owner_deletion: None,
+        };
+        let meta = |refs: Vec<OwnerReference>| ObjectMeta {
+            owner_references: Some(refs),
+            ..ObjectMeta::default()
+        };
+        assert_eq!(foreign_holder(&meta(vec![r("u1", Some(true))]), "u1"), None);
+        assert_eq!(
+            foreign_holder(&ObjectMeta::default(), "u1").as_deref(),
+            Some("created outside lockstep")
+        );
+        assert_eq!(
+            foreign_holder(&meta(vec![r("u1", None)]), "u1").as_deref(),
+            Some("created outside lockstep"),
+            "an owner reference that does not control it is not ours"
+        );
+        assert_eq!(
+            foreign_holder(&meta(vec![r("u0", Some(true))]), "u1").as_deref(),
+            Some("controlled by OutboxRelay orders (uid u0)")
+        );
+        let c = foreign_child("Deployment", "shop", "orders-relay", "created outside lockstep");
+        assert_eq!((c.status, c.reason), (Status::False, reason::RESOURCE_CONFLICT));
+        assert!(
+            c.message
+                .starts_with("Deployment shop/orders-relay exists and is not this OutboxRelay's (created outside lockstep)"),
             "{}",
             c.message
         );

@@ -2,12 +2,7 @@
 //! and one relay holds the outbox's advisory lock, which the operator sees in `pg_locks` without
 //! asking any pod.
 
-use std::collections::BTreeMap;
-
-use k8s_openapi::{
-    api::{apps::v1::Deployment, core::v1::Secret},
-    ByteString,
-};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
 use kube::{
     api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams},
     ResourceExt,
@@ -15,6 +10,7 @@ use kube::{
 use sqlx::PgPool;
 
 use super::{
+    ownership::{foreign_child, foreign_holder},
     relay_deployment::{self, MANAGER},
     Context,
 };
@@ -81,41 +77,59 @@ pub async fn lock_held(pool: &PgPool, v: &ValidOutboxRelay) -> Result<bool, sqlx
     .await
 }
 
-/// The data the relay pods read from Secrets, for the pod template's hash: the database URL key,
-/// and the whole Kafka auth Secret (mounted as a directory). None when one cannot be read.
-async fn secret_data(ctx: &Context, ns: &str, v: &ValidOutboxRelay) -> Option<Vec<BTreeMap<String, ByteString>>> {
+/// The Secrets the relay pods read, as (uid, resourceVersion) for the pod template's hash: the
+/// database URL Secret (which must hold its key) and the Kafka auth Secret. None when one cannot
+/// be read. Their data is never hashed (see `relay_deployment::secret_hash`).
+async fn secret_versions(ctx: &Context, ns: &str, v: &ValidOutboxRelay) -> Option<Vec<(String, String)>> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let version = |s: &Secret| (s.uid().unwrap_or_default(), s.resource_version().unwrap_or_default());
     let db = secrets.get_opt(&v.url_secret.name).await.ok()??;
-    let url = db.data?.remove(&v.url_secret.key)?;
-    let mut data = vec![BTreeMap::from([(v.url_secret.key.clone(), url)])];
+    db.data.as_ref()?.get(&v.url_secret.key)?;
+    let mut versions = vec![version(&db)];
     if let Some(auth) = &v.auth_secret {
-        data.push(secrets.get_opt(auth).await.ok()??.data.unwrap_or_default());
+        versions.push(version(&secrets.get_opt(auth).await.ok()??));
     }
-    Some(data)
+    Some(versions)
 }
 
 /// Apply the relay Deployment (server-side apply, one field manager) and read back how many of
 /// its pods are available; a condition when it cannot be applied.
 pub async fn apply(ctx: &Context, obj: &OutboxRelay, ns: &str, v: &ValidOutboxRelay) -> Result<i32, Cond> {
     let failed = |m: String| Cond::no(condition::RELAY_AVAILABLE, reason::DEPLOYMENT_FAILED, m);
-    let Some(data) = secret_data(ctx, ns, v).await else {
+    let Some(versions) = secret_versions(ctx, ns, v).await else {
         return Err(Cond::no(
             condition::RELAY_AVAILABLE,
             reason::SECRET_NOT_FOUND,
             "the relay's Secrets (database URL key, kafka.authSecretRef) cannot be read yet; the Deployment waits for them",
         ));
     };
-    let hash = relay_deployment::secret_hash(data.iter());
+    if let Some(mut c) = super::relay_image::refused(v.image.as_deref(), &ctx.relay_image, &ctx.relay_image_prefixes) {
+        c.type_ = condition::RELAY_AVAILABLE;
+        return Err(c);
+    }
+    let hash = relay_deployment::secret_hash(versions.iter().map(|(u, r)| (u.as_str(), r.as_str())));
     let d = relay_deployment::deployment(obj, v, &ctx.relay_image, &hash).map_err(|e| failed(e.to_string()))?;
     let name = d.metadata.name.clone().unwrap_or_default();
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    // Never applied over a Deployment of that name that is not this object's: a forced apply
+    // would take it over (a GET first leaves a moment in which one made by hand is taken over).
+    let uid = obj.metadata.uid.as_deref().unwrap_or_default();
+    let existing = api
+        .get_metadata_opt(&name)
+        .await
+        .map_err(|e| failed(format!("cannot read Deployment {ns}/{name}: {e}")))?;
+    if let Some(holder) = existing.and_then(|m| foreign_holder(&m.metadata, uid)) {
+        return Err(foreign_child("Deployment", ns, &name, &holder));
+    }
     let applied = api
         .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&d))
         .await
         .map_err(|e| failed(format!("cannot apply Deployment {ns}/{name}: {e}")))?;
-    apply_budget(ctx, obj, ns, v)
-        .await
-        .map_err(|e| failed(format!("cannot apply PodDisruptionBudget {ns}/{name}: {e}")))?;
+    match apply_budget(ctx, obj, ns, v).await {
+        Ok(None) => {}
+        Ok(Some(holder)) => return Err(foreign_child("PodDisruptionBudget", ns, &name, &holder)),
+        Err(e) => return Err(failed(format!("cannot apply PodDisruptionBudget {ns}/{name}: {e}"))),
+    }
     Ok(applied.status.and_then(|s| s.available_replicas).unwrap_or(0))
 }
 
@@ -139,13 +153,18 @@ async fn budget_api(ctx: &Context, ns: &str) -> Result<(Api<DynamicObject>, &'st
     Ok((Api::namespaced_with(ctx.client.clone(), ns, &ar), version))
 }
 
-/// The relays' PodDisruptionBudget while there is more than one relay; deleted otherwise.
-async fn apply_budget(ctx: &Context, obj: &OutboxRelay, ns: &str, v: &ValidOutboxRelay) -> Result<(), kube::Error> {
+/// The relays' PodDisruptionBudget while there is more than one relay; deleted otherwise. One
+/// of that name that is not this object's is left alone: its holder is returned.
+async fn apply_budget(ctx: &Context, obj: &OutboxRelay, ns: &str, v: &ValidOutboxRelay) -> Result<Option<String>, kube::Error> {
     let (api, version) = budget_api(ctx, ns).await?;
     let name = relay_deployment::relay_name(&obj.name_any());
     let built = relay_deployment::pod_disruption_budget(obj, v).map_err(|e| kube::Error::Service(e.to_string().into()))?;
     match built {
         Some(pdb) => {
+            let uid = obj.metadata.uid.as_deref().unwrap_or_default();
+            if let Some(holder) = api.get_metadata_opt(&name).await?.and_then(|m| foreign_holder(&m.metadata, uid)) {
+                return Ok(Some(holder));
+            }
             let mut value = serde_json::to_value(&pdb).map_err(kube::Error::SerdeError)?;
             value["apiVersion"] = format!("policy/{version}").into();
             value["kind"] = "PodDisruptionBudget".into();
@@ -172,7 +191,7 @@ async fn apply_budget(ctx: &Context, obj: &OutboxRelay, ns: &str, v: &ValidOutbo
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@ use k8s_openapi::{
         apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference},
         util::intstr::IntOrString,
     },
-    ByteString,
 };
 use kube::Resource;
 use sha2::{Digest, Sha256};
@@ -200,20 +199,17 @@ pub fn pod_disruption_budget(obr: &OutboxRelay, v: &ValidOutboxRelay) -> Result<
     }))
 }
 
-/// Lowercase hex SHA-256 over the data of the referenced Secrets, in the order given (the
-/// database Secret, then the auth Secret). Every key and value is length-prefixed, so no two
-/// different contents hash alike. Values are bytes (not always UTF-8), hence `Sha256` here and
-/// not `sha256_hex`. Only the digest leaves this function: no secret value is logged or returned.
-/// What is hashed must not change: a new digest rolls every relay pod.
-pub fn secret_hash<'a>(secrets: impl IntoIterator<Item = &'a BTreeMap<String, ByteString>>) -> String {
+/// Which Secrets the relay pods read, as they are now: lowercase hex SHA-256 over each Secret's
+/// uid and resourceVersion, in the order given (the database Secret, then the auth Secret),
+/// length-prefixed. Any change to a Secret (a rotated password) or a Secret made anew gives a new
+/// digest, which rolls the pods; and it is computed from nothing secret, so no one who reads the
+/// Deployment can test guesses at a password against it (a digest of the data would let them).
+pub fn secret_hash<'a>(secrets: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
     let mut h = Sha256::new();
-    for data in secrets {
-        h.update((data.len() as u64).to_be_bytes());
-        for (key, value) in data {
-            for part in [key.as_bytes(), value.0.as_slice()] {
-                h.update((part.len() as u64).to_be_bytes());
-                h.update(part);
-            }
+    for (uid, resource_version) in secrets {
+        for part in [uid, resource_version] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
         }
     }
     hex(&h.finalize())
@@ -369,25 +365,16 @@ mod tests {
     }
 
     #[test]
-    fn the_secret_hash_is_pinned_and_sees_every_change() {
-        let data = |pairs: &[(&str, &[u8])]| -> BTreeMap<String, ByteString> {
-            pairs.iter().map(|(k, v)| (k.to_string(), ByteString(v.to_vec()))).collect()
-        };
-        let db = data(&[("url", b"postgres://u:hunter2@db/x")]);
-        let kafka = data(&[("sasl.password", b"s3cret"), ("sasl.username", b"relay")]);
-        let h = secret_hash([&db, &kafka]);
-        // What is hashed must not change: a new digest would roll every relay pod on upgrade.
-        assert_eq!(h, "05bdb389a83509fddcb5f512a76733293f792e97804c20a7c8d571a83cfd0c6d");
+    fn the_secret_hash_follows_each_secrets_identity_and_version() {
+        let h = secret_hash([("uid-db", "41"), ("uid-kafka", "7")]);
         assert!(h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(h, secret_hash([&data(&[("url", b"postgres://u:hunter3@db/x")]), &kafka]));
-        assert_ne!(secret_hash([&data(&[("ab", b"c")])]), secret_hash([&data(&[("a", b"bc")])]));
-        assert_ne!(secret_hash([&db]), secret_hash([&db, &BTreeMap::new()]));
-        assert_ne!(h, secret_hash([&kafka, &db]));
-        // Binary values (a keystore) are hashed as bytes.
-        assert_ne!(
-            secret_hash([&data(&[("k", &[0xff, 0x00])])]),
-            secret_hash([&data(&[("k", &[0xff])])])
-        );
+        assert_eq!(h, secret_hash([("uid-db", "41"), ("uid-kafka", "7")]));
+        // A new version (rotated), a Secret made anew (new uid), one more or one less: new digest.
+        assert_ne!(h, secret_hash([("uid-db", "42"), ("uid-kafka", "7")]));
+        assert_ne!(h, secret_hash([("uid-db2", "41"), ("uid-kafka", "7")]));
+        assert_ne!(h, secret_hash([("uid-db", "41")]));
+        assert_ne!(h, secret_hash([("uid-kafka", "7"), ("uid-db", "41")]));
+        assert_ne!(secret_hash([("ab", "c")]), secret_hash([("a", "bc")]));
     }
 
     #[test]

@@ -3,13 +3,15 @@
 
 use std::collections::BTreeMap;
 
+use kube::ResourceExt;
+
 use super::{
     deps::{self, Reporting},
-    Context,
+    topic_owners, Context,
 };
 use crate::{
     conditions::{condition, reason, Cond, Status},
-    crd::{TopicStatus, ValidOutboxRelay},
+    crd::{OutboxRelay, OutboxRelayStatus, TopicStatus, ValidOutboxRelay},
     kafka::{Admin, AdminError, ObservedTopic},
     topics::{plan, Action as TopicAction, Desired, Plan},
 };
@@ -22,32 +24,64 @@ pub struct Failed {
 }
 
 /// TopicsReady, each topic's status, and the topics whose acknowledgements are the leader's alone:
-/// describe, plan, apply the plan, judge.
-pub async fn topics(ctx: &Context, ns: &str, valid: &ValidOutboxRelay) -> (Cond, Vec<TopicStatus>, Vec<String>) {
+/// leave out the topics another OutboxRelay manages (`topic_owners`), describe, plan, apply the
+/// plan, judge.
+pub async fn topics(
+    ctx: &Context,
+    obj: &OutboxRelay,
+    previous: &OutboxRelayStatus,
+    valid: &ValidOutboxRelay,
+) -> (Cond, Vec<TopicStatus>, Vec<String>) {
+    let ns = obj.namespace().unwrap_or_default();
     let names: Vec<String> = valid.topics.iter().map(|t| t.name.clone()).collect();
+    let held = match topic_owners::others(ctx, obj, valid).await {
+        Ok(others) => topic_owners::held_elsewhere(obj, previous, &others),
+        Err(m) => {
+            let c = Cond::unknown(
+                condition::TOPICS_READY,
+                reason::TOPIC_OPERATION_FAILED,
+                format!("{m}: cannot tell which topics are this object's"),
+            );
+            return (c, kept_topics(previous, &names), vec![]);
+        }
+    };
+    let managed: Vec<Desired> = valid.topics.iter().filter(|t| !held.contains_key(&t.name)).cloned().collect();
+    let managed_names: Vec<String> = managed.iter().map(|t| t.name.clone()).collect();
     let on = Reporting {
         type_: condition::TOPICS_READY,
         status: Status::False,
     };
-    let described = deps::describe_topics(ctx, ns, &valid.bootstrap_servers, valid.auth_secret.as_deref(), &names, on).await;
+    let described = deps::describe_topics(ctx, &ns, &valid.bootstrap_servers, valid.auth_secret.as_deref(), &managed_names, on).await;
     let (admin, observed) = match described {
         Ok(d) => d,
-        Err(c) => return (c, unknown_topics(&names), vec![]),
+        Err(c) => return (c, unknown_topics(&names, &held), vec![]),
     };
-    let p = plan(&valid.topics, &observed);
+    let p = plan(&managed, &observed);
     let failed = apply(&admin, &p).await;
-    let (cond, status) = topics_verdict(&valid.topics, &observed, &p, &failed);
+    let (cond, status) = topics_verdict(&valid.topics, &observed, &p, &failed, &held);
     (cond, status, p.leader_only_acks)
 }
 
-pub fn unknown_topics(names: &[String]) -> Vec<TopicStatus> {
+/// Each topic, not known to be ready, with the holder of those another object manages.
+pub fn unknown_topics(names: &[String], held: &BTreeMap<String, String>) -> Vec<TopicStatus> {
     let unknown = |n: &String| TopicStatus {
         name: n.clone(),
         partitions: None,
         ready: false,
         drift: vec![],
+        managed_by: held.get(n).cloned(),
     };
     names.iter().map(unknown).collect()
+}
+
+/// The topics as the previous status had them (who manages which stays recorded), not ready.
+fn kept_topics(previous: &OutboxRelayStatus, names: &[String]) -> Vec<TopicStatus> {
+    let held = previous
+        .topics
+        .iter()
+        .filter_map(|t| Some((t.name.clone(), t.managed_by.clone()?)))
+        .collect();
+    unknown_topics(names, &held)
 }
 
 /// Take the plan's actions, in order; collect what failed.
@@ -74,16 +108,21 @@ async fn apply(admin: &Admin, p: &Plan) -> Vec<Failed> {
     failed
 }
 
-/// TopicsReady and each topic's status, from the plan and what failed. Pure.
+/// TopicsReady and each topic's status, from the plan, what failed and which topics another
+/// object manages (`held`: topic -> holder, left out of the plan). Pure.
 pub fn topics_verdict(
     desired: &[Desired],
     observed: &BTreeMap<String, ObservedTopic>,
     p: &Plan,
     failed: &[Failed],
+    held: &BTreeMap<String, String>,
 ) -> (Cond, Vec<TopicStatus>) {
     let status = desired
         .iter()
         .map(|d| {
+            if held.contains_key(&d.name) {
+                return unknown_topics(std::slice::from_ref(&d.name), held).remove(0);
+            }
             let created = p
                 .actions
                 .iter()
@@ -94,13 +133,14 @@ pub fn topics_verdict(
                 partitions: observed.get(&d.name).map(|o| o.partitions).or(created.then_some(d.partitions)),
                 ready: !bad,
                 drift: p.drift.get(&d.name).cloned().unwrap_or_default(),
+                managed_by: None,
             }
         })
         .collect();
-    (topics_condition(desired.len(), p, failed), status)
+    (topics_condition(desired.len() - held.len(), p, failed, held), status)
 }
 
-fn topics_condition(count: usize, p: &Plan, failed: &[Failed]) -> Cond {
+fn topics_condition(count: usize, p: &Plan, failed: &[Failed], held: &BTreeMap<String, String>) -> Cond {
     const T: &str = condition::TOPICS_READY;
     let warn = if p.warnings.is_empty() {
         String::new()
@@ -113,6 +153,15 @@ fn topics_condition(count: usize, p: &Plan, failed: &[Failed]) -> Cond {
     if !failed.is_empty() {
         let msgs: Vec<String> = failed.iter().map(|f| f.error.to_string()).collect();
         return Cond::no(T, reason::TOPIC_OPERATION_FAILED, format!("{}{warn}", msgs.join("; ")));
+    }
+    if !held.is_empty() {
+        let msgs: Vec<String> = held.iter().map(|(t, h)| format!("topic {t} is managed by {h}")).collect();
+        let m = format!(
+            "{}; this object neither changes nor deletes it (its relay may still publish to it). \
+             Remove it from spec.topics here, or from the other object's{warn}",
+            msgs.join("; ")
+        );
+        return Cond::no(T, reason::RESOURCE_CONFLICT, m);
     }
     if !p.refusals.is_empty() {
         let msgs: Vec<&str> = p.refusals.iter().map(|r| r.message.as_str()).collect();
@@ -141,7 +190,7 @@ mod tests {
 
     /// Plan against what the broker has, then judge as if every action succeeded but `failed`.
     fn judge(d: &[Desired], o: &BTreeMap<String, ObservedTopic>, failed: &[Failed]) -> (Cond, Vec<TopicStatus>) {
-        topics_verdict(d, o, &plan(d, o), failed)
+        topics_verdict(d, o, &plan(d, o), failed, &BTreeMap::new())
     }
 
     #[test]
@@ -219,8 +268,29 @@ mod tests {
     }
 
     #[test]
+    fn a_topic_another_object_manages_is_left_out_and_named() {
+        let d = [desired("theirs", 3, &[("retention.ms", "60000")]), desired("mine", 1, &[])];
+        let held = BTreeMap::from([("theirs".to_string(), "OutboxRelay a/orders".to_string())]);
+        // Planned without it: the broker's config of it is never compared, nor changed.
+        let o = observed("theirs", 3, &[("retention.ms", "604800000")]);
+        let (c, st) = topics_verdict(&d, &o, &plan(&d[1..], &o), &[], &held);
+        assert_eq!((c.status, c.reason), (Status::False, reason::RESOURCE_CONFLICT));
+        assert!(
+            c.message
+                .starts_with("topic theirs is managed by OutboxRelay a/orders; this object neither changes nor deletes it"),
+            "{}",
+            c.message
+        );
+        assert_eq!(
+            (st[0].ready, st[0].managed_by.as_deref(), st[0].drift.len()),
+            (false, Some("OutboxRelay a/orders"), 0)
+        );
+        assert_eq!((st[1].ready, st[1].managed_by.as_deref()), (true, None));
+    }
+
+    #[test]
     fn unknown_topics_when_the_broker_cannot_be_asked() {
-        let st = unknown_topics(&["a".into()]);
-        assert_eq!((st[0].ready, st[0].partitions), (false, None));
+        let st = unknown_topics(&["a".into()], &BTreeMap::new());
+        assert_eq!((st[0].ready, st[0].partitions, st[0].managed_by.as_deref()), (false, None, None));
     }
 }

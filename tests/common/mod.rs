@@ -185,6 +185,7 @@ pub fn operator() -> std::net::SocketAddr {
                     lease_namespace: "default".into(),
                     identity: None,
                     relay_image: "lockstep:test".into(),
+                    relay_image_prefixes: vec![],
                 };
                 lockstep::operator::run(client, args, tokio_util::sync::CancellationToken::new())
                     .await

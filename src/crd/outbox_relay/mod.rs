@@ -342,6 +342,10 @@ pub struct TopicStatus {
     /// Config keys that differ from the spec, as `key: actual -> wanted`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drift: Vec<String>,
+    /// The OutboxRelay (`namespace/name`) that manages this topic when it is another one: this
+    /// object then neither changes nor deletes it (TopicsReady ResourceConflict).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_by: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]

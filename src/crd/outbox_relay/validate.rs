@@ -16,15 +16,10 @@ use crate::{
 
 /// librdkafka producer settings that lockstep owns; a spec may repeat them only with the forced value.
 const FORCED_PRODUCER_SETTINGS: [(&str, &[&str]); 2] = [("enable.idempotence", &["true"]), ("acks", &["all", "-1"])];
-/// Settings that would break idempotence or ordering guarantees, or (plugins, interceptors) load
-/// code into the operator when validation hands them to librdkafka.
-const FORBIDDEN_PRODUCER_SETTINGS: [&str; 5] = [
-    "transactional.id",
-    "bootstrap.servers",
-    "enable.gapless.guarantee",
-    "plugin.library.paths",
-    "interceptors",
-];
+/// Settings that would break idempotence or ordering guarantees. Those that load code (into the
+/// operator when validation hands them to librdkafka, or into the relay) are
+/// `kafka::CODE_LOADING_SETTINGS`, refused too.
+const FORBIDDEN_PRODUCER_SETTINGS: [&str; 3] = ["transactional.id", "bootstrap.servers", "enable.gapless.guarantee"];
 /// librdkafka's other names for settings checked here.
 const PRODUCER_ALIASES: [(&str, &str); 3] = [
     ("request.required.acks", "acks"),
@@ -195,6 +190,8 @@ fn validate_kafka(k: &KafkaSpec, p: &mut Problems) {
             }
         } else if FORBIDDEN_PRODUCER_SETTINGS.contains(&key) {
             p.add(field, format!("{key} is managed by lockstep and cannot be set"));
+        } else if crate::kafka::CODE_LOADING_SETTINGS.contains(&key.to_ascii_lowercase().as_str()) {
+            p.add(field, format!("{key} loads code or runs a command, which lockstep refuses"));
         } else if key == "max.in.flight.requests.per.connection" && !value.parse::<u32>().is_ok_and(|n| (1..=5).contains(&n)) {
             p.add(field, format!("must be 1 to 5 with the idempotent producer (got {value:?})"));
         } else if let Some(refused) = librdkafka_refuses(given, value) {

@@ -60,7 +60,14 @@ pub async fn run(client: Client, args: OperatorArgs, stop: CancellationToken) ->
     tracing::info!(%identity, "leading: starting controllers");
 
     let ctl_stop = CancellationToken::new();
-    let controllers = tokio::spawn(run_controllers(client, args, metrics.clone(), identity, leading.clone(), ctl_stop.clone()));
+    let controllers = tokio::spawn(run_controllers(
+        client,
+        args,
+        metrics.clone(),
+        identity,
+        leading.clone(),
+        ctl_stop.clone(),
+    ));
     let lost = tokio::select! {
         _ = stop.cancelled() => false,
         _ = leading.wait_for(|l| !*l) => true,

@@ -61,16 +61,30 @@ async fn consumer_lag_reuses_one_consumer_per_settings_and_group() {
     let clients = Arc::new(LagClients::default());
     let (group, settings) = (common::unique("g"), BTreeMap::new());
     for _ in 0..3 {
-        let lag = consumer_lag::measure(&clients, &bootstrap, &settings, &group, std::slice::from_ref(&t), Duration::from_secs(10))
-            .await
-            .expect("measure");
+        let lag = consumer_lag::measure(
+            &clients,
+            &bootstrap,
+            &settings,
+            &group,
+            std::slice::from_ref(&t),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("measure");
         assert_eq!(lag.total(), 0);
     }
     assert_eq!(clients.created(), 1, "three measurements of one group built more than one consumer");
     let other = common::unique("g");
-    consumer_lag::measure(&clients, &bootstrap, &settings, &other, std::slice::from_ref(&t), Duration::from_secs(10))
-        .await
-        .expect("measure another group");
+    consumer_lag::measure(
+        &clients,
+        &bootstrap,
+        &settings,
+        &other,
+        std::slice::from_ref(&t),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("measure another group");
     assert_eq!(clients.created(), 2, "another group gets a consumer of its own");
     admin.delete_topic(&t).await.unwrap();
 }

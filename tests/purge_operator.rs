@@ -110,7 +110,10 @@ impl Env {
     /// Rename the table in the spec (this 1.20 API server has no CEL to refuse it).
     async fn rename_table(&self) {
         let rename = json!({"spec": {"database": {"table": "inbox_renamed"}}});
-        self.inboxes.patch("t", &PatchParams::default(), &Patch::Merge(&rename)).await.unwrap();
+        self.inboxes
+            .patch("t", &PatchParams::default(), &Patch::Merge(&rename))
+            .await
+            .unwrap();
         common::wait_condition(&self.inboxes, "t", "Ready", "False", Some("TableChangeRefused"), T).await;
     }
 
@@ -145,7 +148,10 @@ async fn a_refused_table_change_stops_the_purge_a_raised_minimum_would_stop() {
     tokio::time::sleep(Duration::from_secs(5)).await; // several 1 s purge intervals
     let left = e.rows().await;
     policies.delete(&pname, &Default::default()).await.unwrap();
-    assert_eq!(left, ROWS, "rows inside the policy's 24h minimum were purged by the old 1h retention");
+    assert_eq!(
+        left, ROWS,
+        "rows inside the policy's 24h minimum were purged by the old 1h retention"
+    );
     e.done().await;
 }
 
@@ -200,17 +206,27 @@ async fn after_the_lease_is_lost_no_purge_deletes_anything() {
     let now = k8s_openapi::jiff::Timestamp::now();
     let steal = json!({"spec": {"holderIdentity": "someone-else", "leaseDurationSeconds": 600,
                                 "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now)}});
-    leases.patch(&e.lease, &PatchParams::default(), &Patch::Merge(&steal)).await.unwrap();
+    leases
+        .patch(&e.lease, &PatchParams::default(), &Patch::Merge(&steal))
+        .await
+        .unwrap();
     let addr = e.metrics.to_string();
     common::wait_until(T, "the operator to notice it no longer leads", || {
         let addr = addr.clone();
-        async move { common::http_get(&addr, "/metrics").await.contains("lockstep_leader 0").then_some(()) }
+        async move {
+            common::http_get(&addr, "/metrics")
+                .await
+                .contains("lockstep_leader 0")
+                .then_some(())
+        }
     })
     .await;
 
     e.two_hours_old_rows().await;
     lock.rollback().await.unwrap(); // the held reconcile goes on and asks for its purge loop
-    let run = tokio::time::timeout(T, &mut e.operator).await.expect("the operator exits after losing the Lease");
+    let run = tokio::time::timeout(T, &mut e.operator)
+        .await
+        .expect("the operator exits after losing the Lease");
     let err = run.unwrap().expect_err("losing the Lease is an error");
     assert!(err.to_string().contains("lost the leader Lease"), "{err}");
     tokio::time::sleep(Duration::from_secs(3)).await;

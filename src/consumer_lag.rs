@@ -141,6 +141,8 @@ pub async fn measure(
 }
 
 fn measure_blocking(c: &BaseConsumer, topics: &[String], timeout: Duration) -> Result<GroupLag, KafkaError> {
+    // A shared consumer lives long: what it queued since the last measurement is served now.
+    crate::kafka::serve_queued_events(c);
     let mut tpl = TopicPartitionList::new();
     for t in topics {
         let md = c.fetch_metadata(Some(t), timeout)?;

@@ -1,6 +1,8 @@
 //! Purge loops obey the last verdict and the leader Lease (issue "Step 11" item 4), against the
 //! real API server and PostgreSQL. Each test runs an operator of its own, watching only its
-//! namespace, with a Lease of its own (the test can take it away).
+//! namespace, with a Lease of its own (the test can take it away). No other operator may watch
+//! these namespaces meanwhile (`cargo test` runs one test binary at a time): one leading a Lease
+//! of its own would purge these tables by its own, legitimate, view.
 
 mod common;
 
@@ -33,6 +35,14 @@ struct Env {
 /// A namespace labelled for policies that select it alone, a database Secret, and an operator
 /// (leader election on) watching only that namespace.
 async fn setup(prefix: &str) -> Env {
+    // The operator's log, for when a test fails: target/testenv/purge_operator-<prefix>.log
+    let log = std::path::PathBuf::from(common::env("LOCKSTEP_TESTENV_DIR")).join(format!("purge_operator-{prefix}.log"));
+    let file = std::fs::File::create(&log).expect("operator log file");
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info,lockstep=debug"))
+        .with_writer(std::sync::Mutex::new(file))
+        .with_ansi(false)
+        .try_init();
     let client = common::kube_client().await;
     common::install_crds(&client).await;
     let ns = common::TestNamespace::new(&client, prefix).await;
@@ -148,11 +158,11 @@ async fn a_refused_table_change_stops_the_purge_a_raised_minimum_would_stop() {
     tokio::time::sleep(Duration::from_secs(5)).await; // several 1 s purge intervals
     let left = e.rows().await;
     policies.delete(&pname, &Default::default()).await.unwrap();
+    e.done().await;
     assert_eq!(
         left, ROWS,
         "rows inside the policy's 24h minimum were purged by the old 1h retention"
     );
-    e.done().await;
 }
 
 /// A table change is refused, and a paused table must not be purged.
@@ -166,8 +176,9 @@ async fn a_refused_table_change_stops_the_purge_a_pause_would_stop() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     e.two_hours_old_rows().await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(e.rows().await, ROWS, "a paused table was purged");
+    let left = e.rows().await;
     e.done().await;
+    assert_eq!(left, ROWS, "a paused table was purged");
 }
 
 /// Once the Lease is lost, nothing may purge: not the loops that ran, and not a loop a reconcile
@@ -224,12 +235,12 @@ async fn after_the_lease_is_lost_no_purge_deletes_anything() {
 
     e.two_hours_old_rows().await;
     lock.rollback().await.unwrap(); // the held reconcile goes on and asks for its purge loop
-    let run = tokio::time::timeout(T, &mut e.operator)
-        .await
-        .expect("the operator exits after losing the Lease");
+    let run = tokio::time::timeout(T, &mut e.operator).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let left = e.rows().await;
+    e.ns.delete().await;
+    let run = run.expect("the operator exits after losing the Lease");
     let err = run.unwrap().expect_err("losing the Lease is an error");
     assert!(err.to_string().contains("lost the leader Lease"), "{err}");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(e.rows().await, ROWS, "a purge ran after the Lease was lost");
-    e.ns.delete().await;
+    assert_eq!(left, ROWS, "a purge ran after the Lease was lost");
 }

@@ -140,9 +140,20 @@ pub async fn measure(
     .map_err(|e| e.to_string())?
 }
 
+/// How many queued events one call serves at most (polls cannot tell an empty queue apart).
+const SERVE_AT_MOST: usize = 1000;
+
+/// Serve what librdkafka queued for a consumer only used for requests (log lines, errors): logged
+/// through its context, instead of piling up in memory for the life of a cached client.
+pub(crate) fn serve_queued_events(c: &BaseConsumer) {
+    for _ in 0..SERVE_AT_MOST {
+        let _ = c.poll(Duration::ZERO);
+    }
+}
+
 fn measure_blocking(c: &BaseConsumer, topics: &[String], timeout: Duration) -> Result<GroupLag, KafkaError> {
     // A shared consumer lives long: what it queued since the last measurement is served now.
-    crate::kafka::serve_queued_events(c);
+    serve_queued_events(c);
     let mut tpl = TopicPartitionList::new();
     for t in topics {
         let md = c.fetch_metadata(Some(t), timeout)?;

@@ -150,7 +150,7 @@ impl Admin {
                 .iter()
                 .map(|name| consumer.fetch_metadata(Some(name), timeout).map(|m| (name, m)))
                 .collect::<Result<Vec<_>, KafkaError>>();
-            serve_queued_events(&consumer);
+            crate::consumer_lag::serve_queued_events(&consumer);
             let mut present = BTreeMap::new();
             let mut failing = BTreeMap::new();
             for (name, m) in fetched? {
@@ -407,17 +407,6 @@ pub fn incremental_alter_configs(
             }
         }
         Ok(())
-    }
-}
-
-/// How many queued events one call serves at most (polls cannot tell an empty queue apart).
-const SERVE_AT_MOST: usize = 1000;
-
-/// Serve what librdkafka queued for a consumer only used for requests (log lines, errors): logged
-/// through its context, instead of piling up in memory for the life of a cached client.
-pub(crate) fn serve_queued_events(c: &BaseConsumer) {
-    for _ in 0..SERVE_AT_MOST {
-        let _ = c.poll(Duration::ZERO);
     }
 }
 

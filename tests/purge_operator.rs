@@ -35,14 +35,18 @@ struct Env {
 /// A namespace labelled for policies that select it alone, a database Secret, and an operator
 /// (leader election on) watching only that namespace.
 async fn setup(prefix: &str) -> Env {
-    // The operator's log, for when a test fails: target/testenv/purge_operator-<prefix>.log
-    let log = std::path::PathBuf::from(common::env("LOCKSTEP_TESTENV_DIR")).join(format!("purge_operator-{prefix}.log"));
-    let file = std::fs::File::create(&log).expect("operator log file");
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("info,lockstep=debug"))
-        .with_writer(std::sync::Mutex::new(file))
-        .with_ansi(false)
-        .try_init();
+    // The operators' log, for when a test fails: target/testenv/purge_operator.log (one per
+    // process: a nextest run replaces it with each test's own).
+    static LOG: std::sync::Once = std::sync::Once::new();
+    LOG.call_once(|| {
+        let path = std::path::PathBuf::from(common::env("LOCKSTEP_TESTENV_DIR")).join("purge_operator.log");
+        let file = std::fs::File::create(path).expect("operator log file");
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info,lockstep=debug"))
+            .with_writer(std::sync::Mutex::new(file))
+            .with_ansi(false)
+            .try_init();
+    });
     let client = common::kube_client().await;
     common::install_crds(&client).await;
     let ns = common::TestNamespace::new(&client, prefix).await;

@@ -12,6 +12,24 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The key of a client built from `parts` (addresses, names) and secret-bearing `settings`: a
+/// SHA-256 over all of them, each delimited, so no value is kept or shown in the clear.
+pub fn digest<'a>(parts: impl IntoIterator<Item = &'a str>, settings: &std::collections::BTreeMap<String, String>) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    for (k, v) in settings {
+        for s in [k, v] {
+            h.update((s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        }
+    }
+    h.finalize().into()
+}
+
 /// How long an unused client stays cached: many refresh intervals (15 s by default).
 pub const IDLE_EVICTION: Duration = Duration::from_secs(600);
 
@@ -89,6 +107,16 @@ mod tests {
         assert_eq!(c.get_or_try_insert_at(k(2), t1, || Err("must not rebuild")), Ok(2));
         // An evicted key is built anew.
         assert_eq!(c.get_or_try_insert_at(k(1), t1, || Ok::<_, &str>(10)), Ok(10));
+    }
+
+    #[test]
+    fn the_digest_tells_every_part_and_setting_apart() {
+        let s = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let base = digest(["b:9092", "g"], &s(&[("sasl.password", "x")]));
+        assert_eq!(base, digest(["b:9092", "g"], &s(&[("sasl.password", "x")])));
+        assert_ne!(base, digest(["b:9092", "h"], &s(&[("sasl.password", "x")])), "another group");
+        assert_ne!(base, digest(["b:9092", "g"], &s(&[("sasl.password", "y")])), "another password");
+        assert_ne!(digest(["ab", "c"], &s(&[])), digest(["a", "bc"], &s(&[])), "delimited");
     }
 
     #[test]

@@ -3,7 +3,14 @@
 //! watermark (ListOffsets), and the timestamp of the first unconsumed message of each lagging
 //! partition, fetched by assignment.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
 
 use rdkafka::{
     config::ClientConfig,
@@ -63,34 +70,69 @@ impl GroupLag {
     }
 }
 
-/// Measure `group` on `topics`. Blocking calls run off the async threads. `settings` are the
-/// Secret's librdkafka settings (never logged; scrubbed from errors).
+/// The consumers lag is read with, one per (bootstrap servers, settings, group), shared by every
+/// measurement: a librdkafka client is threads and connections, and a table is measured on every
+/// refresh and after every purge. Keyed by a digest, so no setting is kept in the clear.
+#[derive(Default)]
+pub struct LagClients {
+    // A mutex each: a measurement assigns partitions, which two at once would undo for each other.
+    clients: crate::cache::IdleCache<Arc<Mutex<BaseConsumer>>>,
+    created: AtomicU64,
+}
+
+impl LagClients {
+    /// How many consumers were built so far (one per distinct settings and group, again after an
+    /// eviction).
+    pub fn created(&self) -> u64 {
+        self.created.load(Ordering::Relaxed)
+    }
+
+    /// Forget consumers nobody measured with for `idle`.
+    pub fn evict_idle(&self, idle: Duration) -> usize {
+        self.clients.evict_idle(idle)
+    }
+
+    /// The consumer for these settings, built on first use. Blocks (librdkafka).
+    fn get(&self, bootstrap: &str, settings: &BTreeMap<String, String>, group: &str) -> Result<Arc<Mutex<BaseConsumer>>, String> {
+        let key = crate::cache::digest([bootstrap, group], settings);
+        self.clients.get_or_try_insert(key, || {
+            let mut cfg = ClientConfig::new();
+            for (k, v) in settings {
+                cfg.set(k, v);
+            }
+            cfg.set("bootstrap.servers", bootstrap)
+                .set("group.id", group)
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("enable.partition.eof", "false");
+            let consumer: BaseConsumer = cfg
+                .create()
+                .map_err(|e: KafkaError| config_error_text(&e, settings.values().map(String::as_str)))?;
+            self.created.fetch_add(1, Ordering::Relaxed);
+            Ok(Arc::new(Mutex::new(consumer)))
+        })
+    }
+}
+
+/// Measure `group` on `topics` with the shared consumer for these settings. Blocking calls run
+/// off the async threads. `settings` are the Secret's librdkafka settings (never logged;
+/// scrubbed from errors).
 pub async fn measure(
+    clients: &Arc<LagClients>,
     bootstrap: &str,
     settings: &BTreeMap<String, String>,
     group: &str,
     topics: &[String],
     timeout: Duration,
 ) -> Result<GroupLag, String> {
-    let (group, bootstrap) = (group.to_owned(), bootstrap.to_owned());
-    let mut cfg = ClientConfig::new();
-    for (k, v) in settings {
-        cfg.set(k, v);
-    }
-    cfg.set("bootstrap.servers", &bootstrap)
-        .set("group.id", &group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false");
-    let values: Vec<String> = settings.values().cloned().collect();
-    let topics = topics.to_vec();
+    let (group, bootstrap, settings) = (group.to_owned(), bootstrap.to_owned(), settings.clone());
+    let (clients, topics) = (clients.clone(), topics.to_vec());
     // Creating the client and every call after it block: none of it on an async worker.
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = cfg
-            .create()
-            .map_err(|e: KafkaError| config_error_text(&e, values.iter().map(String::as_str)))?;
+        let consumer = clients.get(&bootstrap, &settings, &group)?;
+        let consumer = consumer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         measure_blocking(&consumer, &topics, timeout).map_err(|e| {
-            let text = crate::kafka::scrub(&e.to_string(), values.iter().map(String::as_str));
+            let text = crate::kafka::scrub(&e.to_string(), settings.values().map(String::as_str));
             format!("cannot read the offsets of consumer group {group:?} from {bootstrap}: {text}")
         })
     })
@@ -98,7 +140,20 @@ pub async fn measure(
     .map_err(|e| e.to_string())?
 }
 
+/// How many queued events one call serves at most (polls cannot tell an empty queue apart).
+const SERVE_AT_MOST: usize = 1000;
+
+/// Serve what librdkafka queued for a consumer only used for requests (log lines, errors): logged
+/// through its context, instead of piling up in memory for the life of a cached client.
+pub(crate) fn serve_queued_events(c: &BaseConsumer) {
+    for _ in 0..SERVE_AT_MOST {
+        let _ = c.poll(Duration::ZERO);
+    }
+}
+
 fn measure_blocking(c: &BaseConsumer, topics: &[String], timeout: Duration) -> Result<GroupLag, KafkaError> {
+    // A shared consumer lives long: what it queued since the last measurement is served now.
+    serve_queued_events(c);
     let mut tpl = TopicPartitionList::new();
     for t in topics {
         let md = c.fetch_metadata(Some(t), timeout)?;

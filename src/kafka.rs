@@ -143,15 +143,23 @@ impl Admin {
 
     /// Describe topics; a topic that does not exist is absent from the result. A topic the
     /// broker reports with another error (no leader yet, say) is an error, not an absence: read as
-    /// absent, it would be created again, or reported as not found.
+    /// absent, it would be created again, or reported as not found. Metadata is asked for the
+    /// named topics only (one request each: librdkafka takes one topic or all), never for every
+    /// topic of the cluster.
     pub async fn describe(&self, names: &[String]) -> Result<BTreeMap<String, ObservedTopic>, AdminError> {
         let consumer = self.metadata.clone();
         let timeout = self.timeout;
+        let wanted = names.to_vec();
         let (md, failing) = tokio::task::spawn_blocking(move || {
-            consumer.fetch_metadata(None, timeout).map(|m| {
-                let mut present = BTreeMap::new();
-                let mut failing = BTreeMap::new();
-                for t in m.topics() {
+            let fetched = wanted
+                .iter()
+                .map(|name| consumer.fetch_metadata(Some(name), timeout).map(|m| (name, m)))
+                .collect::<Result<Vec<_>, KafkaError>>();
+            crate::consumer_lag::serve_queued_events(&consumer);
+            let mut present = BTreeMap::new();
+            let mut failing = BTreeMap::new();
+            for (name, m) in fetched? {
+                for t in m.topics().iter().filter(|t| t.name() == name) {
                     match t.error() {
                         None => {
                             let replicas = t.partitions().first().map(|p| p.replicas().len() as i32);
@@ -163,8 +171,8 @@ impl Admin {
                         }
                     }
                 }
-                (present, failing)
-            })
+            }
+            Ok::<_, KafkaError>((present, failing))
         })
         .await
         .map_err(|e| self.unreachable(e))?

@@ -60,14 +60,22 @@ pub async fn run(client: Client, args: OperatorArgs, stop: CancellationToken) ->
     tracing::info!(%identity, "leading: starting controllers");
 
     let ctl_stop = CancellationToken::new();
-    let controllers = tokio::spawn(run_controllers(client, args, metrics.clone(), identity, ctl_stop.clone()));
+    let controllers = tokio::spawn(run_controllers(
+        client,
+        args,
+        metrics.clone(),
+        identity,
+        leading.clone(),
+        ctl_stop.clone(),
+    ));
     let lost = tokio::select! {
         _ = stop.cancelled() => false,
         _ = leading.wait_for(|l| !*l) => true,
     };
+    // Said at once: draining the controllers may take a while.
+    metrics.leader.set(0);
     ctl_stop.cancel();
     let _ = controllers.await;
-    metrics.leader.set(0);
     elector_stop.cancel();
     if let Some(e) = elector {
         let _ = e.await;
@@ -79,7 +87,14 @@ pub async fn run(client: Client, args: OperatorArgs, stop: CancellationToken) ->
     Ok(())
 }
 
-async fn run_controllers(client: Client, args: OperatorArgs, metrics: Arc<Metrics>, identity: String, stop: CancellationToken) {
+async fn run_controllers(
+    client: Client,
+    args: OperatorArgs,
+    metrics: Arc<Metrics>,
+    identity: String,
+    leading: watch::Receiver<bool>,
+    stop: CancellationToken,
+) {
     let reporter = Reporter {
         controller: "lockstep-operator".into(),
         instance: Some(identity),
@@ -91,8 +106,11 @@ async fn run_controllers(client: Client, args: OperatorArgs, metrics: Arc<Metric
         client,
         pools: Pools::new(4),
         metrics: metrics.clone(),
-        purges: Purges::new(done_tx, metrics),
+        // Purge loops read the Lease themselves: reconciles still draining after it was lost
+        // cannot start one, and running ones stop before their next batch.
+        purges: Purges::new(done_tx, metrics, leading),
         admins: Default::default(),
+        lag_clients: Default::default(),
         caches: Caches {
             inboxes: watches.inboxes.store(),
             policies: watches.policies.store(),
@@ -131,8 +149,9 @@ async fn sweep(ctx: &Context, stop: &CancellationToken) {
         let live: HashSet<String> = ctx.caches.inboxes.state().iter().filter_map(|o| o.uid()).collect();
         ctx.purges.retain(|uid| live.contains(uid));
         let (pools, admins) = (ctx.pools.evict_idle(IDLE_EVICTION), ctx.admins.evict_idle(IDLE_EVICTION));
-        if pools + admins > 0 {
-            tracing::info!(pools, admins, "dropped clients no resource used for {IDLE_EVICTION:?}");
+        let consumers = ctx.lag_clients.evict_idle(IDLE_EVICTION);
+        if pools + admins + consumers > 0 {
+            tracing::info!(pools, admins, consumers, "dropped clients no resource used for {IDLE_EVICTION:?}");
         }
         release_free_memory();
     }

@@ -144,26 +144,36 @@ struct Handle {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// One purge loop per InboxTable, keyed by the object's uid.
+/// One purge loop per InboxTable, keyed by the object's uid. Loops run only while this replica
+/// leads: a standby's view (or a deposed leader's) may be stale, and a purge cannot be undone.
 pub struct Purges<K: Clone + Send + 'static> {
     loops: Mutex<HashMap<String, Handle>>,
     /// Told after each purge, so the controller refreshes that object's status.
     done: mpsc::UnboundedSender<K>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Whether this replica holds the leader Lease (always true without leader election).
+    leading: watch::Receiver<bool>,
 }
 
 impl<K: Clone + Send + Sync + 'static> Purges<K> {
-    pub fn new(done: mpsc::UnboundedSender<K>, metrics: Arc<crate::metrics::Metrics>) -> Self {
+    pub fn new(done: mpsc::UnboundedSender<K>, metrics: Arc<crate::metrics::Metrics>, leading: watch::Receiver<bool>) -> Self {
         Purges {
             loops: Mutex::new(HashMap::new()),
             done,
             metrics,
+            leading,
         }
     }
 
-    /// Start the loop for `uid`, or hand it new parameters.
-    pub fn ensure(&self, uid: &str, key: K, pool: PgPool, params: PurgeParams) {
+    /// Start the loop for `uid`, or hand it new parameters. Refused (false, and every loop
+    /// stopped) when this replica does not lead: a reconcile still in flight after the Lease was
+    /// lost must not start a purge by what it read before.
+    pub fn ensure(&self, uid: &str, key: K, pool: PgPool, params: PurgeParams) -> bool {
         let mut loops = self.loops.lock().expect("purge map lock");
+        if !*self.leading.borrow() {
+            loops.drain().for_each(|(_, h)| h.task.abort());
+            return false;
+        }
         if let Some(h) = loops.get(uid) {
             if !h.task.is_finished() {
                 h.params.send_if_modified(|(p, pl)| {
@@ -174,20 +184,26 @@ impl<K: Clone + Send + Sync + 'static> Purges<K> {
                     }
                     changed
                 });
-                return;
+                return true;
             }
         }
         let (tx, mut rx) = watch::channel((params, pool));
+        let mut leading = self.leading.clone();
         let last = Arc::new(Mutex::new(None));
         let last2 = last.clone();
         let done = self.done.clone();
         let metrics = self.metrics.clone();
         let task = tokio::spawn(async move {
             loop {
+                // Not leading, or nobody left to say so (the elector ended): no purge.
+                if !*leading.borrow_and_update() || leading.has_changed().is_err() {
+                    return;
+                }
                 let (p, pool) = rx.borrow_and_update().clone();
-                // New parameters (a raised retention) stop a running purge before its next batch.
-                let changed = || rx.has_changed().unwrap_or(true);
-                let run = purge_expired_until(&pool, &p.table, p.retention, p.batch, PAUSE_RATIO, changed).await;
+                // New parameters (a raised retention) or a lost Lease stop a running purge before
+                // its next batch.
+                let stop = || rx.has_changed().unwrap_or(true) || !*leading.borrow();
+                let run = purge_expired_until(&pool, &p.table, p.retention, p.batch, PAUSE_RATIO, stop).await;
                 let outcome = match run {
                     Ok(result) => {
                         metrics.purged_rows.inc_by(result.rows_deleted as u64);
@@ -216,10 +232,12 @@ impl<K: Clone + Send + Sync + 'static> Purges<K> {
                 tokio::select! {
                     _ = tokio::time::sleep(p.interval) => {}
                     changed = rx.changed() => if changed.is_err() { return },
+                    _ = leading.wait_for(|l| !*l) => return,
                 }
             }
         });
         loops.insert(uid.to_owned(), Handle { params: tx, last, task });
+        true
     }
 
     pub fn last(&self, uid: &str) -> Option<LastPurge> {

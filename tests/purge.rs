@@ -136,7 +136,8 @@ async fn a_raised_retention_stops_a_running_purge_within_one_batch() {
             .unwrap()
     };
     let (done_tx, _done_rx) = tokio::sync::mpsc::unbounded_channel();
-    let purges: Purges<String> = Purges::new(done_tx, Arc::new(lockstep::metrics::Metrics::default()));
+    let (_leading, lead_rx) = tokio::sync::watch::channel(true);
+    let purges: Purges<String> = Purges::new(done_tx, Arc::new(lockstep::metrics::Metrics::default()), lead_rx);
     let params = |retention| PurgeParams {
         pool_key: "k".into(),
         table: table.clone(),
@@ -165,4 +166,58 @@ async fn a_raised_retention_stops_a_running_purge_within_one_batch() {
         "{} rows deleted after the retention was raised (at most one batch of {BATCH} may finish)",
         at_change - after
     );
+}
+
+/// Issue "Step 11" item 4: purge loops run only while the operator leads. A running loop stops
+/// within one batch of the Lease being lost, and `ensure` (a reconcile still in flight) starts
+/// nothing while not leading.
+#[tokio::test]
+async fn no_purge_runs_without_the_lease() {
+    use lockstep::purge::{PurgeParams, Purges};
+    let s = common::pg_schema("purgelease").await;
+    let table = s.inbox("inbox").await;
+    const ROWS: i64 = 200_000;
+    const BATCH: i64 = 500;
+    let insert = format!(
+        "insert into {table} (consumer, message_id, received_at)
+         select 'c', 'm-' || g, now() - interval '2 hours' from generate_series(1, {ROWS}) g"
+    );
+    sqlx::query(&insert).execute(&s.pool).await.unwrap();
+    let count = || async {
+        sqlx::query_scalar::<_, i64>(&format!("select count(*) from {table}"))
+            .fetch_one(&s.pool)
+            .await
+            .unwrap()
+    };
+    let (done_tx, _done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (leading, lead_rx) = tokio::sync::watch::channel(true);
+    let purges: Purges<String> = Purges::new(done_tx, Arc::new(lockstep::metrics::Metrics::default()), lead_rx);
+    let params = PurgeParams {
+        pool_key: "k".into(),
+        table: table.clone(),
+        retention: Duration::from_secs(3600),
+        interval: Duration::from_millis(200),
+        batch: BATCH,
+    };
+    assert!(purges.ensure("uid", "key".into(), s.pool.clone(), params.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while count().await > ROWS - 5 * BATCH {
+        assert!(tokio::time::Instant::now() < deadline, "the purge did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    leading.send(false).unwrap();
+    let at_loss = count().await;
+    assert!(at_loss > ROWS / 2, "the backlog was nearly gone before the loss ({at_loss} left)");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = count().await;
+    assert!(
+        at_loss - after <= BATCH,
+        "{} rows deleted after the Lease was lost (at most the batch in flight may finish)",
+        at_loss - after
+    );
+    // A reconcile still in flight asks for the loop again, with a shorter interval even.
+    assert!(!purges.ensure("uid", "key".into(), s.pool.clone(), params.clone()));
+    assert!(!purges.ensure("other", "key".into(), s.pool.clone(), params));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(count().await, after, "a purge started after the Lease was lost");
 }

@@ -104,6 +104,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub purges: Purges<ObjectRef<DeserializeGuard<InboxTable>>>,
     pub admins: AdminCache,
+    /// Consumers for InboxTable consumer lag, shared between reconciles.
+    pub lag_clients: Arc<crate::consumer_lag::LagClients>,
     pub caches: Caches,
     pub timing: Timing,
     /// The image relay Deployments run unless an OutboxRelay names one.

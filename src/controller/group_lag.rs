@@ -22,7 +22,17 @@ pub async fn measure(ctx: &Context, ns: &str, v: &ValidInboxTable, previous: Opt
     };
     let measured = match deps::kafka_settings(&ctx.client, ns, k.auth_secret.as_deref(), on).await {
         Err(c) => Err(c.message),
-        Ok(settings) => consumer_lag::measure(&k.bootstrap_servers, &settings, &group, &k.topics, Duration::from_secs(5)).await,
+        Ok(settings) => {
+            consumer_lag::measure(
+                &ctx.lag_clients,
+                &k.bootstrap_servers,
+                &settings,
+                &group,
+                &k.topics,
+                Duration::from_secs(5),
+            )
+            .await
+        }
     };
     let now = Timestamp::now();
     Some(match measured {

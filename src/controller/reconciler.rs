@@ -196,8 +196,12 @@ async fn reconcile_object<R: Reconciler>(k: &R::K, uid: &str, api: &Api<R::K>, c
         action: Action::await_change(),
     };
     let outcome = match (R::table_change(k), R::PAUSED, k.validate()) {
-        // What runs for the recorded table goes on; nothing touches the one named now.
-        (Some((was, now)), _, _) => stopped(reason::TABLE_CHANGE_REFUSED, table_change_message(&was, &now)),
+        // Nothing runs for either table: a loop left running for the recorded one would go on by
+        // parameters no later verdict (pause, policies, retention) can reach.
+        (Some((was, now)), _, _) => {
+            R::halt(ctx, uid);
+            stopped(reason::TABLE_CHANGE_REFUSED, table_change_message(&was, &now))
+        }
         (None, Some(message), _) if is_paused(k) => {
             R::halt(ctx, uid);
             stopped(

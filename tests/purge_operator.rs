@@ -68,6 +68,7 @@ async fn setup(prefix: &str) -> Env {
         lease_namespace: ns.name.clone(),
         identity: Some("purge-test-operator".into()),
         relay_image: "lockstep:test".into(),
+        relay_image_prefixes: vec![],
     };
     let stop = CancellationToken::new();
     let operator = tokio::spawn(lockstep::operator::run(client.clone(), args, stop.clone()));

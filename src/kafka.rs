@@ -291,7 +291,6 @@ impl Admin {
     }
 }
 
-
 /// Admin clients shared per (bootstrap servers, settings); settings may hold credentials, so the
 /// key is a hash.
 #[derive(Default)]

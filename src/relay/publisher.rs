@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::FutureExt;
 use rdkafka::{
     config::ClientConfig,
     error::{KafkaError, RDKafkaErrorCode},
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     failure::{transport_backoff, Cause, Failure, Verdict},
+    fence::Fence,
     gate::KeyGate,
     gather::Gather,
     metrics::RelayMetrics,
@@ -177,6 +179,12 @@ impl Relay {
     /// `stop` fires. A fatal producer error drops what is in flight (those rows stay in the
     /// outbox and are read again) and rebuilds the producer.
     pub async fn drain(&mut self, conn: &mut PgConnection, stop: &CancellationToken) -> Result<(), RelayError> {
+        self.drain_fenced(conn, stop, &mut Fence::unchecked()).await
+    }
+
+    /// `drain` on the lock session: the session is checked when due (also while waiting for
+    /// reports), and nothing is read, handed to the producer or removed past the fence's deadline.
+    pub(super) async fn drain_fenced(&mut self, conn: &mut PgConnection, stop: &CancellationToken, fence: &mut Fence) -> Result<(), RelayError> {
         let depth = self.cfg.max_batches_in_flight.max(1);
         // Batches of a drain that ended in an error are gone (their rows are still in the
         // outbox): their keys must not stay out of reads.
@@ -188,13 +196,14 @@ impl Relay {
         let mut want = true;
         let began = Instant::now();
         loop {
+            fence.keep(conn).await?;
             if self.rebuild_if_needed().await? {
                 in_flight.clear();
                 self.gate.abandon_in_flight();
             }
             while want && in_flight.len() < depth && !stop.is_cancelled() && Instant::now() >= self.next_read {
                 let started = Instant::now();
-                let rows = self.fetch(conn).await?;
+                let rows = fence.bound(self.fetch(conn)).await?;
                 want = rows.len() >= self.cfg.resolved.batch_size as usize;
                 self.gather.read(rows.len(), self.last_read.map(|t| started - t));
                 self.last_read = Some(started);
@@ -204,7 +213,7 @@ impl Relay {
                     started + self.gather.wait(self.cfg.resolved.max_gather)
                 };
                 if !rows.is_empty() {
-                    in_flight.push_back(self.send(rows, started).await);
+                    in_flight.push_back(fence.bound(self.send(rows, started).map(Ok)).await?);
                 }
             }
             let Some(mut batch) = in_flight.pop_front() else {
@@ -214,7 +223,7 @@ impl Relay {
                 }
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    _ = tokio::time::sleep_until(self.next_read.into()) => {}
+                    _ = tokio::time::sleep_until(self.next_read.min(fence.due()).into()) => {}
                 }
                 continue;
             };
@@ -222,15 +231,16 @@ impl Relay {
             // `gather` has passed. While batches are in flight the relay polls at that pace rather
             // than waiting for NOTIFYs, which it stops listening for under a steady flow.
             let room = in_flight.len() + 1 < depth && !stop.is_cancelled();
-            if oldest_delivered(&mut batch, room.then_some(self.next_read)).await {
+            let until = if room { self.next_read.min(fence.due()) } else { fence.due() };
+            if oldest_delivered(&mut batch, Some(until)).await {
                 in_flight.push_front(batch);
-                want = true;
+                want |= room && Instant::now() >= self.next_read;
                 continue;
             }
             if began.elapsed() >= UNLISTEN_AFTER {
                 self.set_listening(false);
             }
-            self.complete(conn, batch).await?;
+            fence.bound(self.complete(conn, batch)).await?;
             want = true;
         }
     }

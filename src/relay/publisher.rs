@@ -184,7 +184,12 @@ impl Relay {
 
     /// `drain` on the lock session: the session is checked when due (also while waiting for
     /// reports), and nothing is read, handed to the producer or removed past the fence's deadline.
-    pub(super) async fn drain_fenced(&mut self, conn: &mut PgConnection, stop: &CancellationToken, fence: &mut Fence) -> Result<(), RelayError> {
+    pub(super) async fn drain_fenced(
+        &mut self,
+        conn: &mut PgConnection,
+        stop: &CancellationToken,
+        fence: &mut Fence,
+    ) -> Result<(), RelayError> {
         let depth = self.cfg.max_batches_in_flight.max(1);
         // Batches of a drain that ended in an error are gone (their rows are still in the
         // outbox): their keys must not stay out of reads.

@@ -32,10 +32,17 @@ fn a_replay_before_the_newest_state_is_fine_an_old_state_after_it_is_not() {
     assert_eq!(backwards(&late), vec![("k".to_owned(), vec![2, 3])]);
 }
 
-/// The `purged=N` a fenced relay logs, if it did.
-fn purged(log: &str) -> Option<u64> {
-    let line = log.lines().find(|l| l.contains("stopped sending"))?;
-    line.split("purged=").nth(1)?.split_whitespace().next()?.parse().ok()
+/// The first log line containing each of `parts`.
+fn line<'a>(log: &'a str, parts: &[&str]) -> Option<&'a str> {
+    log.lines().find(|l| parts.iter().all(|p| l.contains(p)))
+}
+
+/// When a relay fenced itself (its log's timestamp: RFC 3339, UTC, same width throughout), and
+/// how many messages its producer still held then.
+fn fenced(log: &str) -> Option<(String, u64)> {
+    let l = line(log, &["fenced: ", "purged="])?;
+    let n = l.split("purged=").nth(1)?.split_whitespace().next()?.parse().ok()?;
+    Some((l.split_whitespace().next()?.to_owned(), n))
 }
 
 /// Relay A reads rows while its broker is away (they wait in its producer), then loses its
@@ -63,12 +70,7 @@ async fn a_relay_cut_off_from_its_database_stops_sending_before_another_takes_ov
     pg.blackhole().await;
     let cut = Instant::now();
     o.insert(200, 100, 10).await;
-    // Whether A had fenced itself when B first held the lock.
-    let mut fenced_at_takeover = None;
     while o.remaining().await > 0 {
-        if fenced_at_takeover.is_none() && b.log().contains("holding the outbox lock") {
-            fenced_at_takeover = Some((purged(&a.log()), cut.elapsed()));
-        }
         assert!(cut.elapsed() < Duration::from_secs(120), "relay b did not take over:\n{}", b.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -76,12 +78,14 @@ async fn a_relay_cut_off_from_its_database_stops_sending_before_another_takes_ov
     // within reconnect.backoff.max.ms, 10 s).
     kafka.resume("relay-a");
     tokio::time::sleep(Duration::from_secs(20)).await;
+    let took_over = line(&b.log(), &["holding the outbox lock"]).map(|l| l.split_whitespace().next().unwrap().to_owned());
+    let a_fenced = fenced(&a.log());
 
     let events = relays::consume_all(&o.bootstrap, &o.topic, Duration::from_secs(120));
     let ids: std::collections::HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
     println!(
-        "{} messages, {} events; relay a when b took over (purged, since the cut): {fenced_at_takeover:?}; \
-         a's broker connections refused while away: {}",
+        "{} messages, {} events; relay a fenced (at, messages purged): {a_fenced:?}; relay b took over at \
+         {took_over:?}; a's broker connections refused while away: {}",
         events.len(),
         ids.len(),
         kafka.refused()
@@ -89,49 +93,75 @@ async fn a_relay_cut_off_from_its_database_stops_sending_before_another_takes_ov
     let back = backwards(&events);
     assert!(back.is_empty(), "keys went backwards (older n after the newest): {back:?}");
     assert_eq!(ids.len(), 300, "every committed event reached the broker");
-    let (purged, at) = fenced_at_takeover.expect("relay b took over");
+    let took_over = took_over.expect("relay b took over");
+    let (at, purged) = a_fenced.unwrap_or_else(|| panic!("relay a fenced itself:\n{}", a.log()));
+    assert!(purged > 0, "relay a's producer held the rows it read while its broker was away");
     assert!(
-        purged.is_some_and(|n| n > 0),
-        "relay a had purged its queued messages before relay b held the lock ({at:?} after the cut):\n{}",
-        a.log()
+        at < took_over,
+        "relay a fenced itself ({at}) before relay b held the lock ({took_over})"
     );
     assert!(kafka.refused() > 0, "relay a's producer tried its broker while it was away");
 }
 
-/// PgBouncer in transaction pooling with one server connection: a standby's lock attempt lands
-/// on the server session holding the lock, where a session advisory lock taken again succeeds.
+/// PgBouncer in transaction pooling with one server connection: every client's statements run on
+/// the session that holds the lock, where a session advisory lock taken again succeeds. (The
+/// relays' named prepared statements also clash there, so which one gets how far varies; what
+/// must hold is that the two are never active at once and that the pooler is refused.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_through_a_transaction_pooler_are_never_both_active() {
     let bouncer = PgBouncer::start(&common::env("DATABASE_URL"));
     let o = relays::outbox("bouncer", &common::kafka_bootstrap()).await;
     o.insert(0, 10, 2).await;
-    let a = o.relay("relay-bouncer-a.log", &bouncer.url());
+    let mut a = o.relay("relay-bouncer-a.log", &bouncer.url());
     a.wait_log("holding the outbox lock", Duration::from_secs(60)).await;
     let mut b = o.relay("relay-bouncer-b.log", &bouncer.url());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
+    // Watched until both exited, or 40 s after the first did (b retries its preparation every
+    // 2 s until its prepared statements' names no longer clash with a's), or 100 s.
+    let mut until = Instant::now() + Duration::from_secs(100);
+    let mut refused = Vec::new();
+    while Instant::now() < until && refused.len() < 2 {
+        let (aa, ba) = (a.active().await, b.active().await);
         assert!(
-            !b.log().contains("holding the outbox lock"),
-            "relay b took the lock relay a holds, on a's server session:\n{}\nrelay a:\n{}",
-            b.log(),
-            a.log()
+            aa != Some(true) || ba != Some(true),
+            "both relays active through the pooler:\nrelay a:\n{}\nrelay b:\n{}",
+            a.log(),
+            b.log()
         );
-        if let Some(s) = b.child.try_wait().unwrap() {
-            break s;
+        for (name, r) in [("a", &mut a), ("b", &mut b)] {
+            if let Some(status) = r.child.try_wait().unwrap() {
+                if !refused.iter().any(|(n, _, _)| *n == name) {
+                    refused.push((name, status, r.log()));
+                    until = until.min(Instant::now() + Duration::from_secs(40));
+                }
+            }
         }
-        assert!(Instant::now() < deadline, "relay b neither refused nor exited:\n{}", b.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let log = b.log();
-    println!("relay b: {status}; {}", log.lines().last().unwrap_or_default());
-    assert_eq!(status.code(), Some(1), "exits non-zero:\n{log}");
-    for part in [
-        "already holds the outbox lock, which this relay did not take",
-        "PgBouncer pool_mode=transaction",
-        "pool_mode=session",
-    ] {
-        assert!(log.contains(part), "{part:?} in the relay's error:\n{log}");
     }
+    assert!(
+        !refused.is_empty(),
+        "no relay refused the pooler within 100 s:\nrelay a:\n{}\nrelay b:\n{}",
+        a.log(),
+        b.log()
+    );
+    // A refuses when it reconnects (its first session failed on a clashing statement name) and
+    // its new connection lands on the session holding its old lock; b when its lock attempt does.
+    for (name, status, log) in &refused {
+        println!("relay {name}: {status}; {}", log.lines().last().unwrap_or_default());
+        assert_eq!(status.code(), Some(1), "relay {name} exits non-zero:\n{log}");
+        for part in [
+            "already holds the outbox lock, which this relay did not take",
+            "PgBouncer pool_mode=transaction",
+            "pool_mode=session",
+        ] {
+            assert!(log.contains(part), "{part:?} in relay {name}'s error:\n{log}");
+        }
+    }
+    assert_eq!(refused.len(), 2, "both relays refused the pooler:\nrelay b:\n{}", b.log());
+    assert!(
+        !b.log().contains("holding the outbox lock"),
+        "relay b never took the lock:\n{}",
+        b.log()
+    );
 }
 
 /// A server that accepts connections and fails the lock statement (here the connection drops as

@@ -370,10 +370,7 @@ async fn fence_off(relay: &mut Relay) {
     let purge = move || producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
     let _ = tokio::task::spawn_blocking(purge).await;
     match relay.replace_producer().await {
-        Ok(()) => tracing::warn!(
-            purged = held,
-            "stopped sending: the producer's queue was purged and the producer dropped"
-        ),
+        Ok(()) => tracing::warn!(purged = held, "fenced: the producer's queue was purged and the producer dropped"),
         Err(e) => tracing::error!(error = %e, "cannot create a new producer"),
     }
 }

@@ -267,6 +267,18 @@ pub async fn http_get(addr: &str, path: &str) -> String {
     out
 }
 
+/// `http_get`, or None when nothing answers at `addr`.
+pub async fn http_get_checked(addr: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    Some(out)
+}
+
 /// A PostgreSQL of a test's own, for tests that stop and start the database.
 pub struct PrivatePostgres {
     pub dir: std::path::PathBuf,

@@ -69,6 +69,17 @@ impl RelayProc {
         }
     }
 
+    /// Whether the relay reports itself active (`lockstep_relay_active` on its metrics address,
+    /// which it logs as it starts); None before it serves metrics or after it exited.
+    pub async fn active(&self) -> Option<bool> {
+        let log = self.log();
+        let addr = log.split("relay starting addr=").nth(1)?.split_whitespace().next()?.to_owned();
+        let get = tokio::time::timeout(Duration::from_secs(2), super::http_get_checked(&addr, "/metrics"));
+        let body = get.await.ok()??;
+        let line = body.lines().find(|l| l.starts_with("lockstep_relay_active "))?;
+        Some(line.ends_with(" 1"))
+    }
+
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {

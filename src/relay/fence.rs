@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgConnection;
 
-use super::{session::DEAD_PEER_TIMEOUT, RelayError};
+use tokio_util::sync::CancellationToken;
+
+use super::{session::DEAD_PEER_TIMEOUT, Relay, RelayError};
 
 /// How long after the send time of its last answered round trip on the lock session a relay may
 /// still hand messages to its producer.
@@ -110,6 +112,11 @@ impl Fence {
         }
     }
 
+    /// The earlier of `t` and the next check: a wait in a drain ends by then.
+    pub(super) fn until(&self, t: Option<Instant>) -> Instant {
+        t.map_or(self.due(), |t| t.min(self.due()))
+    }
+
     /// `f`, unless the deadline comes first (`RelayError::Fenced`). The deadline is looked at
     /// before `f` is polled, so nothing `f` does starts past it.
     pub(super) async fn bound<T>(&self, f: impl std::future::Future<Output = Result<T, RelayError>>) -> Result<T, RelayError> {
@@ -145,6 +152,14 @@ impl Fence {
     }
 }
 
+impl Relay {
+    /// Publish until the outbox has nothing more to read and every batch sent is acknowledged and
+    /// removed (`drain_in`), on a connection without the lock session's checks.
+    pub async fn drain(&mut self, conn: &mut PgConnection, stop: &CancellationToken) -> Result<(), RelayError> {
+        self.drain_in(conn, stop, &mut Fence::unchecked()).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +186,8 @@ mod tests {
         let mut f = Fence::new(t, holder());
         assert_eq!(f.deadline(), t + FENCE);
         assert_eq!(f.due(), t + CHECK_EVERY);
+        assert_eq!(f.until(None), t + CHECK_EVERY);
+        assert_eq!(f.until(Some(t)), t);
         f.window = Duration::from_millis(300);
         assert_eq!(f.due(), t + Duration::from_millis(300));
         let u = Fence::unchecked();

@@ -8,7 +8,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::FutureExt;
 use rdkafka::{
     config::ClientConfig,
     error::{KafkaError, RDKafkaErrorCode},
@@ -177,19 +176,10 @@ impl Relay {
     /// removed. Up to `max_batches_in_flight` batches are with the producer at once, so reading
     /// and deleting overlap with publishing. Stops reading (and finishes what is in flight) when
     /// `stop` fires. A fatal producer error drops what is in flight (those rows stay in the
-    /// outbox and are read again) and rebuilds the producer.
-    pub async fn drain(&mut self, conn: &mut PgConnection, stop: &CancellationToken) -> Result<(), RelayError> {
-        self.drain_fenced(conn, stop, &mut Fence::unchecked()).await
-    }
-
-    /// `drain` on the lock session: the session is checked when due (also while waiting for
-    /// reports), and nothing is read, handed to the producer or removed past the fence's deadline.
-    pub(super) async fn drain_fenced(
-        &mut self,
-        conn: &mut PgConnection,
-        stop: &CancellationToken,
-        fence: &mut Fence,
-    ) -> Result<(), RelayError> {
+    /// outbox and are read again) and rebuilds the producer. On the lock session (`lock`), the
+    /// session is checked when due, also while waiting for reports, and nothing is read, handed to
+    /// the producer or removed past the fence's deadline.
+    pub(super) async fn drain_in(&mut self, conn: &mut PgConnection, stop: &CancellationToken, lock: &mut Fence) -> Result<(), RelayError> {
         let depth = self.cfg.max_batches_in_flight.max(1);
         // Batches of a drain that ended in an error are gone (their rows are still in the
         // outbox): their keys must not stay out of reads.
@@ -201,14 +191,14 @@ impl Relay {
         let mut want = true;
         let began = Instant::now();
         loop {
-            fence.keep(conn).await?;
+            lock.keep(conn).await?;
             if self.rebuild_if_needed().await? {
                 in_flight.clear();
                 self.gate.abandon_in_flight();
             }
             while want && in_flight.len() < depth && !stop.is_cancelled() && Instant::now() >= self.next_read {
                 let started = Instant::now();
-                let rows = fence.bound(self.fetch(conn)).await?;
+                let rows = lock.bound(self.fetch(conn)).await?;
                 want = rows.len() >= self.cfg.resolved.batch_size as usize;
                 self.gather.read(rows.len(), self.last_read.map(|t| started - t));
                 self.last_read = Some(started);
@@ -218,7 +208,7 @@ impl Relay {
                     started + self.gather.wait(self.cfg.resolved.max_gather)
                 };
                 if !rows.is_empty() {
-                    in_flight.push_back(fence.bound(self.send(rows, started).map(Ok)).await?);
+                    in_flight.push_back(lock.bound(async { Ok(self.send(rows, started).await) }).await?);
                 }
             }
             let Some(mut batch) = in_flight.pop_front() else {
@@ -228,7 +218,7 @@ impl Relay {
                 }
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    _ = tokio::time::sleep_until(self.next_read.min(fence.due()).into()) => {}
+                    _ = tokio::time::sleep_until(lock.until(Some(self.next_read)).into()) => {}
                 }
                 continue;
             };
@@ -236,8 +226,7 @@ impl Relay {
             // `gather` has passed. While batches are in flight the relay polls at that pace rather
             // than waiting for NOTIFYs, which it stops listening for under a steady flow.
             let room = in_flight.len() + 1 < depth && !stop.is_cancelled();
-            let until = if room { self.next_read.min(fence.due()) } else { fence.due() };
-            if oldest_delivered(&mut batch, Some(until)).await {
+            if oldest_delivered(&mut batch, Some(lock.until(room.then_some(self.next_read)))).await {
                 in_flight.push_front(batch);
                 want |= room && Instant::now() >= self.next_read;
                 continue;
@@ -245,7 +234,7 @@ impl Relay {
             if began.elapsed() >= UNLISTEN_AFTER {
                 self.set_listening(false);
             }
-            fence.bound(self.complete(conn, batch)).await?;
+            lock.bound(self.complete(conn, batch)).await?;
             want = true;
         }
     }

@@ -342,7 +342,7 @@ impl Session<'_> {
         let _listening = self.listen(new_rows.clone(), relay.listening()).await;
         let poll = self.cfg.resolved.poll_interval;
         loop {
-            relay.drain_fenced(conn, self.stop, &mut fence).await?;
+            relay.drain_in(conn, self.stop, &mut fence).await?;
             if self.stop.is_cancelled() {
                 return Ok(());
             }

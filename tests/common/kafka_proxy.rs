@@ -29,10 +29,13 @@ pub struct KafkaProxy {
 #[derive(Default)]
 struct Shared {
     upstream: OnceLock<SocketAddr>,
-    /// Stalled client ids, and each forwarding connection with its client id.
-    state: Mutex<(HashSet<String>, Vec<(String, AbortHandle)>)>,
+    state: Mutex<State>,
     refused: AtomicUsize,
 }
+
+/// Stalled client ids, and each forwarding connection with its client id.
+#[derive(Default)]
+struct State(HashSet<String>, Vec<(String, AbortHandle)>);
 
 impl KafkaProxy {
     /// Listening on 127.0.0.1 (a port of its own); forwards once `forward_to` names the broker.

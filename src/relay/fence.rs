@@ -15,7 +15,6 @@
 use std::time::{Duration, Instant};
 
 use sqlx::PgConnection;
-
 use tokio_util::sync::CancellationToken;
 
 use super::{session::DEAD_PEER_TIMEOUT, Relay, RelayError};

@@ -8,14 +8,14 @@ mod common;
 
 use std::{
     collections::HashSet,
-    net::SocketAddr,
     path::PathBuf,
-    process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
-use common::proxy::Proxy;
-use lockstep::kafka::Admin;
+use common::{
+    proxy::Proxy,
+    relays::{self, upstream, Outbox},
+};
 use rdkafka::{
     config::ClientConfig,
     consumer::{BaseConsumer, Consumer},
@@ -25,141 +25,8 @@ use rdkafka::{
 /// What the issue asks: a relay whose packets are dropped is replaced within this.
 const TAKEOVER_BOUND: Duration = Duration::from_secs(30);
 
-struct Outbox {
-    table: common::outbox::OutboxTable,
-    topic: String,
-    bootstrap: String,
-}
-
-impl std::ops::Deref for Outbox {
-    type Target = common::outbox::OutboxTable;
-    fn deref(&self) -> &Self::Target {
-        &self.table
-    }
-}
-
 async fn outbox(prefix: &str) -> Outbox {
-    let bootstrap = common::kafka_bootstrap();
-    let topic = common::unique(&format!("relay.{prefix}"));
-    let admin = Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
-    admin.create_topic(&topic, 1, 1, &Default::default()).await.unwrap();
-    Outbox {
-        table: common::outbox::OutboxTable::create(prefix, &common::env("DATABASE_URL")).await,
-        topic,
-        bootstrap,
-    }
-}
-
-struct RelayProc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl RelayProc {
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn wait_log(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.log().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "{needle:?} not in {} after {timeout:?}:\n{}",
-                self.log.display(),
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "the relay did not exit:\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for RelayProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-impl Outbox {
-    fn relay(&self, log: &str, database_url: &str) -> RelayProc {
-        let log = PathBuf::from(common::env("LOCKSTEP_TESTENV_DIR")).join(log);
-        let child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
-            .args(["relay", "--schema", &self.schema, "--table", "outbox", "--topic", &self.topic])
-            .args(["--metrics-addr", "127.0.0.1:0", "--poll-interval", "200ms"])
-            .env("DATABASE_URL", database_url)
-            .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start lockstep relay");
-        RelayProc { child, log }
-    }
-
-    /// `n` events over `keys` keys.
-    async fn insert(&self, from: i64, n: i64, keys: i64) {
-        sqlx::query(&format!(
-            "insert into \"{}\".outbox (id, aggregatetype, aggregateid, type, payload)
-             select gen_random_uuid(), 'order', 'k-' || (g % $3), 'created', jsonb_build_object('key', g % $3, 'n', g / $3)
-             from generate_series($1, $1 + $2 - 1) g",
-            self.schema
-        ))
-        .bind(from)
-        .bind(n)
-        .bind(keys)
-        .execute(&self.pool)
-        .await
-        .unwrap();
-    }
-
-    async fn lock_holder(&self) -> Option<i32> {
-        let t = lockstep::sql::QualifiedName {
-            schema: lockstep::sql::Ident::parse(&self.schema).unwrap(),
-            table: lockstep::sql::Ident::parse("outbox").unwrap(),
-        };
-        // A bigint advisory key is stored as classid (high 32 bits) and objid (low 32 bits).
-        let key = lockstep::relay::lock_key(&t) as u64;
-        sqlx::query_scalar(
-            "select pid from pg_locks where locktype = 'advisory' and granted and objsubid = 1
-             and database = (select oid from pg_database where datname = current_database())
-             and classid::bigint = $1 and objid::bigint = $2",
-        )
-        .bind((key >> 32) as i64)
-        .bind((key & 0xffff_ffff) as i64)
-        .fetch_optional(&self.pool)
-        .await
-        .unwrap()
-    }
-
-    async fn backend_alive(&self, pid: i32) -> bool {
-        sqlx::query_scalar("select exists (select 1 from pg_stat_activity where pid = $1)")
-            .bind(pid)
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
-    }
-}
-
-/// The test PostgreSQL's address, for the proxy.
-fn upstream() -> SocketAddr {
-    let opts: sqlx::postgres::PgConnectOptions = common::env("DATABASE_URL").parse().unwrap();
-    format!("{}:{}", opts.get_host(), opts.get_port()).parse().unwrap()
+    relays::outbox(prefix, &common::kafka_bootstrap()).await
 }
 
 /// The distinct event ids on the topic (read from the beginning until `want` or timeout).
@@ -243,7 +110,7 @@ async fn a_transaction_pooler_moving_the_session_stops_the_relay_with_a_clear_er
     let mut a = o.relay("relay-pooler-a.log", &proxy.url(&url));
     o.insert(0, 10, 2).await;
     o.wait_drained(Duration::from_secs(120)).await;
-    proxy.repin_at(b"select pg_backend_pid()\0");
+    proxy.repin_at(b"select pg_backend_pid(), current_setting(");
     let deadline = Instant::now() + Duration::from_secs(30);
     while proxy.repinned() == 0 {
         assert!(Instant::now() < deadline, "relay a never checked its session");

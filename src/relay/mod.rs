@@ -15,11 +15,12 @@
 //!   topic name the routing cannot build), it moves to the dead-letter table with its error.
 //!
 //! This file starts the relay (tables, producer, measurements); `session` the session (lock,
-//! LISTEN, reconnect, stop), `publisher` the batch pipeline, `reports` a batch's delivery reports
+//! LISTEN, reconnect, stop), `fence` when the relay must stop sending, `publisher` the batch pipeline, `reports` a batch's delivery reports
 //! (stamped as they arrive), `store` its SQL, `metrics` what it reports.
 
 mod cleanup;
 mod failure;
+mod fence;
 mod gate;
 mod gather;
 mod headers;
@@ -47,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use self::session::Session;
 pub use self::{
     failure::{cause, is_permanent, transport_backoff, Cause},
+    fence::{CHECK_EVERY, FENCE, GAP},
     metrics::{ReasonLabel, RelayMetrics, Samples, WakeLabel},
     publisher::{producer_config, Relay},
     session::{keepalive_sql, DEAD_PEER_TIMEOUT},
@@ -83,6 +85,18 @@ pub enum RelayError {
          (pool_mode=session)"
     )]
     BackendChanged { locked: i32, now: i32 },
+    #[error(
+        "{seen} (backend pid {pid}): a transaction-pooling proxy (PgBouncer pool_mode=transaction or \
+         statement) hands one server session to several clients, and a session advisory lock taken \
+         again on the same session succeeds, so two relays could both run; connect the relay directly \
+         or through session pooling (pool_mode=session)"
+    )]
+    SessionShared { pid: i32, seen: &'static str },
+    #[error(
+        "the lock session was not confirmed within {after:?}: the relay stopped sending and purges what \
+         its producer holds before the database can give the lock to another relay"
+    )]
+    Fenced { after: Duration },
     #[error("the database did not answer within {after:?} while {doing}")]
     Unresponsive { doing: &'static str, after: Duration },
 }
@@ -90,9 +104,13 @@ pub enum RelayError {
 impl RelayError {
     /// Errors no reconnect can fix: the relay stops and `lockstep relay` exits non-zero. A changed
     /// backend is one: reconnecting through the same pooler would take the lock on a pooled server
-    /// connection again and lose it again, while another relay may be active.
+    /// connection again and lose it again, while another relay may be active. So is a shared
+    /// session: the pooler would hand it out again.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, RelayError::Standby | RelayError::BackendChanged { .. })
+        matches!(
+            self,
+            RelayError::Standby | RelayError::BackendChanged { .. } | RelayError::SessionShared { .. }
+        )
     }
 }
 

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     failure::Failure,
+    fence::Fence,
     gate::KeyGate,
     gather::Gather,
     metrics::RelayMetrics,
@@ -189,8 +190,10 @@ impl Relay {
     /// removed. Up to `max_batches_in_flight` batches are with the producer at once, so reading
     /// and deleting overlap with publishing. Stops reading (and finishes what is in flight) when
     /// `stop` fires. A fatal producer error completes what is in flight from its reports (the
-    /// purged rows stay in the outbox and are read again) and rebuilds the producer.
-    pub async fn drain(&mut self, conn: &mut PgConnection, stop: &CancellationToken) -> Result<(), RelayError> {
+    /// purged rows stay in the outbox and are read again) and rebuilds the producer. On the lock
+    /// session (`lock`), the session is checked when due, also while waiting for reports, and
+    /// nothing is read, handed to the producer or removed past the fence's deadline.
+    pub(super) async fn drain_in(&mut self, conn: &mut PgConnection, stop: &CancellationToken, lock: &mut Fence) -> Result<(), RelayError> {
         let depth = self.cfg.max_batches_in_flight.max(1);
         // Batches of a drain that ended in an error are gone (their rows are still in the
         // outbox): their keys must not stay out of reads.
@@ -202,11 +205,12 @@ impl Relay {
         let mut want = true;
         let began = Instant::now();
         loop {
+            lock.keep(conn).await?;
             // Rebuilt after completing every batch in flight: their keys may be read again.
-            want |= self.rebuild_if_needed(conn, &mut in_flight).await?;
+            want |= lock.bound(self.rebuild_if_needed(conn, &mut in_flight)).await?;
             while want && in_flight.len() < depth && !stop.is_cancelled() && Instant::now() >= self.next_read {
                 let started = Instant::now();
-                let rows = self.fetch(conn).await?;
+                let rows = lock.bound(self.fetch(conn)).await?;
                 want = rows.len() >= self.cfg.resolved.batch_size as usize;
                 self.gather.read(rows.len(), self.last_read.map(|t| started - t));
                 self.last_read = Some(started);
@@ -216,7 +220,7 @@ impl Relay {
                     started + self.gather.wait(self.cfg.resolved.max_gather)
                 };
                 if !rows.is_empty() {
-                    in_flight.push_back(self.send(rows, started).await);
+                    in_flight.push_back(lock.bound(async { Ok(self.send(rows, started).await) }).await?);
                 }
             }
             let Some(mut batch) = in_flight.pop_front() else {
@@ -226,7 +230,7 @@ impl Relay {
                 }
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    _ = tokio::time::sleep_until(self.next_read.into()) => {}
+                    _ = tokio::time::sleep_until(lock.until(Some(self.next_read)).into()) => {}
                 }
                 continue;
             };
@@ -234,15 +238,15 @@ impl Relay {
             // `gather` has passed. While batches are in flight the relay polls at that pace rather
             // than waiting for NOTIFYs, which it stops listening for under a steady flow.
             let room = in_flight.len() + 1 < depth && !stop.is_cancelled();
-            if oldest_delivered(&mut batch, room.then_some(self.next_read)).await {
+            if oldest_delivered(&mut batch, Some(lock.until(room.then_some(self.next_read)))).await {
                 in_flight.push_front(batch);
-                want = true;
+                want |= room && Instant::now() >= self.next_read;
                 continue;
             }
             if began.elapsed() >= UNLISTEN_AFTER {
                 self.set_listening(false);
             }
-            self.complete(conn, batch).await?;
+            lock.bound(self.complete(conn, batch)).await?;
             want = true;
         }
     }

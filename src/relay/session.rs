@@ -7,13 +7,16 @@
 //! therefore sets the server's TCP keepalives and `tcp_user_timeout` (per-session settings any
 //! user may change), so that the server drops a silent relay's session, and releases its lock,
 //! within [`DEAD_PEER_TIMEOUT`]; a standby polls the lock every second and takes over. The relay
-//! itself bounds every session statement it runs by the same timeout, so a relay cut off from the
-//! database stops claiming to be active and reconnects.
+//! itself stops sending, and purges what its producer holds, within half that time (`fence`), so
+//! its messages cannot land behind those of the relay that takes over.
 //!
 //! Two setups that would void the lock are refused: a hot standby (read-only; the relay would
 //! publish a replica's rows it can never remove), and a transaction-pooling proxy, which runs each
-//! transaction on any of its server connections, so the server process that took the session lock
-//! is not the one running the batches (seen as `pg_backend_pid()` changing under the lock).
+//! transaction on any of its server connections: the server process that took the session lock is
+//! not the one running the batches (seen as `pg_backend_pid()` changing under the lock, or the
+//! session losing the relay's marker), or a standby's lock attempt lands on the session that holds
+//! the lock and, the lock being re-entrant, would succeed (seen as the session holding the lock
+//! before the attempt).
 
 use std::{
     future::Future,
@@ -24,6 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rdkafka::producer::Producer;
 use sqlx::{
     postgres::{PgConnectOptions, PgListener},
     Connection, Executor, PgConnection, PgPool,
@@ -31,17 +35,18 @@ use sqlx::{
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{backoff, metrics::WakeLabel, Relay, RelayError, RelayMetrics};
+use super::{
+    backoff,
+    fence::{lock_sql, Fence, Holder},
+    metrics::WakeLabel,
+    Relay, RelayError, RelayMetrics,
+};
 use crate::config::RelayConfig;
 
 /// How long a dead peer of a relay's connection goes unnoticed, at most (plus timer slack): the
 /// server drops the session of a relay that stopped answering, which releases its lock; a relay
 /// gives up on a server that did not answer a session statement within it.
 pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// How often a relay checks that its lock session still answers and is still the one holding
-/// the lock (`Session::check`), at most.
-const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Keepalive probes before the server gives up on a silent relay.
 const KEEPALIVE_PROBES: u64 = 3;
@@ -100,6 +105,11 @@ pub(super) async fn configure(conn: &mut PgConnection) -> Result<(), sqlx::Error
     conn.execute("set synchronous_commit = off").await.map(drop)
 }
 
+/// The wait before the next connection after `failures` in a row (connect, lock or session).
+pub fn reconnect_wait(failures: u32) -> Duration {
+    backoff(failures.min(30) as i32).min(Duration::from_secs(10))
+}
+
 /// `f`, or `RelayError::Unresponsive` when the database did not answer within DEAD_PEER_TIMEOUT.
 async fn answered<T>(doing: &'static str, f: impl Future<Output = Result<T, RelayError>>) -> Result<T, RelayError> {
     match tokio::time::timeout(DEAD_PEER_TIMEOUT, f).await {
@@ -145,7 +155,7 @@ impl Session<'_> {
                 Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => {
                     failures += 1;
-                    let wait = backoff(failures as i32).min(Duration::from_secs(10));
+                    let wait = reconnect_wait(failures);
                     tracing::warn!(error = %e, ?wait, "database unreachable");
                     if self.stopped_during(wait).await {
                         break;
@@ -153,19 +163,31 @@ impl Session<'_> {
                     continue;
                 }
             };
-            let pid = match self.lock(&mut conn).await {
-                Ok(Some(pid)) => pid,
+            let fence = match self.lock(&mut conn).await {
+                Ok(Some(fence)) => fence,
                 Ok(None) => break,
+                Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => {
-                    tracing::warn!(error = %e, "lost the database while waiting for the lock");
+                    // A server that accepts connections and fails the lock statement would
+                    // otherwise be reconnected to in a tight loop.
+                    failures += 1;
+                    let wait = reconnect_wait(failures);
+                    tracing::warn!(error = %e, ?wait, "lost the database while waiting for the lock");
+                    if self.stopped_during(wait).await {
+                        break;
+                    }
                     continue;
                 }
             };
-            tracing::info!(table = %self.cfg.resolved.table, pid, "holding the outbox lock: relaying");
             self.set_active(true);
             failures = 0;
-            let result = self.relay(relay, &mut conn, pid).await;
+            let result = self.relay(relay, &mut conn, fence).await;
             self.set_active(false);
+            if let Err(e) = &result {
+                // The lock may be gone, or about to be: nothing this relay queued may be sent.
+                tracing::warn!(error = %e, "relay session ended");
+                fence_off(relay).await;
+            }
             match result {
                 Ok(()) => {
                     let _ = sqlx::query("select pg_advisory_unlock($1)").bind(self.key).execute(&mut conn).await;
@@ -174,10 +196,9 @@ impl Session<'_> {
                 }
                 // Not unlocked: through a pooler, the unlock would run on some other session.
                 Err(e) if e.is_fatal() => return Err(e),
-                Err(e) => {
-                    tracing::warn!(error = %e, "relay session ended; reconnecting");
+                Err(_) => {
                     failures += 1;
-                    if self.stopped_during(backoff(failures as i32).min(Duration::from_secs(5))).await {
+                    if self.stopped_during(reconnect_wait(failures).min(Duration::from_secs(5))).await {
                         break;
                     }
                 }
@@ -207,22 +228,34 @@ impl Session<'_> {
         self.metrics.active.set(i64::from(active));
     }
 
-    /// Wait until this connection holds the outbox lock; the pid of the server process that holds
-    /// it (taken in the same statement), or None when stopped first.
-    async fn lock(&self, conn: &mut PgConnection) -> Result<Option<i32>, RelayError> {
+    /// Wait until this connection holds the outbox lock; its fence, from the send time of the
+    /// statement that took it, or None when stopped first. Refused when the server session held
+    /// the lock before this relay tried: another client's session, handed over by a pooler.
+    /// Unnamed: a prepared statement's name would clash on a session a pooler shares.
+    async fn lock(&self, conn: &mut PgConnection) -> Result<Option<Fence>, RelayError> {
         let mut announced = false;
+        let marker = uuid::Uuid::new_v4().to_string();
+        let sql = lock_sql();
         loop {
-            let (held, pid) = answered("taking the outbox lock", async {
-                Ok(
-                    sqlx::query_as::<_, (bool, i32)>("select pg_try_advisory_lock($1), pg_backend_pid()")
-                        .bind(self.key)
-                        .fetch_one(&mut *conn)
-                        .await?,
-                )
+            let sent = Instant::now();
+            let (held, got, pid, _) = answered("taking the outbox lock", async {
+                Ok(sqlx::query_as::<_, (bool, bool, i32, Option<String>)>(&sql)
+                    .bind(self.key)
+                    .bind(&marker)
+                    .persistent(false)
+                    .fetch_one(&mut *conn)
+                    .await?)
             })
             .await?;
             if held {
-                return Ok(Some(pid));
+                return Err(RelayError::SessionShared {
+                    pid,
+                    seen: "the server session this relay reached already holds the outbox lock, which this relay did not take",
+                });
+            }
+            if got {
+                tracing::info!(table = %self.cfg.resolved.table, pid, "holding the outbox lock: relaying");
+                return Ok(Some(Fence::new(sent, Holder { pid, marker })));
             }
             if !announced {
                 tracing::info!(table = %self.cfg.resolved.table, "another relay is active; standing by");
@@ -301,42 +334,44 @@ impl Session<'_> {
 
     /// Check the session, drain, then wait for NOTIFY or the poll interval, until `stop` (Ok) or
     /// an error.
-    async fn relay(&self, relay: &mut Relay, conn: &mut PgConnection, locked: i32) -> Result<(), RelayError> {
+    /// Drain, then wait for NOTIFY or the poll interval, until `stop` (Ok) or an error; the session
+    /// is checked every CHECK_EVERY throughout (`Fence::keep`: idle, between batches, and while a
+    /// drain waits for delivery reports), so the fence never lapses on a live session.
+    async fn relay(&self, relay: &mut Relay, conn: &mut PgConnection, mut fence: Fence) -> Result<(), RelayError> {
         let new_rows = relay.new_rows();
         let _listening = self.listen(new_rows.clone(), relay.listening()).await;
         let poll = self.cfg.resolved.poll_interval;
-        let mut checked: Option<Instant> = None;
         loop {
-            // Not before every drain: under a steady flow a drain starts every few milliseconds.
-            if checked.is_none_or(|at| at.elapsed() >= CHECK_EVERY) {
-                self.check(conn, locked).await?;
-                checked = Some(Instant::now());
-            }
-            relay.drain(conn, self.stop).await?;
+            relay.drain_in(conn, self.stop, &mut fence).await?;
             if self.stop.is_cancelled() {
                 return Ok(());
             }
-            let by = tokio::select! {
-                _ = self.stop.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(poll) => "poll",
-                _ = new_rows.notified() => "notify",
+            let poll_at = tokio::time::Instant::now() + poll;
+            let by = loop {
+                tokio::select! {
+                    _ = self.stop.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep_until(poll_at) => break "poll",
+                    _ = new_rows.notified() => break "notify",
+                    _ = tokio::time::sleep_until(fence.due().into()) => fence.keep(conn).await?,
+                }
             };
             self.metrics.wakeups.get_or_create(&WakeLabel { by }).inc();
         }
     }
+}
 
-    /// Before a drain, at most every CHECK_EVERY: the server still answers, and this connection
-    /// still reaches the server process holding the lock. Unnamed (not a prepared statement), so
-    /// through a pooler it runs on whichever server connection it lands and reports that one.
-    async fn check(&self, conn: &mut PgConnection, locked: i32) -> Result<(), RelayError> {
-        let now = answered("checking the lock session", async {
-            Ok(sqlx::query_scalar::<_, i32>("select pg_backend_pid()")
-                .persistent(false)
-                .fetch_one(&mut *conn)
-                .await?)
-        })
-        .await?;
-        require_same_backend(locked, now)
+/// After a lock session ended in an error: purge and drop the producer (what it queued or has
+/// in flight must not reach the broker after another relay resent those rows and later rows of
+/// their keys), before anything else. The gate forgets the batches at the next drain.
+async fn fence_off(relay: &mut Relay) {
+    let producer = relay.producer().clone();
+    let held = producer.in_flight_count();
+    // Purged here too: a replacement that cannot be created leaves the old producer in place.
+    let purge = move || producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+    let _ = tokio::task::spawn_blocking(purge).await;
+    match relay.replace_producer().await {
+        Ok(()) => tracing::warn!(purged = held, "fenced: the producer's queue was purged and the producer dropped"),
+        Err(e) => tracing::error!(error = %e, "cannot create a new producer"),
     }
 }
 
@@ -380,6 +415,13 @@ mod tests {
         ] {
             assert!(msg.contains(part), "{part:?} in {msg}");
         }
+    }
+
+    #[test]
+    fn reconnects_back_off_to_ten_seconds() {
+        let waits: Vec<u64> = (1..=6).map(|f| reconnect_wait(f).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 10, 10]);
+        assert_eq!(reconnect_wait(u32::MAX), Duration::from_secs(10));
     }
 
     #[test]

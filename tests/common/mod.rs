@@ -2,8 +2,11 @@
 //! Every test gets its own namespace, database schema and topic names.
 #![allow(dead_code)]
 
+pub mod kafka_proxy;
 pub mod outbox;
+pub mod pgbouncer;
 pub mod proxy;
+pub mod relays;
 pub mod tls;
 
 use std::time::Duration;
@@ -265,6 +268,18 @@ pub async fn http_get(addr: &str, path: &str) -> String {
     out
 }
 
+/// `http_get`, or None when nothing answers at `addr`.
+pub async fn http_get_checked(addr: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    Some(out)
+}
+
 /// A PostgreSQL of a test's own, for tests that stop and start the database.
 pub struct PrivatePostgres {
     pub dir: std::path::PathBuf,
@@ -375,18 +390,30 @@ impl Drop for PrivatePostgres {
 /// A tansu broker of a test's own, for tests that stop and start the broker.
 pub struct PrivateBroker {
     pub port: u16,
+    /// The address clients are told to connect to (a proxy's), when not the broker's own.
+    advertised: Option<String>,
     dir: std::path::PathBuf,
     child: Option<std::process::Child>,
 }
 
 impl PrivateBroker {
     pub fn start() -> Self {
+        Self::start_advertising(None)
+    }
+
+    /// A broker that tells clients to connect to `advertised` (host:port), a proxy in front of it.
+    pub fn start_advertising(advertised: Option<String>) -> Self {
         let dir = std::path::PathBuf::from(env("LOCKSTEP_TESTENV_DIR"))
             .join("private-tansu")
             .join(unique("b"));
         std::fs::create_dir_all(&dir).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut b = PrivateBroker { port, dir, child: None };
+        let mut b = PrivateBroker {
+            port,
+            advertised,
+            dir,
+            child: None,
+        };
         b.start_again();
         b
     }
@@ -397,13 +424,14 @@ impl PrivateBroker {
 
     pub fn start_again(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = self.advertised.as_ref().map_or(url.clone(), |a| format!("tcp://{a}"));
         let child = std::process::Command::new(env("LOCKSTEP_TANSU_BIN"))
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
                 "--storage-engine",
                 "sqlite://tansu.db",
             ])

@@ -1,6 +1,7 @@
 //! A TCP proxy of the tests' own between a relay and PostgreSQL, to cut the relay off as a network
 //! partition would ([`Proxy::blackhole`]) or to move its session to another server connection as a
-//! transaction pooler does ([`Proxy::repin_at`]).
+//! transaction pooler does ([`Proxy::repin_at`]), or to drop a connection when it sends a given
+//! statement ([`Proxy::close_at`]).
 //!
 //! A proxy that merely stops forwarding is no partition: its kernel still acknowledges every
 //! packet, keepalive probes included, so the server would never see its peer go silent. On a
@@ -43,6 +44,9 @@ struct Shared {
     /// The next client message containing this goes to a new server connection.
     repin: Mutex<Option<Vec<u8>>>,
     repinned: AtomicUsize,
+    /// Every client message containing this ends its connection (both sides closed).
+    close_at: Mutex<Option<Vec<u8>>>,
+    closed: AtomicUsize,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -69,6 +73,8 @@ impl Proxy {
             silenced: AtomicUsize::new(0),
             repin: Mutex::new(None),
             repinned: AtomicUsize::new(0),
+            close_at: Mutex::new(None),
+            closed: AtomicUsize::new(0),
             tasks: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(accept(listener, shared.clone()));
@@ -100,6 +106,17 @@ impl Proxy {
     /// keeps it: its server process keeps what the session held.
     pub fn repin_at(&self, marker: &[u8]) {
         *self.shared.repin.lock().unwrap() = Some(marker.to_vec());
+    }
+
+    /// From now on, close each connection whose client sends a message containing `marker`,
+    /// instead of forwarding it: the statement fails with a lost connection.
+    pub fn close_at(&self, marker: &[u8]) {
+        *self.shared.close_at.lock().unwrap() = Some(marker.to_vec());
+    }
+
+    /// How many connections `close_at` closed.
+    pub fn closed(&self) -> usize {
+        self.shared.closed.load(Ordering::SeqCst)
     }
 
     /// How many sessions were moved to a new server connection.
@@ -228,6 +245,9 @@ impl Conn {
                 } else {
                     self.startup = Some(msg.clone());
                 }
+            } else if contains(shared.close_at.lock().unwrap().as_deref(), &msg) {
+                shared.closed.fetch_add(1, Ordering::SeqCst);
+                return Err(std::io::ErrorKind::ConnectionAborted.into());
             } else if self.idle && self.take_repin(shared, &msg) {
                 let fresh = self.new_server_session().await;
                 self.retired.push(std::mem::replace(&mut self.server, fresh));
@@ -239,7 +259,7 @@ impl Conn {
 
     fn take_repin(&self, shared: &Shared, msg: &[u8]) -> bool {
         let mut repin = shared.repin.lock().unwrap();
-        let hit = repin.as_deref().is_some_and(|m| msg.windows(m.len()).any(|w| w == m));
+        let hit = contains(repin.as_deref(), msg);
         if hit {
             *repin = None;
         }
@@ -303,6 +323,10 @@ impl Conn {
             drop_all_incoming(fd);
         }
     }
+}
+
+fn contains(marker: Option<&[u8]>, msg: &[u8]) -> bool {
+    marker.is_some_and(|m| msg.windows(m.len()).any(|w| w == m))
 }
 
 /// The length of the first complete message in `buf`, if there is one: type byte (when `typed`)

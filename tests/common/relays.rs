@@ -1,0 +1,238 @@
+//! Relays run as the binary a Pod would run, against an outbox and a topic of a test's own, and
+//! what the failover tests read back from the topic.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use lockstep::kafka::Admin;
+use rdkafka::{
+    config::ClientConfig,
+    consumer::{BaseConsumer, Consumer},
+    message::{Headers, Message},
+};
+
+pub struct Outbox {
+    pub table: super::outbox::OutboxTable,
+    pub topic: String,
+    pub bootstrap: String,
+}
+
+impl std::ops::Deref for Outbox {
+    type Target = super::outbox::OutboxTable;
+    fn deref(&self) -> &Self::Target {
+        &self.table
+    }
+}
+
+/// An outbox on the test PostgreSQL and a topic (one partition) on `bootstrap`.
+pub async fn outbox(prefix: &str, bootstrap: &str) -> Outbox {
+    let topic = super::unique(&format!("relay.{prefix}"));
+    let admin = Admin::new(bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
+    admin.create_topic(&topic, 1, 1, &Default::default()).await.unwrap();
+    Outbox {
+        table: super::outbox::OutboxTable::create(prefix, &super::env("DATABASE_URL")).await,
+        topic,
+        bootstrap: bootstrap.to_owned(),
+    }
+}
+
+pub struct RelayProc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl RelayProc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} not in {} after {timeout:?}:\n{}",
+                self.log.display(),
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether the relay reports itself active (`lockstep_relay_active` on its metrics address,
+    /// which it logs as it starts); None before it serves metrics or after it exited.
+    pub async fn active(&self) -> Option<bool> {
+        let log = self.log();
+        let addr = log.split("relay starting addr=").nth(1)?.split_whitespace().next()?.to_owned();
+        let get = tokio::time::timeout(Duration::from_secs(2), super::http_get_checked(&addr, "/metrics"));
+        let body = get.await.ok()??;
+        let line = body.lines().find(|l| l.starts_with("lockstep_relay_active "))?;
+        Some(line.ends_with(" 1"))
+    }
+
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "the relay did not exit:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Outbox {
+    pub fn relay(&self, log: &str, database_url: &str) -> RelayProc {
+        self.relay_with(log, database_url, &[])
+    }
+
+    /// A relay with `extra` arguments, its log in the test environment's folder.
+    pub fn relay_with(&self, log: &str, database_url: &str, extra: &[&str]) -> RelayProc {
+        let log = PathBuf::from(super::env("LOCKSTEP_TESTENV_DIR")).join(log);
+        let child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args(["relay", "--schema", &self.schema, "--table", "outbox", "--topic", &self.topic])
+            .args(["--metrics-addr", "127.0.0.1:0", "--poll-interval", "200ms"])
+            .args(extra)
+            .env("DATABASE_URL", database_url)
+            .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start lockstep relay");
+        RelayProc { child, log }
+    }
+
+    /// `n` events over `keys` keys: event g has key `k-(g % keys)` and payload
+    /// `{"key": g % keys, "n": g / keys}`, so a key's `n` grows with its events.
+    pub async fn insert(&self, from: i64, n: i64, keys: i64) {
+        sqlx::query(&format!(
+            "insert into \"{}\".outbox (id, aggregatetype, aggregateid, type, payload)
+             select gen_random_uuid(), 'order', 'k-' || (g % $3), 'created', jsonb_build_object('key', g % $3, 'n', g / $3)
+             from generate_series($1, $1 + $2 - 1) g",
+            self.schema
+        ))
+        .bind(from)
+        .bind(n)
+        .bind(keys)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+
+    pub async fn lock_holder(&self) -> Option<i32> {
+        let t = lockstep::sql::QualifiedName {
+            schema: lockstep::sql::Ident::parse(&self.schema).unwrap(),
+            table: lockstep::sql::Ident::parse("outbox").unwrap(),
+        };
+        // A bigint advisory key is stored as classid (high 32 bits) and objid (low 32 bits).
+        let key = lockstep::relay::lock_key(&t) as u64;
+        sqlx::query_scalar(
+            "select pid from pg_locks where locktype = 'advisory' and granted and objsubid = 1
+             and database = (select oid from pg_database where datname = current_database())
+             and classid::bigint = $1 and objid::bigint = $2",
+        )
+        .bind((key >> 32) as i64)
+        .bind((key & 0xffff_ffff) as i64)
+        .fetch_optional(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    pub async fn backend_alive(&self, pid: i32) -> bool {
+        sqlx::query_scalar("select exists (select 1 from pg_stat_activity where pid = $1)")
+            .bind(pid)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+/// The test PostgreSQL's address, for a proxy.
+pub fn upstream() -> SocketAddr {
+    let opts: sqlx::postgres::PgConnectOptions = super::env("DATABASE_URL").parse().unwrap();
+    format!("{}:{}", opts.get_host(), opts.get_port()).parse().unwrap()
+}
+
+/// One message of an outbox event, as `insert` wrote it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: String,
+    pub key: String,
+    pub n: i64,
+}
+
+/// Every message on partition 0 of `topic`, in order, up to the high watermark.
+pub fn consume_all(bootstrap: &str, topic: &str, timeout: Duration) -> Vec<Event> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", super::unique("check"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let (_, high) = c.fetch_watermarks(topic, 0, Duration::from_secs(30)).expect("watermarks");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
+    c.assign(&tpl).unwrap();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + timeout;
+    let mut next = 0;
+    while next < high {
+        assert!(Instant::now() < deadline, "read {next} of {high} messages within {timeout:?}");
+        let Some(m) = c.poll(Duration::from_millis(200)) else { continue };
+        let m = m.expect("consume");
+        next = m.offset() + 1;
+        let headers = m.headers().expect("headers");
+        let id = headers.iter().find(|h| h.key == "id").and_then(|h| h.value).expect("id header");
+        let payload: serde_json::Value = serde_json::from_slice(m.payload().expect("payload")).unwrap();
+        events.push(Event {
+            id: String::from_utf8_lossy(id).into_owned(),
+            key: String::from_utf8_lossy(m.key().expect("key")).into_owned(),
+            n: payload["n"].as_i64().expect("n in the payload"),
+        });
+    }
+    events
+}
+
+/// Keys that went backwards: once a message carrying a key's newest state (its greatest `n`)
+/// is on the topic, every later message of that key must carry that state too (a duplicate).
+/// A replay after a takeover repeats older states only before the newest one was ever sent; an
+/// older state after the newest is what a last-write-wins consumer, or compaction, keeps wrongly.
+/// Each such key with the offending sequence of `n`.
+pub fn backwards(events: &[Event]) -> Vec<(String, Vec<i64>)> {
+    let mut newest: HashMap<&str, i64> = HashMap::new();
+    for e in events {
+        let n = newest.entry(&e.key).or_insert(e.n);
+        *n = (*n).max(e.n);
+    }
+    let mut seen_newest: HashMap<&str, bool> = HashMap::new();
+    let mut bad: HashMap<&str, Vec<i64>> = HashMap::new();
+    for e in events {
+        let top = newest[e.key.as_str()];
+        let after = seen_newest.entry(&e.key).or_default();
+        if *after && e.n < top {
+            bad.entry(&e.key).or_default().push(e.n);
+        }
+        *after |= e.n == top;
+    }
+    let mut bad: Vec<_> = bad.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    bad.sort();
+    bad
+}

@@ -72,8 +72,9 @@ pub struct OperatorArgs {
     /// Identity in the Lease (in a Pod: its name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
-    /// Image relay Deployments run unless an OutboxRelay names one.
-    #[arg(long, env = "LOCKSTEP_RELAY_IMAGE", default_value = "ghcr.io/lockstep-dev/lockstep:latest")]
+    /// Image relay Deployments run unless an OutboxRelay names one. Defaults to this operator's
+    /// own version, never a moving tag: an operator upgrade says what its relays run.
+    #[arg(long, env = "LOCKSTEP_RELAY_IMAGE", default_value = concat!("ghcr.io/lockstep-dev/lockstep:", env!("CARGO_PKG_VERSION")))]
     pub relay_image: String,
     /// Image repositories an OutboxRelay's spec.relay.image may name, comma-separated (an entry
     /// ending in '/' allows every repository under it). Empty: the repository of --relay-image.

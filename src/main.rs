@@ -273,7 +273,7 @@ operator --leader-election env=LOCKSTEP_LEADER_ELECTION default=true
 operator --lease-name env=LOCKSTEP_LEASE_NAME default=lockstep-operator
 operator --lease-namespace env=POD_NAMESPACE default=default
 operator --identity env=POD_NAME default=
-operator --relay-image env=LOCKSTEP_RELAY_IMAGE default=ghcr.io/lockstep-dev/lockstep:latest
+operator --relay-image env=LOCKSTEP_RELAY_IMAGE default=ghcr.io/lockstep-dev/lockstep:{version}
 operator --relay-image-prefixes env=LOCKSTEP_RELAY_IMAGE_PREFIXES default=
 relay --database-url env=DATABASE_URL default=
 relay --database-url-file env=DATABASE_URL_FILE default=
@@ -327,6 +327,7 @@ chaos-consumer --metrics-addr env= default=127.0.0.1:0
 crds --out env= default=
 crds --helm env= default=
 crds --apply env= default="#
+                .replace("{version}", env!("CARGO_PKG_VERSION"))
         );
     }
 }

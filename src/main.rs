@@ -247,26 +247,9 @@ mod tests {
 
     use super::Cli;
 
-    /// Every flag and environment variable of every command: deployments and scripts depend on them.
-    #[test]
-    fn cli_flags_and_environment_are_exact() {
-        let cli = Cli::command();
-        let mut lines = Vec::new();
-        let mut describe = |cmd: &str, c: &clap::Command| {
-            for a in c.get_arguments() {
-                let long = a.get_long().map(|l| format!("--{l}")).unwrap_or_else(|| a.get_id().to_string());
-                let env = a.get_env().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
-                let default: Vec<String> = a.get_default_values().iter().map(|v| v.to_string_lossy().into_owned()).collect();
-                lines.push(format!("{cmd} {long} env={env} default={}", default.join(",")));
-            }
-        };
-        describe("lockstep", &cli);
-        for sub in cli.get_subcommands() {
-            describe(sub.get_name(), sub);
-        }
-        assert_eq!(
-            lines.join("\n"),
-            r#"lockstep --log-format env=LOCKSTEP_LOG_FORMAT default=text
+    /// The flags, environment variables and defaults `cli_flags_and_environment_are_exact` pins
+    /// (`{version}`: this crate's version).
+    const FLAGS: &str = r#"lockstep --log-format env=LOCKSTEP_LOG_FORMAT default=text
 operator --metrics-addr env=LOCKSTEP_METRICS_ADDR default=0.0.0.0:8080
 operator --watch-namespace env=LOCKSTEP_WATCH_NAMESPACE default=
 operator --leader-election env=LOCKSTEP_LEADER_ELECTION default=true
@@ -326,8 +309,26 @@ chaos-consumer --partitions env= default=
 chaos-consumer --metrics-addr env= default=127.0.0.1:0
 crds --out env= default=
 crds --helm env= default=
-crds --apply env= default="#
-                .replace("{version}", env!("CARGO_PKG_VERSION"))
-        );
+crds --apply env= default="#;
+
+    /// Every flag and environment variable of every command: deployments and scripts depend on them.
+    #[test]
+    fn cli_flags_and_environment_are_exact() {
+        let cli = Cli::command();
+        let mut lines = Vec::new();
+        let mut describe = |cmd: &str, c: &clap::Command| {
+            for a in c.get_arguments() {
+                let long = a.get_long().map(|l| format!("--{l}")).unwrap_or_else(|| a.get_id().to_string());
+                let env = a.get_env().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
+                let default: Vec<String> = a.get_default_values().iter().map(|v| v.to_string_lossy().into_owned()).collect();
+                lines.push(format!("{cmd} {long} env={env} default={}", default.join(",")));
+            }
+        };
+        describe("lockstep", &cli);
+        for sub in cli.get_subcommands() {
+            describe(sub.get_name(), sub);
+        }
+        let expected = FLAGS.replace("{version}", env!("CARGO_PKG_VERSION"));
+        assert_eq!(lines.join("\n"), expected);
     }
 }

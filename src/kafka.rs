@@ -300,16 +300,7 @@ pub struct AdminCache {
 
 impl AdminCache {
     pub fn get(&self, bootstrap: &str, settings: &BTreeMap<String, String>) -> Result<Arc<Admin>, AdminError> {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        h.update(bootstrap.as_bytes());
-        for (k, v) in settings {
-            h.update([0]);
-            h.update(k.as_bytes());
-            h.update([0]);
-            h.update(v.as_bytes());
-        }
-        let key: [u8; 32] = h.finalize().into();
+        let key = crate::cache::digest([bootstrap], settings);
         self.admins
             .get_or_try_insert(key, || Ok(Arc::new(Admin::new(bootstrap, settings, Duration::from_secs(5))?)))
     }

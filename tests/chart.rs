@@ -244,6 +244,25 @@ async fn default_install_is_cluster_wide_and_least_privilege() {
     ns.delete().await;
 }
 
+/// The release workflow packages the chart stamped by scripts/release-chart: installed as it ships,
+/// the operator runs that version's image and hands the same one to every relay (never `latest`).
+#[tokio::test]
+async fn a_release_chart_pins_the_operator_and_relay_images() {
+    let client = common::kube_client().await;
+    let ns = common::TestNamespace::new(&client, "chart").await;
+    let out_dir = std::env::temp_dir().join(common::unique("release-chart"));
+    let out = Command::new(repo().join("scripts/release-chart")).arg("9.8.7").arg(&out_dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = Release::install(&ns.name, json!({"crds": {"create": false}}), &out_dir.join("lockstep"));
+    let c = &r.one("Deployment", &r.fullname())["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], "ghcr.io/lockstep-dev/lockstep:9.8.7");
+    let args: Vec<String> = serde_json::from_value(c["args"].clone()).unwrap();
+    assert_eq!(operator_args(&args).relay_image, "ghcr.io/lockstep-dev/lockstep:9.8.7");
+    r.uninstall();
+    let _ = std::fs::remove_dir_all(&out_dir);
+    ns.delete().await;
+}
+
 #[tokio::test]
 async fn watch_namespace_narrows_rbac_to_a_role() {
     let client = common::kube_client().await;

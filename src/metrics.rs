@@ -26,15 +26,39 @@ pub struct FailureLabel {
     pub reason: String,
 }
 
+/// Which InboxTable a purge series belongs to (`table` is schema.table in the database).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PurgeLabel {
+    pub namespace: String,
+    pub inboxtable: String,
+    pub table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabel {
+    pub version: &'static str,
+}
+
 pub struct Metrics {
     pub reconciles: Family<ControllerLabel, Counter>,
     pub failures: Family<FailureLabel, Counter>,
     pub reconcile_duration: Family<ControllerLabel, Histogram>,
     pub leader: Gauge,
-    pub purged_rows: Counter,
-    pub purge_failures: Counter,
-    pub purge_duration: Histogram,
+    pub purged_rows: Family<PurgeLabel, Counter>,
+    pub purge_failures: Family<PurgeLabel, Counter>,
+    pub purge_duration: Family<PurgeLabel, Histogram>,
     pub registry: Registry,
+}
+
+/// `<prefix>_build_info{version} 1`: which version a scraped process runs (joins in dashboards and
+/// alerts, and shows a half-done upgrade).
+pub fn register_build_info(registry: &mut Registry) {
+    let info = Family::<BuildLabel, Gauge>::default();
+    info.get_or_create(&BuildLabel {
+        version: env!("CARGO_PKG_VERSION"),
+    })
+    .set(1);
+    registry.register("build_info", "The running lockstep version (always 1)", info);
 }
 
 impl Default for Metrics {
@@ -46,9 +70,12 @@ impl Default for Metrics {
             Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
         });
         let leader = Gauge::default();
-        let purged_rows = Counter::default();
-        let purge_failures = Counter::default();
-        let purge_duration = Histogram::new([0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]);
+        let purged_rows = Family::<PurgeLabel, Counter>::default();
+        let purge_failures = Family::<PurgeLabel, Counter>::default();
+        let purge_duration = Family::<PurgeLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0])
+        });
+        register_build_info(&mut registry);
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_failures",

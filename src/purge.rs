@@ -130,6 +130,8 @@ pub struct PurgeParams {
     pub retention: Duration,
     pub interval: Duration,
     pub batch: i64,
+    /// The series this table's purges count in.
+    pub labels: crate::metrics::PurgeLabel,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -206,15 +208,18 @@ impl<K: Clone + Send + Sync + 'static> Purges<K> {
                 let run = purge_expired_until(&pool, &p.table, p.retention, p.batch, PAUSE_RATIO, stop).await;
                 let outcome = match run {
                     Ok(result) => {
-                        metrics.purged_rows.inc_by(result.rows_deleted as u64);
-                        metrics.purge_duration.observe(result.duration.as_secs_f64());
+                        metrics.purged_rows.get_or_create(&p.labels).inc_by(result.rows_deleted as u64);
+                        metrics
+                            .purge_duration
+                            .get_or_create(&p.labels)
+                            .observe(result.duration.as_secs_f64());
                         LastPurge::Done {
                             at: Time(Timestamp::now()),
                             result,
                         }
                     }
                     Err(e) => {
-                        metrics.purge_failures.inc();
+                        metrics.purge_failures.get_or_create(&p.labels).inc();
                         LastPurge::Failed {
                             at: Time(Timestamp::now()),
                             error: e.to_string(),

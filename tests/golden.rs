@@ -254,10 +254,21 @@ fn published_indexes_are_exact() {
 
 #[test]
 fn metric_names_are_exact() {
-    let operator = metric_types(&lockstep::metrics::Metrics::default().render());
+    let op = lockstep::metrics::Metrics::default();
+    // The purge families (one series per InboxTable) render once they have a series.
+    let table = lockstep::metrics::PurgeLabel {
+        namespace: "n".into(),
+        inboxtable: "i".into(),
+        table: "s.t".into(),
+    };
+    op.purged_rows.get_or_create(&table);
+    op.purge_failures.get_or_create(&table);
+    op.purge_duration.get_or_create(&table);
+    let operator = metric_types(&op.render());
     assert_eq!(
         names(&operator),
-        r#"lockstep_inbox_purge_duration_seconds histogram
+        r#"lockstep_build_info gauge
+lockstep_inbox_purge_duration_seconds histogram
 lockstep_inbox_purge_failures counter
 lockstep_inbox_purged_rows counter
 lockstep_leader gauge
@@ -266,7 +277,8 @@ lockstep_leader gauge
     let relay = metric_types(&lockstep::relay::RelayMetrics::default().render());
     assert_eq!(
         names(&relay),
-        r#"lockstep_relay_active gauge
+        r#"lockstep_build_info gauge
+lockstep_relay_active gauge
 lockstep_relay_batch_duration_seconds histogram
 lockstep_relay_blocked_keys gauge
 lockstep_relay_broker_failing gauge

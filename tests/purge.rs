@@ -144,6 +144,7 @@ async fn a_raised_retention_stops_a_running_purge_within_one_batch() {
         retention,
         interval: Duration::from_secs(3600),
         batch: BATCH,
+        labels: purge_label(),
     };
     purges.ensure("uid", "key".into(), s.pool.clone(), params(Duration::from_secs(3600)));
     // Wait until the purge is well into the backlog.
@@ -198,6 +199,7 @@ async fn no_purge_runs_without_the_lease() {
         retention: Duration::from_secs(3600),
         interval: Duration::from_millis(200),
         batch: BATCH,
+        labels: purge_label(),
     };
     assert!(purges.ensure("uid", "key".into(), s.pool.clone(), params.clone()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -220,4 +222,56 @@ async fn no_purge_runs_without_the_lease() {
     assert!(!purges.ensure("other", "key".into(), s.pool.clone(), params));
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(count().await, after, "a purge started after the Lease was lost");
+}
+
+fn purge_label() -> lockstep::metrics::PurgeLabel {
+    lockstep::metrics::PurgeLabel {
+        namespace: "shop".into(),
+        inboxtable: "orders-inbox".into(),
+        table: "billing.inbox".into(),
+    }
+}
+
+/// The operator's purge series say which InboxTable and table they count (issue "Step 12").
+#[tokio::test]
+async fn purge_metrics_name_the_inbox_table() {
+    use lockstep::purge::{PurgeParams, Purges};
+    let s = common::pg_schema("purgemetrics").await;
+    let table = s.inbox("inbox").await;
+    sqlx::query(&format!(
+        "insert into {table} (consumer, message_id, received_at)
+         select 'c', 'm-' || g, now() - interval '2 hours' from generate_series(1, 7) g"
+    ))
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (_leading, lead_rx) = tokio::sync::watch::channel(true);
+    let metrics = Arc::new(lockstep::metrics::Metrics::default());
+    let purges: Purges<String> = Purges::new(done_tx, metrics.clone(), lead_rx);
+    let params = PurgeParams {
+        pool_key: "k".into(),
+        table: table.clone(),
+        retention: Duration::from_secs(3600),
+        interval: Duration::from_secs(3600),
+        batch: 100,
+        labels: purge_label(),
+    };
+    assert!(purges.ensure("uid", "key".into(), s.pool.clone(), params));
+    tokio::time::timeout(Duration::from_secs(30), done_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    purges.stop("uid");
+    let text = metrics.render();
+    let series = r#"{namespace="shop",inboxtable="orders-inbox",table="billing.inbox"}"#;
+    assert!(text.contains(&format!("lockstep_inbox_purged_rows_total{series} 7")), "{text}");
+    assert!(
+        text.contains(&format!("lockstep_inbox_purge_duration_seconds_count{series} 1")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("lockstep_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
 }

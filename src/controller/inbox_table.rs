@@ -140,6 +140,11 @@ async fn reconcile_valid(
                 retention: eff.retention,
                 interval: valid.purge_interval.value,
                 batch: valid.purge_batch_size,
+                labels: crate::metrics::PurgeLabel {
+                    namespace: ns.clone(),
+                    inboxtable: name.clone(),
+                    table: valid.table.to_string(),
+                },
             };
             ctx.purges.ensure(&uid, ObjectRef::new(&name).within(&ns), db.pool.clone(), params);
             if let Ok((rows, oldest)) = crate::purge::measure(&db.pool, &valid.table).boxed().await {

@@ -75,7 +75,10 @@ macro_rules! register {
 
 impl Default for RelayMetrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("lockstep_relay");
+        // lockstep_relay_* plus lockstep_build_info, named as the operator's.
+        let mut root = Registry::default();
+        crate::metrics::register_build_info(root.sub_registry_with_prefix("lockstep"));
+        let registry = root.sub_registry_with_prefix("lockstep_relay");
         let m = RelayMetrics {
             published: Counter::default(),
             failures: Family::default(),
@@ -120,7 +123,7 @@ impl Default for RelayMetrics {
         for by in ["notify", "poll"] {
             let _ = m.wakeups.get_or_create(&WakeLabel { by });
         }
-        RelayMetrics { registry, ..m }
+        RelayMetrics { registry: root, ..m }
     }
 }
 

@@ -58,12 +58,14 @@ pub struct OperatorArgs {
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "LOCKSTEP_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "LOCKSTEP_WATCH_NAMESPACE")]
-    pub watch_namespace: Option<String>,
+    /// Watch only these namespaces, comma-separated or repeated (default: all namespaces). The
+    /// operator then needs RBAC for its kinds, Secrets and Deployments in those namespaces only.
+    #[arg(long = "watch-namespace", env = "LOCKSTEP_WATCH_NAMESPACE", value_delimiter = ',')]
+    pub watch_namespaces: Vec<String>,
     /// Elect a leader through a Lease so several operator replicas are safe.
     #[arg(long, env = "LOCKSTEP_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_election: bool,
+    /// Name of the leader-election Lease (one per operator installation).
     #[arg(long, env = "LOCKSTEP_LEASE_NAME", default_value = "lockstep-operator")]
     pub lease_name: String,
     /// Namespace of the Lease (in a Pod: its own namespace).
@@ -114,6 +116,7 @@ pub struct OutboxArgs {
     /// File holding the PostgreSQL URL (a mounted Secret).
     #[arg(long, env = "DATABASE_URL_FILE")]
     pub database_url_file: Option<PathBuf>,
+    /// Schema of the outbox and dead-letter tables.
     #[arg(long, env = "LOCKSTEP_SCHEMA", default_value = "public")]
     pub schema: String,
     /// The outbox table; its dead-letter table is `<table>_dead_letter`.
@@ -151,18 +154,28 @@ pub struct RelayArgs {
     /// Column used as the message key.
     #[arg(long, env = "LOCKSTEP_KEY", value_enum, default_value = "aggregateid")]
     pub key: KeyArg,
+    /// Rows read (and sent as one batch) at most per read.
     #[arg(long, env = "LOCKSTEP_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: i32,
+    /// How often to look for rows when no NOTIFY woke the relay (e.g. 500ms, 1s, 1m).
     #[arg(long, env = "LOCKSTEP_POLL_INTERVAL", default_value = "1s")]
     pub poll_interval: String,
+    /// Attempts at a row the broker refuses for itself (too large, invalid) before it is moved to
+    /// the dead-letter table. Broker and network failures are retried forever and not counted.
     #[arg(long, env = "LOCKSTEP_MAX_ATTEMPTS", default_value_t = 10)]
     pub max_attempts: i32,
+    /// The producer's linger.ms: how long it waits to fill a produce request.
     #[arg(long, env = "LOCKSTEP_LINGER_MS", default_value_t = 5)]
     pub linger_ms: u32,
+    /// Compression of produce requests.
     #[arg(long, env = "LOCKSTEP_COMPRESSION", value_enum, default_value = "lz4")]
     pub compression: CompressionArg,
+    /// What happens to a published row: deleted, or marked published (published_at) and kept for
+    /// --published-retention.
     #[arg(long, env = "LOCKSTEP_CLEANUP", value_enum, default_value = "delete")]
     pub cleanup: CleanupArg,
+    /// With --cleanup mark-published: how long published rows are kept before they are purged
+    /// (e.g. 7d); unset keeps them.
     #[arg(long, env = "LOCKSTEP_PUBLISHED_RETENTION")]
     pub published_retention: Option<String>,
     /// Address for /metrics, /healthz and /readyz.

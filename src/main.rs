@@ -1,11 +1,11 @@
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{Api, Client};
 use lockstep::{
     config::{LogFormat, OperatorArgs, RelayArgs},
-    crdgen,
+    crdgen, examples,
     relay::replay::ReplayArgs,
 };
 use tokio_util::sync::CancellationToken;
@@ -27,20 +27,25 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the Kubernetes operator (OutboxRelay, InboxTable, DedupPolicy controllers).
+    #[command(after_help = examples::OPERATOR)]
     Operator(OperatorArgs),
     /// Run the outbox relay: publish outbox rows to Kafka, at least once, in per-key order.
+    #[command(after_help = examples::RELAY)]
     Relay(RelayArgs),
     /// Move dead-lettered events back into the outbox, to be published again (after the cause was
     /// fixed). Each replayed event goes out after the events of its key already published.
+    #[command(after_help = examples::REPLAY)]
     Replay(ReplayArgs),
     /// Measure effectively-once end to end under faults: orders written with outbox rows, relays
     /// and consumers SIGKILLed, the broker paused and restarted, the database restarted; then
     /// check every committed order's effect applied exactly once, in per-key order.
+    #[command(after_help = examples::CHAOS)]
     Chaos(lockstep::chaos::ChaosArgs),
     /// A chaos run's consumer (started by `lockstep chaos`).
     #[command(hide = true)]
     ChaosConsumer(lockstep::chaos::ConsumeArgs),
     /// Print the CRD YAML, or write one file per CRD with --out (or as Helm templates with --helm).
+    #[command(after_help = examples::CRDS)]
     Crds {
         /// Write one YAML file per CRD into this directory.
         #[arg(long, conflicts_with_all = ["apply", "helm"])]
@@ -54,7 +59,20 @@ enum Command {
         #[arg(long)]
         apply: bool,
     },
+    /// Print a shell completion script for lockstep.
+    #[command(after_help = examples::COMPLETIONS)]
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
+
+/// Exit status of a check (`chaos`, `doctor`): it ran and found a problem.
+const EXIT_PROBLEM: u8 = 1;
+/// Exit status of a check that could not run (bad input, unreachable setup); clap's usage errors
+/// exit with 2 as well.
+const EXIT_COULD_NOT_RUN: u8 = 2;
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,sqlx=warn".into());
@@ -116,9 +134,16 @@ async fn main() -> ExitCode {
         Command::Operator(args) => operator(args).await,
         Command::Chaos(args) => match lockstep::chaos::run(args).await {
             Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::FAILURE,
-            Err(e) => fail(format!("chaos run: {e:#}")),
+            Ok(false) => ExitCode::from(EXIT_PROBLEM),
+            Err(e) => {
+                eprintln!("error: chaos run: {e:#}");
+                ExitCode::from(EXIT_COULD_NOT_RUN)
+            }
         },
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "lockstep", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::ChaosConsumer(args) => match lockstep::chaos::consume(args).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("chaos consumer: {e:#}")),
@@ -309,7 +334,8 @@ chaos-consumer --partitions env= default=
 chaos-consumer --metrics-addr env= default=127.0.0.1:0
 crds --out env= default=
 crds --helm env= default=
-crds --apply env= default="#;
+crds --apply env= default=
+completions shell env= default="#;
 
     /// Every flag and environment variable of every command: deployments and scripts depend on them.
     #[test]
@@ -330,5 +356,24 @@ crds --apply env= default="#;
         }
         let expected = FLAGS.replace("{version}", env!("CARGO_PKG_VERSION"));
         assert_eq!(lines.join("\n"), expected);
+    }
+
+    /// Every flag says what it does, and every command shows examples (`lockstep <command> --help`).
+    #[test]
+    fn every_flag_has_help_and_every_command_examples() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let examples = sub.get_after_help().map(|h| h.to_string()).unwrap_or_default();
+            if !examples.starts_with("Examples:\n  ") {
+                missing.push(format!("{}: no examples", sub.get_name()));
+            }
+            for a in sub.get_arguments().filter(|a| !a.is_hide_set()) {
+                if a.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    missing.push(format!("{} {}", sub.get_name(), a.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "without help: {missing:?}");
     }
 }

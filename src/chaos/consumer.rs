@@ -18,14 +18,19 @@ use crate::{
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConsumeArgs {
+    /// PostgreSQL URL of the run's database. Never logged.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+    /// Kafka bootstrap servers, host:port[,host:port...].
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
     pub bootstrap_servers: String,
+    /// The run's schema (its orders and inbox tables).
     #[arg(long)]
     pub schema: String,
+    /// The run's topic.
     #[arg(long)]
     pub topic: String,
+    /// The run's consumer group.
     #[arg(long)]
     pub group: String,
     /// The partitions this consumer reads, comma-separated.

@@ -23,19 +23,25 @@ use crate::{
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ChaosArgs {
+    /// PostgreSQL URL of a database the run may create a schema in (dropped at the end). Never logged.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+    /// Kafka bootstrap servers, host:port[,host:port...]; the run creates its own topic.
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
     pub bootstrap_servers: String,
     /// Events (orders) committed; about a tenth more are written in transactions that roll back.
     #[arg(long, default_value_t = 100_000)]
     pub events: u64,
+    /// Distinct keys (customers) the orders are spread over; per-key order is checked.
     #[arg(long, default_value_t = 500)]
     pub keys: u64,
+    /// Partitions of the run's topic.
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
+    /// Relay processes (one active, the others standing by).
     #[arg(long, default_value_t = 2)]
     pub relays: usize,
+    /// Consumer processes in the run's consumer group.
     #[arg(long, default_value_t = 2)]
     pub consumers: usize,
     /// Faults of each kind at least (the run goes on until each kind reached it).
@@ -47,6 +53,7 @@ pub struct ChaosArgs {
     /// Shell command that pauses the broker (e.g. `kill -STOP <pid>`); with --broker-resume.
     #[arg(long, requires = "broker_resume")]
     pub broker_pause: Option<String>,
+    /// Shell command that resumes the broker paused by --broker-pause (e.g. `kill -CONT <pid>`).
     #[arg(long)]
     pub broker_resume: Option<String>,
     /// Shell command that stops and starts the broker again.

@@ -99,7 +99,7 @@ async fn run_controllers(
         controller: "lockstep-operator".into(),
         instance: Some(identity),
     };
-    let mut watches = Watches::new(&client, args.watch_namespace.as_deref());
+    let mut watches = Watches::new(&client, &args.watch_namespaces);
     let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),

@@ -127,7 +127,6 @@ const CLUSTER_RULES: &[&str] = &[
     "lockstep.dev/deduppolicies get,list,watch,patch,update",
     "lockstep.dev/deduppolicies/status get,patch,update",
 ];
-const EVENT_RULES: &[&str] = &["/events create,patch", "events.k8s.io/events create,patch"];
 const NAMESPACED_RULES: &[&str] = &[
     "lockstep.dev/outboxrelays get,list,watch,patch,update",
     "lockstep.dev/inboxtables get,list,watch,patch,update",
@@ -145,8 +144,9 @@ const NAMESPACED_RULES: &[&str] = &[
 #[test]
 fn lint_is_clean_and_the_schema_rejects_bad_values() {
     let out = chart_check(&["lint"]);
-    let expected = "lint default: ok\nlint all-on: ok\nlint watch-namespace: ok\nlint rejects replicaCount: x: ok\n";
-    assert!(out.starts_with(expected), "{out}");
+    let expected = "lint default: ok\nlint all-on: ok\nlint watch-namespace: ok\nlint watch-namespaces: ok\n\
+                    lint rejects replicaCount: x: ok\nlint rejects unknown key: ok\nlint rejects watchNamespaces: [Apps]: ok\n";
+    assert_eq!(out, expected);
 }
 
 #[test]
@@ -251,7 +251,11 @@ async fn a_release_chart_pins_the_operator_and_relay_images() {
     let client = common::kube_client().await;
     let ns = common::TestNamespace::new(&client, "chart").await;
     let out_dir = std::env::temp_dir().join(common::unique("release-chart"));
-    let out = Command::new(repo().join("scripts/release-chart")).arg("9.8.7").arg(&out_dir).output().unwrap();
+    let out = Command::new(repo().join("scripts/release-chart"))
+        .arg("9.8.7")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r = Release::install(&ns.name, json!({"crds": {"create": false}}), &out_dir.join("lockstep"));
     let c = &r.one("Deployment", &r.fullname())["spec"]["template"]["spec"]["containers"][0];
@@ -264,41 +268,54 @@ async fn a_release_chart_pins_the_operator_and_relay_images() {
 }
 
 #[tokio::test]
-async fn watch_namespace_narrows_rbac_to_a_role() {
+async fn watched_namespaces_narrow_rbac_to_roles() {
     let client = common::kube_client().await;
     let ns = common::TestNamespace::new(&client, "chart").await;
-    let watched = common::TestNamespace::new(&client, "chart-apps").await;
-    let values = json!({"crds": {"create": false}, "watchNamespace": watched.name});
+    let apps = common::TestNamespace::new(&client, "chart-apps").await;
+    let billing = common::TestNamespace::new(&client, "chart-billing").await;
+    // watchNamespace (the older single value) joins watchNamespaces.
+    let values = json!({"crds": {"create": false}, "watchNamespaces": [apps.name], "watchNamespace": billing.name,
+                        "extraArgs": ["--relay-image-prefixes=registry.example/"], "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}]});
     let r = Release::install(&ns.name, values, &repo().join("charts/lockstep"));
     assert_eq!(rules(r.one("ClusterRole", &r.fullname())), lines(CLUSTER_RULES));
-    let role = r.one("Role", &r.fullname());
-    assert_eq!(role["metadata"]["namespace"], watched.name);
-    assert_eq!(rules(role), lines(NAMESPACED_RULES));
-    // DedupPolicy Events land in "default" (kube's Recorder, cluster-scoped objects).
-    let events = r.one("Role", "-events");
-    assert_eq!(
-        (&events["metadata"]["namespace"], rules(events)),
-        (&json!("default"), lines(EVENT_RULES))
+    let roles = r.all("Role");
+    let mut role_namespaces: Vec<&str> = roles
+        .iter()
+        .filter(|role| role["metadata"]["name"] == r.fullname().as_str())
+        .map(|role| {
+            assert_eq!(rules(role), lines(NAMESPACED_RULES));
+            role["metadata"]["namespace"].as_str().unwrap()
+        })
+        .collect();
+    role_namespaces.sort();
+    let mut watched = vec![apps.name.as_str(), billing.name.as_str()];
+    watched.sort();
+    assert_eq!(role_namespaces, watched);
+    assert!(
+        roles.iter().all(|role| role["metadata"]["namespace"] != "default"),
+        "no Role for DedupPolicy Events: they have none"
     );
     for b in r.all("RoleBinding") {
         assert_eq!(b["subjects"], r.subjects());
     }
-    let args = &r.one("Deployment", &r.fullname())["spec"]["template"]["spec"]["containers"][0]["args"];
-    let parsed = operator_args(&serde_json::from_value::<Vec<String>>(args.clone()).unwrap());
-    assert_eq!(parsed.watch_namespace.as_deref(), Some(watched.name.as_str()));
+    let c = &r.one("Deployment", &r.fullname())["spec"]["template"]["spec"]["containers"][0];
+    let parsed = operator_args(&serde_json::from_value::<Vec<String>>(c["args"].clone()).unwrap());
+    let mut parsed_ns = parsed.watch_namespaces.clone();
+    parsed_ns.sort();
+    assert_eq!(parsed_ns, watched);
+    assert_eq!(parsed.relay_image_prefixes, ["registry.example/"], "extraArgs reach the operator");
+    assert!(c["env"]
+        .as_array()
+        .unwrap()
+        .contains(&json!({"name": "RUST_BACKTRACE", "value": "1"})));
+    assert!(r.notes.contains("watching namespaces"), "{}", r.notes);
 
     use k8s_openapi::api::rbac::v1::Role;
-    assert!(exists(&Api::<Role>::namespaced(client.clone(), &watched.name), &r.fullname()).await);
-    let default_roles = Api::<Role>::namespaced(client.clone(), "default");
-    let events_role = format!("{}-events", r.fullname());
-    assert!(exists(&default_roles, &events_role).await);
+    for n in [&apps.name, &billing.name] {
+        assert!(exists(&Api::<Role>::namespaced(client.clone(), n), &r.fullname()).await);
+    }
     r.uninstall();
-    assert!(
-        !exists(&default_roles, &events_role).await,
-        "the Role in default outlived the release"
-    );
     ns.delete().await;
-    watched.delete().await;
 }
 
 async fn exists<K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug>(api: &Api<K>, name: &str) -> bool {
@@ -363,7 +380,37 @@ fn assert_real_metrics(text: &str, at_least: usize) {
     };
     op.failures.get_or_create(&failure).inc();
     relay.failures.get_or_create(&lockstep::relay::ReasonLabel { reason }).inc();
-    let text_of = [op.render(), relay.render()].join("\n");
+    let purge = lockstep::metrics::PurgeLabel {
+        namespace: "n".into(),
+        inboxtable: "i".into(),
+        table: "t".into(),
+    };
+    op.purged_rows.get_or_create(&purge).inc();
+    op.purge_failures.get_or_create(&purge).inc();
+    op.purge_duration.get_or_create(&purge).observe(0.1);
+    // The inbox library's series, in a consumer's own registry.
+    let mut registry = prometheus_client::registry::Registry::default();
+    let inbox = lockstep::inbox::InboxMetrics::register(&mut registry);
+    inbox
+        .claims
+        .get_or_create(&lockstep::inbox::metrics::ClaimLabels {
+            consumer: "c".into(),
+            result: "new",
+        })
+        .inc();
+    let failed = lockstep::inbox::metrics::FailureLabels {
+        consumer: "c".into(),
+        reason: "effect",
+    };
+    inbox.failures.get_or_create(&failed).inc();
+    let latency = lockstep::inbox::metrics::LatencyLabels {
+        consumer: "c".into(),
+        r#type: "t".into(),
+    };
+    inbox.end_to_end.get_or_create(&latency).observe(0.1);
+    let mut consumer = String::new();
+    prometheus_client::encoding::text::encode(&mut consumer, &registry).unwrap();
+    let text_of = [op.render(), relay.render(), consumer].join("\n");
     let samples = text_of.lines().filter(|l| !l.starts_with('#'));
     let exposed: BTreeSet<&str> = samples.map(|l| l.split(['{', ' ']).next().unwrap()).collect();
     let series = regex::Regex::new(r"\blockstep_[a-z_]+").unwrap();
@@ -425,6 +472,21 @@ async fn crd_and_monitoring_templates_render_with_helm() {
     let on = json!({"enabled": true});
     let values = json!({"metrics": {"serviceMonitor": on, "podMonitor": on, "prometheusRule": on}});
     let data = render_files(&ns.name, &files, values);
+    // Without the ServiceMonitor nobody scrapes the operator: its down alert would fire forever.
+    let rule_only = json!({"metrics": {"podMonitor": on, "prometheusRule": on}});
+    let alone = render_files(&ns.name, &files, rule_only);
+    let rule: Value = serde_yaml::from_str(alone["prometheusrule.yaml"].as_str().unwrap()).unwrap();
+    let alerts: Vec<&str> = rule["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .map(|a| a["alert"].as_str().unwrap())
+        .collect();
+    assert!(
+        !alerts.contains(&"LockstepOperatorDown") && alerts.contains(&"LockstepRelayNotActive"),
+        "{alerts:?}"
+    );
     ns.delete().await;
 
     let v = client.apiserver_version().await.unwrap();
@@ -464,16 +526,28 @@ fn check_monitoring(data: &serde_json::Map<String, Value>) {
     let alerts: Vec<&Value> = groups.iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
     let names: BTreeSet<&str> = alerts.iter().map(|a| a["alert"].as_str().unwrap()).collect();
     let expected = "LockstepOperatorDown LockstepReconcileFailures LockstepRelayNotActive LockstepRelayLagHigh \
-                    LockstepDeadLetteredEvents LockstepBlockingTransaction LockstepInboxPurgeFailing";
+                    LockstepRelayBrokerFailing LockstepDeadLetteredEvents LockstepBlockingTransaction LockstepInboxPurgeFailing";
     assert_eq!(names, expected.split_whitespace().collect());
+    let troubleshooting = std::fs::read_to_string(repo().join("docs/troubleshooting.md")).unwrap();
     for a in &alerts {
         for k in ["summary", "description", "runbook"] {
             assert!(a["annotations"][k].as_str().is_some_and(|s| s.len() > 10), "{}: {k}", a["alert"]);
         }
         assert!(a["labels"]["severity"].is_string());
+        // runbook_url: the alert's entry in this version's troubleshooting page, which has it.
+        let name = a["alert"].as_str().unwrap();
+        let url = format!(
+            "https://github.com/lockstep-dev/lockstep/blob/v{APP}/docs/troubleshooting.md#{}",
+            name.to_lowercase()
+        );
+        assert_eq!(a["annotations"]["runbook_url"], url.as_str());
+        assert!(
+            troubleshooting.contains(&format!("\n### {name}\n")),
+            "docs/troubleshooting.md has no entry for {name}"
+        );
     }
     let lag = alerts.iter().find(|a| a["alert"] == "LockstepRelayLagHigh").unwrap();
     assert!(lag["expr"].as_str().unwrap().ends_with("> 300"), "{}", lag["expr"]);
     let exprs: Vec<&str> = alerts.iter().map(|a| a["expr"].as_str().unwrap()).collect();
-    assert_real_metrics(&exprs.join("\n"), 7);
+    assert_real_metrics(&exprs.join("\n"), 8);
 }

@@ -65,7 +65,7 @@ async fn without_leader_election_the_operator_runs_until_stopped() {
     let ns = common::TestNamespace::new(&client, "no-election").await;
     let args = lockstep::config::OperatorArgs {
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        watch_namespace: Some(ns.name.clone()),
+        watch_namespaces: vec![ns.name.clone()],
         leader_election: false,
         lease_name: "unused".into(),
         lease_namespace: ns.name.clone(),
@@ -134,4 +134,67 @@ async fn a_partitioned_holder_steps_down_before_the_standby_takes_over() {
     b_task.await.unwrap();
     a_task.abort();
     ns.delete().await;
+}
+
+/// Issue "Step 12": an operator given several namespaces (`--watch-namespace=a,b`) reconciles the
+/// objects of those and leaves every other namespace alone, from one merged cache.
+#[tokio::test]
+async fn an_operator_watching_two_namespaces_reconciles_only_those() {
+    use kube::api::{Api, PostParams};
+    use lockstep::crd::InboxTable;
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let a = common::TestNamespace::new(&client, "watch-a").await;
+    let b = common::TestNamespace::new(&client, "watch-b").await;
+    let other = common::TestNamespace::new(&client, "watch-other").await;
+    let inbox = |secret: &str| -> InboxTable {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "lockstep.dev/v1alpha1", "kind": "InboxTable", "metadata": {"name": "orders"},
+            "spec": {"database": {"urlSecretRef": {"name": secret}, "schema": "s", "table": "inbox"}}
+        }))
+        .unwrap()
+    };
+    // One object before the operator starts (its first list), the others after (its watch).
+    let api = |ns: &common::TestNamespace| Api::<InboxTable>::namespaced(client.clone(), &ns.name);
+    api(&a).create(&PostParams::default(), &inbox("missing")).await.unwrap();
+    let args = lockstep::config::OperatorArgs {
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        watch_namespaces: vec![a.name.clone(), b.name.clone()],
+        leader_election: false,
+        lease_name: "unused".into(),
+        lease_namespace: a.name.clone(),
+        identity: None,
+        relay_image: "lockstep:test".into(),
+        relay_image_prefixes: vec![],
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(lockstep::operator::run(client.clone(), args, stop.clone()));
+    api(&b).create(&PostParams::default(), &inbox("missing")).await.unwrap();
+    api(&other).create(&PostParams::default(), &inbox("missing")).await.unwrap();
+    let t = Duration::from_secs(60);
+    for ns in [&a, &b] {
+        common::wait_condition(&api(ns), "orders", "Ready", "False", Some("SecretNotFound"), t).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let untouched = api(&other).get("orders").await.unwrap();
+    assert!(
+        untouched.status.is_none(),
+        "a namespace not watched was reconciled: {:?}",
+        untouched.status
+    );
+    // Deleted while the operator runs: it removes its finalizer, so the namespaces can go.
+    for ns in [&a, &b] {
+        api(ns).delete("orders", &Default::default()).await.unwrap();
+        let objects = api(ns);
+        common::wait_until(t, "the InboxTable's finalizer removed", || {
+            let objects = objects.clone();
+            async move { objects.get_opt("orders").await.unwrap().is_none().then_some(()) }
+        })
+        .await;
+    }
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), run).await.unwrap().unwrap().unwrap();
+    for ns in [a, b, other] {
+        ns.delete().await;
+    }
 }

@@ -62,7 +62,7 @@ async fn setup(prefix: &str) -> Env {
     let lease = "lockstep-purge-test".to_string();
     let args = lockstep::config::OperatorArgs {
         metrics_addr: metrics,
-        watch_namespace: Some(ns.name.clone()),
+        watch_namespaces: vec![ns.name.clone()],
         leader_election: true,
         lease_name: lease.clone(),
         lease_namespace: ns.name.clone(),

@@ -12,6 +12,7 @@ pub mod inbox_guarantees;
 pub mod inbox_table;
 pub mod lag;
 pub mod lifecycle;
+pub mod merged_watch;
 pub mod outbox_relay;
 pub mod ownership;
 pub mod reconciler;

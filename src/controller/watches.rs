@@ -32,7 +32,8 @@ pub struct SharedWatch<K: Resource + Clone + 'static>
 where
     K::DynamicType: Eq + Hash + Clone,
 {
-    api: Api<K>,
+    /// One Api over every namespace, or one per watched namespace (merged into one cache).
+    apis: Vec<Api<K>>,
     store: Store<K>,
     writer: reflector::store::Writer<K>,
     subscribers: Vec<mpsc::Sender<watcher::Event<K>>>,
@@ -43,10 +44,10 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Default,
 {
-    pub fn new(api: Api<K>) -> Self {
+    pub fn new(apis: Vec<Api<K>>) -> Self {
         let (store, writer) = reflector::store();
         SharedWatch {
-            api,
+            apis,
             store,
             writer,
             subscribers: Vec::new(),
@@ -67,17 +68,21 @@ where
     /// Run the watch: fill the cache, then hand each event to every subscriber.
     pub async fn run(self) {
         let SharedWatch {
-            api,
+            mut apis,
             writer,
             mut subscribers,
             ..
         } = self;
+        let events = match apis.len() {
+            1 => watcher(apis.remove(0), watcher::Config::default()).default_backoff().boxed(),
+            _ => {
+                let cache = writer.as_reader();
+                let cached = move |r: &ObjectRef<K>| cache.get(r).map(|o| (*o).clone());
+                super::merged_watch::merged(apis, watcher::Config::default(), cached).boxed()
+            }
+        };
         // managedFields are never read here and are a good part of each cached object.
-        let mut events = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .modify(|o| o.meta_mut().managed_fields = None)
-            .reflect(writer)
-            .boxed();
+        let mut events = events.modify(|o| o.meta_mut().managed_fields = None).reflect(writer).boxed();
         while let Some(event) = events.next().await {
             let event = match event {
                 Ok(e) => e,
@@ -105,19 +110,19 @@ pub struct Watches {
     pub relays: SharedWatch<DeserializeGuard<OutboxRelay>>,
     pub namespaces: SharedWatch<PartialObjectMeta<Namespace>>,
     /// Relay Deployments, watched by metadata (their availability is read on reconcile).
-    pub relay_deployments: Api<PartialObjectMeta<Deployment>>,
+    pub relay_deployments: Vec<Api<PartialObjectMeta<Deployment>>>,
 }
 
 impl Watches {
-    /// `namespace`: watch namespaced kinds in this namespace only (policies and namespaces are
-    /// cluster-wide).
-    pub fn new(client: &Client, namespace: Option<&str>) -> Self {
+    /// `namespaces`: watch namespaced kinds in these namespaces only, or everywhere when empty
+    /// (policies and namespaces are cluster-wide).
+    pub fn new(client: &Client, namespaces: &[String]) -> Self {
         Watches {
-            inboxes: SharedWatch::new(scoped(client, namespace)),
-            policies: SharedWatch::new(Api::all(client.clone())),
-            relays: SharedWatch::new(scoped(client, namespace)),
-            namespaces: SharedWatch::new(Api::all(client.clone())),
-            relay_deployments: scoped(client, namespace),
+            inboxes: SharedWatch::new(scoped(client, namespaces)),
+            policies: SharedWatch::new(vec![Api::all(client.clone())]),
+            relays: SharedWatch::new(scoped(client, namespaces)),
+            namespaces: SharedWatch::new(vec![Api::all(client.clone())]),
+            relay_deployments: scoped(client, namespaces),
         }
     }
 
@@ -127,16 +132,16 @@ impl Watches {
     }
 }
 
-/// An Api over one namespace, or over all of them.
-pub fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+/// An Api per namespace, or one over all of them when `namespaces` is empty.
+pub fn scoped<K>(client: &Client, namespaces: &[String]) -> Vec<Api<K>>
 where
     K: Resource<Scope = kube::core::NamespaceResourceScope>,
     K::DynamicType: Default,
 {
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+    if namespaces.is_empty() {
+        return vec![Api::all(client.clone())];
     }
+    namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect()
 }
 
 /// Spec changes and deletions only: status writes (ours or anyone's) start nothing.
@@ -166,10 +171,13 @@ where
 /// Every change (status included) of the relay Deployments, by metadata only: a Deployment
 /// becoming available, or deleted by someone, starts its OutboxRelay's reconcile.
 pub fn relay_deployment_changes(
-    api: Api<PartialObjectMeta<Deployment>>,
+    apis: Vec<Api<PartialObjectMeta<Deployment>>>,
 ) -> impl Stream<Item = Result<PartialObjectMeta<Deployment>, watcher::Error>> + Send {
     let relays = watcher::Config::default().labels("app.kubernetes.io/name=lockstep,app.kubernetes.io/component=relay");
-    watcher(api, relays).default_backoff().touched_objects()
+    let each = apis
+        .into_iter()
+        .map(move |api| watcher(api, relays.clone()).default_backoff().touched_objects().boxed());
+    futures::stream::select_all(each)
 }
 
 /// Label changes (they decide which policies select a namespace's tables).

@@ -5,9 +5,13 @@
 pub mod kafka_proxy;
 pub mod outbox;
 pub mod pgbouncer;
+pub mod private_pg;
 pub mod proxy;
 pub mod relays;
 pub mod tls;
+
+#[allow(unused_imports)] // each test binary uses some of them
+pub use private_pg::{pg_command, private_pg_dir, PrivatePostgres};
 
 use std::time::Duration;
 
@@ -182,7 +186,7 @@ pub fn operator() -> std::net::SocketAddr {
                 install_crds(&client).await;
                 let args = lockstep::config::OperatorArgs {
                     metrics_addr: addr,
-                    watch_namespace: None,
+                    watch_namespaces: vec![],
                     leader_election: true,
                     lease_name: lease,
                     lease_namespace: "default".into(),
@@ -278,113 +282,6 @@ pub async fn http_get_checked(addr: &str, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).await.ok()?;
     Some(out)
-}
-
-/// A PostgreSQL of a test's own, for tests that stop and start the database.
-pub struct PrivatePostgres {
-    pub dir: std::path::PathBuf,
-    pub port: u16,
-}
-
-/// A command running the PostgreSQL program `bin` of LOCKSTEP_PG_BIN, as `postgres` when root
-/// (PostgreSQL refuses to run as root).
-pub fn pg_command(bin: &str) -> std::process::Command {
-    let path = std::path::PathBuf::from(env("LOCKSTEP_PG_BIN")).join(bin);
-    if unsafe { libc_geteuid() } == 0 {
-        let mut c = std::process::Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(path);
-        c
-    } else {
-        std::process::Command::new(path)
-    }
-}
-
-/// A new folder for a test's own server under `$LOCKSTEP_TESTENV_DIR/private-pg`, where
-/// `scripts/testenv down` stops what a killed run left running; as root, owned by postgres.
-pub fn private_pg_dir(name: &str) -> std::path::PathBuf {
-    let base = std::path::PathBuf::from(env("LOCKSTEP_TESTENV_DIR")).join("private-pg");
-    let dir = base.join(unique(name));
-    std::fs::create_dir_all(&dir).unwrap();
-    // A data folder must be its owner's alone (pg_basebackup writes into this one as it is).
-    let private = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o700);
-    std::fs::set_permissions(&dir, private).unwrap();
-    if unsafe { libc_geteuid() } == 0 {
-        let st = std::process::Command::new("chown")
-            .args(["-R", "postgres:", base.to_str().unwrap()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-    dir
-}
-
-fn run_as_postgres(bin: &str, args: &[&str]) -> std::process::Output {
-    let out = pg_command(bin).args(args).output().expect("run a PostgreSQL command");
-    assert!(
-        out.status.success(),
-        "{bin} {:?} failed: {}",
-        args,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
-impl PrivatePostgres {
-    pub fn start() -> Self {
-        let dir = private_pg_dir("pg");
-        run_as_postgres(
-            "initdb",
-            &["-D", dir.join("data").to_str().unwrap(), "-A", "trust", "-U", "postgres"],
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let pg = PrivatePostgres { dir, port };
-        pg.start_again();
-        pg
-    }
-
-    pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    pub fn start_again(&self) {
-        let data = self.dir.join("data");
-        let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, data.display());
-        run_as_postgres(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-l",
-                data.join("log").to_str().unwrap(),
-                "-w",
-                "-o",
-                &opts,
-                "start",
-            ],
-        );
-    }
-
-    pub fn stop(&self) {
-        run_as_postgres(
-            "pg_ctl",
-            &["-D", self.dir.join("data").to_str().unwrap(), "-m", "fast", "-w", "stop"],
-        );
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        let data = self.dir.join("data");
-        let _ = pg_command("pg_ctl")
-            .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// A tansu broker of a test's own, for tests that stop and start the broker.

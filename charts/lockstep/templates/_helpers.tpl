@@ -57,3 +57,11 @@ app.kubernetes.io/part-of: lockstep
 {{- define "lockstep.pdbApiVersion" -}}
 {{- if .Capabilities.APIVersions.Has "policy/v1" }}policy/v1{{ else }}policy/v1beta1{{ end }}
 {{- end }}
+
+{{/* The namespaces the operator watches, as JSON: watchNamespaces plus the single watchNamespace
+(kept for existing values files); empty: every namespace. */}}
+{{- define "lockstep.watchNamespaces" -}}
+{{- $l := concat (list) (.Values.watchNamespaces | default list) }}
+{{- with .Values.watchNamespace }}{{ $l = append $l . }}{{ end }}
+{{- uniq $l | toJson }}
+{{- end }}

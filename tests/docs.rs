@@ -61,14 +61,21 @@ fn literal(line: &str) -> Option<&str> {
 /// The values of the constants in `pub mod reason { ... }` of src/conditions.rs.
 fn reasons() -> Vec<String> {
     let text = read("src/conditions.rs");
-    let body = text.split("pub mod reason {").nth(1).expect("src/conditions.rs has `pub mod reason`");
+    let body = text
+        .split("pub mod reason {")
+        .nth(1)
+        .expect("src/conditions.rs has `pub mod reason`");
     let body = &body[..body.find("\n}").expect("the reason module ends")];
     let found: Vec<String> = body
         .lines()
         .filter(|l| l.trim_start().starts_with("pub const "))
         .filter_map(|l| literal(l).map(str::to_owned))
         .collect();
-    assert!(found.len() > 30, "read only {} reasons from src/conditions.rs: {found:?}", found.len());
+    assert!(
+        found.len() > 30,
+        "read only {} reasons from src/conditions.rs: {found:?}",
+        found.len()
+    );
     found
 }
 
@@ -79,7 +86,11 @@ fn alerts() -> Vec<String> {
         .filter_map(|l| l.trim_start().strip_prefix("- alert:"))
         .map(|a| a.trim().to_owned())
         .collect();
-    assert!(found.len() >= 7, "read only {} alerts from the PrometheusRule: {found:?}", found.len());
+    assert!(
+        found.len() >= 7,
+        "read only {} alerts from the PrometheusRule: {found:?}",
+        found.len()
+    );
     found
 }
 
@@ -114,7 +125,11 @@ fn binary_subcommands() -> BTreeSet<String> {
         .arg("--help")
         .output()
         .expect("run lockstep --help");
-    assert!(out.status.success(), "lockstep --help failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "lockstep --help failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).expect("utf-8 help");
     let section = text.split("Commands:").nth(1).expect("lockstep --help has a Commands: section");
     section
@@ -132,7 +147,10 @@ fn binary_subcommands() -> BTreeSet<String> {
 /// The subcommands the README's `## Commands` code block lists (`lockstep <name> ...` lines).
 fn readme_subcommands() -> BTreeSet<String> {
     let readme = read("README.md");
-    let section = readme.split("\n## Commands\n").nth(1).expect("README.md has a `## Commands` section");
+    let section = readme
+        .split("\n## Commands\n")
+        .nth(1)
+        .expect("README.md has a `## Commands` section");
     let block = section.split("```").nth(1).expect("the Commands section has a code block");
     block
         .lines()
@@ -203,7 +221,9 @@ fn quoted_names(text: &str) -> BTreeSet<String> {
             continue;
         }
         let rest = &text[i..];
-        let end = rest.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(rest.len());
+        let end = rest
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(rest.len());
         found.insert(rest[..end].trim_end_matches('_').to_owned());
     }
     found
@@ -212,7 +232,10 @@ fn quoted_names(text: &str) -> BTreeSet<String> {
 #[test]
 fn every_quoted_metric_name_is_defined() {
     let (metrics, others) = names_in_src();
-    assert!(metrics.contains("lockstep_relay_active"), "no relay metric found in src/: {metrics:?}");
+    assert!(
+        metrics.contains("lockstep_relay_active"),
+        "no relay metric found in src/: {metrics:?}"
+    );
     // What Prometheus adds to a registered name: counters' _total, histograms' series.
     let defined = |n: &str| {
         metrics.contains(n)
@@ -228,7 +251,10 @@ fn every_quoted_metric_name_is_defined() {
             }
         }
     }
-    assert!(unknown.is_empty(), "metric names quoted in the docs that no metric in src/ defines: {unknown:?}");
+    assert!(
+        unknown.is_empty(),
+        "metric names quoted in the docs that no metric in src/ defines: {unknown:?}"
+    );
 }
 
 /// GitHub's anchor for a heading: lowercase, punctuation dropped, spaces to hyphens.
@@ -311,7 +337,10 @@ fn the_platform_pages_exist() {
     for page in ["install", "prerequisites", "secrets", "upgrade", "uninstall", "troubleshooting"] {
         let p = root().join(format!("docs/{page}.md"));
         assert!(p.is_file(), "{} is missing", p.display());
-        assert!(read("README.md").contains(&format!("(docs/{page}.md)")), "README.md does not link docs/{page}.md");
+        assert!(
+            read("README.md").contains(&format!("(docs/{page}.md)")),
+            "README.md does not link docs/{page}.md"
+        );
     }
 }
 

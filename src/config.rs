@@ -1,7 +1,7 @@
 //! Configuration of the `operator` and `relay` commands, from flags and environment (what a Pod
 //! gets). Secrets (the database URL) are wrapped so they never reach a log line.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use clap::{Args, ValueEnum};
 
@@ -15,37 +15,7 @@ use crate::{
     validation::ValidationErrors,
 };
 
-/// A secret string: Debug and Display print a placeholder.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Redacted(String);
-
-impl Redacted {
-    pub fn new(s: impl Into<String>) -> Self {
-        Redacted(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Redacted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl fmt::Display for Redacted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl std::str::FromStr for Redacted {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Redacted(s.to_owned()))
-    }
-}
+pub use crate::redacted::Redacted;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {

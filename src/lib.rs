@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod operator;
 pub mod purge;
 pub mod quantity;
+pub mod redacted;
 pub mod relay;
 pub mod retention;
 pub mod routing;

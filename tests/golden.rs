@@ -261,9 +261,9 @@ fn metric_names_are_exact() {
         inboxtable: "i".into(),
         table: "s.t".into(),
     };
-    op.purged_rows.get_or_create(&table);
-    op.purge_failures.get_or_create(&table);
-    op.purge_duration.get_or_create(&table);
+    let _ = op.purged_rows.get_or_create(&table);
+    let _ = op.purge_failures.get_or_create(&table);
+    let _ = op.purge_duration.get_or_create(&table);
     let operator = metric_types(&op.render());
     assert_eq!(
         names(&operator),

@@ -358,6 +358,17 @@ completions shell env= default="#;
         assert_eq!(lines.join("\n"), expected);
     }
 
+    /// `lockstep completions <shell>` completes every command and its flags.
+    #[test]
+    fn completions_know_the_commands_and_flags() {
+        let mut out = Vec::new();
+        clap_complete::generate(clap_complete::Shell::Bash, &mut Cli::command(), "lockstep", &mut out);
+        let script = String::from_utf8(out).unwrap();
+        for word in ["relay", "replay", "chaos", "crds", "completions", "--watch-namespace", "--max-gather"] {
+            assert!(script.contains(word), "the bash completion lacks {word}");
+        }
+    }
+
     /// Every flag says what it does, and every command shows examples (`lockstep <command> --help`).
     #[test]
     fn every_flag_has_help_and_every_command_examples() {

@@ -40,3 +40,41 @@ impl HeaderArgs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::crd::HeaderSet;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: super::super::RelayArgs,
+    }
+
+    fn resolve(extra: &[&str]) -> Result<crate::config::RelayConfig, crate::config::RelayConfigError> {
+        let argv = ["relay", "--database-url", "postgres://u:p@db/x", "--bootstrap-servers", "k:9092"];
+        Cli::try_parse_from(argv.iter().chain(extra)).unwrap().args.resolve()
+    }
+
+    #[test]
+    fn header_flags_resolve_and_a_source_without_cloudevents_is_refused() {
+        let r = resolve(&[]).unwrap().resolved;
+        assert_eq!((r.headers, r.cloud_events_source), (HeaderSet::Lockstep, None));
+        let r = resolve(&["--headers", "cloudevents", "--cloudevents-source", "urn:orders"])
+            .unwrap()
+            .resolved;
+        assert_eq!(
+            (r.headers, r.cloud_events_source.as_deref()),
+            (HeaderSet::CloudEvents, Some("urn:orders"))
+        );
+        let e = resolve(&["--cloudevents-source", "urn:orders"]).unwrap_err().to_string();
+        assert!(e.contains("--cloudevents-source: applies only with headers: cloudevents"), "{e}");
+        let e = resolve(&["--headers", "cloudevents", "--cloudevents-source", "my orders"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--cloudevents-source: must be a URI reference"), "{e}");
+        assert!(Cli::try_parse_from(["relay", "--headers", "json"]).is_err());
+    }
+}

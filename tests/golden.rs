@@ -306,6 +306,11 @@ struct RelayCli {
 }
 
 fn relay_statements(extra: &[&str]) -> (String, String) {
+    relay_statements_over(extra, false)
+}
+
+/// `traceparent`: the outbox and its dead-letter table have the column (migration 2).
+fn relay_statements_over(extra: &[&str], traceparent: bool) -> (String, String) {
     use clap::Parser;
     let mut argv = vec![
         "relay",
@@ -319,8 +324,8 @@ fn relay_statements(extra: &[&str]) -> (String, String) {
     let tables = lockstep::schema::OutboxTables {
         payload: lockstep::relay::PayloadColumn::Json,
         dead_letter_payload: lockstep::relay::PayloadColumn::Json,
-        traceparent: false,
-        dead_letter_traceparent: false,
+        traceparent,
+        dead_letter_traceparent: traceparent,
         channel: String::new(),
     };
     let relay = lockstep::relay::Relay::new(cfg, std::sync::Arc::new(lockstep::relay::RelayMetrics::default()), &tables).unwrap();
@@ -351,4 +356,14 @@ fn relay_sql_is_exact() {
              order by seq limit $1"#
     );
     assert_eq!(mark, r#"update "public"."outbox" set published_at = now() where id = any($1)"#);
+    // A table lockstep made or migrated: the traceparent column too.
+    let (select, _) = relay_statements_over(&[], true);
+    assert_eq!(
+        select,
+        r#"select id, seq, aggregatetype, aggregateid, type, convert_to(payload::text, 'UTF8') as payload, headers::jsonb as headers, attempts, extract(epoch from created_at)::float8 as created,
+                    traceparent::text as traceparent from "public"."outbox"
+             where txid < pg_snapshot_xmin(pg_current_snapshot())  and aggregateid::text not in (select unnest($2::text[]))
+               and seq not in (select unnest($3::bigint[]))
+             order by seq limit $1"#
+    );
 }

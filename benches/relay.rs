@@ -317,6 +317,9 @@ async fn sql_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, payload: PayloadColumn
     let tables = lockstep::schema::OutboxTables {
         payload,
         dead_letter_payload: payload,
+        // prepare_outbox made the table: it has the column the relay reads.
+        traceparent: true,
+        dead_letter_traceparent: true,
         channel: String::new(),
     };
     let relay = Relay::new(cfg.clone(), Arc::new(RelayMetrics::default()), &tables).unwrap();

@@ -667,6 +667,7 @@ async fn handler(pool: &sqlx::PgPool, consumers: u64, secs: u64) {
                         id: &id,
                         event_type: "order.created",
                         created_ms: Some(created),
+                        traceparent: None,
                     };
                     inbox
                         .handle(&pool, &d, lockstep::inbox::Retry::default(), |tx| {

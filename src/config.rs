@@ -1,6 +1,8 @@
 //! Configuration of the `operator` and `relay` commands, from flags and environment (what a Pod
 //! gets). Secrets (the database URL) are wrapped so they never reach a log line.
 
+pub mod headers;
+
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use clap::{Args, ValueEnum};
@@ -167,6 +169,8 @@ pub struct RelayArgs {
     /// Create or migrate the outbox and dead-letter tables (false: only verify them).
     #[arg(long, env = "LOCKSTEP_MANAGE_SCHEMA", default_value_t = true, action = clap::ArgAction::Set)]
     pub manage_schema: bool,
+    #[command(flatten)]
+    pub message_headers: headers::HeaderArgs,
 }
 
 /// --max-gather: a duration of at most a second (a longer wait is polling, --poll-interval's job).
@@ -199,7 +203,7 @@ pub enum RelayConfigError {
 
 /// Name CLI flags instead of spec fields in messages.
 fn describe_cli_errors(e: &ValidationErrors) -> String {
-    const FLAGS: [(&str, &str); 12] = [
+    const FLAGS: [(&str, &str); 13] = [
         ("spec.database.schema", "--schema"),
         ("spec.database.table", "--table"),
         ("spec.kafka.bootstrapServers", "--bootstrap-servers"),
@@ -210,6 +214,7 @@ fn describe_cli_errors(e: &ValidationErrors) -> String {
         ("spec.relay.pollInterval", "--poll-interval"),
         ("spec.relay.maxAttempts", "--max-attempts"),
         ("spec.relay.publishedRetention", "--published-retention"),
+        ("spec.relay.cloudEvents", "--cloudevents-source"),
         ("spec.relay.replicas", "(replicas)"),
         ("spec.lag.maxOldestAge", "(maxOldestAge)"),
     ];
@@ -333,7 +338,7 @@ impl RelayArgs {
                     CleanupArg::MarkPublished => Cleanup::MarkPublished,
                 },
                 published_retention: self.published_retention.clone().map(Duration::new),
-                ..RelaySpec::default()
+                ..self.message_headers.relay_spec()
             },
             lag: LagSpec::default(),
             deletion_policy: Default::default(),

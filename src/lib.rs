@@ -16,6 +16,7 @@ pub mod crd;
 pub mod crdgen;
 pub mod db;
 pub mod duration;
+pub mod event_headers;
 pub mod examples;
 pub mod inbox;
 pub mod kafka;

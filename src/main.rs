@@ -183,7 +183,7 @@ async fn replay(args: &ReplayArgs) -> Result<u64, String> {
         .await
         .map_err(|e| e.to_string())?;
     let ids = (!args.all).then_some(args.id.as_slice());
-    lockstep::relay::replay::replay(&mut conn, &outbox, &dead_letter, (tables.payload, tables.dead_letter_payload), ids)
+    lockstep::relay::replay::replay(&mut conn, &outbox, &dead_letter, &tables, ids)
         .await
         .map_err(|e| format!("replay failed (nothing was moved): {e}"))
 }
@@ -304,6 +304,8 @@ relay --listen env=LOCKSTEP_LISTEN default=true
 relay --max-batches-in-flight env=LOCKSTEP_MAX_BATCHES_IN_FLIGHT default=16
 relay --max-gather env=LOCKSTEP_MAX_GATHER default=20ms
 relay --manage-schema env=LOCKSTEP_MANAGE_SCHEMA default=true
+relay --headers env=LOCKSTEP_HEADERS default=lockstep
+relay --cloudevents-source env=LOCKSTEP_CLOUDEVENTS_SOURCE default=
 replay --database-url env=DATABASE_URL default=
 replay --database-url-file env=DATABASE_URL_FILE default=
 replay --schema env=LOCKSTEP_SCHEMA default=public
@@ -364,7 +366,15 @@ completions shell env= default="#;
         let mut out = Vec::new();
         clap_complete::generate(clap_complete::Shell::Bash, &mut Cli::command(), "lockstep", &mut out);
         let script = String::from_utf8(out).unwrap();
-        for word in ["relay", "replay", "chaos", "crds", "completions", "--watch-namespace", "--max-gather"] {
+        for word in [
+            "relay",
+            "replay",
+            "chaos",
+            "crds",
+            "completions",
+            "--watch-namespace",
+            "--max-gather",
+        ] {
             assert!(script.contains(word), "the bash completion lacks {word}");
         }
     }

@@ -39,6 +39,12 @@ fn migration_checksums_are_exact() {
         checksum(TableKind::Inbox, 1),
         "289e773e89b2b81cf477a0eab3972f1881f61dcbe942e3ae4dcfaf2879a16c66"
     );
+    // Version 2 of both event tables: the traceparent column, one step for both kinds.
+    let v2 = "5b8be526dcbf394ef0648770d47199159fb2b2eb4d5e7215cde3ea1754d85f27";
+    assert_eq!(
+        (checksum(TableKind::Outbox, 2), checksum(TableKind::DeadLetter, 2)),
+        (v2.into(), v2.into())
+    );
     let versions = |k: TableKind| schema::migrations(k).iter().map(|m| m.version).collect::<Vec<_>>();
     assert_eq!(
         [
@@ -46,7 +52,7 @@ fn migration_checksums_are_exact() {
             versions(TableKind::DeadLetter),
             versions(TableKind::Inbox)
         ],
-        [[1], [1], [1]]
+        [vec![1, 2], vec![1, 2], vec![1]]
     );
 }
 
@@ -103,6 +109,12 @@ create trigger "orders_outbox_notify_trg" after insert on "billing"."orders_outb
 );
 create index "orders_outbox_received_at_idx" on "billing"."orders_outbox" (received_at);"#
     );
+    for kind in [TableKind::Outbox, TableKind::DeadLetter] {
+        assert_eq!(
+            (schema::migrations(kind)[1].render)(&t),
+            "set local lock_timeout = '2s';\nalter table \"billing\".\"orders_outbox\" add column if not exists traceparent text;"
+        );
+    }
     assert_eq!(
         schema::history_ddl(&t.schema),
         r#"create schema if not exists "billing";
@@ -284,6 +296,7 @@ lockstep_relay_blocked_keys gauge
 lockstep_relay_broker_failing gauge
 lockstep_relay_commit_to_ack_seconds histogram
 lockstep_relay_commit_to_read_seconds histogram
+lockstep_relay_invalid_traceparent counter
 lockstep_relay_notifications counter
 lockstep_relay_oldest_pending_age_seconds gauge
 lockstep_relay_oldest_transaction_age_seconds gauge
@@ -305,6 +318,11 @@ struct RelayCli {
 }
 
 fn relay_statements(extra: &[&str]) -> (String, String) {
+    relay_statements_over(extra, false)
+}
+
+/// `traceparent`: the outbox and its dead-letter table have the column (migration 2).
+fn relay_statements_over(extra: &[&str], traceparent: bool) -> (String, String) {
     use clap::Parser;
     let mut argv = vec![
         "relay",
@@ -318,6 +336,8 @@ fn relay_statements(extra: &[&str]) -> (String, String) {
     let tables = lockstep::schema::OutboxTables {
         payload: lockstep::relay::PayloadColumn::Json,
         dead_letter_payload: lockstep::relay::PayloadColumn::Json,
+        traceparent,
+        dead_letter_traceparent: traceparent,
         channel: String::new(),
     };
     let relay = lockstep::relay::Relay::new(cfg, std::sync::Arc::new(lockstep::relay::RelayMetrics::default()), &tables).unwrap();
@@ -348,4 +368,14 @@ fn relay_sql_is_exact() {
              order by seq limit $1"#
     );
     assert_eq!(mark, r#"update "public"."outbox" set published_at = now() where id = any($1)"#);
+    // A table lockstep made or migrated: the traceparent column too.
+    let (select, _) = relay_statements_over(&[], true);
+    assert_eq!(
+        select,
+        r#"select id, seq, aggregatetype, aggregateid, type, convert_to(payload::text, 'UTF8') as payload, headers::jsonb as headers, attempts, extract(epoch from created_at)::float8 as created,
+                    traceparent::text as traceparent from "public"."outbox"
+             where txid < pg_snapshot_xmin(pg_current_snapshot())  and aggregateid::text not in (select unnest($2::text[]))
+               and seq not in (select unnest($3::bigint[]))
+             order by seq limit $1"#
+    );
 }

@@ -66,6 +66,7 @@ fn delivery(id: &str, created_ms: Option<i64>) -> Delivery<'_> {
         id,
         event_type: "order.created",
         created_ms,
+        traceparent: None,
     }
 }
 

@@ -209,6 +209,12 @@ fn relay_cases() -> Vec<Case> {
         c("max oldest age in words", "spec.lag.maxOldestAge", "SV", at("/spec/lag/maxOldestAge", "1 minute")),
         c("max oldest age over 100 years", "spec.lag.maxOldestAge", "V", at("/spec/lag/maxOldestAge", "1000000d")),
         c("unknown deletion policy", "spec.deletionPolicy", "S", at("/spec/deletionPolicy", "Purge")),
+        c("unknown headers", "spec.relay.headers", "S", at("/spec/relay/headers", "json")),
+        c("cloudEvents without cloudevents headers", "spec.relay.cloudEvents", "CV", at("/spec/relay/cloudEvents", json!({"source": "/orders"}))),
+        c("cloudEvents source with a space", "spec.relay.cloudEvents.source", "SV",
+          at("/spec/relay", json!({"headers": "cloudevents", "cloudEvents": {"source": "/my orders"}}))),
+        c("empty cloudEvents source", "spec.relay.cloudEvents.source", "SV",
+          at("/spec/relay", json!({"headers": "cloudevents", "cloudEvents": {"source": ""}}))),
     ]
 }
 

@@ -129,13 +129,13 @@ async fn outbox_and_dead_letter_migrate_and_notify() {
     let s = common::pg_schema("outbox").await;
     let mut conn = s.pool.acquire().await.unwrap();
     let t = qn(&s.schema, "outbox");
-    assert_eq!(migrate(&mut conn, TableKind::Outbox, &t, true).await.unwrap().applied, vec![1]);
+    assert_eq!(migrate(&mut conn, TableKind::Outbox, &t, true).await.unwrap().applied, vec![1, 2]);
     assert_eq!(
         migrate(&mut conn, TableKind::DeadLetter, &qn(&s.schema, "outbox_dead_letter"), true)
             .await
             .unwrap()
             .applied,
-        vec![1]
+        vec![1, 2]
     );
     assert!(migrate(&mut conn, TableKind::Outbox, &t, true).await.unwrap().applied.is_empty());
 
@@ -440,4 +440,82 @@ async fn an_adopted_outbox_must_order_by_identity_and_transaction_id() {
     let adopted = migrate(&mut conn, TableKind::Outbox, &t, true).await.unwrap();
     assert!(adopted.adopted);
     migrate(&mut conn, TableKind::Outbox, &t, false).await.expect("wired now");
+}
+
+// ---- Issue 26: the optional traceparent column (migration 2 of the outbox and dead-letter tables).
+
+async fn has_traceparent(pool: &sqlx::PgPool, schema: &str, table: &str) -> bool {
+    sqlx::query_scalar(
+        "select exists (select 1 from information_schema.columns where table_schema = $1 and table_name = $2 and column_name = 'traceparent')",
+    )
+    .bind(schema)
+    .bind(table)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// A table an earlier lockstep made (history at version 1) gains the nullable column, its rows
+/// untouched; a table adopted without history too; one only verified (manageSchema false)
+/// without the column still passes.
+#[tokio::test]
+async fn migration_2_adds_a_nullable_traceparent_and_old_tables_keep_working() {
+    let s = common::pg_schema("trace").await;
+    let mut conn = s.pool.acquire().await.unwrap();
+    // As lockstep 1-version-ago left it: version 1 applied and recorded, a row written.
+    let t = qn(&s.schema, "old");
+    let v1 = &lockstep::schema::migrations(TableKind::Outbox)[0];
+    sqlx::raw_sql(&(v1.render)(&t)).execute(&s.pool).await.unwrap();
+    sqlx::raw_sql(&lockstep::schema::history_ddl(&t.schema))
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "insert into lockstep_schema_history (table_schema, table_name, kind, version, checksum) values ($1, 'old', 'outbox', 1, $2)",
+    )
+    .bind(&s.schema)
+    .bind(v1.checksum())
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    sqlx::query("insert into old (id, aggregatetype, aggregateid, type) values (gen_random_uuid(), 'a', 'k', 't')")
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    assert!(!has_traceparent(&s.pool, &s.schema, "old").await);
+    // Verified only: version 1 is still a valid outbox.
+    migrate(&mut conn, TableKind::Outbox, &t, false)
+        .await
+        .expect("verified without the column");
+    let upgraded = migrate(&mut conn, TableKind::Outbox, &t, true).await.unwrap();
+    assert_eq!((upgraded.applied, upgraded.version), (vec![2], 2));
+    assert!(has_traceparent(&s.pool, &s.schema, "old").await);
+    let (rows, traced): (i64, i64) = sqlx::query_as("select count(*), count(traceparent) from old")
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!((rows, traced), (1, 0), "the row is kept, its traceparent NULL");
+    let again = migrate(&mut conn, TableKind::Outbox, &t, true).await.unwrap();
+    assert!(again.applied.is_empty());
+
+    // A user's dead-letter table, adopted: recorded as version 1, then given the column.
+    sqlx::raw_sql(&(lockstep::schema::migrations(TableKind::DeadLetter)[0].render)(&qn(
+        &s.schema,
+        "theirs_dead_letter",
+    )))
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    let dl = qn(&s.schema, "theirs_dead_letter");
+    let adopted = migrate(&mut conn, TableKind::DeadLetter, &dl, true).await.unwrap();
+    assert!(adopted.adopted && adopted.applied == [2], "{adopted:?}");
+    assert!(has_traceparent(&s.pool, &s.schema, "theirs_dead_letter").await);
+    let versions: Vec<i32> = sqlx::query_scalar(
+        "select version from lockstep_schema_history where table_schema = $1 and table_name = 'theirs_dead_letter' order by version",
+    )
+    .bind(&s.schema)
+    .fetch_all(&s.pool)
+    .await
+    .unwrap();
+    assert_eq!(versions, [1, 2]);
 }

@@ -33,14 +33,7 @@ pub async fn replay_if_asked(
     let result = async {
         let mut conn = pool.acquire().await?;
         let tables = describe_outbox(&mut conn, &v.table, &v.dead_letter_table).await?;
-        replay(
-            &mut conn,
-            &v.table,
-            &v.dead_letter_table,
-            (tables.payload, tables.dead_letter_payload),
-            None,
-        )
-        .await
+        replay(&mut conn, &v.table, &v.dead_letter_table, &tables, None).await
     }
     .await;
     let (type_, note, outcome) = match result {

@@ -172,6 +172,8 @@ pub fn outbox_relay(name: &str) -> OutboxRelay {
                 "cleanup": "MarkPublished",
                 "publishedRetention": "1d",
                 "image": "registry.example/lockstep:1.2.3",
+                "headers": "cloudevents",
+                "cloudEvents": {"source": "https://orders.example/-"},
             },
             "lag": {"maxOldestAge": "1m"},
         }),

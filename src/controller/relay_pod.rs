@@ -55,11 +55,11 @@ pub fn relay_args(v: &ValidOutboxRelay) -> Vec<String> {
         ("compression", p.compression.as_str().to_owned()),
         ("cleanup", cleanup.to_owned()),
         ("manage-schema", v.manage_schema.to_string()),
+        ("headers", v.headers.as_str().to_owned()),
         ("metrics-addr", format!("0.0.0.0:{METRICS_PORT}")),
     ];
-    if let Some(r) = v.published_retention {
-        flags.push(("published-retention", duration::format(r)));
-    }
+    flags.extend(v.published_retention.map(|r| ("published-retention", duration::format(r))));
+    flags.extend(v.cloud_events_source.clone().map(|s| ("cloudevents-source", s)));
     // The spec's producer settings are not secret (they are in the object); credentials come
     // from the auth Secret's directory, which these override, as they do in `lockstep relay`.
     flags.extend(p.config.iter().map(|(k, val)| ("kafka-config", format!("{k}={val}"))));
@@ -340,15 +340,17 @@ mod tests {
             "--cleanup=mark-published",
             "--published-retention=1d",
             "--manage-schema=false",
+            "--headers=cloudevents",
+            "--cloudevents-source=https://orders.example/-",
             "--metrics-addr=0.0.0.0:9090",
             "--kafka-config=client.id=-orders",
         ] {
             assert!(args.iter().any(|x| x == a), "{a} missing from {args:?}");
         }
         let minimal = relay_args(&valid(&outbox_relay_minimal("plain")));
-        assert!(!minimal
-            .iter()
-            .any(|a| a.starts_with("--published-retention") || a.starts_with("--kafka-config")));
+        let absent = ["--published-retention", "--kafka-config", "--cloudevents-source"];
+        assert!(!minimal.iter().any(|a| absent.iter().any(|x| a.starts_with(x))), "{minimal:?}");
+        assert!(minimal.iter().any(|a| a == "--headers=lockstep"));
     }
 
     #[test]

@@ -9,23 +9,28 @@ use rdkafka::message::{Headers, Message};
 use sqlx::{PgConnection, PgPool};
 
 use super::Inbox;
+use crate::event_headers as h;
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// What the handler needs of a delivered message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Delivery<'a> {
-    /// The id to deduplicate on (the relay's `id` header).
+    /// The id to deduplicate on (the relay's `id` header; `ce_id` for a CloudEvent without it).
     pub id: &'a str,
-    /// The event type (the relay's `type` header), for the latency metric.
+    /// The event type (the relay's `type` header, or `ce_type`), for the latency metric.
     pub event_type: &'a str,
     /// When the event was created, in ms since the epoch: the relay's `lockstep-created-at`
-    /// header when present, else the message timestamp (the row's created_at).
+    /// header when present, else `ce_time`, else the message timestamp (the row's created_at).
     pub created_ms: Option<i64>,
+    /// The producer's W3C trace context (the `traceparent` header) when it is a valid one: a
+    /// consumer's span continues the producer's from it.
+    pub traceparent: Option<&'a str>,
 }
 
 impl<'a> Delivery<'a> {
-    /// Read a message the relay published; None when it has no `id` header.
+    /// Read a message the relay published (or any binary-mode CloudEvent); None when it has
+    /// neither an `id` nor a `ce_id` header.
     pub fn from_message<M: Message>(m: &'a M) -> Option<Self> {
         let headers = m.headers()?;
         let text = |name: &str| {
@@ -35,12 +40,20 @@ impl<'a> Delivery<'a> {
                 .and_then(|h| h.value)
                 .and_then(|v| std::str::from_utf8(v).ok())
         };
-        let created = text(crate::relay::stamp::CREATED_AT_HEADER).and_then(|v| v.parse().ok());
+        let created = text(crate::relay::stamp::CREATED_AT_HEADER)
+            .and_then(|v| v.parse().ok())
+            .or_else(|| text(h::CE_TIME).and_then(h::rfc3339_ms));
         Some(Delivery {
-            id: text("id")?,
-            event_type: text("type").unwrap_or(""),
+            id: text(h::ID).or_else(|| text(h::CE_ID))?,
+            event_type: text(h::TYPE).or_else(|| text(h::CE_TYPE)).unwrap_or(""),
             created_ms: created.or_else(|| m.timestamp().to_millis()),
+            traceparent: text(h::TRACEPARENT).filter(|t| h::valid_traceparent(t)),
         })
+    }
+
+    /// The producer's `traceparent`, if the message carried a valid one.
+    pub fn traceparent(&self) -> Option<&'a str> {
+        self.traceparent
     }
 }
 
@@ -68,7 +81,8 @@ pub enum HandleError {
     Refused(sqlx::Error),
 }
 
-/// How a transient database error is retried: backoff doubling from `first` up to `max`.
+/// How a transient database error is retried: backoff doubling from `first` up to `max`, with
+/// jitter ([`Retry::wait`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retry {
     pub attempts: u32,
@@ -87,10 +101,30 @@ impl Default for Retry {
 }
 
 impl Retry {
-    /// The wait before attempt `n + 1` (n counted from 1). Pure.
+    /// The backoff before attempt `n + 1` (n counted from 1), before jitter. Pure.
     pub fn backoff(&self, n: u32) -> Duration {
         self.first.saturating_mul(1 << n.saturating_sub(1).min(16)).min(self.max)
     }
+
+    /// [`Retry::backoff`] with equal jitter: half of it fixed, half spread by `unit` (in [0, 1)).
+    /// Consumers restarted together, or failed together by one database restart, would otherwise
+    /// retry at the same instants again and again; each still waits at least half the backoff,
+    /// time the database gets to come back. Pure.
+    pub fn jittered(&self, n: u32, unit: f64) -> Duration {
+        let b = self.backoff(n);
+        b / 2 + (b / 2).mul_f64(unit.clamp(0.0, 1.0))
+    }
+
+    /// The wait [`Inbox::handle`] takes before attempt `n + 1`: jittered with fresh randomness.
+    pub fn wait(&self, n: u32) -> Duration {
+        self.jittered(n, random_unit())
+    }
+}
+
+/// A uniform number in [0, 1) from the operating system's randomness: the top 48 bits of a v4
+/// uuid, all random (its version and variant bits are further down).
+fn random_unit() -> f64 {
+    (uuid::Uuid::new_v4().as_u128() >> 80) as f64 / (1u64 << 48) as f64
 }
 
 /// An error a retry can heal: the connection, a serialization failure or deadlock, a lock or
@@ -151,7 +185,7 @@ impl Inbox {
                     if let Some(m) = &self.metrics {
                         m.retried(&self.consumer);
                     }
-                    tokio::time::sleep(retry.backoff(n)).await;
+                    tokio::time::sleep(retry.wait(n)).await;
                 }
             }
         }
@@ -221,6 +255,24 @@ mod tests {
     }
 
     #[test]
+    fn waits_keep_half_the_backoff_and_spread_the_other_half() {
+        let r = Retry::default();
+        for n in 1..=9 {
+            let b = r.backoff(n);
+            assert_eq!(r.jittered(n, 0.0), b / 2);
+            assert_eq!(r.jittered(n, 0.5), b / 2 + b / 4);
+            assert!(r.jittered(n, 0.999_999) < b && r.jittered(n, 7.0) <= b);
+        }
+        // Consumers that failed together: their waits differ, within the bounds.
+        let waits: Vec<Duration> = (0..64).map(|_| r.wait(4)).collect();
+        let (b, distinct) = (r.backoff(4), waits.iter().collect::<std::collections::BTreeSet<_>>().len());
+        assert!(waits.iter().all(|w| *w >= b / 2 && *w < b), "{waits:?}");
+        assert!(distinct > 32, "only {distinct} distinct waits of 64: {waits:?}");
+        let low = waits.iter().filter(|w| **w < b / 2 + b / 4).count();
+        assert!((8..=56).contains(&low), "{low} of 64 in the lower half of the spread");
+    }
+
+    #[test]
     fn a_refused_statement_is_not_transient_and_a_lost_connection_is() {
         assert!(is_transient(&sqlx::Error::PoolTimedOut));
         assert!(is_transient(&sqlx::Error::Io(std::io::Error::other("reset"))));
@@ -247,7 +299,8 @@ mod tests {
             Some(Delivery {
                 id: "m-1",
                 event_type: "order.created",
-                created_ms: Some(1_000)
+                created_ms: Some(1_000),
+                traceparent: None,
             })
         );
         let moved = msg(Some(headers.insert(Header {
@@ -256,5 +309,47 @@ mod tests {
         })));
         assert_eq!(Delivery::from_message(&moved).unwrap().created_ms, Some(42));
         assert_eq!(Delivery::from_message(&msg(None)), None);
+    }
+
+    #[test]
+    fn a_delivery_reads_a_valid_traceparent_and_a_cloudevent_without_lockstep_headers() {
+        use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+        let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let with = |pairs: &[(&str, &str)]| {
+            let h = pairs
+                .iter()
+                .fold(OwnedHeaders::new(), |h, (key, v)| h.insert(Header { key, value: Some(*v) }));
+            OwnedMessage::new(None, None, "t".into(), Timestamp::CreateTime(1_000), 0, 0, Some(h))
+        };
+        let m = with(&[("id", "m-1"), ("traceparent", trace)]);
+        let d = Delivery::from_message(&m).unwrap();
+        assert_eq!((d.traceparent(), d.traceparent), (Some(trace), Some(trace)));
+        let m = with(&[("id", "m-1"), ("traceparent", "00-not-a-trace")]);
+        assert_eq!(
+            Delivery::from_message(&m).unwrap().traceparent(),
+            None,
+            "a malformed one is not passed on"
+        );
+        let ce = with(&[
+            ("ce_id", "c-1"),
+            ("ce_type", "com.example.order.created"),
+            ("ce_time", "2023-11-14T22:13:20.123456Z"),
+        ]);
+        let want = Delivery {
+            id: "c-1",
+            event_type: "com.example.order.created",
+            created_ms: Some(1_700_000_000_123),
+            traceparent: None,
+        };
+        assert_eq!(Delivery::from_message(&ce), Some(want));
+        // Both sets (the relay's cloudevents mode): lockstep's own win.
+        let both = with(&[
+            ("id", "m-1"),
+            ("type", "created"),
+            ("ce_id", "c-1"),
+            ("ce_time", "2023-11-14T22:13:20Z"),
+        ]);
+        let d = Delivery::from_message(&both).unwrap();
+        assert_eq!((d.id, d.event_type, d.created_ms), ("m-1", "created", Some(1_700_000_000_000)));
     }
 }

@@ -1,51 +1,107 @@
-//! The headers of a relay message.
+//! The headers of a relay message (names in `event_headers`).
+
+use std::borrow::Cow;
 
 use rdkafka::message::{Header, OwnedHeaders};
 
 use super::store::OutboxRow;
+use crate::{
+    crd::{HeaderSet, ValidOutboxRelay},
+    event_headers as h,
+    schema::PayloadColumn,
+};
 
-const RESERVED_HEADERS: [&str; 3] = ["id", "type", super::stamp::CREATED_AT_HEADER];
+/// The headers the relay sets itself: a row header of one of these names is left out rather
+/// than sent twice (consumers deduplicate and route on them).
+const OWN: [&str; 3] = [h::ID, h::TYPE, super::stamp::CREATED_AT_HEADER];
+const CLOUD_EVENTS: [&str; 5] = [h::CE_ID, h::CE_TYPE, h::CE_SOURCE, h::CE_SPECVERSION, h::CE_TIME];
 
-/// The message headers: `id` and `type`, `created_at` when the timestamp is not it (`stamp`),
-/// then each entry of the row's `headers` object as text.
-pub(super) fn headers(row: &OutboxRow, created_ms: Option<i64>) -> OwnedHeaders {
-    let extra = row.headers.as_ref().and_then(|h| h.as_object());
-    let id = row.id.to_string();
-    let mut headers = OwnedHeaders::new_with_capacity(3 + extra.map_or(0, |h| h.len()))
-        .insert(Header {
-            key: "id",
-            value: Some(id.as_bytes()),
-        })
-        .insert(Header {
-            key: "type",
-            value: Some(row.type_.as_bytes()),
-        });
-    if let Some(ms) = created_ms {
-        headers = headers.insert(Header {
-            key: super::stamp::CREATED_AT_HEADER,
-            value: Some(ms.to_string().as_bytes()),
-        });
+/// How a relay builds each message's headers.
+pub(super) struct MessageHeaders {
+    set: HeaderSet,
+    /// `ce_source`: the spec's, or `/lockstep/<schema>/<table>`.
+    source: String,
+    /// `content-type` under CloudEvents: a json(b) payload is JSON text; of bytes nothing is known
+    /// (a row header `content-type` says what they are).
+    content_type: Option<&'static str>,
+}
+
+impl MessageHeaders {
+    pub fn new(cfg: &ValidOutboxRelay, payload: PayloadColumn) -> Self {
+        let t = &cfg.table;
+        MessageHeaders {
+            set: cfg.headers,
+            source: cfg
+                .cloud_events_source
+                .clone()
+                .unwrap_or_else(|| format!("/lockstep/{}/{}", t.schema.as_str(), t.table.as_str())),
+            content_type: (payload == PayloadColumn::Json).then_some(h::JSON_CONTENT_TYPE),
+        }
     }
-    // The relay's own `id` and `type` are what consumers deduplicate and route on: a row header
-    // of the same name is left out rather than sent twice.
-    for (k, v) in extra.into_iter().flatten().filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_str())) {
-        let text = match v {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
+
+    /// `id` and `type`; `lockstep-created-at` when the timestamp is not created_at (`stamp`);
+    /// `traceparent` when the row's column holds a valid one; the CloudEvents headers under
+    /// `cloudevents`; then each entry of the row's `headers` object as text. With true when the
+    /// traceparent column held something that is not a traceparent: left out, the event still sent.
+    pub fn of(&self, row: &OutboxRow, created_ms: Option<i64>) -> (OwnedHeaders, bool) {
+        let extra = row.headers.as_ref().and_then(|x| x.as_object());
+        let mut out: Vec<(&str, Cow<'_, str>)> = Vec::with_capacity(11);
+        out.push((h::ID, row.id.to_string().into()));
+        out.push((h::TYPE, row.type_.as_str().into()));
+        if let Some(ms) = created_ms {
+            out.push((super::stamp::CREATED_AT_HEADER, ms.to_string().into()));
+        }
+        let trace = row.traceparent.as_deref().filter(|t| !t.is_empty());
+        let valid_trace = trace.filter(|t| h::valid_traceparent(t));
+        if let Some(t) = valid_trace {
+            out.push((h::TRACEPARENT, t.into()));
+        }
+        let cloud_events = self.set == HeaderSet::CloudEvents;
+        if cloud_events {
+            out.push((h::CE_ID, row.id.to_string().into()));
+            out.push((h::CE_TYPE, row.type_.as_str().into()));
+            out.push((h::CE_SOURCE, self.source.as_str().into()));
+            out.push((h::CE_SPECVERSION, h::SPECVERSION.into()));
+            out.push((h::CE_TIME, h::rfc3339(row.created).into()));
+        }
+        let content_type = self.content_type.filter(|_| cloud_events);
+        if let Some(ct) = content_type {
+            out.push((h::CONTENT_TYPE, ct.into()));
+        }
+        let own = |k: &str| {
+            OWN.contains(&k)
+                || (k == h::TRACEPARENT && valid_trace.is_some())
+                || (cloud_events && CLOUD_EVENTS.contains(&k))
+                || (k == h::CONTENT_TYPE && content_type.is_some())
         };
-        headers = headers.insert(Header {
-            key: k.as_str(),
-            value: Some(text.as_bytes()),
-        });
+        let mut headers = OwnedHeaders::new_with_capacity(out.len() + extra.map_or(0, |x| x.len()));
+        for (key, value) in &out {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        for (k, v) in extra.into_iter().flatten().filter(|(k, _)| !own(k)) {
+            let text = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            headers = headers.insert(Header {
+                key: k.as_str(),
+                value: Some(text.as_bytes()),
+            });
+        }
+        (headers, trace.is_some() && valid_trace.is_none())
     }
-    headers
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn row(headers: Option<serde_json::Value>) -> OutboxRow {
+    const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn row(headers: Option<serde_json::Value>, traceparent: Option<&str>) -> OutboxRow {
         OutboxRow {
             id: uuid::Uuid::nil(),
             seq: 1,
@@ -55,42 +111,112 @@ mod tests {
             payload: None,
             headers,
             attempts: 0,
-            created: 0.0,
+            created: 1_700_000_000.5,
+            traceparent: traceparent.map(str::to_owned),
         }
     }
 
-    fn header_pairs(h: &OwnedHeaders) -> Vec<(String, String)> {
+    fn message_headers(extra: &[&str], payload: PayloadColumn) -> MessageHeaders {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: crate::config::RelayArgs,
+        }
+        let argv = [
+            "relay",
+            "--database-url",
+            "postgres://h/db",
+            "--bootstrap-servers",
+            "k:9092",
+            "--table",
+            "orders",
+        ];
+        let cfg = Cli::parse_from(argv.iter().chain(extra)).args.resolve().unwrap();
+        MessageHeaders::new(&cfg.resolved, payload)
+    }
+
+    fn pairs(h: &OwnedHeaders) -> Vec<(String, String)> {
         use rdkafka::message::Headers;
         h.iter()
             .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
             .collect()
     }
 
+    fn want(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    const NIL: &str = "00000000-0000-0000-0000-000000000000";
+
     #[test]
     fn headers_carry_id_type_and_the_row_headers_as_text() {
-        let h = headers(&row(Some(serde_json::json!({"n": 1, "trace": "abc"}))), None);
-        let pairs = header_pairs(&h);
-        let want = [
-            ("id", "00000000-0000-0000-0000-000000000000"),
-            ("type", "created"),
-            ("n", "1"),
-            ("trace", "abc"),
-        ];
-        assert_eq!(pairs, want.map(|(k, v)| (k.to_owned(), v.to_owned())));
-        assert_eq!(header_pairs(&headers(&row(None), None)).len(), 2);
-        let clash = headers(
-            &row(Some(
-                serde_json::json!({"id": "forged", "type": "other", "lockstep-created-at": "1", "trace": "abc"}),
-            )),
-            Some(7),
-        );
-        let pairs = header_pairs(&clash);
-        let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+        let m = message_headers(&[], PayloadColumn::Json);
+        let (h, bad) = m.of(&row(Some(serde_json::json!({"n": 1, "trace": "abc"})), None), None);
+        assert!(!bad);
+        assert_eq!(pairs(&h), want(&[("id", NIL), ("type", "created"), ("n", "1"), ("trace", "abc")]));
+        assert_eq!(pairs(&m.of(&row(None, None), None).0).len(), 2);
+        let forged = serde_json::json!({"id": "forged", "type": "other", "lockstep-created-at": "1", "trace": "abc"});
+        let keys: Vec<String> = pairs(&m.of(&row(Some(forged), None), Some(7)).0)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         assert_eq!(
             keys,
             ["id", "type", "lockstep-created-at", "trace"],
             "the relay's own headers are not sent twice"
         );
-        assert_eq!(pairs[2].1, "7");
+    }
+
+    #[test]
+    fn a_valid_traceparent_column_is_sent_and_a_malformed_one_left_out_and_reported() {
+        let m = message_headers(&[], PayloadColumn::Json);
+        let row_header = Some(serde_json::json!({"traceparent": "from-headers"}));
+        let (h, bad) = m.of(&row(row_header.clone(), Some(TRACE)), None);
+        assert_eq!(pairs(&h), want(&[("id", NIL), ("type", "created"), ("traceparent", TRACE)]));
+        assert!(!bad);
+        // Malformed: left out (the row's own header, if any, goes as before), reported.
+        let (h, bad) = m.of(&row(row_header, Some("00-xyz")), None);
+        assert_eq!(
+            pairs(&h),
+            want(&[("id", NIL), ("type", "created"), ("traceparent", "from-headers")])
+        );
+        assert!(bad);
+        // NULL or empty: nothing to send, nothing wrong.
+        for none in [None, Some("")] {
+            let (h, bad) = m.of(&row(None, none), None);
+            assert_eq!((pairs(&h).len(), bad), (2, false));
+        }
+    }
+
+    #[test]
+    fn cloudevents_adds_the_binary_mode_headers() {
+        let m = message_headers(&["--headers", "cloudevents"], PayloadColumn::Json);
+        let extra = serde_json::json!({"ce_id": "forged", "ce_subject": "o-42", "content-type": "text/plain"});
+        let (h, _) = m.of(&row(Some(extra), Some(TRACE)), None);
+        let ce = [
+            ("id", NIL),
+            ("type", "created"),
+            ("traceparent", TRACE),
+            ("ce_id", NIL),
+            ("ce_type", "created"),
+            ("ce_source", "/lockstep/public/orders"),
+            ("ce_specversion", "1.0"),
+            ("ce_time", "2023-11-14T22:13:20.500000Z"),
+            ("content-type", "application/json"),
+            // An extension attribute of the row's own passes.
+            ("ce_subject", "o-42"),
+        ];
+        assert_eq!(pairs(&h), want(&ce));
+        // Bytes: no content-type of the relay's; the row may say what they are. A source given.
+        let m = message_headers(
+            &["--headers", "cloudevents", "--cloudevents-source", "urn:orders"],
+            PayloadColumn::Bytea,
+        );
+        let (h, _) = m.of(&row(Some(serde_json::json!({"content-type": "application/avro"})), None), None);
+        let got = pairs(&h);
+        assert!(got.contains(&("ce_source".into(), "urn:orders".into())), "{got:?}");
+        assert_eq!(got.last(), Some(&("content-type".into(), "application/avro".into())));
+        assert_eq!(got.iter().filter(|(k, _)| k == "content-type").count(), 1);
     }
 }

@@ -53,6 +53,7 @@ pub struct RelayMetrics {
     pub notifications: Counter,
     pub purged: Counter,
     pub purge_failures: Counter,
+    pub invalid_traceparent: Counter,
     latency_samples: Option<Mutex<Samples>>,
     registry: Registry,
 }
@@ -97,6 +98,7 @@ impl Default for RelayMetrics {
             notifications: Counter::default(),
             purged: Counter::default(),
             purge_failures: Counter::default(),
+            invalid_traceparent: Counter::default(),
             latency_samples: None,
             registry: Registry::default(),
         };
@@ -118,6 +120,7 @@ impl Default for RelayMetrics {
             notifications: "notifications", "NOTIFYs received; those that arrived together woke one drain";
             purged: "published_rows_purged", "Published rows deleted after publishedRetention (cleanup MarkPublished)";
             purge_failures: "purge_failures", "Purges of published rows that failed (retried at the next interval)";
+            invalid_traceparent: "invalid_traceparent", "Rows whose traceparent column held no valid W3C traceparent: sent without the header";
         });
         // Both series from the start, so a rate over them is defined before the first wake-up.
         for by in ["notify", "poll"] {
@@ -162,6 +165,16 @@ impl RelayMetrics {
     /// A publish the producer refused or the broker failed, counted by its error code.
     pub(super) fn count_failure(&self, e: &KafkaError) {
         self.failures.get_or_create(&ReasonLabel { reason: error_reason(e) }).inc();
+    }
+
+    /// A row sent without its malformed traceparent. The value is not logged (it is the
+    /// application's data); the first such row is a warning, later ones only counted.
+    pub(super) fn count_invalid_traceparent(&self, id: uuid::Uuid) {
+        if self.invalid_traceparent.inc() == 0 {
+            tracing::warn!(%id, "a row's traceparent column is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>): sent without the header; later ones are counted in lockstep_relay_invalid_traceparent_total");
+        } else {
+            tracing::debug!(%id, "a row's traceparent column is not a W3C traceparent: sent without the header");
+        }
     }
 
     /// The latencies kept so far (empty unless built by `with_latency_samples`), leaving none.

@@ -314,6 +314,8 @@ mod tests {
         let tables = schema::OutboxTables {
             payload: PayloadColumn::Json,
             dead_letter_payload: PayloadColumn::Json,
+            traceparent: false,
+            dead_letter_traceparent: false,
             channel: String::new(),
         };
         Relay::new(cfg, Arc::new(RelayMetrics::default()), &tables).unwrap()
@@ -334,6 +336,7 @@ mod tests {
                 headers: None,
                 attempts: 0,
                 created: 0.0,
+                traceparent: None,
             })
             .collect()
     }

@@ -22,6 +22,7 @@ use super::{
     fence::Fence,
     gate::KeyGate,
     gather::Gather,
+    headers::MessageHeaders,
     metrics::RelayMetrics,
     reports::{unix_now, Reports},
     store::{OutboxRow, Statements},
@@ -126,6 +127,7 @@ pub struct Relay {
     gather: Gather,
     /// When the last read started.
     last_read: Option<Instant>,
+    headers: MessageHeaders,
 }
 
 /// A drain running this long is under a steady flow: the session stops listening until it ends.
@@ -139,7 +141,8 @@ impl Relay {
         Ok(Relay {
             current: watch::Sender::new(producer.clone()),
             producer,
-            sql: Statements::new(&cfg.resolved, tables.payload, tables.dead_letter_payload),
+            sql: Statements::new(&cfg.resolved, tables),
+            headers: MessageHeaders::new(&cfg.resolved, tables.payload),
             cfg,
             metrics,
             gate: KeyGate::default(),
@@ -359,10 +362,11 @@ impl Relay {
         let now = super::stamp::now_ms();
         let (timestamp, created_ms) = super::stamp::stamp(row.created, now, self.stamp_bound);
         let age = created_ms.is_none().then_some(now - timestamp);
-        let mut record = FutureRecord::to(&topic)
-            .key(key.as_bytes())
-            .timestamp(timestamp)
-            .headers(super::headers::headers(row, created_ms));
+        let (headers, invalid_traceparent) = self.headers.of(row, created_ms);
+        if invalid_traceparent {
+            self.metrics.count_invalid_traceparent(row.id);
+        }
+        let mut record = FutureRecord::to(&topic).key(key.as_bytes()).timestamp(timestamp).headers(headers);
         if let Some(p) = &row.payload {
             record = record.payload(p.as_slice());
         }

@@ -10,7 +10,11 @@ use clap::Args;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{config::OutboxArgs, schema::PayloadColumn, sql::QualifiedName};
+use crate::{
+    config::OutboxArgs,
+    schema::{OutboxTables, PayloadColumn},
+    sql::QualifiedName,
+};
 
 /// `lockstep replay`: dead-lettered rows back into the outbox.
 #[derive(Debug, Clone, Args)]
@@ -36,14 +40,20 @@ fn replayed_payload(outbox: PayloadColumn, dead_letter: PayloadColumn) -> &'stat
     }
 }
 
-/// $1: the ids to replay (uuid[]), or null for all; in their original seq order.
-pub fn replay_sql(outbox: &QualifiedName, dead_letter: &QualifiedName, o: PayloadColumn, dl: PayloadColumn) -> String {
-    let payload = replayed_payload(o, dl);
+/// $1: the ids to replay (uuid[]), or null for all; in their original seq order. The
+/// traceparent column goes back too where both tables have it.
+pub fn replay_sql(outbox: &QualifiedName, dead_letter: &QualifiedName, tables: &OutboxTables) -> String {
+    let payload = replayed_payload(tables.payload, tables.dead_letter_payload);
+    let trace = if tables.traceparent && tables.dead_letter_traceparent {
+        ", traceparent"
+    } else {
+        ""
+    };
     format!(
-        "with moved as (select id, aggregatetype, aggregateid, type, {payload} as payload, headers, created_at, seq
+        "with moved as (select id, aggregatetype, aggregateid, type, {payload} as payload, headers, created_at{trace}, seq
                         from {dead_letter} where $1::uuid[] is null or id = any($1) for update),
-              stored as (insert into {outbox} (id, aggregatetype, aggregateid, type, payload, headers, created_at)
-                         select id, aggregatetype, aggregateid, type, payload, headers, created_at from moved order by seq
+              stored as (insert into {outbox} (id, aggregatetype, aggregateid, type, payload, headers, created_at{trace})
+                         select id, aggregatetype, aggregateid, type, payload, headers, created_at{trace} from moved order by seq
                          on conflict (id) do nothing
                          returning id)
          delete from {dead_letter} where id in (select id from stored)"
@@ -55,10 +65,10 @@ pub async fn replay(
     conn: &mut PgConnection,
     outbox: &QualifiedName,
     dead_letter: &QualifiedName,
-    payloads: (PayloadColumn, PayloadColumn),
+    tables: &OutboxTables,
     ids: Option<&[Uuid]>,
 ) -> Result<u64, sqlx::Error> {
-    let sql = replay_sql(outbox, dead_letter, payloads.0, payloads.1);
+    let sql = replay_sql(outbox, dead_letter, tables);
     let r = sqlx::query(&sql).bind(ids).execute(conn).await?;
     Ok(r.rows_affected())
 }
@@ -68,14 +78,24 @@ mod tests {
     use super::*;
     use crate::schema::qualified as q;
 
+    fn tables(traceparent: (bool, bool)) -> OutboxTables {
+        OutboxTables {
+            payload: PayloadColumn::Json,
+            dead_letter_payload: PayloadColumn::Json,
+            traceparent: traceparent.0,
+            dead_letter_traceparent: traceparent.1,
+            channel: String::new(),
+        }
+    }
+
     #[test]
     fn replay_stores_before_it_deletes_and_keeps_what_the_outbox_already_has() {
-        let sql = replay_sql(
-            &q("public", "outbox"),
-            &q("public", "outbox_dead_letter"),
-            PayloadColumn::Json,
-            PayloadColumn::Json,
-        );
+        let (o, dl) = (q("public", "outbox"), q("public", "outbox_dead_letter"));
+        let sql = replay_sql(&o, &dl, &tables((false, true)));
+        assert!(!sql.contains("traceparent"), "{sql}");
+        let traced = replay_sql(&o, &dl, &tables((true, true)));
+        assert!(traced.contains("headers, created_at, traceparent)"), "{traced}");
+        assert!(traced.contains("headers, created_at, traceparent from moved"), "{traced}");
         assert!(sql.contains("on conflict (id) do nothing"), "{sql}");
         assert!(
             sql.contains(r#"delete from "public"."outbox_dead_letter" where id in (select id from stored)"#),

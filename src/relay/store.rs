@@ -7,7 +7,7 @@ use uuid::Uuid;
 use crate::{
     crd::{Cleanup, ValidOutboxRelay},
     routing::OutboxColumn,
-    schema::PayloadColumn,
+    schema::{OutboxTables, PayloadColumn},
     sql::QualifiedName,
 };
 
@@ -46,7 +46,7 @@ impl Column {
 }
 
 /// The event columns, in the order the select reads them.
-const COLUMNS: [Column; 9] = [
+static COLUMNS: [Column; 9] = [
     Column::plain("id"),
     Column::plain("seq"),
     Column::plain("aggregatetype"),
@@ -58,6 +58,14 @@ const COLUMNS: [Column; 9] = [
     Column::plain("attempts").moved_as("attempts + 1"),
     Column::read("created_at", Read::Expr("extract(epoch from created_at)::float8 as created")),
 ];
+
+/// The optional event column: read where the outbox has it, moved where both tables have it.
+static TRACEPARENT: Column = Column::read("traceparent", Read::Expr("traceparent::text as traceparent"));
+
+/// The event columns a statement reads or moves: [`COLUMNS`], then traceparent if `traceparent`.
+fn columns(traceparent: bool) -> impl Iterator<Item = &'static Column> {
+    COLUMNS.iter().chain(traceparent.then_some(&TRACEPARENT))
+}
 
 /// The payload as bytes: bytea as is, json and jsonb as their UTF-8 text.
 fn payload_bytes(payload: PayloadColumn) -> &'static str {
@@ -74,9 +82,8 @@ const UNPUBLISHED: &str = "published_at is null";
 /// `not in (select unnest(..))` is a hashed subplan even in a generic plan, so the statement is
 /// planned once per connection (see `session::configure`) and a long list is still not searched
 /// row by row.
-fn select_sql(t: &QualifiedName, key: OutboxColumn, payload: PayloadColumn, cleanup: Cleanup) -> String {
-    let reads: Vec<String> = COLUMNS
-        .iter()
+fn select_sql(t: &QualifiedName, key: OutboxColumn, payload: PayloadColumn, cleanup: Cleanup, traceparent: bool) -> String {
+    let reads: Vec<String> = columns(traceparent)
         .map(|c| match c.read {
             Read::AsIs => c.name.to_owned(),
             Read::Payload => format!("{} as payload", payload_bytes(payload)),
@@ -112,18 +119,17 @@ fn moved_payload(outbox: PayloadColumn, dead_letter: PayloadColumn) -> &'static 
 
 /// Move row $1 to the dead-letter table with error $2: stored first, then deleted, and deleted
 /// only if stored. A row already there (replayed, failed again) is replaced by the new failure.
-fn quarantine_sql(t: &QualifiedName, dead_letter: &QualifiedName, outbox: PayloadColumn, dl: PayloadColumn) -> String {
-    let names = COLUMNS.iter().map(|c| c.name).collect::<Vec<_>>().join(", ");
-    let values = COLUMNS
-        .iter()
+/// `traceparent`: both tables have the column.
+fn quarantine_sql(t: &QualifiedName, dead_letter: &QualifiedName, outbox: PayloadColumn, dl: PayloadColumn, traceparent: bool) -> String {
+    let names = columns(traceparent).map(|c| c.name).collect::<Vec<_>>().join(", ");
+    let values = columns(traceparent)
         .map(|c| match c.name {
             "payload" => moved_payload(outbox, dl),
             _ => c.moved.unwrap_or(c.name),
         })
         .collect::<Vec<_>>()
         .join(", ");
-    let updates: String = COLUMNS
-        .iter()
+    let updates: String = columns(traceparent)
         .filter(|c| c.name != "id")
         .map(|c| format!("{0} = excluded.{0}, ", c.name))
         .collect();
@@ -149,6 +155,8 @@ pub(super) struct OutboxRow {
     pub attempts: i32,
     /// created_at as seconds since the epoch.
     pub created: f64,
+    /// The optional traceparent column, as text (unchecked: see `headers`).
+    pub traceparent: Option<String>,
 }
 
 impl OutboxRow {
@@ -163,6 +171,8 @@ impl OutboxRow {
             headers: r.get("headers"),
             attempts: r.get("attempts"),
             created: r.get("created"),
+            // Not selected where the outbox has no such column.
+            traceparent: r.try_get("traceparent").unwrap_or(None),
         }
     }
 
@@ -187,16 +197,17 @@ pub(super) struct Statements {
 }
 
 impl Statements {
-    pub fn new(cfg: &ValidOutboxRelay, payload: PayloadColumn, dead_letter_payload: PayloadColumn) -> Self {
+    pub fn new(cfg: &ValidOutboxRelay, tables: &OutboxTables) -> Self {
         let t = &cfg.table;
+        let both = tables.traceparent && tables.dead_letter_traceparent;
         Statements {
-            select: select_sql(t, cfg.key, payload, cfg.cleanup),
+            select: select_sql(t, cfg.key, tables.payload, cfg.cleanup, tables.traceparent),
             done: match cfg.cleanup {
                 Cleanup::Delete => format!("delete from {t} where id = any($1)"),
                 Cleanup::MarkPublished => format!("update {t} set published_at = now() where id = any($1)"),
             },
             fail: format!("update {t} set attempts = attempts + 1, last_error = $2 where id = $1"),
-            quarantine: quarantine_sql(t, &cfg.dead_letter_table, payload, dead_letter_payload),
+            quarantine: quarantine_sql(t, &cfg.dead_letter_table, tables.payload, tables.dead_letter_payload, both),
         }
     }
 
@@ -261,7 +272,13 @@ mod tests {
 
     #[test]
     fn select_reads_every_event_column_below_the_snapshot_xmin() {
-        let sql = select_sql(&q("billing", "orders"), OutboxColumn::Id, PayloadColumn::Bytea, Cleanup::Delete);
+        let sql = select_sql(
+            &q("billing", "orders"),
+            OutboxColumn::Id,
+            PayloadColumn::Bytea,
+            Cleanup::Delete,
+            false,
+        );
         assert_eq!(
             sql,
             r#"select id, seq, aggregatetype, aggregateid, type, payload as payload, headers::jsonb as headers, attempts,
@@ -275,6 +292,7 @@ mod tests {
             OutboxColumn::Type,
             PayloadColumn::Json,
             Cleanup::MarkPublished,
+            false,
         );
         assert!(
             json.contains("type, convert_to(payload::text, 'UTF8') as payload, headers"),
@@ -290,7 +308,7 @@ mod tests {
     fn quarantine_stores_before_it_deletes_and_counts_the_last_attempt() {
         let (o, dl) = (q("public", "outbox"), q("public", "outbox_dead_letter"));
         assert_eq!(
-            quarantine_sql(&o, &dl, PayloadColumn::Json, PayloadColumn::Json),
+            quarantine_sql(&o, &dl, PayloadColumn::Json, PayloadColumn::Json, false),
             r#"with moved as (select id, seq, aggregatetype, aggregateid, type, payload, headers, attempts, created_at from "public"."outbox" where id = $1),
              stored as (insert into "public"."outbox_dead_letter" (id, seq, aggregatetype, aggregateid, type, payload, headers, attempts, created_at, last_error)
                  select id, seq, aggregatetype, aggregateid, type, payload, headers, attempts + 1, created_at, $2 from moved
@@ -298,16 +316,40 @@ mod tests {
                  returning id)
              delete from "public"."outbox" where id in (select id from stored)"#
         );
-        let bytes_into_json = quarantine_sql(&o, &dl, PayloadColumn::Bytea, PayloadColumn::Json);
+        let bytes_into_json = quarantine_sql(&o, &dl, PayloadColumn::Bytea, PayloadColumn::Json, false);
         assert!(
             bytes_into_json.contains("type, to_jsonb(encode(payload, 'base64')), headers"),
             "{bytes_into_json}"
         );
-        let json_into_bytes = quarantine_sql(&o, &dl, PayloadColumn::Json, PayloadColumn::Bytea);
+        let json_into_bytes = quarantine_sql(&o, &dl, PayloadColumn::Json, PayloadColumn::Bytea, false);
         assert!(
             json_into_bytes.contains("type, convert_to(payload::text, 'UTF8'), headers"),
             "{json_into_bytes}"
         );
+    }
+
+    #[test]
+    fn traceparent_is_read_and_moved_only_where_the_tables_have_it() {
+        let (o, dl) = (q("public", "outbox"), q("public", "outbox_dead_letter"));
+        let select = select_sql(&o, OutboxColumn::Id, PayloadColumn::Json, Cleanup::Delete, true);
+        assert!(
+            select.contains("as created,\n                    traceparent::text as traceparent from \"public\".\"outbox\""),
+            "{select}"
+        );
+        let moved = quarantine_sql(&o, &dl, PayloadColumn::Json, PayloadColumn::Json, true);
+        assert!(
+            moved.contains("attempts, created_at, traceparent from \"public\".\"outbox\" where id = $1"),
+            "{moved}"
+        );
+        assert!(moved.contains("created_at, traceparent, last_error)"), "{moved}");
+        assert!(moved.contains("attempts + 1, created_at, traceparent, $2 from moved"), "{moved}");
+        assert!(moved.contains("traceparent = excluded.traceparent, last_error"), "{moved}");
+        for without in [
+            select_sql(&o, OutboxColumn::Id, PayloadColumn::Json, Cleanup::Delete, false),
+            quarantine_sql(&o, &dl, PayloadColumn::Json, PayloadColumn::Json, false),
+        ] {
+            assert!(!without.contains("traceparent"), "{without}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! history is verified against the contract; a mismatch is reported and the table left alone.
 //! What the tables look like (DDL, contracts, derived names) is in `tables.rs`.
 
+mod contract;
 mod drop;
 mod outbox;
 mod owners;
@@ -20,9 +21,9 @@ pub use self::outbox::{describe_outbox, ensure_published_indexes, prepare_outbox
 pub use self::owners::{claim, holder, owners_table, take_over, Claimed, Owner, OWNERS_TABLE};
 #[cfg(test)]
 pub(crate) use self::tables::qualified;
-pub use self::tables::{
-    compare, contract, derived_name, migrations, notify_channel, ColumnContract, Contract, Migration, ObservedColumn, PayloadColumn,
-    TableKind,
+pub use self::{
+    contract::{compare, contract, ColumnContract, Contract, ObservedColumn},
+    tables::{derived_name, migrations, notify_channel, Migration, PayloadColumn, TableKind},
 };
 use crate::sql::{advisory_key, Ident, QualifiedName};
 
@@ -338,10 +339,11 @@ async fn apply(conn: &mut PgConnection, p: &Plan<'_>) -> Result<MigrationOutcome
         .await?;
 
     let mut outcome = p.outcome();
-    if recorded.is_empty() {
+    let current = if recorded.is_empty() {
         match observe(conn, p.table).boxed().await? {
             Some(observed) => {
-                // Someone else's table: adopt it only if it already satisfies the contract.
+                // Someone else's table: adopt it only if it already satisfies the contract, which
+                // is version 1's; it is recorded as that, and later versions apply below.
                 p.check(&observed)?;
                 if p.kind == TableKind::Outbox {
                     if let Some(d) = wiring::add_notify_trigger(conn, p.table).await? {
@@ -349,10 +351,9 @@ async fn apply(conn: &mut PgConnection, p: &Plan<'_>) -> Result<MigrationOutcome
                     }
                 }
                 p.check_wiring(conn).boxed().await?;
-                for m in &p.steps {
-                    p.record(conn, m).boxed().await?;
-                }
+                p.record(conn, &p.steps[0]).boxed().await?;
                 outcome.adopted = true;
+                p.steps[0].version
             }
             None => {
                 if p.kind == TableKind::Outbox {
@@ -364,12 +365,13 @@ async fn apply(conn: &mut PgConnection, p: &Plan<'_>) -> Result<MigrationOutcome
                     p.run_step(conn, m).boxed().await?;
                     outcome.applied.push(m.version);
                 }
+                return Ok(outcome);
             }
         }
-        return Ok(outcome);
-    }
-    p.check_history(&recorded)?;
-    let current = recorded.last().map(|r| r.0).unwrap_or(0);
+    } else {
+        p.check_history(&recorded)?;
+        recorded.last().map(|r| r.0).unwrap_or(0)
+    };
     // Collected first: an iterator adapter holding a closure must not live across an await.
     let pending: Vec<&Step> = p.steps.iter().filter(|m| m.version > current).collect();
     for m in pending {
@@ -419,8 +421,8 @@ mod tests {
             Err(SchemaError::Checksum { version: 1, ref recorded, .. }) if recorded == "abc"
         ));
         assert!(matches!(
-            plan_with_history(&[(1, &current), (2, "x")]),
-            Err(SchemaError::TooNew { found: 2, known: 1, .. })
+            plan_with_history(&[(1, &current), (3, "x")]),
+            Err(SchemaError::TooNew { found: 3, known: 2, .. })
         ));
     }
 
@@ -428,7 +430,7 @@ mod tests {
     fn plan_renders_every_step_for_the_table() {
         let t = q("billing", "orders_outbox");
         let p = Plan::new(TableKind::Outbox, &t);
-        assert_eq!((p.name.as_str(), p.latest, p.steps.len()), ("billing.orders_outbox", 1, 1));
+        assert_eq!((p.name.as_str(), p.latest, p.steps.len()), ("billing.orders_outbox", 2, 2));
         assert_eq!(p.history.to_string(), r#""billing"."lockstep_schema_history""#);
         assert!(p.steps[0].sql.starts_with(r#"create table "billing"."orders_outbox" ("#));
         assert_eq!(p.steps[0].checksum, migrations(TableKind::Outbox)[0].checksum());

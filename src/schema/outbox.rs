@@ -34,6 +34,11 @@ pub struct OutboxTables {
     pub payload: PayloadColumn,
     /// The dead-letter table's payload column (a user-made one may differ from the outbox's).
     pub dead_letter_payload: PayloadColumn,
+    /// The outbox has the optional `traceparent` column (migration 2 adds it; a table lockstep
+    /// does not manage may not have it, and is read without it).
+    pub traceparent: bool,
+    /// The dead-letter table has it: a quarantine and a replay carry it only when both do.
+    pub dead_letter_traceparent: bool,
     /// The NOTIFY channel the outbox trigger signals.
     pub channel: String,
 }
@@ -57,8 +62,10 @@ pub async fn describe_outbox(
     dead_letter: &QualifiedName,
 ) -> Result<OutboxTables, sqlx::Error> {
     Ok(OutboxTables {
-        payload: payload_column(conn, outbox).await?,
-        dead_letter_payload: payload_column(conn, dead_letter).await?,
+        payload: PayloadColumn::from_type_name(column_type(conn, outbox, "payload").await?.as_deref()),
+        dead_letter_payload: PayloadColumn::from_type_name(column_type(conn, dead_letter, "payload").await?.as_deref()),
+        traceparent: column_type(conn, outbox, "traceparent").await?.is_some(),
+        dead_letter_traceparent: column_type(conn, dead_letter, "traceparent").await?.is_some(),
         channel: notify_channel(outbox),
     })
 }
@@ -111,13 +118,14 @@ pub async fn ensure_published_indexes(conn: &mut PgConnection, t: &QualifiedName
     result
 }
 
-async fn payload_column(conn: &mut PgConnection, t: &QualifiedName) -> Result<PayloadColumn, sqlx::Error> {
-    let udt: Option<String> = sqlx::query_scalar(
-        "select udt_name::text from information_schema.columns where table_schema = $1 and table_name = $2 and column_name = 'payload'",
+/// The type name (`udt_name`) of column `name` of `t`; None when it has no such column.
+async fn column_type(conn: &mut PgConnection, t: &QualifiedName, name: &str) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select udt_name::text from information_schema.columns where table_schema = $1 and table_name = $2 and column_name = $3",
     )
     .bind(t.schema.as_str())
     .bind(t.table.as_str())
+    .bind(name)
     .fetch_optional(&mut *conn)
-    .await?;
-    Ok(PayloadColumn::from_type_name(udt.as_deref()))
+    .await
 }

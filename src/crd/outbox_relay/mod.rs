@@ -199,6 +199,7 @@ fn default_replication_factor() -> i32 {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.cleanup != 'MarkPublished' || has(self.publishedRetention)").message("cleanup: MarkPublished needs publishedRetention"))]
+#[x_kube(validation = Rule::new("!has(self.cloudEvents) || (has(self.headers) && self.headers == 'cloudevents')").message("cloudEvents applies only with headers: cloudevents"))]
 pub struct RelaySpec {
     /// Relay pods: one active (PostgreSQL advisory lock), the rest hot standby.
     #[serde(default = "default_replicas")]
@@ -235,6 +236,44 @@ pub struct RelaySpec {
     /// Stop relaying without deleting anything (replicas scaled to 0).
     #[serde(default)]
     pub paused: bool,
+    /// The headers each message carries besides the row's own: `lockstep` (id, type, and
+    /// traceparent from the outbox's optional traceparent column) or `cloudevents` (those, and
+    /// the CloudEvents Kafka binding's binary-mode headers ce_id, ce_type, ce_source,
+    /// ce_specversion, ce_time, and content-type for a JSON payload).
+    #[serde(default)]
+    pub headers: HeaderSet,
+    /// CloudEvents settings, with headers: cloudevents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_events: Option<CloudEventsSpec>,
+}
+
+/// Which headers the relay puts on each message.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HeaderSet {
+    #[default]
+    Lockstep,
+    CloudEvents,
+}
+
+impl HeaderSet {
+    /// The spec's (and `--headers`') name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeaderSet::Lockstep => "lockstep",
+            HeaderSet::CloudEvents => "cloudevents",
+        }
+    }
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudEventsSpec {
+    /// ce_source, a URI reference naming where the events come from (for example
+    /// `https://orders.example.com` or `/orders`). Default: `/lockstep/<schema>/<table>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^[!-~]+$"))]
+    pub source: Option<String>,
 }
 
 fn default_replicas() -> i32 {
@@ -266,6 +305,8 @@ impl Default for RelaySpec {
             image: None,
             resources: None,
             paused: false,
+            headers: HeaderSet::default(),
+            cloud_events: None,
         }
     }
 }

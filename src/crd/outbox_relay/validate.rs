@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, time::Duration as StdDuration};
 
 use k8s_openapi::{api::core::v1::ResourceRequirements, apimachinery::pkg::api::resource::Quantity};
 
-use super::{Cleanup, Compression, KafkaSpec, OutboxRelaySpec, RelaySpec, TopicSpec, DEAD_LETTER_SUFFIX};
+use super::{Cleanup, Compression, HeaderSet, KafkaSpec, OutboxRelaySpec, RelaySpec, TopicSpec, DEAD_LETTER_SUFFIX};
 use crate::{
     crd::common::{validate_object_name, SecretKeyRef},
     routing::{validate_topic_name, OutboxColumn, TopicTemplate},
@@ -59,6 +59,10 @@ pub struct ValidOutboxRelay {
     pub resources: Option<ResourceRequirements>,
     /// Relaying stopped: the relay Deployment is scaled to 0 (`replicas` keeps the asked count).
     pub paused: bool,
+    /// The headers each message carries (`relay::headers`).
+    pub headers: HeaderSet,
+    /// `ce_source` as the spec gives it; None: derived from the table.
+    pub cloud_events_source: Option<String>,
 }
 
 /// Producer settings that passed validation (idempotence and acks=all are added when building).
@@ -147,6 +151,8 @@ impl OutboxRelaySpec {
                 image: r.image.clone(),
                 resources: r.resources.clone(),
                 paused: r.paused,
+                headers: r.headers,
+                cloud_events_source: r.cloud_events.as_ref().and_then(|c| c.source.clone()),
             })
         })
     }
@@ -295,6 +301,7 @@ fn validate_relay(r: &RelaySpec, p: &mut Problems) -> Option<RelayTimes> {
         (Cleanup::Delete, None) => None,
     };
     validate_resources(r.resources.as_ref(), p);
+    validate_cloud_events(r, p);
     if matches!(&r.image, Some(i) if i.trim().is_empty()) {
         p.add("spec.relay.image", "must not be empty; omit it to use the operator's image");
     } else if matches!(&r.image, Some(i) if i.contains(char::is_whitespace)) {
@@ -305,6 +312,22 @@ fn validate_relay(r: &RelaySpec, p: &mut Problems) -> Option<RelayTimes> {
         max_gather: max_gather?,
         published_retention,
     })
+}
+
+/// A source is a URI reference: printable ASCII, no spaces (a URI has none unencoded).
+fn validate_cloud_events(r: &RelaySpec, p: &mut Problems) {
+    let Some(c) = &r.cloud_events else { return };
+    if r.headers != HeaderSet::CloudEvents {
+        p.add("spec.relay.cloudEvents", "applies only with headers: cloudevents");
+    }
+    if let Some(s) = &c.source {
+        if s.is_empty() || s.len() > 1024 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+            p.add(
+                "spec.relay.cloudEvents.source",
+                "must be a URI reference of 1 to 1024 printable ASCII characters, without spaces",
+            );
+        }
+    }
 }
 
 /// Quantities that parse, and requests no larger than limits (the pods would be refused).

@@ -14,6 +14,7 @@ pub mod lag;
 pub mod lifecycle;
 pub mod outbox_relay;
 pub mod ownership;
+pub mod prerequisites;
 pub mod reconciler;
 pub mod relay_available;
 pub mod relay_deployment;

@@ -7,6 +7,7 @@ pub mod outbox;
 pub mod pgbouncer;
 pub mod proxy;
 pub mod relays;
+pub mod standby;
 pub mod tls;
 
 use std::time::Duration;

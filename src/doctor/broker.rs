@@ -1,0 +1,257 @@
+//! The broker checks' gathering: the operations lockstep runs, tried with the client settings it
+//! would use (TLS/SASL included), each answer judged in `broker_verdicts`. Nothing is written:
+//! topic creation and config changes are sent validate-only, and the idempotent producer only
+//! asks for its producer id.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::executor::block_on;
+use rdkafka::{
+    admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication},
+    client::{ClientContext, DefaultClientContext},
+    config::ClientConfig,
+    consumer::{BaseConsumer, Consumer},
+    error::{KafkaError, RDKafkaErrorCode},
+    producer::{BaseProducer, Producer, ProducerContext},
+    Statistics, TopicPartitionList,
+};
+
+use super::{
+    args::BrokerTarget,
+    broker_verdicts::{self as v, Op, Refusal},
+    database::TargetKind,
+    Check,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Every broker check of `lockstep doctor`; None: no bootstrap servers were given.
+pub async fn checks(target: Option<&BrokerTarget>) -> Vec<Check> {
+    let Some(t) = target.cloned() else {
+        return vec![Check::warn(
+            "broker",
+            "not checked: no --bootstrap-servers",
+            "pass the bootstrap servers and the --kafka-config settings lockstep uses to check the broker too",
+        )];
+    };
+    tokio::task::spawn_blocking(move || gather(&t))
+        .await
+        .unwrap_or_else(|e| vec![Check::fail("broker", format!("the broker checks stopped: {e}"), "report this as a bug")])
+}
+
+fn config(t: &BrokerTarget) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (k, val) in &t.settings {
+        c.set(k, val);
+    }
+    c.set("bootstrap.servers", &t.bootstrap)
+        .set("socket.timeout.ms", TIMEOUT.as_millis().to_string());
+    c
+}
+
+/// A client error as a refusal, with no setting's value in its text (they may be secrets).
+fn refusal(e: &KafkaError, t: &BrokerTarget) -> Refusal {
+    Refusal {
+        code: e.rdkafka_error_code(),
+        message: crate::kafka::config_error_text(e, t.settings.values().map(String::as_str)),
+    }
+}
+
+fn code_refusal(code: RDKafkaErrorCode) -> Refusal {
+    Refusal {
+        code: Some(code),
+        message: code.to_string(),
+    }
+}
+
+/// A topic as the metadata shows it: replicas of partition 0 and the partition count.
+struct Topic {
+    replicas: i32,
+    partitions: i32,
+}
+
+fn gather(t: &BrokerTarget) -> Vec<Check> {
+    if let Some((k, why)) = t.settings.iter().find_map(|(k, val)| crate::kafka::operator_refuses(k, val).map(|w| (k, w))) {
+        return vec![Check::fail(
+            "kafka settings",
+            format!("setting {k:?} {why}: the operator refuses it"),
+            "leave it out of the settings lockstep gets",
+        )];
+    }
+    let mut cfg = config(t);
+    cfg.set("group.id", t.group.as_deref().unwrap_or("lockstep-doctor"));
+    let consumer: BaseConsumer = match cfg.create() {
+        Ok(c) => c,
+        Err(e) => return vec![v::unreachable(&t.bootstrap, &refusal(&e, t).message)],
+    };
+    let md = match consumer.fetch_metadata(None, TIMEOUT) {
+        Ok(md) => md,
+        Err(e) => return vec![v::unreachable(&t.bootstrap, &refusal(&e, t).message)],
+    };
+    let protocol = t.settings.get("security.protocol").map_or("PLAINTEXT", String::as_str);
+    let mut out = vec![Check::pass(
+        "broker connection",
+        format!("reached {} ({} brokers, security.protocol {protocol})", t.bootstrap, md.brokers().len()),
+    )];
+    let mut topics = BTreeMap::new();
+    for name in &t.topics {
+        match md.topics().iter().find(|m| m.name() == name.as_str() && m.error().is_none()) {
+            Some(m) => {
+                let replicas = m.partitions().first().map_or(0, |p| p.replicas().len() as i32);
+                topics.insert(name.clone(), Topic { replicas, partitions: m.partitions().len() as i32 });
+            }
+            None => out.push(Check::pass(format!("topic {name}"), "does not exist yet")),
+        }
+    }
+    out.extend(topic_checks(t, &topics));
+    if t.kind == TargetKind::OutboxRelay {
+        out.push(v::operation(Op::IdempotentProduce, "cluster", &idempotent_produce(t)));
+    }
+    if let Some(group) = &t.group {
+        out.push(v::operation(Op::DescribeGroup, group, &describe_group(&consumer, group, &topics)));
+    }
+    out
+}
+
+/// DescribeConfigs, min.insync.replicas, CreateTopics and IncrementalAlterConfigs (validate-only).
+fn topic_checks(t: &BrokerTarget, topics: &BTreeMap<String, Topic>) -> Vec<Check> {
+    let admin: AdminClient<DefaultClientContext> = match config(t).create() {
+        Ok(a) => a,
+        Err(e) => return vec![v::unreachable(&t.bootstrap, &refusal(&e, t).message)],
+    };
+    let options = || AdminOptions::new().request_timeout(Some(TIMEOUT)).operation_timeout(Some(TIMEOUT));
+    let (opts, validate) = (options(), options().validate_only(true));
+    let mut out = Vec::new();
+    for name in &t.topics {
+        let new = NewTopic::new(name, 1, TopicReplication::Fixed(1));
+        let created = match block_on(admin.create_topics([&new], &validate)) {
+            Err(e) => Err(refusal(&e, t)),
+            Ok(r) => match r.into_iter().next() {
+                Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | Some(Ok(_)) | None => Ok(()),
+                Some(Err((_, code))) => Err(code_refusal(code)),
+            },
+        };
+        out.push(v::operation(Op::CreateTopics, name, &created));
+        let Some(topic) = topics.get(name) else { continue };
+        let described = block_on(admin.describe_configs([&ResourceSpecifier::Topic(name)], &opts));
+        let entries = match described.map(|mut r| r.pop()) {
+            Ok(Some(Ok(res))) => Ok(res.entries.into_iter().filter_map(|e| e.value.map(|val| (e.name, val))).collect::<BTreeMap<_, _>>()),
+            Ok(Some(Err(code))) => Err(code_refusal(code)),
+            Ok(None) => Err(code_refusal(RDKafkaErrorCode::InvalidRequest)),
+            Err(e) => Err(refusal(&e, t)),
+        };
+        out.push(v::operation(Op::DescribeConfigs, name, &entries.as_ref().map(|_| ()).map_err(Clone::clone)));
+        let Ok(entries) = entries else { continue };
+        let isr = entries.get("min.insync.replicas").and_then(|s| s.parse().ok());
+        out.push(v::min_insync(name, (topic.partitions > 0).then_some(topic.replicas), isr));
+        out.push(alter_configs(&admin, name, &entries));
+    }
+    out
+}
+
+/// IncrementalAlterConfigs, validate-only, writing back a value the topic has (so that a broker
+/// that ignored validate-only would still change nothing).
+fn alter_configs(admin: &AdminClient<DefaultClientContext>, topic: &str, entries: &BTreeMap<String, String>) -> Check {
+    let key = ["retention.ms", "cleanup.policy", "min.insync.replicas"].into_iter().find(|k| entries.contains_key(*k));
+    let Some(key) = key else {
+        return Check::warn(
+            format!("{} {topic}", Op::AlterConfigs.check_name()),
+            "not tried: the broker reported no config value to send back unchanged",
+            "make sure the client's principal has AlterConfigs on the topic",
+        );
+    };
+    let set = [(key.to_owned(), entries[key].clone())];
+    let r = crate::kafka::incremental_alter_configs(admin, topic, &set, TIMEOUT, true).map_err(|e| Refusal {
+        code: error_code_in(&e.to_string()),
+        message: e.to_string(),
+    });
+    v::operation(Op::AlterConfigs, topic, &r)
+}
+
+/// The error code librdkafka names in a message (`Broker: Topic authorization failed`).
+fn error_code_in(message: &str) -> Option<RDKafkaErrorCode> {
+    use RDKafkaErrorCode::*;
+    [TopicAuthorizationFailed, ClusterAuthorizationFailed, UnsupportedVersion, InvalidRequest]
+        .into_iter()
+        .find(|c| message.contains(&c.to_string()))
+}
+
+/// Keeps the idempotent producer's state from its statistics.
+#[derive(Default, Clone)]
+struct IdempState(Arc<Mutex<Option<String>>>);
+
+impl ClientContext for IdempState {
+    fn stats(&self, s: Statistics) {
+        if let (Some(eos), Ok(mut state)) = (s.eos, self.0.lock()) {
+            *state = Some(eos.idemp_state);
+        }
+    }
+}
+
+impl ProducerContext for IdempState {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}
+
+/// The relay's producer settings; its producer id assigned (InitProducerId) within the timeout.
+fn idempotent_produce(t: &BrokerTarget) -> Result<(), Refusal> {
+    let state = IdempState::default();
+    let mut cfg = config(t);
+    cfg.set("enable.idempotence", "true").set("acks", "all").set("statistics.interval.ms", "100");
+    let producer: BaseProducer<IdempState> = cfg.create_with_context(state.clone()).map_err(|e| refusal(&e, t))?;
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        producer.poll(Duration::from_millis(100));
+        if let Some((code, message)) = producer.client().fatal_error() {
+            return Err(Refusal { code: Some(code), message });
+        }
+        if state.0.lock().ok().and_then(|s| s.clone()).as_deref() == Some("Assigned") {
+            return Ok(());
+        }
+    }
+    let last = state.0.lock().ok().and_then(|s| s.clone()).unwrap_or_else(|| "unknown".into());
+    Err(Refusal {
+        code: None,
+        message: format!("no producer id within {TIMEOUT:?} (idempotence state {last})"),
+    })
+}
+
+/// DescribeGroups, then OffsetFetch of the group on the topics' partitions.
+fn describe_group(consumer: &BaseConsumer, group: &str, topics: &BTreeMap<String, Topic>) -> Result<(), Refusal> {
+    let list = consumer.fetch_group_list(Some(group), TIMEOUT).map_err(|e| Refusal {
+        code: e.rdkafka_error_code(),
+        message: e.to_string(),
+    })?;
+    if let Some(g) = list.groups().iter().find(|g| g.name() == group) {
+        if let Some(code) = group_error(g) {
+            return Err(code_refusal(code));
+        }
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (name, t) in topics {
+        for p in 0..t.partitions {
+            tpl.add_partition(name, p);
+        }
+    }
+    if tpl.count() == 0 {
+        return Ok(());
+    }
+    consumer.committed_offsets(tpl, TIMEOUT).map(drop).map_err(|e| Refusal {
+        code: e.rdkafka_error_code(),
+        message: e.to_string(),
+    })
+}
+
+/// The group's own error in the DescribeGroups answer (GroupAuthorizationFailed, say), which
+/// rdkafka's GroupInfo does not expose.
+fn group_error(g: &rdkafka::groups::GroupInfo) -> Option<RDKafkaErrorCode> {
+    // SAFETY: GroupInfo wraps exactly one rd_kafka_group_info; rdkafka builds its slice of
+    // GroupInfo by casting librdkafka's array of rd_kafka_group_info (GroupList::groups).
+    let raw = unsafe { &*(g as *const rdkafka::groups::GroupInfo as *const rdkafka::bindings::rd_kafka_group_info) };
+    let code = RDKafkaErrorCode::from(raw.err);
+    (code != RDKafkaErrorCode::NoError).then_some(code)
+}

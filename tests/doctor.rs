@@ -27,7 +27,10 @@ fn doctor(args: &[&str]) -> (i32, String, String) {
         .env_remove("LOCKSTEP_MANAGE_SCHEMA")
         .output()
         .expect("run lockstep doctor");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
     println!("$ lockstep doctor {}\n{stdout}{stderr}", args.join(" "));
     (out.status.code().unwrap_or(-1), stdout, stderr)
 }
@@ -105,17 +108,83 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case { name: "create on the database", args: &[], revoke: "revoke create on database {db} from {role}", fails: "privileges on database", lacks: "CREATE" },
-    Case { name: "create on the schema", args: &[], revoke: "revoke create on schema {schema} from {role}", fails: "privileges on schema", lacks: "CREATE" },
-    Case { name: "usage on the schema", args: &["--manage-schema", "false"], revoke: "revoke usage on schema {schema} from {role}", fails: "privileges on schema", lacks: "USAGE" },
-    Case { name: "select on the outbox", args: &["--manage-schema", "false"], revoke: "revoke select on {schema}.outbox from {role}", fails: "privileges on table {s}.outbox", lacks: "SELECT" },
-    Case { name: "update on the outbox", args: &["--manage-schema", "false"], revoke: "revoke update on {schema}.outbox from {role}", fails: "privileges on table {s}.outbox", lacks: "UPDATE" },
-    Case { name: "delete on the outbox", args: &["--manage-schema", "false"], revoke: "revoke delete on {schema}.outbox from {role}", fails: "privileges on table {s}.outbox", lacks: "DELETE" },
-    Case { name: "insert on the dead-letter table", args: &["--manage-schema", "false"], revoke: "revoke insert on {schema}.outbox_dead_letter from {role}", fails: "privileges on table {s}.outbox_dead_letter", lacks: "INSERT" },
-    Case { name: "update on the dead-letter table", args: &["--manage-schema", "false"], revoke: "revoke update on {schema}.outbox_dead_letter from {role}", fails: "privileges on table {s}.outbox_dead_letter", lacks: "UPDATE" },
-    Case { name: "insert on the migration history", args: &[], revoke: "revoke insert on {schema}.lockstep_schema_history from {role}", fails: "privileges on table {s}.lockstep_schema_history", lacks: "INSERT" },
-    Case { name: "insert on the owners table", args: &[], revoke: "revoke insert on {schema}.lockstep_owners from {role}", fails: "privileges on table {s}.lockstep_owners", lacks: "INSERT" },
-    Case { name: "delete on the inbox (purge)", args: &["--for", "inbox-table", "--table", "inbox"], revoke: "revoke delete on {schema}.inbox from {role}", fails: "privileges on table {s}.inbox", lacks: "DELETE" },
+    Case {
+        name: "create on the database",
+        args: &[],
+        revoke: "revoke create on database {db} from {role}",
+        fails: "privileges on database",
+        lacks: "CREATE",
+    },
+    Case {
+        name: "create on the schema",
+        args: &[],
+        revoke: "revoke create on schema {schema} from {role}",
+        fails: "privileges on schema",
+        lacks: "CREATE",
+    },
+    Case {
+        name: "usage on the schema",
+        args: &["--manage-schema", "false"],
+        revoke: "revoke usage on schema {schema} from {role}",
+        fails: "privileges on schema",
+        lacks: "USAGE",
+    },
+    Case {
+        name: "select on the outbox",
+        args: &["--manage-schema", "false"],
+        revoke: "revoke select on {schema}.outbox from {role}",
+        fails: "privileges on table {s}.outbox",
+        lacks: "SELECT",
+    },
+    Case {
+        name: "update on the outbox",
+        args: &["--manage-schema", "false"],
+        revoke: "revoke update on {schema}.outbox from {role}",
+        fails: "privileges on table {s}.outbox",
+        lacks: "UPDATE",
+    },
+    Case {
+        name: "delete on the outbox",
+        args: &["--manage-schema", "false"],
+        revoke: "revoke delete on {schema}.outbox from {role}",
+        fails: "privileges on table {s}.outbox",
+        lacks: "DELETE",
+    },
+    Case {
+        name: "insert on the dead-letter table",
+        args: &["--manage-schema", "false"],
+        revoke: "revoke insert on {schema}.outbox_dead_letter from {role}",
+        fails: "privileges on table {s}.outbox_dead_letter",
+        lacks: "INSERT",
+    },
+    Case {
+        name: "update on the dead-letter table",
+        args: &["--manage-schema", "false"],
+        revoke: "revoke update on {schema}.outbox_dead_letter from {role}",
+        fails: "privileges on table {s}.outbox_dead_letter",
+        lacks: "UPDATE",
+    },
+    Case {
+        name: "insert on the migration history",
+        args: &[],
+        revoke: "revoke insert on {schema}.lockstep_schema_history from {role}",
+        fails: "privileges on table {s}.lockstep_schema_history",
+        lacks: "INSERT",
+    },
+    Case {
+        name: "insert on the owners table",
+        args: &[],
+        revoke: "revoke insert on {schema}.lockstep_owners from {role}",
+        fails: "privileges on table {s}.lockstep_owners",
+        lacks: "INSERT",
+    },
+    Case {
+        name: "delete on the inbox (purge)",
+        args: &["--for", "inbox-table", "--table", "inbox"],
+        revoke: "revoke delete on {schema}.inbox from {role}",
+        fails: "privileges on table {s}.inbox",
+        lacks: "DELETE",
+    },
 ];
 
 #[tokio::test]
@@ -137,7 +206,10 @@ async fn a_role_missing_each_privilege_fails_naming_it() {
         uid: "u".into(),
     };
     lockstep::schema::claim(&mut conn, &inbox, &me, true).await.unwrap();
-    let db: String = sqlx::query_scalar("select current_database()::text").fetch_one(&admin).await.unwrap();
+    let db: String = sqlx::query_scalar("select current_database()::text")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
     let q = |id: &str| format!("\"{id}\"");
     for case in CASES {
         let role = format!("r_{}", common::unique("doctor").replace('-', "_"));
@@ -150,7 +222,11 @@ async fn a_role_missing_each_privilege_fails_naming_it() {
             d = q(&db),
             sc = q(&s.schema)
         );
-        let revoke = case.revoke.replace("{db}", &q(&db)).replace("{role}", &q(&role)).replace("{schema}", &q(&s.schema));
+        let revoke = case
+            .revoke
+            .replace("{db}", &q(&db))
+            .replace("{role}", &q(&role))
+            .replace("{schema}", &q(&s.schema));
         sqlx::raw_sql(&format!("{grants}\n{revoke}")).execute(&admin).await.unwrap();
         let url = url_for(&role);
         let mut args = vec!["--database-url", &url, "--schema", &s.schema];
@@ -162,7 +238,11 @@ async fn a_role_missing_each_privilege_fails_naming_it() {
         assert!(l.contains(&format!("lacks {}", case.lacks)), "{}: {l}", case.name);
         assert_eq!(out.matches("FAIL").count(), 1, "{}: only that privilege fails\n{out}", case.name);
         let next = out.lines().skip_while(|x| *x != l).nth(1).unwrap_or_default();
-        assert!(next.starts_with("  -> as the object's owner or a superuser: grant"), "{}: {next}", case.name);
+        assert!(
+            next.starts_with("  -> as the object's owner or a superuser: grant"),
+            "{}: {next}",
+            case.name
+        );
         // The same role with the privilege back passes.
         let grant = revoke.replacen("revoke", "grant", 1).replace(" from ", " to ");
         sqlx::raw_sql(&grant).execute(&admin).await.unwrap();
@@ -229,7 +309,10 @@ async fn mock_cluster_a_principal_without_idempotent_write_fails() {
     assert_eq!(code, 1, "{out}");
     let l = line(&out, "FAIL  idempotent produce (InitProducerId) cluster");
     assert!(l.contains("not authorized"), "{l}");
-    assert!(out.contains("-> grant the client's principal the ACL IdempotentWrite on the cluster"), "{out}");
+    assert!(
+        out.contains("-> grant the client's principal the ACL IdempotentWrite on the cluster"),
+        "{out}"
+    );
 }
 
 /// librdkafka's mock cluster: DescribeGroups refused with GroupAuthorizationFailed, as a broker
@@ -243,7 +326,16 @@ async fn mock_cluster_a_principal_without_describe_on_the_group_fails() {
     );
     let url = common::env("DATABASE_URL");
     let bootstrap = mock.bootstrap_servers();
-    let args = ["--database-url", &url, "--for", "inbox-table", "--bootstrap-servers", &bootstrap, "--group", "billing"];
+    let args = [
+        "--database-url",
+        &url,
+        "--for",
+        "inbox-table",
+        "--bootstrap-servers",
+        &bootstrap,
+        "--group",
+        "billing",
+    ];
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let (code, out, _) = tokio::task::spawn_blocking(move || doctor(&args.iter().map(String::as_str).collect::<Vec<_>>()))
         .await
@@ -251,5 +343,8 @@ async fn mock_cluster_a_principal_without_describe_on_the_group_fails() {
     assert_eq!(code, 1, "{out}");
     let l = line(&out, "FAIL  describe consumer group billing");
     assert!(l.contains("not authorized"), "{l}");
-    assert!(out.contains("-> grant the client's principal the ACL Describe on group billing"), "{out}");
+    assert!(
+        out.contains("-> grant the client's principal the ACL Describe on group billing"),
+        "{out}"
+    );
 }

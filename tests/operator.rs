@@ -197,20 +197,32 @@ async fn a_role_lacking_create_is_named_in_prerequisites_met() {
     let url = common::env("DATABASE_URL");
     let admin = sqlx::PgPool::connect(&url).await.unwrap();
     let role = format!("r_{}", schema_name(&e.ns.name));
-    sqlx::raw_sql(&format!("create role \"{role}\" login")).execute(&admin).await.unwrap();
+    sqlx::raw_sql(&format!("create role \"{role}\" login"))
+        .execute(&admin)
+        .await
+        .unwrap();
     let rest = url.split_once("://").unwrap().1;
     let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
     common::create_secret(&e.client, &e.ns.name, "db", &format!("postgres://{role}@{host}")).await;
     let schema = schema_name(&e.ns.name);
-    e.inboxes.create(&PostParams::default(), &inbox("inbox", "db", &schema, json!({}))).await.unwrap();
+    e.inboxes
+        .create(&PostParams::default(), &inbox("inbox", "db", &schema, json!({})))
+        .await
+        .unwrap();
     let obj = common::wait_condition(&e.inboxes, "inbox", "PrerequisitesMet", "False", Some("PrerequisiteFailed"), T).await;
     let conds = &obj.status.as_ref().unwrap().conditions;
     let msg = &common::condition(conds, "PrerequisitesMet").message;
-    assert!(msg.contains("privileges on database") && msg.contains(&format!("role {role} lacks CREATE")), "{msg}");
+    assert!(
+        msg.contains("privileges on database") && msg.contains(&format!("role {role} lacks CREATE")),
+        "{msg}"
+    );
     assert!(msg.contains("grant create on database"), "{msg}");
     // The migration is still tried, and fails as the check said.
     assert_eq!(common::condition(conds, "SchemaReady").reason, "PermissionDenied");
-    let db: String = sqlx::query_scalar("select current_database()::text").fetch_one(&admin).await.unwrap();
+    let db: String = sqlx::query_scalar("select current_database()::text")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
     sqlx::raw_sql(&format!("grant create on database \"{db}\" to \"{role}\""))
         .execute(&admin)
         .await
@@ -218,7 +230,10 @@ async fn a_role_lacking_create_is_named_in_prerequisites_met() {
     // A refused role waits for the refresh: a change reconciles now.
     common::touch(&e.inboxes, "inbox").await;
     let obj = common::wait_condition(&e.inboxes, "inbox", "Ready", "True", None, T).await;
-    assert_eq!(common::condition(&obj.status.unwrap().conditions, "PrerequisitesMet").reason, "PrerequisitesMet");
+    assert_eq!(
+        common::condition(&obj.status.unwrap().conditions, "PrerequisitesMet").reason,
+        "PrerequisitesMet"
+    );
     e.ns.delete().await;
 }
 

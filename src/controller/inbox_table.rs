@@ -125,7 +125,11 @@ async fn reconcile_valid(
 
     let mut status = previous.clone();
     let prerequisites = match previous.table {
-        None => super::prerequisites::check(ctx, &ns, &valid.url_secret, &target(&valid)).boxed().await,
+        None => {
+            super::prerequisites::check(ctx, &ns, &valid.url_secret, &target(&valid))
+                .boxed()
+                .await
+        }
         Some(_) => None,
     };
     let (schema_cond, purging) = match schema(ctx, obj, &ns, &valid).await {

@@ -82,7 +82,11 @@ impl Reconciler for OutboxRelays {
             }
             let ns = obj.metadata.namespace.clone().unwrap_or_default();
             let prerequisites = match previous.table {
-                None => super::prerequisites::check(ctx, &ns, &valid.url_secret, &target(&valid)).boxed().await,
+                None => {
+                    super::prerequisites::check(ctx, &ns, &valid.url_secret, &target(&valid))
+                        .boxed()
+                        .await
+                }
                 Some(_) => None,
             };
             let (schema_cond, schema_version, pool) = schema(ctx, obj, &ns, &valid).boxed().await;

@@ -19,17 +19,17 @@ use crate::{
 /// The condition, or None when the database cannot be reached (SchemaReady says so).
 pub async fn check(ctx: &Context, ns: &str, secret: &SecretKeyRef, target: &Target) -> Option<Cond> {
     let (db, mut first) = deps::connect(ctx, ns, secret).await.ok()?;
-    let mut checks = database::server_checks(&mut *first).await;
+    let mut checks = database::server_checks(&mut first).await;
     // A second connection of its own (not the pool's): the pool may hand back the first.
     let url = deps::secret_url(&ctx.client, ns, secret).await.ok()?;
     let opts = crate::db::parse_database_url(url.expose())?.application_name("lockstep");
     if let Ok(mut second) = sqlx::PgConnection::connect_with(&opts).await {
-        if let Ok(f) = database::pooler(&mut *first, &mut second).await {
+        if let Ok(f) = database::pooler(&mut first, &mut second).await {
             checks.push(crate::doctor::verdicts::pooler(&f));
         }
         let _ = second.close().await;
     }
-    checks.extend(database::privilege_checks(&mut *first, target).await);
+    checks.extend(database::privilege_checks(&mut first, target).await);
     Some(verdict(&db.location, &checks))
 }
 
@@ -68,11 +68,18 @@ mod tests {
         let checks = vec![
             Check::pass("postgresql version", "16"),
             Check::warn("connection headroom", "little", "raise"),
-            Check::fail("privileges on database app", "role r lacks CREATE: migrations", "grant create on database \"app\" to \"r\""),
+            Check::fail(
+                "privileges on database app",
+                "role r lacks CREATE: migrations",
+                "grant create on database \"app\" to \"r\"",
+            ),
             Check::fail("privileges on schema s", "role r lacks CREATE", "grant"),
         ];
         let c = verdict("db:5432/app", &checks);
-        assert_eq!((c.type_, c.status, c.reason), ("PrerequisitesMet", Status::False, "PrerequisiteFailed"));
+        assert_eq!(
+            (c.type_, c.status, c.reason),
+            ("PrerequisitesMet", Status::False, "PrerequisiteFailed")
+        );
         assert_eq!(
             c.message,
             "db:5432/app: privileges on database app: role r lacks CREATE: migrations; grant create on database \"app\" to \"r\" \

@@ -164,7 +164,15 @@ mod tests {
 
     #[test]
     fn outbox_relay_checks_the_dead_letter_table_and_counts_relay_connections() {
-        let r = resolve(&["--database-url", "postgres://u:p@db/x", "--schema", "billing", "--relay-replicas", "3"]).unwrap();
+        let r = resolve(&[
+            "--database-url",
+            "postgres://u:p@db/x",
+            "--schema",
+            "billing",
+            "--relay-replicas",
+            "3",
+        ])
+        .unwrap();
         let t = &r.database.target;
         assert_eq!(t.table.to_string(), r#""billing"."outbox""#);
         assert_eq!(t.dead_letter.as_ref().unwrap().to_string(), r#""billing"."outbox_dead_letter""#);
@@ -194,7 +202,10 @@ mod tests {
         assert_eq!((r.database.target.kind, r.database.connections), (TargetKind::InboxTable, 4));
         assert!(r.database.target.dead_letter.is_none() && !r.database.target.manage);
         let b = r.broker.unwrap();
-        assert_eq!((b.group.as_deref(), b.settings["sasl.password"].as_str()), (Some("billing"), "hunter2"));
+        assert_eq!(
+            (b.group.as_deref(), b.settings["sasl.password"].as_str()),
+            (Some("billing"), "hunter2")
+        );
     }
 
     #[test]

@@ -38,9 +38,13 @@ pub async fn checks(target: Option<&BrokerTarget>) -> Vec<Check> {
             "pass the bootstrap servers and the --kafka-config settings lockstep uses to check the broker too",
         )];
     };
-    tokio::task::spawn_blocking(move || gather(&t))
-        .await
-        .unwrap_or_else(|e| vec![Check::fail("broker", format!("the broker checks stopped: {e}"), "report this as a bug")])
+    tokio::task::spawn_blocking(move || gather(&t)).await.unwrap_or_else(|e| {
+        vec![Check::fail(
+            "broker",
+            format!("the broker checks stopped: {e}"),
+            "report this as a bug",
+        )]
+    })
 }
 
 fn config(t: &BrokerTarget) -> ClientConfig {
@@ -75,7 +79,11 @@ struct Topic {
 }
 
 fn gather(t: &BrokerTarget) -> Vec<Check> {
-    if let Some((k, why)) = t.settings.iter().find_map(|(k, val)| crate::kafka::operator_refuses(k, val).map(|w| (k, w))) {
+    if let Some((k, why)) = t
+        .settings
+        .iter()
+        .find_map(|(k, val)| crate::kafka::operator_refuses(k, val).map(|w| (k, w)))
+    {
         return vec![Check::fail(
             "kafka settings",
             format!("setting {k:?} {why}: the operator refuses it"),
@@ -95,14 +103,24 @@ fn gather(t: &BrokerTarget) -> Vec<Check> {
     let protocol = t.settings.get("security.protocol").map_or("PLAINTEXT", String::as_str);
     let mut out = vec![Check::pass(
         "broker connection",
-        format!("reached {} ({} brokers, security.protocol {protocol})", t.bootstrap, md.brokers().len()),
+        format!(
+            "reached {} ({} brokers, security.protocol {protocol})",
+            t.bootstrap,
+            md.brokers().len()
+        ),
     )];
     let mut topics = BTreeMap::new();
     for name in &t.topics {
         match md.topics().iter().find(|m| m.name() == name.as_str() && m.error().is_none()) {
             Some(m) => {
                 let replicas = m.partitions().first().map_or(0, |p| p.replicas().len() as i32);
-                topics.insert(name.clone(), Topic { replicas, partitions: m.partitions().len() as i32 });
+                topics.insert(
+                    name.clone(),
+                    Topic {
+                        replicas,
+                        partitions: m.partitions().len() as i32,
+                    },
+                );
             }
             None => out.push(Check::pass(format!("topic {name}"), "does not exist yet")),
         }
@@ -139,12 +157,20 @@ fn topic_checks(t: &BrokerTarget, topics: &BTreeMap<String, Topic>) -> Vec<Check
         let Some(topic) = topics.get(name) else { continue };
         let described = block_on(admin.describe_configs([&ResourceSpecifier::Topic(name)], &opts));
         let entries = match described.map(|mut r| r.pop()) {
-            Ok(Some(Ok(res))) => Ok(res.entries.into_iter().filter_map(|e| e.value.map(|val| (e.name, val))).collect::<BTreeMap<_, _>>()),
+            Ok(Some(Ok(res))) => Ok(res
+                .entries
+                .into_iter()
+                .filter_map(|e| e.value.map(|val| (e.name, val)))
+                .collect::<BTreeMap<_, _>>()),
             Ok(Some(Err(code))) => Err(code_refusal(code)),
             Ok(None) => Err(code_refusal(RDKafkaErrorCode::InvalidRequest)),
             Err(e) => Err(refusal(&e, t)),
         };
-        out.push(v::operation(Op::DescribeConfigs, name, &entries.as_ref().map(|_| ()).map_err(Clone::clone)));
+        out.push(v::operation(
+            Op::DescribeConfigs,
+            name,
+            &entries.as_ref().map(|_| ()).map_err(Clone::clone),
+        ));
         let Ok(entries) = entries else { continue };
         let isr = entries.get("min.insync.replicas").and_then(|s| s.parse().ok());
         out.push(v::min_insync(name, (topic.partitions > 0).then_some(topic.replicas), isr));
@@ -156,7 +182,9 @@ fn topic_checks(t: &BrokerTarget, topics: &BTreeMap<String, Topic>) -> Vec<Check
 /// IncrementalAlterConfigs, validate-only, writing back a value the topic has (so that a broker
 /// that ignored validate-only would still change nothing).
 fn alter_configs(admin: &AdminClient<DefaultClientContext>, topic: &str, entries: &BTreeMap<String, String>) -> Check {
-    let key = ["retention.ms", "cleanup.policy", "min.insync.replicas"].into_iter().find(|k| entries.contains_key(*k));
+    let key = ["retention.ms", "cleanup.policy", "min.insync.replicas"]
+        .into_iter()
+        .find(|k| entries.contains_key(*k));
     let Some(key) = key else {
         return Check::warn(
             format!("{} {topic}", Op::AlterConfigs.check_name()),
@@ -175,9 +203,14 @@ fn alter_configs(admin: &AdminClient<DefaultClientContext>, topic: &str, entries
 /// The error code librdkafka names in a message (`Broker: Topic authorization failed`).
 fn error_code_in(message: &str) -> Option<RDKafkaErrorCode> {
     use RDKafkaErrorCode::*;
-    [TopicAuthorizationFailed, ClusterAuthorizationFailed, UnsupportedVersion, InvalidRequest]
-        .into_iter()
-        .find(|c| message.contains(&c.to_string()))
+    [
+        TopicAuthorizationFailed,
+        ClusterAuthorizationFailed,
+        UnsupportedVersion,
+        InvalidRequest,
+    ]
+    .into_iter()
+    .find(|c| message.contains(&c.to_string()))
 }
 
 /// Keeps the idempotent producer's state from its statistics.
@@ -201,7 +234,9 @@ impl ProducerContext for IdempState {
 fn idempotent_produce(t: &BrokerTarget) -> Result<(), Refusal> {
     let state = IdempState::default();
     let mut cfg = config(t);
-    cfg.set("enable.idempotence", "true").set("acks", "all").set("statistics.interval.ms", "100");
+    cfg.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("statistics.interval.ms", "100");
     let producer: BaseProducer<IdempState> = cfg.create_with_context(state.clone()).map_err(|e| refusal(&e, t))?;
     let deadline = Instant::now() + TIMEOUT;
     while Instant::now() < deadline {

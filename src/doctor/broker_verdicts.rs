@@ -98,7 +98,11 @@ pub fn min_insync(topic: &str, replication: Option<i32>, min_isr: Option<i32>) -
             name,
             format!(
                 "the broker does not report {} of the topic",
-                if replication.is_none() { "the replication factor" } else { "min.insync.replicas" }
+                if replication.is_none() {
+                    "the replication factor"
+                } else {
+                    "min.insync.replicas"
+                }
             ),
             "check with your Kafka tooling that min.insync.replicas is at least 2 and below the replication factor",
         );
@@ -157,7 +161,11 @@ mod tests {
             c.what_to_do.unwrap(),
             "grant the client's principal the ACL Describe on group billing (and Describe on its topics)"
         );
-        let c = operation(Op::IdempotentProduce, "cluster", &refused(RDKafkaErrorCode::ClusterAuthorizationFailed));
+        let c = operation(
+            Op::IdempotentProduce,
+            "cluster",
+            &refused(RDKafkaErrorCode::ClusterAuthorizationFailed),
+        );
         assert!(c.what_to_do.unwrap().contains("IdempotentWrite"));
     }
 

@@ -39,7 +39,13 @@ pub async fn checks(d: &DatabaseTarget) -> Vec<Check> {
     let opts = opts.application_name("lockstep-doctor");
     let mut first = match PgConnection::connect_with(&opts).await {
         Ok(c) => c,
-        Err(e) => return vec![verdicts::unreachable(&location, &e.to_string(), crate::db::is_permission_denied(&e))],
+        Err(e) => {
+            return vec![verdicts::unreachable(
+                &location,
+                &e.to_string(),
+                crate::db::is_permission_denied(&e),
+            )]
+        }
     };
     let mut out = vec![Check::pass("database connection", format!("connected to {location}"))];
     out.extend(server_checks(&mut first).await);
@@ -73,7 +79,11 @@ pub async fn server_checks(conn: &mut PgConnection) -> Vec<Check> {
 
 /// A check whose query failed: a problem to look at, not a verdict.
 fn query_failed(name: &str, e: &sqlx::Error) -> Check {
-    Check::fail(name, format!("the check's query failed: {e}"), "look at the error; the role may lack access to the catalog views")
+    Check::fail(
+        name,
+        format!("the check's query failed: {e}"),
+        "look at the error; the role may lack access to the catalog views",
+    )
 }
 
 /// Two connections open at once, each marking its session (`verdicts::PoolerFacts`).

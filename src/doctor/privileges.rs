@@ -118,7 +118,11 @@ pub fn needs(t: &Target, layout: &Layout) -> Vec<Need> {
         });
     }
     if t.manage && layout.has(&history) {
-        out.push(table(&history, &["SELECT", "INSERT"], "migrations read and record their history there"));
+        out.push(table(
+            &history,
+            &["SELECT", "INSERT"],
+            "migrations read and record their history there",
+        ));
     }
     if layout.has(&owners) {
         let (privileges, why): (&'static [&'static str], _) = if t.manage {
@@ -131,10 +135,18 @@ pub fn needs(t: &Target, layout: &Layout) -> Vec<Need> {
     match t.kind {
         TargetKind::OutboxRelay => {
             if layout.has(&t.table) {
-                out.push(table(&t.table, &["SELECT", "UPDATE", "DELETE"], "the relay reads rows, counts attempts, deletes or marks published rows"));
+                out.push(table(
+                    &t.table,
+                    &["SELECT", "UPDATE", "DELETE"],
+                    "the relay reads rows, counts attempts, deletes or marks published rows",
+                ));
             }
             if let Some(dl) = t.dead_letter.as_ref().filter(|dl| layout.has(dl)) {
-                out.push(table(dl, &["SELECT", "INSERT", "UPDATE"], "the relay quarantines failing events (insert ... on conflict do update); the operator counts them"));
+                out.push(table(
+                    dl,
+                    &["SELECT", "INSERT", "UPDATE"],
+                    "the relay quarantines failing events (insert ... on conflict do update); the operator counts them",
+                ));
             }
             out.push(Need {
                 object: Object::Function("pg_try_advisory_lock(bigint)"),
@@ -144,7 +156,11 @@ pub fn needs(t: &Target, layout: &Layout) -> Vec<Need> {
         }
         TargetKind::InboxTable => {
             if layout.has(&t.table) {
-                out.push(table(&t.table, &["SELECT", "DELETE"], "the operator purges rows past retention and measures the table"));
+                out.push(table(
+                    &t.table,
+                    &["SELECT", "DELETE"],
+                    "the operator purges rows past retention and measures the table",
+                ));
             }
         }
     }
@@ -279,14 +295,20 @@ mod tests {
         let c = verdict(&n, &["DELETE"], "app", "db");
         assert_eq!(c.verdict, Verdict::Fail);
         assert_eq!(c.detail, "role app lacks DELETE: purges");
-        assert_eq!(c.what_to_do.unwrap(), r#"as the object's owner or a superuser: grant delete on table "billing"."inbox" to "app""#);
+        assert_eq!(
+            c.what_to_do.unwrap(),
+            r#"as the object's owner or a superuser: grant delete on table "billing"."inbox" to "app""#
+        );
         assert_eq!(verdict(&n, &[], "app", "db").verdict, Verdict::Pass);
         let db = Need {
             object: Object::Database,
             privileges: &["CREATE"],
             why: "w",
         };
-        assert!(verdict(&db, &["CREATE"], "app", "my db").what_to_do.unwrap().ends_with(r#"grant create on database "my db" to "app""#));
+        assert!(verdict(&db, &["CREATE"], "app", "my db")
+            .what_to_do
+            .unwrap()
+            .ends_with(r#"grant create on database "my db" to "app""#));
     }
 
     #[test]

@@ -158,8 +158,13 @@ mod tests {
     #[test]
     fn a_shared_or_moved_session_is_a_transaction_pooler() {
         assert_eq!(pooler(&direct()).verdict, Verdict::Pass);
-        let same = PoolerFacts { second_pid: 10, ..direct() };
-        assert!(pooler(&same).detail.starts_with("two client connections reached the same server session"));
+        let same = PoolerFacts {
+            second_pid: 10,
+            ..direct()
+        };
+        assert!(pooler(&same)
+            .detail
+            .starts_with("two client connections reached the same server session"));
         let seen = PoolerFacts {
             second_saw: Some("a".into()),
             ..direct()
@@ -192,11 +197,17 @@ mod tests {
     fn headroom_fails_below_the_need_and_warns_below_twice_it() {
         let ok = headroom(&facts(10, None));
         assert_eq!(ok.verdict, Verdict::Pass);
-        assert_eq!(ok.detail, "lockstep needs up to 12 connections; max_connections 100 less 3 reserved and 10 open leaves 87");
+        assert_eq!(
+            ok.detail,
+            "lockstep needs up to 12 connections; max_connections 100 less 3 reserved and 10 open leaves 87"
+        );
         assert_eq!(headroom(&facts(80, None)).verdict, Verdict::Warn, "17 free: once, not twice");
         assert_eq!(headroom(&facts(90, None)).verdict, Verdict::Fail, "7 free");
         let limited = headroom(&facts(10, Some(10)));
         assert_eq!(limited.verdict, Verdict::Fail);
-        assert_eq!(limited.detail, "lockstep needs up to 12 connections; the role's connection limit 10 leaves 8");
+        assert_eq!(
+            limited.detail,
+            "lockstep needs up to 12 connections; the role's connection limit 10 leaves 8"
+        );
     }
 }

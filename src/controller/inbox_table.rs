@@ -124,14 +124,10 @@ async fn reconcile_valid(
     let held_by = policies.holding(&labels);
 
     let mut status = previous.clone();
-    let prerequisites = match previous.table {
-        None => {
-            super::prerequisites::check(ctx, &ns, &valid.url_secret, &target(&valid))
-                .boxed()
-                .await
-        }
-        Some(_) => None,
-    };
+    let recorded = previous.table.as_deref();
+    let prerequisites = super::prerequisites::until_ready(ctx, &ns, &valid.url_secret, recorded, &target(&valid))
+        .boxed()
+        .await;
     let (schema_cond, purging) = match schema(ctx, obj, &ns, &valid).await {
         Err(c) => {
             ctx.purges.stop(&uid);

@@ -81,14 +81,10 @@ impl Reconciler for OutboxRelays {
                 });
             }
             let ns = obj.metadata.namespace.clone().unwrap_or_default();
-            let prerequisites = match previous.table {
-                None => {
-                    super::prerequisites::check(ctx, &ns, &valid.url_secret, &target(&valid))
-                        .boxed()
-                        .await
-                }
-                Some(_) => None,
-            };
+            let recorded = previous.table.as_deref();
+            let prerequisites = super::prerequisites::until_ready(ctx, &ns, &valid.url_secret, recorded, &target(&valid))
+                .boxed()
+                .await;
             let (schema_cond, schema_version, pool) = schema(ctx, obj, &ns, &valid).boxed().await;
             // Lost to another object now, or before and not claimed since (the database is away):
             // no relay, no topics either way.

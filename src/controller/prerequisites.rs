@@ -16,6 +16,15 @@ use crate::{
     doctor::{database, database::Target, Check, Verdict},
 };
 
+/// The condition while the table was never ready (`recorded`: the status's table, set once it
+/// was); None after, or when the database cannot be reached (SchemaReady says so).
+pub async fn until_ready(ctx: &Context, ns: &str, secret: &SecretKeyRef, recorded: Option<&str>, target: &Target) -> Option<Cond> {
+    match recorded {
+        Some(_) => None,
+        None => check(ctx, ns, secret, target).await,
+    }
+}
+
 /// The condition, or None when the database cannot be reached (SchemaReady says so).
 pub async fn check(ctx: &Context, ns: &str, secret: &SecretKeyRef, target: &Target) -> Option<Cond> {
     let (db, mut first) = deps::connect(ctx, ns, secret).await.ok()?;

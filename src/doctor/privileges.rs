@@ -132,6 +132,23 @@ pub fn needs(t: &Target, layout: &Layout) -> Vec<Need> {
         };
         out.push(table(&owners, privileges, why));
     }
+    out.extend(table_needs(t, layout));
+    out.push(Need {
+        object: Object::Function("pg_advisory_xact_lock(bigint)"),
+        privileges: &["EXECUTE"],
+        why: "migrations and verification run under the table's lock",
+    });
+    out
+}
+
+/// What the resource itself does with its tables (beyond migrations).
+fn table_needs(t: &Target, layout: &Layout) -> Vec<Need> {
+    let table = |q: &QualifiedName, privileges: &'static [&'static str], why: &'static str| Need {
+        object: Object::Table(q.clone()),
+        privileges,
+        why,
+    };
+    let mut out = Vec::new();
     match t.kind {
         TargetKind::OutboxRelay => {
             if layout.has(&t.table) {
@@ -164,11 +181,6 @@ pub fn needs(t: &Target, layout: &Layout) -> Vec<Need> {
             }
         }
     }
-    out.push(Need {
-        object: Object::Function("pg_advisory_xact_lock(bigint)"),
-        privileges: &["EXECUTE"],
-        why: "migrations and verification run under the table's lock",
-    });
     out
 }
 

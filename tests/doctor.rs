@@ -315,13 +315,14 @@ async fn mock_cluster_a_principal_without_idempotent_write_fails() {
     );
 }
 
-/// librdkafka's mock cluster: DescribeGroups refused with GroupAuthorizationFailed, as a broker
-/// does for a principal without Describe on the group.
+/// librdkafka's mock cluster: OffsetFetch refused with GroupAuthorizationFailed, as a broker does
+/// for a principal without Describe on the group.
 #[tokio::test]
 async fn mock_cluster_a_principal_without_describe_on_the_group_fails() {
     let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("orders", 2, 1).unwrap();
     mock.request_errors(
-        RDKafkaApiKey::DescribeGroups,
+        RDKafkaApiKey::OffsetFetch,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED],
     );
     let url = common::env("DATABASE_URL");
@@ -333,6 +334,8 @@ async fn mock_cluster_a_principal_without_describe_on_the_group_fails() {
         "inbox-table",
         "--bootstrap-servers",
         &bootstrap,
+        "--topic",
+        "orders",
         "--group",
         "billing",
     ];

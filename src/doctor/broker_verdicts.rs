@@ -20,7 +20,7 @@ pub enum Op {
     AlterConfigs,
     /// InitProducerId of an idempotent producer (the relay produces with enable.idempotence).
     IdempotentProduce,
-    /// DescribeGroups and OffsetFetch of a consumer group (an InboxTable's lag).
+    /// OffsetFetch of a consumer group (an InboxTable's lag).
     DescribeGroup,
 }
 
@@ -81,6 +81,14 @@ pub fn operation(op: Op, on: &str, result: &Result<(), Refusal>) -> Check {
             name,
             format!("the broker does not support it: {message}"),
             "lockstep needs a Kafka protocol broker with IncrementalAlterConfigs and idempotent produce (Apache Kafka 2.3 or newer)",
+        ),
+        Err(Refusal {
+            code: Some(RDKafkaErrorCode::OperationTimedOut),
+            message,
+        }) => Check::fail(
+            name,
+            format!("no answer in time ({message}); librdkafka waits so for a broker that supports the request"),
+            "check that the broker supports it (Apache Kafka 2.3 or newer has every API lockstep uses) and is not overloaded",
         ),
         Err(Refusal { message, .. }) => Check::fail(
             name,
@@ -174,6 +182,8 @@ mod tests {
         let c = operation(Op::AlterConfigs, "orders", &refused(RDKafkaErrorCode::UnsupportedVersion));
         assert!(c.detail.starts_with("the broker does not support it"), "{}", c.detail);
         assert_eq!(operation(Op::AlterConfigs, "orders", &Ok(())).verdict, Verdict::Pass);
+        let c = operation(Op::CreateTopics, "orders", &refused(RDKafkaErrorCode::OperationTimedOut));
+        assert!(c.detail.starts_with("no answer in time"), "{}", c.detail);
     }
 
     #[test]

@@ -119,7 +119,7 @@ async fn headroom(conn: &mut PgConnection, needed: i64) -> Result<HeadroomFacts,
         "select current_setting('max_connections')::bigint,
                 current_setting('superuser_reserved_connections')::bigint
                   + coalesce(nullif(current_setting('reserved_connections', true), '')::bigint, 0),
-                (select count(*) from pg_stat_activity where backend_type = 'client backend'),
+                (select count(*) from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()),
                 (select rolconnlimit::bigint from pg_roles where rolname = current_user),
                 (select count(*) from pg_stat_activity where usename = current_user)",
     )

@@ -47,7 +47,14 @@ impl Object {
         match self {
             Object::Database => format!("select has_database_privilege(current_database(), {p})"),
             Object::Schema(s) => format!("select has_schema_privilege({}, {p})", quote_literal(s)),
-            Object::Table(t) => format!("select has_table_privilege({}, {p})", quote_literal(&t.to_string())),
+            // By oid: a name would be resolved first, which fails without USAGE on the schema
+            // (reported on the schema's own line).
+            Object::Table(t) => format!(
+                "select has_table_privilege((select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+                 where n.nspname = {} and c.relname = {}), {p})",
+                quote_literal(t.schema.as_str()),
+                quote_literal(t.table.as_str())
+            ),
             Object::Function(f) => format!("select has_function_privilege({}, {p})", quote_literal(f)),
         }
     }
@@ -337,7 +344,12 @@ mod tests {
         let t = target(TargetKind::InboxTable, true).table;
         assert_eq!(
             Object::Table(t).probe_sql("DELETE"),
-            r#"select has_table_privilege('"billing"."inbox"', 'DELETE')"#
+            "select has_table_privilege((select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+             where n.nspname = 'billing' and c.relname = 'inbox'), 'DELETE')"
+        );
+        assert_eq!(
+            Object::Schema("o'k".into()).probe_sql("USAGE"),
+            "select has_schema_privilege('o''k', 'USAGE')"
         );
     }
 }

@@ -125,7 +125,7 @@ fn gather(t: &BrokerTarget) -> Vec<Check> {
             None => out.push(Check::pass(format!("topic {name}"), "does not exist yet")),
         }
     }
-    out.extend(topic_checks(t, &topics));
+    out.extend(topic_checks(t, &topics, &consumer));
     if t.kind == TargetKind::OutboxRelay {
         out.push(v::operation(Op::IdempotentProduce, "cluster", &idempotent_produce(t)));
     }
@@ -143,24 +143,25 @@ fn gather(t: &BrokerTarget) -> Vec<Check> {
 }
 
 /// DescribeConfigs, min.insync.replicas, CreateTopics and IncrementalAlterConfigs (validate-only).
-fn topic_checks(t: &BrokerTarget, topics: &BTreeMap<String, Topic>) -> Vec<Check> {
+fn topic_checks(t: &BrokerTarget, topics: &BTreeMap<String, Topic>, consumer: &BaseConsumer) -> Vec<Check> {
     let admin: AdminClient<DefaultClientContext> = match config(t).create() {
         Ok(a) => a,
         Err(e) => return vec![v::unreachable(&t.bootstrap, &refusal(&e, t).message)],
     };
     let options = || AdminOptions::new().request_timeout(Some(TIMEOUT)).operation_timeout(Some(TIMEOUT));
     let (opts, validate) = (options(), options().validate_only(true));
+    let honoured = t.topics.iter().any(|n| !topics.contains_key(n)) && validate_only_honoured(&admin, &validate, consumer, t);
     let mut out = Vec::new();
     for name in &t.topics {
-        let new = NewTopic::new(name, 1, TopicReplication::Fixed(1));
-        let created = match block_on(admin.create_topics([&new], &validate)) {
-            Err(e) => Err(refusal(&e, t)),
-            Ok(r) => match r.into_iter().next() {
-                Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | Some(Ok(_)) | None => Ok(()),
-                Some(Err((_, code))) => Err(code_refusal(code)),
-            },
-        };
-        out.push(v::operation(Op::CreateTopics, name, &created));
+        if topics.contains_key(name) || honoured {
+            out.push(v::operation(Op::CreateTopics, name, &create(&admin, &validate, name, t)));
+        } else {
+            out.push(Check::warn(
+                format!("{} {name}", Op::CreateTopics.check_name()),
+                "not tried: this broker ignores validate-only requests (it would create the topic)",
+                "make sure the client's principal may create it (Create on the topic or the cluster)",
+            ));
+        }
         let Some(topic) = topics.get(name) else { continue };
         let described = block_on(admin.describe_configs([&ResourceSpecifier::Topic(name)], &opts));
         let entries = match described.map(|mut r| r.pop()) {
@@ -184,6 +185,42 @@ fn topic_checks(t: &BrokerTarget, topics: &BTreeMap<String, Topic>) -> Vec<Check
         out.push(alter_configs(&admin, name, &entries));
     }
     out
+}
+
+/// CreateTopics with `opts` (validate-only); a topic that exists answers TopicAlreadyExists,
+/// which means the request was allowed.
+fn create(admin: &AdminClient<DefaultClientContext>, opts: &AdminOptions, name: &str, t: &BrokerTarget) -> Result<(), Refusal> {
+    let new = NewTopic::new(name, 1, TopicReplication::Fixed(1));
+    match block_on(admin.create_topics([&new], opts)) {
+        Err(e) => Err(refusal(&e, t)),
+        Ok(r) => match r.into_iter().next() {
+            Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | Some(Ok(_)) | None => Ok(()),
+            Some(Err((_, code))) => Err(code_refusal(code)),
+        },
+    }
+}
+
+/// Whether the broker honours validate-only CreateTopics (tansu does not: it creates the topic),
+/// tried with a topic of lockstep-doctor's own, deleted again if it was made. A refusal counts as
+/// honoured: brokers that authorize are Kafka's, which honour it.
+fn validate_only_honoured(
+    admin: &AdminClient<DefaultClientContext>,
+    validate: &AdminOptions,
+    consumer: &BaseConsumer,
+    t: &BrokerTarget,
+) -> bool {
+    let probe = format!("lockstep-doctor-probe-{}", uuid::Uuid::new_v4().simple());
+    if create(admin, validate, &probe, t).is_err() {
+        return true;
+    }
+    let made = consumer
+        .fetch_metadata(Some(&probe), TIMEOUT)
+        .is_ok_and(|md| md.topics().iter().any(|m| m.name() == probe && m.error().is_none()));
+    if made {
+        let opts = AdminOptions::new().request_timeout(Some(TIMEOUT)).operation_timeout(Some(TIMEOUT));
+        let _ = block_on(admin.delete_topics(&[probe.as_str()], &opts));
+    }
+    !made
 }
 
 /// IncrementalAlterConfigs, validate-only, writing back a value the topic has (so that a broker

@@ -358,3 +358,53 @@ async fn mock_cluster_a_principal_without_describe_on_the_group_fails() {
         "{out}"
     );
 }
+
+/// EXECUTE on the advisory lock functions is PUBLIC's by default; revoked on a server of the
+/// test's own (the shared one's other tests need it).
+#[tokio::test]
+async fn a_role_without_execute_on_the_advisory_lock_functions_fails() {
+    let pg = common::PrivatePostgres::start();
+    let admin = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    sqlx::raw_sql(
+        "create role app login; grant create on database postgres to app; grant create on schema public to app;
+         revoke execute on function pg_try_advisory_lock(bigint) from public;",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    let url = format!("postgres://app@127.0.0.1:{}/postgres", pg.port);
+    let (code, out, _) = doctor(&["--database-url", &url]);
+    assert_eq!(code, 1);
+    assert!(line(&out, "FAIL  privileges on function pg_try_advisory_lock(bigint)").contains("role app lacks EXECUTE"));
+    assert!(out.contains("-> as the object's owner or a superuser: grant execute on function pg_try_advisory_lock(bigint) to \"app\""));
+    assert_eq!(out.matches("FAIL").count(), 1, "{out}");
+}
+
+/// tansu behind TLS with SASL/SCRAM required: the settings the relay gets reach it; a wrong
+/// password is a failed connection (and is never printed).
+#[tokio::test]
+async fn the_broker_is_reached_over_tls_and_sasl_or_the_connection_fails() {
+    let broker = common::tls::TlsBroker::start(true);
+    broker.add_scram_user("relay", "s3cret-pass");
+    let url = common::env("DATABASE_URL");
+    let bootstrap = broker.bootstrap();
+    let ca = format!("ssl.ca.location={}", broker.ca().display());
+    let run = |password: &str| {
+        #[rustfmt::skip]
+        let args = [
+            "--database-url", &url, "--bootstrap-servers", &bootstrap,
+            "--kafka-config", "security.protocol=SASL_SSL", "--kafka-config", &ca,
+            "--kafka-config", "sasl.mechanism=SCRAM-SHA-512", "--kafka-config", "sasl.username=relay",
+            "--kafka-config", &format!("sasl.password={password}"),
+        ];
+        doctor(&args)
+    };
+    let (code, out, _) = run("s3cret-pass");
+    assert_eq!(code, 0, "{out}");
+    assert!(line(&out, "PASS  broker connection").contains("security.protocol SASL_SSL"));
+    line(&out, "PASS  idempotent produce (InitProducerId) cluster");
+    let (code, out, err) = run("wrong-pass");
+    assert_eq!(code, 1, "{out}");
+    assert!(line(&out, "FAIL  broker connection").contains("SASL authentication error"), "{out}");
+    assert!(!out.contains("wrong-pass") && !err.contains("wrong-pass"));
+}

@@ -14,7 +14,8 @@ use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication},
     client::{ClientContext, DefaultClientContext},
     config::ClientConfig,
-    consumer::{BaseConsumer, Consumer},
+    config::RDKafkaLogLevel,
+    consumer::{BaseConsumer, Consumer, ConsumerContext},
     error::{KafkaError, RDKafkaErrorCode},
     producer::{BaseProducer, Producer, ProducerContext},
     Statistics, TopicPartitionList,
@@ -79,26 +80,48 @@ struct Topic {
 }
 
 fn gather(t: &BrokerTarget) -> Vec<Check> {
-    if let Some((k, why)) = t
-        .settings
-        .iter()
-        .find_map(|(k, val)| crate::kafka::operator_refuses(k, val).map(|w| (k, w)))
-    {
-        return vec![Check::fail(
-            "kafka settings",
-            format!("setting {k:?} {why}: the operator refuses it"),
-            "leave it out of the settings lockstep gets",
-        )];
+    let mut out = Vec::new();
+    for (k, val) in &t.settings {
+        let Some(why) = crate::kafka::operator_refuses(k, val) else {
+            continue;
+        };
+        let name = format!("kafka setting {k}");
+        if crate::kafka::CODE_LOADING_SETTINGS.contains(&k.trim().to_ascii_lowercase().as_str()) {
+            // Not loaded here either: nothing else is checked.
+            return vec![Check::fail(
+                name,
+                format!("{why}: refused by lockstep"),
+                "leave it out of the settings",
+            )];
+        }
+        out.push(Check::warn(
+            name,
+            format!("{why}: the operator refuses it in kafka.authSecretRef (the relay and this check may use it)"),
+            "in the Secret the operator reads, give the PEM itself (ssl.ca.pem, ssl.certificate.pem, ssl.key.pem)",
+        ));
     }
     let mut cfg = config(t);
     cfg.set("group.id", t.group.as_deref().unwrap_or("lockstep-doctor"));
-    let consumer: BaseConsumer = match cfg.create() {
+    let quiet = Quiet::default();
+    let consumer: BaseConsumer<Quiet> = match cfg.create_with_context(quiet.clone()) {
         Ok(c) => c,
-        Err(e) => return vec![v::unreachable(&t.bootstrap, &refusal(&e, t).message)],
+        Err(e) => {
+            out.push(v::unreachable(&t.bootstrap, &refusal(&e, t).message));
+            return out;
+        }
     };
     let md = match consumer.fetch_metadata(None, TIMEOUT) {
         Ok(md) => md,
-        Err(e) => return vec![v::unreachable(&t.bootstrap, &refusal(&e, t).message)],
+        Err(e) => {
+            // librdkafka's own account (a failed TLS handshake, a refused SASL login) says more;
+            // it is queued as an event until the client is polled.
+            let _ = consumer.poll(Duration::from_millis(200));
+            let said = quiet
+                .last()
+                .map(|r| crate::kafka::scrub(&r, t.settings.values().map(String::as_str)));
+            out.push(v::unreachable(&t.bootstrap, &said.unwrap_or_else(|| refusal(&e, t).message)));
+            return out;
+        }
     };
     let protocol = t.settings.get("security.protocol").map_or("PLAINTEXT", String::as_str);
     let mut out = vec![Check::pass(
@@ -143,7 +166,7 @@ fn gather(t: &BrokerTarget) -> Vec<Check> {
 }
 
 /// DescribeConfigs, min.insync.replicas, CreateTopics and IncrementalAlterConfigs (validate-only).
-fn topic_checks(t: &BrokerTarget, topics: &BTreeMap<String, Topic>, consumer: &BaseConsumer) -> Vec<Check> {
+fn topic_checks(t: &BrokerTarget, topics: &BTreeMap<String, Topic>, consumer: &BaseConsumer<Quiet>) -> Vec<Check> {
     let admin: AdminClient<DefaultClientContext> = match config(t).create() {
         Ok(a) => a,
         Err(e) => return vec![v::unreachable(&t.bootstrap, &refusal(&e, t).message)],
@@ -206,7 +229,7 @@ fn create(admin: &AdminClient<DefaultClientContext>, opts: &AdminOptions, name: 
 fn validate_only_honoured(
     admin: &AdminClient<DefaultClientContext>,
     validate: &AdminOptions,
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<Quiet>,
     t: &BrokerTarget,
 ) -> bool {
     let probe = format!("lockstep-doctor-probe-{}", uuid::Uuid::new_v4().simple());
@@ -257,11 +280,35 @@ fn error_code_in(message: &str) -> Option<RDKafkaErrorCode> {
     .find(|c| message.contains(&c.to_string()))
 }
 
+/// The main client's context: librdkafka's logs are not printed (the report says what failed),
+/// its last error is kept for the report.
+#[derive(Default, Clone)]
+struct Quiet(Arc<Mutex<Option<String>>>);
+
+impl Quiet {
+    fn last(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|l| l.clone())
+    }
+}
+
+impl ClientContext for Quiet {
+    fn log(&self, _: RDKafkaLogLevel, _: &str, _: &str) {}
+    fn error(&self, _: KafkaError, reason: &str) {
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some(reason.to_owned());
+        }
+    }
+}
+
+impl ConsumerContext for Quiet {}
+
 /// Keeps the idempotent producer's state from its statistics.
 #[derive(Default, Clone)]
 struct IdempState(Arc<Mutex<Option<String>>>);
 
 impl ClientContext for IdempState {
+    /// A fatal error is read with `fatal_error`: its log lines would only repeat it.
+    fn log(&self, _: RDKafkaLogLevel, _: &str, _: &str) {}
     fn stats(&self, s: Statistics) {
         if let (Some(eos), Ok(mut state)) = (s.eos, self.0.lock()) {
             *state = Some(eos.idemp_state);
@@ -301,7 +348,7 @@ fn idempotent_produce(t: &BrokerTarget) -> Result<(), Refusal> {
 
 /// OffsetFetch of the group on the topics' partitions: what the operator reads for an
 /// InboxTable's lag (`consumer_lag`); it needs Describe on the group and on the topics.
-fn describe_group(consumer: &BaseConsumer, topics: &BTreeMap<String, Topic>) -> Option<Result<(), Refusal>> {
+fn describe_group(consumer: &BaseConsumer<Quiet>, topics: &BTreeMap<String, Topic>) -> Option<Result<(), Refusal>> {
     let mut tpl = TopicPartitionList::new();
     for (name, t) in topics {
         for p in 0..t.partitions {

@@ -171,6 +171,11 @@ mod tests {
             "billing",
             "--relay-replicas",
             "3",
+            // Set as flags: the test environment exports KAFKA_BOOTSTRAP_SERVERS.
+            "--bootstrap-servers",
+            "",
+            "--manage-schema",
+            "true",
         ])
         .unwrap();
         let t = &r.database.target;

@@ -79,7 +79,9 @@ struct Topic {
     partitions: i32,
 }
 
-fn gather(t: &BrokerTarget) -> Vec<Check> {
+/// Settings the operator refuses in a Secret: a warning each (the relay and this check may read
+/// files); Err when one loads code, which nothing here loads either.
+fn settings_checks(t: &BrokerTarget) -> Result<Vec<Check>, Check> {
     let mut out = Vec::new();
     for (k, val) in &t.settings {
         let Some(why) = crate::kafka::operator_refuses(k, val) else {
@@ -87,12 +89,11 @@ fn gather(t: &BrokerTarget) -> Vec<Check> {
         };
         let name = format!("kafka setting {k}");
         if crate::kafka::CODE_LOADING_SETTINGS.contains(&k.trim().to_ascii_lowercase().as_str()) {
-            // Not loaded here either: nothing else is checked.
-            return vec![Check::fail(
+            return Err(Check::fail(
                 name,
                 format!("{why}: refused by lockstep"),
                 "leave it out of the settings",
-            )];
+            ));
         }
         out.push(Check::warn(
             name,
@@ -100,6 +101,14 @@ fn gather(t: &BrokerTarget) -> Vec<Check> {
             "in the Secret the operator reads, give the PEM itself (ssl.ca.pem, ssl.certificate.pem, ssl.key.pem)",
         ));
     }
+    Ok(out)
+}
+
+fn gather(t: &BrokerTarget) -> Vec<Check> {
+    let mut out = match settings_checks(t) {
+        Ok(warnings) => warnings,
+        Err(refused) => return vec![refused],
+    };
     let mut cfg = config(t);
     cfg.set("group.id", t.group.as_deref().unwrap_or("lockstep-doctor"));
     let quiet = Quiet::default();

@@ -310,8 +310,10 @@ pub fn private_pg_dir(name: &str) -> std::path::PathBuf {
     let private = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o700);
     std::fs::set_permissions(&dir, private).unwrap();
     if unsafe { libc_geteuid() } == 0 {
+        // Not -R over `base`: another test may be removing its folder there at the same time.
         let st = std::process::Command::new("chown")
-            .args(["-R", "postgres:", base.to_str().unwrap()])
+            .arg("postgres:")
+            .args([&base, &dir])
             .status()
             .unwrap();
         assert!(st.success());

@@ -13,6 +13,8 @@ pub mod condition {
     pub const RETENTION_ENFORCED: &str = "RetentionEnforced";
     pub const POLICY_COMPLIANT: &str = "PolicyCompliant";
     pub const DEDUP_COVERED: &str = "DedupCovered";
+    /// `lockstep doctor`'s database checks, before the tables were first migrated.
+    pub const PREREQUISITES_MET: &str = "PrerequisitesMet";
 }
 
 /// Condition reasons: CamelCase constants users can search for (documented in the README).
@@ -62,6 +64,10 @@ pub mod reason {
     pub const RESOURCE_CONFLICT: &str = "ResourceConflict";
     /// A Secret holds a key lockstep will not hand to librdkafka (it loads code or reads a file).
     pub const SECRET_KEY_REFUSED: &str = "SecretKeyRefused";
+    /// Every database check of `lockstep doctor` passed (warnings allowed).
+    pub const PREREQUISITES_MET: &str = "PrerequisitesMet";
+    /// A database check of `lockstep doctor` failed: the message names it and what to do.
+    pub const PREREQUISITE_FAILED: &str = "PrerequisiteFailed";
 }
 
 /// A condition as computed by a reconcile, before timestamps.

@@ -182,7 +182,7 @@ fn parse_gather(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .filter(|(k, _)| !k.trim().is_empty())
         .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
@@ -254,7 +254,7 @@ impl RelayArgs {
             .clone()
             .filter(|s| !s.trim().is_empty())
             .ok_or(RelayConfigError::NoBootstrapServers)?;
-        let kafka_config = self.kafka_settings()?;
+        let kafka_config = kafka_settings(self.kafka_config_dir.as_deref(), &self.kafka_config)?;
         let resolved = self
             .as_spec(&bootstrap_servers, &kafka_config)
             .validate()
@@ -268,26 +268,6 @@ impl RelayArgs {
             listen: self.listen,
             max_batches_in_flight: usize::from(self.max_batches_in_flight),
         })
-    }
-
-    /// librdkafka settings: files of --kafka-config-dir, then --kafka-config (which wins).
-    fn kafka_settings(&self) -> Result<BTreeMap<String, Redacted>, RelayConfigError> {
-        let mut kafka_config = BTreeMap::new();
-        if let Some(dir) = &self.kafka_config_dir {
-            let entries = std::fs::read_dir(dir).map_err(|source| RelayConfigError::Read { path: dir.clone(), source })?;
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                // Secret volumes hold ..data and friends: links that are not keys.
-                if name.starts_with('.') || !entry.path().is_file() {
-                    continue;
-                }
-                kafka_config.insert(name, Redacted::new(read_trimmed(&entry.path())?));
-            }
-        }
-        for (k, v) in &self.kafka_config {
-            kafka_config.insert(k.clone(), Redacted::new(v.clone()));
-        }
-        Ok(kafka_config)
     }
 
     /// The flags as an OutboxRelay spec, so that validating it resolves them.
@@ -344,6 +324,30 @@ impl RelayArgs {
             deletion_policy: Default::default(),
         }
     }
+}
+
+/// librdkafka settings: the files of `dir` (file name = key, content = value; a mounted Secret),
+/// then `pairs` (which win). Shared by `lockstep relay` and `lockstep doctor`.
+pub fn kafka_settings(dir: Option<&std::path::Path>, pairs: &[(String, String)]) -> Result<BTreeMap<String, Redacted>, RelayConfigError> {
+    let mut kafka_config = BTreeMap::new();
+    if let Some(dir) = dir {
+        let entries = std::fs::read_dir(dir).map_err(|source| RelayConfigError::Read {
+            path: dir.to_owned(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Secret volumes hold ..data and friends: links that are not keys.
+            if name.starts_with('.') || !entry.path().is_file() {
+                continue;
+            }
+            kafka_config.insert(name, Redacted::new(read_trimmed(&entry.path())?));
+        }
+    }
+    for (k, v) in pairs {
+        kafka_config.insert(k.clone(), Redacted::new(v.clone()));
+    }
+    Ok(kafka_config)
 }
 
 fn read_trimmed(path: &std::path::Path) -> Result<String, RelayConfigError> {

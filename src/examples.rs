@@ -34,6 +34,17 @@ pub const CRDS: &str = "Examples:
   lockstep crds --apply          # server-side apply to KUBECONFIG's cluster, wait for Established
   lockstep crds --out crds/ && lockstep crds --helm charts/lockstep/templates/crds";
 
+pub const DOCTOR: &str = "Examples:
+  # Before creating an OutboxRelay: the database URL and Kafka settings it would use.
+  lockstep doctor --database-url-file=/secrets/db/url --schema=billing --table=outbox \\
+    --bootstrap-servers=kafka:9092 --kafka-config-dir=/secrets/kafka --topic=orders
+  # An InboxTable whose role may not create tables, with its consumer group:
+  lockstep doctor --for=inbox-table --table=inbox --manage-schema=false --group=billing
+  # Machine-readable:
+  lockstep doctor --output=json
+
+Exit status: 0 no check failed (warnings allowed), 1 a check failed, 2 the checks could not run.";
+
 pub const COMPLETIONS: &str = "Examples:
   lockstep completions bash > /etc/bash_completion.d/lockstep
   lockstep completions zsh > \"${fpath[1]}/_lockstep\"

@@ -260,7 +260,7 @@ impl Admin {
     pub async fn alter_configs(&self, topic: &str, set: &[(String, String)]) -> Result<(), AdminError> {
         let admin = self.admin.clone();
         let (topic_owned, set_owned, timeout) = (topic.to_owned(), set.to_vec(), self.timeout);
-        tokio::task::spawn_blocking(move || incremental_alter_configs(&admin, &topic_owned, &set_owned, timeout))
+        tokio::task::spawn_blocking(move || incremental_alter_configs(&admin, &topic_owned, &set_owned, timeout, false))
             .await
             .map_err(|e| self.unreachable(e))?
             .map_err(|e| match e {

@@ -15,6 +15,7 @@ pub mod coverage;
 pub mod crd;
 pub mod crdgen;
 pub mod db;
+pub mod doctor;
 pub mod duration;
 pub mod event_headers;
 pub mod examples;

@@ -59,6 +59,11 @@ enum Command {
         #[arg(long)]
         apply: bool,
     },
+    /// Check that a database and a Kafka cluster can carry an OutboxRelay or an InboxTable with
+    /// the settings it would use: one PASS/WARN/FAIL line per check, with what to do. Exit 0: no
+    /// check failed; 1: a check failed; 2: the checks could not run.
+    #[command(after_help = examples::DOCTOR)]
+    Doctor(lockstep::doctor::DoctorArgs),
     /// Print a shell completion script for lockstep.
     #[command(after_help = examples::COMPLETIONS)]
     Completions {
@@ -148,6 +153,7 @@ async fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("chaos consumer: {e:#}")),
         },
+        Command::Doctor(args) => ExitCode::from(lockstep::doctor::run(&args).await),
         Command::Replay(args) => match replay(&args).await {
             Ok(n) => {
                 eprintln!(
@@ -337,6 +343,19 @@ chaos-consumer --metrics-addr env= default=127.0.0.1:0
 crds --out env= default=
 crds --helm env= default=
 crds --apply env= default=
+doctor --database-url env=DATABASE_URL default=
+doctor --database-url-file env=DATABASE_URL_FILE default=
+doctor --schema env=LOCKSTEP_SCHEMA default=public
+doctor --table env=LOCKSTEP_TABLE default=outbox
+doctor --for env= default=outbox-relay
+doctor --manage-schema env=LOCKSTEP_MANAGE_SCHEMA default=true
+doctor --relay-replicas env= default=2
+doctor --bootstrap-servers env=KAFKA_BOOTSTRAP_SERVERS default=
+doctor --kafka-config env= default=
+doctor --kafka-config-dir env=LOCKSTEP_KAFKA_CONFIG_DIR default=
+doctor --topic env= default=
+doctor --group env= default=
+doctor --output env= default=text
 completions shell env= default="#;
 
     /// Every flag and environment variable of every command: deployments and scripts depend on them.

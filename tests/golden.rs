@@ -153,10 +153,11 @@ fn condition_types_and_reasons_are_exact() {
         condition::RETENTION_ENFORCED,
         condition::POLICY_COMPLIANT,
         condition::DEDUP_COVERED,
+        condition::PREREQUISITES_MET,
     ];
     assert_eq!(
         types.join(","),
-        "Ready,SchemaReady,TopicsReady,RelayAvailable,LagHealthy,RetentionEnforced,PolicyCompliant,DedupCovered"
+        "Ready,SchemaReady,TopicsReady,RelayAvailable,LagHealthy,RetentionEnforced,PolicyCompliant,DedupCovered,PrerequisitesMet"
     );
     let reasons = [
         reason::READY,
@@ -199,6 +200,8 @@ fn condition_types_and_reasons_are_exact() {
         reason::PERMISSION_DENIED,
         reason::RESOURCE_CONFLICT,
         reason::SECRET_KEY_REFUSED,
+        reason::PREREQUISITES_MET,
+        reason::PREREQUISITE_FAILED,
     ];
     assert_eq!(
         reasons.join(","),
@@ -208,7 +211,7 @@ fn condition_types_and_reasons_are_exact() {
          TopicOperationFailed,BrokerUnreachable,RetentionCoversRedelivery,RetentionBelowTopicRetention,\
          NoSourcesDeclared,TopicNotFound,LagWithinThreshold,LagAboveThreshold,LongTransaction,\
          Available,DeploymentUnavailable,NoActiveRelay,ScaledToZero,DeploymentFailed,DeletionBlocked,\
-         PolicyInvalid,TableChangeRefused,PermissionDenied,ResourceConflict,SecretKeyRefused"
+         PolicyInvalid,TableChangeRefused,PermissionDenied,ResourceConflict,SecretKeyRefused,PrerequisitesMet,PrerequisiteFailed"
     );
     assert_eq!(lockstep::crd::PAUSED_ANNOTATION, "lockstep.dev/paused");
     assert_eq!(lockstep::crd::DELETE_UNPUBLISHED_ANNOTATION, "lockstep.dev/delete-unpublished");

@@ -83,6 +83,7 @@ async fn inbox_table_creates_its_table_and_a_second_reconcile_changes_nothing() 
     let st = first.status.clone().unwrap();
     assert_eq!(st.effective_retention.as_deref(), Some("8d"));
     assert_eq!(common::condition(&st.conditions, "SchemaReady").reason, "SchemaUpToDate");
+    assert_eq!(common::condition(&st.conditions, "PrerequisitesMet").status, "True");
 
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let cols: Vec<String> = sqlx::query_scalar("select column_name::text from information_schema.columns where table_schema = $1 and table_name = 'inbox' order by ordinal_position")
@@ -185,6 +186,54 @@ async fn a_missing_secret_heals_once_created() {
     );
     common::create_secret(&e.client, &e.ns.name, "orders-db", &url).await;
     common::wait_condition(&e.inboxes, "orders", "Ready", "True", None, T).await;
+    e.ns.delete().await;
+}
+
+/// `lockstep doctor`'s checks before the first migration: a role without CREATE on the database
+/// (every migration runs `create schema if not exists`) is named, with the GRANT to run.
+#[tokio::test]
+async fn a_role_lacking_create_is_named_in_prerequisites_met() {
+    let e = setup("ibt-prereq").await;
+    let url = common::env("DATABASE_URL");
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    let role = format!("r_{}", schema_name(&e.ns.name));
+    sqlx::raw_sql(&format!("create role \"{role}\" login"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let rest = url.split_once("://").unwrap().1;
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    common::create_secret(&e.client, &e.ns.name, "db", &format!("postgres://{role}@{host}")).await;
+    let schema = schema_name(&e.ns.name);
+    e.inboxes
+        .create(&PostParams::default(), &inbox("inbox", "db", &schema, json!({})))
+        .await
+        .unwrap();
+    let obj = common::wait_condition(&e.inboxes, "inbox", "PrerequisitesMet", "False", Some("PrerequisiteFailed"), T).await;
+    let conds = &obj.status.as_ref().unwrap().conditions;
+    let msg = &common::condition(conds, "PrerequisitesMet").message;
+    assert!(
+        msg.contains("privileges on database") && msg.contains(&format!("role {role} lacks CREATE")),
+        "{msg}"
+    );
+    assert!(msg.contains("grant create on database"), "{msg}");
+    // The migration is still tried, and fails as the check said.
+    assert_eq!(common::condition(conds, "SchemaReady").reason, "PermissionDenied");
+    let db: String = sqlx::query_scalar("select current_database()::text")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!("grant create on database \"{db}\" to \"{role}\""))
+        .execute(&admin)
+        .await
+        .unwrap();
+    // A refused role waits for the refresh: a change reconciles now.
+    common::touch(&e.inboxes, "inbox").await;
+    let obj = common::wait_condition(&e.inboxes, "inbox", "Ready", "True", None, T).await;
+    assert_eq!(
+        common::condition(&obj.status.unwrap().conditions, "PrerequisitesMet").reason,
+        "PrerequisitesMet"
+    );
     e.ns.delete().await;
 }
 

@@ -61,6 +61,7 @@ async fn creates_tables_and_topics_then_restores_drift_but_not_ignored_keys() {
     assert_eq!(st.topics[0].partitions, Some(3));
     assert!(st.topics[0].ready);
     assert_eq!(st.guarantees.len(), 3);
+    assert_eq!(common::condition(&st.conditions, "PrerequisitesMet").reason, "PrerequisitesMet");
 
     // The tables exist.
     let pool = sqlx::PgPool::connect(&common::env("DATABASE_URL")).await.unwrap();

@@ -124,6 +124,10 @@ async fn reconcile_valid(
     let held_by = policies.holding(&labels);
 
     let mut status = previous.clone();
+    let recorded = previous.table.as_deref();
+    let prerequisites = super::prerequisites::until_ready(ctx, &ns, &valid.url_secret, recorded, &target(&valid))
+        .boxed()
+        .await;
     let (schema_cond, purging) = match schema(ctx, obj, &ns, &valid).await {
         Err(c) => {
             ctx.purges.stop(&uid);
@@ -164,7 +168,8 @@ async fn reconcile_valid(
         status.table = Some(obj.spec.database.table_name());
     }
     status.guarantees = super::inbox_guarantees::guarantees(&eff.text, &covered);
-    let conditions = verdict(&valid, &eff, schema_cond, &purging, covered);
+    let mut conditions = verdict(&valid, &eff, schema_cond, &purging, covered);
+    conditions.extend(prerequisites);
     status.effective_retention = Some(eff.text.clone());
     status.policies = eff.policies.clone();
     if let Purging::Running(Some(LastPurge::Done { at, result })) = &purging {
@@ -184,6 +189,16 @@ async fn reconcile_valid(
         status,
         action,
     })
+}
+
+/// The table `lockstep doctor`'s checks look at.
+fn target(valid: &ValidInboxTable) -> crate::doctor::database::Target {
+    crate::doctor::database::Target {
+        kind: crate::doctor::database::TargetKind::InboxTable,
+        table: valid.table.clone(),
+        dead_letter: None,
+        manage: valid.manage_schema,
+    }
 }
 
 /// Secret -> database -> migrate -> claim: the database and SchemaReady, or why not.

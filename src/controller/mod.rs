@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod merged_watch;
 pub mod outbox_relay;
 pub mod ownership;
+pub mod prerequisites;
 pub mod reconciler;
 pub mod relay_available;
 pub mod relay_deployment;

@@ -81,6 +81,10 @@ impl Reconciler for OutboxRelays {
                 });
             }
             let ns = obj.metadata.namespace.clone().unwrap_or_default();
+            let recorded = previous.table.as_deref();
+            let prerequisites = super::prerequisites::until_ready(ctx, &ns, &valid.url_secret, recorded, &target(&valid))
+                .boxed()
+                .await;
             let (schema_cond, schema_version, pool) = schema(ctx, obj, &ns, &valid).boxed().await;
             // Lost to another object now, or before and not claimed since (the database is away):
             // no relay, no topics either way.
@@ -123,8 +127,10 @@ impl Reconciler for OutboxRelays {
                     .or_else(|| previous.table.clone()),
                 ..previous.clone()
             };
+            let mut conditions = vec![ready, schema_cond, topics_cond, relay_cond, lag_cond];
+            conditions.extend(prerequisites);
             Ok(Outcome::Status {
-                conditions: vec![ready, schema_cond, topics_cond, relay_cond, lag_cond],
+                conditions,
                 status,
                 action: Action::requeue(if healing { ctx.timing.retry } else { ctx.timing.refresh_spread() }),
             })
@@ -251,6 +257,16 @@ async fn conflicted(ctx: &Context, obj: &OutboxRelay, ns: &str, schema: Cond, pr
             ..previous.clone()
         },
         action: Action::requeue(ctx.timing.retry),
+    }
+}
+
+/// The tables `lockstep doctor`'s checks look at.
+fn target(valid: &ValidOutboxRelay) -> crate::doctor::database::Target {
+    crate::doctor::database::Target {
+        kind: crate::doctor::database::TargetKind::OutboxRelay,
+        table: valid.table.clone(),
+        dead_letter: Some(valid.dead_letter_table.clone()),
+        manage: valid.manage_schema,
     }
 }
 

@@ -59,11 +59,13 @@ impl Drop for Call {
 }
 
 /// IncrementalAlterConfigs (SET) for one topic, blocking until the broker answers or `timeout`.
+/// `validate_only`: the broker checks the request (and the client's rights) and changes nothing.
 pub fn incremental_alter_configs(
     admin: &AdminClient<DefaultClientContext>,
     topic: &str,
     set: &[(String, String)],
     timeout: Duration,
+    validate_only: bool,
 ) -> Result<(), IncrementalError> {
     let name = CString::new(topic).map_err(|_| IncrementalError::Nul)?;
     let entries: Vec<(CString, CString)> = set
@@ -84,6 +86,9 @@ pub fn incremental_alter_configs(
         };
         let mut errbuf = [0 as std::os::raw::c_char; 256];
         rd::rd_kafka_AdminOptions_set_request_timeout(call.options, ms, errbuf.as_mut_ptr(), errbuf.len());
+        if validate_only {
+            rd::rd_kafka_AdminOptions_set_validate_only(call.options, 1, errbuf.as_mut_ptr(), errbuf.len());
+        }
         for (k, v) in &entries {
             let err = rd::rd_kafka_ConfigResource_add_incremental_config(
                 call.resource,

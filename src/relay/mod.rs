@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use self::session::Session;
 pub use self::{
     failure::{cause, is_permanent, transport_backoff, Cause},
-    fence::{CHECK_EVERY, FENCE, GAP},
+    fence::{CHECK_EVERY, FENCE, GAP, MARKER},
     metrics::{ReasonLabel, RelayMetrics, Samples, WakeLabel},
     publisher::{producer_config, Relay},
     session::{keepalive_sql, DEAD_PEER_TIMEOUT},

@@ -8,6 +8,7 @@ pub mod pgbouncer;
 pub mod private_pg;
 pub mod proxy;
 pub mod relays;
+pub mod standby;
 pub mod tls;
 
 #[allow(unused_imports)] // each test binary uses some of them

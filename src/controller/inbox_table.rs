@@ -138,18 +138,7 @@ async fn reconcile_valid(
             (cond, Purging::HeldByInvalidPolicy(held_by))
         }
         Ok((db, cond)) => {
-            let params = PurgeParams {
-                pool_key: db.url_key.clone(),
-                table: valid.table.clone(),
-                retention: eff.retention,
-                interval: valid.purge_interval.value,
-                batch: valid.purge_batch_size,
-                labels: crate::metrics::PurgeLabel {
-                    namespace: ns.clone(),
-                    inboxtable: name.clone(),
-                    table: valid.table.to_string(),
-                },
-            };
+            let params = purge_params(&ns, &name, &valid, db.url_key.clone(), eff.retention);
             ctx.purges.ensure(&uid, ObjectRef::new(&name).within(&ns), db.pool.clone(), params);
             if let Ok((rows, oldest)) = crate::purge::measure(&db.pool, &valid.table).boxed().await {
                 status.rows = Some(rows);
@@ -189,6 +178,22 @@ async fn reconcile_valid(
         status,
         action,
     })
+}
+
+/// The purge loop's parameters; its series are labelled with the object and its table.
+fn purge_params(ns: &str, name: &str, valid: &ValidInboxTable, pool_key: String, retention: std::time::Duration) -> PurgeParams {
+    PurgeParams {
+        pool_key,
+        table: valid.table.clone(),
+        retention,
+        interval: valid.purge_interval.value,
+        batch: valid.purge_batch_size,
+        labels: crate::metrics::PurgeLabel {
+            namespace: ns.to_owned(),
+            inboxtable: name.to_owned(),
+            table: valid.table.to_string(),
+        },
+    }
 }
 
 /// The table `lockstep doctor`'s checks look at.

@@ -58,6 +58,7 @@ pub struct DoctorArgs {
     /// An InboxTable's consumer group (spec.sources.consumerGroup): its offsets must be readable.
     #[arg(long)]
     pub group: Option<String>,
+    /// One line per check (text), or one JSON document (json).
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
 }

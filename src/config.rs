@@ -2,6 +2,9 @@
 //! gets). Secrets (the database URL) are wrapped so they never reach a log line.
 
 pub mod headers;
+mod kafka;
+
+pub use kafka::{kafka_settings, parse_key_value, KafkaArgs};
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
@@ -111,15 +114,8 @@ impl OutboxArgs {
 pub struct RelayArgs {
     #[command(flatten)]
     pub outbox: OutboxArgs,
-    /// Kafka bootstrap servers, host:port[,host:port...].
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
-    pub bootstrap_servers: Option<String>,
-    /// Extra librdkafka setting KEY=VALUE (repeatable); SASL/TLS settings go here.
-    #[arg(long = "kafka-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
-    pub kafka_config: Vec<(String, String)>,
-    /// Directory whose files are librdkafka settings: file name = key, content = value (a mounted Secret).
-    #[arg(long, env = "LOCKSTEP_KAFKA_CONFIG_DIR")]
-    pub kafka_config_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     /// Topic name or template over {aggregatetype}, {aggregateid}, {type}.
     #[arg(long, env = "LOCKSTEP_TOPIC", default_value = "outbox.event.{aggregatetype}")]
     pub topic: String,
@@ -180,13 +176,6 @@ fn parse_gather(s: &str) -> Result<std::time::Duration, String> {
         return Err(format!("{s:?} is longer than 1s"));
     }
     Ok(d)
-}
-
-pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .filter(|(k, _)| !k.trim().is_empty())
-        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -250,11 +239,12 @@ impl RelayArgs {
     pub fn resolve(&self) -> Result<RelayConfig, RelayConfigError> {
         let database_url = self.outbox.database_url()?;
         let bootstrap_servers = self
+            .kafka
             .bootstrap_servers
             .clone()
             .filter(|s| !s.trim().is_empty())
             .ok_or(RelayConfigError::NoBootstrapServers)?;
-        let kafka_config = kafka_settings(self.kafka_config_dir.as_deref(), &self.kafka_config)?;
+        let kafka_config = self.kafka.settings()?;
         let resolved = self
             .as_spec(&bootstrap_servers, &kafka_config)
             .validate()
@@ -326,31 +316,7 @@ impl RelayArgs {
     }
 }
 
-/// librdkafka settings: the files of `dir` (file name = key, content = value; a mounted Secret),
-/// then `pairs` (which win). Shared by `lockstep relay` and `lockstep doctor`.
-pub fn kafka_settings(dir: Option<&std::path::Path>, pairs: &[(String, String)]) -> Result<BTreeMap<String, Redacted>, RelayConfigError> {
-    let mut kafka_config = BTreeMap::new();
-    if let Some(dir) = dir {
-        let entries = std::fs::read_dir(dir).map_err(|source| RelayConfigError::Read {
-            path: dir.to_owned(),
-            source,
-        })?;
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            // Secret volumes hold ..data and friends: links that are not keys.
-            if name.starts_with('.') || !entry.path().is_file() {
-                continue;
-            }
-            kafka_config.insert(name, Redacted::new(read_trimmed(&entry.path())?));
-        }
-    }
-    for (k, v) in pairs {
-        kafka_config.insert(k.clone(), Redacted::new(v.clone()));
-    }
-    Ok(kafka_config)
-}
-
-fn read_trimmed(path: &std::path::Path) -> Result<String, RelayConfigError> {
+pub(crate) fn read_trimmed(path: &std::path::Path) -> Result<String, RelayConfigError> {
     std::fs::read_to_string(path)
         .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
         .map_err(|source| RelayConfigError::Read {

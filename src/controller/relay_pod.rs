@@ -264,16 +264,16 @@ mod tests {
         let mut args = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap().args;
         assert_eq!(args.outbox.database_url_file, Some(PathBuf::from(DATABASE_URL_FILE)));
         let expected_dir = v.auth_secret.as_ref().map(|_| PathBuf::from(KAFKA_CONFIG_DIR));
-        assert_eq!(args.kafka_config_dir, expected_dir);
+        assert_eq!(args.kafka.kafka_config_dir, expected_dir);
 
         let dir = scratch(tag);
         std::fs::write(dir.join("url"), "postgres://u:p@db/x\n").unwrap();
         args.outbox.database_url_file = Some(dir.join("url"));
         let mut config = v.producer.config.clone();
-        if args.kafka_config_dir.is_some() {
+        if args.kafka.kafka_config_dir.is_some() {
             std::fs::create_dir_all(dir.join("kafka")).unwrap();
             std::fs::write(dir.join("kafka/sasl.username"), "relay").unwrap();
-            args.kafka_config_dir = Some(dir.join("kafka"));
+            args.kafka.kafka_config_dir = Some(dir.join("kafka"));
             config.insert("sasl.username".into(), "relay".into());
         }
         let cfg = args.resolve().unwrap();

@@ -2,13 +2,13 @@
 //! names (and environment variables), so the settings a relay or an InboxTable uses are passed as
 //! they are; plus what to check them for.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::collections::BTreeMap;
 
 use clap::{Args, ValueEnum};
 
 use super::database::{Target, TargetKind};
 use crate::{
-    config::{kafka_settings, parse_key_value, OutboxArgs, Redacted},
+    config::{KafkaArgs, OutboxArgs, Redacted},
     sql::{Ident, QualifiedName},
 };
 
@@ -42,15 +42,9 @@ pub struct DoctorArgs {
     /// connection headroom: each holds up to 4 connections, the operator's pool 4 more.
     #[arg(long, default_value_t = 2)]
     pub relay_replicas: u32,
-    /// Kafka bootstrap servers, host:port[,host:port...]. Without them the broker is not checked.
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
-    pub bootstrap_servers: Option<String>,
-    /// Extra librdkafka setting KEY=VALUE (repeatable); SASL/TLS settings go here.
-    #[arg(long = "kafka-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
-    pub kafka_config: Vec<(String, String)>,
-    /// Directory whose files are librdkafka settings: file name = key, content = value (a mounted Secret).
-    #[arg(long, env = "LOCKSTEP_KAFKA_CONFIG_DIR")]
-    pub kafka_config_dir: Option<PathBuf>,
+    // The broker, as the relay reaches it (without bootstrap servers it is not checked).
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     /// A topic lockstep publishes to or creates (repeatable): an OutboxRelay's spec.topics, or
     /// the topics its routing template produces.
     #[arg(long = "topic", value_name = "TOPIC")]
@@ -122,10 +116,10 @@ impl DoctorArgs {
             dead_letter,
             manage: self.manage_schema,
         };
-        let broker = match self.bootstrap_servers.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        let broker = match self.kafka.bootstrap_servers.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
             None => None,
             Some(bootstrap) => {
-                let settings = kafka_settings(self.kafka_config_dir.as_deref(), &self.kafka_config).map_err(|e| e.to_string())?;
+                let settings = self.kafka.settings().map_err(|e| e.to_string())?;
                 Some(BrokerTarget {
                     bootstrap: bootstrap.to_owned(),
                     settings: settings.into_iter().map(|(k, v)| (k, v.expose().to_owned())).collect(),

@@ -136,9 +136,10 @@ fn gather(t: &BrokerTarget) -> Vec<Check> {
     let mut out = vec![Check::pass(
         "broker connection",
         format!(
-            "reached {} ({} brokers, security.protocol {protocol})",
+            "reached {} ({} broker{}, security.protocol {protocol})",
             t.bootstrap,
-            md.brokers().len()
+            md.brokers().len(),
+            if md.brokers().len() == 1 { "" } else { "s" }
         ),
     )];
     let mut topics = BTreeMap::new();

@@ -26,7 +26,8 @@ pub fn pg_command(bin: &str) -> Command {
     let path = PathBuf::from(env("LOCKSTEP_PG_BIN")).join(bin);
     if unsafe { geteuid() } == 0 {
         let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(path);
+        // postgres may not enter the test's working directory (a clone in a 0700 directory).
+        c.args(["-u", "postgres", "--"]).arg(path).current_dir("/");
         c
     } else {
         Command::new(path)

@@ -11,11 +11,7 @@ use std::{
 };
 
 use lockstep::kafka::Admin;
-use rdkafka::{
-    config::ClientConfig,
-    consumer::{BaseConsumer, Consumer},
-    message::{Headers, Message},
-};
+use rdkafka::message::{Headers, Message};
 
 struct Outbox {
     table: common::outbox::OutboxTable,
@@ -122,20 +118,7 @@ struct Got {
 
 /// Read the topic from the beginning until `want` distinct ids were seen (or timeout).
 fn consume(bootstrap: &str, topic: &str, want: usize, timeout: Duration) -> Vec<Got> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", common::unique("check"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    // Assigned partitions from offset 0: no group coordination to wait for.
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in md.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning).unwrap();
-    }
-    c.assign(&tpl).unwrap();
+    let c = common::relays::from_start(bootstrap, topic, None);
     let mut out = Vec::new();
     let mut ids = HashSet::new();
     let deadline = Instant::now() + timeout;

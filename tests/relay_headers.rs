@@ -11,8 +11,7 @@ use std::{collections::BTreeMap, time::Duration};
 use common::relays::{outbox, Outbox, RelayProc};
 use lockstep::inbox::Delivery;
 use rdkafka::{
-    config::ClientConfig,
-    consumer::{BaseConsumer, Consumer},
+    consumer::Consumer,
     message::{Headers, Message},
 };
 
@@ -30,16 +29,8 @@ struct Received {
 
 /// Every message on partition 0 of `topic`, up to the high watermark.
 fn receive(bootstrap: &str, topic: &str) -> BTreeMap<String, Received> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", common::unique("headers"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+    let c = common::relays::from_start(bootstrap, topic, Some(&[0]));
     let (_, high) = c.fetch_watermarks(topic, 0, Duration::from_secs(30)).expect("watermarks");
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
-    c.assign(&tpl).unwrap();
     let mut out = BTreeMap::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut next = 0;

@@ -13,8 +13,6 @@ use std::{
 };
 
 use rdkafka::{
-    config::ClientConfig,
-    consumer::{BaseConsumer, Consumer},
     message::{Headers, Message},
     mocking::MockCluster,
     types::{RDKafkaApiKey, RDKafkaRespErr},
@@ -50,18 +48,7 @@ struct Got {
 
 /// Every message of the topic, in log order per partition.
 fn consume(bootstrap: &str, topic: &str, want: usize, timeout: Duration) -> Vec<Got> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", common::unique("check"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in md.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning).unwrap();
-    }
-    c.assign(&tpl).unwrap();
+    let c = common::relays::from_start(bootstrap, topic, None);
     let (mut out, mut ids) = (Vec::new(), HashSet::new());
     let deadline = Instant::now() + timeout;
     while ids.len() < want && Instant::now() < deadline {

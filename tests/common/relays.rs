@@ -179,18 +179,35 @@ pub struct Event {
     pub n: i64,
 }
 
-/// Every message on partition 0 of `topic`, in order, up to the high watermark.
-pub fn consume_all(bootstrap: &str, topic: &str, timeout: Duration) -> Vec<Event> {
+/// A consumer of `topic` from its first message, on `partitions` (every partition when None):
+/// assigned, so there is no group coordination to wait for, and nothing is committed.
+pub fn from_start(bootstrap: &str, topic: &str, partitions: Option<&[i32]>) -> BaseConsumer {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", super::unique("check"))
+        .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    let (_, high) = c.fetch_watermarks(topic, 0, Duration::from_secs(30)).expect("watermarks");
+    let all: Vec<i32> = match partitions {
+        Some(p) => p.to_vec(),
+        None => {
+            let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+            md.topics()[0].partitions().iter().map(|p| p.id()).collect()
+        }
+    };
     let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
+    for p in all {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning).unwrap();
+    }
     c.assign(&tpl).unwrap();
+    c
+}
+
+/// Every message on partition 0 of `topic`, in order, up to the high watermark.
+pub fn consume_all(bootstrap: &str, topic: &str, timeout: Duration) -> Vec<Event> {
+    let c = from_start(bootstrap, topic, Some(&[0]));
+    let (_, high) = c.fetch_watermarks(topic, 0, Duration::from_secs(30)).expect("watermarks");
     let mut events = Vec::new();
     let deadline = Instant::now() + timeout;
     let mut next = 0;

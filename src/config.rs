@@ -132,6 +132,10 @@ pub struct RelayArgs {
     /// the dead-letter table. Broker and network failures are retried forever and not counted.
     #[arg(long, env = "LOCKSTEP_MAX_ATTEMPTS", default_value_t = 10)]
     pub max_attempts: i32,
+    /// Key-hash buckets: 1, one active relay (the others stand by); more, every relay is active and
+    /// owns a share of them, each bucket sent by one relay at a time (docs/relay.md).
+    #[arg(long, env = "LOCKSTEP_BUCKETS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub buckets: u16,
     /// The producer's linger.ms: how long it waits to fill a produce request.
     #[arg(long, env = "LOCKSTEP_LINGER_MS", default_value_t = 5)]
     pub linger_ms: u32,
@@ -303,6 +307,7 @@ impl RelayArgs {
                 poll_interval: Duration::new(self.poll_interval.clone()),
                 max_gather: Duration::new(crate::duration::format(self.max_gather)),
                 max_attempts: self.max_attempts,
+                buckets: i32::from(self.buckets),
                 cleanup: match self.cleanup {
                     CleanupArg::Delete => Cleanup::Delete,
                     CleanupArg::MarkPublished => Cleanup::MarkPublished,

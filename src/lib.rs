@@ -5,6 +5,7 @@
 //! - [`config`]: configuration of the `operator` and `relay` commands.
 //! - [`sql`], [`duration`], [`routing`]: pure building blocks shared by all of them.
 
+pub mod buckets;
 pub mod cache;
 pub mod chaos;
 pub mod conditions;

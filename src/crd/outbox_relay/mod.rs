@@ -201,10 +201,17 @@ fn default_replication_factor() -> i32 {
 #[x_kube(validation = Rule::new("self.cleanup != 'MarkPublished' || has(self.publishedRetention)").message("cleanup: MarkPublished needs publishedRetention"))]
 #[x_kube(validation = Rule::new("!has(self.cloudEvents) || (has(self.headers) && self.headers == 'cloudevents')").message("cloudEvents applies only with headers: cloudevents"))]
 pub struct RelaySpec {
-    /// Relay pods: one active (PostgreSQL advisory lock), the rest hot standby.
+    /// Relay pods. With buckets 1, one is active (PostgreSQL advisory lock) and the rest stand by;
+    /// with more buckets, every relay is active and owns a share of them.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 10))]
     pub replicas: i32,
+    /// Key-hash buckets: each row belongs to bucket `sha256(key)[0..4] mod buckets`, each bucket
+    /// is sent by one relay at a time, in seq order. 1: a single active relay. Changing it on a
+    /// live outbox is safe: relays of the new count wait until those of the old one stopped.
+    #[serde(default = "default_buckets")]
+    #[schemars(range(min = 1, max = 256))]
+    pub buckets: i32,
     /// Rows read and published per batch.
     #[serde(default = "default_batch_size")]
     #[schemars(range(min = 1, max = 10000))]
@@ -288,6 +295,10 @@ fn default_poll_interval() -> Duration {
 fn default_max_gather() -> Duration {
     Duration::new("20ms")
 }
+fn default_buckets() -> i32 {
+    1
+}
+
 fn default_max_attempts() -> i32 {
     10
 }
@@ -299,6 +310,7 @@ impl Default for RelaySpec {
             batch_size: default_batch_size(),
             poll_interval: default_poll_interval(),
             max_gather: default_max_gather(),
+            buckets: default_buckets(),
             max_attempts: default_max_attempts(),
             cleanup: Cleanup::default(),
             published_retention: None,

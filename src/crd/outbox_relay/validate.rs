@@ -45,6 +45,8 @@ pub struct ValidOutboxRelay {
     /// Topics lockstep creates and keeps configured, as the topic plan wants them.
     pub topics: Vec<Desired>,
     pub replicas: i32,
+    /// Key-hash buckets (`crate::buckets`); 1: one active relay.
+    pub buckets: u16,
     pub batch_size: i32,
     pub max_attempts: i32,
     pub poll_interval: StdDuration,
@@ -143,6 +145,7 @@ impl OutboxRelaySpec {
                 replicas: r.replicas,
                 batch_size: r.batch_size,
                 max_attempts: r.max_attempts,
+                buckets: u16::try_from(r.buckets).unwrap_or(1),
                 poll_interval,
                 max_gather,
                 cleanup: r.cleanup,
@@ -273,6 +276,7 @@ fn validate_relay(r: &RelaySpec, p: &mut Problems) -> Option<RelayTimes> {
     p.range("spec.relay.replicas", r.replicas, 0, 10);
     p.range("spec.relay.batchSize", r.batch_size, 1, 10_000);
     p.range("spec.relay.maxAttempts", r.max_attempts, 1, 1000);
+    p.range("spec.relay.buckets", r.buckets, 1, i32::from(crate::buckets::MAX_BUCKETS));
     let poll_interval = p.check("spec.relay.pollInterval", r.poll_interval.parse());
     if let Some(pi) = poll_interval {
         if pi < StdDuration::from_millis(10) || pi > StdDuration::from_secs(3600) {

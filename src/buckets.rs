@@ -1,0 +1,256 @@
+//! Key-hash buckets: several active relays per outbox, each owning a share of B buckets.
+//!
+//! - **The hash** (stable, the same in every version, computable by any tool):
+//!   `bucket = u32_be(sha256(utf8(key))[0..4]) mod B`, where `key` is the routing key column as
+//!   text. The outbox's schema carries the same function in SQL (`lockstep_bucket(key, B)`), and
+//!   the relay reads its buckets through an expression index on `(lockstep_bucket(key, B), seq)`.
+//! - **Ownership**: PostgreSQL session advisory locks on the relay's lock session (two-int form,
+//!   `classid` = [`class_key`] of the table): one per bucket, exclusive ([`bucket_code`]), and one
+//!   per relay, shared ([`member_code`]) so that every relay sees how many relays share the outbox
+//!   (pg_locks). Locks rather than a lease table: they go with the session, so the step-11 fence
+//!   (a relay stops sending before the server can drop its session) covers every bucket at once,
+//!   and a dead relay's buckets free themselves with no expiry to tune and no writes.
+//! - **Shares** ([`plan`]): the relays sorted by backend pid; with N relays each targets B / N
+//!   buckets, the first B mod N one more, so shares stay within one bucket of even. A relay takes
+//!   free buckets up to its target and gives back those above it; a bucket is given back (unlocked)
+//!   only after everything its owner sent of it was acknowledged or purged (`relay::ownership`).
+//! - **Generations**: relays of another B must not run at once (bucket 5 of 64 is not bucket 5 of
+//!   32). A relay takes no bucket while a relay of another B holds its member lock; a B = 1 relay
+//!   holds the table lock exclusively, relays with buckets hold it shared.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use sha2::{Digest, Sha256};
+
+use crate::sql::{advisory_key, QualifiedName};
+
+/// The most buckets an outbox may have.
+pub const MAX_BUCKETS: u16 = 256;
+
+/// The bucket of `key` among `buckets` (see the module).
+pub fn bucket_of(key: &str, buckets: u16) -> u16 {
+    let d = Sha256::digest(key.as_bytes());
+    let h = u32::from_be_bytes(d[..4].try_into().expect("4 bytes"));
+    (h % u32::from(buckets.max(1))) as u16
+}
+
+/// The `classid` of a table's bucket and member locks.
+pub fn class_key(t: &QualifiedName) -> i32 {
+    advisory_key(&format!("lockstep-relay-buckets:{}.{}", t.schema.as_str(), t.table.as_str())) as i32
+}
+
+/// The lock of bucket `b` of `buckets`.
+pub fn bucket_code(buckets: u16, b: u16) -> i32 {
+    (i32::from(buckets) << 16) | i32::from(b)
+}
+
+/// The shared lock every relay with `buckets` buckets holds while it runs.
+pub fn member_code(buckets: u16) -> i32 {
+    (i32::from(buckets) << 16) | 0xFFFF
+}
+
+/// What a lock code names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    Bucket { buckets: u16, bucket: u16 },
+    Member { buckets: u16 },
+}
+
+pub fn decode(code: i64) -> Option<Code> {
+    let buckets = u16::try_from(code >> 16).ok().filter(|b| (1..=MAX_BUCKETS).contains(b))?;
+    match (code & 0xFFFF) as u16 {
+        0xFFFF => Some(Code::Member { buckets }),
+        b if b < buckets => Some(Code::Bucket { buckets, bucket: b }),
+        _ => None,
+    }
+}
+
+/// The bucket and member locks of one outbox, as pg_locks shows them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Holdings {
+    /// Backend pids of the relays with this B.
+    pub members: BTreeSet<i32>,
+    /// Relays with another B: (pid, their B).
+    pub others: BTreeSet<(i32, u16)>,
+    /// Owner pid of each owned bucket of this B.
+    pub owners: BTreeMap<u16, i32>,
+    /// Buckets of another B still owned.
+    pub others_owning: usize,
+}
+
+impl Holdings {
+    /// From (objid, pid) rows of granted advisory locks of the outbox's class.
+    pub fn from_locks(buckets: u16, rows: impl IntoIterator<Item = (i64, i32)>) -> Self {
+        let mut h = Holdings::default();
+        for (code, pid) in rows {
+            match decode(code) {
+                Some(Code::Member { buckets: b }) if b == buckets => {
+                    h.members.insert(pid);
+                }
+                Some(Code::Member { buckets: b }) => {
+                    h.others.insert((pid, b));
+                }
+                Some(Code::Bucket { buckets: b, bucket }) if b == buckets => {
+                    h.owners.insert(bucket, pid);
+                }
+                Some(Code::Bucket { .. }) => h.others_owning += 1,
+                None => {}
+            }
+        }
+        h
+    }
+
+    /// The buckets each member owns.
+    pub fn shares(&self) -> BTreeMap<i32, Vec<u16>> {
+        let mut s: BTreeMap<i32, Vec<u16>> = self.members.iter().map(|p| (*p, Vec::new())).collect();
+        for (b, pid) in &self.owners {
+            s.entry(*pid).or_default().push(*b);
+        }
+        s
+    }
+}
+
+/// How many buckets relay `me` should own: B / N, one more for the first B mod N by pid.
+pub fn target(me: i32, members: &BTreeSet<i32>, buckets: u16) -> usize {
+    let n = members.len().max(1);
+    let rank = members.iter().position(|p| *p == me).unwrap_or(n - 1);
+    let b = usize::from(buckets);
+    b / n + usize::from(rank < b % n)
+}
+
+/// What a relay does about its buckets this round.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Free buckets to try to lock.
+    pub take: Vec<u16>,
+    /// Owned buckets to give back once what was sent of them settled.
+    pub give: Vec<u16>,
+    /// Relays of another B are running: take nothing.
+    pub waiting_for_others: bool,
+}
+
+/// The round of relay `me` (see the module): `mine` what it owns now.
+pub fn plan(me: i32, buckets: u16, h: &Holdings, mine: &BTreeSet<u16>) -> Plan {
+    if !h.others.is_empty() || h.others_owning > 0 {
+        return Plan {
+            waiting_for_others: true,
+            ..Plan::default()
+        };
+    }
+    let mut members = h.members.clone();
+    members.insert(me);
+    let want = target(me, &members, buckets);
+    let have = mine.len();
+    if have > want {
+        // The highest first: a joining relay's free buckets are then found in the same places.
+        return Plan {
+            give: mine.iter().rev().take(have - want).copied().collect(),
+            ..Plan::default()
+        };
+    }
+    let take = (0..buckets)
+        .filter(|b| !h.owners.contains_key(b) && !mine.contains(b))
+        .take(want - have)
+        .collect();
+    Plan { take, ..Plan::default() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Documented in docs/relay.md: other tools must compute the same buckets.
+    #[test]
+    fn test_vectors() {
+        assert_eq!(bucket_of("", 64), 0xe3b0c442 % 64);
+        assert_eq!(bucket_of("order-1", 64), bucket_of("order-1", 64));
+        let v: Vec<u16> = ["order-1", "order-2", "customer-42", "ünïcode", ""]
+            .iter()
+            .map(|k| bucket_of(k, 64))
+            .collect();
+        assert_eq!(v, [50, 12, 57, 20, 2]);
+        assert_eq!(bucket_of("anything", 1), 0);
+    }
+
+    #[test]
+    fn codes_round_trip_and_other_locks_are_ignored() {
+        assert_eq!(decode(i64::from(bucket_code(64, 5))), Some(Code::Bucket { buckets: 64, bucket: 5 }));
+        assert_eq!(decode(i64::from(member_code(256))), Some(Code::Member { buckets: 256 }));
+        assert_eq!(decode(i64::from(bucket_code(64, 64))), None);
+        assert_eq!(decode(0), None);
+        assert_eq!(decode(i64::from(u32::MAX)), None);
+    }
+
+    /// Relays joining, each planning from what the previous plans left, until nothing moves.
+    fn settle(buckets: u16, pids: &[i32], owned: &mut BTreeMap<i32, BTreeSet<u16>>) -> usize {
+        let mut moves = 0;
+        for _round in 0..20 {
+            let mut changed = false;
+            for &me in pids {
+                let rows = pids.iter().map(|p| (i64::from(member_code(buckets)), *p)).chain(
+                    owned.iter().flat_map(|(p, bs)| bs.iter().map(move |b| (i64::from(bucket_code(buckets, *b)), *p))),
+                );
+                let h = Holdings::from_locks(buckets, rows.collect::<Vec<_>>());
+                let mine = owned.entry(me).or_default();
+                let p = plan(me, buckets, &h, mine);
+                changed |= !p.take.is_empty() || !p.give.is_empty();
+                moves += p.take.len();
+                mine.extend(p.take);
+                for b in p.give {
+                    mine.remove(&b);
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        moves
+    }
+
+    fn counts(owned: &BTreeMap<i32, BTreeSet<u16>>, pids: &[i32]) -> Vec<usize> {
+        pids.iter().map(|p| owned.get(p).map_or(0, BTreeSet::len)).collect()
+    }
+
+    #[test]
+    fn shares_stay_within_one_bucket_and_every_bucket_is_owned_once() {
+        let mut owned = BTreeMap::new();
+        settle(64, &[30, 10, 20], &mut owned);
+        assert_eq!(counts(&owned, &[10, 20, 30]), [22, 21, 21]);
+        let all: BTreeSet<u16> = owned.values().flatten().copied().collect();
+        assert_eq!(all.len(), 64);
+        // One leaves: the two left take its buckets and nothing else moves.
+        let gone = owned.remove(&20).unwrap();
+        let moves = settle(64, &[10, 30], &mut owned);
+        assert_eq!(moves, gone.len());
+        assert_eq!(counts(&owned, &[10, 30]), [32, 32]);
+        // It comes back (a new pid): only what it needs moves.
+        let moves = settle(64, &[10, 30, 40], &mut owned);
+        assert_eq!(counts(&owned, &[10, 30, 40]), [22, 21, 21]);
+        assert_eq!(moves, 21);
+    }
+
+    #[test]
+    fn more_relays_than_buckets_leave_some_without_any() {
+        let mut owned = BTreeMap::new();
+        settle(2, &[1, 2, 3], &mut owned);
+        assert_eq!(counts(&owned, &[1, 2, 3]), [1, 1, 0]);
+    }
+
+    #[test]
+    fn relays_of_another_bucket_count_hold_everyone_back() {
+        let h = Holdings::from_locks(64, [(i64::from(member_code(64)), 1), (i64::from(member_code(32)), 2)]);
+        let p = plan(1, 64, &h, &BTreeSet::new());
+        assert!(p.waiting_for_others && p.take.is_empty());
+        let h = Holdings::from_locks(64, [(i64::from(bucket_code(32, 3)), 2)]);
+        assert!(plan(1, 64, &h, &BTreeSet::new()).waiting_for_others);
+    }
+
+    #[test]
+    fn a_relay_over_its_share_gives_back_its_highest_buckets() {
+        let mine: BTreeSet<u16> = (0..8).collect();
+        let rows = [1, 2].map(|p| (i64::from(member_code(8)), p));
+        let h = Holdings::from_locks(8, rows.into_iter().chain(mine.iter().map(|b| (i64::from(bucket_code(8, *b)), 1))));
+        assert_eq!(plan(1, 8, &h, &mine).give, [7, 6, 5, 4]);
+        assert_eq!(plan(2, 8, &h, &BTreeSet::new()).take, Vec::<u16>::new(), "nothing free yet");
+    }
+}

@@ -15,6 +15,8 @@
 //!                          1000000; BENCH_PLACEMENT, shared (default), split: PostgreSQL and the
 //!                          writers on core 0, the relay, every producer and the broker on core 1,
 //!                          or broker-apart: the broker alone on core 1, the rest on core 0;
+//!                          BENCH_SPLIT_EVENTS, default BENCH_EVENTS/4, BENCH_SPLIT_ROUNDS, default 3:
+//!                          R with 1, 2 and 3 relays over 64 buckets;
 //!                          payload ~256 bytes; 1000 keys)
 
 use std::{
@@ -374,6 +376,77 @@ async fn relay_rate(side: &Side, pool: &sqlx::PgPool, cfg: &RelayConfig, n: i64)
     (n as f64 / elapsed, cpu)
 }
 
+/// R with `relays` relays sharing `buckets` buckets: the relays run and share the buckets before
+/// the `n` events come, in one transaction, and R runs from its commit to the last
+/// acknowledgement. Events per second, and this process's CPU seconds over that span.
+async fn shared_rate(side: &Side, pool: &sqlx::PgPool, cfg: &RelayConfig, n: i64, relays: usize, buckets: u16) -> (f64, f64) {
+    let mut cfg = cfg.clone();
+    cfg.resolved.buckets = buckets;
+    let table = cfg.resolved.table.to_string();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let metrics: Vec<Arc<RelayMetrics>> = (0..relays).map(|_| Arc::new(RelayMetrics::default())).collect();
+    let tasks: Vec<_> = metrics
+        .iter()
+        .map(|m| side.rt.spawn(run_with_metrics(cfg.clone(), stop.clone(), m.clone())))
+        .collect();
+    let fair = i64::from(buckets) / relays as i64;
+    let settled = || match buckets {
+        1 => metrics.iter().any(|m| m.active.get() == 1),
+        _ => {
+            metrics.iter().all(|m| m.buckets_owned.get() >= fair)
+                && metrics.iter().map(|m| m.buckets_owned.get()).sum::<i64>() == i64::from(buckets)
+        }
+    };
+    let waiting = Instant::now();
+    while !settled() {
+        assert!(waiting.elapsed() < Duration::from_secs(60), "the relays did not share the buckets");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(&insert_sql(&table)).bind(0i64).bind(n).execute(&mut *tx).await.unwrap();
+    sqlx::query(&format!("analyze {table}")).execute(&mut *tx).await.unwrap();
+    let cpu0 = cpu_seconds();
+    tx.commit().await.unwrap();
+    let started = Instant::now();
+    while metrics.iter().map(|m| m.published.get()).sum::<u64>() < n as u64 {
+        assert!(tasks.iter().all(|t| !t.is_finished()), "a relay stopped early");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    stop.cancel();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    (n as f64 / elapsed, cpu)
+}
+
+/// R with 1, 2 and 3 relays over 64 buckets, and 1 relay without buckets, in interleaved rounds:
+/// the mean of each against min(P, D), and CPU per event against one relay without buckets.
+async fn split_rates(side: &Side, pool: &sqlx::PgPool, cfg: &RelayConfig, n: i64, pd: f64, rounds: usize) {
+    let shapes: [(usize, u16); 4] = [(1, 1), (1, 64), (2, 64), (3, 64)];
+    let mut rates = vec![Vec::new(); shapes.len()];
+    let mut cpus = vec![Vec::new(); shapes.len()];
+    for _ in 0..rounds {
+        for (i, (relays, buckets)) in shapes.iter().enumerate() {
+            let (r, cpu) = shared_rate(side, pool, cfg, n, *relays, *buckets).await;
+            rates[i].push(r);
+            cpus[i].push(cpu * 1e6 / n as f64);
+        }
+    }
+    println!("{n} events per drain, {rounds} interleaved rounds, relays in this process:");
+    let base_cpu = cpus[0].iter().sum::<f64>() / rounds as f64;
+    for (i, (relays, buckets)) in shapes.iter().enumerate() {
+        let (r, ri) = mean_with_interval(&rates[i]);
+        let cpu = cpus[i].iter().sum::<f64>() / rounds as f64;
+        println!(
+            "  {relays} relay(s), {buckets:>2} bucket(s): R {r:>8.0} +/- {ri:.0} events/s, R / min(P, D) = {:.2}, CPU {cpu:.1} us/event ({:.2}x one relay without buckets)",
+            r / pd,
+            cpu / base_cpu
+        );
+    }
+}
+
 /// Latency: writers commit events at `rate` for `secs` while the relay runs, woken by NOTIFY or
 /// by polling alone. Latency = broker acknowledgement time - created_at (the writer's transaction
 /// start), so it includes the commit itself. The latencies, in seconds, and the writers'
@@ -566,6 +639,12 @@ async fn main() {
         "relay CPU: {:.1} us/event (this process; includes librdkafka threads)",
         cpu * 1e6 / n as f64
     );
+
+    let split: i64 = std::env::var("BENCH_SPLIT_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(n / 4);
+    if split > 0 {
+        let rounds = std::env::var("BENCH_SPLIT_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+        split_rates(&side, &pool, &cfg, split, p_rate.min(d_rate), rounds).await;
+    }
 
     let rate = 0.6 * r_rate;
     let secs: f64 = std::env::var("BENCH_LATENCY_SECS")

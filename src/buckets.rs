@@ -129,9 +129,18 @@ pub struct Plan {
     pub waiting_for_others: bool,
 }
 
-/// The round of relay `me` (see the module): `mine` what it owns now.
+/// The round of relay `me` (see the module): `mine` what it owns now. Taking is decided on a view
+/// no other relay changes meanwhile (`relay::ownership` serializes it), so relays of two bucket
+/// counts never own buckets at once; when neither owns any, the one whose relay has the lowest
+/// pid goes first and the other waits until those relays stopped.
 pub fn plan(me: i32, buckets: u16, h: &Holdings, mine: &BTreeSet<u16>) -> Plan {
-    if !h.others.is_empty() || h.others_owning > 0 {
+    let ours_first = || {
+        let lowest_other = h.others.iter().map(|(pid, _)| *pid).min();
+        let lowest_ours = h.members.iter().copied().chain([me]).min();
+        lowest_other.is_none_or(|o| lowest_ours.is_some_and(|m| m < o))
+    };
+    let ours_own = !h.owners.is_empty() || !mine.is_empty();
+    if h.others_owning > 0 || !(ours_own || ours_first()) {
         return Plan {
             waiting_for_others: true,
             ..Plan::default()
@@ -162,13 +171,14 @@ mod tests {
     /// Documented in docs/relay.md: other tools must compute the same buckets.
     #[test]
     fn test_vectors() {
-        assert_eq!(bucket_of("", 64), 0xe3b0c442 % 64);
+        assert_eq!(u32::from(bucket_of("", 64)), 0xe3b0c442_u32 % 64);
         assert_eq!(bucket_of("order-1", 64), bucket_of("order-1", 64));
         let v: Vec<u16> = ["order-1", "order-2", "customer-42", "ünïcode", ""]
             .iter()
             .map(|k| bucket_of(k, 64))
             .collect();
-        assert_eq!(v, [50, 12, 57, 20, 2]);
+        assert_eq!(v, [33, 6, 51, 39, 2], "computed with Python's hashlib");
+        assert_eq!(bucket_of("ünïcode", 256), 103);
         assert_eq!(bucket_of("anything", 1), 0);
     }
 
@@ -237,12 +247,22 @@ mod tests {
     }
 
     #[test]
-    fn relays_of_another_bucket_count_hold_everyone_back() {
+    fn relays_of_two_bucket_counts_never_own_buckets_at_once() {
+        // Neither owns any: the lowest pid's count goes first.
         let h = Holdings::from_locks(64, [(i64::from(member_code(64)), 1), (i64::from(member_code(32)), 2)]);
-        let p = plan(1, 64, &h, &BTreeSet::new());
+        assert_eq!(plan(1, 64, &h, &BTreeSet::new()).take.len(), 64);
+        let h32 = Holdings::from_locks(32, [(i64::from(member_code(64)), 1), (i64::from(member_code(32)), 2)]);
+        let p = plan(2, 32, &h32, &BTreeSet::new());
         assert!(p.waiting_for_others && p.take.is_empty());
-        let h = Holdings::from_locks(64, [(i64::from(bucket_code(32, 3)), 2)]);
+        // The other count owns buckets: wait, whatever the pids.
+        let h = Holdings::from_locks(64, [(i64::from(member_code(32)), 9), (i64::from(bucket_code(32, 3)), 9)]);
         assert!(plan(1, 64, &h, &BTreeSet::new()).waiting_for_others);
+        // Ours own buckets: ours go on taking (a peer's buckets after it died), the others wait.
+        let h = Holdings::from_locks(
+            64,
+            [(i64::from(member_code(64)), 5), (i64::from(member_code(32)), 1), (i64::from(bucket_code(64, 0)), 5)],
+        );
+        assert_eq!(plan(5, 64, &h, &[0].into()).take.len(), 63);
     }
 
     #[test]

@@ -37,11 +37,13 @@ pub const MARKER: &str = "lockstep.relay_session";
 /// before (then it is another client's session, handed over by a pooler: a session advisory lock
 /// taken again on the same session succeeds, so both would run; not taken again), whether it took
 /// it, its backend pid, and the marker set once taken. `$1` the key, `$2` the marker.
-/// The subqueries (OFFSET 0 keeps them apart) look before the lock is tried.
-pub fn lock_sql() -> String {
+/// The subqueries (OFFSET 0 keeps them apart) look before the lock is tried. `shared`: the
+/// lock relays with buckets hold, which excludes a relay without (`crate::buckets`).
+pub fn lock_sql(shared: bool) -> String {
+    let take = if shared { "pg_try_advisory_lock_shared" } else { "pg_try_advisory_lock" };
     format!(
         "select held, got, pid, case when got then set_config('{MARKER}', $2, false) end \
-         from (select held, case when held then false else pg_try_advisory_lock($1) end as got, pg_backend_pid() as pid \
+         from (select held, case when held then false else {take}($1) end as got, pg_backend_pid() as pid \
          from (select exists (select 1 from pg_locks where locktype = 'advisory' and granted and objsubid = 1 \
          and pid = pg_backend_pid() and database = (select oid from pg_database where datname = current_database()) \
          and classid::bigint = ($1 >> 32) & 4294967295 and objid::bigint = $1 & 4294967295) as held offset 0) s offset 0) t"
@@ -96,6 +98,11 @@ impl Fence {
             window: Duration::from_secs(100 * 365 * 86_400),
             holder: None,
         }
+    }
+
+    /// The backend pid of the lock session, if any.
+    pub(super) fn pid(&self) -> Option<i32> {
+        self.holder.as_ref().map(|h| h.pid)
     }
 
     /// No message goes to the producer from this instant on.
@@ -232,7 +239,7 @@ mod tests {
 
     #[test]
     fn the_lock_statement_reads_the_lock_table_with_the_keys_halves() {
-        let sql = lock_sql();
+        let sql = lock_sql(false);
         assert!(sql.contains("classid::bigint = ($1 >> 32) & 4294967295 and objid::bigint = $1 & 4294967295"));
         assert!(sql.contains("case when held then false else pg_try_advisory_lock($1) end"));
         assert!(sql.contains("set_config('lockstep.relay_session', $2, false)"));

@@ -29,6 +29,12 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// Buckets taken or given back.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MoveLabel {
+    pub direction: &'static str,
+}
+
 /// What started a drain.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WakeLabel {
@@ -54,6 +60,8 @@ pub struct RelayMetrics {
     pub purged: Counter,
     pub purge_failures: Counter,
     pub invalid_traceparent: Counter,
+    pub buckets_owned: Gauge,
+    pub bucket_moves: Family<MoveLabel, Counter>,
     latency_samples: Option<Mutex<Samples>>,
     registry: Registry,
 }
@@ -99,6 +107,8 @@ impl Default for RelayMetrics {
             purged: Counter::default(),
             purge_failures: Counter::default(),
             invalid_traceparent: Counter::default(),
+            buckets_owned: Gauge::default(),
+            bucket_moves: Family::default(),
             latency_samples: None,
             registry: Registry::default(),
         };
@@ -121,6 +131,8 @@ impl Default for RelayMetrics {
             purged: "published_rows_purged", "Published rows deleted after publishedRetention (cleanup MarkPublished)";
             purge_failures: "purge_failures", "Purges of published rows that failed (retried at the next interval)";
             invalid_traceparent: "invalid_traceparent", "Rows whose traceparent column held no valid W3C traceparent: sent without the header";
+            buckets_owned: "buckets_owned", "Key-hash buckets this relay owns (with --buckets above 1)";
+            bucket_moves: "bucket_moves", "Buckets this relay took or gave back, by direction";
         });
         // Both series from the start, so a rate over them is defined before the first wake-up.
         for by in ["notify", "poll"] {

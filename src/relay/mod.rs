@@ -24,7 +24,9 @@ mod fence;
 mod gate;
 mod gather;
 mod headers;
+mod listen;
 mod metrics;
+mod ownership;
 mod publisher;
 pub mod replay;
 mod reports;
@@ -97,6 +99,11 @@ pub enum RelayError {
          its producer holds before the database can give the lock to another relay"
     )]
     Fenced { after: Duration },
+    #[error(
+        "buckets {buckets} need the function {function} in the outbox's schema, which is missing and \
+         manageSchema is false: create it with: {ddl}"
+    )]
+    MissingBucketFunction { buckets: u16, function: String, ddl: String },
     #[error("the database did not answer within {after:?} while {doing}")]
     Unresponsive { doing: &'static str, after: Duration },
 }
@@ -109,9 +116,17 @@ impl RelayError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            RelayError::Standby | RelayError::BackendChanged { .. } | RelayError::SessionShared { .. }
+            RelayError::Standby
+                | RelayError::BackendChanged { .. }
+                | RelayError::SessionShared { .. }
+                | RelayError::MissingBucketFunction { .. }
         )
     }
+}
+
+/// The read of `k` of `buckets` buckets ($4 .. $(3 + k) their numbers), for tests and EXPLAIN.
+pub fn bucket_read_sql(t: &QualifiedName, key: crate::routing::OutboxColumn, cleanup: Cleanup, buckets: u16, k: usize) -> String {
+    store::bucket_read(t, key, cleanup, buckets, k, "id, seq")
 }
 
 /// The advisory lock key of an outbox table.
@@ -232,6 +247,9 @@ async fn prepare_tables(pool: &PgPool, cfg: &RelayConfig, stop: &CancellationTok
                     );
                 }
             }
+            if r.buckets > 1 {
+                prepare_buckets(&mut c, r).await?;
+            }
             Ok::<_, RelayError>(tables)
         }
         .await;
@@ -245,6 +263,25 @@ async fn prepare_tables(pool: &PgPool, cfg: &RelayConfig, stop: &CancellationTok
             }
         }
     }
+}
+
+/// The bucket function and index (`schema::buckets`): created when the schema is lockstep's,
+/// else the function is required and a missing index is warned about (every read then scans).
+async fn prepare_buckets(c: &mut sqlx::PgConnection, r: &crate::crd::ValidOutboxRelay) -> Result<(), RelayError> {
+    use crate::schema::buckets;
+    let missing = buckets::ensure(c, &r.table, r.key, r.buckets, r.cleanup, r.manage_schema).await?;
+    if missing.function {
+        return Err(RelayError::MissingBucketFunction {
+            buckets: r.buckets,
+            function: buckets::function(&r.table.schema),
+            ddl: buckets::function_ddl(&r.table.schema),
+        });
+    }
+    if missing.index {
+        let (_, ddl) = buckets::index(&r.table, r.key, r.buckets, r.cleanup);
+        tracing::warn!(table = %r.table, "buckets without their index (manageSchema is false): every read scans the outbox; create it with: {ddl}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -128,6 +128,8 @@ pub struct Relay {
     /// When the last read started.
     last_read: Option<Instant>,
     headers: MessageHeaders,
+    /// With buckets: the ones this relay's lock session owns (set per session).
+    pub(super) buckets: Option<super::ownership::Ownership>,
 }
 
 /// A drain running this long is under a steady flow: the session stops listening until it ends.
@@ -154,6 +156,7 @@ impl Relay {
             next_read: Instant::now(),
             gather: Gather::default(),
             last_read: None,
+            buckets: None,
         })
     }
 
@@ -209,9 +212,10 @@ impl Relay {
         let began = Instant::now();
         loop {
             lock.keep(conn).await?;
+            want |= self.tick_buckets(conn, lock, in_flight.is_empty()).await?;
             // Rebuilt after completing every batch in flight: their keys may be read again.
             want |= lock.bound(self.rebuild_if_needed(conn, &mut in_flight)).await?;
-            while want && in_flight.len() < depth && !stop.is_cancelled() && Instant::now() >= self.next_read {
+            while want && !self.giving_back() && in_flight.len() < depth && !stop.is_cancelled() && Instant::now() >= self.next_read {
                 let started = Instant::now();
                 let rows = lock.bound(self.fetch(conn)).await?;
                 want = rows.len() >= self.cfg.resolved.batch_size as usize;
@@ -252,6 +256,19 @@ impl Relay {
             lock.bound(self.complete(conn, batch)).await?;
             want = true;
         }
+    }
+
+    /// With buckets: give back what is leaving once `settled` (nothing in flight) and plan the
+    /// share when due (`ownership`). True when the buckets to read changed.
+    pub(super) async fn tick_buckets(&mut self, conn: &mut PgConnection, lock: &Fence, settled: bool) -> Result<bool, RelayError> {
+        let Some(o) = self.buckets.as_mut() else {
+            return Ok(false);
+        };
+        Ok(lock.bound(async { Ok(o.tick(conn, settled).await?) }).await?)
+    }
+
+    fn giving_back(&self) -> bool {
+        self.buckets.as_ref().is_some_and(|o| o.giving_back())
     }
 
     /// After a fatal error (the broker rejected a message: gapless; or the idempotent producer
@@ -303,7 +320,11 @@ impl Relay {
         self.metrics.blocked_keys.set(self.gate.blocked() as i64);
         let seqs = self.gate.excluded_seqs();
         let at = unix_now();
-        let rows = self.sql.fetch(conn, self.cfg.resolved.batch_size, &keys, &seqs).await?;
+        let limit = self.cfg.resolved.batch_size;
+        let rows = match &self.buckets {
+            Some(o) => self.sql.fetch_buckets(conn, limit, &keys, &seqs, &o.readable()).await?,
+            None => self.sql.fetch(conn, limit, &keys, &seqs).await?,
+        };
         self.metrics.observe_commit_to_read(rows.iter().map(|r| (at - r.created).max(0.0)));
         Ok(rows)
     }

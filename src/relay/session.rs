@@ -29,15 +29,16 @@ use std::{
 
 use rdkafka::producer::Producer;
 use sqlx::{
-    postgres::{PgConnectOptions, PgListener},
+    postgres::PgConnectOptions,
     Connection, Executor, PgConnection, PgPool,
 };
-use tokio::sync::{watch, Notify};
+
 use tokio_util::sync::CancellationToken;
 
 use super::{
     backoff,
     fence::{lock_sql, Fence, Holder},
+    ownership::Ownership,
     metrics::WakeLabel,
     Relay, RelayError, RelayMetrics,
 };
@@ -121,15 +122,6 @@ async fn answered<T>(doing: &'static str, f: impl Future<Output = Result<T, Rela
     }
 }
 
-/// The task forwarding NOTIFYs, stopped with the session.
-struct Listening(tokio::task::JoinHandle<()>);
-
-impl Drop for Listening {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// One relay's sessions: connect, wait for the lock, relay on that connection; start over when
 /// the connection is lost.
 pub(super) struct Session<'a> {
@@ -179,10 +171,20 @@ impl Session<'_> {
                     continue;
                 }
             };
+            if let Err(e) = self.join(relay, &mut conn, &fence).await {
+                failures += 1;
+                tracing::warn!(error = %e, "lost the database while joining the outbox's relays");
+                if self.stopped_during(reconnect_wait(failures)).await {
+                    break;
+                }
+                continue;
+            }
             self.set_active(true);
             failures = 0;
             let result = self.relay(relay, &mut conn, fence).await;
             self.set_active(false);
+            relay.buckets = None;
+            self.metrics.buckets_owned.set(0);
             if let Err(e) = &result {
                 // The lock may be gone, or about to be: nothing this relay queued may be sent.
                 tracing::warn!(error = %e, "relay session ended");
@@ -190,7 +192,8 @@ impl Session<'_> {
             }
             match result {
                 Ok(()) => {
-                    let _ = sqlx::query("select pg_advisory_unlock($1)").bind(self.key).execute(&mut conn).await;
+                    // Everything sent settled (the drain finished): the buckets may go at once.
+                    let _ = sqlx::query("select pg_advisory_unlock_all()").execute(&mut conn).await;
                     let _ = conn.close().await;
                     break;
                 }
@@ -204,6 +207,20 @@ impl Session<'_> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// With buckets: join the outbox's relays on the lock session (`ownership`).
+    async fn join(&self, relay: &mut Relay, conn: &mut PgConnection, fence: &Fence) -> Result<(), RelayError> {
+        let r = &self.cfg.resolved;
+        if r.buckets <= 1 {
+            return Ok(());
+        }
+        let me = fence.pid().unwrap_or_default();
+        let joined = fence
+            .bound(async { Ok(Ownership::join(conn, &r.table, r.buckets, me, self.metrics.clone()).await?) })
+            .await?;
+        relay.buckets = Some(joined);
         Ok(())
     }
 
@@ -235,7 +252,8 @@ impl Session<'_> {
     async fn lock(&self, conn: &mut PgConnection) -> Result<Option<Fence>, RelayError> {
         let mut announced = false;
         let marker = uuid::Uuid::new_v4().to_string();
-        let sql = lock_sql();
+        let bucketed = self.cfg.resolved.buckets > 1;
+        let sql = lock_sql(bucketed);
         loop {
             let sent = Instant::now();
             let (held, got, pid, _) = answered("taking the outbox lock", async {
@@ -254,82 +272,23 @@ impl Session<'_> {
                 });
             }
             if got {
-                tracing::info!(table = %self.cfg.resolved.table, pid, "holding the outbox lock: relaying");
+                match bucketed {
+                    true => tracing::info!(table = %self.cfg.resolved.table, pid, buckets = self.cfg.resolved.buckets, "joined the outbox's relays"),
+                    false => tracing::info!(table = %self.cfg.resolved.table, pid, "holding the outbox lock: relaying"),
+                }
                 return Ok(Some(Fence::new(sent, Holder { pid, marker })));
             }
             if !announced {
-                tracing::info!(table = %self.cfg.resolved.table, "another relay is active; standing by");
+                match bucketed {
+                    true => tracing::info!(table = %self.cfg.resolved.table, "a relay without buckets (buckets 1) is active; waiting until it stopped"),
+                    false => tracing::info!(table = %self.cfg.resolved.table, "another relay is active; standing by"),
+                }
                 announced = true;
             }
             if self.stopped_during(Duration::from_secs(1)).await {
                 return Ok(None);
             }
         }
-    }
-
-    /// LISTEN on the outbox's channel, unless disabled (the relay then polls), and tell
-    /// `new_rows` of each NOTIFY. Notifications that arrive together wake one drain (a Notify
-    /// keeps one permit). While `wanted` is false (a drain under a steady flow polls instead) the
-    /// channel is unlistened; listening again tells `new_rows` once, for the rows committed
-    /// meanwhile, which no NOTIFY announced.
-    async fn listen(&self, new_rows: Arc<Notify>, mut wanted: watch::Receiver<bool>) -> Option<Listening> {
-        if !self.cfg.listen {
-            return None;
-        }
-        let channel = self.channel.clone();
-        let l = async {
-            let mut l = PgListener::connect_with(&self.pool).await?;
-            l.listen(&channel).await?;
-            Ok::<_, sqlx::Error>(l)
-        };
-        let mut l = match l.await {
-            Ok(l) => l,
-            Err(e) => {
-                let poll = self.cfg.resolved.poll_interval;
-                tracing::warn!(error = %e, "cannot LISTEN for new rows; polling every {poll:?}");
-                return None;
-            }
-        };
-        let metrics = self.metrics.clone();
-        Some(Listening(tokio::spawn(async move {
-            let mut on = true;
-            loop {
-                // try_recv is cancel-safe: a notification is taken whole or left for the next call.
-                tokio::select! {
-                    r = l.try_recv() => match r {
-                        Ok(Some(_)) => {
-                            metrics.notifications.inc();
-                        }
-                        // Reconnected: rows may have come meanwhile, unannounced.
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "LISTEN connection failed; retrying in 1s");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                    },
-                    changed = wanted.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
-                        let want = *wanted.borrow_and_update();
-                        if want == on {
-                            continue;
-                        }
-                        // Until it worked (the listener reconnects by itself): a relay that stopped
-                        // listening would otherwise wake only at the poll interval.
-                        while let Err(e) = if want { l.listen(&channel).await } else { l.unlisten(&channel).await } {
-                            tracing::warn!(error = %e, listen = want, "cannot change LISTEN; retrying in 1s");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                        on = want;
-                        if !want {
-                            continue;
-                        }
-                    }
-                }
-                new_rows.notify_one();
-            }
-        })))
     }
 
     /// Check the session, drain, then wait for NOTIFY or the poll interval, until `stop` (Ok) or
@@ -339,7 +298,7 @@ impl Session<'_> {
     /// drain waits for delivery reports), so the fence never lapses on a live session.
     async fn relay(&self, relay: &mut Relay, conn: &mut PgConnection, mut fence: Fence) -> Result<(), RelayError> {
         let new_rows = relay.new_rows();
-        let _listening = self.listen(new_rows.clone(), relay.listening()).await;
+        let _listening = super::listen::listen(self.cfg, &self.pool, &self.channel, &self.metrics, new_rows.clone(), relay.listening()).await;
         let poll = self.cfg.resolved.poll_interval;
         loop {
             relay.drain_in(conn, self.stop, &mut fence).await?;
@@ -352,7 +311,12 @@ impl Session<'_> {
                     _ = self.stop.cancelled() => return Ok(()),
                     _ = tokio::time::sleep_until(poll_at) => break "poll",
                     _ = new_rows.notified() => break "notify",
-                    _ = tokio::time::sleep_until(fence.due().into()) => fence.keep(conn).await?,
+                    _ = tokio::time::sleep_until(fence.due().into()) => {
+                        fence.keep(conn).await?;
+                        if relay.tick_buckets(conn, &fence, true).await? {
+                            break "buckets";
+                        }
+                    }
                 }
             };
             self.metrics.wakeups.get_or_create(&WakeLabel { by }).inc();

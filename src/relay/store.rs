@@ -83,16 +83,7 @@ const UNPUBLISHED: &str = "published_at is null";
 /// planned once per connection (see `session::configure`) and a long list is still not searched
 /// row by row.
 fn select_sql(t: &QualifiedName, key: OutboxColumn, payload: PayloadColumn, cleanup: Cleanup, traceparent: bool) -> String {
-    let reads: Vec<String> = columns(traceparent)
-        .map(|c| match c.read {
-            Read::AsIs => c.name.to_owned(),
-            Read::Payload => format!("{} as payload", payload_bytes(payload)),
-            Read::Expr(e) => e.to_owned(),
-        })
-        .collect();
-    // The last column on a line of its own: the statement's text is pinned (tests/golden.rs).
-    let (last, first) = reads.split_last().expect("columns");
-    let first = first.join(", ");
+    let (first, last) = reads_sql(payload, traceparent);
     let unpublished = match cleanup {
         Cleanup::MarkPublished => format!("and {UNPUBLISHED}"),
         Cleanup::Delete => String::new(),
@@ -104,6 +95,53 @@ fn select_sql(t: &QualifiedName, key: OutboxColumn, payload: PayloadColumn, clea
              where txid < pg_snapshot_xmin(pg_current_snapshot()) {unpublished} and {key}::text not in (select unnest($2::text[]))
                and seq not in (select unnest($3::bigint[]))
              order by seq limit $1"
+    )
+}
+
+/// The read's column list, split before its last column (the statement's text is pinned:
+/// tests/golden.rs).
+fn reads_sql(payload: PayloadColumn, traceparent: bool) -> (String, String) {
+    let reads: Vec<String> = columns(traceparent)
+        .map(|c| match c.read {
+            Read::AsIs => c.name.to_owned(),
+            Read::Payload => format!("{} as payload", payload_bytes(payload)),
+            Read::Expr(e) => e.to_owned(),
+        })
+        .collect();
+    let (last, first) = reads.split_last().expect("columns");
+    (first.join(", "), last.clone())
+}
+
+/// [`select_sql`] over `k` buckets of `buckets` ($4 .. $(3 + k) their numbers): one branch per
+/// bucket on the bucket index, each in seq order, merged (a Merge Append reads about as many
+/// index entries as the rows it returns, as the read of a whole outbox does), then the lists of
+/// keys and rows to leave out, applied once (OFFSET 0 keeps them out of the branches).
+pub(super) fn bucket_select_sql(cfg: &ValidOutboxRelay, tables: &OutboxTables, k: usize) -> String {
+    let (first, last) = reads_sql(tables.payload, tables.traceparent);
+    bucket_read(&cfg.table, cfg.key, cfg.cleanup, cfg.buckets, k, &format!("{first}, {last}"))
+}
+
+/// The bucket read of `k` buckets, reading `reads`.
+pub fn bucket_read(t: &QualifiedName, key: OutboxColumn, cleanup: Cleanup, buckets: u16, k: usize, reads: &str) -> String {
+    let unpublished = match cleanup {
+        Cleanup::MarkPublished => format!(" and {UNPUBLISHED}"),
+        Cleanup::Delete => String::new(),
+    };
+    let bucket = crate::schema::buckets::expression(t, key, buckets);
+    let branches: Vec<String> = (0..k)
+        .map(|i| {
+            format!(
+                "(select * from {t} where {bucket} = ${} and txid < pg_snapshot_xmin(pg_current_snapshot()){unpublished})",
+                i + 4
+            )
+        })
+        .collect();
+    let key = key.name();
+    format!(
+        "select {reads} from ({} order by seq offset 0) u
+         where {key}::text not in (select unnest($2::text[])) and seq not in (select unnest($3::bigint[]))
+         order by seq limit $1",
+        branches.join(" union all ")
     )
 }
 
@@ -194,6 +232,10 @@ pub(super) struct Statements {
     /// Count a failed attempt of row $1, with error $2.
     fail: String,
     quarantine: String,
+    /// The bucket reads by number of buckets read, rendered when first used.
+    bucket_selects: std::collections::HashMap<usize, String>,
+    cfg: ValidOutboxRelay,
+    tables: OutboxTables,
 }
 
 impl Statements {
@@ -208,6 +250,9 @@ impl Statements {
             },
             fail: format!("update {t} set attempts = attempts + 1, last_error = $2 where id = $1"),
             quarantine: quarantine_sql(t, &cfg.dead_letter_table, tables.payload, tables.dead_letter_payload, both),
+            bucket_selects: Default::default(),
+            cfg: cfg.clone(),
+            tables: tables.clone(),
         }
     }
 
@@ -219,6 +264,31 @@ impl Statements {
             .bind(seqs)
             .fetch_all(conn)
             .await?;
+        Ok(rows.iter().map(OutboxRow::from_row).collect())
+    }
+
+    /// [`Self::fetch`], from `buckets` only (none: nothing read).
+    pub async fn fetch_buckets(
+        &mut self,
+        conn: &mut PgConnection,
+        limit: i32,
+        keys: &[String],
+        seqs: &[i64],
+        buckets: &[u16],
+    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        if buckets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (cfg, tables) = (&self.cfg, &self.tables);
+        let sql = self
+            .bucket_selects
+            .entry(buckets.len())
+            .or_insert_with(|| bucket_select_sql(cfg, tables, buckets.len()));
+        let mut q = sqlx::query(sql).bind(i64::from(limit)).bind(keys).bind(seqs);
+        for b in buckets {
+            q = q.bind(i32::from(*b));
+        }
+        let rows = q.fetch_all(conn).await?;
         Ok(rows.iter().map(OutboxRow::from_row).collect())
     }
 

@@ -6,6 +6,7 @@
 //! history is verified against the contract; a mismatch is reported and the table left alone.
 //! What the tables look like (DDL, contracts, derived names) is in `tables.rs`.
 
+pub mod buckets;
 mod contract;
 mod drop;
 mod outbox;

@@ -1,0 +1,156 @@
+//! A relay's buckets (`crate::buckets`), held as session advisory locks on its lock session, so
+//! the session's fence covers them all: a relay that lost its session stops sending every bucket.
+//!
+//! Every [`CHECK`] the relay looks at pg_locks and plans its share. Taking is serialized among the
+//! outbox's relays (a transaction advisory lock around the look and the take), so two relays
+//! never plan from views the other is changing. Giving back is in two steps: the bucket leaves
+//! the reads at once, and its lock is released only when nothing the relay sent is still
+//! unsettled (every batch acknowledged, failed, or purged), so whoever takes it next cannot
+//! overtake a message of a key in it.
+
+use std::{
+    collections::BTreeSet,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use sqlx::{Connection, PgConnection};
+
+use super::RelayMetrics;
+use crate::buckets::{bucket_code, class_key, member_code, plan, Holdings};
+use crate::sql::QualifiedName;
+
+/// How often a relay plans its share.
+pub const CHECK: Duration = Duration::from_secs(1);
+
+/// The granted two-int advisory locks of an outbox's class, as (objid, pid).
+const LOCKS_SQL: &str = "select objid::int8, pid from pg_locks where locktype = 'advisory' and granted and objsubid = 2
+     and classid::int8 = ($1::int8 & 4294967295) and database = (select oid from pg_database where datname = current_database())";
+
+pub(super) struct Ownership {
+    class: i32,
+    buckets: u16,
+    /// The lock session's backend pid.
+    me: i32,
+    mine: BTreeSet<u16>,
+    leaving: BTreeSet<u16>,
+    next_check: Instant,
+    waiting: bool,
+    metrics: Arc<RelayMetrics>,
+}
+
+impl Ownership {
+    /// Join the outbox's relays on the lock session (a shared lock; it never waits).
+    pub(super) async fn join(
+        conn: &mut PgConnection,
+        t: &QualifiedName,
+        buckets: u16,
+        me: i32,
+        metrics: Arc<RelayMetrics>,
+    ) -> Result<Self, sqlx::Error> {
+        let class = class_key(t);
+        sqlx::query("select pg_advisory_lock_shared($1, $2)")
+            .bind(class)
+            .bind(member_code(buckets))
+            .persistent(false)
+            .execute(&mut *conn)
+            .await?;
+        metrics.buckets_owned.set(0);
+        Ok(Ownership {
+            class,
+            buckets,
+            me,
+            mine: BTreeSet::new(),
+            leaving: BTreeSet::new(),
+            next_check: Instant::now(),
+            waiting: false,
+            metrics,
+        })
+    }
+
+    /// The buckets to read now: none while some are being given back (reads pause until what is
+    /// in flight settled; a short pause, and only when shares change).
+    pub(super) fn readable(&self) -> Vec<u16> {
+        if self.leaving.is_empty() {
+            self.mine.iter().copied().collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    pub(super) fn giving_back(&self) -> bool {
+        !self.leaving.is_empty()
+    }
+
+    /// Give back what is leaving once `settled` (nothing in flight), and plan when due. True when
+    /// the buckets to read changed (read again).
+    pub(super) async fn tick(&mut self, conn: &mut PgConnection, settled: bool) -> Result<bool, sqlx::Error> {
+        let mut changed = false;
+        if settled && !self.leaving.is_empty() {
+            let codes: Vec<i32> = self.leaving.iter().map(|b| bucket_code(self.buckets, *b)).collect();
+            sqlx::query("select pg_advisory_unlock($1, c) from unnest($2::int4[]) c")
+                .bind(self.class)
+                .bind(&codes)
+                .execute(&mut *conn)
+                .await?;
+            tracing::info!(given = ?self.leaving, "gave back buckets");
+            self.metrics.bucket_moves.get_or_create(&super::metrics::MoveLabel { direction: "given" }).inc_by(codes.len() as u64);
+            self.mine.retain(|b| !self.leaving.contains(b));
+            self.leaving.clear();
+            self.metrics.buckets_owned.set(self.mine.len() as i64);
+            changed = true;
+        }
+        if Instant::now() < self.next_check {
+            return Ok(changed);
+        }
+        self.next_check = Instant::now() + CHECK;
+        let h = self.look(&mut *conn).await?;
+        let p = plan(self.me, self.buckets, &h, &self.mine);
+        if p.waiting_for_others != self.waiting {
+            self.waiting = p.waiting_for_others;
+            if self.waiting {
+                tracing::info!(others = ?h.others, "relays with another bucket count are running; waiting until they stopped");
+            }
+        }
+        if !p.give.is_empty() {
+            self.leaving.extend(p.give);
+        } else if !p.take.is_empty() {
+            changed |= self.take(conn).await?;
+        }
+        Ok(changed)
+    }
+
+    async fn look(&self, conn: &mut PgConnection) -> Result<Holdings, sqlx::Error> {
+        let rows: Vec<(i64, i32)> = sqlx::query_as(LOCKS_SQL).bind(i64::from(self.class)).fetch_all(conn).await?;
+        Ok(Holdings::from_locks(self.buckets, rows))
+    }
+
+    /// Plan again and take free buckets, in one transaction that holds the outbox's rebalance
+    /// lock: no relay takes anything between this look and this take.
+    async fn take(&mut self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+        let mut tx = conn.begin().await?;
+        sqlx::query("select pg_advisory_xact_lock($1, 0)").bind(self.class).execute(&mut *tx).await?;
+        let h = self.look(&mut tx).await?;
+        let p = plan(self.me, self.buckets, &h, &self.mine);
+        let codes: Vec<i32> = p.take.iter().map(|b| bucket_code(self.buckets, *b)).collect();
+        let got: Vec<i32> = if codes.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_scalar("select c from unnest($2::int4[]) c where pg_try_advisory_lock($1, c)")
+                .bind(self.class)
+                .bind(&codes)
+                .fetch_all(&mut *tx)
+                .await?
+        };
+        tx.commit().await?;
+        if got.is_empty() {
+            return Ok(false);
+        }
+        let taken: Vec<u16> = got.iter().map(|c| (*c & 0xFFFF) as u16).collect();
+        tracing::info!(taken = ?taken, owned = self.mine.len() + taken.len(), "took buckets");
+        self.metrics.bucket_moves.get_or_create(&super::metrics::MoveLabel { direction: "taken" }).inc_by(taken.len() as u64);
+        self.mine.extend(taken);
+        self.metrics.buckets_owned.set(self.mine.len() as i64);
+        Ok(true)
+    }
+}

@@ -1,0 +1,270 @@
+//! Several active relays per outbox (key-hash buckets) against the real PostgreSQL and broker:
+//! the SQL hash is the documented one, a relay's read is a merge of its buckets' index scans, and
+//! three relays with 64 buckets keep every key's order while writers commit and roll back and the
+//! relays are killed, scaled 3 -> 1 -> 3, restarted one by one and cut off from the database.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use common::{
+    proxy::Proxy,
+    relays::{consume_all, outbox, upstream, Outbox, RelayProc},
+};
+use lockstep::buckets::{bucket_of, class_key, Holdings};
+
+const BUCKETS: u16 = 64;
+
+fn table(o: &Outbox) -> lockstep::sql::QualifiedName {
+    lockstep::sql::QualifiedName {
+        schema: lockstep::sql::Ident::parse(&o.schema).unwrap(),
+        table: lockstep::sql::Ident::parse("outbox").unwrap(),
+    }
+}
+
+/// The SQL function agrees with `bucket_of` (and so with the documented vectors) on keys of
+/// every shape, for several bucket counts.
+#[tokio::test]
+async fn the_sql_bucket_function_is_the_documented_hash() {
+    let o = outbox("bkhash", &common::kafka_bootstrap()).await;
+    let t = table(&o);
+    sqlx::query(&lockstep::schema::buckets::function_ddl(&t.schema)).execute(&o.pool).await.unwrap();
+    let mut keys: Vec<String> = (0..500).map(|i| format!("order-{i}")).collect();
+    keys.extend(["", "ünïcode", "日本語のキー", "a b\tc", "'quoted'", "00000000-0000-0000-0000-000000000000"].map(String::from));
+    for b in [1u16, 2, 7, 64, 255, 256] {
+        let got: Vec<i32> = sqlx::query_scalar(&format!(
+            "select {}(k, $2) from unnest($1::text[]) with ordinality u(k, i) order by i",
+            lockstep::schema::buckets::function(&t.schema)
+        ))
+        .bind(&keys)
+        .bind(i32::from(b))
+        .fetch_all(&o.pool)
+        .await
+        .unwrap();
+        let want: Vec<i32> = keys.iter().map(|k| i32::from(bucket_of(k, b))).collect();
+        assert_eq!(got, want, "buckets {b}");
+    }
+}
+
+/// A relay's read of its buckets merges one index scan per bucket, each in seq order: no sort of
+/// the buckets' rows, however many are pending.
+#[tokio::test]
+async fn a_read_of_several_buckets_merges_their_index_scans() {
+    let o = outbox("bkplan", &common::kafka_bootstrap()).await;
+    let t = table(&o);
+    let mut c = o.pool.acquire().await.unwrap();
+    let key = lockstep::routing::OutboxColumn::Aggregateid;
+    let cleanup = lockstep::crd::Cleanup::Delete;
+    let missing = lockstep::schema::buckets::ensure(&mut c, &t, key, BUCKETS, cleanup, true).await.unwrap();
+    assert_eq!(missing, Default::default());
+    o.insert(0, 20_000, 1_000).await;
+    sqlx::query(&format!("analyze {t}")).execute(&mut *c).await.unwrap();
+    let sql = lockstep::relay::bucket_read_sql(&t, key, cleanup, BUCKETS, 3);
+    let sql = format!("prepare q(int8, text[], int8[], int4, int4, int4) as {sql}");
+    sqlx::raw_sql(&sql).execute(&mut *c).await.unwrap();
+    sqlx::raw_sql("set plan_cache_mode = force_generic_plan").execute(&mut *c).await.unwrap();
+    let plan: Vec<String> = sqlx::query_scalar("explain execute q(500, '{}', '{}', 1, 2, 3)")
+        .fetch_all(&mut *c)
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    println!("{plan}");
+    assert!(plan.contains("Merge Append"), "{plan}");
+    assert_eq!(plan.matches("outbox_bucket64_idx").count(), 3, "{plan}");
+    assert!(!plan.contains("Sort "), "{plan}");
+}
+
+/// What pg_locks shows of the outbox's relays.
+async fn holdings(o: &Outbox) -> Holdings {
+    let rows: Vec<(i64, i32)> = sqlx::query_as(
+        "select objid::int8, pid from pg_locks where locktype = 'advisory' and granted and objsubid = 2
+         and classid::int8 = ($1::int8 & 4294967295) and database = (select oid from pg_database where datname = current_database())",
+    )
+    .bind(i64::from(class_key(&table(o))))
+    .fetch_all(&o.pool)
+    .await
+    .unwrap();
+    Holdings::from_locks(BUCKETS, rows)
+}
+
+/// Wait until `relays` relays share every bucket within one of even, not counting `except`;
+/// how long it took.
+async fn wait_even(o: &Outbox, relays: usize, except: Option<i32>, what: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let h = holdings(o).await;
+        let shares: Vec<usize> = h.shares().into_iter().filter(|(p, _)| Some(*p) != except).map(|(_, b)| b.len()).collect();
+        let owned: usize = shares.iter().sum();
+        let even = shares.iter().max().zip(shares.iter().min()).is_some_and(|(a, b)| a - b <= 1);
+        if shares.len() == relays && owned == usize::from(BUCKETS) && even {
+            let took = started.elapsed();
+            println!("{what}: {took:?} (shares {shares:?})");
+            return took;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{what}: not settled after 60s: {shares:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Writers: each writes its own keys one transaction at a time (so a key's `n` grows with its
+/// seq), every fifth transaction rolled back. The ids committed and rolled back.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    committed: Arc<Mutex<HashSet<String>>>,
+    rolled_back: Arc<Mutex<HashSet<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(o: &Outbox, writers: usize) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let committed = Arc::new(Mutex::new(HashSet::new()));
+        let rolled_back = Arc::new(Mutex::new(HashSet::new()));
+        let tasks = (0..writers)
+            .map(|w| {
+                let (pool, schema) = (o.pool.clone(), o.schema.clone());
+                let (stop, committed, rolled_back) = (stop.clone(), committed.clone(), rolled_back.clone());
+                tokio::spawn(async move {
+                    let sql = format!(
+                        "insert into \"{schema}\".outbox (id, aggregatetype, aggregateid, type, payload) \
+                         values ($1, 'order', $2, 'created', jsonb_build_object('n', $3::int8))"
+                    );
+                    let mut n = 0i64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut tx = pool.begin().await.unwrap();
+                        let mut ids = Vec::new();
+                        for _ in 0..4 {
+                            n += 1;
+                            let id = uuid::Uuid::new_v4();
+                            let key = format!("w{w}-k{}", n % 50);
+                            sqlx::query(&sql).bind(id).bind(&key).bind(n).execute(&mut *tx).await.unwrap();
+                            ids.push(id.to_string());
+                        }
+                        if n % 20 == 0 {
+                            tx.rollback().await.unwrap();
+                            rolled_back.lock().unwrap().extend(ids);
+                        } else {
+                            tx.commit().await.unwrap();
+                            committed.lock().unwrap().extend(ids);
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+            .collect();
+        Writers {
+            stop,
+            committed,
+            rolled_back,
+            tasks,
+        }
+    }
+
+    async fn stop(self) -> (HashSet<String>, HashSet<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let c = self.committed.lock().unwrap().clone();
+        let r = self.rolled_back.lock().unwrap().clone();
+        (c, r)
+    }
+}
+
+fn relay(o: &Outbox, name: &str, url: &str) -> RelayProc {
+    o.relay_with(&common::unique(name), url, &["--buckets", "64"])
+}
+
+/// SIGTERM, and wait for a clean exit.
+async fn stop_gracefully(mut r: RelayProc) {
+    unsafe { libc::kill(r.child.id() as i32, libc::SIGTERM) };
+    let status = r.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}:\n{}", r.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_relays_with_64_buckets_keep_each_keys_order_through_kills_scaling_restarts_and_a_cut() {
+    let o = outbox("bkchaos", &common::kafka_bootstrap()).await;
+    let url = common::env("DATABASE_URL");
+    let writers = Writers::start(&o, 4);
+    let mut relays: Vec<RelayProc> = (0..3).map(|i| relay(&o, &format!("bk{i}"), &url)).collect();
+    let mut times: BTreeMap<&str, Duration> = BTreeMap::new();
+    times.insert("1 start: 3 relays share 64 buckets", wait_even(&o, 3, None, "start").await);
+
+    // A relay SIGKILLed: its session closes, the two left take its buckets.
+    relays.remove(0).kill();
+    times.insert("2 takeover after SIGKILL (3 -> 2)", wait_even(&o, 2, None, "takeover after a kill").await);
+    relays.push(relay(&o, "bk3", &url));
+    times.insert("3 rebalance on join (2 -> 3)", wait_even(&o, 3, None, "join").await);
+
+    // Scaled 3 -> 1 -> 3, gracefully.
+    stop_gracefully(relays.remove(0)).await;
+    stop_gracefully(relays.remove(0)).await;
+    times.insert("4 scale down 3 -> 1 (graceful)", wait_even(&o, 1, None, "scale down").await);
+    relays.push(relay(&o, "bk4", &url));
+    relays.push(relay(&o, "bk5", &url));
+    times.insert("5 scale up 1 -> 3", wait_even(&o, 3, None, "scale up").await);
+
+    // A rolling restart: each replaced by a new one, one at a time.
+    let started = Instant::now();
+    for i in 0..3 {
+        stop_gracefully(relays.remove(0)).await;
+        relays.push(relay(&o, &format!("bk-roll{i}"), &url));
+        wait_even(&o, 3, None, "rolling restart step").await;
+    }
+    times.insert("6 rolling restart of 3 (total)", started.elapsed());
+
+    // One relay's database connection cut off (a partition): it fences itself, the server drops
+    // its session, the others take its buckets.
+    let proxy = Proxy::start(upstream()).await;
+    relays.push(relay(&o, "bk-cut", &proxy.url(&url)));
+    wait_even(&o, 4, None, "a fourth relay, through a proxy").await;
+    let cut_pid = holdings(&o).await.shares().into_keys().max_by_key(|p| *p);
+    proxy.blackhole().await;
+    times.insert("7 takeover after a cut connection", wait_even(&o, 3, cut_pid, "takeover after a cut").await);
+    relays.pop().unwrap().kill();
+
+    let (committed, rolled_back) = writers.stop().await;
+    o.wait_drained(Duration::from_secs(120)).await;
+    drop(relays);
+    let events = consume_all(&o.bootstrap, &o.topic, Duration::from_secs(120));
+    let delivered: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    let lost: Vec<&String> = committed.iter().filter(|id| !delivered.contains(id.as_str())).collect();
+    let ghosts = rolled_back.iter().filter(|id| delivered.contains(id.as_str())).count();
+    // First deliveries only: a key's n must grow (a replay after a takeover is a duplicate).
+    let mut first: HashSet<&str> = HashSet::new();
+    let mut last_n: HashMap<&str, i64> = HashMap::new();
+    let mut out_of_order = Vec::new();
+    for e in &events {
+        if !first.insert(&e.id) {
+            continue;
+        }
+        if let Some(prev) = last_n.insert(&e.key, e.n) {
+            if prev >= e.n {
+                out_of_order.push((e.key.clone(), prev, e.n));
+            }
+        }
+    }
+    println!(
+        "{} committed, {} rolled back, {} messages, {} duplicates, {} keys",
+        committed.len(),
+        rolled_back.len(),
+        events.len(),
+        events.len() - first.len(),
+        last_n.len()
+    );
+    for (what, took) in &times {
+        println!("  {what}: {took:?}");
+    }
+    assert!(lost.is_empty(), "{} committed events never delivered, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    assert_eq!(ghosts, 0, "events of rolled-back transactions were delivered");
+    assert!(out_of_order.is_empty(), "keys out of order (key, before, after): {out_of_order:?}");
+    assert!(committed.len() > 1000, "the writers committed {} events", committed.len());
+}

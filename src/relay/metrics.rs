@@ -122,7 +122,7 @@ impl Default for RelayMetrics {
             pending: "pending_events", "Unpublished rows (estimate from seq)";
             oldest_pending_seconds: "oldest_pending_age_seconds", "Age of the oldest unpublished row";
             oldest_transaction_seconds: "oldest_transaction_age_seconds", "Age of the oldest open write transaction; rows committed after it started wait for it to end";
-            active: "active", "1 while this relay holds the outbox lock";
+            active: "active", "1 while this relay holds the outbox lock (with buckets: while it is one of the outbox's relays)";
             blocked_keys: "blocked_keys", "Keys left out of reads: their oldest row waits for a retry, or was refused at send";
             broker_failing: "broker_failing", "1 while publishes fail for broker or network reasons (retried, never dead-lettered)";
             producer_rebuilds: "producer_rebuilds", "Producers replaced after a fatal producer error";
@@ -137,6 +137,9 @@ impl Default for RelayMetrics {
         // Both series from the start, so a rate over them is defined before the first wake-up.
         for by in ["notify", "poll"] {
             let _ = m.wakeups.get_or_create(&WakeLabel { by });
+        }
+        for direction in ["taken", "given"] {
+            let _ = m.bucket_moves.get_or_create(&MoveLabel { direction });
         }
         RelayMetrics { registry: root, ..m }
     }

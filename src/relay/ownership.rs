@@ -16,7 +16,7 @@ use std::{
 
 use sqlx::{Connection, PgConnection};
 
-use super::RelayMetrics;
+use super::{metrics::MoveLabel, RelayMetrics};
 use crate::buckets::{bucket_code, class_key, member_code, plan, Holdings};
 use crate::sql::QualifiedName;
 
@@ -82,42 +82,47 @@ impl Ownership {
         !self.leaving.is_empty()
     }
 
-    /// Give back what is leaving once `settled` (nothing in flight), and plan when due. True when
+    /// Plan when due, and give back what is leaving once `settled` (nothing in flight). True when
     /// the buckets to read changed (read again).
     pub(super) async fn tick(&mut self, conn: &mut PgConnection, settled: bool) -> Result<bool, sqlx::Error> {
         let mut changed = false;
-        if settled && !self.leaving.is_empty() {
-            let codes: Vec<i32> = self.leaving.iter().map(|b| bucket_code(self.buckets, *b)).collect();
-            sqlx::query("select pg_advisory_unlock($1, c) from unnest($2::int4[]) c")
-                .bind(self.class)
-                .bind(&codes)
-                .execute(&mut *conn)
-                .await?;
-            tracing::info!(given = ?self.leaving, "gave back buckets");
-            self.metrics.bucket_moves.get_or_create(&super::metrics::MoveLabel { direction: "given" }).inc_by(codes.len() as u64);
-            self.mine.retain(|b| !self.leaving.contains(b));
-            self.leaving.clear();
-            self.metrics.buckets_owned.set(self.mine.len() as i64);
-            changed = true;
-        }
-        if Instant::now() < self.next_check {
-            return Ok(changed);
-        }
-        self.next_check = Instant::now() + CHECK;
-        let h = self.look(&mut *conn).await?;
-        let p = plan(self.me, self.buckets, &h, &self.mine);
-        if p.waiting_for_others != self.waiting {
-            self.waiting = p.waiting_for_others;
-            if self.waiting {
-                tracing::info!(others = ?h.others, "relays with another bucket count are running; waiting until they stopped");
+        if Instant::now() >= self.next_check {
+            self.next_check = Instant::now() + CHECK;
+            let h = self.look(&mut *conn).await?;
+            let p = plan(self.me, self.buckets, &h, &self.mine);
+            if p.waiting_for_others != self.waiting {
+                self.waiting = p.waiting_for_others;
+                if self.waiting {
+                    tracing::info!(others = ?h.others, "relays with another bucket count are running; waiting until they stopped");
+                }
+            }
+            if !p.give.is_empty() {
+                self.leaving.extend(p.give);
+            } else if !p.take.is_empty() {
+                changed |= self.take(conn).await?;
             }
         }
-        if !p.give.is_empty() {
-            self.leaving.extend(p.give);
-        } else if !p.take.is_empty() {
-            changed |= self.take(conn).await?;
+        if settled && !self.leaving.is_empty() {
+            self.give_back(conn).await?;
+            changed = true;
         }
         Ok(changed)
+    }
+
+    async fn give_back(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let codes: Vec<i32> = self.leaving.iter().map(|b| bucket_code(self.buckets, *b)).collect();
+        sqlx::query("select pg_advisory_unlock($1, c) from unnest($2::int4[]) c")
+            .bind(self.class)
+            .bind(&codes)
+            .execute(&mut *conn)
+            .await?;
+        tracing::info!(given = ?self.leaving, owned = self.mine.len() - self.leaving.len(), "gave back buckets");
+        let given = MoveLabel { direction: "given" };
+        self.metrics.bucket_moves.get_or_create(&given).inc_by(codes.len() as u64);
+        self.mine.retain(|b| !self.leaving.contains(b));
+        self.leaving.clear();
+        self.metrics.buckets_owned.set(self.mine.len() as i64);
+        Ok(())
     }
 
     async fn look(&self, conn: &mut PgConnection) -> Result<Holdings, sqlx::Error> {
@@ -148,7 +153,8 @@ impl Ownership {
         }
         let taken: Vec<u16> = got.iter().map(|c| (*c & 0xFFFF) as u16).collect();
         tracing::info!(taken = ?taken, owned = self.mine.len() + taken.len(), "took buckets");
-        self.metrics.bucket_moves.get_or_create(&super::metrics::MoveLabel { direction: "taken" }).inc_by(taken.len() as u64);
+        let taken_label = MoveLabel { direction: "taken" };
+        self.metrics.bucket_moves.get_or_create(&taken_label).inc_by(taken.len() as u64);
         self.mine.extend(taken);
         self.metrics.buckets_owned.set(self.mine.len() as i64);
         Ok(true)

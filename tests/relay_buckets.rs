@@ -53,8 +53,8 @@ async fn the_sql_bucket_function_is_the_documented_hash() {
     }
 }
 
-/// A relay's read of its buckets merges one index scan per bucket, each in seq order: no sort of
-/// the buckets' rows, however many are pending.
+/// A relay's read of its buckets is one ordered index scan per bucket that stops at the bucket's
+/// share, even when planned while the outbox was empty: no bucket is read whole or sorted.
 #[tokio::test]
 async fn a_read_of_several_buckets_merges_their_index_scans() {
     let o = outbox("bkplan", &common::kafka_bootstrap()).await;
@@ -64,21 +64,22 @@ async fn a_read_of_several_buckets_merges_their_index_scans() {
     let cleanup = lockstep::crd::Cleanup::Delete;
     let missing = lockstep::schema::buckets::ensure(&mut c, &t, key, BUCKETS, cleanup, true).await.unwrap();
     assert_eq!(missing, Default::default());
-    o.insert(0, 20_000, 1_000).await;
-    sqlx::query(&format!("analyze {t}")).execute(&mut *c).await.unwrap();
-    let sql = lockstep::relay::bucket_read_sql(&t, key, cleanup, BUCKETS, 3);
-    let sql = format!("prepare q(int8, text[], int8[], int4, int4, int4) as {sql}");
-    sqlx::raw_sql(&sql).execute(&mut *c).await.unwrap();
+    // Planned while the outbox is empty, as a relay that starts on an idle outbox plans it.
+    let sql = lockstep::relay::bucket_read_sql(&t, key, cleanup, BUCKETS);
+    sqlx::raw_sql(lockstep::relay::PLANNER_SETTINGS).execute(&mut *c).await.unwrap();
     sqlx::raw_sql("set plan_cache_mode = force_generic_plan").execute(&mut *c).await.unwrap();
-    let plan: Vec<String> = sqlx::query_scalar("explain execute q(500, '{}', '{}', 1, 2, 3)")
-        .fetch_all(&mut *c)
-        .await
-        .unwrap();
+    sqlx::raw_sql(&format!("prepare q(int8, text[], int8[], int4[], int8) as {sql}")).execute(&mut *c).await.unwrap();
+    let explain = "explain analyze execute q(500, '{}', '{}', '{1,2,3}', 167)";
+    let _ = sqlx::query_scalar::<_, String>(explain).fetch_all(&mut *c).await.unwrap();
+    o.insert(0, 20_000, 1_000).await;
+    let plan: Vec<String> = sqlx::query_scalar(explain).fetch_all(&mut *c).await.unwrap();
     let plan = plan.join("\n");
     println!("{plan}");
-    assert!(plan.contains("Merge Append"), "{plan}");
-    assert_eq!(plan.matches("outbox_bucket64_idx").count(), 3, "{plan}");
-    assert!(!plan.contains("Sort "), "{plan}");
+    // One ordered index scan per bucket, stopped at its share: 3 x 167 rows read for 500.
+    assert!(plan.contains("Index Scan using outbox_bucket64_idx"), "{plan}");
+    assert!(plan.contains("rows=167 loops=3"), "{plan}");
+    assert_eq!(plan.matches("Sort Key").count(), 1, "only the 501 rows read are sorted: {plan}");
+    assert!(plan.contains("SubPlan") && plan.matches("loops=1)").count() >= 2, "{plan}");
 }
 
 /// What pg_locks shows of the outbox's relays.

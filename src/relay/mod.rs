@@ -52,6 +52,7 @@ pub use self::{
     failure::{cause, is_permanent, transport_backoff, Cause},
     fence::{CHECK_EVERY, FENCE, GAP, MARKER},
     metrics::{ReasonLabel, RelayMetrics, Samples, WakeLabel},
+    ownership::PLANNER_SETTINGS,
     publisher::{producer_config, Relay},
     session::{keepalive_sql, DEAD_PEER_TIMEOUT},
     store::{measure, oldest_transaction_age},
@@ -124,9 +125,9 @@ impl RelayError {
     }
 }
 
-/// The read of `k` of `buckets` buckets ($4 .. $(3 + k) their numbers), for tests and EXPLAIN.
-pub fn bucket_read_sql(t: &QualifiedName, key: crate::routing::OutboxColumn, cleanup: Cleanup, buckets: u16, k: usize) -> String {
-    store::bucket_read(t, key, cleanup, buckets, k, "id, seq")
+/// The read of some of `buckets` buckets (`store::bucket_read`), for tests and EXPLAIN.
+pub fn bucket_read_sql(t: &QualifiedName, key: crate::routing::OutboxColumn, cleanup: Cleanup, buckets: u16) -> String {
+    store::bucket_read(t, key, cleanup, buckets, "id, seq")
 }
 
 /// The advisory lock key of an outbox table.

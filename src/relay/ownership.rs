@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, Executor, PgConnection};
 
 use super::{metrics::MoveLabel, RelayMetrics};
 use crate::buckets::{bucket_code, class_key, member_code, plan, Holdings};
@@ -22,6 +22,13 @@ use crate::sql::QualifiedName;
 
 /// How often a relay plans its share.
 pub const CHECK: Duration = Duration::from_secs(1);
+
+/// The lock session's planner settings with buckets. Each statement is planned once per session
+/// (`session::configure`), possibly while the outbox is empty, when a sort of a whole bucket or a
+/// bitmap scan looks as cheap as an ordered index scan; with a backlog they are not. Every
+/// statement on the session has an index path, so these only rule out plans for small tables; no
+/// JIT for statements this short.
+pub const PLANNER_SETTINGS: &str = "set enable_seqscan = off; set enable_bitmapscan = off; set jit = off";
 
 /// The granted two-int advisory locks of an outbox's class, as (objid, pid).
 const LOCKS_SQL: &str = "select objid::int8, pid from pg_locks where locktype = 'advisory' and granted and objsubid = 2
@@ -36,6 +43,8 @@ pub(super) struct Ownership {
     leaving: BTreeSet<u16>,
     next_check: Instant,
     waiting: bool,
+    /// At most this many rows from each bucket per read (see [`Ownership::read`]).
+    each: i64,
     metrics: Arc<RelayMetrics>,
 }
 
@@ -49,6 +58,7 @@ impl Ownership {
         metrics: Arc<RelayMetrics>,
     ) -> Result<Self, sqlx::Error> {
         let class = class_key(t);
+        conn.execute(PLANNER_SETTINGS).await?;
         sqlx::query("select pg_advisory_lock_shared($1, $2)")
             .bind(class)
             .bind(member_code(buckets))
@@ -64,18 +74,43 @@ impl Ownership {
             leaving: BTreeSet::new(),
             next_check: Instant::now(),
             waiting: false,
+            each: i64::MAX,
             metrics,
         })
     }
 
     /// The buckets to read now: none while some are being given back (reads pause until what is
     /// in flight settled; a short pause, and only when shares change).
-    pub(super) fn readable(&self) -> Vec<u16> {
+    pub(super) fn readable(&self) -> Vec<i32> {
         if self.leaving.is_empty() {
-            self.mine.iter().copied().collect()
+            self.mine.iter().map(|b| i32::from(*b)).collect()
         } else {
             Vec::new()
         }
+    }
+
+    /// Rows a read takes from each bucket at most, for a batch of `batch`.
+    pub(super) fn each(&self, batch: i64) -> i64 {
+        self.each.clamp(1, batch.max(1))
+    }
+
+    /// After a read of at most `batch` rows whose keys are `keys`: whether there may be more to
+    /// read now (a bucket gave all it was asked for, or the batch is full), and the share each
+    /// bucket gets next: the batch over the buckets that filled theirs, so a backlog spread over
+    /// every bucket reads about a batch, and one bucket's backlog is read a batch at a time.
+    pub(super) fn read<'a>(&mut self, keys: impl Iterator<Item = &'a str>, batch: i64) -> bool {
+        let each = self.each(batch);
+        let mut per: std::collections::HashMap<u16, i64> = std::collections::HashMap::new();
+        let mut rows = 0;
+        for k in keys {
+            *per.entry(crate::buckets::bucket_of(k, self.buckets)).or_default() += 1;
+            rows += 1;
+        }
+        let full = per.values().filter(|n| **n >= each).count() as i64;
+        let owned = self.mine.len().max(1) as i64;
+        let least = (batch + owned - 1) / owned;
+        self.each = ((batch + full.max(1) - 1) / full.max(1)).clamp(least, batch.max(1));
+        full > 0 || rows >= batch
     }
 
     pub(super) fn giving_back(&self) -> bool {

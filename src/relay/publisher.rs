@@ -217,8 +217,8 @@ impl Relay {
             want |= lock.bound(self.rebuild_if_needed(conn, &mut in_flight)).await?;
             while want && !self.giving_back() && in_flight.len() < depth && !stop.is_cancelled() && Instant::now() >= self.next_read {
                 let started = Instant::now();
-                let rows = lock.bound(self.fetch(conn)).await?;
-                want = rows.len() >= self.cfg.resolved.batch_size as usize;
+                let (rows, more) = lock.bound(self.fetch(conn)).await?;
+                want = more;
                 self.gather.read(rows.len(), self.last_read.map(|t| started - t));
                 self.last_read = Some(started);
                 self.next_read = if want {
@@ -314,19 +314,30 @@ impl Relay {
     }
 
     /// Rows to publish next, in seq order: visible to every snapshot, not in flight, of no key
-    /// waiting for a retry.
-    async fn fetch(&mut self, conn: &mut PgConnection) -> Result<Vec<OutboxRow>, RelayError> {
+    /// waiting for a retry; and whether there may be more to read at once.
+    async fn fetch(&mut self, conn: &mut PgConnection) -> Result<(Vec<OutboxRow>, bool), RelayError> {
         let keys = self.gate.excluded_keys(Instant::now());
         self.metrics.blocked_keys.set(self.gate.blocked() as i64);
         let seqs = self.gate.excluded_seqs();
         let at = unix_now();
         let limit = self.cfg.resolved.batch_size;
-        let rows = match &self.buckets {
-            Some(o) => self.sql.fetch_buckets(conn, limit, &keys, &seqs, &o.readable()).await?,
-            None => self.sql.fetch(conn, limit, &keys, &seqs).await?,
+        let (rows, more) = match self.buckets.as_mut() {
+            Some(o) => {
+                let each = o.each(i64::from(limit));
+                let rows = self.sql.fetch_buckets(conn, limit, &keys, &seqs, &o.readable(), each).await?;
+                let key = self.cfg.resolved.key;
+                let names: Vec<String> = rows.iter().map(|r| r.column(key)).collect();
+                let more = o.read(names.iter().map(String::as_str), i64::from(limit));
+                (rows, more)
+            }
+            None => {
+                let rows = self.sql.fetch(conn, limit, &keys, &seqs).await?;
+                let more = rows.len() >= limit as usize;
+                (rows, more)
+            }
         };
         self.metrics.observe_commit_to_read(rows.iter().map(|r| (at - r.created).max(0.0)));
-        Ok(rows)
+        Ok((rows, more))
     }
 
     /// Hand a batch to the producer. A row whose send fails holds back the later rows of its key,

@@ -112,36 +112,31 @@ fn reads_sql(payload: PayloadColumn, traceparent: bool) -> (String, String) {
     (first.join(", "), last.clone())
 }
 
-/// [`select_sql`] over `k` buckets of `buckets` ($4 .. $(3 + k) their numbers): one branch per
-/// bucket on the bucket index, each in seq order, merged (a Merge Append reads about as many
-/// index entries as the rows it returns, as the read of a whole outbox does), then the lists of
-/// keys and rows to leave out, applied once (OFFSET 0 keeps them out of the branches).
-pub(super) fn bucket_select_sql(cfg: &ValidOutboxRelay, tables: &OutboxTables, k: usize) -> String {
+/// [`select_sql`] over the buckets $4 (int4[]) of `buckets`, at most $5 rows from each: one index
+/// scan per bucket on the bucket index, in seq order, that stops at $5 rows; the oldest $1 of
+/// those. The lists of keys and rows to leave out are hashed once and used by every bucket's scan.
+/// (A UNION ALL of the buckets would let one statement merge them, but PostgreSQL 15 sorts the
+/// union of whole buckets instead of merging index scans.) Rows of a key are in one bucket, so
+/// they come in seq order.
+pub(super) fn bucket_select_sql(cfg: &ValidOutboxRelay, tables: &OutboxTables) -> String {
     let (first, last) = reads_sql(tables.payload, tables.traceparent);
-    bucket_read(&cfg.table, cfg.key, cfg.cleanup, cfg.buckets, k, &format!("{first}, {last}"))
+    bucket_read(&cfg.table, cfg.key, cfg.cleanup, cfg.buckets, &format!("{first}, {last}"))
 }
 
-/// The bucket read of `k` buckets, reading `reads`.
-pub fn bucket_read(t: &QualifiedName, key: OutboxColumn, cleanup: Cleanup, buckets: u16, k: usize, reads: &str) -> String {
+/// The bucket read, reading `reads` (columns of `r`).
+pub fn bucket_read(t: &QualifiedName, key: OutboxColumn, cleanup: Cleanup, buckets: u16, reads: &str) -> String {
     let unpublished = match cleanup {
         Cleanup::MarkPublished => format!(" and {UNPUBLISHED}"),
         Cleanup::Delete => String::new(),
     };
     let bucket = crate::schema::buckets::expression(t, key, buckets);
-    let branches: Vec<String> = (0..k)
-        .map(|i| {
-            format!(
-                "(select * from {t} where {bucket} = ${} and txid < pg_snapshot_xmin(pg_current_snapshot()){unpublished})",
-                i + 4
-            )
-        })
-        .collect();
     let key = key.name();
     format!(
-        "select {reads} from ({} order by seq offset 0) u
-         where {key}::text not in (select unnest($2::text[])) and seq not in (select unnest($3::bigint[]))
-         order by seq limit $1",
-        branches.join(" union all ")
+        "select {reads} from unnest($4::int4[]) b(n), lateral (
+             select * from {t} where {bucket} = b.n and txid < pg_snapshot_xmin(pg_current_snapshot()){unpublished}
+               and {key}::text not in (select unnest($2::text[])) and seq not in (select unnest($3::bigint[]))
+             order by seq limit $5) r
+         order by seq limit $1"
     )
 }
 
@@ -232,10 +227,8 @@ pub(super) struct Statements {
     /// Count a failed attempt of row $1, with error $2.
     fail: String,
     quarantine: String,
-    /// The bucket reads by number of buckets read, rendered when first used.
-    bucket_selects: std::collections::HashMap<usize, String>,
-    cfg: ValidOutboxRelay,
-    tables: OutboxTables,
+    /// With buckets: the read of some of them.
+    bucket_select: String,
 }
 
 impl Statements {
@@ -250,9 +243,7 @@ impl Statements {
             },
             fail: format!("update {t} set attempts = attempts + 1, last_error = $2 where id = $1"),
             quarantine: quarantine_sql(t, &cfg.dead_letter_table, tables.payload, tables.dead_letter_payload, both),
-            bucket_selects: Default::default(),
-            cfg: cfg.clone(),
-            tables: tables.clone(),
+            bucket_select: bucket_select_sql(cfg, tables),
         }
     }
 
@@ -267,28 +258,27 @@ impl Statements {
         Ok(rows.iter().map(OutboxRow::from_row).collect())
     }
 
-    /// [`Self::fetch`], from `buckets` only (none: nothing read).
+    /// [`Self::fetch`], from `buckets` only, at most `each` rows from each (none: nothing read).
     pub async fn fetch_buckets(
-        &mut self,
+        &self,
         conn: &mut PgConnection,
         limit: i32,
         keys: &[String],
         seqs: &[i64],
-        buckets: &[u16],
+        buckets: &[i32],
+        each: i64,
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
         if buckets.is_empty() {
             return Ok(Vec::new());
         }
-        let (cfg, tables) = (&self.cfg, &self.tables);
-        let sql = self
-            .bucket_selects
-            .entry(buckets.len())
-            .or_insert_with(|| bucket_select_sql(cfg, tables, buckets.len()));
-        let mut q = sqlx::query(sql).bind(i64::from(limit)).bind(keys).bind(seqs);
-        for b in buckets {
-            q = q.bind(i32::from(*b));
-        }
-        let rows = q.fetch_all(conn).await?;
+        let rows = sqlx::query(&self.bucket_select)
+            .bind(i64::from(limit))
+            .bind(keys)
+            .bind(seqs)
+            .bind(buckets)
+            .bind(each)
+            .fetch_all(conn)
+            .await?;
         Ok(rows.iter().map(OutboxRow::from_row).collect())
     }
 

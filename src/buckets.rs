@@ -164,6 +164,21 @@ pub fn plan(me: i32, buckets: u16, h: &Holdings, mine: &BTreeSet<u16>) -> Plan {
     Plan { take, ..Plan::default() }
 }
 
+/// After a read that asked each of `owned` buckets for at most `each` rows of a `batch` and got
+/// `counts` (rows per bucket that had any): whether a bucket may have more (it gave all it was
+/// asked for), and the share to ask each bucket for next: the batch over the buckets that filled
+/// theirs (none: the batch over every owned bucket), at most the batch.
+pub fn next_share(counts: impl Iterator<Item = i64>, each: i64, owned: usize, batch: i64) -> (bool, i64) {
+    let batch = batch.max(1);
+    let full = counts.filter(|n| *n >= each).count() as i64;
+    let owned = (owned as i64).max(1);
+    let least = (batch + owned - 1) / owned;
+    // None full: the least, so that a backlog that appears in every bucket at once is not read
+    // a batch from each; a bucket that fills it gets more at the next read.
+    let share = if full == 0 { least } else { (batch + full - 1) / full };
+    (full > 0, share.clamp(least.min(batch), batch))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +195,19 @@ mod tests {
         assert_eq!(v, [33, 6, 51, 39, 2], "computed with Python's hashlib");
         assert_eq!(bucket_of("ünïcode", 256), 103);
         assert_eq!(bucket_of("anything", 1), 0);
+    }
+
+    #[test]
+    fn a_backlog_everywhere_is_read_a_batch_at_a_time_and_one_buckets_backlog_too() {
+        // 20 buckets, each gave its full 25: the next read asks each for 25 again (500 in all).
+        assert_eq!(next_share([25; 20].into_iter(), 25, 20, 500), (true, 25));
+        // Only one bucket has a backlog: it gets the whole batch.
+        assert_eq!(next_share([25, 3, 1].into_iter(), 25, 20, 500), (true, 500));
+        // Four full buckets: a quarter each.
+        assert_eq!(next_share([500, 500, 500, 500].into_iter(), 500, 20, 500), (true, 125));
+        // Nothing full: nothing more to read now, and the share goes back to the least.
+        assert_eq!(next_share([3, 1].into_iter(), 25, 20, 500), (false, 25));
+        assert_eq!(next_share(std::iter::empty(), i64::MAX, 0, 500), (false, 500));
     }
 
     #[test]

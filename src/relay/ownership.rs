@@ -74,7 +74,7 @@ impl Ownership {
             leaving: BTreeSet::new(),
             next_check: Instant::now(),
             waiting: false,
-            each: i64::MAX,
+            each: 1,
             metrics,
         })
     }
@@ -106,11 +106,9 @@ impl Ownership {
             *per.entry(crate::buckets::bucket_of(k, self.buckets)).or_default() += 1;
             rows += 1;
         }
-        let full = per.values().filter(|n| **n >= each).count() as i64;
-        let owned = self.mine.len().max(1) as i64;
-        let least = (batch + owned - 1) / owned;
-        self.each = ((batch + full.max(1) - 1) / full.max(1)).clamp(least, batch.max(1));
-        full > 0 || rows >= batch
+        let (more, each) = crate::buckets::next_share(per.values().copied(), each, self.mine.len(), batch);
+        self.each = each;
+        more || rows >= batch
     }
 
     pub(super) fn giving_back(&self) -> bool {

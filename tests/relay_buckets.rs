@@ -56,7 +56,7 @@ async fn the_sql_bucket_function_is_the_documented_hash() {
 /// A relay's read of its buckets is one ordered index scan per bucket that stops at the bucket's
 /// share, even when planned while the outbox was empty: no bucket is read whole or sorted.
 #[tokio::test]
-async fn a_read_of_several_buckets_merges_their_index_scans() {
+async fn a_read_of_several_buckets_scans_each_in_seq_order_up_to_its_share() {
     let o = outbox("bkplan", &common::kafka_bootstrap()).await;
     let t = table(&o);
     let mut c = o.pool.acquire().await.unwrap();

@@ -15,8 +15,10 @@ use std::{
 };
 
 use common::{
+    kafka_proxy::KafkaProxy,
     proxy::Proxy,
-    relays::{consume_all, outbox, upstream, Outbox, RelayProc},
+    relays::{backwards, consume_all, outbox, upstream, Outbox, RelayProc},
+    PrivateBroker,
 };
 use lockstep::buckets::{bucket_of, class_key, Holdings};
 
@@ -268,4 +270,47 @@ async fn three_relays_with_64_buckets_keep_each_keys_order_through_kills_scaling
     assert_eq!(ghosts, 0, "events of rolled-back transactions were delivered");
     assert!(out_of_order.is_empty(), "keys out of order (key, before, after): {out_of_order:?}");
     assert!(committed.len() > 1000, "the writers committed {} events", committed.len());
+}
+
+/// Relay A owns every bucket when its broker goes away for it: what it reads stays queued in its
+/// producer. Relay B joins and A owes it half the buckets, but gives none back while what it sent
+/// is unsettled: B would send newer rows of those keys, and A's older ones would land after them
+/// when A's broker came back. Once A's messages are acknowledged the buckets move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_changes_hands_only_after_what_its_owner_sent_settled() {
+    let kafka = KafkaProxy::bind().await;
+    let broker = PrivateBroker::start_advertising(Some(kafka.bootstrap()));
+    kafka.forward_to(broker.port);
+    let o = outbox("bkgive", &kafka.bootstrap()).await;
+    let url = common::env("DATABASE_URL");
+    let a = o.relay_with("relay-give-a.log", &url, &["--buckets", "64", "--kafka-config", "client.id=relay-a"]);
+    wait_even(&o, 1, None, "relay a alone").await;
+    let a_pid = *holdings(&o).await.members.first().unwrap();
+
+    kafka.stall("relay-a");
+    o.insert(0, 200, 20).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let b = o.relay_with("relay-give-b.log", &url, &["--buckets", "64", "--kafka-config", "client.id=relay-b"]);
+    b.wait_log("joined the outbox's relays", Duration::from_secs(60)).await;
+    o.insert(200, 200, 20).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let h = holdings(&o).await;
+    let a_owns = h.owners.values().filter(|p| **p == a_pid).count();
+    assert_eq!(
+        (h.members.len(), a_owns),
+        (2, 64),
+        "relay a kept every bucket while its messages were unsettled:\n{}",
+        a.log()
+    );
+
+    kafka.resume("relay-a");
+    let moved = wait_even(&o, 2, None, "once relay a's messages settled").await;
+    o.wait_drained(Duration::from_secs(120)).await;
+    let events = consume_all(&o.bootstrap, &o.topic, Duration::from_secs(120));
+    let ids: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    println!("{} messages, {} events, buckets moved {moved:?} after a's broker came back", events.len(), ids.len());
+    let back = backwards(&events);
+    assert!(back.is_empty(), "keys went backwards (older n after the newest): {back:?}");
+    assert_eq!(ids.len(), 400, "every committed event reached the broker");
+    drop((a, b));
 }

@@ -86,6 +86,11 @@ async fn a_read_of_several_buckets_scans_each_in_seq_order_up_to_its_share() {
 
 /// What pg_locks shows of the outbox's relays.
 async fn holdings(o: &Outbox) -> Holdings {
+    holdings_of(o, BUCKETS).await
+}
+
+/// What pg_locks shows of the outbox's relays, as a relay with `buckets` buckets sees it.
+async fn holdings_of(o: &Outbox, buckets: u16) -> Holdings {
     let rows: Vec<(i64, i32)> = sqlx::query_as(
         "select objid::int8, pid from pg_locks where locktype = 'advisory' and granted and objsubid = 2
          and classid::int8 = ($1::int8 & 4294967295) and database = (select oid from pg_database where datname = current_database())",
@@ -94,7 +99,7 @@ async fn holdings(o: &Outbox) -> Holdings {
     .fetch_all(&o.pool)
     .await
     .unwrap();
-    Holdings::from_locks(BUCKETS, rows)
+    Holdings::from_locks(buckets, rows)
 }
 
 /// Wait until `relays` relays share every bucket within one of even, not counting `except`;
@@ -181,6 +186,25 @@ impl Writers {
     }
 }
 
+/// First deliveries only (a replay after a takeover is a duplicate): each key's n must grow.
+/// (key, n before, n after) where it did not.
+fn first_deliveries_out_of_order(events: &[common::relays::Event]) -> Vec<(String, i64, i64)> {
+    let mut first: HashSet<&str> = HashSet::new();
+    let mut last_n: HashMap<&str, i64> = HashMap::new();
+    let mut out_of_order = Vec::new();
+    for e in events {
+        if !first.insert(&e.id) {
+            continue;
+        }
+        if let Some(prev) = last_n.insert(&e.key, e.n) {
+            if prev >= e.n {
+                out_of_order.push((e.key.clone(), prev, e.n));
+            }
+        }
+    }
+    out_of_order
+}
+
 fn relay(o: &Outbox, name: &str, url: &str) -> RelayProc {
     o.relay_with(&common::unique(name), url, &["--buckets", "64"])
 }
@@ -241,27 +265,15 @@ async fn three_relays_with_64_buckets_keep_each_keys_order_through_kills_scaling
     let delivered: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
     let lost: Vec<&String> = committed.iter().filter(|id| !delivered.contains(id.as_str())).collect();
     let ghosts = rolled_back.iter().filter(|id| delivered.contains(id.as_str())).count();
-    // First deliveries only: a key's n must grow (a replay after a takeover is a duplicate).
-    let mut first: HashSet<&str> = HashSet::new();
-    let mut last_n: HashMap<&str, i64> = HashMap::new();
-    let mut out_of_order = Vec::new();
-    for e in &events {
-        if !first.insert(&e.id) {
-            continue;
-        }
-        if let Some(prev) = last_n.insert(&e.key, e.n) {
-            if prev >= e.n {
-                out_of_order.push((e.key.clone(), prev, e.n));
-            }
-        }
-    }
+    let out_of_order = first_deliveries_out_of_order(&events);
+    let keys: HashSet<&str> = events.iter().map(|e| e.key.as_str()).collect();
     println!(
         "{} committed, {} rolled back, {} messages, {} duplicates, {} keys",
         committed.len(),
         rolled_back.len(),
         events.len(),
-        events.len() - first.len(),
-        last_n.len()
+        events.len() - delivered.len(),
+        keys.len()
     );
     for (what, took) in &times {
         println!("  {what}: {took:?}");
@@ -313,4 +325,73 @@ async fn a_bucket_changes_hands_only_after_what_its_owner_sent_settled() {
     assert!(back.is_empty(), "keys went backwards (older n after the newest): {back:?}");
     assert_eq!(ids.len(), 400, "every committed event reached the broker");
     drop((a, b));
+}
+
+/// The bucket count changed on a live outbox, 1 -> 64 -> 32, as a rollout changes it: relays of
+/// the new count wait until those of the old one stopped (a relay without buckets holds the
+/// outbox lock exclusively, relays with buckets hold it shared; relays of two counts never own
+/// buckets at once), so no key is sent by two relays and every key keeps its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changing_the_bucket_count_on_a_live_outbox_keeps_each_keys_order() {
+    let o = outbox("bkchange", &common::kafka_bootstrap()).await;
+    let url = common::env("DATABASE_URL");
+    let writers = Writers::start(&o, 2);
+    // Two counts owning buckets at once, seen every 20 ms.
+    let watching = Arc::new(AtomicBool::new(true));
+    let (w, pool, t) = (watching.clone(), o.pool.clone(), table(&o));
+    let watcher = tokio::spawn(async move {
+        let mut overlaps = 0;
+        while w.load(Ordering::Relaxed) {
+            let counts: Vec<i64> = sqlx::query_scalar(
+                "select distinct objid::int8 >> 16 from pg_locks where locktype = 'advisory' and granted and objsubid = 2
+                 and classid::int8 = ($1::int8 & 4294967295) and objid::int8 & 65535 <> 65535",
+            )
+            .bind(i64::from(class_key(&t)))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            overlaps += usize::from(counts.len() > 1);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        overlaps
+    });
+
+    let one = o.relay_with(&common::unique("bk-one"), &url, &[]);
+    one.wait_log("holding the outbox lock", Duration::from_secs(60)).await;
+    let sixty_four: Vec<RelayProc> = (0..2).map(|i| relay(&o, &format!("bk64-{i}"), &url)).collect();
+    sixty_four[0].wait_log("a relay without buckets (buckets 1) is active", Duration::from_secs(60)).await;
+    assert!(holdings(&o).await.owners.is_empty(), "relays with buckets took some while a relay without was active");
+    stop_gracefully(one).await;
+    wait_even(&o, 2, None, "1 -> 64").await;
+
+    let thirty_two: Vec<RelayProc> = (0..2)
+        .map(|i| o.relay_with(&common::unique(&format!("bk32-{i}")), &url, &["--buckets", "32"]))
+        .collect();
+    // Three of their rounds.
+    thirty_two[0].wait_log("joined the outbox's relays", Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(holdings_of(&o, 32).await.owners.len(), 0, "relays of the new count took buckets early");
+    assert!(thirty_two[0].log().contains("relays with another bucket count are running"));
+    for r in sixty_four {
+        stop_gracefully(r).await;
+    }
+    let started = Instant::now();
+    while holdings_of(&o, 32).await.owners.len() < 32 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the relays with 32 buckets did not take over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("64 -> 32: every bucket owned {:?} after the last relay with 64 stopped", started.elapsed());
+
+    let (committed, rolled_back) = writers.stop().await;
+    o.wait_drained(Duration::from_secs(120)).await;
+    watching.store(false, Ordering::Relaxed);
+    let overlaps = watcher.await.unwrap();
+    drop(thirty_two);
+    let events = consume_all(&o.bootstrap, &o.topic, Duration::from_secs(120));
+    let delivered: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    assert!(committed.iter().all(|id| delivered.contains(id.as_str())), "committed events lost");
+    assert!(rolled_back.iter().all(|id| !delivered.contains(id.as_str())), "rolled-back events delivered");
+    assert_eq!(overlaps, 0, "relays of two bucket counts owned buckets at once");
+    let back = first_deliveries_out_of_order(&events);
+    assert!(back.is_empty(), "keys out of order: {back:?}");
 }

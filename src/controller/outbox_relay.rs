@@ -228,7 +228,7 @@ fn with_shares(status: OutboxRelayStatus, valid: &ValidOutboxRelay, shares: Opti
     let (buckets, buckets_owned, relays) = match shares {
         Some(s) => s,
         None if valid.buckets <= 1 => (None, None, vec![]),
-        None => (status.buckets, status.buckets_owned, status.relays.clone()),
+        None => return status,
     };
     OutboxRelayStatus {
         buckets,
@@ -328,6 +328,30 @@ async fn schema(ctx: &Context, obj: &OutboxRelay, ns: &str, valid: &ValidOutboxR
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::fixtures::outbox_relay;
+
+    #[test]
+    fn shares_are_kept_when_unread_and_absent_with_one_bucket() {
+        let share = RelayShare {
+            pid: 7,
+            buckets: 64,
+            ..RelayShare::default()
+        };
+        let before = OutboxRelayStatus {
+            buckets: Some(64),
+            buckets_owned: Some(64),
+            relays: vec![share.clone()],
+            ..OutboxRelayStatus::default()
+        };
+        let mut o = outbox_relay("orders");
+        let v = o.spec.validate().unwrap();
+        assert_eq!(with_shares(before.clone(), &v, None), before, "pg_locks not read: as it was");
+        let read = with_shares(before.clone(), &v, Some((Some(64), Some(60), vec![])));
+        assert_eq!((read.buckets_owned, read.relays.len()), (Some(60), 0));
+        o.spec.relay.buckets = 1;
+        let one = with_shares(before, &o.spec.validate().unwrap(), None);
+        assert_eq!((one.buckets, one.buckets_owned, one.relays), (None, None, vec![]));
+    }
 
     #[test]
     fn guarantees_do_not_promise_what_min_insync_replicas_1_cannot_keep() {

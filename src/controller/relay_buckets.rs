@@ -225,8 +225,8 @@ pub fn verdict(buckets: u16, locks: &Locks, available: i32, pods: &str) -> Cond 
         t,
         reason::BUCKETS_UNOWNED,
         format!(
-            "{} of {all} buckets have no owner and their events wait: {summary}. The relays take a stopped relay's buckets \
-             within a poll interval; if this lasts, see the relays' logs",
+            "{} of {all} buckets have no owner and their events wait: {summary}. The other relays take a stopped relay's \
+             buckets within seconds; if this lasts, see the relays' logs",
             all - owned
         ),
     )

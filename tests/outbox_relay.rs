@@ -1095,9 +1095,8 @@ async fn relays_with_buckets_are_seen_in_pg_locks() {
 
     // The spec moves to 8: the relays with 4 are now the old count. True while they own all 4 of
     // theirs, False once one stopped (its buckets wait for the change to complete).
-    obr = api.get("orders").await.unwrap();
-    obr.spec.relay.buckets = 8;
-    api.replace("orders", &PostParams::default(), &obr).await.unwrap();
+    let eight = json!({"spec": {"relay": {"buckets": 8}}});
+    api.patch("orders", &PatchParams::default(), &Patch::Merge(&eight)).await.unwrap();
     let o = common::wait_condition(&api, "orders", "RelayAvailable", "True", Some("BucketsChanging"), T).await;
     let msg = common::condition(&o.status.as_ref().unwrap().conditions, "RelayAvailable")
         .message

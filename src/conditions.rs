@@ -68,6 +68,10 @@ pub mod reason {
     pub const PREREQUISITES_MET: &str = "PrerequisitesMet";
     /// A database check of `lockstep doctor` failed: the message names it and what to do.
     pub const PREREQUISITE_FAILED: &str = "PrerequisiteFailed";
+    /// With spec.relay.buckets above 1: some buckets have no relay, their events wait.
+    pub const BUCKETS_UNOWNED: &str = "BucketsUnowned";
+    /// Relays of another bucket count than the spec's still hold the outbox (a change rolling out).
+    pub const BUCKETS_CHANGING: &str = "BucketsChanging";
 }
 
 /// A condition as computed by a reconcile, before timestamps.

@@ -202,6 +202,8 @@ fn condition_types_and_reasons_are_exact() {
         reason::SECRET_KEY_REFUSED,
         reason::PREREQUISITES_MET,
         reason::PREREQUISITE_FAILED,
+        reason::BUCKETS_UNOWNED,
+        reason::BUCKETS_CHANGING,
     ];
     assert_eq!(
         reasons.join(","),
@@ -211,7 +213,8 @@ fn condition_types_and_reasons_are_exact() {
          TopicOperationFailed,BrokerUnreachable,RetentionCoversRedelivery,RetentionBelowTopicRetention,\
          NoSourcesDeclared,TopicNotFound,LagWithinThreshold,LagAboveThreshold,LongTransaction,\
          Available,DeploymentUnavailable,NoActiveRelay,ScaledToZero,DeploymentFailed,DeletionBlocked,\
-         PolicyInvalid,TableChangeRefused,PermissionDenied,ResourceConflict,SecretKeyRefused,PrerequisitesMet,PrerequisiteFailed"
+         PolicyInvalid,TableChangeRefused,PermissionDenied,ResourceConflict,SecretKeyRefused,PrerequisitesMet,PrerequisiteFailed,\
+         BucketsUnowned,BucketsChanging"
     );
     assert_eq!(lockstep::crd::PAUSED_ANNOTATION, "lockstep.dev/paused");
     assert_eq!(lockstep::crd::DELETE_UNPUBLISHED_ANNOTATION, "lockstep.dev/delete-unpublished");

@@ -984,3 +984,131 @@ async fn a_topic_named_through_another_address_of_the_same_cluster_conflicts_too
     b_ns.delete().await;
     a_ns.delete().await;
 }
+
+/// A relay's lock session with buckets, stood in by the test: application_name as the relay sets
+/// it, the shared member lock of `buckets`, and the exclusive locks of `owned`.
+async fn bucket_session(table: &lockstep::sql::QualifiedName, buckets: u16, owned: &[u16]) -> (sqlx::PgConnection, i32) {
+    use lockstep::buckets::{bucket_code, class_key, member_code};
+    use sqlx::Connection;
+    let opts: sqlx::postgres::PgConnectOptions = common::env("DATABASE_URL").parse().unwrap();
+    let mut c = sqlx::PgConnection::connect_with(&opts.application_name("lockstep-relay"))
+        .await
+        .unwrap();
+    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(&mut c).await.unwrap();
+    let class = class_key(table);
+    let codes = std::iter::once(("pg_advisory_lock_shared", member_code(buckets)))
+        .chain(owned.iter().map(|b| ("pg_advisory_lock", bucket_code(buckets, *b))));
+    for (f, code) in codes {
+        sqlx::query(&format!("select {f}($1, $2)"))
+            .bind(class)
+            .bind(code)
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+    (c, pid)
+}
+
+/// With buckets, RelayAvailable and `status.relays` come from pg_locks: relays stood in by
+/// sessions holding the locks a relay takes; a relay of another bucket count is a change rolling
+/// out; and, once the bucket function and index of docs/relay.md exist, each relay's oldest event.
+#[tokio::test]
+async fn relays_with_buckets_are_seen_in_pg_locks() {
+    let (_client, ns, api, schema) = setup("obr-buckets").await;
+    let mut obr = relay("orders", &schema, &common::kafka_bootstrap(), json!([]));
+    obr.spec.relay.replicas = 2;
+    obr.spec.relay.buckets = 4;
+    api.create(&PostParams::default(), &obr).await.unwrap();
+    common::wait_condition(&api, "orders", "SchemaReady", "True", None, T).await;
+    let table = lockstep::sql::QualifiedName {
+        schema: lockstep::sql::Ident::parse(&schema).unwrap(),
+        table: lockstep::sql::Ident::parse("outbox").unwrap(),
+    };
+    let (_a, pid_a) = bucket_session(&table, 4, &[0, 1]).await;
+    let (mut b, pid_b) = bucket_session(&table, 4, &[2]).await;
+    common::touch(&api, "orders").await;
+    let o = common::wait_condition(&api, "orders", "RelayAvailable", "False", Some("BucketsUnowned"), T).await;
+    let st = o.status.unwrap();
+    let msg = &common::condition(&st.conditions, "RelayAvailable").message;
+    assert!(msg.starts_with("1 of 4 buckets have no owner"), "{msg}");
+    assert_eq!((st.buckets, st.buckets_owned), (Some(4), Some(3)));
+    let shares: Vec<(i32, Option<&str>, i32)> = st
+        .relays
+        .iter()
+        .map(|r| (r.pid, r.application_name.as_deref(), r.buckets))
+        .collect();
+    let mut want = vec![(pid_a, Some("lockstep-relay"), 2), (pid_b, Some("lockstep-relay"), 1)];
+    want.sort();
+    assert_eq!(shares, want);
+
+    sqlx::query("select pg_advisory_lock($1, $2)")
+        .bind(lockstep::buckets::class_key(&table))
+        .bind(lockstep::buckets::bucket_code(4, 3))
+        .execute(&mut b)
+        .await
+        .unwrap();
+    common::touch(&api, "orders").await;
+    let o = common::wait_condition(&api, "orders", "RelayAvailable", "True", Some("Available"), T).await;
+    let msg = common::condition(&o.status.as_ref().unwrap().conditions, "RelayAvailable")
+        .message
+        .clone();
+    assert!(msg.starts_with("2 relays own 4/4 buckets (2, 2)"), "{msg}");
+
+    // The documented function gives the Rust hash; with its index, each relay's oldest event.
+    let pool = sqlx::PgPool::connect(&common::env("DATABASE_URL")).await.unwrap();
+    let q = format!("\"{schema}\"");
+    for ddl in [
+        format!(
+            "create function {q}.lockstep_bucket(key text, buckets integer) returns integer language sql immutable parallel safe as \
+             $$ select (('x' || left(encode(sha256(convert_to(coalesce(key, ''), 'UTF8')), 'hex'), 8))::bit(32)::bigint % buckets)::int $$"
+        ),
+        // Not concurrently: that would wait for other tests' open transactions in this database.
+        format!("create index outbox_bucket4_idx on {q}.outbox ({q}.lockstep_bucket(aggregateid::text, 4), seq)"),
+        // order-1 is in bucket 1 of 4 (relay a's), an hour old.
+        format!(
+            "insert into {q}.outbox (id, aggregatetype, aggregateid, type, payload, created_at)
+             values (gen_random_uuid(), 'order', 'order-1', 'created', '{{}}', now() - interval '1 hour')"
+        ),
+    ] {
+        sqlx::query(&ddl).execute(&pool).await.unwrap();
+    }
+    let vectors: Vec<i32> = sqlx::query_scalar(&format!(
+        "select {q}.lockstep_bucket(k, 64) from unnest(array['order-1', 'order-2', 'customer-42', 'ünïcode', '']) with ordinality u(k, i) order by i"
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let rust: Vec<i32> = ["order-1", "order-2", "customer-42", "ünïcode", ""]
+        .iter()
+        .map(|k| i32::from(lockstep::buckets::bucket_of(k, 64)))
+        .collect();
+    assert_eq!(vectors, rust);
+    assert_eq!(lockstep::buckets::bucket_of("order-1", 4), 1);
+    common::touch(&api, "orders").await;
+    let ages = common::wait_until(T, "each relay's oldest event", || async {
+        let st = api.get("orders").await.unwrap().status?;
+        let age = |pid| st.relays.iter().find(|r| r.pid == pid)?.oldest_pending_age_seconds;
+        Some((age(pid_a)?, age(pid_b)?))
+    })
+    .await;
+    assert!(ages.0 >= 3600.0 && ages.1 == 0.0, "{ages:?}");
+
+    // The spec moves to 8: the relays with 4 are now the old count. True while they own all 4 of
+    // theirs, False once one stopped (its buckets wait for the change to complete).
+    let eight = json!({"spec": {"relay": {"buckets": 8}}});
+    api.patch("orders", &PatchParams::default(), &Patch::Merge(&eight)).await.unwrap();
+    let o = common::wait_condition(&api, "orders", "RelayAvailable", "True", Some("BucketsChanging"), T).await;
+    let msg = common::condition(&o.status.as_ref().unwrap().conditions, "RelayAvailable")
+        .message
+        .clone();
+    assert!(
+        msg.starts_with("2 relays with 4 buckets still publish, owning 4/4 buckets"),
+        "{msg}"
+    );
+    drop(b);
+    common::touch(&api, "orders").await;
+    let o = common::wait_condition(&api, "orders", "RelayAvailable", "False", Some("BucketsChanging"), T).await;
+    assert_eq!(o.status.unwrap().buckets, Some(8));
+    pool.close().await;
+    ns.delete().await;
+}

@@ -165,6 +165,7 @@ pub fn outbox_relay(name: &str) -> OutboxRelay {
             "topics": [{"name": "orders.created.v1", "partitions": 6}],
             "relay": {
                 "replicas": 3,
+                "buckets": 64,
                 "batchSize": 200,
                 "pollInterval": "1m30s",
                 "maxGather": "50ms",

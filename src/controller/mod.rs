@@ -18,6 +18,7 @@ pub mod ownership;
 pub mod prerequisites;
 pub mod reconciler;
 pub mod relay_available;
+pub mod relay_buckets;
 pub mod relay_deployment;
 pub mod relay_image;
 pub mod relay_pod;

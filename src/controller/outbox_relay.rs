@@ -16,13 +16,13 @@ use sqlx::PgPool;
 use super::{
     dead_letters, deps, lag,
     reconciler::{self, Outcome, Reconciler},
-    relay_available, relay_deployment, relay_topics,
+    relay_available, relay_buckets, relay_deployment, relay_topics,
     watches::{own_changes, relay_deployment_changes, Watches},
     Context, Error,
 };
 use crate::{
     conditions::{self, condition, reason, Cond, Status},
-    crd::{Guarantee, LagStatus, OutboxRelay, OutboxRelayStatus, ReplayStatus, ValidOutboxRelay},
+    crd::{Guarantee, LagStatus, OutboxRelay, OutboxRelayStatus, RelayShare, ReplayStatus, ValidOutboxRelay},
     schema::TableKind,
 };
 
@@ -94,7 +94,7 @@ impl Reconciler for OutboxRelays {
             }
             let (topics_cond, topics, leader_only) = relay_topics::topics(ctx, obj, previous, &valid).boxed().await;
 
-            let relay_cond = relays(ctx, obj, &ns, &valid, pool.as_ref()).await;
+            let (relay_cond, shares) = relays(ctx, obj, &ns, &valid, pool.as_ref()).await;
             // A relay scaled to zero on purpose does not make the resource unready, nor is it
             // something to look at again soon.
             let mut parts = vec![&schema_cond, &topics_cond];
@@ -127,6 +127,7 @@ impl Reconciler for OutboxRelays {
                     .or_else(|| previous.table.clone()),
                 ..previous.clone()
             };
+            let status = with_shares(status, &valid, shares);
             let mut conditions = vec![ready, schema_cond, topics_cond, relay_cond, lag_cond];
             conditions.extend(prerequisites);
             Ok(Outcome::Status {
@@ -181,30 +182,60 @@ async fn replay(
     }
 }
 
-/// Apply the relay Deployment and judge RelayAvailable (the lock is seen once the tables are ready).
-async fn relays(ctx: &Context, obj: &OutboxRelay, ns: &str, valid: &ValidOutboxRelay, pool: Option<&PgPool>) -> Cond {
+/// Apply the relay Deployment and judge RelayAvailable (the locks are seen once the tables are
+/// ready); also `status.buckets`, `bucketsOwned` and `relays`, unchanged when pg_locks cannot be read.
+async fn relays(ctx: &Context, obj: &OutboxRelay, ns: &str, valid: &ValidOutboxRelay, pool: Option<&PgPool>) -> (Cond, Option<Shares>) {
     let available = match relay_available::apply(ctx, obj, ns, valid).await {
         Ok(n) => n,
-        Err(c) => return c,
+        Err(c) => return (c, None),
     };
-    let active = match pool {
-        Some(p) => match relay_available::lock_held(p, valid).await {
-            Ok(held) => held,
+    let locks = match pool {
+        Some(p) => match relay_buckets::read(p, valid).await {
+            Ok(locks) => locks,
             Err(e) => {
-                return Cond::unknown(
+                let c = Cond::unknown(
                     condition::RELAY_AVAILABLE,
                     reason::DATABASE_ERROR,
                     format!("cannot read pg_locks: {e}"),
-                )
+                );
+                return (c, None);
             }
         },
-        None => false,
+        None => relay_buckets::Locks::default(),
     };
-    relay_available::verdict(&relay_available::Seen {
+    let oldest = match pool {
+        Some(p) if valid.buckets > 1 => relay_buckets::oldest_by_bucket(p, valid).await.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "cannot measure the buckets' oldest rows");
+            None
+        }),
+        _ => None,
+    };
+    let shares = pool.map(|_| relay_buckets::shares(valid.buckets, &locks, oldest.as_ref()));
+    let seen = relay_available::Seen {
         wanted: relay_deployment::replicas(valid),
         available,
-        active,
-    })
+        buckets: valid.buckets,
+        locks,
+    };
+    (relay_available::verdict(&seen), shares)
+}
+
+/// `status.buckets`, `bucketsOwned`, `relays`.
+type Shares = (Option<i32>, Option<i32>, Vec<RelayShare>);
+
+/// `status` with the relays' shares, or those it had when none were read (none with buckets 1).
+fn with_shares(status: OutboxRelayStatus, valid: &ValidOutboxRelay, shares: Option<Shares>) -> OutboxRelayStatus {
+    let (buckets, buckets_owned, relays) = match shares {
+        Some(s) => s,
+        None if valid.buckets <= 1 => (None, None, vec![]),
+        None => return status,
+    };
+    OutboxRelayStatus {
+        buckets,
+        buckets_owned,
+        relays,
+        ..status
+    }
 }
 
 /// LagHealthy and the measured lag, once the tables are ready (`pool`).
@@ -297,6 +328,30 @@ async fn schema(ctx: &Context, obj: &OutboxRelay, ns: &str, valid: &ValidOutboxR
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::fixtures::outbox_relay;
+
+    #[test]
+    fn shares_are_kept_when_unread_and_absent_with_one_bucket() {
+        let share = RelayShare {
+            pid: 7,
+            buckets: 64,
+            ..RelayShare::default()
+        };
+        let before = OutboxRelayStatus {
+            buckets: Some(64),
+            buckets_owned: Some(64),
+            relays: vec![share.clone()],
+            ..OutboxRelayStatus::default()
+        };
+        let mut o = outbox_relay("orders");
+        let v = o.spec.validate().unwrap();
+        assert_eq!(with_shares(before.clone(), &v, None), before, "pg_locks not read: as it was");
+        let read = with_shares(before.clone(), &v, Some((Some(64), Some(60), vec![])));
+        assert_eq!((read.buckets_owned, read.relays.len()), (Some(60), 0));
+        o.spec.relay.buckets = 1;
+        let one = with_shares(before, &o.spec.validate().unwrap(), None);
+        assert_eq!((one.buckets, one.buckets_owned, one.relays), (None, None, vec![]));
+    }
 
     #[test]
     fn guarantees_do_not_promise_what_min_insync_replicas_1_cannot_keep() {

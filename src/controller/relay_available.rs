@@ -1,23 +1,22 @@
 //! The relay Deployment of an OutboxRelay, applied, and RelayAvailable: the Deployment is there
-//! and one relay holds the outbox's advisory lock, which the operator sees in `pg_locks` without
-//! asking any pod.
+//! and one relay holds the outbox's advisory lock, or with buckets the relays own every bucket,
+//! which the operator sees in `pg_locks` without asking any pod (`relay_buckets`).
 
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
 use kube::{
     api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams},
     ResourceExt,
 };
-use sqlx::PgPool;
 
 use super::{
     ownership::{foreign_child, foreign_holder},
+    relay_buckets::{self, Locks},
     relay_deployment::{self, MANAGER},
     Context,
 };
 use crate::{
     conditions::{condition, reason, Cond},
     crd::{OutboxRelay, ValidOutboxRelay},
-    relay::lock_key,
 };
 
 /// What the operator saw of the relays.
@@ -26,55 +25,49 @@ pub struct Seen {
     /// Pods the Deployment asks for (0: scaled to zero or paused).
     pub wanted: i32,
     pub available: i32,
-    /// A session holds the outbox's relay lock.
-    pub active: bool,
+    /// spec.relay.buckets.
+    pub buckets: u16,
+    /// The relay locks pg_locks shows (none before the tables are ready).
+    pub locks: Locks,
 }
 
-/// RelayAvailable. Pure. Relaying happens when some relay holds the lock; the Deployment's
-/// availability says whether lockstep's own relays are up (standbys included).
+/// RelayAvailable. Pure. Relaying happens when some relay holds the lock (buckets 1) or the
+/// relays own every bucket (more); the Deployment's availability says whether lockstep's own
+/// relays are up (standbys included).
 pub fn verdict(seen: &Seen) -> Cond {
     let t = condition::RELAY_AVAILABLE;
     let pods = format!("{}/{} relay pods available", seen.available, seen.wanted);
-    match (seen.wanted, seen.available, seen.active) {
-        (0, _, active) => Cond::no(
+    if seen.wanted == 0 {
+        let outside = if seen.locks.any() {
+            "; a relay outside this Deployment holds the outbox's locks"
+        } else {
+            ""
+        };
+        return Cond::no(
             t,
             reason::SCALED_TO_ZERO,
-            format!(
-                "spec.relay.replicas is 0 or the relay is paused{}",
-                if active {
-                    "; a relay outside this Deployment holds the outbox lock"
-                } else {
-                    ""
-                }
-            ),
-        ),
-        (_, _, true) => Cond::yes(t, reason::AVAILABLE, format!("a relay holds the outbox lock; {pods}")),
-        (_, 0, false) => Cond::no(
+            format!("spec.relay.replicas is 0 or the relay is paused{outside}"),
+        );
+    }
+    if let Some(c) = relay_buckets::changing(seen.buckets, &seen.locks, &pods) {
+        return c;
+    }
+    if seen.buckets > 1 {
+        return relay_buckets::verdict(seen.buckets, &seen.locks, seen.available, &pods);
+    }
+    match (seen.available, seen.locks.single) {
+        (_, true) => Cond::yes(t, reason::AVAILABLE, format!("a relay holds the outbox lock; {pods}")),
+        (0, false) => Cond::no(
             t,
             reason::DEPLOYMENT_UNAVAILABLE,
             format!("{pods}: see the Deployment's pods (image, scheduling, crash loops)"),
         ),
-        (_, _, false) => Cond::no(
+        (_, false) => Cond::no(
             t,
             reason::NO_ACTIVE_RELAY,
             format!("{pods} but none holds the outbox lock: they cannot reach the database or are preparing the tables; see their logs"),
         ),
     }
-}
-
-/// A session holds the relay lock of the outbox (a bigint advisory lock shows in `pg_locks` as
-/// classid = high 32 bits, objid = low 32 bits, objsubid = 1).
-pub async fn lock_held(pool: &PgPool, v: &ValidOutboxRelay) -> Result<bool, sqlx::Error> {
-    let key = lock_key(&v.table) as u64;
-    sqlx::query_scalar(
-        "select exists (select 1 from pg_locks where locktype = 'advisory' and granted and objsubid = 1
-             and classid::bigint = $1 and objid::bigint = $2
-             and database = (select oid from pg_database where datname = current_database()))",
-    )
-    .bind((key >> 32) as i64)
-    .bind((key & 0xffff_ffff) as i64)
-    .fetch_one(pool)
-    .await
 }
 
 /// The Secrets the relay pods read, as (uid, resourceVersion) for the pod template's hash: the
@@ -200,7 +193,15 @@ mod tests {
     use crate::conditions::Status;
 
     fn seen(wanted: i32, available: i32, active: bool) -> Seen {
-        Seen { wanted, available, active }
+        Seen {
+            wanted,
+            available,
+            buckets: 1,
+            locks: Locks {
+                single: active,
+                ..Locks::default()
+            },
+        }
     }
 
     #[test]

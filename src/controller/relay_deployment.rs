@@ -1,5 +1,6 @@
 //! The relay Deployment and its PodDisruptionBudget, built from the validated spec with no API
-//! call: one active relay (the PostgreSQL advisory lock), the other replicas hot standbys.
+//! call: one active relay (the PostgreSQL advisory lock), the other replicas hot standbys; or,
+//! with buckets above 1, every relay active on its share of the buckets.
 
 use std::collections::BTreeMap;
 
@@ -176,9 +177,12 @@ fn spread(obr_name: &str) -> Affinity {
     }
 }
 
-/// A budget that lets a drain evict one relay at a time, when there is more than one. With one
-/// (or none, paused) a budget of one would allow everything: None, and one left from a larger
-/// replica count is to be deleted.
+/// A budget that lets a drain evict one relay at a time, when there is more than one: at least
+/// N-1 of N stay. With buckets 1 that keeps a standby to take the lock; with more, an eviction
+/// frees one relay's share, which the N-1 others take (two at once would leave more waiting).
+/// maxUnavailable rather than minAvailable N-1: it follows a change of replicas by itself. With
+/// one relay (or none, paused) a budget of one would allow everything, and one that allows
+/// nothing would block every drain: None, and one left from a larger replica count is deleted.
 pub fn pod_disruption_budget(obr: &OutboxRelay, v: &ValidOutboxRelay) -> Result<Option<PodDisruptionBudget>, MissingMetadata> {
     let meta = child_meta(obr)?;
     if replicas(v) <= 1 {
@@ -326,6 +330,15 @@ mod tests {
         let mut one = outbox_relay("orders");
         one.spec.relay.replicas = 1;
         assert_eq!(budget(&one), None);
+        // Every relay active (buckets) or one active and standbys: N-1 of N stay either way.
+        for buckets in [1, 64] {
+            let mut o = outbox_relay("orders");
+            o.spec.relay.buckets = buckets;
+            let spec = budget(&o).unwrap().spec.unwrap();
+            assert_eq!((spec.max_unavailable, spec.min_available), (Some(IntOrString::Int(1)), None));
+            o.spec.relay.replicas = 1;
+            assert_eq!(budget(&o), None, "one relay with {buckets} buckets: a budget would block drains");
+        }
         let mut paused = outbox_relay("orders");
         paused.spec.relay.paused = true;
         assert_eq!(budget(&paused), None);

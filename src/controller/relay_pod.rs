@@ -58,6 +58,8 @@ pub fn relay_args(v: &ValidOutboxRelay) -> Vec<String> {
         ("headers", v.headers.as_str().to_owned()),
         ("metrics-addr", format!("0.0.0.0:{METRICS_PORT}")),
     ];
+    // Only above 1, so Deployments made before buckets existed do not roll on upgrade.
+    flags.extend((v.buckets > 1).then(|| ("buckets", v.buckets.to_string())));
     flags.extend(v.published_retention.map(|r| ("published-retention", duration::format(r))));
     flags.extend(v.cloud_events_source.clone().map(|s| ("cloudevents-source", s)));
     // The spec's producer settings are not secret (they are in the object); credentials come
@@ -311,7 +313,7 @@ mod tests {
         let v = valid(&o);
         // The fixture is away from every default, so a dropped flag cannot pass unnoticed.
         assert_eq!((v.key.name(), v.batch_size, v.max_attempts, v.manage_schema), ("id", 200, 3, false));
-        assert_eq!(v.published_retention, Some(Duration::from_secs(86_400)));
+        assert_eq!((v.buckets, v.published_retention), (64, Some(Duration::from_secs(86_400))));
         assert_eq!(v.poll_interval, Duration::from_secs(90));
         assert_eq!(v.max_gather, Duration::from_millis(50));
         parses_back(&o, "every-setting");
@@ -341,6 +343,7 @@ mod tests {
             "--published-retention=1d",
             "--manage-schema=false",
             "--headers=cloudevents",
+            "--buckets=64",
             "--cloudevents-source=https://orders.example/-",
             "--metrics-addr=0.0.0.0:9090",
             "--kafka-config=client.id=-orders",
@@ -348,7 +351,7 @@ mod tests {
             assert!(args.iter().any(|x| x == a), "{a} missing from {args:?}");
         }
         let minimal = relay_args(&valid(&outbox_relay_minimal("plain")));
-        let absent = ["--published-retention", "--kafka-config", "--cloudevents-source"];
+        let absent = ["--published-retention", "--kafka-config", "--cloudevents-source", "--buckets"];
         assert!(!minimal.iter().any(|a| absent.iter().any(|x| a.starts_with(x))), "{minimal:?}");
         assert!(minimal.iter().any(|a| a == "--headers=lockstep"));
     }

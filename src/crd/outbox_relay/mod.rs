@@ -2,6 +2,7 @@
 // clippy reads repeated `printcolumn(type_ = ...)` arguments of the kube derive as duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
 
+mod relays;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -10,6 +11,7 @@ use k8s_openapi::{api::core::v1::ResourceRequirements, apimachinery::pkg::apis::
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+pub use relays::RelayShare;
 pub(crate) use validate::valid_host_port;
 pub use validate::{ValidOutboxRelay, ValidProducer};
 
@@ -373,6 +375,15 @@ pub struct OutboxRelayStatus {
     /// The outbox this object manages (`schema.table`), recorded once its schema is ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table: Option<String>,
+    /// spec.relay.buckets, when above 1 (with 1, these three fields are absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<i32>,
+    /// Buckets some relay owns; the events of the others wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets_owned: Option<i32>,
+    /// Each relay's share of the buckets (PostgreSQL advisory locks, read from pg_locks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<RelayShare>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]

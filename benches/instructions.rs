@@ -41,7 +41,17 @@ fn env_or(name: &str, default: &str) -> String {
 
 fn config(schema: &str, topic: &str) -> RelayConfig {
     let extra = env_or("BENCH_RELAY_ARGS", "");
-    let base = ["bench", "--schema", schema, "--table", "outbox", "--topic", topic, "--metrics-addr", "127.0.0.1:0"];
+    let base = [
+        "bench",
+        "--schema",
+        schema,
+        "--table",
+        "outbox",
+        "--topic",
+        topic,
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ];
     let args = base.iter().map(|s| s.to_string()).chain(extra.split_whitespace().map(String::from));
     Wrap::parse_from(args).relay.resolve().expect("config")
 }
@@ -61,9 +71,18 @@ async fn child(mode: &str, n: u64) {
             let key = format!("k-{}", i % 1000);
             let id = uuid::Uuid::new_v4().to_string();
             let headers = OwnedHeaders::new()
-                .insert(Header { key: "id", value: Some(id.as_bytes()) })
-                .insert(Header { key: "type", value: Some("created".as_bytes()) });
-            let record = FutureRecord::to(&cfg.resolved.topic_template.text()).key(&key).payload(&payload).headers(headers);
+                .insert(Header {
+                    key: "id",
+                    value: Some(id.as_bytes()),
+                })
+                .insert(Header {
+                    key: "type",
+                    value: Some("created".as_bytes()),
+                });
+            let record = FutureRecord::to(&cfg.resolved.topic_template.text())
+                .key(&key)
+                .payload(&payload)
+                .headers(headers);
             pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
         }
         for f in pending {
@@ -150,18 +169,29 @@ async fn main() {
     let cfg = config(&schema, &topic);
     let r = &cfg.resolved;
     let mut c = pool.acquire().await.unwrap();
-    lockstep::schema::prepare_outbox(&mut c, &r.table, &r.dead_letter_table, true).await.unwrap();
+    lockstep::schema::prepare_outbox(&mut c, &r.table, &r.dead_letter_table, true)
+        .await
+        .unwrap();
     drop(c);
-    println!("instructions per event (callgrind), N1 = {n1}, N2 = {n2}, relay flags {:?}:", env_or("BENCH_RELAY_ARGS", ""));
+    println!(
+        "instructions per event (callgrind), N1 = {n1}, N2 = {n2}, relay flags {:?}:",
+        env_or("BENCH_RELAY_ARGS", "")
+    );
     for round in 1..=rounds {
         let p = per_event(&pool, "producer", n1, n2, 0.0, &schema, &topic).await;
         let bulk = per_event(&pool, "relay", n1, n2, 0.0, &schema, &topic).await;
-        print!("  round {round}: producer alone {p:>8.0}, relay bulk drain {bulk:>8.0} ({:.2}x the producer)", bulk / p);
+        print!(
+            "  round {round}: producer alone {p:>8.0}, relay bulk drain {bulk:>8.0} ({:.2}x the producer)",
+            bulk / p
+        );
         if steady > 0.0 {
             let s = per_event(&pool, "relay", n1 / 5, n2 / 5, steady, &schema, &topic).await;
             print!(", relay at {steady}/s {s:>8.0} ({:.2}x its bulk drain)", s / bulk);
         }
         println!();
     }
-    sqlx::query(&format!("drop schema \"{schema}\" cascade")).execute(&pool).await.unwrap();
+    sqlx::query(&format!("drop schema \"{schema}\" cascade"))
+        .execute(&pool)
+        .await
+        .unwrap();
 }

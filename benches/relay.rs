@@ -640,7 +640,10 @@ async fn main() {
         cpu * 1e6 / n as f64
     );
 
-    let split: i64 = std::env::var("BENCH_SPLIT_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(n / 4);
+    let split: i64 = std::env::var("BENCH_SPLIT_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n / 4);
     if split > 0 {
         let rounds = std::env::var("BENCH_SPLIT_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
         split_rates(&side, &pool, &cfg, split, p_rate.min(d_rate), rounds).await;

@@ -226,7 +226,9 @@ mod tests {
             let mut changed = false;
             for &me in pids {
                 let rows = pids.iter().map(|p| (i64::from(member_code(buckets)), *p)).chain(
-                    owned.iter().flat_map(|(p, bs)| bs.iter().map(move |b| (i64::from(bucket_code(buckets, *b)), *p))),
+                    owned
+                        .iter()
+                        .flat_map(|(p, bs)| bs.iter().map(move |b| (i64::from(bucket_code(buckets, *b)), *p))),
                 );
                 let h = Holdings::from_locks(buckets, rows.collect::<Vec<_>>());
                 let mine = owned.entry(me).or_default();
@@ -288,7 +290,11 @@ mod tests {
         // Ours own buckets: ours go on taking (a peer's buckets after it died), the others wait.
         let h = Holdings::from_locks(
             64,
-            [(i64::from(member_code(64)), 5), (i64::from(member_code(32)), 1), (i64::from(bucket_code(64, 0)), 5)],
+            [
+                (i64::from(member_code(64)), 5),
+                (i64::from(member_code(32)), 1),
+                (i64::from(bucket_code(64, 0)), 5),
+            ],
         );
         assert_eq!(plan(5, 64, &h, &[0].into()).take.len(), 63);
     }

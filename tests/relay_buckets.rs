@@ -37,9 +37,22 @@ fn table(o: &Outbox) -> lockstep::sql::QualifiedName {
 async fn the_sql_bucket_function_is_the_documented_hash() {
     let o = outbox("bkhash", &common::kafka_bootstrap()).await;
     let t = table(&o);
-    sqlx::query(&lockstep::schema::buckets::function_ddl(&t.schema)).execute(&o.pool).await.unwrap();
+    sqlx::query(&lockstep::schema::buckets::function_ddl(&t.schema))
+        .execute(&o.pool)
+        .await
+        .unwrap();
     let mut keys: Vec<String> = (0..500).map(|i| format!("order-{i}")).collect();
-    keys.extend(["", "ünïcode", "日本語のキー", "a b\tc", "'quoted'", "00000000-0000-0000-0000-000000000000"].map(String::from));
+    keys.extend(
+        [
+            "",
+            "ünïcode",
+            "日本語のキー",
+            "a b\tc",
+            "'quoted'",
+            "00000000-0000-0000-0000-000000000000",
+        ]
+        .map(String::from),
+    );
     for b in [1u16, 2, 7, 64, 255, 256] {
         let got: Vec<i32> = sqlx::query_scalar(&format!(
             "select {}(k, $2) from unnest($1::text[]) with ordinality u(k, i) order by i",
@@ -64,13 +77,21 @@ async fn a_read_of_several_buckets_scans_each_in_seq_order_up_to_its_share() {
     let mut c = o.pool.acquire().await.unwrap();
     let key = lockstep::routing::OutboxColumn::Aggregateid;
     let cleanup = lockstep::crd::Cleanup::Delete;
-    let missing = lockstep::schema::buckets::ensure(&mut c, &t, key, BUCKETS, cleanup, true).await.unwrap();
+    let missing = lockstep::schema::buckets::ensure(&mut c, &t, key, BUCKETS, cleanup, true)
+        .await
+        .unwrap();
     assert_eq!(missing, Default::default());
     // Planned while the outbox is empty, as a relay that starts on an idle outbox plans it.
     let sql = lockstep::relay::bucket_read_sql(&t, key, cleanup, BUCKETS);
     sqlx::raw_sql(lockstep::relay::PLANNER_SETTINGS).execute(&mut *c).await.unwrap();
-    sqlx::raw_sql("set plan_cache_mode = force_generic_plan").execute(&mut *c).await.unwrap();
-    sqlx::raw_sql(&format!("prepare q(int8, text[], int8[], int4[], int8) as {sql}")).execute(&mut *c).await.unwrap();
+    sqlx::raw_sql("set plan_cache_mode = force_generic_plan")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!("prepare q(int8, text[], int8[], int4[], int8) as {sql}"))
+        .execute(&mut *c)
+        .await
+        .unwrap();
     let explain = "explain analyze execute q(500, '{}', '{}', '{1,2,3}', 167)";
     let _ = sqlx::query_scalar::<_, String>(explain).fetch_all(&mut *c).await.unwrap();
     o.insert(0, 20_000, 1_000).await;
@@ -108,7 +129,12 @@ async fn wait_even(o: &Outbox, relays: usize, except: Option<i32>, what: &str) -
     let started = Instant::now();
     loop {
         let h = holdings(o).await;
-        let shares: Vec<usize> = h.shares().into_iter().filter(|(p, _)| Some(*p) != except).map(|(_, b)| b.len()).collect();
+        let shares: Vec<usize> = h
+            .shares()
+            .into_iter()
+            .filter(|(p, _)| Some(*p) != except)
+            .map(|(_, b)| b.len())
+            .collect();
         let owned: usize = shares.iter().sum();
         let even = shares.iter().max().zip(shares.iter().min()).is_some_and(|(a, b)| a - b <= 1);
         if shares.len() == relays && owned == usize::from(BUCKETS) && even {
@@ -116,7 +142,10 @@ async fn wait_even(o: &Outbox, relays: usize, except: Option<i32>, what: &str) -
             println!("{what}: {took:?} (shares {shares:?})");
             return took;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "{what}: not settled after 60s: {shares:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{what}: not settled after 60s: {shares:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -227,7 +256,10 @@ async fn three_relays_with_64_buckets_keep_each_keys_order_through_kills_scaling
 
     // A relay SIGKILLed: its session closes, the two left take its buckets.
     relays.remove(0).kill();
-    times.insert("2 takeover after SIGKILL (3 -> 2)", wait_even(&o, 2, None, "takeover after a kill").await);
+    times.insert(
+        "2 takeover after SIGKILL (3 -> 2)",
+        wait_even(&o, 2, None, "takeover after a kill").await,
+    );
     relays.push(relay(&o, "bk3", &url));
     times.insert("3 rebalance on join (2 -> 3)", wait_even(&o, 3, None, "join").await);
 
@@ -255,7 +287,10 @@ async fn three_relays_with_64_buckets_keep_each_keys_order_through_kills_scaling
     wait_even(&o, 4, None, "a fourth relay, through a proxy").await;
     let cut_pid = holdings(&o).await.shares().into_keys().max_by_key(|p| *p);
     proxy.blackhole().await;
-    times.insert("7 takeover after a cut connection", wait_even(&o, 3, cut_pid, "takeover after a cut").await);
+    times.insert(
+        "7 takeover after a cut connection",
+        wait_even(&o, 3, cut_pid, "takeover after a cut").await,
+    );
     relays.pop().unwrap().kill();
 
     let (committed, rolled_back) = writers.stop().await;
@@ -278,7 +313,12 @@ async fn three_relays_with_64_buckets_keep_each_keys_order_through_kills_scaling
     for (what, took) in &times {
         println!("  {what}: {took:?}");
     }
-    assert!(lost.is_empty(), "{} committed events never delivered, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    assert!(
+        lost.is_empty(),
+        "{} committed events never delivered, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
     assert_eq!(ghosts, 0, "events of rolled-back transactions were delivered");
     assert!(out_of_order.is_empty(), "keys out of order (key, before, after): {out_of_order:?}");
     assert!(committed.len() > 1000, "the writers committed {} events", committed.len());
@@ -295,14 +335,22 @@ async fn a_bucket_changes_hands_only_after_what_its_owner_sent_settled() {
     kafka.forward_to(broker.port);
     let o = outbox("bkgive", &kafka.bootstrap()).await;
     let url = common::env("DATABASE_URL");
-    let a = o.relay_with("relay-give-a.log", &url, &["--buckets", "64", "--kafka-config", "client.id=relay-a"]);
+    let a = o.relay_with(
+        "relay-give-a.log",
+        &url,
+        &["--buckets", "64", "--kafka-config", "client.id=relay-a"],
+    );
     wait_even(&o, 1, None, "relay a alone").await;
     let a_pid = *holdings(&o).await.members.first().unwrap();
 
     kafka.stall("relay-a");
     o.insert(0, 200, 20).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let b = o.relay_with("relay-give-b.log", &url, &["--buckets", "64", "--kafka-config", "client.id=relay-b"]);
+    let b = o.relay_with(
+        "relay-give-b.log",
+        &url,
+        &["--buckets", "64", "--kafka-config", "client.id=relay-b"],
+    );
     b.wait_log("joined the outbox's relays", Duration::from_secs(60)).await;
     o.insert(200, 200, 20).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -320,7 +368,11 @@ async fn a_bucket_changes_hands_only_after_what_its_owner_sent_settled() {
     o.wait_drained(Duration::from_secs(120)).await;
     let events = consume_all(&o.bootstrap, &o.topic, Duration::from_secs(120));
     let ids: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
-    println!("{} messages, {} events, buckets moved {moved:?} after a's broker came back", events.len(), ids.len());
+    println!(
+        "{} messages, {} events, buckets moved {moved:?} after a's broker came back",
+        events.len(),
+        ids.len()
+    );
     let back = backwards(&events);
     assert!(back.is_empty(), "keys went backwards (older n after the newest): {back:?}");
     assert_eq!(ids.len(), 400, "every committed event reached the broker");
@@ -359,8 +411,13 @@ async fn changing_the_bucket_count_on_a_live_outbox_keeps_each_keys_order() {
     let one = o.relay_with(&common::unique("bk-one"), &url, &[]);
     one.wait_log("holding the outbox lock", Duration::from_secs(60)).await;
     let sixty_four: Vec<RelayProc> = (0..2).map(|i| relay(&o, &format!("bk64-{i}"), &url)).collect();
-    sixty_four[0].wait_log("a relay without buckets (buckets 1) is active", Duration::from_secs(60)).await;
-    assert!(holdings(&o).await.owners.is_empty(), "relays with buckets took some while a relay without was active");
+    sixty_four[0]
+        .wait_log("a relay without buckets (buckets 1) is active", Duration::from_secs(60))
+        .await;
+    assert!(
+        holdings(&o).await.owners.is_empty(),
+        "relays with buckets took some while a relay without was active"
+    );
     stop_gracefully(one).await;
     wait_even(&o, 2, None, "1 -> 64").await;
 
@@ -370,17 +427,27 @@ async fn changing_the_bucket_count_on_a_live_outbox_keeps_each_keys_order() {
     // Three of their rounds.
     thirty_two[0].wait_log("joined the outbox's relays", Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(holdings_of(&o, 32).await.owners.len(), 0, "relays of the new count took buckets early");
+    assert_eq!(
+        holdings_of(&o, 32).await.owners.len(),
+        0,
+        "relays of the new count took buckets early"
+    );
     assert!(thirty_two[0].log().contains("relays with another bucket count are running"));
     for r in sixty_four {
         stop_gracefully(r).await;
     }
     let started = Instant::now();
     while holdings_of(&o, 32).await.owners.len() < 32 {
-        assert!(started.elapsed() < Duration::from_secs(60), "the relays with 32 buckets did not take over");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the relays with 32 buckets did not take over"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("64 -> 32: every bucket owned {:?} after the last relay with 64 stopped", started.elapsed());
+    println!(
+        "64 -> 32: every bucket owned {:?} after the last relay with 64 stopped",
+        started.elapsed()
+    );
 
     let (committed, rolled_back) = writers.stop().await;
     o.wait_drained(Duration::from_secs(120)).await;
@@ -390,7 +457,10 @@ async fn changing_the_bucket_count_on_a_live_outbox_keeps_each_keys_order() {
     let events = consume_all(&o.bootstrap, &o.topic, Duration::from_secs(120));
     let delivered: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
     assert!(committed.iter().all(|id| delivered.contains(id.as_str())), "committed events lost");
-    assert!(rolled_back.iter().all(|id| !delivered.contains(id.as_str())), "rolled-back events delivered");
+    assert!(
+        rolled_back.iter().all(|id| !delivered.contains(id.as_str())),
+        "rolled-back events delivered"
+    );
     assert_eq!(overlaps, 0, "relays of two bucket counts owned buckets at once");
     let back = first_deliveries_out_of_order(&events);
     assert!(back.is_empty(), "keys out of order: {back:?}");

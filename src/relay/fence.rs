@@ -40,7 +40,11 @@ pub const MARKER: &str = "lockstep.relay_session";
 /// The subqueries (OFFSET 0 keeps them apart) look before the lock is tried. `shared`: the
 /// lock relays with buckets hold, which excludes a relay without (`crate::buckets`).
 pub fn lock_sql(shared: bool) -> String {
-    let take = if shared { "pg_try_advisory_lock_shared" } else { "pg_try_advisory_lock" };
+    let take = if shared {
+        "pg_try_advisory_lock_shared"
+    } else {
+        "pg_try_advisory_lock"
+    };
     format!(
         "select held, got, pid, case when got then set_config('{MARKER}', $2, false) end \
          from (select held, case when held then false else {take}($1) end as got, pg_backend_pid() as pid \

@@ -23,12 +23,12 @@ impl Drop for Listening {
 /// channel is unlistened; listening again tells `new_rows` once, for the rows committed
 /// meanwhile, which no NOTIFY announced.
 pub(super) async fn listen(
-cfg: &RelayConfig,
-pool: &PgPool,
-channel: &str,
-metrics: &Arc<RelayMetrics>,
-new_rows: Arc<Notify>,
-mut wanted: watch::Receiver<bool>,
+    cfg: &RelayConfig,
+    pool: &PgPool,
+    channel: &str,
+    metrics: &Arc<RelayMetrics>,
+    new_rows: Arc<Notify>,
+    mut wanted: watch::Receiver<bool>,
 ) -> Option<Listening> {
     if !cfg.listen {
         return None;
@@ -88,4 +88,3 @@ mut wanted: watch::Receiver<bool>,
         }
     })))
 }
-

@@ -167,7 +167,10 @@ impl Ownership {
     /// lock: no relay takes anything between this look and this take.
     async fn take(&mut self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
         let mut tx = conn.begin().await?;
-        sqlx::query("select pg_advisory_xact_lock($1, 0)").bind(self.class).execute(&mut *tx).await?;
+        sqlx::query("select pg_advisory_xact_lock($1, 0)")
+            .bind(self.class)
+            .execute(&mut *tx)
+            .await?;
         let h = self.look(&mut tx).await?;
         let p = plan(self.me, self.buckets, &h, &self.mine);
         let codes: Vec<i32> = p.take.iter().map(|b| bucket_code(self.buckets, *b)).collect();

@@ -28,18 +28,15 @@ use std::{
 };
 
 use rdkafka::producer::Producer;
-use sqlx::{
-    postgres::PgConnectOptions,
-    Connection, Executor, PgConnection, PgPool,
-};
+use sqlx::{postgres::PgConnectOptions, Connection, Executor, PgConnection, PgPool};
 
 use tokio_util::sync::CancellationToken;
 
 use super::{
     backoff,
     fence::{lock_sql, Fence, Holder},
-    ownership::Ownership,
     metrics::WakeLabel,
+    ownership::Ownership,
     Relay, RelayError, RelayMetrics,
 };
 use crate::config::RelayConfig;
@@ -273,14 +270,18 @@ impl Session<'_> {
             }
             if got {
                 match bucketed {
-                    true => tracing::info!(table = %self.cfg.resolved.table, pid, buckets = self.cfg.resolved.buckets, "joined the outbox's relays"),
+                    true => {
+                        tracing::info!(table = %self.cfg.resolved.table, pid, buckets = self.cfg.resolved.buckets, "joined the outbox's relays")
+                    }
                     false => tracing::info!(table = %self.cfg.resolved.table, pid, "holding the outbox lock: relaying"),
                 }
                 return Ok(Some(Fence::new(sent, Holder { pid, marker })));
             }
             if !announced {
                 match bucketed {
-                    true => tracing::info!(table = %self.cfg.resolved.table, "a relay without buckets (buckets 1) is active; waiting until it stopped"),
+                    true => {
+                        tracing::info!(table = %self.cfg.resolved.table, "a relay without buckets (buckets 1) is active; waiting until it stopped")
+                    }
                     false => tracing::info!(table = %self.cfg.resolved.table, "another relay is active; standing by"),
                 }
                 announced = true;
@@ -298,7 +299,15 @@ impl Session<'_> {
     /// drain waits for delivery reports), so the fence never lapses on a live session.
     async fn relay(&self, relay: &mut Relay, conn: &mut PgConnection, mut fence: Fence) -> Result<(), RelayError> {
         let new_rows = relay.new_rows();
-        let _listening = super::listen::listen(self.cfg, &self.pool, &self.channel, &self.metrics, new_rows.clone(), relay.listening()).await;
+        let _listening = super::listen::listen(
+            self.cfg,
+            &self.pool,
+            &self.channel,
+            &self.metrics,
+            new_rows.clone(),
+            relay.listening(),
+        )
+        .await;
         let poll = self.cfg.resolved.poll_interval;
         loop {
             relay.drain_in(conn, self.stop, &mut fence).await?;

@@ -12,11 +12,8 @@ use crate::{
     conditions::{condition, reason, Cond},
     crd::{Cleanup, RelayShare, ValidOutboxRelay},
     relay::lock_key,
+    schema,
 };
-
-/// The SQL function of the bucket hash in the outbox's schema, which the relay creates
-/// (docs/relay.md); its index of B buckets is `<table>_bucket<B>_idx`.
-pub const BUCKET_FUNCTION: &str = "lockstep_bucket";
 
 /// The relay locks of one outbox.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -79,9 +76,7 @@ pub async fn read(pool: &PgPool, v: &ValidOutboxRelay) -> Result<Locks, sqlx::Er
 /// the table.
 pub async fn oldest_by_bucket(pool: &PgPool, v: &ValidOutboxRelay) -> Result<Option<BTreeMap<u16, f64>>, sqlx::Error> {
     let (t, b) = (&v.table, v.buckets);
-    let Ok(index) = t.table.with_suffix(&format!("_bucket{b}_idx")) else {
-        return Ok(None);
-    };
+    let (index, _) = schema::buckets::index(t, v.key, b, v.cleanup);
     let valid: Option<bool> = sqlx::query_scalar(
         "select i.indisvalid from pg_index i join pg_class c on c.oid = i.indexrelid
          join pg_namespace n on n.oid = c.relnamespace where n.nspname = $1 and c.relname = $2",
@@ -100,10 +95,9 @@ pub async fn oldest_by_bucket(pool: &PgPool, v: &ValidOutboxRelay) -> Result<Opt
     };
     let rows: Vec<(i32, Option<f64>)> = sqlx::query_as(&format!(
         "select b, extract(epoch from now() - (select created_at from {t}
-                where {}.{BUCKET_FUNCTION}({}::text, {b}) = b{unpublished} order by seq limit 1))::float8
+                where {} = b{unpublished} order by seq limit 1))::float8
          from generate_series(0, {b} - 1) b",
-        t.schema,
-        v.key.name()
+        schema::buckets::expression(t, v.key, b)
     ))
     .fetch_all(pool)
     .await?;

@@ -11,9 +11,12 @@ use crate::{
     sql::{Ident, QualifiedName},
 };
 
+/// The bucket function's name (docs/relay.md).
+pub const FUNCTION_NAME: &str = "lockstep_bucket";
+
 /// The bucket function of `schema`, qualified.
 pub fn function(schema: &Ident) -> String {
-    format!("{schema}.lockstep_bucket")
+    format!("{schema}.{FUNCTION_NAME}")
 }
 
 /// The function: the first 4 bytes of SHA-256 over the key's UTF-8 bytes, big-endian, mod B. A
@@ -75,9 +78,10 @@ pub async fn ensure(
     let result = async {
         let function_there: bool = sqlx::query_scalar(
             "select exists (select 1 from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-             where n.nspname = $1 and p.proname = 'lockstep_bucket')",
+             where n.nspname = $1 and p.proname = $2)",
         )
         .bind(t.schema.as_str())
+        .bind(FUNCTION_NAME)
         .fetch_one(&mut *conn)
         .await?;
         let (name, ddl) = index(t, key, buckets, cleanup);

@@ -77,14 +77,7 @@ pub async fn read(pool: &PgPool, v: &ValidOutboxRelay) -> Result<Locks, sqlx::Er
 pub async fn oldest_by_bucket(pool: &PgPool, v: &ValidOutboxRelay) -> Result<Option<BTreeMap<u16, f64>>, sqlx::Error> {
     let (t, b) = (&v.table, v.buckets);
     let (index, _) = schema::buckets::index(t, v.key, b, v.cleanup);
-    let valid: Option<bool> = sqlx::query_scalar(
-        "select i.indisvalid from pg_index i join pg_class c on c.oid = i.indexrelid
-         join pg_namespace n on n.oid = c.relnamespace where n.nspname = $1 and c.relname = $2",
-    )
-    .bind(t.schema.as_str())
-    .bind(index.as_str())
-    .fetch_optional(pool)
-    .await?;
+    let valid = schema::index_valid(pool, t.schema.as_str(), index.as_str()).await?;
     if valid != Some(true) {
         return Ok(None);
     }

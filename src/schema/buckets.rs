@@ -85,14 +85,7 @@ pub async fn ensure(
         .fetch_one(&mut *conn)
         .await?;
         let (name, ddl) = index(t, key, buckets, cleanup);
-        let valid: Option<bool> = sqlx::query_scalar(
-            "select i.indisvalid from pg_index i join pg_class c on c.oid = i.indexrelid
-             join pg_namespace n on n.oid = c.relnamespace where n.nspname = $1 and c.relname = $2",
-        )
-        .bind(t.schema.as_str())
-        .bind(name.as_str())
-        .fetch_optional(&mut *conn)
-        .await?;
+        let valid = super::index_valid(&mut *conn, t.schema.as_str(), name.as_str()).await?;
         if !manage {
             return Ok(Missing {
                 function: !function_there,

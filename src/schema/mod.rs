@@ -18,7 +18,7 @@ use futures::FutureExt;
 use sqlx::{PgConnection, Row};
 
 pub use self::drop::{drop_ddl, drop_tables, table_exists};
-pub use self::outbox::{describe_outbox, ensure_published_indexes, prepare_outbox, published_indexes, OutboxTables};
+pub use self::outbox::{describe_outbox, ensure_published_indexes, index_valid, prepare_outbox, published_indexes, OutboxTables};
 pub use self::owners::{claim, holder, owners_table, take_over, Claimed, Owner, OWNERS_TABLE};
 #[cfg(test)]
 pub(crate) use self::tables::qualified;

@@ -82,16 +82,7 @@ pub async fn ensure_published_indexes(conn: &mut PgConnection, t: &QualifiedName
     let result = async {
         let mut missing = Vec::new();
         for (name, ddl) in published_indexes(t) {
-            let valid: Option<bool> = sqlx::query_scalar(
-                "select i.indisvalid from pg_index i
-                 join pg_class c on c.oid = i.indexrelid
-                 join pg_namespace n on n.oid = c.relnamespace
-                 where n.nspname = $1 and c.relname = $2",
-            )
-            .bind(t.schema.as_str())
-            .bind(name.as_str())
-            .fetch_optional(&mut *conn)
-            .await?;
+            let valid = index_valid(&mut *conn, t.schema.as_str(), name.as_str()).await?;
             if valid == Some(true) {
                 continue;
             }
@@ -116,6 +107,19 @@ pub async fn ensure_published_indexes(conn: &mut PgConnection, t: &QualifiedName
         sqlx::query("select pg_advisory_unlock($1)").bind(key).execute(&mut *conn).await?;
     }
     result
+}
+
+/// Whether index `name` of `schema` is valid; None when there is no such index (an invalid one
+/// is what an interrupted `create index concurrently` leaves).
+pub async fn index_valid<'e>(e: impl sqlx::PgExecutor<'e>, schema: &str, name: &str) -> Result<Option<bool>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select i.indisvalid from pg_index i join pg_class c on c.oid = i.indexrelid
+         join pg_namespace n on n.oid = c.relnamespace where n.nspname = $1 and c.relname = $2",
+    )
+    .bind(schema)
+    .bind(name)
+    .fetch_optional(e)
+    .await
 }
 
 /// The type name (`udt_name`) of column `name` of `t`; None when it has no such column.

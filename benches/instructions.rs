@@ -11,7 +11,8 @@
 //!
 //!   scripts/bench instructions   (BENCH_EVENTS, default 5000 = N2, N1 = N2 / 5; BENCH_ROUNDS,
 //!                                 default 2; BENCH_RELAY_ARGS, more relay flags, e.g.
-//!                                 "--buckets 64"; BENCH_STEADY_RATE, 0 skips the steady flow)
+//!                                 "--buckets 64"; BENCH_STEADY_RATE, 0 skips the steady flow;
+//!                                 BENCH_CALLGRIND_KEEP, a folder to keep callgrind's files in)
 
 use std::{
     process::Command,
@@ -66,6 +67,7 @@ async fn child(mode: &str, n: u64) {
     if mode == "producer" {
         let producer: FutureProducer = producer_config(&cfg).create().unwrap();
         let payload = format!("{{\"n\": 0, \"pad\": \"{}\"}}", "x".repeat(230));
+        let topic = cfg.resolved.topic_template.text().to_string();
         let mut pending = Vec::new();
         for i in 0..n {
             let key = format!("k-{}", i % 1000);
@@ -79,7 +81,7 @@ async fn child(mode: &str, n: u64) {
                     key: "type",
                     value: Some("created".as_bytes()),
                 });
-            let record = FutureRecord::to(&cfg.resolved.topic_template.text())
+            let record = FutureRecord::to(&topic)
                 .key(&key)
                 .payload(&payload)
                 .headers(headers);
@@ -116,7 +118,16 @@ fn counted(mode: &str, n: u64, schema: &str, topic: &str) -> u64 {
         .expect("valgrind (apt-get install valgrind)");
     assert!(status.success(), "{mode} under callgrind: {status}");
     let text = std::fs::read_to_string(&out).unwrap();
-    let _ = std::fs::remove_file(&out);
+    // Kept for callgrind_annotate when asked.
+    match std::env::var("BENCH_CALLGRIND_KEEP") {
+        Ok(dir) => {
+            let kept = std::path::Path::new(&dir).join(format!("callgrind.{mode}.{n}.{}", std::process::id()));
+            let _ = std::fs::create_dir_all(&dir).and_then(|_| std::fs::rename(&out, &kept));
+        }
+        Err(_) => {
+            let _ = std::fs::remove_file(&out);
+        }
+    }
     text.lines()
         .find_map(|l| l.strip_prefix("summary: ").or_else(|| l.strip_prefix("totals: ")))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())

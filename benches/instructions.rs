@@ -12,7 +12,9 @@
 //!   scripts/bench instructions   (BENCH_EVENTS, default 5000 = N2, N1 = N2 / 5; BENCH_ROUNDS,
 //!                                 default 2; BENCH_RELAY_ARGS, more relay flags, e.g.
 //!                                 "--buckets 64"; BENCH_STEADY_RATE, 0 skips the steady flow;
-//!                                 BENCH_CALLGRIND_KEEP, a folder to keep callgrind's files in)
+//!                                 BENCH_CALLGRIND_KEEP, a folder to keep callgrind's files in;
+//!                                 BENCH_RELAYS, e.g. "1,2,3": bulk drains by that many relays in
+//!                                 one process, with BENCH_RELAY_ARGS="--buckets 64")
 
 use std::{
     process::Command,
@@ -81,10 +83,7 @@ async fn child(mode: &str, n: u64) {
                     key: "type",
                     value: Some("created".as_bytes()),
                 });
-            let record = FutureRecord::to(&topic)
-                .key(&key)
-                .payload(&payload)
-                .headers(headers);
+            let record = FutureRecord::to(&topic).key(&key).payload(&payload).headers(headers);
             pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
         }
         for f in pending {
@@ -92,19 +91,25 @@ async fn child(mode: &str, n: u64) {
         }
         return;
     }
-    let metrics = Arc::new(RelayMetrics::default());
+    let relays: usize = env_or("INSTR_RELAYS", "1").parse().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(run_with_metrics(cfg.clone(), stop.clone(), metrics.clone()));
-    while metrics.published.get() < n {
-        assert!(!task.is_finished(), "the relay stopped");
+    let metrics: Vec<Arc<RelayMetrics>> = (0..relays).map(|_| Arc::new(RelayMetrics::default())).collect();
+    let tasks: Vec<_> = metrics
+        .iter()
+        .map(|m| tokio::spawn(run_with_metrics(cfg.clone(), stop.clone(), m.clone())))
+        .collect();
+    while metrics.iter().map(|m| m.published.get()).sum::<u64>() < n {
+        assert!(tasks.iter().all(|t| !t.is_finished()), "a relay stopped");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.cancel();
-    task.await.unwrap().unwrap();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
 }
 
 /// Instructions of one child run under callgrind.
-fn counted(mode: &str, n: u64, schema: &str, topic: &str) -> u64 {
+fn counted(mode: &str, n: u64, relays: usize, schema: &str, topic: &str) -> u64 {
     let out = std::env::temp_dir().join(format!("lockstep-callgrind-{}", uuid::Uuid::new_v4().simple()));
     let status = Command::new("valgrind")
         .args(["--tool=callgrind", "--quiet"])
@@ -112,6 +117,7 @@ fn counted(mode: &str, n: u64, schema: &str, topic: &str) -> u64 {
         .arg(std::env::current_exe().unwrap())
         .env("INSTR_CHILD", mode)
         .env("INSTR_N", n.to_string())
+        .env("INSTR_RELAYS", relays.to_string())
         .env("INSTR_SCHEMA", schema)
         .env("INSTR_TOPIC", topic)
         .status()
@@ -136,7 +142,8 @@ fn counted(mode: &str, n: u64, schema: &str, topic: &str) -> u64 {
 
 /// (I(N2) - I(N1)) / (N2 - N1) of `mode`. The relay's events are loaded before it starts, or with
 /// `rate` committed one at a time at that rate by this process while it runs.
-async fn per_event(pool: &sqlx::PgPool, mode: &str, n1: u64, n2: u64, rate: f64, schema: &str, topic: &str) -> f64 {
+#[allow(clippy::too_many_arguments)]
+async fn per_event(pool: &sqlx::PgPool, mode: &str, n1: u64, n2: u64, rate: f64, relays: usize, schema: &str, topic: &str) -> f64 {
     let t = format!("\"{schema}\".outbox");
     let insert = INSERT.replace("{t}", &t);
     let mut counts = Vec::new();
@@ -146,7 +153,7 @@ async fn per_event(pool: &sqlx::PgPool, mode: &str, n1: u64, n2: u64, rate: f64,
             sqlx::query(&format!("analyze {t}")).execute(pool).await.unwrap();
         }
         let (s, tp, m) = (schema.to_owned(), topic.to_owned(), mode.to_owned());
-        let run = tokio::task::spawn_blocking(move || counted(&m, n, &s, &tp));
+        let run = tokio::task::spawn_blocking(move || counted(&m, n, relays, &s, &tp));
         if rate > 0.0 {
             // Once the relay started (valgrind takes a while), then at `rate`.
             tokio::time::sleep(Duration::from_secs(10)).await;
@@ -189,17 +196,24 @@ async fn main() {
         env_or("BENCH_RELAY_ARGS", "")
     );
     for round in 1..=rounds {
-        let p = per_event(&pool, "producer", n1, n2, 0.0, &schema, &topic).await;
-        let bulk = per_event(&pool, "relay", n1, n2, 0.0, &schema, &topic).await;
+        let p = per_event(&pool, "producer", n1, n2, 0.0, 1, &schema, &topic).await;
+        let bulk = per_event(&pool, "relay", n1, n2, 0.0, 1, &schema, &topic).await;
         print!(
             "  round {round}: producer alone {p:>8.0}, relay bulk drain {bulk:>8.0} ({:.2}x the producer)",
             bulk / p
         );
         if steady > 0.0 {
-            let s = per_event(&pool, "relay", n1 / 5, n2 / 5, steady, &schema, &topic).await;
+            let s = per_event(&pool, "relay", n1 / 5, n2 / 5, steady, 1, &schema, &topic).await;
             print!(", relay at {steady}/s {s:>8.0} ({:.2}x its bulk drain)", s / bulk);
         }
         println!();
+    }
+    // Several relays in one process (--buckets from BENCH_RELAY_ARGS), bulk: their instructions
+    // per event against one.
+    let split = env_or("BENCH_RELAYS", "");
+    for relays in split.split(',').filter_map(|r| r.trim().parse::<usize>().ok()) {
+        let r = per_event(&pool, "relay", n1, n2, 0.0, relays, &schema, &topic).await;
+        println!("  {relays} relay(s) in one process, bulk drain: {r:>8.0}");
     }
     sqlx::query(&format!("drop schema \"{schema}\" cascade"))
         .execute(&pool)

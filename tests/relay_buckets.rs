@@ -464,7 +464,10 @@ async fn changing_the_bucket_count_on_a_live_outbox_keeps_each_keys_order() {
         rolled_back.iter().all(|id| !delivered.contains(id.as_str())),
         "rolled-back events delivered"
     );
-    assert!(overlaps.is_empty(), "relays of two bucket counts owned buckets at once (counts seen): {overlaps:?}");
+    assert!(
+        overlaps.is_empty(),
+        "relays of two bucket counts owned buckets at once (counts seen): {overlaps:?}"
+    );
     let back = first_deliveries_out_of_order(&events);
     assert!(back.is_empty(), "keys out of order: {back:?}");
 }

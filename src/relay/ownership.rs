@@ -94,21 +94,18 @@ impl Ownership {
         self.each.clamp(1, batch.max(1))
     }
 
-    /// After a read of at most `batch` rows whose keys are `keys`: whether there may be more to
-    /// read now (a bucket gave all it was asked for, or the batch is full), and the share each
-    /// bucket gets next: the batch over the buckets that filled theirs, so a backlog spread over
-    /// every bucket reads about a batch, and one bucket's backlog is read a batch at a time.
-    pub(super) fn read<'a>(&mut self, keys: impl Iterator<Item = &'a str>, batch: i64) -> bool {
+    /// After a read of at most `batch` rows from `buckets` (each row's): whether there may be more
+    /// to read now (a bucket gave all it was asked for, or the batch is full), and the share each
+    /// bucket gets next (`buckets::next_share`).
+    pub(super) fn read(&mut self, buckets: &[u16], batch: i64) -> bool {
         let each = self.each(batch);
         let mut per: std::collections::HashMap<u16, i64> = std::collections::HashMap::new();
-        let mut rows = 0;
-        for k in keys {
-            *per.entry(crate::buckets::bucket_of(k, self.buckets)).or_default() += 1;
-            rows += 1;
+        for b in buckets {
+            *per.entry(*b).or_default() += 1;
         }
         let (more, each) = crate::buckets::next_share(per.values().copied(), each, self.mine.len(), batch);
         self.each = each;
-        more || rows >= batch
+        more || buckets.len() as i64 >= batch
     }
 
     pub(super) fn giving_back(&self) -> bool {

@@ -324,10 +324,8 @@ impl Relay {
         let (rows, more) = match self.buckets.as_mut() {
             Some(o) => {
                 let each = o.each(i64::from(limit));
-                let rows = self.sql.fetch_buckets(conn, limit, &keys, &seqs, &o.readable(), each).await?;
-                let key = self.cfg.resolved.key;
-                let names: Vec<String> = rows.iter().map(|r| r.column(key)).collect();
-                let more = o.read(names.iter().map(String::as_str), i64::from(limit));
+                let (rows, of) = self.sql.fetch_buckets(conn, limit, &keys, &seqs, &o.readable(), each).await?;
+                let more = o.read(&of, i64::from(limit));
                 (rows, more)
             }
             None => {

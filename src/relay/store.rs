@@ -120,7 +120,14 @@ fn reads_sql(payload: PayloadColumn, traceparent: bool) -> (String, String) {
 /// they come in seq order.
 pub(super) fn bucket_select_sql(cfg: &ValidOutboxRelay, tables: &OutboxTables) -> String {
     let (first, last) = reads_sql(tables.payload, tables.traceparent);
-    bucket_read(&cfg.table, cfg.key, cfg.cleanup, cfg.buckets, &format!("{first}, {last}"))
+    // The bucket too: the relay counts rows per bucket without hashing their keys again.
+    bucket_read(
+        &cfg.table,
+        cfg.key,
+        cfg.cleanup,
+        cfg.buckets,
+        &format!("{first}, {last}, b.n as bucket"),
+    )
 }
 
 /// The bucket read, reading `reads` (columns of `r`).
@@ -258,7 +265,8 @@ impl Statements {
         Ok(rows.iter().map(OutboxRow::from_row).collect())
     }
 
-    /// [`Self::fetch`], from `buckets` only, at most `each` rows from each (none: nothing read).
+    /// [`Self::fetch`], from `buckets` only, at most `each` rows from each (none: nothing read);
+    /// with each row its bucket.
     pub async fn fetch_buckets(
         &self,
         conn: &mut PgConnection,
@@ -267,9 +275,9 @@ impl Statements {
         seqs: &[i64],
         buckets: &[i32],
         each: i64,
-    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    ) -> Result<(Vec<OutboxRow>, Vec<u16>), sqlx::Error> {
         if buckets.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let rows = sqlx::query(&self.bucket_select)
             .bind(i64::from(limit))
@@ -279,7 +287,8 @@ impl Statements {
             .bind(each)
             .fetch_all(conn)
             .await?;
-        Ok(rows.iter().map(OutboxRow::from_row).collect())
+        let of = rows.iter().map(|r| r.get::<i32, _>("bucket") as u16).collect();
+        Ok((rows.iter().map(OutboxRow::from_row).collect(), of))
     }
 
     pub async fn done(&self, conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {

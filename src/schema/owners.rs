@@ -77,6 +77,12 @@ async fn owners_exist(conn: &mut PgConnection, schema: &Ident) -> Result<bool, s
 /// Claim `t` for `me` unless another object holds it. With `manage` false the owners table is
 /// used when it exists and never created.
 pub async fn claim(conn: &mut PgConnection, t: &QualifiedName, me: &Owner, manage: bool) -> Result<Claimed, sqlx::Error> {
+    // Held by `me` already (every refresh after the first): read only, no DDL, no write.
+    if let Ok(Some(h)) = holder(conn, t).await {
+        if h == *me {
+            return Ok(Claimed::Ours);
+        }
+    }
     let owners = owners_table(&t.schema);
     if manage {
         sqlx::Executor::execute(&mut *conn, owners_ddl(&t.schema).as_str()).await?;

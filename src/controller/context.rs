@@ -67,13 +67,11 @@ pub struct Timing {
 }
 
 impl Timing {
-    /// The refresh delay spread over ±10%, so objects created together do not refresh in one
-    /// burst that a spec change then waits behind.
-    pub fn refresh_spread(&self) -> Duration {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        self.refresh.mul_f64(0.9 + 0.2 * f64::from(nanos % 1000) / 1000.0)
+    /// When `uid`'s next refresh is due: on the object's own phase of the refresh period, so
+    /// objects created (or found at start) together do not refresh in one burst that a spec
+    /// change then waits behind (`duration::phased`).
+    pub fn refresh_for(&self, uid: &str) -> Duration {
+        crate::duration::phased(self.refresh, uid, std::time::SystemTime::now())
     }
 }
 

@@ -57,6 +57,10 @@ pub struct OperatorArgs {
     /// ending in '/' allows every repository under it). Empty: the repository of --relay-image.
     #[arg(long, env = "LOCKSTEP_RELAY_IMAGE_PREFIXES", value_delimiter = ',')]
     pub relay_image_prefixes: Vec<String>,
+    /// Connections the operator opens at most to each database (per database URL), shared by
+    /// the reconciles and purge loops of every resource pointing at it.
+    #[arg(long, env = "LOCKSTEP_DB_POOL_SIZE", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub db_pool_size: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

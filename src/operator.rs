@@ -104,7 +104,7 @@ async fn run_controllers(
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
-        pools: Pools::new(4),
+        pools: Pools::new(args.db_pool_size),
         metrics: metrics.clone(),
         // Purge loops read the Lease themselves: reconciles still draining after it was lost
         // cannot start one, and running ones stop before their next batch.

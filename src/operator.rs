@@ -110,6 +110,8 @@ async fn run_controllers(
         // cannot start one, and running ones stop before their next batch.
         purges: Purges::new(done_tx, metrics, leading),
         admins: Default::default(),
+        poolers: Default::default(),
+        relay_applies: Default::default(),
         lag_clients: Default::default(),
         caches: Caches {
             inboxes: watches.inboxes.store(),
@@ -148,6 +150,8 @@ async fn sweep(ctx: &Context, stop: &CancellationToken) {
         }
         let live: HashSet<String> = ctx.caches.inboxes.state().iter().filter_map(|o| o.uid()).collect();
         ctx.purges.retain(|uid| live.contains(uid));
+        let relays: HashSet<String> = ctx.caches.relays.state().iter().filter_map(|o| o.uid()).collect();
+        ctx.relay_applies.retain(|uid| relays.contains(uid));
         let (pools, admins) = (ctx.pools.evict_idle(IDLE_EVICTION), ctx.admins.evict_idle(IDLE_EVICTION));
         let consumers = ctx.lag_clients.evict_idle(IDLE_EVICTION);
         if pools + admins + consumers > 0 {

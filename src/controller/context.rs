@@ -102,6 +102,10 @@ pub struct Context {
     pub recorder: Recorder,
     pub purges: Purges<ObjectRef<DeserializeGuard<InboxTable>>>,
     pub admins: AdminCache,
+    /// PrerequisitesMet's pooler check by database, for a minute (it opens a second connection).
+    pub poolers: super::prerequisites::Poolers,
+    /// The relay Deployments as last applied (a refresh skips an apply that changes nothing).
+    pub relay_applies: super::relay_available::Applied,
     /// Consumers for InboxTable consumer lag, shared between reconciles.
     pub lag_clients: Arc<crate::consumer_lag::LagClients>,
     pub caches: Caches,

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub purge_duration: Family<PurgeLabel, Histogram>,
     /// How long a reconcile waited for a connection of its database's pool.
     pub db_acquire: Histogram,
+    /// Refreshes put off because `--refresh-concurrency` were running.
+    pub refreshes_deferred: Counter,
     pub registry: Registry,
 }
 
@@ -78,6 +80,7 @@ impl Default for Metrics {
             Histogram::new([0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0])
         });
         let db_acquire = Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]);
+        let refreshes_deferred = Counter::default();
         register_build_info(&mut registry);
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
@@ -95,6 +98,11 @@ impl Default for Metrics {
             "How long reconciles waited for a database connection (--db-pool-size per database URL)",
             db_acquire.clone(),
         );
+        registry.register(
+            "refreshes_deferred",
+            "Refreshes put off for 1-3 s because --refresh-concurrency refreshes were running",
+            refreshes_deferred.clone(),
+        );
         Metrics {
             reconciles,
             failures,
@@ -104,6 +112,7 @@ impl Default for Metrics {
             purge_failures,
             purge_duration,
             db_acquire,
+            refreshes_deferred,
             registry,
         }
     }

@@ -120,6 +120,7 @@ async fn run_controllers(
             relays: watches.relays.store(),
         },
         timing: Timing::default(),
+        refreshes: (args.refresh_concurrency > 0).then(|| Arc::new(tokio::sync::Semaphore::new(args.refresh_concurrency as usize))),
         relay_image: args.relay_image.clone(),
         relay_image_prefixes: crate::controller::relay_image::prefixes(&args.relay_image, &args.relay_image_prefixes),
     });
@@ -157,7 +158,9 @@ async fn sweep(ctx: &Context, stop: &CancellationToken) {
         if pools + admins + consumers > 0 {
             tracing::info!(pools, admins, consumers, "dropped clients no resource used for {IDLE_EVICTION:?}");
         }
+        let trim = std::time::Instant::now();
         release_free_memory();
+        tracing::debug!(elapsed_us = trim.elapsed().as_micros() as u64, "returned free memory to the OS");
     }
 }
 

@@ -73,6 +73,7 @@ async fn without_leader_election_the_operator_runs_until_stopped() {
         relay_image: "lockstep:test".into(),
         relay_image_prefixes: vec![],
         db_pool_size: 4,
+        refresh_concurrency: 4,
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn(lockstep::operator::run(client, args, stop.clone()));
@@ -168,6 +169,7 @@ async fn an_operator_watching_two_namespaces_reconciles_only_those() {
         relay_image: "lockstep:test".into(),
         relay_image_prefixes: vec![],
         db_pool_size: 4,
+        refresh_concurrency: 4,
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn(lockstep::operator::run(client.clone(), args, stop.clone()));

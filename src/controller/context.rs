@@ -110,6 +110,8 @@ pub struct Context {
     pub lag_clients: Arc<crate::consumer_lag::LagClients>,
     pub caches: Caches,
     pub timing: Timing,
+    /// Turns for refreshes (`--refresh-concurrency`, `reconciler::turn`); None: no limit.
+    pub refreshes: Option<Arc<tokio::sync::Semaphore>>,
     /// The image relay Deployments run unless an OutboxRelay names one.
     pub relay_image: String,
     /// What `spec.relay.image` may name (`relay_image::prefixes`).

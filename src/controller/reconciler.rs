@@ -120,15 +120,23 @@ pub async fn reconcile<R: Reconciler>(obj: Arc<DeserializeGuard<R::K>>, ctx: Arc
 /// A refresh (the status already shows this spec: the timer, a finished purge, a watched child
 /// that changed) runs only with one of `--refresh-concurrency` turns free; without one it is
 /// deferred by 1-3 s, waiting nowhere: a spec change of its object starts at once, never behind
-/// it. Spec changes, first reconciles and deletions take no turn.
+/// it. Spec changes, first reconciles and deletions take no turn, nor do objects whose tables are
+/// not ready (SchemaReady not True): they wait to heal (a Secret created, a database back), and
+/// on a busy operator their retries would otherwise lose to the refreshes of healthy objects.
 fn turn<R: Reconciler>(obj: &DeserializeGuard<R::K>, ctx: &Context) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Action> {
     let (Some(turns), Ok(k)) = (&ctx.refreshes, &obj.0) else {
         return Ok(None);
     };
     let status = k.current_status();
+    let tables_ready = status
+        .conditions()
+        .iter()
+        .find(|c| c.type_ == condition::SCHEMA_READY)
+        .is_none_or(|c| c.status == "True");
     let refresh = k.meta().deletion_timestamp.is_none()
         && status.observed_generation() == k.meta().generation
-        && !status.conditions().is_empty();
+        && !status.conditions().is_empty()
+        && tables_ready;
     if !refresh {
         return Ok(None);
     }

@@ -57,6 +57,15 @@ pub struct OperatorArgs {
     /// ending in '/' allows every repository under it). Empty: the repository of --relay-image.
     #[arg(long, env = "LOCKSTEP_RELAY_IMAGE_PREFIXES", value_delimiter = ',')]
     pub relay_image_prefixes: Vec<String>,
+    /// Connections the operator opens at most to each database (per database URL), shared by
+    /// the reconciles and purge loops of every resource pointing at it.
+    #[arg(long, env = "LOCKSTEP_DB_POOL_SIZE", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub db_pool_size: u32,
+    /// Refreshes (reconciles of objects whose status already shows their spec: the timer, a
+    /// finished purge, a Deployment that changed) run at most this many at once; one that finds
+    /// no free turn is put off by 1-3 s. Spec changes never wait for them. 0: no limit.
+    #[arg(long, env = "LOCKSTEP_REFRESH_CONCURRENCY", default_value_t = 4)]
+    pub refresh_concurrency: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

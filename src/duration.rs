@@ -123,6 +123,24 @@ impl JsonSchema for Duration {
     }
 }
 
+/// How long until `key`'s next turn in a repeating `period`: each key has its own phase (from a
+/// hash of it), and its turns are that phase plus whole periods since the epoch, at least 90% of
+/// a period after `now` (as soon as the ±10% spread this replaced allowed; at most 1.9 periods
+/// after a reconcile that came between turns). Work repeated per object this way is spread evenly
+/// over the period, however the objects arrived (all at once when the operator starts), instead
+/// of coming in one burst a spec change then waits behind. Pure.
+pub fn phased(period: StdDuration, key: &str, now: std::time::SystemTime) -> StdDuration {
+    let p = period.as_nanos().max(1);
+    // FNV-1a: stable across builds and platforms.
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let since = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let mut wait = (u128::from(hash) % p + p - since % p) % p;
+    if wait < p / 10 * 9 {
+        wait += p;
+    }
+    StdDuration::from_nanos(wait as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +182,32 @@ mod tests {
         for s in ["7d", "1h30m", "250ms", "14d", "1d1h1m1s"] {
             assert_eq!(format(parse(s).unwrap()), s);
         }
+    }
+
+    #[test]
+    fn phased_turns_are_a_period_apart_spread_by_key_and_never_too_soon() {
+        use std::time::UNIX_EPOCH;
+        let period = StdDuration::from_secs(15);
+        let t0 = UNIX_EPOCH + StdDuration::from_secs(1_700_000_000);
+        let first = phased(period, "uid-a", t0);
+        assert!(first >= period / 10 * 9 && first < period / 10 * 19, "{first:?}");
+        // Asked again at its turn, the next one is one period later.
+        assert_eq!(phased(period, "uid-a", t0 + first), period);
+        // Asked just after its turn (a reconcile took 1 ms): the next turn, a period on.
+        let ms = StdDuration::from_millis(1);
+        assert_eq!(phased(period, "uid-a", t0 + first + ms), period - ms);
+        // Asked at any time, its turns stay on one grid.
+        for s in [1, 7, 20, 33] {
+            let at = t0 + StdDuration::from_secs(s);
+            let turn = (at + phased(period, "uid-a", at)).duration_since(t0 + first).unwrap();
+            assert_eq!(turn.as_nanos() % period.as_nanos(), 0, "{s}");
+        }
+        // 1,000 keys fall in every tenth of the period.
+        let mut tenths = [0; 10];
+        for i in 0..1000 {
+            let at = (t0 + phased(period, &format!("uid-{i}"), t0)).duration_since(UNIX_EPOCH).unwrap();
+            tenths[(at.as_nanos() % period.as_nanos() * 10 / period.as_nanos()) as usize] += 1;
+        }
+        assert!(tenths.iter().all(|&n| (60..140).contains(&n)), "{tenths:?}");
     }
 }

@@ -47,6 +47,10 @@ pub struct Metrics {
     pub purged_rows: Family<PurgeLabel, Counter>,
     pub purge_failures: Family<PurgeLabel, Counter>,
     pub purge_duration: Family<PurgeLabel, Histogram>,
+    /// How long a reconcile waited for a connection of its database's pool.
+    pub db_acquire: Histogram,
+    /// Refreshes put off because `--refresh-concurrency` were running.
+    pub refreshes_deferred: Counter,
     pub registry: Registry,
 }
 
@@ -75,6 +79,8 @@ impl Default for Metrics {
         let purge_duration = Family::<PurgeLabel, Histogram>::new_with_constructor(|| {
             Histogram::new([0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0])
         });
+        let db_acquire = Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]);
+        let refreshes_deferred = Counter::default();
         register_build_info(&mut registry);
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
@@ -87,6 +93,16 @@ impl Default for Metrics {
         registry.register("inbox_purged_rows", "Expired inbox rows deleted", purged_rows.clone());
         registry.register("inbox_purge_failures", "Purge runs that failed", purge_failures.clone());
         registry.register("inbox_purge_duration_seconds", "Purge run duration", purge_duration.clone());
+        registry.register(
+            "db_acquire_seconds",
+            "How long reconciles waited for a database connection (--db-pool-size per database URL)",
+            db_acquire.clone(),
+        );
+        registry.register(
+            "refreshes_deferred",
+            "Refreshes put off for 1-3 s because --refresh-concurrency refreshes were running",
+            refreshes_deferred.clone(),
+        );
         Metrics {
             reconciles,
             failures,
@@ -95,6 +111,8 @@ impl Default for Metrics {
             purged_rows,
             purge_failures,
             purge_duration,
+            db_acquire,
+            refreshes_deferred,
             registry,
         }
     }

@@ -104,12 +104,14 @@ async fn run_controllers(
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
-        pools: Pools::new(4),
+        pools: Pools::new(args.db_pool_size),
         metrics: metrics.clone(),
         // Purge loops read the Lease themselves: reconciles still draining after it was lost
         // cannot start one, and running ones stop before their next batch.
         purges: Purges::new(done_tx, metrics, leading),
         admins: Default::default(),
+        poolers: Default::default(),
+        relay_applies: Default::default(),
         lag_clients: Default::default(),
         caches: Caches {
             inboxes: watches.inboxes.store(),
@@ -118,6 +120,7 @@ async fn run_controllers(
             relays: watches.relays.store(),
         },
         timing: Timing::default(),
+        refreshes: (args.refresh_concurrency > 0).then(|| Arc::new(tokio::sync::Semaphore::new(args.refresh_concurrency as usize))),
         relay_image: args.relay_image.clone(),
         relay_image_prefixes: crate::controller::relay_image::prefixes(&args.relay_image, &args.relay_image_prefixes),
     });
@@ -148,12 +151,16 @@ async fn sweep(ctx: &Context, stop: &CancellationToken) {
         }
         let live: HashSet<String> = ctx.caches.inboxes.state().iter().filter_map(|o| o.uid()).collect();
         ctx.purges.retain(|uid| live.contains(uid));
+        let relays: HashSet<String> = ctx.caches.relays.state().iter().filter_map(|o| o.uid()).collect();
+        ctx.relay_applies.retain(|uid| relays.contains(uid));
         let (pools, admins) = (ctx.pools.evict_idle(IDLE_EVICTION), ctx.admins.evict_idle(IDLE_EVICTION));
         let consumers = ctx.lag_clients.evict_idle(IDLE_EVICTION);
         if pools + admins + consumers > 0 {
             tracing::info!(pools, admins, consumers, "dropped clients no resource used for {IDLE_EVICTION:?}");
         }
+        let trim = std::time::Instant::now();
         release_free_memory();
+        tracing::debug!(elapsed_us = trim.elapsed().as_micros() as u64, "returned free memory to the OS");
     }
 }
 

@@ -195,6 +195,7 @@ impl<K: Clone + Send + Sync + 'static> Purges<K> {
         let last2 = last.clone();
         let done = self.done.clone();
         let metrics = self.metrics.clone();
+        let phase = uid.to_owned();
         let task = tokio::spawn(async move {
             loop {
                 // Not leading, or nobody left to say so (the elector ended): no purge.
@@ -234,8 +235,11 @@ impl<K: Clone + Send + Sync + 'static> Purges<K> {
                 if rx.has_changed().unwrap_or(false) {
                     continue;
                 }
+                // On the table's own phase of the interval: loops started together (the
+                // operator starting) do not purge, and then reconcile, in one burst.
+                let wait = crate::duration::phased(p.interval, &phase, std::time::SystemTime::now());
                 tokio::select! {
-                    _ = tokio::time::sleep(p.interval) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     changed = rx.changed() => if changed.is_err() { return },
                     _ = leading.wait_for(|l| !*l) => return,
                 }

@@ -72,6 +72,8 @@ async fn without_leader_election_the_operator_runs_until_stopped() {
         identity: None,
         relay_image: "lockstep:test".into(),
         relay_image_prefixes: vec![],
+        db_pool_size: 4,
+        refresh_concurrency: 4,
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn(lockstep::operator::run(client, args, stop.clone()));
@@ -166,6 +168,8 @@ async fn an_operator_watching_two_namespaces_reconciles_only_those() {
         identity: None,
         relay_image: "lockstep:test".into(),
         relay_image_prefixes: vec![],
+        db_pool_size: 4,
+        refresh_concurrency: 4,
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn(lockstep::operator::run(client.clone(), args, stop.clone()));

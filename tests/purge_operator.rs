@@ -69,6 +69,8 @@ async fn setup(prefix: &str) -> Env {
         identity: Some("purge-test-operator".into()),
         relay_image: "lockstep:test".into(),
         relay_image_prefixes: vec![],
+        db_pool_size: 4,
+        refresh_concurrency: 4,
     };
     let stop = CancellationToken::new();
     let operator = tokio::spawn(lockstep::operator::run(client.clone(), args, stop.clone()));

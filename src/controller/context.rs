@@ -67,13 +67,11 @@ pub struct Timing {
 }
 
 impl Timing {
-    /// The refresh delay spread over ±10%, so objects created together do not refresh in one
-    /// burst that a spec change then waits behind.
-    pub fn refresh_spread(&self) -> Duration {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        self.refresh.mul_f64(0.9 + 0.2 * f64::from(nanos % 1000) / 1000.0)
+    /// When `uid`'s next refresh is due: on the object's own phase of the refresh period, so
+    /// objects created (or found at start) together do not refresh in one burst that a spec
+    /// change then waits behind (`duration::phased`).
+    pub fn refresh_for(&self, uid: &str) -> Duration {
+        crate::duration::phased(self.refresh, uid, std::time::SystemTime::now())
     }
 }
 
@@ -104,10 +102,16 @@ pub struct Context {
     pub recorder: Recorder,
     pub purges: Purges<ObjectRef<DeserializeGuard<InboxTable>>>,
     pub admins: AdminCache,
+    /// PrerequisitesMet's pooler check by database, for a minute (it opens a second connection).
+    pub poolers: super::prerequisites::Poolers,
+    /// The relay Deployments as last applied (a refresh skips an apply that changes nothing).
+    pub relay_applies: super::relay_available::Applied,
     /// Consumers for InboxTable consumer lag, shared between reconciles.
     pub lag_clients: Arc<crate::consumer_lag::LagClients>,
     pub caches: Caches,
     pub timing: Timing,
+    /// Turns for refreshes (`--refresh-concurrency`, `reconciler::turn`); None: no limit.
+    pub refreshes: Option<Arc<tokio::sync::Semaphore>>,
     /// The image relay Deployments run unless an OutboxRelay names one.
     pub relay_image: String,
     /// What `spec.relay.image` may name (`relay_image::prefixes`).

@@ -70,10 +70,10 @@ pub async fn connect(ctx: &Context, ns: &str, r: &SecretKeyRef) -> Result<(Datab
         .get(&url)
         .map_err(|e| Cond::no(condition::SCHEMA_READY, reason::DATABASE_ERROR, e.to_string()))?;
     let location = describe_database_url(url.expose());
-    let conn = pool
-        .acquire()
-        .await
-        .map_err(|e| Cond::no(condition::SCHEMA_READY, db_reason(&e), format!("cannot connect to {location}: {e}")))?;
+    let asked = std::time::Instant::now();
+    let conn = pool.acquire().await;
+    ctx.metrics.db_acquire.observe(asked.elapsed().as_secs_f64());
+    let conn = conn.map_err(|e| Cond::no(condition::SCHEMA_READY, db_reason(&e), format!("cannot connect to {location}: {e}")))?;
     let db = Database {
         pool,
         url_key: crate::db::url_key(&url),

@@ -171,7 +171,7 @@ async fn reconcile_valid(
     let action = if healing {
         Action::requeue(ctx.timing.retry)
     } else {
-        requeue(ctx.timing.refresh_spread(), eff.next_change.as_ref())
+        requeue(ctx.timing.refresh_for(&uid), eff.next_change.as_ref())
     };
     Ok(Outcome::Status {
         conditions,

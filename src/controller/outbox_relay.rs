@@ -133,7 +133,11 @@ impl Reconciler for OutboxRelays {
             Ok(Outcome::Status {
                 conditions,
                 status,
-                action: Action::requeue(if healing { ctx.timing.retry } else { ctx.timing.refresh_spread() }),
+                action: Action::requeue(if healing {
+                    ctx.timing.retry
+                } else {
+                    ctx.timing.refresh_for(obj.metadata.uid.as_deref().unwrap_or_default())
+                }),
             })
         }
         .boxed()

@@ -29,17 +29,44 @@ pub async fn until_ready(ctx: &Context, ns: &str, secret: &SecretKeyRef, recorde
 pub async fn check(ctx: &Context, ns: &str, secret: &SecretKeyRef, target: &Target) -> Option<Cond> {
     let (db, mut first) = deps::connect(ctx, ns, secret).await.ok()?;
     let mut checks = database::server_checks(&mut first).await;
-    // A second connection of its own (not the pool's): the pool may hand back the first.
-    let url = deps::secret_url(&ctx.client, ns, secret).await.ok()?;
-    let opts = crate::db::parse_database_url(url.expose())?.application_name("lockstep");
-    if let Ok(mut second) = sqlx::PgConnection::connect_with(&opts).await {
-        if let Ok(f) = database::pooler(&mut first, &mut second).await {
-            checks.push(crate::doctor::verdicts::pooler(&f));
+    match ctx.poolers.recent(&db.url_key) {
+        Some(c) => checks.push(c),
+        None => {
+            // A second connection of its own (not the pool's): the pool may hand back the first.
+            let url = deps::secret_url(&ctx.client, ns, secret).await.ok()?;
+            let opts = crate::db::parse_database_url(url.expose())?.application_name("lockstep");
+            if let Ok(mut second) = sqlx::PgConnection::connect_with(&opts).await {
+                if let Ok(f) = database::pooler(&mut first, &mut second).await {
+                    let c = crate::doctor::verdicts::pooler(&f);
+                    ctx.poolers.remember(&db.url_key, c.clone());
+                    checks.push(c);
+                }
+                let _ = second.close().await;
+            }
         }
-        let _ = second.close().await;
     }
     checks.extend(database::privilege_checks(&mut first, target).await);
     Some(verdict(&db.location, &checks))
+}
+
+/// The pooler check by database URL (its `url_key`), for a minute: it opens a connection outside
+/// the pool, and objects created together (or failing together) would each open one.
+#[derive(Default)]
+pub struct Poolers(std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Check)>>);
+
+impl Poolers {
+    const FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+    pub fn recent(&self, url_key: &str) -> Option<Check> {
+        let mut map = self.0.lock().expect("poolers lock");
+        map.retain(|_, (at, _)| at.elapsed() < Self::FOR);
+        map.get(url_key).map(|(_, c)| c.clone())
+    }
+
+    pub fn remember(&self, url_key: &str, c: Check) {
+        let mut map = self.0.lock().expect("poolers lock");
+        map.insert(url_key.to_owned(), (std::time::Instant::now(), c));
+    }
 }
 
 /// The first failed check names the condition's message; warnings do not fail it. Pure.

@@ -98,6 +98,11 @@ pub type Valid<R> = <<R as Reconciler>::K as Kind>::Valid;
 
 /// The reconcile function handed to kube's Controller.
 pub async fn reconcile<R: Reconciler>(obj: Arc<DeserializeGuard<R::K>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // Held until the reconcile ends; a refresh without a free turn comes back later.
+    let _turn = match turn::<R>(&obj, &ctx) {
+        Ok(turn) => turn,
+        Err(later) => return Ok(later),
+    };
     let started = Instant::now();
     // Boxed so the compiler checks Send with concrete lifetimes (rust-lang/rust#100013).
     let r = run::<R>(&obj, &ctx).boxed().await;
@@ -110,6 +115,41 @@ pub async fn reconcile<R: Reconciler>(obj: Arc<DeserializeGuard<R::K>>, ctx: Arc
     tracing::debug!(controller = R::NAME, %name, ?namespace, elapsed_ms, ?failure, "reconciled");
     ctx.observe(R::NAME, started.elapsed(), failure);
     r.map(|(a, _)| a)
+}
+
+/// A refresh (the status already shows this spec: the timer, a finished purge, a watched child
+/// that changed) runs only with one of `--refresh-concurrency` turns free; without one it is
+/// deferred by 1-3 s, waiting nowhere: a spec change of its object starts at once, never behind
+/// it. Spec changes, first reconciles and deletions take no turn, nor do objects whose tables are
+/// not ready (SchemaReady not True): they wait to heal (a Secret created, a database back), and
+/// on a busy operator their retries would otherwise lose to the refreshes of healthy objects.
+fn turn<R: Reconciler>(obj: &DeserializeGuard<R::K>, ctx: &Context) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Action> {
+    let (Some(turns), Ok(k)) = (&ctx.refreshes, &obj.0) else {
+        return Ok(None);
+    };
+    let status = k.current_status();
+    let tables_ready = status
+        .conditions()
+        .iter()
+        .find(|c| c.type_ == condition::SCHEMA_READY)
+        .is_none_or(|c| c.status == "True");
+    let refresh = k.meta().deletion_timestamp.is_none()
+        && status.observed_generation() == k.meta().generation
+        && !status.conditions().is_empty()
+        && tables_ready;
+    if !refresh {
+        return Ok(None);
+    }
+    match turns.clone().try_acquire_owned() {
+        Ok(permit) => Ok(Some(permit)),
+        Err(_) => {
+            ctx.metrics.refreshes_deferred.inc();
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            Err(Action::requeue(std::time::Duration::from_millis(1000 + u64::from(nanos % 2000))))
+        }
+    }
 }
 
 /// The error policy handed to kube's Controller.

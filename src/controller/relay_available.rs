@@ -111,19 +111,66 @@ pub async fn apply(ctx: &Context, obj: &OutboxRelay, ns: &str, v: &ValidOutboxRe
         .get_metadata_opt(&name)
         .await
         .map_err(|e| failed(format!("cannot read Deployment {ns}/{name}: {e}")))?;
-    if let Some(holder) = existing.and_then(|m| foreign_holder(&m.metadata, uid)) {
+    if let Some(holder) = existing.as_ref().and_then(|m| foreign_holder(&m.metadata, uid)) {
         return Err(foreign_child("Deployment", ns, &name, &holder));
     }
-    let applied = api
-        .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&d))
-        .await
-        .map_err(|e| failed(format!("cannot apply Deployment {ns}/{name}: {e}")))?;
+    let desired = Applied::digest(&d);
+    let version = existing.and_then(|m| m.metadata.resource_version);
+    let available = match ctx.relay_applies.unchanged(uid, desired, version.as_deref()) {
+        Some(available) => available,
+        None => {
+            let applied = api
+                .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&d))
+                .await
+                .map_err(|e| failed(format!("cannot apply Deployment {ns}/{name}: {e}")))?;
+            let available = applied.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
+            ctx.relay_applies.record(uid, desired, applied.metadata.resource_version, available);
+            available
+        }
+    };
     match apply_budget(ctx, obj, ns, v).await {
         Ok(None) => {}
         Ok(Some(holder)) => return Err(foreign_child("PodDisruptionBudget", ns, &name, &holder)),
         Err(e) => return Err(failed(format!("cannot apply PodDisruptionBudget {ns}/{name}: {e}"))),
     }
-    Ok(applied.status.and_then(|s| s.available_replicas).unwrap_or(0))
+    Ok(available)
+}
+
+/// What the operator last applied to each relay Deployment (by OutboxRelay uid): the digest of
+/// what it sent, the Deployment's resourceVersion after, and its available pods then. A refresh
+/// that would send the same to a Deployment nobody changed since (same resourceVersion: not its
+/// spec, not its status, not its labels) skips the apply: it would change nothing, and 1,000
+/// relays refreshing made these applies a good share of the API server's work.
+#[derive(Default)]
+pub struct Applied(std::sync::Mutex<std::collections::HashMap<String, (u64, String, i32)>>);
+
+impl Applied {
+    pub fn digest(d: &Deployment) -> u64 {
+        use sha2::{Digest, Sha256};
+        let bytes = serde_json::to_vec(d).unwrap_or_default();
+        u64::from_be_bytes(Sha256::digest(bytes)[..8].try_into().expect("8 bytes"))
+    }
+
+    /// The available pods recorded when `desired` was applied, if the Deployment is still at the
+    /// resourceVersion that apply left.
+    pub fn unchanged(&self, uid: &str, desired: u64, version: Option<&str>) -> Option<i32> {
+        let map = self.0.lock().expect("applied lock");
+        let (digest, at, available) = map.get(uid)?;
+        (*digest == desired && Some(at.as_str()) == version).then_some(*available)
+    }
+
+    pub fn record(&self, uid: &str, desired: u64, version: Option<String>, available: i32) {
+        let mut map = self.0.lock().expect("applied lock");
+        match version {
+            Some(v) => map.insert(uid.to_owned(), (desired, v, available)),
+            None => map.remove(uid),
+        };
+    }
+
+    /// Forget the relays of objects that are gone.
+    pub fn retain(&self, alive: impl Fn(&str) -> bool) {
+        self.0.lock().expect("applied lock").retain(|uid, _| alive(uid));
+    }
 }
 
 /// The policy version the API server serves PodDisruptionBudgets at: v1, or v1beta1 before
@@ -211,6 +258,21 @@ mod tests {
         assert!(c.message.contains("2/2 relay pods available"), "{}", c.message);
         // The lock counts even while the Deployment's pods are not (yet) available.
         assert_eq!(verdict(&seen(2, 0, true)).status, Status::True);
+    }
+
+    #[test]
+    fn an_apply_is_skipped_only_for_the_same_deployment_unchanged_since() {
+        let a = Applied::default();
+        assert_eq!(a.unchanged("u", 1, Some("10")), None);
+        a.record("u", 1, Some("10".into()), 2);
+        assert_eq!(a.unchanged("u", 1, Some("10")), Some(2));
+        // Something else to send, the Deployment changed (or gone), another object: applied.
+        assert_eq!(a.unchanged("u", 2, Some("10")), None);
+        assert_eq!(a.unchanged("u", 1, Some("11")), None);
+        assert_eq!(a.unchanged("u", 1, None), None);
+        assert_eq!(a.unchanged("v", 1, Some("10")), None);
+        a.retain(|uid| uid != "u");
+        assert_eq!(a.unchanged("u", 1, Some("10")), None);
     }
 
     #[test]

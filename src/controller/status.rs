@@ -27,6 +27,7 @@ use crate::{
 /// A status with Kubernetes conditions and an observed generation.
 pub trait Conditioned: Clone + Default + PartialEq + Serialize + Send + Sync {
     fn conditions(&self) -> &[Condition];
+    fn observed_generation(&self) -> Option<i64>;
     fn set_conditions(&mut self, generation: Option<i64>, conditions: Vec<Condition>);
 }
 
@@ -35,6 +36,9 @@ macro_rules! conditioned {
         impl Conditioned for $t {
             fn conditions(&self) -> &[Condition] {
                 &self.conditions
+            }
+            fn observed_generation(&self) -> Option<i64> {
+                self.observed_generation
             }
             fn set_conditions(&mut self, generation: Option<i64>, conditions: Vec<Condition>) {
                 self.observed_generation = generation;

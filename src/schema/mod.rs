@@ -11,6 +11,7 @@ mod contract;
 mod drop;
 mod outbox;
 mod owners;
+mod settled;
 mod tables;
 mod wiring;
 
@@ -286,6 +287,9 @@ impl<'a> Plan<'a> {
 /// Bring a table to the newest version of its kind (or, with `manage` false, only verify it).
 pub async fn migrate(conn: &mut PgConnection, kind: TableKind, t: &QualifiedName, manage: bool) -> Result<MigrationOutcome, SchemaError> {
     let plan = Plan::new(kind, t);
+    if let Ok(Some(outcome)) = settled::settled(conn, &plan, manage).boxed().await {
+        return Ok(outcome);
+    }
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     let limits = format!("set local lock_timeout = '{LOCK_TIMEOUT}'; set local statement_timeout = '{STATEMENT_TIMEOUT}'");
     sqlx::Executor::execute(&mut *tx, limits.as_str()).await?;

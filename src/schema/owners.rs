@@ -66,17 +66,28 @@ pub fn owners_ddl(schema: &Ident) -> String {
     )
 }
 
-/// The owners table of `schema` exists (it is made only where lockstep manages a table).
+/// The owners table of `schema` exists (it is made only where lockstep manages a table). A scan
+/// of the catalog, not `to_regclass`, whose miss the session would remember (see
+/// `settled::settled`) before the `create table if not exists` of a claim.
 async fn owners_exist(conn: &mut PgConnection, schema: &Ident) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("select to_regclass($1) is not null")
-        .bind(owners_table(schema).to_string())
-        .fetch_one(&mut *conn)
-        .await
+    sqlx::query_scalar(
+        "select exists (select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = $1 and c.relname = $2)",
+    )
+    .bind(schema.as_str())
+    .bind(OWNERS_TABLE)
+    .fetch_one(&mut *conn)
+    .await
 }
 
 /// Claim `t` for `me` unless another object holds it. With `manage` false the owners table is
 /// used when it exists and never created.
 pub async fn claim(conn: &mut PgConnection, t: &QualifiedName, me: &Owner, manage: bool) -> Result<Claimed, sqlx::Error> {
+    // Held by `me` already (every refresh after the first): read only, no DDL, no write.
+    if let Ok(Some(h)) = holder(conn, t).await {
+        if h == *me {
+            return Ok(Claimed::Ours);
+        }
+    }
     let owners = owners_table(&t.schema);
     if manage {
         sqlx::Executor::execute(&mut *conn, owners_ddl(&t.schema).as_str()).await?;

@@ -194,6 +194,8 @@ pub fn operator() -> std::net::SocketAddr {
                     identity: None,
                     relay_image: "lockstep:test".into(),
                     relay_image_prefixes: vec![],
+                    db_pool_size: 4,
+                    refresh_concurrency: 4,
                 };
                 lockstep::operator::run(client, args, tokio_util::sync::CancellationToken::new())
                     .await

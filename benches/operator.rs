@@ -80,7 +80,14 @@ async fn acquires(addr: &str) -> (f64, f64, f64) {
 /// (busy, total) jiffies of every CPU of the machine, from /proc/stat.
 fn machine_busy() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<f64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     let idle = f.get(3).copied().unwrap_or(0.0) + f.get(4).copied().unwrap_or(0.0);
     let total: f64 = f.iter().take(8).sum();
     (total - idle, total)
@@ -133,7 +140,14 @@ async fn main() {
     let extra = std::env::var("BENCH_OPERATOR_ARGS").unwrap_or_default();
     let log = std::env::var("BENCH_OPERATOR_LOG").ok();
     let mut operator = Command::new(exe)
-        .args(["operator", "--metrics-addr", &addr, "--leader-election=false", "--watch-namespace", &ns])
+        .args([
+            "operator",
+            "--metrics-addr",
+            &addr,
+            "--leader-election=false",
+            "--watch-namespace",
+            &ns,
+        ])
         .args(extra.split_whitespace())
         .env("RUST_LOG", std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .stderr(log.map_or_else(Stdio::null, |f| std::fs::File::create(f).expect("BENCH_OPERATOR_LOG").into()))
@@ -239,7 +253,11 @@ async fn main() {
     );
     let mut worst = latencies.clone();
     worst.sort_by(|a, b| b.total_cmp(a));
-    println!("  p90 {:.0} ms, slowest 5: {:.0?} ms", pct(latencies, 0.9), &worst[..worst.len().min(5)]);
+    println!(
+        "  p90 {:.0} ms, slowest 5: {:.0?} ms",
+        pct(latencies, 0.9),
+        &worst[..worst.len().min(5)]
+    );
     let q = quiet.as_secs_f64();
     println!(
         "  steady state before the changes ({q:.0}s): {:.1} reconciles/s, {:.1} ms CPU per reconcile, operator {:.0}% of a core, machine {:.0}% busy",

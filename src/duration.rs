@@ -132,7 +132,9 @@ impl JsonSchema for Duration {
 pub fn phased(period: StdDuration, key: &str, now: std::time::SystemTime) -> StdDuration {
     let p = period.as_nanos().max(1);
     // FNV-1a: stable across builds and platforms.
-    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let hash = key
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     let since = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
     let mut wait = (u128::from(hash) % p + p - since % p) % p;
     if wait < p / 10 * 9 {

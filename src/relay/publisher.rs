@@ -264,7 +264,7 @@ impl Relay {
         let Some(o) = self.buckets.as_mut() else {
             return Ok(false);
         };
-        Ok(lock.bound(async { Ok(o.tick(conn, settled).await?) }).await?)
+        lock.bound(async { Ok(o.tick(conn, settled).await?) }).await
     }
 
     fn giving_back(&self) -> bool {

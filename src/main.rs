@@ -289,6 +289,8 @@ operator --lease-namespace env=POD_NAMESPACE default=default
 operator --identity env=POD_NAME default=
 operator --relay-image env=LOCKSTEP_RELAY_IMAGE default=ghcr.io/lockstep-dev/lockstep:{version}
 operator --relay-image-prefixes env=LOCKSTEP_RELAY_IMAGE_PREFIXES default=
+operator --db-pool-size env=LOCKSTEP_DB_POOL_SIZE default=4
+operator --refresh-concurrency env=LOCKSTEP_REFRESH_CONCURRENCY default=4
 relay --database-url env=DATABASE_URL default=
 relay --database-url-file env=DATABASE_URL_FILE default=
 relay --schema env=LOCKSTEP_SCHEMA default=public
@@ -301,6 +303,7 @@ relay --key env=LOCKSTEP_KEY default=aggregateid
 relay --batch-size env=LOCKSTEP_BATCH_SIZE default=500
 relay --poll-interval env=LOCKSTEP_POLL_INTERVAL default=1s
 relay --max-attempts env=LOCKSTEP_MAX_ATTEMPTS default=10
+relay --buckets env=LOCKSTEP_BUCKETS default=1
 relay --linger-ms env=LOCKSTEP_LINGER_MS default=5
 relay --compression env=LOCKSTEP_COMPRESSION default=lz4
 relay --cleanup env=LOCKSTEP_CLEANUP default=delete

@@ -286,10 +286,12 @@ fn metric_names_are_exact() {
     assert_eq!(
         names(&operator),
         r#"lockstep_build_info gauge
+lockstep_db_acquire_seconds histogram
 lockstep_inbox_purge_duration_seconds histogram
 lockstep_inbox_purge_failures counter
 lockstep_inbox_purged_rows counter
 lockstep_leader gauge
+lockstep_refreshes_deferred counter
 "#
     );
     let relay = metric_types(&lockstep::relay::RelayMetrics::default().render());

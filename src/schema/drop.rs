@@ -28,6 +28,20 @@ pub async fn table_exists(conn: &mut PgConnection, t: &QualifiedName) -> Result<
         .await
 }
 
+/// Relation `name` of `schema` is in the catalog. A scan of the catalog, not `to_regclass`: a
+/// name lookup that finds nothing is remembered by the session (a negative catalog cache entry)
+/// until it next processes invalidations, and a later `create ... if not exists` after waiting
+/// for a session that created it meanwhile would then try to create it again and fail.
+pub async fn in_catalog(conn: &mut PgConnection, schema: &str, name: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "select exists (select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = $1 and c.relname = $2)",
+    )
+    .bind(schema)
+    .bind(name)
+    .fetch_one(&mut *conn)
+    .await
+}
+
 /// Drop `tables` and forget their migration history, inside the caller's transaction, each under
 /// its migration lock (a migration of the same table waits, then starts from nothing).
 pub async fn drop_tables(conn: &mut PgConnection, tables: &[(TableKind, &QualifiedName)]) -> Result<(), sqlx::Error> {

@@ -103,13 +103,7 @@ pub async fn observe(conn: &mut PgConnection, t: &QualifiedName) -> Result<Optio
     .fetch_all(&mut *conn)
     .await?;
     if rows.is_empty() {
-        let exists: bool = sqlx::query_scalar(
-            "select exists (select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = $1 and c.relname = $2)",
-        )
-        .bind(t.schema.as_str())
-        .bind(t.table.as_str())
-        .fetch_one(&mut *conn)
-        .await?;
+        let exists = drop::in_catalog(conn, t.schema.as_str(), t.table.as_str()).await?;
         if !exists {
             return Ok(None);
         }

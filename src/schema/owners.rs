@@ -66,17 +66,10 @@ pub fn owners_ddl(schema: &Ident) -> String {
     )
 }
 
-/// The owners table of `schema` exists (it is made only where lockstep manages a table). A scan
-/// of the catalog, not `to_regclass`, whose miss the session would remember (see
-/// `settled::settled`) before the `create table if not exists` of a claim.
+/// The owners table of `schema` exists (it is made only where lockstep manages a table), read as
+/// `drop::in_catalog` reads it, before the `create table if not exists` of a claim.
 async fn owners_exist(conn: &mut PgConnection, schema: &Ident) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "select exists (select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = $1 and c.relname = $2)",
-    )
-    .bind(schema.as_str())
-    .bind(OWNERS_TABLE)
-    .fetch_one(&mut *conn)
-    .await
+    super::drop::in_catalog(conn, schema.as_str(), OWNERS_TABLE).await
 }
 
 /// Claim `t` for `me` unless another object holds it. With `manage` false the owners table is

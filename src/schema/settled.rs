@@ -16,17 +16,8 @@ pub(super) async fn settled(conn: &mut PgConnection, p: &Plan<'_>, manage: bool)
         return Ok(verify(conn, p).boxed().await.ok());
     }
     let history = &p.history;
-    // A scan of the catalog, not `to_regclass`: a name lookup that finds nothing is remembered by
-    // this session (a negative catalog cache entry) until it next processes invalidations, and the
-    // locked path's `create schema if not exists`, run after waiting for another session that
-    // created the schema meanwhile, would then try to create it again and fail.
-    let exists: bool = sqlx::query_scalar(
-        "select exists (select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = $1 and c.relname = $2)",
-    )
-    .bind(history.schema.as_str())
-    .bind(history.table.as_str())
-    .fetch_one(&mut *conn)
-    .await?;
+    // Not `to_regclass`: see `drop::in_catalog`.
+    let exists = super::drop::in_catalog(conn, history.schema.as_str(), history.table.as_str()).await?;
     if !exists {
         return Ok(None);
     }

@@ -503,6 +503,7 @@ async fn latencies(side: &Side, pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &
             &relay.commit_to_ack,
             &took,
         );
+        show_stages(&relay.stages);
         added.push(r99 - d99);
         base99.push(d99);
         direct_all.extend(direct);
@@ -533,6 +534,38 @@ async fn latencies(side: &Side, pool: &sqlx::PgPool, cfg: &RelayConfig, topic: &
         base99[0],
         base99[base99.len() - 1]
     );
+}
+
+/// Where the relay's rows spent their time (`lockstep::relay::stages`): each stage's p50 over all
+/// rows, then its mean over the rows whose created_at-to-ack is in the slowest 1%, so a wait in
+/// the tail shows in the stage that holds it.
+fn show_stages(stages: &[lockstep::relay::stages::Stages]) {
+    use lockstep::relay::stages::STAGES;
+    if stages.is_empty() {
+        return;
+    }
+    let ms = |x: f64| x * 1000.0;
+    let p50: Vec<String> = (0..STAGES.len())
+        .map(|k| {
+            let mut v: Vec<f64> = stages.iter().map(|s| s[k]).collect();
+            v.sort_by(f64::total_cmp);
+            format!("{} {:.1}", STAGES[k], ms(v[v.len() / 2]))
+        })
+        .collect();
+    let mut by_total: Vec<&lockstep::relay::stages::Stages> = stages.iter().collect();
+    by_total.sort_by(|a, b| a[..4].iter().sum::<f64>().total_cmp(&b[..4].iter().sum::<f64>()));
+    let tail = &by_total[by_total.len() - by_total.len().div_ceil(100)..];
+    let mean: Vec<String> = (0..STAGES.len())
+        .map(|k| {
+            format!(
+                "{} {:.1}",
+                STAGES[k],
+                ms(tail.iter().map(|s| s[k]).sum::<f64>() / tail.len() as f64)
+            )
+        })
+        .collect();
+    println!("    stages p50 (ms): {}", p50.join(", "));
+    println!("    slowest 1% ({} rows), mean (ms): {}", tail.len(), mean.join(", "));
 }
 
 /// The mean of `x` and the half-width of its 95% confidence interval (Student's t): how far a

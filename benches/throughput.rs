@@ -191,7 +191,7 @@ where
     let tps = window.await;
     let mut cpu = CpuTimes::now().since(t0);
     let p1 = ProcessTimes::now();
-    let relay: Vec<i32> = sqlx::query_scalar("select pid from pg_stat_activity where application_name = 'lockstep-relay'")
+    let relay: Vec<i32> = sqlx::query_scalar("select pid from pg_stat_activity where application_name like 'lockstep-relay%'")
         .fetch_all(pool)
         .await
         .unwrap_or_default();

@@ -70,6 +70,9 @@ pub mod reason {
     pub const PREREQUISITE_FAILED: &str = "PrerequisiteFailed";
     /// With spec.relay.buckets above 1: some buckets have no relay, their events wait.
     pub const BUCKETS_UNOWNED: &str = "BucketsUnowned";
+    /// With spec.relay.buckets above 1: some buckets have had no owner for less than the grace
+    /// (relays taking a stopped relay's share); RelayAvailable stays True.
+    pub const BUCKETS_MOVING: &str = "BucketsMoving";
     /// Relays of another bucket count than the spec's still hold the outbox (a change rolling out).
     pub const BUCKETS_CHANGING: &str = "BucketsChanging";
 }

@@ -112,6 +112,7 @@ async fn run_controllers(
         admins: Default::default(),
         poolers: Default::default(),
         relay_applies: Default::default(),
+        unowned: Default::default(),
         lag_clients: Default::default(),
         caches: Caches {
             inboxes: watches.inboxes.store(),

@@ -106,6 +106,8 @@ pub struct Context {
     pub poolers: super::prerequisites::Poolers,
     /// The relay Deployments as last applied (a refresh skips an apply that changes nothing).
     pub relay_applies: super::relay_available::Applied,
+    /// Since when each OutboxRelay's buckets have been without an owner (RelayAvailable's grace).
+    pub unowned: super::relay_available::Unowned,
     /// Consumers for InboxTable consumer lag, shared between reconciles.
     pub lag_clients: Arc<crate::consumer_lag::LagClients>,
     pub caches: Caches,

@@ -94,7 +94,7 @@ impl Reconciler for OutboxRelays {
             }
             let (topics_cond, topics, leader_only) = relay_topics::topics(ctx, obj, previous, &valid).boxed().await;
 
-            let (relay_cond, shares) = relays(ctx, obj, &ns, &valid, pool.as_ref()).await;
+            let (relay_cond, shares, groups) = relays(ctx, obj, &ns, &valid, pool.as_ref(), previous).await;
             // A relay scaled to zero on purpose does not make the resource unready, nor is it
             // something to look at again soon.
             let mut parts = vec![&schema_cond, &topics_cond];
@@ -102,16 +102,18 @@ impl Reconciler for OutboxRelays {
                 parts.push(&relay_cond);
             }
             // Deployment availability arrives through the Deployment watch: no need to poll it.
-            let healing = parts
-                .iter()
-                .any(|c| c.status != Status::True && ![reason::DEPLOYMENT_UNAVAILABLE, reason::PERMISSION_DENIED].contains(&c.reason));
+            // Buckets changing hands are looked at again before their grace ends.
+            let healing = relay_cond.reason == reason::BUCKETS_MOVING
+                || parts
+                    .iter()
+                    .any(|c| c.status != Status::True && ![reason::DEPLOYMENT_UNAVAILABLE, reason::PERMISSION_DENIED].contains(&c.reason));
             let ready = conditions::ready(
                 &parts,
                 format!("{} is migrated, its topics are configured and a relay is active", valid.table),
             );
             // Lag is health, not readiness: it stays out of Ready, which `kubectl wait` watches.
             let last_replay = replay(ctx, obj, &valid, pool.as_ref(), previous).await;
-            let (lag_cond, lag) = self::lag(pool.as_ref(), &valid, previous).await;
+            let (lag_cond, lag) = self::lag(pool.as_ref(), &valid, previous, &groups).await;
             if let Some(l) = &lag {
                 let before = previous.lag.as_ref().map(|p| p.quarantined);
                 dead_letters::report_new(ctx, obj, &valid, before, l.quarantined).await;
@@ -188,10 +190,17 @@ async fn replay(
 
 /// Apply the relay Deployment and judge RelayAvailable (the locks are seen once the tables are
 /// ready); also `status.buckets`, `bucketsOwned` and `relays`, unchanged when pg_locks cannot be read.
-async fn relays(ctx: &Context, obj: &OutboxRelay, ns: &str, valid: &ValidOutboxRelay, pool: Option<&PgPool>) -> (Cond, Option<Shares>) {
+async fn relays(
+    ctx: &Context,
+    obj: &OutboxRelay,
+    ns: &str,
+    valid: &ValidOutboxRelay,
+    pool: Option<&PgPool>,
+    previous: &OutboxRelayStatus,
+) -> (Cond, Option<Shares>, Vec<lag::Group>) {
     let available = match relay_available::apply(ctx, obj, ns, valid).await {
         Ok(n) => n,
-        Err(c) => return (c, None),
+        Err(c) => return (c, None, vec![]),
     };
     let locks = match pool {
         Some(p) => match relay_buckets::read(p, valid).await {
@@ -202,7 +211,7 @@ async fn relays(ctx: &Context, obj: &OutboxRelay, ns: &str, valid: &ValidOutboxR
                     reason::DATABASE_ERROR,
                     format!("cannot read pg_locks: {e}"),
                 );
-                return (c, None);
+                return (c, None, vec![]);
             }
         },
         None => relay_buckets::Locks::default(),
@@ -215,13 +224,25 @@ async fn relays(ctx: &Context, obj: &OutboxRelay, ns: &str, valid: &ValidOutboxR
         _ => None,
     };
     let shares = pool.map(|_| relay_buckets::shares(valid.buckets, &locks, oldest.as_ref()));
+    let groups = match &shares {
+        Some((_, _, relays)) => lag::groups(valid.buckets, relays, &locks.holdings.owners, oldest.as_ref()),
+        None => vec![],
+    };
+    let was_available = previous
+        .conditions
+        .iter()
+        .any(|c| c.type_ == condition::RELAY_AVAILABLE && c.status == "True");
+    let uid = obj.metadata.uid.as_deref().unwrap_or_default();
+    let unowned = pool.is_some() && relay_buckets::unowned(valid.buckets, &locks);
+    let unowned_for = ctx.unowned.seen(uid, unowned, std::time::Instant::now()).filter(|_| was_available);
     let seen = relay_available::Seen {
         wanted: relay_deployment::replicas(valid),
         available,
         buckets: valid.buckets,
         locks,
+        unowned_for,
     };
-    (relay_available::verdict(&seen), shares)
+    (relay_available::verdict(&seen), shares, groups)
 }
 
 /// `status.buckets`, `bucketsOwned`, `relays`.
@@ -243,7 +264,12 @@ fn with_shares(status: OutboxRelayStatus, valid: &ValidOutboxRelay, shares: Opti
 }
 
 /// LagHealthy and the measured lag, once the tables are ready (`pool`).
-async fn lag(pool: Option<&PgPool>, valid: &ValidOutboxRelay, previous: &OutboxRelayStatus) -> (Cond, Option<LagStatus>) {
+async fn lag(
+    pool: Option<&PgPool>,
+    valid: &ValidOutboxRelay,
+    previous: &OutboxRelayStatus,
+    groups: &[lag::Group],
+) -> (Cond, Option<LagStatus>) {
     let t = condition::LAG_HEALTHY;
     let Some(pool) = pool else {
         return (Cond::unknown(t, reason::SCHEMA_MISSING, "waiting for SchemaReady"), None);
@@ -254,7 +280,10 @@ async fn lag(pool: Option<&PgPool>, valid: &ValidOutboxRelay, previous: &OutboxR
         _ => Status::Unknown,
     });
     match lag::measure_lag(pool, valid).await {
-        Ok(l) => (lag::verdict(was, &l, valid.max_oldest_age), Some(l.status(Time(Timestamp::now())))),
+        Ok(l) => (
+            lag::verdict(was, &l, valid.max_oldest_age, groups),
+            Some(l.status(Time(Timestamp::now()))),
+        ),
         Err(e) => (
             Cond::unknown(t, reason::DATABASE_ERROR, format!("cannot measure the outbox: {e}")),
             None,

@@ -29,6 +29,8 @@ pub struct Seen {
     pub buckets: u16,
     /// The relay locks pg_locks shows (none before the tables are ready).
     pub locks: Locks,
+    /// How long some buckets have been without an owner since RelayAvailable was last True.
+    pub unowned_for: Option<std::time::Duration>,
 }
 
 /// RelayAvailable. Pure. Relaying happens when some relay holds the lock (buckets 1) or the
@@ -53,7 +55,7 @@ pub fn verdict(seen: &Seen) -> Cond {
         return c;
     }
     if seen.buckets > 1 {
-        return relay_buckets::verdict(seen.buckets, &seen.locks, seen.available, &pods);
+        return relay_buckets::verdict(seen.buckets, &seen.locks, seen.available, &pods, seen.unowned_for);
     }
     match (seen.available, seen.locks.single) {
         (_, true) => Cond::yes(t, reason::AVAILABLE, format!("a relay holds the outbox lock; {pods}")),
@@ -67,6 +69,24 @@ pub fn verdict(seen: &Seen) -> Cond {
             reason::NO_ACTIVE_RELAY,
             format!("{pods} but none holds the outbox lock: they cannot reach the database or are preparing the tables; see their logs"),
         ),
+    }
+}
+
+/// Since when each object's buckets (by uid) have been without an owner, as the operator saw it;
+/// in memory, so an operator restart starts the grace again.
+#[derive(Default)]
+pub struct Unowned(std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>);
+
+impl Unowned {
+    /// How long `uid`'s buckets have been without an owner, given what is seen `now` (`unowned`);
+    /// None once they all have one.
+    pub fn seen(&self, uid: &str, unowned: bool, now: std::time::Instant) -> Option<std::time::Duration> {
+        let mut map = self.0.lock().expect("unowned lock");
+        if !unowned {
+            map.remove(uid);
+            return None;
+        }
+        Some(now.saturating_duration_since(*map.entry(uid.to_owned()).or_insert(now)))
     }
 }
 
@@ -248,7 +268,19 @@ mod tests {
                 single: active,
                 ..Locks::default()
             },
+            unowned_for: None,
         }
+    }
+
+    #[test]
+    fn unowned_buckets_are_timed_from_when_first_seen() {
+        let (u, t0) = (Unowned::default(), std::time::Instant::now());
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(u.seen("a", true, t0), Some(secs(0)));
+        assert_eq!(u.seen("a", true, t0 + secs(3)), Some(secs(3)));
+        assert_eq!(u.seen("b", true, t0 + secs(3)), Some(secs(0)), "per object");
+        assert_eq!(u.seen("a", false, t0 + secs(4)), None);
+        assert_eq!(u.seen("a", true, t0 + secs(5)), Some(secs(0)), "timed again");
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! (`crate::buckets`). From it, RelayAvailable with buckets (every bucket owned?), a change of
 //! `spec.relay.buckets` rolling out, and `status.relays`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use sqlx::{PgPool, Row};
 
@@ -11,7 +14,7 @@ use crate::{
     buckets::{class_key, Holdings},
     conditions::{condition, reason, Cond},
     crd::{Cleanup, RelayShare, ValidOutboxRelay},
-    relay::lock_key,
+    relay::{identity::host_of, lock_key},
     schema,
 };
 
@@ -176,9 +179,21 @@ pub fn changing(buckets: u16, locks: &Locks, pods: &str) -> Option<Cond> {
     ))
 }
 
+/// How long buckets may be without an owner, once RelayAvailable was True, before it turns False:
+/// a stopped relay's buckets are taken within seconds (a rollout, a scale-down, an eviction), and
+/// the condition is for what lasts longer.
+pub const UNOWNED_GRACE: Duration = Duration::from_secs(10);
+
+/// Some bucket has no owner.
+pub fn unowned(buckets: u16, locks: &Locks) -> bool {
+    buckets > 1 && locks.holdings.owners.len() < usize::from(buckets)
+}
+
 /// RelayAvailable with buckets (`buckets` > 1, no change rolling out). Pure. Available when every
-/// bucket has an owner; each unowned bucket's events wait.
-pub fn verdict(buckets: u16, locks: &Locks, available: i32, pods: &str) -> Cond {
+/// bucket has an owner; each unowned bucket's events wait. `unowned_for`: how long some buckets
+/// have been without an owner since RelayAvailable was last True; within [`UNOWNED_GRACE`] they
+/// are changing hands, and it stays True.
+pub fn verdict(buckets: u16, locks: &Locks, available: i32, pods: &str, unowned_for: Option<Duration>) -> Cond {
     let t = condition::RELAY_AVAILABLE;
     let h = &locks.holdings;
     let shares = h.shares();
@@ -208,6 +223,17 @@ pub fn verdict(buckets: u16, locks: &Locks, available: i32, pods: &str) -> Cond 
     if owned >= all {
         return Cond::yes(t, reason::AVAILABLE, summary);
     }
+    if let Some(d) = unowned_for.filter(|d| *d < UNOWNED_GRACE) {
+        return Cond::yes(
+            t,
+            reason::BUCKETS_MOVING,
+            format!(
+                "{} of {all} buckets are changing hands (without an owner for {:.1}s; BucketsUnowned after {UNOWNED_GRACE:?}): {summary}",
+                all - owned,
+                d.as_secs_f64()
+            ),
+        );
+    }
     Cond::no(
         t,
         reason::BUCKETS_UNOWNED,
@@ -232,6 +258,7 @@ pub fn shares(buckets: u16, locks: &Locks, oldest: Option<&BTreeMap<u16, f64>>) 
         .map(|(pid, owned)| RelayShare {
             pid,
             application_name: locks.names.get(&pid).cloned(),
+            pod: locks.names.get(&pid).and_then(|n| host_of(n)).map(str::to_owned),
             buckets: owned.len() as i32,
             oldest_pending_age_seconds: oldest.map(|ages| owned.iter().filter_map(|b| ages.get(b)).fold(0.0, |a: f64, x| a.max(*x))),
         })
@@ -265,32 +292,52 @@ mod tests {
     fn available_when_every_bucket_has_an_owner() {
         let l = locks(64, &[(10, 0..22), (20, 22..43), (30, 43..64)]);
         assert_eq!(changing(64, &l, PODS), None);
-        let c = verdict(64, &l, 3, PODS);
+        let c = verdict(64, &l, 3, PODS, None);
         assert_eq!((c.status, c.reason), (Status::True, reason::AVAILABLE));
         assert_eq!(c.message, "3 relays own 64/64 buckets (22, 21, 21); 3/3 relay pods available");
         // More relays than buckets: one owns none, and that is fine.
         let l = locks(64, &[(10, 0..64), (20, 0..0)]);
-        assert!(verdict(64, &l, 2, PODS).message.starts_with("2 relays own 64/64 buckets (64, 0)"));
+        assert!(verdict(64, &l, 2, PODS, None)
+            .message
+            .starts_with("2 relays own 64/64 buckets (64, 0)"));
     }
 
     #[test]
     fn unowned_buckets_are_counted() {
         let l = locks(64, &[(10, 0..22), (30, 43..64)]);
-        let c = verdict(64, &l, 3, PODS);
+        let c = verdict(64, &l, 3, PODS, None);
         assert_eq!((c.status, c.reason), (Status::False, reason::BUCKETS_UNOWNED));
         assert!(c.message.starts_with("21 of 64 buckets have no owner"), "{}", c.message);
         assert!(c.message.contains("2 relays own 43/64 buckets (22, 21)"), "{}", c.message);
     }
 
     #[test]
+    fn buckets_changing_hands_stay_available_for_a_grace() {
+        let l = locks(64, &[(10, 0..22), (30, 43..64)]);
+        assert!(unowned(64, &l) && !unowned(64, &locks(64, &[(10, 0..64)])) && !unowned(1, &l));
+        let c = verdict(64, &l, 3, PODS, Some(Duration::from_millis(1200)));
+        assert_eq!((c.status, c.reason), (Status::True, reason::BUCKETS_MOVING));
+        assert!(
+            c.message
+                .starts_with("21 of 64 buckets are changing hands (without an owner for 1.2s; BucketsUnowned after 10s)"),
+            "{}",
+            c.message
+        );
+        let c = verdict(64, &l, 3, PODS, Some(UNOWNED_GRACE));
+        assert_eq!((c.status, c.reason), (Status::False, reason::BUCKETS_UNOWNED));
+    }
+
+    #[test]
     fn no_relay_with_a_bucket_is_not_relaying() {
         let none = Locks::default();
-        assert_eq!(verdict(64, &none, 0, PODS).reason, reason::DEPLOYMENT_UNAVAILABLE);
-        let c = verdict(64, &none, 3, PODS);
+        assert_eq!(verdict(64, &none, 0, PODS, None).reason, reason::DEPLOYMENT_UNAVAILABLE);
+        let c = verdict(64, &none, 3, PODS, None);
         assert_eq!((c.status, c.reason), (Status::False, reason::NO_ACTIVE_RELAY));
         // Relays that joined but own nothing yet: every bucket is unowned.
         let joined = locks(64, &[(10, 0..0)]);
-        assert!(verdict(64, &joined, 1, PODS).message.starts_with("64 of 64 buckets have no owner"));
+        assert!(verdict(64, &joined, 1, PODS, None)
+            .message
+            .starts_with("64 of 64 buckets have no owner"));
     }
 
     #[test]
@@ -361,7 +408,7 @@ mod tests {
     #[test]
     fn shares_name_each_relay_and_only_with_buckets() {
         let mut l = locks(64, &[(10, 0..40), (20, 40..60)]);
-        l.names.insert(10, "lockstep-relay".into());
+        l.names.insert(10, "lockstep-relay/orders-relay-6d8f9-x2x4q".into());
         // Pending rows in buckets 3 and 7 (relay 10) and 62 (no owner); none in relay 20's.
         let ages = BTreeMap::from([(3, 1.5), (7, 4.0), (62, 9.0)]);
         let (b, owned, relays) = shares(64, &l, Some(&ages));
@@ -369,13 +416,18 @@ mod tests {
         let share = |pid, name: Option<&str>, buckets, age| RelayShare {
             pid,
             application_name: name.map(str::to_owned),
+            pod: name.and_then(host_of).map(str::to_owned),
             buckets,
             oldest_pending_age_seconds: age,
         };
         assert_eq!(
             relays,
-            [share(10, Some("lockstep-relay"), 40, Some(4.0)), share(20, None, 20, Some(0.0))]
+            [
+                share(10, Some("lockstep-relay/orders-relay-6d8f9-x2x4q"), 40, Some(4.0)),
+                share(20, None, 20, Some(0.0))
+            ]
         );
+        assert_eq!(relays[0].pod.as_deref(), Some("orders-relay-6d8f9-x2x4q"));
         assert_eq!(shares(64, &l, None).2[0].oldest_pending_age_seconds, None, "not measured");
         assert_eq!(shares(1, &l, Some(&ages)), (None, None, vec![]));
         assert!(l.any() && !Locks::default().any());

@@ -73,6 +73,8 @@ const LATENCY_BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 pub struct Samples {
     pub commit_to_ack: Vec<f64>,
     pub commit_to_read: Vec<f64>,
+    /// Per acknowledged row, where its time went (`stages::STAGES`).
+    pub stages: Vec<super::stages::Stages>,
 }
 
 /// `registry.register(name, help, m.field.clone())` for each `field: name, help;`, one line each.
@@ -164,6 +166,17 @@ impl RelayMetrics {
                 .unwrap_or_else(|e| e.into_inner())
                 .commit_to_ack
                 .extend_from_slice(seconds);
+        }
+    }
+
+    /// Whether samples are kept (a benchmark's metrics): only then are stages stamped.
+    pub(super) fn keeps_samples(&self) -> bool {
+        self.latency_samples.is_some()
+    }
+
+    pub(super) fn observe_stages(&self, stages: impl Iterator<Item = super::stages::Stages>) {
+        if let Some(samples) = &self.latency_samples {
+            samples.lock().unwrap_or_else(|e| e.into_inner()).stages.extend(stages);
         }
     }
 

@@ -24,6 +24,7 @@ mod fence;
 mod gate;
 mod gather;
 mod headers;
+pub mod identity;
 mod listen;
 mod metrics;
 mod ownership;
@@ -31,6 +32,7 @@ mod publisher;
 pub mod replay;
 mod reports;
 mod session;
+pub mod stages;
 pub mod stamp;
 mod store;
 
@@ -173,10 +175,11 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
     )
     .await?;
     let where_ = describe_database_url(cfg.database_url.expose());
-    tracing::info!(%addr, table = %cfg.resolved.table, database = %where_, "relay starting");
+    let host = identity::host_name();
+    tracing::info!(%addr, table = %cfg.resolved.table, database = %where_, host = host.as_deref().unwrap_or(""), "relay starting");
     let opts: PgConnectOptions = crate::db::parse_database_url(cfg.database_url.expose())
         .ok_or_else(|| anyhow::anyhow!("the database URL does not parse as a postgres:// URL (its text is not shown)"))?;
-    let opts = opts.application_name("lockstep-relay");
+    let opts = opts.application_name(&identity::application_name(host.as_deref()));
     // LISTEN and the measurements: a dead relay's sessions go within DEAD_PEER_TIMEOUT too.
     let pool = PgPoolOptions::new()
         // LISTEN, the measurements, the MarkPublished purge.

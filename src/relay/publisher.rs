@@ -25,6 +25,7 @@ use super::{
     headers::MessageHeaders,
     metrics::RelayMetrics,
     reports::{unix_now, Reports},
+    stages::Stamps,
     store::{OutboxRow, Statements},
     RelayError,
 };
@@ -68,6 +69,8 @@ pub(super) struct InFlight {
     reports: Reports,
     failures: Vec<Failure>,
     started: Instant,
+    /// When its steps happened, for benchmarks only.
+    stamps: Option<Stamps>,
 }
 
 #[cfg(test)]
@@ -130,6 +133,8 @@ pub struct Relay {
     headers: MessageHeaders,
     /// With buckets: the ones this relay's lock session owns (set per session).
     pub(super) buckets: Option<super::ownership::Ownership>,
+    /// When the last read started and ended (unix seconds), kept for benchmarks' stages.
+    read_stamps: Option<(f64, f64)>,
 }
 
 /// A drain running this long is under a steady flow: the session stops listening until it ends.
@@ -157,6 +162,7 @@ impl Relay {
             gather: Gather::default(),
             last_read: None,
             buckets: None,
+            read_stamps: None,
         })
     }
 
@@ -335,6 +341,7 @@ impl Relay {
             }
         };
         self.metrics.observe_commit_to_read(rows.iter().map(|r| (at - r.created).max(0.0)));
+        self.read_stamps = self.metrics.keeps_samples().then(|| (at, unix_now()));
         Ok((rows, more))
     }
 
@@ -349,12 +356,19 @@ impl Relay {
         let mut sent = Vec::with_capacity(rows.len());
         let mut ages = vec![None; rows.len()];
         let mut futures = Vec::with_capacity(rows.len());
+        let mut stamps = self.read_stamps.take().map(|read| Stamps {
+            read,
+            handed: vec![f64::NAN; rows.len()],
+        });
         for (i, (row, key)) in rows.iter().zip(&keys).enumerate() {
             if failed_keys.contains(key.as_str()) {
                 continue;
             }
             match self.send_row(i, row, key).await {
                 Ok((f, age)) => {
+                    if let Some(s) = stamps.as_mut() {
+                        s.handed[i] = unix_now();
+                    }
                     sent.push(i);
                     ages[i] = age;
                     futures.push(f);
@@ -377,6 +391,7 @@ impl Relay {
             reports: Reports::collect(futures),
             failures,
             started,
+            stamps,
         }
     }
 

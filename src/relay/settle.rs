@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use rdkafka::error::RDKafkaErrorCode;
 use sqlx::PgConnection;
 
-use super::{InFlight, Relay};
+use super::{unix_now, InFlight, Relay};
 use crate::relay::{
     failure::{transport_backoff, Cause, Failure, Verdict},
+    stages::After,
     store::OutboxRow,
     RelayError,
 };
@@ -27,10 +28,14 @@ impl Relay {
             reports,
             mut failures,
             started,
+            stamps,
         } = batch;
         let reports = reports.all().await;
+        let collected = unix_now();
         let mut acked = Vec::with_capacity(sent.len());
         let mut latencies = Vec::with_capacity(sent.len());
+        let last = reports.iter().fold(0.0, |a: f64, (_, at)| a.max(*at));
+        let mut acked_at = Vec::new();
         let mut reports = reports.into_iter();
         for i in sent {
             let Some((report, at)) = reports.next() else {
@@ -40,6 +45,9 @@ impl Relay {
             match report {
                 Ok(Ok(_)) => {
                     latencies.push((at - rows[i].created).max(0.0));
+                    if stamps.is_some() {
+                        acked_at.push((i, at));
+                    }
                     acked.push(rows[i].id)
                 }
                 Ok(Err((e, _))) => {
@@ -62,7 +70,16 @@ impl Relay {
             }
         }
         if !acked.is_empty() {
+            let deleting = Instant::now();
             self.sql.done(conn, &acked).await?;
+            if let Some(s) = &stamps {
+                let after = After {
+                    collected,
+                    delete: deleting.elapsed().as_secs_f64(),
+                };
+                let stages = acked_at.iter().map(|(i, at)| s.of(*i, rows[*i].created, *at, last, after));
+                self.metrics.observe_stages(stages);
+            }
             self.transport_failures = 0;
             self.metrics.broker_failing.set(0);
         }

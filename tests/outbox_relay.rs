@@ -987,11 +987,12 @@ async fn a_topic_named_through_another_address_of_the_same_cluster_conflicts_too
 
 /// A relay's lock session with buckets, stood in by the test: application_name as the relay sets
 /// it, the shared member lock of `buckets`, and the exclusive locks of `owned`.
-async fn bucket_session(table: &lockstep::sql::QualifiedName, buckets: u16, owned: &[u16]) -> (sqlx::PgConnection, i32) {
+async fn bucket_session(table: &lockstep::sql::QualifiedName, buckets: u16, owned: &[u16], pod: &str) -> (sqlx::PgConnection, i32) {
     use lockstep::buckets::{bucket_code, class_key, member_code};
     use sqlx::Connection;
     let opts: sqlx::postgres::PgConnectOptions = common::env("DATABASE_URL").parse().unwrap();
-    let mut c = sqlx::PgConnection::connect_with(&opts.application_name("lockstep-relay"))
+    let name = lockstep::relay::identity::application_name(Some(pod));
+    let mut c = sqlx::PgConnection::connect_with(&opts.application_name(&name))
         .await
         .unwrap();
     let pid: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(&mut c).await.unwrap();
@@ -1024,20 +1025,23 @@ async fn relays_with_buckets_are_seen_in_pg_locks() {
         schema: lockstep::sql::Ident::parse(&schema).unwrap(),
         table: lockstep::sql::Ident::parse("outbox").unwrap(),
     };
-    let (_a, pid_a) = bucket_session(&table, 4, &[0, 1]).await;
-    let (mut b, pid_b) = bucket_session(&table, 4, &[2]).await;
+    let (_a, pid_a) = bucket_session(&table, 4, &[0, 1], "pod-a").await;
+    let (mut b, pid_b) = bucket_session(&table, 4, &[2], "pod-b").await;
     common::touch(&api, "orders").await;
     let o = common::wait_condition(&api, "orders", "RelayAvailable", "False", Some("BucketsUnowned"), T).await;
     let st = o.status.unwrap();
     let msg = &common::condition(&st.conditions, "RelayAvailable").message;
     assert!(msg.starts_with("1 of 4 buckets have no owner"), "{msg}");
     assert_eq!((st.buckets, st.buckets_owned), (Some(4), Some(3)));
-    let shares: Vec<(i32, Option<&str>, i32)> = st
+    let shares: Vec<(i32, Option<&str>, Option<&str>, i32)> = st
         .relays
         .iter()
-        .map(|r| (r.pid, r.application_name.as_deref(), r.buckets))
+        .map(|r| (r.pid, r.application_name.as_deref(), r.pod.as_deref(), r.buckets))
         .collect();
-    let mut want = vec![(pid_a, Some("lockstep-relay"), 2), (pid_b, Some("lockstep-relay"), 1)];
+    let mut want = vec![
+        (pid_a, Some("lockstep-relay/pod-a"), Some("pod-a"), 2),
+        (pid_b, Some("lockstep-relay/pod-b"), Some("pod-b"), 1),
+    ];
     want.sort();
     assert_eq!(shares, want);
 
@@ -1053,6 +1057,28 @@ async fn relays_with_buckets_are_seen_in_pg_locks() {
         .message
         .clone();
     assert!(msg.starts_with("2 relays own 4/4 buckets (2, 2)"), "{msg}");
+
+    // A bucket changing hands: True for a grace (BucketsMoving, looked at again within 5 s), then
+    // BucketsUnowned once it lasted 10 s.
+    let bucket3 = |sql: &'static str| {
+        sqlx::query(sql)
+            .bind(lockstep::buckets::class_key(&table))
+            .bind(lockstep::buckets::bucket_code(4, 3))
+    };
+    bucket3("select pg_advisory_unlock($1, $2)").execute(&mut b).await.unwrap();
+    common::touch(&api, "orders").await;
+    let o = common::wait_condition(&api, "orders", "RelayAvailable", "True", Some("BucketsMoving"), T).await;
+    let msg = common::condition(&o.status.as_ref().unwrap().conditions, "RelayAvailable")
+        .message
+        .clone();
+    assert!(msg.starts_with("1 of 4 buckets are changing hands"), "{msg}");
+    let moving = std::time::Instant::now();
+    // No touch: the operator looks again by itself.
+    common::wait_condition(&api, "orders", "RelayAvailable", "False", Some("BucketsUnowned"), T).await;
+    assert!(moving.elapsed() >= std::time::Duration::from_secs(4), "{:?}", moving.elapsed());
+    bucket3("select pg_advisory_lock($1, $2)").execute(&mut b).await.unwrap();
+    common::touch(&api, "orders").await;
+    common::wait_condition(&api, "orders", "RelayAvailable", "True", Some("Available"), T).await;
 
     // The documented function gives the Rust hash; with its index, each relay's oldest event.
     let pool = sqlx::PgPool::connect(&common::env("DATABASE_URL")).await.unwrap();
@@ -1092,6 +1118,13 @@ async fn relays_with_buckets_are_seen_in_pg_locks() {
     })
     .await;
     assert!(ages.0 >= 3600.0 && ages.1 == 0.0, "{ages:?}");
+    // LagHealthy names the bucket group behind: relay pod-a's.
+    let o = common::wait_condition(&api, "orders", "LagHealthy", "False", Some("LagAboveThreshold"), T).await;
+    let msg = common::condition(&o.status.as_ref().unwrap().conditions, "LagHealthy")
+        .message
+        .clone();
+    assert!(msg.contains("; behind: relay pod-a (2 buckets) 36"), "{msg}");
+    assert!(!msg.contains("pod-b"), "{msg}");
 
     // The spec moves to 8: the relays with 4 are now the old count. True while they own all 4 of
     // theirs, False once one stopped (its buckets wait for the change to complete).

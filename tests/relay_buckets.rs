@@ -253,6 +253,18 @@ async fn three_relays_with_64_buckets_keep_each_keys_order_through_kills_scaling
     let mut relays: Vec<RelayProc> = (0..3).map(|i| relay(&o, &format!("bk{i}"), &url)).collect();
     let mut times: BTreeMap<&str, Duration> = BTreeMap::new();
     times.insert("1 start: 3 relays share 64 buckets", wait_even(&o, 3, None, "start").await);
+    // Their sessions name the relay's host (its pod in Kubernetes), which status.relays shows.
+    let names: Vec<String> = sqlx::query_scalar(
+        "select distinct a.application_name from pg_locks l join pg_stat_activity a using (pid)
+         where l.locktype = 'advisory' and l.granted and l.objsubid = 2 and l.classid::int8 = ($1::int8 & 4294967295)",
+    )
+    .bind(i64::from(class_key(&table(&o))))
+    .fetch_all(&o.pool)
+    .await
+    .unwrap();
+    let host = lockstep::relay::identity::host_name();
+    assert_eq!(names, [lockstep::relay::identity::application_name(host.as_deref())]);
+    assert!(names[0].starts_with("lockstep-relay/"), "{names:?}");
 
     // A relay SIGKILLed: its session closes, the two left take its buckets.
     relays.remove(0).kill();

@@ -15,10 +15,10 @@ use std::{
 };
 
 use lockstep::{
+    core::sql::{Ident, QualifiedName},
     inbox::Inbox,
     purge::purge_expired,
     schema::{migrate, TableKind},
-    sql::{Ident, QualifiedName},
 };
 
 fn env_num(name: &str, default: u64) -> u64 {

@@ -31,10 +31,10 @@ mod placement;
 use clap::Parser;
 use lockstep::{
     config::RelayArgs,
+    core::sql::{Ident, QualifiedName},
     inbox::Inbox,
     relay::{run_with_metrics, RelayMetrics},
     schema::{migrate, prepare_outbox, TableKind},
-    sql::{Ident, QualifiedName},
 };
 use placement::{place, relay_runtime, Placement};
 

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sha2::{Digest, Sha256};
 
-use crate::sql::{advisory_key, QualifiedName};
+use crate::core::sql::{advisory_key, QualifiedName};
 
 /// The most buckets an outbox may have.
 pub const MAX_BUCKETS: u16 = 256;

@@ -11,16 +11,16 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 use clap::{Args, ValueEnum};
 
 use crate::{
+    core::duration::Duration,
+    core::routing::OutboxColumn,
+    core::validation::ValidationErrors,
     crd::{
         Cleanup, Compression, DatabaseSpec, KafkaSpec, LagSpec, OutboxRelaySpec, ProducerSpec, RelaySpec, RoutingSpec, SecretKeyRef,
         ValidOutboxRelay,
     },
-    duration::Duration,
-    routing::OutboxColumn,
-    validation::ValidationErrors,
 };
 
-pub use crate::redacted::Redacted;
+pub use crate::core::redacted::Redacted;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -184,7 +184,7 @@ pub struct RelayArgs {
 
 /// --max-gather: a duration of at most a second (a longer wait is polling, --poll-interval's job).
 fn parse_gather(s: &str) -> Result<std::time::Duration, String> {
-    let d = crate::duration::parse(s)?;
+    let d = crate::core::duration::parse(s)?;
     if d > std::time::Duration::from_secs(1) {
         return Err(format!("{s:?} is longer than 1s"));
     }
@@ -314,7 +314,7 @@ impl RelayArgs {
                 replicas: 1,
                 batch_size: self.batch_size,
                 poll_interval: Duration::new(self.poll_interval.clone()),
-                max_gather: Duration::new(crate::duration::format(self.max_gather)),
+                max_gather: Duration::new(crate::core::duration::format(self.max_gather)),
                 max_attempts: self.max_attempts,
                 buckets: i32::from(self.buckets),
                 cleanup: match self.cleanup {

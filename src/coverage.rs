@@ -56,7 +56,7 @@ impl TopicRetention {
             "topic {} retention.ms={ret}{ret_note} + segment.ms={seg}{seg_note} + {}s retention check = {}",
             self.name,
             RETENTION_CHECK_MS / 1000,
-            crate::duration::format(StdDuration::from_millis(total as u64))
+            crate::core::duration::format(StdDuration::from_millis(total as u64))
         );
         (Some(total), why)
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use sqlx::{postgres::PgPoolOptions, PgPool};
 
-use crate::{cache::IdleCache, config::Redacted, sql::hex};
+use crate::{cache::IdleCache, config::Redacted, core::sql::hex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -125,7 +125,7 @@ mod tests {
     #[test]
     fn url_key_is_the_first_8_bytes_of_the_digest() {
         let url = Redacted::new("postgres://u:p@db/x");
-        assert_eq!(url_key(&url), crate::sql::sha256_hex("postgres://u:p@db/x")[..16]);
+        assert_eq!(url_key(&url), crate::core::sql::sha256_hex("postgres://u:p@db/x")[..16]);
         assert_eq!(url_key(&Redacted::new("abc")), "ba7816bf8f01cfea");
     }
 }

@@ -171,10 +171,10 @@ async fn main() -> ExitCode {
 async fn replay(args: &ReplayArgs) -> Result<u64, String> {
     use sqlx::Connection;
     let url = args.outbox.database_url().map_err(|e| e.to_string())?;
-    let name = |t: &str| -> Result<lockstep::sql::QualifiedName, String> {
-        Ok(lockstep::sql::QualifiedName {
-            schema: lockstep::sql::Ident::parse(&args.outbox.schema).map_err(|e| format!("--schema: {e}"))?,
-            table: lockstep::sql::Ident::parse(t).map_err(|e| format!("--table: {e}"))?,
+    let name = |t: &str| -> Result<lockstep::core::sql::QualifiedName, String> {
+        Ok(lockstep::core::sql::QualifiedName {
+            schema: lockstep::core::sql::Ident::parse(&args.outbox.schema).map_err(|e| format!("--schema: {e}"))?,
+            table: lockstep::core::sql::Ident::parse(t).map_err(|e| format!("--table: {e}"))?,
         })
     };
     let outbox = name(&args.outbox.table)?;

@@ -11,7 +11,7 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 
-use crate::sql::QualifiedName;
+use crate::core::sql::QualifiedName;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PurgeResult {
@@ -237,7 +237,7 @@ impl<K: Clone + Send + Sync + 'static> Purges<K> {
                 }
                 // On the table's own phase of the interval: loops started together (the
                 // operator starting) do not purge, and then reconcile, in one burst.
-                let wait = crate::duration::phased(p.interval, &phase, std::time::SystemTime::now());
+                let wait = crate::core::duration::phased(p.interval, &phase, std::time::SystemTime::now());
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     changed = rx.changed() => if changed.is_err() { return },

@@ -13,8 +13,8 @@ use k8s_openapi::{
 };
 
 use crate::{
+    core::duration::{self, Given},
     crd::{DedupPolicySpec, Enforcement, ValidDedupPolicy, DEFAULT_RETENTION},
-    duration::{self, Given},
 };
 
 /// A valid DedupPolicy and its name, as the retention logic needs it.

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use lockstep::{
     conditions::{condition, reason},
+    core::sql::{Ident, QualifiedName},
     schema::{self, TableKind},
-    sql::{Ident, QualifiedName},
 };
 
 fn q(schema: &str, table: &str) -> QualifiedName {
@@ -256,9 +256,9 @@ fn names(m: &BTreeMap<String, String>) -> String {
 /// Cleanup MarkPublished's indexes: their names are how an existing index is found again.
 #[test]
 fn published_indexes_are_exact() {
-    let t = lockstep::sql::QualifiedName {
-        schema: lockstep::sql::Ident::parse("billing").unwrap(),
-        table: lockstep::sql::Ident::parse("orders_outbox").unwrap(),
+    let t = lockstep::core::sql::QualifiedName {
+        schema: lockstep::core::sql::Ident::parse("billing").unwrap(),
+        table: lockstep::core::sql::Ident::parse("orders_outbox").unwrap(),
     };
     let ddl: Vec<String> = lockstep::schema::published_indexes(&t).into_iter().map(|(_, d)| d).collect();
     assert_eq!(

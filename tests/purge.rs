@@ -92,7 +92,7 @@ async fn a_partitioned_inbox_loses_only_its_expired_rows() {
          create table {s}.inbox_new partition of {table} for values in ('new');
          insert into {table} values ('old', 'm1', now() - interval '2 days');
          insert into {table} values ('new', 'm1', now());",
-        s = lockstep::sql::quote_ident(&s.schema)
+        s = lockstep::core::sql::quote_ident(&s.schema)
     ))
     .execute(&s.pool)
     .await

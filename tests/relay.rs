@@ -245,9 +245,9 @@ async fn survives_sigkill_and_an_inbox_consumer_applies_each_event_once() {
 
     // A consumer with lockstep::inbox applies each event's side effect exactly once.
     let s = common::pg_schema("crash_consumer").await;
-    let t = lockstep::sql::QualifiedName {
-        schema: lockstep::sql::Ident::parse(&s.schema).unwrap(),
-        table: lockstep::sql::Ident::parse("inbox").unwrap(),
+    let t = lockstep::core::sql::QualifiedName {
+        schema: lockstep::core::sql::Ident::parse(&s.schema).unwrap(),
+        table: lockstep::core::sql::Ident::parse("inbox").unwrap(),
     };
     lockstep::schema::migrate(&mut s.pool.acquire().await.unwrap(), lockstep::schema::TableKind::Inbox, &t, true)
         .await
@@ -795,9 +795,9 @@ async fn mark_published_keeps_rows_for_the_retention_then_purges_them() {
     const OLD: i64 = 60_000;
     const NEW: i64 = 1_000;
     let o = outbox("marked", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
-    let table = lockstep::sql::QualifiedName {
-        schema: lockstep::sql::Ident::parse(&o.schema).unwrap(),
-        table: lockstep::sql::Ident::parse("outbox").unwrap(),
+    let table = lockstep::core::sql::QualifiedName {
+        schema: lockstep::core::sql::Ident::parse(&o.schema).unwrap(),
+        table: lockstep::core::sql::Ident::parse("outbox").unwrap(),
     };
     let mut conn = o.pool.acquire().await.unwrap();
     let missing = lockstep::schema::ensure_published_indexes(&mut conn, &table, false).await.unwrap();

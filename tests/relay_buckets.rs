@@ -24,10 +24,10 @@ use lockstep::buckets::{bucket_of, class_key, Holdings};
 
 const BUCKETS: u16 = 64;
 
-fn table(o: &Outbox) -> lockstep::sql::QualifiedName {
-    lockstep::sql::QualifiedName {
-        schema: lockstep::sql::Ident::parse(&o.schema).unwrap(),
-        table: lockstep::sql::Ident::parse("outbox").unwrap(),
+fn table(o: &Outbox) -> lockstep::core::sql::QualifiedName {
+    lockstep::core::sql::QualifiedName {
+        schema: lockstep::core::sql::Ident::parse(&o.schema).unwrap(),
+        table: lockstep::core::sql::Ident::parse("outbox").unwrap(),
     }
 }
 
@@ -75,7 +75,7 @@ async fn a_read_of_several_buckets_scans_each_in_seq_order_up_to_its_share() {
     let o = outbox("bkplan", &common::kafka_bootstrap()).await;
     let t = table(&o);
     let mut c = o.pool.acquire().await.unwrap();
-    let key = lockstep::routing::OutboxColumn::Aggregateid;
+    let key = lockstep::core::routing::OutboxColumn::Aggregateid;
     let cleanup = lockstep::crd::Cleanup::Delete;
     let missing = lockstep::schema::buckets::ensure(&mut c, &t, key, BUCKETS, cleanup, true)
         .await

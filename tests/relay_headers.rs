@@ -167,7 +167,7 @@ async fn cloudevents_headers_reach_the_consumer() {
         // lockstep's own headers too: an inbox consumer deduplicates on them as before.
         assert_eq!((h("id"), h("type")), (Some(id.as_str()), Some("order.created")));
         assert_eq!(r.delivery_id, *id);
-        let micros_to_ms = lockstep::event_headers::rfc3339_ms(created);
+        let micros_to_ms = lockstep::core::event_headers::rfc3339_ms(created);
         assert_eq!(r.delivery_created_ms, micros_to_ms, "{k}: the created time, to the ms");
         assert_eq!(r.key, *k);
     }
@@ -204,9 +204,9 @@ async fn an_outbox_without_the_traceparent_column_is_relayed_as_before() {
     }
 }
 
-fn qualified(schema: &str, table: &str) -> lockstep::sql::QualifiedName {
-    lockstep::sql::QualifiedName {
-        schema: lockstep::sql::Ident::parse(schema).unwrap(),
-        table: lockstep::sql::Ident::parse(table).unwrap(),
+fn qualified(schema: &str, table: &str) -> lockstep::core::sql::QualifiedName {
+    lockstep::core::sql::QualifiedName {
+        schema: lockstep::core::sql::Ident::parse(schema).unwrap(),
+        table: lockstep::core::sql::Ident::parse(table).unwrap(),
     }
 }

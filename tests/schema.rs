@@ -4,9 +4,9 @@
 mod common;
 
 use lockstep::{
+    core::sql::{Ident, QualifiedName},
     inbox::Inbox,
     schema::{migrate, SchemaError, TableKind},
-    sql::{Ident, QualifiedName},
 };
 
 fn qn(schema: &str, table: &str) -> QualifiedName {

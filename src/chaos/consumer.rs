@@ -12,8 +12,8 @@ use rdkafka::{
 };
 
 use crate::{
+    core::sql::{Ident, QualifiedName},
     inbox::{Delivery, HandleError, Inbox, InboxMetrics, Retry},
-    sql::{Ident, QualifiedName},
 };
 
 #[derive(clap::Args, Debug, Clone)]
@@ -71,7 +71,7 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
     // The effect: one row per application, so a second application of an order is visible.
     let effect_sql = format!(
         "insert into {}.effects (order_id, key, n) values ($1, $2, $3)",
-        crate::sql::quote_ident(&args.schema)
+        crate::core::sql::quote_ident(&args.schema)
     );
     let mut pending: HashMap<i32, i64> = HashMap::new();
     // Offsets are committed every 50 messages and when idle: a kill redelivers up to that many.

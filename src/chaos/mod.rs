@@ -17,8 +17,8 @@ use std::{path::PathBuf, time::Duration};
 pub use self::consumer::{run as consume, ConsumeArgs};
 use self::faults::{Fault, Faults};
 use crate::{
+    core::sql::{quote_ident, Ident, QualifiedName},
     schema::{migrate, TableKind},
-    sql::{quote_ident, Ident, QualifiedName},
 };
 
 #[derive(clap::Args, Debug, Clone)]

@@ -25,10 +25,10 @@ use super::{
 };
 use crate::{
     conditions::{reason, Cond, Status},
+    core::sql::QualifiedName,
     crd::SecretKeyRef,
     crd::{InboxTable, OutboxRelay, ValidInboxTable, ValidOutboxRelay, DELETE_UNPUBLISHED_ANNOTATION},
     schema::{drop_tables, table_exists, TableKind},
-    sql::QualifiedName,
 };
 
 /// Why the outbox cannot be dropped yet, if it cannot. Pure.

@@ -71,7 +71,7 @@ impl Timing {
     /// objects created (or found at start) together do not refresh in one burst that a spec
     /// change then waits behind (`duration::phased`).
     pub fn refresh_for(&self, uid: &str) -> Duration {
-        crate::duration::phased(self.refresh, uid, std::time::SystemTime::now())
+        crate::core::duration::phased(self.refresh, uid, std::time::SystemTime::now())
     }
 }
 

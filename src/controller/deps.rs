@@ -12,11 +12,11 @@ use super::Context;
 use crate::{
     conditions::{condition, reason, Cond, Status},
     config::Redacted,
+    core::sql::QualifiedName,
     crd::SecretKeyRef,
     db::describe_database_url,
     kafka::{Admin, AdminError, ObservedTopic},
     schema::{migrate, MigrationOutcome, SchemaError, TableKind},
-    sql::QualifiedName,
 };
 
 /// A database a resource points at, reached through its Secret.
@@ -196,7 +196,7 @@ pub fn admin_failure(on: Reporting, e: &AdminError) -> Cond {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sql::Ident;
+    use crate::core::sql::Ident;
 
     fn t() -> QualifiedName {
         QualifiedName {

@@ -7,11 +7,11 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use super::dedup_policy::TableView;
 use crate::{
     conditions::{condition, reason, Cond},
+    core::duration::Given,
+    core::sql::{Ident, QualifiedName},
     crd::{DedupPolicySpec, Enforcement, OutboxRelay, PolicyException, SecretKeyRef, ValidInboxTable},
-    duration::Given,
     purge::{LastPurge, PurgeResult},
     retention::{Compliance, Effective, PolicyView},
-    sql::{Ident, QualifiedName},
 };
 
 pub fn now() -> Timestamp {
@@ -21,7 +21,7 @@ pub fn now() -> Timestamp {
 pub fn given(text: &str) -> Given {
     Given {
         text: text.into(),
-        value: crate::duration::parse(text).unwrap(),
+        value: crate::core::duration::parse(text).unwrap(),
     }
 }
 
@@ -47,7 +47,7 @@ pub fn inbox(retention: Option<&str>) -> ValidInboxTable {
 /// The retention a table got: `text`, with `compliance`.
 pub fn effective(text: &str, compliance: Compliance, require_coverage: bool) -> Effective {
     Effective {
-        retention: crate::duration::parse(text).unwrap(),
+        retention: crate::core::duration::parse(text).unwrap(),
         text: text.into(),
         policies: vec![],
         message: format!("retention {text}"),
@@ -118,7 +118,7 @@ pub fn table(ns: &str, name: &str, team: &str, retention: Result<Option<&str>, (
         namespace: ns.into(),
         name: name.into(),
         namespace_labels: BTreeMap::from([("team".to_string(), team.to_string())]),
-        requested: retention.map(|r| r.map(|r| (r.to_string(), crate::duration::parse(r).unwrap()))),
+        requested: retention.map(|r| r.map(|r| (r.to_string(), crate::core::duration::parse(r).unwrap()))),
     }
 }
 

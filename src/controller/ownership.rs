@@ -10,9 +10,9 @@ use sqlx::PgConnection;
 use super::{deps::db_reason, Context};
 use crate::{
     conditions::{condition, reason, Cond},
+    core::sql::QualifiedName,
     crd::{InboxTable, OutboxRelay},
     schema::{self, Claimed, Owner, OWNERS_TABLE},
-    sql::QualifiedName,
 };
 
 /// The cluster's identity: the kube-system namespace's uid (the usual cluster id).

@@ -14,11 +14,11 @@ use super::{
 };
 use crate::{
     conditions::{condition, reason, Cond},
+    core::validation::ValidationErrors,
     crd::{
         DedupPolicy, DedupPolicyStatus, DeletionPolicy, InboxTable, InboxTableStatus, OutboxRelay, OutboxRelayStatus, ValidDedupPolicy,
         ValidInboxTable, ValidOutboxRelay,
     },
-    validation::ValidationErrors,
 };
 
 /// What a kind's reconcile decided.

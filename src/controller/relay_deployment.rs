@@ -20,8 +20,8 @@ use sha2::{Digest, Sha256};
 
 use super::relay_pod;
 use crate::{
+    core::sql::{hex, sha256_hex},
     crd::{OutboxRelay, ValidOutboxRelay},
-    sql::{hex, sha256_hex},
 };
 
 /// The server-side apply field manager of the relay Deployment and its PodDisruptionBudget.

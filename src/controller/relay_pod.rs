@@ -10,8 +10,8 @@ use k8s_openapi::{
 };
 
 use crate::{
+    core::duration,
     crd::{Cleanup, ValidOutboxRelay},
-    duration,
 };
 
 /// The port of /metrics, /healthz and /readyz (`--metrics-addr`).

@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use super::database::{Target, TargetKind};
 use crate::{
     config::{KafkaArgs, OutboxArgs, Redacted},
-    sql::{Ident, QualifiedName},
+    core::sql::{Ident, QualifiedName},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

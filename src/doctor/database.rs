@@ -12,7 +12,7 @@ use super::{
     verdicts::{self, HeadroomFacts, PoolerFacts},
     Check,
 };
-use crate::{db::describe_database_url, sql::QualifiedName};
+use crate::{core::sql::QualifiedName, db::describe_database_url};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetKind {

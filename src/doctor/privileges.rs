@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 
 use super::{database::Target, database::TargetKind, Check};
-use crate::sql::{quote_literal, QualifiedName};
+use crate::core::sql::{quote_literal, QualifiedName};
 
 /// What a privilege is on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +89,7 @@ impl Layout {
 fn in_schema(t: &Target, name: &str) -> QualifiedName {
     QualifiedName {
         schema: t.table.schema.clone(),
-        table: crate::sql::Ident::parse(name).expect("a valid identifier"),
+        table: crate::core::sql::Ident::parse(name).expect("a valid identifier"),
     }
 }
 
@@ -239,8 +239,8 @@ mod tests {
 
     fn target(kind: TargetKind, manage: bool) -> Target {
         let q = |t: &str| QualifiedName {
-            schema: crate::sql::Ident::parse("billing").unwrap(),
-            table: crate::sql::Ident::parse(t).unwrap(),
+            schema: crate::core::sql::Ident::parse("billing").unwrap(),
+            table: crate::core::sql::Ident::parse(t).unwrap(),
         };
         Target {
             kind,

@@ -9,7 +9,7 @@ use rdkafka::message::{Headers, Message};
 use sqlx::{PgConnection, PgPool};
 
 use super::Inbox;
-use crate::event_headers as h;
+use crate::core::event_headers as h;
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 

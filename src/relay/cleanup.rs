@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::RelayMetrics;
 use crate::{
+    core::sql::QualifiedName,
     purge::{purge_batches, PAUSE_RATIO},
-    sql::QualifiedName,
 };
 
 /// Rows per delete statement.

@@ -6,8 +6,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 
 use super::store::OutboxRow;
 use crate::{
+    core::event_headers as h,
     crd::{HeaderSet, ValidOutboxRelay},
-    event_headers as h,
     schema::PayloadColumn,
 };
 

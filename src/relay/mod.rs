@@ -62,11 +62,11 @@ pub use self::{
 pub use crate::schema::PayloadColumn;
 use crate::{
     config::RelayConfig,
+    core::sql::{advisory_key, QualifiedName},
     crd::Cleanup,
     db::describe_database_url,
     metrics::Health,
     schema::{self, OutboxTables},
-    sql::{advisory_key, QualifiedName},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +128,7 @@ impl RelayError {
 }
 
 /// The read of some of `buckets` buckets (`store::bucket_read`), for tests and EXPLAIN.
-pub fn bucket_read_sql(t: &QualifiedName, key: crate::routing::OutboxColumn, cleanup: Cleanup, buckets: u16) -> String {
+pub fn bucket_read_sql(t: &QualifiedName, key: crate::core::routing::OutboxColumn, cleanup: Cleanup, buckets: u16) -> String {
     store::bucket_read(t, key, cleanup, buckets, "id, seq")
 }
 

@@ -18,7 +18,7 @@ use sqlx::{Connection, Executor, PgConnection};
 
 use super::{metrics::MoveLabel, RelayMetrics};
 use crate::buckets::{bucket_code, class_key, member_code, plan, Holdings};
-use crate::sql::QualifiedName;
+use crate::core::sql::QualifiedName;
 
 /// How often a relay plans its share.
 pub const CHECK: Duration = Duration::from_secs(1);

@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use crate::{
     config::OutboxArgs,
+    core::sql::QualifiedName,
     schema::{OutboxTables, PayloadColumn},
-    sql::QualifiedName,
 };
 
 /// `lockstep replay`: dead-lettered rows back into the outbox.

@@ -5,10 +5,10 @@ use sqlx::{postgres::PgRow, PgConnection, Row};
 use uuid::Uuid;
 
 use crate::{
+    core::routing::OutboxColumn,
+    core::sql::QualifiedName,
     crd::{Cleanup, ValidOutboxRelay},
-    routing::OutboxColumn,
     schema::{OutboxTables, PayloadColumn},
-    sql::QualifiedName,
 };
 
 /// How the select reads a column.

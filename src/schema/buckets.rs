@@ -6,9 +6,9 @@ use sqlx::{Executor, PgConnection};
 
 use super::lock_key;
 use crate::{
+    core::routing::OutboxColumn,
+    core::sql::{Ident, QualifiedName},
     crd::Cleanup,
-    routing::OutboxColumn,
-    sql::{Ident, QualifiedName},
 };
 
 /// The bucket function's name (docs/relay.md).

@@ -3,7 +3,7 @@
 use sqlx::PgConnection;
 
 use super::{lock_key, tables::derived_name, TableKind, HISTORY_TABLE};
-use crate::sql::{Ident, QualifiedName};
+use crate::core::sql::{Ident, QualifiedName};
 
 /// The statements that drop a table of `kind` and what its migrations made beside it (the
 /// outbox's NOTIFY function; triggers and indexes go with their table). Pure.

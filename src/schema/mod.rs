@@ -27,7 +27,7 @@ pub use self::{
     contract::{compare, contract, ColumnContract, Contract, ObservedColumn},
     tables::{derived_name, migrations, notify_channel, Migration, PayloadColumn, TableKind},
 };
-use crate::sql::{advisory_key, Ident, QualifiedName};
+use crate::core::sql::{advisory_key, Ident, QualifiedName};
 
 pub const HISTORY_TABLE: &str = "lockstep_schema_history";
 

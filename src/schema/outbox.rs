@@ -5,7 +5,7 @@ use futures::FutureExt;
 use sqlx::{Executor, PgConnection};
 
 use super::{lock_key, migrate, notify_channel, tables::derived_name, PayloadColumn, SchemaError, TableKind};
-use crate::sql::{Ident, QualifiedName};
+use crate::core::sql::{Ident, QualifiedName};
 
 /// The indexes an outbox needs when the relay marks rows published instead of deleting them
 /// (cleanup MarkPublished), as (name, DDL): the relay reads and measures only unpublished rows,

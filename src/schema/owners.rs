@@ -5,7 +5,7 @@
 
 use sqlx::PgConnection;
 
-use crate::sql::{Ident, QualifiedName};
+use crate::core::sql::{Ident, QualifiedName};
 
 pub const OWNERS_TABLE: &str = "lockstep_owners";
 

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::sql::{quote_literal, sha256_hex, Ident, QualifiedName};
+use crate::core::sql::{quote_literal, sha256_hex, Ident, QualifiedName};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TableKind {
@@ -56,7 +56,7 @@ pub fn derived_name(table: &Ident, suffix: &str) -> Ident {
         return id;
     }
     let h = sha256_hex(&full);
-    let keep = crate::sql::MAX_IDENT_LEN - suffix.len() - 9;
+    let keep = crate::core::sql::MAX_IDENT_LEN - suffix.len() - 9;
     Ident::parse(&format!("{}_{}{suffix}", &table.as_str()[..keep], &h[..8])).expect("derived name is a valid identifier")
 }
 

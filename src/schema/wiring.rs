@@ -10,7 +10,7 @@ use super::{
     notify_channel,
     tables::{derived_name, notify_trigger_ddl},
 };
-use crate::sql::QualifiedName;
+use crate::core::sql::QualifiedName;
 
 /// The function the outbox's NOTIFY trigger calls.
 pub fn notify_function(t: &QualifiedName) -> QualifiedName {

@@ -138,9 +138,9 @@ impl Outbox {
     }
 
     pub async fn lock_holder(&self) -> Option<i32> {
-        let t = lockstep::sql::QualifiedName {
-            schema: lockstep::sql::Ident::parse(&self.schema).unwrap(),
-            table: lockstep::sql::Ident::parse("outbox").unwrap(),
+        let t = lockstep::core::sql::QualifiedName {
+            schema: lockstep::core::sql::Ident::parse(&self.schema).unwrap(),
+            table: lockstep::core::sql::Ident::parse("outbox").unwrap(),
         };
         // A bigint advisory key is stored as classid (high 32 bits) and objid (low 32 bits).
         let key = lockstep::relay::lock_key(&t) as u64;

@@ -16,7 +16,7 @@ pub(crate) use validate::valid_host_port;
 pub use validate::{ValidOutboxRelay, ValidProducer};
 
 use super::common::{Conditions, DatabaseSpec, DeletionPolicy, SecretRef};
-use crate::{duration::Duration, routing::OutboxColumn};
+use crate::{core::duration::Duration, core::routing::OutboxColumn};
 
 /// Suffix of the dead-letter table beside an outbox table.
 pub const DEAD_LETTER_SUFFIX: &str = "_dead_letter";

@@ -7,11 +7,11 @@ use k8s_openapi::{api::core::v1::ResourceRequirements, apimachinery::pkg::api::r
 
 use super::{Cleanup, Compression, HeaderSet, KafkaSpec, OutboxRelaySpec, RelaySpec, TopicSpec, DEAD_LETTER_SUFFIX};
 use crate::{
+    core::routing::{validate_topic_name, OutboxColumn, TopicTemplate},
+    core::sql::QualifiedName,
+    core::validation::{Problems, ValidationErrors},
     crd::common::{validate_object_name, SecretKeyRef},
-    routing::{validate_topic_name, OutboxColumn, TopicTemplate},
-    sql::QualifiedName,
     topics::Desired,
-    validation::{Problems, ValidationErrors},
 };
 
 /// librdkafka producer settings that lockstep owns; a spec may repeat them only with the forced value.
@@ -349,7 +349,7 @@ fn validate_resources(r: Option<&ResourceRequirements>, p: &mut Problems) {
                 );
                 continue;
             }
-            match crate::quantity::parse(&q.0) {
+            match crate::core::quantity::parse(&q.0) {
                 Some(v) if v < 0.0 => p.add(format!("spec.relay.resources.{kind}[{name}]"), format!("{:?} is negative", q.0)),
                 Some(v) => {
                     out.insert(name.clone(), v);

@@ -132,7 +132,7 @@ pub async fn measure(
         let consumer = clients.get(&bootstrap, &settings, &group)?;
         let consumer = consumer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         measure_blocking(&consumer, &topics, timeout).map_err(|e| {
-            let text = crate::kafka::scrub(&e.to_string(), settings.values().map(String::as_str));
+            let text = crate::core::kafka_settings::scrub(&e.to_string(), settings.values().map(String::as_str));
             format!("cannot read the offsets of consumer group {group:?} from {bootstrap}: {text}")
         })
     })

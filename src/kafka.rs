@@ -16,11 +16,12 @@ use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
 };
 
+use crate::core::kafka_settings::scrub;
+
 mod cluster;
 mod incremental;
 mod secret_keys;
 pub use incremental::{incremental_alter_configs, IncrementalError};
-pub use secret_keys::{operator_refuses, CODE_LOADING_SETTINGS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -42,12 +43,6 @@ impl AdminError {
     }
 }
 
-/// What a setting's value becomes in an error message.
-pub const REDACTED: &str = "<redacted>";
-
-/// A tail of the text this long that starts a value counts as that value cut short.
-const MIN_CUT_VALUE: usize = 4;
-
 /// The message of an error from building a Kafka client out of settings whose values are
 /// `values`, with every one of those values taken out. librdkafka's config errors echo the
 /// offending value (`Invalid value "..." for configuration property "..."`), and settings hold
@@ -59,36 +54,6 @@ pub fn config_error_text<'a>(e: &KafkaError, values: impl IntoIterator<Item = &'
         KafkaError::ClientConfig(_, desc, key, _) => format!("{key}: {}", scrub(desc, values)),
         other => scrub(&other.to_string(), values),
     }
-}
-
-/// `text` with every occurrence of each non-empty value replaced by [`REDACTED`], overlapping
-/// occurrences merged. librdkafka writes its messages into a 512-byte buffer, so a long value may
-/// be cut short at the end of the text: a tail that starts a value (at least [`MIN_CUT_VALUE`]
-/// bytes of it) is taken out too.
-pub fn scrub<'a>(text: &str, values: impl IntoIterator<Item = &'a str>) -> String {
-    let mut hidden = vec![false; text.len()];
-    for v in values.into_iter().filter(|v| !v.is_empty()) {
-        for (at, m) in text.match_indices(v) {
-            hidden[at..at + m.len()].fill(true);
-        }
-        let cut = (MIN_CUT_VALUE.min(v.len())..v.len())
-            .rev()
-            .find(|&n| v.is_char_boundary(n) && text.ends_with(&v[..n]));
-        if let Some(n) = cut {
-            hidden[text.len() - n..].fill(true);
-        }
-    }
-    let mut out = String::with_capacity(text.len());
-    let mut in_hidden = false;
-    for (i, c) in text.char_indices() {
-        match (hidden[i], in_hidden) {
-            (true, false) => out.push_str(REDACTED),
-            (false, _) => out.push(c),
-            (true, true) => {}
-        }
-        in_hidden = hidden[i];
-    }
-    out
 }
 
 /// A topic as the broker describes it.

@@ -163,7 +163,7 @@ pub async fn kafka_settings(client: &Client, ns: &str, secret: Option<&str>, on:
 /// never its value. Pure.
 pub fn refused_key(ns: &str, name: &str, settings: &BTreeMap<String, String>) -> Option<String> {
     settings.iter().find_map(|(k, v)| {
-        crate::kafka::operator_refuses(k, v)
+        crate::core::kafka_settings::operator_refuses(k, v)
             .map(|why| format!("Secret {ns}/{name} (kafka.authSecretRef) has key {k:?}, which {why}: refused, nothing is connected"))
     })
 }

@@ -1,39 +1,12 @@
-//! Which librdkafka settings lockstep never hands to librdkafka, or not in the operator.
+//! The admin client's refusal of code-loading settings; the lists themselves are in
+//! `core::kafka_settings`.
 
 use std::collections::BTreeMap;
 
 use super::AdminError;
+use crate::core::kafka_settings::CODE_LOADING_SETTINGS;
 
-/// librdkafka settings that load code or run a command (a plugin library, an OpenSSL engine or
-/// provider, the Kerberos kinit command). Refused in a spec, in `lockstep relay`'s settings and in
-/// any Secret the operator builds a client from; `Admin::new` refuses them too.
-pub const CODE_LOADING_SETTINGS: [&str; 6] = [
-    "plugin.library.paths",
-    "interceptors",
-    "ssl.engine.location",
-    "ssl.engine.id",
-    "ssl.providers",
-    "sasl.kerberos.kinit.cmd",
-];
-
-/// Why the operator will not build a Kafka client with `key` (from a user's Secret), if it will
-/// not: the key loads code or runs a command, or names a file, which in the operator is a file of
-/// the operator's own (its service-account token, say), never the user's. TLS material goes in
-/// inline (`ssl.ca.pem`, `ssl.certificate.pem`, `ssl.key.pem`); `ssl.ca.location=probe` (the
-/// system's CA bundle) is allowed. Pure.
-pub fn operator_refuses(key: &str, value: &str) -> Option<&'static str> {
-    let k = key.trim().to_ascii_lowercase();
-    if CODE_LOADING_SETTINGS.contains(&k.as_str()) {
-        return Some("loads code or runs a command in the operator");
-    }
-    let file = [".location", ".file", ".keytab"].iter().any(|s| k.ends_with(s)) || k == "ssl.ca.certificate.stores";
-    if file && !(k == "ssl.ca.location" && value.trim() == "probe") {
-        return Some("reads a file of the operator's own filesystem; put the PEM itself in the Secret (ssl.ca.pem, ssl.certificate.pem, ssl.key.pem)");
-    }
-    None
-}
-
-/// Err when `settings` hold a key of [`CODE_LOADING_SETTINGS`]: `Admin::new` never loads one.
+/// Err when `settings` hold a key of `CODE_LOADING_SETTINGS`: `Admin::new` never loads one.
 pub(super) fn refuse_code_loading(settings: &BTreeMap<String, String>) -> Result<(), AdminError> {
     match settings
         .keys()

@@ -18,7 +18,7 @@ use crate::{
 const FORCED_PRODUCER_SETTINGS: [(&str, &[&str]); 2] = [("enable.idempotence", &["true"]), ("acks", &["all", "-1"])];
 /// Settings that would break idempotence or ordering guarantees. Those that load code (into the
 /// operator when validation hands them to librdkafka, or into the relay) are
-/// `kafka::CODE_LOADING_SETTINGS`, refused too.
+/// `core::kafka_settings::CODE_LOADING_SETTINGS`, refused too.
 const FORBIDDEN_PRODUCER_SETTINGS: [&str; 3] = ["transactional.id", "bootstrap.servers", "enable.gapless.guarantee"];
 /// librdkafka's other names for settings checked here.
 const PRODUCER_ALIASES: [(&str, &str); 3] = [
@@ -199,7 +199,7 @@ fn validate_kafka(k: &KafkaSpec, p: &mut Problems) {
             }
         } else if FORBIDDEN_PRODUCER_SETTINGS.contains(&key) {
             p.add(field, format!("{key} is managed by lockstep and cannot be set"));
-        } else if crate::kafka::CODE_LOADING_SETTINGS.contains(&key.to_ascii_lowercase().as_str()) {
+        } else if crate::core::kafka_settings::CODE_LOADING_SETTINGS.contains(&key.to_ascii_lowercase().as_str()) {
             p.add(field, format!("{key} loads code or runs a command, which lockstep refuses"));
         } else if key == "max.in.flight.requests.per.connection" && !value.parse::<u32>().is_ok_and(|n| (1..=5).contains(&n)) {
             p.add(field, format!("must be 1 to 5 with the idempotent producer (got {value:?})"));
@@ -221,9 +221,9 @@ fn librdkafka_refuses(key: &str, value: &str) -> Option<String> {
         Err(KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, ..)) => Some(format!("librdkafka has no setting {key:?}")),
         Err(KafkaError::ClientConfig(_, description, _, _)) => Some(format!(
             "librdkafka refuses the value: {}",
-            crate::kafka::scrub(&description, [quoted.as_str(), value])
+            crate::core::kafka_settings::scrub(&description, [quoted.as_str(), value])
         )),
-        Err(e) => Some(crate::kafka::scrub(&e.to_string(), [quoted.as_str(), value])),
+        Err(e) => Some(crate::core::kafka_settings::scrub(&e.to_string(), [quoted.as_str(), value])),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The message headers an outbox event carries, shared by the relay (which writes them) and the
 //! inbox library (which reads them): names, and the checks and formats of their values. Pure.
 //!
-//! - lockstep's own: `id` (the dedup key), `type`, `lockstep-created-at` (see `relay::stamp`).
+//! - lockstep's own: `id` (the dedup key), `type`, `lockstep-created-at` (see `core::stamp`).
 //! - W3C Trace Context: `traceparent`, from the outbox's optional `traceparent` column, so a
 //!   consumer's span continues the producer's.
 //! - CloudEvents, binary content mode of the Kafka protocol binding: `ce_id`, `ce_type`,

@@ -8,4 +8,5 @@ pub mod quantity;
 pub mod redacted;
 pub mod routing;
 pub mod sql;
+pub mod stamp;
 pub mod validation;

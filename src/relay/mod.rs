@@ -33,7 +33,6 @@ pub mod replay;
 mod reports;
 mod session;
 pub mod stages;
-pub mod stamp;
 mod store;
 
 use std::{

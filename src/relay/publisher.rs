@@ -122,7 +122,7 @@ pub struct Relay {
     /// (and some brokers never accept that producer again), so start over with a fresh one.
     stale_producer: bool,
     /// Rows whose `created_at` is further than this (ms) from the publish time are stamped with
-    /// the publish time: `stamp::MAX_STAMP_AGE_MS`, tightened by the broker's refusals.
+    /// the publish time: `core::stamp::MAX_STAMP_AGE_MS`, tightened by the broker's refusals.
     stamp_bound: i64,
     /// No read starts before this (see `gather`).
     next_read: Instant,
@@ -157,7 +157,7 @@ impl Relay {
             listening: watch::Sender::new(true),
             transport_failures: 0,
             stale_producer: false,
-            stamp_bound: super::stamp::MAX_STAMP_AGE_MS,
+            stamp_bound: crate::core::stamp::MAX_STAMP_AGE_MS,
             next_read: Instant::now(),
             gather: Gather::default(),
             last_read: None,
@@ -404,8 +404,8 @@ impl Relay {
             .topic_template
             .render(|c| Some(row.column(c)))
             .map_err(|e| Failure::routing(i, e))?;
-        let now = super::stamp::now_ms();
-        let (timestamp, created_ms) = super::stamp::stamp(row.created, now, self.stamp_bound);
+        let now = crate::core::stamp::now_ms();
+        let (timestamp, created_ms) = crate::core::stamp::stamp(row.created, now, self.stamp_bound);
         let age = created_ms.is_none().then_some(now - timestamp);
         let (headers, invalid_traceparent) = self.headers.of(row, created_ms);
         if invalid_traceparent {

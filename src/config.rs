@@ -12,6 +12,7 @@ use clap::{Args, ValueEnum};
 
 use crate::{
     core::duration::Duration,
+    core::redacted::Redacted,
     core::routing::OutboxColumn,
     core::validation::ValidationErrors,
     crd::{
@@ -19,8 +20,6 @@ use crate::{
         ValidOutboxRelay,
     },
 };
-
-pub use crate::core::redacted::Redacted;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {

@@ -11,7 +11,7 @@ use sqlx::{pool::PoolConnection, PgPool, Postgres};
 use super::Context;
 use crate::{
     conditions::{condition, reason, Cond, Status},
-    config::Redacted,
+    core::redacted::Redacted,
     core::sql::QualifiedName,
     crd::SecretKeyRef,
     db::describe_database_url,

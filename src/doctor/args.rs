@@ -8,7 +8,8 @@ use clap::{Args, ValueEnum};
 
 use super::database::{Target, TargetKind};
 use crate::{
-    config::{KafkaArgs, OutboxArgs, Redacted},
+    config::{KafkaArgs, OutboxArgs},
+    core::redacted::Redacted,
     core::sql::{Ident, QualifiedName},
 };
 

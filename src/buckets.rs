@@ -22,10 +22,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sha2::{Digest, Sha256};
 
-use crate::core::sql::{advisory_key, QualifiedName};
-
-/// The most buckets an outbox may have.
-pub const MAX_BUCKETS: u16 = 256;
+use crate::{
+    core::sql::{advisory_key, QualifiedName},
+    crd::MAX_BUCKETS,
+};
 
 /// The bucket of `key` among `buckets` (see the module).
 pub fn bucket_of(key: &str, buckets: u16) -> u16 {

@@ -6,21 +6,9 @@
 //! replication factor (acks=all would block) or unclean leader election is on (acknowledged
 //! writes can be lost).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
-use crate::kafka::ObservedTopic;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Desired {
-    pub name: String,
-    pub partitions: i32,
-    pub replication_factor: i32,
-    pub config: BTreeMap<String, String>,
-    pub ignore: BTreeSet<String>,
-    pub allow_partition_increase: bool,
-    /// Messages carry keys whose order matters (always true for an outbox relay).
-    pub keyed: bool,
-}
+use crate::{crd::topics::Desired, kafka::ObservedTopic};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -169,6 +157,8 @@ fn plan_existing(d: &Desired, o: &ObservedTopic, p: &mut Plan) {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     pub(crate) fn desired(name: &str, partitions: i32, config: &[(&str, &str)]) -> Desired {

@@ -11,9 +11,10 @@ use super::{
 };
 use crate::{
     conditions::{condition, reason, Cond, Status},
+    crd::topics::Desired,
     crd::{OutboxRelay, OutboxRelayStatus, TopicStatus, ValidOutboxRelay},
     kafka::{Admin, AdminError, ObservedTopic},
-    topics::{plan, Action as TopicAction, Desired, Plan},
+    topics::{plan, Action as TopicAction, Plan},
 };
 
 /// A topic action the broker refused or could not take.

@@ -4,6 +4,7 @@ pub mod common;
 pub mod dedup_policy;
 pub mod inbox_table;
 pub mod outbox_relay;
+pub mod topics;
 
 pub use common::*;
 pub use dedup_policy::*;

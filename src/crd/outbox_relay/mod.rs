@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub use relays::RelayShare;
 pub(crate) use validate::valid_host_port;
-pub use validate::{ValidOutboxRelay, ValidProducer};
+pub use validate::{ValidOutboxRelay, ValidProducer, MAX_BUCKETS};
 
 use super::common::{Conditions, DatabaseSpec, DeletionPolicy, SecretRef};
 use crate::{core::duration::Duration, core::routing::OutboxColumn};

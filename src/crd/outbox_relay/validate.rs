@@ -11,8 +11,11 @@ use crate::{
     core::sql::QualifiedName,
     core::validation::{Problems, ValidationErrors},
     crd::common::{validate_object_name, SecretKeyRef},
-    topics::Desired,
+    crd::topics::Desired,
 };
+
+/// The most buckets an outbox may have.
+pub const MAX_BUCKETS: u16 = 256;
 
 /// librdkafka producer settings that lockstep owns; a spec may repeat them only with the forced value.
 const FORCED_PRODUCER_SETTINGS: [(&str, &[&str]); 2] = [("enable.idempotence", &["true"]), ("acks", &["all", "-1"])];
@@ -276,7 +279,7 @@ fn validate_relay(r: &RelaySpec, p: &mut Problems) -> Option<RelayTimes> {
     p.range("spec.relay.replicas", r.replicas, 0, 10);
     p.range("spec.relay.batchSize", r.batch_size, 1, 10_000);
     p.range("spec.relay.maxAttempts", r.max_attempts, 1, 1000);
-    p.range("spec.relay.buckets", r.buckets, 1, i32::from(crate::buckets::MAX_BUCKETS));
+    p.range("spec.relay.buckets", r.buckets, 1, i32::from(MAX_BUCKETS));
     let poll_interval = p.check("spec.relay.pollInterval", r.poll_interval.parse());
     if let Some(pi) = poll_interval {
         if pi < StdDuration::from_millis(10) || pi > StdDuration::from_secs(3600) {

@@ -1,7 +1,7 @@
 //! lockstep: reliable messaging plumbing for PostgreSQL + Kafka services, as a Kubernetes operator.
 //!
 //! - [`crd`]: the OutboxRelay, InboxTable and DedupPolicy resources and their validation.
-//! - [`crdgen`]: CRD YAML generated from those types.
+//! - [`crd::crdgen`]: CRD YAML generated from those types.
 //! - [`config`]: configuration of the `operator` and `relay` commands.
 //! - [`core`](crate::core): pure building blocks (SQL identifiers, durations, routing) shared by all of them.
 
@@ -15,7 +15,6 @@ pub mod controller;
 pub mod core;
 pub mod coverage;
 pub mod crd;
-pub mod crdgen;
 pub mod db;
 pub mod doctor;
 pub mod examples;

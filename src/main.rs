@@ -5,7 +5,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::{Api, Client};
 use lockstep::{
     config::{LogFormat, OperatorArgs, RelayArgs},
-    crdgen, examples,
+    crd::crdgen,
+    examples,
     relay::replay::ReplayArgs,
 };
 use tokio_util::sync::CancellationToken;

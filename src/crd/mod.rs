@@ -1,6 +1,7 @@
 //! The lockstep custom resources (group lockstep.dev, version v1alpha1).
 
 pub mod common;
+pub mod crdgen;
 pub mod dedup_policy;
 pub mod inbox_table;
 pub mod outbox_relay;

@@ -42,7 +42,7 @@ pub async fn kube_client() -> Client {
 /// Apply lockstep's CRDs the way `lockstep crds --apply` does (CEL rules stripped: the 1.20 test
 /// server predates them) and wait until each is Established.
 pub async fn install_crds(client: &Client) {
-    let stripped = lockstep::crdgen::apply(client).await.expect("apply CRDs");
+    let stripped = lockstep::crd::crdgen::apply(client).await.expect("apply CRDs");
     assert!(stripped, "the 1.20 test server should get CRDs without CEL rules");
 }
 

@@ -182,7 +182,7 @@ async fn main() {
     let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let (schema, topic) = (format!("bench_instr_{id}"), format!("bench.instr.{id}"));
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    let admin = lockstep::kafka::Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
+    let admin = lockstep::clients::kafka::Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
     admin.create_topic(&topic, 6, 1, &Default::default()).await.unwrap();
     let cfg = config(&schema, &topic);
     let r = &cfg.resolved;

@@ -648,7 +648,7 @@ async fn main() {
             .map_or_else(tokio::runtime::Handle::current, |rt| rt.handle().clone()),
     };
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await.unwrap();
-    let admin = lockstep::kafka::Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
+    let admin = lockstep::clients::kafka::Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
     admin.create_topic(&topic, 6, 1, &Default::default()).await.unwrap();
     let r = &cfg.resolved;
     let tables = prepare_outbox(&mut pool.acquire().await.unwrap(), &r.table, &r.dead_letter_table, true)

@@ -6,21 +6,17 @@
 //! - [`core`](crate::core): pure building blocks (SQL identifiers, durations, routing) shared by all of them.
 
 pub mod buckets;
-pub mod cache;
 pub mod chaos;
+pub mod clients;
 pub mod conditions;
 pub mod config;
-pub mod consumer_lag;
 pub mod controller;
 pub mod core;
 pub mod coverage;
 pub mod crd;
-pub mod db;
 pub mod doctor;
 pub mod examples;
 pub mod inbox;
-pub mod kafka;
-pub mod leader;
 pub mod metrics;
 pub mod operator;
 pub mod purge;

@@ -180,8 +180,8 @@ async fn replay(args: &ReplayArgs) -> Result<u64, String> {
     };
     let outbox = name(&args.outbox.table)?;
     let dead_letter = name(&format!("{}{}", args.outbox.table, lockstep::crd::DEAD_LETTER_SUFFIX))?;
-    let where_ = lockstep::db::describe_database_url(url.expose());
-    let opts = lockstep::db::parse_database_url(url.expose())
+    let where_ = lockstep::clients::db::describe_database_url(url.expose());
+    let opts = lockstep::clients::db::parse_database_url(url.expose())
         .ok_or_else(|| "the database URL does not parse as a postgres:// URL (its text is not shown)".to_owned())?;
     let mut conn = sqlx::PgConnection::connect_with(&opts)
         .await

@@ -11,12 +11,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    cache::IDLE_EVICTION,
+    clients::cache::IDLE_EVICTION,
+    clients::db::Pools,
+    clients::http::Health,
+    clients::leader::LeaderElector,
     config::OperatorArgs,
     controller::{dedup_policy, inbox_table, outbox_relay, watches::Watches, Caches, Context, Timing},
-    db::Pools,
-    leader::LeaderElector,
-    metrics::{Health, Metrics},
+    metrics::Metrics,
     purge::Purges,
 };
 
@@ -34,7 +35,7 @@ pub async fn run(client: Client, args: OperatorArgs, stop: CancellationToken) ->
         let m = metrics.clone();
         Arc::new(move || m.render())
     };
-    let addr = crate::metrics::serve(args.metrics_addr, render, health.clone(), stop.clone().cancelled_owned()).await?;
+    let addr = crate::clients::http::serve(args.metrics_addr, render, health.clone(), stop.clone().cancelled_owned()).await?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
 
     let identity = args

@@ -224,7 +224,7 @@ impl<K: Clone + Send + Sync + 'static> Purges<K> {
                         LastPurge::Failed {
                             at: Time(Timestamp::now()),
                             error: e.to_string(),
-                            unreachable: crate::db::is_unreachable(&e),
+                            unreachable: crate::clients::db::is_unreachable(&e),
                         }
                     }
                 };

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::{crd::topics::Desired, kafka::ObservedTopic};
+use crate::{clients::kafka::ObservedTopic, crd::topics::Desired};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {

@@ -49,8 +49,8 @@ fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{out}"))
 }
 
-fn admin(bootstrap: &str) -> lockstep::kafka::Admin {
-    lockstep::kafka::Admin::new(bootstrap, &Default::default(), Duration::from_secs(10)).unwrap()
+fn admin(bootstrap: &str) -> lockstep::clients::kafka::Admin {
+    lockstep::clients::kafka::Admin::new(bootstrap, &Default::default(), Duration::from_secs(10)).unwrap()
 }
 
 /// The real servers, a superuser, a topic that exists (with a config value to write back) and

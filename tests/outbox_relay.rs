@@ -10,8 +10,8 @@ use kube::{
     Client,
 };
 use lockstep::{
+    clients::kafka::Admin,
     crd::{InboxTable, OutboxRelay},
-    kafka::Admin,
 };
 use serde_json::json;
 

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lockstep::kafka::Admin;
+use lockstep::clients::kafka::Admin;
 use rdkafka::message::{Headers, Message};
 
 struct Outbox {

@@ -43,7 +43,8 @@ pub struct ConsumeArgs {
 
 /// A pool of the run's database; the URL is never shown (parse errors name no part of it).
 pub fn pool(url: &str, connections: u32) -> anyhow::Result<sqlx::PgPool> {
-    let options = crate::db::parse_database_url(url).ok_or_else(|| anyhow::anyhow!("the database URL does not parse (postgres://...)"))?;
+    let options =
+        crate::clients::db::parse_database_url(url).ok_or_else(|| anyhow::anyhow!("the database URL does not parse (postgres://...)"))?;
     Ok(sqlx::postgres::PgPoolOptions::new()
         .max_connections(connections)
         .acquire_timeout(Duration::from_secs(10))

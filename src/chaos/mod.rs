@@ -187,7 +187,7 @@ async fn prepare(pool: &sqlx::PgPool, args: &ChaosArgs, run: &Run) -> anyhow::Re
         };
         migrate(&mut conn, kind, &t, true).await?;
     }
-    let admin = crate::kafka::Admin::new(&args.bootstrap_servers, &Default::default(), Duration::from_secs(30))?;
+    let admin = crate::clients::kafka::Admin::new(&args.bootstrap_servers, &Default::default(), Duration::from_secs(30))?;
     admin.create_topic(&run.topic, args.partitions, 1, &Default::default()).await?;
     Ok(())
 }

@@ -15,9 +15,9 @@ use kube::{
 };
 
 use crate::{
+    clients::db::Pools,
+    clients::kafka::AdminCache,
     crd::{DedupPolicy, InboxTable},
-    db::Pools,
-    kafka::AdminCache,
     metrics::{ControllerLabel, FailureLabel, Metrics},
     purge::Purges,
     retention::Policies,
@@ -109,7 +109,7 @@ pub struct Context {
     /// Since when each OutboxRelay's buckets have been without an owner (RelayAvailable's grace).
     pub unowned: super::relay_available::Unowned,
     /// Consumers for InboxTable consumer lag, shared between reconciles.
-    pub lag_clients: Arc<crate::consumer_lag::LagClients>,
+    pub lag_clients: Arc<crate::clients::consumer_lag::LagClients>,
     pub caches: Caches,
     pub timing: Timing,
     /// Turns for refreshes (`--refresh-concurrency`, `reconciler::turn`); None: no limit.

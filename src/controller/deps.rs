@@ -10,12 +10,12 @@ use sqlx::{pool::PoolConnection, PgPool, Postgres};
 
 use super::Context;
 use crate::{
+    clients::db::describe_database_url,
+    clients::kafka::{Admin, AdminError, ObservedTopic},
     conditions::{condition, reason, Cond, Status},
     core::redacted::Redacted,
     core::sql::QualifiedName,
     crd::SecretKeyRef,
-    db::describe_database_url,
-    kafka::{Admin, AdminError, ObservedTopic},
     schema::{migrate, MigrationOutcome, SchemaError, TableKind},
 };
 
@@ -76,7 +76,7 @@ pub async fn connect(ctx: &Context, ns: &str, r: &SecretKeyRef) -> Result<(Datab
     let conn = conn.map_err(|e| Cond::no(condition::SCHEMA_READY, db_reason(&e), format!("cannot connect to {location}: {e}")))?;
     let db = Database {
         pool,
-        url_key: crate::db::url_key(&url),
+        url_key: crate::clients::db::url_key(&url),
         location,
     };
     Ok((db, conn))
@@ -118,9 +118,9 @@ pub fn schema_failure(kind: TableKind, table: &QualifiedName, location: &str, e:
 
 /// Why a database operation failed, as a condition reason.
 pub fn db_reason(e: &sqlx::Error) -> &'static str {
-    if crate::db::is_unreachable(e) {
+    if crate::clients::db::is_unreachable(e) {
         reason::DATABASE_UNREACHABLE
-    } else if crate::db::is_permission_denied(e) {
+    } else if crate::clients::db::is_permission_denied(e) {
         reason::PERMISSION_DENIED
     } else {
         reason::DATABASE_ERROR

@@ -7,8 +7,8 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 
 use super::{deps, Context};
 use crate::{
+    clients::consumer_lag,
     conditions::{condition, Status},
-    consumer_lag,
     crd::{ConsumerLagStatus, TopicLag, ValidInboxTable},
 };
 

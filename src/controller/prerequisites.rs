@@ -34,7 +34,7 @@ pub async fn check(ctx: &Context, ns: &str, secret: &SecretKeyRef, target: &Targ
         None => {
             // A second connection of its own (not the pool's): the pool may hand back the first.
             let url = deps::secret_url(&ctx.client, ns, secret).await.ok()?;
-            let opts = crate::db::parse_database_url(url.expose())?.application_name("lockstep");
+            let opts = crate::clients::db::parse_database_url(url.expose())?.application_name("lockstep");
             if let Ok(mut second) = sqlx::PgConnection::connect_with(&opts).await {
                 if let Ok(f) = database::pooler(&mut first, &mut second).await {
                     let c = crate::doctor::verdicts::pooler(&f);

@@ -10,10 +10,10 @@ use super::{
     topic_owners, Context,
 };
 use crate::{
+    clients::kafka::{Admin, AdminError, ObservedTopic},
     conditions::{condition, reason, Cond, Status},
     crd::topics::Desired,
     crd::{OutboxRelay, OutboxRelayStatus, TopicStatus, ValidOutboxRelay},
-    kafka::{Admin, AdminError, ObservedTopic},
     topics::{plan, Action as TopicAction, Plan},
 };
 

@@ -62,7 +62,7 @@ fn config(t: &BrokerTarget) -> ClientConfig {
 fn refusal(e: &KafkaError, t: &BrokerTarget) -> Refusal {
     Refusal {
         code: e.rdkafka_error_code(),
-        message: crate::kafka::config_error_text(e, t.settings.values().map(String::as_str)),
+        message: crate::clients::kafka::config_error_text(e, t.settings.values().map(String::as_str)),
     }
 }
 
@@ -270,7 +270,7 @@ fn alter_configs(admin: &AdminClient<DefaultClientContext>, topic: &str, entries
         );
     };
     let set = [(key.to_owned(), entries[key].clone())];
-    let r = crate::kafka::incremental_alter_configs(admin, topic, &set, TIMEOUT, true).map_err(|e| Refusal {
+    let r = crate::clients::kafka::incremental_alter_configs(admin, topic, &set, TIMEOUT, true).map_err(|e| Refusal {
         code: error_code_in(&e.to_string()),
         message: e.to_string(),
     });

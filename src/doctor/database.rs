@@ -12,7 +12,7 @@ use super::{
     verdicts::{self, HeadroomFacts, PoolerFacts},
     Check,
 };
-use crate::{core::sql::QualifiedName, db::describe_database_url};
+use crate::{clients::db::describe_database_url, core::sql::QualifiedName};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetKind {
@@ -33,7 +33,7 @@ pub struct Target {
 /// Every database check of `lockstep doctor`, in order; a failed connection stops them.
 pub async fn checks(d: &DatabaseTarget) -> Vec<Check> {
     let location = describe_database_url(d.url.expose());
-    let Some(opts) = crate::db::parse_database_url(d.url.expose()) else {
+    let Some(opts) = crate::clients::db::parse_database_url(d.url.expose()) else {
         return vec![verdicts::unreachable(&location, "the URL does not parse", false)];
     };
     let opts = opts.application_name("lockstep-doctor");
@@ -43,7 +43,7 @@ pub async fn checks(d: &DatabaseTarget) -> Vec<Check> {
             return vec![verdicts::unreachable(
                 &location,
                 &e.to_string(),
-                crate::db::is_permission_denied(&e),
+                crate::clients::db::is_permission_denied(&e),
             )]
         }
     };

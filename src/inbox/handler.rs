@@ -130,7 +130,7 @@ fn random_unit() -> f64 {
 /// An error a retry can heal: the connection, a serialization failure or deadlock, a lock or
 /// statement timeout, the server restarting or out of connections.
 pub fn is_transient(e: &sqlx::Error) -> bool {
-    if crate::db::is_unreachable(e) {
+    if crate::clients::db::is_unreachable(e) {
         return true;
     }
     matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| {

@@ -60,11 +60,11 @@ pub use self::{
 };
 pub use crate::schema::PayloadColumn;
 use crate::{
+    clients::db::describe_database_url,
+    clients::http::Health,
     config::RelayConfig,
     core::sql::{advisory_key, QualifiedName},
     crd::Cleanup,
-    db::describe_database_url,
-    metrics::Health,
     schema::{self, OutboxTables},
 };
 
@@ -166,7 +166,7 @@ pub async fn run(cfg: RelayConfig, stop: CancellationToken) -> anyhow::Result<()
 pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics: Arc<RelayMetrics>) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
     let m = metrics.clone();
-    let addr = crate::metrics::serve(
+    let addr = crate::clients::http::serve(
         cfg.metrics_addr,
         Arc::new(move || m.render()),
         health.clone(),
@@ -176,7 +176,7 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
     let where_ = describe_database_url(cfg.database_url.expose());
     let host = identity::host_name();
     tracing::info!(%addr, table = %cfg.resolved.table, database = %where_, host = host.as_deref().unwrap_or(""), "relay starting");
-    let opts: PgConnectOptions = crate::db::parse_database_url(cfg.database_url.expose())
+    let opts: PgConnectOptions = crate::clients::db::parse_database_url(cfg.database_url.expose())
         .ok_or_else(|| anyhow::anyhow!("the database URL does not parse as a postgres:// URL (its text is not shown)"))?;
     let opts = opts.application_name(&identity::application_name(host.as_deref()));
     // LISTEN and the measurements: a dead relay's sessions go within DEAD_PEER_TIMEOUT too.

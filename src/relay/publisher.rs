@@ -440,7 +440,10 @@ async fn purge(producer: FutureProducer) {
 
 /// A producer from the relay's configuration.
 fn create_producer(cfg: &RelayConfig) -> Result<FutureProducer, RelayError> {
-    producer_config(cfg)
-        .create()
-        .map_err(|e| RelayError::Producer(crate::kafka::config_error_text(&e, cfg.kafka_config.values().map(|v| v.expose()))))
+    producer_config(cfg).create().map_err(|e| {
+        RelayError::Producer(crate::clients::kafka::config_error_text(
+            &e,
+            cfg.kafka_config.values().map(|v| v.expose()),
+        ))
+    })
 }

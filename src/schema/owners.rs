@@ -104,7 +104,7 @@ pub async fn claim(conn: &mut PgConnection, t: &QualifiedName, me: &Owner, manag
     match inserted {
         Ok(_) => {}
         // A role that only uses tables (manageSchema false) may read the owners but not write.
-        Err(e) if !manage && crate::db::is_permission_denied(&e) => {}
+        Err(e) if !manage && crate::clients::db::is_permission_denied(&e) => {}
         Err(e) => return Err(e),
     }
     let Some(holder) = holder(conn, t).await? else {

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lockstep::kafka::Admin;
+use lockstep::clients::kafka::Admin;
 use rdkafka::{
     config::ClientConfig,
     consumer::{BaseConsumer, Consumer},

@@ -121,7 +121,7 @@ impl Admin {
                 .iter()
                 .map(|name| consumer.fetch_metadata(Some(name), timeout).map(|m| (name, m)))
                 .collect::<Result<Vec<_>, KafkaError>>();
-            crate::consumer_lag::serve_queued_events(&consumer);
+            crate::clients::consumer_lag::serve_queued_events(&consumer);
             let mut present = BTreeMap::new();
             let mut failing = BTreeMap::new();
             for (name, m) in fetched? {
@@ -260,12 +260,12 @@ impl Admin {
 /// key is a hash.
 #[derive(Default)]
 pub struct AdminCache {
-    admins: crate::cache::IdleCache<Arc<Admin>>,
+    admins: crate::clients::cache::IdleCache<Arc<Admin>>,
 }
 
 impl AdminCache {
     pub fn get(&self, bootstrap: &str, settings: &BTreeMap<String, String>) -> Result<Arc<Admin>, AdminError> {
-        let key = crate::cache::digest([bootstrap], settings);
+        let key = crate::clients::cache::digest([bootstrap], settings);
         self.admins
             .get_or_try_insert(key, || Ok(Arc::new(Admin::new(bootstrap, settings, Duration::from_secs(5))?)))
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use sqlx::{postgres::PgPoolOptions, PgPool};
 
-use crate::{cache::IdleCache, core::redacted::Redacted, core::sql::hex};
+use crate::{clients::cache::IdleCache, core::redacted::Redacted, core::sql::hex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

@@ -20,7 +20,7 @@ use rdkafka::{
     Offset, TopicPartitionList,
 };
 
-use crate::kafka::config_error_text;
+use crate::clients::kafka::config_error_text;
 
 /// One partition as measured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +76,7 @@ impl GroupLag {
 #[derive(Default)]
 pub struct LagClients {
     // A mutex each: a measurement assigns partitions, which two at once would undo for each other.
-    clients: crate::cache::IdleCache<Arc<Mutex<BaseConsumer>>>,
+    clients: crate::clients::cache::IdleCache<Arc<Mutex<BaseConsumer>>>,
     created: AtomicU64,
 }
 
@@ -94,7 +94,7 @@ impl LagClients {
 
     /// The consumer for these settings, built on first use. Blocks (librdkafka).
     fn get(&self, bootstrap: &str, settings: &BTreeMap<String, String>, group: &str) -> Result<Arc<Mutex<BaseConsumer>>, String> {
-        let key = crate::cache::digest([bootstrap, group], settings);
+        let key = crate::clients::cache::digest([bootstrap, group], settings);
         self.clients.get_or_try_insert(key, || {
             let mut cfg = ClientConfig::new();
             for (k, v) in settings {

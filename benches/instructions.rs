@@ -187,7 +187,7 @@ async fn main() {
     let cfg = config(&schema, &topic);
     let r = &cfg.resolved;
     let mut c = pool.acquire().await.unwrap();
-    lockstep::schema::prepare_outbox(&mut c, &r.table, &r.dead_letter_table, true)
+    lockstep::tables::schema::prepare_outbox(&mut c, &r.table, &r.dead_letter_table, true)
         .await
         .unwrap();
     drop(c);

@@ -18,7 +18,7 @@ use lockstep::{
     core::sql::{Ident, QualifiedName},
     inbox::Inbox,
     purge::purge_expired,
-    schema::{migrate, TableKind},
+    tables::schema::{migrate, TableKind},
 };
 
 fn env_num(name: &str, default: u64) -> u64 {

@@ -34,7 +34,7 @@ use lockstep::{
     core::sql::{Ident, QualifiedName},
     inbox::Inbox,
     relay::{run_with_metrics, RelayMetrics},
-    schema::{migrate, prepare_outbox, TableKind},
+    tables::schema::{migrate, prepare_outbox, TableKind},
 };
 use placement::{place, relay_runtime, Placement};
 

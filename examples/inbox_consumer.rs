@@ -9,7 +9,7 @@
 use lockstep::{
     core::sql::{Ident, QualifiedName},
     inbox::Inbox,
-    schema::{migrate, TableKind},
+    tables::schema::{migrate, TableKind},
 };
 
 struct Message {

@@ -5,7 +5,6 @@
 //! - [`config`]: configuration of the `operator` and `relay` commands.
 //! - [`core`](crate::core): pure building blocks (SQL identifiers, durations, routing) shared by all of them.
 
-pub mod buckets;
 pub mod chaos;
 pub mod clients;
 pub mod conditions;
@@ -22,5 +21,5 @@ pub mod operator;
 pub mod purge;
 pub mod relay;
 pub mod retention;
-pub mod schema;
+pub mod tables;
 pub mod topics;

@@ -186,7 +186,7 @@ async fn replay(args: &ReplayArgs) -> Result<u64, String> {
     let mut conn = sqlx::PgConnection::connect_with(&opts)
         .await
         .map_err(|e| format!("cannot connect to {where_}: {e}"))?;
-    let tables = lockstep::schema::prepare_outbox(&mut conn, &outbox, &dead_letter, false)
+    let tables = lockstep::tables::schema::prepare_outbox(&mut conn, &outbox, &dead_letter, false)
         .await
         .map_err(|e| e.to_string())?;
     let ids = (!args.all).then_some(args.id.as_slice());

@@ -203,16 +203,18 @@ async fn a_role_missing_each_privilege_fails_naming_it() {
     let t = s.table("outbox");
     let mut conn = s.pool.acquire().await.unwrap();
     let dead_letter = s.table("outbox_dead_letter");
-    lockstep::schema::prepare_outbox(&mut conn, &t, &dead_letter, true).await.unwrap();
+    lockstep::tables::schema::prepare_outbox(&mut conn, &t, &dead_letter, true)
+        .await
+        .unwrap();
     let inbox = s.inbox("inbox").await;
-    let me = lockstep::schema::Owner {
+    let me = lockstep::tables::schema::Owner {
         cluster: "c".into(),
         kind: "InboxTable".into(),
         namespace: "n".into(),
         name: "x".into(),
         uid: "u".into(),
     };
-    lockstep::schema::claim(&mut conn, &inbox, &me, true).await.unwrap();
+    lockstep::tables::schema::claim(&mut conn, &inbox, &me, true).await.unwrap();
     let db: String = sqlx::query_scalar("select current_database()::text")
         .fetch_one(&admin)
         .await

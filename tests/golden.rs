@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use lockstep::{
     conditions::{condition, reason},
     core::sql::{Ident, QualifiedName},
-    schema::{self, TableKind},
+    tables::schema::{self, TableKind},
 };
 
 fn q(schema: &str, table: &str) -> QualifiedName {
@@ -260,7 +260,10 @@ fn published_indexes_are_exact() {
         schema: lockstep::core::sql::Ident::parse("billing").unwrap(),
         table: lockstep::core::sql::Ident::parse("orders_outbox").unwrap(),
     };
-    let ddl: Vec<String> = lockstep::schema::published_indexes(&t).into_iter().map(|(_, d)| d).collect();
+    let ddl: Vec<String> = lockstep::tables::schema::published_indexes(&t)
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect();
     assert_eq!(
         ddl,
         [
@@ -343,7 +346,7 @@ fn relay_statements_over(extra: &[&str], traceparent: bool) -> (String, String) 
     ];
     argv.extend_from_slice(extra);
     let cfg = RelayCli::parse_from(argv).args.resolve().unwrap();
-    let tables = lockstep::schema::OutboxTables {
+    let tables = lockstep::tables::schema::OutboxTables {
         payload: lockstep::relay::PayloadColumn::Json,
         dead_letter_payload: lockstep::relay::PayloadColumn::Json,
         traceparent,

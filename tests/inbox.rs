@@ -10,7 +10,7 @@ use futures::FutureExt;
 use lockstep::{
     core::sql::{Ident, QualifiedName},
     inbox::{BoxError, Delivery, HandleError, Handled, Inbox, InboxMetrics, Retry},
-    schema::{migrate, TableKind},
+    tables::schema::{migrate, TableKind},
 };
 use prometheus_client::{encoding::text::encode, registry::Registry};
 use sqlx::PgPool;

@@ -988,7 +988,7 @@ async fn a_topic_named_through_another_address_of_the_same_cluster_conflicts_too
 /// A relay's lock session with buckets, stood in by the test: application_name as the relay sets
 /// it, the shared member lock of `buckets`, and the exclusive locks of `owned`.
 async fn bucket_session(table: &lockstep::core::sql::QualifiedName, buckets: u16, owned: &[u16], pod: &str) -> (sqlx::PgConnection, i32) {
-    use lockstep::buckets::{bucket_code, class_key, member_code};
+    use lockstep::tables::buckets::{bucket_code, class_key, member_code};
     use sqlx::Connection;
     let opts: sqlx::postgres::PgConnectOptions = common::env("DATABASE_URL").parse().unwrap();
     let name = lockstep::relay::identity::application_name(Some(pod));
@@ -1044,8 +1044,8 @@ async fn relays_with_buckets_are_seen_in_pg_locks() {
     assert_eq!(shares, want);
 
     sqlx::query("select pg_advisory_lock($1, $2)")
-        .bind(lockstep::buckets::class_key(&table))
-        .bind(lockstep::buckets::bucket_code(4, 3))
+        .bind(lockstep::tables::buckets::class_key(&table))
+        .bind(lockstep::tables::buckets::bucket_code(4, 3))
         .execute(&mut b)
         .await
         .unwrap();
@@ -1060,8 +1060,8 @@ async fn relays_with_buckets_are_seen_in_pg_locks() {
     // BucketsUnowned once it lasted 10 s.
     let bucket3 = |sql: &'static str| {
         sqlx::query(sql)
-            .bind(lockstep::buckets::class_key(&table))
-            .bind(lockstep::buckets::bucket_code(4, 3))
+            .bind(lockstep::tables::buckets::class_key(&table))
+            .bind(lockstep::tables::buckets::bucket_code(4, 3))
     };
     bucket3("select pg_advisory_unlock($1, $2)").execute(&mut b).await.unwrap();
     common::touch(&api, "orders").await;
@@ -1104,10 +1104,10 @@ async fn relays_with_buckets_are_seen_in_pg_locks() {
     .unwrap();
     let rust: Vec<i32> = ["order-1", "order-2", "customer-42", "ünïcode", ""]
         .iter()
-        .map(|k| i32::from(lockstep::buckets::bucket_of(k, 64)))
+        .map(|k| i32::from(lockstep::tables::buckets::bucket_of(k, 64)))
         .collect();
     assert_eq!(vectors, rust);
-    assert_eq!(lockstep::buckets::bucket_of("order-1", 4), 1);
+    assert_eq!(lockstep::tables::buckets::bucket_of("order-1", 4), 1);
     common::touch(&api, "orders").await;
     let ages = common::wait_until(T, "each relay's oldest event", || async {
         let st = api.get("orders").await.unwrap().status?;

@@ -249,9 +249,14 @@ async fn survives_sigkill_and_an_inbox_consumer_applies_each_event_once() {
         schema: lockstep::core::sql::Ident::parse(&s.schema).unwrap(),
         table: lockstep::core::sql::Ident::parse("inbox").unwrap(),
     };
-    lockstep::schema::migrate(&mut s.pool.acquire().await.unwrap(), lockstep::schema::TableKind::Inbox, &t, true)
-        .await
-        .unwrap();
+    lockstep::tables::schema::migrate(
+        &mut s.pool.acquire().await.unwrap(),
+        lockstep::tables::schema::TableKind::Inbox,
+        &t,
+        true,
+    )
+    .await
+    .unwrap();
     sqlx::query("create table effects (key text primary key, applied bigint not null)")
         .execute(&s.pool)
         .await
@@ -693,7 +698,7 @@ async fn a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing() {
     let cfg = config(&o, &[]);
     let mut conn = o.pool.acquire().await.unwrap();
     let r = &cfg.resolved;
-    let tables = lockstep::schema::prepare_outbox(&mut conn, &r.table, &r.dead_letter_table, true)
+    let tables = lockstep::tables::schema::prepare_outbox(&mut conn, &r.table, &r.dead_letter_table, true)
         .await
         .unwrap();
     let metrics = std::sync::Arc::new(lockstep::relay::RelayMetrics::default());
@@ -800,7 +805,9 @@ async fn mark_published_keeps_rows_for_the_retention_then_purges_them() {
         table: lockstep::core::sql::Ident::parse("outbox").unwrap(),
     };
     let mut conn = o.pool.acquire().await.unwrap();
-    let missing = lockstep::schema::ensure_published_indexes(&mut conn, &table, false).await.unwrap();
+    let missing = lockstep::tables::schema::ensure_published_indexes(&mut conn, &table, false)
+        .await
+        .unwrap();
     assert_eq!(
         missing,
         ["outbox_unpublished_idx", "outbox_published_at_idx"],
@@ -822,11 +829,13 @@ async fn mark_published_keeps_rows_for_the_retention_then_purges_them() {
     let (select, _) = {
         let mut c = o.pool.acquire().await.unwrap();
         assert_eq!(
-            lockstep::schema::ensure_published_indexes(&mut c, &table, true).await.unwrap(),
+            lockstep::tables::schema::ensure_published_indexes(&mut c, &table, true)
+                .await
+                .unwrap(),
             Vec::<String>::new()
         );
         let r = &cfg.resolved;
-        let tables = lockstep::schema::prepare_outbox(&mut c, &r.table, &r.dead_letter_table, true)
+        let tables = lockstep::tables::schema::prepare_outbox(&mut c, &r.table, &r.dead_letter_table, true)
             .await
             .unwrap();
         let relay = lockstep::relay::Relay::new(cfg.clone(), Default::default(), &tables).unwrap();

@@ -20,7 +20,7 @@ use common::{
     relays::{backwards, consume_all, outbox, upstream, Outbox, RelayProc},
     PrivateBroker,
 };
-use lockstep::buckets::{bucket_of, class_key, Holdings};
+use lockstep::tables::buckets::{bucket_of, class_key, Holdings};
 
 const BUCKETS: u16 = 64;
 
@@ -37,7 +37,7 @@ fn table(o: &Outbox) -> lockstep::core::sql::QualifiedName {
 async fn the_sql_bucket_function_is_the_documented_hash() {
     let o = outbox("bkhash", &common::kafka_bootstrap()).await;
     let t = table(&o);
-    sqlx::query(&lockstep::schema::buckets::function_ddl(&t.schema))
+    sqlx::query(&lockstep::tables::schema::buckets::function_ddl(&t.schema))
         .execute(&o.pool)
         .await
         .unwrap();
@@ -56,7 +56,7 @@ async fn the_sql_bucket_function_is_the_documented_hash() {
     for b in [1u16, 2, 7, 64, 255, 256] {
         let got: Vec<i32> = sqlx::query_scalar(&format!(
             "select {}(k, $2) from unnest($1::text[]) with ordinality u(k, i) order by i",
-            lockstep::schema::buckets::function(&t.schema)
+            lockstep::tables::schema::buckets::function(&t.schema)
         ))
         .bind(&keys)
         .bind(i32::from(b))
@@ -77,7 +77,7 @@ async fn a_read_of_several_buckets_scans_each_in_seq_order_up_to_its_share() {
     let mut c = o.pool.acquire().await.unwrap();
     let key = lockstep::core::routing::OutboxColumn::Aggregateid;
     let cleanup = lockstep::crd::Cleanup::Delete;
-    let missing = lockstep::schema::buckets::ensure(&mut c, &t, key, BUCKETS, cleanup, true)
+    let missing = lockstep::tables::schema::buckets::ensure(&mut c, &t, key, BUCKETS, cleanup, true)
         .await
         .unwrap();
     assert_eq!(missing, Default::default());

@@ -133,7 +133,7 @@ async fn traceparent_reaches_the_consumer_and_a_malformed_one_blocks_nothing() {
     assert_eq!(dead_lettered(&o).await, [("poison".to_owned(), Some(TRACE.to_owned()))]);
     let (t, dl) = (qualified(&o.schema, "outbox"), qualified(&o.schema, "outbox_dead_letter"));
     let mut conn = o.pool.acquire().await.unwrap();
-    let tables = lockstep::schema::describe_outbox(&mut conn, &t, &dl).await.unwrap();
+    let tables = lockstep::tables::schema::describe_outbox(&mut conn, &t, &dl).await.unwrap();
     assert!(tables.traceparent && tables.dead_letter_traceparent);
     drop(relay);
     let moved = lockstep::relay::replay::replay(&mut conn, &t, &dl, &tables, None).await.unwrap();
@@ -181,7 +181,7 @@ async fn an_outbox_without_the_traceparent_column_is_relayed_as_before() {
     let o = outbox("notrace", &common::kafka_bootstrap()).await;
     let dead_letter = qualified(&o.schema, "outbox_dead_letter");
     let mut conn = o.pool.acquire().await.unwrap();
-    lockstep::schema::migrate(&mut conn, lockstep::schema::TableKind::DeadLetter, &dead_letter, true)
+    lockstep::tables::schema::migrate(&mut conn, lockstep::tables::schema::TableKind::DeadLetter, &dead_letter, true)
         .await
         .unwrap();
     for t in [qualified(&o.schema, "outbox"), dead_letter] {

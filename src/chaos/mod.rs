@@ -18,7 +18,7 @@ pub use self::consumer::{run as consume, ConsumeArgs};
 use self::faults::{Fault, Faults};
 use crate::{
     core::sql::{quote_ident, Ident, QualifiedName},
-    schema::{migrate, TableKind},
+    tables::schema::{migrate, TableKind},
 };
 
 #[derive(clap::Args, Debug, Clone)]

@@ -28,7 +28,7 @@ use crate::{
     core::sql::QualifiedName,
     crd::SecretKeyRef,
     crd::{InboxTable, OutboxRelay, ValidInboxTable, ValidOutboxRelay, DELETE_UNPUBLISHED_ANNOTATION},
-    schema::{drop_tables, table_exists, TableKind},
+    tables::schema::{drop_tables, table_exists, TableKind},
 };
 
 /// Why the outbox cannot be dropped yet, if it cannot. Pure.
@@ -261,7 +261,7 @@ async fn drop_outbox(conn: &mut PgConnection, v: &ValidOutboxRelay, forced: bool
     for t in [&v.table, &v.dead_letter_table] {
         // The migration lock first: a migration creating the table meanwhile is waited for.
         sqlx::query("select pg_advisory_xact_lock($1)")
-            .bind(crate::schema::lock_key(t))
+            .bind(crate::tables::schema::lock_key(t))
             .execute(&mut *tx)
             .await?;
         if table_exists(&mut tx, t).await? {
@@ -313,7 +313,7 @@ async fn cleaned<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, note: St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::qualified;
+    use crate::tables::schema::qualified;
 
     #[test]
     fn unpublished_or_dead_lettered_events_refuse_the_drop_unless_forced() {

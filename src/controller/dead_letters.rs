@@ -12,7 +12,7 @@ use super::Context;
 use crate::{
     crd::{OutboxRelay, ReplayStatus, ValidOutboxRelay, REPLAY_ANNOTATION},
     relay::replay::replay,
-    schema::describe_outbox,
+    tables::schema::describe_outbox,
 };
 
 /// A replay to run: the annotation names a value not replayed yet. Pure.

@@ -16,7 +16,7 @@ use crate::{
     core::redacted::Redacted,
     core::sql::QualifiedName,
     crd::SecretKeyRef,
-    schema::{migrate, MigrationOutcome, SchemaError, TableKind},
+    tables::schema::{migrate, MigrationOutcome, SchemaError, TableKind},
 };
 
 /// A database a resource points at, reached through its Secret.

@@ -25,7 +25,7 @@ use crate::{
     crd::{InboxTable, InboxTableStatus, PurgeStatus, ValidInboxTable},
     purge::{LastPurge, PurgeParams},
     retention::{self, Compliance, Effective},
-    schema::TableKind,
+    tables::schema::TableKind,
 };
 
 /// The server-side apply field manager of InboxTable status writes.

@@ -23,7 +23,7 @@ use super::{
 use crate::{
     conditions::{self, condition, reason, Cond, Status},
     crd::{Guarantee, LagStatus, OutboxRelay, OutboxRelayStatus, RelayShare, ReplayStatus, ValidOutboxRelay},
-    schema::TableKind,
+    tables::schema::TableKind,
 };
 
 /// The server-side apply field manager of OutboxRelay status writes.

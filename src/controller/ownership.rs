@@ -12,7 +12,7 @@ use crate::{
     conditions::{condition, reason, Cond},
     core::sql::QualifiedName,
     crd::{InboxTable, OutboxRelay},
-    schema::{self, Claimed, Owner, OWNERS_TABLE},
+    tables::schema::{self, Claimed, Owner, OWNERS_TABLE},
 };
 
 /// The cluster's identity: the kube-system namespace's uid (the usual cluster id).
@@ -209,7 +209,7 @@ mod tests {
     #[test]
     fn a_lost_table_stays_lost_until_a_claim_says_otherwise() {
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-        let t = crate::schema::qualified("billing", "inbox");
+        let t = crate::tables::schema::qualified("billing", "inbox");
         let lost = conflict(&t, &owner("c1", "first"), &owner("c1", "second"));
         let previous = vec![Condition {
             type_: lost.type_.into(),
@@ -238,7 +238,7 @@ mod tests {
 
     #[test]
     fn a_conflict_names_the_holder_and_how_to_resolve_it() {
-        let t = crate::schema::qualified("billing", "inbox");
+        let t = crate::tables::schema::qualified("billing", "inbox");
         let c = conflict(&t, &owner("c1", "first"), &owner("c1", "second"));
         assert_eq!((c.status, c.reason), (Status::False, reason::RESOURCE_CONFLICT));
         assert_eq!(

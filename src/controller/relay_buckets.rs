@@ -1,6 +1,6 @@
 //! What pg_locks shows of an outbox's relays, in one query (no pod is asked): the table lock a
 //! relay with buckets 1 holds exclusively, and the bucket and member locks of relays with more
-//! (`crate::buckets`). From it, RelayAvailable with buckets (every bucket owned?), a change of
+//! (`crate::tables::buckets`). From it, RelayAvailable with buckets (every bucket owned?), a change of
 //! `spec.relay.buckets` rolling out, and `status.relays`.
 
 use std::{
@@ -11,11 +11,11 @@ use std::{
 use sqlx::{PgPool, Row};
 
 use crate::{
-    buckets::{class_key, Holdings},
     conditions::{condition, reason, Cond},
     crd::{Cleanup, RelayShare, ValidOutboxRelay},
     relay::{identity::host_of, lock_key},
-    schema,
+    tables::buckets::{class_key, Holdings},
+    tables::schema,
 };
 
 /// The relay locks of one outbox.
@@ -270,8 +270,8 @@ pub fn shares(buckets: u16, locks: &Locks, oldest: Option<&BTreeMap<u16, f64>>) 
 mod tests {
     use super::*;
     use crate::{
-        buckets::{bucket_code, member_code},
         conditions::Status,
+        tables::buckets::{bucket_code, member_code},
     };
 
     /// Relays of `buckets` (pid, owned buckets): each holds its member lock and its buckets.

@@ -97,8 +97,8 @@ fn in_schema(t: &Target, name: &str) -> QualifiedName {
 /// and need nothing more; tables that exist may belong to another role.
 pub fn needs(t: &Target, layout: &Layout) -> Vec<Need> {
     let schema = t.table.schema.as_str().to_owned();
-    let history = in_schema(t, crate::schema::HISTORY_TABLE);
-    let owners = in_schema(t, crate::schema::OWNERS_TABLE);
+    let history = in_schema(t, crate::tables::schema::HISTORY_TABLE);
+    let owners = in_schema(t, crate::tables::schema::OWNERS_TABLE);
     let table = |q: &QualifiedName, privileges: &'static [&'static str], why: &'static str| Need {
         object: Object::Table(q.clone()),
         privileges,

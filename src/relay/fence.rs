@@ -38,7 +38,7 @@ pub const MARKER: &str = "lockstep.relay_session";
 /// taken again on the same session succeeds, so both would run; not taken again), whether it took
 /// it, its backend pid, and the marker set once taken. `$1` the key, `$2` the marker.
 /// The subqueries (OFFSET 0 keeps them apart) look before the lock is tried. `shared`: the
-/// lock relays with buckets hold, which excludes a relay without (`crate::buckets`).
+/// lock relays with buckets hold, which excludes a relay without (`crate::tables::buckets`).
 pub fn lock_sql(shared: bool) -> String {
     let take = if shared {
         "pg_try_advisory_lock_shared"

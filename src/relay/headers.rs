@@ -8,7 +8,7 @@ use super::store::OutboxRow;
 use crate::{
     core::event_headers as h,
     crd::{HeaderSet, ValidOutboxRelay},
-    schema::PayloadColumn,
+    tables::schema::PayloadColumn,
 };
 
 /// The headers the relay sets itself: a row header of one of these names is left out rather

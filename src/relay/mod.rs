@@ -58,14 +58,14 @@ pub use self::{
     session::{keepalive_sql, DEAD_PEER_TIMEOUT},
     store::{measure, oldest_transaction_age},
 };
-pub use crate::schema::PayloadColumn;
+pub use crate::tables::schema::PayloadColumn;
 use crate::{
     clients::db::describe_database_url,
     clients::http::Health,
     config::RelayConfig,
     core::sql::{advisory_key, QualifiedName},
     crd::Cleanup,
-    schema::{self, OutboxTables},
+    tables::schema::{self, OutboxTables},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -271,7 +271,7 @@ async fn prepare_tables(pool: &PgPool, cfg: &RelayConfig, stop: &CancellationTok
 /// The bucket function and index (`schema::buckets`): created when the schema is lockstep's,
 /// else the function is required and a missing index is warned about (every read then scans).
 async fn prepare_buckets(c: &mut sqlx::PgConnection, r: &crate::crd::ValidOutboxRelay) -> Result<(), RelayError> {
-    use crate::schema::buckets;
+    use crate::tables::schema::buckets;
     let missing = buckets::ensure(c, &r.table, r.key, r.buckets, r.cleanup, r.manage_schema).await?;
     if missing.function {
         return Err(RelayError::MissingBucketFunction {

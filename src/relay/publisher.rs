@@ -29,7 +29,7 @@ use super::{
     store::{OutboxRow, Statements},
     RelayError,
 };
-use crate::{config::RelayConfig, schema::OutboxTables};
+use crate::{config::RelayConfig, tables::schema::OutboxTables};
 
 // A child module in a file beside this one: it reads the relay's and the batch's private fields.
 #[path = "settle.rs"]

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::{
     config::OutboxArgs,
     core::sql::QualifiedName,
-    schema::{OutboxTables, PayloadColumn},
+    tables::schema::{OutboxTables, PayloadColumn},
 };
 
 /// `lockstep replay`: dead-lettered rows back into the outbox.
@@ -76,7 +76,7 @@ pub async fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::qualified as q;
+    use crate::tables::schema::qualified as q;
 
     fn tables(traceparent: (bool, bool)) -> OutboxTables {
         OutboxTables {

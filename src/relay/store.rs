@@ -8,7 +8,7 @@ use crate::{
     core::routing::OutboxColumn,
     core::sql::QualifiedName,
     crd::{Cleanup, ValidOutboxRelay},
-    schema::{OutboxTables, PayloadColumn},
+    tables::schema::{OutboxTables, PayloadColumn},
 };
 
 /// How the select reads a column.
@@ -136,7 +136,7 @@ pub fn bucket_read(t: &QualifiedName, key: OutboxColumn, cleanup: Cleanup, bucke
         Cleanup::MarkPublished => format!(" and {UNPUBLISHED}"),
         Cleanup::Delete => String::new(),
     };
-    let bucket = crate::schema::buckets::expression(t, key, buckets);
+    let bucket = crate::tables::schema::buckets::expression(t, key, buckets);
     let key = key.name();
     format!(
         "select {reads} from unnest($4::int4[]) b(n), lateral (
@@ -337,7 +337,7 @@ pub async fn oldest_transaction_age(pool: &sqlx::PgPool) -> Result<f64, sqlx::Er
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::qualified as q;
+    use crate::tables::schema::qualified as q;
 
     #[test]
     fn select_reads_every_event_column_below_the_snapshot_xmin() {
@@ -425,7 +425,7 @@ mod tests {
     fn every_dead_letter_column_but_its_own_is_moved() {
         // The dead-letter table's columns, less those it fills itself, are exactly what is moved.
         let moved: Vec<&str> = COLUMNS.iter().map(|c| c.name).collect();
-        let mut wanted: Vec<&str> = crate::schema::contract(crate::schema::TableKind::DeadLetter)
+        let mut wanted: Vec<&str> = crate::tables::schema::contract(crate::tables::schema::TableKind::DeadLetter)
             .columns()
             .map(|c| c.name)
             .filter(|n| !["last_error", "failed_at"].contains(n))

@@ -137,7 +137,7 @@ impl TestSchema {
     pub async fn inbox(&self, table: &str) -> lockstep::core::sql::QualifiedName {
         let t = self.table(table);
         let mut conn = self.pool.acquire().await.unwrap();
-        lockstep::schema::migrate(&mut conn, lockstep::schema::TableKind::Inbox, &t, true)
+        lockstep::tables::schema::migrate(&mut conn, lockstep::tables::schema::TableKind::Inbox, &t, true)
             .await
             .expect("migrate the inbox");
         t

@@ -17,7 +17,7 @@ impl OutboxTable {
             table: lockstep::core::sql::Ident::parse("outbox").unwrap(),
         };
         let mut c = pool.acquire().await.unwrap();
-        lockstep::schema::migrate(&mut c, lockstep::schema::TableKind::Outbox, &t, true)
+        lockstep::tables::schema::migrate(&mut c, lockstep::tables::schema::TableKind::Outbox, &t, true)
             .await
             .unwrap();
         OutboxTable { schema, pool }

@@ -48,7 +48,7 @@ pub struct ValidOutboxRelay {
     /// Topics lockstep creates and keeps configured, as the topic plan wants them.
     pub topics: Vec<Desired>,
     pub replicas: i32,
-    /// Key-hash buckets (`crate::buckets`); 1: one active relay.
+    /// Key-hash buckets (`crate::tables::buckets`); 1: one active relay.
     pub buckets: u16,
     pub batch_size: i32,
     pub max_attempts: i32,

@@ -1,5 +1,5 @@
 //! What relays with key-hash buckets need in the outbox's schema: the bucket function (the same
-//! hash as `crate::buckets::bucket_of`) and an index per bucket count, which keeps a read of a
+//! hash as `crate::tables::buckets::bucket_of`) and an index per bucket count, which keeps a read of a
 //! relay's buckets as cheap as a read of the whole outbox: each bucket's rows in seq order.
 
 use sqlx::{Executor, PgConnection};
@@ -121,7 +121,7 @@ mod tests {
 
     #[test]
     fn the_index_orders_each_bucket_by_seq() {
-        let t = crate::schema::qualified("billing", "outbox");
+        let t = crate::tables::schema::qualified("billing", "outbox");
         let (name, ddl) = index(&t, OutboxColumn::Aggregateid, 64, Cleanup::Delete);
         assert_eq!(name.as_str(), "outbox_bucket64_idx");
         assert_eq!(

@@ -93,7 +93,7 @@ pub fn differences(t: &QualifiedName, identity: Option<&str>, txid_default: Opti
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::qualified;
+    use crate::tables::schema::qualified;
 
     #[test]
     fn each_missing_piece_is_named() {

@@ -70,7 +70,7 @@ pub async fn drop_tables(conn: &mut PgConnection, tables: &[(TableKind, &Qualifi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::qualified;
+    use crate::tables::schema::qualified;
 
     #[test]
     fn the_outbox_takes_its_notify_function_along() {

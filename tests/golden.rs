@@ -136,8 +136,8 @@ fn lock_keys_and_channels_are_exact() {
     let (public, billing) = (q("public", "outbox"), q("billing", "orders_outbox"));
     assert_eq!(schema::lock_key(&public), -767470055278674281_i64);
     assert_eq!(schema::lock_key(&billing), -5532591153421518849_i64);
-    assert_eq!(lockstep::relay::lock_key(&public), -5365579470686561255_i64);
-    assert_eq!(lockstep::relay::lock_key(&billing), -4820294839793297651_i64);
+    assert_eq!(lockstep::tables::locks::lock_key(&public), -5365579470686561255_i64);
+    assert_eq!(lockstep::tables::locks::lock_key(&billing), -4820294839793297651_i64);
     assert_eq!(schema::notify_channel(&public), "lockstep_outbox_bbcbd30709eeccfa");
     assert_eq!(schema::notify_channel(&billing), "lockstep_outbox_b3d26c7397ee7db6");
 }

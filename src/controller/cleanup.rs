@@ -248,7 +248,7 @@ async fn drop_outbox(conn: &mut PgConnection, v: &ValidOutboxRelay, forced: bool
     let mut tx = conn.begin().await?;
     sqlx::query("set local lock_timeout = '5s'").execute(&mut *tx).await?;
     let free: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
-        .bind(crate::relay::lock_key(&v.table))
+        .bind(crate::tables::locks::lock_key(&v.table))
         .fetch_one(&mut *tx)
         .await?;
     if !free {

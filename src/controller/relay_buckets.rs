@@ -13,8 +13,9 @@ use sqlx::{PgPool, Row};
 use crate::{
     conditions::{condition, reason, Cond},
     crd::{Cleanup, RelayShare, ValidOutboxRelay},
-    relay::{identity::host_of, lock_key},
+    relay::identity::host_of,
     tables::buckets::{class_key, Holdings},
+    tables::locks::lock_key,
     tables::schema,
 };
 

@@ -165,7 +165,7 @@ mod tests {
             sha256_hex("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
-        // The same values golden.rs pins through schema::lock_key and relay::lock_key.
+        // The same values golden.rs pins through schema::lock_key and tables::locks::lock_key.
         assert_eq!(advisory_key("lockstep:public.outbox"), -767470055278674281);
         assert_eq!(advisory_key("lockstep-relay:public.outbox"), -5365579470686561255);
         assert_eq!(

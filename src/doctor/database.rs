@@ -90,7 +90,7 @@ fn query_failed(name: &str, e: &sqlx::Error) -> Check {
 pub async fn pooler(first: &mut PgConnection, second: &mut PgConnection) -> Result<PoolerFacts, sqlx::Error> {
     const MARK: &str = "select pg_backend_pid(), set_config($1, $2, false)";
     const READ: &str = "select pg_backend_pid(), nullif(current_setting($1, true), '')";
-    let marker = crate::relay::MARKER;
+    let marker = crate::tables::locks::MARKER;
     let first_marker = format!("doctor-{}", uuid::Uuid::new_v4());
     // Unnamed statements: behind a transaction pooler both clients' named ones would meet on one
     // server session and collide, and this check would fail for that instead of saying why.

@@ -51,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 use self::session::Session;
 pub use self::{
     failure::{cause, is_permanent, transport_backoff, Cause},
-    fence::{CHECK_EVERY, FENCE, GAP, MARKER},
+    fence::{CHECK_EVERY, FENCE, GAP},
     metrics::{ReasonLabel, RelayMetrics, Samples, WakeLabel},
     ownership::PLANNER_SETTINGS,
     publisher::{producer_config, Relay},
@@ -63,7 +63,7 @@ use crate::{
     clients::db::describe_database_url,
     clients::http::Health,
     config::RelayConfig,
-    core::sql::{advisory_key, QualifiedName},
+    core::sql::QualifiedName,
     crd::Cleanup,
     tables::schema::{self, OutboxTables},
 };
@@ -129,11 +129,6 @@ impl RelayError {
 /// The read of some of `buckets` buckets (`store::bucket_read`), for tests and EXPLAIN.
 pub fn bucket_read_sql(t: &QualifiedName, key: crate::core::routing::OutboxColumn, cleanup: Cleanup, buckets: u16) -> String {
     store::bucket_read(t, key, cleanup, buckets, "id, seq")
-}
-
-/// The advisory lock key of an outbox table.
-pub fn lock_key(t: &QualifiedName) -> i64 {
-    advisory_key(&format!("lockstep-relay:{}.{}", t.schema.as_str(), t.table.as_str()))
 }
 
 /// Backoff before retry `attempts` (1-based): 1s, 2s, 4s ... capped at 5 min.
@@ -212,7 +207,7 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
         stop.clone(),
     );
     let session = Session {
-        key: lock_key(&cfg.resolved.table),
+        key: crate::tables::locks::lock_key(&cfg.resolved.table),
         cfg: &cfg,
         opts,
         pool,
@@ -298,13 +293,6 @@ mod tests {
         assert_eq!(backoff(5), Duration::from_secs(16));
         assert_eq!(backoff(30), Duration::from_secs(300));
         assert_eq!(backoff(0), Duration::from_secs(1));
-    }
-
-    #[test]
-    fn lock_key_is_exact_and_not_the_migration_key() {
-        let t = schema::qualified("public", "outbox");
-        assert_eq!(lock_key(&t), -5365579470686561255);
-        assert_ne!(lock_key(&t), schema::lock_key(&t));
     }
 
     #[derive(clap::Parser)]

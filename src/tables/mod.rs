@@ -2,4 +2,5 @@
 //! migrations, bucket codes, lock keys, and the SQL both sides run against those tables.
 
 pub mod buckets;
+pub mod locks;
 pub mod schema;

@@ -143,7 +143,7 @@ impl Outbox {
             table: lockstep::core::sql::Ident::parse("outbox").unwrap(),
         };
         // A bigint advisory key is stored as classid (high 32 bits) and objid (low 32 bits).
-        let key = lockstep::relay::lock_key(&t) as u64;
+        let key = lockstep::tables::locks::lock_key(&t) as u64;
         sqlx::query_scalar(
             "select pid from pg_locks where locktype = 'advisory' and granted and objsubid = 1
              and database = (select oid from pg_database where datname = current_database())

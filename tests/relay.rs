@@ -453,7 +453,7 @@ async fn an_open_transaction_holds_back_later_rows_in_order_and_is_reported() {
         10,
         "rows committed after the open transaction began wait for it"
     );
-    let age = lockstep::relay::oldest_transaction_age(&o.pool).await.unwrap();
+    let age = lockstep::tables::lag::oldest_transaction_age(&o.pool).await.unwrap();
     assert!(age >= 2.0, "the blocking transaction's age is reported: {age}");
     tx.commit().await.unwrap();
     o.wait_drained(Duration::from_secs(30)).await;
@@ -506,7 +506,7 @@ async fn a_prepared_transaction_holds_back_later_rows_and_is_reported() {
         let relay = o.relay("relay-prepared.log");
         tokio::time::sleep(Duration::from_secs(6)).await;
         let remaining = o.remaining().await;
-        let age = lockstep::relay::oldest_transaction_age(&o.pool).await;
+        let age = lockstep::tables::lag::oldest_transaction_age(&o.pool).await;
         (relay, remaining, age)
     }))
     .await;

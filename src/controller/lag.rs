@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use crate::{
     conditions::{condition, reason, Cond, Status},
     crd::{LagStatus, RelayShare, ValidOutboxRelay},
-    relay::{measure, oldest_transaction_age},
+    tables::lag::{measure, oldest_transaction_age},
 };
 
 /// What the outbox looks like now.

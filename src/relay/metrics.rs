@@ -21,7 +21,7 @@ use rdkafka::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::store::{measure, oldest_transaction_age};
+use crate::tables::lag::{measure, oldest_transaction_age};
 use crate::{clients::http::Health, config::RelayConfig};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -56,7 +56,6 @@ pub use self::{
     ownership::PLANNER_SETTINGS,
     publisher::{producer_config, Relay},
     session::{keepalive_sql, DEAD_PEER_TIMEOUT},
-    store::{measure, oldest_transaction_age},
 };
 pub use crate::tables::schema::PayloadColumn;
 use crate::{

@@ -8,7 +8,10 @@ use crate::{
     core::routing::OutboxColumn,
     core::sql::QualifiedName,
     crd::{Cleanup, ValidOutboxRelay},
-    tables::schema::{OutboxTables, PayloadColumn},
+    tables::{
+        lag::UNPUBLISHED,
+        schema::{OutboxTables, PayloadColumn},
+    },
 };
 
 /// How the select reads a column.
@@ -74,8 +77,6 @@ fn payload_bytes(payload: PayloadColumn) -> &'static str {
         PayloadColumn::Json => "convert_to(payload::text, 'UTF8')",
     }
 }
-
-const UNPUBLISHED: &str = "published_at is null";
 
 /// Rows to publish next, in seq order, only below the snapshot's xmin. $1 limit, $2 the keys to
 /// leave out (text[]: keys waiting for a retry), $3 the rows in flight (bigint[] of seq); see `gate`.
@@ -302,36 +303,6 @@ impl Statements {
     pub async fn quarantine(&self, conn: &mut PgConnection, id: Uuid, error: &str) -> Result<(), sqlx::Error> {
         sqlx::query(&self.quarantine).bind(id).bind(error).execute(conn).await.map(drop)
     }
-}
-
-/// Pending estimate and oldest pending age, from the seq index.
-pub async fn measure(pool: &sqlx::PgPool, t: &QualifiedName, cleanup: Cleanup) -> Result<(i64, f64), sqlx::Error> {
-    let filter = match cleanup {
-        Cleanup::MarkPublished => format!("where {UNPUBLISHED}"),
-        Cleanup::Delete => String::new(),
-    };
-    let row = sqlx::query(&format!(
-        "select coalesce(max(seq) - min(seq) + 1, 0) as pending,
-                coalesce(extract(epoch from now() - (select created_at from {t} {filter} order by seq limit 1))::float8, 0) as oldest
-         from {t} {filter}"
-    ))
-    .fetch_one(pool)
-    .await?;
-    Ok((row.get("pending"), row.get("oldest")))
-}
-
-/// Age of the oldest open transaction that holds a transaction id (anywhere in the cluster),
-/// prepared (two-phase) transactions included: rows committed after it started stay invisible to
-/// the relay until it ends. Sessions of other roles count only where this role may see them
-/// (pg_read_all_stats).
-pub async fn oldest_transaction_age(pool: &sqlx::PgPool) -> Result<f64, sqlx::Error> {
-    sqlx::query_scalar(
-        "select coalesce(extract(epoch from now() - least(
-                    (select min(xact_start) from pg_stat_activity where backend_xid is not null and pid <> pg_backend_pid()),
-                    (select min(prepared) from pg_prepared_xacts)))::float8, 0)",
-    )
-    .fetch_one(pool)
-    .await
 }
 
 #[cfg(test)]

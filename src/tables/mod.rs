@@ -2,5 +2,6 @@
 //! migrations, bucket codes, lock keys, and the SQL both sides run against those tables.
 
 pub mod buckets;
+pub mod lag;
 pub mod locks;
 pub mod schema;

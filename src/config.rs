@@ -118,6 +118,20 @@ impl OutboxArgs {
     }
 }
 
+/// `lockstep replay`: dead-lettered rows back into the outbox.
+#[derive(Debug, Clone, Args)]
+#[command(group = clap::ArgGroup::new("which").required(true).args(["id", "all"]))]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub outbox: OutboxArgs,
+    /// A dead-lettered event to replay (repeatable).
+    #[arg(long)]
+    pub id: Vec<uuid::Uuid>,
+    /// Replay every dead-lettered event.
+    #[arg(long)]
+    pub all: bool,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct RelayArgs {
     #[command(flatten)]

@@ -4,10 +4,9 @@ use clap::{CommandFactory, Parser, Subcommand};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{Api, Client};
 use lockstep::{
-    config::{LogFormat, OperatorArgs, RelayArgs},
+    config::{LogFormat, OperatorArgs, RelayArgs, ReplayArgs},
     crd::crdgen,
     examples,
-    relay::replay::ReplayArgs,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -190,7 +189,7 @@ async fn replay(args: &ReplayArgs) -> Result<u64, String> {
         .await
         .map_err(|e| e.to_string())?;
     let ids = (!args.all).then_some(args.id.as_slice());
-    lockstep::relay::replay::replay(&mut conn, &outbox, &dead_letter, &tables, ids)
+    lockstep::tables::replay::replay(&mut conn, &outbox, &dead_letter, &tables, ids)
         .await
         .map_err(|e| format!("replay failed (nothing was moved): {e}"))
 }

@@ -136,7 +136,7 @@ async fn traceparent_reaches_the_consumer_and_a_malformed_one_blocks_nothing() {
     let tables = lockstep::tables::schema::describe_outbox(&mut conn, &t, &dl).await.unwrap();
     assert!(tables.traceparent && tables.dead_letter_traceparent);
     drop(relay);
-    let moved = lockstep::relay::replay::replay(&mut conn, &t, &dl, &tables, None).await.unwrap();
+    let moved = lockstep::tables::replay::replay(&mut conn, &t, &dl, &tables, None).await.unwrap();
     assert_eq!(moved, 1);
     let back: Option<String> = sqlx::query_scalar(&format!("select traceparent from {t}"))
         .fetch_one(&o.pool)

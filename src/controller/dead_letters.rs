@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use super::Context;
 use crate::{
     crd::{OutboxRelay, ReplayStatus, ValidOutboxRelay, REPLAY_ANNOTATION},
-    relay::replay::replay,
+    tables::replay::replay,
     tables::schema::describe_outbox,
 };
 

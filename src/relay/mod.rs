@@ -29,7 +29,6 @@ mod listen;
 mod metrics;
 mod ownership;
 mod publisher;
-pub mod replay;
 mod reports;
 mod session;
 pub mod stages;

@@ -4,4 +4,5 @@
 pub mod buckets;
 pub mod lag;
 pub mod locks;
+pub mod replay;
 pub mod schema;

@@ -6,31 +6,15 @@
 //! events of its key, published while it sat in the dead-letter table, went out before it; it is
 //! published after them.
 
-use clap::Args;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::{
-    config::OutboxArgs,
     core::sql::QualifiedName,
     tables::schema::{OutboxTables, PayloadColumn},
 };
 
-/// `lockstep replay`: dead-lettered rows back into the outbox.
-#[derive(Debug, Clone, Args)]
-#[command(group = clap::ArgGroup::new("which").required(true).args(["id", "all"]))]
-pub struct ReplayArgs {
-    #[command(flatten)]
-    pub outbox: OutboxArgs,
-    /// A dead-lettered event to replay (repeatable).
-    #[arg(long)]
-    pub id: Vec<uuid::Uuid>,
-    /// Replay every dead-lettered event.
-    #[arg(long)]
-    pub all: bool,
-}
-
-/// The dead-letter payload as the outbox stores it, undoing the move (`store::moved_payload`):
+/// The dead-letter payload as the outbox stores it, undoing the move (`relay::store::moved_payload`):
 /// bytes that went into a json(b) column as a base64 string come back as bytes.
 fn replayed_payload(outbox: PayloadColumn, dead_letter: PayloadColumn) -> &'static str {
     match (outbox, dead_letter) {

@@ -991,7 +991,7 @@ async fn bucket_session(table: &lockstep::core::sql::QualifiedName, buckets: u16
     use lockstep::tables::buckets::{bucket_code, class_key, member_code};
     use sqlx::Connection;
     let opts: sqlx::postgres::PgConnectOptions = common::env("DATABASE_URL").parse().unwrap();
-    let name = lockstep::relay::identity::application_name(Some(pod));
+    let name = lockstep::tables::identity::application_name(Some(pod));
     let mut c = sqlx::PgConnection::connect_with(&opts.application_name(&name)).await.unwrap();
     let pid: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(&mut c).await.unwrap();
     let class = class_key(table);

@@ -262,8 +262,8 @@ async fn three_relays_with_64_buckets_keep_each_keys_order_through_kills_scaling
     .fetch_all(&o.pool)
     .await
     .unwrap();
-    let host = lockstep::relay::identity::host_name();
-    assert_eq!(names, [lockstep::relay::identity::application_name(host.as_deref())]);
+    let host = lockstep::tables::identity::host_name();
+    assert_eq!(names, [lockstep::tables::identity::application_name(host.as_deref())]);
     assert!(names[0].starts_with("lockstep-relay/"), "{names:?}");
 
     // A relay SIGKILLed: its session closes, the two left take its buckets.

@@ -13,8 +13,8 @@ use sqlx::{PgPool, Row};
 use crate::{
     conditions::{condition, reason, Cond},
     crd::{Cleanup, RelayShare, ValidOutboxRelay},
-    relay::identity::host_of,
     tables::buckets::{class_key, Holdings},
+    tables::identity::host_of,
     tables::locks::lock_key,
     tables::schema,
 };

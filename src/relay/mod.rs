@@ -24,7 +24,6 @@ mod fence;
 mod gate;
 mod gather;
 mod headers;
-pub mod identity;
 mod listen;
 mod metrics;
 mod ownership;
@@ -167,11 +166,11 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
     )
     .await?;
     let where_ = describe_database_url(cfg.database_url.expose());
-    let host = identity::host_name();
+    let host = crate::tables::identity::host_name();
     tracing::info!(%addr, table = %cfg.resolved.table, database = %where_, host = host.as_deref().unwrap_or(""), "relay starting");
     let opts: PgConnectOptions = crate::clients::db::parse_database_url(cfg.database_url.expose())
         .ok_or_else(|| anyhow::anyhow!("the database URL does not parse as a postgres:// URL (its text is not shown)"))?;
-    let opts = opts.application_name(&identity::application_name(host.as_deref()));
+    let opts = opts.application_name(&crate::tables::identity::application_name(host.as_deref()));
     // LISTEN and the measurements: a dead relay's sessions go within DEAD_PEER_TIMEOUT too.
     let pool = PgPoolOptions::new()
         // LISTEN, the measurements, the MarkPublished purge.

@@ -2,6 +2,7 @@
 //! migrations, bucket codes, lock keys, and the SQL both sides run against those tables.
 
 pub mod buckets;
+pub mod identity;
 pub mod lag;
 pub mod locks;
 pub mod replay;

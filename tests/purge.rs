@@ -13,7 +13,7 @@ use std::{
 
 use lockstep::{
     inbox::Inbox,
-    purge::{purge_expired, PAUSE_RATIO},
+    tables::purge::{purge_expired, PAUSE_RATIO},
 };
 
 #[tokio::test]

@@ -10,8 +10,9 @@ use crate::{
     core::duration::Given,
     core::sql::{Ident, QualifiedName},
     crd::{DedupPolicySpec, Enforcement, OutboxRelay, PolicyException, SecretKeyRef, ValidInboxTable},
-    purge::{LastPurge, PurgeResult},
+    purge::LastPurge,
     retention::{Compliance, Effective, PolicyView},
+    tables::purge::PurgeResult,
 };
 
 pub fn now() -> Timestamp {

@@ -140,7 +140,7 @@ async fn reconcile_valid(
         Ok((db, cond)) => {
             let params = purge_params(&ns, &name, &valid, db.url_key.clone(), eff.retention);
             ctx.purges.ensure(&uid, ObjectRef::new(&name).within(&ns), db.pool.clone(), params);
-            if let Ok((rows, oldest)) = crate::purge::measure(&db.pool, &valid.table).boxed().await {
+            if let Ok((rows, oldest)) = crate::tables::purge::measure(&db.pool, &valid.table).boxed().await {
                 status.rows = Some(rows);
                 status.oldest_entry_age_seconds = oldest;
             }

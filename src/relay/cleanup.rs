@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::RelayMetrics;
 use crate::{
     core::sql::QualifiedName,
-    purge::{purge_batches, PAUSE_RATIO},
+    tables::purge::{purge_batches, PAUSE_RATIO},
 };
 
 /// Rows per delete statement.

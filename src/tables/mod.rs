@@ -5,5 +5,6 @@ pub mod buckets;
 pub mod identity;
 pub mod lag;
 pub mod locks;
+pub mod purge;
 pub mod replay;
 pub mod schema;

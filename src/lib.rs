@@ -7,9 +7,7 @@
 
 pub mod chaos;
 pub mod clients;
-pub mod conditions;
 pub mod config;
-pub mod controller;
 pub mod core;
 pub mod coverage;
 pub mod crd;

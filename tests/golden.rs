@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 
 use lockstep::{
-    conditions::{condition, reason},
     core::sql::{Ident, QualifiedName},
+    operator::conditions::{condition, reason},
     tables::schema::{self, TableKind},
 };
 
@@ -218,12 +218,12 @@ fn condition_types_and_reasons_are_exact() {
     );
     assert_eq!(lockstep::crd::PAUSED_ANNOTATION, "lockstep.dev/paused");
     assert_eq!(lockstep::crd::DELETE_UNPUBLISHED_ANNOTATION, "lockstep.dev/delete-unpublished");
-    assert_eq!(lockstep::controller::lifecycle::FINALIZER, "lockstep.dev/cleanup");
+    assert_eq!(lockstep::operator::controller::lifecycle::FINALIZER, "lockstep.dev/cleanup");
 }
 
 #[test]
 fn field_managers_are_exact() {
-    use lockstep::controller::{dedup_policy, inbox_table, outbox_relay, relay_deployment};
+    use lockstep::operator::controller::{dedup_policy, inbox_table, outbox_relay, relay_deployment};
     assert_eq!(
         [
             inbox_table::MANAGER,

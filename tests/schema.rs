@@ -401,7 +401,7 @@ async fn a_role_without_privileges_is_reported_as_permission_denied() {
     match migrate(&mut conn, TableKind::Inbox, &t, true).await {
         Err(SchemaError::Database(e)) => {
             assert!(lockstep::clients::db::is_permission_denied(&e), "{e}");
-            let c = lockstep::controller::deps::schema_failure(TableKind::Inbox, &t, "db", SchemaError::Database(e));
+            let c = lockstep::operator::controller::deps::schema_failure(TableKind::Inbox, &t, "db", SchemaError::Database(e));
             assert_eq!(c.reason, "PermissionDenied");
         }
         other => panic!("expected permission denied, got {other:?}"),

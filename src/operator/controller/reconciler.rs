@@ -13,12 +13,12 @@ use super::{
     Context, Error,
 };
 use crate::{
-    conditions::{condition, reason, Cond},
     core::validation::ValidationErrors,
     crd::{
         DedupPolicy, DedupPolicyStatus, DeletionPolicy, InboxTable, InboxTableStatus, OutboxRelay, OutboxRelayStatus, ValidDedupPolicy,
         ValidInboxTable, ValidOutboxRelay,
     },
+    operator::conditions::{condition, reason, Cond},
 };
 
 /// What a kind's reconcile decided.
@@ -281,7 +281,7 @@ fn failure_reason(conditions: &[Cond]) -> Option<String> {
     conditions
         .iter()
         .find(|c| c.type_ == condition::READY)
-        .filter(|c| c.status != crate::conditions::Status::True)
+        .filter(|c| c.status != crate::operator::conditions::Status::True)
         .map(|c| c.reason.to_owned())
 }
 

@@ -15,8 +15,8 @@ use super::{
     Context,
 };
 use crate::{
-    conditions::{condition, reason, Cond},
     crd::{OutboxRelay, ValidOutboxRelay},
+    operator::conditions::{condition, reason, Cond},
 };
 
 /// What the operator saw of the relays.
@@ -257,7 +257,7 @@ async fn apply_budget(ctx: &Context, obj: &OutboxRelay, ns: &str, v: &ValidOutbo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conditions::Status;
+    use crate::operator::conditions::Status;
 
     fn seen(wanted: i32, available: i32, active: bool) -> Seen {
         Seen {

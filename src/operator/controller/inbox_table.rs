@@ -21,8 +21,8 @@ use super::{
     Context, Error,
 };
 use crate::{
-    conditions::{self, condition, reason, Cond, Status},
     crd::{InboxTable, InboxTableStatus, PurgeStatus, ValidInboxTable},
+    operator::conditions::{self, condition, reason, Cond, Status},
     purge::{LastPurge, PurgeParams},
     retention::{self, Compliance, Effective},
     tables::schema::TableKind,
@@ -283,7 +283,7 @@ pub fn retention_condition(eff: &Effective, interval: &str, purging: &Purging) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::fixtures::*;
+    use crate::operator::controller::fixtures::*;
 
     fn types(c: &[Cond]) -> Vec<&str> {
         c.iter().map(|c| c.type_).collect()

@@ -222,7 +222,7 @@ pub fn secret_hash<'a>(secrets: impl IntoIterator<Item = (&'a str, &'a str)>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::fixtures::{outbox_relay, outbox_relay_minimal};
+    use crate::operator::controller::fixtures::{outbox_relay, outbox_relay_minimal};
 
     const IMAGE: &str = "ghcr.io/lockstep-dev/lockstep:latest";
 

@@ -21,8 +21,8 @@ use super::{
     Context, Error,
 };
 use crate::{
-    conditions::{self, condition, reason, Cond, Status},
     crd::{Guarantee, LagStatus, OutboxRelay, OutboxRelayStatus, RelayShare, ReplayStatus, ValidOutboxRelay},
+    operator::conditions::{self, condition, reason, Cond, Status},
     tables::schema::TableKind,
 };
 
@@ -361,7 +361,7 @@ async fn schema(ctx: &Context, obj: &OutboxRelay, ns: &str, valid: &ValidOutboxR
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::fixtures::outbox_relay;
+    use crate::operator::controller::fixtures::outbox_relay;
 
     #[test]
     fn shares_are_kept_when_unread_and_absent_with_one_bucket() {

@@ -6,9 +6,9 @@ use super::{
     Context,
 };
 use crate::{
-    conditions::{condition, reason, Cond, Status},
     coverage::{self, TopicRetention},
     crd::ValidInboxTable,
+    operator::conditions::{condition, reason, Cond, Status},
     retention::Effective,
 };
 
@@ -84,7 +84,7 @@ pub fn coverage_condition(eff: &Effective, window: Option<(&str, std::time::Dura
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{controller::fixtures::*, retention::Compliance};
+    use crate::{operator::controller::fixtures::*, retention::Compliance};
 
     #[test]
     fn coverage_from_sources() {

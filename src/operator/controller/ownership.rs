@@ -9,9 +9,9 @@ use sqlx::PgConnection;
 
 use super::{deps::db_reason, Context};
 use crate::{
-    conditions::{condition, reason, Cond},
     core::sql::QualifiedName,
     crd::{InboxTable, OutboxRelay},
+    operator::conditions::{condition, reason, Cond},
     tables::schema::{self, Claimed, Owner, OWNERS_TABLE},
 };
 
@@ -132,7 +132,7 @@ pub fn was_conflicted(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::
 /// runs for it and its cleanup touches nothing until a claim says otherwise. Pure.
 pub fn sticky(previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition], now: Cond) -> Cond {
     const SINCE: &str = " (cannot claim again now: ";
-    if now.status == crate::conditions::Status::True || now.reason == reason::RESOURCE_CONFLICT {
+    if now.status == crate::operator::conditions::Status::True || now.reason == reason::RESOURCE_CONFLICT {
         return now;
     }
     match previous
@@ -194,7 +194,7 @@ pub fn foreign_child(kind: &str, ns: &str, name: &str, holder: &str) -> Cond {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conditions::Status;
+    use crate::operator::conditions::Status;
 
     fn owner(cluster: &str, name: &str) -> Owner {
         Owner {

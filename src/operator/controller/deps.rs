@@ -12,10 +12,10 @@ use super::Context;
 use crate::{
     clients::db::describe_database_url,
     clients::kafka::{Admin, AdminError, ObservedTopic},
-    conditions::{condition, reason, Cond, Status},
     core::redacted::Redacted,
     core::sql::QualifiedName,
     crd::SecretKeyRef,
+    operator::conditions::{condition, reason, Cond, Status},
     tables::schema::{migrate, MigrationOutcome, SchemaError, TableKind},
 };
 

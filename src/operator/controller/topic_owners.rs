@@ -20,8 +20,8 @@ use super::{
     Context,
 };
 use crate::{
-    conditions::{condition, Status},
     crd::{OutboxRelay, OutboxRelayStatus, ValidOutboxRelay},
+    operator::conditions::{condition, Status},
 };
 
 /// An OutboxRelay naming a topic.

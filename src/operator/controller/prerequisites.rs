@@ -11,9 +11,9 @@ use sqlx::Connection;
 
 use super::{deps, Context};
 use crate::{
-    conditions::{condition, reason, Cond},
     crd::SecretKeyRef,
     doctor::{database, database::Target, Check, Verdict},
+    operator::conditions::{condition, reason, Cond},
 };
 
 /// The condition while the table was never ready (`recorded`: the status's table, set once it
@@ -97,7 +97,7 @@ pub fn verdict(location: &str, checks: &[Check]) -> Cond {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conditions::Status;
+    use crate::operator::conditions::Status;
 
     #[test]
     fn the_first_failure_names_the_check_and_what_to_do() {

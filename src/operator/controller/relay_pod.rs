@@ -214,8 +214,8 @@ mod tests {
     use super::*;
     use crate::{
         config::RelayArgs,
-        controller::fixtures::{outbox_relay, outbox_relay_minimal},
         crd::{OutboxRelay, SecretKeyRef, ValidProducer},
+        operator::controller::fixtures::{outbox_relay, outbox_relay_minimal},
     };
 
     #[derive(clap::Parser)]

@@ -24,10 +24,10 @@ use super::{
     Context,
 };
 use crate::{
-    conditions::{reason, Cond, Status},
     core::sql::QualifiedName,
     crd::SecretKeyRef,
     crd::{InboxTable, OutboxRelay, ValidInboxTable, ValidOutboxRelay, DELETE_UNPUBLISHED_ANNOTATION},
+    operator::conditions::{reason, Cond, Status},
     tables::schema::{drop_tables, table_exists, TableKind},
 };
 
@@ -91,8 +91,8 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
     }
     let names: Vec<String> = v.topics.iter().map(|t| t.name.clone()).collect();
     let on = deps::Reporting {
-        type_: crate::conditions::condition::READY,
-        status: crate::conditions::Status::False,
+        type_: crate::operator::conditions::condition::READY,
+        status: crate::operator::conditions::Status::False,
     };
     let settings = match deps::kafka_settings(&ctx.client, &ns, v.auth_secret.as_deref(), on).await {
         Ok(s) => Some(s),

@@ -3,8 +3,8 @@
 //! the consumer's database transaction is covered.
 
 use crate::{
-    conditions::{reason, Cond, Status},
     crd::Guarantee,
+    operator::conditions::{reason, Cond, Status},
 };
 
 /// The consumer's hops, from the effective retention and DedupCovered. Pure.
@@ -50,7 +50,7 @@ pub fn guarantees(retention: &str, covered: &Cond) -> Vec<Guarantee> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conditions::condition;
+    use crate::operator::conditions::condition;
 
     #[test]
     fn the_database_hop_says_how_long_an_id_protects_against_redelivery() {

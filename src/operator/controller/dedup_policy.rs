@@ -17,8 +17,8 @@ use super::{
     Context, Error,
 };
 use crate::{
-    conditions::{condition, reason, Cond},
     crd::{DedupPolicy, DedupPolicyStatus, NonCompliant, ValidDedupPolicy},
+    operator::conditions::{condition, reason, Cond},
     retention::{self, Compliance, PolicyView},
 };
 
@@ -185,7 +185,7 @@ pub fn assess(policy: &PolicyView, tables: &[TableView], now: Timestamp) -> Asse
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{controller::fixtures::*, crd::Enforcement};
+    use crate::{crd::Enforcement, operator::controller::fixtures::*};
 
     #[test]
     fn selects_by_namespace_labels_and_lists_tables_out_of_bounds() {

@@ -3,7 +3,7 @@
 //! code with those Secrets: `spec.relay.image` must be under one of the operator's
 //! `--relay-image-prefixes` (by default the repository of its own `--relay-image`).
 
-use crate::conditions::{condition, reason, Cond};
+use crate::operator::conditions::{condition, reason, Cond};
 
 /// The repository of an image reference and what follows it (`:tag`, `@digest`, both, or
 /// nothing). A registry's port (`host:5000/x`) is part of the repository. Pure.

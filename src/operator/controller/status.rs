@@ -20,8 +20,8 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use super::{Context, Error};
 use crate::{
-    conditions::{self, condition, reason, Cond, Status},
     crd::{DedupPolicyStatus, InboxTableStatus, OutboxRelayStatus},
+    operator::conditions::{self, condition, reason, Cond, Status},
 };
 
 /// A status with Kubernetes conditions and an observed generation.

@@ -6,10 +6,10 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 
 use super::dedup_policy::TableView;
 use crate::{
-    conditions::{condition, reason, Cond},
     core::duration::Given,
     core::sql::{Ident, QualifiedName},
     crd::{DedupPolicySpec, Enforcement, OutboxRelay, PolicyException, SecretKeyRef, ValidInboxTable},
+    operator::conditions::{condition, reason, Cond},
     purge::LastPurge,
     retention::{Compliance, Effective, PolicyView},
     tables::purge::PurgeResult,

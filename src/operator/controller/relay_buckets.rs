@@ -11,8 +11,8 @@ use std::{
 use sqlx::{PgPool, Row};
 
 use crate::{
-    conditions::{condition, reason, Cond},
     crd::{Cleanup, RelayShare, ValidOutboxRelay},
+    operator::conditions::{condition, reason, Cond},
     tables::buckets::{class_key, Holdings},
     tables::identity::host_of,
     tables::locks::lock_key,
@@ -271,7 +271,7 @@ pub fn shares(buckets: u16, locks: &Locks, oldest: Option<&BTreeMap<u16, f64>>) 
 mod tests {
     use super::*;
     use crate::{
-        conditions::Status,
+        operator::conditions::Status,
         tables::buckets::{bucket_code, member_code},
     };
 

@@ -7,8 +7,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use sqlx::PgPool;
 
 use crate::{
-    conditions::{condition, reason, Cond, Status},
     crd::{LagStatus, RelayShare, ValidOutboxRelay},
+    operator::conditions::{condition, reason, Cond, Status},
     tables::lag::{measure, oldest_transaction_age},
 };
 

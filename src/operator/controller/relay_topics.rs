@@ -11,9 +11,9 @@ use super::{
 };
 use crate::{
     clients::kafka::{Admin, AdminError, ObservedTopic},
-    conditions::{condition, reason, Cond, Status},
     crd::topics::Desired,
     crd::{OutboxRelay, OutboxRelayStatus, TopicStatus, ValidOutboxRelay},
+    operator::conditions::{condition, reason, Cond, Status},
     topics::{plan, Action as TopicAction, Plan},
 };
 

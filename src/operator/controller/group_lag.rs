@@ -8,8 +8,8 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use super::{deps, Context};
 use crate::{
     clients::consumer_lag,
-    conditions::{condition, Status},
     crd::{ConsumerLagStatus, TopicLag, ValidInboxTable},
+    operator::conditions::{condition, Status},
 };
 
 /// Measure the group's lag; on failure keep the last figures and say why. None: no group named.

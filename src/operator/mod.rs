@@ -1,6 +1,9 @@
 //! `lockstep operator`: /metrics, /healthz and /readyz; the leader Lease; and, while leading, the
 //! controllers on shared watches with the sweep that ends purge loops of deleted InboxTables.
 
+pub mod conditions;
+pub mod controller;
+
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use kube::{
@@ -16,8 +19,8 @@ use crate::{
     clients::http::Health,
     clients::leader::LeaderElector,
     config::OperatorArgs,
-    controller::{dedup_policy, inbox_table, outbox_relay, watches::Watches, Caches, Context, Timing},
     metrics::Metrics,
+    operator::controller::{dedup_policy, inbox_table, outbox_relay, watches::Watches, Caches, Context, Timing},
     purge::Purges,
 };
 
@@ -124,7 +127,7 @@ async fn run_controllers(
         timing: Timing::default(),
         refreshes: (args.refresh_concurrency > 0).then(|| Arc::new(tokio::sync::Semaphore::new(args.refresh_concurrency as usize))),
         relay_image: args.relay_image.clone(),
-        relay_image_prefixes: crate::controller::relay_image::prefixes(&args.relay_image, &args.relay_image_prefixes),
+        relay_image_prefixes: crate::operator::controller::relay_image::prefixes(&args.relay_image, &args.relay_image_prefixes),
     });
     let shutdown = || stop.clone().cancelled_owned();
     let inbox = inbox_table::controller(&mut watches, done_rx, ctx.clone(), shutdown());

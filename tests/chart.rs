@@ -367,9 +367,12 @@ async fn every_option_on_installs_on_the_server_it_finds() {
 
 /// Every `lockstep_*` series named in `text` is one the operator or the relay exposes.
 fn assert_real_metrics(text: &str, at_least: usize) {
-    use lockstep::metrics::{ControllerLabel, FailureLabel};
+    use lockstep::operator::metrics::{ControllerLabel, FailureLabel};
     // Families render only once they have a series.
-    let (op, relay) = (lockstep::metrics::Metrics::default(), lockstep::relay::RelayMetrics::default());
+    let (op, relay) = (
+        lockstep::operator::metrics::Metrics::default(),
+        lockstep::relay::RelayMetrics::default(),
+    );
     let c = ControllerLabel { controller: "c" };
     op.reconciles.get_or_create(&c).inc();
     op.reconcile_duration.get_or_create(&c).observe(0.1);
@@ -380,7 +383,7 @@ fn assert_real_metrics(text: &str, at_least: usize) {
     };
     op.failures.get_or_create(&failure).inc();
     relay.failures.get_or_create(&lockstep::relay::ReasonLabel { reason }).inc();
-    let purge = lockstep::metrics::PurgeLabel {
+    let purge = lockstep::operator::metrics::PurgeLabel {
         namespace: "n".into(),
         inboxtable: "i".into(),
         table: "t".into(),

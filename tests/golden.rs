@@ -275,9 +275,9 @@ fn published_indexes_are_exact() {
 
 #[test]
 fn metric_names_are_exact() {
-    let op = lockstep::metrics::Metrics::default();
+    let op = lockstep::operator::metrics::Metrics::default();
     // The purge families (one series per InboxTable) render once they have a series.
-    let table = lockstep::metrics::PurgeLabel {
+    let table = lockstep::operator::metrics::PurgeLabel {
         namespace: "n".into(),
         inboxtable: "i".into(),
         table: "s.t".into(),

@@ -3,6 +3,9 @@
 
 pub mod conditions;
 pub mod controller;
+pub mod metrics;
+pub mod policy;
+pub mod purges;
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
@@ -19,9 +22,9 @@ use crate::{
     clients::http::Health,
     clients::leader::LeaderElector,
     config::OperatorArgs,
-    metrics::Metrics,
     operator::controller::{dedup_policy, inbox_table, outbox_relay, watches::Watches, Caches, Context, Timing},
-    purge::Purges,
+    operator::metrics::Metrics,
+    operator::purges::Purges,
 };
 
 /// How long a Lease holds without renewal.

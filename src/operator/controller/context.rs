@@ -18,9 +18,9 @@ use crate::{
     clients::db::Pools,
     clients::kafka::AdminCache,
     crd::{DedupPolicy, InboxTable},
-    metrics::{ControllerLabel, FailureLabel, Metrics},
-    purge::Purges,
-    retention::Policies,
+    operator::metrics::{ControllerLabel, FailureLabel, Metrics},
+    operator::policy::retention::Policies,
+    operator::purges::Purges,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -6,10 +6,10 @@ use super::{
     Context,
 };
 use crate::{
-    coverage::{self, TopicRetention},
     crd::ValidInboxTable,
     operator::conditions::{condition, reason, Cond, Status},
-    retention::Effective,
+    operator::policy::coverage::{self, TopicRetention},
+    operator::policy::retention::Effective,
 };
 
 /// DedupCovered: does the effective retention outlive every redelivery from the source topics?
@@ -84,7 +84,7 @@ pub fn coverage_condition(eff: &Effective, window: Option<(&str, std::time::Dura
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{operator::controller::fixtures::*, retention::Compliance};
+    use crate::{operator::controller::fixtures::*, operator::policy::retention::Compliance};
 
     #[test]
     fn coverage_from_sources() {

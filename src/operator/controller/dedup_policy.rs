@@ -19,7 +19,7 @@ use super::{
 use crate::{
     crd::{DedupPolicy, DedupPolicyStatus, NonCompliant, ValidDedupPolicy},
     operator::conditions::{condition, reason, Cond},
-    retention::{self, Compliance, PolicyView},
+    operator::policy::retention::{self, Compliance, PolicyView},
 };
 
 /// The server-side apply field manager of DedupPolicy status writes.

@@ -10,8 +10,8 @@ use crate::{
     core::sql::{Ident, QualifiedName},
     crd::{DedupPolicySpec, Enforcement, OutboxRelay, PolicyException, SecretKeyRef, ValidInboxTable},
     operator::conditions::{condition, reason, Cond},
-    purge::LastPurge,
-    retention::{Compliance, Effective, PolicyView},
+    operator::policy::retention::{Compliance, Effective, PolicyView},
+    operator::purges::LastPurge,
     tables::purge::PurgeResult,
 };
 

@@ -23,8 +23,8 @@ use super::{
 use crate::{
     crd::{InboxTable, InboxTableStatus, PurgeStatus, ValidInboxTable},
     operator::conditions::{self, condition, reason, Cond, Status},
-    purge::{LastPurge, PurgeParams},
-    retention::{self, Compliance, Effective},
+    operator::policy::retention::{self, Compliance, Effective},
+    operator::purges::{LastPurge, PurgeParams},
     tables::schema::TableKind,
 };
 
@@ -188,7 +188,7 @@ fn purge_params(ns: &str, name: &str, valid: &ValidInboxTable, pool_key: String,
         retention,
         interval: valid.purge_interval.value,
         batch: valid.purge_batch_size,
-        labels: crate::metrics::PurgeLabel {
+        labels: crate::operator::metrics::PurgeLabel {
             namespace: ns.to_owned(),
             inboxtable: name.to_owned(),
             table: valid.table.to_string(),

@@ -14,7 +14,7 @@ use crate::{
     crd::topics::Desired,
     crd::{OutboxRelay, OutboxRelayStatus, TopicStatus, ValidOutboxRelay},
     operator::conditions::{condition, reason, Cond, Status},
-    topics::{plan, Action as TopicAction, Plan},
+    operator::policy::topics::{plan, Action as TopicAction, Plan},
 };
 
 /// A topic action the broker refused or could not take.
@@ -180,7 +180,7 @@ fn topics_condition(count: usize, p: &Plan, failed: &[Failed], held: &BTreeMap<S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topics::{
+    use crate::operator::policy::topics::{
         self,
         tests::{desired, one},
     };

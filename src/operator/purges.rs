@@ -25,7 +25,7 @@ pub struct PurgeParams {
     pub interval: Duration,
     pub batch: i64,
     /// The series this table's purges count in.
-    pub labels: crate::metrics::PurgeLabel,
+    pub labels: crate::operator::metrics::PurgeLabel,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -46,13 +46,13 @@ pub struct Purges<K: Clone + Send + 'static> {
     loops: Mutex<HashMap<String, Handle>>,
     /// Told after each purge, so the controller refreshes that object's status.
     done: mpsc::UnboundedSender<K>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::operator::metrics::Metrics>,
     /// Whether this replica holds the leader Lease (always true without leader election).
     leading: watch::Receiver<bool>,
 }
 
 impl<K: Clone + Send + Sync + 'static> Purges<K> {
-    pub fn new(done: mpsc::UnboundedSender<K>, metrics: Arc<crate::metrics::Metrics>, leading: watch::Receiver<bool>) -> Self {
+    pub fn new(done: mpsc::UnboundedSender<K>, metrics: Arc<crate::operator::metrics::Metrics>, leading: watch::Receiver<bool>) -> Self {
         Purges {
             loops: Mutex::new(HashMap::new()),
             done,

@@ -4,9 +4,9 @@ use clap::{CommandFactory, Parser, Subcommand};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{Api, Client};
 use lockstep::{
+    cli::examples,
     config::{LogFormat, OperatorArgs, RelayArgs, ReplayArgs},
     crd::crdgen,
-    examples,
 };
 use tokio_util::sync::CancellationToken;
 

@@ -1,4 +1,4 @@
-//! Configuration of the `operator` and `relay` commands, from flags and environment (what a Pod
+//! Configuration of the `operator`, `relay` and `replay` commands, from flags and environment (what a Pod
 //! gets). Secrets (the database URL) are wrapped so they never reach a log line.
 
 pub mod headers;

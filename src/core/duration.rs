@@ -60,8 +60,8 @@ impl Given {
 }
 
 /// ```
-/// assert_eq!(lockstep::duration::parse("7d").unwrap().as_secs(), 7 * 86_400);
-/// assert!(lockstep::duration::parse("7 days").is_err());
+/// assert_eq!(lockstep::core::duration::parse("7d").unwrap().as_secs(), 7 * 86_400);
+/// assert!(lockstep::core::duration::parse("7 days").is_err());
 /// ```
 pub fn parse(s: &str) -> Result<StdDuration, String> {
     let ok_shape = !s.is_empty()

@@ -29,7 +29,7 @@ pub enum IdentError {
 /// A validated SQL identifier (schema, table, index or column name).
 ///
 /// ```
-/// use lockstep::sql::Ident;
+/// use lockstep::core::sql::Ident;
 /// assert_eq!(Ident::parse("outbox").unwrap().quoted(), "\"outbox\"");
 /// assert!(Ident::parse("x; drop table y").is_err());
 /// ```

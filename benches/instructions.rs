@@ -182,12 +182,12 @@ async fn main() {
     let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let (schema, topic) = (format!("bench_instr_{id}"), format!("bench.instr.{id}"));
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    let admin = lockstep::kafka::Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
+    let admin = lockstep::clients::kafka::Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
     admin.create_topic(&topic, 6, 1, &Default::default()).await.unwrap();
     let cfg = config(&schema, &topic);
     let r = &cfg.resolved;
     let mut c = pool.acquire().await.unwrap();
-    lockstep::schema::prepare_outbox(&mut c, &r.table, &r.dead_letter_table, true)
+    lockstep::tables::schema::prepare_outbox(&mut c, &r.table, &r.dead_letter_table, true)
         .await
         .unwrap();
     drop(c);

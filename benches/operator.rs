@@ -113,7 +113,7 @@ async fn main() {
     let url = std::env::var("DATABASE_URL").expect("DATABASE_URL: run through scripts/bench");
     let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS").expect("KAFKA_BOOTSTRAP_SERVERS");
     let client = Client::try_default().await.expect("KUBECONFIG");
-    lockstep::crdgen::apply(&client).await.expect("CRDs");
+    lockstep::crd::crdgen::apply(&client).await.expect("CRDs");
     let ns = format!("bench-operator-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     namespaces

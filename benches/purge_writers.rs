@@ -15,10 +15,10 @@ use std::{
 };
 
 use lockstep::{
+    core::sql::{Ident, QualifiedName},
     inbox::Inbox,
-    purge::purge_expired,
-    schema::{migrate, TableKind},
-    sql::{Ident, QualifiedName},
+    tables::purge::purge_expired,
+    tables::schema::{migrate, TableKind},
 };
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -104,7 +104,7 @@ async fn main() {
     );
 
     // Writers while the purge deletes every expired row, at full speed and at lockstep's setting.
-    for (i, pause) in [0.0, lockstep::purge::PAUSE_RATIO].into_iter().enumerate() {
+    for (i, pause) in [0.0, lockstep::tables::purge::PAUSE_RATIO].into_iter().enumerate() {
         if i > 0 {
             load(pool.clone(), table.clone()).await;
         }
@@ -133,7 +133,7 @@ async fn main() {
     }
     println!(
         "goal: writer TPS during purge / baseline >= 0.90 at lockstep's pause ratio ({})",
-        lockstep::purge::PAUSE_RATIO
+        lockstep::tables::purge::PAUSE_RATIO
     );
     sqlx::query(&format!("drop schema {} cascade", table.schema))
         .execute(&pool)

@@ -31,7 +31,7 @@ use clap::Parser;
 use lockstep::{
     config::{RelayArgs, RelayConfig},
     relay::{producer_config, run_with_metrics, PayloadColumn, Relay, RelayMetrics, Samples},
-    schema::prepare_outbox,
+    tables::schema::prepare_outbox,
 };
 use placement::{on_publisher, place, relay_runtime, Placement};
 use rdkafka::{
@@ -316,7 +316,7 @@ fn percentiles(mut l: Vec<f64>) -> (f64, f64) {
 /// D: the relay's own select + delete statements over `n` loaded events, no Kafka.
 async fn sql_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, payload: PayloadColumn, n: i64) -> f64 {
     load(pool, &cfg.resolved.table.to_string(), n).await;
-    let tables = lockstep::schema::OutboxTables {
+    let tables = lockstep::tables::schema::OutboxTables {
         payload,
         dead_letter_payload: payload,
         // prepare_outbox made the table: it has the column the relay reads.
@@ -594,7 +594,9 @@ async fn marked_rates(side: &Side, pool: &sqlx::PgPool, topic: &str, n: i64, kep
         let r = &cfg.resolved;
         let mut c = pool.acquire().await.unwrap();
         prepare_outbox(&mut c, &r.table, &r.dead_letter_table, true).await.unwrap();
-        lockstep::schema::ensure_published_indexes(&mut c, &r.table, true).await.unwrap();
+        lockstep::tables::schema::ensure_published_indexes(&mut c, &r.table, true)
+            .await
+            .unwrap();
         drop(c);
         let table = r.table.to_string();
         for start in (0..k).step_by(100_000) {
@@ -648,7 +650,7 @@ async fn main() {
             .map_or_else(tokio::runtime::Handle::current, |rt| rt.handle().clone()),
     };
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await.unwrap();
-    let admin = lockstep::kafka::Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
+    let admin = lockstep::clients::kafka::Admin::new(&bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
     admin.create_topic(&topic, 6, 1, &Default::default()).await.unwrap();
     let r = &cfg.resolved;
     let tables = prepare_outbox(&mut pool.acquire().await.unwrap(), &r.table, &r.dead_letter_table, true)

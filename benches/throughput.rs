@@ -31,10 +31,10 @@ mod placement;
 use clap::Parser;
 use lockstep::{
     config::RelayArgs,
+    core::sql::{Ident, QualifiedName},
     inbox::Inbox,
     relay::{run_with_metrics, RelayMetrics},
-    schema::{migrate, prepare_outbox, TableKind},
-    sql::{Ident, QualifiedName},
+    tables::schema::{migrate, prepare_outbox, TableKind},
 };
 use placement::{place, relay_runtime, Placement};
 
@@ -218,7 +218,7 @@ fn qualified(schema: &str, table: &str) -> QualifiedName {
 async fn ingest(pool: &sqlx::PgPool, bootstrap: &str, writers: u64, secs: u64, placement: Placement) {
     let schema = format!("bench_ingest_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let topic = format!("bench.ingest.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let admin = lockstep::kafka::Admin::new(bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
+    let admin = lockstep::clients::kafka::Admin::new(bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
     admin.create_topic(&topic, 6, 1, &Default::default()).await.unwrap();
     let cfg = Wrap::parse_from(
         [

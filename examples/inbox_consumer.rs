@@ -7,9 +7,9 @@
 //! messages in which every message arrives twice, as at-least-once delivery allows.
 
 use lockstep::{
+    core::sql::{Ident, QualifiedName},
     inbox::Inbox,
-    schema::{migrate, TableKind},
-    sql::{Ident, QualifiedName},
+    tables::schema::{migrate, TableKind},
 };
 
 struct Message {

@@ -4,9 +4,9 @@ use clap::{CommandFactory, Parser, Subcommand};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{Api, Client};
 use lockstep::{
-    config::{LogFormat, OperatorArgs, RelayArgs},
-    crdgen, examples,
-    relay::replay::ReplayArgs,
+    cli::examples,
+    config::{LogFormat, OperatorArgs, RelayArgs, ReplayArgs},
+    crd::crdgen,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -171,25 +171,25 @@ async fn main() -> ExitCode {
 async fn replay(args: &ReplayArgs) -> Result<u64, String> {
     use sqlx::Connection;
     let url = args.outbox.database_url().map_err(|e| e.to_string())?;
-    let name = |t: &str| -> Result<lockstep::sql::QualifiedName, String> {
-        Ok(lockstep::sql::QualifiedName {
-            schema: lockstep::sql::Ident::parse(&args.outbox.schema).map_err(|e| format!("--schema: {e}"))?,
-            table: lockstep::sql::Ident::parse(t).map_err(|e| format!("--table: {e}"))?,
+    let name = |t: &str| -> Result<lockstep::core::sql::QualifiedName, String> {
+        Ok(lockstep::core::sql::QualifiedName {
+            schema: lockstep::core::sql::Ident::parse(&args.outbox.schema).map_err(|e| format!("--schema: {e}"))?,
+            table: lockstep::core::sql::Ident::parse(t).map_err(|e| format!("--table: {e}"))?,
         })
     };
     let outbox = name(&args.outbox.table)?;
     let dead_letter = name(&format!("{}{}", args.outbox.table, lockstep::crd::DEAD_LETTER_SUFFIX))?;
-    let where_ = lockstep::db::describe_database_url(url.expose());
-    let opts = lockstep::db::parse_database_url(url.expose())
+    let where_ = lockstep::clients::db::describe_database_url(url.expose());
+    let opts = lockstep::clients::db::parse_database_url(url.expose())
         .ok_or_else(|| "the database URL does not parse as a postgres:// URL (its text is not shown)".to_owned())?;
     let mut conn = sqlx::PgConnection::connect_with(&opts)
         .await
         .map_err(|e| format!("cannot connect to {where_}: {e}"))?;
-    let tables = lockstep::schema::prepare_outbox(&mut conn, &outbox, &dead_letter, false)
+    let tables = lockstep::tables::schema::prepare_outbox(&mut conn, &outbox, &dead_letter, false)
         .await
         .map_err(|e| e.to_string())?;
     let ids = (!args.all).then_some(args.id.as_slice());
-    lockstep::relay::replay::replay(&mut conn, &outbox, &dead_letter, &tables, ids)
+    lockstep::tables::replay::replay(&mut conn, &outbox, &dead_letter, &tables, ids)
         .await
         .map_err(|e| format!("replay failed (nothing was moved): {e}"))
 }

@@ -367,9 +367,12 @@ async fn every_option_on_installs_on_the_server_it_finds() {
 
 /// Every `lockstep_*` series named in `text` is one the operator or the relay exposes.
 fn assert_real_metrics(text: &str, at_least: usize) {
-    use lockstep::metrics::{ControllerLabel, FailureLabel};
+    use lockstep::operator::metrics::{ControllerLabel, FailureLabel};
     // Families render only once they have a series.
-    let (op, relay) = (lockstep::metrics::Metrics::default(), lockstep::relay::RelayMetrics::default());
+    let (op, relay) = (
+        lockstep::operator::metrics::Metrics::default(),
+        lockstep::relay::RelayMetrics::default(),
+    );
     let c = ControllerLabel { controller: "c" };
     op.reconciles.get_or_create(&c).inc();
     op.reconcile_duration.get_or_create(&c).observe(0.1);
@@ -380,7 +383,7 @@ fn assert_real_metrics(text: &str, at_least: usize) {
     };
     op.failures.get_or_create(&failure).inc();
     relay.failures.get_or_create(&lockstep::relay::ReasonLabel { reason }).inc();
-    let purge = lockstep::metrics::PurgeLabel {
+    let purge = lockstep::operator::metrics::PurgeLabel {
         namespace: "n".into(),
         inboxtable: "i".into(),
         table: "t".into(),
@@ -456,10 +459,10 @@ fn render_files(ns: &str, files: &[(String, String)], values: Value) -> serde_js
 async fn crd_and_monitoring_templates_render_with_helm() {
     let client = common::kube_client().await;
     let ns = common::TestNamespace::new(&client, "chart").await;
-    let crd_dir = repo().join(lockstep::crdgen::HELM_DIR);
-    let mut files: Vec<(String, String)> = lockstep::crdgen::all()
+    let crd_dir = repo().join(lockstep::crd::crdgen::HELM_DIR);
+    let mut files: Vec<(String, String)> = lockstep::crd::crdgen::all()
         .iter()
-        .map(lockstep::crdgen::file_name)
+        .map(lockstep::crd::crdgen::file_name)
         .map(|n| (n.clone(), std::fs::read_to_string(crd_dir.join(&n)).unwrap()))
         .collect();
     // The 1.20 server does not serve monitoring.coreos.com/v1: only that gate is lifted.
@@ -490,12 +493,12 @@ async fn crd_and_monitoring_templates_render_with_helm() {
     ns.delete().await;
 
     let v = client.apiserver_version().await.unwrap();
-    let cel = lockstep::crdgen::server_supports_cel(&v.major, &v.minor);
-    for crd in lockstep::crdgen::all() {
-        let name = lockstep::crdgen::file_name(&crd);
+    let cel = lockstep::crd::crdgen::server_supports_cel(&v.major, &v.minor);
+    for crd in lockstep::crd::crdgen::all() {
+        let name = lockstep::crd::crdgen::file_name(&crd);
         let mut kept = crd.clone();
         kept.metadata.annotations = Some([("helm.sh/resource-policy".to_string(), "keep".to_string())].into());
-        let expected = serde_yaml::to_string(&if cel { kept } else { lockstep::crdgen::strip_cel(&kept) }).unwrap();
+        let expected = serde_yaml::to_string(&if cel { kept } else { lockstep::crd::crdgen::strip_cel(&kept) }).unwrap();
         let rendered = data[&name].as_str().unwrap();
         let (header, body) = rendered.trim_start().split_once('\n').unwrap();
         assert!(header.starts_with("# Generated"), "{header}");

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use kube::api::{Api, PostParams};
-use lockstep::{crd::InboxTable, kafka::Admin};
+use lockstep::{clients::kafka::Admin, crd::InboxTable};
 use rdkafka::{
     config::ClientConfig,
     consumer::{BaseConsumer, CommitMode, Consumer},

@@ -6,9 +6,9 @@ use std::{collections::BTreeSet, fs, path::Path};
 fn committed_crds_match_generated() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
     let mut expected = BTreeSet::new();
-    for crd in lockstep::crdgen::all() {
-        let name = lockstep::crdgen::file_name(&crd);
-        let generated = lockstep::crdgen::render(&crd).unwrap();
+    for crd in lockstep::crd::crdgen::all() {
+        let name = lockstep::crd::crdgen::file_name(&crd);
+        let generated = lockstep::crd::crdgen::render(&crd).unwrap();
         let committed = fs::read_to_string(dir.join(&name))
             .unwrap_or_else(|e| panic!("crds/{name} is missing ({e}); run `cargo run -- crds --out crds/`"));
         assert!(
@@ -26,7 +26,7 @@ fn committed_crds_match_generated() {
 
 #[test]
 fn crds_carry_printer_columns_short_names_and_category() {
-    for crd in lockstep::crdgen::all() {
+    for crd in lockstep::crd::crdgen::all() {
         let names = &crd.spec.names;
         assert!(
             names.short_names.as_ref().is_some_and(|s| !s.is_empty()),
@@ -47,12 +47,12 @@ fn crds_carry_printer_columns_short_names_and_category() {
 /// The chart's CRD templates must be exactly what `lockstep crds --helm` writes.
 #[test]
 fn chart_crd_templates_match_generated() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(lockstep::crdgen::HELM_DIR);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(lockstep::crd::crdgen::HELM_DIR);
     let fix = "run `cargo run -- crds --helm charts/lockstep/templates/crds` and commit the result";
     let mut expected = BTreeSet::new();
-    for crd in lockstep::crdgen::all() {
-        let name = lockstep::crdgen::file_name(&crd);
-        let generated = lockstep::crdgen::render_helm(&crd).unwrap();
+    for crd in lockstep::crd::crdgen::all() {
+        let name = lockstep::crd::crdgen::file_name(&crd);
+        let generated = lockstep::crd::crdgen::render_helm(&crd).unwrap();
         let committed = fs::read_to_string(dir.join(&name)).unwrap_or_else(|e| panic!("{}/{name} is missing ({e}); {fix}", dir.display()));
         assert!(
             committed == generated,
@@ -107,7 +107,7 @@ fn everything_a_cel_rule_can_reach_is_bounded() {
         }
     }
     let mut missing = Vec::new();
-    for crd in lockstep::crdgen::all() {
+    for crd in lockstep::crd::crdgen::all() {
         let kind = crd.spec.names.kind.clone();
         let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
         let spec = &schema["openAPIV3Schema"]["properties"]["spec"];

@@ -12,8 +12,8 @@ use kube::{
     Client, ResourceExt,
 };
 use lockstep::{
+    clients::kafka::Admin,
     crd::{InboxTable, OutboxRelay},
-    kafka::Admin,
 };
 use serde_json::json;
 use sqlx::PgPool;

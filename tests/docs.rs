@@ -58,13 +58,13 @@ fn literal(line: &str) -> Option<&str> {
     Some(&line[start..start + len])
 }
 
-/// The values of the constants in `pub mod reason { ... }` of src/conditions.rs.
+/// The values of the constants in `pub mod reason { ... }` of src/operator/conditions.rs.
 fn reasons() -> Vec<String> {
-    let text = read("src/conditions.rs");
+    let text = read("src/operator/conditions.rs");
     let body = text
         .split("pub mod reason {")
         .nth(1)
-        .expect("src/conditions.rs has `pub mod reason`");
+        .expect("src/operator/conditions.rs has `pub mod reason`");
     let body = &body[..body.find("\n}").expect("the reason module ends")];
     let found: Vec<String> = body
         .lines()
@@ -73,7 +73,7 @@ fn reasons() -> Vec<String> {
         .collect();
     assert!(
         found.len() > 30,
-        "read only {} reasons from src/conditions.rs: {found:?}",
+        "read only {} reasons from src/operator/conditions.rs: {found:?}",
         found.len()
     );
     found

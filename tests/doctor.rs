@@ -49,8 +49,8 @@ fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{out}"))
 }
 
-fn admin(bootstrap: &str) -> lockstep::kafka::Admin {
-    lockstep::kafka::Admin::new(bootstrap, &Default::default(), Duration::from_secs(10)).unwrap()
+fn admin(bootstrap: &str) -> lockstep::clients::kafka::Admin {
+    lockstep::clients::kafka::Admin::new(bootstrap, &Default::default(), Duration::from_secs(10)).unwrap()
 }
 
 /// The real servers, a superuser, a topic that exists (with a config value to write back) and
@@ -203,16 +203,18 @@ async fn a_role_missing_each_privilege_fails_naming_it() {
     let t = s.table("outbox");
     let mut conn = s.pool.acquire().await.unwrap();
     let dead_letter = s.table("outbox_dead_letter");
-    lockstep::schema::prepare_outbox(&mut conn, &t, &dead_letter, true).await.unwrap();
+    lockstep::tables::schema::prepare_outbox(&mut conn, &t, &dead_letter, true)
+        .await
+        .unwrap();
     let inbox = s.inbox("inbox").await;
-    let me = lockstep::schema::Owner {
+    let me = lockstep::tables::schema::Owner {
         cluster: "c".into(),
         kind: "InboxTable".into(),
         namespace: "n".into(),
         name: "x".into(),
         uid: "u".into(),
     };
-    lockstep::schema::claim(&mut conn, &inbox, &me, true).await.unwrap();
+    lockstep::tables::schema::claim(&mut conn, &inbox, &me, true).await.unwrap();
     let db: String = sqlx::query_scalar("select current_database()::text")
         .fetch_one(&admin)
         .await

@@ -8,9 +8,9 @@
 use std::collections::BTreeMap;
 
 use lockstep::{
-    conditions::{condition, reason},
-    schema::{self, TableKind},
-    sql::{Ident, QualifiedName},
+    core::sql::{Ident, QualifiedName},
+    operator::conditions::{condition, reason},
+    tables::schema::{self, TableKind},
 };
 
 fn q(schema: &str, table: &str) -> QualifiedName {
@@ -136,8 +136,8 @@ fn lock_keys_and_channels_are_exact() {
     let (public, billing) = (q("public", "outbox"), q("billing", "orders_outbox"));
     assert_eq!(schema::lock_key(&public), -767470055278674281_i64);
     assert_eq!(schema::lock_key(&billing), -5532591153421518849_i64);
-    assert_eq!(lockstep::relay::lock_key(&public), -5365579470686561255_i64);
-    assert_eq!(lockstep::relay::lock_key(&billing), -4820294839793297651_i64);
+    assert_eq!(lockstep::tables::locks::lock_key(&public), -5365579470686561255_i64);
+    assert_eq!(lockstep::tables::locks::lock_key(&billing), -4820294839793297651_i64);
     assert_eq!(schema::notify_channel(&public), "lockstep_outbox_bbcbd30709eeccfa");
     assert_eq!(schema::notify_channel(&billing), "lockstep_outbox_b3d26c7397ee7db6");
 }
@@ -218,12 +218,12 @@ fn condition_types_and_reasons_are_exact() {
     );
     assert_eq!(lockstep::crd::PAUSED_ANNOTATION, "lockstep.dev/paused");
     assert_eq!(lockstep::crd::DELETE_UNPUBLISHED_ANNOTATION, "lockstep.dev/delete-unpublished");
-    assert_eq!(lockstep::controller::lifecycle::FINALIZER, "lockstep.dev/cleanup");
+    assert_eq!(lockstep::operator::controller::lifecycle::FINALIZER, "lockstep.dev/cleanup");
 }
 
 #[test]
 fn field_managers_are_exact() {
-    use lockstep::controller::{dedup_policy, inbox_table, outbox_relay, relay_deployment};
+    use lockstep::operator::controller::{dedup_policy, inbox_table, outbox_relay, relay_deployment};
     assert_eq!(
         [
             inbox_table::MANAGER,
@@ -256,11 +256,14 @@ fn names(m: &BTreeMap<String, String>) -> String {
 /// Cleanup MarkPublished's indexes: their names are how an existing index is found again.
 #[test]
 fn published_indexes_are_exact() {
-    let t = lockstep::sql::QualifiedName {
-        schema: lockstep::sql::Ident::parse("billing").unwrap(),
-        table: lockstep::sql::Ident::parse("orders_outbox").unwrap(),
+    let t = lockstep::core::sql::QualifiedName {
+        schema: lockstep::core::sql::Ident::parse("billing").unwrap(),
+        table: lockstep::core::sql::Ident::parse("orders_outbox").unwrap(),
     };
-    let ddl: Vec<String> = lockstep::schema::published_indexes(&t).into_iter().map(|(_, d)| d).collect();
+    let ddl: Vec<String> = lockstep::tables::schema::published_indexes(&t)
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect();
     assert_eq!(
         ddl,
         [
@@ -272,9 +275,9 @@ fn published_indexes_are_exact() {
 
 #[test]
 fn metric_names_are_exact() {
-    let op = lockstep::metrics::Metrics::default();
+    let op = lockstep::operator::metrics::Metrics::default();
     // The purge families (one series per InboxTable) render once they have a series.
-    let table = lockstep::metrics::PurgeLabel {
+    let table = lockstep::operator::metrics::PurgeLabel {
         namespace: "n".into(),
         inboxtable: "i".into(),
         table: "s.t".into(),
@@ -343,7 +346,7 @@ fn relay_statements_over(extra: &[&str], traceparent: bool) -> (String, String) 
     ];
     argv.extend_from_slice(extra);
     let cfg = RelayCli::parse_from(argv).args.resolve().unwrap();
-    let tables = lockstep::schema::OutboxTables {
+    let tables = lockstep::tables::schema::OutboxTables {
         payload: lockstep::relay::PayloadColumn::Json,
         dead_letter_payload: lockstep::relay::PayloadColumn::Json,
         traceparent,

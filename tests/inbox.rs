@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use lockstep::{
+    core::sql::{Ident, QualifiedName},
     inbox::{BoxError, Delivery, HandleError, Handled, Inbox, InboxMetrics, Retry},
-    schema::{migrate, TableKind},
-    sql::{Ident, QualifiedName},
+    tables::schema::{migrate, TableKind},
 };
 use prometheus_client::{encoding::text::encode, registry::Registry};
 use sqlx::PgPool;

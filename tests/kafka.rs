@@ -100,7 +100,7 @@ async fn idempotent_producer_round_trips() {
 
 #[tokio::test]
 async fn incremental_alter_changes_only_the_named_keys() {
-    let admin = lockstep::kafka::Admin::new(&common::kafka_bootstrap(), &Default::default(), Duration::from_secs(10)).unwrap();
+    let admin = lockstep::clients::kafka::Admin::new(&common::kafka_bootstrap(), &Default::default(), Duration::from_secs(10)).unwrap();
     let topic = common::unique("t.alter");
     let config = [
         ("retention.ms".to_string(), "1000".to_string()),
@@ -132,7 +132,7 @@ async fn incremental_alter_changes_only_the_named_keys() {
 #[tokio::test]
 async fn an_unreachable_broker_is_reported_as_such() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let admin = lockstep::kafka::Admin::new(&format!("127.0.0.1:{port}"), &Default::default(), Duration::from_secs(2)).unwrap();
+    let admin = lockstep::clients::kafka::Admin::new(&format!("127.0.0.1:{port}"), &Default::default(), Duration::from_secs(2)).unwrap();
     let err = admin.describe(&["x".into()]).await.unwrap_err();
     assert!(err.is_unreachable(), "{err}");
 }
@@ -142,7 +142,7 @@ async fn an_unreachable_broker_is_reported_as_such() {
 #[tokio::test]
 async fn admin_clients_nobody_uses_any_more_are_evicted() {
     use std::{collections::BTreeMap, sync::Arc};
-    let cache = lockstep::kafka::AdminCache::default();
+    let cache = lockstep::clients::kafka::AdminCache::default();
     let bootstrap = common::kafka_bootstrap();
     let settings = |id: &str| BTreeMap::from([("client.id".to_owned(), id.to_owned())]);
     let a = cache.get(&bootstrap, &settings("old-credentials")).unwrap();
@@ -164,7 +164,8 @@ async fn admin_clients_nobody_uses_any_more_are_evicted() {
 /// took the topics of the tests running beside it.
 #[tokio::test]
 async fn deleting_a_topic_leaves_the_others() {
-    let admin = lockstep::kafka::Admin::new(&common::kafka_bootstrap(), &Default::default(), Duration::from_secs(10)).expect("admin");
+    let admin =
+        lockstep::clients::kafka::Admin::new(&common::kafka_bootstrap(), &Default::default(), Duration::from_secs(10)).expect("admin");
     let (gone, kept) = (common::unique("t.delete.gone"), common::unique("t.delete.kept"));
     for t in [&gone, &kept] {
         admin.create_topic(t, 1, 1, &Default::default()).await.expect("create");

@@ -12,8 +12,8 @@ use std::{
 };
 
 use lockstep::{
-    consumer_lag::{self, LagClients},
-    kafka::Admin,
+    clients::consumer_lag::{self, LagClients},
+    clients::kafka::Admin,
 };
 
 /// Everything logged in this test binary (librdkafka's debug lines included), from the first call on.

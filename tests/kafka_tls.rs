@@ -13,7 +13,8 @@ use std::{
 };
 
 use common::tls::TlsBroker;
-use lockstep::kafka::{config_error_text, scrub, Admin, AdminError, REDACTED};
+use lockstep::clients::kafka::{config_error_text, Admin, AdminError};
+use lockstep::core::kafka_settings::{scrub, REDACTED};
 use rdkafka::{
     config::ClientConfig,
     consumer::{BaseConsumer, Consumer},

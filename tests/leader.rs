@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use lockstep::leader::LeaderElector;
+use lockstep::clients::leader::LeaderElector;
 
 #[tokio::test]
 async fn one_leader_then_handover() {

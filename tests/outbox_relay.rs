@@ -10,8 +10,8 @@ use kube::{
     Client,
 };
 use lockstep::{
+    clients::kafka::Admin,
     crd::{InboxTable, OutboxRelay},
-    kafka::Admin,
 };
 use serde_json::json;
 
@@ -342,7 +342,7 @@ async fn lag_healthy_follows_the_oldest_event_and_names_a_blocking_transaction()
     admin(&bootstrap).create_topic(&topic, 1, 1, &Default::default()).await.unwrap();
     let mut obr = relay("lagged", &schema, &bootstrap, json!([]));
     obr.spec.routing.topic = topic.clone();
-    obr.spec.lag.max_oldest_age = lockstep::duration::Duration::new("4s");
+    obr.spec.lag.max_oldest_age = lockstep::core::duration::Duration::new("4s");
     api.create(&PostParams::default(), &obr).await.unwrap();
     let slow = Duration::from_secs(60);
     common::wait_condition(&api, "lagged", "LagHealthy", "True", Some("LagWithinThreshold"), slow).await;
@@ -987,14 +987,12 @@ async fn a_topic_named_through_another_address_of_the_same_cluster_conflicts_too
 
 /// A relay's lock session with buckets, stood in by the test: application_name as the relay sets
 /// it, the shared member lock of `buckets`, and the exclusive locks of `owned`.
-async fn bucket_session(table: &lockstep::sql::QualifiedName, buckets: u16, owned: &[u16], pod: &str) -> (sqlx::PgConnection, i32) {
-    use lockstep::buckets::{bucket_code, class_key, member_code};
+async fn bucket_session(table: &lockstep::core::sql::QualifiedName, buckets: u16, owned: &[u16], pod: &str) -> (sqlx::PgConnection, i32) {
+    use lockstep::tables::buckets::{bucket_code, class_key, member_code};
     use sqlx::Connection;
     let opts: sqlx::postgres::PgConnectOptions = common::env("DATABASE_URL").parse().unwrap();
-    let name = lockstep::relay::identity::application_name(Some(pod));
-    let mut c = sqlx::PgConnection::connect_with(&opts.application_name(&name))
-        .await
-        .unwrap();
+    let name = lockstep::tables::identity::application_name(Some(pod));
+    let mut c = sqlx::PgConnection::connect_with(&opts.application_name(&name)).await.unwrap();
     let pid: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(&mut c).await.unwrap();
     let class = class_key(table);
     let codes = std::iter::once(("pg_advisory_lock_shared", member_code(buckets)))
@@ -1021,9 +1019,9 @@ async fn relays_with_buckets_are_seen_in_pg_locks() {
     obr.spec.relay.buckets = 4;
     api.create(&PostParams::default(), &obr).await.unwrap();
     common::wait_condition(&api, "orders", "SchemaReady", "True", None, T).await;
-    let table = lockstep::sql::QualifiedName {
-        schema: lockstep::sql::Ident::parse(&schema).unwrap(),
-        table: lockstep::sql::Ident::parse("outbox").unwrap(),
+    let table = lockstep::core::sql::QualifiedName {
+        schema: lockstep::core::sql::Ident::parse(&schema).unwrap(),
+        table: lockstep::core::sql::Ident::parse("outbox").unwrap(),
     };
     let (_a, pid_a) = bucket_session(&table, 4, &[0, 1], "pod-a").await;
     let (mut b, pid_b) = bucket_session(&table, 4, &[2], "pod-b").await;
@@ -1046,8 +1044,8 @@ async fn relays_with_buckets_are_seen_in_pg_locks() {
     assert_eq!(shares, want);
 
     sqlx::query("select pg_advisory_lock($1, $2)")
-        .bind(lockstep::buckets::class_key(&table))
-        .bind(lockstep::buckets::bucket_code(4, 3))
+        .bind(lockstep::tables::buckets::class_key(&table))
+        .bind(lockstep::tables::buckets::bucket_code(4, 3))
         .execute(&mut b)
         .await
         .unwrap();
@@ -1062,8 +1060,8 @@ async fn relays_with_buckets_are_seen_in_pg_locks() {
     // BucketsUnowned once it lasted 10 s.
     let bucket3 = |sql: &'static str| {
         sqlx::query(sql)
-            .bind(lockstep::buckets::class_key(&table))
-            .bind(lockstep::buckets::bucket_code(4, 3))
+            .bind(lockstep::tables::buckets::class_key(&table))
+            .bind(lockstep::tables::buckets::bucket_code(4, 3))
     };
     bucket3("select pg_advisory_unlock($1, $2)").execute(&mut b).await.unwrap();
     common::touch(&api, "orders").await;
@@ -1106,10 +1104,10 @@ async fn relays_with_buckets_are_seen_in_pg_locks() {
     .unwrap();
     let rust: Vec<i32> = ["order-1", "order-2", "customer-42", "ünïcode", ""]
         .iter()
-        .map(|k| i32::from(lockstep::buckets::bucket_of(k, 64)))
+        .map(|k| i32::from(lockstep::tables::buckets::bucket_of(k, 64)))
         .collect();
     assert_eq!(vectors, rust);
-    assert_eq!(lockstep::buckets::bucket_of("order-1", 4), 1);
+    assert_eq!(lockstep::tables::buckets::bucket_of("order-1", 4), 1);
     common::touch(&api, "orders").await;
     let ages = common::wait_until(T, "each relay's oldest event", || async {
         let st = api.get("orders").await.unwrap().status?;

@@ -47,7 +47,7 @@ async fn connects_over_tcp_in_its_own_schema() {
 /// pool a live resource keeps asking for stays; the others go once unused for the idle window.
 #[tokio::test]
 async fn pools_of_urls_nobody_uses_any_more_are_evicted() {
-    use lockstep::{config::Redacted, db::Pools};
+    use lockstep::{clients::db::Pools, core::redacted::Redacted};
     let base = std::env::var("DATABASE_URL").expect("DATABASE_URL (source target/testenv/env)");
     let sep = if base.contains('?') { '&' } else { '?' };
     // Three spellings of one database: to the cache, three credentials.

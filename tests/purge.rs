@@ -13,7 +13,7 @@ use std::{
 
 use lockstep::{
     inbox::Inbox,
-    purge::{purge_expired, PAUSE_RATIO},
+    tables::purge::{purge_expired, PAUSE_RATIO},
 };
 
 #[tokio::test]
@@ -92,7 +92,7 @@ async fn a_partitioned_inbox_loses_only_its_expired_rows() {
          create table {s}.inbox_new partition of {table} for values in ('new');
          insert into {table} values ('old', 'm1', now() - interval '2 days');
          insert into {table} values ('new', 'm1', now());",
-        s = lockstep::sql::quote_ident(&s.schema)
+        s = lockstep::core::sql::quote_ident(&s.schema)
     ))
     .execute(&s.pool)
     .await
@@ -117,7 +117,7 @@ async fn a_partitioned_inbox_loses_only_its_expired_rows() {
 /// backlog is gone.
 #[tokio::test]
 async fn a_raised_retention_stops_a_running_purge_within_one_batch() {
-    use lockstep::purge::{PurgeParams, Purges};
+    use lockstep::operator::purges::{PurgeParams, Purges};
     let s = common::pg_schema("purgeraise").await;
     let table = s.inbox("inbox").await;
     const ROWS: i64 = 200_000;
@@ -137,7 +137,7 @@ async fn a_raised_retention_stops_a_running_purge_within_one_batch() {
     };
     let (done_tx, _done_rx) = tokio::sync::mpsc::unbounded_channel();
     let (_leading, lead_rx) = tokio::sync::watch::channel(true);
-    let purges: Purges<String> = Purges::new(done_tx, Arc::new(lockstep::metrics::Metrics::default()), lead_rx);
+    let purges: Purges<String> = Purges::new(done_tx, Arc::new(lockstep::operator::metrics::Metrics::default()), lead_rx);
     let params = |retention| PurgeParams {
         pool_key: "k".into(),
         table: table.clone(),
@@ -174,7 +174,7 @@ async fn a_raised_retention_stops_a_running_purge_within_one_batch() {
 /// nothing while not leading.
 #[tokio::test]
 async fn no_purge_runs_without_the_lease() {
-    use lockstep::purge::{PurgeParams, Purges};
+    use lockstep::operator::purges::{PurgeParams, Purges};
     let s = common::pg_schema("purgelease").await;
     let table = s.inbox("inbox").await;
     const ROWS: i64 = 200_000;
@@ -192,7 +192,7 @@ async fn no_purge_runs_without_the_lease() {
     };
     let (done_tx, _done_rx) = tokio::sync::mpsc::unbounded_channel();
     let (leading, lead_rx) = tokio::sync::watch::channel(true);
-    let purges: Purges<String> = Purges::new(done_tx, Arc::new(lockstep::metrics::Metrics::default()), lead_rx);
+    let purges: Purges<String> = Purges::new(done_tx, Arc::new(lockstep::operator::metrics::Metrics::default()), lead_rx);
     let params = PurgeParams {
         pool_key: "k".into(),
         table: table.clone(),
@@ -224,8 +224,8 @@ async fn no_purge_runs_without_the_lease() {
     assert_eq!(count().await, after, "a purge started after the Lease was lost");
 }
 
-fn purge_label() -> lockstep::metrics::PurgeLabel {
-    lockstep::metrics::PurgeLabel {
+fn purge_label() -> lockstep::operator::metrics::PurgeLabel {
+    lockstep::operator::metrics::PurgeLabel {
         namespace: "shop".into(),
         inboxtable: "orders-inbox".into(),
         table: "billing.inbox".into(),
@@ -235,7 +235,7 @@ fn purge_label() -> lockstep::metrics::PurgeLabel {
 /// The operator's purge series say which InboxTable and table they count (issue "Step 12").
 #[tokio::test]
 async fn purge_metrics_name_the_inbox_table() {
-    use lockstep::purge::{PurgeParams, Purges};
+    use lockstep::operator::purges::{PurgeParams, Purges};
     let s = common::pg_schema("purgemetrics").await;
     let table = s.inbox("inbox").await;
     sqlx::query(&format!(
@@ -247,7 +247,7 @@ async fn purge_metrics_name_the_inbox_table() {
     .unwrap();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let (_leading, lead_rx) = tokio::sync::watch::channel(true);
-    let metrics = Arc::new(lockstep::metrics::Metrics::default());
+    let metrics = Arc::new(lockstep::operator::metrics::Metrics::default());
     let purges: Purges<String> = Purges::new(done_tx, metrics.clone(), lead_rx);
     let params = PurgeParams {
         pool_key: "k".into(),

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lockstep::kafka::Admin;
+use lockstep::clients::kafka::Admin;
 use rdkafka::message::{Headers, Message};
 
 struct Outbox {
@@ -245,13 +245,18 @@ async fn survives_sigkill_and_an_inbox_consumer_applies_each_event_once() {
 
     // A consumer with lockstep::inbox applies each event's side effect exactly once.
     let s = common::pg_schema("crash_consumer").await;
-    let t = lockstep::sql::QualifiedName {
-        schema: lockstep::sql::Ident::parse(&s.schema).unwrap(),
-        table: lockstep::sql::Ident::parse("inbox").unwrap(),
+    let t = lockstep::core::sql::QualifiedName {
+        schema: lockstep::core::sql::Ident::parse(&s.schema).unwrap(),
+        table: lockstep::core::sql::Ident::parse("inbox").unwrap(),
     };
-    lockstep::schema::migrate(&mut s.pool.acquire().await.unwrap(), lockstep::schema::TableKind::Inbox, &t, true)
-        .await
-        .unwrap();
+    lockstep::tables::schema::migrate(
+        &mut s.pool.acquire().await.unwrap(),
+        lockstep::tables::schema::TableKind::Inbox,
+        &t,
+        true,
+    )
+    .await
+    .unwrap();
     sqlx::query("create table effects (key text primary key, applied bigint not null)")
         .execute(&s.pool)
         .await
@@ -448,7 +453,7 @@ async fn an_open_transaction_holds_back_later_rows_in_order_and_is_reported() {
         10,
         "rows committed after the open transaction began wait for it"
     );
-    let age = lockstep::relay::oldest_transaction_age(&o.pool).await.unwrap();
+    let age = lockstep::tables::lag::oldest_transaction_age(&o.pool).await.unwrap();
     assert!(age >= 2.0, "the blocking transaction's age is reported: {age}");
     tx.commit().await.unwrap();
     o.wait_drained(Duration::from_secs(30)).await;
@@ -501,7 +506,7 @@ async fn a_prepared_transaction_holds_back_later_rows_and_is_reported() {
         let relay = o.relay("relay-prepared.log");
         tokio::time::sleep(Duration::from_secs(6)).await;
         let remaining = o.remaining().await;
-        let age = lockstep::relay::oldest_transaction_age(&o.pool).await;
+        let age = lockstep::tables::lag::oldest_transaction_age(&o.pool).await;
         (relay, remaining, age)
     }))
     .await;
@@ -693,7 +698,7 @@ async fn a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing() {
     let cfg = config(&o, &[]);
     let mut conn = o.pool.acquire().await.unwrap();
     let r = &cfg.resolved;
-    let tables = lockstep::schema::prepare_outbox(&mut conn, &r.table, &r.dead_letter_table, true)
+    let tables = lockstep::tables::schema::prepare_outbox(&mut conn, &r.table, &r.dead_letter_table, true)
         .await
         .unwrap();
     let metrics = std::sync::Arc::new(lockstep::relay::RelayMetrics::default());
@@ -795,12 +800,14 @@ async fn mark_published_keeps_rows_for_the_retention_then_purges_them() {
     const OLD: i64 = 60_000;
     const NEW: i64 = 1_000;
     let o = outbox("marked", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
-    let table = lockstep::sql::QualifiedName {
-        schema: lockstep::sql::Ident::parse(&o.schema).unwrap(),
-        table: lockstep::sql::Ident::parse("outbox").unwrap(),
+    let table = lockstep::core::sql::QualifiedName {
+        schema: lockstep::core::sql::Ident::parse(&o.schema).unwrap(),
+        table: lockstep::core::sql::Ident::parse("outbox").unwrap(),
     };
     let mut conn = o.pool.acquire().await.unwrap();
-    let missing = lockstep::schema::ensure_published_indexes(&mut conn, &table, false).await.unwrap();
+    let missing = lockstep::tables::schema::ensure_published_indexes(&mut conn, &table, false)
+        .await
+        .unwrap();
     assert_eq!(
         missing,
         ["outbox_unpublished_idx", "outbox_published_at_idx"],
@@ -822,11 +829,13 @@ async fn mark_published_keeps_rows_for_the_retention_then_purges_them() {
     let (select, _) = {
         let mut c = o.pool.acquire().await.unwrap();
         assert_eq!(
-            lockstep::schema::ensure_published_indexes(&mut c, &table, true).await.unwrap(),
+            lockstep::tables::schema::ensure_published_indexes(&mut c, &table, true)
+                .await
+                .unwrap(),
             Vec::<String>::new()
         );
         let r = &cfg.resolved;
-        let tables = lockstep::schema::prepare_outbox(&mut c, &r.table, &r.dead_letter_table, true)
+        let tables = lockstep::tables::schema::prepare_outbox(&mut c, &r.table, &r.dead_letter_table, true)
             .await
             .unwrap();
         let relay = lockstep::relay::Relay::new(cfg.clone(), Default::default(), &tables).unwrap();

@@ -20,14 +20,14 @@ use common::{
     relays::{backwards, consume_all, outbox, upstream, Outbox, RelayProc},
     PrivateBroker,
 };
-use lockstep::buckets::{bucket_of, class_key, Holdings};
+use lockstep::tables::buckets::{bucket_of, class_key, Holdings};
 
 const BUCKETS: u16 = 64;
 
-fn table(o: &Outbox) -> lockstep::sql::QualifiedName {
-    lockstep::sql::QualifiedName {
-        schema: lockstep::sql::Ident::parse(&o.schema).unwrap(),
-        table: lockstep::sql::Ident::parse("outbox").unwrap(),
+fn table(o: &Outbox) -> lockstep::core::sql::QualifiedName {
+    lockstep::core::sql::QualifiedName {
+        schema: lockstep::core::sql::Ident::parse(&o.schema).unwrap(),
+        table: lockstep::core::sql::Ident::parse("outbox").unwrap(),
     }
 }
 
@@ -37,7 +37,7 @@ fn table(o: &Outbox) -> lockstep::sql::QualifiedName {
 async fn the_sql_bucket_function_is_the_documented_hash() {
     let o = outbox("bkhash", &common::kafka_bootstrap()).await;
     let t = table(&o);
-    sqlx::query(&lockstep::schema::buckets::function_ddl(&t.schema))
+    sqlx::query(&lockstep::tables::schema::buckets::function_ddl(&t.schema))
         .execute(&o.pool)
         .await
         .unwrap();
@@ -56,7 +56,7 @@ async fn the_sql_bucket_function_is_the_documented_hash() {
     for b in [1u16, 2, 7, 64, 255, 256] {
         let got: Vec<i32> = sqlx::query_scalar(&format!(
             "select {}(k, $2) from unnest($1::text[]) with ordinality u(k, i) order by i",
-            lockstep::schema::buckets::function(&t.schema)
+            lockstep::tables::schema::buckets::function(&t.schema)
         ))
         .bind(&keys)
         .bind(i32::from(b))
@@ -75,9 +75,9 @@ async fn a_read_of_several_buckets_scans_each_in_seq_order_up_to_its_share() {
     let o = outbox("bkplan", &common::kafka_bootstrap()).await;
     let t = table(&o);
     let mut c = o.pool.acquire().await.unwrap();
-    let key = lockstep::routing::OutboxColumn::Aggregateid;
+    let key = lockstep::core::routing::OutboxColumn::Aggregateid;
     let cleanup = lockstep::crd::Cleanup::Delete;
-    let missing = lockstep::schema::buckets::ensure(&mut c, &t, key, BUCKETS, cleanup, true)
+    let missing = lockstep::tables::schema::buckets::ensure(&mut c, &t, key, BUCKETS, cleanup, true)
         .await
         .unwrap();
     assert_eq!(missing, Default::default());
@@ -262,8 +262,8 @@ async fn three_relays_with_64_buckets_keep_each_keys_order_through_kills_scaling
     .fetch_all(&o.pool)
     .await
     .unwrap();
-    let host = lockstep::relay::identity::host_name();
-    assert_eq!(names, [lockstep::relay::identity::application_name(host.as_deref())]);
+    let host = lockstep::tables::identity::host_name();
+    assert_eq!(names, [lockstep::tables::identity::application_name(host.as_deref())]);
     assert!(names[0].starts_with("lockstep-relay/"), "{names:?}");
 
     // A relay SIGKILLed: its session closes, the two left take its buckets.

@@ -133,10 +133,10 @@ async fn traceparent_reaches_the_consumer_and_a_malformed_one_blocks_nothing() {
     assert_eq!(dead_lettered(&o).await, [("poison".to_owned(), Some(TRACE.to_owned()))]);
     let (t, dl) = (qualified(&o.schema, "outbox"), qualified(&o.schema, "outbox_dead_letter"));
     let mut conn = o.pool.acquire().await.unwrap();
-    let tables = lockstep::schema::describe_outbox(&mut conn, &t, &dl).await.unwrap();
+    let tables = lockstep::tables::schema::describe_outbox(&mut conn, &t, &dl).await.unwrap();
     assert!(tables.traceparent && tables.dead_letter_traceparent);
     drop(relay);
-    let moved = lockstep::relay::replay::replay(&mut conn, &t, &dl, &tables, None).await.unwrap();
+    let moved = lockstep::tables::replay::replay(&mut conn, &t, &dl, &tables, None).await.unwrap();
     assert_eq!(moved, 1);
     let back: Option<String> = sqlx::query_scalar(&format!("select traceparent from {t}"))
         .fetch_one(&o.pool)
@@ -167,7 +167,7 @@ async fn cloudevents_headers_reach_the_consumer() {
         // lockstep's own headers too: an inbox consumer deduplicates on them as before.
         assert_eq!((h("id"), h("type")), (Some(id.as_str()), Some("order.created")));
         assert_eq!(r.delivery_id, *id);
-        let micros_to_ms = lockstep::event_headers::rfc3339_ms(created);
+        let micros_to_ms = lockstep::core::event_headers::rfc3339_ms(created);
         assert_eq!(r.delivery_created_ms, micros_to_ms, "{k}: the created time, to the ms");
         assert_eq!(r.key, *k);
     }
@@ -181,7 +181,7 @@ async fn an_outbox_without_the_traceparent_column_is_relayed_as_before() {
     let o = outbox("notrace", &common::kafka_bootstrap()).await;
     let dead_letter = qualified(&o.schema, "outbox_dead_letter");
     let mut conn = o.pool.acquire().await.unwrap();
-    lockstep::schema::migrate(&mut conn, lockstep::schema::TableKind::DeadLetter, &dead_letter, true)
+    lockstep::tables::schema::migrate(&mut conn, lockstep::tables::schema::TableKind::DeadLetter, &dead_letter, true)
         .await
         .unwrap();
     for t in [qualified(&o.schema, "outbox"), dead_letter] {
@@ -204,9 +204,9 @@ async fn an_outbox_without_the_traceparent_column_is_relayed_as_before() {
     }
 }
 
-fn qualified(schema: &str, table: &str) -> lockstep::sql::QualifiedName {
-    lockstep::sql::QualifiedName {
-        schema: lockstep::sql::Ident::parse(schema).unwrap(),
-        table: lockstep::sql::Ident::parse(table).unwrap(),
+fn qualified(schema: &str, table: &str) -> lockstep::core::sql::QualifiedName {
+    lockstep::core::sql::QualifiedName {
+        schema: lockstep::core::sql::Ident::parse(schema).unwrap(),
+        table: lockstep::core::sql::Ident::parse(table).unwrap(),
     }
 }

@@ -4,9 +4,9 @@
 mod common;
 
 use lockstep::{
+    core::sql::{Ident, QualifiedName},
     inbox::Inbox,
-    schema::{migrate, SchemaError, TableKind},
-    sql::{Ident, QualifiedName},
+    tables::schema::{migrate, SchemaError, TableKind},
 };
 
 fn qn(schema: &str, table: &str) -> QualifiedName {
@@ -52,7 +52,7 @@ async fn inbox_migration_creates_table_key_index_and_is_idempotent() {
             .unwrap();
     assert_eq!(history.len(), 1);
     assert_eq!((history[0].0.as_str(), history[0].1), ("inbox", 1));
-    assert_eq!(history[0].2, lockstep::schema::migrations(TableKind::Inbox)[0].checksum());
+    assert_eq!(history[0].2, lockstep::tables::schema::migrations(TableKind::Inbox)[0].checksum());
 }
 
 #[tokio::test]
@@ -140,7 +140,7 @@ async fn outbox_and_dead_letter_migrate_and_notify() {
     assert!(migrate(&mut conn, TableKind::Outbox, &t, true).await.unwrap().applied.is_empty());
 
     let mut listener = sqlx::postgres::PgListener::connect_with(&s.pool).await.unwrap();
-    listener.listen(&lockstep::schema::notify_channel(&t)).await.unwrap();
+    listener.listen(&lockstep::tables::schema::notify_channel(&t)).await.unwrap();
     sqlx::query(
         "insert into outbox (id, aggregatetype, aggregateid, type, payload) values (gen_random_uuid(), 'order', '1', 'created', '{}')",
     )
@@ -151,7 +151,7 @@ async fn outbox_and_dead_letter_migrate_and_notify() {
         .await
         .expect("NOTIFY within 5s")
         .unwrap();
-    assert_eq!(n.channel(), lockstep::schema::notify_channel(&t));
+    assert_eq!(n.channel(), lockstep::tables::schema::notify_channel(&t));
     let (seq, attempts): (i64, i32) = sqlx::query_as("select seq, attempts from outbox").fetch_one(&s.pool).await.unwrap();
     assert_eq!((seq, attempts), (1, 0));
 }
@@ -300,7 +300,7 @@ const OUTBOX_COLUMNS: &str = "id uuid primary key, aggregatetype text not null, 
     type text not null, payload jsonb, headers jsonb, created_at timestamptz not null default now(),
     attempts integer not null default 0, last_error text, published_at timestamptz";
 
-fn mismatch(r: Result<lockstep::schema::MigrationOutcome, SchemaError>) -> Vec<String> {
+fn mismatch(r: Result<lockstep::tables::schema::MigrationOutcome, SchemaError>) -> Vec<String> {
     match r {
         Err(SchemaError::Mismatch { differences, .. }) => differences,
         other => panic!("expected a mismatch, got {other:?}"),
@@ -361,7 +361,7 @@ async fn a_migration_waiting_on_a_lock_gives_up_instead_of_hanging() {
     // Another session holds the table's migration lock and never lets go.
     let mut holder = s.pool.acquire().await.unwrap();
     sqlx::query("select pg_advisory_lock($1)")
-        .bind(lockstep::schema::lock_key(&t))
+        .bind(lockstep::tables::schema::lock_key(&t))
         .execute(&mut *holder)
         .await
         .unwrap();
@@ -400,8 +400,8 @@ async fn a_role_without_privileges_is_reported_as_permission_denied() {
     let t = qn(&s.schema, "inbox");
     match migrate(&mut conn, TableKind::Inbox, &t, true).await {
         Err(SchemaError::Database(e)) => {
-            assert!(lockstep::db::is_permission_denied(&e), "{e}");
-            let c = lockstep::controller::deps::schema_failure(TableKind::Inbox, &t, "db", SchemaError::Database(e));
+            assert!(lockstep::clients::db::is_permission_denied(&e), "{e}");
+            let c = lockstep::operator::controller::deps::schema_failure(TableKind::Inbox, &t, "db", SchemaError::Database(e));
             assert_eq!(c.reason, "PermissionDenied");
         }
         other => panic!("expected permission denied, got {other:?}"),
@@ -464,9 +464,9 @@ async fn migration_2_adds_a_nullable_traceparent_and_old_tables_keep_working() {
     let mut conn = s.pool.acquire().await.unwrap();
     // As lockstep 1-version-ago left it: version 1 applied and recorded, a row written.
     let t = qn(&s.schema, "old");
-    let v1 = &lockstep::schema::migrations(TableKind::Outbox)[0];
+    let v1 = &lockstep::tables::schema::migrations(TableKind::Outbox)[0];
     sqlx::raw_sql(&(v1.render)(&t)).execute(&s.pool).await.unwrap();
-    sqlx::raw_sql(&lockstep::schema::history_ddl(&t.schema))
+    sqlx::raw_sql(&lockstep::tables::schema::history_ddl(&t.schema))
         .execute(&s.pool)
         .await
         .unwrap();
@@ -499,7 +499,7 @@ async fn migration_2_adds_a_nullable_traceparent_and_old_tables_keep_working() {
     assert!(again.applied.is_empty());
 
     // A user's dead-letter table, adopted: recorded as version 1, then given the column.
-    sqlx::raw_sql(&(lockstep::schema::migrations(TableKind::DeadLetter)[0].render)(&qn(
+    sqlx::raw_sql(&(lockstep::tables::schema::migrations(TableKind::DeadLetter)[0].render)(&qn(
         &s.schema,
         "theirs_dead_letter",
     )))

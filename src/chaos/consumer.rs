@@ -12,8 +12,8 @@ use rdkafka::{
 };
 
 use crate::{
+    core::sql::{Ident, QualifiedName},
     inbox::{Delivery, HandleError, Inbox, InboxMetrics, Retry},
-    sql::{Ident, QualifiedName},
 };
 
 #[derive(clap::Args, Debug, Clone)]
@@ -43,7 +43,8 @@ pub struct ConsumeArgs {
 
 /// A pool of the run's database; the URL is never shown (parse errors name no part of it).
 pub fn pool(url: &str, connections: u32) -> anyhow::Result<sqlx::PgPool> {
-    let options = crate::db::parse_database_url(url).ok_or_else(|| anyhow::anyhow!("the database URL does not parse (postgres://...)"))?;
+    let options =
+        crate::clients::db::parse_database_url(url).ok_or_else(|| anyhow::anyhow!("the database URL does not parse (postgres://...)"))?;
     Ok(sqlx::postgres::PgPoolOptions::new()
         .max_connections(connections)
         .acquire_timeout(Duration::from_secs(10))
@@ -71,7 +72,7 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
     // The effect: one row per application, so a second application of an order is visible.
     let effect_sql = format!(
         "insert into {}.effects (order_id, key, n) values ($1, $2, $3)",
-        crate::sql::quote_ident(&args.schema)
+        crate::core::sql::quote_ident(&args.schema)
     );
     let mut pending: HashMap<i32, i64> = HashMap::new();
     // Offsets are committed every 50 messages and when idle: a kill redelivers up to that many.

@@ -17,8 +17,8 @@ use std::{path::PathBuf, time::Duration};
 pub use self::consumer::{run as consume, ConsumeArgs};
 use self::faults::{Fault, Faults};
 use crate::{
-    schema::{migrate, TableKind},
-    sql::{quote_ident, Ident, QualifiedName},
+    core::sql::{quote_ident, Ident, QualifiedName},
+    tables::schema::{migrate, TableKind},
 };
 
 #[derive(clap::Args, Debug, Clone)]
@@ -187,7 +187,7 @@ async fn prepare(pool: &sqlx::PgPool, args: &ChaosArgs, run: &Run) -> anyhow::Re
         };
         migrate(&mut conn, kind, &t, true).await?;
     }
-    let admin = crate::kafka::Admin::new(&args.bootstrap_servers, &Default::default(), Duration::from_secs(30))?;
+    let admin = crate::clients::kafka::Admin::new(&args.bootstrap_servers, &Default::default(), Duration::from_secs(30))?;
     admin.create_topic(&run.topic, args.partitions, 1, &Default::default()).await?;
     Ok(())
 }

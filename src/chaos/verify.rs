@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::sql::quote_ident;
+use crate::core::sql::quote_ident;
 
 /// Events per transaction; one transaction in ten rolls back.
 const BATCH: u64 = 20;

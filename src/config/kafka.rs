@@ -4,7 +4,8 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use clap::Args;
 
-use super::{read_trimmed, Redacted, RelayConfigError};
+use super::{read_trimmed, RelayConfigError};
+use crate::core::redacted::Redacted;
 
 #[derive(Debug, Clone, Args)]
 pub struct KafkaArgs {

@@ -5,8 +5,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    sql::{Ident, QualifiedName},
-    validation::Problems,
+    core::sql::{Ident, QualifiedName},
+    core::validation::Problems,
 };
 
 pub const GROUP: &str = "lockstep.dev";
@@ -50,10 +50,10 @@ pub struct DatabaseSpec {
     pub url_secret_ref: SecretKeyRef,
     /// Schema of the table. Immutable.
     #[serde(default = "default_schema")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = crate::sql::IDENT_PATTERN))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::core::sql::IDENT_PATTERN))]
     pub schema: String,
     /// Table name. Immutable.
-    #[schemars(length(min = 1, max = 63), regex(pattern = crate::sql::IDENT_PATTERN))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::core::sql::IDENT_PATTERN))]
     pub table: String,
     /// true: lockstep creates and migrates the table. false: the application owns it and lockstep
     /// only verifies it matches the contract.

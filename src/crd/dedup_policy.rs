@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{valid_label_key, valid_label_value, validate_namespace_name, validate_object_name, Conditions};
 use crate::{
-    duration::{Duration, Given},
-    validation::{Problems, ValidationErrors},
+    core::duration::{Duration, Given},
+    core::validation::{Problems, ValidationErrors},
 };
 
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]

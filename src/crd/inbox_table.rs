@@ -10,10 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{Conditions, DatabaseSpec, DeletionPolicy, SecretKeyRef, SecretRef};
 use crate::{
-    duration::{Duration, Given},
-    routing::validate_topic_name,
-    sql::QualifiedName,
-    validation::{Problems, ValidationErrors},
+    core::duration::{Duration, Given},
+    core::routing::validate_topic_name,
+    core::sql::QualifiedName,
+    core::validation::{Problems, ValidationErrors},
 };
 
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]

@@ -8,8 +8,9 @@ use clap::{Args, ValueEnum};
 
 use super::database::{Target, TargetKind};
 use crate::{
-    config::{KafkaArgs, OutboxArgs, Redacted},
-    sql::{Ident, QualifiedName},
+    config::{KafkaArgs, OutboxArgs},
+    core::redacted::Redacted,
+    core::sql::{Ident, QualifiedName},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -93,7 +94,7 @@ impl DoctorArgs {
     /// Everything needed to run; Err is exit code 2 (the checks cannot run).
     pub fn resolve(&self) -> Result<Resolved, String> {
         let url = self.outbox.database_url().map_err(|e| e.to_string())?;
-        if crate::db::parse_database_url(url.expose()).is_none() {
+        if crate::clients::db::parse_database_url(url.expose()).is_none() {
             return Err("the database URL does not parse as a postgres:// URL (its text is not shown)".into());
         }
         let schema = Ident::parse(&self.outbox.schema).map_err(|e| format!("--schema: {e}"))?;

@@ -62,7 +62,7 @@ fn config(t: &BrokerTarget) -> ClientConfig {
 fn refusal(e: &KafkaError, t: &BrokerTarget) -> Refusal {
     Refusal {
         code: e.rdkafka_error_code(),
-        message: crate::kafka::config_error_text(e, t.settings.values().map(String::as_str)),
+        message: crate::clients::kafka::config_error_text(e, t.settings.values().map(String::as_str)),
     }
 }
 
@@ -84,11 +84,11 @@ struct Topic {
 fn settings_checks(t: &BrokerTarget) -> Result<Vec<Check>, Check> {
     let mut out = Vec::new();
     for (k, val) in &t.settings {
-        let Some(why) = crate::kafka::operator_refuses(k, val) else {
+        let Some(why) = crate::core::kafka_settings::operator_refuses(k, val) else {
             continue;
         };
         let name = format!("kafka setting {k}");
-        if crate::kafka::CODE_LOADING_SETTINGS.contains(&k.trim().to_ascii_lowercase().as_str()) {
+        if crate::core::kafka_settings::CODE_LOADING_SETTINGS.contains(&k.trim().to_ascii_lowercase().as_str()) {
             return Err(Check::fail(
                 name,
                 format!("{why}: refused by lockstep"),
@@ -127,7 +127,7 @@ fn gather(t: &BrokerTarget) -> Vec<Check> {
             let _ = consumer.poll(Duration::from_millis(200));
             let said = quiet
                 .last()
-                .map(|r| crate::kafka::scrub(&r, t.settings.values().map(String::as_str)));
+                .map(|r| crate::core::kafka_settings::scrub(&r, t.settings.values().map(String::as_str)));
             out.push(v::unreachable(&t.bootstrap, &said.unwrap_or_else(|| refusal(&e, t).message)));
             return out;
         }
@@ -270,7 +270,7 @@ fn alter_configs(admin: &AdminClient<DefaultClientContext>, topic: &str, entries
         );
     };
     let set = [(key.to_owned(), entries[key].clone())];
-    let r = crate::kafka::incremental_alter_configs(admin, topic, &set, TIMEOUT, true).map_err(|e| Refusal {
+    let r = crate::clients::kafka::incremental_alter_configs(admin, topic, &set, TIMEOUT, true).map_err(|e| Refusal {
         code: error_code_in(&e.to_string()),
         message: e.to_string(),
     });

@@ -12,7 +12,7 @@ use super::{
     verdicts::{self, HeadroomFacts, PoolerFacts},
     Check,
 };
-use crate::{db::describe_database_url, sql::QualifiedName};
+use crate::{clients::db::describe_database_url, core::sql::QualifiedName};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetKind {
@@ -33,7 +33,7 @@ pub struct Target {
 /// Every database check of `lockstep doctor`, in order; a failed connection stops them.
 pub async fn checks(d: &DatabaseTarget) -> Vec<Check> {
     let location = describe_database_url(d.url.expose());
-    let Some(opts) = crate::db::parse_database_url(d.url.expose()) else {
+    let Some(opts) = crate::clients::db::parse_database_url(d.url.expose()) else {
         return vec![verdicts::unreachable(&location, "the URL does not parse", false)];
     };
     let opts = opts.application_name("lockstep-doctor");
@@ -43,7 +43,7 @@ pub async fn checks(d: &DatabaseTarget) -> Vec<Check> {
             return vec![verdicts::unreachable(
                 &location,
                 &e.to_string(),
-                crate::db::is_permission_denied(&e),
+                crate::clients::db::is_permission_denied(&e),
             )]
         }
     };
@@ -90,7 +90,7 @@ fn query_failed(name: &str, e: &sqlx::Error) -> Check {
 pub async fn pooler(first: &mut PgConnection, second: &mut PgConnection) -> Result<PoolerFacts, sqlx::Error> {
     const MARK: &str = "select pg_backend_pid(), set_config($1, $2, false)";
     const READ: &str = "select pg_backend_pid(), nullif(current_setting($1, true), '')";
-    let marker = crate::relay::MARKER;
+    let marker = crate::tables::locks::MARKER;
     let first_marker = format!("doctor-{}", uuid::Uuid::new_v4());
     // Unnamed statements: behind a transaction pooler both clients' named ones would meet on one
     // server session and collide, and this check would fail for that instead of saying why.

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 
 use super::{database::Target, database::TargetKind, Check};
-use crate::sql::{quote_literal, QualifiedName};
+use crate::core::sql::{quote_literal, QualifiedName};
 
 /// What a privilege is on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +89,7 @@ impl Layout {
 fn in_schema(t: &Target, name: &str) -> QualifiedName {
     QualifiedName {
         schema: t.table.schema.clone(),
-        table: crate::sql::Ident::parse(name).expect("a valid identifier"),
+        table: crate::core::sql::Ident::parse(name).expect("a valid identifier"),
     }
 }
 
@@ -97,8 +97,8 @@ fn in_schema(t: &Target, name: &str) -> QualifiedName {
 /// and need nothing more; tables that exist may belong to another role.
 pub fn needs(t: &Target, layout: &Layout) -> Vec<Need> {
     let schema = t.table.schema.as_str().to_owned();
-    let history = in_schema(t, crate::schema::HISTORY_TABLE);
-    let owners = in_schema(t, crate::schema::OWNERS_TABLE);
+    let history = in_schema(t, crate::tables::schema::HISTORY_TABLE);
+    let owners = in_schema(t, crate::tables::schema::OWNERS_TABLE);
     let table = |q: &QualifiedName, privileges: &'static [&'static str], why: &'static str| Need {
         object: Object::Table(q.clone()),
         privileges,
@@ -239,8 +239,8 @@ mod tests {
 
     fn target(kind: TargetKind, manage: bool) -> Target {
         let q = |t: &str| QualifiedName {
-            schema: crate::sql::Ident::parse("billing").unwrap(),
-            table: crate::sql::Ident::parse(t).unwrap(),
+            schema: crate::core::sql::Ident::parse("billing").unwrap(),
+            table: crate::core::sql::Ident::parse(t).unwrap(),
         };
         Target {
             kind,

@@ -33,7 +33,7 @@ pub fn standby(in_recovery: bool) -> Check {
 }
 
 /// What two connections opened at once saw of their server sessions. Each sets a session
-/// setting (the relay's lock-session marker, `relay::fence::MARKER`) to its own value.
+/// setting (the relay's lock-session marker, `tables::locks::MARKER`) to its own value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolerFacts {
     /// Backend pid of the first connection, before and after the second one ran a statement.

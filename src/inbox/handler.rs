@@ -9,7 +9,7 @@ use rdkafka::message::{Headers, Message};
 use sqlx::{PgConnection, PgPool};
 
 use super::Inbox;
-use crate::event_headers as h;
+use crate::core::event_headers as h;
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -40,7 +40,7 @@ impl<'a> Delivery<'a> {
                 .and_then(|h| h.value)
                 .and_then(|v| std::str::from_utf8(v).ok())
         };
-        let created = text(crate::relay::stamp::CREATED_AT_HEADER)
+        let created = text(crate::core::stamp::CREATED_AT_HEADER)
             .and_then(|v| v.parse().ok())
             .or_else(|| text(h::CE_TIME).and_then(h::rfc3339_ms));
         Some(Delivery {
@@ -130,7 +130,7 @@ fn random_unit() -> f64 {
 /// An error a retry can heal: the connection, a serialization failure or deadlock, a lock or
 /// statement timeout, the server restarting or out of connections.
 pub fn is_transient(e: &sqlx::Error) -> bool {
-    if crate::db::is_unreachable(e) {
+    if crate::clients::db::is_unreachable(e) {
         return true;
     }
     matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| {
@@ -230,7 +230,7 @@ impl Inbox {
         let Some(m) = &self.metrics else { return };
         m.claimed(&self.consumer, new);
         if let (true, Some(created)) = (new, d.created_ms) {
-            let seconds = (crate::relay::stamp::now_ms() - created) as f64 / 1000.0;
+            let seconds = (crate::core::stamp::now_ms() - created) as f64 / 1000.0;
             m.applied(&self.consumer, d.event_type, seconds);
         }
     }

@@ -24,7 +24,7 @@ use sqlx::PgConnection;
 
 pub use self::handler::{is_transient, BoxError, Delivery, HandleError, Handled, Retry};
 pub use self::metrics::InboxMetrics;
-use crate::sql::{Ident, IdentError, QualifiedName};
+use crate::core::sql::{Ident, IdentError, QualifiedName};
 
 /// An inbox table and the consumer name that claims ids in it (several consumers can share a table).
 #[derive(Debug, Clone)]

@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::RelayMetrics;
 use crate::{
-    purge::{purge_batches, PAUSE_RATIO},
-    sql::QualifiedName,
+    core::sql::QualifiedName,
+    tables::purge::{purge_batches, PAUSE_RATIO},
 };
 
 /// Rows per delete statement.
@@ -88,7 +88,7 @@ mod tests {
     #[test]
     fn the_purge_deletes_by_key_oldest_published_first() {
         assert_eq!(
-            purge_sql(&crate::schema::qualified("billing", "outbox")),
+            purge_sql(&crate::tables::schema::qualified("billing", "outbox")),
             r#"delete from "billing"."outbox" where id = any(array(select id from "billing"."outbox" where published_at < $1 order by published_at limit $2))"#
         );
     }

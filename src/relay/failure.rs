@@ -17,7 +17,7 @@ pub enum Cause {
     /// The message itself, rejected by the broker: retried, and dead-lettered after maxAttempts.
     Rejected,
     /// The broker refused the record's timestamp (outside its `log.message.timestamp.*` bounds,
-    /// tighter than the relay's [`super::stamp::MAX_STAMP_AGE_MS`]): sent again stamped with the
+    /// tighter than the relay's [`crate::core::stamp::MAX_STAMP_AGE_MS`]): sent again stamped with the
     /// publish time, not counted. A row already stamped so is `Transport` (the clocks differ).
     Timestamp,
     /// The producer failed the message for another's sake: it went fatal (with

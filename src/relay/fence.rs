@@ -18,6 +18,7 @@ use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 
 use super::{session::DEAD_PEER_TIMEOUT, Relay, RelayError};
+use crate::tables::locks::MARKER;
 
 /// How long after the send time of its last answered round trip on the lock session a relay may
 /// still hand messages to its producer.
@@ -29,16 +30,12 @@ pub const GAP: Duration = Duration::from_millis((DEAD_PEER_TIMEOUT.as_millis() -
 /// How often a relay checks that its lock session still answers and is still its own, at most.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 
-/// The session-local setting that marks a lock session as this relay's (`lock_sql`): a pooler that
-/// hands the session to another client, or this client another session, cannot keep it.
-pub const MARKER: &str = "lockstep.relay_session";
-
 /// The lock attempt, in one statement: whether this server session already held the outbox lock
 /// before (then it is another client's session, handed over by a pooler: a session advisory lock
 /// taken again on the same session succeeds, so both would run; not taken again), whether it took
 /// it, its backend pid, and the marker set once taken. `$1` the key, `$2` the marker.
 /// The subqueries (OFFSET 0 keeps them apart) look before the lock is tried. `shared`: the
-/// lock relays with buckets hold, which excludes a relay without (`crate::buckets`).
+/// lock relays with buckets hold, which excludes a relay without (`crate::tables::buckets`).
 pub fn lock_sql(shared: bool) -> String {
     let take = if shared {
         "pg_try_advisory_lock_shared"

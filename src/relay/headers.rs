@@ -6,14 +6,14 @@ use rdkafka::message::{Header, OwnedHeaders};
 
 use super::store::OutboxRow;
 use crate::{
+    core::event_headers as h,
     crd::{HeaderSet, ValidOutboxRelay},
-    event_headers as h,
-    schema::PayloadColumn,
+    tables::schema::PayloadColumn,
 };
 
 /// The headers the relay sets itself: a row header of one of these names is left out rather
 /// than sent twice (consumers deduplicate and route on them).
-const OWN: [&str; 3] = [h::ID, h::TYPE, super::stamp::CREATED_AT_HEADER];
+const OWN: [&str; 3] = [h::ID, h::TYPE, crate::core::stamp::CREATED_AT_HEADER];
 const CLOUD_EVENTS: [&str; 5] = [h::CE_ID, h::CE_TYPE, h::CE_SOURCE, h::CE_SPECVERSION, h::CE_TIME];
 
 /// How a relay builds each message's headers.
@@ -49,7 +49,7 @@ impl MessageHeaders {
         out.push((h::ID, row.id.to_string().into()));
         out.push((h::TYPE, row.type_.as_str().into()));
         if let Some(ms) = created_ms {
-            out.push((super::stamp::CREATED_AT_HEADER, ms.to_string().into()));
+            out.push((crate::core::stamp::CREATED_AT_HEADER, ms.to_string().into()));
         }
         let trace = row.traceparent.as_deref().filter(|t| !t.is_empty());
         let valid_trace = trace.filter(|t| h::valid_traceparent(t));

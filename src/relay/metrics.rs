@@ -21,8 +21,8 @@ use rdkafka::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::store::{measure, oldest_transaction_age};
-use crate::{config::RelayConfig, metrics::Health};
+use crate::tables::lag::{measure, oldest_transaction_age};
+use crate::{clients::http::Health, config::RelayConfig};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -88,7 +88,7 @@ impl Default for RelayMetrics {
     fn default() -> Self {
         // lockstep_relay_* plus lockstep_build_info, named as the operator's.
         let mut root = Registry::default();
-        crate::metrics::register_build_info(root.sub_registry_with_prefix("lockstep"));
+        crate::clients::http::register_build_info(root.sub_registry_with_prefix("lockstep"));
         let registry = root.sub_registry_with_prefix("lockstep_relay");
         let m = RelayMetrics {
             published: Counter::default(),

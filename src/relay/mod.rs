@@ -24,16 +24,13 @@ mod fence;
 mod gate;
 mod gather;
 mod headers;
-pub mod identity;
 mod listen;
 mod metrics;
 mod ownership;
 mod publisher;
-pub mod replay;
 mod reports;
 mod session;
 pub mod stages;
-pub mod stamp;
 mod store;
 
 use std::{
@@ -52,21 +49,20 @@ use tokio_util::sync::CancellationToken;
 use self::session::Session;
 pub use self::{
     failure::{cause, is_permanent, transport_backoff, Cause},
-    fence::{CHECK_EVERY, FENCE, GAP, MARKER},
+    fence::{CHECK_EVERY, FENCE, GAP},
     metrics::{ReasonLabel, RelayMetrics, Samples, WakeLabel},
     ownership::PLANNER_SETTINGS,
     publisher::{producer_config, Relay},
     session::{keepalive_sql, DEAD_PEER_TIMEOUT},
-    store::{measure, oldest_transaction_age},
 };
-pub use crate::schema::PayloadColumn;
+pub use crate::tables::schema::PayloadColumn;
 use crate::{
+    clients::db::describe_database_url,
+    clients::http::Health,
     config::RelayConfig,
+    core::sql::QualifiedName,
     crd::Cleanup,
-    db::describe_database_url,
-    metrics::Health,
-    schema::{self, OutboxTables},
-    sql::{advisory_key, QualifiedName},
+    tables::schema::{self, OutboxTables},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -128,13 +124,8 @@ impl RelayError {
 }
 
 /// The read of some of `buckets` buckets (`store::bucket_read`), for tests and EXPLAIN.
-pub fn bucket_read_sql(t: &QualifiedName, key: crate::routing::OutboxColumn, cleanup: Cleanup, buckets: u16) -> String {
+pub fn bucket_read_sql(t: &QualifiedName, key: crate::core::routing::OutboxColumn, cleanup: Cleanup, buckets: u16) -> String {
     store::bucket_read(t, key, cleanup, buckets, "id, seq")
-}
-
-/// The advisory lock key of an outbox table.
-pub fn lock_key(t: &QualifiedName) -> i64 {
-    advisory_key(&format!("lockstep-relay:{}.{}", t.schema.as_str(), t.table.as_str()))
 }
 
 /// Backoff before retry `attempts` (1-based): 1s, 2s, 4s ... capped at 5 min.
@@ -167,7 +158,7 @@ pub async fn run(cfg: RelayConfig, stop: CancellationToken) -> anyhow::Result<()
 pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics: Arc<RelayMetrics>) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
     let m = metrics.clone();
-    let addr = crate::metrics::serve(
+    let addr = crate::clients::http::serve(
         cfg.metrics_addr,
         Arc::new(move || m.render()),
         health.clone(),
@@ -175,11 +166,11 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
     )
     .await?;
     let where_ = describe_database_url(cfg.database_url.expose());
-    let host = identity::host_name();
+    let host = crate::tables::identity::host_name();
     tracing::info!(%addr, table = %cfg.resolved.table, database = %where_, host = host.as_deref().unwrap_or(""), "relay starting");
-    let opts: PgConnectOptions = crate::db::parse_database_url(cfg.database_url.expose())
+    let opts: PgConnectOptions = crate::clients::db::parse_database_url(cfg.database_url.expose())
         .ok_or_else(|| anyhow::anyhow!("the database URL does not parse as a postgres:// URL (its text is not shown)"))?;
-    let opts = opts.application_name(&identity::application_name(host.as_deref()));
+    let opts = opts.application_name(&crate::tables::identity::application_name(host.as_deref()));
     // LISTEN and the measurements: a dead relay's sessions go within DEAD_PEER_TIMEOUT too.
     let pool = PgPoolOptions::new()
         // LISTEN, the measurements, the MarkPublished purge.
@@ -213,7 +204,7 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
         stop.clone(),
     );
     let session = Session {
-        key: lock_key(&cfg.resolved.table),
+        key: crate::tables::locks::lock_key(&cfg.resolved.table),
         cfg: &cfg,
         opts,
         pool,
@@ -272,7 +263,7 @@ async fn prepare_tables(pool: &PgPool, cfg: &RelayConfig, stop: &CancellationTok
 /// The bucket function and index (`schema::buckets`): created when the schema is lockstep's,
 /// else the function is required and a missing index is warned about (every read then scans).
 async fn prepare_buckets(c: &mut sqlx::PgConnection, r: &crate::crd::ValidOutboxRelay) -> Result<(), RelayError> {
-    use crate::schema::buckets;
+    use crate::tables::schema::buckets;
     let missing = buckets::ensure(c, &r.table, r.key, r.buckets, r.cleanup, r.manage_schema).await?;
     if missing.function {
         return Err(RelayError::MissingBucketFunction {
@@ -299,13 +290,6 @@ mod tests {
         assert_eq!(backoff(5), Duration::from_secs(16));
         assert_eq!(backoff(30), Duration::from_secs(300));
         assert_eq!(backoff(0), Duration::from_secs(1));
-    }
-
-    #[test]
-    fn lock_key_is_exact_and_not_the_migration_key() {
-        let t = schema::qualified("public", "outbox");
-        assert_eq!(lock_key(&t), -5365579470686561255);
-        assert_ne!(lock_key(&t), schema::lock_key(&t));
     }
 
     #[derive(clap::Parser)]

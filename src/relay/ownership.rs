@@ -1,4 +1,4 @@
-//! A relay's buckets (`crate::buckets`), held as session advisory locks on its lock session, so
+//! A relay's buckets (`crate::tables::buckets`), held as session advisory locks on its lock session, so
 //! the session's fence covers them all: a relay that lost its session stops sending every bucket.
 //!
 //! Every [`CHECK`] the relay looks at pg_locks and plans its share. Taking is serialized among the
@@ -17,8 +17,8 @@ use std::{
 use sqlx::{Connection, Executor, PgConnection};
 
 use super::{metrics::MoveLabel, RelayMetrics};
-use crate::buckets::{bucket_code, class_key, member_code, plan, Holdings};
-use crate::sql::QualifiedName;
+use crate::core::sql::QualifiedName;
+use crate::tables::buckets::{bucket_code, class_key, member_code, plan, Holdings};
 
 /// How often a relay plans its share.
 pub const CHECK: Duration = Duration::from_secs(1);
@@ -103,7 +103,7 @@ impl Ownership {
         for b in buckets {
             *per.entry(*b).or_default() += 1;
         }
-        let (more, each) = crate::buckets::next_share(per.values().copied(), each, self.mine.len(), batch);
+        let (more, each) = crate::tables::buckets::next_share(per.values().copied(), each, self.mine.len(), batch);
         self.each = each;
         more || buckets.len() as i64 >= batch
     }

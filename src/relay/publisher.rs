@@ -29,7 +29,7 @@ use super::{
     store::{OutboxRow, Statements},
     RelayError,
 };
-use crate::{config::RelayConfig, schema::OutboxTables};
+use crate::{config::RelayConfig, tables::schema::OutboxTables};
 
 // A child module in a file beside this one: it reads the relay's and the batch's private fields.
 #[path = "settle.rs"]
@@ -122,7 +122,7 @@ pub struct Relay {
     /// (and some brokers never accept that producer again), so start over with a fresh one.
     stale_producer: bool,
     /// Rows whose `created_at` is further than this (ms) from the publish time are stamped with
-    /// the publish time: `stamp::MAX_STAMP_AGE_MS`, tightened by the broker's refusals.
+    /// the publish time: `core::stamp::MAX_STAMP_AGE_MS`, tightened by the broker's refusals.
     stamp_bound: i64,
     /// No read starts before this (see `gather`).
     next_read: Instant,
@@ -157,7 +157,7 @@ impl Relay {
             listening: watch::Sender::new(true),
             transport_failures: 0,
             stale_producer: false,
-            stamp_bound: super::stamp::MAX_STAMP_AGE_MS,
+            stamp_bound: crate::core::stamp::MAX_STAMP_AGE_MS,
             next_read: Instant::now(),
             gather: Gather::default(),
             last_read: None,
@@ -404,8 +404,8 @@ impl Relay {
             .topic_template
             .render(|c| Some(row.column(c)))
             .map_err(|e| Failure::routing(i, e))?;
-        let now = super::stamp::now_ms();
-        let (timestamp, created_ms) = super::stamp::stamp(row.created, now, self.stamp_bound);
+        let now = crate::core::stamp::now_ms();
+        let (timestamp, created_ms) = crate::core::stamp::stamp(row.created, now, self.stamp_bound);
         let age = created_ms.is_none().then_some(now - timestamp);
         let (headers, invalid_traceparent) = self.headers.of(row, created_ms);
         if invalid_traceparent {
@@ -440,7 +440,10 @@ async fn purge(producer: FutureProducer) {
 
 /// A producer from the relay's configuration.
 fn create_producer(cfg: &RelayConfig) -> Result<FutureProducer, RelayError> {
-    producer_config(cfg)
-        .create()
-        .map_err(|e| RelayError::Producer(crate::kafka::config_error_text(&e, cfg.kafka_config.values().map(|v| v.expose()))))
+    producer_config(cfg).create().map_err(|e| {
+        RelayError::Producer(crate::clients::kafka::config_error_text(
+            &e,
+            cfg.kafka_config.values().map(|v| v.expose()),
+        ))
+    })
 }

@@ -55,7 +55,7 @@ impl Relay {
                     self.stale_producer |= e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut);
                     let failure = Failure::delivery(i, &e, ages[i].is_none());
                     if let (Cause::Timestamp, Some(age)) = (failure.cause, ages[i]) {
-                        let bound = crate::relay::stamp::tighten(self.stamp_bound, age);
+                        let bound = crate::core::stamp::tighten(self.stamp_bound, age);
                         if bound < self.stamp_bound {
                             tracing::warn!(
                                 bound_ms = bound,

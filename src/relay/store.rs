@@ -5,10 +5,13 @@ use sqlx::{postgres::PgRow, PgConnection, Row};
 use uuid::Uuid;
 
 use crate::{
+    core::routing::OutboxColumn,
+    core::sql::QualifiedName,
     crd::{Cleanup, ValidOutboxRelay},
-    routing::OutboxColumn,
-    schema::{OutboxTables, PayloadColumn},
-    sql::QualifiedName,
+    tables::{
+        lag::UNPUBLISHED,
+        schema::{OutboxTables, PayloadColumn},
+    },
 };
 
 /// How the select reads a column.
@@ -75,8 +78,6 @@ fn payload_bytes(payload: PayloadColumn) -> &'static str {
     }
 }
 
-const UNPUBLISHED: &str = "published_at is null";
-
 /// Rows to publish next, in seq order, only below the snapshot's xmin. $1 limit, $2 the keys to
 /// leave out (text[]: keys waiting for a retry), $3 the rows in flight (bigint[] of seq); see `gate`.
 /// `not in (select unnest(..))` is a hashed subplan even in a generic plan, so the statement is
@@ -136,7 +137,7 @@ pub fn bucket_read(t: &QualifiedName, key: OutboxColumn, cleanup: Cleanup, bucke
         Cleanup::MarkPublished => format!(" and {UNPUBLISHED}"),
         Cleanup::Delete => String::new(),
     };
-    let bucket = crate::schema::buckets::expression(t, key, buckets);
+    let bucket = crate::tables::schema::buckets::expression(t, key, buckets);
     let key = key.name();
     format!(
         "select {reads} from unnest($4::int4[]) b(n), lateral (
@@ -304,40 +305,10 @@ impl Statements {
     }
 }
 
-/// Pending estimate and oldest pending age, from the seq index.
-pub async fn measure(pool: &sqlx::PgPool, t: &QualifiedName, cleanup: Cleanup) -> Result<(i64, f64), sqlx::Error> {
-    let filter = match cleanup {
-        Cleanup::MarkPublished => format!("where {UNPUBLISHED}"),
-        Cleanup::Delete => String::new(),
-    };
-    let row = sqlx::query(&format!(
-        "select coalesce(max(seq) - min(seq) + 1, 0) as pending,
-                coalesce(extract(epoch from now() - (select created_at from {t} {filter} order by seq limit 1))::float8, 0) as oldest
-         from {t} {filter}"
-    ))
-    .fetch_one(pool)
-    .await?;
-    Ok((row.get("pending"), row.get("oldest")))
-}
-
-/// Age of the oldest open transaction that holds a transaction id (anywhere in the cluster),
-/// prepared (two-phase) transactions included: rows committed after it started stay invisible to
-/// the relay until it ends. Sessions of other roles count only where this role may see them
-/// (pg_read_all_stats).
-pub async fn oldest_transaction_age(pool: &sqlx::PgPool) -> Result<f64, sqlx::Error> {
-    sqlx::query_scalar(
-        "select coalesce(extract(epoch from now() - least(
-                    (select min(xact_start) from pg_stat_activity where backend_xid is not null and pid <> pg_backend_pid()),
-                    (select min(prepared) from pg_prepared_xacts)))::float8, 0)",
-    )
-    .fetch_one(pool)
-    .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::qualified as q;
+    use crate::tables::schema::qualified as q;
 
     #[test]
     fn select_reads_every_event_column_below_the_snapshot_xmin() {
@@ -425,7 +396,7 @@ mod tests {
     fn every_dead_letter_column_but_its_own_is_moved() {
         // The dead-letter table's columns, less those it fills itself, are exactly what is moved.
         let moved: Vec<&str> = COLUMNS.iter().map(|c| c.name).collect();
-        let mut wanted: Vec<&str> = crate::schema::contract(crate::schema::TableKind::DeadLetter)
+        let mut wanted: Vec<&str> = crate::tables::schema::contract(crate::tables::schema::TableKind::DeadLetter)
             .columns()
             .map(|c| c.name)
             .filter(|n| !["last_error", "failed_at"].contains(n))

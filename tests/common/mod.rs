@@ -42,7 +42,7 @@ pub async fn kube_client() -> Client {
 /// Apply lockstep's CRDs the way `lockstep crds --apply` does (CEL rules stripped: the 1.20 test
 /// server predates them) and wait until each is Established.
 pub async fn install_crds(client: &Client) {
-    let stripped = lockstep::crdgen::apply(client).await.expect("apply CRDs");
+    let stripped = lockstep::crd::crdgen::apply(client).await.expect("apply CRDs");
     assert!(stripped, "the 1.20 test server should get CRDs without CEL rules");
 }
 
@@ -101,7 +101,7 @@ pub async fn pg_schema(prefix: &str) -> TestSchema {
     let url = env("DATABASE_URL");
     let schema = format!("t_{}", unique(prefix).replace('-', "_"));
     let admin = sqlx::PgPool::connect(&url).await.expect("connect to the test PostgreSQL");
-    sqlx::query(&format!("create schema {}", lockstep::sql::quote_ident(&schema)))
+    sqlx::query(&format!("create schema {}", lockstep::core::sql::quote_ident(&schema)))
         .execute(&admin)
         .await
         .expect("create schema");
@@ -112,7 +112,7 @@ pub async fn pg_schema(prefix: &str) -> TestSchema {
         .after_connect(move |conn, _| {
             let s = s.clone();
             Box::pin(async move {
-                sqlx::query(&format!("set search_path to {}", lockstep::sql::quote_ident(&s)))
+                sqlx::query(&format!("set search_path to {}", lockstep::core::sql::quote_ident(&s)))
                     .execute(conn)
                     .await?;
                 Ok(())
@@ -126,18 +126,18 @@ pub async fn pg_schema(prefix: &str) -> TestSchema {
 
 impl TestSchema {
     /// `table` in this schema.
-    pub fn table(&self, table: &str) -> lockstep::sql::QualifiedName {
-        lockstep::sql::QualifiedName {
-            schema: lockstep::sql::Ident::parse(&self.schema).unwrap(),
-            table: lockstep::sql::Ident::parse(table).unwrap(),
+    pub fn table(&self, table: &str) -> lockstep::core::sql::QualifiedName {
+        lockstep::core::sql::QualifiedName {
+            schema: lockstep::core::sql::Ident::parse(&self.schema).unwrap(),
+            table: lockstep::core::sql::Ident::parse(table).unwrap(),
         }
     }
 
     /// `table` in this schema, migrated to lockstep's inbox contract.
-    pub async fn inbox(&self, table: &str) -> lockstep::sql::QualifiedName {
+    pub async fn inbox(&self, table: &str) -> lockstep::core::sql::QualifiedName {
         let t = self.table(table);
         let mut conn = self.pool.acquire().await.unwrap();
-        lockstep::schema::migrate(&mut conn, lockstep::schema::TableKind::Inbox, &t, true)
+        lockstep::tables::schema::migrate(&mut conn, lockstep::tables::schema::TableKind::Inbox, &t, true)
             .await
             .expect("migrate the inbox");
         t

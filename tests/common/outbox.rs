@@ -12,12 +12,12 @@ impl OutboxTable {
     pub async fn create(prefix: &str, url: &str) -> Self {
         let schema = format!("t_{}", super::unique(prefix).replace('-', "_"));
         let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(url).await.unwrap();
-        let t = lockstep::sql::QualifiedName {
-            schema: lockstep::sql::Ident::parse(&schema).unwrap(),
-            table: lockstep::sql::Ident::parse("outbox").unwrap(),
+        let t = lockstep::core::sql::QualifiedName {
+            schema: lockstep::core::sql::Ident::parse(&schema).unwrap(),
+            table: lockstep::core::sql::Ident::parse("outbox").unwrap(),
         };
         let mut c = pool.acquire().await.unwrap();
-        lockstep::schema::migrate(&mut c, lockstep::schema::TableKind::Outbox, &t, true)
+        lockstep::tables::schema::migrate(&mut c, lockstep::tables::schema::TableKind::Outbox, &t, true)
             .await
             .unwrap();
         OutboxTable { schema, pool }

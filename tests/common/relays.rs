@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lockstep::kafka::Admin;
+use lockstep::clients::kafka::Admin;
 use rdkafka::{
     config::ClientConfig,
     consumer::{BaseConsumer, Consumer},
@@ -138,12 +138,12 @@ impl Outbox {
     }
 
     pub async fn lock_holder(&self) -> Option<i32> {
-        let t = lockstep::sql::QualifiedName {
-            schema: lockstep::sql::Ident::parse(&self.schema).unwrap(),
-            table: lockstep::sql::Ident::parse("outbox").unwrap(),
+        let t = lockstep::core::sql::QualifiedName {
+            schema: lockstep::core::sql::Ident::parse(&self.schema).unwrap(),
+            table: lockstep::core::sql::Ident::parse("outbox").unwrap(),
         };
         // A bigint advisory key is stored as classid (high 32 bits) and objid (low 32 bits).
-        let key = lockstep::relay::lock_key(&t) as u64;
+        let key = lockstep::tables::locks::lock_key(&t) as u64;
         sqlx::query_scalar(
             "select pid from pg_locks where locktype = 'advisory' and granted and objsubid = 1
              and database = (select oid from pg_database where datname = current_database())

@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize};
 
 pub use relays::RelayShare;
 pub(crate) use validate::valid_host_port;
-pub use validate::{ValidOutboxRelay, ValidProducer};
+pub use validate::{ValidOutboxRelay, ValidProducer, MAX_BUCKETS};
 
 use super::common::{Conditions, DatabaseSpec, DeletionPolicy, SecretRef};
-use crate::{duration::Duration, routing::OutboxColumn};
+use crate::{core::duration::Duration, core::routing::OutboxColumn};
 
 /// Suffix of the dead-letter table beside an outbox table.
 pub const DEAD_LETTER_SUFFIX: &str = "_dead_letter";

@@ -7,18 +7,21 @@ use k8s_openapi::{api::core::v1::ResourceRequirements, apimachinery::pkg::api::r
 
 use super::{Cleanup, Compression, HeaderSet, KafkaSpec, OutboxRelaySpec, RelaySpec, TopicSpec, DEAD_LETTER_SUFFIX};
 use crate::{
+    core::routing::{validate_topic_name, OutboxColumn, TopicTemplate},
+    core::sql::QualifiedName,
+    core::validation::{Problems, ValidationErrors},
     crd::common::{validate_object_name, SecretKeyRef},
-    routing::{validate_topic_name, OutboxColumn, TopicTemplate},
-    sql::QualifiedName,
-    topics::Desired,
-    validation::{Problems, ValidationErrors},
+    crd::topics::Desired,
 };
+
+/// The most buckets an outbox may have.
+pub const MAX_BUCKETS: u16 = 256;
 
 /// librdkafka producer settings that lockstep owns; a spec may repeat them only with the forced value.
 const FORCED_PRODUCER_SETTINGS: [(&str, &[&str]); 2] = [("enable.idempotence", &["true"]), ("acks", &["all", "-1"])];
 /// Settings that would break idempotence or ordering guarantees. Those that load code (into the
 /// operator when validation hands them to librdkafka, or into the relay) are
-/// `kafka::CODE_LOADING_SETTINGS`, refused too.
+/// `core::kafka_settings::CODE_LOADING_SETTINGS`, refused too.
 const FORBIDDEN_PRODUCER_SETTINGS: [&str; 3] = ["transactional.id", "bootstrap.servers", "enable.gapless.guarantee"];
 /// librdkafka's other names for settings checked here.
 const PRODUCER_ALIASES: [(&str, &str); 3] = [
@@ -45,7 +48,7 @@ pub struct ValidOutboxRelay {
     /// Topics lockstep creates and keeps configured, as the topic plan wants them.
     pub topics: Vec<Desired>,
     pub replicas: i32,
-    /// Key-hash buckets (`crate::buckets`); 1: one active relay.
+    /// Key-hash buckets (`crate::tables::buckets`); 1: one active relay.
     pub buckets: u16,
     pub batch_size: i32,
     pub max_attempts: i32,
@@ -199,7 +202,7 @@ fn validate_kafka(k: &KafkaSpec, p: &mut Problems) {
             }
         } else if FORBIDDEN_PRODUCER_SETTINGS.contains(&key) {
             p.add(field, format!("{key} is managed by lockstep and cannot be set"));
-        } else if crate::kafka::CODE_LOADING_SETTINGS.contains(&key.to_ascii_lowercase().as_str()) {
+        } else if crate::core::kafka_settings::CODE_LOADING_SETTINGS.contains(&key.to_ascii_lowercase().as_str()) {
             p.add(field, format!("{key} loads code or runs a command, which lockstep refuses"));
         } else if key == "max.in.flight.requests.per.connection" && !value.parse::<u32>().is_ok_and(|n| (1..=5).contains(&n)) {
             p.add(field, format!("must be 1 to 5 with the idempotent producer (got {value:?})"));
@@ -221,9 +224,9 @@ fn librdkafka_refuses(key: &str, value: &str) -> Option<String> {
         Err(KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, ..)) => Some(format!("librdkafka has no setting {key:?}")),
         Err(KafkaError::ClientConfig(_, description, _, _)) => Some(format!(
             "librdkafka refuses the value: {}",
-            crate::kafka::scrub(&description, [quoted.as_str(), value])
+            crate::core::kafka_settings::scrub(&description, [quoted.as_str(), value])
         )),
-        Err(e) => Some(crate::kafka::scrub(&e.to_string(), [quoted.as_str(), value])),
+        Err(e) => Some(crate::core::kafka_settings::scrub(&e.to_string(), [quoted.as_str(), value])),
     }
 }
 
@@ -276,7 +279,7 @@ fn validate_relay(r: &RelaySpec, p: &mut Problems) -> Option<RelayTimes> {
     p.range("spec.relay.replicas", r.replicas, 0, 10);
     p.range("spec.relay.batchSize", r.batch_size, 1, 10_000);
     p.range("spec.relay.maxAttempts", r.max_attempts, 1, 1000);
-    p.range("spec.relay.buckets", r.buckets, 1, i32::from(crate::buckets::MAX_BUCKETS));
+    p.range("spec.relay.buckets", r.buckets, 1, i32::from(MAX_BUCKETS));
     let poll_interval = p.check("spec.relay.pollInterval", r.poll_interval.parse());
     if let Some(pi) = poll_interval {
         if pi < StdDuration::from_millis(10) || pi > StdDuration::from_secs(3600) {
@@ -349,7 +352,7 @@ fn validate_resources(r: Option<&ResourceRequirements>, p: &mut Problems) {
                 );
                 continue;
             }
-            match crate::quantity::parse(&q.0) {
+            match crate::core::quantity::parse(&q.0) {
                 Some(v) if v < 0.0 => p.add(format!("spec.relay.resources.{kind}[{name}]"), format!("{:?} is negative", q.0)),
                 Some(v) => {
                     out.insert(name.clone(), v);

@@ -1,0 +1,3 @@
+//! Layer 7: what only the `lockstep` binary uses.
+
+pub mod examples;

@@ -1,0 +1,12 @@
+//! Layer 0: pure building blocks with no I/O, shared by every other layer. Nothing here imports
+//! another layer.
+
+pub mod duration;
+pub mod event_headers;
+pub mod kafka_settings;
+pub mod quantity;
+pub mod redacted;
+pub mod routing;
+pub mod sql;
+pub mod stamp;
+pub mod validation;

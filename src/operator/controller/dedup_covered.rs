@@ -1,0 +1,121 @@
+//! DedupCovered: does an InboxTable's effective retention outlive every redelivery of its
+//! source topics? The broker is asked for the topics; the verdict is pure.
+
+use super::{
+    deps::{self, Reporting},
+    Context,
+};
+use crate::{
+    crd::ValidInboxTable,
+    operator::conditions::{condition, reason, Cond, Status},
+    operator::policy::coverage::{self, TopicRetention},
+    operator::policy::retention::Effective,
+};
+
+/// DedupCovered: does the effective retention outlive every redelivery from the source topics?
+pub async fn dedup_covered(ctx: &Context, ns: &str, valid: &ValidInboxTable, eff: &Effective) -> Cond {
+    let window = valid.redelivery_window.as_ref().map(|w| w.pair());
+    let Some(k) = &valid.sources else {
+        return coverage_condition(eff, window, None);
+    };
+    let on = Reporting {
+        type_: condition::DEDUP_COVERED,
+        status: Status::Unknown,
+    };
+    match deps::describe_topics(ctx, ns, &k.bootstrap_servers, k.auth_secret.as_deref(), &k.topics, on).await {
+        Err(c) => c,
+        Ok((_, observed)) => {
+            let setting = |t: &String, key: &str| observed.get(t).and_then(|o| o.config.get(key)).cloned();
+            let found = SourceTopics {
+                topics: k
+                    .topics
+                    .iter()
+                    .map(|t| TopicRetention {
+                        name: t.clone(),
+                        retention_ms: setting(t, "retention.ms").and_then(|v| v.parse().ok()),
+                        segment_ms: setting(t, "segment.ms").and_then(|v| v.parse().ok()),
+                        cleanup_policy: setting(t, "cleanup.policy"),
+                    })
+                    .collect(),
+                missing: k.topics.iter().filter(|t| !observed.contains_key(*t)).cloned().collect(),
+            };
+            coverage_condition(eff, window, Some(&found))
+        }
+    }
+}
+
+/// The source topics as the broker describes them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SourceTopics {
+    /// Each topic's settings that bound redelivery, as reported.
+    pub topics: Vec<TopicRetention>,
+    /// Topics the broker does not know.
+    pub missing: Vec<String>,
+}
+
+/// DedupCovered from the topics' retention (None: no sources declared). Pure.
+pub fn coverage_condition(eff: &Effective, window: Option<(&str, std::time::Duration)>, sources: Option<&SourceTopics>) -> Cond {
+    const T: &str = condition::DEDUP_COVERED;
+    let c = match (sources, window) {
+        (None, None) => {
+            return Cond::unknown(
+                T,
+                reason::NO_SOURCES,
+                "no spec.sources.kafka and no redeliveryWindow: lockstep cannot check that the retention outlives redelivery",
+            )
+        }
+        (None, Some(_)) => coverage::coverage(eff.retention, &eff.text, window, &[]),
+        (Some(s), None) if !s.missing.is_empty() => {
+            return Cond::unknown(
+                T,
+                reason::TOPIC_NOT_FOUND,
+                format!("source topic(s) not found: {}", s.missing.join(", ")),
+            )
+        }
+        (Some(s), _) => coverage::coverage(eff.retention, &eff.text, window, &s.topics),
+    };
+    if c.covered {
+        Cond::yes(T, reason::RETENTION_COVERS_REDELIVERY, c.message)
+    } else {
+        Cond::no(T, reason::RETENTION_BELOW_TOPIC_RETENTION, c.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{operator::controller::fixtures::*, operator::policy::retention::Compliance};
+
+    #[test]
+    fn coverage_from_sources() {
+        let eff = effective("1d", Compliance::NoPolicy, false);
+        let none = coverage_condition(&eff, None, None);
+        assert_eq!((none.status, none.reason), (Status::Unknown, reason::NO_SOURCES));
+        let week = SourceTopics {
+            topics: vec![TopicRetention {
+                name: "orders".into(),
+                retention_ms: Some(7 * 86_400_000),
+                ..Default::default()
+            }],
+            missing: vec![],
+        };
+        let c = coverage_condition(&eff, None, Some(&week));
+        assert_eq!((c.status, c.reason), (Status::False, reason::RETENTION_BELOW_TOPIC_RETENTION));
+        let gone = SourceTopics {
+            topics: vec![TopicRetention {
+                name: "orders".into(),
+                ..Default::default()
+            }],
+            missing: vec!["orders".into()],
+        };
+        let c = coverage_condition(&eff, None, Some(&gone));
+        assert_eq!((c.status, c.reason), (Status::Unknown, reason::TOPIC_NOT_FOUND));
+        assert_eq!(c.message, "source topic(s) not found: orders");
+        // A stated redelivery window decides, whatever the topics say.
+        let window = given("12h");
+        let c = coverage_condition(&eff, Some(window.pair()), Some(&gone));
+        assert_eq!((c.status, c.reason), (Status::True, reason::RETENTION_COVERS_REDELIVERY));
+        let c = coverage_condition(&eff, Some(given("2d").pair()), None);
+        assert_eq!(c.status, Status::False);
+    }
+}

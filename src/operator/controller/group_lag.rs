@@ -1,0 +1,106 @@
+//! `status.consumerLag` of an InboxTable that names `sources.kafka.consumerGroup`: outbox age
+//! (OutboxRelay `status.lag`) plus this gives the end-to-end picture.
+
+use std::time::Duration;
+
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+
+use super::{deps, Context};
+use crate::{
+    clients::consumer_lag,
+    crd::{ConsumerLagStatus, TopicLag, ValidInboxTable},
+    operator::conditions::{condition, Status},
+};
+
+/// Measure the group's lag; on failure keep the last figures and say why. None: no group named.
+pub async fn measure(ctx: &Context, ns: &str, v: &ValidInboxTable, previous: Option<&ConsumerLagStatus>) -> Option<ConsumerLagStatus> {
+    let k = v.sources.as_ref()?;
+    let group = k.consumer_group.clone()?;
+    let on = deps::Reporting {
+        type_: condition::DEDUP_COVERED,
+        status: Status::Unknown,
+    };
+    let measured = match deps::kafka_settings(&ctx.client, ns, k.auth_secret.as_deref(), on).await {
+        Err(c) => Err(c.message),
+        Ok(settings) => {
+            consumer_lag::measure(
+                &ctx.lag_clients,
+                &k.bootstrap_servers,
+                &settings,
+                &group,
+                &k.topics,
+                Duration::from_secs(5),
+            )
+            .await
+        }
+    };
+    let now = Timestamp::now();
+    Some(match measured {
+        Ok(g) => status(&group, &g, now),
+        Err(error) => match previous.filter(|p| p.group == group) {
+            Some(p) => ConsumerLagStatus {
+                error: Some(error),
+                ..p.clone()
+            },
+            None => ConsumerLagStatus {
+                group,
+                messages: 0,
+                oldest_unconsumed_age_seconds: None,
+                topics: vec![],
+                error: Some(error),
+                measured_at: Time(now),
+            },
+        },
+    })
+}
+
+/// The status of a measurement taken at `now`. Pure.
+pub fn status(group: &str, g: &consumer_lag::GroupLag, now: Timestamp) -> ConsumerLagStatus {
+    let age = g.oldest_unconsumed_ms.map(|ms| {
+        let secs = (now.as_millisecond() - ms).max(0) as f64 / 1000.0;
+        (secs * 1000.0).round() / 1000.0
+    });
+    ConsumerLagStatus {
+        group: group.to_owned(),
+        messages: g.total(),
+        oldest_unconsumed_age_seconds: age,
+        topics: g
+            .per_topic()
+            .into_iter()
+            .map(|(topic, messages)| TopicLag { topic, messages })
+            .collect(),
+        error: None,
+        measured_at: Time(now),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use consumer_lag::{GroupLag, PartitionLag};
+
+    #[test]
+    fn status_sums_partitions_and_ages_the_oldest_message() {
+        let part = |partition, committed, high| PartitionLag {
+            topic: "orders".into(),
+            partition,
+            committed,
+            low: 0,
+            high,
+        };
+        let g = GroupLag {
+            partitions: vec![part(0, Some(3), 10), part(1, None, 2)],
+            oldest_unconsumed_ms: Some(1_000),
+        };
+        let now = Timestamp::from_millisecond(4_500).unwrap();
+        let s = status("billing", &g, now);
+        assert_eq!((s.messages, s.oldest_unconsumed_age_seconds), (9, Some(3.5)));
+        assert_eq!(
+            s.topics,
+            vec![TopicLag {
+                topic: "orders".into(),
+                messages: 9
+            }]
+        );
+    }
+}

@@ -1,0 +1,82 @@
+//! What holds on the consumer's hops of an InboxTable, stated plainly from what DedupCovered
+//! found: the inbox makes a redelivery a no-op only while the id is retained, and nothing outside
+//! the consumer's database transaction is covered.
+
+use crate::{
+    crd::Guarantee,
+    operator::conditions::{reason, Cond, Status},
+};
+
+/// The consumer's hops, from the effective retention and DedupCovered. Pure.
+pub fn guarantees(retention: &str, covered: &Cond) -> Vec<Guarantee> {
+    let g = |hop: &str, guarantee: String| Guarantee {
+        hop: hop.into(),
+        guarantee,
+    };
+    let database = match (covered.status, covered.reason) {
+        (Status::True, _) => format!("effect applied once per message id while the id is retained: {}", covered.message),
+        (Status::False, _) => format!(
+            "effect applied once per message id only for redeliveries within {retention}: {}; an older redelivery applies it again",
+            covered.message
+        ),
+        (_, r) if r == reason::NO_SOURCES => format!(
+            "effect applied once per message id for redeliveries within {retention}; later ones are not deduplicated and \
+             nothing checks that the topics' retention is shorter (declare spec.sources or redeliveryWindow)"
+        ),
+        _ => format!(
+            "effect applied once per message id for redeliveries within {retention}; whether that covers the topics' retention \
+             is unknown: {}",
+            covered.message
+        ),
+    };
+    vec![
+        g(
+            "broker -> consumer",
+            "at-least-once: a crash or rebalance before the offset commit, or a replay, redelivers".into(),
+        ),
+        g(
+            "consumer -> database",
+            format!("{database} (the claim and the effect commit in one transaction)"),
+        ),
+        g(
+            "consumer -> external APIs",
+            "not deduplicated by the inbox: a call outside the transaction can repeat when the transaction fails after it; \
+             send the message id as an idempotency key, or write the call to an outbox"
+                .into(),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operator::conditions::condition;
+
+    #[test]
+    fn the_database_hop_says_how_long_an_id_protects_against_redelivery() {
+        let t = condition::DEDUP_COVERED;
+        let yes = Cond::yes(
+            t,
+            reason::RETENTION_COVERS_REDELIVERY,
+            "retention 8d (691200000 ms) covers orders retention.ms=604800000",
+        );
+        let g = guarantees("8d", &yes);
+        assert_eq!(
+            g.iter().map(|g| g.hop.as_str()).collect::<Vec<_>>(),
+            ["broker -> consumer", "consumer -> database", "consumer -> external APIs"]
+        );
+        assert_eq!(
+            g[1].guarantee,
+            "effect applied once per message id while the id is retained: retention 8d (691200000 ms) covers orders \
+             retention.ms=604800000 (the claim and the effect commit in one transaction)"
+        );
+        let no = Cond::no(t, reason::RETENTION_BELOW_TOPIC_RETENTION, "retention 1d is shorter than orders");
+        assert!(guarantees("1d", &no)[1].guarantee.contains("only for redeliveries within 1d"));
+        let none = Cond::unknown(t, reason::NO_SOURCES, "x");
+        assert!(guarantees("1d", &none)[1].guarantee.contains("declare spec.sources"));
+        let down = Cond::unknown(t, reason::BROKER_UNREACHABLE, "broker k:9092 unreachable");
+        assert!(guarantees("1d", &down)[1]
+            .guarantee
+            .contains("is unknown: broker k:9092 unreachable"));
+    }
+}

@@ -3,7 +3,6 @@
 
 pub mod conditions;
 pub mod controller;
-pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod purges;
@@ -58,7 +57,6 @@ pub async fn run(client: Client, args: OperatorArgs, stop: CancellationToken) ->
         tokio::spawn(e.run(lead_tx.take().expect("the sender"), elector_stop.clone()))
     });
     health.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    memory::spawn_trim(stop.clone());
 
     tracing::info!(%identity, "waiting for leadership");
     tokio::select! {

@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use super::backoff;
-
 /// Why a message was not published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
@@ -130,6 +128,12 @@ impl Failure {
     }
 }
 
+/// Backoff before retry `attempts` (1-based): 1s, 2s, 4s ... capped at 5 min.
+pub fn backoff(attempts: i32) -> Duration {
+    let exp = attempts.clamp(1, 20) as u32 - 1;
+    Duration::from_secs(1u64.checked_shl(exp).unwrap_or(u64::MAX).min(300))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,5 +208,14 @@ mod tests {
     fn transport_backoff_doubles_to_thirty_seconds() {
         let s = |n| transport_backoff(n).as_secs();
         assert_eq!([s(0), s(1), s(2), s(5), s(6), s(100)], [1, 1, 2, 16, 30, 30]);
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(30), Duration::from_secs(300));
+        assert_eq!(backoff(0), Duration::from_secs(1));
     }
 }

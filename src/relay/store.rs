@@ -305,6 +305,11 @@ impl Statements {
     }
 }
 
+/// The read of some of `buckets` buckets (`store::bucket_read`), for tests and EXPLAIN.
+pub fn bucket_read_sql(t: &QualifiedName, key: crate::core::routing::OutboxColumn, cleanup: Cleanup, buckets: u16) -> String {
+    bucket_read(t, key, cleanup, buckets, "id, seq")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

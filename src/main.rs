@@ -92,32 +92,8 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// glibc gives each thread that contends for the allocator an arena of its own, up to 8 per core,
-/// and keeps what each one freed: on a many-core node the relay (no CPU limit, so a worker per
-/// core) and the operator grow far past what they hold. Two arenas are plenty for their work;
-/// MALLOC_ARENA_MAX, when set, is left to glibc.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: set before any thread starts; mallopt only changes the allocator's settings.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
-}
-
-fn main() -> ExitCode {
-    limit_malloc_arenas();
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt.block_on(run()),
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {

@@ -40,6 +40,7 @@ pub fn controller(
     let namespaces = label_changes(watches.namespaces.subscribe());
     let (all, all_too) = (store.clone(), store.clone());
     let c = Controller::for_stream(own, store)
+        .with_config(super::config())
         .watches_stream(tables, move |_| every(&all))
         .watches_stream(namespaces, move |_| every(&all_too))
         .graceful_shutdown_on(shutdown)

@@ -51,6 +51,7 @@ pub fn controller(
     let (all, in_ns) = (store.clone(), store.clone());
     let purged = futures::stream::unfold(purged, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
     let c = Controller::for_stream(own, store)
+        .with_config(super::config())
         .watches_stream(policies, move |_| every(&all))
         .watches_stream(namespaces, move |ns| {
             let name = ns.name_any();

@@ -34,6 +34,18 @@ pub use context::{Caches, Context, Error, Timing};
 
 use futures::StreamExt;
 
+/// Reconciles one controller runs at once. Unbounded, the first reconciles of 1,000 objects ran
+/// together and opened about as many API server connections, each with its TLS state and
+/// buffers: the largest part of the operator's peak memory at that size (docs/benchmarks.md). A
+/// spec change waits for a slot only while this many reconciles run; refreshes already take
+/// turns (`--refresh-concurrency`).
+pub const CONCURRENCY: u16 = 32;
+
+/// The kube controller settings every controller runs with.
+fn config() -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(CONCURRENCY)
+}
+
 /// Drain a controller's output, logging what failed.
 async fn drain<S, T, E>(name: &'static str, s: S)
 where

@@ -41,6 +41,7 @@ pub fn controller(
     let own = own_changes(watches.relays.subscribe());
     let deployments = relay_deployment_changes(watches.relay_deployments.clone());
     let c = Controller::for_stream(own, watches.relays.store())
+        .with_config(super::config())
         .owns_stream(deployments)
         .graceful_shutdown_on(shutdown)
         .run(reconciler::reconcile::<OutboxRelays>, reconciler::error_policy::<OutboxRelays>, ctx);

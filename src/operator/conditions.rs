@@ -103,6 +103,15 @@ impl Status {
     }
 }
 
+/// The status of condition `type_` in `conditions` (a previous status), if it is there.
+pub fn status_of(conditions: &[Condition], type_: &str) -> Option<Status> {
+    conditions.iter().find(|c| c.type_ == type_).map(|c| match c.status.as_str() {
+        "True" => Status::True,
+        "False" => Status::False,
+        _ => Status::Unknown,
+    })
+}
+
 impl Cond {
     pub fn new(type_: &'static str, status: Status, reason: &'static str, message: impl Into<String>) -> Self {
         Cond {
@@ -211,5 +220,14 @@ mod tests {
         assert_eq!((r.status, r.reason), (Status::False, reason::PURGE_FAILED));
         assert!(r.message.contains("RetentionEnforced: boom"));
         assert_eq!(ready(&[&a], "fine").status, Status::True);
+    }
+
+    #[test]
+    fn status_of_reads_a_previous_condition() {
+        let now = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let computed = [Cond::no(condition::LAG_HEALTHY, reason::LAG_ABOVE_THRESHOLD, "m")];
+        let (prev, _) = merge(&[], &computed, None, &now);
+        assert_eq!(status_of(&prev, condition::LAG_HEALTHY), Some(Status::False));
+        assert_eq!(status_of(&prev, condition::READY), None);
     }
 }

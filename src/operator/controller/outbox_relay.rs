@@ -229,10 +229,7 @@ async fn relays(
         Some((_, _, relays)) => lag::groups(valid.buckets, relays, &locks.holdings.owners, oldest.as_ref()),
         None => vec![],
     };
-    let was_available = previous
-        .conditions
-        .iter()
-        .any(|c| c.type_ == condition::RELAY_AVAILABLE && c.status == "True");
+    let was_available = conditions::status_of(&previous.conditions, condition::RELAY_AVAILABLE) == Some(Status::True);
     let uid = obj.metadata.uid.as_deref().unwrap_or_default();
     let unowned = pool.is_some() && relay_buckets::unowned(valid.buckets, &locks);
     let unowned_for = ctx.unowned.seen(uid, unowned, std::time::Instant::now()).filter(|_| was_available);
@@ -275,11 +272,7 @@ async fn lag(
     let Some(pool) = pool else {
         return (Cond::unknown(t, reason::SCHEMA_MISSING, "waiting for SchemaReady"), None);
     };
-    let was = previous.conditions.iter().find(|c| c.type_ == t).map(|c| match c.status.as_str() {
-        "True" => Status::True,
-        "False" => Status::False,
-        _ => Status::Unknown,
-    });
+    let was = conditions::status_of(&previous.conditions, t);
     match lag::measure_lag(pool, valid).await {
         Ok(l) => (
             lag::verdict(was, &l, valid.max_oldest_age, groups),

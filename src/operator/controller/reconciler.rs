@@ -18,7 +18,7 @@ use crate::{
         DedupPolicy, DedupPolicyStatus, DeletionPolicy, InboxTable, InboxTableStatus, OutboxRelay, OutboxRelayStatus, ValidDedupPolicy,
         ValidInboxTable, ValidOutboxRelay,
     },
-    operator::conditions::{condition, reason, Cond},
+    operator::conditions::{self, condition, reason, Cond},
 };
 
 /// What a kind's reconcile decided.
@@ -128,11 +128,7 @@ fn turn<R: Reconciler>(obj: &DeserializeGuard<R::K>, ctx: &Context) -> Result<Op
         return Ok(None);
     };
     let status = k.current_status();
-    let tables_ready = status
-        .conditions()
-        .iter()
-        .find(|c| c.type_ == condition::SCHEMA_READY)
-        .is_none_or(|c| c.status == "True");
+    let tables_ready = conditions::status_of(status.conditions(), condition::SCHEMA_READY).is_none_or(|s| s == conditions::Status::True);
     let refresh = k.meta().deletion_timestamp.is_none()
         && status.observed_generation() == k.meta().generation
         && !status.conditions().is_empty()

@@ -29,9 +29,10 @@ enum Command {
     /// Run the Kubernetes operator (OutboxRelay, InboxTable, DedupPolicy controllers).
     #[command(after_help = examples::OPERATOR)]
     Operator(OperatorArgs),
-    /// Run the outbox relay: publish outbox rows to Kafka, at least once, in per-key order.
+    /// Run the outbox relay: publish outbox rows to Kafka or NATS JetStream, at least once, in
+    /// per-key order.
     #[command(after_help = examples::RELAY)]
-    Relay(RelayArgs),
+    Relay(Box<RelayArgs>),
     /// Move dead-lettered events back into the outbox, to be published again (after the cause was
     /// fixed). Each replayed event goes out after the events of its key already published.
     #[command(after_help = examples::REPLAY)]
@@ -295,9 +296,20 @@ relay --database-url env=DATABASE_URL default=
 relay --database-url-file env=DATABASE_URL_FILE default=
 relay --schema env=LOCKSTEP_SCHEMA default=public
 relay --table env=LOCKSTEP_TABLE default=outbox
+relay --broker env=LOCKSTEP_BROKER default=kafka
 relay --bootstrap-servers env=KAFKA_BOOTSTRAP_SERVERS default=
 relay --kafka-config env= default=
 relay --kafka-config-dir env=LOCKSTEP_KAFKA_CONFIG_DIR default=
+relay --nats-url env=NATS_URL default=
+relay --nats-user env=NATS_USER default=
+relay --nats-password-file env=NATS_PASSWORD_FILE default=
+relay --nats-token-file env=NATS_TOKEN_FILE default=
+relay --nats-nkey-file env=NATS_NKEY_FILE default=
+relay --nats-credentials-file env=NATS_CREDENTIALS_FILE default=
+relay --nats-tls-ca-file env=NATS_TLS_CA_FILE default=
+relay --nats-tls-cert-file env=NATS_TLS_CERT_FILE default=
+relay --nats-tls-key-file env=NATS_TLS_KEY_FILE default=
+relay --nats-ack-timeout env=LOCKSTEP_NATS_ACK_TIMEOUT default=5s
 relay --topic env=LOCKSTEP_TOPIC default=outbox.event.{aggregatetype}
 relay --key env=LOCKSTEP_KEY default=aggregateid
 relay --batch-size env=LOCKSTEP_BATCH_SIZE default=500

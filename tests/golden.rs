@@ -304,6 +304,7 @@ lockstep_refreshes_deferred counter
 lockstep_relay_active gauge
 lockstep_relay_batch_duration_seconds histogram
 lockstep_relay_blocked_keys gauge
+lockstep_relay_broker_duplicates counter
 lockstep_relay_broker_failing gauge
 lockstep_relay_bucket_moves counter
 lockstep_relay_buckets_owned gauge

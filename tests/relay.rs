@@ -6,102 +6,19 @@ mod common;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
+use common::{
+    broker::{Broker, Kind},
+    relays::Outbox,
+};
 use lockstep::clients::kafka::Admin;
-use rdkafka::message::{Headers, Message};
 
-struct Outbox {
-    table: common::outbox::OutboxTable,
-    topic: String,
-    url: String,
-    bootstrap: String,
-}
-
-impl std::ops::Deref for Outbox {
-    type Target = common::outbox::OutboxTable;
-    fn deref(&self) -> &Self::Target {
-        &self.table
-    }
-}
-
-async fn outbox(prefix: &str, url: &str, bootstrap: &str, partitions: i32) -> Outbox {
-    let topic = common::unique(&format!("relay.{prefix}"));
-    let admin = Admin::new(bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
-    admin.create_topic(&topic, partitions, 1, &Default::default()).await.unwrap();
-    Outbox {
-        table: common::outbox::OutboxTable::create(prefix, url).await,
-        topic,
-        url: url.into(),
-        bootstrap: bootstrap.into(),
-    }
-}
-
-/// A relay process; killed with SIGKILL and reaped on drop, so a failing test leaves none behind.
-struct RelayProc(Child);
-
-impl RelayProc {
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for RelayProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-impl Outbox {
-    fn relay(&self, log: &str) -> RelayProc {
-        self.relay_with(log, &[])
-    }
-
-    fn relay_with(&self, log: &str, extra: &[&str]) -> RelayProc {
-        let log = std::fs::File::create(std::path::PathBuf::from(common::env("LOCKSTEP_TESTENV_DIR")).join(log)).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_lockstep"))
-            .args([
-                "relay",
-                "--schema",
-                &self.schema,
-                "--table",
-                "outbox",
-                "--topic",
-                &self.topic,
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ])
-            .args(["--poll-interval", "200ms"])
-            .args(std::env::var("RELAY_TEST_ARGS").unwrap_or_default().split_whitespace())
-            .args(extra)
-            .env("DATABASE_URL", &self.url)
-            .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map(RelayProc)
-            .expect("start lockstep relay")
-    }
-
-    /// `n` events over `keys` keys; payload {"key": k, "n": i} with i increasing per key.
-    async fn insert(&self, from: i64, n: i64, keys: i64) {
-        sqlx::query(&format!(
-            "insert into \"{}\".outbox (id, aggregatetype, aggregateid, type, payload, headers)
-             select gen_random_uuid(), 'order', 'k-' || (g % $3), 'created', jsonb_build_object('key', g % $3, 'n', g / $3), '{{\"source\": \"test\"}}'
-             from generate_series($1, $1 + $2 - 1) g",
-            self.schema
-        ))
-        .bind(from)
-        .bind(n)
-        .bind(keys)
-        .execute(&self.pool)
-        .await
-        .unwrap();
-    }
+/// An outbox in the database at `url` and a destination of `partitions` on `broker`.
+async fn outbox(prefix: &str, url: &str, broker: &Broker, partitions: i32) -> Outbox {
+    common::relays::outbox_on(prefix, broker, partitions, url).await
 }
 
 /// A message as consumed: event id header, key, per-key counter.
@@ -116,38 +33,22 @@ struct Got {
     created_header: Option<i64>,
 }
 
-/// Read the topic from the beginning until `want` distinct ids were seen (or timeout).
-fn consume(bootstrap: &str, topic: &str, want: usize, timeout: Duration) -> Vec<Got> {
-    let c = common::relays::from_start(bootstrap, topic, None);
-    let mut out = Vec::new();
-    let mut ids = HashSet::new();
-    let deadline = Instant::now() + timeout;
-    while ids.len() < want && Instant::now() < deadline {
-        if let Some(m) = c.poll(Duration::from_millis(200)) {
-            let m = m.expect("consume");
-            let headers = m.headers().expect("headers");
-            let header = |name: &str| {
-                headers
-                    .iter()
-                    .find(|h| h.key == name)
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            };
-            let payload: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            let g = Got {
-                id: header("id").expect("id header"),
-                key: String::from_utf8(m.key().unwrap().to_vec()).unwrap(),
-                n: payload["n"].as_i64().unwrap(),
-                source_header: header("source"),
-                timestamp: m.timestamp().to_millis(),
-                created_header: header("lockstep-created-at").map(|v| v.parse().unwrap()),
-            };
-            assert_eq!(header("type").as_deref(), Some("created"));
-            ids.insert(g.id.clone());
-            out.push(g);
-        }
-    }
-    out
+/// Read the destination from the beginning until `want` distinct ids were seen (or timeout).
+async fn consume(o: &Outbox, want: usize, timeout: Duration) -> Vec<Got> {
+    let got = o.consume(want, timeout).await;
+    got.iter()
+        .map(|m| {
+            assert_eq!(m.header("type"), Some("created"));
+            Got {
+                id: m.id(),
+                key: m.key.clone(),
+                n: m.n(),
+                source_header: m.header("source").map(str::to_owned),
+                timestamp: m.timestamp,
+                created_header: m.header("lockstep-created-at").map(|v| v.parse().unwrap()),
+            }
+        })
+        .collect()
 }
 
 /// Every id once at least; per key, first deliveries in increasing order. Returns duplicates.
@@ -168,17 +69,17 @@ fn check(got: &[Got], events: usize, keys: usize) -> usize {
     got.len() - events
 }
 
-#[tokio::test]
-async fn publishes_events_over_1k_keys_in_order() {
-    let o = outbox("order", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 6).await;
+both!(publishes_events_over_1k_keys_in_order, publish_in_order);
+async fn publish_in_order(kind: Kind) {
+    let o = outbox("order", &common::env("DATABASE_URL"), &Broker::shared(kind), 6).await;
     let n: i64 = std::env::var("RELAY_TEST_N").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
     o.insert(0, n, 1000).await;
-    let mut relay = o.relay("relay-order.log");
+    let mut relay = o.relay("relay-order.log", &o.url);
     let t = Instant::now();
     o.wait_drained(Duration::from_secs(300)).await;
     println!("relay drained {n} events in {:?}", t.elapsed());
     let t = Instant::now();
-    let got = consume(&o.bootstrap, &o.topic, n as usize, Duration::from_secs(300));
+    let got = consume(&o, n as usize, Duration::from_secs(300)).await;
     println!("consumed {} messages in {:?}", got.len(), t.elapsed());
     let dups = check(&got, n as usize, 1000.min(n as usize));
     assert_eq!(dups, 0, "no crash, no duplicates");
@@ -189,25 +90,20 @@ async fn publishes_events_over_1k_keys_in_order() {
     relay.kill();
 }
 
-#[tokio::test]
-async fn survives_sigkill_and_an_inbox_consumer_applies_each_event_once() {
+both!(survives_sigkill_and_an_inbox_consumer_applies_each_event_once, survive_sigkills);
+async fn survive_sigkills(kind: Kind) {
     const EVENTS: i64 = 100_000;
     const STEPS: i64 = 40;
-    let o = outbox("crash", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 4).await;
+    let o = outbox("crash", &common::env("DATABASE_URL"), &Broker::shared(kind), 4).await;
     // Events keep arriving in 40 transactions while the relay is killed again and again.
     let writer = {
         let pool = o.pool.clone();
         let schema = o.schema.clone();
         tokio::spawn(async move {
             for step in 0..STEPS {
-                let o2 = Outbox {
-                    table: common::outbox::OutboxTable {
-                        schema: schema.clone(),
-                        pool: pool.clone(),
-                    },
-                    topic: String::new(),
-                    url: String::new(),
-                    bootstrap: String::new(),
+                let o2 = common::outbox::OutboxTable {
+                    schema: schema.clone(),
+                    pool: pool.clone(),
                 };
                 o2.insert(step * EVENTS / STEPS, EVENTS / STEPS, 1000).await;
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -216,7 +112,7 @@ async fn survives_sigkill_and_an_inbox_consumer_applies_each_event_once() {
     };
     let mut kills = 0;
     let mut rng = 0x2545F4914F6CDD1Du64;
-    let mut relay = o.relay("relay-crash-0.log");
+    let mut relay = o.relay("relay-crash-0.log", &o.url);
     // At least 12 kills, and kills until the last event was written.
     while kills < 12 || !writer.is_finished() {
         rng ^= rng << 13;
@@ -225,12 +121,12 @@ async fn survives_sigkill_and_an_inbox_consumer_applies_each_event_once() {
         tokio::time::sleep(Duration::from_millis(250 + rng % 400)).await;
         relay.kill(); // SIGKILL
         kills += 1;
-        relay = o.relay(&format!("relay-crash-{kills}.log"));
+        relay = o.relay(&format!("relay-crash-{kills}.log"), &o.url);
     }
     writer.await.unwrap();
     o.wait_drained(Duration::from_secs(120)).await;
     relay.kill();
-    let got = consume(&o.bootstrap, &o.topic, EVENTS as usize, Duration::from_secs(300));
+    let got = consume(&o, EVENTS as usize, Duration::from_secs(300)).await;
     let dups = check(&got, EVENTS as usize, 1000);
     println!(
         "{kills} SIGKILLs: {} messages at the broker for {EVENTS} events: {dups} duplicates from in-flight batches",
@@ -289,13 +185,13 @@ async fn survives_sigkill_and_an_inbox_consumer_applies_each_event_once() {
     assert_eq!(applied, EVENTS as u64);
 }
 
-#[tokio::test]
-async fn recovers_from_a_30s_broker_outage_and_a_database_restart() {
+both!(recovers_from_a_30s_broker_outage_and_a_database_restart, recover_from_outages);
+async fn recover_from_outages(kind: Kind) {
     let pg = common::PrivatePostgres::start();
-    let mut broker = common::PrivateBroker::start();
-    let o = outbox("outage", &pg.url(), &broker.bootstrap(), 3).await;
+    let mut broker = Broker::private(kind);
+    let o = outbox("outage", &pg.url(), &broker, 3).await;
     o.insert(0, 5_000, 1_000).await;
-    let mut relay = o.relay("relay-outage.log");
+    let mut relay = o.relay("relay-outage.log", &o.url);
     o.wait_drained(Duration::from_secs(120)).await;
 
     // Broker down for 30 s while events keep arriving.
@@ -338,14 +234,14 @@ async fn recovers_from_a_30s_broker_outage_and_a_database_restart() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     relay.kill();
-    let got = consume(&o.bootstrap, &o.topic, 20_000, Duration::from_secs(120));
+    let got = consume(&o, 20_000, Duration::from_secs(120)).await;
     let dups = check(&got, 20_000, 1_000);
     println!("outage run: {} messages for 20000 events ({dups} duplicates)", got.len());
 }
 
-#[tokio::test]
-async fn an_oversized_row_is_quarantined_and_later_events_flow() {
-    let o = outbox("poison", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
+both!(an_oversized_row_is_quarantined_and_later_events_flow, quarantine_an_oversized_row);
+async fn quarantine_an_oversized_row(kind: Kind) {
+    let o = outbox("poison", &common::env("DATABASE_URL"), &Broker::shared(kind), 1).await;
     let t = format!("\"{}\".outbox", o.schema);
     o.insert(0, 10, 1).await;
     // 2 MB: over the 1 MB message limit.
@@ -356,7 +252,7 @@ async fn an_oversized_row_is_quarantined_and_later_events_flow() {
     .await
     .unwrap();
     o.insert(10, 10, 1).await;
-    let mut relay = o.relay("relay-poison.log");
+    let mut relay = o.relay("relay-poison.log", &o.url);
     o.wait_drained(Duration::from_secs(60)).await;
     relay.kill();
     let dl: Vec<(String, i32, String)> = sqlx::query_as(&format!(
@@ -368,18 +264,22 @@ async fn an_oversized_row_is_quarantined_and_later_events_flow() {
     .unwrap();
     assert_eq!(dl.len(), 1);
     assert_eq!(dl[0].0, "big");
-    assert!(dl[0].2.to_lowercase().contains("too large"), "error recorded: {}", dl[0].2);
-    let got = consume(&o.bootstrap, &o.topic, 20, Duration::from_secs(60));
+    let says = match kind {
+        Kind::Kafka => "too large",
+        Kind::Nats => "max payload",
+    };
+    assert!(dl[0].2.to_lowercase().contains(says), "error recorded: {}", dl[0].2);
+    let got = consume(&o, 20, Duration::from_secs(60)).await;
     let by_id: BTreeMap<&str, &Got> = got.iter().map(|g| (g.id.as_str(), g)).collect();
     assert_eq!(by_id.len(), 20, "every other event published");
 }
 
-#[tokio::test]
-async fn a_standby_takes_over_when_the_active_relay_dies() {
-    let o = outbox("standby", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
-    let mut a = o.relay("relay-standby-a.log");
+both!(a_standby_takes_over_when_the_active_relay_dies, standby_takes_over);
+async fn standby_takes_over(kind: Kind) {
+    let o = outbox("standby", &common::env("DATABASE_URL"), &Broker::shared(kind), 1).await;
+    let mut a = o.relay("relay-standby-a.log", &o.url);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut b = o.relay("relay-standby-b.log");
+    let mut b = o.relay("relay-standby-b.log", &o.url);
     o.insert(0, 100, 10).await;
     o.wait_drained(Duration::from_secs(30)).await;
     a.kill();
@@ -391,28 +291,31 @@ async fn a_standby_takes_over_when_the_active_relay_dies() {
         killed.elapsed()
     );
     b.kill();
-    let got = consume(&o.bootstrap, &o.topic, 200, Duration::from_secs(60));
+    let got = consume(&o, 200, Duration::from_secs(60)).await;
     check(&got, 200, 10);
 }
 
-#[tokio::test]
-async fn sigterm_finishes_the_batches_in_flight_and_hands_over_without_duplicates() {
+both!(
+    sigterm_finishes_the_batches_in_flight_and_hands_over_without_duplicates,
+    hand_over_on_sigterm
+);
+async fn hand_over_on_sigterm(kind: Kind) {
     const EVENTS: i64 = 100_000;
-    let o = outbox("sigterm", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 4).await;
+    let o = outbox("sigterm", &common::env("DATABASE_URL"), &Broker::shared(kind), 4).await;
     o.insert(0, EVENTS, 1000).await;
-    let mut a = o.relay("relay-sigterm-a.log");
+    let mut a = o.relay("relay-sigterm-a.log", &o.url);
     let deadline = Instant::now() + Duration::from_secs(60);
     while o.remaining().await == EVENTS {
         assert!(Instant::now() < deadline, "relay a never started publishing");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut b = o.relay("relay-sigterm-b.log");
+    let mut b = o.relay("relay-sigterm-b.log", &o.url);
     let left = o.remaining().await;
-    let status = Command::new("kill").args(["-TERM", &a.0.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args(["-TERM", &a.child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(60);
     let exit = loop {
-        if let Some(s) = a.0.try_wait().unwrap() {
+        if let Some(s) = a.child.try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < deadline, "relay a did not exit after SIGTERM");
@@ -423,7 +326,7 @@ async fn sigterm_finishes_the_batches_in_flight_and_hands_over_without_duplicate
     // b takes the released lock and publishes the rest.
     o.wait_drained(Duration::from_secs(120)).await;
     b.kill();
-    let got = consume(&o.bootstrap, &o.topic, EVENTS as usize, Duration::from_secs(120));
+    let got = consume(&o, EVENTS as usize, Duration::from_secs(120)).await;
     let dups = check(&got, EVENTS as usize, 1000);
     println!("SIGTERM with {left} events left: {} messages, {dups} duplicates", got.len());
     assert_eq!(dups, 0, "a clean stop acknowledges and removes what it sent: no duplicates");
@@ -431,7 +334,7 @@ async fn sigterm_finishes_the_batches_in_flight_and_hands_over_without_duplicate
 
 #[tokio::test]
 async fn an_open_transaction_holds_back_later_rows_in_order_and_is_reported() {
-    let o = outbox("longtx", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
+    let o = outbox("longtx", &common::env("DATABASE_URL"), &Broker::shared(Kind::Kafka), 1).await;
     // One event (key k-100) committed before: it shows the relay is running meanwhile.
     o.insert(100, 1, 1000).await;
     // The first event of key k-0 (n = 0) is written by a transaction that stays open.
@@ -446,7 +349,7 @@ async fn an_open_transaction_holds_back_later_rows_in_order_and_is_reported() {
     .unwrap();
     // Later events of the same key commit while it is open.
     o.insert(1, 10, 1).await;
-    let mut relay = o.relay("relay-longtx.log");
+    let mut relay = o.relay("relay-longtx.log", &o.url);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         o.remaining().await,
@@ -458,7 +361,7 @@ async fn an_open_transaction_holds_back_later_rows_in_order_and_is_reported() {
     tx.commit().await.unwrap();
     o.wait_drained(Duration::from_secs(30)).await;
     relay.kill();
-    let got = consume(&o.bootstrap, &o.topic, 12, Duration::from_secs(60));
+    let got = consume(&o, 12, Duration::from_secs(60)).await;
     // Per key in order: k-0's held-back first event went out before its later ones.
     check(&got, 12, 2);
 }
@@ -468,7 +371,7 @@ async fn an_open_transaction_holds_back_later_rows_in_order_and_is_reported() {
 /// writes a table of its own: the outbox trigger's NOTIFY cannot be prepared.)
 #[tokio::test]
 async fn a_prepared_transaction_holds_back_later_rows_and_is_reported() {
-    let o = outbox("prepared", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
+    let o = outbox("prepared", &common::env("DATABASE_URL"), &Broker::shared(Kind::Kafka), 1).await;
     let enabled: String = sqlx::query_scalar("show max_prepared_transactions")
         .fetch_one(&o.pool)
         .await
@@ -503,7 +406,7 @@ async fn a_prepared_transaction_holds_back_later_rows_and_is_reported() {
     drop(c);
     let held = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
         o.insert(1, 10, 1).await;
-        let relay = o.relay("relay-prepared.log");
+        let relay = o.relay("relay-prepared.log", &o.url);
         tokio::time::sleep(Duration::from_secs(6)).await;
         let remaining = o.remaining().await;
         let age = lockstep::tables::lag::oldest_transaction_age(&o.pool).await;
@@ -517,7 +420,7 @@ async fn a_prepared_transaction_holds_back_later_rows_and_is_reported() {
     assert!(age >= 6.0, "the prepared transaction's age is reported: {age}");
     o.wait_drained(Duration::from_secs(30)).await;
     relay.kill();
-    let got = consume(&o.bootstrap, &o.topic, 10, Duration::from_secs(60));
+    let got = consume(&o, 10, Duration::from_secs(60)).await;
     check(&got, 10, 1);
 }
 
@@ -535,11 +438,11 @@ async fn dead_letters(o: &Outbox) -> Vec<(String, String, i32, String)> {
 /// attempts, three minutes without a broker dead-letter nothing, and every event arrives in order.
 #[tokio::test]
 async fn a_three_minute_broker_outage_dead_letters_nothing() {
-    let mut broker = common::PrivateBroker::start();
-    let o = outbox("long-outage", &common::env("DATABASE_URL"), &broker.bootstrap(), 3).await;
+    let mut broker = Broker::private(Kind::Kafka);
+    let o = outbox("long-outage", &common::env("DATABASE_URL"), &broker, 3).await;
     o.insert(0, 2_000, 100).await;
     let args = ["--kafka-config", "message.timeout.ms=5000", "--max-attempts", "2"];
-    let mut relay = o.relay_with("relay-long-outage.log", &args);
+    let mut relay = o.relay_with("relay-long-outage.log", &o.url, &args);
     o.wait_drained(Duration::from_secs(120)).await;
 
     broker.stop();
@@ -579,7 +482,7 @@ async fn a_three_minute_broker_outage_dead_letters_nothing() {
     println!("outbox drained {:?} after the broker came back", back.elapsed());
     relay.kill();
     assert_eq!(dead_letters(&o).await, vec![]);
-    let got = consume(&o.bootstrap, &o.topic, 4_000, Duration::from_secs(120));
+    let got = consume(&o, 4_000, Duration::from_secs(120)).await;
     let dups = check(&got, 4_000, 100);
     println!("3-minute outage: {} messages for 4000 events ({dups} duplicates)", got.len());
 }
@@ -588,8 +491,8 @@ async fn a_three_minute_broker_outage_dead_letters_nothing() {
 /// first, replaces the earlier failure, and deletes only what it stored.
 #[tokio::test]
 async fn a_replayed_poison_row_that_fails_again_is_kept() {
-    let o = outbox("replay", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
-    let mut relay = o.relay("relay-replay.log");
+    let o = outbox("replay", &common::env("DATABASE_URL"), &Broker::shared(Kind::Kafka), 1).await;
+    let mut relay = o.relay("relay-replay.log", &o.url);
     let id = uuid::Uuid::new_v4();
     let big = format!(
         "insert into \"{}\".outbox (id, aggregatetype, aggregateid, type, payload) values ($1, 'order', 'big', 'created', jsonb_build_object('blob', repeat('x', 2000000)))",
@@ -620,7 +523,7 @@ async fn a_replayed_poison_row_that_fails_again_is_kept() {
         "the new failure replaced the old: {}",
         again[0].3
     );
-    assert_eq!(consume(&o.bootstrap, &o.topic, 10, Duration::from_secs(60)).len(), 10);
+    assert_eq!(consume(&o, 10, Duration::from_secs(60)).await.len(), 10);
 }
 
 /// A bytea outbox beside a lockstep-made (jsonb) dead-letter table: a poison row moves, its bytes
@@ -653,9 +556,11 @@ async fn a_poison_row_of_a_bytea_outbox_moves_to_a_jsonb_dead_letter_table() {
         table: common::outbox::OutboxTable { schema, pool },
         topic,
         url,
+        kind: Kind::Kafka,
+        broker_env: vec![("KAFKA_BOOTSTRAP_SERVERS", bootstrap.clone())],
         bootstrap,
     };
-    let mut relay = o.relay("relay-bytea.log");
+    let mut relay = o.relay("relay-bytea.log", &o.url);
     o.wait_drained(Duration::from_secs(60)).await;
     relay.kill();
     let payload: serde_json::Value = sqlx::query_scalar(&format!("select payload from \"{}\".outbox_dead_letter", o.schema))
@@ -694,7 +599,7 @@ fn config(o: &Outbox, extra: &[&str]) -> lockstep::config::RelayConfig {
 
 #[tokio::test]
 async fn a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing() {
-    let o = outbox("fatal", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 3).await;
+    let o = outbox("fatal", &common::env("DATABASE_URL"), &Broker::shared(Kind::Kafka), 3).await;
     let cfg = config(&o, &[]);
     let mut conn = o.pool.acquire().await.unwrap();
     let r = &cfg.resolved;
@@ -717,7 +622,10 @@ async fn a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing() {
     let reason = std::ffi::CString::new("injected by the test").unwrap();
     let code = rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER;
     // SAFETY: the producer's native handle is alive for the duration of the call.
-    let client = rdkafka::producer::Producer::client(relay.producer());
+    let lockstep::clients::broker::Publisher::Kafka(kafka) = relay.publisher() else {
+        panic!("a Kafka relay")
+    };
+    let client = rdkafka::producer::Producer::client(kafka.producer());
     unsafe { rdkafka::bindings::rd_kafka_test_fatal_error(client.native_ptr(), code, reason.as_ptr()) };
     o.insert(500, 500, 10).await;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -727,7 +635,7 @@ async fn a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing() {
     }
     assert_eq!(metrics.producer_rebuilds.get(), 1, "the producer was rebuilt once");
     assert_eq!(dead_letters(&o).await, vec![]);
-    let got = consume(&o.bootstrap, &o.topic, 1_000, Duration::from_secs(60));
+    let got = consume(&o, 1_000, Duration::from_secs(60)).await;
     check(&got, 1_000, 10);
 }
 
@@ -739,7 +647,7 @@ async fn a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing() {
 async fn a_steady_flow_wakes_few_drains_and_a_later_row_still_wakes_the_relay() {
     const WRITERS: i64 = 8;
     const EACH: i64 = 250;
-    let o = outbox("notify", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 3).await;
+    let o = outbox("notify", &common::env("DATABASE_URL"), &Broker::shared(Kind::Kafka), 3).await;
     // A long poll interval: every wake-up here is a NOTIFY.
     let cfg = config(&o, &["--poll-interval", "60s"]);
     let metrics = std::sync::Arc::new(lockstep::relay::RelayMetrics::default());
@@ -789,7 +697,7 @@ async fn a_steady_flow_wakes_few_drains_and_a_later_row_still_wakes_the_relay() 
     o.wait_drained(Duration::from_secs(20)).await;
     stop.cancel();
     relay.await.unwrap().unwrap();
-    let got = consume(&o.bootstrap, &o.topic, (WRITERS * EACH + 1) as usize, Duration::from_secs(60));
+    let got = consume(&o, (WRITERS * EACH + 1) as usize, Duration::from_secs(60)).await;
     check(&got, (WRITERS * EACH + 1) as usize, WRITERS as usize);
 }
 
@@ -799,7 +707,7 @@ async fn a_steady_flow_wakes_few_drains_and_a_later_row_still_wakes_the_relay() 
 async fn mark_published_keeps_rows_for_the_retention_then_purges_them() {
     const OLD: i64 = 60_000;
     const NEW: i64 = 1_000;
-    let o = outbox("marked", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
+    let o = outbox("marked", &common::env("DATABASE_URL"), &Broker::shared(Kind::Kafka), 1).await;
     let table = lockstep::core::sql::QualifiedName {
         schema: lockstep::core::sql::Ident::parse(&o.schema).unwrap(),
         table: lockstep::core::sql::Ident::parse("outbox").unwrap(),
@@ -879,7 +787,7 @@ async fn mark_published_keeps_rows_for_the_retention_then_purges_them() {
     relay.await.unwrap().unwrap();
     assert_eq!(metrics.purged.get(), OLD as u64);
     assert_eq!(metrics.purge_failures.get(), 0);
-    let got = consume(&o.bootstrap, &o.topic, NEW as usize, Duration::from_secs(60));
+    let got = consume(&o, NEW as usize, Duration::from_secs(60)).await;
     check(&got, NEW as usize, 10);
 }
 
@@ -887,7 +795,7 @@ async fn mark_published_keeps_rows_for_the_retention_then_purges_them() {
 /// delivered. A row whose id the outbox still holds stays in the dead-letter table.
 #[tokio::test]
 async fn dead_lettered_rows_fixed_and_replayed_are_delivered() {
-    let o = outbox("replay-cli", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
+    let o = outbox("replay-cli", &common::env("DATABASE_URL"), &Broker::shared(Kind::Kafka), 1).await;
     let (t, dl) = (format!("\"{}\".outbox", o.schema), format!("\"{}\".outbox_dead_letter", o.schema));
     // Three oversized events (over the 1 MB message limit) between good ones.
     o.insert(0, 5, 1).await;
@@ -900,7 +808,7 @@ async fn dead_lettered_rows_fixed_and_replayed_are_delivered() {
     .await
     .unwrap();
     o.insert(5, 5, 1).await;
-    let mut relay = o.relay("relay-replay-cli.log");
+    let mut relay = o.relay("relay-replay-cli.log", &o.url);
     o.wait_drained(Duration::from_secs(60)).await;
     relay.kill();
     let count = |sql: String| {
@@ -945,10 +853,10 @@ async fn dead_lettered_rows_fixed_and_replayed_are_delivered() {
         3
     );
 
-    let mut relay = o.relay("relay-replay-cli-2.log");
+    let mut relay = o.relay("relay-replay-cli-2.log", &o.url);
     o.wait_drained(Duration::from_secs(60)).await;
     relay.kill();
-    let got = consume(&o.bootstrap, &o.topic, 13, Duration::from_secs(60));
+    let got = consume(&o, 13, Duration::from_secs(60)).await;
     let keys: HashSet<&str> = got.iter().map(|g| g.key.as_str()).collect();
     for k in ["big-1", "big-2", "big-3"] {
         assert!(keys.contains(k), "{k} delivered after the replay");
@@ -957,7 +865,7 @@ async fn dead_lettered_rows_fixed_and_replayed_are_delivered() {
 
 #[tokio::test]
 async fn messages_are_stamped_with_created_at_unless_older_than_an_hour() {
-    let o = outbox("stamp", &common::env("DATABASE_URL"), &common::kafka_bootstrap(), 1).await;
+    let o = outbox("stamp", &common::env("DATABASE_URL"), &Broker::shared(Kind::Kafka), 1).await;
     o.insert(0, 20, 1).await;
     // The first ten were written 5 minutes ago, the last ten 3 hours ago (a backlog, a replay).
     sqlx::query(&format!(
@@ -981,8 +889,8 @@ async fn messages_are_stamped_with_created_at_unless_older_than_an_hour() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    let mut relay = o.relay("relay-stamp.log");
-    let got = consume(&o.bootstrap, &o.topic, 20, Duration::from_secs(60));
+    let mut relay = o.relay("relay-stamp.log", &o.url);
+    let got = consume(&o, 20, Duration::from_secs(60)).await;
     relay.kill();
     check(&got, 20, 1);
     for g in &got {

@@ -3,8 +3,10 @@
 
 pub mod headers;
 mod kafka;
+mod nats;
 
 pub use kafka::{kafka_settings, parse_key_value, KafkaArgs};
+pub use nats::{server_host_port, BrokerArg, NatsArgs};
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
@@ -136,9 +138,15 @@ pub struct ReplayArgs {
 pub struct RelayArgs {
     #[command(flatten)]
     pub outbox: OutboxArgs,
+    /// The broker to publish to.
+    #[arg(long, env = "LOCKSTEP_BROKER", value_enum, default_value = "kafka")]
+    pub broker: BrokerArg,
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// Topic name or template over {aggregatetype}, {aggregateid}, {type}.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Topic (Kafka) or subject (NATS) name, or a template over {aggregatetype}, {aggregateid},
+    /// {type}.
     #[arg(long, env = "LOCKSTEP_TOPIC", default_value = "outbox.event.{aggregatetype}")]
     pub topic: String,
     /// Column used as the message key.
@@ -212,6 +220,8 @@ pub enum RelayConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("no Kafka bootstrap servers: set KAFKA_BOOTSTRAP_SERVERS or --bootstrap-servers")]
     NoBootstrapServers,
+    #[error("invalid NATS settings: {0}")]
+    Nats(String),
     #[error("invalid relay configuration: {}", describe_cli_errors(.0))]
     Invalid(ValidationErrors),
 }
@@ -253,6 +263,8 @@ pub struct RelayConfig {
     pub bootstrap_servers: String,
     /// librdkafka settings from --kafka-config and --kafka-config-dir (may hold credentials).
     pub kafka_config: BTreeMap<String, Redacted>,
+    /// Set: the relay publishes to NATS JetStream, not Kafka.
+    pub nats: Option<crate::core::nats_settings::NatsSettings>,
     /// Everything else, validated by the rules an OutboxRelay spec gets.
     pub resolved: ValidOutboxRelay,
     pub metrics_addr: SocketAddr,
@@ -264,12 +276,18 @@ impl RelayArgs {
     /// Read secrets from files, then validate with the same rules an OutboxRelay spec gets.
     pub fn resolve(&self) -> Result<RelayConfig, RelayConfigError> {
         let database_url = self.outbox.database_url()?;
-        let bootstrap_servers = self
-            .kafka
-            .bootstrap_servers
-            .clone()
-            .filter(|s| !s.trim().is_empty())
-            .ok_or(RelayConfigError::NoBootstrapServers)?;
+        let (bootstrap_servers, nats) = match self.broker {
+            BrokerArg::Kafka => {
+                let servers = self.kafka.bootstrap_servers.clone().filter(|s| !s.trim().is_empty());
+                (servers.ok_or(RelayConfigError::NoBootstrapServers)?, None)
+            }
+            BrokerArg::Nats => {
+                let n = self.nats.settings()?;
+                // The spec's server list, validated as such; the relay connects by `nats`.
+                let hosts: Result<Vec<String>, String> = n.servers.iter().map(|s| server_host_port(s)).collect();
+                (hosts.map_err(RelayConfigError::Nats)?.join(","), Some(n))
+            }
+        };
         let kafka_config = self.kafka.settings()?;
         let resolved = self
             .as_spec(&bootstrap_servers, &kafka_config)
@@ -279,6 +297,7 @@ impl RelayArgs {
             database_url,
             bootstrap_servers,
             kafka_config,
+            nats,
             resolved,
             metrics_addr: self.metrics_addr,
             listen: self.listen,

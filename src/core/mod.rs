@@ -4,6 +4,7 @@
 pub mod duration;
 pub mod event_headers;
 pub mod kafka_settings;
+pub mod nats_settings;
 pub mod quantity;
 pub mod redacted;
 pub mod routing;

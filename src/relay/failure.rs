@@ -4,49 +4,11 @@
 
 use std::time::Duration;
 
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-
-/// Why a message was not published.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
-    /// The message itself, and no retry can fix it (over the size limit, a topic name that cannot
-    /// exist, a routing template the row cannot fill): dead-lettered at once.
-    Poison,
-    /// The message itself, rejected by the broker: retried, and dead-lettered after maxAttempts.
-    Rejected,
-    /// The broker refused the record's timestamp (outside its `log.message.timestamp.*` bounds,
-    /// tighter than the relay's [`crate::core::stamp::MAX_STAMP_AGE_MS`]): sent again stamped with the
-    /// publish time, not counted. A row already stamped so is `Transport` (the clocks differ).
-    Timestamp,
-    /// The producer failed the message for another's sake: it went fatal (with
-    /// `enable.gapless.guarantee`, after the broker rejected an earlier message) or was purged to
-    /// be rebuilt, or lost its sequence state. Read again once the producer is rebuilt, behind the
-    /// key's earlier rows; not counted, no wait.
-    Released,
-    /// The broker or the network (timeouts, unknown topic or partition, leader moves, not enough
-    /// replicas, brokers down, a closed producer): retried until it works; never counted toward
-    /// maxAttempts, never dead-lettered. A missing topic or a slow broker is not a poison message.
-    Transport,
-}
-
-/// What a Kafka error says about the message.
-pub fn cause(e: &KafkaError) -> Cause {
-    use RDKafkaErrorCode as C;
-    match e.rdkafka_error_code() {
-        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidTopic | C::MessageBatchTooLarge) => Cause::Poison,
-        Some(C::InvalidRecord | C::InvalidMessage | C::PolicyViolation | C::UnsupportedForMessageFormat) => Cause::Rejected,
-        Some(C::InvalidTimestamp) => Cause::Timestamp,
-        Some(C::Fatal | C::PurgeQueue | C::PurgeInflight | C::GaplessGuarantee | C::Inconsistent | C::OutOfOrderSequenceNumber) => {
-            Cause::Released
-        }
-        _ => Cause::Transport,
-    }
-}
-
-/// Errors no retry can fix: the row goes to the dead-letter table at once.
-pub fn is_permanent(e: &KafkaError) -> bool {
-    cause(e) == Cause::Poison
-}
+use crate::clients::broker::Refusal;
+pub use crate::clients::broker::{
+    kafka::{cause, is_permanent},
+    Cause,
+};
 
 /// Wait before retrying a key after the broker or network failed `n` times in a row (1-based):
 /// 1s doubling to 30s, so the relay notices a returning broker within half a minute.
@@ -85,19 +47,19 @@ impl Failure {
         }
     }
 
-    pub fn kafka(row: usize, e: &KafkaError) -> Self {
+    pub fn refused(row: usize, r: Refusal) -> Self {
         Failure {
             row,
-            error: e.to_string(),
-            cause: cause(e),
+            error: r.error,
+            cause: r.cause,
         }
     }
 
-    /// A delivery report's error for a row sent with timestamp `stamped_now` (the publish time,
+    /// An acknowledgement's error for a row sent with timestamp `stamped_now` (the publish time,
     /// not its `created_at`): a refused timestamp that already was the publish time is no longer
     /// the row's age but the clocks', which waiting may fix.
-    pub fn delivery(row: usize, e: &KafkaError, stamped_now: bool) -> Self {
-        let mut f = Failure::kafka(row, e);
+    pub fn delivery(row: usize, r: Refusal, stamped_now: bool) -> Self {
+        let mut f = Failure::refused(row, r);
         if f.cause == Cause::Timestamp && stamped_now {
             f.cause = Cause::Transport;
             f.error.push_str(
@@ -109,11 +71,7 @@ impl Failure {
     }
 
     pub fn report_lost(row: usize) -> Self {
-        Failure {
-            row,
-            error: "delivery report lost (producer closed)".into(),
-            cause: Cause::Transport,
-        }
+        Failure::refused(row, Refusal::lost())
     }
 
     /// After the row's `attempts`-th attempt the message itself caused (this one included).
@@ -136,7 +94,16 @@ pub fn backoff(attempts: i32) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
     use super::*;
+    use crate::clients::broker::kafka::refusal;
+
+    impl Failure {
+        fn kafka(row: usize, e: &KafkaError) -> Self {
+            Failure::refused(row, refusal(e))
+        }
+    }
 
     #[test]
     fn permanent_errors() {
@@ -195,10 +162,10 @@ mod tests {
     #[test]
     fn a_refused_timestamp_is_sent_again_stamped_now() {
         let e = KafkaError::MessageProduction(RDKafkaErrorCode::InvalidTimestamp);
-        let created = Failure::delivery(0, &e, false);
+        let created = Failure::delivery(0, refusal(&e), false);
         assert_eq!(created.cause, Cause::Timestamp);
         assert_eq!(created.verdict(1_000, 2), Verdict::Again);
-        let now = Failure::delivery(0, &e, true);
+        let now = Failure::delivery(0, refusal(&e), true);
         assert_eq!(now.cause, Cause::Transport);
         assert_eq!(now.verdict(1_000, 2), Verdict::Wait);
         assert!(now.error.contains("clock"), "{}", now.error);

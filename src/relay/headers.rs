@@ -2,8 +2,6 @@
 
 use std::borrow::Cow;
 
-use rdkafka::message::{Header, OwnedHeaders};
-
 use super::store::OutboxRow;
 use crate::{
     core::event_headers as h,
@@ -15,6 +13,9 @@ use crate::{
 /// than sent twice (consumers deduplicate and route on them).
 const OWN: [&str; 3] = [h::ID, h::TYPE, crate::core::stamp::CREATED_AT_HEADER];
 const CLOUD_EVENTS: [&str; 5] = [h::CE_ID, h::CE_TYPE, h::CE_SOURCE, h::CE_SPECVERSION, h::CE_TIME];
+
+/// A message's headers, name and text, in the order sent.
+pub(super) type HeaderList<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
 
 /// How a relay builds each message's headers.
 pub(super) struct MessageHeaders {
@@ -43,30 +44,30 @@ impl MessageHeaders {
     /// `traceparent` when the row's column holds a valid one; the CloudEvents headers under
     /// `cloudevents`; then each entry of the row's `headers` object as text. With true when the
     /// traceparent column held something that is not a traceparent: left out, the event still sent.
-    pub fn of(&self, row: &OutboxRow, created_ms: Option<i64>) -> (OwnedHeaders, bool) {
+    pub fn of<'a>(&'a self, row: &'a OutboxRow, created_ms: Option<i64>) -> (HeaderList<'a>, bool) {
         let extra = row.headers.as_ref().and_then(|x| x.as_object());
-        let mut out: Vec<(&str, Cow<'_, str>)> = Vec::with_capacity(11);
-        out.push((h::ID, row.id.to_string().into()));
-        out.push((h::TYPE, row.type_.as_str().into()));
+        let mut out: HeaderList<'a> = Vec::with_capacity(11 + extra.map_or(0, |x| x.len()));
+        out.push((h::ID.into(), row.id.to_string().into()));
+        out.push((h::TYPE.into(), row.type_.as_str().into()));
         if let Some(ms) = created_ms {
-            out.push((crate::core::stamp::CREATED_AT_HEADER, ms.to_string().into()));
+            out.push((crate::core::stamp::CREATED_AT_HEADER.into(), ms.to_string().into()));
         }
         let trace = row.traceparent.as_deref().filter(|t| !t.is_empty());
         let valid_trace = trace.filter(|t| h::valid_traceparent(t));
         if let Some(t) = valid_trace {
-            out.push((h::TRACEPARENT, t.into()));
+            out.push((h::TRACEPARENT.into(), t.into()));
         }
         let cloud_events = self.set == HeaderSet::CloudEvents;
         if cloud_events {
-            out.push((h::CE_ID, row.id.to_string().into()));
-            out.push((h::CE_TYPE, row.type_.as_str().into()));
-            out.push((h::CE_SOURCE, self.source.as_str().into()));
-            out.push((h::CE_SPECVERSION, h::SPECVERSION.into()));
-            out.push((h::CE_TIME, h::rfc3339(row.created).into()));
+            out.push((h::CE_ID.into(), row.id.to_string().into()));
+            out.push((h::CE_TYPE.into(), row.type_.as_str().into()));
+            out.push((h::CE_SOURCE.into(), self.source.as_str().into()));
+            out.push((h::CE_SPECVERSION.into(), h::SPECVERSION.into()));
+            out.push((h::CE_TIME.into(), h::rfc3339(row.created).into()));
         }
         let content_type = self.content_type.filter(|_| cloud_events);
         if let Some(ct) = content_type {
-            out.push((h::CONTENT_TYPE, ct.into()));
+            out.push((h::CONTENT_TYPE.into(), ct.into()));
         }
         let own = |k: &str| {
             OWN.contains(&k)
@@ -74,24 +75,14 @@ impl MessageHeaders {
                 || (cloud_events && CLOUD_EVENTS.contains(&k))
                 || (k == h::CONTENT_TYPE && content_type.is_some())
         };
-        let mut headers = OwnedHeaders::new_with_capacity(out.len() + extra.map_or(0, |x| x.len()));
-        for (key, value) in &out {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
-            });
-        }
         for (k, v) in extra.into_iter().flatten().filter(|(k, _)| !own(k)) {
             let text = match v {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
+                serde_json::Value::String(s) => Cow::Borrowed(s.as_str()),
+                other => Cow::Owned(other.to_string()),
             };
-            headers = headers.insert(Header {
-                key: k.as_str(),
-                value: Some(text.as_bytes()),
-            });
+            out.push((k.as_str().into(), text));
         }
-        (headers, trace.is_some() && valid_trace.is_none())
+        (out, trace.is_some() && valid_trace.is_none())
     }
 }
 
@@ -136,11 +127,10 @@ mod tests {
         MessageHeaders::new(&cfg.resolved, payload)
     }
 
-    fn pairs(h: &OwnedHeaders) -> Vec<(String, String)> {
-        use rdkafka::message::Headers;
-        h.iter()
-            .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
-            .collect()
+    /// The headers of `r` as owned pairs, and whether its traceparent was malformed.
+    fn of(m: &MessageHeaders, r: OutboxRow, created_ms: Option<i64>) -> (Vec<(String, String)>, bool) {
+        let (h, bad) = m.of(&r, created_ms);
+        (h.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), bad)
     }
 
     fn want(list: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -152,15 +142,12 @@ mod tests {
     #[test]
     fn headers_carry_id_type_and_the_row_headers_as_text() {
         let m = message_headers(&[], PayloadColumn::Json);
-        let (h, bad) = m.of(&row(Some(serde_json::json!({"n": 1, "trace": "abc"})), None), None);
+        let (h, bad) = of(&m, row(Some(serde_json::json!({"n": 1, "trace": "abc"})), None), None);
         assert!(!bad);
-        assert_eq!(pairs(&h), want(&[("id", NIL), ("type", "created"), ("n", "1"), ("trace", "abc")]));
-        assert_eq!(pairs(&m.of(&row(None, None), None).0).len(), 2);
+        assert_eq!(h.clone(), want(&[("id", NIL), ("type", "created"), ("n", "1"), ("trace", "abc")]));
+        assert_eq!(of(&m, row(None, None), None).0.len(), 2);
         let forged = serde_json::json!({"id": "forged", "type": "other", "lockstep-created-at": "1", "trace": "abc"});
-        let keys: Vec<String> = pairs(&m.of(&row(Some(forged), None), Some(7)).0)
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        let keys: Vec<String> = of(&m, row(Some(forged), None), Some(7)).0.into_iter().map(|(k, _)| k).collect();
         assert_eq!(
             keys,
             ["id", "type", "lockstep-created-at", "trace"],
@@ -172,20 +159,20 @@ mod tests {
     fn a_valid_traceparent_column_is_sent_and_a_malformed_one_left_out_and_reported() {
         let m = message_headers(&[], PayloadColumn::Json);
         let row_header = Some(serde_json::json!({"traceparent": "from-headers"}));
-        let (h, bad) = m.of(&row(row_header.clone(), Some(TRACE)), None);
-        assert_eq!(pairs(&h), want(&[("id", NIL), ("type", "created"), ("traceparent", TRACE)]));
+        let (h, bad) = of(&m, row(row_header.clone(), Some(TRACE)), None);
+        assert_eq!(h.clone(), want(&[("id", NIL), ("type", "created"), ("traceparent", TRACE)]));
         assert!(!bad);
         // Malformed: left out (the row's own header, if any, goes as before), reported.
-        let (h, bad) = m.of(&row(row_header, Some("00-xyz")), None);
+        let (h, bad) = of(&m, row(row_header, Some("00-xyz")), None);
         assert_eq!(
-            pairs(&h),
+            h.clone(),
             want(&[("id", NIL), ("type", "created"), ("traceparent", "from-headers")])
         );
         assert!(bad);
         // NULL or empty: nothing to send, nothing wrong.
         for none in [None, Some("")] {
-            let (h, bad) = m.of(&row(None, none), None);
-            assert_eq!((pairs(&h).len(), bad), (2, false));
+            let (h, bad) = of(&m, row(None, none), None);
+            assert_eq!((h.clone().len(), bad), (2, false));
         }
     }
 
@@ -193,7 +180,7 @@ mod tests {
     fn cloudevents_adds_the_binary_mode_headers() {
         let m = message_headers(&["--headers", "cloudevents"], PayloadColumn::Json);
         let extra = serde_json::json!({"ce_id": "forged", "ce_subject": "o-42", "content-type": "text/plain"});
-        let (h, _) = m.of(&row(Some(extra), Some(TRACE)), None);
+        let (h, _) = of(&m, row(Some(extra), Some(TRACE)), None);
         let ce = [
             ("id", NIL),
             ("type", "created"),
@@ -207,14 +194,14 @@ mod tests {
             // An extension attribute of the row's own passes.
             ("ce_subject", "o-42"),
         ];
-        assert_eq!(pairs(&h), want(&ce));
+        assert_eq!(h.clone(), want(&ce));
         // Bytes: no content-type of the relay's; the row may say what they are. A source given.
         let m = message_headers(
             &["--headers", "cloudevents", "--cloudevents-source", "urn:orders"],
             PayloadColumn::Bytea,
         );
-        let (h, _) = m.of(&row(Some(serde_json::json!({"content-type": "application/avro"})), None), None);
-        let got = pairs(&h);
+        let (h, _) = of(&m, row(Some(serde_json::json!({"content-type": "application/avro"})), None), None);
+        let got = h.clone();
         assert!(got.contains(&("ce_source".into(), "urn:orders".into())), "{got:?}");
         assert_eq!(got.last(), Some(&("content-type".into(), "application/avro".into())));
         assert_eq!(got.iter().filter(|(k, _)| k == "content-type").count(), 1);

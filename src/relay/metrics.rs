@@ -15,10 +15,6 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use rdkafka::{
-    error::KafkaError,
-    producer::{FutureProducer, Producer},
-};
 use tokio_util::sync::CancellationToken;
 
 use crate::tables::lag::{measure, oldest_transaction_age};
@@ -55,6 +51,7 @@ pub struct RelayMetrics {
     pub blocked_keys: Gauge,
     pub broker_failing: Gauge,
     pub producer_rebuilds: Counter,
+    pub duplicates: Counter,
     pub wakeups: Family<WakeLabel, Counter>,
     pub notifications: Counter,
     pub purged: Counter,
@@ -104,6 +101,7 @@ impl Default for RelayMetrics {
             blocked_keys: Gauge::default(),
             broker_failing: Gauge::default(),
             producer_rebuilds: Counter::default(),
+            duplicates: Counter::default(),
             wakeups: Family::default(),
             notifications: Counter::default(),
             purged: Counter::default(),
@@ -128,6 +126,7 @@ impl Default for RelayMetrics {
             blocked_keys: "blocked_keys", "Keys left out of reads: their oldest row waits for a retry, or was refused at send";
             broker_failing: "broker_failing", "1 while publishes fail for broker or network reasons (retried, never dead-lettered)";
             producer_rebuilds: "producer_rebuilds", "Producers replaced after a fatal producer error";
+            duplicates: "broker_duplicates", "Messages the broker acknowledged as copies it already stored and dropped (NATS: the same event id within the stream's duplicate_window)";
             wakeups: "wakeups", "Drains started after a wait, by what ended it (notify, poll)";
             notifications: "notifications", "NOTIFYs received; those that arrived together woke one drain";
             purged: "published_rows_purged", "Published rows deleted after publishedRetention (cleanup MarkPublished)";
@@ -191,8 +190,8 @@ impl RelayMetrics {
     }
 
     /// A publish the producer refused or the broker failed, counted by its error code.
-    pub(super) fn count_failure(&self, e: &KafkaError) {
-        self.failures.get_or_create(&ReasonLabel { reason: error_reason(e) }).inc();
+    pub(super) fn count_failure(&self, reason: &str) {
+        self.failures.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
     }
 
     /// A row sent without its malformed traceparent. The value is not logged (it is the
@@ -220,17 +219,13 @@ impl RelayMetrics {
     }
 }
 
-fn error_reason(e: &KafkaError) -> String {
-    e.rdkafka_error_code().map(|c| format!("{c:?}")).unwrap_or_else(|| "Other".into())
-}
-
 /// Every 5 s until `stop`: pending rows, oldest row and oldest transaction into the gauges; ready
 /// while this relay holds the lock and the broker answers; a status line when stderr is a terminal.
 pub(super) fn spawn_measurements(
     pool: sqlx::PgPool,
     cfg: RelayConfig,
     metrics: Arc<RelayMetrics>,
-    producer: tokio::sync::watch::Receiver<FutureProducer>,
+    producer: tokio::sync::watch::Receiver<crate::clients::broker::Publisher>,
     active: Arc<AtomicBool>,
     health: Arc<Health>,
     stop: CancellationToken,
@@ -248,9 +243,7 @@ pub(super) fn spawn_measurements(
             }
             // The producer in use: one rebuilt since must not be kept alive here.
             let p = producer.borrow().clone();
-            let reachable = tokio::task::spawn_blocking(move || p.client().fetch_metadata(None, Duration::from_secs(2)).is_ok())
-                .await
-                .unwrap_or(false);
+            let reachable = p.reachable().await;
             let active = active.load(Ordering::Relaxed);
             let failing = metrics.broker_failing.get() != 0;
             health.ready.store(active && reachable && !failing, Ordering::Relaxed);
@@ -280,15 +273,17 @@ fn status_line(metrics: &RelayMetrics, last: (Instant, u64), active: bool, reach
 
 #[cfg(test)]
 mod tests {
-    use rdkafka::error::RDKafkaErrorCode;
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
     use super::*;
 
     #[test]
     fn failures_are_counted_by_error_code() {
         let m = RelayMetrics::default();
-        m.count_failure(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge));
-        m.count_failure(&KafkaError::Canceled);
+        m.count_failure(
+            &crate::clients::broker::kafka::refusal(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)).reason,
+        );
+        m.count_failure(&crate::clients::broker::kafka::refusal(&KafkaError::Canceled).reason);
         let text = m.render();
         assert!(
             text.contains(r#"lockstep_relay_failures_total{reason="MessageSizeTooLarge"} 1"#),

@@ -32,6 +32,7 @@ mod publisher;
 mod reports;
 mod run;
 mod session;
+mod settings;
 pub mod stages;
 mod store;
 
@@ -41,9 +42,10 @@ pub use self::{
     fence::{CHECK_EVERY, FENCE, GAP},
     metrics::{ReasonLabel, RelayMetrics, Samples, WakeLabel},
     ownership::PLANNER_SETTINGS,
-    publisher::{producer_config, Relay},
+    publisher::Relay,
     run::{banner, run, run_with_metrics},
     session::{keepalive_sql, DEAD_PEER_TIMEOUT},
+    settings::{producer_config, publisher_settings},
     store::bucket_read_sql,
 };
 pub use crate::tables::schema::PayloadColumn;

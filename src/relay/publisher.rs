@@ -8,11 +8,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rdkafka::{
-    config::ClientConfig,
-    error::{KafkaError, RDKafkaErrorCode},
-    producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig},
-};
 use sqlx::PgConnection;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -25,34 +20,20 @@ use super::{
     headers::MessageHeaders,
     metrics::RelayMetrics,
     reports::{unix_now, Reports},
+    settings::publisher_settings,
     stages::Stamps,
     store::{OutboxRow, Statements},
     RelayError,
 };
-use crate::{config::RelayConfig, tables::schema::OutboxTables};
+use crate::{
+    clients::broker::{Ack, Outgoing, Publisher, Settings},
+    config::RelayConfig,
+    tables::schema::OutboxTables,
+};
 
 // A child module in a file beside this one: it reads the relay's and the batch's private fields.
 #[path = "settle.rs"]
 mod settle;
-
-pub fn producer_config(cfg: &RelayConfig) -> ClientConfig {
-    let p = &cfg.resolved.producer;
-    let mut c = ClientConfig::new();
-    c.set("message.timeout.ms", "120000");
-    for (k, v) in &cfg.kafka_config {
-        c.set(k, v.expose());
-    }
-    // Forced last: validation already refused weaker values, this makes sure of it. Gapless: a
-    // message the broker rejects makes the producer fatal instead of renumbering the partition's
-    // later messages and sending them, ahead of the rejected row's retry (see `gate`).
-    c.set("bootstrap.servers", &cfg.bootstrap_servers)
-        .set("enable.idempotence", "true")
-        .set("enable.gapless.guarantee", "true")
-        .set("acks", "all")
-        .set("linger.ms", p.linger_ms.to_string())
-        .set("compression.type", p.compression.as_str());
-    c
-}
 
 /// A batch handed to the producer whose delivery reports are not all in yet.
 pub(super) struct InFlight {
@@ -106,9 +87,11 @@ async fn oldest_delivered(oldest: &mut InFlight, until: Option<Instant>) -> bool
 pub struct Relay {
     cfg: RelayConfig,
     metrics: Arc<RelayMetrics>,
-    producer: FutureProducer,
-    /// The producer in use, for whoever checks the broker through it (readiness).
-    current: watch::Sender<FutureProducer>,
+    publisher: Publisher,
+    /// How to build it again.
+    settings: Settings,
+    /// The publisher in use, for whoever checks the broker through it (readiness).
+    current: watch::Sender<Publisher>,
     sql: Statements,
     /// Rows and keys the next read leaves out: in flight, or waiting for a retry.
     gate: KeyGate<Instant>,
@@ -118,8 +101,8 @@ pub struct Relay {
     listening: watch::Sender<bool>,
     /// Broker or network failures in a row (reset by an acknowledgement).
     transport_failures: u32,
-    /// A message timed out: the idempotent producer's sequence state for its partition is unknown
-    /// (and some brokers never accept that producer again), so start over with a fresh one.
+    /// A message left the publisher's state unknown (Kafka: it timed out in the idempotent
+    /// producer, some brokers never accept that producer again): start over with a fresh one.
     stale_producer: bool,
     /// Rows whose `created_at` is further than this (ms) from the publish time are stamped with
     /// the publish time: `core::stamp::MAX_STAMP_AGE_MS`, tightened by the broker's refusals.
@@ -144,10 +127,12 @@ const UNLISTEN_AFTER: Duration = Duration::from_millis(50);
 
 impl Relay {
     pub fn new(cfg: RelayConfig, metrics: Arc<RelayMetrics>, tables: &OutboxTables) -> Result<Self, RelayError> {
-        let producer = create_producer(&cfg)?;
+        let settings = publisher_settings(&cfg);
+        let publisher = Publisher::create(&settings).map_err(RelayError::Producer)?;
         Ok(Relay {
-            current: watch::Sender::new(producer.clone()),
-            producer,
+            current: watch::Sender::new(publisher.clone()),
+            publisher,
+            settings,
             sql: Statements::new(&cfg.resolved, tables),
             headers: MessageHeaders::new(&cfg.resolved, tables.payload),
             cfg,
@@ -166,12 +151,12 @@ impl Relay {
         })
     }
 
-    pub fn producer(&self) -> &FutureProducer {
-        &self.producer
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
     }
 
-    /// The producer in use, replaced when it is rebuilt.
-    pub(super) fn current_producer(&self) -> watch::Receiver<FutureProducer> {
+    /// The publisher in use, replaced when it is rebuilt.
+    pub(super) fn current_producer(&self) -> watch::Receiver<Publisher> {
         self.current.subscribe()
     }
 
@@ -285,15 +270,15 @@ impl Relay {
     /// because the producer went fatal or was purged are read again, in order, behind their
     /// keys' earlier rows. True when it did.
     async fn rebuild_if_needed(&mut self, conn: &mut PgConnection, in_flight: &mut VecDeque<InFlight>) -> Result<bool, RelayError> {
-        let fatal = self.producer.client().fatal_error();
+        let fatal = self.publisher.fatal();
         if fatal.is_none() && !self.stale_producer {
             return Ok(false);
         }
         match fatal {
-            Some((code, reason)) => tracing::error!(?code, %reason, "fatal producer error: rebuilding the producer"),
+            Some(reason) => tracing::error!(%reason, "fatal producer error: rebuilding the producer"),
             None => tracing::warn!("a message timed out: rebuilding the producer"),
         }
-        purge(self.producer.clone()).await;
+        self.publisher.purge().await;
         while let Some(batch) = in_flight.pop_front() {
             self.complete(conn, batch).await?;
         }
@@ -307,15 +292,13 @@ impl Relay {
     /// there could reach the broker after the new producer resent its row and a later row of its
     /// key, putting an old state last.
     pub(super) async fn replace_producer(&mut self) -> Result<(), RelayError> {
-        let old = std::mem::replace(&mut self.producer, create_producer(&self.cfg)?);
-        let stale = self.current.send_replace(self.producer.clone());
-        // Both wait for librdkafka's threads (the purge for every broker thread, the last drop
-        // for a flush and a join): off the runtime's workers, and done before anything is resent.
-        let _ = tokio::task::spawn_blocking(move || {
-            old.purge(PurgeConfig::default().queue().inflight());
-            drop((old, stale));
-        })
-        .await;
+        let new = Publisher::create(&self.settings).map_err(RelayError::Producer)?;
+        let old = std::mem::replace(&mut self.publisher, new);
+        let stale = self.current.send_replace(self.publisher.clone());
+        old.purge().await;
+        // The last drop of a Kafka producer waits for librdkafka's threads (a flush and a join):
+        // off the runtime's workers, and done before anything is resent.
+        let _ = tokio::task::spawn_blocking(move || drop((old, stale))).await;
         Ok(())
     }
 
@@ -360,11 +343,14 @@ impl Relay {
             read,
             handed: vec![f64::NAN; rows.len()],
         });
+        // A clone (a reference count) so that the batch's sender does not borrow the relay.
+        let publisher = self.publisher.clone();
+        let mut batch = publisher.batch();
         for (i, (row, key)) in rows.iter().zip(&keys).enumerate() {
             if failed_keys.contains(key.as_str()) {
                 continue;
             }
-            match self.send_row(i, row, key).await {
+            match self.send_row(&mut batch, i, row, key).await {
                 Ok((f, age)) => {
                     if let Some(s) = stamps.as_mut() {
                         s.handed[i] = unix_now();
@@ -395,9 +381,15 @@ impl Relay {
         }
     }
 
-    /// Route one row and hand it to the producer, waiting while its queue is full. With the
+    /// Route one row and hand it to the publisher, waiting while its queue is full. With the
     /// distance of its `created_at` stamp from now, when it has one.
-    async fn send_row(&self, i: usize, row: &OutboxRow, key: &str) -> Result<(DeliveryFuture, Option<i64>), Failure> {
+    async fn send_row(
+        &self,
+        batch: &mut crate::clients::broker::Batch<'_>,
+        i: usize,
+        row: &OutboxRow,
+        key: &str,
+    ) -> Result<(Ack, Option<i64>), Failure> {
         let topic = self
             .cfg
             .resolved
@@ -411,39 +403,20 @@ impl Relay {
         if invalid_traceparent {
             self.metrics.count_invalid_traceparent(row.id);
         }
-        let mut record = FutureRecord::to(&topic).key(key.as_bytes()).timestamp(timestamp).headers(headers);
-        if let Some(p) = &row.payload {
-            record = record.payload(p.as_slice());
-        }
-        loop {
-            match self.producer.send_result(record) {
-                Ok(f) => return Ok((f, age)),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    // The broker is slow or away: wait for the queue to drain.
-                    record = r;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => {
-                    self.metrics.count_failure(&e);
-                    return Err(Failure::kafka(i, &e));
-                }
+        let message = Outgoing {
+            destination: &topic,
+            key,
+            id: row.id,
+            payload: row.payload.as_deref(),
+            headers: &headers,
+            timestamp_ms: timestamp,
+        };
+        match batch.send(&message).await {
+            Ok(ack) => Ok((ack, age)),
+            Err(refusal) => {
+                self.metrics.count_failure(&refusal.reason);
+                Err(Failure::refused(i, refusal))
             }
         }
     }
-}
-
-/// Fail every message the producer still holds (queued or in flight), off the runtime's workers:
-/// their reports come at once.
-async fn purge(producer: FutureProducer) {
-    let _ = tokio::task::spawn_blocking(move || producer.purge(PurgeConfig::default().queue().inflight())).await;
-}
-
-/// A producer from the relay's configuration.
-fn create_producer(cfg: &RelayConfig) -> Result<FutureProducer, RelayError> {
-    producer_config(cfg).create().map_err(|e| {
-        RelayError::Producer(crate::clients::kafka::config_error_text(
-            &e,
-            cfg.kafka_config.values().map(|v| v.expose()),
-        ))
-    })
 }

@@ -1,8 +1,8 @@
 //! A batch's delivery reports, taken as the producer delivers them and stamped when each arrived.
 
-use rdkafka::producer::DeliveryFuture;
+use crate::clients::broker::{Ack, Acked, Refusal};
 
-pub(super) type Report = Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>;
+pub(super) type Report = Result<Acked, Refusal>;
 
 /// A batch's delivery reports, each stamped when it arrived: a task of its own takes them as the
 /// producer delivers them, whatever the relay's task is doing meanwhile (reading, deleting), so
@@ -13,7 +13,7 @@ pub(super) struct Reports {
 }
 
 impl Reports {
-    pub(super) fn collect(sent: Vec<DeliveryFuture>) -> Self {
+    pub(super) fn collect(sent: Vec<Ack>) -> Self {
         // Each stamped as it resolves (a later partition's may come first), kept in send order.
         let task = tokio::spawn(futures::future::join_all(sent.into_iter().map(|f| async move {
             let report = f.await;

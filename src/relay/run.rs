@@ -7,7 +7,6 @@ use std::{
 };
 
 use futures::FutureExt;
-use rdkafka::producer::Producer;
 use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
     PgPool,
@@ -31,7 +30,10 @@ pub fn banner(cfg: &RelayConfig) -> String {
         r.table,
         r.topic_template.text(),
         r.key,
-        cfg.bootstrap_servers,
+        match &cfg.nats {
+            Some(n) => format!("NATS {}", n.servers.join(",")),
+            None => cfg.bootstrap_servers.clone(),
+        },
         describe_database_url(cfg.database_url.expose()),
         r.batch_size,
         r.poll_interval,
@@ -103,7 +105,7 @@ pub async fn run_with_metrics(cfg: RelayConfig, stop: CancellationToken, metrics
         stop: &stop,
     };
     let result = session.run(&mut relay).await;
-    let _ = relay.producer().flush(Duration::from_secs(10));
+    relay.publisher().flush(Duration::from_secs(10)).await;
     tracing::info!("relay stopped");
     Ok(result?)
 }
@@ -278,8 +280,7 @@ mod tests {
         drop(old);
         assert_eq!(reports.len(), 5);
         for r in reports {
-            let code = r.unwrap().unwrap_err().0.rdkafka_error_code();
-            assert_eq!(code, Some(rdkafka::types::RDKafkaErrorCode::PurgeQueue), "purged, not sent");
+            assert_eq!(r.unwrap_err().reason, "PurgeQueue", "purged, not sent");
         }
         assert!(held.has_changed().unwrap(), "the readiness check is given the new producer");
     }

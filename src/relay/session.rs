@@ -27,7 +27,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rdkafka::producer::Producer;
 use sqlx::{postgres::PgConnectOptions, Connection, Executor, PgConnection, PgPool};
 
 use tokio_util::sync::CancellationToken;
@@ -337,11 +336,10 @@ impl Session<'_> {
 /// in flight must not reach the broker after another relay resent those rows and later rows of
 /// their keys), before anything else. The gate forgets the batches at the next drain.
 async fn fence_off(relay: &mut Relay) {
-    let producer = relay.producer().clone();
-    let held = producer.in_flight_count();
+    let publisher = relay.publisher().clone();
+    let held = publisher.in_flight();
     // Purged here too: a replacement that cannot be created leaves the old producer in place.
-    let purge = move || producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
-    let _ = tokio::task::spawn_blocking(purge).await;
+    publisher.purge().await;
     match relay.replace_producer().await {
         Ok(()) => tracing::warn!(purged = held, "fenced: the producer's queue was purged and the producer dropped"),
         Err(e) => tracing::error!(error = %e, "cannot create a new producer"),

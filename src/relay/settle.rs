@@ -4,7 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::error::RDKafkaErrorCode;
 use sqlx::PgConnection;
 
 use super::{unix_now, InFlight, Relay};
@@ -47,17 +46,20 @@ impl Relay {
                 continue;
             };
             match report {
-                Ok(Ok(_)) => {
+                Ok(acked_by) => {
+                    if acked_by.duplicate {
+                        self.metrics.duplicates.inc();
+                    }
                     latencies.push((at - rows[i].created).max(0.0));
                     if stamps.is_some() {
                         acked_at.push((i, at));
                     }
                     acked.push(rows[i].id)
                 }
-                Ok(Err((e, _))) => {
-                    self.metrics.count_failure(&e);
-                    self.stale_producer |= e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut);
-                    let failure = Failure::delivery(i, &e, ages[i].is_none());
+                Err(refusal) => {
+                    self.metrics.count_failure(&refusal.reason);
+                    self.stale_producer |= refusal.stale;
+                    let failure = Failure::delivery(i, refusal, ages[i].is_none());
                     if let (Cause::Timestamp, Some(age)) = (failure.cause, ages[i]) {
                         let bound = crate::core::stamp::tighten(self.stamp_bound, age);
                         if bound < self.stamp_bound {
@@ -70,7 +72,6 @@ impl Relay {
                     }
                     failures.push(failure);
                 }
-                Err(_) => failures.push(Failure::report_lost(i)),
             }
         }
         if !acked.is_empty() {

@@ -2,6 +2,7 @@
 //! Every test gets its own namespace, database schema and topic names.
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod kafka_proxy;
 pub mod outbox;
 pub mod pgbouncer;

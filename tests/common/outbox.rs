@@ -23,6 +23,25 @@ impl OutboxTable {
         OutboxTable { schema, pool }
     }
 
+    /// `n` events over `keys` keys: event g has key `k-(g % keys)`, payload
+    /// `{"key": g % keys, "n": g / keys}` (so a key's `n` grows with its events) and the header
+    /// `source: test`.
+    pub async fn insert(&self, from: i64, n: i64, keys: i64) {
+        sqlx::query(&format!(
+            "insert into \"{}\".outbox (id, aggregatetype, aggregateid, type, payload, headers)
+             select gen_random_uuid(), 'order', 'k-' || (g % $3), 'created', jsonb_build_object('key', g % $3, 'n', g / $3),
+             '{{\"source\": \"test\"}}'
+             from generate_series($1, $1 + $2 - 1) g",
+            self.schema
+        ))
+        .bind(from)
+        .bind(n)
+        .bind(keys)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+
     pub async fn remaining(&self) -> i64 {
         sqlx::query_scalar(&format!("select count(*) from \"{}\".outbox", self.schema))
             .fetch_one(&self.pool)

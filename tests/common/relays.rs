@@ -18,8 +18,15 @@ use rdkafka::{
 
 pub struct Outbox {
     pub table: super::outbox::OutboxTable,
+    /// The topic or subject the relay publishes to.
     pub topic: String,
+    /// The broker's address (Kafka's bootstrap servers, or the NATS URL).
     pub bootstrap: String,
+    /// The database the table is in.
+    pub url: String,
+    pub kind: super::broker::Kind,
+    /// What a relay needs to reach the broker (`Broker::relay_env`).
+    pub broker_env: Vec<(&'static str, String)>,
 }
 
 impl std::ops::Deref for Outbox {
@@ -29,15 +36,32 @@ impl std::ops::Deref for Outbox {
     }
 }
 
-/// An outbox on the test PostgreSQL and a topic (one partition) on `bootstrap`.
+/// An outbox on the test PostgreSQL and a topic (one partition) on the Kafka broker `bootstrap`.
 pub async fn outbox(prefix: &str, bootstrap: &str) -> Outbox {
     let topic = super::unique(&format!("relay.{prefix}"));
     let admin = Admin::new(bootstrap, &Default::default(), Duration::from_secs(10)).unwrap();
     admin.create_topic(&topic, 1, 1, &Default::default()).await.unwrap();
+    let url = super::env("DATABASE_URL");
     Outbox {
-        table: super::outbox::OutboxTable::create(prefix, &super::env("DATABASE_URL")).await,
+        table: super::outbox::OutboxTable::create(prefix, &url).await,
         topic,
         bootstrap: bootstrap.to_owned(),
+        url,
+        kind: super::broker::Kind::Kafka,
+        broker_env: vec![("KAFKA_BOOTSTRAP_SERVERS", bootstrap.to_owned())],
+    }
+}
+
+/// An outbox in the database at `url` and a destination on `broker` (a topic of `partitions`,
+/// or a stream).
+pub async fn outbox_on(prefix: &str, broker: &super::broker::Broker, partitions: i32, url: &str) -> Outbox {
+    Outbox {
+        topic: broker.declare(prefix, partitions).await,
+        table: super::outbox::OutboxTable::create(prefix, url).await,
+        bootstrap: broker.address.clone(),
+        url: url.to_owned(),
+        kind: broker.kind,
+        broker_env: broker.relay_env(),
     }
 }
 
@@ -99,6 +123,11 @@ impl Drop for RelayProc {
 }
 
 impl Outbox {
+    /// What the destination holds from its first message, until `want` distinct ids or `timeout`.
+    pub async fn consume(&self, want: usize, timeout: Duration) -> Vec<super::broker::Received> {
+        super::broker::consume(self.kind, &self.bootstrap, &self.topic, want, timeout).await
+    }
+
     pub fn relay(&self, log: &str, database_url: &str) -> RelayProc {
         self.relay_with(log, database_url, &[])
     }
@@ -109,9 +138,10 @@ impl Outbox {
         let child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
             .args(["relay", "--schema", &self.schema, "--table", "outbox", "--topic", &self.topic])
             .args(["--metrics-addr", "127.0.0.1:0", "--poll-interval", "200ms"])
+            .args(std::env::var("RELAY_TEST_ARGS").unwrap_or_default().split_whitespace())
             .args(extra)
             .env("DATABASE_URL", database_url)
-            .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
+            .envs(self.broker_env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -120,21 +150,11 @@ impl Outbox {
         RelayProc { child, log }
     }
 
-    /// `n` events over `keys` keys: event g has key `k-(g % keys)` and payload
-    /// `{"key": g % keys, "n": g / keys}`, so a key's `n` grows with its events.
+    /// `n` events over `keys` keys: event g has key `k-(g % keys)`, payload
+    /// `{"key": g % keys, "n": g / keys}` (so a key's `n` grows with its events) and the header
+    /// `source: test`.
     pub async fn insert(&self, from: i64, n: i64, keys: i64) {
-        sqlx::query(&format!(
-            "insert into \"{}\".outbox (id, aggregatetype, aggregateid, type, payload)
-             select gen_random_uuid(), 'order', 'k-' || (g % $3), 'created', jsonb_build_object('key', g % $3, 'n', g / $3)
-             from generate_series($1, $1 + $2 - 1) g",
-            self.schema
-        ))
-        .bind(from)
-        .bind(n)
-        .bind(keys)
-        .execute(&self.pool)
-        .await
-        .unwrap();
+        self.table.insert(from, n, keys).await
     }
 
     pub async fn lock_holder(&self) -> Option<i32> {

@@ -1,0 +1,138 @@
+//! NATS JetStream as `lockstep relay --broker nats` takes it: servers, credentials from files (a
+//! mounted Secret), TLS.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use super::{read_trimmed, RelayConfigError};
+use crate::core::{
+    nats_settings::{NatsAuth, NatsSettings},
+    redacted::Redacted,
+};
+
+/// The broker the relay publishes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum BrokerArg {
+    #[default]
+    Kafka,
+    Nats,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// NATS servers, nats://host:port[,...] (tls://host:port for TLS); with --broker nats.
+    #[arg(long, env = "NATS_URL", value_delimiter = ',')]
+    pub nats_url: Vec<String>,
+    /// NATS user, with --nats-password-file.
+    #[arg(long, env = "NATS_USER", requires = "nats_password_file")]
+    pub nats_user: Option<String>,
+    /// File holding the NATS user's password.
+    #[arg(long, env = "NATS_PASSWORD_FILE", requires = "nats_user")]
+    pub nats_password_file: Option<PathBuf>,
+    /// File holding a NATS token.
+    #[arg(long, env = "NATS_TOKEN_FILE")]
+    pub nats_token_file: Option<PathBuf>,
+    /// File holding an NKey seed.
+    #[arg(long, env = "NATS_NKEY_FILE")]
+    pub nats_nkey_file: Option<PathBuf>,
+    /// A `.creds` file (user JWT and NKey seed).
+    #[arg(long, env = "NATS_CREDENTIALS_FILE")]
+    pub nats_credentials_file: Option<PathBuf>,
+    /// PEM file of the CAs to trust (TLS is then required).
+    #[arg(long, env = "NATS_TLS_CA_FILE")]
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), with --nats-tls-key-file.
+    #[arg(long, env = "NATS_TLS_CERT_FILE", requires = "nats_tls_key_file")]
+    pub nats_tls_cert_file: Option<PathBuf>,
+    /// Client key (PEM), with --nats-tls-cert-file.
+    #[arg(long, env = "NATS_TLS_KEY_FILE", requires = "nats_tls_cert_file")]
+    pub nats_tls_key_file: Option<PathBuf>,
+    /// How long a PubAck may take before the message counts as failed and is sent again.
+    #[arg(long, env = "LOCKSTEP_NATS_ACK_TIMEOUT", default_value = "5s", value_parser = crate::core::duration::parse)]
+    pub nats_ack_timeout: std::time::Duration,
+}
+
+impl NatsArgs {
+    /// The settings, credentials read from their files. At most one way to authenticate.
+    pub fn settings(&self) -> Result<NatsSettings, RelayConfigError> {
+        let invalid = |m: String| RelayConfigError::Nats(m);
+        let servers: Vec<String> = self
+            .nats_url
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if servers.is_empty() {
+            return Err(invalid("no NATS servers: set NATS_URL or --nats-url".into()));
+        }
+        for s in &servers {
+            server_host_port(s).map_err(invalid)?;
+        }
+        let read = |p: &PathBuf| read_trimmed(p).map(Redacted::new);
+        let mut ways = Vec::new();
+        if let (Some(user), Some(file)) = (&self.nats_user, &self.nats_password_file) {
+            ways.push(NatsAuth::UserPassword {
+                user: user.clone(),
+                password: read(file)?,
+            });
+        }
+        if let Some(f) = &self.nats_token_file {
+            ways.push(NatsAuth::Token(read(f)?));
+        }
+        if let Some(f) = &self.nats_nkey_file {
+            ways.push(NatsAuth::NKey(read(f)?));
+        }
+        if let Some(f) = &self.nats_credentials_file {
+            ways.push(NatsAuth::Credentials(Redacted::new(
+                std::fs::read_to_string(f).map_err(|source| RelayConfigError::Read { path: f.clone(), source })?,
+            )));
+        }
+        if ways.len() > 1 {
+            return Err(invalid(
+                "give one NATS authentication: user and password, a token, an NKey or a credentials file".into(),
+            ));
+        }
+        Ok(NatsSettings {
+            servers,
+            auth: ways.pop().unwrap_or_default(),
+            tls_ca: self.nats_tls_ca_file.clone(),
+            tls_client: self.nats_tls_cert_file.clone().zip(self.nats_tls_key_file.clone()),
+            name: None,
+            ack_timeout: self.nats_ack_timeout,
+        })
+    }
+}
+
+/// `host:port` of a server URL (`nats://`, `tls://` or none); credentials in it are refused,
+/// they belong in a file (a URL reaches logs).
+pub fn server_host_port(url: &str) -> Result<String, String> {
+    let rest = ["nats://", "tls://"].iter().find_map(|p| url.strip_prefix(p)).unwrap_or(url);
+    if rest.contains('@') {
+        return Err(
+            "a NATS URL must not hold credentials: use --nats-user with --nats-password-file, or a token, NKey or credentials file".into(),
+        );
+    }
+    let host_port = rest.trim_end_matches('/');
+    match host_port.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(host_port.to_owned()),
+        None if !host_port.is_empty() && !host_port.contains('/') => Ok(format!("{host_port}:4222")),
+        _ => Err(format!("{url:?} is not a NATS server URL (nats://host:port)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_urls() {
+        assert_eq!(server_host_port("nats://127.0.0.1:4223").unwrap(), "127.0.0.1:4223");
+        assert_eq!(server_host_port("tls://nats.example:4222").unwrap(), "nats.example:4222");
+        assert_eq!(server_host_port("nats").unwrap(), "nats:4222");
+        let e = server_host_port("nats://u:secret@h:4222").unwrap_err();
+        assert!(!e.contains("secret") && e.contains("credentials"), "{e}");
+        assert!(server_host_port("nats://:4222").is_err());
+        assert!(server_host_port("nats://h:port").is_err());
+    }
+}

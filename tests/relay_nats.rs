@@ -1,0 +1,74 @@
+//! What is particular to NATS JetStream, against a real nats-server: a message the server refuses
+//! does not stop the later ones of the same connection, so the relay itself keeps a key's later
+//! messages back until the refused one is stored.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use common::broker::{stream_name, Broker, Kind, Received};
+
+/// One row of key `key` with counter `n` and `pad` bytes of padding.
+async fn insert(o: &common::relays::Outbox, rows: &[(&str, i64, i64)]) {
+    let mut tx = o.pool.begin().await.unwrap();
+    for (key, n, pad) in rows {
+        sqlx::query(&format!(
+            "insert into \"{}\".outbox (id, aggregatetype, aggregateid, type, payload)
+             values (gen_random_uuid(), 'order', $1, 'created', jsonb_build_object('n', $2::bigint, 'pad', repeat('x', $3::int)))",
+            o.schema
+        ))
+        .bind(key)
+        .bind(n)
+        .bind(*pad as i32)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+fn of_key(got: &[Received], key: &str) -> Vec<i64> {
+    got.iter().filter(|m| m.key == key).map(Received::n).collect()
+}
+
+/// A stream full under `discard: new` refuses a large message and takes a smaller one after it.
+/// The relay must not let the smaller message of the same key be stored first: it is held until
+/// the refused one is stored (once the stream has room), then follows it.
+#[tokio::test]
+async fn a_message_the_server_refuses_holds_back_the_later_messages_of_its_key() {
+    let broker = Broker::shared(Kind::Nats);
+    let o = common::relays::outbox_on("nats-full", &broker, 1, &common::env("DATABASE_URL")).await;
+    let js = jetstream::new(async_nats::connect(&broker.address).await.unwrap());
+    let mut config = js.get_stream(stream_name(&o.topic)).await.unwrap().cached_info().config.clone();
+    config.max_bytes = 4096;
+    config.discard = jetstream::stream::DiscardPolicy::New;
+    js.update_stream(config).await.unwrap();
+
+    // k's first fits, its second does not, its third would; j's only one fits.
+    insert(&o, &[("k", 0, 1500), ("k", 1, 3000), ("k", 2, 10), ("j", 0, 10)]).await;
+    let relay = o.relay("relay-nats-full.log", &o.url);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        let got = o.consume(2, Duration::from_secs(2)).await;
+        if got.len() >= 2 || Instant::now() > deadline {
+            break got;
+        }
+    };
+    assert_eq!((of_key(&got, "k"), of_key(&got, "j")), (vec![0], vec![0]), "(k, j) stored first");
+    // The relay keeps retrying k's second (the broker's state, not the message's fault).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let got = o.consume(usize::MAX, Duration::from_secs(2)).await;
+    assert_eq!(of_key(&got, "k"), vec![0], "k's third was stored past its refused second");
+
+    // Room again: k's second, then its third.
+    js.get_stream(stream_name(&o.topic)).await.unwrap().purge().await.unwrap();
+    o.wait_drained(Duration::from_secs(60)).await;
+    let got = o.consume(2, Duration::from_secs(5)).await;
+    assert_eq!(of_key(&got, "k"), vec![1, 2]);
+    assert!(
+        o.remaining().await == 0 && relay.log().contains("broker or network failed"),
+        "{}",
+        relay.log()
+    );
+}

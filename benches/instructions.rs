@@ -17,10 +17,12 @@
 //!                                 one process, with BENCH_RELAY_ARGS="--buckets 64")
 
 use std::{
-    process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
+
+#[path = "support/callgrind.rs"]
+mod callgrind;
 
 use clap::Parser;
 use lockstep::{
@@ -110,34 +112,12 @@ async fn child(mode: &str, n: u64) {
 
 /// Instructions of one child run under callgrind.
 fn counted(mode: &str, n: u64, relays: usize, schema: &str, topic: &str) -> u64 {
-    let out = std::env::temp_dir().join(format!("lockstep-callgrind-{}", uuid::Uuid::new_v4().simple()));
-    let status = Command::new("valgrind")
-        .args(["--tool=callgrind", "--quiet"])
-        .arg(format!("--callgrind-out-file={}", out.display()))
-        .arg(std::env::current_exe().unwrap())
-        .env("INSTR_CHILD", mode)
-        .env("INSTR_N", n.to_string())
-        .env("INSTR_RELAYS", relays.to_string())
-        .env("INSTR_SCHEMA", schema)
-        .env("INSTR_TOPIC", topic)
-        .status()
-        .expect("valgrind (apt-get install valgrind)");
-    assert!(status.success(), "{mode} under callgrind: {status}");
-    let text = std::fs::read_to_string(&out).unwrap();
-    // Kept for callgrind_annotate when asked.
-    match std::env::var("BENCH_CALLGRIND_KEEP") {
-        Ok(dir) => {
-            let kept = std::path::Path::new(&dir).join(format!("callgrind.{mode}.{n}.{}", std::process::id()));
-            let _ = std::fs::create_dir_all(&dir).and_then(|_| std::fs::rename(&out, &kept));
-        }
-        Err(_) => {
-            let _ = std::fs::remove_file(&out);
-        }
-    }
-    text.lines()
-        .find_map(|l| l.strip_prefix("summary: ").or_else(|| l.strip_prefix("totals: ")))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("callgrind's summary line")
+    let relays = relays.to_string();
+    callgrind::counted(
+        mode,
+        n,
+        &[("INSTR_RELAYS", relays.as_str()), ("INSTR_SCHEMA", schema), ("INSTR_TOPIC", topic)],
+    )
 }
 
 /// (I(N2) - I(N1)) / (N2 - N1) of `mode`. The relay's events are loaded before it starts, or with

@@ -72,3 +72,88 @@ async fn a_message_the_server_refuses_holds_back_the_later_messages_of_its_key()
         relay.log()
     );
 }
+
+/// A JetStream consumer that acknowledges late (as one that crashed before its ack would) gets
+/// those messages again; reading each with `Delivery::from_nats` and claiming its id in the inbox
+/// in the side effect's transaction applies every event once.
+#[tokio::test]
+async fn an_inbox_consumer_of_a_jetstream_consumer_applies_each_event_once() {
+    use futures::StreamExt;
+    use jetstream::consumer;
+    const EVENTS: i64 = 2_000;
+    let broker = Broker::shared(Kind::Nats);
+    let o = common::relays::outbox_on("nats-inbox", &broker, 1, &common::env("DATABASE_URL")).await;
+    o.insert(0, EVENTS, 20).await;
+    let relay = o.relay("relay-nats-inbox.log", &o.url);
+    o.wait_drained(Duration::from_secs(60)).await;
+    drop(relay);
+
+    let s = common::pg_schema("nats_consumer").await;
+    let inbox_table = s.inbox("inbox").await;
+    sqlx::query("create table effects (key text primary key, applied bigint not null)")
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    let inbox = lockstep::inbox::Inbox::for_table(inbox_table, "effects");
+    let js = jetstream::new(async_nats::connect(&broker.address).await.unwrap());
+    let stream = js.get_stream(stream_name(&o.topic)).await.unwrap();
+    let c = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("effects".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = c.messages().await.unwrap();
+    let (mut applied, mut skipped, mut unacked) = (0, 0, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while applied < EVENTS {
+        assert!(Instant::now() < deadline, "{applied} of {EVENTS} applied");
+        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), messages.next()).await else {
+            continue;
+        };
+        let m = m.unwrap();
+        let d = lockstep::inbox::Delivery::from_nats(&m).expect("the relay's headers");
+        assert!(d.created_ms.is_some());
+        let key = m.headers.as_ref().and_then(|h| h.get("lockstep-key")).unwrap().to_string();
+        let mut tx = s.pool.begin().await.unwrap();
+        if inbox.claim(&mut tx, d.id).await.unwrap() {
+            sqlx::query("insert into effects values ($1, 1) on conflict (key) do update set applied = effects.applied + 1")
+                .bind(&key)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            applied += 1;
+        } else {
+            skipped += 1;
+        }
+        tx.commit().await.unwrap();
+        // The first 100 are never acknowledged: JetStream delivers them again after ack_wait.
+        if unacked < 100 && skipped == 0 {
+            unacked += 1;
+        } else {
+            m.ack().await.unwrap();
+        }
+    }
+    // The redeliveries of the unacknowledged ones arrive; each is a duplicate the inbox drops.
+    while skipped < unacked {
+        assert!(Instant::now() < deadline, "{skipped} of {unacked} redeliveries seen");
+        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), messages.next()).await else {
+            continue;
+        };
+        let m = m.unwrap();
+        let d = lockstep::inbox::Delivery::from_nats(&m).unwrap();
+        let mut tx = s.pool.begin().await.unwrap();
+        assert!(!inbox.claim(&mut tx, d.id).await.unwrap(), "a redelivery is claimed already");
+        tx.commit().await.unwrap();
+        skipped += 1;
+        m.ack().await.unwrap();
+    }
+    let total: i64 = sqlx::query_scalar("select sum(applied)::bigint from effects")
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(total, EVENTS, "each event applied once ({skipped} redeliveries skipped)");
+}

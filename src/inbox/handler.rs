@@ -51,6 +51,22 @@ impl<'a> Delivery<'a> {
         })
     }
 
+    /// Read a message the relay published to NATS JetStream (or any message with those headers);
+    /// None without an `id` or `ce_id` header. NATS messages carry no timestamp of their own: the
+    /// relay always sends `lockstep-created-at`.
+    pub fn from_nats(m: &'a async_nats::Message) -> Option<Self> {
+        let headers = m.headers.as_ref()?;
+        let text = |name: &str| headers.get(name).map(|v| v.as_str());
+        Some(Delivery {
+            id: text(h::ID).or_else(|| text(h::CE_ID))?,
+            event_type: text(h::TYPE).or_else(|| text(h::CE_TYPE)).unwrap_or(""),
+            created_ms: text(crate::core::stamp::CREATED_AT_HEADER)
+                .and_then(|v| v.parse().ok())
+                .or_else(|| text(h::CE_TIME).and_then(h::rfc3339_ms)),
+            traceparent: text(h::TRACEPARENT).filter(|t| h::valid_traceparent(t)),
+        })
+    }
+
     /// The producer's `traceparent`, if the message carried a valid one.
     pub fn traceparent(&self) -> Option<&'a str> {
         self.traceparent
@@ -309,6 +325,28 @@ mod tests {
         })));
         assert_eq!(Delivery::from_message(&moved).unwrap().created_ms, Some(42));
         assert_eq!(Delivery::from_message(&msg(None)), None);
+        let nats = |headers: &[(&str, &str)]| {
+            let mut h = async_nats::HeaderMap::new();
+            for (k, v) in headers {
+                h.insert(*k, *v);
+            }
+            async_nats::Message {
+                subject: "s".into(),
+                reply: None,
+                payload: Default::default(),
+                headers: Some(h),
+                status: None,
+                description: None,
+                length: 0,
+            }
+        };
+        let m = nats(&[("id", "e-1"), ("type", "created"), ("lockstep-created-at", "42")]);
+        let d = Delivery::from_nats(&m).unwrap();
+        assert_eq!(
+            (d.id, d.event_type, d.created_ms, d.traceparent),
+            ("e-1", "created", Some(42), None)
+        );
+        assert_eq!(Delivery::from_nats(&nats(&[("type", "created")])), None);
     }
 
     #[test]

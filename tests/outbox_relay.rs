@@ -191,7 +191,7 @@ async fn a_broker_outage_is_reported_and_heals() {
 async fn weakening_producer_settings_are_rejected() {
     let (_c, ns, api, schema) = setup("obr-producer").await;
     let mut r = relay("weak", &schema, &common::kafka_bootstrap(), json!([]));
-    r.spec.kafka.producer.config.insert("acks".into(), "1".into());
+    r.spec.kafka.as_mut().unwrap().producer.config.insert("acks".into(), "1".into());
     api.create(&PostParams::default(), &r).await.unwrap();
     let obj = common::wait_condition(&api, "weak", "Ready", "False", Some("InvalidSpec"), T).await;
     let msg = common::condition(&obj.status.unwrap().conditions, "Ready").message.clone();

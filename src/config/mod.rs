@@ -317,7 +317,9 @@ impl RelayArgs {
                 table: self.outbox.table.clone(),
                 manage_schema: self.manage_schema,
             },
-            kafka: KafkaSpec {
+            broker: Default::default(),
+            nats: None,
+            kafka: Some(KafkaSpec {
                 bootstrap_servers: bootstrap_servers.to_owned(),
                 auth_secret_ref: None,
                 producer: ProducerSpec {
@@ -331,7 +333,7 @@ impl RelayArgs {
                     },
                     config: kafka_config.iter().map(|(k, v)| (k.clone(), v.expose().to_owned())).collect(),
                 },
-            },
+            }),
             routing: RoutingSpec {
                 topic: self.topic.clone(),
                 key: match self.key {

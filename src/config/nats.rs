@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 
 use super::{read_trimmed, RelayConfigError};
+pub use crate::core::nats_settings::server_host_port;
 use crate::core::{
     nats_settings::{NatsAuth, NatsSettings},
     redacted::Redacted,
@@ -101,38 +102,5 @@ impl NatsArgs {
             name: None,
             ack_timeout: self.nats_ack_timeout,
         })
-    }
-}
-
-/// `host:port` of a server URL (`nats://`, `tls://` or none); credentials in it are refused,
-/// they belong in a file (a URL reaches logs).
-pub fn server_host_port(url: &str) -> Result<String, String> {
-    let rest = ["nats://", "tls://"].iter().find_map(|p| url.strip_prefix(p)).unwrap_or(url);
-    if rest.contains('@') {
-        return Err(
-            "a NATS URL must not hold credentials: use --nats-user with --nats-password-file, or a token, NKey or credentials file".into(),
-        );
-    }
-    let host_port = rest.trim_end_matches('/');
-    match host_port.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(host_port.to_owned()),
-        None if !host_port.is_empty() && !host_port.contains('/') => Ok(format!("{host_port}:4222")),
-        _ => Err(format!("{url:?} is not a NATS server URL (nats://host:port)")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn server_urls() {
-        assert_eq!(server_host_port("nats://127.0.0.1:4223").unwrap(), "127.0.0.1:4223");
-        assert_eq!(server_host_port("tls://nats.example:4222").unwrap(), "nats.example:4222");
-        assert_eq!(server_host_port("nats").unwrap(), "nats:4222");
-        let e = server_host_port("nats://u:secret@h:4222").unwrap_err();
-        assert!(!e.contains("secret") && e.contains("credentials"), "{e}");
-        assert!(server_host_port("nats://:4222").is_err());
-        assert!(server_host_port("nats://h:port").is_err());
     }
 }

@@ -35,3 +35,69 @@ pub struct NatsSettings {
     /// How long a PubAck may take before the message counts as failed (and is sent again).
     pub ack_timeout: Duration,
 }
+
+/// `host:port` of a server URL (`nats://`, `tls://` or none; port 4222 when none is given).
+/// Credentials in it are refused: they belong in a file or a Secret (a URL reaches logs).
+pub fn server_host_port(url: &str) -> Result<String, String> {
+    let rest = ["nats://", "tls://"].iter().find_map(|p| url.strip_prefix(p)).unwrap_or(url);
+    if rest.contains('@') {
+        return Err("a NATS URL must not hold credentials: give them in a file or Secret (user and password, a token, an NKey or a credentials file)".into());
+    }
+    let host_port = rest.trim_end_matches('/');
+    match host_port.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(host_port.to_owned()),
+        None if !host_port.is_empty() && !host_port.contains('/') => Ok(format!("{host_port}:4222")),
+        _ => Err(format!("{url:?} is not a NATS server URL (nats://host:port)")),
+    }
+}
+
+/// A subject a message can be published to: dot-separated non-empty tokens, no whitespace, no
+/// wildcard.
+pub fn valid_subject(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.')
+            .all(|t| !t.is_empty() && !t.contains(['*', '>']) && !t.contains(char::is_whitespace))
+}
+
+/// A subject a stream may store: as `valid_subject`, where a token may be `*` and the last `>`.
+pub fn valid_filter_subject(s: &str) -> bool {
+    let tokens: Vec<&str> = s.split('.').collect();
+    !s.is_empty()
+        && tokens.iter().enumerate().all(|(i, t)| {
+            *t == "*"
+                || (*t == ">" && i + 1 == tokens.len())
+                || (!t.is_empty() && !t.contains(['*', '>']) && !t.contains(char::is_whitespace))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_urls() {
+        assert_eq!(server_host_port("nats://127.0.0.1:4223").unwrap(), "127.0.0.1:4223");
+        assert_eq!(server_host_port("tls://nats.example:4222").unwrap(), "nats.example:4222");
+        assert_eq!(server_host_port("nats").unwrap(), "nats:4222");
+        let e = server_host_port("nats://u:secret@h:4222").unwrap_err();
+        assert!(!e.contains("secret") && e.contains("credentials"), "{e}");
+        assert!(server_host_port("nats://:4222").is_err());
+        assert!(server_host_port("nats://h:port").is_err());
+    }
+
+    #[test]
+    fn subjects() {
+        for ok in ["orders", "orders.created.v1", "a-b_c.D9"] {
+            assert!(valid_subject(ok) && valid_filter_subject(ok), "{ok}");
+        }
+        for bad in ["", "orders.", ".orders", "a..b", "a b", "a.*", "a.>", "a\tb", "x*"] {
+            assert!(!valid_subject(bad), "{bad:?}");
+        }
+        for filter in ["orders.*", "orders.>", "*.created", ">"] {
+            assert!(valid_filter_subject(filter) && !valid_subject(filter), "{filter}");
+        }
+        for bad in ["orders.>.x", "a..b", "or*ders", "a b.*", ""] {
+            assert!(!valid_filter_subject(bad), "{bad:?}");
+        }
+    }
+}

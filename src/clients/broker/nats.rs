@@ -32,7 +32,7 @@ use futures::{
 };
 
 use super::{Acked, Cause, Outgoing, Refusal};
-pub use crate::core::nats_settings::{NatsAuth, NatsSettings};
+pub use crate::core::nats_settings::{valid_subject, NatsAuth, NatsSettings};
 
 /// Header JetStream deduplicates on.
 pub const MSG_ID: &str = "Nats-Msg-Id";
@@ -274,14 +274,6 @@ fn headers(m: &Outgoing<'_>) -> HeaderMap {
     h
 }
 
-/// A subject a message can be published to: dot-separated non-empty tokens, no whitespace, no
-/// wildcard.
-pub fn valid_subject(s: &str) -> bool {
-    !s.is_empty()
-        && s.split('.').all(|t| !t.is_empty() && t != "*" && t != ">")
-        && !s.chars().any(|c| c.is_whitespace() || c == '*' || c == '>')
-}
-
 /// What a JetStream publish error says about the message: only a message over the stream's or
 /// server's size limits is the message's own fault; a missing stream, a full one, a timeout or a
 /// lost connection is the broker's, retried.
@@ -312,16 +304,6 @@ fn api_code(e: &jetstream::context::PublishError) -> Option<ErrorCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn subjects() {
-        for ok in ["orders", "orders.created.v1", "a-b_c.D9"] {
-            assert!(valid_subject(ok), "{ok}");
-        }
-        for bad in ["", "orders.", ".orders", "a..b", "a b", "a.*", "a.>", "a\tb", "x*"] {
-            assert!(!valid_subject(bad), "{bad:?}");
-        }
-    }
 
     #[test]
     fn only_size_is_the_messages_fault() {

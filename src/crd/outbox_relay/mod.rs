@@ -2,6 +2,7 @@
 // clippy reads repeated `printcolumn(type_ = ...)` arguments of the kube derive as duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
 
+mod nats;
 mod relays;
 mod validate;
 
@@ -11,6 +12,7 @@ use k8s_openapi::{api::core::v1::ResourceRequirements, apimachinery::pkg::apis::
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+pub use nats::{Broker, DesiredStream, Discard, NatsSpec, StreamSpec, StreamStorage, ValidNats, STREAM_SETTINGS};
 pub use relays::RelayShare;
 pub(crate) use validate::valid_host_port;
 pub use validate::{ValidOutboxRelay, ValidProducer, MAX_BUCKETS};
@@ -45,11 +47,21 @@ pub const DEAD_LETTER_SUFFIX: &str = "_dead_letter";
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.broker) && self.broker == 'Nats') ? has(self.nats) : has(self.kafka)").message("broker Kafka needs spec.kafka, broker Nats needs spec.nats"))]
+#[x_kube(validation = Rule::new("!has(self.broker) || self.broker != 'Nats' || !has(self.topics) || size(self.topics) == 0").message("topics are Kafka's: with broker Nats, declare streams in spec.nats.streams"))]
 pub struct OutboxRelaySpec {
     /// The outbox table. Its dead-letter table is `<table>_dead_letter` in the same schema.
     #[x_kube(validation = Rule::new("self.schema == oldSelf.schema && self.table == oldSelf.table").message("database.schema and database.table are immutable; create a new OutboxRelay for another table"))]
     pub database: DatabaseSpec,
-    pub kafka: KafkaSpec,
+    /// The broker the relay publishes to: Kafka (`kafka`) or NATS JetStream (`nats`). Fixed:
+    /// consumers read where the relay published.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("broker is immutable; create a new OutboxRelay for another broker"))]
+    pub broker: Broker,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsSpec>,
     #[serde(default)]
     pub routing: RoutingSpec,
     /// Topics lockstep creates and keeps configured.

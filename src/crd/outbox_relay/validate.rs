@@ -42,7 +42,10 @@ pub struct ValidOutboxRelay {
     pub bootstrap_servers: String,
     /// Secret whose keys are librdkafka settings (SASL/TLS).
     pub auth_secret: Option<String>,
+    /// Kafka's producer settings (defaults with broker Nats).
     pub producer: ValidProducer,
+    /// Set with broker Nats: the relay publishes there, not to Kafka.
+    pub nats: Option<super::ValidNats>,
     pub topic_template: TopicTemplate,
     pub key: OutboxColumn,
     /// Topics lockstep creates and keeps configured, as the topic plan wants them.
@@ -117,13 +120,13 @@ impl OutboxRelaySpec {
                 table: dl,
             })
         });
-        validate_kafka(&self.kafka, &mut p);
+        let (kafka, nats) = self.validate_broker(&mut p);
         let topic_template = p.check("spec.routing.topic", TopicTemplate::parse(&self.routing.topic));
         validate_topics(&self.topics, &mut p);
         let relay = validate_relay(&self.relay, &mut p);
         let max_oldest_age = p.check("spec.lag.maxOldestAge", self.lag.max_oldest_age.parse_positive());
 
-        let (r, pr) = (&self.relay, &self.kafka.producer);
+        let (r, pr) = (&self.relay, &kafka.producer);
         p.finish(|| {
             let RelayTimes {
                 poll_interval,
@@ -135,12 +138,16 @@ impl OutboxRelaySpec {
                 dead_letter_table: dead_letter_table?,
                 url_secret: self.database.url_secret_ref.clone(),
                 manage_schema: self.database.manage_schema,
-                bootstrap_servers: self.kafka.bootstrap_servers.clone(),
-                auth_secret: self.kafka.auth_secret_ref.as_ref().map(|r| r.name.clone()),
+                bootstrap_servers: kafka.bootstrap_servers.clone(),
+                auth_secret: kafka.auth_secret_ref.as_ref().map(|r| r.name.clone()),
                 producer: ValidProducer {
                     linger_ms: pr.linger_ms,
                     compression: pr.compression,
                     config: pr.config.clone(),
+                },
+                nats: match nats {
+                    Some(n) => Some(n?),
+                    None => None,
                 },
                 topic_template: topic_template?,
                 key: self.routing.key,
@@ -164,7 +171,7 @@ impl OutboxRelaySpec {
     }
 }
 
-fn validate_kafka(k: &KafkaSpec, p: &mut Problems) {
+pub(super) fn validate_kafka(k: &KafkaSpec, p: &mut Problems) {
     if k.bootstrap_servers.trim().is_empty() {
         p.add("spec.kafka.bootstrapServers", "must name at least one host:port");
     }

@@ -8,3 +8,4 @@ pub mod db;
 pub mod http;
 pub mod kafka;
 pub mod leader;
+pub mod nats_admin;

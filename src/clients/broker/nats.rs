@@ -157,7 +157,7 @@ const MAX_ACK_INFLIGHT: usize = 8192;
 
 /// Connect options: one server, never reconnecting (see the module's notes), pings often
 /// enough that a silent server is noticed within seconds.
-async fn options(s: &NatsSettings) -> Result<ConnectOptions, Refusal> {
+pub(crate) async fn options(s: &NatsSettings) -> Result<ConnectOptions, Refusal> {
     let mut o = match &s.auth {
         NatsAuth::None => ConnectOptions::new(),
         NatsAuth::UserPassword { user, password } => ConnectOptions::with_user_and_password(user.clone(), password.expose().to_owned()),

@@ -1,0 +1,157 @@
+//! JetStream administration behind a small typed API: describe, create and update a stream, and
+//! read a consumer's pending counts. Errors never carry credentials (the client is given none in
+//! its messages).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use crate::{
+    core::nats_settings::NatsSettings,
+    crd::{DesiredStream, Discard, StreamStorage},
+};
+
+/// A stream as the server reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedStream {
+    pub subjects: Vec<String>,
+    pub storage: StreamStorage,
+    pub replicas: i32,
+    /// Zero: unlimited.
+    pub max_age: Duration,
+    pub duplicate_window: Duration,
+    pub discard: Discard,
+    /// None: unlimited.
+    pub max_bytes: Option<i64>,
+    /// `limits`, `interest` or `workqueue`.
+    pub retention: &'static str,
+    pub messages: u64,
+}
+
+/// A consumer's backlog: messages not yet delivered, and delivered but not acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsumerBacklog {
+    pub pending: u64,
+    pub ack_pending: u64,
+}
+
+pub struct NatsAdmin {
+    js: jetstream::Context,
+}
+
+impl NatsAdmin {
+    /// Connect to the first server that answers.
+    pub async fn connect(s: &NatsSettings) -> Result<Self, String> {
+        let mut last = String::from("no NATS servers");
+        for server in &s.servers {
+            let options = crate::clients::broker::nats::options(s).await.map_err(|r| r.error)?;
+            match options.connect(server.as_str()).await {
+                Ok(client) => {
+                    let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(10)).build(client);
+                    return Ok(NatsAdmin { js });
+                }
+                Err(e) => last = format!("cannot connect to NATS at {server}: {e}"),
+            }
+        }
+        Err(last)
+    }
+
+    pub async fn describe(&self, name: &str) -> Result<Option<ObservedStream>, String> {
+        match self.js.get_stream(name).await {
+            Ok(mut s) => {
+                let info = s.info().await.map_err(|e| format!("stream {name}: {e}"))?;
+                Ok(Some(observed(&info.config, info.state.messages)))
+            }
+            Err(e) => match e.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {
+                    Ok(None)
+                }
+                _ => Err(format!("stream {name}: {e}")),
+            },
+        }
+    }
+
+    pub async fn create(&self, d: &DesiredStream) -> Result<(), String> {
+        self.js
+            .create_stream(config(d))
+            .await
+            .map(drop)
+            .map_err(|e| format!("cannot create stream {}: {e}", d.name))
+    }
+
+    /// Set the stream's configuration to `d` (whose ignored settings hold what the server has).
+    pub async fn update(&self, d: &DesiredStream) -> Result<(), String> {
+        self.js
+            .update_stream(config(d))
+            .await
+            .map(drop)
+            .map_err(|e| format!("cannot update stream {}: {e}", d.name))
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), String> {
+        self.js
+            .delete_stream(name)
+            .await
+            .map(drop)
+            .map_err(|e| format!("cannot delete stream {name}: {e}"))
+    }
+
+    pub async fn consumer_backlog(&self, stream: &str, consumer: &str) -> Result<ConsumerBacklog, String> {
+        let s = self.js.get_stream(stream).await.map_err(|e| format!("stream {stream}: {e}"))?;
+        let info = s
+            .consumer_info(consumer)
+            .await
+            .map_err(|e| format!("consumer {consumer} of stream {stream}: {e}"))?;
+        Ok(ConsumerBacklog {
+            pending: info.num_pending,
+            ack_pending: info.num_ack_pending as u64,
+        })
+    }
+}
+
+/// The server's configuration for a desired stream: limits retention (messages stay until a
+/// limit removes them, so a consumer's redelivery finds them), the rest from the spec.
+pub fn config(d: &DesiredStream) -> stream::Config {
+    stream::Config {
+        name: d.name.clone(),
+        subjects: d.subjects.clone(),
+        retention: stream::RetentionPolicy::Limits,
+        storage: match d.storage {
+            StreamStorage::File => stream::StorageType::File,
+            StreamStorage::Memory => stream::StorageType::Memory,
+        },
+        num_replicas: d.replicas.max(1) as usize,
+        max_age: d.max_age,
+        duplicate_window: d.duplicate_window,
+        discard: match d.discard {
+            Discard::Old => stream::DiscardPolicy::Old,
+            Discard::New => stream::DiscardPolicy::New,
+        },
+        max_bytes: d.max_bytes.unwrap_or(-1),
+        ..Default::default()
+    }
+}
+
+fn observed(c: &stream::Config, messages: u64) -> ObservedStream {
+    ObservedStream {
+        subjects: c.subjects.clone(),
+        storage: match c.storage {
+            stream::StorageType::Memory => StreamStorage::Memory,
+            _ => StreamStorage::File,
+        },
+        replicas: c.num_replicas as i32,
+        max_age: c.max_age,
+        duplicate_window: c.duplicate_window,
+        discard: match c.discard {
+            stream::DiscardPolicy::New => Discard::New,
+            _ => Discard::Old,
+        },
+        max_bytes: (c.max_bytes > 0).then_some(c.max_bytes),
+        retention: match c.retention {
+            stream::RetentionPolicy::Limits => "limits",
+            stream::RetentionPolicy::Interest => "interest",
+            stream::RetentionPolicy::WorkQueue => "workqueue",
+        },
+        messages,
+    }
+}

@@ -86,6 +86,27 @@ impl Default for PurgeSpec {
 pub struct SourcesSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaSourceSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsSourceSpec>,
+}
+
+/// NATS JetStream streams an inbox deduplicates.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NatsSourceSpec {
+    /// Comma-separated server URLs: nats://host:port, or tls://host:port.
+    #[schemars(length(min = 1, max = 2048))]
+    pub servers: String,
+    /// Secret with the credentials, as an OutboxRelay's `nats.authSecretRef`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_secret_ref: Option<SecretRef>,
+    #[schemars(length(min = 1, max = 100), inner(length(min = 1, max = 255)))]
+    pub streams: Vec<String>,
+    /// The consumers' durable consumer (on the first stream): its pending and unacknowledged
+    /// messages are reported in `status.consumerLag`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub consumer: Option<String>,
 }
 
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
@@ -184,6 +205,16 @@ pub struct ValidInboxTable {
     pub purge_batch_size: i64,
     pub redelivery_window: Option<Given>,
     pub sources: Option<ValidKafkaSource>,
+    pub nats_source: Option<ValidNatsSource>,
+}
+
+/// The JetStream streams an inbox deduplicates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidNatsSource {
+    pub servers: Vec<String>,
+    pub auth_secret: Option<String>,
+    pub streams: Vec<String>,
+    pub consumer: Option<String>,
 }
 
 /// The Kafka topics an inbox deduplicates, to check that its retention covers their redelivery.
@@ -243,6 +274,10 @@ impl InboxTableSpec {
                 }
             }
         }
+        let nats = self.sources.as_ref().and_then(|s| s.nats.as_ref());
+        if let Some(n) = nats {
+            validate_nats_source(n, &mut p);
+        }
         p.finish(|| {
             let given = |d: &Duration, value| Given { text: d.0.clone(), value };
             Some(ValidInboxTable {
@@ -273,8 +308,36 @@ impl InboxTableSpec {
                     auth_secret: k.auth_secret_ref.as_ref().map(|r| r.name.clone()),
                     consumer_group: k.consumer_group.clone(),
                 }),
+                nats_source: nats.map(|n| ValidNatsSource {
+                    servers: n.servers.split(',').map(|s| s.trim().to_owned()).collect(),
+                    auth_secret: n.auth_secret_ref.as_ref().map(|r| r.name.clone()),
+                    streams: n.streams.clone(),
+                    consumer: n.consumer.clone(),
+                }),
             })
         })
+    }
+}
+
+fn validate_nats_source(n: &NatsSourceSpec, p: &mut Problems) {
+    for (i, s) in n.servers.split(',').map(str::trim).enumerate() {
+        if let Err(e) = crate::core::nats_settings::server_host_port(s) {
+            p.add("spec.sources.nats.servers", format!("entry {i}: {e}"));
+        }
+    }
+    if n.streams.is_empty() {
+        p.add("spec.sources.nats.streams", "list at least one stream");
+    }
+    for (i, s) in n.streams.iter().enumerate() {
+        if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            p.add(
+                format!("spec.sources.nats.streams[{i}]"),
+                format!("{s:?} is not a stream name (letters, digits, '_', '-')"),
+            );
+        }
+    }
+    if let Some(a) = &n.auth_secret_ref {
+        super::common::validate_object_name(&a.name, p, "spec.sources.nats.authSecretRef.name");
     }
 }
 

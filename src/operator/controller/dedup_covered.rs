@@ -8,48 +8,66 @@ use super::{
 use crate::{
     crd::ValidInboxTable,
     operator::conditions::{condition, reason, Cond, Status},
-    operator::policy::coverage::{self, TopicRetention},
+    operator::policy::coverage::{self, Source, StreamRetention, TopicRetention},
     operator::policy::retention::Effective,
 };
 
-/// DedupCovered: does the effective retention outlive every redelivery from the source topics?
+/// DedupCovered: does the effective retention outlive every redelivery from the source topics
+/// and streams?
 pub async fn dedup_covered(ctx: &Context, ns: &str, valid: &ValidInboxTable, eff: &Effective) -> Cond {
     let window = valid.redelivery_window.as_ref().map(|w| w.pair());
-    let Some(k) = &valid.sources else {
+    if valid.sources.is_none() && valid.nats_source.is_none() {
         return coverage_condition(eff, window, None);
-    };
+    }
     let on = Reporting {
         type_: condition::DEDUP_COVERED,
         status: Status::Unknown,
     };
-    match deps::describe_topics(ctx, ns, &k.bootstrap_servers, k.auth_secret.as_deref(), &k.topics, on).await {
-        Err(c) => c,
-        Ok((_, observed)) => {
-            let setting = |t: &String, key: &str| observed.get(t).and_then(|o| o.config.get(key)).cloned();
-            let found = SourceTopics {
-                topics: k
-                    .topics
-                    .iter()
-                    .map(|t| TopicRetention {
+    let mut found = SourceTopics::default();
+    if let Some(k) = &valid.sources {
+        match deps::describe_topics(ctx, ns, &k.bootstrap_servers, k.auth_secret.as_deref(), &k.topics, on).await {
+            Err(c) => return c,
+            Ok((_, observed)) => {
+                let setting = |t: &String, key: &str| observed.get(t).and_then(|o| o.config.get(key)).cloned();
+                found.topics.extend(k.topics.iter().map(|t| {
+                    Source::Topic(TopicRetention {
                         name: t.clone(),
                         retention_ms: setting(t, "retention.ms").and_then(|v| v.parse().ok()),
                         segment_ms: setting(t, "segment.ms").and_then(|v| v.parse().ok()),
                         cleanup_policy: setting(t, "cleanup.policy"),
                     })
-                    .collect(),
-                missing: k.topics.iter().filter(|t| !observed.contains_key(*t)).cloned().collect(),
-            };
-            coverage_condition(eff, window, Some(&found))
+                }));
+                found
+                    .missing
+                    .extend(k.topics.iter().filter(|t| !observed.contains_key(*t)).cloned());
+            }
         }
     }
+    if let Some(n) = &valid.nats_source {
+        match super::nats_deps::describe_streams(&ctx.client, ns, &n.servers, n.auth_secret.as_deref(), &n.streams, on).await {
+            Err(c) => return c,
+            Ok((_, observed)) => {
+                for s in &n.streams {
+                    match observed.get(s) {
+                        Some(o) => found.topics.push(Source::Stream(StreamRetention {
+                            name: s.clone(),
+                            max_age: o.max_age,
+                        })),
+                        None => found.missing.push(format!("stream {s}")),
+                    }
+                }
+            }
+        }
+    }
+    coverage_condition(eff, window, Some(&found))
 }
 
 /// The source topics as the broker describes them.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SourceTopics {
-    /// Each topic's settings that bound redelivery, as reported.
-    pub topics: Vec<TopicRetention>,
-    /// Topics the broker does not know.
+    /// Each topic's or stream's settings that bound redelivery, as reported.
+    pub topics: Vec<Source>,
+    /// Topics (or "stream <name>") the broker does not know.
     pub missing: Vec<String>,
 }
 
@@ -61,7 +79,7 @@ pub fn coverage_condition(eff: &Effective, window: Option<(&str, std::time::Dura
             return Cond::unknown(
                 T,
                 reason::NO_SOURCES,
-                "no spec.sources.kafka and no redeliveryWindow: lockstep cannot check that the retention outlives redelivery",
+                "no spec.sources (kafka or nats) and no redeliveryWindow: lockstep cannot check that the retention outlives redelivery",
             )
         }
         (None, Some(_)) => coverage::coverage(eff.retention, &eff.text, window, &[]),
@@ -92,20 +110,20 @@ mod tests {
         let none = coverage_condition(&eff, None, None);
         assert_eq!((none.status, none.reason), (Status::Unknown, reason::NO_SOURCES));
         let week = SourceTopics {
-            topics: vec![TopicRetention {
+            topics: vec![Source::Topic(TopicRetention {
                 name: "orders".into(),
                 retention_ms: Some(7 * 86_400_000),
                 ..Default::default()
-            }],
+            })],
             missing: vec![],
         };
         let c = coverage_condition(&eff, None, Some(&week));
         assert_eq!((c.status, c.reason), (Status::False, reason::RETENTION_BELOW_TOPIC_RETENTION));
         let gone = SourceTopics {
-            topics: vec![TopicRetention {
+            topics: vec![Source::Topic(TopicRetention {
                 name: "orders".into(),
                 ..Default::default()
-            }],
+            })],
             missing: vec!["orders".into()],
         };
         let c = coverage_condition(&eff, None, Some(&gone));

@@ -42,6 +42,7 @@ pub fn inbox(retention: Option<&str>) -> ValidInboxTable {
         purge_batch_size: 5000,
         redelivery_window: None,
         sources: None,
+        nats_source: None,
     }
 }
 

@@ -12,14 +12,20 @@ use crate::{
     operator::conditions::{condition, Status},
 };
 
-/// Measure the group's lag; on failure keep the last figures and say why. None: no group named.
+/// Measure the group's (or the JetStream consumer's) lag; on failure keep the last figures and
+/// say why. None: no group or consumer named.
 pub async fn measure(ctx: &Context, ns: &str, v: &ValidInboxTable, previous: Option<&ConsumerLagStatus>) -> Option<ConsumerLagStatus> {
-    let k = v.sources.as_ref()?;
-    let group = k.consumer_group.clone()?;
     let on = deps::Reporting {
         type_: condition::DEDUP_COVERED,
         status: Status::Unknown,
     };
+    if let Some(n) = v.nats_source.as_ref().filter(|n| n.consumer.is_some()) {
+        let consumer = n.consumer.clone()?;
+        let measured = nats_backlog(ctx, ns, n, &consumer, on).await;
+        return Some(or_previous(consumer, measured, previous));
+    }
+    let k = v.sources.as_ref()?;
+    let group = k.consumer_group.clone()?;
     let measured = match deps::kafka_settings(&ctx.client, ns, k.auth_secret.as_deref(), on).await {
         Err(c) => Err(c.message),
         Ok(settings) => {
@@ -35,8 +41,42 @@ pub async fn measure(ctx: &Context, ns: &str, v: &ValidInboxTable, previous: Opt
         }
     };
     let now = Timestamp::now();
-    Some(match measured {
-        Ok(g) => status(&group, &g, now),
+    Some(or_previous(group.clone(), measured.map(|g| status(&group, &g, now)), previous))
+}
+
+/// A JetStream consumer's backlog on the first source stream: messages not yet delivered plus
+/// those delivered and not acknowledged.
+async fn nats_backlog(
+    ctx: &Context,
+    ns: &str,
+    n: &crate::crd::ValidNatsSource,
+    consumer: &str,
+    on: deps::Reporting,
+) -> Result<ConsumerLagStatus, String> {
+    let stream = n.streams.first().ok_or("no source stream")?;
+    let settings = super::nats_deps::nats_settings(&ctx.client, ns, &n.servers, n.auth_secret.as_deref(), on)
+        .await
+        .map_err(|c| c.message)?;
+    let admin = crate::clients::nats_admin::NatsAdmin::connect(&settings).await?;
+    let b = admin.consumer_backlog(stream, consumer).await?;
+    Ok(ConsumerLagStatus {
+        group: consumer.to_owned(),
+        messages: (b.pending + b.ack_pending) as i64,
+        oldest_unconsumed_age_seconds: None,
+        topics: vec![TopicLag {
+            topic: stream.clone(),
+            messages: (b.pending + b.ack_pending) as i64,
+        }],
+        error: None,
+        measured_at: Time(Timestamp::now()),
+    })
+}
+
+/// The measurement, or on failure the last figures of the same group with why.
+fn or_previous(group: String, measured: Result<ConsumerLagStatus, String>, previous: Option<&ConsumerLagStatus>) -> ConsumerLagStatus {
+    let now = Timestamp::now();
+    match measured {
+        Ok(s) => s,
         Err(error) => match previous.filter(|p| p.group == group) {
             Some(p) => ConsumerLagStatus {
                 error: Some(error),
@@ -51,7 +91,7 @@ pub async fn measure(ctx: &Context, ns: &str, v: &ValidInboxTable, previous: Opt
                 measured_at: Time(now),
             },
         },
-    })
+    }
 }
 
 /// The status of a measurement taken at `now`. Pure.

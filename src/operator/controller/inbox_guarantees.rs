@@ -7,8 +7,15 @@ use crate::{
     operator::conditions::{reason, Cond, Status},
 };
 
+/// Where the consumer reads from, for the wording of its first hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Kafka,
+    Nats,
+}
+
 /// The consumer's hops, from the effective retention and DedupCovered. Pure.
-pub fn guarantees(retention: &str, covered: &Cond) -> Vec<Guarantee> {
+pub fn guarantees(retention: &str, covered: &Cond, source: SourceKind) -> Vec<Guarantee> {
     let g = |hop: &str, guarantee: String| Guarantee {
         hop: hop.into(),
         guarantee,
@@ -32,7 +39,12 @@ pub fn guarantees(retention: &str, covered: &Cond) -> Vec<Guarantee> {
     vec![
         g(
             "broker -> consumer",
-            "at-least-once: a crash or rebalance before the offset commit, or a replay, redelivers".into(),
+            match source {
+                SourceKind::Kafka => "at-least-once: a crash or rebalance before the offset commit, or a replay, redelivers".into(),
+                SourceKind::Nats => "at-least-once: JetStream redelivers a message not acknowledged within the consumer's ack_wait, \
+                                     up to its max_deliver, while the stream keeps it (max_age); a new consumer from the start replays"
+                    .into(),
+            },
         ),
         g(
             "consumer -> database",
@@ -60,7 +72,9 @@ mod tests {
             reason::RETENTION_COVERS_REDELIVERY,
             "retention 8d (691200000 ms) covers orders retention.ms=604800000",
         );
-        let g = guarantees("8d", &yes);
+        let g = guarantees("8d", &yes, SourceKind::Kafka);
+        let nats = guarantees("8d", &yes, SourceKind::Nats);
+        assert!(nats[0].guarantee.contains("max_deliver") && nats[1] == g[1], "{nats:?}");
         assert_eq!(
             g.iter().map(|g| g.hop.as_str()).collect::<Vec<_>>(),
             ["broker -> consumer", "consumer -> database", "consumer -> external APIs"]
@@ -71,11 +85,15 @@ mod tests {
              retention.ms=604800000 (the claim and the effect commit in one transaction)"
         );
         let no = Cond::no(t, reason::RETENTION_BELOW_TOPIC_RETENTION, "retention 1d is shorter than orders");
-        assert!(guarantees("1d", &no)[1].guarantee.contains("only for redeliveries within 1d"));
+        assert!(guarantees("1d", &no, SourceKind::Kafka)[1]
+            .guarantee
+            .contains("only for redeliveries within 1d"));
         let none = Cond::unknown(t, reason::NO_SOURCES, "x");
-        assert!(guarantees("1d", &none)[1].guarantee.contains("declare spec.sources"));
+        assert!(guarantees("1d", &none, SourceKind::Kafka)[1]
+            .guarantee
+            .contains("declare spec.sources"));
         let down = Cond::unknown(t, reason::BROKER_UNREACHABLE, "broker k:9092 unreachable");
-        assert!(guarantees("1d", &down)[1]
+        assert!(guarantees("1d", &down, SourceKind::Kafka)[1]
             .guarantee
             .contains("is unknown: broker k:9092 unreachable"));
     }

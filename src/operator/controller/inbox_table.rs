@@ -157,7 +157,11 @@ async fn reconcile_valid(
     if schema_cond.status == Status::True {
         status.table = Some(obj.spec.database.table_name());
     }
-    status.guarantees = super::inbox_guarantees::guarantees(&eff.text, &covered);
+    let source = match valid.nats_source {
+        Some(_) if valid.sources.is_none() => super::inbox_guarantees::SourceKind::Nats,
+        _ => super::inbox_guarantees::SourceKind::Kafka,
+    };
+    status.guarantees = super::inbox_guarantees::guarantees(&eff.text, &covered, source);
     let mut conditions = verdict(&valid, &eff, schema_cond, &purging, covered);
     conditions.extend(prerequisites);
     status.effective_retention = Some(eff.text.clone());

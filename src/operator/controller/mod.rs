@@ -13,6 +13,7 @@ pub mod inbox_table;
 pub mod lag;
 pub mod lifecycle;
 pub mod merged_watch;
+pub mod nats_deps;
 pub mod outbox_relay;
 pub mod ownership;
 pub mod prerequisites;

@@ -62,10 +62,56 @@ impl TopicRetention {
     }
 }
 
+/// A JetStream stream's settings that bound how long its messages can be read back.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StreamRetention {
+    pub name: String,
+    /// Zero: no age limit.
+    pub max_age: StdDuration,
+}
+
+impl StreamRetention {
+    /// A message leaves the stream once older than max_age, and with it every chance of a
+    /// redelivery (an unacknowledged message, a new consumer from the start); without max_age,
+    /// only another limit removes it, and nothing bounds redelivery in time.
+    pub fn horizon(&self) -> (Option<i64>, String) {
+        if self.max_age.is_zero() {
+            return (
+                None,
+                format!(
+                    "stream {} has no max_age: it keeps messages until another limit removes them",
+                    self.name
+                ),
+            );
+        }
+        let text = crate::core::duration::format(self.max_age);
+        (
+            Some(self.max_age.as_millis() as i64),
+            format!("stream {} max_age={text}", self.name),
+        )
+    }
+}
+
+/// A source whose redelivery an inbox must outlive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Topic(TopicRetention),
+    Stream(StreamRetention),
+}
+
+impl Source {
+    pub fn horizon(&self) -> (Option<i64>, String) {
+        match self {
+            Source::Topic(t) => t.horizon(),
+            Source::Stream(s) => s.horizon(),
+        }
+    }
+}
+
 /// Whether an inbox's retention outlives every redelivery of its source topics: at least each
 /// topic's [`TopicRetention::horizon`] (a consumer reset to earliest replays that far back), unless
 /// the spec states a smaller redelivery window. Pure.
-pub fn coverage(retention: StdDuration, retention_text: &str, window: Option<(&str, StdDuration)>, topics: &[TopicRetention]) -> Coverage {
+pub fn coverage(retention: StdDuration, retention_text: &str, window: Option<(&str, StdDuration)>, topics: &[Source]) -> Coverage {
     let ret_ms = retention.as_millis() as i64;
     if let Some((wtext, w)) = window {
         let wms = w.as_millis() as i64;
@@ -113,13 +159,29 @@ mod coverage_tests {
     const DAY: StdDuration = StdDuration::from_secs(86_400);
     const WEEK_MS: i64 = 604_800_000;
 
-    fn topic(name: &str, retention_ms: Option<i64>, segment_ms: Option<i64>, policy: Option<&str>) -> TopicRetention {
-        TopicRetention {
+    fn topic(name: &str, retention_ms: Option<i64>, segment_ms: Option<i64>, policy: Option<&str>) -> Source {
+        Source::Topic(TopicRetention {
             name: name.into(),
             retention_ms,
             segment_ms,
             cleanup_policy: policy.map(Into::into),
-        }
+        })
+    }
+
+    #[test]
+    fn a_stream_is_covered_by_its_max_age_and_without_one_needs_a_window() {
+        let stream = |max_age| {
+            [Source::Stream(StreamRetention {
+                name: "orders".into(),
+                max_age,
+            })]
+        };
+        assert!(coverage(DAY, "1d", None, &stream(DAY)).covered);
+        let c = coverage(DAY, "1d", None, &stream(DAY * 2));
+        assert!(!c.covered && c.message.contains("stream orders max_age=2d"), "{}", c.message);
+        let c = coverage(DAY * 365, "365d", None, &stream(StdDuration::ZERO));
+        assert!(!c.covered && c.message.contains("redeliveryWindow"), "{}", c.message);
+        assert!(coverage(DAY, "1d", Some(("12h", DAY / 2)), &stream(StdDuration::ZERO)).covered);
     }
 
     #[test]

@@ -26,11 +26,13 @@ use std::{
 
 #[path = "support/placement.rs"]
 mod placement;
+#[path = "support/sql_alone.rs"]
+mod sql_alone;
 
 use clap::Parser;
 use lockstep::{
     config::{RelayArgs, RelayConfig},
-    relay::{producer_config, run_with_metrics, PayloadColumn, Relay, RelayMetrics, Samples},
+    relay::{producer_config, run_with_metrics, PayloadColumn, RelayMetrics, Samples},
     tables::schema::prepare_outbox,
 };
 use placement::{on_publisher, place, relay_runtime, Placement};
@@ -38,7 +40,6 @@ use rdkafka::{
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
 };
-use sqlx::Row;
 
 /// The side that publishes: where the relay runs and every producer is made (see `Placement`).
 #[derive(Clone)]
@@ -316,36 +317,7 @@ fn percentiles(mut l: Vec<f64>) -> (f64, f64) {
 /// D: the relay's own select + delete statements over `n` loaded events, no Kafka.
 async fn sql_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, payload: PayloadColumn, n: i64) -> f64 {
     load(pool, &cfg.resolved.table.to_string(), n).await;
-    let tables = lockstep::tables::schema::OutboxTables {
-        payload,
-        dead_letter_payload: payload,
-        // prepare_outbox made the table: it has the column the relay reads.
-        traceparent: true,
-        dead_letter_traceparent: true,
-        channel: String::new(),
-    };
-    let relay = Relay::new(cfg.clone(), Arc::new(RelayMetrics::default()), &tables).unwrap();
-    let (select_sql, done_sql) = relay.statements();
-    let mut conn = pool.acquire().await.unwrap();
-    let started = Instant::now();
-    let empty: Vec<String> = vec![];
-    loop {
-        let ids: Vec<uuid::Uuid> = sqlx::query(select_sql)
-            .bind(i64::from(cfg.resolved.batch_size))
-            .bind(&empty)
-            .bind(Vec::<i64>::new())
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get("id"))
-            .collect();
-        if ids.is_empty() {
-            break;
-        }
-        sqlx::query(done_sql).bind(&ids).execute(&mut *conn).await.unwrap();
-    }
-    n as f64 / started.elapsed().as_secs_f64()
+    sql_alone::rate(pool, cfg, payload, n).await
 }
 
 /// R: the relay draining `n` loaded events. Progress comes from the relay's own counter, so the

@@ -250,29 +250,7 @@ impl InboxTableSpec {
             .and_then(|r| p.check("spec.redeliveryWindow", positive(r)));
         let window_ok = self.redelivery_window.is_none() || redelivery_window.is_some();
         if let Some(k) = self.sources.as_ref().and_then(|s| s.kafka.as_ref()) {
-            if k.topics.is_empty() {
-                p.add("spec.sources.kafka.topics", "list at least one topic");
-            }
-            for (i, t) in k.topics.iter().enumerate() {
-                p.check(format!("spec.sources.kafka.topics[{i}]"), validate_topic_name(t));
-            }
-            if let Some(a) = &k.auth_secret_ref {
-                super::common::validate_object_name(&a.name, &mut p, "spec.sources.kafka.authSecretRef.name");
-            }
-            if k.consumer_group.as_deref().is_some_and(|g| g.trim().is_empty()) {
-                p.add(
-                    "spec.sources.kafka.consumerGroup",
-                    "must not be blank; omit it to skip consumer lag",
-                );
-            }
-            for (i, server) in k.bootstrap_servers.split(',').map(str::trim).enumerate() {
-                if !super::outbox_relay::valid_host_port(server) {
-                    p.add(
-                        "spec.sources.kafka.bootstrapServers",
-                        format!("entry {i} ({server:?}) is not host:port"),
-                    );
-                }
-            }
+            validate_kafka_source(k, &mut p);
         }
         let nats = self.sources.as_ref().and_then(|s| s.nats.as_ref());
         if let Some(n) = nats {
@@ -316,6 +294,32 @@ impl InboxTableSpec {
                 }),
             })
         })
+    }
+}
+
+fn validate_kafka_source(k: &KafkaSourceSpec, p: &mut Problems) {
+    if k.topics.is_empty() {
+        p.add("spec.sources.kafka.topics", "list at least one topic");
+    }
+    for (i, t) in k.topics.iter().enumerate() {
+        p.check(format!("spec.sources.kafka.topics[{i}]"), validate_topic_name(t));
+    }
+    if let Some(a) = &k.auth_secret_ref {
+        super::common::validate_object_name(&a.name, p, "spec.sources.kafka.authSecretRef.name");
+    }
+    if k.consumer_group.as_deref().is_some_and(|g| g.trim().is_empty()) {
+        p.add(
+            "spec.sources.kafka.consumerGroup",
+            "must not be blank; omit it to skip consumer lag",
+        );
+    }
+    for (i, server) in k.bootstrap_servers.split(',').map(str::trim).enumerate() {
+        if !super::outbox_relay::valid_host_port(server) {
+            p.add(
+                "spec.sources.kafka.bootstrapServers",
+                format!("entry {i} ({server:?}) is not host:port"),
+            );
+        }
     }
 }
 

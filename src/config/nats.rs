@@ -49,8 +49,9 @@ pub struct NatsArgs {
     /// Client key (PEM), with --nats-tls-cert-file.
     #[arg(long, env = "NATS_TLS_KEY_FILE", requires = "nats_tls_cert_file")]
     pub nats_tls_key_file: Option<PathBuf>,
-    /// How long a PubAck may take before the message counts as failed and is sent again.
-    #[arg(long, env = "LOCKSTEP_NATS_ACK_TIMEOUT", default_value = "5s", value_parser = crate::core::duration::parse)]
+    /// How long a PubAck may take before the message counts as failed and is sent again (a lost
+    /// connection fails it at once; this bounds a server that stays connected and silent).
+    #[arg(long, env = "LOCKSTEP_NATS_ACK_TIMEOUT", default_value = "30s", value_parser = crate::core::duration::parse)]
     pub nats_ack_timeout: std::time::Duration,
 }
 

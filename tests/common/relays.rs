@@ -134,6 +134,11 @@ impl Outbox {
 
     /// A relay with `extra` arguments, its log in the test environment's folder.
     pub fn relay_with(&self, log: &str, database_url: &str, extra: &[&str]) -> RelayProc {
+        // One test body runs once per broker, at the same time: a log each.
+        let log = match self.kind {
+            super::broker::Kind::Kafka => log.to_owned(),
+            super::broker::Kind::Nats => format!("nats-{log}"),
+        };
         let log = PathBuf::from(super::env("LOCKSTEP_TESTENV_DIR")).join(log);
         let child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
             .args(["relay", "--schema", &self.schema, "--table", "outbox", "--topic", &self.topic])

@@ -31,7 +31,8 @@ pub struct NatsSpec {
     /// certificate. Never logged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_secret_ref: Option<SecretRef>,
-    /// How long a PubAck may take before the message counts as failed and is sent again.
+    /// How long a PubAck may take before the message counts as failed and is sent again (a lost
+    /// connection fails it at once; this bounds a server that stays connected and silent).
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout: Duration,
     /// Streams lockstep creates and keeps configured.
@@ -41,7 +42,7 @@ pub struct NatsSpec {
 }
 
 fn default_ack_timeout() -> Duration {
-    Duration::new("5s")
+    Duration::new("30s")
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
@@ -261,7 +262,7 @@ mod tests {
         let v = spec(serde_json::json!({})).validate().unwrap();
         let n = v.nats.expect("nats");
         assert_eq!(n.servers, ["nats://nats:4222"]);
-        assert_eq!(n.ack_timeout, StdDuration::from_secs(5));
+        assert_eq!(n.ack_timeout, StdDuration::from_secs(30));
         let s = &n.streams[0];
         assert_eq!(
             (s.storage, s.replicas, s.discard, s.max_age),

@@ -9,7 +9,7 @@ use crate::{
     core::duration::Given,
     core::sql::{Ident, QualifiedName},
     crd::{DedupPolicySpec, Enforcement, OutboxRelay, PolicyException, SecretKeyRef, ValidInboxTable},
-    operator::conditions::{condition, reason, Cond},
+    operator::conditions::{condition, Cond, Reason},
     operator::policy::retention::{Compliance, Effective, PolicyView},
     operator::purges::LastPurge,
     tables::purge::PurgeResult,
@@ -59,7 +59,7 @@ pub fn effective(text: &str, compliance: Compliance, require_coverage: bool) -> 
 }
 
 pub fn schema_ok() -> Cond {
-    Cond::yes(condition::SCHEMA_READY, reason::SCHEMA_UP_TO_DATE, "schema version 1")
+    Cond::yes(condition::SCHEMA_READY, Reason::SchemaUpToDate, "schema version 1")
 }
 
 pub fn purged(rows: i64) -> LastPurge {

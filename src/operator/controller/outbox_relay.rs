@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     crd::{Guarantee, LagStatus, OutboxRelay, OutboxRelayStatus, RelayShare, ReplayStatus, ValidOutboxRelay},
-    operator::conditions::{self, condition, reason, Cond, Status},
+    operator::conditions::{self, condition, Cond, Reason, Status},
     tables::schema::TableKind,
 };
 
@@ -90,7 +90,7 @@ impl Reconciler for OutboxRelays {
             // Lost to another object now, or before and not claimed since (the database is away):
             // no relay, no topics either way.
             let schema_cond = super::ownership::sticky(&previous.conditions, schema_cond);
-            if schema_cond.reason == reason::RESOURCE_CONFLICT {
+            if schema_cond.reason == Reason::ResourceConflict {
                 return Ok(conflicted(ctx, obj, &ns, schema_cond, previous).await);
             }
             let (topics_cond, topics, leader_only) = relay_topics::topics(ctx, obj, previous, &valid).boxed().await;
@@ -99,15 +99,15 @@ impl Reconciler for OutboxRelays {
             // A relay scaled to zero on purpose does not make the resource unready, nor is it
             // something to look at again soon.
             let mut parts = vec![&schema_cond, &topics_cond];
-            if relay_cond.reason != reason::SCALED_TO_ZERO {
+            if relay_cond.reason != Reason::ScaledToZero {
                 parts.push(&relay_cond);
             }
             // Deployment availability arrives through the Deployment watch: no need to poll it.
             // Buckets changing hands are looked at again before their grace ends.
-            let healing = relay_cond.reason == reason::BUCKETS_MOVING
+            let healing = relay_cond.reason == Reason::BucketsMoving
                 || parts
                     .iter()
-                    .any(|c| c.status != Status::True && ![reason::DEPLOYMENT_UNAVAILABLE, reason::PERMISSION_DENIED].contains(&c.reason));
+                    .any(|c| c.status != Status::True && ![Reason::DeploymentUnavailable, Reason::PermissionDenied].contains(&c.reason));
             let ready = conditions::ready(
                 &parts,
                 format!("{} is migrated, its topics are configured and a relay is active", valid.table),
@@ -209,7 +209,7 @@ async fn relays(
             Err(e) => {
                 let c = Cond::unknown(
                     condition::RELAY_AVAILABLE,
-                    reason::DATABASE_ERROR,
+                    Reason::DatabaseError,
                     format!("cannot read pg_locks: {e}"),
                 );
                 return (c, None, vec![]);
@@ -270,7 +270,7 @@ async fn lag(
 ) -> (Cond, Option<LagStatus>) {
     let t = condition::LAG_HEALTHY;
     let Some(pool) = pool else {
-        return (Cond::unknown(t, reason::SCHEMA_MISSING, "waiting for SchemaReady"), None);
+        return (Cond::unknown(t, Reason::SchemaMissing, "waiting for SchemaReady"), None);
     };
     let was = conditions::status_of(&previous.conditions, t);
     match lag::measure_lag(pool, valid).await {
@@ -279,7 +279,7 @@ async fn lag(
             Some(l.status(Time(Timestamp::now()))),
         ),
         Err(e) => (
-            Cond::unknown(t, reason::DATABASE_ERROR, format!("cannot measure the outbox: {e}")),
+            Cond::unknown(t, Reason::DatabaseError, format!("cannot measure the outbox: {e}")),
             None,
         ),
     }
@@ -291,7 +291,7 @@ async fn conflicted(ctx: &Context, obj: &OutboxRelay, ns: &str, schema: Cond, pr
         Ok(()) => "no relay runs for this object".to_owned(),
         Err(e) => format!("stopping this object's relay: {e}"),
     };
-    let why = |type_, status, m: &str| Cond::new(type_, status, reason::RESOURCE_CONFLICT, m.to_owned());
+    let why = |type_, status, m: &str| Cond::new(type_, status, Reason::ResourceConflict, m.to_owned());
     let ready = conditions::ready(&[&schema], String::new());
     Outcome::Status {
         conditions: vec![
@@ -344,7 +344,7 @@ async fn schema(ctx: &Context, obj: &OutboxRelay, ns: &str, valid: &ValidOutboxR
             let version = outcomes[0].version;
             let message = format!("{} and {}: schema version {version}", valid.table, valid.dead_letter_table);
             (
-                Cond::yes(condition::SCHEMA_READY, reason::SCHEMA_UP_TO_DATE, message),
+                Cond::yes(condition::SCHEMA_READY, Reason::SchemaUpToDate, message),
                 Some(version),
                 Some(db.pool),
             )

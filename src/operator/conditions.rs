@@ -37,6 +37,11 @@ macro_rules! reasons {
                     $(Reason::$r => stringify!($r),)*
                 }
             }
+
+            /// The reason a status carries, read back; None for one this version does not write.
+            pub fn parse(s: &str) -> Option<Reason> {
+                Reason::ALL.iter().copied().find(|r| r.as_str() == s)
+            }
         }
     };
 }
@@ -252,5 +257,13 @@ mod tests {
         let (prev, _) = merge(&[], &computed, None, &now);
         assert_eq!(status_of(&prev, condition::LAG_HEALTHY), Some(Status::False));
         assert_eq!(status_of(&prev, condition::READY), None);
+    }
+
+    #[test]
+    fn reasons_read_back_as_written() {
+        for r in Reason::ALL {
+            assert_eq!(Reason::parse(r.as_str()), Some(*r));
+        }
+        assert_eq!(Reason::parse("resourceconflict"), None);
     }
 }

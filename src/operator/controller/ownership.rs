@@ -122,9 +122,12 @@ pub fn conflict(table: &QualifiedName, holder: &Owner, me: &Owner) -> Cond {
 /// The object lost its table to another the last time it looked (SchemaReady said so): until a
 /// claim says otherwise it runs nothing and cleans nothing up.
 pub fn was_conflicted(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
-    conditions
-        .iter()
-        .any(|c| c.type_ == condition::SCHEMA_READY && c.reason == Reason::ResourceConflict.as_str())
+    conditions.iter().any(lost)
+}
+
+/// A previous SchemaReady that said another object holds the table.
+fn lost(c: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition) -> bool {
+    c.type_ == condition::SCHEMA_READY && Reason::parse(&c.reason) == Some(Reason::ResourceConflict)
 }
 
 /// SchemaReady of an object that lost its table and cannot claim again now (its database is
@@ -135,10 +138,7 @@ pub fn sticky(previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condit
     if now.status == crate::operator::conditions::Status::True || now.reason == Reason::ResourceConflict {
         return now;
     }
-    match previous
-        .iter()
-        .find(|c| c.type_ == condition::SCHEMA_READY && c.reason == Reason::ResourceConflict.as_str())
-    {
+    match previous.iter().find(|c| lost(c)) {
         Some(c) => {
             let base = c.message.split(SINCE).next().unwrap_or_default();
             Cond::no(

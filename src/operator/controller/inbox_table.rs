@@ -155,7 +155,7 @@ async fn reconcile_valid(
     // A refused role does not heal by retrying: it waits for the refresh like a healthy table.
     let healing = schema_cond.status != Status::True && schema_cond.reason != Reason::PermissionDenied;
     if schema_cond.status == Status::True {
-        status.table = Some(obj.spec.database.table_name());
+        status.table = Some(valid.table.unquoted());
     }
     status.guarantees = super::inbox_guarantees::guarantees(&eff.text, &covered);
     let mut conditions = verdict(&valid, &eff, schema_cond, &purging, covered);

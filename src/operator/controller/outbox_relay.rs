@@ -125,7 +125,7 @@ impl Reconciler for OutboxRelays {
                 guarantees: guarantees(&leader_only),
                 lag: lag.or_else(|| previous.lag.clone()),
                 last_replay,
-                table: Some(obj.spec.database.table_name())
+                table: Some(valid.table.unquoted())
                     .filter(|_| schema_cond.status == Status::True)
                     .or_else(|| previous.table.clone()),
                 ..previous.clone()

@@ -14,6 +14,7 @@ pub mod lag;
 pub mod lifecycle;
 pub mod merged_watch;
 pub mod outbox_relay;
+pub mod outbox_verdict;
 pub mod ownership;
 pub mod prerequisites;
 pub mod reconciler;

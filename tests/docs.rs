@@ -3,6 +3,7 @@
 //! subcommands the binary has, every metric name the docs quote is one the code defines, and every
 //! relative link leads to a file (and a heading, for links into Markdown).
 
+use lockstep::operator::conditions::Reason;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -58,24 +59,10 @@ fn literal(line: &str) -> Option<&str> {
     Some(&line[start..start + len])
 }
 
-/// The values of the constants in `pub mod reason { ... }` of src/operator/conditions.rs.
+/// Every condition reason the operator writes.
 fn reasons() -> Vec<String> {
-    let text = read("src/operator/conditions.rs");
-    let body = text
-        .split("pub mod reason {")
-        .nth(1)
-        .expect("src/operator/conditions.rs has `pub mod reason`");
-    let body = &body[..body.find("\n}").expect("the reason module ends")];
-    let found: Vec<String> = body
-        .lines()
-        .filter(|l| l.trim_start().starts_with("pub const "))
-        .filter_map(|l| literal(l).map(str::to_owned))
-        .collect();
-    assert!(
-        found.len() > 30,
-        "read only {} reasons from src/operator/conditions.rs: {found:?}",
-        found.len()
-    );
+    let found: Vec<String> = Reason::ALL.iter().map(|r| r.as_str().to_owned()).collect();
+    assert!(found.len() > 30, "only {} reasons: {found:?}", found.len());
     found
 }
 

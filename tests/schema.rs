@@ -402,7 +402,7 @@ async fn a_role_without_privileges_is_reported_as_permission_denied() {
         Err(SchemaError::Database(e)) => {
             assert!(lockstep::clients::db::is_permission_denied(&e), "{e}");
             let c = lockstep::operator::controller::deps::schema_failure(TableKind::Inbox, &t, "db", SchemaError::Database(e));
-            assert_eq!(c.reason, "PermissionDenied");
+            assert_eq!(c.reason.as_str(), "PermissionDenied");
         }
         other => panic!("expected permission denied, got {other:?}"),
     }

@@ -94,6 +94,13 @@ pub struct QualifiedName {
     pub table: Ident,
 }
 
+impl QualifiedName {
+    /// `schema.table` without quotes, as `status.table` records it.
+    pub fn unquoted(&self) -> String {
+        format!("{}.{}", self.schema.as_str(), self.table.as_str())
+    }
+}
+
 impl fmt::Display for QualifiedName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.schema, self.table)
@@ -153,6 +160,7 @@ mod tests {
             table: Ident::parse("outbox").unwrap(),
         };
         assert_eq!(q.to_string(), r#""public"."outbox""#);
+        assert_eq!(q.unquoted(), "public.outbox");
         assert_eq!(quote_ident(r#"a"b"#), r#""a""b""#);
         assert_eq!(quote_literal("it's"), "'it''s'");
     }

@@ -185,4 +185,16 @@ mod tests {
         validate_namespace_name("a.b", &mut p, "ns");
         assert!(p.finish(|| Some(())).is_err(), "a namespace has no dots");
     }
+
+    #[test]
+    fn the_validated_table_is_recorded_as_the_spec_names_it() {
+        let spec: DatabaseSpec = serde_json::from_value(serde_json::json!({
+            "urlSecretRef": {"name": "db"}, "schema": "billing", "table": "orders_outbox",
+        }))
+        .unwrap();
+        let valid = spec.validate_into(&mut Problems::new(), "spec.database").unwrap();
+        // status.table is written from the validated name and compared with the spec's.
+        assert_eq!(valid.unquoted(), spec.table_name());
+        assert_eq!(spec.table_change(Some(&valid.unquoted())), None);
+    }
 }

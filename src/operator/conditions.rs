@@ -17,64 +17,92 @@ pub mod condition {
     pub const PREREQUISITES_MET: &str = "PrerequisitesMet";
 }
 
-/// Condition reasons: CamelCase constants users can search for (documented in the README).
-pub mod reason {
-    pub const READY: &str = "Ready";
-    pub const INVALID_SPEC: &str = "InvalidSpec";
-    pub const PAUSED: &str = "Paused";
-    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
-    pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
-    pub const DATABASE_UNREACHABLE: &str = "DatabaseUnreachable";
-    pub const DATABASE_ERROR: &str = "DatabaseError";
-    pub const SCHEMA_MISMATCH: &str = "SchemaMismatch";
-    pub const SCHEMA_MISSING: &str = "SchemaMissing";
-    pub const SCHEMA_UP_TO_DATE: &str = "SchemaUpToDate";
-    pub const PURGE_HEALTHY: &str = "PurgeHealthy";
-    pub const PURGE_PENDING: &str = "PurgePending";
-    pub const PURGE_FAILED: &str = "PurgeFailed";
-    pub const RETENTION_CLAMPED: &str = "RetentionClamped";
-    pub const WITHIN_POLICY: &str = "WithinPolicy";
-    pub const NO_POLICY: &str = "NoPolicy";
-    pub const POLICY_VIOLATION: &str = "PolicyViolation";
-    pub const TOPICS_CONFIGURED: &str = "TopicsConfigured";
-    pub const TOPIC_CONFIG_DRIFT: &str = "TopicConfigDrift";
-    pub const PARTITION_CHANGE_REFUSED: &str = "PartitionChangeRefused";
-    pub const TOPIC_OPERATION_FAILED: &str = "TopicOperationFailed";
-    pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";
-    pub const RETENTION_COVERS_REDELIVERY: &str = "RetentionCoversRedelivery";
-    pub const RETENTION_BELOW_TOPIC_RETENTION: &str = "RetentionBelowTopicRetention";
-    pub const NO_SOURCES: &str = "NoSourcesDeclared";
-    pub const TOPIC_NOT_FOUND: &str = "TopicNotFound";
-    pub const LAG_WITHIN_THRESHOLD: &str = "LagWithinThreshold";
-    pub const LAG_ABOVE_THRESHOLD: &str = "LagAboveThreshold";
-    pub const LONG_TRANSACTION: &str = "LongTransaction";
-    pub const AVAILABLE: &str = "Available";
-    pub const DEPLOYMENT_UNAVAILABLE: &str = "DeploymentUnavailable";
-    pub const NO_ACTIVE_RELAY: &str = "NoActiveRelay";
-    pub const SCALED_TO_ZERO: &str = "ScaledToZero";
-    pub const DEPLOYMENT_FAILED: &str = "DeploymentFailed";
-    pub const DELETION_BLOCKED: &str = "DeletionBlocked";
+/// Condition reasons: CamelCase names users can search for (documented in
+/// docs/troubleshooting.md). Decisions match on the variant; its name is written only into
+/// status, Events and metrics (`as_str`).
+macro_rules! reasons {
+    ($($(#[$doc:meta])* $r:ident,)*) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Reason {
+            $($(#[$doc])* $r,)*
+        }
+
+        impl Reason {
+            /// Every reason, in declaration order.
+            pub const ALL: &'static [Reason] = &[$(Reason::$r),*];
+
+            /// The reason as status, Events and metrics carry it.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Reason::$r => stringify!($r),)*
+                }
+            }
+
+            /// The reason a status carries, read back; None for one this version does not write.
+            pub fn parse(s: &str) -> Option<Reason> {
+                Reason::ALL.iter().copied().find(|r| r.as_str() == s)
+            }
+        }
+    };
+}
+
+reasons! {
+    Ready,
+    InvalidSpec,
+    Paused,
+    SecretNotFound,
+    SecretKeyMissing,
+    DatabaseUnreachable,
+    DatabaseError,
+    SchemaMismatch,
+    SchemaMissing,
+    SchemaUpToDate,
+    PurgeHealthy,
+    PurgePending,
+    PurgeFailed,
+    RetentionClamped,
+    WithinPolicy,
+    NoPolicy,
+    PolicyViolation,
+    TopicsConfigured,
+    TopicConfigDrift,
+    PartitionChangeRefused,
+    TopicOperationFailed,
+    BrokerUnreachable,
+    RetentionCoversRedelivery,
+    RetentionBelowTopicRetention,
+    NoSourcesDeclared,
+    TopicNotFound,
+    LagWithinThreshold,
+    LagAboveThreshold,
+    LongTransaction,
+    Available,
+    DeploymentUnavailable,
+    NoActiveRelay,
+    ScaledToZero,
+    DeploymentFailed,
+    DeletionBlocked,
     /// A DedupPolicy that may select the table is invalid and has no earlier valid spec.
-    pub const POLICY_INVALID: &str = "PolicyInvalid";
+    PolicyInvalid,
     /// The spec names another table than the one the object manages.
-    pub const TABLE_CHANGE_REFUSED: &str = "TableChangeRefused";
+    TableChangeRefused,
     /// The database refused the role (privilege, password): retried only at the refresh interval.
-    pub const PERMISSION_DENIED: &str = "PermissionDenied";
+    PermissionDenied,
     /// Another object (any namespace or cluster) manages the table: this one leaves it alone.
-    pub const RESOURCE_CONFLICT: &str = "ResourceConflict";
+    ResourceConflict,
     /// A Secret holds a key lockstep will not hand to librdkafka (it loads code or reads a file).
-    pub const SECRET_KEY_REFUSED: &str = "SecretKeyRefused";
+    SecretKeyRefused,
     /// Every database check of `lockstep doctor` passed (warnings allowed).
-    pub const PREREQUISITES_MET: &str = "PrerequisitesMet";
+    PrerequisitesMet,
     /// A database check of `lockstep doctor` failed: the message names it and what to do.
-    pub const PREREQUISITE_FAILED: &str = "PrerequisiteFailed";
+    PrerequisiteFailed,
     /// With spec.relay.buckets above 1: some buckets have no relay, their events wait.
-    pub const BUCKETS_UNOWNED: &str = "BucketsUnowned";
+    BucketsUnowned,
     /// With spec.relay.buckets above 1: some buckets have had no owner for less than the grace
     /// (relays taking a stopped relay's share); RelayAvailable stays True.
-    pub const BUCKETS_MOVING: &str = "BucketsMoving";
+    BucketsMoving,
     /// Relays of another bucket count than the spec's still hold the outbox (a change rolling out).
-    pub const BUCKETS_CHANGING: &str = "BucketsChanging";
+    BucketsChanging,
 }
 
 /// A condition as computed by a reconcile, before timestamps.
@@ -82,7 +110,7 @@ pub mod reason {
 pub struct Cond {
     pub type_: &'static str,
     pub status: Status,
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -113,7 +141,7 @@ pub fn status_of(conditions: &[Condition], type_: &str) -> Option<Status> {
 }
 
 impl Cond {
-    pub fn new(type_: &'static str, status: Status, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(type_: &'static str, status: Status, reason: Reason, message: impl Into<String>) -> Self {
         Cond {
             type_,
             status,
@@ -121,13 +149,13 @@ impl Cond {
             message: message.into(),
         }
     }
-    pub fn yes(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn yes(type_: &'static str, reason: Reason, message: impl Into<String>) -> Self {
         Self::new(type_, Status::True, reason, message)
     }
-    pub fn no(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn no(type_: &'static str, reason: Reason, message: impl Into<String>) -> Self {
         Self::new(type_, Status::False, reason, message)
     }
-    pub fn unknown(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn unknown(type_: &'static str, reason: Reason, message: impl Into<String>) -> Self {
         Self::new(type_, Status::Unknown, reason, message)
     }
 }
@@ -147,7 +175,7 @@ pub fn merge(previous: &[Condition], computed: &[Cond], generation: Option<i64>,
         out.push(Condition {
             type_: c.type_.to_owned(),
             status: c.status.as_str().to_owned(),
-            reason: c.reason.to_owned(),
+            reason: c.reason.as_str().to_owned(),
             message: c.message.clone(),
             observed_generation: generation,
             last_transition_time: if changed {
@@ -178,7 +206,7 @@ pub fn ready(parts: &[&Cond], ready_message: impl Into<String>) -> Cond {
             c.reason,
             format!("{}: {}", c.type_, c.message),
         ),
-        None => Cond::yes(condition::READY, reason::READY, ready_message),
+        None => Cond::yes(condition::READY, Reason::Ready, ready_message),
     }
 }
 
@@ -192,17 +220,17 @@ mod tests {
 
     #[test]
     fn transition_time_moves_only_when_status_flips() {
-        let c1 = [Cond::no("SchemaReady", reason::DATABASE_UNREACHABLE, "down")];
+        let c1 = [Cond::no("SchemaReady", Reason::DatabaseUnreachable, "down")];
         let (a, f) = merge(&[], &c1, Some(1), &t("2026-01-01T00:00:00Z"));
         assert_eq!(f.len(), 1);
         // Same status, other message: time kept, nothing flipped.
-        let c2 = [Cond::no("SchemaReady", reason::DATABASE_UNREACHABLE, "still down")];
+        let c2 = [Cond::no("SchemaReady", Reason::DatabaseUnreachable, "still down")];
         let (b, f) = merge(&a, &c2, Some(1), &t("2026-01-01T00:01:00Z"));
         assert!(f.is_empty());
         assert_eq!(b[0].last_transition_time, t("2026-01-01T00:00:00Z"));
         assert_eq!(b[0].message, "still down");
         // Flip: time moves.
-        let c3 = [Cond::yes("SchemaReady", reason::SCHEMA_UP_TO_DATE, "v1")];
+        let c3 = [Cond::yes("SchemaReady", Reason::SchemaUpToDate, "v1")];
         let (c, f) = merge(&b, &c3, Some(2), &t("2026-01-01T00:02:00Z"));
         assert_eq!(f, c3.to_vec());
         assert_eq!(c[0].last_transition_time, t("2026-01-01T00:02:00Z"));
@@ -214,10 +242,10 @@ mod tests {
 
     #[test]
     fn ready_takes_the_first_failure() {
-        let a = Cond::yes("SchemaReady", reason::SCHEMA_UP_TO_DATE, "ok");
-        let b = Cond::no("RetentionEnforced", reason::PURGE_FAILED, "boom");
+        let a = Cond::yes("SchemaReady", Reason::SchemaUpToDate, "ok");
+        let b = Cond::no("RetentionEnforced", Reason::PurgeFailed, "boom");
         let r = ready(&[&a, &b], "fine");
-        assert_eq!((r.status, r.reason), (Status::False, reason::PURGE_FAILED));
+        assert_eq!((r.status, r.reason), (Status::False, Reason::PurgeFailed));
         assert!(r.message.contains("RetentionEnforced: boom"));
         assert_eq!(ready(&[&a], "fine").status, Status::True);
     }
@@ -225,9 +253,17 @@ mod tests {
     #[test]
     fn status_of_reads_a_previous_condition() {
         let now = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
-        let computed = [Cond::no(condition::LAG_HEALTHY, reason::LAG_ABOVE_THRESHOLD, "m")];
+        let computed = [Cond::no(condition::LAG_HEALTHY, Reason::LagAboveThreshold, "m")];
         let (prev, _) = merge(&[], &computed, None, &now);
         assert_eq!(status_of(&prev, condition::LAG_HEALTHY), Some(Status::False));
         assert_eq!(status_of(&prev, condition::READY), None);
+    }
+
+    #[test]
+    fn reasons_read_back_as_written() {
+        for r in Reason::ALL {
+            assert_eq!(Reason::parse(r.as_str()), Some(*r));
+        }
+        assert_eq!(Reason::parse("resourceconflict"), None);
     }
 }

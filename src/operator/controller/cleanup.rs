@@ -27,7 +27,7 @@ use crate::{
     core::sql::QualifiedName,
     crd::SecretKeyRef,
     crd::{InboxTable, OutboxRelay, ValidInboxTable, ValidOutboxRelay, DELETE_UNPUBLISHED_ANNOTATION},
-    operator::conditions::{reason, Cond, Status},
+    operator::conditions::{Cond, Reason, Status},
     tables::schema::{drop_tables, table_exists, TableKind},
 };
 
@@ -178,7 +178,7 @@ fn orphaned(ctx: &Context, ns: &str, c: &Cond) -> bool {
         .get(&ObjectRef::new(ns))
         .is_some_and(|n| n.metadata.deletion_timestamp.is_some());
     // Status False: the Secret (or its key) is known to be gone, not merely unreadable just now.
-    terminating && c.status == Status::False && [reason::SECRET_NOT_FOUND, reason::SECRET_KEY_MISSING].contains(&c.reason)
+    terminating && c.status == Status::False && matches!(c.reason, Reason::SecretNotFound | Reason::SecretKeyMissing)
 }
 
 /// Why tables were kept under deletionPolicy Delete. Pure.

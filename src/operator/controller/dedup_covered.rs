@@ -7,7 +7,7 @@ use super::{
 };
 use crate::{
     crd::ValidInboxTable,
-    operator::conditions::{condition, reason, Cond, Status},
+    operator::conditions::{condition, Cond, Reason, Status},
     operator::policy::coverage::{self, Source, StreamRetention, TopicRetention},
     operator::policy::retention::Effective,
 };
@@ -78,7 +78,7 @@ pub fn coverage_condition(eff: &Effective, window: Option<(&str, std::time::Dura
         (None, None) => {
             return Cond::unknown(
                 T,
-                reason::NO_SOURCES,
+                Reason::NoSourcesDeclared,
                 "no spec.sources (kafka or nats) and no redeliveryWindow: lockstep cannot check that the retention outlives redelivery",
             )
         }
@@ -86,16 +86,16 @@ pub fn coverage_condition(eff: &Effective, window: Option<(&str, std::time::Dura
         (Some(s), None) if !s.missing.is_empty() => {
             return Cond::unknown(
                 T,
-                reason::TOPIC_NOT_FOUND,
+                Reason::TopicNotFound,
                 format!("source topic(s) not found: {}", s.missing.join(", ")),
             )
         }
         (Some(s), _) => coverage::coverage(eff.retention, &eff.text, window, &s.topics),
     };
     if c.covered {
-        Cond::yes(T, reason::RETENTION_COVERS_REDELIVERY, c.message)
+        Cond::yes(T, Reason::RetentionCoversRedelivery, c.message)
     } else {
-        Cond::no(T, reason::RETENTION_BELOW_TOPIC_RETENTION, c.message)
+        Cond::no(T, Reason::RetentionBelowTopicRetention, c.message)
     }
 }
 
@@ -108,7 +108,7 @@ mod tests {
     fn coverage_from_sources() {
         let eff = effective("1d", Compliance::NoPolicy, false);
         let none = coverage_condition(&eff, None, None);
-        assert_eq!((none.status, none.reason), (Status::Unknown, reason::NO_SOURCES));
+        assert_eq!((none.status, none.reason), (Status::Unknown, Reason::NoSourcesDeclared));
         let week = SourceTopics {
             topics: vec![Source::Topic(TopicRetention {
                 name: "orders".into(),
@@ -118,7 +118,7 @@ mod tests {
             missing: vec![],
         };
         let c = coverage_condition(&eff, None, Some(&week));
-        assert_eq!((c.status, c.reason), (Status::False, reason::RETENTION_BELOW_TOPIC_RETENTION));
+        assert_eq!((c.status, c.reason), (Status::False, Reason::RetentionBelowTopicRetention));
         let gone = SourceTopics {
             topics: vec![Source::Topic(TopicRetention {
                 name: "orders".into(),
@@ -127,12 +127,12 @@ mod tests {
             missing: vec!["orders".into()],
         };
         let c = coverage_condition(&eff, None, Some(&gone));
-        assert_eq!((c.status, c.reason), (Status::Unknown, reason::TOPIC_NOT_FOUND));
+        assert_eq!((c.status, c.reason), (Status::Unknown, Reason::TopicNotFound));
         assert_eq!(c.message, "source topic(s) not found: orders");
         // A stated redelivery window decides, whatever the topics say.
         let window = given("12h");
         let c = coverage_condition(&eff, Some(window.pair()), Some(&gone));
-        assert_eq!((c.status, c.reason), (Status::True, reason::RETENTION_COVERS_REDELIVERY));
+        assert_eq!((c.status, c.reason), (Status::True, Reason::RetentionCoversRedelivery));
         let c = coverage_condition(&eff, Some(given("2d").pair()), None);
         assert_eq!(c.status, Status::False);
     }

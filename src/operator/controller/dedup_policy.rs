@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     crd::{DedupPolicy, DedupPolicyStatus, NonCompliant, ValidDedupPolicy},
-    operator::conditions::{condition, reason, Cond},
+    operator::conditions::{condition, Cond, Reason},
     operator::policy::retention::{self, Compliance, PolicyView},
 };
 
@@ -85,7 +85,7 @@ impl Reconciler for DedupPolicies {
                 ..previous.clone()
             };
             Ok(Outcome::Status {
-                conditions: vec![Cond::yes(condition::READY, reason::READY, msg)],
+                conditions: vec![Cond::yes(condition::READY, Reason::Ready, msg)],
                 status,
                 action: requeue(ctx.timing.policy_refresh, a.next_change.as_ref()),
             })

@@ -15,7 +15,7 @@ use crate::{
     core::redacted::Redacted,
     core::sql::QualifiedName,
     crd::SecretKeyRef,
-    operator::conditions::{condition, reason, Cond, Status},
+    operator::conditions::{condition, Cond, Reason, Status},
     tables::schema::{migrate, MigrationOutcome, SchemaError, TableKind},
 };
 
@@ -36,7 +36,7 @@ pub async fn secret_url(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<R
         Ok(None) => {
             return Err(Cond::no(
                 condition::SCHEMA_READY,
-                reason::SECRET_NOT_FOUND,
+                Reason::SecretNotFound,
                 format!(
                     "Secret {ns}/{} not found; create it with the database URL under key {:?}",
                     r.name, r.key
@@ -46,7 +46,7 @@ pub async fn secret_url(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<R
         Err(e) => {
             return Err(Cond::unknown(
                 condition::SCHEMA_READY,
-                reason::SECRET_NOT_FOUND,
+                Reason::SecretNotFound,
                 format!("cannot read Secret {ns}/{}: {e}", r.name),
             ))
         }
@@ -56,7 +56,7 @@ pub async fn secret_url(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<R
         Some(Ok(v)) if !v.trim().is_empty() => Ok(Redacted::new(v.trim().to_owned())),
         _ => Err(Cond::no(
             condition::SCHEMA_READY,
-            reason::SECRET_KEY_MISSING,
+            Reason::SecretKeyMissing,
             format!("Secret {ns}/{} has no non-empty key {:?} holding the database URL", r.name, r.key),
         )),
     }
@@ -68,7 +68,7 @@ pub async fn connect(ctx: &Context, ns: &str, r: &SecretKeyRef) -> Result<(Datab
     let pool = ctx
         .pools
         .get(&url)
-        .map_err(|e| Cond::no(condition::SCHEMA_READY, reason::DATABASE_ERROR, e.to_string()))?;
+        .map_err(|e| Cond::no(condition::SCHEMA_READY, Reason::DatabaseError, e.to_string()))?;
     let location = describe_database_url(url.expose());
     let asked = std::time::Instant::now();
     let conn = pool.acquire().await;
@@ -104,26 +104,26 @@ pub fn schema_failure(kind: TableKind, table: &QualifiedName, location: &str, e:
     let no = |r, m: String| Cond::no(condition::SCHEMA_READY, r, m);
     match e {
         SchemaError::Mismatch { differences, .. } => no(
-            reason::SCHEMA_MISMATCH,
+            Reason::SchemaMismatch,
             format!(
                 "{table} exists but does not match the {kind} contract, left untouched: {}",
                 differences.join("; ")
             ),
         ),
-        e @ SchemaError::Missing { .. } => no(reason::SCHEMA_MISSING, e.to_string()),
+        e @ SchemaError::Missing { .. } => no(Reason::SchemaMissing, e.to_string()),
         SchemaError::Database(e) => no(db_reason(&e), format!("{location}: {e}")),
-        e => no(reason::SCHEMA_MISMATCH, e.to_string()),
+        e => no(Reason::SchemaMismatch, e.to_string()),
     }
 }
 
 /// Why a database operation failed, as a condition reason.
-pub fn db_reason(e: &sqlx::Error) -> &'static str {
+pub fn db_reason(e: &sqlx::Error) -> Reason {
     if crate::clients::db::is_unreachable(e) {
-        reason::DATABASE_UNREACHABLE
+        Reason::DatabaseUnreachable
     } else if crate::clients::db::is_permission_denied(e) {
-        reason::PERMISSION_DENIED
+        Reason::PermissionDenied
     } else {
-        reason::DATABASE_ERROR
+        Reason::DatabaseError
     }
 }
 
@@ -149,14 +149,14 @@ pub async fn kafka_settings(client: &Client, ns: &str, secret: Option<&str>, on:
                 .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).trim_end().to_owned()))
                 .collect();
             return match refused_key(ns, name, &settings) {
-                Some(m) => Err(Cond::new(on.type_, on.status, reason::SECRET_KEY_REFUSED, m)),
+                Some(m) => Err(Cond::new(on.type_, on.status, Reason::SecretKeyRefused, m)),
                 None => Ok(settings),
             };
         }
         Ok(None) => format!("Secret {ns}/{name} (kafka.authSecretRef) not found"),
         Err(e) => format!("cannot read Secret {ns}/{name}: {e}"),
     };
-    Err(Cond::new(on.type_, on.status, reason::SECRET_NOT_FOUND, message))
+    Err(Cond::new(on.type_, on.status, Reason::SecretNotFound, message))
 }
 
 /// Why the operator builds no client from these settings of Secret `ns/name`, naming the key,
@@ -186,9 +186,9 @@ pub async fn describe_topics(
 /// A failed Kafka admin operation as a condition: unreachable brokers or a failed operation. Pure.
 pub fn admin_failure(on: Reporting, e: &AdminError) -> Cond {
     let r = if e.is_unreachable() {
-        reason::BROKER_UNREACHABLE
+        Reason::BrokerUnreachable
     } else {
-        reason::TOPIC_OPERATION_FAILED
+        Reason::TopicOperationFailed
     };
     Cond::new(on.type_, on.status, r, e.to_string())
 }
@@ -213,7 +213,7 @@ mod tests {
             differences: vec!["missing column received_at (timestamptz)".into(), "no primary key".into()],
         };
         let c = schema_failure(TableKind::Inbox, &t(), "db:5432/x", e);
-        assert_eq!((c.status, c.reason), (Status::False, reason::SCHEMA_MISMATCH));
+        assert_eq!((c.status, c.reason), (Status::False, Reason::SchemaMismatch));
         assert_eq!(
             c.message,
             r#""billing"."inbox" exists but does not match the inbox contract, left untouched: missing column received_at (timestamptz); no primary key"#
@@ -222,13 +222,13 @@ mod tests {
             table: "billing.inbox".into(),
             kind: TableKind::Inbox,
         };
-        assert_eq!(schema_failure(TableKind::Inbox, &t(), "db", missing).reason, reason::SCHEMA_MISSING);
+        assert_eq!(schema_failure(TableKind::Inbox, &t(), "db", missing).reason, Reason::SchemaMissing);
         let down = SchemaError::Database(sqlx::Error::PoolTimedOut);
         let c = schema_failure(TableKind::Inbox, &t(), "db:5432/x", down);
-        assert_eq!(c.reason, reason::DATABASE_UNREACHABLE);
+        assert_eq!(c.reason, Reason::DatabaseUnreachable);
         assert!(c.message.starts_with("db:5432/x: "));
         let refused = SchemaError::Database(sqlx::Error::RowNotFound);
-        assert_eq!(schema_failure(TableKind::Inbox, &t(), "db", refused).reason, reason::DATABASE_ERROR);
+        assert_eq!(schema_failure(TableKind::Inbox, &t(), "db", refused).reason, Reason::DatabaseError);
     }
 
     #[test]
@@ -279,13 +279,13 @@ mod tests {
         let c = admin_failure(on, &down);
         assert_eq!(
             (c.type_, c.status, c.reason),
-            (condition::DEDUP_COVERED, Status::Unknown, reason::BROKER_UNREACHABLE)
+            (condition::DEDUP_COVERED, Status::Unknown, Reason::BrokerUnreachable)
         );
         let refused = AdminError::Refused {
             operation: "create",
             topic: "t".into(),
             message: "no".into(),
         };
-        assert_eq!(admin_failure(on, &refused).reason, reason::TOPIC_OPERATION_FAILED);
+        assert_eq!(admin_failure(on, &refused).reason, Reason::TopicOperationFailed);
     }
 }

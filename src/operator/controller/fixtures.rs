@@ -4,14 +4,19 @@ use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 
-use super::dedup_policy::TableView;
+use super::{
+    dedup_policy::TableView,
+    relay_available,
+    relay_buckets::{self, Locks},
+};
 use crate::{
     core::duration::Given,
     core::sql::{Ident, QualifiedName},
     crd::{DedupPolicySpec, Enforcement, OutboxRelay, PolicyException, SecretKeyRef, ValidInboxTable},
-    operator::conditions::{condition, reason, Cond},
+    operator::conditions::{condition, Cond, Reason},
     operator::policy::retention::{Compliance, Effective, PolicyView},
     operator::purges::LastPurge,
+    tables::buckets::{bucket_code, member_code, Holdings},
     tables::purge::PurgeResult,
 };
 
@@ -60,7 +65,44 @@ pub fn effective(text: &str, compliance: Compliance, require_coverage: bool) -> 
 }
 
 pub fn schema_ok() -> Cond {
-    Cond::yes(condition::SCHEMA_READY, reason::SCHEMA_UP_TO_DATE, "schema version 1")
+    Cond::yes(condition::SCHEMA_READY, Reason::SchemaUpToDate, "schema version 1")
+}
+
+pub fn topics_ok() -> Cond {
+    Cond::yes(condition::TOPICS_READY, Reason::TopicsConfigured, "1 topic(s) as specified")
+}
+
+pub fn lag_ok() -> Cond {
+    Cond::yes(condition::LAG_HEALTHY, Reason::LagWithinThreshold, "0 events pending")
+}
+
+/// RelayAvailable with buckets 1: `wanted` pods, `available` of them, one holding the lock (`active`).
+pub fn one_relay(wanted: i32, available: i32, active: bool) -> Cond {
+    let locks = Locks {
+        single: active,
+        ..Locks::default()
+    };
+    relay_available::verdict(&relay_available::Seen {
+        wanted,
+        available,
+        buckets: 1,
+        locks,
+        unowned_for: None,
+    })
+}
+
+/// RelayAvailable with 64 buckets, two relays owning `owned`, the rest unowned for `unowned_for`.
+pub fn two_relays_owning(owned: std::ops::Range<u16>, unowned_for: Option<Duration>) -> Cond {
+    let mid = owned.start + owned.len() as u16 / 2;
+    let rows = [(10, owned.start..mid), (20, mid..owned.end)].into_iter().flat_map(|(pid, mine)| {
+        let member = (i64::from(member_code(64)), pid);
+        std::iter::once(member).chain(mine.map(move |b| (i64::from(bucket_code(64, b)), pid)))
+    });
+    let locks = Locks {
+        holdings: Holdings::from_locks(64, rows.collect::<Vec<_>>()),
+        ..Locks::default()
+    };
+    relay_buckets::verdict(64, &locks, 2, "2/2 relay pods available", unowned_for)
 }
 
 pub fn purged(rows: i64) -> LastPurge {

@@ -4,7 +4,7 @@
 
 use crate::{
     crd::Guarantee,
-    operator::conditions::{reason, Cond, Status},
+    operator::conditions::{Cond, Reason, Status},
 };
 
 /// Where the consumer reads from, for the wording of its first hop.
@@ -26,7 +26,7 @@ pub fn guarantees(retention: &str, covered: &Cond, source: SourceKind) -> Vec<Gu
             "effect applied once per message id only for redeliveries within {retention}: {}; an older redelivery applies it again",
             covered.message
         ),
-        (_, r) if r == reason::NO_SOURCES => format!(
+        (_, Reason::NoSourcesDeclared) => format!(
             "effect applied once per message id for redeliveries within {retention}; later ones are not deduplicated and \
              nothing checks that the topics' retention is shorter (declare spec.sources or redeliveryWindow)"
         ),
@@ -69,7 +69,7 @@ mod tests {
         let t = condition::DEDUP_COVERED;
         let yes = Cond::yes(
             t,
-            reason::RETENTION_COVERS_REDELIVERY,
+            Reason::RetentionCoversRedelivery,
             "retention 8d (691200000 ms) covers orders retention.ms=604800000",
         );
         let g = guarantees("8d", &yes, SourceKind::Kafka);
@@ -84,15 +84,15 @@ mod tests {
             "effect applied once per message id while the id is retained: retention 8d (691200000 ms) covers orders \
              retention.ms=604800000 (the claim and the effect commit in one transaction)"
         );
-        let no = Cond::no(t, reason::RETENTION_BELOW_TOPIC_RETENTION, "retention 1d is shorter than orders");
+        let no = Cond::no(t, Reason::RetentionBelowTopicRetention, "retention 1d is shorter than orders");
         assert!(guarantees("1d", &no, SourceKind::Kafka)[1]
             .guarantee
             .contains("only for redeliveries within 1d"));
-        let none = Cond::unknown(t, reason::NO_SOURCES, "x");
+        let none = Cond::unknown(t, Reason::NoSourcesDeclared, "x");
         assert!(guarantees("1d", &none, SourceKind::Kafka)[1]
             .guarantee
             .contains("declare spec.sources"));
-        let down = Cond::unknown(t, reason::BROKER_UNREACHABLE, "broker k:9092 unreachable");
+        let down = Cond::unknown(t, Reason::BrokerUnreachable, "broker k:9092 unreachable");
         assert!(guarantees("1d", &down, SourceKind::Kafka)[1]
             .guarantee
             .contains("is unknown: broker k:9092 unreachable"));

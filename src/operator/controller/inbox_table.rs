@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     crd::{InboxTable, InboxTableStatus, PurgeStatus, ValidInboxTable},
-    operator::conditions::{self, condition, reason, Cond, Status},
+    operator::conditions::{self, condition, Cond, Reason, Status},
     operator::policy::retention::{self, Compliance, Effective},
     operator::purges::{LastPurge, PurgeParams},
     tables::schema::TableKind,
@@ -153,9 +153,9 @@ async fn reconcile_valid(
         .boxed()
         .await;
     // A refused role does not heal by retrying: it waits for the refresh like a healthy table.
-    let healing = schema_cond.status != Status::True && schema_cond.reason != reason::PERMISSION_DENIED;
+    let healing = schema_cond.status != Status::True && schema_cond.reason != Reason::PermissionDenied;
     if schema_cond.status == Status::True {
-        status.table = Some(obj.spec.database.table_name());
+        status.table = Some(valid.table.unquoted());
     }
     let source = match valid.nats_source {
         Some(_) if valid.sources.is_none() => super::inbox_guarantees::SourceKind::Nats,
@@ -225,7 +225,7 @@ async fn schema(ctx: &Context, obj: &InboxTable, ns: &str, valid: &ValidInboxTab
         ""
     };
     let message = format!("{}: {how}schema version {}", valid.table, outcome.version);
-    Ok((db, Cond::yes(condition::SCHEMA_READY, reason::SCHEMA_UP_TO_DATE, message)))
+    Ok((db, Cond::yes(condition::SCHEMA_READY, Reason::SchemaUpToDate, message)))
 }
 
 /// The table's conditions, Ready first, from what was found. Pure.
@@ -243,10 +243,10 @@ pub fn verdict(valid: &ValidInboxTable, eff: &Effective, schema: Cond, purging: 
 pub fn policy_condition(eff: &Effective) -> Cond {
     let m = eff.message.clone();
     match &eff.compliance {
-        Compliance::NoPolicy => Cond::yes(condition::POLICY_COMPLIANT, reason::NO_POLICY, m),
-        Compliance::Within => Cond::yes(condition::POLICY_COMPLIANT, reason::WITHIN_POLICY, m),
-        Compliance::Clamped { .. } => Cond::yes(condition::POLICY_COMPLIANT, reason::RETENTION_CLAMPED, m),
-        Compliance::Violation { .. } => Cond::no(condition::POLICY_COMPLIANT, reason::POLICY_VIOLATION, m),
+        Compliance::NoPolicy => Cond::yes(condition::POLICY_COMPLIANT, Reason::NoPolicy, m),
+        Compliance::Within => Cond::yes(condition::POLICY_COMPLIANT, Reason::WithinPolicy, m),
+        Compliance::Clamped { .. } => Cond::yes(condition::POLICY_COMPLIANT, Reason::RetentionClamped, m),
+        Compliance::Violation { .. } => Cond::no(condition::POLICY_COMPLIANT, Reason::PolicyViolation, m),
     }
 }
 
@@ -254,11 +254,11 @@ pub fn policy_condition(eff: &Effective) -> Cond {
 pub fn retention_condition(eff: &Effective, interval: &str, purging: &Purging) -> Cond {
     const T: &str = condition::RETENTION_ENFORCED;
     match purging {
-        Purging::WaitingForSchema => Cond::unknown(T, reason::PURGE_PENDING, "waiting for SchemaReady"),
-        Purging::Running(None) => Cond::unknown(T, reason::PURGE_PENDING, "the first purge has not finished yet"),
+        Purging::WaitingForSchema => Cond::unknown(T, Reason::PurgePending, "waiting for SchemaReady"),
+        Purging::Running(None) => Cond::unknown(T, Reason::PurgePending, "the first purge has not finished yet"),
         Purging::HeldByInvalidPolicy(names) => Cond::no(
             T,
-            reason::POLICY_INVALID,
+            Reason::PolicyInvalid,
             format!(
                 "purges held: DedupPolicy {} may select this table, is invalid and has no earlier valid spec; \
                  fix it (kubectl describe deduppolicy {})",
@@ -268,7 +268,7 @@ pub fn retention_condition(eff: &Effective, interval: &str, purging: &Purging) -
         ),
         Purging::Running(Some(LastPurge::Done { result, .. })) => Cond::yes(
             T,
-            reason::PURGE_HEALTHY,
+            Reason::PurgeHealthy,
             format!(
                 "purging rows older than {} every {interval}; last run deleted {} rows",
                 eff.text, result.rows_deleted
@@ -276,9 +276,9 @@ pub fn retention_condition(eff: &Effective, interval: &str, purging: &Purging) -
         ),
         Purging::Running(Some(LastPurge::Failed { error, unreachable, .. })) => {
             let r = if *unreachable {
-                reason::DATABASE_UNREACHABLE
+                Reason::DatabaseUnreachable
             } else {
-                reason::PURGE_FAILED
+                Reason::PurgeFailed
             };
             Cond::no(T, r, format!("the last purge failed: {error}"))
         }
@@ -295,7 +295,7 @@ mod tests {
     }
 
     fn covered() -> Cond {
-        Cond::yes(condition::DEDUP_COVERED, reason::RETENTION_COVERS_REDELIVERY, "covers")
+        Cond::yes(condition::DEDUP_COVERED, Reason::RetentionCoversRedelivery, "covers")
     }
 
     #[test]
@@ -312,11 +312,11 @@ mod tests {
             types(&c),
             ["Ready", "SchemaReady", "RetentionEnforced", "PolicyCompliant", "DedupCovered"]
         );
-        assert_eq!((c[0].status, c[0].reason), (Status::True, reason::READY));
+        assert_eq!((c[0].status, c[0].reason), (Status::True, Reason::Ready));
         assert_eq!(c[0].message, r#""billing"."inbox" deduplicates with retention 7d"#);
-        assert_eq!(c[2].reason, reason::PURGE_HEALTHY);
+        assert_eq!(c[2].reason, Reason::PurgeHealthy);
         assert_eq!(c[2].message, "purging rows older than 7d every 1m; last run deleted 12 rows");
-        assert_eq!(c[3].reason, reason::NO_POLICY);
+        assert_eq!(c[3].reason, Reason::NoPolicy);
     }
 
     #[test]
@@ -324,13 +324,13 @@ mod tests {
         let eff = effective("7d", Compliance::NoPolicy, false);
         let down = Cond::no(
             condition::SCHEMA_READY,
-            reason::DATABASE_UNREACHABLE,
+            Reason::DatabaseUnreachable,
             "db:5432/x: connection refused",
         );
         let c = verdict(&inbox(None), &eff, down, &Purging::WaitingForSchema, covered());
-        assert_eq!((c[0].status, c[0].reason), (Status::False, reason::DATABASE_UNREACHABLE));
+        assert_eq!((c[0].status, c[0].reason), (Status::False, Reason::DatabaseUnreachable));
         assert_eq!(c[0].message, "SchemaReady: db:5432/x: connection refused");
-        assert_eq!((c[2].status, c[2].reason), (Status::Unknown, reason::PURGE_PENDING));
+        assert_eq!((c[2].status, c[2].reason), (Status::Unknown, Reason::PurgePending));
         assert_eq!(c[2].message, "waiting for SchemaReady");
     }
 
@@ -338,7 +338,7 @@ mod tests {
     fn first_purge_pending_makes_ready_unknown() {
         let eff = effective("7d", Compliance::NoPolicy, false);
         let c = verdict(&inbox(None), &eff, schema_ok(), &Purging::Running(None), covered());
-        assert_eq!((c[0].status, c[0].reason), (Status::Unknown, reason::PURGE_PENDING));
+        assert_eq!((c[0].status, c[0].reason), (Status::Unknown, Reason::PurgePending));
     }
 
     #[test]
@@ -354,15 +354,15 @@ mod tests {
         };
         assert_eq!(
             (failed(true).status, failed(true).reason),
-            (Status::False, reason::DATABASE_UNREACHABLE)
+            (Status::False, Reason::DatabaseUnreachable)
         );
-        assert_eq!(failed(false).reason, reason::PURGE_FAILED);
+        assert_eq!(failed(false).reason, Reason::PurgeFailed);
         assert_eq!(failed(false).message, "the last purge failed: boom");
     }
 
     #[test]
     fn coverage_counts_for_ready_only_when_a_policy_requires_it() {
-        let short = Cond::no(condition::DEDUP_COVERED, reason::RETENTION_BELOW_TOPIC_RETENTION, "1d < 7d");
+        let short = Cond::no(condition::DEDUP_COVERED, Reason::RetentionBelowTopicRetention, "1d < 7d");
         let purge = Purging::Running(Some(purged(0)));
         let free = effective("1d", Compliance::NoPolicy, false);
         let c = verdict(&inbox(Some("1d")), &free, schema_ok(), &purge, short.clone());
@@ -370,7 +370,7 @@ mod tests {
         assert_eq!(c[4], short);
         let required = effective("1d", Compliance::Within, true);
         let c = verdict(&inbox(Some("1d")), &required, schema_ok(), &purge, short);
-        assert_eq!((c[0].status, c[0].reason), (Status::False, reason::RETENTION_BELOW_TOPIC_RETENTION));
+        assert_eq!((c[0].status, c[0].reason), (Status::False, Reason::RetentionBelowTopicRetention));
     }
 
     #[test]
@@ -379,13 +379,13 @@ mod tests {
             let p = policy_condition(&effective("7d", c, false));
             (p.status, p.reason)
         };
-        assert_eq!(r(Compliance::NoPolicy), (Status::True, reason::NO_POLICY));
-        assert_eq!(r(Compliance::Within), (Status::True, reason::WITHIN_POLICY));
+        assert_eq!(r(Compliance::NoPolicy), (Status::True, Reason::NoPolicy));
+        assert_eq!(r(Compliance::Within), (Status::True, Reason::WithinPolicy));
         let clamped = Compliance::Clamped { requested: "1h".into() };
-        assert_eq!(r(clamped), (Status::True, reason::RETENTION_CLAMPED));
+        assert_eq!(r(clamped), (Status::True, Reason::RetentionClamped));
         let violation = Compliance::Violation {
             messages: vec!["below 24h".into()],
         };
-        assert_eq!(r(violation), (Status::False, reason::POLICY_VIOLATION));
+        assert_eq!(r(violation), (Status::False, Reason::PolicyViolation));
     }
 }

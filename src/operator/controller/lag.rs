@@ -8,7 +8,7 @@ use sqlx::PgPool;
 
 use crate::{
     crd::{LagStatus, RelayShare, ValidOutboxRelay},
-    operator::conditions::{condition, reason, Cond, Status},
+    operator::conditions::{condition, Cond, Reason, Status},
     tables::lag::{measure, oldest_transaction_age},
 };
 
@@ -137,7 +137,7 @@ pub fn verdict(was: Option<Status>, lag: &Lag, max: Duration, groups: &[Group]) 
     if !above {
         return Cond::yes(
             t,
-            reason::LAG_WITHIN_THRESHOLD,
+            Reason::LagWithinThreshold,
             format!(
                 "{} events pending, the oldest {:.1}s old (threshold {max:?}){dead}",
                 lag.pending, lag.oldest
@@ -147,7 +147,7 @@ pub fn verdict(was: Option<Status>, lag: &Lag, max: Duration, groups: &[Group]) 
     if lag.blocking > 0.0 && lag.blocking + 1.0 >= lag.oldest {
         return Cond::no(
             t,
-            reason::LONG_TRANSACTION,
+            Reason::LongTransaction,
             format!(
                 "an open transaction {:.0}s old holds back {} events (the oldest {:.1}s old, threshold {max:?}): rows \
                  committed after it started wait until it ends; find it in pg_stat_activity or pg_prepared_xacts{dead}",
@@ -162,7 +162,7 @@ pub fn verdict(was: Option<Status>, lag: &Lag, max: Duration, groups: &[Group]) 
     };
     Cond::no(
         t,
-        reason::LAG_ABOVE_THRESHOLD,
+        Reason::LagAboveThreshold,
         format!(
             "the oldest of {} pending events is {:.1}s old, above {max:?}{again}{}: is a relay running and reaching the broker? \
              (RelayAvailable, the relay's lockstep_relay_broker_failing){dead}",
@@ -193,7 +193,7 @@ mod tests {
         assert_eq!(verdict(None, &lag(29.0, 0.0), MAX, &[]).status, Status::True);
         assert_eq!(
             verdict(Some(Status::True), &lag(31.0, 0.0), MAX, &[]).reason,
-            reason::LAG_ABOVE_THRESHOLD
+            Reason::LagAboveThreshold
         );
         // Between half and the threshold: it stays as it was.
         assert_eq!(verdict(Some(Status::False), &lag(20.0, 0.0), MAX, &[]).status, Status::False);
@@ -205,10 +205,10 @@ mod tests {
     #[test]
     fn an_open_transaction_older_than_the_rows_is_named() {
         let c = verdict(None, &lag(40.0, 45.0), MAX, &[]);
-        assert_eq!((c.status, c.reason), (Status::False, reason::LONG_TRANSACTION));
+        assert_eq!((c.status, c.reason), (Status::False, Reason::LongTransaction));
         assert!(c.message.contains("open transaction 45s old"), "{}", c.message);
         // A younger transaction is not what holds the rows back.
-        assert_eq!(verdict(None, &lag(40.0, 5.0), MAX, &[]).reason, reason::LAG_ABOVE_THRESHOLD);
+        assert_eq!(verdict(None, &lag(40.0, 5.0), MAX, &[]).reason, Reason::LagAboveThreshold);
     }
 
     #[test]

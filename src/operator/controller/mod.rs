@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod merged_watch;
 pub mod nats_deps;
 pub mod outbox_relay;
+pub mod outbox_verdict;
 pub mod ownership;
 pub mod prerequisites;
 pub mod reconciler;

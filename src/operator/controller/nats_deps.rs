@@ -13,7 +13,7 @@ use crate::{
         nats_settings::{NatsAuth, NatsSettings},
         redacted::Redacted,
     },
-    operator::conditions::{reason, Cond},
+    operator::conditions::{Cond, Reason},
 };
 
 /// Secret keys the relay and the operator read: credentials (one way) and TLS files.
@@ -49,7 +49,7 @@ pub async fn nats_settings(
             return Err(Cond::new(
                 on.type_,
                 on.status,
-                reason::SECRET_NOT_FOUND,
+                Reason::SecretNotFound,
                 format!("Secret {ns}/{name} (nats.authSecretRef) not found"),
             ))
         }
@@ -57,7 +57,7 @@ pub async fn nats_settings(
             return Err(Cond::new(
                 on.type_,
                 on.status,
-                reason::SECRET_NOT_FOUND,
+                Reason::SecretNotFound,
                 format!("cannot read Secret {ns}/{name}: {e}"),
             ))
         }
@@ -66,7 +66,7 @@ pub async fn nats_settings(
         Cond::new(
             on.type_,
             on.status,
-            reason::SECRET_KEY_REFUSED,
+            Reason::SecretKeyRefused,
             format!("Secret {ns}/{name} (nats.authSecretRef): {m}"),
         )
     })?;
@@ -75,7 +75,7 @@ pub async fn nats_settings(
             Cond::new(
                 on.type_,
                 on.status,
-                reason::SECRET_KEY_REFUSED,
+                Reason::SecretKeyRefused,
                 format!("cannot keep the TLS files of Secret {ns}/{name}: {e}"),
             )
         })?;
@@ -142,13 +142,13 @@ pub async fn describe_streams(
     on: Reporting,
 ) -> Result<(NatsAdmin, BTreeMap<String, ObservedStream>), Cond> {
     let settings = nats_settings(client, ns, servers, secret, on).await?;
-    let failed = |r: &'static str, m: String| Cond::new(on.type_, on.status, r, m);
+    let failed = |r: Reason, m: String| Cond::new(on.type_, on.status, r, m);
     let admin = NatsAdmin::connect(&settings)
         .await
-        .map_err(|m| failed(reason::BROKER_UNREACHABLE, m))?;
+        .map_err(|m| failed(Reason::BrokerUnreachable, m))?;
     let mut observed = BTreeMap::new();
     for n in names {
-        if let Some(o) = admin.describe(n).await.map_err(|m| failed(reason::TOPIC_OPERATION_FAILED, m))? {
+        if let Some(o) = admin.describe(n).await.map_err(|m| failed(Reason::TopicOperationFailed, m))? {
             observed.insert(n.clone(), o);
         }
     }

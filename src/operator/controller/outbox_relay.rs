@@ -1,6 +1,6 @@
 //! OutboxRelay: guard -> validate -> migrate the outbox and dead-letter tables -> plan and apply
-//! topics -> apply the relay Deployment -> measure the lag -> pure verdicts -> status. Deletion
-//! (deletionPolicy) is in `lifecycle` and `cleanup`.
+//! topics -> apply the relay Deployment -> measure the lag -> the pure verdict (`outbox_verdict`)
+//! -> status. Deletion (deletionPolicy) is in `lifecycle` and `cleanup`.
 
 use std::sync::Arc;
 
@@ -15,6 +15,7 @@ use sqlx::PgPool;
 
 use super::{
     dead_letters, deps, lag,
+    outbox_verdict::{verdict, Found, Next, Verdict},
     reconciler::{self, Outcome, Reconciler},
     relay_available, relay_buckets, relay_deployment, relay_topics,
     watches::{own_changes, relay_deployment_changes, Watches},
@@ -22,7 +23,7 @@ use super::{
 };
 use crate::{
     crd::{Guarantee, LagStatus, OutboxRelay, OutboxRelayStatus, RelayShare, ReplayStatus, ValidOutboxRelay},
-    operator::conditions::{self, condition, reason, Cond, Status},
+    operator::conditions::{self, condition, Cond, Reason, Status},
     tables::schema::TableKind,
 };
 
@@ -72,78 +73,90 @@ impl Reconciler for OutboxRelays {
         previous: &'a OutboxRelayStatus,
         ctx: &'a Context,
     ) -> BoxFuture<'a, Result<Outcome<OutboxRelayStatus>, Error>> {
-        async move {
-            // An image outside the operator's allow-list is refused before anything is done for it.
-            if let Some(c) = super::relay_image::refused(valid.image.as_deref(), &ctx.relay_image, &ctx.relay_image_prefixes) {
-                return Ok(Outcome::Status {
-                    conditions: vec![c],
-                    status: previous.clone(),
-                    action: Action::await_change(),
-                });
-            }
-            let ns = obj.metadata.namespace.clone().unwrap_or_default();
-            let recorded = previous.table.as_deref();
-            let prerequisites = super::prerequisites::until_ready(ctx, &ns, &valid.url_secret, recorded, &target(&valid))
-                .boxed()
-                .await;
-            let (schema_cond, schema_version, pool) = schema(ctx, obj, &ns, &valid).boxed().await;
-            // Lost to another object now, or before and not claimed since (the database is away):
-            // no relay, no topics either way.
-            let schema_cond = super::ownership::sticky(&previous.conditions, schema_cond);
-            if schema_cond.reason == reason::RESOURCE_CONFLICT {
-                return Ok(conflicted(ctx, obj, &ns, schema_cond, previous).await);
-            }
-            let (topics_cond, topics, leader_only) = relay_topics::topics(ctx, obj, previous, &valid).boxed().await;
+        reconcile_valid(obj, valid, previous, ctx).boxed()
+    }
+}
 
-            let (relay_cond, shares, groups) = relays(ctx, obj, &ns, &valid, pool.as_ref(), previous).await;
-            // A relay scaled to zero on purpose does not make the resource unready, nor is it
-            // something to look at again soon.
-            let mut parts = vec![&schema_cond, &topics_cond];
-            if relay_cond.reason != reason::SCALED_TO_ZERO {
-                parts.push(&relay_cond);
-            }
-            // Deployment availability arrives through the Deployment watch: no need to poll it.
-            // Buckets changing hands are looked at again before their grace ends.
-            let healing = relay_cond.reason == reason::BUCKETS_MOVING
-                || parts
-                    .iter()
-                    .any(|c| c.status != Status::True && ![reason::DEPLOYMENT_UNAVAILABLE, reason::PERMISSION_DENIED].contains(&c.reason));
-            let ready = conditions::ready(
-                &parts,
-                format!("{} is migrated, its topics are configured and a relay is active", valid.table),
-            );
-            // Lag is health, not readiness: it stays out of Ready, which `kubectl wait` watches.
-            let last_replay = replay(ctx, obj, &valid, pool.as_ref(), previous).await;
-            let (lag_cond, lag) = self::lag(pool.as_ref(), &valid, previous, &groups).await;
-            if let Some(l) = &lag {
-                let before = previous.lag.as_ref().map(|p| p.quarantined);
-                dead_letters::report_new(ctx, obj, &valid, before, l.quarantined).await;
-            }
-            let status = OutboxRelayStatus {
-                schema_version: schema_version.or(previous.schema_version),
-                topics,
-                guarantees: guarantees(&leader_only),
-                lag: lag.or_else(|| previous.lag.clone()),
-                last_replay,
-                table: Some(obj.spec.database.table_name())
-                    .filter(|_| schema_cond.status == Status::True)
-                    .or_else(|| previous.table.clone()),
-                ..previous.clone()
-            };
-            let status = with_shares(status, &valid, shares);
-            let mut conditions = vec![ready, schema_cond, topics_cond, relay_cond, lag_cond];
-            conditions.extend(prerequisites);
-            Ok(Outcome::Status {
-                conditions,
-                status,
-                action: Action::requeue(if healing {
-                    ctx.timing.retry
-                } else {
-                    ctx.timing.refresh_for(obj.metadata.uid.as_deref().unwrap_or_default())
-                }),
-            })
-        }
+/// Fetch (applying the tables, topics and relay Deployment on the way), the pure verdict, status.
+async fn reconcile_valid(
+    obj: &OutboxRelay,
+    valid: ValidOutboxRelay,
+    previous: &OutboxRelayStatus,
+    ctx: &Context,
+) -> Result<Outcome<OutboxRelayStatus>, Error> {
+    // An image outside the operator's allow-list is refused before anything is done for it.
+    if let Some(c) = super::relay_image::refused(valid.image.as_deref(), &ctx.relay_image, &ctx.relay_image_prefixes) {
+        return Ok(Outcome::Status {
+            conditions: vec![c],
+            status: previous.clone(),
+            action: Action::await_change(),
+        });
+    }
+    let ns = obj.metadata.namespace.clone().unwrap_or_default();
+    let recorded = previous.table.as_deref();
+    let prerequisites = super::prerequisites::until_ready(ctx, &ns, &valid.url_secret, recorded, &target(&valid))
         .boxed()
+        .await;
+    let (schema_cond, schema_version, pool) = schema(ctx, obj, &ns, &valid).boxed().await;
+    // Lost to another object now, or before and not claimed since (the database is away): no
+    // relay, no topics either way.
+    let schema_cond = super::ownership::sticky(&previous.conditions, schema_cond);
+    if schema_cond.reason == Reason::ResourceConflict {
+        let stopped = super::cleanup::stop_relay(ctx, &ns, obj).await;
+        let v = verdict(
+            &valid.table,
+            Found::Conflict {
+                schema: schema_cond,
+                stopped,
+            },
+        );
+        // It manages no topic now: none is recorded as its (`topic_owners`).
+        let status = OutboxRelayStatus {
+            topics: vec![],
+            ..previous.clone()
+        };
+        return Ok(outcome(ctx, obj, v, status));
+    }
+    let (topics_cond, topics, leader_only) = relay_topics::topics(ctx, obj, previous, &valid).boxed().await;
+    let (relay_cond, shares, groups) = relays(ctx, obj, &ns, &valid, pool.as_ref(), previous).await;
+    let last_replay = replay(ctx, obj, &valid, pool.as_ref(), previous).await;
+    let (lag_cond, lag) = self::lag(pool.as_ref(), &valid, previous, &groups).await;
+    if let Some(l) = &lag {
+        let before = previous.lag.as_ref().map(|p| p.quarantined);
+        dead_letters::report_new(ctx, obj, &valid, before, l.quarantined).await;
+    }
+    let status = OutboxRelayStatus {
+        schema_version: schema_version.or(previous.schema_version),
+        topics,
+        guarantees: guarantees(&leader_only),
+        lag: lag.or_else(|| previous.lag.clone()),
+        last_replay,
+        table: Some(valid.table.unquoted())
+            .filter(|_| schema_cond.status == Status::True)
+            .or_else(|| previous.table.clone()),
+        ..previous.clone()
+    };
+    let status = with_shares(status, &valid, shares);
+    let found = Found::Parts {
+        schema: schema_cond,
+        topics: topics_cond,
+        relay: relay_cond,
+        lag: lag_cond,
+        prerequisites,
+    };
+    Ok(outcome(ctx, obj, verdict(&valid.table, found), status))
+}
+
+/// The verdict's conditions over `status`, requeued as it says.
+fn outcome(ctx: &Context, obj: &OutboxRelay, v: Verdict, status: OutboxRelayStatus) -> Outcome<OutboxRelayStatus> {
+    let after = match v.next {
+        Next::Retry => ctx.timing.retry,
+        Next::Refresh => ctx.timing.refresh_for(obj.metadata.uid.as_deref().unwrap_or_default()),
+    };
+    Outcome::Status {
+        conditions: v.conditions,
+        status,
+        action: Action::requeue(after),
     }
 }
 
@@ -209,7 +222,7 @@ async fn relays(
             Err(e) => {
                 let c = Cond::unknown(
                     condition::RELAY_AVAILABLE,
-                    reason::DATABASE_ERROR,
+                    Reason::DatabaseError,
                     format!("cannot read pg_locks: {e}"),
                 );
                 return (c, None, vec![]);
@@ -270,7 +283,7 @@ async fn lag(
 ) -> (Cond, Option<LagStatus>) {
     let t = condition::LAG_HEALTHY;
     let Some(pool) = pool else {
-        return (Cond::unknown(t, reason::SCHEMA_MISSING, "waiting for SchemaReady"), None);
+        return (Cond::unknown(t, Reason::SchemaMissing, "waiting for SchemaReady"), None);
     };
     let was = conditions::status_of(&previous.conditions, t);
     match lag::measure_lag(pool, valid).await {
@@ -279,42 +292,9 @@ async fn lag(
             Some(l.status(Time(Timestamp::now()))),
         ),
         Err(e) => (
-            Cond::unknown(t, reason::DATABASE_ERROR, format!("cannot measure the outbox: {e}")),
+            Cond::unknown(t, Reason::DatabaseError, format!("cannot measure the outbox: {e}")),
             None,
         ),
-    }
-}
-
-/// Another object manages the outbox: no topics, no relay (one left from before is deleted).
-async fn conflicted(ctx: &Context, obj: &OutboxRelay, ns: &str, schema: Cond, previous: &OutboxRelayStatus) -> Outcome<OutboxRelayStatus> {
-    let stopped = match super::cleanup::stop_relay(ctx, ns, obj).await {
-        Ok(()) => "no relay runs for this object".to_owned(),
-        Err(e) => format!("stopping this object's relay: {e}"),
-    };
-    let why = |type_, status, m: &str| Cond::new(type_, status, reason::RESOURCE_CONFLICT, m.to_owned());
-    let ready = conditions::ready(&[&schema], String::new());
-    Outcome::Status {
-        conditions: vec![
-            ready,
-            schema,
-            why(
-                condition::TOPICS_READY,
-                Status::Unknown,
-                "topics are not configured while the table is another object's",
-            ),
-            why(condition::RELAY_AVAILABLE, Status::False, &stopped),
-            why(
-                condition::LAG_HEALTHY,
-                Status::Unknown,
-                "not measured while the table is another object's",
-            ),
-        ],
-        // It manages no topic now: none is recorded as its (`topic_owners`).
-        status: OutboxRelayStatus {
-            topics: vec![],
-            ..previous.clone()
-        },
-        action: Action::requeue(ctx.timing.retry),
     }
 }
 
@@ -344,7 +324,7 @@ async fn schema(ctx: &Context, obj: &OutboxRelay, ns: &str, valid: &ValidOutboxR
             let version = outcomes[0].version;
             let message = format!("{} and {}: schema version {version}", valid.table, valid.dead_letter_table);
             (
-                Cond::yes(condition::SCHEMA_READY, reason::SCHEMA_UP_TO_DATE, message),
+                Cond::yes(condition::SCHEMA_READY, Reason::SchemaUpToDate, message),
                 Some(version),
                 Some(db.pool),
             )

@@ -11,7 +11,7 @@ use super::{deps::db_reason, Context};
 use crate::{
     core::sql::QualifiedName,
     crd::{InboxTable, OutboxRelay},
-    operator::conditions::{condition, reason, Cond},
+    operator::conditions::{condition, Cond, Reason},
     tables::schema::{self, Claimed, Owner, OWNERS_TABLE},
 };
 
@@ -34,7 +34,7 @@ pub async fn me<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K) -> Result
     let cluster = cluster(ctx).await.map_err(|e| {
         Cond::unknown(
             condition::SCHEMA_READY,
-            reason::DATABASE_ERROR,
+            Reason::DatabaseError,
             format!("cannot read the cluster's identity (namespace kube-system) to claim the table: {e}"),
         )
     })?;
@@ -111,7 +111,7 @@ pub fn conflict(table: &QualifiedName, holder: &Owner, me: &Owner) -> Cond {
     };
     Cond::no(
         condition::SCHEMA_READY,
-        reason::RESOURCE_CONFLICT,
+        Reason::ResourceConflict,
         format!(
             "{table} is managed by {whose}; this object leaves it alone (no purge, no relay, no cleanup). \
              Delete one of the two, or point spec.database at another table{release}"
@@ -122,9 +122,12 @@ pub fn conflict(table: &QualifiedName, holder: &Owner, me: &Owner) -> Cond {
 /// The object lost its table to another the last time it looked (SchemaReady said so): until a
 /// claim says otherwise it runs nothing and cleans nothing up.
 pub fn was_conflicted(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
-    conditions
-        .iter()
-        .any(|c| c.type_ == condition::SCHEMA_READY && c.reason == reason::RESOURCE_CONFLICT)
+    conditions.iter().any(lost)
+}
+
+/// A previous SchemaReady that said another object holds the table.
+fn lost(c: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition) -> bool {
+    c.type_ == condition::SCHEMA_READY && Reason::parse(&c.reason) == Some(Reason::ResourceConflict)
 }
 
 /// SchemaReady of an object that lost its table and cannot claim again now (its database is
@@ -132,18 +135,15 @@ pub fn was_conflicted(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::
 /// runs for it and its cleanup touches nothing until a claim says otherwise. Pure.
 pub fn sticky(previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition], now: Cond) -> Cond {
     const SINCE: &str = " (cannot claim again now: ";
-    if now.status == crate::operator::conditions::Status::True || now.reason == reason::RESOURCE_CONFLICT {
+    if now.status == crate::operator::conditions::Status::True || now.reason == Reason::ResourceConflict {
         return now;
     }
-    match previous
-        .iter()
-        .find(|c| c.type_ == condition::SCHEMA_READY && c.reason == reason::RESOURCE_CONFLICT)
-    {
+    match previous.iter().find(|c| lost(c)) {
         Some(c) => {
             let base = c.message.split(SINCE).next().unwrap_or_default();
             Cond::no(
                 condition::SCHEMA_READY,
-                reason::RESOURCE_CONFLICT,
+                Reason::ResourceConflict,
                 format!("{base}{SINCE}{})", now.message),
             )
         }
@@ -183,7 +183,7 @@ pub fn foreign_holder(meta: &ObjectMeta, uid: &str) -> Option<String> {
 pub fn foreign_child(kind: &str, ns: &str, name: &str, holder: &str) -> Cond {
     Cond::no(
         condition::RELAY_AVAILABLE,
-        reason::RESOURCE_CONFLICT,
+        Reason::ResourceConflict,
         format!(
             "{kind} {ns}/{name} exists and is not this OutboxRelay's ({holder}); lockstep neither changes nor deletes it. \
              Delete or rename it, or give this OutboxRelay another name"
@@ -214,14 +214,14 @@ mod tests {
         let previous = vec![Condition {
             type_: lost.type_.into(),
             status: "False".into(),
-            reason: lost.reason.into(),
+            reason: lost.reason.as_str().into(),
             message: lost.message.clone(),
             last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
             observed_generation: None,
         }];
-        let down = Cond::no(condition::SCHEMA_READY, reason::DATABASE_UNREACHABLE, "db:5432/x: refused");
+        let down = Cond::no(condition::SCHEMA_READY, Reason::DatabaseUnreachable, "db:5432/x: refused");
         let c = sticky(&previous, down.clone());
-        assert_eq!(c.reason, reason::RESOURCE_CONFLICT);
+        assert_eq!(c.reason, Reason::ResourceConflict);
         assert!(
             c.message.starts_with(&lost.message) && c.message.ends_with("(cannot claim again now: db:5432/x: refused)"),
             "{}",
@@ -231,7 +231,7 @@ mod tests {
         let mut again = previous.clone();
         again[0].message = c.message.clone();
         assert_eq!(sticky(&again, down.clone()).message, c.message);
-        let ok = Cond::yes(condition::SCHEMA_READY, reason::SCHEMA_UP_TO_DATE, "ok");
+        let ok = Cond::yes(condition::SCHEMA_READY, Reason::SchemaUpToDate, "ok");
         assert_eq!(sticky(&previous, ok.clone()), ok, "a claim that succeeds ends it");
         assert_eq!(sticky(&[], down.clone()), down);
     }
@@ -240,7 +240,7 @@ mod tests {
     fn a_conflict_names_the_holder_and_how_to_resolve_it() {
         let t = crate::tables::schema::qualified("billing", "inbox");
         let c = conflict(&t, &owner("c1", "first"), &owner("c1", "second"));
-        assert_eq!((c.status, c.reason), (Status::False, reason::RESOURCE_CONFLICT));
+        assert_eq!((c.status, c.reason), (Status::False, Reason::ResourceConflict));
         assert_eq!(
             c.message,
             r#""billing"."inbox" is managed by InboxTable shop/first, which claimed it first; this object leaves it alone (no purge, no relay, no cleanup). Delete one of the two, or point spec.database at another table"#
@@ -290,7 +290,7 @@ mod tests {
             Some("controlled by OutboxRelay orders (uid u0)")
         );
         let c = foreign_child("Deployment", "shop", "orders-relay", "created outside lockstep");
-        assert_eq!((c.status, c.reason), (Status::False, reason::RESOURCE_CONFLICT));
+        assert_eq!((c.status, c.reason), (Status::False, Reason::ResourceConflict));
         assert!(
             c.message
                 .starts_with("Deployment shop/orders-relay exists and is not this OutboxRelay's (created outside lockstep)"),

@@ -13,7 +13,7 @@ use super::{deps, Context};
 use crate::{
     crd::SecretKeyRef,
     doctor::{database, database::Target, Check, Verdict},
-    operator::conditions::{condition, reason, Cond},
+    operator::conditions::{condition, Cond, Reason},
 };
 
 /// The condition while the table was never ready (`recorded`: the status's table, set once it
@@ -76,7 +76,7 @@ pub fn verdict(location: &str, checks: &[Check]) -> Cond {
     match failed.first() {
         None => Cond::yes(
             T,
-            reason::PREREQUISITES_MET,
+            Reason::PrerequisitesMet,
             format!("{location}: no check failed ({} checks of lockstep doctor)", checks.len()),
         ),
         Some(c) => {
@@ -87,7 +87,7 @@ pub fn verdict(location: &str, checks: &[Check]) -> Cond {
             let todo = c.what_to_do.as_deref().map(|t| format!("; {t}")).unwrap_or_default();
             Cond::no(
                 T,
-                reason::PREREQUISITE_FAILED,
+                Reason::PrerequisiteFailed,
                 format!("{location}: {}: {}{todo}{more}", c.name, c.detail),
             )
         }
@@ -114,7 +114,7 @@ mod tests {
         let c = verdict("db:5432/app", &checks);
         assert_eq!(
             (c.type_, c.status, c.reason),
-            ("PrerequisitesMet", Status::False, "PrerequisiteFailed")
+            ("PrerequisitesMet", Status::False, Reason::PrerequisiteFailed)
         );
         assert_eq!(
             c.message,
@@ -122,7 +122,7 @@ mod tests {
              (1 more failed: run `lockstep doctor` for all)"
         );
         let ok = verdict("db:5432/app", &checks[..2]);
-        assert_eq!((ok.status, ok.reason), (Status::True, "PrerequisitesMet"));
+        assert_eq!((ok.status, ok.reason), (Status::True, Reason::PrerequisitesMet));
         assert_eq!(ok.message, "db:5432/app: no check failed (2 checks of lockstep doctor)");
     }
 }

@@ -18,7 +18,7 @@ use crate::{
         DedupPolicy, DedupPolicyStatus, DeletionPolicy, InboxTable, InboxTableStatus, OutboxRelay, OutboxRelayStatus, ValidDedupPolicy,
         ValidInboxTable, ValidOutboxRelay,
     },
-    operator::conditions::{self, condition, reason, Cond},
+    operator::conditions::{self, condition, Cond, Reason},
 };
 
 /// What a kind's reconcile decided.
@@ -162,7 +162,7 @@ async fn run<R: Reconciler>(obj: &DeserializeGuard<R::K>, ctx: &Context) -> Resu
         Err(invalid) => {
             R::halt(ctx, &uid);
             status::report_unreadable(&api, &obj.name_any(), R::MANAGER, obj.meta().generation, &invalid.error).await?;
-            return Ok((Action::await_change(), Some(reason::INVALID_SPEC.into())));
+            return Ok((Action::await_change(), Some(Reason::InvalidSpec.as_str().into())));
         }
     };
     match lifecycle::route_of(k, R::deletion_policy(k)) {
@@ -214,7 +214,7 @@ async fn clean<R: Reconciler>(obj: &R::K, api: &Api<R::K>, ctx: &Context) -> Res
     match blocked {
         Ok(()) => Ok(Action::await_change()),
         Err(message) => {
-            let c = Cond::no(condition::READY, reason::DELETION_BLOCKED, message.clone());
+            let c = Cond::no(condition::READY, Reason::DeletionBlocked, message.clone());
             let previous = obj.current_status();
             let (st, flipped) = status::merged(previous.clone(), obj.meta().generation, &[c], &status::now());
             status::write(ctx, api, obj, R::MANAGER, &previous, &st, &flipped).await?;
@@ -226,7 +226,7 @@ async fn clean<R: Reconciler>(obj: &R::K, api: &Api<R::K>, ctx: &Context) -> Res
 /// Guard, validate, the kind's reconcile, status.
 async fn reconcile_object<R: Reconciler>(k: &R::K, uid: &str, api: &Api<R::K>, ctx: &Context) -> Result<(Action, Option<String>), Error> {
     let previous = k.current_status();
-    let stopped = |reason: &'static str, message: String| Outcome::Status {
+    let stopped = |reason: Reason, message: String| Outcome::Status {
         conditions: vec![Cond::no(condition::READY, reason, message)],
         status: previous.clone(),
         action: Action::await_change(),
@@ -236,18 +236,18 @@ async fn reconcile_object<R: Reconciler>(k: &R::K, uid: &str, api: &Api<R::K>, c
         // parameters no later verdict (pause, policies, retention) can reach.
         (Some((was, now)), _, _) => {
             R::halt(ctx, uid);
-            stopped(reason::TABLE_CHANGE_REFUSED, table_change_message(&was, &now))
+            stopped(Reason::TableChangeRefused, table_change_message(&was, &now))
         }
         (None, Some(message), _) if is_paused(k) => {
             R::halt(ctx, uid);
             stopped(
-                reason::PAUSED,
+                Reason::Paused,
                 format!("annotation {}=true: {message}", crate::crd::PAUSED_ANNOTATION),
             )
         }
         (None, _, Err(e)) => {
             R::halt(ctx, uid);
-            stopped(reason::INVALID_SPEC, e.to_string())
+            stopped(Reason::InvalidSpec, e.to_string())
         }
         (None, _, Ok(valid)) => R::reconcile(k, valid, &previous, ctx).await?,
     };
@@ -278,7 +278,7 @@ fn failure_reason(conditions: &[Cond]) -> Option<String> {
         .iter()
         .find(|c| c.type_ == condition::READY)
         .filter(|c| c.status != crate::operator::conditions::Status::True)
-        .map(|c| c.reason.to_owned())
+        .map(|c| c.reason.as_str().to_owned())
 }
 
 pub fn is_paused<K: ResourceExt>(obj: &K) -> bool {
@@ -299,10 +299,10 @@ mod tests {
 
     #[test]
     fn failure_is_readys_reason_unless_ready() {
-        let schema = Cond::no(condition::SCHEMA_READY, reason::SCHEMA_MISMATCH, "x");
-        let ready = Cond::no(condition::READY, reason::SCHEMA_MISMATCH, "x");
+        let schema = Cond::no(condition::SCHEMA_READY, Reason::SchemaMismatch, "x");
+        let ready = Cond::no(condition::READY, Reason::SchemaMismatch, "x");
         assert_eq!(failure_reason(&[ready, schema.clone()]).as_deref(), Some("SchemaMismatch"));
-        let ok = Cond::yes(condition::READY, reason::READY, "ok");
+        let ok = Cond::yes(condition::READY, Reason::Ready, "ok");
         assert_eq!(failure_reason(&[ok, schema]), None);
         assert_eq!(failure_reason(&[]), None);
     }

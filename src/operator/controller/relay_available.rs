@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     crd::{OutboxRelay, ValidOutboxRelay},
-    operator::conditions::{condition, reason, Cond},
+    operator::conditions::{condition, Cond, Reason},
 };
 
 /// What the operator saw of the relays.
@@ -47,7 +47,7 @@ pub fn verdict(seen: &Seen) -> Cond {
         };
         return Cond::no(
             t,
-            reason::SCALED_TO_ZERO,
+            Reason::ScaledToZero,
             format!("spec.relay.replicas is 0 or the relay is paused{outside}"),
         );
     }
@@ -58,15 +58,15 @@ pub fn verdict(seen: &Seen) -> Cond {
         return relay_buckets::verdict(seen.buckets, &seen.locks, seen.available, &pods, seen.unowned_for);
     }
     match (seen.available, seen.locks.single) {
-        (_, true) => Cond::yes(t, reason::AVAILABLE, format!("a relay holds the outbox lock; {pods}")),
+        (_, true) => Cond::yes(t, Reason::Available, format!("a relay holds the outbox lock; {pods}")),
         (0, false) => Cond::no(
             t,
-            reason::DEPLOYMENT_UNAVAILABLE,
+            Reason::DeploymentUnavailable,
             format!("{pods}: see the Deployment's pods (image, scheduling, crash loops)"),
         ),
         (_, false) => Cond::no(
             t,
-            reason::NO_ACTIVE_RELAY,
+            Reason::NoActiveRelay,
             format!("{pods} but none holds the outbox lock: they cannot reach the database or are preparing the tables; see their logs"),
         ),
     }
@@ -108,11 +108,11 @@ async fn secret_versions(ctx: &Context, ns: &str, v: &ValidOutboxRelay) -> Optio
 /// Apply the relay Deployment (server-side apply, one field manager) and read back how many of
 /// its pods are available; a condition when it cannot be applied.
 pub async fn apply(ctx: &Context, obj: &OutboxRelay, ns: &str, v: &ValidOutboxRelay) -> Result<i32, Cond> {
-    let failed = |m: String| Cond::no(condition::RELAY_AVAILABLE, reason::DEPLOYMENT_FAILED, m);
+    let failed = |m: String| Cond::no(condition::RELAY_AVAILABLE, Reason::DeploymentFailed, m);
     let Some(versions) = secret_versions(ctx, ns, v).await else {
         return Err(Cond::no(
             condition::RELAY_AVAILABLE,
-            reason::SECRET_NOT_FOUND,
+            Reason::SecretNotFound,
             "the relay's Secrets (database URL key, kafka.authSecretRef) cannot be read yet; the Deployment waits for them",
         ));
     };
@@ -286,7 +286,7 @@ mod tests {
     #[test]
     fn available_means_a_relay_holds_the_lock() {
         let c = verdict(&seen(2, 2, true));
-        assert_eq!((c.status, c.reason), (Status::True, reason::AVAILABLE));
+        assert_eq!((c.status, c.reason), (Status::True, Reason::Available));
         assert!(c.message.contains("2/2 relay pods available"), "{}", c.message);
         // The lock counts even while the Deployment's pods are not (yet) available.
         assert_eq!(verdict(&seen(2, 0, true)).status, Status::True);
@@ -309,10 +309,10 @@ mod tests {
 
     #[test]
     fn each_way_of_not_relaying_has_its_reason() {
-        assert_eq!(verdict(&seen(2, 0, false)).reason, reason::DEPLOYMENT_UNAVAILABLE);
-        assert_eq!(verdict(&seen(2, 1, false)).reason, reason::NO_ACTIVE_RELAY);
+        assert_eq!(verdict(&seen(2, 0, false)).reason, Reason::DeploymentUnavailable);
+        assert_eq!(verdict(&seen(2, 1, false)).reason, Reason::NoActiveRelay);
         let zero = verdict(&seen(0, 0, false));
-        assert_eq!((zero.status, zero.reason), (Status::False, reason::SCALED_TO_ZERO));
+        assert_eq!((zero.status, zero.reason), (Status::False, Reason::ScaledToZero));
         assert!(verdict(&seen(0, 0, true)).message.contains("outside this Deployment"));
     }
 }

@@ -12,7 +12,7 @@ use sqlx::{PgPool, Row};
 
 use crate::{
     crd::{Cleanup, RelayShare, ValidOutboxRelay},
-    operator::conditions::{condition, reason, Cond},
+    operator::conditions::{condition, Cond, Reason},
     tables::buckets::{class_key, Holdings},
     tables::identity::host_of,
     tables::locks::lock_key,
@@ -124,7 +124,7 @@ pub fn changing(buckets: u16, locks: &Locks, pods: &str) -> Option<Cond> {
     if locks.single && buckets > 1 {
         return Some(Cond::yes(
             t,
-            reason::BUCKETS_CHANGING,
+            Reason::BucketsChanging,
             format!(
                 "a relay with buckets 1 holds the outbox lock and publishes every key; the relays with {buckets} buckets{waiting} \
                  start once it stopped (the Deployment's rollout replaces it); {pods}"
@@ -161,7 +161,7 @@ pub fn changing(buckets: u16, locks: &Locks, pods: &str) -> Option<Cond> {
     if total > 0 && h.others_owning >= total {
         return Some(Cond::yes(
             t,
-            reason::BUCKETS_CHANGING,
+            Reason::BucketsChanging,
             format!(
                 "{old} still {}, owning {owned}; {new}{waiting} {take} over once they stopped; {pods}",
                 if h.others.len() == 1 { "publishes" } else { "publish" }
@@ -170,7 +170,7 @@ pub fn changing(buckets: u16, locks: &Locks, pods: &str) -> Option<Cond> {
     }
     Some(Cond::no(
         t,
-        reason::BUCKETS_CHANGING,
+        Reason::BucketsChanging,
         format!(
             "{old} still {} {owned} and {new}{waiting} {wait} until the last of them stopped: the events of \
              the unowned buckets wait until then. A change of spec.relay.buckets does this while it rolls out; if it lasts, \
@@ -203,13 +203,13 @@ pub fn verdict(buckets: u16, locks: &Locks, available: i32, pods: &str, unowned_
         return if available == 0 {
             Cond::no(
                 t,
-                reason::DEPLOYMENT_UNAVAILABLE,
+                Reason::DeploymentUnavailable,
                 format!("{pods}: see the Deployment's pods (image, scheduling, crash loops)"),
             )
         } else {
             Cond::no(
                 t,
-                reason::NO_ACTIVE_RELAY,
+                Reason::NoActiveRelay,
                 format!("{pods} but none owns a bucket: they cannot reach the database or are preparing the tables; see their logs"),
             )
         };
@@ -222,12 +222,12 @@ pub fn verdict(buckets: u16, locks: &Locks, available: i32, pods: &str, unowned_
         counts.join(", ")
     );
     if owned >= all {
-        return Cond::yes(t, reason::AVAILABLE, summary);
+        return Cond::yes(t, Reason::Available, summary);
     }
     if let Some(d) = unowned_for.filter(|d| *d < UNOWNED_GRACE) {
         return Cond::yes(
             t,
-            reason::BUCKETS_MOVING,
+            Reason::BucketsMoving,
             format!(
                 "{} of {all} buckets are changing hands (without an owner for {:.1}s; BucketsUnowned after {UNOWNED_GRACE:?}): {summary}",
                 all - owned,
@@ -237,7 +237,7 @@ pub fn verdict(buckets: u16, locks: &Locks, available: i32, pods: &str, unowned_
     }
     Cond::no(
         t,
-        reason::BUCKETS_UNOWNED,
+        Reason::BucketsUnowned,
         format!(
             "{} of {all} buckets have no owner and their events wait: {summary}. The other relays take a stopped relay's \
              buckets within seconds; if this lasts, see the relays' logs",
@@ -294,7 +294,7 @@ mod tests {
         let l = locks(64, &[(10, 0..22), (20, 22..43), (30, 43..64)]);
         assert_eq!(changing(64, &l, PODS), None);
         let c = verdict(64, &l, 3, PODS, None);
-        assert_eq!((c.status, c.reason), (Status::True, reason::AVAILABLE));
+        assert_eq!((c.status, c.reason), (Status::True, Reason::Available));
         assert_eq!(c.message, "3 relays own 64/64 buckets (22, 21, 21); 3/3 relay pods available");
         // More relays than buckets: one owns none, and that is fine.
         let l = locks(64, &[(10, 0..64), (20, 0..0)]);
@@ -307,7 +307,7 @@ mod tests {
     fn unowned_buckets_are_counted() {
         let l = locks(64, &[(10, 0..22), (30, 43..64)]);
         let c = verdict(64, &l, 3, PODS, None);
-        assert_eq!((c.status, c.reason), (Status::False, reason::BUCKETS_UNOWNED));
+        assert_eq!((c.status, c.reason), (Status::False, Reason::BucketsUnowned));
         assert!(c.message.starts_with("21 of 64 buckets have no owner"), "{}", c.message);
         assert!(c.message.contains("2 relays own 43/64 buckets (22, 21)"), "{}", c.message);
     }
@@ -317,7 +317,7 @@ mod tests {
         let l = locks(64, &[(10, 0..22), (30, 43..64)]);
         assert!(unowned(64, &l) && !unowned(64, &locks(64, &[(10, 0..64)])) && !unowned(1, &l));
         let c = verdict(64, &l, 3, PODS, Some(Duration::from_millis(1200)));
-        assert_eq!((c.status, c.reason), (Status::True, reason::BUCKETS_MOVING));
+        assert_eq!((c.status, c.reason), (Status::True, Reason::BucketsMoving));
         assert!(
             c.message
                 .starts_with("21 of 64 buckets are changing hands (without an owner for 1.2s; BucketsUnowned after 10s)"),
@@ -325,15 +325,15 @@ mod tests {
             c.message
         );
         let c = verdict(64, &l, 3, PODS, Some(UNOWNED_GRACE));
-        assert_eq!((c.status, c.reason), (Status::False, reason::BUCKETS_UNOWNED));
+        assert_eq!((c.status, c.reason), (Status::False, Reason::BucketsUnowned));
     }
 
     #[test]
     fn no_relay_with_a_bucket_is_not_relaying() {
         let none = Locks::default();
-        assert_eq!(verdict(64, &none, 0, PODS, None).reason, reason::DEPLOYMENT_UNAVAILABLE);
+        assert_eq!(verdict(64, &none, 0, PODS, None).reason, Reason::DeploymentUnavailable);
         let c = verdict(64, &none, 3, PODS, None);
-        assert_eq!((c.status, c.reason), (Status::False, reason::NO_ACTIVE_RELAY));
+        assert_eq!((c.status, c.reason), (Status::False, Reason::NoActiveRelay));
         // Relays that joined but own nothing yet: every bucket is unowned.
         let joined = locks(64, &[(10, 0..0)]);
         assert!(verdict(64, &joined, 1, PODS, None)
@@ -356,7 +356,7 @@ mod tests {
             ..Locks::default()
         };
         let c = changing(64, &l, PODS).unwrap();
-        assert_eq!((c.status, c.reason), (Status::True, reason::BUCKETS_CHANGING));
+        assert_eq!((c.status, c.reason), (Status::True, Reason::BucketsChanging));
         assert!(
             c.message
                 .starts_with("2 relays with 32 buckets still publish, owning 32/32 buckets; the relays with 64 buckets (1 relay waiting)"),
@@ -370,7 +370,7 @@ mod tests {
             ..Locks::default()
         };
         let c = changing(64, &l, PODS).unwrap();
-        assert_eq!((c.status, c.reason), (Status::False, reason::BUCKETS_CHANGING));
+        assert_eq!((c.status, c.reason), (Status::False, Reason::BucketsChanging));
         assert!(
             c.message.starts_with("1 relay with 32 buckets still holds 16/32 buckets"),
             "{}",
@@ -385,7 +385,7 @@ mod tests {
             ..locks(64, &[(3, 0..0)])
         };
         let c = changing(64, &single, PODS).unwrap();
-        assert_eq!((c.status, c.reason), (Status::True, reason::BUCKETS_CHANGING));
+        assert_eq!((c.status, c.reason), (Status::True, Reason::BucketsChanging));
         assert!(c.message.contains("a relay with buckets 1 holds the outbox lock"), "{}", c.message);
         // Back to 1: relays with 64 buckets still run; the one with buckets 1 waits for them.
         let rows: Vec<(i64, i32)> = std::iter::once((i64::from(member_code(64)), 1))

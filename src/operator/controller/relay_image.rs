@@ -3,7 +3,7 @@
 //! code with those Secrets: `spec.relay.image` must be under one of the operator's
 //! `--relay-image-prefixes` (by default the repository of its own `--relay-image`).
 
-use crate::operator::conditions::{condition, reason, Cond};
+use crate::operator::conditions::{condition, Cond, Reason};
 
 /// The repository of an image reference and what follows it (`:tag`, `@digest`, both, or
 /// nothing). A registry's port (`host:5000/x`) is part of the repository. Pure.
@@ -71,7 +71,7 @@ pub fn refused(image: Option<&str>, default_image: &str, prefixes: &[String]) ->
     }
     Some(Cond::no(
         condition::READY,
-        reason::INVALID_SPEC,
+        Reason::InvalidSpec,
         format!(
             "spec.relay.image: {image:?} is not an image this operator runs relays from (allowed: {}, \
              set by the operator's --relay-image-prefixes); omit it to use {default_image}",
@@ -149,7 +149,7 @@ mod tests {
         assert_eq!(refused(None, &own, &p), None);
         assert_eq!(refused(Some(&format!("{OWN}:1.2")), &own, &p), None);
         let c = refused(Some("evil.io/miner:1"), &own, &p).unwrap();
-        assert_eq!((c.type_, c.reason), (condition::READY, reason::INVALID_SPEC));
+        assert_eq!((c.type_, c.reason), (condition::READY, Reason::InvalidSpec));
         assert!(
             c.message.starts_with("spec.relay.image: \"evil.io/miner:1\" is not"),
             "{}",

@@ -13,7 +13,7 @@ use crate::{
     clients::kafka::{Admin, AdminError, ObservedTopic},
     crd::topics::Desired,
     crd::{OutboxRelay, OutboxRelayStatus, TopicStatus, ValidOutboxRelay},
-    operator::conditions::{condition, reason, Cond, Status},
+    operator::conditions::{condition, Cond, Reason, Status},
     operator::policy::topics::{plan, Action as TopicAction, Plan},
 };
 
@@ -40,7 +40,7 @@ pub async fn topics(
         Err(m) => {
             let c = Cond::unknown(
                 condition::TOPICS_READY,
-                reason::TOPIC_OPERATION_FAILED,
+                Reason::TopicOperationFailed,
                 format!("{m}: cannot tell which topics are this object's"),
             );
             return (c, kept_topics(previous, &names), vec![]);
@@ -149,11 +149,11 @@ fn topics_condition(count: usize, p: &Plan, failed: &[Failed], held: &BTreeMap<S
         format!(" Warnings: {}", p.warnings.join("; "))
     };
     if let Some(f) = failed.iter().find(|f| f.error.is_unreachable()) {
-        return Cond::no(T, reason::BROKER_UNREACHABLE, f.error.to_string());
+        return Cond::no(T, Reason::BrokerUnreachable, f.error.to_string());
     }
     if !failed.is_empty() {
         let msgs: Vec<String> = failed.iter().map(|f| f.error.to_string()).collect();
-        return Cond::no(T, reason::TOPIC_OPERATION_FAILED, format!("{}{warn}", msgs.join("; ")));
+        return Cond::no(T, Reason::TopicOperationFailed, format!("{}{warn}", msgs.join("; ")));
     }
     if !held.is_empty() {
         let msgs: Vec<String> = held.iter().map(|(t, h)| format!("topic {t} is managed by {h}")).collect();
@@ -162,19 +162,19 @@ fn topics_condition(count: usize, p: &Plan, failed: &[Failed], held: &BTreeMap<S
              Remove it from spec.topics here, or from the other object's{warn}",
             msgs.join("; ")
         );
-        return Cond::no(T, reason::RESOURCE_CONFLICT, m);
+        return Cond::no(T, Reason::ResourceConflict, m);
     }
     if !p.refusals.is_empty() {
         let msgs: Vec<&str> = p.refusals.iter().map(|r| r.message.as_str()).collect();
         let m = format!("{}; nothing was changed on those topics{warn}", msgs.join("; "));
-        return Cond::no(T, reason::PARTITION_CHANGE_REFUSED, m);
+        return Cond::no(T, Reason::PartitionChangeRefused, m);
     }
     if !p.drift.is_empty() {
         let msgs: Vec<String> = p.drift.iter().map(|(t, d)| format!("{t}: {}", d.join(", "))).collect();
         let m = format!("restored config changed outside lockstep: {}{warn}", msgs.join("; "));
-        return Cond::yes(T, reason::TOPIC_CONFIG_DRIFT, m);
+        return Cond::yes(T, Reason::TopicConfigDrift, m);
     }
-    Cond::yes(T, reason::TOPICS_CONFIGURED, format!("{count} topic(s) as specified{warn}"))
+    Cond::yes(T, Reason::TopicsConfigured, format!("{count} topic(s) as specified{warn}"))
 }
 
 #[cfg(test)]
@@ -201,7 +201,7 @@ mod tests {
         let (c, st) = judge(&d, &observed("old", 3, &[("retention.ms", "1000"), m]), &[]);
         assert_eq!(
             (c.status, c.reason, c.message.as_str()),
-            (Status::True, reason::TOPICS_CONFIGURED, "2 topic(s) as specified")
+            (Status::True, Reason::TopicsConfigured, "2 topic(s) as specified")
         );
         assert_eq!(
             st[0].partitions,
@@ -216,7 +216,7 @@ mod tests {
         let d = [desired("t", 3, &[("retention.ms", "1000")])];
         let broker = [("retention.ms", "5"), ("min.insync.replicas", "2")];
         let (c, st) = judge(&d, &observed("t", 3, &broker), &[]);
-        assert_eq!((c.status, c.reason), (Status::True, reason::TOPIC_CONFIG_DRIFT));
+        assert_eq!((c.status, c.reason), (Status::True, Reason::TopicConfigDrift));
         assert_eq!(c.message, "restored config changed outside lockstep: t: retention.ms: 5 -> 1000");
         assert_eq!(st[0].drift, vec!["retention.ms: 5 -> 1000"]);
     }
@@ -225,7 +225,7 @@ mod tests {
     fn partition_changes_are_refused_and_the_topic_not_ready() {
         let d = [desired("t", 12, &[])];
         let (c, st) = judge(&d, &observed("t", 6, &[("min.insync.replicas", "2")]), &[]);
-        assert_eq!((c.status, c.reason), (Status::False, reason::PARTITION_CHANGE_REFUSED));
+        assert_eq!((c.status, c.reason), (Status::False, Reason::PartitionChangeRefused));
         assert!(c.message.ends_with("nothing was changed on those topics"), "{}", c.message);
         assert_eq!((st[0].ready, st[0].partitions), (false, Some(6)));
     }
@@ -249,10 +249,10 @@ mod tests {
             },
         };
         let (c, st) = judge(&d, &BTreeMap::new(), &[refused(), down]);
-        assert_eq!((c.status, c.reason), (Status::False, reason::BROKER_UNREACHABLE));
+        assert_eq!((c.status, c.reason), (Status::False, Reason::BrokerUnreachable));
         assert!(st.iter().all(|t| !t.ready));
         let (c, st) = judge(&d, &BTreeMap::new(), &[refused()]);
-        assert_eq!((c.status, c.reason), (Status::False, reason::TOPIC_OPERATION_FAILED));
+        assert_eq!((c.status, c.reason), (Status::False, Reason::TopicOperationFailed));
         assert_eq!((st[0].ready, st[1].ready), (false, true));
     }
 
@@ -260,7 +260,7 @@ mod tests {
     fn durability_warnings_ride_along() {
         let d = [desired("t", 3, &[("min.insync.replicas", "3")])];
         let (c, _) = judge(&d, &observed("t", 3, &[("min.insync.replicas", "3")]), &[]);
-        assert_eq!(c.reason, reason::TOPICS_CONFIGURED);
+        assert_eq!(c.reason, Reason::TopicsConfigured);
         assert!(
             c.message.contains(" Warnings: t: min.insync.replicas=3 with replication factor 3"),
             "{}",
@@ -275,7 +275,7 @@ mod tests {
         // Planned without it: the broker's config of it is never compared, nor changed.
         let o = observed("theirs", 3, &[("retention.ms", "604800000")]);
         let (c, st) = topics_verdict(&d, &o, &plan(&d[1..], &o), &[], &held);
-        assert_eq!((c.status, c.reason), (Status::False, reason::RESOURCE_CONFLICT));
+        assert_eq!((c.status, c.reason), (Status::False, Reason::ResourceConflict));
         assert!(
             c.message
                 .starts_with("topic theirs is managed by OutboxRelay a/orders; this object neither changes nor deletes it"),

@@ -21,7 +21,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use super::{Context, Error};
 use crate::{
     crd::{DedupPolicyStatus, InboxTableStatus, OutboxRelayStatus},
-    operator::conditions::{self, condition, reason, Cond, Status},
+    operator::conditions::{self, condition, Cond, Reason, Status},
 };
 
 /// A status with Kubernetes conditions and an observed generation.
@@ -105,7 +105,7 @@ where
 {
     let c = Cond::no(
         condition::READY,
-        reason::INVALID_SPEC,
+        Reason::InvalidSpec,
         format!("the object does not match the {} schema: {error}", K::kind(&())),
     );
     let (conds, _) = conditions::merge(&[], &[c], generation, &now());
@@ -138,7 +138,7 @@ fn event(c: &Cond) -> Event {
         } else {
             EventType::Normal
         },
-        reason: c.reason.to_owned(),
+        reason: c.reason.as_str().to_owned(),
         note: Some(format!("{} is {}: {}", c.type_, c.status.as_str(), truncate(&c.message, 1000))),
         action: "Reconcile".into(),
         secondary: None,
@@ -179,7 +179,7 @@ mod tests {
             rows: Some(7),
             ..Default::default()
         };
-        let c = [Cond::yes(condition::READY, reason::READY, "ok")];
+        let c = [Cond::yes(condition::READY, Reason::Ready, "ok")];
         let (s, flipped) = merged(previous.clone(), Some(3), &c, &t("2026-01-01T00:00:00Z"));
         assert_eq!((s.rows, s.observed_generation, flipped.len()), (Some(7), Some(3), 1));
         // The same verdict again: an identical status, so no write and no Event.
@@ -189,12 +189,12 @@ mod tests {
 
     #[test]
     fn events_warn_on_false_only_and_stay_short() {
-        let e = event(&Cond::no(condition::SCHEMA_READY, reason::SCHEMA_MISMATCH, "x".repeat(5000)));
+        let e = event(&Cond::no(condition::SCHEMA_READY, Reason::SchemaMismatch, "x".repeat(5000)));
         assert_eq!(e.type_, EventType::Warning);
         assert_eq!(e.reason, "SchemaMismatch");
         assert!(e.note.unwrap().len() < 1100);
         assert_eq!(
-            event(&Cond::unknown(condition::READY, reason::PAUSED, "p")).type_,
+            event(&Cond::unknown(condition::READY, Reason::Paused, "p")).type_,
             EventType::Normal
         );
     }

@@ -309,6 +309,7 @@ relay --nats-credentials-file env=NATS_CREDENTIALS_FILE default=
 relay --nats-tls-ca-file env=NATS_TLS_CA_FILE default=
 relay --nats-tls-cert-file env=NATS_TLS_CERT_FILE default=
 relay --nats-tls-key-file env=NATS_TLS_KEY_FILE default=
+relay --nats-secret-dir env=NATS_SECRET_DIR default=
 relay --nats-ack-timeout env=LOCKSTEP_NATS_ACK_TIMEOUT default=30s
 relay --topic env=LOCKSTEP_TOPIC default=outbox.event.{aggregatetype}
 relay --key env=LOCKSTEP_KEY default=aggregateid

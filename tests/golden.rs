@@ -204,6 +204,7 @@ fn condition_types_and_reasons_are_exact() {
         Reason::PrerequisiteFailed,
         Reason::BucketsUnowned,
         Reason::BucketsChanging,
+        Reason::StreamChangeRefused,
     ];
     assert_eq!(
         reasons.map(Reason::as_str).join(","),
@@ -214,7 +215,7 @@ fn condition_types_and_reasons_are_exact() {
          NoSourcesDeclared,TopicNotFound,LagWithinThreshold,LagAboveThreshold,LongTransaction,\
          Available,DeploymentUnavailable,NoActiveRelay,ScaledToZero,DeploymentFailed,DeletionBlocked,\
          PolicyInvalid,TableChangeRefused,PermissionDenied,ResourceConflict,SecretKeyRefused,PrerequisitesMet,PrerequisiteFailed,\
-         BucketsUnowned,BucketsChanging"
+         BucketsUnowned,BucketsChanging,StreamChangeRefused"
     );
     assert_eq!(lockstep::crd::PAUSED_ANNOTATION, "lockstep.dev/paused");
     assert_eq!(lockstep::crd::DELETE_UNPUBLISHED_ANNOTATION, "lockstep.dev/delete-unpublished");

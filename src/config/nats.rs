@@ -49,6 +49,10 @@ pub struct NatsArgs {
     /// Client key (PEM), with --nats-tls-cert-file.
     #[arg(long, env = "NATS_TLS_KEY_FILE", requires = "nats_tls_cert_file")]
     pub nats_tls_key_file: Option<PathBuf>,
+    /// A directory holding the files of a NATS Secret (a mounted Secret): `user` and `password`,
+    /// `token`, `nkey` or `creds`, and `ca.crt`, `tls.crt`, `tls.key`.
+    #[arg(long, env = "NATS_SECRET_DIR")]
+    pub nats_secret_dir: Option<PathBuf>,
     /// How long a PubAck may take before the message counts as failed and is sent again (a lost
     /// connection fails it at once; this bounds a server that stays connected and silent).
     #[arg(long, env = "LOCKSTEP_NATS_ACK_TIMEOUT", default_value = "30s", value_parser = crate::core::duration::parse)]
@@ -90,6 +94,27 @@ impl NatsArgs {
                 std::fs::read_to_string(f).map_err(|source| RelayConfigError::Read { path: f.clone(), source })?,
             )));
         }
+        let (mut tls_ca, mut tls_client) = (
+            self.nats_tls_ca_file.clone(),
+            self.nats_tls_cert_file.clone().zip(self.nats_tls_key_file.clone()),
+        );
+        if let Some(dir) = &self.nats_secret_dir {
+            let mut files = std::collections::BTreeMap::new();
+            for key in crate::core::nats_settings::SECRET_KEYS {
+                let path = dir.join(key);
+                if path.exists() {
+                    files.insert(key.to_owned(), read_trimmed(&path)?);
+                }
+            }
+            let auth = crate::core::nats_settings::auth_from(&files).map_err(|m| invalid(format!("{}: {m}", dir.display())))?;
+            if !matches!(auth, NatsAuth::None) {
+                ways.push(auth);
+            }
+            tls_ca = tls_ca.or_else(|| files.contains_key("ca.crt").then(|| dir.join("ca.crt")));
+            if files.contains_key("tls.crt") && files.contains_key("tls.key") {
+                tls_client = tls_client.or_else(|| Some((dir.join("tls.crt"), dir.join("tls.key"))));
+            }
+        }
         if ways.len() > 1 {
             return Err(invalid(
                 "give one NATS authentication: user and password, a token, an NKey or a credentials file".into(),
@@ -98,8 +123,8 @@ impl NatsArgs {
         Ok(NatsSettings {
             servers,
             auth: ways.pop().unwrap_or_default(),
-            tls_ca: self.nats_tls_ca_file.clone(),
-            tls_client: self.nats_tls_cert_file.clone().zip(self.nats_tls_key_file.clone()),
+            tls_ca,
+            tls_client,
             name: None,
             ack_timeout: self.nats_ack_timeout,
         })

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use super::redacted::Redacted;
 
 /// How the relay authenticates to NATS. Values never reach a log or an error.
@@ -21,6 +23,10 @@ pub enum NatsAuth {
     Credentials(Redacted),
 }
 
+/// The keys of a NATS Secret (and files of its mounted directory): credentials, one way, and
+/// TLS files.
+pub const SECRET_KEYS: [&str; 8] = ["user", "password", "token", "nkey", "creds", "ca.crt", "tls.crt", "tls.key"];
+
 #[derive(Clone, Debug, Default)]
 pub struct NatsSettings {
     /// `nats://host:port` or `tls://host:port`, tried in turn.
@@ -34,6 +40,33 @@ pub struct NatsSettings {
     pub name: Option<String>,
     /// How long a PubAck may take before the message counts as failed (and is sent again).
     pub ack_timeout: Duration,
+}
+
+/// The one way to authenticate a Secret holds. Pure; never names a value.
+pub fn auth_from(data: &BTreeMap<String, String>) -> Result<NatsAuth, String> {
+    let get = |k: &str| data.get(k).filter(|v| !v.is_empty()).map(|v| Redacted::new(v.clone()));
+    let mut ways = Vec::new();
+    match (data.get("user"), get("password")) {
+        (Some(u), Some(p)) => ways.push(NatsAuth::UserPassword {
+            user: u.clone(),
+            password: p,
+        }),
+        (Some(_), None) | (None, Some(_)) => return Err("keys user and password go together".into()),
+        (None, None) => {}
+    }
+    if let Some(t) = get("token") {
+        ways.push(NatsAuth::Token(t));
+    }
+    if let Some(k) = get("nkey") {
+        ways.push(NatsAuth::NKey(k));
+    }
+    if let Some(c) = get("creds") {
+        ways.push(NatsAuth::Credentials(c));
+    }
+    if ways.len() > 1 {
+        return Err("holds more than one way to authenticate (user and password, token, nkey, creds): keep one".into());
+    }
+    Ok(ways.pop().unwrap_or_default())
 }
 
 /// `host:port` of a server URL (`nats://`, `tls://` or none; port 4222 when none is given).
@@ -73,6 +106,27 @@ pub fn valid_filter_subject(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn one_way_to_authenticate_and_no_value_in_messages() {
+        assert!(matches!(auth_from(&data(&[])), Ok(NatsAuth::None)));
+        assert!(matches!(
+            auth_from(&data(&[("user", "u"), ("password", "hunter2")])),
+            Ok(NatsAuth::UserPassword { .. })
+        ));
+        assert!(matches!(
+            auth_from(&data(&[("creds", "x"), ("ca.crt", "pem")])),
+            Ok(NatsAuth::Credentials(_))
+        ));
+        let e = auth_from(&data(&[("user", "u")])).unwrap_err();
+        assert!(e.contains("together"), "{e}");
+        let e = auth_from(&data(&[("token", "hunter2"), ("nkey", "SUAB")])).unwrap_err();
+        assert!(e.contains("more than one") && !e.contains("hunter2"), "{e}");
+    }
 
     #[test]
     fn server_urls() {

@@ -103,6 +103,9 @@ reasons! {
     BucketsMoving,
     /// Relays of another bucket count than the spec's still hold the outbox (a change rolling out).
     BucketsChanging,
+    /// A stream setting the server cannot change (storage), or a stream that deletes consumed
+    /// messages: refused, nothing changed.
+    StreamChangeRefused,
 }
 
 /// A condition as computed by a reconcile, before timestamps.

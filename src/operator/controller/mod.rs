@@ -24,6 +24,7 @@ pub mod relay_buckets;
 pub mod relay_deployment;
 pub mod relay_image;
 pub mod relay_pod;
+pub mod relay_streams;
 pub mod relay_topics;
 pub mod status;
 pub mod topic_owners;

@@ -9,17 +9,11 @@ use kube::{api::Api, Client};
 use super::deps::Reporting;
 use crate::{
     clients::nats_admin::{NatsAdmin, ObservedStream},
-    core::{
-        nats_settings::{NatsAuth, NatsSettings},
-        redacted::Redacted,
-    },
+    core::nats_settings::NatsSettings,
     operator::conditions::{Cond, Reason},
 };
 
-/// Secret keys the relay and the operator read: credentials (one way) and TLS files.
-pub const SECRET_KEYS: [&str; 8] = ["user", "password", "token", "nkey", "creds", "ca.crt", "tls.crt", "tls.key"];
-
-/// How to reach `servers` with the credentials of Secret `ns/secret` (keys as `SECRET_KEYS`); TLS
+/// How to reach `servers` with the credentials of Secret `ns/secret` (keys as `core::nats_settings::SECRET_KEYS`); TLS
 /// files are written to a private folder, as the relay has them mounted.
 pub async fn nats_settings(
     client: &Client,
@@ -62,7 +56,7 @@ pub async fn nats_settings(
             ))
         }
     };
-    s.auth = auth(&data).map_err(|m| {
+    s.auth = crate::core::nats_settings::auth_from(&data).map_err(|m| {
         Cond::new(
             on.type_,
             on.status,
@@ -83,33 +77,6 @@ pub async fn nats_settings(
         s.tls_client = (data.contains_key("tls.crt") && data.contains_key("tls.key")).then(|| (dir.join("tls.crt"), dir.join("tls.key")));
     }
     Ok(s)
-}
-
-/// The one way to authenticate a Secret holds. Pure; never names a value.
-pub fn auth(data: &BTreeMap<String, String>) -> Result<NatsAuth, String> {
-    let get = |k: &str| data.get(k).filter(|v| !v.is_empty()).map(|v| Redacted::new(v.clone()));
-    let mut ways = Vec::new();
-    match (data.get("user"), get("password")) {
-        (Some(u), Some(p)) => ways.push(NatsAuth::UserPassword {
-            user: u.clone(),
-            password: p,
-        }),
-        (Some(_), None) | (None, Some(_)) => return Err("keys user and password go together".into()),
-        (None, None) => {}
-    }
-    if let Some(t) = get("token") {
-        ways.push(NatsAuth::Token(t));
-    }
-    if let Some(k) = get("nkey") {
-        ways.push(NatsAuth::NKey(k));
-    }
-    if let Some(c) = get("creds") {
-        ways.push(NatsAuth::Credentials(c));
-    }
-    if ways.len() > 1 {
-        return Err("holds more than one way to authenticate (user and password, token, nkey, creds): keep one".into());
-    }
-    Ok(ways.pop().unwrap_or_default())
 }
 
 /// The Secret's TLS files in a folder only this process reads.
@@ -153,30 +120,4 @@ pub async fn describe_streams(
         }
     }
     Ok((admin, observed))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    }
-
-    #[test]
-    fn one_way_to_authenticate_and_no_value_in_messages() {
-        assert!(matches!(auth(&data(&[])), Ok(NatsAuth::None)));
-        assert!(matches!(
-            auth(&data(&[("user", "u"), ("password", "hunter2")])),
-            Ok(NatsAuth::UserPassword { .. })
-        ));
-        assert!(matches!(
-            auth(&data(&[("creds", "x"), ("ca.crt", "pem")])),
-            Ok(NatsAuth::Credentials(_))
-        ));
-        let e = auth(&data(&[("user", "u")])).unwrap_err();
-        assert!(e.contains("together"), "{e}");
-        let e = auth(&data(&[("token", "hunter2"), ("nkey", "SUAB")])).unwrap_err();
-        assert!(e.contains("more than one") && !e.contains("hunter2"), "{e}");
-    }
 }

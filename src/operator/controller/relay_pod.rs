@@ -21,6 +21,8 @@ pub const DATABASE_URL_DIR: &str = "/etc/lockstep/database";
 pub const DATABASE_URL_FILE: &str = "/etc/lockstep/database/url";
 /// Where `spec.kafka.authSecretRef` is mounted: one file per librdkafka setting.
 pub const KAFKA_CONFIG_DIR: &str = "/etc/lockstep/kafka";
+/// Where `spec.nats.authSecretRef` is mounted: its keys as files (`core::nats_settings::SECRET_KEYS`).
+pub const NATS_SECRET_DIR: &str = "/etc/lockstep/nats";
 /// The image's nonroot user and group (distroless `nonroot`, `USER 65532:65532` in the Dockerfile).
 const RUN_AS: i64 = 65532;
 /// Owner read only: the kubelet adds group read for `fsGroup`, nobody else reads the Secrets.
@@ -32,6 +34,7 @@ pub const TERMINATION_GRACE_SECONDS: i64 = 60;
 
 const DATABASE_VOLUME: &str = "database-url";
 const KAFKA_VOLUME: &str = "kafka-auth";
+const NATS_VOLUME: &str = "nats-auth";
 
 /// `relay` and its flags, in `--flag=value` form so a value starting with '-' stays a value.
 /// Settings the spec has no field for (`--listen`, `--max-batches-in-flight`) keep the relay's defaults.
@@ -41,23 +44,40 @@ pub fn relay_args(v: &ValidOutboxRelay) -> Vec<String> {
         Cleanup::Delete => "delete",
         Cleanup::MarkPublished => "mark-published",
     };
+    let kafka = v.nats.is_none();
     let mut flags = vec![
         ("schema", v.table.schema.as_str().to_owned()),
         ("table", v.table.table.as_str().to_owned()),
-        ("bootstrap-servers", v.bootstrap_servers.clone()),
+    ];
+    // Kafka's flags keep their place: a changed list would roll every Deployment on upgrade.
+    match &v.nats {
+        None => flags.push(("bootstrap-servers", v.bootstrap_servers.clone())),
+        Some(n) => flags.extend([
+            ("broker", "nats".to_owned()),
+            ("nats-url", n.servers.join(",")),
+            ("nats-ack-timeout", duration::format(n.ack_timeout)),
+        ]),
+    }
+    flags.extend([
         ("topic", v.topic_template.text()),
         ("key", v.key.name().to_owned()),
         ("batch-size", v.batch_size.to_string()),
         ("poll-interval", duration::format(v.poll_interval)),
         ("max-gather", duration::format(v.max_gather)),
         ("max-attempts", v.max_attempts.to_string()),
-        ("linger-ms", p.linger_ms.to_string()),
-        ("compression", p.compression.as_str().to_owned()),
+    ]);
+    if kafka {
+        flags.extend([
+            ("linger-ms", p.linger_ms.to_string()),
+            ("compression", p.compression.as_str().to_owned()),
+        ]);
+    }
+    flags.extend([
         ("cleanup", cleanup.to_owned()),
         ("manage-schema", v.manage_schema.to_string()),
         ("headers", v.headers.as_str().to_owned()),
         ("metrics-addr", format!("0.0.0.0:{METRICS_PORT}")),
-    ];
+    ]);
     // Only above 1, so Deployments made before buckets existed do not roll on upgrade.
     flags.extend((v.buckets > 1).then(|| ("buckets", v.buckets.to_string())));
     flags.extend(v.published_retention.map(|r| ("published-retention", duration::format(r))));
@@ -78,8 +98,10 @@ fn env(v: &ValidOutboxRelay) -> Vec<EnvVar> {
         value_from: None,
     };
     let mut env = vec![var("DATABASE_URL_FILE", DATABASE_URL_FILE)];
-    if v.auth_secret.is_some() {
-        env.push(var("LOCKSTEP_KAFKA_CONFIG_DIR", KAFKA_CONFIG_DIR));
+    match &v.nats {
+        None if v.auth_secret.is_some() => env.push(var("LOCKSTEP_KAFKA_CONFIG_DIR", KAFKA_CONFIG_DIR)),
+        Some(n) if n.auth_secret.is_some() => env.push(var("NATS_SECRET_DIR", NATS_SECRET_DIR)),
+        _ => {}
     }
     env
 }
@@ -109,9 +131,19 @@ fn volumes(v: &ValidOutboxRelay) -> (Vec<Volume>, Vec<VolumeMount>) {
     };
     let mut volumes = vec![secret(DATABASE_VOLUME, &v.url_secret.name, Some(vec![url_item]))];
     let mut mounts = vec![mount(DATABASE_VOLUME, DATABASE_URL_DIR)];
-    if let Some(auth) = &v.auth_secret {
-        volumes.push(secret(KAFKA_VOLUME, auth, None));
-        mounts.push(mount(KAFKA_VOLUME, KAFKA_CONFIG_DIR));
+    match &v.nats {
+        None => {
+            if let Some(auth) = &v.auth_secret {
+                volumes.push(secret(KAFKA_VOLUME, auth, None));
+                mounts.push(mount(KAFKA_VOLUME, KAFKA_CONFIG_DIR));
+            }
+        }
+        Some(n) => {
+            if let Some(auth) = &n.auth_secret {
+                volumes.push(secret(NATS_VOLUME, auth, None));
+                mounts.push(mount(NATS_VOLUME, NATS_SECRET_DIR));
+            }
+        }
     }
     (volumes, mounts)
 }
@@ -206,245 +238,5 @@ pub fn pod_spec(v: &ValidOutboxRelay, image: &str) -> PodSpec {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::{path::PathBuf, time::Duration};
-
-    use clap::CommandFactory;
-
-    use super::*;
-    use crate::{
-        config::RelayArgs,
-        crd::{OutboxRelay, SecretKeyRef, ValidProducer},
-        operator::controller::fixtures::{outbox_relay, outbox_relay_minimal},
-    };
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: RelayArgs,
-    }
-
-    fn valid(o: &OutboxRelay) -> ValidOutboxRelay {
-        o.spec.validate().unwrap()
-    }
-
-    /// The container's command line with its environment turned into the flags that read those
-    /// variables (clap's own `env` names), so no process environment is touched.
-    fn command_line(c: &Container) -> Vec<String> {
-        let args = c.args.clone().unwrap();
-        assert_eq!(args[0], "relay", "{args:?}");
-        let mut argv = vec!["lockstep".to_owned()];
-        argv.extend(args[1..].iter().cloned());
-        let cli = Cli::command();
-        for e in c.env.iter().flatten() {
-            assert!(e.value_from.is_none(), "{} is read from elsewhere", e.name);
-            let arg = cli
-                .get_arguments()
-                .find(|a| a.get_env().is_some_and(|v| v == e.name.as_str()))
-                .unwrap_or_else(|| panic!("no relay flag reads {}", e.name));
-            argv.push(format!("--{}={}", arg.get_long().unwrap(), e.value.as_deref().unwrap()));
-        }
-        argv
-    }
-
-    /// A fresh directory for one test's stand-ins of the mounted Secrets.
-    fn scratch(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("lockstep-relay-pod-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    /// Parse the container's command line as `lockstep relay` does, resolve it with stand-in
-    /// Secret files, and compare with the spec's own resolved config.
-    fn parses_back(o: &OutboxRelay, tag: &str) {
-        let v = valid(o);
-        // Only the container's own args and env count: the test process's environment (DATABASE_URL
-        // is set where the integration tests run) must not fill in flags.
-        let command = Cli::command().mut_args(|a| a.env(None::<&str>));
-        let matches = command.try_get_matches_from(command_line(&container(&v, "img"))).unwrap();
-        let mut args = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap().args;
-        assert_eq!(args.outbox.database_url_file, Some(PathBuf::from(DATABASE_URL_FILE)));
-        let expected_dir = v.auth_secret.as_ref().map(|_| PathBuf::from(KAFKA_CONFIG_DIR));
-        assert_eq!(args.kafka.kafka_config_dir, expected_dir);
-
-        let dir = scratch(tag);
-        std::fs::write(dir.join("url"), "postgres://u:p@db/x\n").unwrap();
-        args.outbox.database_url_file = Some(dir.join("url"));
-        let mut config = v.producer.config.clone();
-        if args.kafka.kafka_config_dir.is_some() {
-            std::fs::create_dir_all(dir.join("kafka")).unwrap();
-            std::fs::write(dir.join("kafka/sasl.username"), "relay").unwrap();
-            args.kafka.kafka_config_dir = Some(dir.join("kafka"));
-            config.insert("sasl.username".into(), "relay".into());
-        }
-        let cfg = args.resolve().unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
-
-        // What the CLI cannot know (Secret names, topics, replicas, lag, the pod) is not compared.
-        let expected = ValidOutboxRelay {
-            url_secret: SecretKeyRef {
-                name: "cli".into(),
-                key: "url".into(),
-            },
-            auth_secret: None,
-            producer: ValidProducer {
-                config,
-                ..v.producer.clone()
-            },
-            topics: vec![],
-            replicas: 1,
-            max_oldest_age: Duration::from_secs(30),
-            image: None,
-            resources: None,
-            paused: false,
-            ..v.clone()
-        };
-        assert_eq!(cfg.resolved, expected);
-        assert_eq!(cfg.bootstrap_servers, v.bootstrap_servers);
-        assert_eq!(cfg.metrics_addr.to_string(), "0.0.0.0:9090");
-        assert!(cfg.listen);
-        assert_eq!(cfg.database_url.expose(), "postgres://u:p@db/x");
-    }
-
-    #[test]
-    fn every_setting_parses_back_into_the_spec_config() {
-        let o = outbox_relay("orders");
-        let v = valid(&o);
-        // The fixture is away from every default, so a dropped flag cannot pass unnoticed.
-        assert_eq!((v.key.name(), v.batch_size, v.max_attempts, v.manage_schema), ("id", 200, 3, false));
-        assert_eq!((v.buckets, v.published_retention), (64, Some(Duration::from_secs(86_400))));
-        assert_eq!(v.poll_interval, Duration::from_secs(90));
-        assert_eq!(v.max_gather, Duration::from_millis(50));
-        parses_back(&o, "every-setting");
-    }
-
-    #[test]
-    fn a_default_spec_parses_back() {
-        parses_back(&outbox_relay_minimal("plain"), "default");
-    }
-
-    #[test]
-    fn args_name_every_setting_as_a_flag() {
-        let args = relay_args(&valid(&outbox_relay("orders")));
-        for a in [
-            "--schema=billing",
-            "--table=orders_outbox",
-            "--bootstrap-servers=k1:9092,k2:9093",
-            "--topic=orders.{type}.v1",
-            "--key=id",
-            "--batch-size=200",
-            "--poll-interval=1m30s",
-            "--max-gather=50ms",
-            "--max-attempts=3",
-            "--linger-ms=20",
-            "--compression=zstd",
-            "--cleanup=mark-published",
-            "--published-retention=1d",
-            "--manage-schema=false",
-            "--headers=cloudevents",
-            "--buckets=64",
-            "--cloudevents-source=https://orders.example/-",
-            "--metrics-addr=0.0.0.0:9090",
-            "--kafka-config=client.id=-orders",
-        ] {
-            assert!(args.iter().any(|x| x == a), "{a} missing from {args:?}");
-        }
-        let minimal = relay_args(&valid(&outbox_relay_minimal("plain")));
-        let absent = ["--published-retention", "--kafka-config", "--cloudevents-source", "--buckets"];
-        assert!(!minimal.iter().any(|a| absent.iter().any(|x| a.starts_with(x))), "{minimal:?}");
-        assert!(minimal.iter().any(|a| a == "--headers=lockstep"));
-    }
-
-    #[test]
-    fn secrets_are_mounted_never_copied() {
-        let v = valid(&outbox_relay("orders"));
-        let (vols, mounts) = volumes(&v);
-        let db = vols[0].secret.as_ref().unwrap();
-        assert_eq!(db.secret_name.as_deref(), Some("orders-db"));
-        let item = &db.items.as_ref().unwrap()[0];
-        assert_eq!((item.key.as_str(), item.path.as_str()), ("dsn", "url"));
-        let kafka = vols[1].secret.as_ref().unwrap();
-        assert_eq!((kafka.secret_name.as_deref(), kafka.items.as_ref()), (Some("kafka-auth"), None));
-        assert!(vols.iter().all(|vol| vol.secret.as_ref().unwrap().default_mode == Some(0o400)));
-        let at: Vec<_> = mounts
-            .iter()
-            .map(|m| (m.name.as_str(), m.mount_path.as_str(), m.read_only))
-            .collect();
-        assert_eq!(
-            at,
-            [
-                ("database-url", DATABASE_URL_DIR, Some(true)),
-                ("kafka-auth", KAFKA_CONFIG_DIR, Some(true))
-            ]
-        );
-        assert_eq!(format!("{DATABASE_URL_DIR}/url"), DATABASE_URL_FILE);
-        let vars: Vec<_> = env(&v).into_iter().map(|e| (e.name, e.value.unwrap())).collect();
-        assert_eq!(
-            vars,
-            [
-                ("DATABASE_URL_FILE".to_string(), DATABASE_URL_FILE.to_string()),
-                ("LOCKSTEP_KAFKA_CONFIG_DIR".to_string(), KAFKA_CONFIG_DIR.to_string())
-            ]
-        );
-
-        let plain = valid(&outbox_relay_minimal("plain"));
-        let (vols, mounts) = volumes(&plain);
-        assert_eq!((vols.len(), mounts.len(), env(&plain).len()), (1, 1, 1));
-        assert_eq!(vols[0].secret.as_ref().unwrap().items.as_ref().unwrap()[0].key, "url");
-    }
-
-    #[test]
-    fn the_pod_is_locked_down() {
-        let pod = pod_spec(&valid(&outbox_relay_minimal("plain")), "img");
-        assert_eq!(
-            (pod.automount_service_account_token, pod.enable_service_links),
-            (Some(false), Some(false))
-        );
-        assert_eq!(pod.termination_grace_period_seconds, Some(60));
-        let psc = pod.security_context.unwrap();
-        assert_eq!(
-            (psc.run_as_non_root, psc.run_as_user, psc.run_as_group),
-            (Some(true), Some(65532), Some(65532))
-        );
-        assert_eq!(psc.fs_group, Some(65532));
-        assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
-        let sc = pod.containers[0].security_context.clone().unwrap();
-        assert_eq!(
-            (sc.allow_privilege_escalation, sc.read_only_root_filesystem),
-            (Some(false), Some(true))
-        );
-        assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
-    }
-
-    #[test]
-    fn probes_ask_healthz_on_the_metrics_port() {
-        let c = container(&valid(&outbox_relay_minimal("plain")), "img");
-        let port = &c.ports.as_ref().unwrap()[0];
-        assert_eq!((port.name.as_deref(), port.container_port), (Some("metrics"), 9090));
-        for p in [c.liveness_probe.unwrap(), c.readiness_probe.unwrap()] {
-            let get = p.http_get.unwrap();
-            // Not /readyz: a standby must be ready too (see `probe`).
-            assert_eq!(get.path.as_deref(), Some("/healthz"));
-            assert_eq!(get.port, IntOrString::String("metrics".into()));
-        }
-    }
-
-    #[test]
-    fn resources_come_from_the_spec_or_defaults() {
-        let c = container(&valid(&outbox_relay_minimal("plain")), "img");
-        let r = c.resources.unwrap();
-        let requests = r.requests.unwrap();
-        assert_eq!((requests["cpu"].0.as_str(), requests["memory"].0.as_str()), ("100m", "64Mi"));
-        let limits = r.limits.unwrap();
-        assert_eq!((limits["memory"].0.as_str(), limits.get("cpu")), ("256Mi", None));
-
-        let mut o = outbox_relay("orders");
-        let asked = ResourceRequirements {
-            requests: Some([("cpu".to_string(), Quantity("1".into()))].into()),
-            ..ResourceRequirements::default()
-        };
-        o.spec.relay.resources = Some(asked.clone());
-        assert_eq!(container(&valid(&o), "img").resources, Some(asked));
-    }
-}
+#[path = "relay_pod_tests.rs"]
+mod tests;

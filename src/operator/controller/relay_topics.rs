@@ -33,6 +33,10 @@ pub async fn topics(
     previous: &OutboxRelayStatus,
     valid: &ValidOutboxRelay,
 ) -> (Cond, Vec<TopicStatus>, Vec<String>) {
+    if let Some(nats) = &valid.nats {
+        let (c, s) = super::relay_streams::streams(ctx, obj, nats).await;
+        return (c, s, vec![]);
+    }
     let ns = obj.namespace().unwrap_or_default();
     let names: Vec<String> = valid.topics.iter().map(|t| t.name.clone()).collect();
     let held = match topic_owners::others(ctx, obj, valid).await {

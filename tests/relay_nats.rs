@@ -157,3 +157,68 @@ async fn an_inbox_consumer_of_a_jetstream_consumer_applies_each_event_once() {
         .unwrap();
     assert_eq!(total, EVENTS, "each event applied once ({skipped} redeliveries skipped)");
 }
+
+/// A server that wants TLS and a password: the relay reads both from a Secret's directory
+/// (`--nats-secret-dir`, as the operator mounts it) and publishes; with a wrong password it keeps
+/// the rows, says why, and never writes either password anywhere.
+#[tokio::test]
+async fn a_relay_reaches_a_tls_server_with_a_password_from_a_secret_directory_and_never_logs_it() {
+    const CONFIG: &str = "listen: 127.0.0.1:{port}\njetstream { store_dir: \"{dir}/js\" }\n\
+        tls { cert_file: \"{dir}/server.pem\", key_file: \"{dir}/server.key\" }\n\
+        authorization { user: relay, password: \"s3cret-pw\" }\n";
+    let make = |dir: &std::path::Path| common::tls::make_certs(dir, "nats-test-ca");
+    let server = common::broker::PrivateNats::start_configured(Some((CONFIG, &make)));
+    let url = server.url().replace("nats://", "tls://");
+    let ca = server.dir().join("ca.pem");
+    let client = async_nats::ConnectOptions::with_user_and_password("relay".into(), "s3cret-pw".into())
+        .add_root_certificates(ca.clone())
+        .require_tls(true)
+        .connect(url.as_str())
+        .await
+        .unwrap();
+    let js = jetstream::new(client);
+    let subject = common::unique("relay.tls");
+    js.create_stream(jetstream::stream::Config {
+        name: stream_name(&subject),
+        subjects: vec![subject.clone()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let table = common::outbox::OutboxTable::create("nats-tls", &common::env("DATABASE_URL")).await;
+    let secret = |name: &str, password: &str| {
+        let d = server.dir().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("user"), "relay\n").unwrap();
+        std::fs::write(d.join("password"), format!("{password}\n")).unwrap();
+        std::fs::copy(&ca, d.join("ca.crt")).unwrap();
+        d.display().to_string()
+    };
+    let (good, bad) = (secret("good", "s3cret-pw"), secret("bad", "wrong-pw"));
+    let o = common::relays::Outbox {
+        table,
+        topic: subject.clone(),
+        bootstrap: url.clone(),
+        url: common::env("DATABASE_URL"),
+        kind: Kind::Nats,
+        broker_env: vec![("LOCKSTEP_BROKER", "nats".into()), ("NATS_URL", url.clone())],
+    };
+
+    o.insert(0, 10, 2).await;
+    let mut wrong = o.relay_with("relay-nats-wrong-pw.log", &o.url, &["--nats-secret-dir", &bad]);
+    wrong.wait_log("broker or network failed", Duration::from_secs(30)).await;
+    assert_eq!(o.remaining().await, 10, "nothing is removed that was not acknowledged");
+    wrong.kill();
+    let log = wrong.log();
+    assert!(log.to_lowercase().contains("authorization"), "{log}");
+    assert!(
+        !log.contains("wrong-pw") && !log.contains("s3cret-pw"),
+        "a password in the log:\n{log}"
+    );
+
+    let relay = o.relay_with("relay-nats-tls.log", &o.url, &["--nats-secret-dir", &good]);
+    o.wait_drained(Duration::from_secs(60)).await;
+    let got = common::broker::consume_stream(&js, &subject, 10, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 10);
+    assert!(!relay.log().contains("s3cret-pw"));
+}

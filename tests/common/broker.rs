@@ -176,8 +176,12 @@ pub async fn consume(kind: Kind, address: &str, destination: &str, want: usize, 
 }
 
 async fn consume_nats(address: &str, destination: &str, want: usize, timeout: Duration) -> Vec<Received> {
+    consume_stream(&jetstream(address).await, destination, want, timeout).await
+}
+
+/// Messages of the stream of `destination` through `js`, from its first.
+pub async fn consume_stream(js: &async_nats::jetstream::Context, destination: &str, want: usize, timeout: Duration) -> Vec<Received> {
     use async_nats::jetstream::consumer;
-    let js = jetstream(address).await;
     let stream = js.get_stream(stream_name(destination)).await.expect("the stream");
     let c = stream
         .create_consumer(consumer::pull::Config {
@@ -245,23 +249,48 @@ fn kafka_received(m: &rdkafka::message::BorrowedMessage<'_>) -> Received {
     }
 }
 
+/// What a test puts in a private server's folder before it starts (certificates).
+pub type Prepare = dyn Fn(&std::path::Path);
+
 /// A nats-server with JetStream of a test's own, on its own port and store.
 pub struct PrivateNats {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// A configuration file's text (`{port}` and `{dir}` filled in), instead of the flags.
+    config: Option<String>,
 }
 
 impl PrivateNats {
     pub fn start() -> Self {
+        Self::start_configured(None)
+    }
+
+    /// A server started from `config` (`{port}` and `{dir}`, its folder, filled in); the folder
+    /// is made first, so the caller's files may go in it through `prepare`.
+    pub fn start_configured(config: Option<(&str, &Prepare)>) -> Self {
         let dir = PathBuf::from(super::env("LOCKSTEP_TESTENV_DIR"))
             .join("private-nats")
             .join(super::unique("n"));
         std::fs::create_dir_all(&dir).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut n = PrivateNats { port, dir, child: None };
+        let config = config.map(|(text, prepare)| {
+            prepare(&dir);
+            text.replace("{port}", &port.to_string())
+                .replace("{dir}", &dir.display().to_string())
+        });
+        let mut n = PrivateNats {
+            port,
+            dir,
+            child: None,
+            config,
+        };
         n.start_again();
         n
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     pub fn url(&self) -> String {
@@ -270,10 +299,18 @@ impl PrivateNats {
 
     /// Start again: same port, same store, so the streams and their messages are kept.
     pub fn start_again(&mut self) {
-        let store = self.dir.join("store");
-        let child = Command::new(super::env("LOCKSTEP_NATS_BIN"))
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
-            .arg(&store)
+        let mut cmd = Command::new(super::env("LOCKSTEP_NATS_BIN"));
+        match &self.config {
+            Some(text) => {
+                std::fs::write(self.dir.join("nats.conf"), text).unwrap();
+                cmd.arg("-c").arg(self.dir.join("nats.conf"));
+            }
+            None => {
+                cmd.args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+                    .arg(self.dir.join("store"));
+            }
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join("log")).unwrap())
             .spawn()

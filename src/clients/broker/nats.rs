@@ -27,7 +27,6 @@ use async_nats::{
     ConnectOptions, HeaderMap,
 };
 use futures::{
-    channel::oneshot,
     future::{BoxFuture, Shared},
     FutureExt,
 };
@@ -85,7 +84,6 @@ impl NatsPublisher {
             p: self,
             conn: None,
             last: HashMap::new(),
-            queued: Vec::new(),
         }
     }
 
@@ -184,22 +182,11 @@ pub(crate) async fn options(s: &NatsSettings) -> Result<ConnectOptions, Refusal>
         .ping_interval(Duration::from_secs(5)))
 }
 
-/// One batch: each key's last message, whose acknowledgement its next one waits for, and the
-/// messages no earlier one of their key holds back, handed to the connection by a task of the
-/// batch's own once the batch is built (so the relay goes back to its database meanwhile).
+/// One batch: each key's last message, whose acknowledgement its next one waits for.
 pub struct NatsBatch<'a> {
     p: &'a NatsPublisher,
     conn: Option<Conn>,
-    last: HashMap<String, Shared<BoxFuture<'static, Result<Acked, Refusal>>>>,
-    queued: Vec<Queued>,
-}
-
-/// A message for the batch's task to publish, and where its pending PubAck goes.
-struct Queued {
-    subject: String,
-    headers: HeaderMap,
-    payload: bytes::Bytes,
-    handed: oneshot::Sender<Result<jetstream::context::PublishAckFuture, Refusal>>,
+    last: HashMap<String, Shared<BoxFuture<'static, bool>>>,
 }
 
 impl NatsBatch<'_> {
@@ -226,25 +213,14 @@ impl NatsBatch<'_> {
         let in_flight = self.p.inner.in_flight.clone();
         let ack: BoxFuture<'static, Result<Acked, Refusal>> = match self.last.get(m.key).cloned() {
             None => {
-                let (handed, pending) = oneshot::channel();
-                self.queued.push(Queued {
-                    subject,
-                    headers,
-                    payload,
-                    handed,
-                });
-                async move { acked(pending.await.map_err(|_| Refusal::lost())??).await }.boxed()
+                let pending = publish(&conn, subject, headers, payload).await?;
+                pending.boxed()
             }
             Some(previous) => async move {
-                if previous.await.is_err() {
+                if !previous.await {
                     return Err(Refusal::behind_failed());
                 }
-                let pending = conn
-                    .js
-                    .publish_with_headers(subject, headers, payload)
-                    .await
-                    .map_err(|e| refusal(&e))?;
-                acked(pending).await
+                publish(&conn, subject, headers, payload).await?.await
             }
             .boxed(),
         };
@@ -256,39 +232,30 @@ impl NatsBatch<'_> {
         }
         .boxed()
         .shared();
-        self.last.insert(m.key.to_owned(), ack.clone());
+        let done = ack.clone().map(|r| r.is_ok()).boxed().shared();
+        self.last.insert(m.key.to_owned(), done);
         Ok(ack.boxed())
     }
 }
 
-impl Drop for NatsBatch<'_> {
-    /// The batch is built: its task publishes the queued messages in order.
-    fn drop(&mut self) {
-        let (Some(conn), queued) = (self.conn.take(), std::mem::take(&mut self.queued)) else {
-            return;
-        };
-        if queued.is_empty() {
-            return;
+/// Hand a message to the connection; the future is its PubAck.
+async fn publish(
+    conn: &Conn,
+    subject: String,
+    headers: HeaderMap,
+    payload: bytes::Bytes,
+) -> Result<impl std::future::Future<Output = Result<Acked, Refusal>>, Refusal> {
+    let pending = conn
+        .js
+        .publish_with_headers(subject, headers, payload)
+        .await
+        .map_err(|e| refusal(&e))?;
+    Ok(async move {
+        match pending.await {
+            Ok(ack) => Ok(Acked { duplicate: ack.duplicate }),
+            Err(e) => Err(refusal(&e)),
         }
-        tokio::spawn(async move {
-            for q in queued {
-                let r = conn
-                    .js
-                    .publish_with_headers(q.subject, q.headers, q.payload)
-                    .await
-                    .map_err(|e| refusal(&e));
-                let _ = q.handed.send(r);
-            }
-        });
-    }
-}
-
-/// A PubAck, awaited.
-async fn acked(pending: jetstream::context::PublishAckFuture) -> Result<Acked, Refusal> {
-    match pending.await {
-        Ok(ack) => Ok(Acked { duplicate: ack.duplicate }),
-        Err(e) => Err(refusal(&e)),
-    }
+    })
 }
 
 /// The message's headers, its id as `Nats-Msg-Id`, its key, and its timestamp when the relay's

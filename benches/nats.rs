@@ -6,7 +6,8 @@
 //! out; the database's instructions are not counted).
 //!
 //!   scripts/bench nats   (BENCH_EVENTS, default 100000; BENCH_ROUNDS, default 3;
-//!                         BENCH_INSTR_EVENTS, default 5000 = N2, N1 = N2 / 5, 0 skips)
+//!                         BENCH_INSTR_EVENTS, default 5000 = N2, N1 = N2 / 5, 0 skips;
+//!                         BENCH_RELAY_ARGS, more relay flags, e.g. "--batch-size 2000")
 
 #[path = "support/callgrind.rs"]
 mod callgrind;

@@ -138,7 +138,33 @@ fn relay_cases() -> Vec<Case> {
         c("bootstrap port zero", "spec.kafka.bootstrapServers", "V", at("/spec/kafka/bootstrapServers", "kafka:0")),
         c("bootstrap port above 65535", "spec.kafka.bootstrapServers", "V", at("/spec/kafka/bootstrapServers", "kafka:70000")),
         c("empty bootstrap", "spec.kafka.bootstrapServers", "SV", at("/spec/kafka/bootstrapServers", "")),
-        c("no kafka", "spec.kafka", "S", at("/spec/kafka", null.clone())),
+        c("no kafka", "spec.kafka", "CV", at("/spec/kafka", null.clone())),
+        c("unknown broker", "spec.broker", "S", at("/spec/broker", "Pulsar")),
+        c("broker Nats without nats", "spec.nats", "CV", at("/spec/broker", "Nats")),
+        c("topics with broker Nats", "spec.topics", "CV", vec![
+            ("/spec/broker", json!("Nats")),
+            ("/spec/nats", json!({"servers": "nats://n:4222"})),
+        ]),
+        c("nats URL with a password", "spec.nats.servers", "V", vec![
+            ("/spec/broker", json!("Nats")),
+            ("/spec/topics", json!([])),
+            ("/spec/nats", json!({"servers": "nats://u:pw@n:4222"})),
+        ]),
+        c("stream subject with an empty token", "spec.nats.streams[0].subjects[0]", "V", vec![
+            ("/spec/broker", json!("Nats")),
+            ("/spec/topics", json!([])),
+            ("/spec/nats", json!({"servers": "nats://n:4222", "streams": [{"name": "s", "subjects": ["a..b"]}]})),
+        ]),
+        c("stream name with a dot", "spec.nats.streams[0].name", "S", vec![
+            ("/spec/broker", json!("Nats")),
+            ("/spec/topics", json!([])),
+            ("/spec/nats", json!({"servers": "nats://n:4222", "streams": [{"name": "a.b", "subjects": ["a"]}]})),
+        ]),
+        c("stream replicas above 5", "spec.nats.streams[0].replicas", "S", vec![
+            ("/spec/broker", json!("Nats")),
+            ("/spec/topics", json!([])),
+            ("/spec/nats", json!({"servers": "nats://n:4222", "streams": [{"name": "s", "subjects": ["a"], "replicas": 7}]})),
+        ]),
         c("auth secret not a k8s name", "spec.kafka.authSecretRef.name", "SV", at("/spec/kafka/authSecretRef/name", "Kafka_Auth")),
         c("unknown compression", "spec.kafka.producer.compression", "S", at("/spec/kafka/producer/compression", "brotli")),
         c("linger above a minute", "spec.kafka.producer.lingerMs", "SV", at("/spec/kafka/producer/lingerMs", 60_001)),
@@ -440,6 +466,17 @@ fn cel_makes_the_table_immutable() {
     let mut same = old.clone();
     same.spec.relay.batch_size = 100;
     assert!(same.validate_cel_update(&old).is_ok());
+}
+
+#[test]
+fn cel_makes_the_broker_immutable() {
+    let old: OutboxRelay = serde_json::from_value(base(Kind::Relay)).unwrap();
+    let mut new = old.clone();
+    new.spec.broker = lockstep::crd::Broker::Nats;
+    new.spec.topics.clear();
+    new.spec.nats = Some(serde_json::from_value(json!({"servers": "nats://n:4222"})).unwrap());
+    let err = new.validate_cel_update(&old).expect_err("moving a relay to another broker must be refused");
+    assert!(format!("{err:?}").contains("broker is immutable"), "{err:?}");
 }
 
 fn resource(kind: Kind) -> ApiResource {

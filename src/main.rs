@@ -335,7 +335,9 @@ replay --table env=LOCKSTEP_TABLE default=outbox
 replay --id env= default=
 replay --all env= default=
 chaos --database-url env=DATABASE_URL default=
+chaos --broker env= default=kafka
 chaos --bootstrap-servers env=KAFKA_BOOTSTRAP_SERVERS default=
+chaos --nats-url env=NATS_URL default=
 chaos --events env= default=100000
 chaos --keys env= default=500
 chaos --partitions env= default=4
@@ -350,7 +352,9 @@ chaos --database-restart env= default=
 chaos --work-dir env= default=chaos
 chaos --settle-timeout env= default=10m
 chaos-consumer --database-url env=DATABASE_URL default=
+chaos-consumer --broker env= default=kafka
 chaos-consumer --bootstrap-servers env=KAFKA_BOOTSTRAP_SERVERS default=
+chaos-consumer --nats-url env=NATS_URL default=
 chaos-consumer --schema env= default=
 chaos-consumer --topic env= default=
 chaos-consumer --group env= default=

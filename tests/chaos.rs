@@ -2,15 +2,27 @@
 //! with this build of lockstep: orders committed (and some rolled back) with outbox rows, two
 //! relays and two inbox consumers SIGKILLed, the broker paused and restarted, the database
 //! restarted once. The run checks the outcome in the database and exits non-zero on any miss;
-//! here the fault counts are checked too. CHAOS_EVENTS overrides the 100k events.
+//! here the fault counts are checked too. Through Kafka (tansu) and NATS JetStream; CHAOS_EVENTS
+//! overrides the 100k events through Kafka, CHAOS_NATS_EVENTS the 20k through NATS (its run's
+//! consumers take one message at a time, to keep each key's order across consumer processes).
 
 use std::process::Command;
 
 #[test]
 fn every_committed_order_is_applied_once_through_faults_on_every_hop() {
-    let events = std::env::var("CHAOS_EVENTS").unwrap_or_else(|_| "100000".into());
+    chaos("kafka", &std::env::var("CHAOS_EVENTS").unwrap_or_else(|_| "100000".into()));
+}
+
+#[test]
+fn every_committed_order_is_applied_once_through_faults_on_every_hop_with_nats() {
+    chaos("nats", &std::env::var("CHAOS_NATS_EVENTS").unwrap_or_else(|_| "20000".into()));
+}
+
+fn chaos(broker: &str, events: &str) {
+    let events = events.to_owned();
     let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/chaos"))
         .env("LOCKSTEP_BIN", env!("CARGO_BIN_EXE_lockstep"))
+        .env("CHAOS_BROKER", broker)
         .args(["--events", &events, "--faults", "20"])
         .stderr(std::process::Stdio::inherit())
         .output()

@@ -475,7 +475,9 @@ fn cel_makes_the_broker_immutable() {
     new.spec.broker = lockstep::crd::Broker::Nats;
     new.spec.topics.clear();
     new.spec.nats = Some(serde_json::from_value(json!({"servers": "nats://n:4222"})).unwrap());
-    let err = new.validate_cel_update(&old).expect_err("moving a relay to another broker must be refused");
+    let err = new
+        .validate_cel_update(&old)
+        .expect_err("moving a relay to another broker must be refused");
     assert!(format!("{err:?}").contains("broker is immutable"), "{err:?}");
 }
 

@@ -34,9 +34,19 @@ fn of_key(got: &[Received], key: &str) -> Vec<i64> {
 
 /// A stream full under `discard: new` refuses a large message and takes a smaller one after it.
 /// The relay must not let the smaller message of the same key be stored first: it is held until
-/// the refused one is stored (once the stream has room), then follows it.
+/// the refused one is stored (once the stream has room), then follows it. Within one batch, and
+/// across batches in flight (one row per batch: the relay reads later rows of a key in flight).
 #[tokio::test]
 async fn a_message_the_server_refuses_holds_back_the_later_messages_of_its_key() {
+    refused_message_holds_back_its_key(&[]).await;
+}
+
+#[tokio::test]
+async fn a_message_the_server_refuses_holds_back_its_key_in_later_batches_in_flight() {
+    refused_message_holds_back_its_key(&["--batch-size", "1"]).await;
+}
+
+async fn refused_message_holds_back_its_key(relay_args: &[&str]) {
     let broker = Broker::shared(Kind::Nats);
     let o = common::relays::outbox_on("nats-full", &broker, 1, &common::env("DATABASE_URL")).await;
     let js = jetstream::new(async_nats::connect(&broker.address).await.unwrap());
@@ -47,7 +57,7 @@ async fn a_message_the_server_refuses_holds_back_the_later_messages_of_its_key()
 
     // k's first fits, its second does not, its third would; j's only one fits.
     insert(&o, &[("k", 0, 1500), ("k", 1, 3000), ("k", 2, 10), ("j", 0, 10)]).await;
-    let relay = o.relay("relay-nats-full.log", &o.url);
+    let relay = o.relay_with(&format!("relay-nats-full{}.log", relay_args.len()), &o.url, relay_args);
     let deadline = Instant::now() + Duration::from_secs(30);
     let got = loop {
         let got = o.consume(2, Duration::from_secs(2)).await;

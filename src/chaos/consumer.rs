@@ -21,9 +21,15 @@ pub struct ConsumeArgs {
     /// PostgreSQL URL of the run's database. Never logged.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
-    /// Kafka bootstrap servers, host:port[,host:port...].
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    /// The broker: kafka, or nats (one JetStream durable consumer the run's consumers share).
+    #[arg(long, value_enum, default_value = "kafka")]
+    pub broker: crate::config::BrokerArg,
+    /// Kafka bootstrap servers, host:port[,host:port...] (with --broker kafka).
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "")]
     pub bootstrap_servers: String,
+    /// NATS server URL (with --broker nats).
+    #[arg(long, env = "NATS_URL", default_value = "")]
+    pub nats_url: String,
     /// The run's schema (its orders and inbox tables).
     #[arg(long)]
     pub schema: String,
@@ -61,19 +67,66 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
     };
     let inbox = Inbox::for_table(table, "chaos").with_metrics(metrics);
     serve(args.metrics_addr, registry).await?;
+    // The effect: one row per application, so a second application of an order is visible.
+    let effect_sql = format!(
+        "insert into {}.effects (order_id, key, n) values ($1, $2, $3)",
+        crate::core::sql::quote_ident(&args.schema)
+    );
+    let applier = Applier { pool, inbox, effect_sql };
+    match args.broker {
+        crate::config::BrokerArg::Kafka => run_kafka(&args, &applier).await,
+        crate::config::BrokerArg::Nats => super::nats_consumer::run(&args, &applier).await,
+    }
+}
 
+/// Applies a message's order through the inbox.
+pub(super) struct Applier {
+    pool: sqlx::PgPool,
+    inbox: Inbox,
+    effect_sql: String,
+}
+
+impl Applier {
+    /// Claim the message and apply its order in one transaction; a database away longer than
+    /// the handler's retries gets the same message again, never skips it.
+    pub(super) async fn apply(&self, d: &Delivery<'_>, payload: &[u8]) -> anyhow::Result<()> {
+        let body: serde_json::Value = serde_json::from_slice(payload)?;
+        let order = body["order"].as_str().unwrap_or_default().to_owned();
+        let key = body["key"].as_str().unwrap_or_default().to_owned();
+        let n = body["n"].as_i64().unwrap_or(-1);
+        loop {
+            let r = self
+                .inbox
+                .handle(&self.pool, d, Retry::default(), |tx| {
+                    // The future may outlive this call's borrows: it owns what it binds.
+                    let (sql, order, key) = (self.effect_sql.clone(), order.clone(), key.clone());
+                    async move {
+                        sqlx::query(&sql).bind(order).bind(key).bind(n).execute(&mut *tx).await?;
+                        Ok(())
+                    }
+                    .boxed()
+                })
+                .await;
+            match r {
+                Ok(_) => return Ok(()),
+                Err(HandleError::Database { source, .. }) => {
+                    tracing::warn!(error = %source, "database unavailable; the message is handled again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => anyhow::bail!("message {}: {e}", d.id),
+            }
+        }
+    }
+}
+
+async fn run_kafka(args: &ConsumeArgs, applier: &Applier) -> anyhow::Result<()> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.bootstrap_servers)
         .set("group.id", &args.group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .create()?;
-    consumer.assign(&assignment(&consumer, &args)?)?;
-    // The effect: one row per application, so a second application of an order is visible.
-    let effect_sql = format!(
-        "insert into {}.effects (order_id, key, n) values ($1, $2, $3)",
-        crate::core::sql::quote_ident(&args.schema)
-    );
+    consumer.assign(&assignment(&consumer, args)?)?;
     let mut pending: HashMap<i32, i64> = HashMap::new();
     // Offsets are committed every 50 messages and when idle: a kill redelivers up to that many.
     let mut handled = 0u64;
@@ -92,32 +145,7 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
         let Some(d) = Delivery::from_message(&m) else {
             anyhow::bail!("message at {}:{} has no id header", m.partition(), m.offset());
         };
-        let body: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
-        let order = body["order"].as_str().unwrap_or_default().to_owned();
-        let key = body["key"].as_str().unwrap_or_default().to_owned();
-        let n = body["n"].as_i64().unwrap_or(-1);
-        // A database away longer than the handler's retries: the same message again, never skipped.
-        loop {
-            let r = inbox
-                .handle(&pool, &d, Retry::default(), |tx| {
-                    // The future may outlive this call's borrows: it owns what it binds.
-                    let (sql, order, key) = (effect_sql.clone(), order.clone(), key.clone());
-                    async move {
-                        sqlx::query(&sql).bind(order).bind(key).bind(n).execute(&mut *tx).await?;
-                        Ok(())
-                    }
-                    .boxed()
-                })
-                .await;
-            match r {
-                Ok(_) => break,
-                Err(HandleError::Database { source, .. }) => {
-                    tracing::warn!(error = %source, "database unavailable; the message is handled again");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(e) => anyhow::bail!("message {}: {e}", d.id),
-            }
-        }
+        applier.apply(&d, m.payload().unwrap_or_default()).await?;
         pending.insert(m.partition(), m.offset() + 1);
         handled += 1;
         if handled.is_multiple_of(50) {

@@ -234,6 +234,8 @@ impl Faults {
         let mut c = Command::new(&self.exe);
         c.env("DATABASE_URL", &self.args.database_url)
             .env("KAFKA_BOOTSTRAP_SERVERS", &self.args.bootstrap_servers)
+            .env("NATS_URL", &self.args.nats_url)
+            .env("LOCKSTEP_BROKER", format!("{:?}", self.args.broker).to_lowercase())
             .env("RUST_LOG", "info,sqlx=warn")
             .stderr(self.log(what)?)
             .kill_on_drop(true);
@@ -265,9 +267,18 @@ impl Faults {
             .map(|p| p.to_string())
             .collect();
         let mut c = self.command("consumer")?;
-        c.args(["chaos-consumer", "--schema", &self.run.schema, "--topic", &self.run.topic])
-            .args(["--group", &self.run.group, "--partitions", &partitions.join(",")])
-            .stdout(Stdio::piped());
+        let broker = format!("{:?}", self.args.broker).to_lowercase();
+        c.args([
+            "chaos-consumer",
+            "--broker",
+            &broker,
+            "--schema",
+            &self.run.schema,
+            "--topic",
+            &self.run.topic,
+        ])
+        .args(["--group", &self.run.group, "--partitions", &partitions.join(",")])
+        .stdout(Stdio::piped());
         let mut child = c.spawn()?;
         let out = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
         let mut lines = BufReader::new(out).lines();

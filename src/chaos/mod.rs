@@ -10,6 +10,7 @@
 
 mod consumer;
 mod faults;
+mod nats_consumer;
 mod verify;
 
 use std::{path::PathBuf, time::Duration};
@@ -26,9 +27,15 @@ pub struct ChaosArgs {
     /// PostgreSQL URL of a database the run may create a schema in (dropped at the end). Never logged.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+    /// The broker: kafka, or nats (JetStream; the run creates its own stream).
+    #[arg(long, value_enum, default_value = "kafka")]
+    pub broker: crate::config::BrokerArg,
     /// Kafka bootstrap servers, host:port[,host:port...]; the run creates its own topic.
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "")]
     pub bootstrap_servers: String,
+    /// NATS server URL, with --broker nats.
+    #[arg(long, env = "NATS_URL", default_value = "")]
+    pub nats_url: String,
     /// Events (orders) committed; about a tenth more are written in transactions that roll back.
     #[arg(long, default_value_t = 100_000)]
     pub events: u64,
@@ -187,7 +194,38 @@ async fn prepare(pool: &sqlx::PgPool, args: &ChaosArgs, run: &Run) -> anyhow::Re
         };
         migrate(&mut conn, kind, &t, true).await?;
     }
-    let admin = crate::clients::kafka::Admin::new(&args.bootstrap_servers, &Default::default(), Duration::from_secs(30))?;
-    admin.create_topic(&run.topic, args.partitions, 1, &Default::default()).await?;
+    match args.broker {
+        crate::config::BrokerArg::Kafka => {
+            let admin = crate::clients::kafka::Admin::new(&args.bootstrap_servers, &Default::default(), Duration::from_secs(30))?;
+            admin.create_topic(&run.topic, args.partitions, 1, &Default::default()).await?;
+        }
+        crate::config::BrokerArg::Nats => {
+            let settings = crate::core::nats_settings::NatsSettings {
+                servers: vec![args.nats_url.clone()],
+                ack_timeout: Duration::from_secs(10),
+                ..Default::default()
+            };
+            let admin = crate::clients::nats_admin::NatsAdmin::connect(&settings)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let stream = crate::crd::DesiredStream {
+                name: stream_name(&run.topic),
+                subjects: vec![run.topic.clone()],
+                storage: crate::crd::StreamStorage::File,
+                replicas: 1,
+                max_age: Duration::ZERO,
+                duplicate_window: Duration::from_secs(120),
+                discard: crate::crd::Discard::Old,
+                max_bytes: None,
+                ignore: Default::default(),
+            };
+            admin.create(&stream).await.map_err(anyhow::Error::msg)?;
+        }
+    }
     Ok(())
+}
+
+/// The run's stream: its subject with the dots streams may not hold.
+pub fn stream_name(subject: &str) -> String {
+    subject.replace('.', "_")
 }

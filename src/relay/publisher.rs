@@ -39,6 +39,8 @@ mod settle;
 pub(super) struct InFlight {
     /// The gate's number for the batch.
     n: u64,
+    /// The publisher's number for it (`Publisher::completed`).
+    sent_as: u64,
     rows: Vec<OutboxRow>,
     /// Each row's message key.
     keys: Vec<String>,
@@ -195,6 +197,7 @@ impl Relay {
         // Batches of a drain that ended in an error are gone (their rows are still in the
         // outbox): their keys must not stay out of reads.
         self.gate.abandon_in_flight();
+        self.publisher.forget();
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(depth);
         // There may be rows to read: at the start, after a full batch, a NOTIFY or a completed
         // batch (rows may have come since, keys may be free again). Cleared by a read that
@@ -346,6 +349,7 @@ impl Relay {
         // A clone (a reference count) so that the batch's sender does not borrow the relay.
         let publisher = self.publisher.clone();
         let mut batch = publisher.batch();
+        let sent_as = batch.id();
         for (i, (row, key)) in rows.iter().zip(&keys).enumerate() {
             if failed_keys.contains(key.as_str()) {
                 continue;
@@ -370,6 +374,7 @@ impl Relay {
         }
         InFlight {
             n,
+            sent_as,
             rows,
             keys,
             sent,

@@ -20,6 +20,7 @@ impl Relay {
     pub(super) async fn complete(&mut self, conn: &mut PgConnection, batch: InFlight) -> Result<(), RelayError> {
         let InFlight {
             n,
+            sent_as,
             rows,
             keys,
             sent,
@@ -98,6 +99,8 @@ impl Relay {
             }
         }
         self.gate.complete(n, waits);
+        // The outcome of each message is in: the gate, not the publisher, holds failed keys now.
+        self.publisher.completed(sent_as, keys.iter().map(String::as_str));
         self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
         Ok(())
     }

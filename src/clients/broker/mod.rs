@@ -119,11 +119,26 @@ impl Publisher {
         })
     }
 
-    /// A batch's sender: per-key order holds within it.
+    /// A batch's sender: per-key order holds within it and across the batches in flight.
     pub fn batch(&self) -> Batch<'_> {
         match self {
             Publisher::Kafka(k) => Batch::Kafka(k),
             Publisher::Nats(n) => Batch::Nats(Box::new(n.batch())),
+        }
+    }
+
+    /// The relay completed batch `id` (`Batch::id`) of these keys: what became of each message is
+    /// known, and the relay's gate holds a failed key back from now on.
+    pub fn completed<'k>(&self, id: u64, keys: impl IntoIterator<Item = &'k str>) {
+        if let Publisher::Nats(n) = self {
+            n.completed(id, keys)
+        }
+    }
+
+    /// The relay gave up the batches in flight and will read their rows again.
+    pub fn forget(&self) {
+        if let Publisher::Nats(n) = self {
+            n.forget()
         }
     }
 
@@ -177,6 +192,14 @@ pub enum Batch<'a> {
 }
 
 impl Batch<'_> {
+    /// The batch's number, for `Publisher::completed` (Kafka's are all 0: it keeps no chain).
+    pub fn id(&self) -> u64 {
+        match self {
+            Batch::Kafka(_) => 0,
+            Batch::Nats(n) => n.id(),
+        }
+    }
+
     /// Hand a message over, waiting while the publisher's queue is full. A refusal here means the
     /// publisher never had it.
     pub async fn send(&mut self, m: &Outgoing<'_>) -> Result<Ack, Refusal> {

@@ -2,8 +2,12 @@
 //! published with `Nats-Msg-Id` = the event id and its PubAck awaited.
 //!
 //! - Order: JetStream stores what one connection sends in the order sent, but a message that
-//!   fails does not stop the later ones. So a key's next message of a batch is published only once
-//!   the previous one was acknowledged; after a failure it is not sent (`Released`).
+//!   fails does not stop the later ones. So a key's next message is published only once the
+//!   previous one was acknowledged, within a batch and across the batches in flight (the relay
+//!   reads later rows of a key in flight into later batches); after a failure it is not sent
+//!   (`Released`), as Kafka's gapless producer fails a partition's later messages. A key's entry
+//!   lasts until the relay completed the batch of its last message (`completed`): from then on the
+//!   relay's own gate holds the key back while it waits for a retry.
 //! - No reconnects: a connection that drops is dead, with whatever it still held, and the next
 //!   send opens a new one. A reconnecting client would send what it queued while away after the
 //!   relay had resent those rows and maybe later rows of their keys, or after another relay took
@@ -45,8 +49,16 @@ pub struct NatsPublisher {
     inner: Arc<Inner>,
 }
 
+/// Batch numbers, unique in the process: a batch of a replaced publisher never names another's.
+static NEXT_BATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A key's last message handed over: its batch, and its acknowledgement.
+type LastOfKey = (u64, Shared<BoxFuture<'static, bool>>);
+
 struct Inner {
     settings: NatsSettings,
+    /// Each key's last message, until the relay completed its batch.
+    last: Mutex<HashMap<String, LastOfKey>>,
     current: Mutex<Option<Conn>>,
     /// One connect at a time.
     connecting: tokio::sync::Mutex<()>,
@@ -71,6 +83,7 @@ impl NatsPublisher {
         NatsPublisher {
             inner: Arc::new(Inner {
                 settings,
+                last: Mutex::new(HashMap::new()),
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
                 next_server: AtomicUsize::new(0),
@@ -82,9 +95,24 @@ impl NatsPublisher {
     pub(super) fn batch(&self) -> NatsBatch<'_> {
         NatsBatch {
             p: self,
+            id: NEXT_BATCH.fetch_add(1, Ordering::Relaxed),
             conn: None,
-            last: HashMap::new(),
         }
+    }
+
+    /// The relay completed batch `id`: the keys whose last message it held leave the chain.
+    pub(super) fn completed<'k>(&self, id: u64, keys: impl IntoIterator<Item = &'k str>) {
+        let mut last = self.inner.last.lock().unwrap_or_else(|e| e.into_inner());
+        for k in keys {
+            if last.get(k).is_some_and(|(b, _)| *b == id) {
+                last.remove(k);
+            }
+        }
+    }
+
+    /// The relay gave up the batches in flight (it reads their rows again): no chain is left.
+    pub(super) fn forget(&self) {
+        self.inner.last.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     fn live(&self) -> Option<Conn> {
@@ -182,14 +210,18 @@ pub(crate) async fn options(s: &NatsSettings) -> Result<ConnectOptions, Refusal>
         .ping_interval(Duration::from_secs(5)))
 }
 
-/// One batch: each key's last message, whose acknowledgement its next one waits for.
+/// One batch's sender.
 pub struct NatsBatch<'a> {
     p: &'a NatsPublisher,
+    id: u64,
     conn: Option<Conn>,
-    last: HashMap<String, Shared<BoxFuture<'static, bool>>>,
 }
 
 impl NatsBatch<'_> {
+    pub(super) fn id(&self) -> u64 {
+        self.id
+    }
+
     pub(super) async fn send(&mut self, m: &Outgoing<'_>) -> Result<BoxFuture<'static, Result<Acked, Refusal>>, Refusal> {
         if !valid_subject(m.destination) {
             return Err(Refusal::new(
@@ -211,7 +243,11 @@ impl NatsBatch<'_> {
             bytes::Bytes::copy_from_slice(m.payload.unwrap_or_default()),
         );
         let in_flight = self.p.inner.in_flight.clone();
-        let ack: BoxFuture<'static, Result<Acked, Refusal>> = match self.last.get(m.key).cloned() {
+        let previous = {
+            let last = self.p.inner.last.lock().unwrap_or_else(|e| e.into_inner());
+            last.get(m.key).map(|(_, f)| f.clone())
+        };
+        let ack: BoxFuture<'static, Result<Acked, Refusal>> = match previous {
             None => {
                 let pending = publish(&conn, subject, headers, payload).await?;
                 pending.boxed()
@@ -233,7 +269,8 @@ impl NatsBatch<'_> {
         .boxed()
         .shared();
         let done = ack.clone().map(|r| r.is_ok()).boxed().shared();
-        self.last.insert(m.key.to_owned(), done);
+        let mut last = self.p.inner.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.insert(m.key.to_owned(), (self.id, done));
         Ok(ack.boxed())
     }
 }

@@ -93,16 +93,20 @@ async fn publish_alone(subject: &str, n: u64) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
-/// R: the relay draining `n` preloaded events, from its start to the last acknowledgement.
-async fn relay_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, n: u64) -> f64 {
-    let t = cfg.resolved.table.to_string();
-    sqlx::query(&INSERT.replace("{t}", &t))
+/// Load `n` events into `table` (quoted) and analyze it, as autovacuum would have.
+async fn load(pool: &sqlx::PgPool, table: &str, n: u64) {
+    sqlx::query(&INSERT.replace("{t}", table))
         .bind(0i64)
         .bind(n as i64)
         .execute(pool)
         .await
         .unwrap();
-    sqlx::query(&format!("analyze {t}")).execute(pool).await.unwrap();
+    sqlx::query(&format!("analyze {table}")).execute(pool).await.unwrap();
+}
+
+/// R: the relay draining `n` preloaded events, from its start to the last acknowledgement.
+async fn relay_rate(pool: &sqlx::PgPool, cfg: &RelayConfig, n: u64) -> f64 {
+    load(pool, &cfg.resolved.table.to_string(), n).await;
     let started = Instant::now();
     drain(cfg, n).await;
     n as f64 / started.elapsed().as_secs_f64()
@@ -126,14 +130,7 @@ async fn per_event(pool: &sqlx::PgPool, mode: &str, n1: u64, n2: u64, schema: &s
     let mut counts = Vec::new();
     for n in [n1, n2] {
         if mode == "relay" {
-            let t = format!("\"{schema}\".outbox");
-            sqlx::query(&INSERT.replace("{t}", &t))
-                .bind(0i64)
-                .bind(n as i64)
-                .execute(pool)
-                .await
-                .unwrap();
-            sqlx::query(&format!("analyze {t}")).execute(pool).await.unwrap();
+            load(pool, &format!("\"{schema}\".outbox"), n).await;
         }
         let (m, s, sub) = (mode.to_owned(), schema.to_owned(), subject.to_owned());
         let env = move || callgrind::counted(&m, n, &[("INSTR_SCHEMA", &s), ("INSTR_SUBJECT", &sub)]);
@@ -178,14 +175,7 @@ async fn main() {
     let (mut rp, mut rpd) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
         let p = publish_alone(&subject, n).await;
-        let t = r.table.to_string();
-        sqlx::query(&INSERT.replace("{t}", &t))
-            .bind(0i64)
-            .bind(n as i64)
-            .execute(&pool)
-            .await
-            .unwrap();
-        sqlx::query(&format!("analyze {t}")).execute(&pool).await.unwrap();
+        load(&pool, &r.table.to_string(), n).await;
         let d = sql_alone::rate(&pool, &cfg, tables.payload, n as i64).await;
         let rr = relay_rate(&pool, &cfg, n).await;
         rp.push(rr / p);

@@ -6,22 +6,11 @@ mod common;
 use std::{collections::BTreeMap, time::Duration};
 
 use lockstep::{
-    clients::nats_admin::NatsAdmin,
-    core::nats_settings::NatsSettings,
     crd::{DesiredStream, Discard, StreamStorage},
     operator::policy::streams::{plan, Action},
 };
 
-async fn admin() -> NatsAdmin {
-    let s = NatsSettings {
-        servers: vec![common::env("NATS_URL")],
-        ack_timeout: Duration::from_secs(5),
-        ..Default::default()
-    };
-    NatsAdmin::connect(&s).await.unwrap()
-}
-
-async fn apply(a: &NatsAdmin, d: &DesiredStream) -> lockstep::operator::policy::streams::Plan {
+async fn apply(a: &lockstep::clients::nats_admin::NatsAdmin, d: &DesiredStream) -> lockstep::operator::policy::streams::Plan {
     let observed: BTreeMap<_, _> = a
         .describe(&d.name)
         .await
@@ -41,7 +30,7 @@ async fn apply(a: &NatsAdmin, d: &DesiredStream) -> lockstep::operator::policy::
 
 #[tokio::test]
 async fn streams_are_created_kept_to_the_spec_and_refused_what_the_server_cannot_change() {
-    let a = admin().await;
+    let a = common::broker::nats_admin().await;
     let name = common::unique("streams").replace('.', "_");
     let mut d = DesiredStream {
         name: name.clone(),
@@ -79,5 +68,21 @@ async fn streams_are_created_kept_to_the_spec_and_refused_what_the_server_cannot
     let p = apply(&a, &d).await;
     assert!(p.actions.is_empty() && p.refusals.len() == 1, "{p:?}");
     assert_eq!(a.describe(&name).await.unwrap().unwrap().storage, StreamStorage::File);
+
+    // A durable consumer's backlog: three messages not yet delivered.
+    let js = async_nats::jetstream::new(async_nats::connect(common::env("NATS_URL")).await.unwrap());
+    for i in 0..3 {
+        js.publish(format!("{name}.x"), format!("{i}").into()).await.unwrap().await.unwrap();
+    }
+    let stream = js.get_stream(&name).await.unwrap();
+    stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("c".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let b = a.consumer_backlog(&name, "c").await.unwrap();
+    assert_eq!((b.pending, b.ack_pending), (3, 0));
     a.delete(&name).await.unwrap();
 }

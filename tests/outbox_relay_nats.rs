@@ -8,23 +8,10 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, PostParams};
-use lockstep::{
-    clients::nats_admin::NatsAdmin,
-    core::nats_settings::NatsSettings,
-    crd::{InboxTable, OutboxRelay},
-};
+use lockstep::crd::{InboxTable, OutboxRelay};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
-
-async fn admin() -> NatsAdmin {
-    let s = NatsSettings {
-        servers: vec![common::env("NATS_URL")],
-        ack_timeout: Duration::from_secs(5),
-        ..Default::default()
-    };
-    NatsAdmin::connect(&s).await.unwrap()
-}
 
 #[tokio::test]
 async fn a_nats_relay_gets_its_stream_kept_to_the_spec_and_an_inbox_its_coverage() {
@@ -53,7 +40,7 @@ async fn a_nats_relay_gets_its_stream_kept_to_the_spec_and_an_inbox_its_coverage
     let st = got.status.unwrap();
     assert_eq!(common::condition(&st.conditions, "TopicsReady").reason, "TopicsConfigured");
     assert!(st.topics[0].ready && st.topics[0].name == stream);
-    let a = admin().await;
+    let a = common::broker::nats_admin().await;
     let o = a.describe(&stream).await.unwrap().expect("the stream was created");
     assert_eq!(
         (o.max_age, o.duplicate_window),

@@ -227,6 +227,16 @@ async fn jetstream(address: &str) -> async_nats::jetstream::Context {
     async_nats::jetstream::new(client)
 }
 
+/// An admin connection to the test environment's nats-server.
+pub async fn nats_admin() -> lockstep::clients::nats_admin::NatsAdmin {
+    let s = lockstep::core::nats_settings::NatsSettings {
+        servers: vec![super::env("NATS_URL")],
+        ack_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    lockstep::clients::nats_admin::NatsAdmin::connect(&s).await.unwrap()
+}
+
 /// A stream's name for a subject: streams may not hold dots.
 pub fn stream_name(subject: &str) -> String {
     subject.replace('.', "_")

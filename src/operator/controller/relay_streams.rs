@@ -91,24 +91,8 @@ fn status_of(desired: &[DesiredStream], observed: &BTreeMap<String, ObservedStre
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-    use crate::crd::{Discard, StreamStorage};
-
-    fn desired() -> DesiredStream {
-        DesiredStream {
-            name: "orders".into(),
-            subjects: vec!["orders.>".into()],
-            storage: StreamStorage::File,
-            replicas: 1,
-            max_age: Duration::ZERO,
-            duplicate_window: Duration::from_secs(120),
-            discard: Discard::Old,
-            max_bytes: None,
-            ignore: Default::default(),
-        }
-    }
+    use crate::operator::policy::streams::tests::desired;
 
     #[test]
     fn created_refused_and_failed_streams_are_judged() {

@@ -116,13 +116,14 @@ fn differences(e: &DesiredStream, o: &ObservedStream) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use super::*;
     use crate::crd::{Discard, StreamStorage};
 
-    fn desired() -> DesiredStream {
+    /// A stream `orders` of `orders.>`, file storage, a week's max_age.
+    pub(crate) fn desired() -> DesiredStream {
         DesiredStream {
             name: "orders".into(),
             subjects: vec!["orders.>".into()],

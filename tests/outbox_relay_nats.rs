@@ -40,6 +40,7 @@ async fn a_nats_relay_gets_its_stream_kept_to_the_spec_and_an_inbox_its_coverage
     let st = got.status.unwrap();
     assert_eq!(common::condition(&st.conditions, "TopicsReady").reason, "TopicsConfigured");
     assert!(st.topics[0].ready && st.topics[0].name == stream);
+    assert!(st.guarantees[1].guarantee.contains("PubAck"), "{:?}", st.guarantees);
     let a = common::broker::nats_admin().await;
     let o = a.describe(&stream).await.unwrap().expect("the stream was created");
     assert_eq!(

@@ -128,7 +128,10 @@ async fn reconcile_valid(
     let status = OutboxRelayStatus {
         schema_version: schema_version.or(previous.schema_version),
         topics,
-        guarantees: guarantees(&leader_only),
+        guarantees: match &valid.nats {
+            None => guarantees(&leader_only),
+            Some(n) => nats_guarantees(n),
+        },
         lag: lag.or_else(|| previous.lag.clone()),
         last_replay,
         table: Some(valid.table.unquoted())
@@ -182,6 +185,39 @@ pub fn guarantees(leader_only: &[String]) -> Vec<Guarantee> {
         ),
         g("database -> broker", broker),
         g("broker -> consumer", "at-least-once; deduplicate with an InboxTable".into()),
+    ]
+}
+
+/// What holds on each hop of an OutboxRelay publishing to NATS JetStream: the broker keeps out a
+/// resend only within each stream's duplicate_window. Pure.
+pub fn nats_guarantees(n: &crate::crd::ValidNats) -> Vec<Guarantee> {
+    let windows: Vec<String> = n
+        .streams
+        .iter()
+        .map(|s| format!("{} {}", s.name, crate::core::duration::format(s.duplicate_window)))
+        .collect();
+    let dedup = if windows.is_empty() {
+        "within each stream's duplicate_window".to_owned()
+    } else {
+        format!("within each stream's duplicate_window ({})", windows.join(", "))
+    };
+    vec![
+        Guarantee {
+            hop: "service -> database".into(),
+            guarantee: "atomic with the business write (transactional outbox)".into(),
+        },
+        Guarantee {
+            hop: "database -> broker".into(),
+            guarantee: format!(
+                "at-least-once, per-key order (a key's next message waits for the previous one's PubAck); \
+                 a resend of an event is dropped by the stream only {dedup}, later it is stored again"
+            ),
+        },
+        Guarantee {
+            hop: "broker -> consumer".into(),
+            guarantee: "at-least-once (redelivery until acknowledged, up to the consumer's max_deliver); deduplicate with an InboxTable"
+                .into(),
+        },
     ]
 }
 
@@ -358,6 +394,21 @@ mod tests {
         o.spec.relay.buckets = 1;
         let one = with_shares(before, &o.spec.validate().unwrap(), None);
         assert_eq!((one.buckets, one.buckets_owned, one.relays), (None, None, vec![]));
+    }
+
+    #[test]
+    fn nats_guarantees_say_how_long_the_broker_drops_a_resend() {
+        let o = crate::operator::controller::fixtures::outbox_relay_minimal("n");
+        let mut spec = o.spec.clone();
+        spec.broker = crate::crd::Broker::Nats;
+        spec.nats = Some(
+            serde_json::from_value(serde_json::json!({"servers": "nats://n:4222", "streams": [{"name": "orders", "subjects": ["o.>"]}]}))
+                .unwrap(),
+        );
+        spec.topics.clear();
+        let g = nats_guarantees(spec.validate().unwrap().nats.as_ref().unwrap());
+        assert!(g[1].guarantee.contains("duplicate_window (orders 2m)"), "{}", g[1].guarantee);
+        assert!(!g.iter().any(|g| g.guarantee.contains("acks=all")));
     }
 
     #[test]

@@ -116,6 +116,11 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
             done.push(format!("kept topic {n}: {} names it too", by.join(", ")));
         }
     }
+    if let Some(n) = v.nats.as_ref().filter(|n| !n.streams.is_empty()) {
+        // Not deleted: no owner is recorded for a stream yet, and another OutboxRelay may name it.
+        let names: Vec<&str> = n.streams.iter().map(|s| s.name.as_str()).collect();
+        done.push(format!("kept streams {} (lockstep does not delete NATS streams)", names.join(", ")));
+    }
     cleaned(ctx, obj, done.join("; ")).await;
     Ok(())
 }

@@ -239,7 +239,7 @@ impl NatsBatch<'_> {
         };
         let (subject, headers, payload) = (
             m.destination.to_owned(),
-            headers(m),
+            headers(m)?,
             bytes::Bytes::copy_from_slice(m.payload.unwrap_or_default()),
         );
         let in_flight = self.p.inner.in_flight.clone();
@@ -296,19 +296,27 @@ async fn publish(
 }
 
 /// The message's headers, its id as `Nats-Msg-Id`, its key, and its timestamp when the relay's
-/// own headers do not carry it.
-fn headers(m: &Outgoing<'_>) -> HeaderMap {
+/// own headers do not carry it. A header name NATS cannot carry (a row's `headers` key with a
+/// space, a ':' or a non-ASCII character; the client would panic on it) makes the message poison.
+fn headers(m: &Outgoing<'_>) -> Result<HeaderMap, Refusal> {
     let mut h = HeaderMap::new();
     h.insert(MSG_ID, m.id.to_string().as_str());
     h.insert(KEY_HEADER, m.key);
     let stamp = crate::core::stamp::CREATED_AT_HEADER;
     for (k, v) in m.headers {
+        if k.is_empty() || !k.chars().all(|c| c.is_ascii_graphic() && c != ':') {
+            return Err(Refusal::new(
+                Cause::Poison,
+                format!("header name {k:?} cannot be sent to NATS (printable ASCII without ':' only)"),
+                "InvalidHeader",
+            ));
+        }
         h.insert(k.as_ref(), v.as_ref());
     }
     if !m.headers.iter().any(|(k, _)| k == stamp) {
         h.insert(stamp, m.timestamp_ms.to_string().as_str());
     }
-    h
+    Ok(h)
 }
 
 /// What a JetStream publish error says about the message: only a message over the stream's or
@@ -341,6 +349,27 @@ fn api_code(e: &jetstream::context::PublishError) -> Option<ErrorCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_header_name_nats_cannot_carry_makes_the_message_poison() {
+        let ok = [(Cow::from("source"), Cow::from("test"))];
+        let m = |headers: &'static [(Cow<'static, str>, Cow<'static, str>)]| Outgoing {
+            destination: "s",
+            key: "k",
+            id: uuid::Uuid::nil(),
+            payload: None,
+            headers,
+            timestamp_ms: 7,
+        };
+        let h = headers(&m(Box::leak(Box::new(ok)))).unwrap();
+        assert_eq!(h.get("source").map(|v| v.as_str()), Some("test"));
+        assert_eq!(h.get(crate::core::stamp::CREATED_AT_HEADER).map(|v| v.as_str()), Some("7"));
+        for bad in ["with space", "a:b", "caf\u{e9}", ""] {
+            let list: &'static [(Cow<'static, str>, Cow<'static, str>)] = Box::leak(Box::new([(Cow::from(bad), Cow::from("v"))]));
+            let r = headers(&m(list)).unwrap_err();
+            assert_eq!(r.cause, Cause::Poison, "{bad:?}");
+        }
+    }
 
     #[test]
     fn only_size_is_the_messages_fault() {

@@ -232,3 +232,35 @@ async fn a_relay_reaches_a_tls_server_with_a_password_from_a_secret_directory_an
     assert_eq!(got.len(), 10);
     assert!(!relay.log().contains("s3cret-pw"));
 }
+
+/// A server that accepts connections and never answers (a black hole): the relay tries to
+/// connect once per batch, so a batch's messages fail within one connect timeout, not one
+/// timeout each, and the rows stay for the next try.
+#[tokio::test]
+async fn a_server_that_never_answers_fails_a_batch_within_one_connect_timeout() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("nats://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    let o = common::relays::Outbox {
+        table: common::outbox::OutboxTable::create("nats-silent", &common::env("DATABASE_URL")).await,
+        topic: "silent.events".into(),
+        bootstrap: url.clone(),
+        url: common::env("DATABASE_URL"),
+        kind: Kind::Nats,
+        broker_env: vec![("LOCKSTEP_BROKER", "nats".into()), ("NATS_URL", url)],
+    };
+    o.insert(0, 50, 50).await;
+    let started = Instant::now();
+    let relay = o.relay("relay-nats-silent.log", &o.url);
+    relay.wait_log("broker or network failed", Duration::from_secs(30)).await;
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    assert_eq!(o.remaining().await, 50);
+    let warned = relay.log().matches("broker or network failed").count();
+    assert!(warned >= 50, "the whole batch failed at once:\n{}", relay.log());
+    held.abort();
+}

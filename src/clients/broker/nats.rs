@@ -214,7 +214,8 @@ pub(crate) async fn options(s: &NatsSettings) -> Result<ConnectOptions, Refusal>
 pub struct NatsBatch<'a> {
     p: &'a NatsPublisher,
     id: u64,
-    conn: Option<Conn>,
+    /// The batch's connection, or why there is none.
+    conn: Option<Result<Conn, Refusal>>,
 }
 
 impl NatsBatch<'_> {
@@ -233,10 +234,15 @@ impl NatsBatch<'_> {
                 "InvalidSubject",
             ));
         }
-        let conn = match &self.conn {
-            Some(c) => c.clone(),
-            None => self.conn.insert(self.p.conn().await?).clone(),
+        // One connection attempt per batch: a server that does not answer fails the batch's
+        // later messages at once, not one connect timeout each.
+        let attempt = match self.conn.take() {
+            Some(a) => a,
+            None => self.p.conn().await,
         };
+        let conn = attempt.clone();
+        self.conn = Some(attempt);
+        let conn = conn?;
         let (subject, headers, payload) = (
             m.destination.to_owned(),
             headers(m)?,

@@ -116,13 +116,17 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
             done.push(format!("kept topic {n}: {} names it too", by.join(", ")));
         }
     }
-    if let Some(n) = v.nats.as_ref().filter(|n| !n.streams.is_empty()) {
-        // Not deleted: no owner is recorded for a stream yet, and another OutboxRelay may name it.
-        let names: Vec<&str> = n.streams.iter().map(|s| s.name.as_str()).collect();
-        done.push(format!("kept streams {} (lockstep does not delete NATS streams)", names.join(", ")));
-    }
+    done.extend(kept_streams(v));
     cleaned(ctx, obj, done.join("; ")).await;
     Ok(())
+}
+
+/// A NATS relay's streams are not deleted: no owner is recorded for a stream yet, and another
+/// OutboxRelay may name it.
+fn kept_streams(v: &ValidOutboxRelay) -> Option<String> {
+    let n = v.nats.as_ref().filter(|n| !n.streams.is_empty())?;
+    let names: Vec<&str> = n.streams.iter().map(|s| s.name.as_str()).collect();
+    Some(format!("kept streams {} (lockstep does not delete NATS streams)", names.join(", ")))
 }
 
 pub async fn inbox_table(ctx: &Context, obj: &InboxTable, v: &ValidInboxTable) -> Result<(), String> {

@@ -35,7 +35,29 @@ pub struct ConsumerBacklog {
     pub ack_pending: u64,
 }
 
+/// What the server said of itself when the connection opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerFacts {
+    pub version: String,
+    /// JetStream enabled on the server.
+    pub jetstream: bool,
+    pub max_payload: usize,
+}
+
+/// The account's JetStream use and limits (None: unlimited).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AccountFacts {
+    pub streams: usize,
+    pub max_streams: Option<i64>,
+    /// File storage used and allowed, in bytes.
+    pub storage: u64,
+    pub max_storage: Option<i64>,
+    /// Every stream must be created with max_bytes.
+    pub max_bytes_required: bool,
+}
+
 pub struct NatsAdmin {
+    client: async_nats::Client,
     js: jetstream::Context,
 }
 
@@ -47,13 +69,40 @@ impl NatsAdmin {
             let options = crate::clients::broker::nats::options(s).await.map_err(|r| r.error)?;
             match options.connect(server.as_str()).await {
                 Ok(client) => {
-                    let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(10)).build(client);
-                    return Ok(NatsAdmin { js });
+                    let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(10)).build(client.clone());
+                    return Ok(NatsAdmin { client, js });
                 }
                 Err(e) => last = format!("cannot connect to NATS at {server}: {e}"),
             }
         }
         Err(last)
+    }
+
+    /// Which NATS this is: the cluster's name, else the server's id (one JetStream for both).
+    pub fn identity(&self) -> String {
+        let info = self.client.server_info();
+        info.cluster.filter(|c| !c.is_empty()).map_or(info.server_id, |c| format!("cluster {c}"))
+    }
+
+    pub fn server(&self) -> ServerFacts {
+        let info = self.client.server_info();
+        ServerFacts {
+            version: info.version,
+            jetstream: info.jetstream,
+            max_payload: info.max_payload,
+        }
+    }
+
+    /// The account's JetStream limits; Err when JetStream is not enabled for it.
+    pub async fn account(&self) -> Result<AccountFacts, String> {
+        let a = self.js.query_account().await.map_err(|e| e.to_string())?;
+        Ok(AccountFacts {
+            streams: a.streams,
+            max_streams: a.limits.max_streams,
+            storage: a.storage,
+            max_storage: a.limits.max_storage,
+            max_bytes_required: a.limits.max_bytes_required,
+        })
     }
 
     pub async fn describe(&self, name: &str) -> Result<Option<ObservedStream>, String> {
@@ -88,7 +137,11 @@ impl NatsAdmin {
             .map_err(|e| format!("cannot update stream {}: {e}", d.name))
     }
 
+    /// Delete a stream; one already gone is fine.
     pub async fn delete(&self, name: &str) -> Result<(), String> {
+        if self.describe(name).await?.is_none() {
+            return Ok(());
+        }
         self.js
             .delete_stream(name)
             .await

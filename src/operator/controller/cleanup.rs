@@ -26,7 +26,7 @@ use super::{
 use crate::{
     core::sql::QualifiedName,
     crd::SecretKeyRef,
-    crd::{InboxTable, OutboxRelay, ValidInboxTable, ValidOutboxRelay, DELETE_UNPUBLISHED_ANNOTATION},
+    crd::{InboxTable, OutboxRelay, ValidInboxTable, ValidNats, ValidOutboxRelay, DELETE_UNPUBLISHED_ANNOTATION},
     operator::conditions::{Cond, Reason, Status},
     tables::schema::{drop_tables, table_exists, TableKind},
 };
@@ -116,17 +116,42 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
             done.push(format!("kept topic {n}: {} names it too", by.join(", ")));
         }
     }
-    done.extend(kept_streams(v));
+    if let Some(n) = v.nats.as_ref().filter(|n| !orphan && !n.streams.is_empty()) {
+        done.extend(delete_streams(ctx, obj, v, n).await?);
+    }
     cleaned(ctx, obj, done.join("; ")).await;
     Ok(())
 }
 
-/// A NATS relay's streams are not deleted: no owner is recorded for a stream yet, and another
-/// OutboxRelay may name it.
-fn kept_streams(v: &ValidOutboxRelay) -> Option<String> {
-    let n = v.nats.as_ref().filter(|n| !n.streams.is_empty())?;
-    let names: Vec<&str> = n.streams.iter().map(|s| s.name.as_str()).collect();
-    Some(format!("kept streams {} (lockstep does not delete NATS streams)", names.join(", ")))
+/// Delete the streams no other OutboxRelay names (on the same NATS); keep the others. A Secret
+/// gone with the namespace keeps them all.
+async fn delete_streams(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay, n: &ValidNats) -> Result<Vec<String>, String> {
+    let ns = obj.namespace().unwrap_or_default();
+    let on = deps::Reporting {
+        type_: crate::operator::conditions::condition::READY,
+        status: crate::operator::conditions::Status::False,
+    };
+    let settings = match super::nats_deps::nats_settings(&ctx.client, &ns, &n.servers, n.auth_secret.as_deref(), on).await {
+        Ok(s) => s,
+        Err(c) if orphaned(ctx, &ns, &c) => return Ok(vec!["kept the streams: their Secret is gone".into()]),
+        Err(c) => return Err(c.message),
+    };
+    let others = super::topic_owners::others(ctx, obj, v).await?;
+    let names = n.streams.iter().map(|s| s.name.clone());
+    let (kept, names): (Vec<String>, Vec<String>) = names.partition(|s| others.contains_key(s));
+    let mut done = Vec::new();
+    if !names.is_empty() {
+        let admin = crate::clients::nats_admin::NatsAdmin::connect(&settings).await?;
+        for s in &names {
+            admin.delete(s).await?;
+        }
+        done.push(format!("deleted streams {}", names.join(", ")));
+    }
+    for s in &kept {
+        let by: Vec<String> = others[s].iter().map(|c| c.describe()).collect();
+        done.push(format!("kept stream {s}: {} names it too", by.join(", ")));
+    }
+    Ok(done)
 }
 
 pub async fn inbox_table(ctx: &Context, obj: &InboxTable, v: &ValidInboxTable) -> Result<(), String> {

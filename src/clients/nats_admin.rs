@@ -93,16 +93,15 @@ impl NatsAdmin {
         }
     }
 
-    /// The account's JetStream limits; Err when JetStream is not enabled for it.
+    /// The account's JetStream limits; Err when JetStream is not enabled for it. Read as plain
+    /// JSON: the client's own type expects fields servers before 2.10 do not send.
     pub async fn account(&self) -> Result<AccountFacts, String> {
-        let a = self.js.query_account().await.map_err(|e| e.to_string())?;
-        Ok(AccountFacts {
-            streams: a.streams,
-            max_streams: a.limits.max_streams,
-            storage: a.storage,
-            max_storage: a.limits.max_storage,
-            max_bytes_required: a.limits.max_bytes_required,
-        })
+        let reply = self
+            .client
+            .request("$JS.API.INFO", bytes::Bytes::new())
+            .await
+            .map_err(|e| format!("$JS.API.INFO: {e}"))?;
+        account_facts(&reply.payload)
     }
 
     pub async fn describe(&self, name: &str) -> Result<Option<ObservedStream>, String> {
@@ -162,6 +161,23 @@ impl NatsAdmin {
     }
 }
 
+/// `$JS.API.INFO`'s answer: the account's use and limits (negative limits: none), or its error. Pure.
+pub fn account_facts(reply: &[u8]) -> Result<AccountFacts, String> {
+    let v: serde_json::Value = serde_json::from_slice(reply).map_err(|e| format!("$JS.API.INFO: {e}"))?;
+    if let Some(e) = v.get("error") {
+        let text = e.get("description").and_then(|d| d.as_str()).unwrap_or("an error");
+        return Err(format!("JetStream: {text}"));
+    }
+    let limit = |k: &str| v["limits"][k].as_i64().filter(|n| *n >= 0);
+    Ok(AccountFacts {
+        streams: v["streams"].as_u64().unwrap_or(0) as usize,
+        max_streams: limit("max_streams"),
+        storage: v["storage"].as_u64().unwrap_or(0),
+        max_storage: limit("max_storage"),
+        max_bytes_required: v["limits"]["max_bytes_required"].as_bool().unwrap_or(false),
+    })
+}
+
 /// The server's configuration for a desired stream: limits retention (messages stay until a
 /// limit removes them, so a consumer's redelivery finds them), the rest from the spec.
 pub fn config(d: &DesiredStream) -> stream::Config {
@@ -206,5 +222,31 @@ fn observed(c: &stream::Config, messages: u64) -> ObservedStream {
             stream::RetentionPolicy::WorkQueue => "workqueue",
         },
         messages,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_account_reply_of_a_2_9_server_and_an_error_read_as_facts() {
+        let ok = br#"{"type":"io.nats.jetstream.api.v1.account_info_response","memory":0,"storage":2048,
+            "streams":3,"consumers":1,"limits":{"max_memory":-1,"max_storage":-1,"max_streams":5,
+            "max_consumers":-1,"max_ack_pending":-1,"memory_max_stream_bytes":-1,"storage_max_stream_bytes":-1,
+            "max_bytes_required":true},"api":{"total":9,"errors":0}}"#;
+        let f = account_facts(ok).unwrap();
+        assert_eq!(
+            f,
+            AccountFacts {
+                streams: 3,
+                max_streams: Some(5),
+                storage: 2048,
+                max_storage: None,
+                max_bytes_required: true,
+            }
+        );
+        let err = br#"{"type":"io.nats.jetstream.api.v1.account_info_response","error":{"code":503,"err_code":10039,"description":"jetstream not enabled for account"}}"#;
+        assert_eq!(account_facts(err).unwrap_err(), "JetStream: jetstream not enabled for account");
     }
 }

@@ -78,7 +78,7 @@ pub fn verdicts(f: &Facts, t: &NatsTarget) -> Vec<Check> {
         Err(e) => {
             return vec![Check::fail(
                 "nats server",
-                format!("cannot connect to {}: {e}", f.servers),
+                e.clone(),
                 "check the server URLs, the credentials (--nats-user/--nats-password-file, a token, an NKey or a \
                  credentials file, or --nats-secret-dir) and the TLS files",
             )]
@@ -216,11 +216,11 @@ mod tests {
     #[test]
     fn no_connection_is_one_failure_naming_the_servers() {
         let mut f = facts(Ok(None));
-        f.connected = Err("authorization violation".into());
+        f.connected = Err("cannot connect to NATS at nats://n1:4222: authorization violation".into());
         let c = verdicts(&f, &target(TargetKind::OutboxRelay));
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].verdict, super::super::Verdict::Fail);
-        assert!(c[0].detail.contains("nats://n1:4222: authorization violation"), "{}", c[0].detail);
+        assert!(c[0].detail.contains("at nats://n1:4222: authorization violation"), "{}", c[0].detail);
     }
 
     #[test]

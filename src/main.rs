@@ -29,7 +29,7 @@ enum Command {
     /// Run the Kubernetes operator (OutboxRelay, InboxTable, DedupPolicy controllers).
     #[command(after_help = examples::OPERATOR)]
     Operator(OperatorArgs),
-    /// Run the outbox relay: publish outbox rows to Kafka or NATS JetStream, at least once, in
+    /// Run the outbox relay: publish outbox rows to Kafka, NATS JetStream or RabbitMQ, at least once, in
     /// per-key order.
     #[command(after_help = examples::RELAY)]
     Relay(Box<RelayArgs>),
@@ -311,6 +311,16 @@ relay --nats-tls-cert-file env=NATS_TLS_CERT_FILE default=
 relay --nats-tls-key-file env=NATS_TLS_KEY_FILE default=
 relay --nats-secret-dir env=NATS_SECRET_DIR default=
 relay --nats-ack-timeout env=LOCKSTEP_NATS_ACK_TIMEOUT default=30s
+relay --amqp-url env=AMQP_URL default=
+relay --amqp-exchange env=LOCKSTEP_AMQP_EXCHANGE default=
+relay --amqp-user env=AMQP_USER default=
+relay --amqp-password-file env=AMQP_PASSWORD_FILE default=
+relay --amqp-tls-ca-file env=AMQP_TLS_CA_FILE default=
+relay --amqp-tls-cert-file env=AMQP_TLS_CERT_FILE default=
+relay --amqp-tls-key-file env=AMQP_TLS_KEY_FILE default=
+relay --amqp-secret-dir env=AMQP_SECRET_DIR default=
+relay --amqp-confirm-timeout env=LOCKSTEP_AMQP_CONFIRM_TIMEOUT default=30s
+relay --amqp-max-message-bytes env=LOCKSTEP_AMQP_MAX_MESSAGE_BYTES default=1048576
 relay --topic env=LOCKSTEP_TOPIC default=outbox.event.{aggregatetype}
 relay --key env=LOCKSTEP_KEY default=aggregateid
 relay --batch-size env=LOCKSTEP_BATCH_SIZE default=500

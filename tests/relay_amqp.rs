@@ -252,3 +252,98 @@ async fn a_private_node_keeps_its_stream_queues_and_bindings_across_a_kill() {
     }
     panic!("after a restart: {last:?}");
 }
+
+/// A consumer of a quorum queue that dies with messages unacknowledged gets them again (RabbitMQ
+/// requeues what a closed channel held); reading each with `Delivery::from_amqp` and claiming its
+/// id in the inbox in the side effect's transaction applies every event once.
+#[tokio::test]
+async fn an_inbox_consumer_of_a_quorum_queue_applies_each_event_once() {
+    use futures::StreamExt;
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+    const EVENTS: i64 = 2_000;
+    let url = rabbitmq::shared_url();
+    let q = common::unique("relay.inbox");
+    let ch = rabbitmq::channel(&url).await;
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    ch.queue_declare(q.as_str().into(), QueueDeclareOptions::durable(), args)
+        .await
+        .unwrap();
+    ch.queue_bind(
+        q.as_str().into(),
+        rabbitmq::EXCHANGE.into(),
+        q.as_str().into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let o = Outbox {
+        table: common::outbox::OutboxTable::create("amqp-inbox", &common::env("DATABASE_URL")).await,
+        topic: q.clone(),
+        bootstrap: url.clone(),
+        url: common::env("DATABASE_URL"),
+        kind: Kind::Rabbitmq,
+        broker_env: common::broker::Broker::shared(Kind::Rabbitmq).relay_env(),
+    };
+    o.insert(0, EVENTS, 20).await;
+    let relay = o.relay("relay-amqp-inbox.log", &o.url);
+    o.wait_drained(Duration::from_secs(60)).await;
+    drop(relay);
+
+    let s = common::pg_schema("amqp_consumer").await;
+    let inbox = lockstep::inbox::Inbox::for_table(s.inbox("inbox").await, "effects");
+    sqlx::query("create table effects (key text primary key, applied bigint not null)")
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    let (mut applied, mut skipped) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The first consumer applies 300 and acknowledges only the last 200, then its channel closes.
+    for (round, stop_after) in [(0, 300), (1, usize::MAX)] {
+        let ch = rabbitmq::channel(&url).await;
+        ch.basic_qos(500, BasicQosOptions::default()).await.unwrap();
+        let mut c = ch
+            .basic_consume(q.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        let mut seen = 0;
+        while seen < stop_after && (applied < EVENTS || skipped < 100) {
+            assert!(
+                Instant::now() < deadline,
+                "{applied} of {EVENTS} applied, {skipped} redeliveries skipped"
+            );
+            let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), c.next()).await else {
+                continue;
+            };
+            let m = m.unwrap();
+            let d = lockstep::inbox::Delivery::from_amqp(&m).expect("the relay's headers");
+            assert!(d.created_ms.is_some() && d.event_type == "created");
+            let key = rabbitmq::received(&m).key;
+            let mut tx = s.pool.begin().await.unwrap();
+            if inbox.claim(&mut tx, d.id).await.unwrap() {
+                sqlx::query("insert into effects values ($1, 1) on conflict (key) do update set applied = effects.applied + 1")
+                    .bind(&key)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                applied += 1;
+            } else {
+                assert!(m.redelivered, "only a redelivery is claimed already");
+                skipped += 1;
+            }
+            tx.commit().await.unwrap();
+            seen += 1;
+            if round == 1 || seen > 100 {
+                m.ack(BasicAckOptions::default()).await.unwrap();
+            }
+        }
+        ch.close(200, "done".into()).await.unwrap();
+    }
+    let total: i64 = sqlx::query_scalar("select sum(applied)::bigint from effects")
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(total, EVENTS, "each event applied once");
+    assert!(skipped >= 100, "the 100 unacknowledged came again and were skipped ({skipped})");
+}

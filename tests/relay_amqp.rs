@@ -347,3 +347,62 @@ async fn an_inbox_consumer_of_a_quorum_queue_applies_each_event_once() {
     assert_eq!(total, EVENTS, "each event applied once");
     assert!(skipped >= 100, "the 100 unacknowledged came again and were skipped ({skipped})");
 }
+
+/// A node that wants TLS and a password: the relay reads both from a Secret's directory
+/// (`--amqp-secret-dir`, as the operator would mount it) and publishes over amqps://; with a
+/// wrong password it keeps the rows, says why, and never writes either password anywhere.
+#[tokio::test]
+async fn a_relay_reaches_a_tls_node_with_a_password_from_a_secret_directory_and_never_logs_it() {
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let conf = format!(
+        "listeners.ssl.default = 127.0.0.1:{tls_port}\nssl_options.cacertfile = {{dir}}/ca.pem\n\
+         ssl_options.certfile = {{dir}}/server.pem\nssl_options.keyfile = {{dir}}/server.key\n\
+         ssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n"
+    );
+    let make = |dir: &std::path::Path| common::tls::make_certs(dir, "rabbitmq-test-ca");
+    let r = PrivateRabbit::start_configured(&conf, &make);
+    let q = common::unique("relay.tls");
+    rabbitmq::declare(&r.admin_url(), &q).await;
+    let secret = |name: &str, password: &str| {
+        let d = r.dir().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("user"), format!("{}\n", rabbitmq::USER)).unwrap();
+        std::fs::write(d.join("password"), format!("{password}\n")).unwrap();
+        std::fs::copy(r.dir().join("ca.pem"), d.join("ca.crt")).unwrap();
+        d.display().to_string()
+    };
+    let (good, bad) = (secret("good", rabbitmq::PASSWORD), secret("bad", "wrong-pw"));
+    let o = Outbox {
+        table: common::outbox::OutboxTable::create("amqp-tls", &common::env("DATABASE_URL")).await,
+        topic: q.clone(),
+        bootstrap: r.admin_url(),
+        url: common::env("DATABASE_URL"),
+        kind: Kind::Rabbitmq,
+        broker_env: vec![
+            ("LOCKSTEP_BROKER", "rabbitmq".into()),
+            ("AMQP_URL", format!("amqps://127.0.0.1:{tls_port}/%2f")),
+            // The test environment's user is not this node's: removed, the Secret's is used.
+            ("AMQP_USER", String::new()),
+            ("AMQP_PASSWORD_FILE", String::new()),
+            ("LOCKSTEP_AMQP_EXCHANGE", rabbitmq::EXCHANGE.into()),
+        ],
+    };
+
+    o.insert(0, 10, 2).await;
+    let mut wrong = o.relay_with("relay-amqp-wrong-pw.log", &o.url, &["--amqp-secret-dir", &bad]);
+    wrong.wait_log("broker or network failed", Duration::from_secs(30)).await;
+    assert_eq!(o.remaining().await, 10, "nothing is removed that was not acknowledged");
+    wrong.kill();
+    let log = wrong.log();
+    assert!(log.contains("ACCESS_REFUSED") || log.to_lowercase().contains("auth"), "{log}");
+    assert!(
+        !log.contains("wrong-pw") && !log.contains(rabbitmq::PASSWORD),
+        "a password in the log:\n{log}"
+    );
+
+    let relay = o.relay_with("relay-amqp-tls.log", &o.url, &["--amqp-secret-dir", &good]);
+    o.wait_drained(Duration::from_secs(60)).await;
+    let got = rabbitmq::consume(&r.admin_url(), &q, 10, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 10);
+    assert!(!relay.log().contains(rabbitmq::PASSWORD), "{}", relay.log());
+}

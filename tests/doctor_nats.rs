@@ -47,14 +47,33 @@ async fn streams_and_a_consumer_are_described_and_nothing_is_created() {
     assert!(line(&out, "PASS  nats server:").contains("nats-server 2."), "{out}");
     assert!(line(&out, "PASS  jetstream:").contains("enabled"), "{out}");
     assert!(line(&out, &format!("PASS  stream {name}:")).contains("1 message(s)"), "{out}");
-    assert!(line(&out, &format!("PASS  stream {absent}:")).contains("the operator creates it"), "{out}");
+    assert!(
+        line(&out, &format!("PASS  stream {absent}:")).contains("the operator creates it"),
+        "{out}"
+    );
     assert!(!out.contains("broker: not checked"), "{out}");
 
-    let inbox = [&base[..], &["--for", "inbox-table", "--stream", &name, "--stream", &absent, "--consumer", "payments"]].concat();
+    let inbox = [
+        &base[..],
+        &[
+            "--for",
+            "inbox-table",
+            "--stream",
+            &name,
+            "--stream",
+            &absent,
+            "--consumer",
+            "payments",
+        ],
+    ]
+    .concat();
     let (code, out, _) = doctor(&inbox);
     assert_eq!(code, 1, "{out}");
     line(&out, &format!("FAIL  stream {absent}: absent"));
-    assert!(line(&out, &format!("PASS  consumer payments of stream {name}:")).contains("1 pending"), "{out}");
+    assert!(
+        line(&out, &format!("PASS  consumer payments of stream {name}:")).contains("1 pending"),
+        "{out}"
+    );
     assert!(js.get_stream(&absent).await.is_err(), "doctor created nothing");
     js.delete_stream(&name).await.unwrap();
 }
@@ -80,12 +99,27 @@ async fn no_jetstream_and_a_wrong_password_fail() {
     let pw = dir.join("pw");
     std::fs::write(&pw, "wrong-pw-7f3a\n").unwrap();
     let pw = pw.display().to_string();
-    let (code, out, err) = doctor(&[&db[..], &["--nats-url", &guarded.url(), "--nats-user", "relay", "--nats-password-file", &pw]].concat());
+    let (code, out, err) = doctor(
+        &[
+            &db[..],
+            &["--nats-url", &guarded.url(), "--nats-user", "relay", "--nats-password-file", &pw],
+        ]
+        .concat(),
+    );
     assert_eq!(code, 1, "{out}");
     line(&out, "FAIL  nats server:");
-    assert!(!out.contains("wrong-pw") && !err.contains("wrong-pw"), "the password is never printed");
+    assert!(
+        !out.contains("wrong-pw") && !err.contains("wrong-pw"),
+        "the password is never printed"
+    );
     std::fs::write(dir.join("pw"), "right-pw\n").unwrap();
-    let (code, out, _) = doctor(&[&db[..], &["--nats-url", &guarded.url(), "--nats-user", "relay", "--nats-password-file", &pw]].concat());
+    let (code, out, _) = doctor(
+        &[
+            &db[..],
+            &["--nats-url", &guarded.url(), "--nats-user", "relay", "--nats-password-file", &pw],
+        ]
+        .concat(),
+    );
     assert_eq!(code, 0, "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }

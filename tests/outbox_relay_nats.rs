@@ -170,11 +170,19 @@ async fn a_second_relay_naming_a_managed_stream_conflicts_and_never_alters_nor_d
         common::touch(b, "orders").await;
         common::touch(a, "orders").await;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(admin.describe(&stream).await.unwrap().unwrap().max_age, week, "B changed A's stream");
+        assert_eq!(
+            admin.describe(&stream).await.unwrap().unwrap().max_age,
+            week,
+            "B changed A's stream"
+        );
     }
     let nc = async_nats::connect(&url).await.unwrap();
     let js = async_nats::jetstream::new(nc);
-    js.publish(format!("{stream}.created"), "unconsumed".into()).await.unwrap().await.unwrap();
+    js.publish(format!("{stream}.created"), "unconsumed".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 
     let gone = |api: Api<OutboxRelay>| async move {
         api.delete("orders", &Default::default()).await.unwrap();
@@ -188,7 +196,10 @@ async fn a_second_relay_naming_a_managed_stream_conflicts_and_never_alters_nor_d
     let kept = admin.describe(&stream).await.unwrap().expect("the stream survives B's cleanup");
     assert_eq!((kept.max_age, kept.messages), (week, 1), "with its message");
     gone(a.clone()).await;
-    assert!(admin.describe(&stream).await.unwrap().is_none(), "A, alone in naming it, deletes it");
+    assert!(
+        admin.describe(&stream).await.unwrap().is_none(),
+        "A, alone in naming it, deletes it"
+    );
     for ns in spaces {
         ns.delete().await;
     }

@@ -69,7 +69,9 @@ impl NatsAdmin {
             let options = crate::clients::broker::nats::options(s).await.map_err(|r| r.error)?;
             match options.connect(server.as_str()).await {
                 Ok(client) => {
-                    let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(10)).build(client.clone());
+                    let js = jetstream::ContextBuilder::new()
+                        .timeout(Duration::from_secs(10))
+                        .build(client.clone());
                     return Ok(NatsAdmin { client, js });
                 }
                 Err(e) => last = format!("cannot connect to NATS at {server}: {e}"),
@@ -81,7 +83,9 @@ impl NatsAdmin {
     /// Which NATS this is: the cluster's name, else the server's id (one JetStream for both).
     pub fn identity(&self) -> String {
         let info = self.client.server_info();
-        info.cluster.filter(|c| !c.is_empty()).map_or(info.server_id, |c| format!("cluster {c}"))
+        info.cluster
+            .filter(|c| !c.is_empty())
+            .map_or(info.server_id, |c| format!("cluster {c}"))
     }
 
     pub fn server(&self) -> ServerFacts {

@@ -155,6 +155,9 @@ impl DoctorArgs {
             };
             return Ok((None, Some(nats)));
         }
+        if self.broker == BrokerArg::Rabbitmq {
+            return Ok((None, None));
+        }
         let Some(bootstrap) = self.kafka.bootstrap_servers.as_deref().map(str::trim).filter(|s| !s.is_empty()) else {
             return Ok((None, None));
         };

@@ -140,9 +140,14 @@ pub async fn run(args: &DoctorArgs) -> u8 {
     };
     let mut report = Report::default();
     report.extend(database::checks(&resolved.database).await);
-    match &resolved.nats {
-        Some(n) => report.extend(nats::checks(n).await),
-        None => report.extend(broker::checks(resolved.broker.as_ref()).await),
+    match (&resolved.nats, args.broker) {
+        (Some(n), _) => report.extend(nats::checks(n).await),
+        (None, crate::config::BrokerArg::Rabbitmq) => report.extend([Check::warn(
+            "broker",
+            "not checked: doctor does not check RabbitMQ yet",
+            "the operator reports the exchange and queues in TopicsReady once the object exists",
+        )]),
+        (None, _) => report.extend(broker::checks(resolved.broker.as_ref()).await),
     }
     match args.output {
         args::Output::Text => print!("{}", render_text(&report)),

@@ -86,7 +86,10 @@ pub fn verdicts(f: &Facts, t: &NatsTarget) -> Vec<Check> {
     };
     let mut out = vec![Check::pass(
         "nats server",
-        format!("connected to {} (nats-server {}, max payload {} bytes)", f.servers, server.version, server.max_payload),
+        format!(
+            "connected to {} (nats-server {}, max payload {} bytes)",
+            f.servers, server.version, server.max_payload
+        ),
     )];
     let account = match &f.account {
         Some(Ok(a)) => a,
@@ -167,7 +170,11 @@ fn stream_check(name: &str, r: &Result<Option<ObservedStream>, String>, kind: Ta
                 s.messages
             );
             if s.storage == StreamStorage::Memory {
-                Check::warn(check, detail, "memory storage loses every message when the server restarts: use file storage")
+                Check::warn(
+                    check,
+                    detail,
+                    "memory storage loses every message when the server restarts: use file storage",
+                )
             } else if s.retention != "limits" {
                 Check::warn(
                     check,
@@ -209,7 +216,10 @@ mod tests {
     }
 
     fn verdict_of(checks: &[Check], name: &str) -> (super::super::Verdict, String) {
-        let c = checks.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no check {name}: {checks:?}"));
+        let c = checks
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no check {name}: {checks:?}"));
         (c.verdict, c.detail.clone())
     }
 
@@ -220,7 +230,11 @@ mod tests {
         let c = verdicts(&f, &target(TargetKind::OutboxRelay));
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].verdict, super::super::Verdict::Fail);
-        assert!(c[0].detail.contains("at nats://n1:4222: authorization violation"), "{}", c[0].detail);
+        assert!(
+            c[0].detail.contains("at nats://n1:4222: authorization violation"),
+            "{}",
+            c[0].detail
+        );
     }
 
     #[test]
@@ -262,6 +276,9 @@ mod tests {
         let c = verdicts(&facts(Ok(Some(s))), &target(TargetKind::OutboxRelay));
         assert_eq!(verdict_of(&c, "stream orders").0, Warn);
         let c = verdicts(&facts(Err("permissions violation".into())), &target(TargetKind::OutboxRelay));
-        assert_eq!(verdict_of(&c, "stream orders"), (Fail, "cannot describe it: permissions violation".into()));
+        assert_eq!(
+            verdict_of(&c, "stream orders"),
+            (Fail, "cannot describe it: permissions violation".into())
+        );
     }
 }

@@ -16,7 +16,13 @@ use crate::{
 
 /// TopicsReady and each stream's status: leave out the streams another OutboxRelay manages
 /// (`topic_owners`), describe, plan, apply the plan, judge.
-pub async fn streams(ctx: &Context, obj: &OutboxRelay, previous: &OutboxRelayStatus, valid: &ValidOutboxRelay, nats: &ValidNats) -> (Cond, Vec<TopicStatus>) {
+pub async fn streams(
+    ctx: &Context,
+    obj: &OutboxRelay,
+    previous: &OutboxRelayStatus,
+    valid: &ValidOutboxRelay,
+    nats: &ValidNats,
+) -> (Cond, Vec<TopicStatus>) {
     let ns = obj.namespace().unwrap_or_default();
     let names: Vec<String> = nats.streams.iter().map(|s| s.name.clone()).collect();
     let held = match topic_owners::others(ctx, obj, valid).await {
@@ -158,7 +164,11 @@ mod tests {
         let held = BTreeMap::from([("orders".to_owned(), "OutboxRelay a/first".to_owned())]);
         let (c, s) = verdict(&d, &none, &Plan::default(), &[], &held);
         assert_eq!((c.status, c.reason), (Status::False, Reason::ResourceConflict));
-        assert!(c.message.contains("stream orders is managed by OutboxRelay a/first"), "{}", c.message);
+        assert!(
+            c.message.contains("stream orders is managed by OutboxRelay a/first"),
+            "{}",
+            c.message
+        );
         assert_eq!((s[0].ready, s[0].managed_by.as_deref()), (false, Some("OutboxRelay a/first")));
     }
 }

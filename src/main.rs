@@ -29,7 +29,7 @@ enum Command {
     /// Run the Kubernetes operator (OutboxRelay, InboxTable, DedupPolicy controllers).
     #[command(after_help = examples::OPERATOR)]
     Operator(OperatorArgs),
-    /// Run the outbox relay: publish outbox rows to Kafka or NATS JetStream, at least once, in
+    /// Run the outbox relay: publish outbox rows to Kafka, NATS JetStream or RabbitMQ, at least once, in
     /// per-key order.
     #[command(after_help = examples::RELAY)]
     Relay(Box<RelayArgs>),

@@ -76,6 +76,7 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
     match args.broker {
         crate::config::BrokerArg::Kafka => run_kafka(&args, &applier).await,
         crate::config::BrokerArg::Nats => super::nats_consumer::run(&args, &applier).await,
+        crate::config::BrokerArg::Rabbitmq => anyhow::bail!("lockstep chaos-consumer --broker rabbitmq: not there yet"),
     }
 }
 

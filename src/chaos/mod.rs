@@ -199,6 +199,7 @@ async fn prepare(pool: &sqlx::PgPool, args: &ChaosArgs, run: &Run) -> anyhow::Re
             let admin = crate::clients::kafka::Admin::new(&args.bootstrap_servers, &Default::default(), Duration::from_secs(30))?;
             admin.create_topic(&run.topic, args.partitions, 1, &Default::default()).await?;
         }
+        crate::config::BrokerArg::Rabbitmq => anyhow::bail!("lockstep chaos --broker rabbitmq: not there yet"),
         crate::config::BrokerArg::Nats => {
             let settings = crate::core::nats_settings::NatsSettings {
                 servers: vec![args.nats_url.clone()],

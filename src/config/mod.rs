@@ -1,10 +1,14 @@
 //! Configuration of the `operator`, `relay` and `replay` commands, from flags and environment (what a Pod
 //! gets). Secrets (the database URL) are wrapped so they never reach a log line.
 
+mod amqp;
+mod error;
 pub mod headers;
 mod kafka;
 mod nats;
 
+pub use amqp::AmqpArgs;
+pub use error::RelayConfigError;
 pub use kafka::{kafka_settings, parse_key_value, KafkaArgs};
 pub use nats::{server_host_port, BrokerArg, NatsArgs};
 
@@ -16,7 +20,6 @@ use crate::{
     core::duration::Duration,
     core::redacted::Redacted,
     core::routing::OutboxColumn,
-    core::validation::ValidationErrors,
     crd::{
         Cleanup, Compression, DatabaseSpec, KafkaSpec, LagSpec, OutboxRelaySpec, ProducerSpec, RelaySpec, RoutingSpec, SecretKeyRef,
         ValidOutboxRelay,
@@ -145,8 +148,10 @@ pub struct RelayArgs {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub nats: NatsArgs,
-    /// Topic (Kafka) or subject (NATS) name, or a template over {aggregatetype}, {aggregateid},
-    /// {type}.
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+    /// Topic (Kafka), subject (NATS) or routing key (RabbitMQ), or a template over
+    /// {aggregatetype}, {aggregateid}, {type}.
     #[arg(long, env = "LOCKSTEP_TOPIC", default_value = "outbox.event.{aggregatetype}")]
     pub topic: String,
     /// Column used as the message key.
@@ -212,50 +217,6 @@ fn parse_gather(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RelayConfigError {
-    #[error("no database URL: set DATABASE_URL, --database-url or --database-url-file")]
-    NoDatabaseUrl,
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("no Kafka bootstrap servers: set KAFKA_BOOTSTRAP_SERVERS or --bootstrap-servers")]
-    NoBootstrapServers,
-    #[error("invalid NATS settings: {0}")]
-    Nats(String),
-    #[error("invalid relay configuration: {}", describe_cli_errors(.0))]
-    Invalid(ValidationErrors),
-}
-
-/// Name CLI flags instead of spec fields in messages.
-fn describe_cli_errors(e: &ValidationErrors) -> String {
-    const FLAGS: [(&str, &str); 13] = [
-        ("spec.database.schema", "--schema"),
-        ("spec.database.table", "--table"),
-        ("spec.kafka.bootstrapServers", "--bootstrap-servers"),
-        ("spec.kafka.producer.config", "--kafka-config"),
-        ("spec.kafka.producer.lingerMs", "--linger-ms"),
-        ("spec.routing.topic", "--topic"),
-        ("spec.relay.batchSize", "--batch-size"),
-        ("spec.relay.pollInterval", "--poll-interval"),
-        ("spec.relay.maxAttempts", "--max-attempts"),
-        ("spec.relay.publishedRetention", "--published-retention"),
-        ("spec.relay.cloudEvents", "--cloudevents-source"),
-        ("spec.relay.replicas", "(replicas)"),
-        ("spec.lag.maxOldestAge", "(maxOldestAge)"),
-    ];
-    e.0.iter()
-        .map(|fe| {
-            let flag = FLAGS
-                .iter()
-                .find(|(f, _)| fe.field.starts_with(f))
-                .map(|(_, fl)| *fl)
-                .unwrap_or(fe.field.as_str());
-            format!("{flag}: {}", fe.message)
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
 /// The relay's resolved configuration.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -265,6 +226,8 @@ pub struct RelayConfig {
     pub kafka_config: BTreeMap<String, Redacted>,
     /// Set: the relay publishes to NATS JetStream, not Kafka.
     pub nats: Option<crate::core::nats_settings::NatsSettings>,
+    /// Set: the relay publishes to RabbitMQ, not Kafka.
+    pub amqp: Option<crate::core::amqp_settings::AmqpSettings>,
     /// Everything else, validated by the rules an OutboxRelay spec gets.
     pub resolved: ValidOutboxRelay,
     pub metrics_addr: SocketAddr,
@@ -276,16 +239,21 @@ impl RelayArgs {
     /// Read secrets from files, then validate with the same rules an OutboxRelay spec gets.
     pub fn resolve(&self) -> Result<RelayConfig, RelayConfigError> {
         let database_url = self.outbox.database_url()?;
-        let (bootstrap_servers, nats) = match self.broker {
+        let (bootstrap_servers, nats, amqp) = match self.broker {
             BrokerArg::Kafka => {
                 let servers = self.kafka.bootstrap_servers.clone().filter(|s| !s.trim().is_empty());
-                (servers.ok_or(RelayConfigError::NoBootstrapServers)?, None)
+                (servers.ok_or(RelayConfigError::NoBootstrapServers)?, None, None)
             }
             BrokerArg::Nats => {
                 let n = self.nats.settings()?;
                 // The spec's server list, validated as such; the relay connects by `nats`.
                 let hosts: Result<Vec<String>, String> = n.servers.iter().map(|s| server_host_port(s)).collect();
-                (hosts.map_err(RelayConfigError::Nats)?.join(","), Some(n))
+                (hosts.map_err(RelayConfigError::Nats)?.join(","), Some(n), None)
+            }
+            BrokerArg::Rabbitmq => {
+                let a = self.amqp.settings()?;
+                let host = crate::core::amqp_settings::server_host_port(&a.url).map_err(RelayConfigError::Amqp)?;
+                (host, None, Some(a))
             }
         };
         let kafka_config = self.kafka.settings()?;
@@ -298,6 +266,7 @@ impl RelayArgs {
             bootstrap_servers,
             kafka_config,
             nats,
+            amqp,
             resolved,
             metrics_addr: self.metrics_addr,
             listen: self.listen,

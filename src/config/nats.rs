@@ -18,6 +18,7 @@ pub enum BrokerArg {
     #[default]
     Kafka,
     Nats,
+    Rabbitmq,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -1,6 +1,7 @@
 //! Layer 0: pure building blocks with no I/O, shared by every other layer. Nothing here imports
 //! another layer.
 
+pub mod amqp_settings;
 pub mod duration;
 pub mod event_headers;
 pub mod kafka_settings;

@@ -30,9 +30,10 @@ pub fn banner(cfg: &RelayConfig) -> String {
         r.table,
         r.topic_template.text(),
         r.key,
-        match &cfg.nats {
-            Some(n) => format!("NATS {}", n.servers.join(",")),
-            None => cfg.bootstrap_servers.clone(),
+        match (&cfg.nats, &cfg.amqp) {
+            (Some(n), _) => format!("NATS {}", n.servers.join(",")),
+            (None, Some(a)) => format!("RabbitMQ {} exchange {:?}", cfg.bootstrap_servers, a.exchange),
+            (None, None) => cfg.bootstrap_servers.clone(),
         },
         describe_database_url(cfg.database_url.expose()),
         r.batch_size,

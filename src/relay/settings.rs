@@ -1,20 +1,22 @@
 //! What the relay's publisher is built from: Kafka producer settings with delivery forced, or
-//! the NATS servers, named after the relay's host.
+//! the NATS or RabbitMQ server, named after the relay's host.
 
 use rdkafka::config::ClientConfig;
 
 use crate::{clients::broker::Settings, config::RelayConfig};
 
-/// How to build the relay's publisher: NATS when the relay was given a NATS server, else Kafka.
+/// How to build the relay's publisher: NATS or RabbitMQ when the relay was given such a server,
+/// else Kafka. The connection is named after the relay's host.
 pub fn publisher_settings(cfg: &RelayConfig) -> Settings {
-    match &cfg.nats {
-        Some(n) => Settings::Nats(crate::core::nats_settings::NatsSettings {
-            name: Some(crate::tables::identity::application_name(
-                crate::tables::identity::host_name().as_deref(),
-            )),
-            ..n.clone()
-        }),
-        None => Settings::Kafka(producer_config(cfg)),
+    let name = || {
+        Some(crate::tables::identity::application_name(
+            crate::tables::identity::host_name().as_deref(),
+        ))
+    };
+    match (&cfg.nats, &cfg.amqp) {
+        (Some(n), _) => Settings::Nats(crate::core::nats_settings::NatsSettings { name: name(), ..n.clone() }),
+        (None, Some(a)) => Settings::Amqp(crate::core::amqp_settings::AmqpSettings { name: name(), ..a.clone() }),
+        (None, None) => Settings::Kafka(producer_config(cfg)),
     }
 }
 

@@ -1,12 +1,13 @@
 //! The seam between the relay and a broker: publish a batch with one acknowledgement per message,
-//! keep each key's order, and say why a message was not published. Kafka (`kafka`) and NATS
-//! JetStream (`nats`) sit behind it; the relay's pipeline names neither.
+//! keep each key's order, and say why a message was not published. Kafka (`kafka`), NATS
+//! JetStream (`nats`) and RabbitMQ (`amqp`) sit behind it; the relay's pipeline names none.
 //!
 //! Per-key order is the publisher's promise: a key's message is never stored past an earlier one
 //! of the same batch that failed. Kafka keeps it with its idempotent, gapless producer (a
-//! rejection fails every later message of the partition); NATS publishes a key's next message
-//! only once the previous one was acknowledged.
+//! rejection fails every later message of the partition); NATS and RabbitMQ publish a key's next
+//! message only once the previous one was acknowledged (confirmed).
 
+pub mod amqp;
 pub mod kafka;
 pub mod nats;
 
@@ -85,7 +86,7 @@ pub struct Acked {
 
 /// One message as the relay hands it over.
 pub struct Outgoing<'a> {
-    /// The topic (Kafka) or subject (NATS).
+    /// The topic (Kafka), subject (NATS) or routing key (RabbitMQ).
     pub destination: &'a str,
     pub key: &'a str,
     /// The event id: NATS's `Nats-Msg-Id`, so the stream drops a resend within its window.
@@ -101,6 +102,7 @@ pub struct Outgoing<'a> {
 pub enum Settings {
     Kafka(rdkafka::ClientConfig),
     Nats(nats::NatsSettings),
+    Amqp(amqp::AmqpSettings),
 }
 
 /// A broker's publisher. Clones share it.
@@ -108,14 +110,16 @@ pub enum Settings {
 pub enum Publisher {
     Kafka(kafka::KafkaPublisher),
     Nats(nats::NatsPublisher),
+    Amqp(amqp::AmqpPublisher),
 }
 
 impl Publisher {
-    /// A publisher; Kafka's checks its settings here, NATS connects at the first send.
+    /// A publisher; Kafka's checks its settings here, NATS and RabbitMQ connect at the first send.
     pub fn create(settings: &Settings) -> Result<Publisher, String> {
         Ok(match settings {
             Settings::Kafka(c) => Publisher::Kafka(kafka::KafkaPublisher::create(c)?),
             Settings::Nats(s) => Publisher::Nats(nats::NatsPublisher::new(s.clone())),
+            Settings::Amqp(s) => Publisher::Amqp(amqp::AmqpPublisher::new(s.clone())),
         })
     }
 
@@ -124,21 +128,26 @@ impl Publisher {
         match self {
             Publisher::Kafka(k) => Batch::Kafka(k),
             Publisher::Nats(n) => Batch::Nats(Box::new(n.batch())),
+            Publisher::Amqp(a) => Batch::Amqp(Box::new(a.batch())),
         }
     }
 
     /// The relay completed batch `id` (`Batch::id`) of these keys: what became of each message is
     /// known, and the relay's gate holds a failed key back from now on.
     pub fn completed<'k>(&self, id: u64, keys: impl IntoIterator<Item = &'k str>) {
-        if let Publisher::Nats(n) = self {
-            n.completed(id, keys)
+        match self {
+            Publisher::Kafka(_) => {}
+            Publisher::Nats(n) => n.completed(id, keys),
+            Publisher::Amqp(a) => a.completed(id, keys),
         }
     }
 
     /// The relay gave up the batches in flight and will read their rows again.
     pub fn forget(&self) {
-        if let Publisher::Nats(n) = self {
-            n.forget()
+        match self {
+            Publisher::Kafka(_) => {}
+            Publisher::Nats(n) => n.forget(),
+            Publisher::Amqp(a) => a.forget(),
         }
     }
 
@@ -147,15 +156,18 @@ impl Publisher {
         match self {
             Publisher::Kafka(k) => k.fatal(),
             Publisher::Nats(n) => n.fatal(),
+            Publisher::Amqp(a) => a.fatal(),
         }
     }
 
     /// Make sure nothing this publisher still holds reaches the broker later: Kafka's queue is
-    /// purged (its reports come at once), NATS's connection closed without reconnecting.
+    /// purged (its reports come at once), NATS's and RabbitMQ's connection closed without
+    /// reconnecting.
     pub async fn purge(&self) {
         match self {
             Publisher::Kafka(k) => k.purge().await,
             Publisher::Nats(n) => n.purge().await,
+            Publisher::Amqp(a) => a.purge().await,
         }
     }
 
@@ -164,6 +176,7 @@ impl Publisher {
         match self {
             Publisher::Kafka(k) => k.in_flight(),
             Publisher::Nats(n) => n.in_flight(),
+            Publisher::Amqp(a) => a.in_flight(),
         }
     }
 
@@ -172,6 +185,7 @@ impl Publisher {
         match self {
             Publisher::Kafka(k) => k.reachable().await,
             Publisher::Nats(n) => n.reachable().await,
+            Publisher::Amqp(a) => a.reachable().await,
         }
     }
 
@@ -180,6 +194,7 @@ impl Publisher {
         match self {
             Publisher::Kafka(k) => k.flush(timeout).await,
             Publisher::Nats(n) => n.flush(timeout).await,
+            Publisher::Amqp(a) => a.flush(timeout).await,
         }
     }
 }
@@ -189,6 +204,7 @@ pub enum Batch<'a> {
     Kafka(&'a kafka::KafkaPublisher),
     // Boxed: a batch, not a message, pays for it.
     Nats(Box<nats::NatsBatch<'a>>),
+    Amqp(Box<amqp::AmqpBatch<'a>>),
 }
 
 impl Batch<'_> {
@@ -197,6 +213,7 @@ impl Batch<'_> {
         match self {
             Batch::Kafka(_) => 0,
             Batch::Nats(n) => n.id(),
+            Batch::Amqp(a) => a.id(),
         }
     }
 
@@ -206,6 +223,7 @@ impl Batch<'_> {
         match self {
             Batch::Kafka(k) => k.send(m).await.map(Ack::Kafka),
             Batch::Nats(n) => n.send(m).await.map(Ack::Other),
+            Batch::Amqp(a) => a.send(m).await.map(Ack::Other),
         }
     }
 }

@@ -1,0 +1,510 @@
+//! RabbitMQ behind the broker seam (lapin, AMQP 0-9-1): each message published persistent
+//! (delivery mode 2) and `mandatory` on a channel in confirm mode, its publisher confirm awaited.
+//!
+//! - Where: to the exchange of the settings (`--amqp-exchange`; "" is the default exchange),
+//!   with the routing template's result (`Outgoing::destination`) as the routing key.
+//! - Confirmed means stored: an ack is a success only when no `basic.return` came before it. A
+//!   returned message (no queue bound for its routing key: a missing queue or binding, the
+//!   broker's state) and a nack (a queue refused it: full under `x-overflow: reject-publish`) are
+//!   `Transport`, retried until they are stored, never dead-lettered.
+//! - Order: RabbitMQ keeps one channel's messages in order, but a returned or nacked message does
+//!   not stop the later ones. So a key's next message is published only once the previous one was
+//!   confirmed, within a batch and across the batches in flight, as on NATS (`nats.rs`); after a
+//!   failure it is not sent (`Released`).
+//! - No reconnects (lapin's recovery stays off): a connection or channel that closes is dead with
+//!   what it held, and the next batch opens a new one. A confirm that does not come within
+//!   `confirm_timeout` (a silent server; a connection the broker blocked for its resource alarms)
+//!   fails the message and closes the connection. A blocked connection fails new messages at once.
+//! - Size: a message over `max_message_bytes`, or over the server's `max_message_size` once a
+//!   channel closed on it (the limit is then learnt from the server's words), is `Poison`.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use futures::{
+    future::{BoxFuture, Shared},
+    FutureExt,
+};
+use lapin::{
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+    BasicProperties, Confirmation, Connection, ConnectionProperties,
+};
+
+use super::{Acked, Cause, Outgoing, Refusal};
+pub use crate::core::amqp_settings::AmqpSettings;
+use crate::core::amqp_settings::{server_host_port, MAX_SHORT_STRING};
+
+/// A message's key: AMQP messages have none of their own (the routing key is the destination).
+pub const KEY_HEADER: &str = "lockstep-key";
+
+/// How long opening a connection (TCP, TLS, AMQP handshake, channel) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Heartbeats: a server gone silent is noticed within two of them.
+const HEARTBEAT_SECS: u16 = 10;
+
+/// A RabbitMQ publisher. Clones share its connection.
+#[derive(Clone)]
+pub struct AmqpPublisher {
+    inner: Arc<Inner>,
+}
+
+/// Batch numbers, unique in the process.
+static NEXT_BATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A key's last message handed over: its batch, and whether it was confirmed.
+type LastOfKey = (u64, Shared<BoxFuture<'static, bool>>);
+
+struct Inner {
+    settings: AmqpSettings,
+    /// Each key's last message, until the relay completed its batch.
+    last: Mutex<HashMap<String, LastOfKey>>,
+    current: Mutex<Option<Conn>>,
+    /// One connect at a time.
+    connecting: tokio::sync::Mutex<()>,
+    in_flight: Arc<AtomicUsize>,
+    /// The server's max_message_size, once a message over it closed a channel (0: not known).
+    server_limit: AtomicUsize,
+}
+
+#[derive(Clone)]
+struct Conn {
+    connection: Arc<Connection>,
+    channel: lapin::Channel,
+}
+
+impl Conn {
+    fn alive(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+}
+
+impl AmqpPublisher {
+    pub fn new(settings: AmqpSettings) -> Self {
+        AmqpPublisher {
+            inner: Arc::new(Inner {
+                settings,
+                last: Mutex::new(HashMap::new()),
+                current: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                in_flight: Arc::new(AtomicUsize::new(0)),
+                server_limit: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    pub(super) fn batch(&self) -> AmqpBatch<'_> {
+        AmqpBatch {
+            p: self,
+            id: NEXT_BATCH.fetch_add(1, Ordering::Relaxed),
+            conn: None,
+        }
+    }
+
+    /// The relay completed batch `id`: the keys whose last message it held leave the chain.
+    pub(super) fn completed<'k>(&self, id: u64, keys: impl IntoIterator<Item = &'k str>) {
+        let mut last = self.inner.last.lock().unwrap_or_else(|e| e.into_inner());
+        for k in keys {
+            if last.get(k).is_some_and(|(b, _)| *b == id) {
+                last.remove(k);
+            }
+        }
+    }
+
+    /// The relay gave up the batches in flight (it reads their rows again): no chain is left.
+    pub(super) fn forget(&self) {
+        self.inner.last.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    fn live(&self) -> Option<Conn> {
+        let c = self.inner.current.lock().unwrap_or_else(|e| e.into_inner());
+        c.as_ref().filter(|c| c.alive()).cloned()
+    }
+
+    /// The live connection, or a new one.
+    async fn conn(&self) -> Result<Conn, Refusal> {
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let _one = self.inner.connecting.lock().await;
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        if let Some(old) = self.inner.current.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            close(old);
+        }
+        let conn = connect(&self.inner.settings).await?;
+        *self.inner.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Dead connections are replaced at the next batch: nothing to rebuild.
+    pub(super) fn fatal(&self) -> Option<String> {
+        None
+    }
+
+    /// Close the connection: what it still holds unconfirmed fails at once, and nothing it
+    /// queued is sent later (it never reconnects).
+    pub(super) async fn purge(&self) {
+        let old = self.inner.current.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(c) = old {
+            let _ = tokio::time::timeout(Duration::from_secs(1), c.connection.close(320, "purged by the relay".into())).await;
+        }
+    }
+
+    pub(super) fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(super) async fn reachable(&self) -> bool {
+        self.conn().await.is_ok()
+    }
+
+    pub(super) async fn flush(&self, timeout: Duration) {
+        if let Some(c) = self.live() {
+            let _ = tokio::time::timeout(timeout, c.channel.wait_for_confirms()).await;
+        }
+    }
+}
+
+/// Close a connection in the background (its confirms fail now; nothing waits for the server).
+fn close(c: Conn) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(1), c.connection.close(320, "replaced".into())).await;
+    });
+}
+
+/// Open a connection and a channel in confirm mode. Errors never hold the password: the URL
+/// given has none, and lapin's messages name the user at most.
+async fn connect(s: &AmqpSettings) -> Result<Conn, Refusal> {
+    let host = server_host_port(&s.url).unwrap_or_default();
+    let failed =
+        |what: &str, e: &dyn std::fmt::Display| Refusal::new(Cause::Transport, format!("cannot {what} RabbitMQ at {host}: {e}"), "Connect");
+    let mut uri: lapin::uri::AMQPUri = s.url.parse().map_err(|e: String| failed("parse the URL of", &e))?;
+    if let Some((user, password)) = &s.auth {
+        uri.authority.userinfo = lapin::uri::AMQPUserInfo {
+            username: user.clone(),
+            password: password.expose().to_owned(),
+        };
+    }
+    uri.query.heartbeat.get_or_insert(HEARTBEAT_SECS);
+    uri.query.connection_timeout.get_or_insert(CONNECT_TIMEOUT.as_millis() as u64);
+    let tls = tls_config(s).map_err(|e| failed("read the TLS files for", &e))?;
+    let mut props = ConnectionProperties::default();
+    if let Some(name) = &s.name {
+        props = props.with_connection_name(name.clone().into());
+    }
+    let runtime = lapin::runtime::default_runtime().map_err(|e| failed("reach", &e))?;
+    let open = async {
+        let connection = Connection::connect_uri_with_config(uri, props, tls, runtime).await?;
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok::<_, lapin::Error>(Conn {
+            connection: Arc::new(connection),
+            channel,
+        })
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, open).await {
+        Ok(r) => r.map_err(|e| failed("connect to", &e)),
+        Err(_) => Err(failed("connect to", &format!("no answer within {CONNECT_TIMEOUT:?}"))),
+    }
+}
+
+/// The CA and client certificate files, read as lapin takes them.
+fn tls_config(s: &AmqpSettings) -> std::io::Result<lapin::tcp::OwnedTLSConfig> {
+    let cert_chain = s.tls_ca.as_ref().map(std::fs::read_to_string).transpose()?;
+    let identity = match &s.tls_client {
+        Some((cert, key)) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
+            pem: std::fs::read(cert)?,
+            key: std::fs::read(key)?,
+        }),
+        None => None,
+    };
+    Ok(lapin::tcp::OwnedTLSConfig { identity, cert_chain })
+}
+
+/// One batch's sender.
+pub struct AmqpBatch<'a> {
+    p: &'a AmqpPublisher,
+    id: u64,
+    /// The batch's connection, or why there is none: one attempt per batch.
+    conn: Option<Result<Conn, Refusal>>,
+}
+
+/// A message as it goes on the wire.
+struct Wire {
+    routing_key: ShortString,
+    payload: Vec<u8>,
+    properties: BasicProperties,
+}
+
+impl AmqpBatch<'_> {
+    pub(super) fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub(super) async fn send(&mut self, m: &Outgoing<'_>) -> Result<BoxFuture<'static, Result<Acked, Refusal>>, Refusal> {
+        let inner = &self.p.inner;
+        let limit = match inner.server_limit.load(Ordering::Relaxed) {
+            0 => inner.settings.max_message_bytes,
+            server => server.min(inner.settings.max_message_bytes),
+        };
+        let wire = wire(m, limit)?;
+        let attempt = match self.conn.take() {
+            Some(a) => a,
+            None => self.p.conn().await,
+        };
+        self.conn = Some(attempt.clone());
+        let conn = attempt?;
+        if conn.connection.status().blocked() {
+            return Err(Refusal::new(
+                Cause::Transport,
+                "RabbitMQ blocked the connection (connection.blocked: a memory or disk alarm): waiting for it to clear",
+                "Blocked",
+            ));
+        }
+        let in_flight = inner.in_flight.clone();
+        let previous = {
+            let last = inner.last.lock().unwrap_or_else(|e| e.into_inner());
+            last.get(m.key).map(|(_, f)| f.clone())
+        };
+        let publisher = self.p.clone();
+        let ack: BoxFuture<'static, Result<Acked, Refusal>> = match previous {
+            None => publish(publisher, conn, wire).await?.boxed(),
+            Some(previous) => async move {
+                if !previous.await {
+                    return Err(Refusal::behind_failed());
+                }
+                publish(publisher, conn, wire).await?.await
+            }
+            .boxed(),
+        };
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        let ack = async move {
+            let r = ack.await;
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+            r
+        }
+        .boxed()
+        .shared();
+        let done = ack.clone().map(|r| r.is_ok()).boxed().shared();
+        let mut last = inner.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.insert(m.key.to_owned(), (self.id, done));
+        Ok(ack.boxed())
+    }
+}
+
+/// Hand a message to the channel; the future is its confirm.
+async fn publish(p: AmqpPublisher, conn: Conn, w: Wire) -> Result<impl std::future::Future<Output = Result<Acked, Refusal>>, Refusal> {
+    let inner = p.inner.clone();
+    let size = w.payload.len();
+    let options = BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    };
+    let exchange = ShortString::from(inner.settings.exchange.clone());
+    let confirm = conn
+        .channel
+        .basic_publish(exchange, w.routing_key.clone(), options, &w.payload, w.properties)
+        .await
+        .map_err(|e| refusal(&inner, &e, size))?;
+    let timeout = inner.settings.confirm_timeout;
+    Ok(async move {
+        match tokio::time::timeout(timeout, confirm).await {
+            Ok(Ok(Confirmation::Ack(None))) => Ok(Acked::default()),
+            Ok(Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)))) => Err(returned(&inner.settings.exchange, &w.routing_key, &r)),
+            Ok(Ok(Confirmation::Nack(None))) => Err(Refusal::new(
+                Cause::Transport,
+                "RabbitMQ refused the message (basic.nack): a queue it routes to is full (x-overflow reject-publish) or failed",
+                "Nack",
+            )),
+            Ok(Ok(Confirmation::NotRequested)) => Err(Refusal::new(Cause::Transport, "the channel is not in confirm mode", "NoConfirm")),
+            Ok(Err(e)) => Err(refusal(&inner, &e, size)),
+            Err(_) => {
+                // Silent or blocked: this connection is not to be trusted with more.
+                let mut current = inner.current.lock().unwrap_or_else(|e| e.into_inner());
+                if current.as_ref().is_some_and(|c| Arc::ptr_eq(&c.connection, &conn.connection)) {
+                    current.take();
+                }
+                close(conn);
+                Err(Refusal::new(
+                    Cause::Transport,
+                    format!("no publisher confirm within {timeout:?} (the connection is closed and opened again)"),
+                    "ConfirmTimeout",
+                ))
+            }
+        }
+    })
+}
+
+/// A message the broker returned (`mandatory`, no queue bound for its routing key): the broker's
+/// topology, not the message, so retried until a queue is there.
+fn returned(exchange: &str, routing_key: &ShortString, r: &lapin::message::BasicReturnMessage) -> Refusal {
+    let exchange = if exchange.is_empty() { "the default exchange" } else { exchange };
+    Refusal::new(
+        Cause::Transport,
+        format!(
+            "RabbitMQ returned the message unroutable ({} {}): no queue is bound to {exchange} for routing key {:?}",
+            r.reply_code,
+            r.reply_text.as_str(),
+            routing_key.as_str()
+        ),
+        "Unroutable",
+    )
+}
+
+/// What a lapin error says about a message of `size` bytes: over the server's max_message_size
+/// (the channel closed, saying so) is the message's fault; anything else is the broker's or the
+/// network's.
+fn refusal(inner: &Inner, e: &lapin::Error, size: usize) -> Refusal {
+    let text = e.to_string();
+    if let Some(limit) = server_size_limit(&text) {
+        inner.server_limit.store(limit, Ordering::Relaxed);
+        if size > limit {
+            return Refusal::new(
+                Cause::Poison,
+                format!("message too large: {size} bytes, over the server's max_message_size of {limit} ({text})"),
+                "MessageTooLarge",
+            );
+        }
+        // Another message closed the channel: this one only went down with it.
+        return Refusal::new(
+            Cause::Transport,
+            format!("the channel closed for another message: {text}"),
+            "ChannelClosed",
+        );
+    }
+    Refusal::new(Cause::Transport, text, "Other")
+}
+
+/// The limit in RabbitMQ's refusal of a message over max_message_size ("PRECONDITION_FAILED -
+/// message size 2000 is larger than configured max size 1000").
+fn server_size_limit(text: &str) -> Option<usize> {
+    let (_, rest) = text.split_once("larger than configured max size ")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// The message as sent: persistent, the event id as `message_id`, the type as `type`, the
+/// timestamp in seconds, and the headers (the relay's, the key, `lockstep-created-at` when the
+/// relay's do not carry it). Poison when it cannot be sent: a routing key, a header name over
+/// 255 bytes, or a message over `limit` bytes.
+fn wire(m: &Outgoing<'_>, limit: usize) -> Result<Wire, Refusal> {
+    let poison = |error: String, reason: &str| Err(Refusal::new(Cause::Poison, error, reason));
+    if m.destination.len() > MAX_SHORT_STRING {
+        return poison(
+            format!(
+                "routing: routing key of {} bytes, over AMQP's 255 ({:.40}...)",
+                m.destination.len(),
+                m.destination
+            ),
+            "InvalidRoutingKey",
+        );
+    }
+    let mut headers = FieldTable::default();
+    let mut size = m.payload.map_or(0, <[u8]>::len) + m.key.len();
+    let text = |v: &str| AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()));
+    headers.insert(KEY_HEADER.into(), text(m.key));
+    let stamp = crate::core::stamp::CREATED_AT_HEADER;
+    let mut event_type = None;
+    for (k, v) in m.headers {
+        if k.is_empty() || k.len() > MAX_SHORT_STRING {
+            return poison(
+                format!("header name of {} bytes cannot be sent over AMQP (1 to 255)", k.len()),
+                "InvalidHeader",
+            );
+        }
+        if k == crate::core::event_headers::TYPE {
+            event_type = Some(v.as_ref());
+        }
+        size += k.len() + v.len();
+        headers.insert(k.as_ref().into(), text(v));
+    }
+    if !m.headers.iter().any(|(k, _)| k == stamp) {
+        headers.insert(stamp.into(), text(&m.timestamp_ms.to_string()));
+    }
+    if size > limit {
+        return poison(
+            format!("message too large: {size} bytes of payload and headers, over the limit of {limit} (--amqp-max-message-bytes or the server's max_message_size)"),
+            "MessageTooLarge",
+        );
+    }
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(m.id.to_string().into())
+        .with_timestamp(u64::try_from(m.timestamp_ms / 1000).unwrap_or(0))
+        .with_headers(headers);
+    if let Some(t) = event_type.filter(|t| t.len() <= MAX_SHORT_STRING) {
+        properties = properties.with_type(t.into());
+    }
+    Ok(Wire {
+        routing_key: m.destination.into(),
+        payload: m.payload.unwrap_or_default().to_vec(),
+        properties,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    fn outgoing<'a>(destination: &'a str, headers: &'a [(Cow<'a, str>, Cow<'a, str>)], payload: &'a [u8]) -> Outgoing<'a> {
+        Outgoing {
+            destination,
+            key: "k",
+            id: uuid::Uuid::nil(),
+            payload: Some(payload),
+            headers,
+            timestamp_ms: 7_000,
+        }
+    }
+
+    #[test]
+    fn a_message_carries_its_id_type_key_and_stamp() {
+        let h = [(Cow::from("type"), Cow::from("created")), (Cow::from("source"), Cow::from("test"))];
+        let w = wire(&outgoing("orders", &h, b"{}"), 1000).unwrap();
+        let p = &w.properties;
+        assert_eq!(p.delivery_mode(), &Some(2));
+        assert_eq!(
+            p.message_id().as_ref().map(|s| s.as_str()),
+            Some(uuid::Uuid::nil().to_string().as_str())
+        );
+        assert_eq!(p.kind().as_ref().map(|s| s.as_str()), Some("created"));
+        assert_eq!(p.timestamp(), &Some(7));
+        let headers = p.headers().clone().unwrap();
+        let get = |k: &str| headers.inner().get(k).and_then(|v| v.as_long_string()).map(|s| s.to_string());
+        assert_eq!(get("lockstep-key").as_deref(), Some("k"));
+        assert_eq!(get("source").as_deref(), Some("test"));
+        assert_eq!(get("lockstep-created-at").as_deref(), Some("7000"));
+        assert_eq!(w.routing_key.as_str(), "orders");
+    }
+
+    #[test]
+    fn what_cannot_be_sent_is_poison() {
+        let long = "x".repeat(256);
+        let h = [(Cow::from(long.as_str()), Cow::from("v"))];
+        for (m, reason) in [
+            (outgoing(&long, &[], b""), "InvalidRoutingKey"),
+            (outgoing("q", &h, b""), "InvalidHeader"),
+            (outgoing("q", &[], &[0u8; 2000]), "MessageTooLarge"),
+        ] {
+            let r = wire(&m, 1000).err().unwrap();
+            assert_eq!((r.cause, r.reason.as_str()), (Cause::Poison, reason));
+        }
+    }
+
+    #[test]
+    fn the_servers_size_limit_is_read_from_its_refusal() {
+        let t = "PRECONDITION_FAILED - message size 2000 is larger than configured max size 1000";
+        assert_eq!(server_size_limit(t), Some(1000));
+        assert_eq!(server_size_limit("NOT_FOUND - no exchange"), None);
+    }
+}

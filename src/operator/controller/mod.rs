@@ -14,6 +14,8 @@ pub mod lag;
 pub mod lifecycle;
 pub mod merged_watch;
 pub mod nats_deps;
+pub mod rabbitmq_deps;
+pub mod relay_queues;
 pub mod outbox_relay;
 pub mod outbox_verdict;
 pub mod ownership;

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     clients::rabbitmq_admin::RabbitAdmin,
-    crd::{DesiredQueue, OutboxRelay, OutboxRelayStatus, TopicStatus, ValidOutboxRelay, ValidRabbitmq},
+    crd::{DesiredQueue, Guarantee, OutboxRelay, OutboxRelayStatus, TopicStatus, ValidOutboxRelay, ValidRabbitmq},
     operator::conditions::{condition, Cond, Reason, Status},
     operator::policy::queues::{plan, Action, Observed, Plan},
 };
@@ -155,6 +155,56 @@ fn status_of(r: &ValidRabbitmq, observed: &Observed, p: &Plan, failed: &[String]
     exchange.chain(queues).collect()
 }
 
+/// What holds on each hop of an OutboxRelay publishing to RabbitMQ: confirms and `mandatory` on
+/// the way in, no broker-side dedup, and redelivery bounded in time only by a message TTL. Pure.
+pub fn guarantees(r: &ValidRabbitmq) -> Vec<Guarantee> {
+    let g = |hop: &str, guarantee: String| Guarantee {
+        hop: hop.into(),
+        guarantee,
+    };
+    let queues: Vec<String> = r.queues.iter().map(queue_terms).collect();
+    let consumer = if queues.is_empty() {
+        "at-least-once: an unacknowledged message is redelivered, without a time bound unless its queue has a message TTL;          deduplicate with an InboxTable"
+            .to_owned()
+    } else {
+        format!(
+            "at-least-once: an unacknowledged message is redelivered ({}); deduplicate with an InboxTable",
+            queues.join("; ")
+        )
+    };
+    vec![
+        g("service -> database", "atomic with the business write (transactional outbox)".into()),
+        g(
+            "database -> broker",
+            "at-least-once, per-key order (a key's next message waits for the previous one's publisher confirm);              persistent messages, mandatory (an unroutable message is not a success); RabbitMQ drops no resend:              a resend after a lost confirm is a second copy with the same message_id"
+                .into(),
+        ),
+        g("broker -> consumer", consumer),
+    ]
+}
+
+/// A queue's redelivery terms, as the guarantee map words them.
+fn queue_terms(q: &DesiredQueue) -> String {
+    let arg = |k: &str| q.arguments.get(k).map(|v| v.to_string().trim_matches('"').to_owned());
+    let mut terms = vec![format!("{} {}", q.name, q.type_.as_str())];
+    if let Some(n) = arg("x-delivery-limit") {
+        let then = q.dead_letter_exchange.as_ref().map_or("dropped".to_owned(), |x| format!("dead-lettered to {x}"));
+        terms.push(format!("at most {n} deliveries, then {then}"));
+    }
+    match (arg("x-message-ttl"), arg("x-max-age")) {
+        (Some(ms), _) => terms.push(format!(
+            "expires after {}",
+            crate::core::duration::format(std::time::Duration::from_millis(ms.parse().unwrap_or(0)))
+        )),
+        (None, Some(age)) => terms.push(format!("kept {age} (x-max-age) for any consumer to re-read")),
+        (None, None) if q.ignore.contains("messageTtl") || q.ignore.contains("maxAge") => {
+            terms.push("expiry set by a policy".into())
+        }
+        (None, None) => terms.push("no expiry: redelivery without a time bound".into()),
+    }
+    terms.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +240,16 @@ mod tests {
         assert_eq!((c.status, c.reason), (Status::False, Reason::QueueChangeRefused));
         assert!(c.message.starts_with("queue billing deliveryLimit (x-delivery-limit): 5 -> 20;"), "{}", c.message);
         assert_eq!((s[0].ready, s[1].ready), (true, false));
+    }
+
+    #[test]
+    fn guarantees_say_what_bounds_redelivery() {
+        let g = guarantees(&valid());
+        assert!(g[1].guarantee.contains("publisher confirm") && g[1].guarantee.contains("mandatory"), "{g:?}");
+        assert!(g[2].guarantee.contains("billing quorum, at most 20 deliveries, then dropped, expires after 7d"), "{g:?}");
+        let mut r = valid();
+        r.queues[0].arguments.clear();
+        assert!(guarantees(&r)[2].guarantee.contains("no expiry: redelivery without a time bound"));
     }
 
     #[test]

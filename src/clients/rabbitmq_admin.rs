@@ -139,6 +139,13 @@ impl RabbitAdmin {
             .map(drop)
     }
 
+    /// Remove the binding of `queue` to `exchange` by `key` (one without arguments).
+    pub async fn unbind(&self, exchange: &str, queue: &str, key: &str) -> Result<(), String> {
+        let props = if key.is_empty() { "~".to_owned() } else { url_encode(key) };
+        let path = format!("/api/bindings/{}/e/{}/q/{}/{props}", self.vhost, url_encode(exchange), url_encode(queue));
+        self.call(Method::DELETE, path, None).await.map(drop)
+    }
+
     /// Delete a queue (with its messages) or an exchange; absent already is done.
     pub async fn delete(&self, kind: &str, name: &str) -> Result<(), String> {
         let path = format!("/api/{kind}/{}/{}", self.vhost, url_encode(name));

@@ -59,8 +59,7 @@ pub struct OutboxRelaySpec {
     #[x_kube(validation = Rule::new("self.schema == oldSelf.schema && self.table == oldSelf.table").message("database.schema and database.table are immutable; create a new OutboxRelay for another table"))]
     pub database: DatabaseSpec,
     /// The broker the relay publishes to: Kafka (`kafka`), NATS JetStream (`nats`) or RabbitMQ
-    /// (`rabbitmq`). Fixed:
-    /// consumers read where the relay published.
+    /// (`rabbitmq`). Fixed: consumers read where the relay published.
     #[serde(default)]
     #[x_kube(validation = Rule::new("self == oldSelf").message("broker is immutable; create a new OutboxRelay for another broker"))]
     pub broker: Broker,

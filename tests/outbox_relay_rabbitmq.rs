@@ -1,0 +1,205 @@
+//! An OutboxRelay with `broker: Rabbitmq` and an InboxTable reading its queue, against the real
+//! API server, PostgreSQL and rabbitmq-server (its management plugin): the exchange, a quorum
+//! queue with its arguments, bindings and dead-letter exchange declared to the spec; a changed
+//! argument refused with what to do; drift reported; the relay pod told to publish to RabbitMQ;
+//! DedupCovered from the queue's message TTL and the queue's ready + unacked count as lag.
+
+mod common;
+
+use std::time::Duration;
+
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
+use kube::api::{Api, PostParams};
+use lockstep::{
+    clients::rabbitmq_admin::{ManagementSettings, RabbitAdmin},
+    core::redacted::Redacted,
+    crd::{InboxTable, OutboxRelay},
+};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(60);
+
+fn password() -> String {
+    std::fs::read_to_string(common::env("AMQP_PASSWORD_FILE")).unwrap().trim().to_owned()
+}
+
+/// The test environment's rabbitmq-server, over its management API.
+fn admin() -> RabbitAdmin {
+    RabbitAdmin::new(&ManagementSettings {
+        url: common::env("RABBITMQ_MANAGEMENT_URL"),
+        vhost: "/".into(),
+        auth: Some((common::env("AMQP_USER"), Redacted::new(password()))),
+        tls_ca: None,
+    })
+    .unwrap()
+}
+
+/// The server part of AMQP_URL (the spec takes the vhost apart).
+fn amqp_server() -> String {
+    let url = common::env("AMQP_URL");
+    let (scheme, rest) = url.split_once("://").unwrap();
+    format!("{scheme}://{}", rest.split('/').next().unwrap())
+}
+
+async fn create_rabbit_secret(client: &kube::Client, ns: &str) {
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "rabbit"}, "stringData": {"user": common::env("AMQP_USER"), "password": password()}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &s).await.unwrap();
+}
+
+/// Publish `n` messages to `exchange` by `key` through the management API (plain HTTP).
+async fn publish(exchange: &str, key: &str, n: usize) {
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = common::env("RABBITMQ_MANAGEMENT_URL").trim_start_matches("http://").to_owned();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", common::env("AMQP_USER"), password()));
+    for i in 0..n {
+        let body = json!({"properties": {"delivery_mode": 2}, "routing_key": key, "payload": format!("m{i}"), "payload_encoding": "string"}).to_string();
+        let req = format!(
+            "POST /api/exchanges/%2F/{exchange}/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.contains("\"routed\":true"), "{out}");
+    }
+}
+
+fn relay(schema: &str, exchange: &str, queue: &str, ttl: &str, ignore: &[&str]) -> OutboxRelay {
+    serde_json::from_value(json!({
+        "apiVersion": "lockstep.dev/v1alpha1", "kind": "OutboxRelay", "metadata": {"name": "orders"},
+        "spec": {
+            "database": {"urlSecretRef": {"name": "db"}, "schema": schema, "table": "outbox"},
+            "broker": "Rabbitmq",
+            "rabbitmq": {
+                "url": amqp_server(), "managementUrl": common::env("RABBITMQ_MANAGEMENT_URL"),
+                "authSecretRef": {"name": "rabbit"},
+                "exchange": {"name": exchange},
+                "queues": [{"name": queue, "bindings": ["order.#"], "messageTtl": ttl, "deliveryLimit": 5,
+                            "deadLetterExchange": format!("{exchange}.dlx"), "deadLetterQueue": format!("{queue}.dead"),
+                            "ignore": ignore}]
+            },
+            "routing": {"topic": "{aggregatetype}.{type}"},
+            "relay": {"replicas": 0}
+        }
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_rabbitmq_relay_gets_its_topology_to_the_spec_and_an_inbox_its_coverage_and_lag() {
+    common::operator();
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::TestNamespace::new(&client, "obr-rabbit").await;
+    common::create_secret(&client, &ns.name, "db", &common::env("DATABASE_URL")).await;
+    create_rabbit_secret(&client, &ns.name).await;
+    let schema = ns.name.replace('-', "_");
+    let (exchange, queue) = (common::unique("outbox"), common::unique("billing"));
+    let api: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns.name);
+    api.create(&PostParams::default(), &relay(&schema, &exchange, &queue, "1d", &[])).await.unwrap();
+    let got = common::wait_condition(&api, "orders", "Ready", "True", None, T).await;
+    let st = got.status.unwrap();
+    assert_eq!(common::condition(&st.conditions, "TopicsReady").reason, "TopicsConfigured");
+    let names: Vec<(&str, bool)> = st.topics.iter().map(|t| (t.name.as_str(), t.ready)).collect();
+    assert_eq!(names, [(format!("exchange/{exchange}").as_str(), true), (format!("queue/{queue}").as_str(), true)]);
+    assert!(st.guarantees[1].guarantee.contains("publisher confirm"), "{:?}", st.guarantees);
+    assert!(st.guarantees[2].guarantee.contains("at most 5 deliveries"), "{:?}", st.guarantees);
+
+    // Declared as asked: a durable topic exchange, a quorum queue with its arguments, bound; the
+    // dead-letter exchange with its queue.
+    let a = admin();
+    let x = a.exchange(&exchange).await.unwrap().expect("the exchange was declared");
+    assert_eq!((x.type_.as_str(), x.durable), ("topic", true));
+    let q = a.queue(&queue).await.unwrap().expect("the queue was declared");
+    assert_eq!((q.type_.as_str(), q.durable), ("quorum", true));
+    assert_eq!(q.arguments["x-message-ttl"], json!(86_400_000));
+    assert_eq!(q.arguments["x-delivery-limit"], json!(5));
+    assert_eq!(q.arguments["x-dead-letter-exchange"], json!(format!("{exchange}.dlx")));
+    assert_eq!(a.bindings(&exchange, &queue).await.unwrap(), ["order.#"]);
+    assert_eq!(a.bindings(&format!("{exchange}.dlx"), &format!("{queue}.dead")).await.unwrap(), [""]);
+
+    // The relay pod publishes to RabbitMQ, with the Secret as a directory.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let pod = deployments.get("orders-relay").await.unwrap().spec.unwrap().template.spec.unwrap();
+    let c = &pod.containers[0];
+    let args = c.args.clone().unwrap();
+    for want in ["--broker=rabbitmq".to_owned(), format!("--amqp-url={}/%2F", amqp_server()), format!("--amqp-exchange={exchange}")] {
+        assert!(args.contains(&want), "{want} not in {args:?}");
+    }
+    assert!(!args.iter().any(|a| a.starts_with("--bootstrap-servers")), "{args:?}");
+    assert!(c.env.iter().flatten().any(|e| e.name == "AMQP_SECRET_DIR"), "{:?}", c.env);
+
+    // Bindings changed outside lockstep: the missing one added back, the extra one reported.
+    a.unbind(&exchange, &queue, "order.#").await.unwrap();
+    a.bind(&exchange, &queue, "invoice.*").await.unwrap();
+    common::touch(&api, "orders").await;
+    let got = common::wait_condition(&api, "orders", "TopicsReady", "True", Some("TopicConfigDrift"), T).await;
+    let msg = common::condition(&got.status.unwrap().conditions, "TopicsReady").message.clone();
+    assert!(msg.contains("binding \"order.#\": missing -> added") && msg.contains("\"invoice.*\": not in the spec, left in place"), "{msg}");
+    let mut keys = a.bindings(&exchange, &queue).await.unwrap();
+    keys.sort();
+    assert_eq!(keys, ["invoice.*", "order.#"]);
+    a.unbind(&exchange, &queue, "invoice.*").await.unwrap();
+
+    // A longer TTL on the existing queue: refused with what to do, the queue untouched; ignoring
+    // the setting (a policy's to give) makes it ready again.
+    let mut longer = api.get("orders").await.unwrap();
+    longer.spec = relay(&schema, &exchange, &queue, "2d", &[]).spec;
+    api.replace("orders", &PostParams::default(), &longer).await.unwrap();
+    let got = common::wait_condition(&api, "orders", "TopicsReady", "False", Some("QueueChangeRefused"), T).await;
+    let msg = common::condition(&got.status.unwrap().conditions, "TopicsReady").message.clone();
+    assert!(msg.contains(&format!("queue {queue} messageTtl (x-message-ttl): 86400000 -> 172800000")), "{msg}");
+    assert!(msg.contains("cannot change a queue's arguments") && msg.contains("ignore"), "{msg}");
+    assert_eq!(a.queue(&queue).await.unwrap().unwrap().arguments["x-message-ttl"], json!(86_400_000));
+    let mut ignoring = api.get("orders").await.unwrap();
+    ignoring.spec = relay(&schema, &exchange, &queue, "2d", &["messageTtl"]).spec;
+    api.replace("orders", &PostParams::default(), &ignoring).await.unwrap();
+    common::wait_condition(&api, "orders", "TopicsReady", "True", Some("TopicsConfigured"), T).await;
+
+    inbox_of_the_queue(&client, &ns.name, &schema, &exchange, &queue).await;
+    for (kind, name) in [("queues", queue.clone()), ("queues", format!("{queue}.dead")), ("exchanges", exchange.clone()), ("exchanges", format!("{exchange}.dlx"))] {
+        a.delete(kind, &name).await.unwrap();
+    }
+    ns.delete().await;
+}
+
+/// An inbox of the queue: 12h does not outlive the queue's day of TTL, 2d does; three messages
+/// waiting are its lag.
+async fn inbox_of_the_queue(client: &kube::Client, ns: &str, schema: &str, exchange: &str, queue: &str) {
+    publish(exchange, "order.created", 3).await;
+    let inboxes: Api<InboxTable> = Api::namespaced(client.clone(), ns);
+    let inbox: InboxTable = serde_json::from_value(json!({
+        "apiVersion": "lockstep.dev/v1alpha1", "kind": "InboxTable", "metadata": {"name": "billing"},
+        "spec": {
+            "database": {"urlSecretRef": {"name": "db"}, "schema": schema, "table": "inbox"},
+            "retention": "12h",
+            "sources": {"rabbitmq": {"managementUrl": common::env("RABBITMQ_MANAGEMENT_URL"), "authSecretRef": {"name": "rabbit"}, "queues": [queue]}}
+        }
+    }))
+    .unwrap();
+    inboxes.create(&PostParams::default(), &inbox).await.unwrap();
+    let got = common::wait_condition(&inboxes, "billing", "DedupCovered", "False", Some("RetentionBelowTopicRetention"), T).await;
+    let st = got.status.unwrap();
+    let msg = &common::condition(&st.conditions, "DedupCovered").message;
+    assert!(msg.contains(&format!("queue {queue} x-message-ttl=1d")), "{msg}");
+    assert!(st.guarantees[0].guarantee.contains("x-delivery-limit"), "{:?}", st.guarantees);
+    let lag = common::wait_until(T, "the queue's 3 messages as lag", || {
+        let inboxes = inboxes.clone();
+        async move {
+            common::touch(&inboxes, "billing").await;
+            let l = inboxes.get("billing").await.unwrap().status?.consumer_lag?;
+            (l.messages == 3).then_some(l)
+        }
+    })
+    .await;
+    assert_eq!((lag.group.as_str(), lag.topics[0].topic.as_str()), (queue, queue));
+    let mut bigger = inboxes.get("billing").await.unwrap();
+    bigger.spec.retention = Some(lockstep::core::duration::Duration::new("2d"));
+    inboxes.replace("billing", &PostParams::default(), &bigger).await.unwrap();
+    common::wait_condition(&inboxes, "billing", "DedupCovered", "True", Some("RetentionCoversRedelivery"), T).await;
+}

@@ -14,10 +14,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 pub use nats::{Broker, DesiredStream, Discard, NatsSpec, StreamSpec, StreamStorage, ValidNats, STREAM_SETTINGS};
-pub use rabbitmq::{
-    management_url_problem, max_age_secs, max_age_text, url_encode, DesiredExchange, DesiredQueue, ExchangeSpec, ExchangeType, QueueSpec, QueueType,
-    RabbitmqSpec, ValidRabbitmq, QUEUE_SETTINGS,
-};
+pub use rabbitmq::*;
 pub use relays::RelayShare;
 pub(crate) use validate::valid_host_port;
 pub use validate::{ValidOutboxRelay, ValidProducer, MAX_BUCKETS};

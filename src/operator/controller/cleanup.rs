@@ -116,14 +116,20 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
             done.push(format!("kept topic {n}: {} names it too", by.join(", ")));
         }
     }
-    if let Some(n) = v.nats.as_ref().filter(|n| !orphan && !n.streams.is_empty()) {
-        done.extend(delete_streams(ctx, obj, v, n).await?);
-    }
-    if v.rabbitmq.is_some() && !orphan {
-        done.extend(delete_queues(ctx, obj, v).await?);
+    if !orphan {
+        done.extend(delete_streams_or_queues(ctx, obj, v).await?);
     }
     cleaned(ctx, obj, done.join("; ")).await;
     Ok(())
+}
+
+/// With broker Nats or Rabbitmq: delete the streams, or the exchange and queues, no other object names.
+async fn delete_streams_or_queues(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay) -> Result<Vec<String>, String> {
+    match (&v.nats, &v.rabbitmq) {
+        (Some(n), _) if !n.streams.is_empty() => delete_streams(ctx, obj, v, n).await,
+        (_, Some(_)) => delete_queues(ctx, obj, v).await,
+        _ => Ok(vec![]),
+    }
 }
 
 /// Delete the streams no other OutboxRelay names (on the same NATS); keep the others. A Secret

@@ -90,7 +90,7 @@ pub fn plan(exchange: Option<&DesiredExchange>, exchange_name: &str, queues: &[D
                 let arguments = BTreeMap::from([("x-queue-type".to_owned(), Value::from("quorum"))]);
                 p.actions.push(Action::DeclareQueue { name: dlq.clone(), arguments });
             }
-            if !o.bindings.get(&(dlx.clone(), dlq.clone())).is_some_and(|b| !b.is_empty()) {
+            if o.bindings.get(&(dlx.clone(), dlq.clone())).is_none_or(|b| b.is_empty()) {
                 p.actions.push(Action::Bind {
                     exchange: dlx.clone(),
                     queue: dlq.clone(),

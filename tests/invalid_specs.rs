@@ -180,6 +180,7 @@ fn relay_cases() -> Vec<Case> {
         c("delivery limit on a classic queue", "spec.rabbitmq.queues[0].deliveryLimit", "CV", queue(json!({"name": "q", "type": "Classic", "deliveryLimit": 3}))),
         c("maxAge on a quorum queue", "spec.rabbitmq.queues[0].maxAge", "CV", queue(json!({"name": "q", "maxAge": "1d"}))),
         c("message TTL on a stream", "spec.rabbitmq.queues[0].type", "CV", queue(json!({"name": "q", "type": "Stream", "messageTtl": "1d"}))),
+        c("max length on a stream", "spec.rabbitmq.queues[0].type", "CV", queue(json!({"name": "q", "type": "Stream", "maxLength": 100}))),
         c("message TTL over 49 days", "spec.rabbitmq.queues[0].messageTtl", "V", queue(json!({"name": "q", "messageTtl": "50d"}))),
         c("queue name with a space", "spec.rabbitmq.queues[0].name", "S", queue(json!({"name": "a b"}))),
         c("unknown queue type", "spec.rabbitmq.queues[0].type", "S", queue(json!({"name": "q", "type": "Lazy"}))),

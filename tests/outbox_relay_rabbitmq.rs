@@ -203,3 +203,92 @@ async fn inbox_of_the_queue(client: &kube::Client, ns: &str, schema: &str, excha
     inboxes.replace("billing", &PostParams::default(), &bigger).await.unwrap();
     common::wait_condition(&inboxes, "billing", "DedupCovered", "True", Some("RetentionCoversRedelivery"), T).await;
 }
+
+fn sharing_relay(schema: &str, host: &str, exchange: &str, queue: &str, stream: &str, ttl: &str) -> OutboxRelay {
+    let url = amqp_server().replace("127.0.0.1", host);
+    let management = common::env("RABBITMQ_MANAGEMENT_URL").replace("127.0.0.1", host);
+    serde_json::from_value(json!({
+        "apiVersion": "lockstep.dev/v1alpha1", "kind": "OutboxRelay", "metadata": {"name": "orders"},
+        "spec": {
+            "database": {"urlSecretRef": {"name": "db"}, "schema": schema, "table": "outbox"},
+            "broker": "Rabbitmq",
+            "rabbitmq": {
+                "url": url, "managementUrl": management, "authSecretRef": {"name": "rabbit"},
+                "exchange": {"name": exchange, "type": "Direct"},
+                "queues": [{"name": queue, "bindings": ["created"], "messageTtl": ttl},
+                           {"name": stream, "type": "Stream", "bindings": ["created"], "maxAge": "7d"}]
+            },
+            "relay": {"replicas": 0},
+            "deletionPolicy": "Delete"
+        }
+    }))
+    .unwrap()
+}
+
+/// Two OutboxRelays naming one exchange and queues, the second through another address of the
+/// same server (`localhost`: the management API's cluster name tells): the second reports
+/// ResourceConflict naming the first and changes nothing; its Delete cleanup keeps them with their
+/// messages; the first's, alone in naming them, deletes them. A Stream queue is declared with its
+/// x-max-age on the way.
+#[tokio::test]
+async fn a_second_relay_naming_managed_queues_conflicts_and_never_alters_nor_deletes_them() {
+    common::operator();
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let mut spaces = Vec::new();
+    let mut apis = Vec::new();
+    for prefix in ["obr-rabbit-a", "obr-rabbit-b"] {
+        let ns = common::TestNamespace::new(&client, prefix).await;
+        common::create_secret(&client, &ns.name, "db", &common::env("DATABASE_URL")).await;
+        create_rabbit_secret(&client, &ns.name).await;
+        apis.push(Api::<OutboxRelay>::namespaced(client.clone(), &ns.name));
+        spaces.push(ns);
+    }
+    let (a, b) = (&apis[0], &apis[1]);
+    let (exchange, queue, stream) = (common::unique("shared"), common::unique("orders"), common::unique("audit"));
+    let schema = |i: usize| spaces[i].name.replace('-', "_");
+    a.create(&PostParams::default(), &sharing_relay(&schema(0), "127.0.0.1", &exchange, &queue, &stream, "7d"))
+        .await
+        .unwrap();
+    common::wait_condition(a, "orders", "TopicsReady", "True", Some("TopicsConfigured"), T).await;
+    let admin = admin();
+    let s = admin.queue(&stream).await.unwrap().expect("the stream queue was declared");
+    assert_eq!((s.type_.as_str(), &s.arguments["x-max-age"]), ("stream", &json!("7D")));
+    b.create(&PostParams::default(), &sharing_relay(&schema(1), "localhost", &exchange, &queue, &stream, "1h"))
+        .await
+        .unwrap();
+    let got = common::wait_condition(b, "orders", "TopicsReady", "False", Some("ResourceConflict"), T).await;
+    let st = got.status.unwrap();
+    let holder = format!("OutboxRelay {}/orders", spaces[0].name);
+    let msg = &common::condition(&st.conditions, "TopicsReady").message;
+    assert!(msg.contains(&format!("queue/{queue} is managed by {holder}")), "{msg}");
+    assert!(st.topics.iter().all(|t| t.managed_by.as_deref() == Some(holder.as_str())), "{:?}", st.topics);
+    common::touch(a, "orders").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ready = a.get("orders").await.unwrap().status.unwrap();
+    assert_eq!(common::condition(&ready.conditions, "TopicsReady").status, "True", "A keeps them");
+    publish(&exchange, "created", 1).await;
+
+    let gone = |api: Api<OutboxRelay>| async move {
+        api.delete("orders", &Default::default()).await.unwrap();
+        common::wait_until(T, "deleted", || {
+            let api = api.clone();
+            async move { api.get_opt("orders").await.unwrap().is_none().then_some(()) }
+        })
+        .await;
+    };
+    gone(b.clone()).await;
+    let kept = admin.queue(&queue).await.unwrap().expect("the queue survives B's cleanup");
+    assert_eq!(kept.arguments["x-message-ttl"], json!(604_800_000u64), "as A declared it");
+    common::wait_until(T, "the message counted", || async {
+        (admin.queue(&queue).await.unwrap()?.ready == 1).then_some(())
+    })
+    .await;
+    gone(a.clone()).await;
+    assert!(admin.queue(&queue).await.unwrap().is_none(), "A, alone in naming it, deletes it");
+    assert!(admin.queue(&stream).await.unwrap().is_none());
+    assert!(admin.exchange(&exchange).await.unwrap().is_none());
+    for ns in spaces {
+        ns.delete().await;
+    }
+}

@@ -129,7 +129,7 @@ pub const QUEUE_SETTINGS: [(&str, &str); 5] = [
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.deliveryLimit) || self.type == 'Quorum'").message("deliveryLimit needs a Quorum queue"))]
 #[x_kube(validation = Rule::new("!has(self.maxAge) || self.type == 'Stream'").message("maxAge is a Stream's; queues expire messages with messageTtl"))]
-#[x_kube(validation = Rule::new("self.type != 'Stream' || (!has(self.messageTtl) && !has(self.deadLetterExchange))").message("a Stream has no messageTtl or dead-lettering; use maxAge"))]
+#[x_kube(validation = Rule::new("self.type != 'Stream' || (!has(self.messageTtl) && !has(self.deadLetterExchange) && !has(self.maxLength))").message("a Stream has no messageTtl, maxLength or dead-lettering; use maxAge"))]
 pub struct QueueSpec {
     #[schemars(length(min = 1, max = 255), regex(pattern = r"^[a-zA-Z0-9_.:-]+$"))]
     pub name: String,
@@ -158,7 +158,8 @@ pub struct QueueSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 255), regex(pattern = r"^[a-zA-Z0-9_.:-]+$"))]
     pub dead_letter_queue: Option<String>,
-    /// The most messages kept (`x-max-length`); the oldest are dropped (or dead-lettered) beyond it.
+    /// The most messages kept (`x-max-length`; not a Stream's); the oldest are dropped (or
+    /// dead-lettered) beyond it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_length: Option<i64>,
@@ -347,8 +348,8 @@ impl QueueSpec {
         if self.max_age.is_some() && !stream {
             p.add(format!("{at}.maxAge"), "maxAge is a Stream's; a queue expires messages with messageTtl");
         }
-        if stream && (self.message_ttl.is_some() || self.dead_letter_exchange.is_some()) {
-            p.add(format!("{at}.type"), "a Stream has no messageTtl or dead-lettering; use maxAge");
+        if stream && (self.message_ttl.is_some() || self.dead_letter_exchange.is_some() || self.max_length.is_some()) {
+            p.add(format!("{at}.type"), "a Stream has no messageTtl, maxLength or dead-lettering; use maxAge");
         }
         if self.dead_letter_queue.is_some() && self.dead_letter_exchange.is_none() {
             p.add(format!("{at}.deadLetterQueue"), "needs deadLetterExchange");

@@ -82,6 +82,9 @@ const EXIT_COULD_NOT_RUN: u8 = 2;
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,sqlx=warn".into());
+    // lapin logs a message RabbitMQ returned whole (payload and headers: an event's data) at
+    // WARN; the relay says what was returned itself.
+    let filter = filter.add_directive("lapin::returned_messages=off".parse().expect("a directive"));
     // Colours only on a terminal: a pod's log, a file or a pipe gets plain text.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -69,7 +69,7 @@ fn check(got: &[Got], events: usize, keys: usize) -> usize {
     got.len() - events
 }
 
-both!(publishes_events_over_1k_keys_in_order, publish_in_order);
+brokers!(publishes_events_over_1k_keys_in_order, publish_in_order);
 async fn publish_in_order(kind: Kind) {
     let o = outbox("order", &common::env("DATABASE_URL"), &Broker::shared(kind), 6).await;
     let n: i64 = std::env::var("RELAY_TEST_N").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
@@ -90,7 +90,7 @@ async fn publish_in_order(kind: Kind) {
     relay.kill();
 }
 
-both!(survives_sigkill_and_an_inbox_consumer_applies_each_event_once, survive_sigkills);
+brokers!(survives_sigkill_and_an_inbox_consumer_applies_each_event_once, survive_sigkills);
 async fn survive_sigkills(kind: Kind) {
     const EVENTS: i64 = 100_000;
     const STEPS: i64 = 40;
@@ -185,7 +185,7 @@ async fn survive_sigkills(kind: Kind) {
     assert_eq!(applied, EVENTS as u64);
 }
 
-both!(recovers_from_a_30s_broker_outage_and_a_database_restart, recover_from_outages);
+brokers!(recovers_from_a_30s_broker_outage_and_a_database_restart, recover_from_outages);
 async fn recover_from_outages(kind: Kind) {
     let pg = common::PrivatePostgres::start();
     let mut broker = Broker::private(kind);
@@ -239,7 +239,7 @@ async fn recover_from_outages(kind: Kind) {
     println!("outage run: {} messages for 20000 events ({dups} duplicates)", got.len());
 }
 
-both!(an_oversized_row_is_quarantined_and_later_events_flow, quarantine_an_oversized_row);
+brokers!(an_oversized_row_is_quarantined_and_later_events_flow, quarantine_an_oversized_row);
 async fn quarantine_an_oversized_row(kind: Kind) {
     let o = outbox("poison", &common::env("DATABASE_URL"), &Broker::shared(kind), 1).await;
     let t = format!("\"{}\".outbox", o.schema);
@@ -267,6 +267,7 @@ async fn quarantine_an_oversized_row(kind: Kind) {
     let says = match kind {
         Kind::Kafka => "too large",
         Kind::Nats => "max payload",
+        Kind::Rabbitmq => "too large",
     };
     assert!(dl[0].2.to_lowercase().contains(says), "error recorded: {}", dl[0].2);
     let got = consume(&o, 20, Duration::from_secs(60)).await;
@@ -274,7 +275,7 @@ async fn quarantine_an_oversized_row(kind: Kind) {
     assert_eq!(by_id.len(), 20, "every other event published");
 }
 
-both!(a_standby_takes_over_when_the_active_relay_dies, standby_takes_over);
+brokers!(a_standby_takes_over_when_the_active_relay_dies, standby_takes_over);
 async fn standby_takes_over(kind: Kind) {
     let o = outbox("standby", &common::env("DATABASE_URL"), &Broker::shared(kind), 1).await;
     let mut a = o.relay("relay-standby-a.log", &o.url);
@@ -295,7 +296,7 @@ async fn standby_takes_over(kind: Kind) {
     check(&got, 200, 10);
 }
 
-both!(
+brokers!(
     sigterm_finishes_the_batches_in_flight_and_hands_over_without_duplicates,
     hand_over_on_sigterm
 );

@@ -1,5 +1,6 @@
-//! The broker a relay test publishes to: Kafka (tansu) or NATS JetStream (nats-server), shared or
-//! a test's own (to stop and start). The same test body runs against each (`both!`).
+//! The broker a relay test publishes to: Kafka (tansu), NATS JetStream (nats-server) or RabbitMQ
+//! (rabbitmq-server), shared or a test's own (to stop and start). The same test body runs against
+//! each (`brokers!`).
 
 use std::{
     collections::HashSet,
@@ -16,12 +17,13 @@ use rdkafka::message::{Headers, Message};
 pub enum Kind {
     Kafka,
     Nats,
+    Rabbitmq,
 }
 
-/// A test body run once per broker: `both!(name, body)` makes `name::kafka` and `name::nats`,
-/// each calling `body(Kind)`.
+/// A test body run once per broker: `brokers!(name, body)` makes `name::kafka`, `name::nats` and
+/// `name::rabbitmq`, each calling `body(Kind)`.
 #[macro_export]
-macro_rules! both {
+macro_rules! brokers {
     ($name:ident, $body:ident) => {
         mod $name {
             #[tokio::test]
@@ -31,6 +33,10 @@ macro_rules! both {
             #[tokio::test]
             async fn nats() {
                 super::$body(super::common::broker::Kind::Nats).await
+            }
+            #[tokio::test]
+            async fn rabbitmq() {
+                super::$body(super::common::broker::Kind::Rabbitmq).await
             }
         }
     };
@@ -65,12 +71,15 @@ impl Received {
 enum Private {
     Kafka(super::PrivateBroker),
     Nats(PrivateNats),
+    Rabbitmq(super::rabbitmq::PrivateRabbit),
 }
 
 pub struct Broker {
     pub kind: Kind,
-    /// Kafka's bootstrap servers, or the NATS URL.
+    /// Kafka's bootstrap servers, the NATS URL, or the AMQP URL with its credentials.
     pub address: String,
+    /// RabbitMQ: the file of the password in `address`, for the relay.
+    password_file: Option<String>,
     private: Option<Private>,
 }
 
@@ -80,10 +89,12 @@ impl Broker {
         let address = match kind {
             Kind::Kafka => super::kafka_bootstrap(),
             Kind::Nats => super::env("NATS_URL"),
+            Kind::Rabbitmq => super::rabbitmq::shared_url(),
         };
         Broker {
             kind,
             address,
+            password_file: (kind == Kind::Rabbitmq).then(|| super::env("AMQP_PASSWORD_FILE")),
             private: None,
         }
     }
@@ -99,10 +110,19 @@ impl Broker {
                 let n = PrivateNats::start();
                 (n.url(), Private::Nats(n))
             }
+            Kind::Rabbitmq => {
+                let r = super::rabbitmq::PrivateRabbit::start();
+                (r.admin_url(), Private::Rabbitmq(r))
+            }
+        };
+        let password_file = match &p {
+            Private::Rabbitmq(r) => Some(r.password_file().display().to_string()),
+            _ => None,
         };
         Broker {
             kind,
             address,
+            password_file,
             private: Some(p),
         }
     }
@@ -111,6 +131,7 @@ impl Broker {
         match self.private.as_mut().expect("a private broker") {
             Private::Kafka(b) => b.stop(),
             Private::Nats(n) => n.stop(),
+            Private::Rabbitmq(r) => r.stop(),
         }
     }
 
@@ -118,6 +139,7 @@ impl Broker {
         match self.private.as_mut().expect("a private broker") {
             Private::Kafka(b) => b.start_again(),
             Private::Nats(n) => n.start_again(),
+            Private::Rabbitmq(r) => r.start_again(),
         }
     }
 
@@ -126,10 +148,18 @@ impl Broker {
         match self.kind {
             Kind::Kafka => vec![("KAFKA_BOOTSTRAP_SERVERS", self.address.clone())],
             Kind::Nats => vec![("LOCKSTEP_BROKER", "nats".into()), ("NATS_URL", self.address.clone())],
+            Kind::Rabbitmq => vec![
+                ("LOCKSTEP_BROKER", "rabbitmq".into()),
+                ("AMQP_URL", super::rabbitmq::without_credentials(&self.address)),
+                ("AMQP_USER", super::rabbitmq::USER.into()),
+                ("AMQP_PASSWORD_FILE", self.password_file.clone().unwrap_or_default()),
+                ("LOCKSTEP_AMQP_EXCHANGE", super::rabbitmq::EXCHANGE.into()),
+            ],
         }
     }
 
-    /// A destination named after `prefix`: a topic of `partitions`, or a stream of that one subject.
+    /// A destination named after `prefix`: a topic of `partitions`, a stream of that one subject,
+    /// or a stream queue bound to the test exchange by its name.
     pub async fn declare(&self, prefix: &str, partitions: i32) -> String {
         let name = super::unique(&format!("relay.{prefix}"));
         match self.kind {
@@ -147,6 +177,12 @@ impl Broker {
                 })
                 .await
                 .unwrap();
+            }
+            Kind::Rabbitmq => {
+                super::rabbitmq::declare(&self.address, &name).await;
+                if self.private.is_some() {
+                    super::rabbitmq::settle().await;
+                }
             }
         }
         name
@@ -172,6 +208,7 @@ pub async fn consume(kind: Kind, address: &str, destination: &str, want: usize, 
             out
         }
         Kind::Nats => consume_nats(address, destination, want, timeout).await,
+        Kind::Rabbitmq => super::rabbitmq::consume(address, destination, want, timeout).await,
     }
 }
 

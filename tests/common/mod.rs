@@ -8,6 +8,7 @@ pub mod outbox;
 pub mod pgbouncer;
 pub mod private_pg;
 pub mod proxy;
+pub mod rabbitmq;
 pub mod relays;
 pub mod standby;
 pub mod tls;
@@ -28,6 +29,12 @@ pub fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: run the tests with scripts/test, or `source target/testenv/env` after `scripts/testenv up`")
     })
+}
+
+/// The lockstep binary the tests run: this build's, or LOCKSTEP_TEST_BIN's (a copy kept aside when
+/// several checkouts share one target folder, whose builds replace each other's binary).
+pub fn lockstep_bin() -> String {
+    std::env::var("LOCKSTEP_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lockstep").to_owned())
 }
 
 /// A short random suffix for names.

@@ -20,7 +20,7 @@ pub struct Outbox {
     pub table: super::outbox::OutboxTable,
     /// The topic or subject the relay publishes to.
     pub topic: String,
-    /// The broker's address (Kafka's bootstrap servers, or the NATS URL).
+    /// The broker's address (Kafka's bootstrap servers, the NATS URL, the AMQP URL).
     pub bootstrap: String,
     /// The database the table is in.
     pub url: String,
@@ -138,9 +138,10 @@ impl Outbox {
         let log = match self.kind {
             super::broker::Kind::Kafka => log.to_owned(),
             super::broker::Kind::Nats => format!("nats-{log}"),
+            super::broker::Kind::Rabbitmq => format!("rabbitmq-{log}"),
         };
         let log = PathBuf::from(super::env("LOCKSTEP_TESTENV_DIR")).join(log);
-        let child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        let child = Command::new(super::lockstep_bin())
             .args(["relay", "--schema", &self.schema, "--table", "outbox", "--topic", &self.topic])
             .args(["--metrics-addr", "127.0.0.1:0", "--poll-interval", "200ms"])
             .args(std::env::var("RELAY_TEST_ARGS").unwrap_or_default().split_whitespace())

@@ -134,6 +134,23 @@ async fn a_rabbitmq_relay_gets_its_topology_to_the_spec_and_an_inbox_its_coverag
     assert!(!args.iter().any(|a| a.starts_with("--bootstrap-servers")), "{args:?}");
     assert!(c.env.iter().flatten().any(|e| e.name == "AMQP_SECRET_DIR"), "{:?}", c.env);
 
+    // A change of the RabbitMQ Secret rolls the relay (the pod template's Secret hash).
+    let hash = |d: Deployment| d.spec.unwrap().template.metadata.unwrap().annotations.unwrap()["lockstep.dev/secret-hash"].clone();
+    let before = hash(deployments.get("orders-relay").await.unwrap());
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let mut s = secrets.get("rabbit").await.unwrap();
+    s.string_data = Some([("password".to_owned(), password())].into());
+    s.metadata.annotations = Some([("rotated".to_owned(), "yes".to_owned())].into());
+    secrets.replace("rabbit", &PostParams::default(), &s).await.unwrap();
+    common::wait_until(T, "a new Secret hash", || {
+        let (api, deployments, before) = (api.clone(), deployments.clone(), before.clone());
+        async move {
+            common::touch(&api, "orders").await;
+            (hash(deployments.get("orders-relay").await.unwrap()) != before).then_some(())
+        }
+    })
+    .await;
+
     // Bindings changed outside lockstep: the missing one added back, the extra one reported.
     a.unbind(&exchange, &queue, "order.#").await.unwrap();
     a.bind(&exchange, &queue, "invoice.*").await.unwrap();

@@ -153,6 +153,27 @@ mod tests {
     use crate::{operator::controller::fixtures::*, operator::policy::retention::Compliance};
 
     #[test]
+    fn a_queue_is_bounded_by_the_lower_of_its_argument_and_its_policy() {
+        use serde_json::json;
+        let q = crate::clients::rabbitmq_admin::ObservedQueue {
+            type_: "quorum".into(),
+            durable: true,
+            arguments: [("x-message-ttl".to_owned(), json!(86_400_000)), ("x-delivery-limit".to_owned(), json!(20))].into(),
+            policy: [("message-ttl".to_owned(), json!(3_600_000))].into(),
+            ..Default::default()
+        };
+        let r = queue_retention("billing", &q);
+        assert_eq!((r.message_ttl_ms, r.delivery_limit, r.max_age_secs), (Some(3_600_000), Some(20), None));
+        let s = crate::clients::rabbitmq_admin::ObservedQueue {
+            type_: "stream".into(),
+            arguments: [("x-max-age".to_owned(), json!("7D"))].into(),
+            policy: [("max-age".to_owned(), json!("1D"))].into(),
+            ..Default::default()
+        };
+        assert_eq!(queue_retention("audit", &s).max_age_secs, Some(86_400));
+    }
+
+    #[test]
     fn coverage_from_sources() {
         let eff = effective("1d", Compliance::NoPolicy, false);
         let none = coverage_condition(&eff, None, None);

@@ -23,7 +23,8 @@ pub struct RabbitmqSourceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_secret_ref: Option<SecretRef>,
     /// The queues the consumer reads: their ready and unacknowledged messages are reported in
-    /// `status.consumerLag`.
+    /// `status.consumerLag` (for a Stream queue, every message it keeps: its consumers read by
+    /// offset, which the management API does not show).
     #[schemars(length(min = 1, max = 100), inner(length(min = 1, max = 255), regex(pattern = r"^[a-zA-Z0-9_.:-]+$")))]
     pub queues: Vec<String>,
 }

@@ -17,6 +17,7 @@
 //! `INSERT INTO billing.inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING`,
 //! then apply the effect only when one row was inserted, and commit both together.
 
+mod amqp;
 mod handler;
 pub mod metrics;
 

@@ -141,13 +141,21 @@ impl Outbox {
             super::broker::Kind::Rabbitmq => format!("rabbitmq-{log}"),
         };
         let log = PathBuf::from(super::env("LOCKSTEP_TESTENV_DIR")).join(log);
-        let child = Command::new(super::lockstep_bin())
+        let mut cmd = Command::new(super::lockstep_bin());
+        // An empty value in the broker's environment removes the variable the test's own has.
+        for (k, v) in &self.broker_env {
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
+        }
+        let child = cmd
             .args(["relay", "--schema", &self.schema, "--table", "outbox", "--topic", &self.topic])
             .args(["--metrics-addr", "127.0.0.1:0", "--poll-interval", "200ms"])
             .args(std::env::var("RELAY_TEST_ARGS").unwrap_or_default().split_whitespace())
             .args(extra)
             .env("DATABASE_URL", database_url)
-            .envs(self.broker_env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

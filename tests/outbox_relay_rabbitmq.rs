@@ -20,7 +20,10 @@ use serde_json::json;
 const T: Duration = Duration::from_secs(60);
 
 fn password() -> String {
-    std::fs::read_to_string(common::env("AMQP_PASSWORD_FILE")).unwrap().trim().to_owned()
+    std::fs::read_to_string(common::env("AMQP_PASSWORD_FILE"))
+        .unwrap()
+        .trim()
+        .to_owned()
 }
 
 /// The test environment's rabbitmq-server, over its management API.
@@ -46,7 +49,10 @@ async fn create_rabbit_secret(client: &kube::Client, ns: &str) {
         "metadata": {"name": "rabbit"}, "stringData": {"user": common::env("AMQP_USER"), "password": password()}
     }))
     .unwrap();
-    Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &s).await.unwrap();
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &s)
+        .await
+        .unwrap();
 }
 
 /// Publish `n` messages to `exchange` by `key` through the management API (plain HTTP).
@@ -56,7 +62,9 @@ async fn publish(exchange: &str, key: &str, n: usize) {
     let addr = common::env("RABBITMQ_MANAGEMENT_URL").trim_start_matches("http://").to_owned();
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", common::env("AMQP_USER"), password()));
     for i in 0..n {
-        let body = json!({"properties": {"delivery_mode": 2}, "routing_key": key, "payload": format!("m{i}"), "payload_encoding": "string"}).to_string();
+        let body =
+            json!({"properties": {"delivery_mode": 2}, "routing_key": key, "payload": format!("m{i}"), "payload_encoding": "string"})
+                .to_string();
         let req = format!(
             "POST /api/exchanges/%2F/{exchange}/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
@@ -101,12 +109,20 @@ async fn a_rabbitmq_relay_gets_its_topology_to_the_spec_and_an_inbox_its_coverag
     let schema = ns.name.replace('-', "_");
     let (exchange, queue) = (common::unique("outbox"), common::unique("billing"));
     let api: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns.name);
-    api.create(&PostParams::default(), &relay(&schema, &exchange, &queue, "1d", &[])).await.unwrap();
+    api.create(&PostParams::default(), &relay(&schema, &exchange, &queue, "1d", &[]))
+        .await
+        .unwrap();
     let got = common::wait_condition(&api, "orders", "Ready", "True", None, T).await;
     let st = got.status.unwrap();
     assert_eq!(common::condition(&st.conditions, "TopicsReady").reason, "TopicsConfigured");
     let names: Vec<(&str, bool)> = st.topics.iter().map(|t| (t.name.as_str(), t.ready)).collect();
-    assert_eq!(names, [(format!("exchange/{exchange}").as_str(), true), (format!("queue/{queue}").as_str(), true)]);
+    assert_eq!(
+        names,
+        [
+            (format!("exchange/{exchange}").as_str(), true),
+            (format!("queue/{queue}").as_str(), true)
+        ]
+    );
     assert!(st.guarantees[1].guarantee.contains("publisher confirm"), "{:?}", st.guarantees);
     assert!(st.guarantees[2].guarantee.contains("at most 5 deliveries"), "{:?}", st.guarantees);
 
@@ -121,14 +137,21 @@ async fn a_rabbitmq_relay_gets_its_topology_to_the_spec_and_an_inbox_its_coverag
     assert_eq!(q.arguments["x-delivery-limit"], json!(5));
     assert_eq!(q.arguments["x-dead-letter-exchange"], json!(format!("{exchange}.dlx")));
     assert_eq!(a.bindings(&exchange, &queue).await.unwrap(), ["order.#"]);
-    assert_eq!(a.bindings(&format!("{exchange}.dlx"), &format!("{queue}.dead")).await.unwrap(), [""]);
+    assert_eq!(
+        a.bindings(&format!("{exchange}.dlx"), &format!("{queue}.dead")).await.unwrap(),
+        [""]
+    );
 
     // The relay pod publishes to RabbitMQ, with the Secret as a directory.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let pod = deployments.get("orders-relay").await.unwrap().spec.unwrap().template.spec.unwrap();
     let c = &pod.containers[0];
     let args = c.args.clone().unwrap();
-    for want in ["--broker=rabbitmq".to_owned(), format!("--amqp-url={}/%2F", amqp_server()), format!("--amqp-exchange={exchange}")] {
+    for want in [
+        "--broker=rabbitmq".to_owned(),
+        format!("--amqp-url={}/%2F", amqp_server()),
+        format!("--amqp-exchange={exchange}"),
+    ] {
         assert!(args.contains(&want), "{want} not in {args:?}");
     }
     assert!(!args.iter().any(|a| a.starts_with("--bootstrap-servers")), "{args:?}");
@@ -157,7 +180,10 @@ async fn a_rabbitmq_relay_gets_its_topology_to_the_spec_and_an_inbox_its_coverag
     common::touch(&api, "orders").await;
     let got = common::wait_condition(&api, "orders", "TopicsReady", "True", Some("TopicConfigDrift"), T).await;
     let msg = common::condition(&got.status.unwrap().conditions, "TopicsReady").message.clone();
-    assert!(msg.contains("binding \"order.#\": missing -> added") && msg.contains("\"invoice.*\": not in the spec, left in place"), "{msg}");
+    assert!(
+        msg.contains("binding \"order.#\": missing -> added") && msg.contains("\"invoice.*\": not in the spec, left in place"),
+        "{msg}"
+    );
     let mut keys = a.bindings(&exchange, &queue).await.unwrap();
     keys.sort();
     assert_eq!(keys, ["invoice.*", "order.#"]);
@@ -170,16 +196,27 @@ async fn a_rabbitmq_relay_gets_its_topology_to_the_spec_and_an_inbox_its_coverag
     api.replace("orders", &PostParams::default(), &longer).await.unwrap();
     let got = common::wait_condition(&api, "orders", "TopicsReady", "False", Some("QueueChangeRefused"), T).await;
     let msg = common::condition(&got.status.unwrap().conditions, "TopicsReady").message.clone();
-    assert!(msg.contains(&format!("queue {queue} messageTtl (x-message-ttl): 86400000 -> 172800000")), "{msg}");
+    assert!(
+        msg.contains(&format!("queue {queue} messageTtl (x-message-ttl): 86400000 -> 172800000")),
+        "{msg}"
+    );
     assert!(msg.contains("cannot change a queue's arguments") && msg.contains("ignore"), "{msg}");
-    assert_eq!(a.queue(&queue).await.unwrap().unwrap().arguments["x-message-ttl"], json!(86_400_000));
+    assert_eq!(
+        a.queue(&queue).await.unwrap().unwrap().arguments["x-message-ttl"],
+        json!(86_400_000)
+    );
     let mut ignoring = api.get("orders").await.unwrap();
     ignoring.spec = relay(&schema, &exchange, &queue, "2d", &["messageTtl"]).spec;
     api.replace("orders", &PostParams::default(), &ignoring).await.unwrap();
     common::wait_condition(&api, "orders", "TopicsReady", "True", Some("TopicsConfigured"), T).await;
 
     inbox_of_the_queue(&client, &ns.name, &schema, &exchange, &queue).await;
-    for (kind, name) in [("queues", queue.clone()), ("queues", format!("{queue}.dead")), ("exchanges", exchange.clone()), ("exchanges", format!("{exchange}.dlx"))] {
+    for (kind, name) in [
+        ("queues", queue.clone()),
+        ("queues", format!("{queue}.dead")),
+        ("exchanges", exchange.clone()),
+        ("exchanges", format!("{exchange}.dlx")),
+    ] {
         a.delete(kind, &name).await.unwrap();
     }
     ns.delete().await;
@@ -200,7 +237,15 @@ async fn inbox_of_the_queue(client: &kube::Client, ns: &str, schema: &str, excha
     }))
     .unwrap();
     inboxes.create(&PostParams::default(), &inbox).await.unwrap();
-    let got = common::wait_condition(&inboxes, "billing", "DedupCovered", "False", Some("RetentionBelowTopicRetention"), T).await;
+    let got = common::wait_condition(
+        &inboxes,
+        "billing",
+        "DedupCovered",
+        "False",
+        Some("RetentionBelowTopicRetention"),
+        T,
+    )
+    .await;
     let st = got.status.unwrap();
     let msg = &common::condition(&st.conditions, "DedupCovered").message;
     assert!(msg.contains(&format!("queue {queue} x-message-ttl=1d")), "{msg}");
@@ -264,22 +309,32 @@ async fn a_second_relay_naming_managed_queues_conflicts_and_never_alters_nor_del
     let (a, b) = (&apis[0], &apis[1]);
     let (exchange, queue, stream) = (common::unique("shared"), common::unique("orders"), common::unique("audit"));
     let schema = |i: usize| spaces[i].name.replace('-', "_");
-    a.create(&PostParams::default(), &sharing_relay(&schema(0), "127.0.0.1", &exchange, &queue, &stream, "7d"))
-        .await
-        .unwrap();
+    a.create(
+        &PostParams::default(),
+        &sharing_relay(&schema(0), "127.0.0.1", &exchange, &queue, &stream, "7d"),
+    )
+    .await
+    .unwrap();
     common::wait_condition(a, "orders", "TopicsReady", "True", Some("TopicsConfigured"), T).await;
     let admin = admin();
     let s = admin.queue(&stream).await.unwrap().expect("the stream queue was declared");
     assert_eq!((s.type_.as_str(), &s.arguments["x-max-age"]), ("stream", &json!("7D")));
-    b.create(&PostParams::default(), &sharing_relay(&schema(1), "localhost", &exchange, &queue, &stream, "1h"))
-        .await
-        .unwrap();
+    b.create(
+        &PostParams::default(),
+        &sharing_relay(&schema(1), "localhost", &exchange, &queue, &stream, "1h"),
+    )
+    .await
+    .unwrap();
     let got = common::wait_condition(b, "orders", "TopicsReady", "False", Some("ResourceConflict"), T).await;
     let st = got.status.unwrap();
     let holder = format!("OutboxRelay {}/orders", spaces[0].name);
     let msg = &common::condition(&st.conditions, "TopicsReady").message;
     assert!(msg.contains(&format!("queue/{queue} is managed by {holder}")), "{msg}");
-    assert!(st.topics.iter().all(|t| t.managed_by.as_deref() == Some(holder.as_str())), "{:?}", st.topics);
+    assert!(
+        st.topics.iter().all(|t| t.managed_by.as_deref() == Some(holder.as_str())),
+        "{:?}",
+        st.topics
+    );
     common::touch(a, "orders").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ready = a.get("orders").await.unwrap().status.unwrap();
@@ -308,4 +363,96 @@ async fn a_second_relay_naming_managed_queues_conflicts_and_never_alters_nor_del
     for ns in spaces {
         ns.delete().await;
     }
+}
+
+/// The relay run as its pod would (the Deployment's args, the Secrets as files) publishes the
+/// outbox to the exchange the operator declared, and the bound queue receives every event.
+#[tokio::test]
+async fn the_relay_as_its_pod_runs_it_fills_the_declared_queue() {
+    common::operator();
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::TestNamespace::new(&client, "obr-rabbit-run").await;
+    let url = common::env("DATABASE_URL");
+    common::create_secret(&client, &ns.name, "db", &url).await;
+    create_rabbit_secret(&client, &ns.name).await;
+    let schema = ns.name.replace('-', "_");
+    let (exchange, queue) = (common::unique("outbox"), common::unique("billing"));
+    let api: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns.name);
+    let mut obr = relay(&schema, &exchange, &queue, "1d", &[]);
+    obr.spec.relay.replicas = 1;
+    api.create(&PostParams::default(), &obr).await.unwrap();
+    common::wait_condition(&api, "orders", "TopicsReady", "True", None, T).await;
+    common::wait_condition(&api, "orders", "SchemaReady", "True", None, T).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let pod = deployments.get("orders-relay").await.unwrap().spec.unwrap().template.spec.unwrap();
+    let c = &pod.containers[0];
+
+    // The Secrets as the kubelet would mount them, the environment pointed at them.
+    let dir = std::path::PathBuf::from(common::env("LOCKSTEP_TESTENV_DIR")).join(format!("{}-secret", ns.name));
+    std::fs::create_dir_all(dir.join("rabbitmq")).unwrap();
+    std::fs::write(dir.join("url"), &url).unwrap();
+    std::fs::write(dir.join("rabbitmq/user"), common::env("AMQP_USER")).unwrap();
+    std::fs::write(dir.join("rabbitmq/password"), password()).unwrap();
+    let args: Vec<String> = c
+        .args
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|a| {
+            if a.starts_with("--metrics-addr=") {
+                "--metrics-addr=127.0.0.1:0".into()
+            } else {
+                a
+            }
+        })
+        .collect();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"));
+    cmd.args(&args)
+        .env_clear()
+        .stderr(std::fs::File::create(dir.join("relay.log")).unwrap());
+    for e in c.env.iter().flatten() {
+        let value = match e.name.as_str() {
+            "DATABASE_URL_FILE" => dir.join("url"),
+            "AMQP_SECRET_DIR" => dir.join("rabbitmq"),
+            other => panic!("unexpected variable {other}"),
+        };
+        cmd.env(&e.name, value);
+    }
+    let mut relay = cmd.spawn().unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(&format!(
+        "insert into \"{schema}\".outbox (id, aggregatetype, aggregateid, type, payload)
+         select gen_random_uuid(), 'order', 'k-' || (g % 5), 'created', '{{}}' from generate_series(1, 20) g"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let a = admin();
+    let arrived = common::wait_until(T, "20 events in the queue", || {
+        let (a, queue) = (&a, &queue);
+        async move { a.queue(queue).await.unwrap().filter(|q| q.ready == 20) }
+    })
+    .await;
+    let _ = relay.kill();
+    let _ = relay.wait();
+    let left: i64 = sqlx::query_scalar(&format!("select count(*) from \"{schema}\".outbox"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (left, arrived.unacked),
+        (0, 0),
+        "every row published and removed; log in {}",
+        dir.display()
+    );
+    for (kind, name) in [
+        ("queues", queue.clone()),
+        ("queues", format!("{queue}.dead")),
+        ("exchanges", exchange.clone()),
+        ("exchanges", format!("{exchange}.dlx")),
+    ] {
+        a.delete(kind, &name).await.unwrap();
+    }
+    ns.delete().await;
 }

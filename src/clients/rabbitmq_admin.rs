@@ -16,10 +16,7 @@ use hyper_util::{
 };
 use serde_json::{json, Value};
 
-use crate::{
-    core::redacted::Redacted,
-    crd::url_encode,
-};
+use crate::{core::redacted::Redacted, crd::url_encode};
 
 /// How to reach the management API.
 #[derive(Clone, Debug, Default)]
@@ -67,7 +64,9 @@ impl RabbitAdmin {
     pub fn new(s: &ManagementSettings) -> Result<Self, String> {
         let builder = hyper_rustls::HttpsConnectorBuilder::new();
         let builder = match &s.tls_ca {
-            None => builder.with_native_roots().map_err(|e| format!("cannot load the system's CA roots: {e}"))?,
+            None => builder
+                .with_native_roots()
+                .map_err(|e| format!("cannot load the system's CA roots: {e}"))?,
             Some(pem) => builder.with_tls_config(tls_config(pem)?),
         };
         let https = builder.https_or_http().enable_http1().build();
@@ -100,7 +99,9 @@ impl RabbitAdmin {
     pub async fn queue(&self, name: &str) -> Result<Option<ObservedQueue>, String> {
         let path = format!("/api/queues/{}/{}", self.vhost, url_encode(name));
         let map = |v: &Value| -> BTreeMap<String, Value> {
-            v.as_object().map(|o| o.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+            v.as_object()
+                .map(|o| o.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default()
         };
         Ok(self.call(Method::GET, path, None).await?.map(|v| ObservedQueue {
             type_: v["type"].as_str().unwrap_or("classic").to_owned(),
@@ -142,7 +143,12 @@ impl RabbitAdmin {
     /// Remove the binding of `queue` to `exchange` by `key` (one without arguments).
     pub async fn unbind(&self, exchange: &str, queue: &str, key: &str) -> Result<(), String> {
         let props = if key.is_empty() { "~".to_owned() } else { url_encode(key) };
-        let path = format!("/api/bindings/{}/e/{}/q/{}/{props}", self.vhost, url_encode(exchange), url_encode(queue));
+        let path = format!(
+            "/api/bindings/{}/e/{}/q/{}/{props}",
+            self.vhost,
+            url_encode(exchange),
+            url_encode(queue)
+        );
         self.call(Method::DELETE, path, None).await.map(drop)
     }
 
@@ -170,18 +176,16 @@ impl RabbitAdmin {
             .map_err(|_| format!("{what}: no answer in 10s"))?
             .map_err(|e| format!("cannot reach the RabbitMQ management API ({what}): {e}"))?;
         let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("{what}: {e}"))?
-            .to_bytes();
+        let bytes = resp.into_body().collect().await.map_err(|e| format!("{what}: {e}"))?.to_bytes();
         let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         match status {
             s if s.is_success() => Ok(Some(v)),
             StatusCode::NOT_FOUND => Ok(None),
             s => {
-                let reason = v["reason"].as_str().map(str::to_owned).unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+                let reason = v["reason"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
                 let hint = match s {
                     StatusCode::UNAUTHORIZED => " (the user, password, or the user's `management` tag)",
                     _ => "",

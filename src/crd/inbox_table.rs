@@ -259,7 +259,11 @@ impl InboxTableSpec {
         if let Some(n) = nats {
             validate_nats_source(n, &mut p);
         }
-        let rabbitmq = self.sources.as_ref().and_then(|s| s.rabbitmq.as_ref()).map(|r| r.validate_into(&mut p));
+        let rabbitmq = self
+            .sources
+            .as_ref()
+            .and_then(|s| s.rabbitmq.as_ref())
+            .map(|r| r.validate_into(&mut p));
         p.finish(|| {
             let given = |d: &Duration, value| Given { text: d.0.clone(), value };
             Some(ValidInboxTable {

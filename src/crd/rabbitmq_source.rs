@@ -25,7 +25,10 @@ pub struct RabbitmqSourceSpec {
     /// The queues the consumer reads: their ready and unacknowledged messages are reported in
     /// `status.consumerLag` (for a Stream queue, every message it keeps: its consumers read by
     /// offset, which the management API does not show).
-    #[schemars(length(min = 1, max = 100), inner(length(min = 1, max = 255), regex(pattern = r"^[a-zA-Z0-9_.:-]+$")))]
+    #[schemars(
+        length(min = 1, max = 100),
+        inner(length(min = 1, max = 255), regex(pattern = r"^[a-zA-Z0-9_.:-]+$"))
+    )]
     pub queues: Vec<String>,
 }
 

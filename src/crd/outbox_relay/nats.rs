@@ -225,7 +225,10 @@ impl OutboxRelaySpec {
                 Broker::Nats => "declare streams in spec.nats.streams",
                 _ => "declare queues in spec.rabbitmq.queues",
             };
-            p.add("spec.topics", format!("topics are Kafka's: with broker {:?}, {instead}", self.broker));
+            p.add(
+                "spec.topics",
+                format!("topics are Kafka's: with broker {:?}, {instead}", self.broker),
+            );
         }
         match (self.broker, &self.nats, &self.rabbitmq) {
             (Broker::Kafka, _, _) if self.kafka.is_none() => p.add("spec.kafka", "required with broker Kafka"),

@@ -296,7 +296,10 @@ impl RabbitmqSpec {
                     p.add(format!("{at}.name"), format!("queue {:?} is listed twice", q.name));
                 }
                 if self.exchange.is_none() && !q.bindings.is_empty() {
-                    p.add(format!("{at}.bindings"), "bindings need spec.rabbitmq.exchange (the default exchange cannot be bound)");
+                    p.add(
+                        format!("{at}.bindings"),
+                        "bindings need spec.rabbitmq.exchange (the default exchange cannot be bound)",
+                    );
                 }
                 q.validate_into(p, &at)
             })
@@ -346,10 +349,16 @@ impl QueueSpec {
             p.add(format!("{at}.deliveryLimit"), "only a Quorum queue has a delivery limit");
         }
         if self.max_age.is_some() && !stream {
-            p.add(format!("{at}.maxAge"), "maxAge is a Stream's; a queue expires messages with messageTtl");
+            p.add(
+                format!("{at}.maxAge"),
+                "maxAge is a Stream's; a queue expires messages with messageTtl",
+            );
         }
         if stream && (self.message_ttl.is_some() || self.dead_letter_exchange.is_some() || self.max_length.is_some()) {
-            p.add(format!("{at}.type"), "a Stream has no messageTtl, maxLength or dead-lettering; use maxAge");
+            p.add(
+                format!("{at}.type"),
+                "a Stream has no messageTtl, maxLength or dead-lettering; use maxAge",
+            );
         }
         if self.dead_letter_queue.is_some() && self.dead_letter_exchange.is_none() {
             p.add(format!("{at}.deadLetterQueue"), "needs deadLetterExchange");
@@ -359,8 +368,14 @@ impl QueueSpec {
                 p.add(format!("{at}.bindings[{j}]"), "a routing-key pattern is 1 to 255 bytes");
             }
         }
-        let ttl = self.message_ttl.as_ref().and_then(|d| p.check(format!("{at}.messageTtl"), d.parse_positive()));
-        let age = self.max_age.as_ref().and_then(|d| p.check(format!("{at}.maxAge"), d.parse_positive()));
+        let ttl = self
+            .message_ttl
+            .as_ref()
+            .and_then(|d| p.check(format!("{at}.messageTtl"), d.parse_positive()));
+        let age = self
+            .max_age
+            .as_ref()
+            .and_then(|d| p.check(format!("{at}.maxAge"), d.parse_positive()));
         if ttl.is_some_and(|t| t.as_millis() > u32::MAX as u128) {
             p.add(format!("{at}.messageTtl"), "at most 49d (RabbitMQ takes 2^32-1 ms)");
         }
@@ -373,7 +388,11 @@ impl QueueSpec {
         };
         put("messageTtl", "x-message-ttl", ttl.map(|t| json!(t.as_millis() as u64)));
         put("deliveryLimit", "x-delivery-limit", self.delivery_limit.map(|n| json!(n)));
-        put("deadLetterExchange", "x-dead-letter-exchange", self.dead_letter_exchange.clone().map(Value::from));
+        put(
+            "deadLetterExchange",
+            "x-dead-letter-exchange",
+            self.dead_letter_exchange.clone().map(Value::from),
+        );
         put("maxLength", "x-max-length", self.max_length.map(|n| json!(n)));
         put("maxAge", "x-max-age", age.map(|a| Value::from(max_age_text(a))));
         let bad_ttl = self.message_ttl.is_some() && ttl.is_none();

@@ -33,7 +33,13 @@ fn a_rabbitmq_relay_validates_with_quorum_queues_and_the_vhost_in_the_url() {
     assert_eq!(r.exchange.as_ref().unwrap().type_, ExchangeType::Topic);
     let q = &r.queues[0];
     assert_eq!(q.type_, QueueType::Quorum);
-    assert_eq!(q.arguments, BTreeMap::from([("x-delivery-limit".into(), json!(20)), ("x-message-ttl".into(), json!(604_800_000u64))]));
+    assert_eq!(
+        q.arguments,
+        BTreeMap::from([
+            ("x-delivery-limit".into(), json!(20)),
+            ("x-message-ttl".into(), json!(604_800_000u64))
+        ])
+    );
     let vh = spec(json!({"rabbitmq": {"vhost": "orders"}})).validate().unwrap();
     assert_eq!(vh.rabbitmq.unwrap().url, "amqp://rabbit:5672/orders");
 }

@@ -195,7 +195,10 @@ async fn delete_queues(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay) -
         let (kind, name) = n.split_once('/').unwrap_or(("queues", n));
         admin.delete(&format!("{kind}s"), name).await?;
     }
-    let mut done: Vec<String> = (!names.is_empty()).then(|| format!("deleted {}", names.join(", "))).into_iter().collect();
+    let mut done: Vec<String> = (!names.is_empty())
+        .then(|| format!("deleted {}", names.join(", ")))
+        .into_iter()
+        .collect();
     for s in &kept {
         let by: Vec<String> = others[s].iter().map(|c| c.describe()).collect();
         done.push(format!("kept {s}: {} names it too", by.join(", ")));

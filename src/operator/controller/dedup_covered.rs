@@ -105,7 +105,10 @@ pub fn queue_retention(name: &str, q: &crate::clients::rabbitmq_admin::ObservedQ
         name: name.to_owned(),
         type_: q.type_.clone(),
         message_ttl_ms: int("x-message-ttl", "message-ttl"),
-        max_age_secs: age(q.arguments.get("x-max-age")).into_iter().chain(age(q.policy.get("max-age"))).min(),
+        max_age_secs: age(q.arguments.get("x-max-age"))
+            .into_iter()
+            .chain(age(q.policy.get("max-age")))
+            .min(),
         delivery_limit: int("x-delivery-limit", "delivery-limit"),
     }
 }
@@ -158,12 +161,19 @@ mod tests {
         let q = crate::clients::rabbitmq_admin::ObservedQueue {
             type_: "quorum".into(),
             durable: true,
-            arguments: [("x-message-ttl".to_owned(), json!(86_400_000)), ("x-delivery-limit".to_owned(), json!(20))].into(),
+            arguments: [
+                ("x-message-ttl".to_owned(), json!(86_400_000)),
+                ("x-delivery-limit".to_owned(), json!(20)),
+            ]
+            .into(),
             policy: [("message-ttl".to_owned(), json!(3_600_000))].into(),
             ..Default::default()
         };
         let r = queue_retention("billing", &q);
-        assert_eq!((r.message_ttl_ms, r.delivery_limit, r.max_age_secs), (Some(3_600_000), Some(20), None));
+        assert_eq!(
+            (r.message_ttl_ms, r.delivery_limit, r.max_age_secs),
+            (Some(3_600_000), Some(20), None)
+        );
         let s = crate::clients::rabbitmq_admin::ObservedQueue {
             type_: "stream".into(),
             arguments: [("x-max-age".to_owned(), json!("7D"))].into(),

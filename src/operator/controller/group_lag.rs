@@ -78,7 +78,12 @@ async fn nats_backlog(
 
 /// RabbitMQ queues' backlog: ready plus unacknowledged messages, per queue (`group` names the
 /// queues). Read over the management API, whose counts are a few seconds old.
-async fn queue_backlog(ctx: &Context, ns: &str, r: &crate::crd::ValidRabbitmqSource, on: deps::Reporting) -> Result<ConsumerLagStatus, String> {
+async fn queue_backlog(
+    ctx: &Context,
+    ns: &str,
+    r: &crate::crd::ValidRabbitmqSource,
+    on: deps::Reporting,
+) -> Result<ConsumerLagStatus, String> {
     let m = super::rabbitmq_deps::Management {
         url: &r.management_url,
         vhost: &r.vhost,

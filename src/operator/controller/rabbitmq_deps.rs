@@ -40,7 +40,12 @@ pub async fn admin(client: &Client, ns: &str, m: Management<'_>, on: Reporting) 
                 .into_iter()
                 .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).trim_end().to_owned()))
                 .collect(),
-            Ok(None) => return Err(failed(Reason::SecretNotFound, format!("Secret {ns}/{name} ({}) not found", m.field))),
+            Ok(None) => {
+                return Err(failed(
+                    Reason::SecretNotFound,
+                    format!("Secret {ns}/{name} ({}) not found", m.field),
+                ))
+            }
             Err(e) => return Err(failed(Reason::SecretNotFound, format!("cannot read Secret {ns}/{name}: {e}"))),
         };
         s.auth = crate::core::amqp_settings::auth_from(&data)

@@ -296,7 +296,10 @@ fn a_rabbitmq_relay_parses_back_with_its_secret_directory() {
     let mounts = c.volume_mounts.clone().unwrap();
     assert!(mounts.iter().any(|m| m.mount_path == AMQP_SECRET_DIR), "{mounts:?}");
     let line = command_line(&c);
-    assert!(line.contains(&"--broker=rabbitmq".to_owned()) && !line.iter().any(|a| a.starts_with("--linger-ms")), "{line:?}");
+    assert!(
+        line.contains(&"--broker=rabbitmq".to_owned()) && !line.iter().any(|a| a.starts_with("--linger-ms")),
+        "{line:?}"
+    );
     let command = Cli::command().mut_args(|a| a.env(None::<&str>));
     let matches = command.try_get_matches_from(line).unwrap();
     let mut args = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap().args;

@@ -20,7 +20,13 @@ use crate::{
 };
 
 /// TopicsReady and each exchange's and queue's status.
-pub async fn queues(ctx: &Context, obj: &OutboxRelay, previous: &OutboxRelayStatus, valid: &ValidOutboxRelay, r: &ValidRabbitmq) -> (Cond, Vec<TopicStatus>) {
+pub async fn queues(
+    ctx: &Context,
+    obj: &OutboxRelay,
+    previous: &OutboxRelayStatus,
+    valid: &ValidOutboxRelay,
+    r: &ValidRabbitmq,
+) -> (Cond, Vec<TopicStatus>) {
     let names = topic_owners::destinations(valid);
     let Some(url) = r.management_url.as_deref().filter(|_| !names.is_empty()) else {
         let c = Cond::yes(
@@ -52,7 +58,12 @@ pub async fn queues(ctx: &Context, obj: &OutboxRelay, previous: &OutboxRelayStat
         field: "rabbitmq.authSecretRef",
     };
     let exchange = r.exchange.as_ref().filter(|e| !held.contains_key(&format!("exchange/{}", e.name)));
-    let managed: Vec<DesiredQueue> = r.queues.iter().filter(|q| !held.contains_key(&format!("queue/{}", q.name))).cloned().collect();
+    let managed: Vec<DesiredQueue> = r
+        .queues
+        .iter()
+        .filter(|q| !held.contains_key(&format!("queue/{}", q.name)))
+        .cloned()
+        .collect();
     let observed = match observe(ctx, &obj.namespace().unwrap_or_default(), m, r, &managed, on).await {
         Ok(o) => o,
         Err(c) => return (c, relay_topics::unknown_topics(&names, &held)),
@@ -65,14 +76,25 @@ pub async fn queues(ctx: &Context, obj: &OutboxRelay, previous: &OutboxRelayStat
 
 /// The client, and what the server has of the exchange, the queues (with their dead-letter
 /// exchanges and queues) and their bindings.
-async fn observe(ctx: &Context, ns: &str, m: Management<'_>, r: &ValidRabbitmq, queues: &[DesiredQueue], on: Reporting) -> Result<(RabbitAdmin, Observed), Cond> {
+async fn observe(
+    ctx: &Context,
+    ns: &str,
+    m: Management<'_>,
+    r: &ValidRabbitmq,
+    queues: &[DesiredQueue],
+    on: Reporting,
+) -> Result<(RabbitAdmin, Observed), Cond> {
     let admin = rabbitmq_deps::admin(&ctx.client, ns, m, on).await?;
     let mut exchanges: Vec<&str> = r.exchange.iter().map(|e| e.name.as_str()).collect();
     exchanges.extend(queues.iter().filter_map(|q| q.dead_letter_exchange.as_deref()));
     let mut names: Vec<&str> = queues.iter().map(|q| q.name.as_str()).collect();
     names.extend(queues.iter().filter_map(|q| q.dead_letter_queue.as_deref()));
     let mut bindings: Vec<(&str, &str)> = queues.iter().map(|q| (r.exchange_name(), q.name.as_str())).collect();
-    bindings.extend(queues.iter().filter_map(|q| Some((q.dead_letter_exchange.as_deref()?, q.dead_letter_queue.as_deref()?))));
+    bindings.extend(
+        queues
+            .iter()
+            .filter_map(|q| Some((q.dead_letter_exchange.as_deref()?, q.dead_letter_queue.as_deref()?))),
+    );
     let observed = rabbitmq_deps::observe(&admin, &exchanges, &names, &bindings, on).await?;
     Ok((admin, observed))
 }
@@ -95,7 +117,13 @@ async fn apply(admin: &RabbitAdmin, p: &Plan) -> Vec<String> {
 
 /// TopicsReady from the plan, what failed applying it and what another object manages, and the
 /// status of the exchange and each queue. Pure.
-pub fn verdict(r: &ValidRabbitmq, observed: &Observed, p: &Plan, failed: &[String], held: &BTreeMap<String, String>) -> (Cond, Vec<TopicStatus>) {
+pub fn verdict(
+    r: &ValidRabbitmq,
+    observed: &Observed,
+    p: &Plan,
+    failed: &[String],
+    held: &BTreeMap<String, String>,
+) -> (Cond, Vec<TopicStatus>) {
     const T: &str = condition::TOPICS_READY;
     let cond = if !failed.is_empty() {
         Cond::no(T, Reason::TopicOperationFailed, failed.join("; "))
@@ -116,9 +144,17 @@ pub fn verdict(r: &ValidRabbitmq, observed: &Observed, p: &Plan, failed: &[Strin
         )
     } else if !p.drift.is_empty() {
         let msgs: Vec<String> = p.drift.iter().map(|(q, d)| format!("queue {q}: {}", d.join(", "))).collect();
-        Cond::yes(T, Reason::TopicConfigDrift, format!("changed outside lockstep: {}", msgs.join("; ")))
+        Cond::yes(
+            T,
+            Reason::TopicConfigDrift,
+            format!("changed outside lockstep: {}", msgs.join("; ")),
+        )
     } else {
-        let m = format!("{} exchange(s) and {} queue(s) as specified", r.exchange.iter().count(), r.queues.len());
+        let m = format!(
+            "{} exchange(s) and {} queue(s) as specified",
+            r.exchange.iter().count(),
+            r.queues.len()
+        );
         Cond::yes(T, Reason::TopicsConfigured, m)
     };
     (cond, status_of(r, observed, p, failed, held))
@@ -147,7 +183,10 @@ fn status_of(r: &ValidRabbitmq, observed: &Observed, p: &Plan, failed: &[String]
             name: key,
         }
     };
-    let exchange = r.exchange.iter().map(|e| entry("exchange", &e.name, observed.exchanges.contains_key(&e.name), vec![]));
+    let exchange = r
+        .exchange
+        .iter()
+        .map(|e| entry("exchange", &e.name, observed.exchanges.contains_key(&e.name), vec![]));
     let queues = r.queues.iter().map(|q| {
         let drift = p.drift.get(&q.name).cloned().unwrap_or_default();
         entry("queue", &q.name, observed.queues.contains_key(&q.name), drift)
@@ -188,7 +227,10 @@ fn queue_terms(q: &DesiredQueue) -> String {
     let arg = |k: &str| q.arguments.get(k).map(|v| v.to_string().trim_matches('"').to_owned());
     let mut terms = vec![format!("{} {}", q.name, q.type_.as_str())];
     if let Some(n) = arg("x-delivery-limit") {
-        let then = q.dead_letter_exchange.as_ref().map_or("dropped".to_owned(), |x| format!("dead-lettered to {x}"));
+        let then = q
+            .dead_letter_exchange
+            .as_ref()
+            .map_or("dropped".to_owned(), |x| format!("dead-lettered to {x}"));
         terms.push(format!("at most {n} deliveries, then {then}"));
     }
     match (arg("x-message-ttl"), arg("x-max-age")) {
@@ -197,9 +239,7 @@ fn queue_terms(q: &DesiredQueue) -> String {
             crate::core::duration::format(std::time::Duration::from_millis(ms.parse().unwrap_or(0)))
         )),
         (None, Some(age)) => terms.push(format!("kept {age} (x-max-age) for any consumer to re-read")),
-        (None, None) if q.ignore.contains("messageTtl") || q.ignore.contains("maxAge") => {
-            terms.push("expiry set by a policy".into())
-        }
+        (None, None) if q.ignore.contains("messageTtl") || q.ignore.contains("maxAge") => terms.push("expiry set by a policy".into()),
         (None, None) => terms.push("no expiry: redelivery without a time bound".into()),
     }
     terms.join(", ")
@@ -231,22 +271,40 @@ mod tests {
         let names: Vec<(&str, bool)> = s.iter().map(|t| (t.name.as_str(), t.ready)).collect();
         assert_eq!(names, [("exchange/outbox", true), ("queue/billing", true)]);
         let (c, s) = verdict(&r, &none, &p, &["PUT ...: 403".into()], &held);
-        assert_eq!((c.status, c.reason, s[1].ready), (Status::False, Reason::TopicOperationFailed, false));
+        assert_eq!(
+            (c.status, c.reason, s[1].ready),
+            (Status::False, Reason::TopicOperationFailed, false)
+        );
 
         let mut o = as_declared();
-        o.queues.get_mut("billing").unwrap().arguments.insert("x-delivery-limit".into(), serde_json::json!(5));
+        o.queues
+            .get_mut("billing")
+            .unwrap()
+            .arguments
+            .insert("x-delivery-limit".into(), serde_json::json!(5));
         let p = plan(r.exchange.as_ref(), "outbox", &r.queues, &o);
         let (c, s) = verdict(&r, &o, &p, &[], &held);
         assert_eq!((c.status, c.reason), (Status::False, Reason::QueueChangeRefused));
-        assert!(c.message.starts_with("queue billing deliveryLimit (x-delivery-limit): 5 -> 20;"), "{}", c.message);
+        assert!(
+            c.message.starts_with("queue billing deliveryLimit (x-delivery-limit): 5 -> 20;"),
+            "{}",
+            c.message
+        );
         assert_eq!((s[0].ready, s[1].ready), (true, false));
     }
 
     #[test]
     fn guarantees_say_what_bounds_redelivery() {
         let g = guarantees(&valid());
-        assert!(g[1].guarantee.contains("publisher confirm") && g[1].guarantee.contains("mandatory"), "{g:?}");
-        assert!(g[2].guarantee.contains("billing quorum, at most 20 deliveries, then dropped, expires after 7d"), "{g:?}");
+        assert!(
+            g[1].guarantee.contains("publisher confirm") && g[1].guarantee.contains("mandatory"),
+            "{g:?}"
+        );
+        assert!(
+            g[2].guarantee
+                .contains("billing quorum, at most 20 deliveries, then dropped, expires after 7d"),
+            "{g:?}"
+        );
         let mut r = valid();
         r.queues[0].arguments.clear();
         assert!(guarantees(&r)[2].guarantee.contains("no expiry: redelivery without a time bound"));
@@ -258,7 +316,11 @@ mod tests {
         let held = BTreeMap::from([("queue/billing".to_owned(), "OutboxRelay a/first".to_owned())]);
         let (c, s) = verdict(&r, &as_declared(), &Plan::default(), &[], &held);
         assert_eq!((c.status, c.reason), (Status::False, Reason::ResourceConflict));
-        assert!(c.message.contains("queue/billing is managed by OutboxRelay a/first"), "{}", c.message);
+        assert!(
+            c.message.contains("queue/billing is managed by OutboxRelay a/first"),
+            "{}",
+            c.message
+        );
         assert_eq!((s[1].ready, s[1].managed_by.as_deref()), (false, Some("OutboxRelay a/first")));
     }
 }

@@ -315,7 +315,11 @@ mod tests {
     fn nats_servers_compare_by_host_and_port() {
         let place = |s: &[&str]| {
             let servers: Vec<String> = s.iter().map(|x| x.to_string()).collect();
-            Place::Nats { servers: &servers, secret: None }.addresses()
+            Place::Nats {
+                servers: &servers,
+                secret: None,
+            }
+            .addresses()
         };
         assert_eq!(place(&["nats://N1:4222", "tls://n2"]), addresses("n1:4222,n2:4222"));
     }

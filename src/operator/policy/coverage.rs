@@ -114,23 +114,34 @@ impl QueueRetention {
             return match self.max_age_secs {
                 Some(s) => (
                     Some(s as i64 * 1000),
-                    format!("stream queue {} x-max-age={}", self.name, crate::core::duration::format(StdDuration::from_secs(s))),
+                    format!(
+                        "stream queue {} x-max-age={}",
+                        self.name,
+                        crate::core::duration::format(StdDuration::from_secs(s))
+                    ),
                 ),
                 None => (
                     None,
-                    format!("stream queue {} has no x-max-age: a consumer can re-read it from the start however old", self.name),
+                    format!(
+                        "stream queue {} has no x-max-age: a consumer can re-read it from the start however old",
+                        self.name
+                    ),
                 ),
             };
         }
         match self.message_ttl_ms {
             Some(ms) => (
                 Some(ms),
-                format!("queue {} x-message-ttl={}", self.name, crate::core::duration::format(StdDuration::from_millis(ms as u64))),
+                format!(
+                    "queue {} x-message-ttl={}",
+                    self.name,
+                    crate::core::duration::format(StdDuration::from_millis(ms as u64))
+                ),
             ),
             None => {
-                let limit = self
-                    .delivery_limit
-                    .map_or(String::new(), |n| format!(" (x-delivery-limit={n} bounds the deliveries, not their time)"));
+                let limit = self.delivery_limit.map_or(String::new(), |n| {
+                    format!(" (x-delivery-limit={n} bounds the deliveries, not their time)")
+                });
                 (
                     None,
                     format!(
@@ -250,11 +261,19 @@ mod coverage_tests {
         };
         assert!(coverage(DAY, "1d", None, &queue("quorum", Some(86_400_000), None)).covered);
         let c = coverage(DAY * 365, "365d", None, &queue("quorum", None, None));
-        assert!(!c.covered && c.message.contains("no message TTL") && c.message.contains("x-delivery-limit=20"), "{}", c.message);
+        assert!(
+            !c.covered && c.message.contains("no message TTL") && c.message.contains("x-delivery-limit=20"),
+            "{}",
+            c.message
+        );
         assert!(c.message.contains("redeliveryWindow"), "{}", c.message);
         assert!(coverage(DAY, "1d", Some(("12h", DAY / 2)), &queue("quorum", None, None)).covered);
         let c = coverage(DAY, "1d", None, &queue("stream", None, Some(2 * 86_400)));
-        assert!(!c.covered && c.message.contains("stream queue billing x-max-age=2d"), "{}", c.message);
+        assert!(
+            !c.covered && c.message.contains("stream queue billing x-max-age=2d"),
+            "{}",
+            c.message
+        );
     }
 
     #[test]

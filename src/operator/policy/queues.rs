@@ -20,10 +20,21 @@ use crate::{
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    DeclareExchange { name: String, type_: &'static str, durable: bool },
+    DeclareExchange {
+        name: String,
+        type_: &'static str,
+        durable: bool,
+    },
     /// A durable queue with these arguments (`x-queue-type` among them).
-    DeclareQueue { name: String, arguments: BTreeMap<String, Value> },
-    Bind { exchange: String, queue: String, key: String },
+    DeclareQueue {
+        name: String,
+        arguments: BTreeMap<String, Value>,
+    },
+    Bind {
+        exchange: String,
+        queue: String,
+        key: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,7 +99,10 @@ pub fn plan(exchange: Option<&DesiredExchange>, exchange_name: &str, queues: &[D
         if let Some(dlq) = &q.dead_letter_queue {
             if !o.queues.contains_key(dlq) {
                 let arguments = BTreeMap::from([("x-queue-type".to_owned(), Value::from("quorum"))]);
-                p.actions.push(Action::DeclareQueue { name: dlq.clone(), arguments });
+                p.actions.push(Action::DeclareQueue {
+                    name: dlq.clone(),
+                    arguments,
+                });
             }
             if o.bindings.get(&(dlx.clone(), dlq.clone())).is_none_or(|b| b.is_empty()) {
                 p.actions.push(Action::Bind {
@@ -186,7 +200,9 @@ fn same(arg: &str, wanted: Option<&Value>, actual: Option<&Value>) -> bool {
 
 fn capitalised(s: &str) -> String {
     let mut c = s.chars();
-    c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+    c.next()
+        .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -44,7 +44,12 @@ pub(crate) fn as_declared() -> Observed {
             ObservedQueue {
                 type_: "quorum".into(),
                 durable: true,
-                arguments: q.arguments.clone().into_iter().chain([("x-queue-type".to_owned(), json!("quorum"))]).collect(),
+                arguments: q
+                    .arguments
+                    .clone()
+                    .into_iter()
+                    .chain([("x-queue-type".to_owned(), json!("quorum"))])
+                    .collect(),
                 ..Default::default()
             },
         )]),
@@ -82,7 +87,11 @@ fn a_missing_topology_is_declared_and_a_matching_one_left_alone() {
 #[test]
 fn a_changed_argument_or_type_is_refused_with_what_to_do_and_nothing_declared() {
     let mut o = as_declared();
-    o.queues.get_mut("billing").unwrap().arguments.insert("x-message-ttl".into(), json!(3_600_000));
+    o.queues
+        .get_mut("billing")
+        .unwrap()
+        .arguments
+        .insert("x-message-ttl".into(), json!(3_600_000));
     let p = plan(Some(&exchange()), "outbox", &[queue()], &o);
     assert!(p.actions.is_empty(), "{p:?}");
     assert_eq!(p.refusals[0].what, "queue billing");

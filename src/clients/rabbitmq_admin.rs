@@ -65,7 +65,7 @@ impl RabbitAdmin {
         let builder = hyper_rustls::HttpsConnectorBuilder::new();
         let builder = match &s.tls_ca {
             None => builder
-                .with_native_roots()
+                .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
                 .map_err(|e| format!("cannot load the system's CA roots: {e}"))?,
             Some(pem) => builder.with_tls_config(tls_config(pem)?),
         };
@@ -204,10 +204,37 @@ fn tls_config(pem: &str) -> Result<rustls::ClientConfig, String> {
         let c = c.map_err(|e| format!("ca.crt: {e}"))?;
         roots.add(c).map_err(|e| format!("ca.crt: {e}"))?;
     }
+    if roots.is_empty() {
+        return Err("ca.crt holds no PEM certificate".into());
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_is_made_with_the_system_roots_or_a_given_ca_and_never_shows_the_password() {
+        let mut s = ManagementSettings {
+            url: "https://rabbit:15671/".into(),
+            vhost: "/".into(),
+            auth: Some(("ops".into(), Redacted::new("hunter2"))),
+            tls_ca: None,
+        };
+        let a = RabbitAdmin::new(&s).unwrap();
+        assert_eq!((a.base.as_str(), a.vhost.as_str()), ("https://rabbit:15671", "%2F"));
+        assert!(
+            !a.authorization.as_deref().unwrap().contains("hunter2"),
+            "base64, and never printed"
+        );
+        s.tls_ca = Some("not a certificate".into());
+        let e = RabbitAdmin::new(&s).err().unwrap();
+        assert!(e.contains("ca.crt") && !e.contains("hunter2"), "{e}");
+    }
 }

@@ -174,7 +174,7 @@ impl RabbitAdmin {
         let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
             .await
             .map_err(|_| format!("{what}: no answer in 10s"))?
-            .map_err(|e| format!("cannot reach the RabbitMQ management API ({what}): {e}"))?;
+            .map_err(|e| format!("cannot reach the RabbitMQ management API ({what}): {}", chain(&e)))?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await.map_err(|e| format!("{what}: {e}"))?.to_bytes();
         let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
@@ -194,6 +194,18 @@ impl RabbitAdmin {
             }
         }
     }
+}
+
+/// An error with its causes (hyper's own says only "client error (Connect)"; the TLS or socket
+/// error that made it is a source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    out
 }
 
 /// A rustls client configuration trusting the CAs in `pem`.

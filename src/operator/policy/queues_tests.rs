@@ -111,6 +111,11 @@ fn a_changed_argument_or_type_is_refused_with_what_to_do_and_nothing_declared() 
     assert!(p.refusals[0].message.contains("type to Classic"), "{p:?}");
 
     let mut o = as_declared();
+    o.queues.get_mut("billing").unwrap().durable = false;
+    let p = plan(Some(&exchange()), "outbox", &[queue()], &o);
+    assert!(p.actions.is_empty() && p.refusals[0].message.contains("not durable"), "{p:?}");
+
+    let mut o = as_declared();
     o.exchanges.get_mut("outbox").unwrap().type_ = "direct".into();
     let p = plan(Some(&exchange()), "outbox", &[queue()], &o);
     assert_eq!(p.refusals[0].what, "exchange outbox");

@@ -80,26 +80,10 @@ const EXIT_PROBLEM: u8 = 1;
 /// exit with 2 as well.
 const EXIT_COULD_NOT_RUN: u8 = 2;
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,sqlx=warn".into());
-    // lapin logs a message RabbitMQ returned whole (payload and headers: an event's data) at
-    // WARN; the relay says what was returned itself.
-    let filter = filter.add_directive("lapin::returned_messages=off".parse().expect("a directive"));
-    // Colours only on a terminal: a pod's log, a file or a pipe gets plain text.
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Text => b.init(),
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    lockstep::cli::logging::init(cli.log_format);
     match cli.command {
         Command::Crds { apply: true, .. } => apply_crds().await,
         Command::Crds { helm: Some(dir), .. } => match crdgen::write_helm(&dir) {

@@ -1,3 +1,4 @@
 //! Layer 7: what only the `lockstep` binary uses.
 
 pub mod examples;
+pub mod logging;

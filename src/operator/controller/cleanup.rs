@@ -116,11 +116,20 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
             done.push(format!("kept topic {n}: {} names it too", by.join(", ")));
         }
     }
-    if let Some(n) = v.nats.as_ref().filter(|n| !orphan && !n.streams.is_empty()) {
-        done.extend(delete_streams(ctx, obj, v, n).await?);
+    if !orphan {
+        done.extend(delete_streams_or_queues(ctx, obj, v).await?);
     }
     cleaned(ctx, obj, done.join("; ")).await;
     Ok(())
+}
+
+/// With broker Nats or Rabbitmq: delete the streams, or the exchange and queues, no other object names.
+async fn delete_streams_or_queues(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay) -> Result<Vec<String>, String> {
+    match (&v.nats, &v.rabbitmq) {
+        (Some(n), _) if !n.streams.is_empty() => delete_streams(ctx, obj, v, n).await,
+        (_, Some(_)) => delete_queues(ctx, obj, v).await,
+        _ => Ok(vec![]),
+    }
 }
 
 /// Delete the streams no other OutboxRelay names (on the same NATS); keep the others. A Secret
@@ -150,6 +159,49 @@ async fn delete_streams(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay, 
     for s in &kept {
         let by: Vec<String> = others[s].iter().map(|c| c.describe()).collect();
         done.push(format!("kept stream {s}: {} names it too", by.join(", ")));
+    }
+    Ok(done)
+}
+
+/// Delete the exchange and queues no other OutboxRelay names (on the same RabbitMQ vhost); keep
+/// the others, and the dead-letter exchanges and queues (shared, and holding what failed). A
+/// Secret gone with the namespace keeps them all.
+async fn delete_queues(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay) -> Result<Vec<String>, String> {
+    let (Some(r), ns) = (&v.rabbitmq, obj.namespace().unwrap_or_default()) else {
+        return Ok(vec![]);
+    };
+    let Some(url) = r.management_url.as_deref() else {
+        return Ok(vec![]);
+    };
+    let on = deps::Reporting {
+        type_: crate::operator::conditions::condition::READY,
+        status: crate::operator::conditions::Status::False,
+    };
+    let m = super::rabbitmq_deps::Management {
+        url,
+        vhost: &r.vhost,
+        secret: r.auth_secret.as_deref(),
+        field: "rabbitmq.authSecretRef",
+    };
+    let admin = match super::rabbitmq_deps::admin(&ctx.client, &ns, m, on).await {
+        Ok(a) => a,
+        Err(c) if orphaned(ctx, &ns, &c) => return Ok(vec!["kept the exchange and queues: their Secret is gone".into()]),
+        Err(c) => return Err(c.message),
+    };
+    let others = super::topic_owners::others(ctx, obj, v).await?;
+    let names = super::topic_owners::destinations(v);
+    let (kept, names): (Vec<String>, Vec<String>) = names.into_iter().partition(|s| others.contains_key(s));
+    for n in &names {
+        let (kind, name) = n.split_once('/').unwrap_or(("queues", n));
+        admin.delete(&format!("{kind}s"), name).await?;
+    }
+    let mut done: Vec<String> = (!names.is_empty())
+        .then(|| format!("deleted {}", names.join(", ")))
+        .into_iter()
+        .collect();
+    for s in &kept {
+        let by: Vec<String> = others[s].iter().map(|c| c.describe()).collect();
+        done.push(format!("kept {s}: {} names it too", by.join(", ")));
     }
     Ok(done)
 }

@@ -33,6 +33,10 @@ pub async fn topics(
     previous: &OutboxRelayStatus,
     valid: &ValidOutboxRelay,
 ) -> (Cond, Vec<TopicStatus>, Vec<String>) {
+    if let Some(r) = &valid.rabbitmq {
+        let (c, s) = super::relay_queues::queues(ctx, obj, previous, valid, r).await;
+        return (c, s, vec![]);
+    }
     if let Some(nats) = &valid.nats {
         let (c, s) = super::relay_streams::streams(ctx, obj, previous, valid, nats).await;
         return (c, s, vec![]);

@@ -1,4 +1,4 @@
-//! One OutboxRelay manages a topic (or a NATS stream). The broker cannot record an owner (it refuses topic config
+//! One OutboxRelay manages a topic (or a NATS stream, a RabbitMQ exchange or queue). The broker cannot record an owner (it refuses topic config
 //! keys it does not know) and two OutboxRelays naming one topic usually have different databases,
 //! so no `lockstep_owners` table sees both: the check is against every other OutboxRelay the
 //! operator sees (its watch cache), on the same Kafka cluster (the cluster id the brokers report,
@@ -128,10 +128,14 @@ async fn nats_id(ctx: &Context, ns: &str, servers: &[String], secret: Option<&st
 enum Place<'a> {
     Kafka { bootstrap: &'a str, secret: Option<&'a str> },
     Nats { servers: &'a [String], secret: Option<&'a str> },
+    Rabbitmq(&'a crate::crd::ValidRabbitmq),
 }
 
 impl<'a> Place<'a> {
     fn of(v: &'a ValidOutboxRelay) -> Self {
+        if let Some(r) = &v.rabbitmq {
+            return Place::Rabbitmq(r);
+        }
         match &v.nats {
             Some(n) => Place::Nats {
                 servers: &n.servers,
@@ -153,6 +157,11 @@ impl<'a> Place<'a> {
                 .filter_map(|s| crate::core::nats_settings::server_host_port(s).ok())
                 .map(|a| a.to_ascii_lowercase())
                 .collect(),
+            // Names are per vhost: the same server with another vhost is another place.
+            Place::Rabbitmq(r) => crate::core::amqp_settings::server_host_port(&r.url)
+                .map(|a| format!("{}/{}", a.to_ascii_lowercase(), r.vhost))
+                .into_iter()
+                .collect(),
         }
     }
 
@@ -161,16 +170,39 @@ impl<'a> Place<'a> {
         match *self {
             Place::Kafka { bootstrap, secret } => cluster_id(ctx, ns, bootstrap, secret).await,
             Place::Nats { servers, secret } => nats_id(ctx, ns, servers, secret).await,
+            Place::Rabbitmq(r) => rabbitmq_id(ctx, ns, r).await,
         }
     }
 }
 
-/// The names an OutboxRelay manages on its broker: its topics, or its NATS streams.
-pub fn destinations(v: &ValidOutboxRelay) -> Vec<&str> {
-    match &v.nats {
-        Some(n) => n.streams.iter().map(|s| s.name.as_str()).collect(),
-        None => v.topics.iter().map(|t| t.name.as_str()).collect(),
+/// The names an OutboxRelay manages on its broker: its topics, its NATS streams, or its
+/// RabbitMQ exchange and queues (`exchange/<name>`, `queue/<name>`: the two kinds have a name
+/// space each).
+pub fn destinations(v: &ValidOutboxRelay) -> Vec<String> {
+    if let Some(r) = &v.rabbitmq {
+        let exchange = r.exchange.iter().map(|e| format!("exchange/{}", e.name));
+        return exchange.chain(r.queues.iter().map(|q| format!("queue/{}", q.name))).collect();
     }
+    match &v.nats {
+        Some(n) => n.streams.iter().map(|s| s.name.clone()).collect(),
+        None => v.topics.iter().map(|t| t.name.clone()).collect(),
+    }
+}
+
+/// A RabbitMQ's cluster name and the vhost, as the management API reports it.
+async fn rabbitmq_id(ctx: &Context, ns: &str, r: &crate::crd::ValidRabbitmq) -> Option<String> {
+    let on = Reporting {
+        type_: condition::TOPICS_READY,
+        status: Status::Unknown,
+    };
+    let m = super::rabbitmq_deps::Management {
+        url: r.management_url.as_deref()?,
+        vhost: &r.vhost,
+        secret: r.auth_secret.as_deref(),
+        field: "rabbitmq.authSecretRef",
+    };
+    let admin = super::rabbitmq_deps::admin(&ctx.client, ns, m, on).await.ok()?;
+    Some(format!("{}/{}", admin.cluster_name().await.ok()?, r.vhost))
 }
 
 /// For each of `valid`'s topics (or streams) that other OutboxRelays name on the same broker,
@@ -185,7 +217,7 @@ pub async fn others(ctx: &Context, obj: &OutboxRelay, valid: &ValidOutboxRelay) 
     {
         return Err("the operator's cache of OutboxRelays is not filled yet".into());
     }
-    let mine: BTreeSet<&str> = destinations(valid).into_iter().collect();
+    let mine: BTreeSet<String> = destinations(valid).into_iter().collect();
     if mine.is_empty() {
         return Ok(BTreeMap::new());
     }
@@ -202,7 +234,7 @@ pub async fn others(ctx: &Context, obj: &OutboxRelay, valid: &ValidOutboxRelay) 
             continue;
         }
         let Ok(v) = other.spec.validate() else { continue };
-        let named: Vec<&str> = destinations(&v).into_iter().filter(|n| mine.contains(n)).collect();
+        let named: Vec<String> = destinations(&v).into_iter().filter(|n| mine.contains(n)).collect();
         let there = Place::of(&v);
         if named.is_empty() || std::mem::discriminant(&here) != std::mem::discriminant(&there) {
             continue;
@@ -219,8 +251,8 @@ pub async fn others(ctx: &Context, obj: &OutboxRelay, valid: &ValidOutboxRelay) 
             }
         }
         for n in named {
-            let c = Claimant::of(other, other.status.as_ref(), n);
-            out.entry(n.to_owned()).or_default().push(c);
+            let c = Claimant::of(other, other.status.as_ref(), &n);
+            out.entry(n).or_default().push(c);
         }
     }
     Ok(out)

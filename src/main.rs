@@ -64,7 +64,7 @@ enum Command {
     /// the settings it would use: one PASS/WARN/FAIL line per check, with what to do. Exit 0: no
     /// check failed; 1: a check failed; 2: the checks could not run.
     #[command(after_help = examples::DOCTOR)]
-    Doctor(lockstep::doctor::DoctorArgs),
+    Doctor(Box<lockstep::doctor::DoctorArgs>),
     /// Print a shell completion script for lockstep.
     #[command(after_help = examples::COMPLETIONS)]
     Completions {
@@ -268,112 +268,7 @@ mod tests {
 
     /// The flags, environment variables and defaults `cli_flags_and_environment_are_exact` pins
     /// (`{version}`: this crate's version).
-    const FLAGS: &str = r#"lockstep --log-format env=LOCKSTEP_LOG_FORMAT default=text
-operator --metrics-addr env=LOCKSTEP_METRICS_ADDR default=0.0.0.0:8080
-operator --watch-namespace env=LOCKSTEP_WATCH_NAMESPACE default=
-operator --leader-election env=LOCKSTEP_LEADER_ELECTION default=true
-operator --lease-name env=LOCKSTEP_LEASE_NAME default=lockstep-operator
-operator --lease-namespace env=POD_NAMESPACE default=default
-operator --identity env=POD_NAME default=
-operator --relay-image env=LOCKSTEP_RELAY_IMAGE default=ghcr.io/lockstep-dev/lockstep:{version}
-operator --relay-image-prefixes env=LOCKSTEP_RELAY_IMAGE_PREFIXES default=
-operator --db-pool-size env=LOCKSTEP_DB_POOL_SIZE default=4
-operator --refresh-concurrency env=LOCKSTEP_REFRESH_CONCURRENCY default=4
-relay --database-url env=DATABASE_URL default=
-relay --database-url-file env=DATABASE_URL_FILE default=
-relay --schema env=LOCKSTEP_SCHEMA default=public
-relay --table env=LOCKSTEP_TABLE default=outbox
-relay --broker env=LOCKSTEP_BROKER default=kafka
-relay --bootstrap-servers env=KAFKA_BOOTSTRAP_SERVERS default=
-relay --kafka-config env= default=
-relay --kafka-config-dir env=LOCKSTEP_KAFKA_CONFIG_DIR default=
-relay --nats-url env=NATS_URL default=
-relay --nats-user env=NATS_USER default=
-relay --nats-password-file env=NATS_PASSWORD_FILE default=
-relay --nats-token-file env=NATS_TOKEN_FILE default=
-relay --nats-nkey-file env=NATS_NKEY_FILE default=
-relay --nats-credentials-file env=NATS_CREDENTIALS_FILE default=
-relay --nats-tls-ca-file env=NATS_TLS_CA_FILE default=
-relay --nats-tls-cert-file env=NATS_TLS_CERT_FILE default=
-relay --nats-tls-key-file env=NATS_TLS_KEY_FILE default=
-relay --nats-secret-dir env=NATS_SECRET_DIR default=
-relay --nats-ack-timeout env=LOCKSTEP_NATS_ACK_TIMEOUT default=30s
-relay --amqp-url env=AMQP_URL default=
-relay --amqp-exchange env=LOCKSTEP_AMQP_EXCHANGE default=
-relay --amqp-user env=AMQP_USER default=
-relay --amqp-password-file env=AMQP_PASSWORD_FILE default=
-relay --amqp-tls-ca-file env=AMQP_TLS_CA_FILE default=
-relay --amqp-tls-cert-file env=AMQP_TLS_CERT_FILE default=
-relay --amqp-tls-key-file env=AMQP_TLS_KEY_FILE default=
-relay --amqp-secret-dir env=AMQP_SECRET_DIR default=
-relay --amqp-confirm-timeout env=LOCKSTEP_AMQP_CONFIRM_TIMEOUT default=30s
-relay --amqp-max-message-bytes env=LOCKSTEP_AMQP_MAX_MESSAGE_BYTES default=1048576
-relay --topic env=LOCKSTEP_TOPIC default=outbox.event.{aggregatetype}
-relay --key env=LOCKSTEP_KEY default=aggregateid
-relay --batch-size env=LOCKSTEP_BATCH_SIZE default=500
-relay --poll-interval env=LOCKSTEP_POLL_INTERVAL default=1s
-relay --max-attempts env=LOCKSTEP_MAX_ATTEMPTS default=10
-relay --buckets env=LOCKSTEP_BUCKETS default=1
-relay --linger-ms env=LOCKSTEP_LINGER_MS default=5
-relay --compression env=LOCKSTEP_COMPRESSION default=lz4
-relay --cleanup env=LOCKSTEP_CLEANUP default=delete
-relay --published-retention env=LOCKSTEP_PUBLISHED_RETENTION default=
-relay --metrics-addr env=LOCKSTEP_METRICS_ADDR default=0.0.0.0:9090
-relay --listen env=LOCKSTEP_LISTEN default=true
-relay --max-batches-in-flight env=LOCKSTEP_MAX_BATCHES_IN_FLIGHT default=16
-relay --max-gather env=LOCKSTEP_MAX_GATHER default=20ms
-relay --manage-schema env=LOCKSTEP_MANAGE_SCHEMA default=true
-relay --headers env=LOCKSTEP_HEADERS default=lockstep
-relay --cloudevents-source env=LOCKSTEP_CLOUDEVENTS_SOURCE default=
-replay --database-url env=DATABASE_URL default=
-replay --database-url-file env=DATABASE_URL_FILE default=
-replay --schema env=LOCKSTEP_SCHEMA default=public
-replay --table env=LOCKSTEP_TABLE default=outbox
-replay --id env= default=
-replay --all env= default=
-chaos --database-url env=DATABASE_URL default=
-chaos --broker env= default=kafka
-chaos --bootstrap-servers env=KAFKA_BOOTSTRAP_SERVERS default=
-chaos --nats-url env=NATS_URL default=
-chaos --events env= default=100000
-chaos --keys env= default=500
-chaos --partitions env= default=4
-chaos --relays env= default=2
-chaos --consumers env= default=2
-chaos --faults env= default=20
-chaos --fault-every env= default=1500ms
-chaos --broker-pause env= default=
-chaos --broker-resume env= default=
-chaos --broker-restart env= default=
-chaos --database-restart env= default=
-chaos --work-dir env= default=chaos
-chaos --settle-timeout env= default=10m
-chaos-consumer --database-url env=DATABASE_URL default=
-chaos-consumer --broker env= default=kafka
-chaos-consumer --bootstrap-servers env=KAFKA_BOOTSTRAP_SERVERS default=
-chaos-consumer --nats-url env=NATS_URL default=
-chaos-consumer --schema env= default=
-chaos-consumer --topic env= default=
-chaos-consumer --group env= default=
-chaos-consumer --partitions env= default=
-chaos-consumer --metrics-addr env= default=127.0.0.1:0
-crds --out env= default=
-crds --helm env= default=
-crds --apply env= default=
-doctor --database-url env=DATABASE_URL default=
-doctor --database-url-file env=DATABASE_URL_FILE default=
-doctor --schema env=LOCKSTEP_SCHEMA default=public
-doctor --table env=LOCKSTEP_TABLE default=outbox
-doctor --for env= default=outbox-relay
-doctor --manage-schema env=LOCKSTEP_MANAGE_SCHEMA default=true
-doctor --relay-replicas env= default=2
-doctor --bootstrap-servers env=KAFKA_BOOTSTRAP_SERVERS default=
-doctor --kafka-config env= default=
-doctor --kafka-config-dir env=LOCKSTEP_KAFKA_CONFIG_DIR default=
-doctor --topic env= default=
-doctor --group env= default=
-doctor --output env= default=text
-completions shell env= default="#;
+    const FLAGS: &str = include_str!("cli/flags.txt");
 
     /// Every flag and environment variable of every command: deployments and scripts depend on them.
     #[test]
@@ -393,7 +288,7 @@ completions shell env= default="#;
             describe(sub.get_name(), sub);
         }
         let expected = FLAGS.replace("{version}", env!("CARGO_PKG_VERSION"));
-        assert_eq!(lines.join("\n"), expected);
+        assert_eq!(lines.join("\n"), expected.trim_end());
     }
 
     /// `lockstep completions <shell>` completes every command and its flags.

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use common::{pgbouncer::PgBouncer, standby::Standby};
 use rdkafka::{
@@ -16,24 +16,7 @@ use rdkafka::{
     types::{RDKafkaApiKey, RDKafkaRespErr},
 };
 
-/// The doctor's exit code, stdout and stderr. The test environment's DATABASE_URL and
-/// KAFKA_BOOTSTRAP_SERVERS are not passed on: each test names what it checks.
-fn doctor(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lockstep"))
-        .arg("doctor")
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .env_remove("KAFKA_BOOTSTRAP_SERVERS")
-        .env_remove("LOCKSTEP_MANAGE_SCHEMA")
-        .output()
-        .expect("run lockstep doctor");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    println!("$ lockstep doctor {}\n{stdout}{stderr}", args.join(" "));
-    (out.status.code().unwrap_or(-1), stdout, stderr)
-}
+use common::doctor::{doctor, line};
 
 /// The test server's URL for `role` (trust authentication: no password).
 fn url_for(role: &str) -> String {
@@ -41,12 +24,6 @@ fn url_for(role: &str) -> String {
     let rest = url.split_once("://").unwrap().1;
     let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
     format!("postgres://{role}@{host}")
-}
-
-fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
-    out.lines()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{out}"))
 }
 
 fn admin(bootstrap: &str) -> lockstep::clients::kafka::Admin {

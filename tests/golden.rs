@@ -205,6 +205,7 @@ fn condition_types_and_reasons_are_exact() {
         Reason::BucketsUnowned,
         Reason::BucketsChanging,
         Reason::StreamChangeRefused,
+        Reason::QueueChangeRefused,
     ];
     assert_eq!(
         reasons.map(Reason::as_str).join(","),
@@ -215,7 +216,7 @@ fn condition_types_and_reasons_are_exact() {
          NoSourcesDeclared,TopicNotFound,LagWithinThreshold,LagAboveThreshold,LongTransaction,\
          Available,DeploymentUnavailable,NoActiveRelay,ScaledToZero,DeploymentFailed,DeletionBlocked,\
          PolicyInvalid,TableChangeRefused,PermissionDenied,ResourceConflict,SecretKeyRefused,PrerequisitesMet,PrerequisiteFailed,\
-         BucketsUnowned,BucketsChanging,StreamChangeRefused"
+         BucketsUnowned,BucketsChanging,StreamChangeRefused,QueueChangeRefused"
     );
     assert_eq!(lockstep::crd::PAUSED_ANNOTATION, "lockstep.dev/paused");
     assert_eq!(lockstep::crd::DELETE_UNPUBLISHED_ANNOTATION, "lockstep.dev/delete-unpublished");

@@ -125,6 +125,8 @@ fn relay_cases() -> Vec<Case> {
     let null = Value::Null;
     let cfg = |key: &str, value: &str| at("/spec/kafka/producer/config", json!({ key: value }));
     let res = |r: Value| at("/spec/relay/resources", r);
+    let rabbit = |r: Value| vec![("/spec/broker", json!("Rabbitmq")), ("/spec/topics", json!([])), ("/spec/rabbitmq", r)];
+    let queue = |q: Value| rabbit(json!({"url": "amqp://r:5672", "managementUrl": "http://r:15672", "exchange": {"name": "x"}, "queues": [q]}));
     vec![
         c("sql injection in table", "spec.database.table", "SV", at("/spec/database/table", "x; drop table y")),
         c("quoted schema", "spec.database.schema", "SV", at("/spec/database/schema", "\"quoted\"")),
@@ -165,6 +167,27 @@ fn relay_cases() -> Vec<Case> {
             ("/spec/topics", json!([])),
             ("/spec/nats", json!({"servers": "nats://n:4222", "streams": [{"name": "s", "subjects": ["a"], "replicas": 7}]})),
         ]),
+        c("broker Rabbitmq without rabbitmq", "spec.rabbitmq", "CV", at("/spec/broker", "Rabbitmq")),
+        c("topics with broker Rabbitmq", "spec.topics", "CV", vec![
+            ("/spec/broker", json!("Rabbitmq")),
+            ("/spec/rabbitmq", json!({"url": "amqp://r:5672"})),
+        ]),
+        c("amqp URL with a password", "spec.rabbitmq.url", "V", rabbit(json!({"url": "amqp://u:pw@r:5672"}))),
+        c("amqp URL with the vhost", "spec.rabbitmq.url", "V", rabbit(json!({"url": "amqp://r:5672/orders"}))),
+        c("queues without managementUrl", "spec.rabbitmq.managementUrl", "CV",
+          rabbit(json!({"url": "amqp://r:5672", "exchange": {"name": "x"}, "queues": [{"name": "q"}]}))),
+        c("management URL not http", "spec.rabbitmq.managementUrl", "V", rabbit(json!({"url": "amqp://r:5672", "managementUrl": "r:15672"}))),
+        c("delivery limit on a classic queue", "spec.rabbitmq.queues[0].deliveryLimit", "CV", queue(json!({"name": "q", "type": "Classic", "deliveryLimit": 3}))),
+        c("maxAge on a quorum queue", "spec.rabbitmq.queues[0].maxAge", "CV", queue(json!({"name": "q", "maxAge": "1d"}))),
+        c("message TTL on a stream", "spec.rabbitmq.queues[0].type", "CV", queue(json!({"name": "q", "type": "Stream", "messageTtl": "1d"}))),
+        c("max length on a stream", "spec.rabbitmq.queues[0].type", "CV", queue(json!({"name": "q", "type": "Stream", "maxLength": 100}))),
+        c("message TTL over 49 days", "spec.rabbitmq.queues[0].messageTtl", "V", queue(json!({"name": "q", "messageTtl": "50d"}))),
+        c("queue name with a space", "spec.rabbitmq.queues[0].name", "S", queue(json!({"name": "a b"}))),
+        c("unknown queue type", "spec.rabbitmq.queues[0].type", "S", queue(json!({"name": "q", "type": "Lazy"}))),
+        c("fanout exchange", "spec.rabbitmq.exchange.type", "S",
+          rabbit(json!({"url": "amqp://r:5672", "managementUrl": "http://r:15672", "exchange": {"name": "x", "type": "Fanout"}}))),
+        c("ignoring an unknown queue setting", "spec.rabbitmq.queues[0].ignore", "V", queue(json!({"name": "q", "ignore": ["x-message-ttl"]}))),
+        c("dead-letter queue without its exchange", "spec.rabbitmq.queues[0].deadLetterQueue", "V", queue(json!({"name": "q", "deadLetterQueue": "dead"}))),
         c("auth secret not a k8s name", "spec.kafka.authSecretRef.name", "SV", at("/spec/kafka/authSecretRef/name", "Kafka_Auth")),
         c("unknown compression", "spec.kafka.producer.compression", "S", at("/spec/kafka/producer/compression", "brotli")),
         c("linger above a minute", "spec.kafka.producer.lingerMs", "SV", at("/spec/kafka/producer/lingerMs", 60_001)),
@@ -284,6 +307,10 @@ fn inbox_cases() -> Vec<Case> {
         c("source auth secret not a k8s name", "spec.sources.kafka.authSecretRef.name", "SV",
           at("/spec/sources/kafka/authSecretRef/name", "Kafka_Auth")),
         c("unknown deletion policy", "spec.deletionPolicy", "S", at("/spec/deletionPolicy", "Destroy")),
+        c("rabbitmq source without queues", "spec.sources.rabbitmq.queues", "SV",
+          at("/spec/sources/rabbitmq", json!({"managementUrl": "http://r:15672", "queues": []}))),
+        c("rabbitmq source management URL with a password", "spec.sources.rabbitmq.managementUrl", "V",
+          at("/spec/sources/rabbitmq", json!({"managementUrl": "http://u:pw@r:15672", "queues": ["q"]}))),
     ]
 }
 

@@ -64,6 +64,15 @@ async fn examples_are_accepted_and_read_back() {
     assert_eq!(got.spec, inbox.spec);
     assert_eq!(got.spec.database.url_secret_ref.key, "url", "the server applied the schema default");
 
+    let relay: OutboxRelay = example("outboxrelay-rabbitmq.yaml");
+    relay.spec.validate().expect("example RabbitMQ OutboxRelay is valid");
+    let got = create_and_read_back(Api::namespaced(client.clone(), &ns.name), relay.clone()).await;
+    assert_eq!(got.spec, relay.spec, "the server's defaults are the Rust types'");
+    let inbox: InboxTable = example("inboxtable-rabbitmq.yaml");
+    inbox.spec.validate().expect("example RabbitMQ InboxTable is valid");
+    let got = create_and_read_back(Api::namespaced(client.clone(), &ns.name), inbox.clone()).await;
+    assert_eq!(got.spec, inbox.spec);
+
     let policy: DedupPolicy = example("deduppolicy.yaml");
     policy.spec.validate().expect("example DedupPolicy is valid");
     let policies: Api<DedupPolicy> = Api::all(client.clone());

@@ -9,3 +9,4 @@ pub mod http;
 pub mod kafka;
 pub mod leader;
 pub mod nats_admin;
+pub mod rabbitmq_admin;

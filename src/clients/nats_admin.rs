@@ -35,7 +35,29 @@ pub struct ConsumerBacklog {
     pub ack_pending: u64,
 }
 
+/// What the server said of itself when the connection opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerFacts {
+    pub version: String,
+    /// JetStream enabled on the server.
+    pub jetstream: bool,
+    pub max_payload: usize,
+}
+
+/// The account's JetStream use and limits (None: unlimited).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AccountFacts {
+    pub streams: usize,
+    pub max_streams: Option<i64>,
+    /// File storage used and allowed, in bytes.
+    pub storage: u64,
+    pub max_storage: Option<i64>,
+    /// Every stream must be created with max_bytes.
+    pub max_bytes_required: bool,
+}
+
 pub struct NatsAdmin {
+    client: async_nats::Client,
     js: jetstream::Context,
 }
 
@@ -47,13 +69,43 @@ impl NatsAdmin {
             let options = crate::clients::broker::nats::options(s).await.map_err(|r| r.error)?;
             match options.connect(server.as_str()).await {
                 Ok(client) => {
-                    let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(10)).build(client);
-                    return Ok(NatsAdmin { js });
+                    let js = jetstream::ContextBuilder::new()
+                        .timeout(Duration::from_secs(10))
+                        .build(client.clone());
+                    return Ok(NatsAdmin { client, js });
                 }
                 Err(e) => last = format!("cannot connect to NATS at {server}: {e}"),
             }
         }
         Err(last)
+    }
+
+    /// Which NATS this is: the cluster's name, else the server's id (one JetStream for both).
+    pub fn identity(&self) -> String {
+        let info = self.client.server_info();
+        info.cluster
+            .filter(|c| !c.is_empty())
+            .map_or(info.server_id, |c| format!("cluster {c}"))
+    }
+
+    pub fn server(&self) -> ServerFacts {
+        let info = self.client.server_info();
+        ServerFacts {
+            version: info.version,
+            jetstream: info.jetstream,
+            max_payload: info.max_payload,
+        }
+    }
+
+    /// The account's JetStream limits; Err when JetStream is not enabled for it. Read as plain
+    /// JSON: the client's own type expects fields servers before 2.10 do not send.
+    pub async fn account(&self) -> Result<AccountFacts, String> {
+        let reply = self
+            .client
+            .request("$JS.API.INFO", bytes::Bytes::new())
+            .await
+            .map_err(|e| format!("$JS.API.INFO: {e}"))?;
+        account_facts(&reply.payload)
     }
 
     pub async fn describe(&self, name: &str) -> Result<Option<ObservedStream>, String> {
@@ -88,7 +140,11 @@ impl NatsAdmin {
             .map_err(|e| format!("cannot update stream {}: {e}", d.name))
     }
 
+    /// Delete a stream; one already gone is fine.
     pub async fn delete(&self, name: &str) -> Result<(), String> {
+        if self.describe(name).await?.is_none() {
+            return Ok(());
+        }
         self.js
             .delete_stream(name)
             .await
@@ -107,6 +163,23 @@ impl NatsAdmin {
             ack_pending: info.num_ack_pending as u64,
         })
     }
+}
+
+/// `$JS.API.INFO`'s answer: the account's use and limits (negative limits: none), or its error. Pure.
+pub fn account_facts(reply: &[u8]) -> Result<AccountFacts, String> {
+    let v: serde_json::Value = serde_json::from_slice(reply).map_err(|e| format!("$JS.API.INFO: {e}"))?;
+    if let Some(e) = v.get("error") {
+        let text = e.get("description").and_then(|d| d.as_str()).unwrap_or("an error");
+        return Err(format!("JetStream: {text}"));
+    }
+    let limit = |k: &str| v["limits"][k].as_i64().filter(|n| *n >= 0);
+    Ok(AccountFacts {
+        streams: v["streams"].as_u64().unwrap_or(0) as usize,
+        max_streams: limit("max_streams"),
+        storage: v["storage"].as_u64().unwrap_or(0),
+        max_storage: limit("max_storage"),
+        max_bytes_required: v["limits"]["max_bytes_required"].as_bool().unwrap_or(false),
+    })
 }
 
 /// The server's configuration for a desired stream: limits retention (messages stay until a
@@ -153,5 +226,31 @@ fn observed(c: &stream::Config, messages: u64) -> ObservedStream {
             stream::RetentionPolicy::WorkQueue => "workqueue",
         },
         messages,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_account_reply_of_a_2_9_server_and_an_error_read_as_facts() {
+        let ok = br#"{"type":"io.nats.jetstream.api.v1.account_info_response","memory":0,"storage":2048,
+            "streams":3,"consumers":1,"limits":{"max_memory":-1,"max_storage":-1,"max_streams":5,
+            "max_consumers":-1,"max_ack_pending":-1,"memory_max_stream_bytes":-1,"storage_max_stream_bytes":-1,
+            "max_bytes_required":true},"api":{"total":9,"errors":0}}"#;
+        let f = account_facts(ok).unwrap();
+        assert_eq!(
+            f,
+            AccountFacts {
+                streams: 3,
+                max_streams: Some(5),
+                storage: 2048,
+                max_storage: None,
+                max_bytes_required: true,
+            }
+        );
+        let err = br#"{"type":"io.nats.jetstream.api.v1.account_info_response","error":{"code":503,"err_code":10039,"description":"jetstream not enabled for account"}}"#;
+        assert_eq!(account_facts(err).unwrap_err(), "JetStream: jetstream not enabled for account");
     }
 }

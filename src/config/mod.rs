@@ -288,6 +288,7 @@ impl RelayArgs {
             },
             broker: Default::default(),
             nats: None,
+            rabbitmq: None,
             kafka: Some(KafkaSpec {
                 bootstrap_servers: bootstrap_servers.to_owned(),
                 auth_secret_ref: None,

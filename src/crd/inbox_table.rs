@@ -88,6 +88,8 @@ pub struct SourcesSpec {
     pub kafka: Option<KafkaSourceSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nats: Option<NatsSourceSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbitmq: Option<super::RabbitmqSourceSpec>,
 }
 
 /// NATS JetStream streams an inbox deduplicates.
@@ -206,6 +208,7 @@ pub struct ValidInboxTable {
     pub redelivery_window: Option<Given>,
     pub sources: Option<ValidKafkaSource>,
     pub nats_source: Option<ValidNatsSource>,
+    pub rabbitmq_source: Option<super::ValidRabbitmqSource>,
 }
 
 /// The JetStream streams an inbox deduplicates.
@@ -256,6 +259,11 @@ impl InboxTableSpec {
         if let Some(n) = nats {
             validate_nats_source(n, &mut p);
         }
+        let rabbitmq = self
+            .sources
+            .as_ref()
+            .and_then(|s| s.rabbitmq.as_ref())
+            .map(|r| r.validate_into(&mut p));
         p.finish(|| {
             let given = |d: &Duration, value| Given { text: d.0.clone(), value };
             Some(ValidInboxTable {
@@ -292,6 +300,7 @@ impl InboxTableSpec {
                     streams: n.streams.clone(),
                     consumer: n.consumer.clone(),
                 }),
+                rabbitmq_source: rabbitmq,
             })
         })
     }

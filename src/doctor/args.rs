@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 
 use super::database::{Target, TargetKind};
 use crate::{
-    config::{KafkaArgs, OutboxArgs},
+    config::{BrokerArg, KafkaArgs, NatsArgs, OutboxArgs},
     core::redacted::Redacted,
     core::sql::{Ident, QualifiedName},
 };
@@ -43,9 +43,21 @@ pub struct DoctorArgs {
     /// connection headroom: each holds up to 4 connections, the operator's pool 4 more.
     #[arg(long, default_value_t = 2)]
     pub relay_replicas: u32,
-    // The broker, as the relay reaches it (without bootstrap servers it is not checked).
+    /// The broker the relay publishes to, or the InboxTable's source.
+    #[arg(long, env = "LOCKSTEP_BROKER", value_enum, default_value = "kafka")]
+    pub broker: BrokerArg,
+    // The broker, as the relay reaches it (without bootstrap servers Kafka is not checked).
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// A NATS stream lockstep declares or reads (repeatable): an OutboxRelay's
+    /// spec.nats.streams[].name, or an InboxTable's spec.sources.nats.streams.
+    #[arg(long = "stream", value_name = "STREAM")]
+    pub streams: Vec<String>,
+    /// An InboxTable's JetStream consumer (spec.sources.nats.consumer): its backlog must be readable.
+    #[arg(long)]
+    pub consumer: Option<String>,
     /// A topic lockstep publishes to or creates (repeatable): an OutboxRelay's spec.topics, or
     /// the topics its routing template produces.
     #[arg(long = "topic", value_name = "TOPIC")]
@@ -74,6 +86,8 @@ pub struct BrokerTarget {
 pub struct Resolved {
     pub database: DatabaseTarget,
     pub broker: Option<BrokerTarget>,
+    /// With `--broker nats`, in place of `broker`.
+    pub nats: Option<super::nats::NatsTarget>,
 }
 
 #[derive(Debug, Clone)]
@@ -117,19 +131,7 @@ impl DoctorArgs {
             dead_letter,
             manage: self.manage_schema,
         };
-        let broker = match self.kafka.bootstrap_servers.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-            None => None,
-            Some(bootstrap) => {
-                let settings = self.kafka.settings().map_err(|e| e.to_string())?;
-                Some(BrokerTarget {
-                    bootstrap: bootstrap.to_owned(),
-                    settings: settings.into_iter().map(|(k, v)| (k, v.expose().to_owned())).collect(),
-                    topics: self.topics.clone(),
-                    group: self.group.clone(),
-                    kind,
-                })
-            }
-        };
+        let (broker, nats) = self.brokers(kind)?;
         Ok(Resolved {
             database: DatabaseTarget {
                 url,
@@ -137,7 +139,37 @@ impl DoctorArgs {
                 connections: OPERATOR_POOL + relays * PER_RELAY,
             },
             broker,
+            nats,
         })
+    }
+
+    /// The Kafka or NATS target the flags name (Kafka: none without bootstrap servers).
+    fn brokers(&self, kind: TargetKind) -> Result<(Option<BrokerTarget>, Option<super::nats::NatsTarget>), String> {
+        if self.broker == BrokerArg::Nats {
+            let settings = self.nats.settings().map_err(|e| e.to_string())?;
+            let nats = super::nats::NatsTarget {
+                settings,
+                streams: self.streams.clone(),
+                consumer: self.consumer.clone(),
+                kind,
+            };
+            return Ok((None, Some(nats)));
+        }
+        if self.broker == BrokerArg::Rabbitmq {
+            return Ok((None, None));
+        }
+        let Some(bootstrap) = self.kafka.bootstrap_servers.as_deref().map(str::trim).filter(|s| !s.is_empty()) else {
+            return Ok((None, None));
+        };
+        let settings = self.kafka.settings().map_err(|e| e.to_string())?;
+        let broker = BrokerTarget {
+            bootstrap: bootstrap.to_owned(),
+            settings: settings.into_iter().map(|(k, v)| (k, v.expose().to_owned())).collect(),
+            topics: self.topics.clone(),
+            group: self.group.clone(),
+            kind,
+        };
+        Ok((Some(broker), None))
     }
 }
 

@@ -1,4 +1,5 @@
-//! `lockstep doctor`: check, before anything is created, that a database and a Kafka cluster can
+//! `lockstep doctor`: check, before anything is created, that a database and a Kafka cluster (or
+//! NATS JetStream, `--broker nats`) can
 //! carry an OutboxRelay or an InboxTable with the settings it would use. Each check gathers facts
 //! (thin I/O, `database`, `broker`) and a pure function turns them into a verdict
 //! (`privileges`, `verdicts`), so the verdicts are unit tested and the operator reports the same
@@ -11,6 +12,7 @@ pub mod args;
 pub mod broker;
 pub mod broker_verdicts;
 pub mod database;
+pub mod nats;
 pub mod privileges;
 pub mod verdicts;
 
@@ -138,7 +140,15 @@ pub async fn run(args: &DoctorArgs) -> u8 {
     };
     let mut report = Report::default();
     report.extend(database::checks(&resolved.database).await);
-    report.extend(broker::checks(resolved.broker.as_ref()).await);
+    match (&resolved.nats, args.broker) {
+        (Some(n), _) => report.extend(nats::checks(n).await),
+        (None, crate::config::BrokerArg::Rabbitmq) => report.extend([Check::warn(
+            "broker",
+            "not checked: doctor does not check RabbitMQ yet",
+            "the operator reports the exchange and queues in TopicsReady once the object exists",
+        )]),
+        (None, _) => report.extend(broker::checks(resolved.broker.as_ref()).await),
+    }
     match args.output {
         args::Output::Text => print!("{}", render_text(&report)),
         args::Output::Json => println!("{}", render_json(&report)),

@@ -106,6 +106,9 @@ reasons! {
     /// A stream setting the server cannot change (storage), or a stream that deletes consumed
     /// messages: refused, nothing changed.
     StreamChangeRefused,
+    /// A RabbitMQ exchange or queue property the server cannot change on one that exists
+    /// (exchange type or durability, queue type or arguments): refused, nothing declared on it.
+    QueueChangeRefused,
 }
 
 /// A condition as computed by a reconcile, before timestamps.

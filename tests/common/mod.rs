@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod doctor;
 pub mod kafka_proxy;
 pub mod outbox;
 pub mod pgbouncer;

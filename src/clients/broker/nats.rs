@@ -30,10 +30,7 @@ use async_nats::{
     jetstream::{self, context::PublishErrorKind, ErrorCode},
     ConnectOptions, HeaderMap,
 };
-use futures::{
-    future::{BoxFuture, Shared},
-    FutureExt,
-};
+use futures::{future::BoxFuture, FutureExt};
 
 use super::{Acked, Cause, Outgoing, Refusal};
 pub use crate::core::nats_settings::{valid_subject, NatsAuth, NatsSettings};
@@ -52,8 +49,8 @@ pub struct NatsPublisher {
 /// Batch numbers, unique in the process: a batch of a replaced publisher never names another's.
 static NEXT_BATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// A key's last message handed over: its batch, and its acknowledgement.
-type LastOfKey = (u64, Shared<BoxFuture<'static, bool>>);
+/// A key's last message handed over: its batch, and where it will say whether it was stored.
+type LastOfKey = (u64, tokio::sync::oneshot::Receiver<bool>);
 
 struct Inner {
     settings: NatsSettings,
@@ -113,6 +110,16 @@ impl NatsPublisher {
     /// The relay gave up the batches in flight (it reads their rows again): no chain is left.
     pub(super) fn forget(&self) {
         self.inner.last.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Make `told` the key's last message (of batch `batch`); the previous one's, if any.
+    fn chain(&self, key: &str, batch: u64, told: tokio::sync::oneshot::Receiver<bool>) -> Option<tokio::sync::oneshot::Receiver<bool>> {
+        let mut last = self.inner.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = last.get_mut(key) {
+            return Some(std::mem::replace(entry, (batch, told)).1);
+        }
+        last.insert(key.to_owned(), (batch, told));
+        None
     }
 
     fn live(&self) -> Option<Conn> {
@@ -236,48 +243,69 @@ impl NatsBatch<'_> {
         }
         // One connection attempt per batch: a server that does not answer fails the batch's
         // later messages at once, not one connect timeout each.
-        let attempt = match self.conn.take() {
-            Some(a) => a,
-            None => self.p.conn().await,
+        if self.conn.is_none() {
+            self.conn = Some(self.p.conn().await);
+        }
+        let conn = match self.conn.as_ref() {
+            Some(Ok(c)) => c,
+            Some(Err(r)) => return Err(r.clone()),
+            None => return Err(Refusal::lost()),
         };
-        let conn = attempt.clone();
-        self.conn = Some(attempt);
-        let conn = conn?;
         let (subject, headers, payload) = (
             m.destination.to_owned(),
             headers(m)?,
             bytes::Bytes::copy_from_slice(m.payload.unwrap_or_default()),
         );
-        let in_flight = self.p.inner.in_flight.clone();
-        let previous = {
-            let last = self.p.inner.last.lock().unwrap_or_else(|e| e.into_inner());
-            last.get(m.key).map(|(_, f)| f.clone())
-        };
-        let ack: BoxFuture<'static, Result<Acked, Refusal>> = match previous {
+        // Told whether this message was stored, for the key's next one. Dropped unsent (this
+        // message not handed over, or abandoned), it fails the next one too.
+        let (stored, told) = tokio::sync::oneshot::channel();
+        let previous = self.p.chain(m.key, self.id, told);
+        let counted = Counted::new(&self.p.inner.in_flight);
+        Ok(match previous {
             None => {
-                let pending = publish(&conn, subject, headers, payload).await?;
-                pending.boxed()
-            }
-            Some(previous) => async move {
-                if !previous.await {
-                    return Err(Refusal::behind_failed());
+                let pending = publish(conn, subject, headers, payload).await?;
+                async move {
+                    let _counted = counted;
+                    let r = pending.await;
+                    let _ = stored.send(r.is_ok());
+                    r
                 }
-                publish(&conn, subject, headers, payload).await?.await
+                .boxed()
             }
-            .boxed(),
-        };
-        in_flight.fetch_add(1, Ordering::Relaxed);
-        let ack = async move {
-            let r = ack.await;
-            in_flight.fetch_sub(1, Ordering::Relaxed);
-            r
-        }
-        .boxed()
-        .shared();
-        let done = ack.clone().map(|r| r.is_ok()).boxed().shared();
-        let mut last = self.p.inner.last.lock().unwrap_or_else(|e| e.into_inner());
-        last.insert(m.key.to_owned(), (self.id, done));
-        Ok(ack.boxed())
+            Some(previous) => {
+                let conn = conn.clone();
+                async move {
+                    let _counted = counted;
+                    let r = if previous.await.unwrap_or(false) {
+                        match publish(&conn, subject, headers, payload).await {
+                            Ok(pending) => pending.await,
+                            Err(e) => Err(e),
+                        }
+                    } else {
+                        Err(Refusal::behind_failed())
+                    };
+                    let _ = stored.send(r.is_ok());
+                    r
+                }
+                .boxed()
+            }
+        })
+    }
+}
+
+/// One message in flight, counted until its future ends or is dropped.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(n: &Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Counted(n.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -306,7 +334,8 @@ async fn publish(
 /// space, a ':' or a non-ASCII character; the client would panic on it) makes the message poison.
 fn headers(m: &Outgoing<'_>) -> Result<HeaderMap, Refusal> {
     let mut h = HeaderMap::new();
-    h.insert(MSG_ID, m.id.to_string().as_str());
+    let mut id = uuid::Uuid::encode_buffer();
+    h.insert(MSG_ID, &*m.id.hyphenated().encode_lower(&mut id));
     h.insert(KEY_HEADER, m.key);
     let stamp = crate::core::stamp::CREATED_AT_HEADER;
     for (k, v) in m.headers {

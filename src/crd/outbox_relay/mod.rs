@@ -3,6 +3,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 mod nats;
+mod rabbitmq;
 mod relays;
 mod validate;
 
@@ -13,6 +14,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 pub use nats::{Broker, DesiredStream, Discard, NatsSpec, StreamSpec, StreamStorage, ValidNats, STREAM_SETTINGS};
+pub use rabbitmq::*;
 pub use relays::RelayShare;
 pub(crate) use validate::valid_host_port;
 pub use validate::{ValidOutboxRelay, ValidProducer, MAX_BUCKETS};
@@ -47,14 +49,14 @@ pub const DEAD_LETTER_SUFFIX: &str = "_dead_letter";
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("(has(self.broker) && self.broker == 'Nats') ? has(self.nats) : has(self.kafka)").message("broker Kafka needs spec.kafka, broker Nats needs spec.nats"))]
-#[x_kube(validation = Rule::new("!has(self.broker) || self.broker != 'Nats' || !has(self.topics) || size(self.topics) == 0").message("topics are Kafka's: with broker Nats, declare streams in spec.nats.streams"))]
+#[x_kube(validation = Rule::new("(!has(self.broker) || self.broker == 'Kafka') ? has(self.kafka) : (self.broker == 'Nats' ? has(self.nats) : has(self.rabbitmq))").message("broker Kafka needs spec.kafka, broker Nats spec.nats, broker Rabbitmq spec.rabbitmq"))]
+#[x_kube(validation = Rule::new("!has(self.broker) || self.broker == 'Kafka' || !has(self.topics) || size(self.topics) == 0").message("topics are Kafka's: with broker Nats, declare streams in spec.nats.streams; with Rabbitmq, queues in spec.rabbitmq.queues"))]
 pub struct OutboxRelaySpec {
     /// The outbox table. Its dead-letter table is `<table>_dead_letter` in the same schema.
     #[x_kube(validation = Rule::new("self.schema == oldSelf.schema && self.table == oldSelf.table").message("database.schema and database.table are immutable; create a new OutboxRelay for another table"))]
     pub database: DatabaseSpec,
-    /// The broker the relay publishes to: Kafka (`kafka`) or NATS JetStream (`nats`). Fixed:
-    /// consumers read where the relay published.
+    /// The broker the relay publishes to: Kafka (`kafka`), NATS JetStream (`nats`) or RabbitMQ
+    /// (`rabbitmq`). Fixed: consumers read where the relay published.
     #[serde(default)]
     #[x_kube(validation = Rule::new("self == oldSelf").message("broker is immutable; create a new OutboxRelay for another broker"))]
     pub broker: Broker,
@@ -62,6 +64,8 @@ pub struct OutboxRelaySpec {
     pub kafka: Option<KafkaSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nats: Option<NatsSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbitmq: Option<RabbitmqSpec>,
     #[serde(default)]
     pub routing: RoutingSpec,
     /// Topics lockstep creates and keeps configured.

@@ -18,6 +18,7 @@ pub enum Broker {
     #[default]
     Kafka,
     Nats,
+    Rabbitmq,
 }
 
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
@@ -199,39 +200,45 @@ impl StreamSpec {
     }
 }
 
+/// The broker blocks of a spec after validation: Kafka's (empty with another broker, which the
+/// relay then ignores), and NATS's or RabbitMQ's with that broker (None inside when invalid).
+pub(super) struct Blocks {
+    pub kafka: KafkaSpec,
+    pub nats: Option<Option<ValidNats>>,
+    pub rabbitmq: Option<Option<super::ValidRabbitmq>>,
+}
+
 impl OutboxRelaySpec {
-    /// The broker's block: Kafka's (empty with broker Nats, which the relay then ignores) and,
-    /// with broker Nats, NATS's (None inside when it is invalid).
-    pub(super) fn validate_broker(&self, p: &mut Problems) -> (KafkaSpec, Option<Option<ValidNats>>) {
+    pub(super) fn validate_broker(&self, p: &mut Problems) -> Blocks {
         let kafka = self.kafka.clone().unwrap_or_else(|| KafkaSpec {
             bootstrap_servers: String::new(),
             auth_secret_ref: None,
             producer: Default::default(),
         });
-        let nats = match (self.broker, &self.nats) {
-            (Broker::Kafka, _) if self.kafka.is_none() => {
-                p.add("spec.kafka", "required with broker Kafka");
-                None
-            }
-            (Broker::Kafka, _) => {
-                super::validate::validate_kafka(&kafka, p);
-                None
-            }
-            (Broker::Nats, None) => {
-                p.add("spec.nats", "required with broker Nats");
-                None
-            }
-            (Broker::Nats, Some(n)) => {
-                if !self.topics.is_empty() {
-                    p.add(
-                        "spec.topics",
-                        "topics are Kafka's: with broker Nats, declare streams in spec.nats.streams",
-                    );
-                }
-                Some(n.validate_into(p))
-            }
+        let mut b = Blocks {
+            kafka,
+            nats: None,
+            rabbitmq: None,
         };
-        (kafka, nats)
+        if self.broker != Broker::Kafka && !self.topics.is_empty() {
+            let instead = match self.broker {
+                Broker::Nats => "declare streams in spec.nats.streams",
+                _ => "declare queues in spec.rabbitmq.queues",
+            };
+            p.add(
+                "spec.topics",
+                format!("topics are Kafka's: with broker {:?}, {instead}", self.broker),
+            );
+        }
+        match (self.broker, &self.nats, &self.rabbitmq) {
+            (Broker::Kafka, _, _) if self.kafka.is_none() => p.add("spec.kafka", "required with broker Kafka"),
+            (Broker::Kafka, _, _) => super::validate::validate_kafka(&b.kafka, p),
+            (Broker::Nats, None, _) => p.add("spec.nats", "required with broker Nats"),
+            (Broker::Nats, Some(n), _) => b.nats = Some(n.validate_into(p)),
+            (Broker::Rabbitmq, _, None) => p.add("spec.rabbitmq", "required with broker Rabbitmq"),
+            (Broker::Rabbitmq, _, Some(r)) => b.rabbitmq = Some(r.validate_into(p)),
+        }
+        b
     }
 }
 

@@ -46,6 +46,8 @@ pub struct ValidOutboxRelay {
     pub producer: ValidProducer,
     /// Set with broker Nats: the relay publishes there, not to Kafka.
     pub nats: Option<super::ValidNats>,
+    /// Set with broker Rabbitmq: the relay publishes there.
+    pub rabbitmq: Option<super::ValidRabbitmq>,
     pub topic_template: TopicTemplate,
     pub key: OutboxColumn,
     /// Topics lockstep creates and keeps configured, as the topic plan wants them.
@@ -120,7 +122,7 @@ impl OutboxRelaySpec {
                 table: dl,
             })
         });
-        let (kafka, nats) = self.validate_broker(&mut p);
+        let super::nats::Blocks { kafka, nats, rabbitmq } = self.validate_broker(&mut p);
         let topic_template = p.check("spec.routing.topic", TopicTemplate::parse(&self.routing.topic));
         validate_topics(&self.topics, &mut p);
         let relay = validate_relay(&self.relay, &mut p);
@@ -147,6 +149,10 @@ impl OutboxRelaySpec {
                 },
                 nats: match nats {
                     Some(n) => Some(n?),
+                    None => None,
+                },
+                rabbitmq: match rabbitmq {
+                    Some(r) => Some(r?),
                     None => None,
                 },
                 topic_template: topic_template?,

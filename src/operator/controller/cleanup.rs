@@ -26,7 +26,7 @@ use super::{
 use crate::{
     core::sql::QualifiedName,
     crd::SecretKeyRef,
-    crd::{InboxTable, OutboxRelay, ValidInboxTable, ValidOutboxRelay, DELETE_UNPUBLISHED_ANNOTATION},
+    crd::{InboxTable, OutboxRelay, ValidInboxTable, ValidNats, ValidOutboxRelay, DELETE_UNPUBLISHED_ANNOTATION},
     operator::conditions::{Cond, Reason, Status},
     tables::schema::{drop_tables, table_exists, TableKind},
 };
@@ -116,17 +116,94 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
             done.push(format!("kept topic {n}: {} names it too", by.join(", ")));
         }
     }
-    done.extend(kept_streams(v));
+    if !orphan {
+        done.extend(delete_streams_or_queues(ctx, obj, v).await?);
+    }
     cleaned(ctx, obj, done.join("; ")).await;
     Ok(())
 }
 
-/// A NATS relay's streams are not deleted: no owner is recorded for a stream yet, and another
-/// OutboxRelay may name it.
-fn kept_streams(v: &ValidOutboxRelay) -> Option<String> {
-    let n = v.nats.as_ref().filter(|n| !n.streams.is_empty())?;
-    let names: Vec<&str> = n.streams.iter().map(|s| s.name.as_str()).collect();
-    Some(format!("kept streams {} (lockstep does not delete NATS streams)", names.join(", ")))
+/// With broker Nats or Rabbitmq: delete the streams, or the exchange and queues, no other object names.
+async fn delete_streams_or_queues(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay) -> Result<Vec<String>, String> {
+    match (&v.nats, &v.rabbitmq) {
+        (Some(n), _) if !n.streams.is_empty() => delete_streams(ctx, obj, v, n).await,
+        (_, Some(_)) => delete_queues(ctx, obj, v).await,
+        _ => Ok(vec![]),
+    }
+}
+
+/// Delete the streams no other OutboxRelay names (on the same NATS); keep the others. A Secret
+/// gone with the namespace keeps them all.
+async fn delete_streams(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay, n: &ValidNats) -> Result<Vec<String>, String> {
+    let ns = obj.namespace().unwrap_or_default();
+    let on = deps::Reporting {
+        type_: crate::operator::conditions::condition::READY,
+        status: crate::operator::conditions::Status::False,
+    };
+    let settings = match super::nats_deps::nats_settings(&ctx.client, &ns, &n.servers, n.auth_secret.as_deref(), on).await {
+        Ok(s) => s,
+        Err(c) if orphaned(ctx, &ns, &c) => return Ok(vec!["kept the streams: their Secret is gone".into()]),
+        Err(c) => return Err(c.message),
+    };
+    let others = super::topic_owners::others(ctx, obj, v).await?;
+    let names = n.streams.iter().map(|s| s.name.clone());
+    let (kept, names): (Vec<String>, Vec<String>) = names.partition(|s| others.contains_key(s));
+    let mut done = Vec::new();
+    if !names.is_empty() {
+        let admin = crate::clients::nats_admin::NatsAdmin::connect(&settings).await?;
+        for s in &names {
+            admin.delete(s).await?;
+        }
+        done.push(format!("deleted streams {}", names.join(", ")));
+    }
+    for s in &kept {
+        let by: Vec<String> = others[s].iter().map(|c| c.describe()).collect();
+        done.push(format!("kept stream {s}: {} names it too", by.join(", ")));
+    }
+    Ok(done)
+}
+
+/// Delete the exchange and queues no other OutboxRelay names (on the same RabbitMQ vhost); keep
+/// the others, and the dead-letter exchanges and queues (shared, and holding what failed). A
+/// Secret gone with the namespace keeps them all.
+async fn delete_queues(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay) -> Result<Vec<String>, String> {
+    let (Some(r), ns) = (&v.rabbitmq, obj.namespace().unwrap_or_default()) else {
+        return Ok(vec![]);
+    };
+    let Some(url) = r.management_url.as_deref() else {
+        return Ok(vec![]);
+    };
+    let on = deps::Reporting {
+        type_: crate::operator::conditions::condition::READY,
+        status: crate::operator::conditions::Status::False,
+    };
+    let m = super::rabbitmq_deps::Management {
+        url,
+        vhost: &r.vhost,
+        secret: r.auth_secret.as_deref(),
+        field: "rabbitmq.authSecretRef",
+    };
+    let admin = match super::rabbitmq_deps::admin(&ctx.client, &ns, m, on).await {
+        Ok(a) => a,
+        Err(c) if orphaned(ctx, &ns, &c) => return Ok(vec!["kept the exchange and queues: their Secret is gone".into()]),
+        Err(c) => return Err(c.message),
+    };
+    let others = super::topic_owners::others(ctx, obj, v).await?;
+    let names = super::topic_owners::destinations(v);
+    let (kept, names): (Vec<String>, Vec<String>) = names.into_iter().partition(|s| others.contains_key(s));
+    for n in &names {
+        let (kind, name) = n.split_once('/').unwrap_or(("queues", n));
+        admin.delete(&format!("{kind}s"), name).await?;
+    }
+    let mut done: Vec<String> = (!names.is_empty())
+        .then(|| format!("deleted {}", names.join(", ")))
+        .into_iter()
+        .collect();
+    for s in &kept {
+        let by: Vec<String> = others[s].iter().map(|c| c.describe()).collect();
+        done.push(format!("kept {s}: {} names it too", by.join(", ")));
+    }
+    Ok(done)
 }
 
 pub async fn inbox_table(ctx: &Context, obj: &InboxTable, v: &ValidInboxTable) -> Result<(), String> {

@@ -8,7 +8,7 @@ use super::{
 use crate::{
     crd::ValidInboxTable,
     operator::conditions::{condition, Cond, Reason, Status},
-    operator::policy::coverage::{self, Source, StreamRetention, TopicRetention},
+    operator::policy::coverage::{self, QueueRetention, Source, StreamRetention, TopicRetention},
     operator::policy::retention::Effective,
 };
 
@@ -16,7 +16,7 @@ use crate::{
 /// and streams?
 pub async fn dedup_covered(ctx: &Context, ns: &str, valid: &ValidInboxTable, eff: &Effective) -> Cond {
     let window = valid.redelivery_window.as_ref().map(|w| w.pair());
-    if valid.sources.is_none() && valid.nats_source.is_none() {
+    if valid.sources.is_none() && valid.nats_source.is_none() && valid.rabbitmq_source.is_none() {
         return coverage_condition(eff, window, None);
     }
     let on = Reporting {
@@ -59,7 +59,58 @@ pub async fn dedup_covered(ctx: &Context, ns: &str, valid: &ValidInboxTable, eff
             }
         }
     }
+    if let Some(r) = &valid.rabbitmq_source {
+        match rabbitmq_queues(ctx, ns, r, on).await {
+            Err(c) => return c,
+            Ok((queues, missing)) => {
+                found.topics.extend(queues.into_iter().map(Source::Queue));
+                found.missing.extend(missing.into_iter().map(|q| format!("queue {q}")));
+            }
+        }
+    }
     coverage_condition(eff, window, Some(&found))
+}
+
+/// The source queues' redelivery bounds (argument or policy, the lower), and the queues the
+/// server does not have.
+async fn rabbitmq_queues(
+    ctx: &Context,
+    ns: &str,
+    r: &crate::crd::ValidRabbitmqSource,
+    on: Reporting,
+) -> Result<(Vec<QueueRetention>, Vec<String>), Cond> {
+    let m = super::rabbitmq_deps::Management {
+        url: &r.management_url,
+        vhost: &r.vhost,
+        secret: r.auth_secret.as_deref(),
+        field: "sources.rabbitmq.authSecretRef",
+    };
+    let admin = super::rabbitmq_deps::admin(&ctx.client, ns, m, on).await?;
+    let names: Vec<&str> = r.queues.iter().map(String::as_str).collect();
+    let observed = super::rabbitmq_deps::observe(&admin, &[], &names, &[], on).await?;
+    let missing = r.queues.iter().filter(|q| !observed.queues.contains_key(*q)).cloned().collect();
+    let found = observed.queues.iter().map(|(name, q)| queue_retention(name, q)).collect();
+    Ok((found, missing))
+}
+
+/// What bounds a queue's redelivery, from its arguments and effective policy. Pure.
+pub fn queue_retention(name: &str, q: &crate::clients::rabbitmq_admin::ObservedQueue) -> QueueRetention {
+    let int = |arg: &str, policy: &str| {
+        let a = q.arguments.get(arg).and_then(|v| v.as_i64());
+        let p = q.policy.get(policy).and_then(|v| v.as_i64());
+        a.into_iter().chain(p).min()
+    };
+    let age = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).and_then(crate::crd::max_age_secs);
+    QueueRetention {
+        name: name.to_owned(),
+        type_: q.type_.clone(),
+        message_ttl_ms: int("x-message-ttl", "message-ttl"),
+        max_age_secs: age(q.arguments.get("x-max-age"))
+            .into_iter()
+            .chain(age(q.policy.get("max-age")))
+            .min(),
+        delivery_limit: int("x-delivery-limit", "delivery-limit"),
+    }
 }
 
 /// The source topics as the broker describes them.
@@ -79,7 +130,7 @@ pub fn coverage_condition(eff: &Effective, window: Option<(&str, std::time::Dura
             return Cond::unknown(
                 T,
                 Reason::NoSourcesDeclared,
-                "no spec.sources (kafka or nats) and no redeliveryWindow: lockstep cannot check that the retention outlives redelivery",
+                "no spec.sources (kafka, nats or rabbitmq) and no redeliveryWindow: lockstep cannot check that the retention outlives redelivery",
             )
         }
         (None, Some(_)) => coverage::coverage(eff.retention, &eff.text, window, &[]),
@@ -103,6 +154,34 @@ pub fn coverage_condition(eff: &Effective, window: Option<(&str, std::time::Dura
 mod tests {
     use super::*;
     use crate::{operator::controller::fixtures::*, operator::policy::retention::Compliance};
+
+    #[test]
+    fn a_queue_is_bounded_by_the_lower_of_its_argument_and_its_policy() {
+        use serde_json::json;
+        let q = crate::clients::rabbitmq_admin::ObservedQueue {
+            type_: "quorum".into(),
+            durable: true,
+            arguments: [
+                ("x-message-ttl".to_owned(), json!(86_400_000)),
+                ("x-delivery-limit".to_owned(), json!(20)),
+            ]
+            .into(),
+            policy: [("message-ttl".to_owned(), json!(3_600_000))].into(),
+            ..Default::default()
+        };
+        let r = queue_retention("billing", &q);
+        assert_eq!(
+            (r.message_ttl_ms, r.delivery_limit, r.max_age_secs),
+            (Some(3_600_000), Some(20), None)
+        );
+        let s = crate::clients::rabbitmq_admin::ObservedQueue {
+            type_: "stream".into(),
+            arguments: [("x-max-age".to_owned(), json!("7D"))].into(),
+            policy: [("max-age".to_owned(), json!("1D"))].into(),
+            ..Default::default()
+        };
+        assert_eq!(queue_retention("audit", &s).max_age_secs, Some(86_400));
+    }
 
     #[test]
     fn coverage_from_sources() {

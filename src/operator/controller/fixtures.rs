@@ -48,6 +48,7 @@ pub fn inbox(retention: Option<&str>) -> ValidInboxTable {
         redelivery_window: None,
         sources: None,
         nats_source: None,
+        rabbitmq_source: None,
     }
 }
 

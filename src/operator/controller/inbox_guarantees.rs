@@ -12,6 +12,7 @@ use crate::{
 pub enum SourceKind {
     Kafka,
     Nats,
+    Rabbitmq,
 }
 
 /// The consumer's hops, from the effective retention and DedupCovered. Pure.
@@ -44,6 +45,10 @@ pub fn guarantees(retention: &str, covered: &Cond, source: SourceKind) -> Vec<Gu
                 SourceKind::Nats => "at-least-once: JetStream redelivers a message not acknowledged within the consumer's ack_wait, \
                                      up to its max_deliver, while the stream keeps it (max_age); a new consumer from the start replays"
                     .into(),
+                SourceKind::Rabbitmq => "at-least-once: RabbitMQ redelivers a message not acknowledged when its channel closes \
+                                         (a crash, a consumer timeout), up to a quorum queue's x-delivery-limit, until its \
+                                         message TTL; a relay's resend after a lost confirm arrives as a second copy"
+                    .into(),
             },
         ),
         g(
@@ -75,6 +80,8 @@ mod tests {
         let g = guarantees("8d", &yes, SourceKind::Kafka);
         let nats = guarantees("8d", &yes, SourceKind::Nats);
         assert!(nats[0].guarantee.contains("max_deliver") && nats[1] == g[1], "{nats:?}");
+        let rabbit = guarantees("8d", &yes, SourceKind::Rabbitmq);
+        assert!(rabbit[0].guarantee.contains("x-delivery-limit") && rabbit[1] == g[1], "{rabbit:?}");
         assert_eq!(
             g.iter().map(|g| g.hop.as_str()).collect::<Vec<_>>(),
             ["broker -> consumer", "consumer -> database", "consumer -> external APIs"]

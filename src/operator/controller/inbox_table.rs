@@ -157,9 +157,11 @@ async fn reconcile_valid(
     if schema_cond.status == Status::True {
         status.table = Some(valid.table.unquoted());
     }
-    let source = match valid.nats_source {
-        Some(_) if valid.sources.is_none() => super::inbox_guarantees::SourceKind::Nats,
-        _ => super::inbox_guarantees::SourceKind::Kafka,
+    let source = match (&valid.nats_source, &valid.rabbitmq_source) {
+        _ if valid.sources.is_some() => super::inbox_guarantees::SourceKind::Kafka,
+        (Some(_), _) => super::inbox_guarantees::SourceKind::Nats,
+        (None, Some(_)) => super::inbox_guarantees::SourceKind::Rabbitmq,
+        (None, None) => super::inbox_guarantees::SourceKind::Kafka,
     };
     status.guarantees = super::inbox_guarantees::guarantees(&eff.text, &covered, source);
     let mut conditions = verdict(&valid, &eff, schema_cond, &purging, covered);

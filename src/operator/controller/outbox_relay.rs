@@ -128,9 +128,10 @@ async fn reconcile_valid(
     let status = OutboxRelayStatus {
         schema_version: schema_version.or(previous.schema_version),
         topics,
-        guarantees: match &valid.nats {
-            None => guarantees(&leader_only),
-            Some(n) => nats_guarantees(n),
+        guarantees: match (&valid.nats, &valid.rabbitmq) {
+            (_, Some(r)) => super::relay_queues::guarantees(r),
+            (Some(n), None) => nats_guarantees(n),
+            (None, None) => guarantees(&leader_only),
         },
         lag: lag.or_else(|| previous.lag.clone()),
         last_replay,

@@ -91,15 +91,20 @@ impl Unowned {
 }
 
 /// The Secrets the relay pods read, as (uid, resourceVersion) for the pod template's hash: the
-/// database URL Secret (which must hold its key) and the Kafka auth Secret. None when one cannot
-/// be read. Their data is never hashed (see `relay_deployment::secret_hash`).
+/// database URL Secret (which must hold its key) and the broker's auth Secret (Kafka's, NATS's or
+/// RabbitMQ's: a rotation rolls the relay). None when one cannot be read. Their data is never hashed (see `relay_deployment::secret_hash`).
 async fn secret_versions(ctx: &Context, ns: &str, v: &ValidOutboxRelay) -> Option<Vec<(String, String)>> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let version = |s: &Secret| (s.uid().unwrap_or_default(), s.resource_version().unwrap_or_default());
     let db = secrets.get_opt(&v.url_secret.name).await.ok()??;
     db.data.as_ref()?.get(&v.url_secret.key)?;
     let mut versions = vec![version(&db)];
-    if let Some(auth) = &v.auth_secret {
+    let auth = match (&v.nats, &v.rabbitmq) {
+        (_, Some(r)) => r.auth_secret.as_ref(),
+        (Some(n), None) => n.auth_secret.as_ref(),
+        (None, None) => v.auth_secret.as_ref(),
+    };
+    if let Some(auth) = auth {
         versions.push(version(&secrets.get_opt(auth).await.ok()??));
     }
     Some(versions)
@@ -113,7 +118,7 @@ pub async fn apply(ctx: &Context, obj: &OutboxRelay, ns: &str, v: &ValidOutboxRe
         return Err(Cond::no(
             condition::RELAY_AVAILABLE,
             Reason::SecretNotFound,
-            "the relay's Secrets (database URL key, kafka.authSecretRef) cannot be read yet; the Deployment waits for them",
+            "the relay's Secrets (database URL key, the broker's authSecretRef) cannot be read yet; the Deployment waits for them",
         ));
     };
     if let Some(mut c) = super::relay_image::refused(v.image.as_deref(), &ctx.relay_image, &ctx.relay_image_prefixes) {

@@ -23,6 +23,8 @@ pub const DATABASE_URL_FILE: &str = "/etc/lockstep/database/url";
 pub const KAFKA_CONFIG_DIR: &str = "/etc/lockstep/kafka";
 /// Where `spec.nats.authSecretRef` is mounted: its keys as files (`core::nats_settings::SECRET_KEYS`).
 pub const NATS_SECRET_DIR: &str = "/etc/lockstep/nats";
+/// Where `spec.rabbitmq.authSecretRef` is mounted: its keys as files (`core::amqp_settings::SECRET_KEYS`).
+pub const AMQP_SECRET_DIR: &str = "/etc/lockstep/rabbitmq";
 /// The image's nonroot user and group (distroless `nonroot`, `USER 65532:65532` in the Dockerfile).
 const RUN_AS: i64 = 65532;
 /// Owner read only: the kubelet adds group read for `fsGroup`, nobody else reads the Secrets.
@@ -35,6 +37,7 @@ pub const TERMINATION_GRACE_SECONDS: i64 = 60;
 const DATABASE_VOLUME: &str = "database-url";
 const KAFKA_VOLUME: &str = "kafka-auth";
 const NATS_VOLUME: &str = "nats-auth";
+const AMQP_VOLUME: &str = "rabbitmq-auth";
 
 /// `relay` and its flags, in `--flag=value` form so a value starting with '-' stays a value.
 /// Settings the spec has no field for (`--listen`, `--max-batches-in-flight`) keep the relay's defaults.
@@ -44,15 +47,21 @@ pub fn relay_args(v: &ValidOutboxRelay) -> Vec<String> {
         Cleanup::Delete => "delete",
         Cleanup::MarkPublished => "mark-published",
     };
-    let kafka = v.nats.is_none();
+    let kafka = v.nats.is_none() && v.rabbitmq.is_none();
     let mut flags = vec![
         ("schema", v.table.schema.as_str().to_owned()),
         ("table", v.table.table.as_str().to_owned()),
     ];
     // Kafka's flags keep their place: a changed list would roll every Deployment on upgrade.
-    match &v.nats {
-        None => flags.push(("bootstrap-servers", v.bootstrap_servers.clone())),
-        Some(n) => flags.extend([
+    match (&v.nats, &v.rabbitmq) {
+        (_, Some(r)) => flags.extend([
+            ("broker", "rabbitmq".to_owned()),
+            ("amqp-url", r.url.clone()),
+            ("amqp-exchange", r.exchange_name().to_owned()),
+            ("amqp-confirm-timeout", duration::format(r.confirm_timeout)),
+        ]),
+        (None, None) => flags.push(("bootstrap-servers", v.bootstrap_servers.clone())),
+        (Some(n), None) => flags.extend([
             ("broker", "nats".to_owned()),
             ("nats-url", n.servers.join(",")),
             ("nats-ack-timeout", duration::format(n.ack_timeout)),
@@ -98,9 +107,11 @@ fn env(v: &ValidOutboxRelay) -> Vec<EnvVar> {
         value_from: None,
     };
     let mut env = vec![var("DATABASE_URL_FILE", DATABASE_URL_FILE)];
-    match &v.nats {
-        None if v.auth_secret.is_some() => env.push(var("LOCKSTEP_KAFKA_CONFIG_DIR", KAFKA_CONFIG_DIR)),
-        Some(n) if n.auth_secret.is_some() => env.push(var("NATS_SECRET_DIR", NATS_SECRET_DIR)),
+    match (&v.nats, &v.rabbitmq) {
+        (_, Some(r)) if r.auth_secret.is_some() => env.push(var("AMQP_SECRET_DIR", AMQP_SECRET_DIR)),
+        (_, Some(_)) => {}
+        (None, None) if v.auth_secret.is_some() => env.push(var("LOCKSTEP_KAFKA_CONFIG_DIR", KAFKA_CONFIG_DIR)),
+        (Some(n), None) if n.auth_secret.is_some() => env.push(var("NATS_SECRET_DIR", NATS_SECRET_DIR)),
         _ => {}
     }
     env
@@ -131,19 +142,14 @@ fn volumes(v: &ValidOutboxRelay) -> (Vec<Volume>, Vec<VolumeMount>) {
     };
     let mut volumes = vec![secret(DATABASE_VOLUME, &v.url_secret.name, Some(vec![url_item]))];
     let mut mounts = vec![mount(DATABASE_VOLUME, DATABASE_URL_DIR)];
-    match &v.nats {
-        None => {
-            if let Some(auth) = &v.auth_secret {
-                volumes.push(secret(KAFKA_VOLUME, auth, None));
-                mounts.push(mount(KAFKA_VOLUME, KAFKA_CONFIG_DIR));
-            }
-        }
-        Some(n) => {
-            if let Some(auth) = &n.auth_secret {
-                volumes.push(secret(NATS_VOLUME, auth, None));
-                mounts.push(mount(NATS_VOLUME, NATS_SECRET_DIR));
-            }
-        }
+    let (volume, dir, auth) = match (&v.nats, &v.rabbitmq) {
+        (_, Some(r)) => (AMQP_VOLUME, AMQP_SECRET_DIR, r.auth_secret.as_ref()),
+        (Some(n), None) => (NATS_VOLUME, NATS_SECRET_DIR, n.auth_secret.as_ref()),
+        (None, None) => (KAFKA_VOLUME, KAFKA_CONFIG_DIR, v.auth_secret.as_ref()),
+    };
+    if let Some(auth) = auth {
+        volumes.push(secret(volume, auth, None));
+        mounts.push(mount(volume, dir));
     }
     (volumes, mounts)
 }

@@ -276,3 +276,45 @@ fn a_nats_relay_parses_back_with_its_secret_directory() {
     assert!(matches!(&n.auth, crate::core::nats_settings::NatsAuth::UserPassword { user, .. } if user == "relay"));
     assert!(!format!("{n:?}").contains("hunter2"), "no credential in a debug print");
 }
+
+/// A RabbitMQ relay's pod: told the broker, URL (with the vhost), exchange and confirm timeout by
+/// flags, its credentials by the mounted Secret's directory; parsed back as `lockstep relay` does.
+#[test]
+fn a_rabbitmq_relay_parses_back_with_its_secret_directory() {
+    let mut o = outbox_relay_minimal("rabbitmq");
+    o.spec.broker = crate::crd::Broker::Rabbitmq;
+    o.spec.kafka = None;
+    o.spec.rabbitmq = Some(
+        serde_json::from_value(serde_json::json!({
+            "url": "amqps://rabbit:5671", "vhost": "orders", "managementUrl": "https://rabbit:15671",
+            "authSecretRef": {"name": "rabbit-creds"}, "confirmTimeout": "10s", "exchange": {"name": "outbox"}
+        }))
+        .unwrap(),
+    );
+    let v = valid(&o);
+    let c = container(&v, "img");
+    let mounts = c.volume_mounts.clone().unwrap();
+    assert!(mounts.iter().any(|m| m.mount_path == AMQP_SECRET_DIR), "{mounts:?}");
+    let line = command_line(&c);
+    assert!(
+        line.contains(&"--broker=rabbitmq".to_owned()) && !line.iter().any(|a| a.starts_with("--linger-ms")),
+        "{line:?}"
+    );
+    let command = Cli::command().mut_args(|a| a.env(None::<&str>));
+    let matches = command.try_get_matches_from(line).unwrap();
+    let mut args = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap().args;
+    assert_eq!(args.amqp.amqp_secret_dir, Some(PathBuf::from(AMQP_SECRET_DIR)));
+    let dir = scratch("rabbitmq");
+    std::fs::write(dir.join("url"), "postgres://u:p@db/x\n").unwrap();
+    std::fs::write(dir.join("user"), "relay\n").unwrap();
+    std::fs::write(dir.join("password"), "hunter2\n").unwrap();
+    args.outbox.database_url_file = Some(dir.join("url"));
+    args.amqp.amqp_secret_dir = Some(dir.clone());
+    let cfg = args.resolve().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let a = cfg.amqp.expect("a RabbitMQ relay");
+    assert_eq!((a.url.as_str(), a.exchange.as_str()), ("amqps://rabbit:5671/orders", "outbox"));
+    assert_eq!(a.confirm_timeout, Duration::from_secs(10));
+    assert_eq!(a.auth.as_ref().map(|(u, _)| u.as_str()), Some("relay"));
+    assert!(!format!("{a:?}").contains("hunter2"), "no credential in a debug print");
+}

@@ -33,8 +33,12 @@ pub async fn topics(
     previous: &OutboxRelayStatus,
     valid: &ValidOutboxRelay,
 ) -> (Cond, Vec<TopicStatus>, Vec<String>) {
+    if let Some(r) = &valid.rabbitmq {
+        let (c, s) = super::relay_queues::queues(ctx, obj, previous, valid, r).await;
+        return (c, s, vec![]);
+    }
     if let Some(nats) = &valid.nats {
-        let (c, s) = super::relay_streams::streams(ctx, obj, nats).await;
+        let (c, s) = super::relay_streams::streams(ctx, obj, previous, valid, nats).await;
         return (c, s, vec![]);
     }
     let ns = obj.namespace().unwrap_or_default();
@@ -80,7 +84,7 @@ pub fn unknown_topics(names: &[String], held: &BTreeMap<String, String>) -> Vec<
 }
 
 /// The topics as the previous status had them (who manages which stays recorded), not ready.
-fn kept_topics(previous: &OutboxRelayStatus, names: &[String]) -> Vec<TopicStatus> {
+pub fn kept_topics(previous: &OutboxRelayStatus, names: &[String]) -> Vec<TopicStatus> {
     let held = previous
         .topics
         .iter()

@@ -1,4 +1,4 @@
-//! One OutboxRelay manages a topic. The broker cannot record an owner (it refuses topic config
+//! One OutboxRelay manages a topic (or a NATS stream, a RabbitMQ exchange or queue). The broker cannot record an owner (it refuses topic config
 //! keys it does not know) and two OutboxRelays naming one topic usually have different databases,
 //! so no `lockstep_owners` table sees both: the check is against every other OutboxRelay the
 //! operator sees (its watch cache), on the same Kafka cluster (the cluster id the brokers report,
@@ -74,11 +74,11 @@ fn addresses(bootstrap: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// One Kafka cluster: the same reported cluster id when both are known, else an address in common. Pure.
-pub fn same_kafka(a: &str, b: &str, ids: (Option<&str>, Option<&str>)) -> bool {
+/// One broker: the same reported identity when both are known, else an address in common. Pure.
+pub fn same_broker(a: &BTreeSet<String>, b: &BTreeSet<String>, ids: (Option<&str>, Option<&str>)) -> bool {
     match ids {
         (Some(x), Some(y)) => x == y,
-        _ => !addresses(a).is_disjoint(&addresses(b)),
+        _ => !a.is_disjoint(b),
     }
 }
 
@@ -104,9 +104,111 @@ async fn cluster_id(ctx: &Context, ns: &str, bootstrap: &str, secret: Option<&st
     Some(id)
 }
 
-/// For each of `valid`'s topics that other OutboxRelays name on the same Kafka cluster, those
-/// others. Objects being deleted, invalid ones and those that lost their table to another
-/// (they manage no topic) do not count. Err when the cache of OutboxRelays is not filled yet.
+/// NATS identities by server list, as the operator reaches them.
+static NATS_IDS: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
+
+async fn nats_id(ctx: &Context, ns: &str, servers: &[String], secret: Option<&str>) -> Option<String> {
+    let key = servers.join(",");
+    let known = NATS_IDS.lock().ok()?.as_ref().and_then(|m| m.get(&key).cloned());
+    if known.is_some() {
+        return known;
+    }
+    let on = Reporting {
+        type_: condition::TOPICS_READY,
+        status: Status::Unknown,
+    };
+    let settings = super::nats_deps::nats_settings(&ctx.client, ns, servers, secret, on).await.ok()?;
+    let id = crate::clients::nats_admin::NatsAdmin::connect(&settings).await.ok()?.identity();
+    NATS_IDS.lock().ok()?.get_or_insert_with(HashMap::new).insert(key, id.clone());
+    Some(id)
+}
+
+/// Where an OutboxRelay's destinations live: its broker's addresses and credentials.
+#[derive(Clone, Copy)]
+enum Place<'a> {
+    Kafka { bootstrap: &'a str, secret: Option<&'a str> },
+    Nats { servers: &'a [String], secret: Option<&'a str> },
+    Rabbitmq(&'a crate::crd::ValidRabbitmq),
+}
+
+impl<'a> Place<'a> {
+    fn of(v: &'a ValidOutboxRelay) -> Self {
+        if let Some(r) = &v.rabbitmq {
+            return Place::Rabbitmq(r);
+        }
+        match &v.nats {
+            Some(n) => Place::Nats {
+                servers: &n.servers,
+                secret: n.auth_secret.as_deref(),
+            },
+            None => Place::Kafka {
+                bootstrap: &v.bootstrap_servers,
+                secret: v.auth_secret.as_deref(),
+            },
+        }
+    }
+
+    /// The addresses, normalised, for a first comparison.
+    fn addresses(&self) -> BTreeSet<String> {
+        match self {
+            Place::Kafka { bootstrap, .. } => addresses(bootstrap),
+            Place::Nats { servers, .. } => servers
+                .iter()
+                .filter_map(|s| crate::core::nats_settings::server_host_port(s).ok())
+                .map(|a| a.to_ascii_lowercase())
+                .collect(),
+            // Names are per vhost: the same server with another vhost is another place.
+            Place::Rabbitmq(r) => crate::core::amqp_settings::server_host_port(&r.url)
+                .map(|a| format!("{}/{}", a.to_ascii_lowercase(), r.vhost))
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// The broker's own identity (Kafka's cluster id; NATS's cluster name or server id).
+    async fn identity(&self, ctx: &Context, ns: &str) -> Option<String> {
+        match *self {
+            Place::Kafka { bootstrap, secret } => cluster_id(ctx, ns, bootstrap, secret).await,
+            Place::Nats { servers, secret } => nats_id(ctx, ns, servers, secret).await,
+            Place::Rabbitmq(r) => rabbitmq_id(ctx, ns, r).await,
+        }
+    }
+}
+
+/// The names an OutboxRelay manages on its broker: its topics, its NATS streams, or its
+/// RabbitMQ exchange and queues (`exchange/<name>`, `queue/<name>`: the two kinds have a name
+/// space each).
+pub fn destinations(v: &ValidOutboxRelay) -> Vec<String> {
+    if let Some(r) = &v.rabbitmq {
+        let exchange = r.exchange.iter().map(|e| format!("exchange/{}", e.name));
+        return exchange.chain(r.queues.iter().map(|q| format!("queue/{}", q.name))).collect();
+    }
+    match &v.nats {
+        Some(n) => n.streams.iter().map(|s| s.name.clone()).collect(),
+        None => v.topics.iter().map(|t| t.name.clone()).collect(),
+    }
+}
+
+/// A RabbitMQ's cluster name and the vhost, as the management API reports it.
+async fn rabbitmq_id(ctx: &Context, ns: &str, r: &crate::crd::ValidRabbitmq) -> Option<String> {
+    let on = Reporting {
+        type_: condition::TOPICS_READY,
+        status: Status::Unknown,
+    };
+    let m = super::rabbitmq_deps::Management {
+        url: r.management_url.as_deref()?,
+        vhost: &r.vhost,
+        secret: r.auth_secret.as_deref(),
+        field: "rabbitmq.authSecretRef",
+    };
+    let admin = super::rabbitmq_deps::admin(&ctx.client, ns, m, on).await.ok()?;
+    Some(format!("{}/{}", admin.cluster_name().await.ok()?, r.vhost))
+}
+
+/// For each of `valid`'s topics (or streams) that other OutboxRelays name on the same broker,
+/// those others. Objects being deleted, invalid ones, those of another broker kind and those that
+/// lost their table to another (they manage nothing) do not count. Err when the cache of
+/// OutboxRelays is not filled yet.
 pub async fn others(ctx: &Context, obj: &OutboxRelay, valid: &ValidOutboxRelay) -> Result<BTreeMap<String, Vec<Claimant>>, String> {
     let store = &ctx.caches.relays;
     if tokio::time::timeout(Duration::from_secs(2), store.wait_until_ready())
@@ -115,11 +217,11 @@ pub async fn others(ctx: &Context, obj: &OutboxRelay, valid: &ValidOutboxRelay) 
     {
         return Err("the operator's cache of OutboxRelays is not filled yet".into());
     }
-    let mine: BTreeSet<&str> = valid.topics.iter().map(|t| t.name.as_str()).collect();
+    let mine: BTreeSet<String> = destinations(valid).into_iter().collect();
     if mine.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let (ns, uid) = (obj.namespace().unwrap_or_default(), obj.uid());
+    let (ns, uid, here) = (obj.namespace().unwrap_or_default(), obj.uid(), Place::of(valid));
     let mut my_id = None;
     let mut out: BTreeMap<String, Vec<Claimant>> = BTreeMap::new();
     for guard in store.state() {
@@ -128,31 +230,29 @@ pub async fn others(ctx: &Context, obj: &OutboxRelay, valid: &ValidOutboxRelay) 
             .status
             .as_ref()
             .is_some_and(|s| super::ownership::was_conflicted(&s.conditions));
-        let names_one = other.spec.topics.iter().any(|t| mine.contains(t.name.as_str()));
-        if other.uid() == uid || other.metadata.deletion_timestamp.is_some() || conflicted || !names_one {
+        if other.uid() == uid || other.metadata.deletion_timestamp.is_some() || conflicted {
             continue;
         }
         let Ok(v) = other.spec.validate() else { continue };
-        if !same_kafka(&valid.bootstrap_servers, &v.bootstrap_servers, (None, None)) {
-            // No address in common: ask both clusters their ids (rare: the same topic name).
+        let named: Vec<String> = destinations(&v).into_iter().filter(|n| mine.contains(n)).collect();
+        let there = Place::of(&v);
+        if named.is_empty() || std::mem::discriminant(&here) != std::mem::discriminant(&there) {
+            continue;
+        }
+        let (a, b) = (here.addresses(), there.addresses());
+        if !same_broker(&a, &b, (None, None)) {
+            // No address in common: ask both brokers who they are (rare: the same name).
             if my_id.is_none() {
-                my_id = Some(cluster_id(ctx, &ns, &valid.bootstrap_servers, valid.auth_secret.as_deref()).await);
+                my_id = Some(here.identity(ctx, &ns).await);
             }
-            let theirs = cluster_id(
-                ctx,
-                &other.namespace().unwrap_or_default(),
-                &v.bootstrap_servers,
-                v.auth_secret.as_deref(),
-            )
-            .await;
-            let ids = (my_id.clone().flatten(), theirs);
-            if !same_kafka(&valid.bootstrap_servers, &v.bootstrap_servers, (ids.0.as_deref(), ids.1.as_deref())) {
+            let theirs = there.identity(ctx, &other.namespace().unwrap_or_default()).await;
+            if !same_broker(&a, &b, (my_id.clone().flatten().as_deref(), theirs.as_deref())) {
                 continue;
             }
         }
-        for t in v.topics.iter().filter(|t| mine.contains(t.name.as_str())) {
-            let c = Claimant::of(other, other.status.as_ref(), &t.name);
-            out.entry(t.name.clone()).or_default().push(c);
+        for n in named {
+            let c = Claimant::of(other, other.status.as_ref(), &n);
+            out.entry(n).or_default().push(c);
         }
     }
     Ok(out)
@@ -203,11 +303,25 @@ mod tests {
     }
 
     #[test]
-    fn one_kafka_by_cluster_id_else_a_shared_address() {
-        assert!(same_kafka("k1:9092,k2:9092", " K2:9092", (None, None)));
-        assert!(!same_kafka("k1:9092", "k2:9092", (None, Some("c"))));
-        assert!(same_kafka("k1:9092", "alias:9092", (Some("c"), Some("c"))));
-        assert!(!same_kafka("k1:9092", "k1:9092", (Some("c"), Some("d"))));
+    fn one_broker_by_its_identity_else_a_shared_address() {
+        let same = |a: &str, b: &str, ids| same_broker(&addresses(a), &addresses(b), ids);
+        assert!(same("k1:9092,k2:9092", " K2:9092", (None, None)));
+        assert!(!same("k1:9092", "k2:9092", (None, Some("c"))));
+        assert!(same("k1:9092", "alias:9092", (Some("c"), Some("c"))));
+        assert!(!same("k1:9092", "k1:9092", (Some("c"), Some("d"))));
+    }
+
+    #[test]
+    fn nats_servers_compare_by_host_and_port() {
+        let place = |s: &[&str]| {
+            let servers: Vec<String> = s.iter().map(|x| x.to_string()).collect();
+            Place::Nats {
+                servers: &servers,
+                secret: None,
+            }
+            .addresses()
+        };
+        assert_eq!(place(&["nats://N1:4222", "tls://n2"]), addresses("n1:4222,n2:4222"));
     }
 
     #[test]

@@ -92,11 +92,74 @@ impl StreamRetention {
     }
 }
 
+/// A RabbitMQ queue's settings that bound how long its messages can be redelivered (after any
+/// policy: the lower of the argument and the policy's value).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct QueueRetention {
+    pub name: String,
+    /// `quorum`, `classic` or `stream`.
+    pub type_: String,
+    pub message_ttl_ms: Option<i64>,
+    /// A stream's x-max-age, in seconds.
+    pub max_age_secs: Option<u64>,
+    pub delivery_limit: Option<i64>,
+}
+
+impl QueueRetention {
+    /// A queue redelivers an unacknowledged message (and holds a relay's resend) until it expires:
+    /// only a message TTL bounds that in time (a delivery limit bounds the count of deliveries,
+    /// not how long they take). A stream keeps messages for any consumer to re-read until x-max-age.
+    pub fn horizon(&self) -> (Option<i64>, String) {
+        if self.type_ == "stream" {
+            return match self.max_age_secs {
+                Some(s) => (
+                    Some(s as i64 * 1000),
+                    format!(
+                        "stream queue {} x-max-age={}",
+                        self.name,
+                        crate::core::duration::format(StdDuration::from_secs(s))
+                    ),
+                ),
+                None => (
+                    None,
+                    format!(
+                        "stream queue {} has no x-max-age: a consumer can re-read it from the start however old",
+                        self.name
+                    ),
+                ),
+            };
+        }
+        match self.message_ttl_ms {
+            Some(ms) => (
+                Some(ms),
+                format!(
+                    "queue {} x-message-ttl={}",
+                    self.name,
+                    crate::core::duration::format(StdDuration::from_millis(ms as u64))
+                ),
+            ),
+            None => {
+                let limit = self.delivery_limit.map_or(String::new(), |n| {
+                    format!(" (x-delivery-limit={n} bounds the deliveries, not their time)")
+                });
+                (
+                    None,
+                    format!(
+                        "queue {} has no message TTL: it redelivers an unacknowledged message, and holds a resend, without a time bound{limit}",
+                        self.name
+                    ),
+                )
+            }
+        }
+    }
+}
+
 /// A source whose redelivery an inbox must outlive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     Topic(TopicRetention),
     Stream(StreamRetention),
+    Queue(QueueRetention),
 }
 
 impl Source {
@@ -104,6 +167,7 @@ impl Source {
         match self {
             Source::Topic(t) => t.horizon(),
             Source::Stream(s) => s.horizon(),
+            Source::Queue(q) => q.horizon(),
         }
     }
 }
@@ -182,6 +246,34 @@ mod coverage_tests {
         let c = coverage(DAY * 365, "365d", None, &stream(StdDuration::ZERO));
         assert!(!c.covered && c.message.contains("redeliveryWindow"), "{}", c.message);
         assert!(coverage(DAY, "1d", Some(("12h", DAY / 2)), &stream(StdDuration::ZERO)).covered);
+    }
+
+    #[test]
+    fn a_queue_is_covered_only_by_a_message_ttl_and_a_stream_queue_by_its_max_age() {
+        let queue = |type_: &str, ttl: Option<i64>, age: Option<u64>| {
+            [Source::Queue(QueueRetention {
+                name: "billing".into(),
+                type_: type_.into(),
+                message_ttl_ms: ttl,
+                max_age_secs: age,
+                delivery_limit: Some(20),
+            })]
+        };
+        assert!(coverage(DAY, "1d", None, &queue("quorum", Some(86_400_000), None)).covered);
+        let c = coverage(DAY * 365, "365d", None, &queue("quorum", None, None));
+        assert!(
+            !c.covered && c.message.contains("no message TTL") && c.message.contains("x-delivery-limit=20"),
+            "{}",
+            c.message
+        );
+        assert!(c.message.contains("redeliveryWindow"), "{}", c.message);
+        assert!(coverage(DAY, "1d", Some(("12h", DAY / 2)), &queue("quorum", None, None)).covered);
+        let c = coverage(DAY, "1d", None, &queue("stream", None, Some(2 * 86_400)));
+        assert!(
+            !c.covered && c.message.contains("stream queue billing x-max-age=2d"),
+            "{}",
+            c.message
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The operator's pure policies: retention from DedupPolicies, dedup-window coverage, and the
-//! topic and stream plans.
+//! topic, stream and queue plans.
 
 pub mod coverage;
+pub mod queues;
 pub mod retention;
 pub mod streams;
 pub mod topics;

@@ -406,3 +406,78 @@ async fn a_relay_reaches_a_tls_node_with_a_password_from_a_secret_directory_and_
     assert_eq!(got.len(), 10);
     assert!(!relay.log().contains(rabbitmq::PASSWORD), "{}", relay.log());
 }
+
+/// A node under a disk alarm blocks publishing connections (`connection.blocked`): nothing is
+/// confirmed, the relay keeps its rows, says so, and dead-letters nothing; once the alarm clears,
+/// every row is published.
+#[tokio::test]
+async fn a_connection_the_broker_blocks_keeps_its_rows_until_the_alarm_clears() {
+    let r = PrivateRabbit::start_with("disk_free_limit.absolute = 100000GB");
+    let q = common::unique("relay.blocked");
+    rabbitmq::declare(&r.admin_url(), &q).await;
+    let o = Outbox {
+        table: common::outbox::OutboxTable::create("blocked", &common::env("DATABASE_URL")).await,
+        topic: q.clone(),
+        bootstrap: r.admin_url(),
+        url: common::env("DATABASE_URL"),
+        kind: Kind::Rabbitmq,
+        broker_env: vec![
+            ("LOCKSTEP_BROKER", "rabbitmq".into()),
+            ("AMQP_URL", r.url()),
+            ("AMQP_USER", rabbitmq::USER.into()),
+            ("AMQP_PASSWORD_FILE", r.password_file().display().to_string()),
+            ("LOCKSTEP_AMQP_EXCHANGE", rabbitmq::EXCHANGE.into()),
+        ],
+    };
+    o.insert(0, 50, 5).await;
+    let relay = o.relay_with("relay-blocked.log", &o.url, &["--amqp-confirm-timeout", "2s"]);
+    relay.wait_log("broker or network failed", Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(o.remaining().await, 50, "nothing confirmed under the alarm");
+    let log = relay.log();
+    assert!(log.contains("connection.blocked") || log.contains("no publisher confirm"), "{log}");
+
+    r.ctl(&["set_disk_free_limit", "1MB"]);
+    o.wait_drained(Duration::from_secs(60)).await;
+    let dead: i64 = sqlx::query_scalar(&format!("select count(*) from \"{}\".outbox_dead_letter", o.schema))
+        .fetch_one(&o.pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0);
+    let got = rabbitmq::consume(&r.admin_url(), &q, 50, Duration::from_secs(20)).await;
+    let ids: std::collections::HashSet<String> = got.iter().map(Received::id).collect();
+    assert_eq!(ids.len(), 50);
+}
+
+/// A server that accepts connections and never answers (a black hole): the relay tries to
+/// connect once per batch, so a batch's messages fail within one connect timeout, not one each,
+/// and the rows stay for the next try.
+#[tokio::test]
+async fn a_server_that_never_answers_fails_a_batch_within_one_connect_timeout() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("amqp://{}/%2f", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    let o = Outbox {
+        table: common::outbox::OutboxTable::create("amqp-silent", &common::env("DATABASE_URL")).await,
+        topic: "silent.events".into(),
+        bootstrap: url.clone(),
+        url: common::env("DATABASE_URL"),
+        kind: Kind::Rabbitmq,
+        broker_env: vec![("LOCKSTEP_BROKER", "rabbitmq".into()), ("AMQP_URL", url)],
+    };
+    o.insert(0, 50, 50).await;
+    let started = Instant::now();
+    let relay = o.relay("relay-amqp-silent.log", &o.url);
+    relay.wait_log("broker or network failed", Duration::from_secs(30)).await;
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(o.remaining().await, 50);
+    let warned = relay.log().matches("broker or network failed").count();
+    assert!(warned >= 50, "the whole batch failed at once:\n{}", relay.log());
+    held.abort();
+}

@@ -253,6 +253,24 @@ impl PrivateRabbit {
         }
     }
 
+    /// Run `rabbitmqctl` against this node; its output.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new(PathBuf::from(super::env("LOCKSTEP_RABBITMQ_SBIN")).join("rabbitmqctl"))
+            .env("HOME", &self.dir)
+            .env("RABBITMQ_CONF_ENV_FILE", self.dir.join("rabbitmq-env.conf"))
+            .env("ERL_EPMD_PORT", super::env("LOCKSTEP_RABBITMQ_EPMD_PORT"))
+            .args(["-n", &format!("{}@localhost", self.name)])
+            .args(args)
+            .output()
+            .expect("run rabbitmqctl");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Kill the node (SIGKILL: an outage, not a clean stop).
     pub fn stop(&mut self) {
         if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {

@@ -10,6 +10,9 @@
 //!
 //!   scripts/bench amqp   (BENCH_EVENTS, default 100000; BENCH_ROUNDS, default 3;
 //!                         BENCH_INSTR_EVENTS, default 5000 = N2, N1 = N2 / 5, 0 skips;
+//!                         BENCH_KEYS, default 1000: fewer keys, longer per-key chains;
+//!                         BENCH_ANALYZE, default "analyze": what follows each load, e.g.
+//!                         "vacuum analyze" to clear the dead rows of the earlier rounds;
 //!                         BENCH_RELAY_ARGS, more relay flags, e.g. "--batch-size 2000")
 
 #[path = "support/callgrind.rs"]
@@ -54,7 +57,7 @@ const BATCHES_IN_FLIGHT: usize = 16;
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 const INSERT: &str = "insert into {t} (id, aggregatetype, aggregateid, type, payload)
-     select gen_random_uuid(), 'order', 'k-' || (g % 1000), 'created', jsonb_build_object('n', g, 'pad', repeat('x', 230))
+     select gen_random_uuid(), 'order', 'k-' || (g % {keys}), 'created', jsonb_build_object('n', g, 'pad', repeat('x', 230))
      from generate_series($1::bigint, $1::bigint + $2::bigint - 1) g";
 
 fn config(schema: &str, queue: &str) -> RelayConfig {
@@ -92,6 +95,11 @@ async fn channel() -> Channel {
     c.create_channel().await.unwrap()
 }
 
+/// Distinct keys of the events (BENCH_KEYS).
+fn keys() -> u64 {
+    env_or("BENCH_KEYS", "1000").parse().unwrap()
+}
+
 /// The message the relay sends for event `id` of key `key`: persistent, its id, type and
 /// timestamp in properties, the relay's headers as long strings.
 fn properties(id: &str, key: &str) -> BasicProperties {
@@ -121,12 +129,13 @@ async fn publish_alone(queue: &str, n: u64) -> f64 {
         mandatory: true,
         immediate: false,
     };
+    let keys = keys();
     let started = Instant::now();
     let mut batches = VecDeque::new();
     let mut confirms = Vec::with_capacity(BATCH);
     for i in 0..n {
         let id = uuid::Uuid::new_v4().to_string();
-        let key = format!("k-{}", i % 1000);
+        let key = format!("k-{}", i % keys);
         let confirm = ch
             .basic_publish(EXCHANGE.into(), queue.into(), options, &payload, properties(&id, &key))
             .await
@@ -153,15 +162,18 @@ async fn publish_alone(queue: &str, n: u64) -> f64 {
     rate
 }
 
-/// Load `n` events into `table` (quoted) and analyze it, as autovacuum would have.
+/// Load `n` events into `table` (quoted) and analyze it, as autovacuum would have (BENCH_ANALYZE).
 async fn load(pool: &sqlx::PgPool, table: &str, n: u64) {
-    sqlx::query(&INSERT.replace("{t}", table))
+    sqlx::query(&INSERT.replace("{t}", table).replace("{keys}", &keys().to_string()))
         .bind(0i64)
         .bind(n as i64)
         .execute(pool)
         .await
         .unwrap();
-    sqlx::query(&format!("analyze {table}")).execute(pool).await.unwrap();
+    sqlx::query(&format!("{} {table}", env_or("BENCH_ANALYZE", "analyze")))
+        .execute(pool)
+        .await
+        .unwrap();
 }
 
 /// R: the relay draining `n` preloaded events, from its start to the last confirm.
@@ -254,7 +266,10 @@ async fn main() {
         .await
         .unwrap();
     drop(c);
-    println!("RabbitMQ, {n} events per round, payload ~256 B, 1000 keys, persistent, one quorum queue");
+    println!(
+        "RabbitMQ, {n} events per round, payload ~256 B, {} keys, persistent, one quorum queue",
+        keys()
+    );
     let (mut rp, mut rpd, mut rs) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
         let p = publish_alone(&queue, n).await;

@@ -27,10 +27,7 @@ use std::{
     time::Duration,
 };
 
-use futures::{
-    future::{BoxFuture, Shared},
-    FutureExt,
-};
+use futures::{future::BoxFuture, FutureExt};
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
     types::ShortString,
@@ -61,8 +58,8 @@ pub struct AmqpPublisher {
 /// Batch numbers, unique in the process.
 static NEXT_BATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// A key's last message handed over: its batch, and whether it was confirmed.
-type LastOfKey = (u64, Shared<BoxFuture<'static, bool>>);
+/// A key's last message handed over: its batch, and where it will say whether it was stored.
+type LastOfKey = (u64, tokio::sync::oneshot::Receiver<bool>);
 
 struct Inner {
     settings: AmqpSettings,
@@ -123,6 +120,16 @@ impl AmqpPublisher {
     /// The relay gave up the batches in flight (it reads their rows again): no chain is left.
     pub(super) fn forget(&self) {
         self.inner.last.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Make `told` the key's last message (of batch `batch`); the previous one's, if any.
+    fn chain(&self, key: &str, batch: u64, told: tokio::sync::oneshot::Receiver<bool>) -> Option<tokio::sync::oneshot::Receiver<bool>> {
+        let mut last = self.inner.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = last.get_mut(key) {
+            return Some(std::mem::replace(entry, (batch, told)).1);
+        }
+        last.insert(key.to_owned(), (batch, told));
+        None
     }
 
     fn live(&self) -> Option<Conn> {
@@ -265,34 +272,54 @@ impl AmqpBatch<'_> {
                 "Blocked",
             ));
         }
-        let in_flight = inner.in_flight.clone();
-        let previous = {
-            let last = inner.last.lock().unwrap_or_else(|e| e.into_inner());
-            last.get(m.key).map(|(_, f)| f.clone())
-        };
+        // Told whether this message was stored, for the key's next one. Dropped unsent (this
+        // message not handed over, or abandoned), it fails the next one too.
+        let (stored, told) = tokio::sync::oneshot::channel();
+        let previous = self.p.chain(m.key, self.id, told);
+        let counted = Counted::new(&inner.in_flight);
         let publisher = self.p.clone();
-        let ack: BoxFuture<'static, Result<Acked, Refusal>> = match previous {
-            None => publish(publisher, conn, wire).await?.boxed(),
-            Some(previous) => async move {
-                if !previous.await {
-                    return Err(Refusal::behind_failed());
+        Ok(match previous {
+            None => {
+                let pending = publish(publisher, conn, wire).await?;
+                async move {
+                    let _counted = counted;
+                    let r = pending.await;
+                    let _ = stored.send(r.is_ok());
+                    r
                 }
-                publish(publisher, conn, wire).await?.await
+                .boxed()
+            }
+            Some(previous) => async move {
+                let _counted = counted;
+                let r = if previous.await.unwrap_or(false) {
+                    match publish(publisher, conn, wire).await {
+                        Ok(pending) => pending.await,
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    Err(Refusal::behind_failed())
+                };
+                let _ = stored.send(r.is_ok());
+                r
             }
             .boxed(),
-        };
-        in_flight.fetch_add(1, Ordering::Relaxed);
-        let ack = async move {
-            let r = ack.await;
-            in_flight.fetch_sub(1, Ordering::Relaxed);
-            r
-        }
-        .boxed()
-        .shared();
-        let done = ack.clone().map(|r| r.is_ok()).boxed().shared();
-        let mut last = inner.last.lock().unwrap_or_else(|e| e.into_inner());
-        last.insert(m.key.to_owned(), (self.id, done));
-        Ok(ack.boxed())
+        })
+    }
+}
+
+/// One message in flight, counted until its future ends or is dropped.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(n: &Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Counted(n.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

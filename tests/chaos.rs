@@ -2,9 +2,10 @@
 //! with this build of lockstep: orders committed (and some rolled back) with outbox rows, two
 //! relays and two inbox consumers SIGKILLed, the broker paused and restarted, the database
 //! restarted once. The run checks the outcome in the database and exits non-zero on any miss;
-//! here the fault counts are checked too. Through Kafka (tansu) and NATS JetStream; CHAOS_EVENTS
-//! overrides the 100k events through Kafka, CHAOS_NATS_EVENTS the 20k through NATS (its run's
-//! consumers take one message at a time, to keep each key's order across consumer processes).
+//! here the fault counts are checked too. Through Kafka (tansu), NATS JetStream and RabbitMQ;
+//! CHAOS_EVENTS overrides the 100k events through Kafka, CHAOS_NATS_EVENTS and
+//! CHAOS_RABBITMQ_EVENTS the 20k through NATS and RabbitMQ (their runs' consumers take one message
+//! at a time, to keep each key's order across consumer processes).
 
 use std::process::Command;
 
@@ -16,6 +17,14 @@ fn every_committed_order_is_applied_once_through_faults_on_every_hop() {
 #[test]
 fn every_committed_order_is_applied_once_through_faults_on_every_hop_with_nats() {
     chaos("nats", &std::env::var("CHAOS_NATS_EVENTS").unwrap_or_else(|_| "20000".into()));
+}
+
+#[test]
+fn every_committed_order_is_applied_once_through_faults_on_every_hop_with_rabbitmq() {
+    chaos(
+        "rabbitmq",
+        &std::env::var("CHAOS_RABBITMQ_EVENTS").unwrap_or_else(|_| "20000".into()),
+    );
 }
 
 fn chaos(broker: &str, events: &str) {

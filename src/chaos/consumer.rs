@@ -21,7 +21,8 @@ pub struct ConsumeArgs {
     /// PostgreSQL URL of the run's database. Never logged.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
-    /// The broker: kafka, or nats (one JetStream durable consumer the run's consumers share).
+    /// The broker: kafka, nats (one JetStream durable consumer the run's consumers share) or
+    /// rabbitmq (one queue with a single active consumer).
     #[arg(long, value_enum, default_value = "kafka")]
     pub broker: crate::config::BrokerArg,
     /// Kafka bootstrap servers, host:port[,host:port...] (with --broker kafka).
@@ -30,6 +31,10 @@ pub struct ConsumeArgs {
     /// NATS server URL (with --broker nats).
     #[arg(long, env = "NATS_URL", default_value = "")]
     pub nats_url: String,
+    /// RabbitMQ URL without credentials (with --broker rabbitmq; AMQP_USER and
+    /// AMQP_PASSWORD_FILE give them).
+    #[arg(long, env = "AMQP_URL", default_value = "")]
+    pub amqp_url: String,
     /// The run's schema (its orders and inbox tables).
     #[arg(long)]
     pub schema: String,
@@ -76,7 +81,7 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
     match args.broker {
         crate::config::BrokerArg::Kafka => run_kafka(&args, &applier).await,
         crate::config::BrokerArg::Nats => super::nats_consumer::run(&args, &applier).await,
-        crate::config::BrokerArg::Rabbitmq => anyhow::bail!("lockstep chaos-consumer --broker rabbitmq: not there yet"),
+        crate::config::BrokerArg::Rabbitmq => super::amqp_consumer::run(&args, &applier).await,
     }
 }
 

@@ -235,6 +235,8 @@ impl Faults {
         c.env("DATABASE_URL", &self.args.database_url)
             .env("KAFKA_BOOTSTRAP_SERVERS", &self.args.bootstrap_servers)
             .env("NATS_URL", &self.args.nats_url)
+            .env("AMQP_URL", &self.args.amqp_url)
+            .env("LOCKSTEP_AMQP_EXCHANGE", super::amqp_consumer::EXCHANGE)
             .env("LOCKSTEP_BROKER", format!("{:?}", self.args.broker).to_lowercase())
             .env("RUST_LOG", "info,sqlx=warn")
             .stderr(self.log(what)?)

@@ -8,6 +8,7 @@
 //! The broker and database faults are shell commands (`--broker-pause` ...), so the same run
 //! points at a test environment (`scripts/chaos`) or at a user's own servers.
 
+mod amqp_consumer;
 mod consumer;
 mod faults;
 mod nats_consumer;
@@ -27,7 +28,7 @@ pub struct ChaosArgs {
     /// PostgreSQL URL of a database the run may create a schema in (dropped at the end). Never logged.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
-    /// The broker: kafka, or nats (JetStream; the run creates its own stream).
+    /// The broker: kafka, nats (JetStream; the run creates its own stream) or rabbitmq.
     #[arg(long, value_enum, default_value = "kafka")]
     pub broker: crate::config::BrokerArg,
     /// Kafka bootstrap servers, host:port[,host:port...]; the run creates its own topic.
@@ -36,6 +37,10 @@ pub struct ChaosArgs {
     /// NATS server URL, with --broker nats.
     #[arg(long, env = "NATS_URL", default_value = "")]
     pub nats_url: String,
+    /// RabbitMQ URL without credentials, with --broker rabbitmq (AMQP_USER and AMQP_PASSWORD_FILE
+    /// give them); the run declares its own exchange and quorum queue.
+    #[arg(long, env = "AMQP_URL", default_value = "")]
+    pub amqp_url: String,
     /// Events (orders) committed; about a tenth more are written in transactions that roll back.
     #[arg(long, default_value_t = 100_000)]
     pub events: u64,
@@ -199,7 +204,11 @@ async fn prepare(pool: &sqlx::PgPool, args: &ChaosArgs, run: &Run) -> anyhow::Re
             let admin = crate::clients::kafka::Admin::new(&args.bootstrap_servers, &Default::default(), Duration::from_secs(30))?;
             admin.create_topic(&run.topic, args.partitions, 1, &Default::default()).await?;
         }
-        crate::config::BrokerArg::Rabbitmq => anyhow::bail!("lockstep chaos --broker rabbitmq: not there yet"),
+        crate::config::BrokerArg::Rabbitmq => {
+            amqp_consumer::declare(&args.amqp_url, &run.topic).await?;
+            // RabbitMQ 3.10 can lose a queue its node stops a moment after declaring it.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
         crate::config::BrokerArg::Nats => {
             let settings = crate::core::nats_settings::NatsSettings {
                 servers: vec![args.nats_url.clone()],

@@ -8,6 +8,7 @@
 //! message only once the previous one was acknowledged (confirmed).
 
 pub mod amqp;
+pub mod chain;
 pub mod kafka;
 pub mod nats;
 

@@ -17,7 +17,6 @@
 
 use std::{
     borrow::Cow,
-    collections::HashMap,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
@@ -32,7 +31,10 @@ use async_nats::{
 };
 use futures::{future::BoxFuture, FutureExt};
 
-use super::{Acked, Cause, Outgoing, Refusal};
+use super::{
+    chain::{self, Counted, KeyChain},
+    Acked, Cause, Outgoing, Refusal,
+};
 pub use crate::core::nats_settings::{valid_subject, NatsAuth, NatsSettings};
 
 /// Header JetStream deduplicates on.
@@ -46,16 +48,10 @@ pub struct NatsPublisher {
     inner: Arc<Inner>,
 }
 
-/// Batch numbers, unique in the process: a batch of a replaced publisher never names another's.
-static NEXT_BATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-/// A key's last message handed over: its batch, and where it will say whether it was stored.
-type LastOfKey = (u64, tokio::sync::oneshot::Receiver<bool>);
-
 struct Inner {
     settings: NatsSettings,
     /// Each key's last message, until the relay completed its batch.
-    last: Mutex<HashMap<String, LastOfKey>>,
+    chain: KeyChain,
     current: Mutex<Option<Conn>>,
     /// One connect at a time.
     connecting: tokio::sync::Mutex<()>,
@@ -80,7 +76,7 @@ impl NatsPublisher {
         NatsPublisher {
             inner: Arc::new(Inner {
                 settings,
-                last: Mutex::new(HashMap::new()),
+                chain: KeyChain::default(),
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
                 next_server: AtomicUsize::new(0),
@@ -92,34 +88,17 @@ impl NatsPublisher {
     pub(super) fn batch(&self) -> NatsBatch<'_> {
         NatsBatch {
             p: self,
-            id: NEXT_BATCH.fetch_add(1, Ordering::Relaxed),
+            id: chain::next_batch(),
             conn: None,
         }
     }
 
-    /// The relay completed batch `id`: the keys whose last message it held leave the chain.
     pub(super) fn completed<'k>(&self, id: u64, keys: impl IntoIterator<Item = &'k str>) {
-        let mut last = self.inner.last.lock().unwrap_or_else(|e| e.into_inner());
-        for k in keys {
-            if last.get(k).is_some_and(|(b, _)| *b == id) {
-                last.remove(k);
-            }
-        }
+        self.inner.chain.completed(id, keys)
     }
 
-    /// The relay gave up the batches in flight (it reads their rows again): no chain is left.
     pub(super) fn forget(&self) {
-        self.inner.last.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    }
-
-    /// Make `told` the key's last message (of batch `batch`); the previous one's, if any.
-    fn chain(&self, key: &str, batch: u64, told: tokio::sync::oneshot::Receiver<bool>) -> Option<tokio::sync::oneshot::Receiver<bool>> {
-        let mut last = self.inner.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = last.get_mut(key) {
-            return Some(std::mem::replace(entry, (batch, told)).1);
-        }
-        last.insert(key.to_owned(), (batch, told));
-        None
+        self.inner.chain.forget()
     }
 
     fn live(&self) -> Option<Conn> {
@@ -256,10 +235,8 @@ impl NatsBatch<'_> {
             headers(m)?,
             bytes::Bytes::copy_from_slice(m.payload.unwrap_or_default()),
         );
-        // Told whether this message was stored, for the key's next one. Dropped unsent (this
-        // message not handed over, or abandoned), it fails the next one too.
-        let (stored, told) = tokio::sync::oneshot::channel();
-        let previous = self.p.chain(m.key, self.id, told);
+        // `stored` tells the key's next message whether this one was stored.
+        let (stored, previous) = self.p.inner.chain.link(m.key, self.id);
         let counted = Counted::new(&self.p.inner.in_flight);
         Ok(match previous {
             None => {
@@ -276,7 +253,7 @@ impl NatsBatch<'_> {
                 let conn = conn.clone();
                 async move {
                     let _counted = counted;
-                    let r = if previous.await.unwrap_or(false) {
+                    let r = if chain::previous_stored(Some(previous)).await {
                         match publish(&conn, subject, headers, payload).await {
                             Ok(pending) => pending.await,
                             Err(e) => Err(e),
@@ -290,22 +267,6 @@ impl NatsBatch<'_> {
                 .boxed()
             }
         })
-    }
-}
-
-/// One message in flight, counted until its future ends or is dropped.
-struct Counted(Arc<AtomicUsize>);
-
-impl Counted {
-    fn new(n: &Arc<AtomicUsize>) -> Self {
-        n.fetch_add(1, Ordering::Relaxed);
-        Counted(n.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -19,7 +19,6 @@
 //!   channel closed on it (the limit is then learnt from the server's words), is `Poison`.
 
 use std::{
-    collections::HashMap,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
@@ -38,7 +37,10 @@ mod message;
 
 use message::{refusal, returned, wire, Wire};
 
-use super::{Acked, Cause, Outgoing, Refusal};
+use super::{
+    chain::{self, Counted, KeyChain},
+    Acked, Cause, Outgoing, Refusal,
+};
 use crate::core::amqp_settings::server_host_port;
 pub use crate::core::amqp_settings::AmqpSettings;
 
@@ -55,16 +57,10 @@ pub struct AmqpPublisher {
     inner: Arc<Inner>,
 }
 
-/// Batch numbers, unique in the process.
-static NEXT_BATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-/// A key's last message handed over: its batch, and where it will say whether it was stored.
-type LastOfKey = (u64, tokio::sync::oneshot::Receiver<bool>);
-
 struct Inner {
     settings: AmqpSettings,
     /// Each key's last message, until the relay completed its batch.
-    last: Mutex<HashMap<String, LastOfKey>>,
+    chain: KeyChain,
     current: Mutex<Option<Conn>>,
     /// One connect at a time.
     connecting: tokio::sync::Mutex<()>,
@@ -90,7 +86,7 @@ impl AmqpPublisher {
         AmqpPublisher {
             inner: Arc::new(Inner {
                 settings,
-                last: Mutex::new(HashMap::new()),
+                chain: KeyChain::default(),
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
                 in_flight: Arc::new(AtomicUsize::new(0)),
@@ -102,34 +98,19 @@ impl AmqpPublisher {
     pub(super) fn batch(&self) -> AmqpBatch<'_> {
         AmqpBatch {
             p: self,
-            id: NEXT_BATCH.fetch_add(1, Ordering::Relaxed),
+            id: chain::next_batch(),
             conn: None,
         }
     }
 
     /// The relay completed batch `id`: the keys whose last message it held leave the chain.
     pub(super) fn completed<'k>(&self, id: u64, keys: impl IntoIterator<Item = &'k str>) {
-        let mut last = self.inner.last.lock().unwrap_or_else(|e| e.into_inner());
-        for k in keys {
-            if last.get(k).is_some_and(|(b, _)| *b == id) {
-                last.remove(k);
-            }
-        }
+        self.inner.chain.completed(id, keys)
     }
 
     /// The relay gave up the batches in flight (it reads their rows again): no chain is left.
     pub(super) fn forget(&self) {
-        self.inner.last.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    }
-
-    /// Make `told` the key's last message (of batch `batch`); the previous one's, if any.
-    fn chain(&self, key: &str, batch: u64, told: tokio::sync::oneshot::Receiver<bool>) -> Option<tokio::sync::oneshot::Receiver<bool>> {
-        let mut last = self.inner.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = last.get_mut(key) {
-            return Some(std::mem::replace(entry, (batch, told)).1);
-        }
-        last.insert(key.to_owned(), (batch, told));
-        None
+        self.inner.chain.forget()
     }
 
     fn live(&self) -> Option<Conn> {
@@ -274,8 +255,7 @@ impl AmqpBatch<'_> {
         }
         // Told whether this message was stored, for the key's next one. Dropped unsent (this
         // message not handed over, or abandoned), it fails the next one too.
-        let (stored, told) = tokio::sync::oneshot::channel();
-        let previous = self.p.chain(m.key, self.id, told);
+        let (stored, previous) = inner.chain.link(m.key, self.id);
         let counted = Counted::new(&inner.in_flight);
         let publisher = self.p.clone();
         Ok(match previous {
@@ -291,7 +271,7 @@ impl AmqpBatch<'_> {
             }
             Some(previous) => async move {
                 let _counted = counted;
-                let r = if previous.await.unwrap_or(false) {
+                let r = if chain::previous_stored(Some(previous)).await {
                     match publish(publisher, conn, wire).await {
                         Ok(pending) => pending.await,
                         Err(e) => Err(e),
@@ -304,22 +284,6 @@ impl AmqpBatch<'_> {
             }
             .boxed(),
         })
-    }
-}
-
-/// One message in flight, counted until its future ends or is dropped.
-struct Counted(Arc<AtomicUsize>);
-
-impl Counted {
-    fn new(n: &Arc<AtomicUsize>) -> Self {
-        n.fetch_add(1, Ordering::Relaxed);
-        Counted(n.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

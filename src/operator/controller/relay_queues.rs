@@ -36,16 +36,9 @@ pub async fn queues(
         );
         return (c, vec![]);
     };
-    let held = match topic_owners::others(ctx, obj, valid).await {
-        Ok(others) => topic_owners::held_elsewhere(obj, previous, &others),
-        Err(m) => {
-            let c = Cond::unknown(
-                condition::TOPICS_READY,
-                Reason::TopicOperationFailed,
-                format!("{m}: cannot tell which exchanges and queues are this object's"),
-            );
-            return (c, relay_topics::kept_topics(previous, &names));
-        }
+    let held = match relay_topics::held(ctx, obj, previous, valid, "exchanges and queues", &names).await {
+        Ok(h) => h,
+        Err(e) => return e,
     };
     let on = Reporting {
         type_: condition::TOPICS_READY,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use kube::ResourceExt;
 
-use super::{deps::Reporting, nats_deps, relay_topics, topic_owners, Context};
+use super::{deps::Reporting, nats_deps, relay_topics, Context};
 use crate::{
     clients::nats_admin::ObservedStream,
     crd::{DesiredStream, OutboxRelay, OutboxRelayStatus, TopicStatus, ValidNats, ValidOutboxRelay},
@@ -25,16 +25,9 @@ pub async fn streams(
 ) -> (Cond, Vec<TopicStatus>) {
     let ns = obj.namespace().unwrap_or_default();
     let names: Vec<String> = nats.streams.iter().map(|s| s.name.clone()).collect();
-    let held = match topic_owners::others(ctx, obj, valid).await {
-        Ok(others) => topic_owners::held_elsewhere(obj, previous, &others),
-        Err(m) => {
-            let c = Cond::unknown(
-                condition::TOPICS_READY,
-                Reason::TopicOperationFailed,
-                format!("{m}: cannot tell which streams are this object's"),
-            );
-            return (c, relay_topics::kept_topics(previous, &names));
-        }
+    let held = match relay_topics::held(ctx, obj, previous, valid, "streams", &names).await {
+        Ok(h) => h,
+        Err(e) => return e,
     };
     let managed: Vec<DesiredStream> = nats.streams.iter().filter(|s| !held.contains_key(&s.name)).cloned().collect();
     let managed_names: Vec<String> = managed.iter().map(|s| s.name.clone()).collect();

@@ -43,16 +43,9 @@ pub async fn topics(
     }
     let ns = obj.namespace().unwrap_or_default();
     let names: Vec<String> = valid.topics.iter().map(|t| t.name.clone()).collect();
-    let held = match topic_owners::others(ctx, obj, valid).await {
-        Ok(others) => topic_owners::held_elsewhere(obj, previous, &others),
-        Err(m) => {
-            let c = Cond::unknown(
-                condition::TOPICS_READY,
-                Reason::TopicOperationFailed,
-                format!("{m}: cannot tell which topics are this object's"),
-            );
-            return (c, kept_topics(previous, &names), vec![]);
-        }
+    let held = match held(ctx, obj, previous, valid, "topics", &names).await {
+        Ok(h) => h,
+        Err((c, s)) => return (c, s, vec![]),
     };
     let managed: Vec<Desired> = valid.topics.iter().filter(|t| !held.contains_key(&t.name)).cloned().collect();
     let managed_names: Vec<String> = managed.iter().map(|t| t.name.clone()).collect();
@@ -69,6 +62,29 @@ pub async fn topics(
     let failed = apply(&admin, &p).await;
     let (cond, status) = topics_verdict(&valid.topics, &observed, &p, &failed, &held);
     (cond, status, p.leader_only_acks)
+}
+
+/// The destinations (`names`, called `what`) of `valid` another OutboxRelay manages, with its
+/// description; or, while that cannot be told, TopicsReady Unknown and the previous status's.
+pub async fn held(
+    ctx: &Context,
+    obj: &OutboxRelay,
+    previous: &OutboxRelayStatus,
+    valid: &ValidOutboxRelay,
+    what: &str,
+    names: &[String],
+) -> Result<BTreeMap<String, String>, (Cond, Vec<TopicStatus>)> {
+    match topic_owners::others(ctx, obj, valid).await {
+        Ok(others) => Ok(topic_owners::held_elsewhere(obj, previous, &others)),
+        Err(m) => {
+            let c = Cond::unknown(
+                condition::TOPICS_READY,
+                Reason::TopicOperationFailed,
+                format!("{m}: cannot tell which {what} are this object's"),
+            );
+            Err((c, kept_topics(previous, names)))
+        }
+    }
 }
 
 /// Each topic, not known to be ready, with the holder of those another object manages.

@@ -28,6 +28,18 @@ pub fn shared_url() -> String {
     with_credentials(&super::env("AMQP_URL"), &super::env("AMQP_USER"), password.trim())
 }
 
+/// The test environment's node, over its management API.
+pub fn admin() -> lockstep::clients::rabbitmq_admin::RabbitAdmin {
+    let password = std::fs::read_to_string(super::env("AMQP_PASSWORD_FILE")).unwrap();
+    lockstep::clients::rabbitmq_admin::RabbitAdmin::new(&lockstep::clients::rabbitmq_admin::ManagementSettings {
+        url: super::env("RABBITMQ_MANAGEMENT_URL"),
+        vhost: "/".into(),
+        auth: Some((super::env("AMQP_USER"), lockstep::core::redacted::Redacted::new(password.trim()))),
+        tls_ca: None,
+    })
+    .unwrap()
+}
+
 pub fn with_credentials(url: &str, user: &str, password: &str) -> String {
     url.replacen("amqp://", &format!("amqp://{user}:{password}@"), 1)
 }

@@ -44,6 +44,14 @@ pub struct ObservedQueue {
     pub unacked: u64,
 }
 
+/// The server, as the management API describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Overview {
+    pub version: String,
+    pub erlang: String,
+    pub cluster: String,
+}
+
 /// An exchange as the server reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObservedExchange {
@@ -84,8 +92,39 @@ impl RabbitAdmin {
 
     /// `GET /api/overview`'s cluster name: who this server is, for telling two addresses apart.
     pub async fn cluster_name(&self) -> Result<String, String> {
+        Ok(self.overview().await?.cluster)
+    }
+
+    /// What `GET /api/overview` says of the server.
+    pub async fn overview(&self) -> Result<Overview, String> {
         let v = self.call(Method::GET, "/api/overview".into(), None).await?.unwrap_or_default();
-        Ok(v["cluster_name"].as_str().unwrap_or_default().to_owned())
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+        Ok(Overview {
+            version: s("rabbitmq_version"),
+            erlang: s("erlang_version"),
+            cluster: s("cluster_name"),
+        })
+    }
+
+    /// The resource alarms in effect (`GET /api/health/checks/alarms`), as "memory on rabbit@a";
+    /// empty when none is. While one is, the server blocks every publishing connection.
+    pub async fn alarms(&self) -> Result<Vec<String>, String> {
+        let path = "/api/health/checks/alarms".to_owned();
+        let what = format!("GET {}{path}", self.base);
+        let (status, v, _) = self.request(Method::GET, path, None).await?;
+        match status {
+            s if s.is_success() => Ok(vec![]),
+            StatusCode::SERVICE_UNAVAILABLE => Ok(v["alarms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| {
+                    let f = |k: &str| a[k].as_str().unwrap_or("?").to_owned();
+                    format!("{} on {}", f("resource"), f("node"))
+                })
+                .collect()),
+            s => Err(format!("{what}: {s}: {}", v["reason"].as_str().unwrap_or_default())),
+        }
     }
 
     pub async fn exchange(&self, name: &str) -> Result<Option<ObservedExchange>, String> {
@@ -162,6 +201,27 @@ impl RabbitAdmin {
     /// reason otherwise.
     async fn call(&self, method: Method, path: String, body: Option<Value>) -> Result<Option<Value>, String> {
         let what = format!("{method} {}{path}", self.base);
+        let (status, v, bytes) = self.request(method, path, body).await?;
+        match status {
+            s if s.is_success() => Ok(Some(v)),
+            StatusCode::NOT_FOUND => Ok(None),
+            s => {
+                let reason = v["reason"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+                let hint = match s {
+                    StatusCode::UNAUTHORIZED => " (the user, password, or the user's `management` tag)",
+                    _ => "",
+                };
+                Err(format!("{what}: {s}{hint}: {}", reason.trim()))
+            }
+        }
+    }
+
+    /// One request: the status and the body (as JSON, Null when it is not).
+    async fn request(&self, method: Method, path: String, body: Option<Value>) -> Result<(StatusCode, Value, Bytes), String> {
+        let what = format!("{method} {}{path}", self.base);
         let mut req = Request::builder().method(method).uri(format!("{}{path}", self.base));
         if let Some(a) = &self.authorization {
             req = req.header("authorization", a);
@@ -178,21 +238,7 @@ impl RabbitAdmin {
         let status = resp.status();
         let bytes = resp.into_body().collect().await.map_err(|e| format!("{what}: {e}"))?.to_bytes();
         let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        match status {
-            s if s.is_success() => Ok(Some(v)),
-            StatusCode::NOT_FOUND => Ok(None),
-            s => {
-                let reason = v["reason"]
-                    .as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-                let hint = match s {
-                    StatusCode::UNAUTHORIZED => " (the user, password, or the user's `management` tag)",
-                    _ => "",
-                };
-                Err(format!("{what}: {s}{hint}: {}", reason.trim()))
-            }
-        }
+        Ok((status, v, bytes))
     }
 }
 

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 
 use super::database::{Target, TargetKind};
 use crate::{
-    config::{BrokerArg, KafkaArgs, NatsArgs, OutboxArgs},
+    config::{AmqpArgs, BrokerArg, KafkaArgs, NatsArgs, OutboxArgs},
     core::redacted::Redacted,
     core::sql::{Ident, QualifiedName},
 };
@@ -51,6 +51,16 @@ pub struct DoctorArgs {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub nats: NatsArgs,
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+    /// A RabbitMQ queue lockstep declares or reads (repeatable): an OutboxRelay's
+    /// spec.rabbitmq.queues[].name, or an InboxTable's spec.sources.rabbitmq.queues.
+    #[arg(long = "queue", value_name = "QUEUE")]
+    pub queues: Vec<String>,
+    /// The RabbitMQ management API (spec.rabbitmq.managementUrl), reached with the AMQP user and
+    /// password: the server's version, its resource alarms, and each queue's settings.
+    #[arg(long, env = "RABBITMQ_MANAGEMENT_URL")]
+    pub rabbitmq_management_url: Option<String>,
     /// A NATS stream lockstep declares or reads (repeatable): an OutboxRelay's
     /// spec.nats.streams[].name, or an InboxTable's spec.sources.nats.streams.
     #[arg(long = "stream", value_name = "STREAM")]
@@ -88,6 +98,8 @@ pub struct Resolved {
     pub broker: Option<BrokerTarget>,
     /// With `--broker nats`, in place of `broker`.
     pub nats: Option<super::nats::NatsTarget>,
+    /// With `--broker rabbitmq`, in place of `broker`.
+    pub rabbitmq: Option<super::rabbitmq::RabbitTarget>,
 }
 
 #[derive(Debug, Clone)]
@@ -131,6 +143,7 @@ impl DoctorArgs {
             dead_letter,
             manage: self.manage_schema,
         };
+        let rabbitmq = self.rabbitmq(kind)?;
         let (broker, nats) = self.brokers(kind)?;
         Ok(Resolved {
             database: DatabaseTarget {
@@ -140,7 +153,37 @@ impl DoctorArgs {
             },
             broker,
             nats,
+            rabbitmq,
         })
+    }
+
+    /// The RabbitMQ target, with `--broker rabbitmq`.
+    fn rabbitmq(&self, kind: TargetKind) -> Result<Option<super::rabbitmq::RabbitTarget>, String> {
+        if self.broker != BrokerArg::Rabbitmq {
+            return Ok(None);
+        }
+        let amqp = self.amqp.settings().map_err(|e| e.to_string())?;
+        let management = match self.rabbitmq_management_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            None => None,
+            Some(url) => {
+                let tls_ca = match &amqp.tls_ca {
+                    Some(f) => Some(std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?),
+                    None => None,
+                };
+                Some(crate::clients::rabbitmq_admin::ManagementSettings {
+                    url: url.to_owned(),
+                    vhost: crate::clients::amqp_probe::vhost_of(&amqp.url)?,
+                    auth: amqp.auth.clone(),
+                    tls_ca,
+                })
+            }
+        };
+        Ok(Some(super::rabbitmq::RabbitTarget {
+            amqp,
+            management,
+            queues: self.queues.clone(),
+            kind,
+        }))
     }
 
     /// The Kafka or NATS target the flags name (Kafka: none without bootstrap servers).
@@ -156,7 +199,7 @@ impl DoctorArgs {
             return Ok((None, Some(nats)));
         }
         if self.broker == BrokerArg::Rabbitmq {
-            return Ok((None, None));
+            return Ok((None, None)); // self.rabbitmq
         }
         let Some(bootstrap) = self.kafka.bootstrap_servers.as_deref().map(str::trim).filter(|s| !s.is_empty()) else {
             return Ok((None, None));

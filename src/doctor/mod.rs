@@ -1,5 +1,5 @@
 //! `lockstep doctor`: check, before anything is created, that a database and a Kafka cluster (or
-//! NATS JetStream, `--broker nats`) can
+//! NATS JetStream, `--broker nats`, or RabbitMQ, `--broker rabbitmq`) can
 //! carry an OutboxRelay or an InboxTable with the settings it would use. Each check gathers facts
 //! (thin I/O, `database`, `broker`) and a pure function turns them into a verdict
 //! (`privileges`, `verdicts`), so the verdicts are unit tested and the operator reports the same
@@ -14,6 +14,7 @@ pub mod broker_verdicts;
 pub mod database;
 pub mod nats;
 pub mod privileges;
+pub mod rabbitmq;
 pub mod verdicts;
 
 use std::fmt::Write as _;
@@ -92,6 +93,16 @@ impl Report {
     }
 }
 
+/// The verdict and detail of the check named `name`, for the verdicts' unit tests.
+#[cfg(test)]
+pub(crate) fn verdict_of(checks: &[Check], name: &str) -> (Verdict, String) {
+    let c = checks
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no check {name}: {checks:?}"));
+    (c.verdict, c.detail.clone())
+}
+
 /// 0 when nothing failed (warnings allowed), 1 when a check failed.
 pub fn exit_code(report: &Report) -> u8 {
     if report.first_failure().is_some() {
@@ -140,14 +151,10 @@ pub async fn run(args: &DoctorArgs) -> u8 {
     };
     let mut report = Report::default();
     report.extend(database::checks(&resolved.database).await);
-    match (&resolved.nats, args.broker) {
+    match (&resolved.nats, &resolved.rabbitmq) {
         (Some(n), _) => report.extend(nats::checks(n).await),
-        (None, crate::config::BrokerArg::Rabbitmq) => report.extend([Check::warn(
-            "broker",
-            "not checked: doctor does not check RabbitMQ yet",
-            "the operator reports the exchange and queues in TopicsReady once the object exists",
-        )]),
-        (None, _) => report.extend(broker::checks(resolved.broker.as_ref()).await),
+        (_, Some(r)) => report.extend(rabbitmq::checks(r).await),
+        (None, None) => report.extend(broker::checks(resolved.broker.as_ref()).await),
     }
     match args.output {
         args::Output::Text => print!("{}", render_text(&report)),

@@ -191,6 +191,7 @@ fn stream_check(name: &str, r: &Result<Option<ObservedStream>, String>, kind: Ta
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::doctor::verdict_of;
 
     fn target(kind: TargetKind) -> NatsTarget {
         NatsTarget {
@@ -213,14 +214,6 @@ mod tests {
             streams: vec![("orders".into(), stream)],
             consumers: vec![],
         }
-    }
-
-    fn verdict_of(checks: &[Check], name: &str) -> (super::super::Verdict, String) {
-        let c = checks
-            .iter()
-            .find(|c| c.name == name)
-            .unwrap_or_else(|| panic!("no check {name}: {checks:?}"));
-        (c.verdict, c.detail.clone())
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::process::Command;
 
 /// The doctor's exit code, stdout and stderr. The test environment's DATABASE_URL and
-/// KAFKA_BOOTSTRAP_SERVERS (and NATS_URL) are not passed on: each test names what it checks.
+/// KAFKA_BOOTSTRAP_SERVERS (and the NATS and RabbitMQ settings) are not passed on: each test names what it checks.
 pub fn doctor(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_lockstep"))
         .arg("doctor")
@@ -12,6 +12,10 @@ pub fn doctor(args: &[&str]) -> (i32, String, String) {
         .env_remove("KAFKA_BOOTSTRAP_SERVERS")
         .env_remove("LOCKSTEP_MANAGE_SCHEMA")
         .env_remove("NATS_URL")
+        .env_remove("AMQP_URL")
+        .env_remove("AMQP_USER")
+        .env_remove("AMQP_PASSWORD_FILE")
+        .env_remove("RABBITMQ_MANAGEMENT_URL")
         .output()
         .expect("run lockstep doctor");
     let (stdout, stderr) = (

@@ -84,6 +84,41 @@ pub fn make_certs(dir: &Path, ca_name: &str) {
     );
 }
 
+/// A client certificate (`client.pem`, PKCS#8 `client.key`) for `cn`, signed by the CA of
+/// [`make_certs`] in `dir`.
+pub fn make_client_cert(dir: &Path, cn: &str) {
+    let subj = format!("/CN={cn}");
+    let req = [
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        &subj,
+    ];
+    run(dir, "openssl", &req);
+    let sign = [
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.pem",
+        "-days",
+        "2",
+    ];
+    run(dir, "openssl", &sign);
+}
+
 pub struct TlsBroker {
     /// Where clients connect (the proxy) and what the broker advertises.
     pub tls_port: u16,

@@ -169,12 +169,34 @@ fn close(c: Conn) {
     });
 }
 
-/// Open a connection and a channel in confirm mode. Errors never hold the password: the URL
-/// given has none, and lapin's messages name the user at most.
+/// Open a connection and a channel in confirm mode.
 async fn connect(s: &AmqpSettings) -> Result<Conn, Refusal> {
+    let failed = |m: String| Refusal::new(Cause::Transport, m, "Connect");
+    let connection = open(s).await.map_err(failed)?;
+    let channel = async {
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok::<_, lapin::Error>(channel)
+    };
     let host = server_host_port(&s.url).unwrap_or_default();
-    let failed =
-        |what: &str, e: &dyn std::fmt::Display| Refusal::new(Cause::Transport, format!("cannot {what} RabbitMQ at {host}: {e}"), "Connect");
+    match tokio::time::timeout(CONNECT_TIMEOUT, channel).await {
+        Ok(Ok(channel)) => Ok(Conn {
+            connection: Arc::new(connection),
+            channel,
+        }),
+        Ok(Err(e)) => Err(failed(format!("cannot open a channel on RabbitMQ at {host}: {e}"))),
+        Err(_) => Err(failed(format!(
+            "cannot open a channel on RabbitMQ at {host}: no answer within {CONNECT_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// A connection as the relay opens it: credentials, TLS, heartbeat, name, within
+/// `CONNECT_TIMEOUT`. Errors never hold the password: the URL given has none, and lapin's
+/// messages name the user at most.
+pub async fn open(s: &AmqpSettings) -> Result<Connection, String> {
+    let host = server_host_port(&s.url).unwrap_or_default();
+    let failed = |what: &str, e: &dyn std::fmt::Display| format!("cannot {what} RabbitMQ at {host}: {e}");
     let mut uri: lapin::uri::AMQPUri = s.url.parse().map_err(|e: String| failed("parse the URL of", &e))?;
     if let Some((user, password)) = &s.auth {
         uri.authority.userinfo = lapin::uri::AMQPUserInfo {
@@ -190,16 +212,8 @@ async fn connect(s: &AmqpSettings) -> Result<Conn, Refusal> {
         props = props.with_connection_name(name.clone().into());
     }
     let runtime = lapin::runtime::default_runtime().map_err(|e| failed("reach", &e))?;
-    let open = async {
-        let connection = Connection::connect_uri_with_config(uri, props, tls, runtime).await?;
-        let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok::<_, lapin::Error>(Conn {
-            connection: Arc::new(connection),
-            channel,
-        })
-    };
-    match tokio::time::timeout(CONNECT_TIMEOUT, open).await {
+    let connect = Connection::connect_uri_with_config(uri, props, tls, runtime);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Ok(r) => r.map_err(|e| failed("connect to", &e)),
         Err(_) => Err(failed("connect to", &format!("no answer within {CONNECT_TIMEOUT:?}"))),
     }

@@ -40,8 +40,20 @@ pub struct ObservedQueue {
     pub arguments: BTreeMap<String, Value>,
     /// The effective policy's definition (`message-ttl`, `delivery-limit`, ...), if a policy applies.
     pub policy: BTreeMap<String, Value>,
+    /// The name of the policy that applies, if one does.
+    pub policy_name: Option<String>,
     pub ready: u64,
     pub unacked: u64,
+}
+
+/// A policy as the server has it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ObservedPolicy {
+    pub pattern: String,
+    pub priority: i64,
+    /// `queues`, `exchanges` or `all`.
+    pub apply_to: String,
+    pub definition: BTreeMap<String, Value>,
 }
 
 /// The server, as the management API describes it.
@@ -147,9 +159,30 @@ impl RabbitAdmin {
             durable: v["durable"].as_bool().unwrap_or(false),
             arguments: map(&v["arguments"]),
             policy: map(&v["effective_policy_definition"]),
+            policy_name: v["policy"].as_str().filter(|p| !p.is_empty()).map(str::to_owned),
             ready: v["messages_ready"].as_u64().unwrap_or(0),
             unacked: v["messages_unacknowledged"].as_u64().unwrap_or(0),
         }))
+    }
+
+    pub async fn policy(&self, name: &str) -> Result<Option<ObservedPolicy>, String> {
+        let path = format!("/api/policies/{}/{}", self.vhost, url_encode(name));
+        Ok(self.call(Method::GET, path, None).await?.map(|v| ObservedPolicy {
+            pattern: v["pattern"].as_str().unwrap_or_default().to_owned(),
+            priority: v["priority"].as_i64().unwrap_or(0),
+            apply_to: v["apply-to"].as_str().unwrap_or_default().to_owned(),
+            definition: v["definition"]
+                .as_object()
+                .map(|o| o.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default(),
+        }))
+    }
+
+    /// Create or replace a policy applied to queues.
+    pub async fn set_policy(&self, name: &str, pattern: &str, priority: i64, definition: &BTreeMap<String, Value>) -> Result<(), String> {
+        let path = format!("/api/policies/{}/{}", self.vhost, url_encode(name));
+        let body = json!({"pattern": pattern, "priority": priority, "apply-to": "queues", "definition": definition});
+        self.call(Method::PUT, path, Some(body)).await.map(drop)
     }
 
     /// The routing keys binding `queue` to `exchange`.
@@ -191,7 +224,8 @@ impl RabbitAdmin {
         self.call(Method::DELETE, path, None).await.map(drop)
     }
 
-    /// Delete a queue (with its messages) or an exchange; absent already is done.
+    /// Delete a queue (with its messages), an exchange or a policy (`kind`: `queues`,
+    /// `exchanges`, `policies`); absent already is done.
     pub async fn delete(&self, kind: &str, name: &str) -> Result<(), String> {
         let path = format!("/api/{kind}/{}/{}", self.vhost, url_encode(name));
         self.call(Method::DELETE, path, None).await.map(drop)

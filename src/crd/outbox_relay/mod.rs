@@ -4,6 +4,7 @@
 
 mod nats;
 mod rabbitmq;
+mod rabbitmq_queue;
 mod relays;
 mod validate;
 
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub use nats::{Broker, DesiredStream, Discard, NatsSpec, StreamSpec, StreamStorage, ValidNats, STREAM_SETTINGS};
 pub use rabbitmq::*;
+pub use rabbitmq_queue::*;
 pub use relays::RelayShare;
 pub(crate) use validate::valid_host_port;
 pub use validate::{ValidOutboxRelay, ValidProducer, MAX_BUCKETS};

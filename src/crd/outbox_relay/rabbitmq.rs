@@ -1,15 +1,12 @@
 //! `spec.broker: Rabbitmq`: the RabbitMQ server an OutboxRelay publishes to, the Secret with its
 //! credentials, and the exchange, queues and bindings lockstep declares and keeps as specified.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::Duration as StdDuration,
-};
+use std::{collections::BTreeSet, time::Duration as StdDuration};
 
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
+use super::rabbitmq_queue::{DesiredQueue, QueueSpec};
 use crate::{
     core::{amqp_settings, duration::Duration, validation::Problems},
     crd::common::{validate_object_name, SecretRef},
@@ -94,105 +91,12 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
-pub enum QueueType {
-    /// Replicated (Raft), durable, with a delivery limit: RabbitMQ's queue for data safety.
-    #[default]
-    Quorum,
-    /// An append-only log consumers read by offset (kept by maxAge, not by acknowledgement).
-    Stream,
-    /// The classic queue (not replicated).
-    Classic,
-}
-
-impl QueueType {
-    /// As `x-queue-type` has it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueType::Quorum => "quorum",
-            QueueType::Stream => "stream",
-            QueueType::Classic => "classic",
-        }
-    }
-}
-
-/// The queue settings another tool (a policy) may own (`ignore`), with their arguments.
-pub const QUEUE_SETTINGS: [(&str, &str); 5] = [
-    ("messageTtl", "x-message-ttl"),
-    ("deliveryLimit", "x-delivery-limit"),
-    ("deadLetterExchange", "x-dead-letter-exchange"),
-    ("maxLength", "x-max-length"),
-    ("maxAge", "x-max-age"),
-];
-
-#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.deliveryLimit) || self.type == 'Quorum'").message("deliveryLimit needs a Quorum queue"))]
-#[x_kube(validation = Rule::new("!has(self.maxAge) || self.type == 'Stream'").message("maxAge is a Stream's; queues expire messages with messageTtl"))]
-#[x_kube(validation = Rule::new("self.type != 'Stream' || (!has(self.messageTtl) && !has(self.deadLetterExchange) && !has(self.maxLength))").message("a Stream has no messageTtl, maxLength or dead-lettering; use maxAge"))]
-pub struct QueueSpec {
-    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[a-zA-Z0-9_.:-]+$"))]
-    pub name: String,
-    /// Fixed once the queue exists.
-    #[serde(default, rename = "type")]
-    pub type_: QueueType,
-    /// Routing-key patterns binding the queue to `exchange` (with a Topic exchange: `*` one word,
-    /// `#` zero or more).
-    #[serde(default)]
-    #[schemars(length(max = 100), inner(length(min = 1, max = 255)))]
-    pub bindings: Vec<String>,
-    /// Messages older than this are dropped or dead-lettered (`x-message-ttl`). Also bounds how
-    /// long a message can be redelivered (DedupCovered).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message_ttl: Option<Duration>,
-    /// Deliveries of a message before it is dead-lettered or dropped (`x-delivery-limit`; Quorum).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
-    pub delivery_limit: Option<i64>,
-    /// Where expired, rejected and over-delivered messages go (`x-dead-letter-exchange`);
-    /// declared (fanout, durable) when missing.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[a-zA-Z0-9_.:-]+$"))]
-    pub dead_letter_exchange: Option<String>,
-    /// A Quorum queue declared and bound to `deadLetterExchange` to keep dead letters.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[a-zA-Z0-9_.:-]+$"))]
-    pub dead_letter_queue: Option<String>,
-    /// The most messages kept (`x-max-length`; not a Stream's); the oldest are dropped (or
-    /// dead-lettered) beyond it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
-    pub max_length: Option<i64>,
-    /// A Stream's retention (`x-max-age`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_age: Option<Duration>,
-    /// Settings owned by someone else (a policy): never declared or compared (messageTtl,
-    /// deliveryLimit, deadLetterExchange, maxLength, maxAge).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 5), inner(length(min = 1, max = 32)))]
-    pub ignore: Vec<String>,
-}
-
 /// The exchange as a validated spec wants it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredExchange {
     pub name: String,
     pub type_: ExchangeType,
     pub durable: bool,
-}
-
-/// A queue as a validated spec wants it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DesiredQueue {
-    pub name: String,
-    pub type_: QueueType,
-    pub bindings: Vec<String>,
-    /// The `x-` arguments to declare, `x-queue-type` and ignored settings left out.
-    pub arguments: BTreeMap<String, Value>,
-    /// Spec names of the settings another tool owns.
-    pub ignore: BTreeSet<String>,
-    pub dead_letter_exchange: Option<String>,
-    pub dead_letter_queue: Option<String>,
 }
 
 /// A RabbitMQ spec that passed validation.
@@ -334,79 +238,6 @@ pub fn management_url_problem(url: &str) -> Result<(), String> {
         return Err("no host".into());
     }
     Ok(())
-}
-
-impl QueueSpec {
-    fn validate_into(&self, p: &mut Problems, at: &str) -> Option<DesiredQueue> {
-        for k in &self.ignore {
-            if !QUEUE_SETTINGS.iter().any(|(s, _)| s == k) {
-                let names: Vec<&str> = QUEUE_SETTINGS.iter().map(|(s, _)| *s).collect();
-                p.add(format!("{at}.ignore"), format!("{k:?} is not one of {}", names.join(", ")));
-            }
-        }
-        let (quorum, stream) = (self.type_ == QueueType::Quorum, self.type_ == QueueType::Stream);
-        if self.delivery_limit.is_some() && !quorum {
-            p.add(format!("{at}.deliveryLimit"), "only a Quorum queue has a delivery limit");
-        }
-        if self.max_age.is_some() && !stream {
-            p.add(
-                format!("{at}.maxAge"),
-                "maxAge is a Stream's; a queue expires messages with messageTtl",
-            );
-        }
-        if stream && (self.message_ttl.is_some() || self.dead_letter_exchange.is_some() || self.max_length.is_some()) {
-            p.add(
-                format!("{at}.type"),
-                "a Stream has no messageTtl, maxLength or dead-lettering; use maxAge",
-            );
-        }
-        if self.dead_letter_queue.is_some() && self.dead_letter_exchange.is_none() {
-            p.add(format!("{at}.deadLetterQueue"), "needs deadLetterExchange");
-        }
-        for (j, b) in self.bindings.iter().enumerate() {
-            if b.len() > amqp_settings::MAX_SHORT_STRING || b.is_empty() {
-                p.add(format!("{at}.bindings[{j}]"), "a routing-key pattern is 1 to 255 bytes");
-            }
-        }
-        let ttl = self
-            .message_ttl
-            .as_ref()
-            .and_then(|d| p.check(format!("{at}.messageTtl"), d.parse_positive()));
-        let age = self
-            .max_age
-            .as_ref()
-            .and_then(|d| p.check(format!("{at}.maxAge"), d.parse_positive()));
-        if ttl.is_some_and(|t| t.as_millis() > u32::MAX as u128) {
-            p.add(format!("{at}.messageTtl"), "at most 49d (RabbitMQ takes 2^32-1 ms)");
-        }
-        let ignored = |k: &str| self.ignore.iter().any(|i| i == k);
-        let mut args = BTreeMap::new();
-        let mut put = |spec: &str, arg: &str, v: Option<Value>| {
-            if let Some(v) = v.filter(|_| !ignored(spec)) {
-                args.insert(arg.to_owned(), v);
-            }
-        };
-        put("messageTtl", "x-message-ttl", ttl.map(|t| json!(t.as_millis() as u64)));
-        put("deliveryLimit", "x-delivery-limit", self.delivery_limit.map(|n| json!(n)));
-        put(
-            "deadLetterExchange",
-            "x-dead-letter-exchange",
-            self.dead_letter_exchange.clone().map(Value::from),
-        );
-        put("maxLength", "x-max-length", self.max_length.map(|n| json!(n)));
-        put("maxAge", "x-max-age", age.map(|a| Value::from(max_age_text(a))));
-        let bad_ttl = self.message_ttl.is_some() && ttl.is_none();
-        let bad_age = self.max_age.is_some() && age.is_none();
-        (!bad_ttl && !bad_age).then(|| DesiredQueue {
-            name: self.name.clone(),
-            type_: self.type_,
-            bindings: self.bindings.clone(),
-            arguments: args,
-            ignore: self.ignore.iter().cloned().collect(),
-            dead_letter_exchange: self.dead_letter_exchange.clone(),
-            dead_letter_queue: self.dead_letter_queue.clone(),
-        })
-    }
 }
 
 #[cfg(test)]

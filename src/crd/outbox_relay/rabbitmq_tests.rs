@@ -1,5 +1,9 @@
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
 use super::*;
-use crate::crd::{Broker, OutboxRelaySpec};
+use crate::crd::{Broker, OutboxRelaySpec, QueueType};
 
 pub(crate) fn spec(extra: Value) -> OutboxRelaySpec {
     let mut v = json!({
@@ -50,6 +54,26 @@ fn ignored_settings_are_not_declared() {
         .validate()
         .unwrap();
     assert!(v.rabbitmq.unwrap().queues[0].arguments.is_empty());
+}
+
+#[test]
+fn settings_by_policy_go_to_a_policy_matching_the_queue_alone() {
+    let v = spec(json!({"rabbitmq": {"queues": [
+        {"name": "billing.v2", "messageTtl": "1h", "deliveryLimit": 3, "ignore": ["deliveryLimit"], "settingsBy": "Policy"}
+    ]}}))
+    .validate()
+    .unwrap();
+    let q = &v.rabbitmq.unwrap().queues[0];
+    assert!(q.arguments.is_empty(), "{:?}", q.arguments);
+    let p = q.policy.as_ref().unwrap();
+    assert_eq!(
+        (p.name.as_str(), p.pattern.as_str(), p.priority),
+        ("lockstep.billing.v2", r"^billing\.v2$", 10)
+    );
+    assert_eq!(p.definition, BTreeMap::from([("message-ttl".into(), json!(3_600_000u64))]));
+    assert_eq!(q.setting("x-message-ttl"), Some(&json!(3_600_000u64)));
+    let bad = spec(json!({"rabbitmq": {"queues": [{"name": "b", "policyPriority": 5}]}}));
+    assert_eq!(fields(&bad), ["spec.rabbitmq.queues[0].policyPriority"]);
 }
 
 #[test]

@@ -194,6 +194,14 @@ async fn delete_queues(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay) -
     for n in &names {
         let (kind, name) = n.split_once('/').unwrap_or(("queues", n));
         admin.delete(&format!("{kind}s"), name).await?;
+        if let Some(p) = r
+            .queues
+            .iter()
+            .filter(|q| kind == "queue" && q.name == name)
+            .find_map(|q| q.policy.as_ref())
+        {
+            admin.delete("policies", &p.name).await?;
+        }
     }
     let mut done: Vec<String> = (!names.is_empty())
         .then(|| format!("deleted {}", names.join(", ")))

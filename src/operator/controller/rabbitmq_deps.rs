@@ -63,14 +63,7 @@ pub async fn observe(
     bindings: &[(&str, &str)],
     on: Reporting,
 ) -> Result<Observed, Cond> {
-    let failed = |m: String| {
-        let reason = if m.contains("cannot reach") || m.contains("no answer") {
-            Reason::BrokerUnreachable
-        } else {
-            Reason::TopicOperationFailed
-        };
-        Cond::new(on.type_, on.status, reason, m)
-    };
+    let failed = |m: String| failed(on, m);
     let mut o = Observed::default();
     for e in exchanges {
         if let Some(x) = admin.exchange(e).await.map_err(failed)? {
@@ -89,4 +82,14 @@ pub async fn observe(
         }
     }
     Ok(o)
+}
+
+/// A management API error as the condition `on` reports it: unreachable, or an operation failed.
+pub fn failed(on: Reporting, m: String) -> Cond {
+    let reason = if m.contains("cannot reach") || m.contains("no answer") {
+        Reason::BrokerUnreachable
+    } else {
+        Reason::TopicOperationFailed
+    };
+    Cond::new(on.type_, on.status, reason, m)
 }

@@ -88,7 +88,14 @@ async fn observe(
             .iter()
             .filter_map(|q| Some((q.dead_letter_exchange.as_deref()?, q.dead_letter_queue.as_deref()?))),
     );
-    let observed = rabbitmq_deps::observe(&admin, &exchanges, &names, &bindings, on).await?;
+    let mut observed = rabbitmq_deps::observe(&admin, &exchanges, &names, &bindings, on).await?;
+    for d in queues.iter().filter_map(|q| q.policy.as_ref()) {
+        match admin.policy(&d.name).await {
+            Ok(Some(found)) => drop(observed.policies.insert(d.name.clone(), found)),
+            Ok(None) => {}
+            Err(e) => return Err(rabbitmq_deps::failed(on, e)),
+        }
+    }
     Ok((admin, observed))
 }
 
@@ -100,6 +107,7 @@ async fn apply(admin: &RabbitAdmin, p: &Plan) -> Vec<String> {
             Action::DeclareExchange { name, type_, durable } => admin.declare_exchange(name, type_, *durable).await,
             Action::DeclareQueue { name, arguments } => admin.declare_queue(name, arguments).await,
             Action::Bind { exchange, queue, key } => admin.bind(exchange, queue, key).await,
+            Action::SetPolicy(d) => admin.set_policy(&d.name, &d.pattern, d.priority, &d.definition).await,
         };
         if let Err(e) = r {
             failed.push(e);
@@ -160,7 +168,7 @@ fn status_of(r: &ValidRabbitmq, observed: &Observed, p: &Plan, failed: &[String]
         p.actions.iter().any(|a| match a {
             Action::DeclareQueue { name, .. } => queue && name == n,
             Action::DeclareExchange { name, .. } => !queue && name == n,
-            Action::Bind { .. } => false,
+            Action::Bind { .. } | Action::SetPolicy(_) => false,
         })
     };
     let entry = |kind: &str, n: &str, exists: bool, drift: Vec<String>| {
@@ -217,7 +225,7 @@ pub fn guarantees(r: &ValidRabbitmq) -> Vec<Guarantee> {
 
 /// A queue's redelivery terms, as the guarantee map words them.
 fn queue_terms(q: &DesiredQueue) -> String {
-    let arg = |k: &str| q.arguments.get(k).map(|v| v.to_string().trim_matches('"').to_owned());
+    let arg = |k: &str| q.setting(k).map(|v| v.to_string().trim_matches('"').to_owned());
     let mut terms = vec![format!("{} {}", q.name, q.type_.as_str())];
     if let Some(n) = arg("x-delivery-limit") {
         let then = q

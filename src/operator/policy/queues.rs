@@ -7,15 +7,18 @@
 //! exist: a difference there is refused with what to do, and nothing is declared on that queue
 //! (a re-declare would only close the channel with PRECONDITION_FAILED). Missing bindings are
 //! added (drift); bindings the spec does not name are reported and left in place. Arguments of a
-//! setting in `ignore` are neither declared nor compared (a policy may own them).
+//! setting in `ignore` are neither declared nor compared (a policy may own them). With
+//! `settingsBy: Policy` the settings are a policy's, set before the queue is declared and set
+//! again whenever it differs from the spec (a spec change or drift alike); a policy of higher
+//! priority that applies instead is reported.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
 use crate::{
-    clients::rabbitmq_admin::{ObservedExchange, ObservedQueue},
-    crd::{max_age_secs, DesiredExchange, DesiredQueue, QUEUE_SETTINGS},
+    clients::rabbitmq_admin::{ObservedExchange, ObservedPolicy, ObservedQueue},
+    crd::{max_age_secs, DesiredExchange, DesiredPolicy, DesiredQueue, QUEUE_SETTINGS},
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +38,8 @@ pub enum Action {
         queue: String,
         key: String,
     },
+    /// Create or replace a queue's policy.
+    SetPolicy(DesiredPolicy),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +56,8 @@ pub struct Observed {
     pub exchanges: BTreeMap<String, ObservedExchange>,
     pub queues: BTreeMap<String, ObservedQueue>,
     pub bindings: BTreeMap<(String, String), Vec<String>>,
+    /// lockstep's queue policies, by name.
+    pub policies: BTreeMap<String, ObservedPolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -125,6 +132,7 @@ fn plan_queue(q: &DesiredQueue, exchange: &str, o: &Observed, p: &mut Plan) {
     let Some(found) = o.queues.get(&q.name) else {
         let mut arguments = q.arguments.clone();
         arguments.insert("x-queue-type".into(), Value::from(q.type_.as_str()));
+        p.actions.extend(q.policy.clone().map(Action::SetPolicy));
         p.actions.push(Action::DeclareQueue {
             name: q.name.clone(),
             arguments,
@@ -139,8 +147,8 @@ fn plan_queue(q: &DesiredQueue, exchange: &str, o: &Observed, p: &mut Plan) {
         });
         return;
     }
+    let mut drift = q.policy.as_ref().map(|d| policy_drift(d, found, o, p)).unwrap_or_default();
     let bound = o.bindings.get(&(exchange.to_owned(), q.name.clone())).cloned().unwrap_or_default();
-    let mut drift = Vec::new();
     for key in q.bindings.iter().filter(|k| !bound.contains(k)) {
         drift.push(format!("binding {key:?}: missing -> added"));
         p.actions.push(bind(key));
@@ -151,6 +159,40 @@ fn plan_queue(q: &DesiredQueue, exchange: &str, o: &Observed, p: &mut Plan) {
     if !drift.is_empty() {
         p.drift.insert(q.name.clone(), drift);
     }
+}
+
+/// The queue's policy against the spec: set when it differs (each difference is drift); a
+/// policy of another name that applies to the queue instead is reported.
+fn policy_drift(d: &DesiredPolicy, queue: &ObservedQueue, o: &Observed, p: &mut Plan) -> Vec<String> {
+    let Some(found) = o.policies.get(&d.name) else {
+        p.actions.push(Action::SetPolicy(d.clone()));
+        return vec![format!("policy {}: missing -> set", d.name)];
+    };
+    let show = |v: Option<&Value>| v.map_or("unset".to_owned(), |v| v.to_string());
+    let mut drift = Vec::new();
+    if found.pattern != d.pattern || found.priority != d.priority || found.apply_to != "queues" {
+        drift.push(format!(
+            "policy {}: pattern {:?} priority {} apply-to {} -> {:?} {} queues",
+            d.name, found.pattern, found.priority, found.apply_to, d.pattern, d.priority
+        ));
+    }
+    let keys: BTreeSet<&String> = d.definition.keys().chain(found.definition.keys()).collect();
+    for k in keys {
+        let (want, have) = (d.definition.get(k), found.definition.get(k));
+        if !same(&format!("x-{k}"), want, have) {
+            drift.push(format!("policy {} {k}: {} -> {}", d.name, show(have), show(want)));
+        }
+    }
+    if !drift.is_empty() {
+        p.actions.push(Action::SetPolicy(d.clone()));
+    } else if let Some(other) = queue.policy_name.as_deref().filter(|n| *n != d.name) {
+        drift.push(format!(
+            "policy {other} applies instead of {} (its priority is higher, or equal): its settings are in force; \
+             raise policyPriority above {other}'s",
+            d.name
+        ));
+    }
+    drift
 }
 
 /// Why the queue as it is cannot become what the spec asks, with what to do; None: it can.
@@ -168,6 +210,14 @@ pub fn refusal(q: &DesiredQueue, found: &ObservedQueue) -> Option<String> {
         return Some("is not durable (its messages do not survive a broker restart): declare a durable queue of another name".into());
     }
     let differences = argument_differences(q, &found.arguments);
+    if q.policy.is_some() && !differences.is_empty() {
+        return Some(format!(
+            "{}; the queue was declared with these arguments, which RabbitMQ cannot remove and which outrank a \
+             policy: list the settings in ignore (the arguments stay in force), use settingsBy Arguments, or delete \
+             the queue (its messages with it) for lockstep to declare it anew",
+            differences.join(", ")
+        ));
+    }
     (!differences.is_empty()).then(|| {
         format!(
             "{}; RabbitMQ cannot change a queue's arguments: set the spec to what the queue has, or list the setting in \

@@ -22,6 +22,7 @@ pub(crate) fn queue() -> DesiredQueue {
             ("x-message-ttl".to_owned(), json!(604_800_000u64)),
             ("x-delivery-limit".to_owned(), json!(20)),
         ]),
+        policy: None,
         ignore: BTreeSet::new(),
         dead_letter_exchange: None,
         dead_letter_queue: None,
@@ -54,7 +55,91 @@ pub(crate) fn as_declared() -> Observed {
             },
         )]),
         bindings: BTreeMap::from([(("outbox".to_owned(), "billing".to_owned()), vec!["order.#".to_owned()])]),
+        policies: BTreeMap::new(),
     }
+}
+
+/// `queue()` with its settings given by the policy `lockstep.billing`.
+fn by_policy() -> DesiredQueue {
+    let mut q = queue();
+    let definition = std::mem::take(&mut q.arguments)
+        .into_iter()
+        .map(|(k, v)| (k.trim_start_matches("x-").to_owned(), v))
+        .collect();
+    q.policy = Some(DesiredPolicy {
+        name: "lockstep.billing".into(),
+        pattern: "^billing$".into(),
+        priority: 10,
+        definition,
+    });
+    q
+}
+
+/// The server holding `by_policy()` as it asks, the policy applied to the queue.
+fn as_declared_by_policy() -> Observed {
+    let d = by_policy().policy.unwrap();
+    let mut o = as_declared();
+    let q = o.queues.get_mut("billing").unwrap();
+    q.arguments.retain(|k, _| k == "x-queue-type");
+    q.policy_name = Some(d.name.clone());
+    let found = ObservedPolicy {
+        pattern: d.pattern,
+        priority: d.priority,
+        apply_to: "queues".into(),
+        definition: d.definition,
+    };
+    o.policies.insert(d.name, found);
+    o
+}
+
+#[test]
+fn a_policy_is_set_before_its_queue_is_declared_then_kept_to_the_spec() {
+    let q = by_policy();
+    let p = plan(Some(&exchange()), "outbox", std::slice::from_ref(&q), &Observed::default());
+    assert!(matches!(&p.actions[1], Action::SetPolicy(d) if d.definition["message-ttl"] == json!(604_800_000u64)));
+    assert!(
+        matches!(&p.actions[2], Action::DeclareQueue { arguments, .. } if arguments.len() == 1),
+        "only x-queue-type: {:?}",
+        p.actions
+    );
+
+    let held = as_declared_by_policy();
+    let p = plan(Some(&exchange()), "outbox", std::slice::from_ref(&q), &held);
+    assert!(p.actions.is_empty() && p.drift.is_empty() && p.refusals.is_empty(), "{p:?}");
+
+    // A longer TTL in the spec (or a shorter one set by hand): the policy is set again.
+    let mut changed = held.clone();
+    changed
+        .policies
+        .get_mut("lockstep.billing")
+        .unwrap()
+        .definition
+        .insert("message-ttl".into(), json!(3_600_000));
+    let p = plan(Some(&exchange()), "outbox", std::slice::from_ref(&q), &changed);
+    assert_eq!(p.drift["billing"], ["policy lockstep.billing message-ttl: 3600000 -> 604800000"]);
+    assert!(matches!(&p.actions[..], [Action::SetPolicy(_)]), "{:?}", p.actions);
+    assert!(p.refusals.is_empty());
+}
+
+#[test]
+fn a_policy_that_wins_over_locksteps_and_arguments_that_outrank_it_are_reported() {
+    let q = by_policy();
+    let mut o = as_declared_by_policy();
+    o.queues.get_mut("billing").unwrap().policy_name = Some("ops-everything".into());
+    let p = plan(Some(&exchange()), "outbox", std::slice::from_ref(&q), &o);
+    assert!(p.actions.is_empty(), "{p:?}");
+    assert!(p.drift["billing"][0].starts_with("policy ops-everything applies instead of lockstep.billing"));
+
+    // Declared with arguments, then switched to a policy: the arguments cannot go.
+    let mut o = as_declared();
+    o.policies.clear();
+    let p = plan(Some(&exchange()), "outbox", std::slice::from_ref(&q), &o);
+    assert!(p.actions.is_empty(), "nothing declared on a refused queue: {p:?}");
+    let m = &p.refusals[0].message;
+    assert!(
+        m.starts_with("messageTtl (x-message-ttl): 604800000 -> unset") && m.contains("outrank a policy"),
+        "{m}"
+    );
 }
 
 #[test]

@@ -84,11 +84,23 @@ async fn queue_settings_by_policy_follow_the_spec_and_go_with_the_queue() {
     // A longer TTL: the policy changes (an argument would be refused), the queue follows.
     let mut longer = api.get("orders").await.unwrap();
     longer.spec = relay(&schema, &queue, "2d").spec;
-    api.replace("orders", &PostParams::default(), &longer).await.unwrap();
+    let generation = api
+        .replace("orders", &PostParams::default(), &longer)
+        .await
+        .unwrap()
+        .metadata
+        .generation;
     policy_says(&policy, 172_800_000).await;
-    let got = api.get("orders").await.unwrap();
-    let c = common::condition(&got.status.unwrap().conditions, "TopicsReady").clone();
-    assert_eq!(c.status, "True", "{c:?}");
+    let c = common::wait_until(T, "TopicsReady of the new generation", || {
+        let api = api.clone();
+        async move {
+            let got = api.get("orders").await.unwrap();
+            let c = common::condition(&got.status?.conditions, "TopicsReady").clone();
+            (c.observed_generation == generation).then_some(c)
+        }
+    })
+    .await;
+    assert_eq!(c.status, "True", "a longer TTL is no refusal with a policy: {c:?}");
 
     // Changed by hand: set back at the next reconcile.
     let mut by_hand = p.definition.clone();

@@ -1,6 +1,7 @@
 //! Read-only questions to RabbitMQ over AMQP, for `lockstep doctor`: can the relay's settings
 //! connect and open a channel in confirm mode, and do an exchange and queues exist (a passive
-//! declare: it creates nothing, and tells a queue's ready messages and consumers).
+//! declare: it creates nothing, and tells a queue's ready messages and consumers; RabbitMQ checks
+//! no permission on it, so it cannot tell what the user may do). Each step has a deadline.
 
 use lapin::{
     options::{ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions},
@@ -9,7 +10,7 @@ use lapin::{
     Connection, ErrorKind, ExchangeKind,
 };
 
-use super::broker::amqp::{open, AmqpSettings};
+use super::broker::amqp::{open, AmqpSettings, CONNECT_TIMEOUT};
 
 /// What the connection negotiated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,8 +30,6 @@ pub enum Found {
         consumers: u32,
     },
     Absent,
-    /// The user may not use it (ACCESS_REFUSED): the server's words.
-    Denied(String),
     Failed(String),
 }
 
@@ -48,15 +47,19 @@ impl AmqpProbe {
     /// Connect as the relay does and open a channel in confirm mode, as it does.
     pub async fn connect(s: &AmqpSettings) -> Result<(AmqpProbe, Negotiated), String> {
         let connection = open(s).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| format!("cannot open a channel: {e}"))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| format!("the channel refused publisher confirms: {e}"))?;
-        let _ = channel.close(200, "checked".into()).await;
+        let channel = async {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| format!("cannot open a channel: {e}"))?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| format!("the channel refused publisher confirms: {e}"))?;
+            let _ = channel.close(200, "checked".into()).await;
+            Ok::<_, String>(())
+        };
+        within(channel).await.and_then(|r| r)?;
         let c = connection.configuration();
         let negotiated = Negotiated {
             vhost: vhost_of(&s.url)?,
@@ -72,19 +75,14 @@ impl AmqpProbe {
             passive: true,
             ..Default::default()
         };
-        let r = match self.connection.create_channel().await {
-            Ok(ch) => {
-                let r = ch
-                    .exchange_declare(name.into(), ExchangeKind::Direct, passive, FieldTable::default())
-                    .await;
-                if r.is_ok() {
-                    let _ = ch.close(200, "checked".into()).await;
-                }
-                r.map(|_| (0, 0))
-            }
-            Err(e) => Err(e),
+        let declare = async {
+            let ch = self.connection.create_channel().await?;
+            ch.exchange_declare(name.into(), ExchangeKind::Direct, passive, FieldTable::default())
+                .await?;
+            let _ = ch.close(200, "checked".into()).await;
+            Ok((0, 0))
         };
-        found(r)
+        within(declare).await.map_or_else(Found::Failed, found)
     }
 
     pub async fn queue(&self, name: &str) -> Found {
@@ -92,22 +90,25 @@ impl AmqpProbe {
             passive: true,
             ..Default::default()
         };
-        let r = match self.connection.create_channel().await {
-            Ok(ch) => {
-                let r = ch.queue_declare(name.into(), passive, FieldTable::default()).await;
-                if r.is_ok() {
-                    let _ = ch.close(200, "checked".into()).await;
-                }
-                r.map(|q| (q.message_count(), q.consumer_count()))
-            }
-            Err(e) => Err(e),
+        let declare = async {
+            let ch = self.connection.create_channel().await?;
+            let q = ch.queue_declare(name.into(), passive, FieldTable::default()).await?;
+            let _ = ch.close(200, "checked".into()).await;
+            Ok((q.message_count(), q.consumer_count()))
         };
-        found(r)
+        within(declare).await.map_or_else(Found::Failed, found)
     }
 
     pub async fn close(self) {
         let _ = self.connection.close(200, "checked".into()).await;
     }
+}
+
+/// `f`'s result, unless it takes longer than the relay's connect timeout.
+async fn within<T>(f: impl std::future::Future<Output = T>) -> Result<T, String> {
+    tokio::time::timeout(CONNECT_TIMEOUT, f)
+        .await
+        .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))
 }
 
 /// A passive declare's answer. A refusal closes its channel: each declare has its own.
@@ -117,7 +118,6 @@ fn found(r: Result<(u32, u32), lapin::Error>) -> Found {
         Err(e) => match e.kind() {
             ErrorKind::ProtocolError(p) => match p.kind() {
                 AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => Found::Absent,
-                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => Found::Denied(p.get_message().to_string()),
                 _ => Found::Failed(e.to_string()),
             },
             _ => Found::Failed(e.to_string()),

@@ -245,7 +245,9 @@ impl RabbitAdmin {
                     .map(str::to_owned)
                     .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
                 let hint = match s {
-                    StatusCode::UNAUTHORIZED => " (the user, password, or the user's `management` tag)",
+                    StatusCode::UNAUTHORIZED => {
+                        " (the user, password, or the user's tags: `management` to read and declare, `policymaker` for policies)"
+                    }
                     _ => "",
                 };
                 Err(format!("{what}: {s}{hint}: {}", reason.trim()))

@@ -166,6 +166,7 @@ impl DoctorArgs {
         let management = match self.rabbitmq_management_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
             None => None,
             Some(url) => {
+                crate::crd::management_url_problem(url).map_err(|e| format!("--rabbitmq-management-url: {e}"))?;
                 let tls_ca = match &amqp.tls_ca {
                     Some(f) => Some(std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?),
                     None => None,

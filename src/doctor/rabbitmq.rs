@@ -153,11 +153,6 @@ fn exchange_check(name: &str, found: &Found) -> Check {
             check,
             "absent: the operator declares it from spec.rabbitmq.exchange (a relay run alone needs it declared first)",
         ),
-        Found::Denied(e) => Check::fail(
-            check,
-            format!("not allowed: {e}"),
-            format!("give the user write permission on exchange {name} (configure too, for the operator to declare it)"),
-        ),
         Found::Failed(e) => Check::fail(check, format!("cannot check it: {e}"), "see the server's log for the channel error"),
     }
 }
@@ -173,11 +168,6 @@ fn queue_check(name: &str, found: &Found, kind: TargetKind) -> Check {
             check,
             "absent",
             "an InboxTable reads a queue an OutboxRelay (or someone) declares: declare it first, or fix the name",
-        ),
-        (Found::Denied(e), _) => Check::fail(
-            check,
-            format!("not allowed: {e}"),
-            format!("give the user read permission on queue {name} (configure too, for the operator to declare it)"),
         ),
         (Found::Failed(e), _) => Check::fail(check, format!("cannot check it: {e}"), "see the server's log for the channel error"),
     }
@@ -202,27 +192,39 @@ fn management_checks(m: &Management, kind: TargetKind) -> Vec<Check> {
             m.url, o.version, o.erlang, o.cluster
         ),
     )];
-    out.push(match &m.alarms {
-        Ok(a) if a.is_empty() => Check::pass("resource alarms", "none in effect"),
-        Ok(a) => Check::fail(
-            "resource alarms",
+    out.push(alarms_check(&m.alarms));
+    for (name, q) in &m.queues {
+        out.push(queue_settings(name, q, kind));
+    }
+    out
+}
+
+/// Memory and disk alarms block every publishing connection; others (file descriptors) do not.
+fn alarms_check(alarms: &Result<Vec<String>, String>) -> Check {
+    const NAME: &str = "resource alarms";
+    let blocking = |a: &String| a.starts_with("memory ") || a.starts_with("disk ");
+    match alarms {
+        Ok(a) if a.is_empty() => Check::pass(NAME, "none in effect"),
+        Ok(a) if a.iter().any(blocking) => Check::fail(
+            NAME,
             format!(
                 "in effect: {}; the server blocks every publishing connection until they clear",
                 a.join(", ")
             ),
             "free memory or disk on those nodes (or raise vm_memory_high_watermark / disk_free_limit): the relay waits, \
-             publishing nothing, while an alarm lasts",
+             publishing nothing, while a memory or disk alarm lasts",
+        ),
+        Ok(a) => Check::warn(
+            NAME,
+            format!("in effect: {}", a.join(", ")),
+            "see the node's log: these do not block publishers, but the node is near a limit",
         ),
         Err(e) => Check::warn(
-            "resource alarms",
+            NAME,
             format!("cannot read them: {e}"),
-            "give the user the `monitoring` tag to let doctor see memory and disk alarms",
+            "give the user the `management` tag to let doctor see memory and disk alarms",
         ),
-    });
-    for (name, q) in &m.queues {
-        out.push(queue_settings(name, q, kind));
     }
-    out
 }
 
 /// A queue's settings: durable, its type, and (for an InboxTable) whether anything bounds how
@@ -234,13 +236,18 @@ fn queue_settings(name: &str, q: &Result<Option<ObservedQueue>, String>, kind: T
         Ok(None) => return Check::warn(check, "gone since the AMQP check", "run doctor again"),
         Err(e) => return Check::warn(check, format!("cannot read them: {e}"), "give the user the `management` tag"),
     };
-    let num = |arg: &str, policy: &str| q.arguments.get(arg).or_else(|| q.policy.get(policy)).and_then(|v| v.as_i64());
+    // An argument and a policy combine as RabbitMQ combines them: the lower number applies, and a
+    // policy's max-age overrides a stream's argument.
+    let num = |arg: &str, policy: &str| {
+        let of = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_i64());
+        of(q.arguments.get(arg)).into_iter().chain(of(q.policy.get(policy))).min()
+    };
     let ttl = num("x-message-ttl", "message-ttl");
     let limit = num("x-delivery-limit", "delivery-limit");
     let max_age = q
-        .arguments
-        .get("x-max-age")
-        .or_else(|| q.policy.get("max-age"))
+        .policy
+        .get("max-age")
+        .or_else(|| q.arguments.get("x-max-age"))
         .and_then(|v| v.as_str());
     let mut detail = format!("{} {}", if q.durable { "durable" } else { "transient" }, q.type_);
     let bound = if q.type_ == "stream" {

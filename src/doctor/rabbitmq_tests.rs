@@ -58,8 +58,8 @@ fn an_absent_queue_is_declared_for_a_relay_and_missing_for_an_inbox() {
     assert_eq!(verdict_of(&relay, "exchange outbox").0, Pass);
     assert_eq!(verdict_of(&relay, "management api").0, Warn, "not given: said so");
     assert_eq!(verdict_of(&verdicts(&f, TargetKind::InboxTable), "queue billing").0, Fail);
-    let denied = facts(Found::Denied("ACCESS_REFUSED - access to queue 'billing' refused".into()));
-    let c = verdicts(&denied, TargetKind::InboxTable);
+    let failed = facts(Found::Failed("RESOURCE_LOCKED - cannot obtain exclusive access".into()));
+    let c = verdicts(&failed, TargetKind::InboxTable);
     assert_eq!(verdict_of(&c, "queue billing").0, Fail);
 }
 
@@ -77,6 +77,12 @@ fn an_alarm_fails_and_an_unreadable_one_warns() {
     assert!(verdict_of(&c, "management api").1.contains("RabbitMQ 3.10.8"));
     f.management = Some(managed(quorum(json!({})), Err("403 Forbidden".into())));
     assert_eq!(verdict_of(&verdicts(&f, TargetKind::OutboxRelay), "resource alarms").0, Warn);
+    f.management = Some(managed(quorum(json!({})), Ok(vec!["file_descriptor_limit on rabbit@r1".into()])));
+    assert_eq!(
+        verdict_of(&verdicts(&f, TargetKind::OutboxRelay), "resource alarms").0,
+        Warn,
+        "blocks no publisher"
+    );
 }
 
 #[test]
@@ -92,7 +98,7 @@ fn an_inbox_queue_without_a_time_bound_warns_and_a_transient_one_fails() {
         "a relay's queue needs no bound"
     );
 
-    let mut ttl = quorum(json!({}));
+    let mut ttl = quorum(json!({"x-message-ttl": 86_400_000}));
     ttl.policy = serde_json::from_value(json!({"message-ttl": 3_600_000})).unwrap();
     f.management = Some(managed(ttl, Ok(vec![])));
     let (v, detail) = verdict_of(&verdicts(&f, TargetKind::InboxTable), "queue billing settings");

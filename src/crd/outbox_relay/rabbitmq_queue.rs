@@ -226,7 +226,9 @@ impl QueueSpec {
         if self.policy_priority.is_some() && self.settings_by != SettingsBy::Policy {
             p.add(format!("{at}.policyPriority"), "policyPriority is for settingsBy Policy");
         }
-        let policy = (self.settings_by == SettingsBy::Policy).then(|| DesiredPolicy {
+        // A policy with nothing in it is refused by RabbitMQ ("no policy provided"): none then.
+        let by_policy = self.settings_by == SettingsBy::Policy && !args.is_empty();
+        let policy = by_policy.then(|| DesiredPolicy {
             name: policy_name(&self.name),
             pattern: policy_pattern(&self.name),
             priority: self.policy_priority.unwrap_or(DEFAULT_POLICY_PRIORITY),

@@ -89,9 +89,13 @@ async fn observe(
             .filter_map(|q| Some((q.dead_letter_exchange.as_deref()?, q.dead_letter_queue.as_deref()?))),
     );
     let mut observed = rabbitmq_deps::observe(&admin, &exchanges, &names, &bindings, on).await?;
-    for d in queues.iter().filter_map(|q| q.policy.as_ref()) {
-        match admin.policy(&d.name).await {
-            Ok(Some(found)) => drop(observed.policies.insert(d.name.clone(), found)),
+    // lockstep's policy of each queue (to keep, or to delete when no longer asked for), and the
+    // policy a queue reports as applied when it is another (its priority tells if it wins).
+    let mut policies: Vec<String> = queues.iter().map(|q| crate::crd::policy_name(&q.name)).collect();
+    policies.extend(queues.iter().filter_map(|q| observed.queues.get(&q.name)?.policy_name.clone()));
+    for name in policies {
+        match admin.policy(&name).await {
+            Ok(Some(found)) => drop(observed.policies.insert(name, found)),
             Ok(None) => {}
             Err(e) => return Err(rabbitmq_deps::failed(on, e)),
         }
@@ -102,12 +106,22 @@ async fn observe(
 /// Take the plan's actions, in order; what failed, as messages.
 async fn apply(admin: &RabbitAdmin, p: &Plan) -> Vec<String> {
     let mut failed = Vec::new();
+    // A queue whose policy could not be set is not declared without its settings.
+    let mut unset = Vec::new();
     for a in &p.actions {
         let r = match a {
             Action::DeclareExchange { name, type_, durable } => admin.declare_exchange(name, type_, *durable).await,
+            Action::DeclareQueue { name, .. } if unset.contains(&crate::crd::policy_name(name)) => continue,
             Action::DeclareQueue { name, arguments } => admin.declare_queue(name, arguments).await,
             Action::Bind { exchange, queue, key } => admin.bind(exchange, queue, key).await,
-            Action::SetPolicy(d) => admin.set_policy(&d.name, &d.pattern, d.priority, &d.definition).await,
+            Action::SetPolicy(d) => {
+                let r = admin.set_policy(&d.name, &d.pattern, d.priority, &d.definition).await;
+                if r.is_err() {
+                    unset.push(d.name.clone());
+                }
+                r
+            }
+            Action::DeletePolicy(name) => admin.delete("policies", name).await,
         };
         if let Err(e) = r {
             failed.push(e);
@@ -168,7 +182,7 @@ fn status_of(r: &ValidRabbitmq, observed: &Observed, p: &Plan, failed: &[String]
         p.actions.iter().any(|a| match a {
             Action::DeclareQueue { name, .. } => queue && name == n,
             Action::DeclareExchange { name, .. } => !queue && name == n,
-            Action::Bind { .. } | Action::SetPolicy(_) => false,
+            Action::Bind { .. } | Action::SetPolicy(_) | Action::DeletePolicy(_) => false,
         })
     };
     let entry = |kind: &str, n: &str, exists: bool, drift: Vec<String>| {

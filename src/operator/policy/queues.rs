@@ -9,8 +9,11 @@
 //! added (drift); bindings the spec does not name are reported and left in place. Arguments of a
 //! setting in `ignore` are neither declared nor compared (a policy may own them). With
 //! `settingsBy: Policy` the settings are a policy's, set before the queue is declared and set
-//! again whenever it differs from the spec (a spec change or drift alike); a policy of higher
-//! priority that applies instead is reported.
+//! again whenever it differs from the spec (a spec change or drift alike); lockstep's policy of a
+//! queue that no longer asks for one is deleted; a policy of higher priority that applies instead
+//! is reported. A queue's own arguments and a policy combine as RabbitMQ combines them: the lower
+//! TTL, length and delivery limit apply, the argument's dead-letter exchange wins, and a policy's
+//! max-age overrides a stream's.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -40,6 +43,8 @@ pub enum Action {
     },
     /// Create or replace a queue's policy.
     SetPolicy(DesiredPolicy),
+    /// Delete lockstep's policy of a queue that no longer asks for one.
+    DeletePolicy(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +61,8 @@ pub struct Observed {
     pub exchanges: BTreeMap<String, ObservedExchange>,
     pub queues: BTreeMap<String, ObservedQueue>,
     pub bindings: BTreeMap<(String, String), Vec<String>>,
-    /// lockstep's queue policies, by name.
+    /// lockstep's policy of each queue (`lockstep.<queue>`), and any other policy a queue
+    /// reports as applied, by name.
     pub policies: BTreeMap<String, ObservedPolicy>,
 }
 
@@ -129,6 +135,14 @@ fn plan_queue(q: &DesiredQueue, exchange: &str, o: &Observed, p: &mut Plan) {
         queue: q.name.clone(),
         key: key.clone(),
     };
+    let own = crate::crd::policy_name(&q.name);
+    if q.policy.is_none() && o.policies.contains_key(&own) {
+        p.actions.push(Action::DeletePolicy(own.clone()));
+        p.drift
+            .entry(q.name.clone())
+            .or_default()
+            .push(format!("policy {own}: not asked for -> deleted"));
+    }
     let Some(found) = o.queues.get(&q.name) else {
         let mut arguments = q.arguments.clone();
         arguments.insert("x-queue-type".into(), Value::from(q.type_.as_str()));
@@ -157,7 +171,7 @@ fn plan_queue(q: &DesiredQueue, exchange: &str, o: &Observed, p: &mut Plan) {
         drift.push(format!("binding {key:?}: not in the spec, left in place"));
     }
     if !drift.is_empty() {
-        p.drift.insert(q.name.clone(), drift);
+        p.drift.entry(q.name.clone()).or_default().extend(drift);
     }
 }
 
@@ -185,7 +199,7 @@ fn policy_drift(d: &DesiredPolicy, queue: &ObservedQueue, o: &Observed, p: &mut 
     }
     if !drift.is_empty() {
         p.actions.push(Action::SetPolicy(d.clone()));
-    } else if let Some(other) = queue.policy_name.as_deref().filter(|n| *n != d.name) {
+    } else if let Some(other) = queue.policy_name.as_deref().filter(|n| wins(o, n, d)) {
         drift.push(format!(
             "policy {other} applies instead of {} (its priority is higher, or equal): its settings are in force; \
              raise policyPriority above {other}'s",
@@ -193,6 +207,13 @@ fn policy_drift(d: &DesiredPolicy, queue: &ObservedQueue, o: &Observed, p: &mut 
         ));
     }
     drift
+}
+
+/// Whether the policy `name`, which the queue reports as applied, wins over lockstep's `d`: its
+/// priority is as high or higher. A lower one is the queue's statistics from before lockstep's
+/// policy was set (they lag by seconds), not a winner.
+fn wins(o: &Observed, name: &str, d: &DesiredPolicy) -> bool {
+    name != d.name && o.policies.get(name).is_some_and(|other| other.priority >= d.priority)
 }
 
 /// Why the queue as it is cannot become what the spec asks, with what to do; None: it can.
@@ -209,15 +230,17 @@ pub fn refusal(q: &DesiredQueue, found: &ObservedQueue) -> Option<String> {
     if !found.durable {
         return Some("is not durable (its messages do not survive a broker restart): declare a durable queue of another name".into());
     }
-    let differences = argument_differences(q, &found.arguments);
-    if q.policy.is_some() && !differences.is_empty() {
-        return Some(format!(
-            "{}; the queue was declared with these arguments, which RabbitMQ cannot remove and which outrank a \
-             policy: list the settings in ignore (the arguments stay in force), use settingsBy Arguments, or delete \
-             the queue (its messages with it) for lockstep to declare it anew",
-            differences.join(", ")
-        ));
+    if let Some(d) = &q.policy {
+        let outranking = outranking_arguments(q, d, &found.arguments);
+        return (!outranking.is_empty()).then(|| {
+            format!(
+                "{}; RabbitMQ cannot remove a queue's arguments: set the spec at or below them (the lower applies), \
+                 list the setting in ignore, or delete the queue (its messages with it) for lockstep to declare it anew",
+                outranking.join(", ")
+            )
+        });
     }
+    let differences = argument_differences(q, &found.arguments);
     (!differences.is_empty()).then(|| {
         format!(
             "{}; RabbitMQ cannot change a queue's arguments: set the spec to what the queue has, or list the setting in \
@@ -237,6 +260,29 @@ pub fn argument_differences(q: &DesiredQueue, actual: &BTreeMap<String, Value>) 
         .filter(|(_, arg)| !same(arg, q.arguments.get(*arg), actual.get(*arg)))
         .map(|(spec, arg)| format!("{spec} ({arg}): {} -> {}", show(actual.get(*arg)), show(q.arguments.get(*arg))))
         .collect()
+}
+
+/// The queue's own arguments that keep the policy's settings from applying: a TTL, length or
+/// delivery limit below the policy's (the lower applies) or one the policy lacks, a dead-letter
+/// exchange other than the policy's (the argument wins). A stream's max-age is the policy's.
+fn outranking_arguments(q: &DesiredQueue, d: &DesiredPolicy, actual: &BTreeMap<String, Value>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (spec, arg) in QUEUE_SETTINGS.iter().filter(|(spec, _)| !q.ignore.contains(*spec)) {
+        let (Some(have), want) = (actual.get(*arg), d.definition.get(arg.trim_start_matches("x-"))) else {
+            continue;
+        };
+        let in_force = match (*arg, want) {
+            ("x-max-age", _) => false,
+            ("x-dead-letter-exchange", w) => w != Some(have),
+            (_, Some(Value::Number(w))) => have.as_f64().is_some_and(|h| w.as_f64().is_some_and(|w| h < w)),
+            (_, _) => true,
+        };
+        if in_force {
+            let want = want.map_or("none".to_owned(), |v| v.to_string());
+            out.push(format!("{spec}: the argument {arg}={have} stays in force (the policy's: {want})"));
+        }
+    }
+    out
 }
 
 /// Equal as RabbitMQ means them: numbers by value, `x-max-age` by the time it stands for.

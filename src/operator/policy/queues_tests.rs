@@ -122,24 +122,59 @@ fn a_policy_is_set_before_its_queue_is_declared_then_kept_to_the_spec() {
 }
 
 #[test]
-fn a_policy_that_wins_over_locksteps_and_arguments_that_outrank_it_are_reported() {
+fn a_policy_that_wins_over_locksteps_is_reported_and_stale_statistics_are_not() {
     let q = by_policy();
     let mut o = as_declared_by_policy();
     o.queues.get_mut("billing").unwrap().policy_name = Some("ops-everything".into());
+    let ops = |priority| ObservedPolicy {
+        pattern: ".*".into(),
+        priority,
+        apply_to: "all".into(),
+        definition: BTreeMap::from([("max-length".to_owned(), json!(10))]),
+    };
+    o.policies.insert("ops-everything".into(), ops(0));
+    let p = plan(Some(&exchange()), "outbox", std::slice::from_ref(&q), &o);
+    assert!(
+        p.actions.is_empty() && p.drift.is_empty(),
+        "a lower priority: statistics from before: {p:?}"
+    );
+    o.policies.insert("ops-everything".into(), ops(20));
     let p = plan(Some(&exchange()), "outbox", std::slice::from_ref(&q), &o);
     assert!(p.actions.is_empty(), "{p:?}");
     assert!(p.drift["billing"][0].starts_with("policy ops-everything applies instead of lockstep.billing"));
+}
 
-    // Declared with arguments, then switched to a policy: the arguments cannot go.
+#[test]
+fn arguments_outrank_a_policy_only_where_rabbitmq_keeps_them_in_force() {
+    let q = by_policy();
+    // Declared with the same TTL and limit as arguments: the lower applies, and they are equal.
     let mut o = as_declared();
-    o.policies.clear();
     let p = plan(Some(&exchange()), "outbox", std::slice::from_ref(&q), &o);
-    assert!(p.actions.is_empty(), "nothing declared on a refused queue: {p:?}");
+    assert!(p.refusals.is_empty(), "{p:?}");
+    assert!(matches!(&p.actions[..], [Action::SetPolicy(_)]), "{:?}", p.actions);
+    // A shorter TTL argument stays in force: refused, nothing declared on the queue.
+    let args = &mut o.queues.get_mut("billing").unwrap().arguments;
+    args.insert("x-message-ttl".into(), json!(3_600_000));
+    args.insert("x-dead-letter-exchange".into(), json!("old.dlx"));
+    let p = plan(Some(&exchange()), "outbox", std::slice::from_ref(&q), &o);
+    assert!(p.actions.is_empty(), "{p:?}");
     let m = &p.refusals[0].message;
     assert!(
-        m.starts_with("messageTtl (x-message-ttl): 604800000 -> unset") && m.contains("outrank a policy"),
+        m.starts_with(
+            "messageTtl: the argument x-message-ttl=3600000 stays in force (the policy's: 604800000), \
+             deadLetterExchange: the argument x-dead-letter-exchange=\"old.dlx\" stays in force (the policy's: none);"
+        ),
         "{m}"
     );
+}
+
+#[test]
+fn locksteps_policy_of_a_queue_that_asks_for_none_is_deleted() {
+    let mut o = as_declared_by_policy();
+    o.queues.get_mut("billing").unwrap().arguments = as_declared().queues["billing"].arguments.clone();
+    let p = plan(Some(&exchange()), "outbox", &[queue()], &o);
+    assert_eq!(p.actions, [Action::DeletePolicy("lockstep.billing".into())]);
+    assert_eq!(p.drift["billing"], ["policy lockstep.billing: not asked for -> deleted"]);
 }
 
 #[test]

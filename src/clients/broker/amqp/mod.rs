@@ -47,7 +47,7 @@ pub use crate::core::amqp_settings::AmqpSettings;
 pub use message::KEY_HEADER;
 
 /// How long opening a connection (TCP, TLS, AMQP handshake, channel) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Heartbeats: a server gone silent is noticed within two of them.
 const HEARTBEAT_SECS: u16 = 10;
 

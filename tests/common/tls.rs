@@ -101,6 +101,8 @@ pub fn make_client_cert(dir: &Path, cn: &str) {
         &subj,
     ];
     run(dir, "openssl", &req);
+    // X.509 v3 (the extensions make it so): webpki refuses v1 certificates.
+    std::fs::write(dir.join("client.ext"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n").unwrap();
     let sign = [
         "x509",
         "-req",
@@ -115,6 +117,8 @@ pub fn make_client_cert(dir: &Path, cn: &str) {
         "client.pem",
         "-days",
         "2",
+        "-extfile",
+        "client.ext",
     ];
     run(dir, "openssl", &sign);
 }

@@ -353,7 +353,12 @@ async fn a_second_relay_naming_managed_queues_conflicts_and_never_alters_nor_del
         })
         .await;
     };
+    // A's Secret gone, A's server cannot say who it is: B's cleanup must not take it for another
+    // server (their addresses differ) and delete what A manages.
+    let a_secrets: Api<Secret> = Api::namespaced(client.clone(), &spaces[0].name);
+    a_secrets.delete("rabbit", &Default::default()).await.unwrap();
     gone(b.clone()).await;
+    create_rabbit_secret(&client, &spaces[0].name).await;
     let kept = admin.queue(&queue).await.unwrap().expect("the queue survives B's cleanup");
     assert_eq!(kept.arguments["x-message-ttl"], json!(604_800_000u64), "as A declared it");
     common::wait_until(T, "the message counted", || async {

@@ -253,6 +253,21 @@ where
     }
 }
 
+/// The first Event in `ns` with `reason` whose note holds `note`, waited for.
+pub async fn wait_event(client: &kube::Client, ns: &str, reason: &str, note: &str, timeout: Duration) -> k8s_openapi::api::core::v1::Event {
+    let events: kube::Api<k8s_openapi::api::core::v1::Event> = kube::Api::namespaced(client.clone(), ns);
+    wait_until(timeout, &format!("an Event {reason} saying {note:?}"), || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&Default::default()).await.ok()?;
+            list.items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some(reason) && e.message.as_deref().unwrap_or_default().contains(note))
+        }
+    })
+    .await
+}
+
 pub fn condition<'a>(
     conds: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
     type_: &str,

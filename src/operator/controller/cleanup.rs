@@ -102,7 +102,7 @@ pub async fn outbox_relay(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay
     if let (false, false, Some(settings)) = (orphan, names.is_empty(), settings) {
         // A topic another OutboxRelay names (and may manage, and whose records someone may not
         // have read yet) is kept.
-        let others = super::topic_owners::others(ctx, obj, v).await?;
+        let others = super::topic_owners::others(ctx, obj, v, super::topic_owners::Unsure::Same).await?;
         let (kept, names): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| others.contains_key(n));
         let admin = ctx.admins.get(&v.bootstrap_servers, &settings).map_err(|e| e.to_string())?;
         for n in &names {
@@ -145,7 +145,7 @@ async fn delete_streams(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay, 
         Err(c) if orphaned(ctx, &ns, &c) => return Ok(vec!["kept the streams: their Secret is gone".into()]),
         Err(c) => return Err(c.message),
     };
-    let others = super::topic_owners::others(ctx, obj, v).await?;
+    let others = super::topic_owners::others(ctx, obj, v, super::topic_owners::Unsure::Same).await?;
     let names = n.streams.iter().map(|s| s.name.clone());
     let (kept, names): (Vec<String>, Vec<String>) = names.partition(|s| others.contains_key(s));
     let mut done = Vec::new();
@@ -188,7 +188,7 @@ async fn delete_queues(ctx: &Context, obj: &OutboxRelay, v: &ValidOutboxRelay) -
         Err(c) if orphaned(ctx, &ns, &c) => return Ok(vec!["kept the exchange and queues: their Secret is gone".into()]),
         Err(c) => return Err(c.message),
     };
-    let others = super::topic_owners::others(ctx, obj, v).await?;
+    let others = super::topic_owners::others(ctx, obj, v, super::topic_owners::Unsure::Same).await?;
     let names = super::topic_owners::destinations(v);
     let (kept, names): (Vec<String>, Vec<String>) = names.into_iter().partition(|s| others.contains_key(s));
     for n in &names {

@@ -261,7 +261,8 @@ async fn reconcile_object<R: Reconciler>(k: &R::K, uid: &str, api: &Api<R::K>, c
     };
     let failure = failure_reason(&conditions);
     let (status, flipped) = status::merged(status, k.meta().generation, &conditions, &status::now());
-    status::write(ctx, api, k, R::MANAGER, &previous, &status, &flipped).boxed().await?;
+    let noted = status::noted(&conditions, &flipped);
+    status::write(ctx, api, k, R::MANAGER, &previous, &status, &noted).boxed().await?;
     Ok((action, failure))
 }
 

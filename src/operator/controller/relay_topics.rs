@@ -74,7 +74,7 @@ pub async fn held(
     what: &str,
     names: &[String],
 ) -> Result<BTreeMap<String, String>, (Cond, Vec<TopicStatus>)> {
-    match topic_owners::others(ctx, obj, valid).await {
+    match topic_owners::others(ctx, obj, valid, topic_owners::Unsure::Other).await {
         Ok(others) => Ok(topic_owners::held_elsewhere(obj, previous, &others)),
         Err(m) => {
             let c = Cond::unknown(

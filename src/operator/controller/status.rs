@@ -112,6 +112,16 @@ where
     apply(api, name, manager, &serde_json::json!({ "conditions": conds })).await
 }
 
+/// The conditions an Event tells of: each that flipped, and a TopicConfigDrift even when its
+/// status stays True, since it says what the operator set back (changed outside lockstep), which
+/// the next reconcile's message no longer shows.
+pub fn noted(computed: &[Cond], flipped: &[Cond]) -> Vec<Cond> {
+    let drift = computed
+        .iter()
+        .filter(|c| c.reason == Reason::TopicConfigDrift && !flipped.iter().any(|f| f.type_ == c.type_));
+    flipped.iter().chain(drift).cloned().collect()
+}
+
 /// One Event per condition whose status flipped.
 async fn publish_flips<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, flipped: &[Cond]) {
     // Events about cluster-scoped objects (DedupPolicy) are rejected by some API servers
@@ -171,6 +181,17 @@ mod tests {
 
     fn t(s: &str) -> Time {
         Time(s.parse().unwrap())
+    }
+
+    #[test]
+    fn drift_is_noted_every_time_and_other_conditions_only_when_they_flip() {
+        let ready = Cond::yes(condition::READY, Reason::Ready, "ok");
+        let drift = Cond::yes(condition::TOPICS_READY, Reason::TopicConfigDrift, "retention.ms: 1 -> 2");
+        let computed = [ready.clone(), drift.clone()];
+        assert_eq!(noted(&computed, &[]), vec![drift.clone()]);
+        assert_eq!(noted(&computed, std::slice::from_ref(&drift)), vec![drift.clone()], "once");
+        assert_eq!(noted(&computed, std::slice::from_ref(&ready)), vec![ready, drift]);
+        assert!(noted(&[Cond::yes(condition::TOPICS_READY, Reason::TopicsConfigured, "1")], &[]).is_empty());
     }
 
     #[test]

@@ -205,11 +205,26 @@ async fn rabbitmq_id(ctx: &Context, ns: &str, r: &crate::crd::ValidRabbitmq) -> 
     Some(format!("{}/{}", admin.cluster_name().await.ok()?, r.vhost))
 }
 
+/// How an OutboxRelay counts whose broker shares no address with this one's and whose identity
+/// (or this one's) cannot be read just now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsure {
+    /// As on another broker: reconciling goes on (a wrong guess is set right once it reads).
+    Other,
+    /// As on this broker: a Delete cleanup keeps what might be that object's.
+    Same,
+}
+
 /// For each of `valid`'s topics (or streams) that other OutboxRelays name on the same broker,
 /// those others. Objects being deleted, invalid ones, those of another broker kind and those that
 /// lost their table to another (they manage nothing) do not count. Err when the cache of
 /// OutboxRelays is not filled yet.
-pub async fn others(ctx: &Context, obj: &OutboxRelay, valid: &ValidOutboxRelay) -> Result<BTreeMap<String, Vec<Claimant>>, String> {
+pub async fn others(
+    ctx: &Context,
+    obj: &OutboxRelay,
+    valid: &ValidOutboxRelay,
+    unsure: Unsure,
+) -> Result<BTreeMap<String, Vec<Claimant>>, String> {
     let store = &ctx.caches.relays;
     if tokio::time::timeout(Duration::from_secs(2), store.wait_until_ready())
         .await
@@ -246,7 +261,9 @@ pub async fn others(ctx: &Context, obj: &OutboxRelay, valid: &ValidOutboxRelay) 
                 my_id = Some(here.identity(ctx, &ns).await);
             }
             let theirs = there.identity(ctx, &other.namespace().unwrap_or_default()).await;
-            if !same_broker(&a, &b, (my_id.clone().flatten().as_deref(), theirs.as_deref())) {
+            let mine = my_id.clone().flatten();
+            let known = mine.is_some() && theirs.is_some();
+            if (known || unsure == Unsure::Other) && !same_broker(&a, &b, (mine.as_deref(), theirs.as_deref())) {
                 continue;
             }
         }

@@ -168,8 +168,8 @@ async fn a_rabbitmq_relay_gets_its_topology_to_the_spec_and_an_inbox_its_coverag
 
     // Bindings changed outside lockstep: the extra one reported and left, the missing one added
     // back. One change at a time: reconciles still running from the rotation may see either
-    // first, and "missing -> added" lasts only until the next reconcile (its wording is a unit
-    // test's, policy/queues_tests.rs).
+    // first, and "missing -> added" lasts in the condition only until the next reconcile (the
+    // Event stays).
     a.bind(&exchange, &queue, "invoice.*").await.unwrap();
     common::touch(&api, "orders").await;
     let extra = "binding \"invoice.*\": not in the spec, left in place";
@@ -190,6 +190,12 @@ async fn a_rabbitmq_relay_gets_its_topology_to_the_spec_and_an_inbox_its_coverag
         }
     })
     .await;
+    let added = "binding \"order.#\": missing -> added";
+    let e = common::wait_event(&client, &ns.name, "TopicConfigDrift", added, T).await;
+    assert!(
+        e.message.unwrap_or_default().contains(extra),
+        "the extra one in the same reconcile's Event"
+    );
     drift_says(api.clone(), extra).await.expect("the extra binding still reported");
     a.unbind(&exchange, &queue, "invoice.*").await.unwrap();
 

@@ -351,7 +351,13 @@ async fn an_open_transaction_holds_back_later_rows_in_order_and_is_reported() {
     // Later events of the same key commit while it is open.
     o.insert(1, 10, 1).await;
     let mut relay = o.relay("relay-longtx.log", &o.url);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    common::wait_until(
+        Duration::from_secs(60),
+        "the 100 rows before the open transaction published",
+        || async { (o.remaining().await == 10).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         o.remaining().await,
         10,

@@ -708,6 +708,40 @@ async fn a_steady_flow_wakes_few_drains_and_a_later_row_still_wakes_the_relay() 
     check(&got, (WRITERS * EACH + 1) as usize, WRITERS as usize);
 }
 
+/// A NOTIFY whose row an older open transaction still holds above the relay's snapshot horizon
+/// (the drain it wakes reads nothing) is not left to a long poll interval: the relay looks again
+/// each second and publishes the row soon after that transaction ends.
+#[tokio::test]
+async fn a_notified_row_an_open_transaction_holds_back_is_read_once_it_ends() {
+    let o = outbox("heldback", &common::env("DATABASE_URL"), &Broker::shared(Kind::Kafka), 1).await;
+    let cfg = config(&o, &["--poll-interval", "60s"]);
+    let metrics = std::sync::Arc::new(lockstep::relay::RelayMetrics::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn(lockstep::relay::run_with_metrics(cfg, stop.clone(), metrics.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metrics.active.get() == 0 {
+        assert!(Instant::now() < deadline, "the relay did not take the lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A transaction with a transaction id, open across the row's commit.
+    let mut tx = o.pool.begin().await.unwrap();
+    sqlx::query("select pg_current_xact_id()").execute(&mut *tx).await.unwrap();
+    o.insert(1, 1, 1).await;
+    let notify = || metrics.wakeups.get_or_create(&lockstep::relay::WakeLabel { by: "notify" }).get();
+    common::wait_until(Duration::from_secs(10), "the NOTIFY's wake-up", || async {
+        (notify() >= 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(o.remaining().await, 1, "held back while the older transaction is open");
+    tx.commit().await.unwrap();
+    // Within the poll interval (60 s), with room for other tests' transactions on the server.
+    o.wait_drained(Duration::from_secs(30)).await;
+    stop.cancel();
+    relay.await.unwrap().unwrap();
+}
+
 /// Cleanup MarkPublished: the relay reads past published rows through the partial index, keeps
 /// published rows for publishedRetention, then purges them; unpublished rows are never purged.
 #[tokio::test]

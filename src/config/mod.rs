@@ -160,7 +160,8 @@ pub struct RelayArgs {
     /// Rows read (and sent as one batch) at most per read.
     #[arg(long, env = "LOCKSTEP_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: i32,
-    /// How often to look for rows when no NOTIFY woke the relay (e.g. 500ms, 1s, 1m).
+    /// How often to look for rows when no NOTIFY woke the relay (e.g. 500ms, 1s, 1m); a notified
+    /// row an older open transaction still holds back is looked for again every second.
     #[arg(long, env = "LOCKSTEP_POLL_INTERVAL", default_value = "1s")]
     pub poll_interval: String,
     /// Attempts at a row the broker refuses for itself (too large, invalid) before it is moved to

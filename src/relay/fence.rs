@@ -163,7 +163,7 @@ impl Relay {
     /// Publish until the outbox has nothing more to read and every batch sent is acknowledged and
     /// removed (`drain_in`), on a connection without the lock session's checks.
     pub async fn drain(&mut self, conn: &mut PgConnection, stop: &CancellationToken) -> Result<(), RelayError> {
-        self.drain_in(conn, stop, &mut Fence::unchecked()).await
+        self.drain_in(conn, stop, &mut Fence::unchecked()).await.map(drop)
     }
 }
 

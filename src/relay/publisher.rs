@@ -192,7 +192,13 @@ impl Relay {
     /// purged rows stay in the outbox and are read again) and rebuilds the producer. On the lock
     /// session (`lock`), the session is checked when due, also while waiting for reports, and
     /// nothing is read, handed to the producer or removed past the fence's deadline.
-    pub(super) async fn drain_in(&mut self, conn: &mut PgConnection, stop: &CancellationToken, lock: &mut Fence) -> Result<(), RelayError> {
+    /// Returns how many rows it read.
+    pub(super) async fn drain_in(
+        &mut self,
+        conn: &mut PgConnection,
+        stop: &CancellationToken,
+        lock: &mut Fence,
+    ) -> Result<usize, RelayError> {
         let depth = self.cfg.max_batches_in_flight.max(1);
         // Batches of a drain that ended in an error are gone (their rows are still in the
         // outbox): their keys must not stay out of reads.
@@ -204,6 +210,7 @@ impl Relay {
         // caught up; a read waits for `next_read` (see `gather`).
         let mut want = true;
         let began = Instant::now();
+        let mut read = 0;
         loop {
             lock.keep(conn).await?;
             want |= self.tick_buckets(conn, lock, in_flight.is_empty()).await?;
@@ -212,6 +219,7 @@ impl Relay {
             while want && !self.giving_back() && in_flight.len() < depth && !stop.is_cancelled() && Instant::now() >= self.next_read {
                 let started = Instant::now();
                 let (rows, more) = lock.bound(self.fetch(conn)).await?;
+                read += rows.len();
                 want = more;
                 self.gather.read(rows.len(), self.last_read.map(|t| started - t));
                 self.last_read = Some(started);
@@ -227,7 +235,7 @@ impl Relay {
             let Some(mut batch) = in_flight.pop_front() else {
                 if !want || stop.is_cancelled() {
                     self.set_listening(true);
-                    return Ok(());
+                    return Ok(read);
                 }
                 tokio::select! {
                     _ = stop.cancelled() => {}

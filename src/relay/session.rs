@@ -47,6 +47,8 @@ pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Keepalive probes before the server gives up on a silent relay.
 const KEEPALIVE_PROBES: u64 = 3;
+/// How soon a relay looks again for a notified row it could not read yet.
+const HELD_RETRY: Duration = Duration::from_secs(1);
 
 /// The server-side TCP settings of a relay's session, derived from `t`: the first keepalive probe
 /// after `t`/4 of silence, then one every `t`/4, the connection dropped when 3 went unanswered
@@ -308,12 +310,17 @@ impl Session<'_> {
         )
         .await;
         let poll = self.cfg.resolved.poll_interval;
+        let (mut woken_by, mut held) = ("start", false);
         loop {
-            relay.drain_in(conn, self.stop, &mut fence).await?;
+            let read = relay.drain_in(conn, self.stop, &mut fence).await?;
             if self.stop.is_cancelled() {
                 return Ok(());
             }
-            let poll_at = tokio::time::Instant::now() + poll;
+            // A NOTIFY whose row the drain could not read yet (an older transaction still open
+            // keeps it above the snapshot's horizon) is not left to the poll interval: look again
+            // every HELD_RETRY until a drain reads something.
+            held = (held || woken_by == "notify") && read == 0;
+            let poll_at = tokio::time::Instant::now() + if held { poll.min(HELD_RETRY) } else { poll };
             let by = loop {
                 tokio::select! {
                     _ = self.stop.cancelled() => return Ok(()),
@@ -328,6 +335,7 @@ impl Session<'_> {
                 }
             };
             self.metrics.wakeups.get_or_create(&WakeLabel { by }).inc();
+            woken_by = by;
         }
     }
 }

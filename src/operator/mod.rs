@@ -9,10 +9,7 @@ pub mod purges;
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use kube::{
-    runtime::events::{Recorder, Reporter},
-    Client, ResourceExt,
-};
+use kube::{runtime::events::Reporter, Client, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -109,7 +106,7 @@ async fn run_controllers(
     let mut watches = Watches::new(&client, &args.watch_namespaces);
     let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: controller::events::Events::new(client.clone(), reporter),
         client,
         pools: Pools::new(args.db_pool_size),
         metrics: metrics.clone(),

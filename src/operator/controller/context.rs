@@ -8,7 +8,6 @@ use kube::{
     core::{DeserializeGuard, PartialObjectMeta},
     runtime::{
         controller::Action,
-        events::Recorder,
         reflector::{ObjectRef, Store},
     },
     Client, ResourceExt,
@@ -99,7 +98,7 @@ pub struct Context {
     pub client: Client,
     pub pools: Pools,
     pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
+    pub recorder: super::events::Events,
     pub purges: Purges<ObjectRef<DeserializeGuard<InboxTable>>>,
     pub admins: AdminCache,
     /// PrerequisitesMet's pooler check by database, for a minute (it opens a second connection).

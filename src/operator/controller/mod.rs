@@ -7,6 +7,7 @@ pub mod dead_letters;
 pub mod dedup_covered;
 pub mod dedup_policy;
 pub mod deps;
+pub mod events;
 pub mod group_lag;
 pub mod inbox_guarantees;
 pub mod inbox_table;

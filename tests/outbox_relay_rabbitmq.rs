@@ -18,12 +18,7 @@ use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
 
-fn password() -> String {
-    std::fs::read_to_string(common::env("AMQP_PASSWORD_FILE"))
-        .unwrap()
-        .trim()
-        .to_owned()
-}
+use common::rabbitmq::password;
 
 fn admin() -> RabbitAdmin {
     common::rabbitmq::admin()
@@ -34,17 +29,6 @@ fn amqp_server() -> String {
     let url = common::env("AMQP_URL");
     let (scheme, rest) = url.split_once("://").unwrap();
     format!("{scheme}://{}", rest.split('/').next().unwrap())
-}
-
-async fn create_rabbit_secret(client: &kube::Client, ns: &str) {
-    let s: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "rabbit"}, "stringData": {"user": common::env("AMQP_USER"), "password": password()}
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &s)
-        .await
-        .unwrap();
 }
 
 /// Publish `n` messages to `exchange` by `key` through the management API (plain HTTP).
@@ -97,7 +81,7 @@ async fn a_rabbitmq_relay_gets_its_topology_to_the_spec_and_an_inbox_its_coverag
     common::install_crds(&client).await;
     let ns = common::TestNamespace::new(&client, "obr-rabbit").await;
     common::create_secret(&client, &ns.name, "db", &common::env("DATABASE_URL")).await;
-    create_rabbit_secret(&client, &ns.name).await;
+    common::rabbitmq::create_secret(&client, &ns.name).await;
     let schema = ns.name.replace('-', "_");
     let (exchange, queue) = (common::unique("outbox"), common::unique("billing"));
     let api: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns.name);
@@ -312,7 +296,7 @@ async fn a_second_relay_naming_managed_queues_conflicts_and_never_alters_nor_del
     for prefix in ["obr-rabbit-a", "obr-rabbit-b"] {
         let ns = common::TestNamespace::new(&client, prefix).await;
         common::create_secret(&client, &ns.name, "db", &common::env("DATABASE_URL")).await;
-        create_rabbit_secret(&client, &ns.name).await;
+        common::rabbitmq::create_secret(&client, &ns.name).await;
         apis.push(Api::<OutboxRelay>::namespaced(client.clone(), &ns.name));
         spaces.push(ns);
     }
@@ -364,7 +348,7 @@ async fn a_second_relay_naming_managed_queues_conflicts_and_never_alters_nor_del
     let a_secrets: Api<Secret> = Api::namespaced(client.clone(), &spaces[0].name);
     a_secrets.delete("rabbit", &Default::default()).await.unwrap();
     gone(b.clone()).await;
-    create_rabbit_secret(&client, &spaces[0].name).await;
+    common::rabbitmq::create_secret(&client, &spaces[0].name).await;
     let kept = admin.queue(&queue).await.unwrap().expect("the queue survives B's cleanup");
     assert_eq!(kept.arguments["x-message-ttl"], json!(604_800_000u64), "as A declared it");
     common::wait_until(T, "the message counted", || async {
@@ -390,7 +374,7 @@ async fn the_relay_as_its_pod_runs_it_fills_the_declared_queue() {
     let ns = common::TestNamespace::new(&client, "obr-rabbit-run").await;
     let url = common::env("DATABASE_URL");
     common::create_secret(&client, &ns.name, "db", &url).await;
-    create_rabbit_secret(&client, &ns.name).await;
+    common::rabbitmq::create_secret(&client, &ns.name).await;
     let schema = ns.name.replace('-', "_");
     let (exchange, queue) = (common::unique("outbox"), common::unique("billing"));
     let api: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns.name);

@@ -7,7 +7,6 @@ mod common;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use lockstep::crd::OutboxRelay;
 use serde_json::{json, Value};
@@ -51,16 +50,7 @@ async fn queue_settings_by_policy_follow_the_spec_and_go_with_the_queue() {
     common::install_crds(&client).await;
     let ns = common::TestNamespace::new(&client, "obr-rabbit-policy").await;
     common::create_secret(&client, &ns.name, "db", &common::env("DATABASE_URL")).await;
-    let password = std::fs::read_to_string(common::env("AMQP_PASSWORD_FILE")).unwrap();
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "rabbit"},
-        "stringData": {"user": common::env("AMQP_USER"), "password": password.trim()}
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(client.clone(), &ns.name)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+    common::rabbitmq::create_secret(&client, &ns.name).await;
     let schema = ns.name.replace('-', "_");
     let queue = common::unique("billing");
     let policy = format!("lockstep.{queue}");

@@ -657,14 +657,11 @@ async fn a_steady_flow_wakes_few_drains_and_a_later_row_still_wakes_the_relay() 
     let o = outbox("notify", &common::env("DATABASE_URL"), &Broker::shared(Kind::Kafka), 3).await;
     // A long poll interval: every wake-up here is a NOTIFY.
     let cfg = config(&o, &["--poll-interval", "60s"]);
-    let metrics = std::sync::Arc::new(lockstep::relay::RelayMetrics::default());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let relay = tokio::spawn(lockstep::relay::run_with_metrics(cfg, stop.clone(), metrics.clone()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metrics.active.get() == 0 {
-        assert!(Instant::now() < deadline, "the relay did not take the lock");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let common::relays::InProcess {
+        task: relay,
+        metrics,
+        stop,
+    } = common::relays::in_process(cfg).await;
     // One row per transaction: one NOTIFY each.
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
@@ -715,14 +712,11 @@ async fn a_steady_flow_wakes_few_drains_and_a_later_row_still_wakes_the_relay() 
 async fn a_notified_row_an_open_transaction_holds_back_is_read_once_it_ends() {
     let o = outbox("heldback", &common::env("DATABASE_URL"), &Broker::shared(Kind::Kafka), 1).await;
     let cfg = config(&o, &["--poll-interval", "60s"]);
-    let metrics = std::sync::Arc::new(lockstep::relay::RelayMetrics::default());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let relay = tokio::spawn(lockstep::relay::run_with_metrics(cfg, stop.clone(), metrics.clone()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metrics.active.get() == 0 {
-        assert!(Instant::now() < deadline, "the relay did not take the lock");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let common::relays::InProcess {
+        task: relay,
+        metrics,
+        stop,
+    } = common::relays::in_process(cfg).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // A transaction with a transaction id, open across the row's commit.
     let mut tx = o.pool.begin().await.unwrap();

@@ -265,14 +265,11 @@ async fn a_rejection_behind_a_slower_batch_counts_its_attempt() {
         async move { sqlx::query(&sql).bind(topic).bind(key).bind(n).execute(&pool).await.unwrap() }
     };
     let cfg = config(&t, &bootstrap, "{aggregatetype}", &["--max-attempts", "1"]);
-    let metrics = Arc::new(lockstep::relay::RelayMetrics::default());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let relay = tokio::spawn(lockstep::relay::run_with_metrics(cfg, stop.clone(), metrics.clone()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metrics.active.get() == 0 {
-        assert!(Instant::now() < deadline, "the relay did not take the lock");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let common::relays::InProcess {
+        task: relay,
+        metrics,
+        stop,
+    } = common::relays::in_process(cfg).await;
     // A row to the slow broker: its request is answered in 2 s.
     insert(&slow, "x", 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -28,9 +28,27 @@ pub fn shared_url() -> String {
     with_credentials(&super::env("AMQP_URL"), &super::env("AMQP_USER"), password.trim())
 }
 
+/// The password of the test environment's node.
+pub fn password() -> String {
+    std::fs::read_to_string(super::env("AMQP_PASSWORD_FILE")).unwrap().trim().to_owned()
+}
+
+/// The Secret `rabbit` in `ns`: the test environment's user and password, as an OutboxRelay's
+/// `authSecretRef` names it.
+pub async fn create_secret(client: &kube::Client, ns: &str) {
+    let s: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "rabbit"}, "stringData": {"user": super::env("AMQP_USER"), "password": password()}
+    }))
+    .unwrap();
+    kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
+        .create(&Default::default(), &s)
+        .await
+        .unwrap();
+}
+
 /// The test environment's node, over its management API.
 pub fn admin() -> lockstep::clients::rabbitmq_admin::RabbitAdmin {
-    let password = std::fs::read_to_string(super::env("AMQP_PASSWORD_FILE")).unwrap();
+    let password = password();
     lockstep::clients::rabbitmq_admin::RabbitAdmin::new(&lockstep::clients::rabbitmq_admin::ManagementSettings {
         url: super::env("RABBITMQ_MANAGEMENT_URL"),
         vhost: "/".into(),

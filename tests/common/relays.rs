@@ -287,3 +287,23 @@ pub fn backwards(events: &[Event]) -> Vec<(String, Vec<i64>)> {
     bad.sort();
     bad
 }
+
+/// A relay run in this process (`run_with_metrics`): its task, its metrics, what stops it.
+pub struct InProcess {
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub metrics: std::sync::Arc<lockstep::relay::RelayMetrics>,
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+/// Start a relay in this process with `cfg`, and return once it holds the outbox's lock.
+pub async fn in_process(cfg: lockstep::config::RelayConfig) -> InProcess {
+    let metrics = std::sync::Arc::new(lockstep::relay::RelayMetrics::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(lockstep::relay::run_with_metrics(cfg, stop.clone(), metrics.clone()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while metrics.active.get() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the relay did not take the lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    InProcess { task, metrics, stop }
+}

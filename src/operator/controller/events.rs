@@ -74,15 +74,18 @@ impl Events {
         let namespace = regarding.namespace.clone().unwrap_or_else(|| "default".into());
         let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), &namespace);
         if let Some(p) = published.get_mut(&key) {
-            p.count += 1;
             let series = EventSeries {
-                count: p.count,
+                count: p.count + 1,
                 last_observed_time: MicroTime(Timestamp::now()),
             };
             let patch = serde_json::json!({ "series": series });
             let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), &p.namespace);
-            api.patch(&p.name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-            return Ok(());
+            // An Event gone meanwhile (deleted, or expired) is written anew.
+            if api.patch(&p.name, &PatchParams::default(), &Patch::Merge(&patch)).await.is_ok() {
+                p.count += 1;
+                return Ok(());
+            }
+            published.remove(&key);
         }
         let created = api.create(&PostParams::default(), &self.event(ev, regarding)).await?;
         let name = created.metadata.name.unwrap_or_default();

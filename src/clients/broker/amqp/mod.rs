@@ -172,21 +172,28 @@ fn close(c: Conn) {
 /// Open a connection and a channel in confirm mode.
 async fn connect(s: &AmqpSettings) -> Result<Conn, Refusal> {
     let failed = |m: String| Refusal::new(Cause::Transport, m, "Connect");
-    let connection = open(s).await.map_err(failed)?;
-    let channel = async {
-        let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok::<_, lapin::Error>(channel)
-    };
     let host = server_host_port(&s.url).unwrap_or_default();
-    match tokio::time::timeout(CONNECT_TIMEOUT, channel).await {
-        Ok(Ok(channel)) => Ok(Conn {
-            connection: Arc::new(connection),
-            channel,
-        }),
-        Ok(Err(e)) => Err(failed(format!("cannot open a channel on RabbitMQ at {host}: {e}"))),
+    // One deadline for the whole: the relay's lock session must be confirmed within 10 s, and a
+    // batch waits for this.
+    let all = async {
+        let connection = open(s).await?;
+        let channel = async {
+            let channel = connection.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok::<_, lapin::Error>(channel)
+        };
+        match channel.await {
+            Ok(channel) => Ok(Conn {
+                connection: Arc::new(connection),
+                channel,
+            }),
+            Err(e) => Err(format!("cannot open a channel on RabbitMQ at {host}: {e}")),
+        }
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, all).await {
+        Ok(r) => r.map_err(failed),
         Err(_) => Err(failed(format!(
-            "cannot open a channel on RabbitMQ at {host}: no answer within {CONNECT_TIMEOUT:?}"
+            "cannot connect to RabbitMQ at {host}: no answer within {CONNECT_TIMEOUT:?}"
         ))),
     }
 }
@@ -216,6 +223,43 @@ pub async fn open(s: &AmqpSettings) -> Result<Connection, String> {
     match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Ok(r) => r.map_err(|e| failed("connect to", &e)),
         Err(_) => Err(failed("connect to", &format!("no answer within {CONNECT_TIMEOUT:?}"))),
+    }
+}
+
+/// `basic_publish` handed over: lapin writes nothing while the server blocks the connection
+/// (`connection.blocked`, a memory or disk alarm), so a publish begun just before the notice
+/// would wait for the alarm to clear; and the relay's lock session must be confirmed meanwhile.
+/// Err once the connection is blocked, or after `limit`.
+async fn handed_over<F: std::future::Future>(sent: F, conn: &Conn, limit: Duration) -> Result<F::Output, Refusal> {
+    let deadline = tokio::time::Instant::now() + limit;
+    tokio::pin!(sent);
+    loop {
+        tokio::select! {
+            r = &mut sent => return Ok(r),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        if conn.connection.status().blocked() {
+            return Err(Refusal::new(
+                Cause::Transport,
+                "RabbitMQ blocked the connection (connection.blocked: a memory or disk alarm): waiting for it to clear",
+                "Blocked",
+            ));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Refusal::new(
+                Cause::Transport,
+                format!("the message was not handed to RabbitMQ within {limit:?} (the connection is closed and opened again)"),
+                "SendTimeout",
+            ));
+        }
+    }
+}
+
+/// Drop `conn` as the publisher's current connection, if it still is.
+fn forget_conn(inner: &Inner, conn: &Conn) {
+    let mut current = inner.current.lock().unwrap_or_else(|e| e.into_inner());
+    if current.as_ref().is_some_and(|c| Arc::ptr_eq(&c.connection, &conn.connection)) {
+        current.take();
     }
 }
 
@@ -307,12 +351,19 @@ async fn publish(p: AmqpPublisher, conn: Conn, w: Wire) -> Result<impl std::futu
         immediate: false,
     };
     let exchange = ShortString::from(inner.settings.exchange.clone());
-    let confirm = conn
-        .channel
-        .basic_publish(exchange, w.routing_key.clone(), options, &w.payload, w.properties)
-        .await
-        .map_err(|e| refusal(&inner.server_limit, &e, size))?;
     let timeout = inner.settings.confirm_timeout;
+    let sent = conn
+        .channel
+        .basic_publish(exchange, w.routing_key.clone(), options, &w.payload, w.properties);
+    let confirm = match handed_over(sent, &conn, timeout.min(CONNECT_TIMEOUT)).await {
+        Ok(r) => r.map_err(|e| refusal(&inner.server_limit, &e, size))?,
+        Err(why) => {
+            // A frame left in lapin's buffer must not go out later, behind a resend.
+            forget_conn(&inner, &conn);
+            close(conn);
+            return Err(why);
+        }
+    };
     Ok(async move {
         match tokio::time::timeout(timeout, confirm).await {
             Ok(Ok(Confirmation::Ack(None))) => Ok(Acked::default()),
@@ -326,10 +377,7 @@ async fn publish(p: AmqpPublisher, conn: Conn, w: Wire) -> Result<impl std::futu
             Ok(Err(e)) => Err(refusal(&inner.server_limit, &e, size)),
             Err(_) => {
                 // Silent or blocked: this connection is not to be trusted with more.
-                let mut current = inner.current.lock().unwrap_or_else(|e| e.into_inner());
-                if current.as_ref().is_some_and(|c| Arc::ptr_eq(&c.connection, &conn.connection)) {
-                    current.take();
-                }
+                forget_conn(&inner, &conn);
                 close(conn);
                 Err(Refusal::new(
                     Cause::Transport,

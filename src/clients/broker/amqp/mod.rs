@@ -14,7 +14,9 @@
 //! - No reconnects (lapin's recovery stays off): a connection or channel that closes is dead with
 //!   what it held, and the next batch opens a new one. A confirm that does not come within
 //!   `confirm_timeout` (a silent server; a connection the broker blocked for its resource alarms)
-//!   fails the message and closes the connection. A blocked connection fails new messages at once.
+//!   fails the message and closes the connection. A blocked connection fails new messages at once,
+//!   and a message not handed to lapin within min(confirm_timeout, 5 s) (lapin writes nothing
+//!   while blocked) fails and drops its connection, so the lock session is never starved.
 //! - Size: a message over `max_message_bytes`, or over the server's `max_message_size` once a
 //!   channel closed on it (the limit is then learnt from the server's words), is `Poison`.
 
